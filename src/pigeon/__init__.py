@@ -1,0 +1,42 @@
+"""pigeon: one queue API for threads, processes, asyncio coroutines and hosts."""
+
+from __future__ import annotations
+
+from pigeon.errors import (
+    AuthError,
+    BrokenResourceError,
+    ClosedResourceError,
+    Empty,
+    FrameError,
+    FrameTooLarge,
+    Full,
+    IncompleteFrame,
+    InvalidURL,
+    LocalProtocolError,
+    PigeonError,
+    ProtocolError,
+    RemoteProtocolError,
+    ShutDown,
+    Unsupported,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthError",
+    "BrokenResourceError",
+    "ClosedResourceError",
+    "Empty",
+    "FrameError",
+    "FrameTooLarge",
+    "Full",
+    "IncompleteFrame",
+    "InvalidURL",
+    "LocalProtocolError",
+    "PigeonError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "ShutDown",
+    "Unsupported",
+    "__version__",
+]

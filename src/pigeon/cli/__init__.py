@@ -1,0 +1,28 @@
+"""The ``pigeon`` command line: ``pigeon demo | bench`` (and more as backends land)."""
+
+from __future__ import annotations
+
+import click
+
+from pigeon import __version__
+from pigeon.cli.demo import demo
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="pigeon")
+def cli() -> None:
+    """pigeon moves messages between threads, processes, coroutines and hosts.
+
+    \b
+    Try:
+      pigeon demo            the writer/reader seed program, done right
+      pigeon demo sticky     TCP's "sticky packets" and the three ways to frame them
+    """
+
+
+cli.add_command(demo)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()

@@ -1,0 +1,115 @@
+"""Every exception pigeon raises, in one tree.
+
+```
+PigeonError
+├── FrameError                 malformed bytes on the wire
+│   ├── FrameTooLarge          .size, .limit
+│   └── IncompleteFrame        EOF mid-frame
+├── ProtocolError
+│   ├── LocalProtocolError     we did wrong
+│   └── RemoteProtocolError    the peer did
+├── Empty(PigeonError, queue.Empty)
+├── Full(PigeonError, queue.Full)
+├── ShutDown                   put/get on a shut-down queue (Python 3.13 semantics)
+├── ClosedResourceError        your code closed it
+├── BrokenResourceError        the peer or backend went away (see __cause__)
+├── AuthError
+├── Unsupported                this backend cannot offer the call; the message says why
+└── InvalidURL
+```
+
+Foreign errors (OSError from a socket, a client library's exceptions) are translated at
+the boundary with ``raise BrokenResourceError(...) from exc``: the original stays in
+``__cause__``. Messages are lower case and carry the facts and the numbers.
+"""
+
+from __future__ import annotations
+
+import queue as _stdlib_queue
+
+__all__ = [
+    "AuthError",
+    "BrokenResourceError",
+    "ClosedResourceError",
+    "Empty",
+    "FrameError",
+    "FrameTooLarge",
+    "Full",
+    "IncompleteFrame",
+    "InvalidURL",
+    "LocalProtocolError",
+    "PigeonError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "ShutDown",
+    "Unsupported",
+]
+
+
+class PigeonError(Exception):
+    """Base class of every error pigeon raises on purpose."""
+
+
+class FrameError(PigeonError):
+    """The byte stream does not hold valid frames."""
+
+
+class FrameTooLarge(FrameError):
+    """A frame (announced by a header, or an unterminated line) passed the configured limit.
+
+    Raised as soon as the size is known, before the body is buffered.
+    """
+
+    def __init__(self, size: int, limit: int, what: str = "frame", option: str = "") -> None:
+        self.size = size
+        self.limit = limit
+        opt = option or "max_frame_size"
+        super().__init__(f"{what} of {size} bytes exceeds {opt}={limit}")
+
+
+class IncompleteFrame(FrameError):
+    """The stream ended in the middle of a frame."""
+
+
+class ProtocolError(PigeonError):
+    """A message broke the rules of a protocol."""
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to do something the protocol forbids."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol forbids."""
+
+
+class Empty(PigeonError, _stdlib_queue.Empty):
+    """Nothing to get before the timeout ran out (or at once, for ``get_nowait``)."""
+
+
+class Full(PigeonError, _stdlib_queue.Full):
+    """No room to put before the timeout ran out (or at once, for ``put_nowait``)."""
+
+
+class ShutDown(PigeonError):
+    """The queue was shut down: puts fail at once; gets fail once it is drained."""
+
+
+class ClosedResourceError(PigeonError):
+    """This handle was closed by your code and cannot be used any more."""
+
+
+class BrokenResourceError(PigeonError):
+    """The peer or the backend went away; ``__cause__`` holds the original error."""
+
+
+class AuthError(PigeonError):
+    """The peer refused the credentials (or none were given where some are required)."""
+
+
+class Unsupported(PigeonError):
+    """This backend cannot offer the call; the message says why and what to use instead."""
+
+
+class InvalidURL(PigeonError):
+    """A queue URL could not be understood."""
