@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pigeon._queue_base import Message, Queue
+from pigeon.aio import AsyncQueue
 from pigeon.errors import (
     AuthError,
     BrokenResourceError,
@@ -23,6 +25,7 @@ from pigeon.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncQueue",
     "AuthError",
     "BrokenResourceError",
     "ClosedResourceError",
@@ -33,8 +36,10 @@ __all__ = [
     "IncompleteFrame",
     "InvalidURL",
     "LocalProtocolError",
+    "Message",
     "PigeonError",
     "ProtocolError",
+    "Queue",
     "RemoteProtocolError",
     "ShutDown",
     "Unsupported",

@@ -1,0 +1,1 @@
+"""Queue backends, one module each, chosen by URL scheme (see ``pigeon.queue``)."""

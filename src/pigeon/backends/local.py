@@ -1,0 +1,652 @@
+"""The local backend: one queue shared by threads and processes on one host, no server.
+
+Features
+    The whole ``pigeon.Queue`` contract: put/get with block and timeout, nowait, many,
+    qsize/empty/full, task_done/join, shutdown (Python 3.13 semantics), iteration,
+    ``get_message`` with in-process requeue. ``pigeon.AsyncQueue(q)`` gives an asyncio
+    face of the same queue. Picklable: hand it to ``multiprocessing.Process`` under fork,
+    spawn or forkserver, to ``Pool``/``ProcessPoolExecutor`` initializers, or send it
+    (pickled) to a process that is already running.
+
+Connection URL
+    None: ``pigeon.Queue()`` or ``pigeon.Queue(maxsize=N)``.
+
+Options
+    ``maxsize`` (items, 0 = unbounded), ``serializer`` (``"pickle"`` by default),
+    ``capacity`` (initial bytes of shared memory; it grows as needed).
+
+Delivery guarantees
+    When ``put`` returns, the item is in shared memory: the producer may exit at once.
+    A process SIGKILLed inside ``put`` or ``get`` leaves no lock held (the kernel drops
+    ``flock`` locks with their process) and no torn item (the queue state is committed
+    with one aligned 4-byte store after the bytes are in place). The item a killed
+    process was moving is either still in the queue (killed before the commit) or was
+    taken by it (after): never half-written, never delivered twice to live consumers.
+    ``get`` removes the item: an item taken by a process that then dies is gone, which is
+    at-most-once for crashing consumers; use a networked backend for at-least-once.
+
+# Strategy:
+# One file in /dev/shm (or the temp dir) holds a control page and a data ring
+# (``_ring.py``). Mutual exclusion is a ``threading.Lock`` inside a process plus
+# ``fcntl.flock`` between processes (each process re-opens the file after fork, because
+# flock belongs to the open file description and fork shares it). The ring state is
+# double-buffered in the control page: a writer fills the spare slot and flips the slot
+# index. Waiting is a futex on a sequence word bumped by every put (getters wait on it),
+# every get (putters wait on it) and every finished join; wakers skip the syscall when no
+# one registered as waiting. A waiter re-checks at least every second, so a waker killed
+# between its commit and its wake costs at most a second, never a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import pickle
+import struct
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from pigeon import _futex
+from pigeon._queue_base import Message, Queue, deadline_from
+from pigeon.backends import _ring
+from pigeon.errors import ClosedResourceError, Empty, Full, LocalProtocolError, ShutDown
+from pigeon.serializers import Pickle, SerializerLike, get_serializer
+
+if sys.platform != "win32":
+    import fcntl
+
+T = TypeVar("T")
+
+__all__ = ["LocalMessage", "LocalQueue"]
+
+PAGE = 4096
+MAGIC = b"PIGEONQ1"
+# control page layout (little-endian)
+_OFF_MAXSIZE = 8  # u64
+_OFF_INDEX = 16  # u32: which state slot is current
+_OFF_FLAGS = 20  # u32: SHUTDOWN | IMMEDIATE
+PUT_SEQ = 24  # u32 futex words
+GET_SEQ = 28
+JOIN_SEQ = 32
+_WAITERS = {PUT_SEQ: 36, GET_SEQ: 40, JOIN_SEQ: 44}  # u32 waiter counts
+_OFF_SLOTS = 64  # two slots of _STATE, 64 bytes apart
+_STATE = struct.Struct("<5Q")  # head, tail, count, unfinished, capacity
+_U32 = struct.Struct("<I")
+_unpack_state = _STATE.unpack_from
+_pack_state = _STATE.pack_into
+
+_SHUTDOWN = 1
+_IMMEDIATE = 2
+
+# record kinds
+_K_PICKLE = 1
+_K_BYTES = 2
+_K_BYTEARRAY = 3
+_K_PICKLE_OOB = 4
+_K_SERIALIZED = 5
+_COPY_AS_BYTES = frozenset((_K_BYTES, _K_PICKLE, _K_SERIALIZED))
+
+_LOCK_TRIES = 50
+_EX_NB = (fcntl.LOCK_EX | fcntl.LOCK_NB) if sys.platform != "win32" else 0
+_SPIN = 50e-6  # seconds a waiter watches its word before it sleeps
+_SAFETY_SLICE = 1.0  # seconds: the longest a waiter sleeps before re-checking
+_OOB_MIN = 64 * 1024  # pickle buffers at least this large go out of band
+
+_DEFAULT_CAPACITY = 1 * 2**20
+
+
+# Bumped in every child after fork, so a handle notices it crossed a fork without a
+# getpid() syscall per operation.
+_fork_generation = [0]
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        after_in_child=lambda: _fork_generation.__setitem__(0, _fork_generation[0] + 1)
+    )
+
+
+def _shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def _unlink(path: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+class LocalQueue(Queue[T]):
+    """A queue in shared memory for the threads and processes of one host."""
+
+    def __init__(
+        self,
+        url: None = None,
+        maxsize: int = 0,
+        serializer: SerializerLike | None = None,
+        *,
+        capacity: int = _DEFAULT_CAPACITY,
+        _path: str | None = None,
+    ) -> None:
+        if url is not None:
+            raise TypeError(
+                f"the first argument of pigeon.Queue is a URL, not {url!r}; "
+                f"for a local queue with a capacity write pigeon.Queue(maxsize={url!r})"
+            )
+        if serializer is None:
+            serializer = "pickle"
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 0:
+            raise ValueError(f"maxsize must be an int >= 0, not {maxsize!r}")
+        self._serializer_spec = serializer
+        self._ser = get_serializer(serializer)
+        self._pickle = isinstance(self._ser, Pickle)
+        self._closed = False
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        if _path is None:
+            self._path = self._create(maxsize, max(PAGE, capacity))
+            self._finalizer = weakref.finalize(self, _unlink, self._path, os.getpid())
+        else:
+            self._path = _path
+        self._open()
+
+    # --- the shared file ------------------------------------------------------------
+
+    @staticmethod
+    def _create(maxsize: int, capacity: int) -> str:
+        capacity = (capacity + PAGE - 1) // PAGE * PAGE
+        fd, path = tempfile.mkstemp(prefix="pigeon-q-", dir=_shm_dir())
+        try:
+            os.ftruncate(fd, PAGE + capacity)
+            ctrl = bytearray(PAGE)
+            ctrl[0:8] = MAGIC
+            struct.pack_into("<Q", ctrl, _OFF_MAXSIZE, maxsize)
+            _STATE.pack_into(ctrl, _OFF_SLOTS, 0, 0, 0, 0, capacity)
+            os.pwrite(fd, ctrl, 0)
+        finally:
+            os.close(fd)
+        return path
+
+    def _open(self) -> None:
+        try:
+            fd = os.open(self._path, os.O_RDWR)
+        except FileNotFoundError:
+            raise ClosedResourceError(
+                f"local queue {self._path} no longer exists: the process that created it "
+                "closed it or exited; keep the creator's handle open while others use it"
+            ) from None
+        self._fd = fd
+        self._gen = _fork_generation[0]
+        self._tlock = threading.Lock()
+        self._ctrl = mmap.mmap(fd, PAGE)
+        if self._ctrl[0:8] != MAGIC:
+            raise ClosedResourceError(f"{self._path} is not a pigeon local queue")
+        self._maxsize = struct.unpack_from("<Q", self._ctrl, _OFF_MAXSIZE)[0]
+        self._words = {
+            off: ctypes.c_uint32.from_buffer(self._ctrl, off)
+            for off in (PUT_SEQ, GET_SEQ, JOIN_SEQ)
+        }
+        self._addr = {off: ctypes.addressof(w) for off, w in self._words.items()}
+        self._cap = 0
+        self._data: mmap.mmap | None = None
+        self._map_data(self._state().capacity)
+
+    def _map_data(self, capacity: int) -> mmap.mmap:
+        if self._data is not None:
+            self._data.close()
+        self._data = data = mmap.mmap(self._fd, capacity, offset=PAGE)
+        self._cap = capacity
+        return data
+
+    def _after_fork(self) -> None:
+        # flock belongs to the open file description, which fork shares with the
+        # parent: take a description of our own. The mappings are inherited as they are.
+        old = self._fd
+        try:
+            self._fd = os.open(f"/proc/self/fd/{old}", os.O_RDWR)
+        except OSError:
+            self._fd = os.open(self._path, os.O_RDWR)
+        self._gen = _fork_generation[0]
+        self._tlock = threading.Lock()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self._check()
+        return (_attach, (self._path, self._serializer_spec))
+
+    # --- locking and state ------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._closed:
+            raise ClosedResourceError("this queue handle was closed")
+        if self._gen != _fork_generation[0]:
+            self._after_fork()
+
+    def _lock(self) -> None:
+        if self._closed or self._gen != _fork_generation[0]:
+            self._check()
+        self._tlock.acquire()
+        try:
+            # Try for a few microseconds before sleeping in the kernel: the holder keeps
+            # the lock for about a microsecond, and a sleep and wake cost far more.
+            for _ in range(_LOCK_TRIES):
+                try:
+                    fcntl.flock(self._fd, _EX_NB)
+                    return
+                except BlockingIOError:
+                    pass
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._tlock.release()
+            raise
+
+    def _unlock(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._tlock.release()
+
+    def _state(self) -> _ring.RingState:
+        # The slot index is 0 or 1: its low byte is the whole of it.
+        head, tail, count, self._unfinished, cap = _unpack_state(
+            self._ctrl, _OFF_SLOTS + 64 * self._ctrl[_OFF_INDEX]
+        )
+        return _ring.RingState(head, tail, count, cap)
+
+    def _commit(self, st: _ring.RingState) -> None:
+        ctrl = self._ctrl
+        idx = ctrl[_OFF_INDEX] ^ 1
+        _pack_state(
+            ctrl, _OFF_SLOTS + 64 * idx, st.head, st.tail, st.count, self._unfinished, st.capacity
+        )
+        ctrl[_OFF_INDEX] = idx  # the commit: one single-byte store, atomic by nature
+
+    def _flags(self) -> int:
+        return self._ctrl[_OFF_FLAGS]
+
+    def _bump(self, word: int) -> bool:
+        """Advance a sequence word; True if someone waits on it (call ``_wake`` after)."""
+        w = self._words[word]
+        w.value += 1  # a c_uint32: wraps at 2**32 by itself
+        return bool(_U32.unpack_from(self._ctrl, _WAITERS[word])[0])
+
+    def _wake(self, word: int) -> None:
+        if _futex.AVAILABLE:
+            _futex.wake(self._addr[word])
+
+    def _seq(self, word: int) -> int:
+        if self._closed:
+            raise ClosedResourceError("this queue handle was closed")
+        return int(self._words[word].value)
+
+    def _register(self, word: int, delta: int) -> None:
+        off = _WAITERS[word]
+        n = _U32.unpack_from(self._ctrl, off)[0] + delta
+        _U32.pack_into(self._ctrl, off, max(0, n))
+
+    def _spin(self, word: int, seq: int) -> int:
+        """Watch ``word`` for a few microseconds before paying for a futex sleep and wake.
+
+        A consumer that is faster than its producer would otherwise sleep after every
+        item and cost the producer a wake syscall per put. Returns a non-zero count so
+        the caller spins once per wait.
+        """
+        w = self._words[word]
+        end = time.perf_counter() + _SPIN
+        while w.value == seq and time.perf_counter() < end:
+            pass
+        return 1
+
+    def _sleep(self, word: int, seq: int, deadline: float | None) -> None:
+        """Sleep until ``word`` moves past ``seq``, the deadline, or the safety slice."""
+        slice_ = _SAFETY_SLICE
+        if deadline is not None:
+            slice_ = min(slice_, deadline - time.monotonic())
+            if slice_ <= 0:
+                return
+        if _futex.AVAILABLE:
+            _futex.wait(self._addr[word], seq, slice_)
+        else:
+            time.sleep(min(slice_, 0.001))
+
+    def _wait_change(self, word: int, seq: int, timeout: float | None) -> None:
+        """Register as a waiter on ``word`` and sleep until it changes (for AsyncQueue)."""
+        self._lock()
+        try:
+            if self._seq(word) != seq:
+                return
+            self._register(word, +1)
+        finally:
+            self._unlock()
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            self._sleep(word, seq, deadline)
+        finally:
+            self._lock()
+            self._register(word, -1)
+            self._unlock()
+
+    # --- encoding -------------------------------------------------------------------
+
+    def _encode(self, item: Any) -> tuple[int, list[Any]]:
+        if not self._pickle:
+            return _K_SERIALIZED, [self._ser.dumps(item)]
+        cls = type(item)
+        if cls is bytes:
+            return _K_BYTES, [item]
+        if cls is bytearray:
+            return _K_BYTEARRAY, [item]
+        buffers: list[pickle.PickleBuffer] = []
+
+        def out_of_band(buf: pickle.PickleBuffer) -> bool:
+            if buf.raw().nbytes >= _OOB_MIN:
+                buffers.append(buf)
+                return False
+            return True
+
+        data = pickle.dumps(item, protocol=5, buffer_callback=out_of_band)
+        if not buffers:
+            return _K_PICKLE, [data]
+        raws = [b.raw() for b in buffers]
+        head = struct.pack(f"<IQ{len(raws)}Q", len(raws), len(data), *(r.nbytes for r in raws))
+        return _K_PICKLE_OOB, [head, data, *raws]
+
+    def _decode(self, kind: int, payload: Any) -> Any:
+        if kind == _K_BYTES:
+            return bytes(payload)
+        if kind == _K_BYTEARRAY:
+            return payload if isinstance(payload, bytearray) else bytearray(payload)
+        if kind == _K_PICKLE:
+            return pickle.loads(payload)
+        if kind == _K_PICKLE_OOB:
+            view = memoryview(payload)
+            n, plen = struct.unpack_from("<IQ", view, 0)
+            sizes = struct.unpack_from(f"<{n}Q", view, 12)
+            at = 12 + 8 * n
+            data = view[at : at + plen]
+            at += plen
+            bufs = []
+            for size in sizes:
+                bufs.append(view[at : at + size])
+                at += size
+            return pickle.loads(data, buffers=bufs)
+        return self._ser.loads(bytes(payload))
+
+    # --- the queue operations ---------------------------------------------------------
+
+    @property
+    def maxsize(self) -> int:
+        return int(self._maxsize)
+
+    def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
+        self._put([self._encode(item)], block, timeout)
+
+    def put_many(
+        self, items: Iterable[T], block: bool = True, timeout: float | None = None
+    ) -> None:
+        records = [self._encode(item) for item in items]
+        if self._maxsize and len(records) > self._maxsize:
+            raise ValueError(
+                f"put_many of {len(records)} items can never fit in maxsize={self._maxsize}; "
+                "split the batch"
+            )
+        if records:
+            self._put(records, block, timeout)
+
+    def _put(
+        self,
+        records: list[tuple[int, list[Any]]],
+        block: bool,
+        timeout: float | None,
+        deliveries: int = 1,
+    ) -> None:
+        deadline: float | None = None
+        if timeout is not None and block:
+            deadline = deadline_from(block, timeout)
+        waiting = False
+        spins = 0
+        while True:
+            self._lock()
+            try:
+                if waiting:
+                    self._register(GET_SEQ, -1)
+                    waiting = False
+                if self._ctrl[_OFF_FLAGS] & _SHUTDOWN:
+                    raise ShutDown("the queue was shut down; put refused")
+                st = self._state()
+                if self._maxsize and st.count + len(records) > self._maxsize:
+                    if not block or (deadline is not None and time.monotonic() >= deadline):
+                        raise Full(f"queue is full ({st.count} of maxsize={self._maxsize})")
+                    seq = self._seq(GET_SEQ)
+                    if spins:
+                        self._register(GET_SEQ, +1)
+                        waiting = True
+                else:
+                    self._write(st, records, deliveries)
+                    self._unfinished += len(records)
+                    self._commit(st)
+                    wake = self._bump(PUT_SEQ)
+                    break
+            finally:
+                self._unlock()
+            if spins:
+                self._sleep(GET_SEQ, seq, deadline)
+            else:
+                spins = self._spin(GET_SEQ, seq)
+        if wake:
+            self._wake(PUT_SEQ)
+
+    def _write(self, st: _ring.RingState, records: list[tuple[int, list[Any]]], d: int) -> None:
+        data = self._data
+        if data is None or st.capacity != self._cap:
+            data = self._map_data(st.capacity)
+        for kind, parts in records:
+            if len(parts) == 1:
+                length = len(parts[0])
+            else:
+                length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+            pos = _ring.reserve(data, st, length)
+            if pos is None:
+                data = self._grow(st, length)
+                pos = _ring.reserve(data, st, length)
+                assert pos is not None
+            _ring.write(data, pos, kind, d, parts)
+
+    def _grow(self, st: _ring.RingState, length: int) -> mmap.mmap:
+        new_cap = _ring.grown_capacity(st, length)
+        os.ftruncate(self._fd, PAGE + new_cap)
+        if hasattr(os, "posix_fallocate"):
+            # Reserve the pages now: running out of /dev/shm later would be a SIGBUS.
+            os.posix_fallocate(self._fd, PAGE + st.capacity, new_cap - st.capacity)
+        data = self._map_data(new_cap)
+        _ring.relocate(data, st, new_cap)
+        return data
+
+    def get(self, block: bool = True, timeout: float | None = None) -> T:
+        kind, _, payload = self._take(1, block, timeout)[0]
+        return self._decode(kind, payload)  # type: ignore[no-any-return]
+
+    def get_many(self, max_items: int, block: bool = True, timeout: float | None = None) -> list[T]:
+        if not isinstance(max_items, int) or max_items < 1:
+            raise ValueError(f"max_items must be an int >= 1, not {max_items!r}")
+        return [self._decode(k, p) for k, _, p in self._take(max_items, block, timeout)]
+
+    def _take(
+        self, max_items: int, block: bool, timeout: float | None
+    ) -> list[tuple[int, int, Any]]:
+        deadline: float | None = None
+        if timeout is not None and block:
+            deadline = deadline_from(block, timeout)
+        waiting = False
+        spins = 0
+        while True:
+            self._lock()
+            try:
+                if waiting:
+                    self._register(PUT_SEQ, -1)
+                    waiting = False
+                st = self._state()
+                if st.count:
+                    out = self._read(st, max_items)
+                    self._commit(st)
+                    wake = self._bump(GET_SEQ)
+                    break
+                if self._ctrl[_OFF_FLAGS] & _SHUTDOWN:
+                    raise ShutDown("the queue was shut down and is drained")
+                if not block or (deadline is not None and time.monotonic() >= deadline):
+                    raise Empty("queue is empty")
+                seq = self._seq(PUT_SEQ)
+                if spins:
+                    self._register(PUT_SEQ, +1)
+                    waiting = True
+            finally:
+                self._unlock()
+            if spins:
+                self._sleep(PUT_SEQ, seq, deadline)
+            else:
+                spins = self._spin(PUT_SEQ, seq)
+        if wake:
+            self._wake(GET_SEQ)
+        return out
+
+    def _read(self, st: _ring.RingState, max_items: int) -> list[tuple[int, int, Any]]:
+        data = self._data
+        if data is None or st.capacity != self._cap:
+            data = self._map_data(st.capacity)
+        out = []
+        for _ in range(min(max_items, st.count)):
+            kind, deliveries, at, length = _ring.next_record(data, st)
+            if kind in _COPY_AS_BYTES:
+                payload: Any = data[at : at + length]  # one copy, into a new bytes
+            else:
+                payload = bytearray(length)
+                with memoryview(data) as view:
+                    payload[:] = view[at : at + length]
+            out.append((kind, deliveries, payload))
+        return out
+
+    def get_message(self, timeout: float | None = None) -> LocalMessage[T]:
+        kind, deliveries, payload = self._take(1, True, timeout)[0]
+        return LocalMessage(self, self._decode(kind, payload), deliveries)
+
+    def qsize(self) -> int:
+        self._check()
+        return self._state().count
+
+    def task_done(self) -> None:
+        self._lock()
+        try:
+            st = self._state()
+            if self._unfinished <= 0:
+                raise ValueError("task_done() called more times than there were items")
+            self._unfinished -= 1
+            self._commit(st)
+            wake = self._unfinished == 0 and self._bump(JOIN_SEQ)
+        finally:
+            self._unlock()
+        if wake:
+            self._wake(JOIN_SEQ)
+
+    def join(self, timeout: float | None = None) -> None:
+        deadline = deadline_from(True, timeout)
+        waiting = False
+        while True:
+            self._lock()
+            try:
+                if waiting:
+                    self._register(JOIN_SEQ, -1)
+                    waiting = False
+                self._state()
+                if self._unfinished == 0:
+                    return
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"join timed out with {self._unfinished} tasks unfinished")
+                seq = self._seq(JOIN_SEQ)
+                self._register(JOIN_SEQ, +1)
+                waiting = True
+            finally:
+                self._unlock()
+            self._sleep(JOIN_SEQ, seq, deadline)
+
+    def shutdown(self, immediate: bool = False) -> None:
+        self._lock()
+        try:
+            self._ctrl[_OFF_FLAGS] = self._flags() | _SHUTDOWN | (_IMMEDIATE if immediate else 0)
+            if immediate:
+                st = self._state()
+                self._unfinished = max(0, self._unfinished - st.count)
+                st.count = st.head = st.tail = 0
+                self._commit(st)
+            for word in (PUT_SEQ, GET_SEQ, JOIN_SEQ):
+                self._bump(word)
+        finally:
+            self._unlock()
+        for word in (PUT_SEQ, GET_SEQ, JOIN_SEQ):
+            self._wake(word)
+
+    def _requeue(self, item: T, deliveries: int) -> None:
+        self._put([self._encode(item)], True, None, deliveries=min(deliveries, 0xFFFF))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._words.clear()
+        if self._data is not None:
+            self._data.close()
+        self._ctrl.close()
+        os.close(self._fd)
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"qsize={self.qsize()}"
+        return f"<pigeon.Queue local maxsize={self._maxsize} {state}>"
+
+
+def _attach(path: str, serializer: SerializerLike) -> LocalQueue[Any]:
+    return LocalQueue(serializer=serializer, _path=path)
+
+
+class LocalMessage(Message[T]):
+    """A message taken from a local queue.
+
+    The item has left the queue when you get it. ``ack()`` just marks it settled;
+    ``nack(requeue=True, delay=0)`` puts it back at the tail with ``delivery_count + 1``
+    (after ``delay`` seconds, from a timer thread of this process: if the process exits
+    first, the item is lost). ``extend()`` does nothing: local messages have no lease.
+    """
+
+    def __init__(self, queue: LocalQueue[T], body: T, delivery_count: int) -> None:
+        self._queue = queue
+        self.body = body
+        self.delivery_count = delivery_count
+        self._settled = False
+
+    def _settle(self) -> None:
+        if self._settled:
+            raise LocalProtocolError("this message was already acked or nacked")
+        self._settled = True
+
+    def ack(self) -> None:
+        self._settle()
+
+    def nack(self, requeue: bool = True, delay: float = 0) -> None:
+        if delay < 0:
+            raise ValueError(f"delay must be >= 0, not {delay}")
+        self._settle()
+        if not requeue:
+            return
+        if delay == 0:
+            self._queue._requeue(self.body, self.delivery_count + 1)
+        else:
+            timer = threading.Timer(
+                delay, self._queue._requeue, (self.body, self.delivery_count + 1)
+            )
+            timer.daemon = True
+            timer.start()
+
+    def extend(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError(f"seconds must be >= 0, not {seconds}")
