@@ -1,0 +1,453 @@
+"""The contract checks, each a function of ``make_queue``. No pytest needed."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue as stdlib_queue
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, Protocol, TypeVar
+
+import pigeon
+from pigeon.errors import ClosedResourceError, Empty, Full, LocalProtocolError, ShutDown
+
+__all__ = ["ASYNC_CHECKS", "SYNC_CHECKS", "MakeQueue"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+SHORT = 0.05  # seconds: timeouts that must expire (no assertion on how fast)
+LONG = 10.0  # seconds: waits that must not expire
+
+
+class MakeQueue(Protocol):
+    def __call__(self, maxsize: int = 0) -> pigeon.Queue[Any]: ...
+
+
+SYNC_CHECKS: dict[str, Callable[[MakeQueue], None]] = {}
+ASYNC_CHECKS: dict[str, Callable[[MakeQueue], None]] = {}
+
+
+def sync_check(*needs: str) -> Callable[[F], F]:
+    def register(fn: F) -> F:
+        fn.needs = needs  # type: ignore[attr-defined]
+        SYNC_CHECKS[fn.__name__.removeprefix("check_")] = fn
+        return fn
+
+    return register
+
+
+def async_check(*needs: str) -> Callable[[Callable[[MakeQueue], Coroutine[Any, Any, None]]], Any]:
+    def register(fn: Callable[[MakeQueue], Coroutine[Any, Any, None]]) -> Any:
+        def run(make_queue: MakeQueue) -> None:
+            asyncio.run(asyncio.wait_for(fn(make_queue), LONG * 3))
+
+        run.__name__ = fn.__name__
+        run.needs = needs  # type: ignore[attr-defined]
+        ASYNC_CHECKS[fn.__name__.removeprefix("check_async_")] = run
+        return run
+
+    return register
+
+
+@contextlib.contextmanager
+def raises(exc: type[BaseException], match: str | None = None) -> Iterator[None]:
+    try:
+        yield
+    except exc as e:
+        if match is not None:
+            assert match in str(e), f"expected {match!r} in the message, got {str(e)!r}"
+    else:
+        raise AssertionError(f"did not raise {exc.__name__}")
+
+
+@contextlib.contextmanager
+def opened(make_queue: MakeQueue, maxsize: int = 0) -> Iterator[pigeon.Queue[Any]]:
+    q = make_queue(maxsize=maxsize)
+    try:
+        yield q
+    finally:
+        q.close()
+
+
+def in_thread(fn: Callable[[], object], delay: float = 0.0) -> threading.Thread:
+    def run() -> None:
+        time.sleep(delay)
+        fn()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+# --- synchronous face ---------------------------------------------------------------------
+
+
+@sync_check()
+def check_fifo_order(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        for i in range(100):
+            q.put(i)
+        assert [q.get(timeout=LONG) for _ in range(100)] == list(range(100))
+
+
+@sync_check()
+def check_item_types_round_trip(make_queue: MakeQueue) -> None:
+    items: list[Any] = ["java", "Python", "JavaScript", 1, 2.5, None, [1, 2], {"a": "b"}, "é"]
+    with opened(make_queue) as q:
+        q.put_many(items)
+        assert [q.get(timeout=LONG) for _ in items] == items
+
+
+@sync_check()
+def check_empty_raises_pigeon_and_stdlib_empty(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        with raises(Empty):
+            q.get_nowait()
+        with raises(stdlib_queue.Empty):
+            q.get(block=False)
+        with raises(Empty):
+            q.get(timeout=SHORT)
+
+
+@sync_check()
+def check_negative_timeout_is_a_value_error(make_queue: MakeQueue) -> None:
+    with opened(make_queue, maxsize=1) as q:
+        with raises(ValueError, match="non-negative"):
+            q.get(timeout=-1)
+        with raises(ValueError, match="non-negative"):
+            q.put(1, timeout=-0.5)
+
+
+@sync_check()
+def check_maxsize_full(make_queue: MakeQueue) -> None:
+    with opened(make_queue, maxsize=2) as q:
+        assert q.maxsize == 2
+        q.put("a")
+        q.put_nowait("b")
+        assert q.full()
+        assert q.qsize() == 2
+        with raises(Full):
+            q.put_nowait("c")
+        with raises(stdlib_queue.Full):
+            q.put("c", timeout=SHORT)
+        assert q.get(timeout=LONG) == "a"
+        q.put_nowait("c")
+        assert [q.get(timeout=LONG), q.get(timeout=LONG)] == ["b", "c"]
+
+
+@sync_check()
+def check_qsize_and_empty_right_after_put(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        assert q.empty() and q.qsize() == 0 and not q.full()
+        q.put("x")
+        assert not q.empty() and q.qsize() == 1
+        q.get(timeout=LONG)
+        assert q.empty() and q.qsize() == 0
+
+
+@sync_check()
+def check_put_many_get_many(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        q.put_many(range(10))
+        q.put_many([])
+        first = q.get_many(4, timeout=LONG)
+        assert first == [0, 1, 2, 3]
+        rest = q.get_many(100, timeout=LONG)
+        assert 1 <= len(rest) <= 6 and rest == list(range(4, 4 + len(rest)))
+        with raises(ValueError):
+            q.get_many(0)
+        while q.qsize():
+            q.get_nowait()
+        with raises(Empty):
+            q.get_many(5, block=False)
+        with raises(Empty):
+            q.get_many(5, timeout=SHORT)
+
+
+@sync_check()
+def check_put_many_is_all_or_nothing(make_queue: MakeQueue) -> None:
+    with opened(make_queue, maxsize=3) as q:
+        q.put("a")
+        with raises(Full):
+            q.put_many(["b", "c", "d"], block=False)
+        assert q.qsize() == 1
+        q.put_many(["b", "c"], block=False)
+        assert q.get_many(3, timeout=LONG) == ["a", "b", "c"]
+
+
+@sync_check()
+def check_blocked_get_woken_by_put_from_a_thread(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        t = in_thread(lambda: q.put("late"), delay=SHORT)
+        assert q.get(timeout=LONG) == "late"
+        t.join()
+
+
+@sync_check()
+def check_blocked_put_woken_by_get(make_queue: MakeQueue) -> None:
+    with opened(make_queue, maxsize=1) as q:
+        q.put("first")
+        t = in_thread(lambda: q.get(timeout=LONG), delay=SHORT)
+        q.put("second", timeout=LONG)
+        t.join()
+        assert q.get(timeout=LONG) == "second"
+
+
+@sync_check("join", "task_done")
+def check_task_done_and_join(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        q.put_many(["a", "b"])
+        done: list[str] = []
+
+        def work() -> None:
+            for _ in range(2):
+                done.append(q.get(timeout=LONG))
+                q.task_done()
+
+        t = in_thread(work, delay=SHORT)
+        q.join()
+        assert done == ["a", "b"]
+        t.join()
+        with raises(ValueError):
+            q.task_done()
+
+
+@sync_check("shutdown")
+def check_shutdown_drains_then_raises(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        q.put_many(["java", "Python"])
+        q.shutdown()
+        with raises(ShutDown):
+            q.put("JavaScript")
+        assert q.get(timeout=LONG) == "java"
+        assert q.get_nowait() == "Python"
+        with raises(ShutDown):
+            q.get(timeout=LONG)
+        with raises(ShutDown):
+            q.get_nowait()
+
+
+@sync_check("shutdown")
+def check_iteration_ends_at_shutdown(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        words = ["java", "Python", "JavaScript"]
+
+        def writer() -> None:
+            for w in words:
+                q.put(w)
+            q.shutdown()
+
+        t = in_thread(writer, delay=SHORT)
+        assert list(q) == words
+        t.join()
+
+
+@sync_check("shutdown")
+def check_shutdown_wakes_blocked_getter(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        errors: list[BaseException] = []
+
+        def getter() -> None:
+            try:
+                q.get(timeout=LONG)
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = in_thread(getter)
+        time.sleep(SHORT)
+        q.shutdown()
+        t.join(LONG)
+        assert not t.is_alive()
+        assert len(errors) == 1 and isinstance(errors[0], ShutDown)
+
+
+@sync_check("shutdown")
+def check_shutdown_immediate_drops_items(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        q.put_many([1, 2, 3])
+        q.shutdown(immediate=True)
+        with raises(ShutDown):
+            q.get_nowait()
+        assert q.qsize() == 0
+        with contextlib.suppress(pigeon.Unsupported):
+            q.join(timeout=LONG)  # the dropped items count as done
+
+
+@sync_check("get_message")
+def check_get_message_ack_and_nack(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        q.put("job")
+        msg = q.get_message(timeout=LONG)
+        assert msg.body == "job" and msg.delivery_count == 1
+        msg.nack(requeue=True)
+        again = q.get_message(timeout=LONG)
+        assert again.body == "job" and again.delivery_count == 2
+        again.ack()
+        with raises(LocalProtocolError):
+            again.ack()
+        with raises(Empty):
+            q.get_message(timeout=SHORT)
+
+
+@sync_check("get_message")
+def check_get_message_context_manager(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        q.put("ok")
+        q.put("boom")
+        with q.get_message(timeout=LONG) as msg:
+            assert msg.body == "ok"
+        with contextlib.suppress(RuntimeError), q.get_message(timeout=LONG) as msg:
+            raise RuntimeError("handler failed")
+        back = q.get_message(timeout=LONG)
+        assert back.body == "boom" and back.delivery_count == 2
+        back.ack()
+
+
+@sync_check()
+def check_close_and_context_manager(make_queue: MakeQueue) -> None:
+    q = make_queue()
+    with q as same:
+        assert same is q
+        q.put(1)
+    with raises(ClosedResourceError):
+        q.put(2)
+    with raises(ClosedResourceError):
+        q.get_nowait()
+    q.close()  # idempotent
+
+
+# --- asyncio face -------------------------------------------------------------------------
+
+
+def _aq(q: pigeon.Queue[Any]) -> pigeon.AsyncQueue[Any]:
+    return pigeon.AsyncQueue(q)
+
+
+async def _later(delay: float, fn: Callable[[], Awaitable[object] | object]) -> None:
+    await asyncio.sleep(delay)
+    result = fn()
+    if asyncio.iscoroutine(result):
+        await result
+
+
+@async_check()
+async def check_async_fifo_and_nowait(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        async with _aq(q) as aq:
+            await aq.put("java")
+            await aq.put_nowait("Python")
+            await aq.put_many(["JavaScript"])
+            assert await aq.qsize() == 3
+            assert await aq.get() == "java"
+            assert await aq.get_nowait() == "Python"
+            assert await aq.get_many(5) == ["JavaScript"]
+            assert await aq.empty()
+            with raises(Empty):
+                await aq.get_nowait()
+            with raises(Empty):
+                await aq.get(timeout=SHORT)
+
+
+@async_check()
+async def check_async_full(make_queue: MakeQueue) -> None:
+    with opened(make_queue, maxsize=1) as q:
+        async with _aq(q) as aq:
+            await aq.put(1)
+            assert await aq.full()
+            with raises(Full):
+                await aq.put_nowait(2)
+            with raises(Full):
+                await aq.put(2, timeout=SHORT)
+            task = asyncio.create_task(aq.put(3, timeout=LONG))
+            await asyncio.sleep(SHORT)
+            assert await aq.get() == 1
+            await task
+            assert await aq.get() == 3
+
+
+@async_check()
+async def check_async_get_woken_by_thread_put(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        async with _aq(q) as aq:
+            t = in_thread(lambda: q.put("from a thread"), delay=SHORT)
+            assert await aq.get(timeout=LONG) == "from a thread"
+            t.join()
+
+
+@async_check()
+async def check_async_loop_not_blocked_while_waiting(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        async with _aq(q) as aq:
+            ticks = 0
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.005)
+                    ticks += 1
+
+            tick = asyncio.create_task(ticker())
+            with raises(Empty):
+                await aq.get(timeout=0.2)
+            tick.cancel()
+            assert ticks >= 5, f"the event loop was blocked: only {ticks} ticks"
+
+
+@async_check()
+async def check_async_cancelled_get_loses_nothing(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        async with _aq(q) as aq:
+            task = asyncio.create_task(aq.get())
+            await asyncio.sleep(SHORT)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await aq.put("kept")
+            assert await aq.get(timeout=LONG) == "kept"
+
+
+@async_check("shutdown")
+async def check_async_iteration_until_shutdown(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        async with _aq(q) as aq:
+
+            async def writer() -> None:
+                for w in ["java", "Python", "JavaScript"]:
+                    await aq.put(w)
+                await aq.shutdown()
+
+            task = asyncio.create_task(writer())
+            assert [w async for w in aq] == ["java", "Python", "JavaScript"]
+            await task
+            with raises(ShutDown):
+                await aq.put("late")
+
+
+@async_check("join", "task_done")
+async def check_async_join(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        async with _aq(q) as aq:
+            await aq.put_many([1, 2])
+
+            async def work() -> None:
+                for _ in range(2):
+                    await aq.get()
+                    await aq.task_done()
+
+            task = asyncio.create_task(_later(SHORT, work))
+            await aq.join(timeout=LONG)
+            await task
+
+
+@async_check("get_message")
+async def check_async_get_message(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        async with _aq(q) as aq:
+            await aq.put("job")
+            msg = await aq.get_message(timeout=LONG)
+            assert msg.body == "job"
+            msg.nack()
+            again = await aq.get_message(timeout=LONG)
+            assert again.delivery_count == 2
+            again.ack()

@@ -1,0 +1,346 @@
+"""The local backend across processes, and each multiprocessing.Queue failure, fixed."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import pytest
+
+import pigeon
+from pigeon.backends.local import LocalQueue
+from pigeon.errors import ClosedResourceError, InvalidURL, ShutDown, Unsupported
+
+METHODS = ["fork", "spawn", "forkserver"]
+WORDS = ["java", "Python", "JavaScript"]
+
+
+def _writer(q: pigeon.Queue[str]) -> None:
+    for w in WORDS:
+        q.put_nowait(w)
+    q.shutdown()
+
+
+def _reader(q: pigeon.Queue[str], out: Any) -> None:
+    out.put(list(q))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_writer_and_reader_processes_end_on_shutdown(method: str) -> None:
+    ctx = mp.get_context(method)
+    with pigeon.Queue() as q:
+        out = ctx.SimpleQueue()
+        reader = ctx.Process(target=_reader, args=(q, out))
+        reader.start()
+        time.sleep(0.2)  # the reader is waiting on an empty queue: it must not give up
+        writer = ctx.Process(target=_writer, args=(q,))
+        writer.start()
+        writer.join(30)
+        assert out.get() == WORDS
+        reader.join(30)
+        assert reader.exitcode == 0 and writer.exitcode == 0
+
+
+def _put_and_exit(q: pigeon.Queue[bytes], n: int) -> None:
+    for i in range(n):
+        q.put(i.to_bytes(4, "big") * 256)
+    # no flush, no join_thread: when put returns, the item is in the queue
+
+
+def test_items_survive_a_producer_that_exits_at_once() -> None:
+    with pigeon.Queue() as q:
+        p = mp.get_context("fork").Process(target=_put_and_exit, args=(q, 500))
+        p.start()
+        p.join(30)
+        assert p.exitcode == 0
+        assert q.qsize() == 500
+        got = q.get_many(1000)
+        assert [int.from_bytes(g[:4], "big") for g in got] == list(range(500))
+
+
+def test_joining_the_producer_before_draining_does_not_hang() -> None:
+    # multiprocessing.Queue documents this deadlock: a child that put large items
+    # cannot exit until they are consumed. Here the child exits at once.
+    with pigeon.Queue() as q:
+        p = mp.get_context("spawn").Process(target=_put_and_exit, args=(q, 100))
+        p.start()
+        p.join(30)
+        assert p.exitcode == 0, "producer did not exit"
+        assert len(q.get_many(1000)) == 100
+
+
+def test_unpicklable_item_raises_from_put_in_the_caller() -> None:
+    with pigeon.Queue() as q:
+        with pytest.raises((pickle.PicklingError, TypeError, AttributeError)):
+            q.put(lambda: None)
+        with pytest.raises(TypeError):
+            q.put(threading.Lock())
+        assert q.qsize() == 0
+
+
+def _hold_the_lock_then_wait(q: LocalQueue[Any], ready: Any) -> None:
+    q._lock()
+    ready.set()
+    time.sleep(60)
+
+
+def test_process_killed_holding_the_lock_leaves_the_queue_usable() -> None:
+    ctx = mp.get_context("fork")
+    with pigeon.Queue() as q:
+        assert isinstance(q, LocalQueue)
+        ready = ctx.Event()
+        p = ctx.Process(target=_hold_the_lock_then_wait, args=(q, ready))
+        p.start()
+        assert ready.wait(30)
+        os.kill(p.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        p.join(30)
+        q.put("still works", timeout=10)
+        assert q.get(timeout=10) == "still works"
+
+
+def _die_before_commit(q: LocalQueue[Any]) -> None:
+    def killed(*_: Any) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    q._commit = killed  # type: ignore[method-assign]
+    q.put(b"half-written" * 1000)
+
+
+def test_put_killed_after_writing_bytes_before_commit_leaves_no_torn_item() -> None:
+    with pigeon.Queue() as q:
+        q.put("before")
+        p = mp.get_context("fork").Process(target=_die_before_commit, args=(q,))
+        p.start()
+        p.join(30)
+        assert p.exitcode == -signal.SIGKILL
+        assert q.qsize() == 1
+        q.put("after")
+        assert q.get_many(10, timeout=10) == ["before", "after"]
+
+
+def _die_while_taking(q: LocalQueue[Any]) -> None:
+    def killed(*_: Any) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    q._commit = killed  # type: ignore[method-assign]
+    q.get()
+
+
+def test_get_killed_before_commit_leaves_the_item_for_others() -> None:
+    with pigeon.Queue() as q:
+        q.put("precious")
+        p = mp.get_context("fork").Process(target=_die_while_taking, args=(q,))
+        p.start()
+        p.join(30)
+        assert p.exitcode == -signal.SIGKILL
+        assert q.get(timeout=10) == "precious"
+
+
+def _churn(q: pigeon.Queue[bytes], role: str, seed: int) -> None:
+    i = 0
+    while True:
+        if role == "put":
+            body = os.urandom(16) * (1 + (seed + i) % 4096)
+            q.put(hashlib.sha256(body).digest() + body)
+        else:
+            try:
+                q.get(timeout=0.1)
+            except pigeon.Empty:
+                pass
+        i += 1
+
+
+def test_random_sigkills_during_put_and_get_never_tear_or_hang() -> None:
+    """Kill churning producers and consumers at random moments, 20 times, then check
+    that every item left is intact and the queue still moves items both ways."""
+    ctx = mp.get_context("fork")
+    with pigeon.Queue(maxsize=200) as q:
+        for round_ in range(20):
+            procs = [
+                ctx.Process(target=_churn, args=(q, role, round_ * 10 + k), daemon=True)
+                for k, role in enumerate(["put", "put", "get"])
+            ]
+            for p in procs:
+                p.start()
+            time.sleep(0.02 + (round_ % 5) * 0.013)
+            for p in procs:
+                os.kill(p.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            for p in procs:
+                p.join(30)
+            # every item present is whole: its checksum matches
+            for item in q.get_many(10_000, timeout=10) if q.qsize() else []:
+                assert hashlib.sha256(item[32:]).digest() == item[:32]
+        q.put(b"x" * 32 + b"end", timeout=10)
+        assert q.get(timeout=10).endswith(b"end")
+
+
+def _getter_expecting_shutdown(q: pigeon.Queue[Any], out: Any) -> None:
+    try:
+        q.get(timeout=30)
+        out.put("got an item")
+    except ShutDown:
+        out.put("shutdown")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_shutdown_in_one_process_wakes_getters_in_every_process(method: str) -> None:
+    ctx = mp.get_context(method)
+    with pigeon.Queue() as q:
+        out = ctx.SimpleQueue()
+        getters = [ctx.Process(target=_getter_expecting_shutdown, args=(q, out)) for _ in range(3)]
+        for g in getters:
+            g.start()
+        time.sleep(0.3)
+        shutter = ctx.Process(target=q.shutdown)
+        shutter.start()
+        shutter.join(30)
+        assert sorted(out.get() for _ in getters) == ["shutdown"] * 3
+        for g in getters:
+            g.join(30)
+
+
+def _pool_init(q: pigeon.Queue[int]) -> None:
+    global _POOL_QUEUE
+    _POOL_QUEUE = q
+
+
+def _pool_work(x: int) -> int:
+    _POOL_QUEUE.put(x * x)
+    return x
+
+
+_POOL_QUEUE: pigeon.Queue[int]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_process_pool_workers_receive_the_queue_through_their_initializer(method: str) -> None:
+    with pigeon.Queue() as q:
+        ctx = mp.get_context(method)
+        with ProcessPoolExecutor(2, mp_context=ctx, initializer=_pool_init, initargs=(q,)) as ex:
+            assert sorted(ex.map(_pool_work, range(10))) == list(range(10))
+        assert sorted(q.get_many(100, timeout=10)) == [x * x for x in range(10)]
+        with ctx.Pool(2, initializer=_pool_init, initargs=(q,)) as pool:
+            pool.map(_pool_work, range(5))
+        assert sorted(q.get_many(100, timeout=10)) == [x * x for x in range(5)]
+
+
+def _running_worker(conn: Any) -> None:
+    q = conn.recv()  # a queue created after this process started
+    q.put(f"hello from pid {os.getpid()}")
+    conn.send("done")
+
+
+def test_queue_handed_to_an_already_running_process() -> None:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    p = ctx.Process(target=_running_worker, args=(child,))
+    p.start()
+    with pigeon.Queue() as q:  # created after the process started
+        parent.send(q)
+        assert parent.recv() == "done"
+        assert q.get(timeout=10) == f"hello from pid {p.pid}"
+    p.join(30)
+
+
+def _send_big(q: pigeon.Queue[Any], size: int) -> None:
+    q.put(b"\x01" * size)
+    q.put(bytearray(b"\x02" * size))
+
+
+def test_large_payloads_cross_processes_intact() -> None:
+    size = 64 * 2**20
+    with pigeon.Queue() as q:
+        p = mp.get_context("fork").Process(target=_send_big, args=(q, size))
+        p.start()
+        a = q.get(timeout=60)
+        b = q.get(timeout=60)
+        p.join(30)
+        assert type(a) is bytes and len(a) == size and a[::4096] == b"\x01" * (size // 4096)
+        assert type(b) is bytearray and len(b) == size and b[-1] == 2
+
+
+def test_out_of_band_pickle_buffers() -> None:
+    payload = memoryview(b"m" * (1 << 20))
+    with pigeon.Queue() as q:
+        q.put(pickle.PickleBuffer(payload))
+        got = q.get(timeout=10)
+        assert bytes(got) == bytes(payload)
+
+
+def test_ring_grows_and_wraps_preserving_order() -> None:
+    with LocalQueue(capacity=4096) as q:
+        sent: list[bytes] = []
+        got: list[bytes] = []
+        for i in range(2000):
+            item = bytes([i % 251]) * (1 + (i * 37) % 3000)
+            q.put(item)
+            sent.append(item)
+            if i % 3 == 0:
+                got.append(q.get())
+        got += q.get_many(10_000)
+        assert got == sent
+
+
+def test_other_serializers() -> None:
+    with pigeon.Queue(serializer="json") as q:
+        q.put({"a": [1, 2]})
+        assert q.get() == {"a": [1, 2]}
+    with pigeon.Queue(serializer="raw") as q:
+        q.put(b"bytes")
+        with pytest.raises(TypeError, match="serializer='raw' carries bytes only"):
+            q.put("text")
+        assert q.get() == b"bytes"
+    with pytest.raises(ValueError, match="unknown serializer 'yaml'; known: pickle"):
+        pigeon.Queue(serializer="yaml")
+
+
+def test_constructor_errors_are_clear() -> None:
+    with pytest.raises(TypeError, match=r"write pigeon.Queue\(maxsize=5\)"):
+        pigeon.Queue(5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="maxsize must be an int >= 0"):
+        pigeon.Queue(maxsize=-1)
+    with pytest.raises(InvalidURL, match="no backend for 'rediss\\+'"):
+        pigeon.Queue("rediss+://x/y")
+    with pytest.raises(Unsupported, match="not available in this version"):
+        pigeon.Queue("pigeon://127.0.0.1:7878/jobs")
+
+
+def test_local_queue_has_no_url_and_is_a_pigeon_queue() -> None:
+    with pigeon.Queue() as q:
+        assert isinstance(q, pigeon.Queue)
+        assert q.url is None
+
+
+def test_queue_file_is_removed_when_the_creator_closes() -> None:
+    q = pigeon.Queue()
+    assert isinstance(q, LocalQueue)
+    path = q._path
+    assert os.path.exists(path)
+    blob = pickle.dumps(q)
+    q.close()
+    assert not os.path.exists(path)
+    with pytest.raises(ClosedResourceError, match="no longer exists"):
+        pickle.loads(blob)
+
+
+def test_async_get_woken_by_another_process() -> None:
+    async def main(q: pigeon.Queue[str]) -> str:
+        aq = pigeon.AsyncQueue(q)
+        p = mp.get_context("fork").Process(target=_writer, args=(q,))
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.1, p.start)
+        words = [w async for w in aq]
+        p.join(30)
+        await aq.aclose()
+        return " ".join(words)
+
+    with pigeon.Queue() as q:
+        assert asyncio.run(main(q)) == "java Python JavaScript"

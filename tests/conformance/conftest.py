@@ -1,0 +1,44 @@
+"""Backends under the contract. Each entry: a factory of fresh queues, and what it cannot do.
+
+A backend whose service is missing is skipped with the reason, except in CI (``CI`` set),
+where a missing service is a failure: CI has every service.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+import pigeon
+from pigeon.testing import MakeQueue
+
+
+@dataclass
+class Backend:
+    name: str
+    make_queue: MakeQueue
+    unsupported: frozenset[str] = field(default_factory=frozenset)
+    available: Callable[[], str | None] = lambda: None  # reason it is missing, or None
+
+
+def _local(maxsize: int = 0) -> pigeon.Queue[Any]:
+    return pigeon.Queue(maxsize=maxsize)
+
+
+BACKENDS = [Backend("local", _local)]
+
+
+@pytest.fixture(params=BACKENDS, ids=lambda b: b.name)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    b: Backend = request.param
+    missing = b.available()
+    if missing:
+        import os
+
+        if os.environ.get("CI"):
+            pytest.fail(f"{b.name}: {missing} (CI must have every service)")
+        pytest.skip(f"{b.name}: {missing}")
+    return b
