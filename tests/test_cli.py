@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -18,10 +19,10 @@ def test_demo_sticky_recovers_every_message_with_each_codec() -> None:
 
 def test_every_command_has_help_with_an_example() -> None:
     runner = CliRunner()
-    for args in (["--help"], ["demo", "--help"], ["demo", "sticky", "--help"]):
+    for args in (["--help"], ["demo", "--help"], ["demo", "sticky", "--help"], ["bench", "--help"]):
         result = runner.invoke(cli, args)
         assert result.exit_code == 0
-        assert "pigeon demo" in result.output
+        assert "Example" in result.output or "Try:" in result.output
 
 
 def test_python_dash_m_pigeon() -> None:
@@ -29,3 +30,32 @@ def test_python_dash_m_pigeon() -> None:
         [sys.executable, "-m", "pigeon", "--version"], capture_output=True, text=True, check=True
     )
     assert "pigeon" in out.stdout
+
+
+def test_demo_runs_the_seed_with_processes_threads_and_coroutines() -> None:
+    result = CliRunner().invoke(cli, ["demo"])
+    assert result.exit_code == 0, result.output
+    # the seed's empty()-polling reader quits early; pigeon's readers get all 3 words
+    # (the process part prints from the child processes, outside CliRunner's capture)
+    assert "the reader stopped after" in result.output
+    assert "writer exit code 0, reader exit code 0" in result.output
+    for word in ("'java'", "'Python'", "'JavaScript'"):
+        assert result.output.count(f"reader got {word}") >= 2
+    assert "nothing was lost" in result.output
+
+
+def test_bench_concurrency_prints_a_table_and_a_plot(tmp_path: Path) -> None:
+    out = tmp_path / "gil.png"
+    args = ["bench", "concurrency", "-n", "2", "--cpu-tasks", "2", "--cpu-size", "1000"]
+    args += ["--io-tasks", "4", "--plot", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    for kind in ("threads", "processes", "coroutines"):
+        assert kind in result.output
+    assert out.stat().st_size > 1000
+
+
+def test_bench_help_teaches() -> None:
+    result = CliRunner().invoke(cli, ["bench", "concurrency", "--help"])
+    assert result.exit_code == 0
+    assert "GIL" in result.output and "pigeon bench concurrency -n 4" in result.output

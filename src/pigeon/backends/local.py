@@ -96,7 +96,12 @@ _COPY_AS_BYTES = frozenset((_K_BYTES, _K_PICKLE, _K_SERIALIZED))
 _LOCK_TRIES = 50
 _EX_NB = (fcntl.LOCK_EX | fcntl.LOCK_NB) if sys.platform != "win32" else 0
 _SPIN = 50e-6  # seconds a waiter watches its word before it sleeps
-_SAFETY_SLICE = 1.0  # seconds: the longest a waiter sleeps before re-checking
+_SAFETY_SLICE = 1.0
+# A ring smaller than this grows at once when full; a larger one first gives readers
+# _GROWTH_PATIENCE seconds to make room, so a streaming producer does not grow it by
+# its whole lead over the readers (growing means new zeroed pages of shared memory).
+_FREE_GROWTH = 16 * 2**20
+_GROWTH_PATIENCE = 0.002  # seconds: the longest a waiter sleeps before re-checking
 _OOB_MIN = 64 * 1024  # pickle buffers at least this large go out of band
 
 _DEFAULT_CAPACITY = 1 * 2**20
@@ -285,6 +290,17 @@ class LocalQueue(Queue[T]):
         n = _U32.unpack_from(self._ctrl, off)[0] + delta
         _U32.pack_into(self._ctrl, off, max(0, n))
 
+    def _seq_moves(self, word: int, seq: int, patience: float) -> bool:
+        """Unlock, wait up to ``patience`` seconds for ``word`` to move, lock again."""
+        self._register(word, +1)
+        self._unlock()
+        try:
+            self._sleep(word, seq, time.monotonic() + patience)
+        finally:
+            self._lock()
+            self._register(word, -1)
+        return self._seq(word) != seq
+
     def _spin(self, word: int, seq: int) -> int:
         """Watch ``word`` for a few microseconds before paying for a futex sleep and wake.
 
@@ -406,6 +422,7 @@ class LocalQueue(Queue[T]):
             deadline = deadline_from(block, timeout)
         waiting = False
         spins = 0
+        may_grow = False
         while True:
             self._lock()
             try:
@@ -415,19 +432,23 @@ class LocalQueue(Queue[T]):
                 if self._ctrl[_OFF_FLAGS] & _SHUTDOWN:
                     raise ShutDown("the queue was shut down; put refused")
                 st = self._state()
+                seq = self._seq(GET_SEQ)
                 if self._maxsize and st.count + len(records) > self._maxsize:
                     if not block or (deadline is not None and time.monotonic() >= deadline):
                         raise Full(f"queue is full ({st.count} of maxsize={self._maxsize})")
-                    seq = self._seq(GET_SEQ)
                     if spins:
                         self._register(GET_SEQ, +1)
                         waiting = True
-                else:
-                    self._write(st, records, deliveries)
+                elif self._write(st, records, deliveries, may_grow or st.capacity < _FREE_GROWTH):
                     self._unfinished += len(records)
                     self._commit(st)
                     wake = self._bump(PUT_SEQ)
                     break
+                else:
+                    # The ring is full of unread items. If a reader is draining it, let it
+                    # make room rather than growing the shared memory by the backlog.
+                    may_grow = not self._seq_moves(GET_SEQ, seq, _GROWTH_PATIENCE)
+                    continue
             finally:
                 self._unlock()
             if spins:
@@ -437,7 +458,11 @@ class LocalQueue(Queue[T]):
         if wake:
             self._wake(PUT_SEQ)
 
-    def _write(self, st: _ring.RingState, records: list[tuple[int, list[Any]]], d: int) -> None:
+    def _write(
+        self, st: _ring.RingState, records: list[tuple[int, list[Any]]], d: int, may_grow: bool
+    ) -> bool:
+        """Write ``records`` after ``st.tail``; False (nothing committed) if there is no room
+        and growing is not allowed yet."""
         data = self._data
         if data is None or st.capacity != self._cap:
             data = self._map_data(st.capacity)
@@ -448,10 +473,13 @@ class LocalQueue(Queue[T]):
                 length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
             pos = _ring.reserve(data, st, length)
             if pos is None:
+                if not may_grow:
+                    return False
                 data = self._grow(st, length)
                 pos = _ring.reserve(data, st, length)
                 assert pos is not None
             _ring.write(data, pos, kind, d, parts)
+        return True
 
     def _grow(self, st: _ring.RingState, length: int) -> mmap.mmap:
         new_cap = _ring.grown_capacity(st, length)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from pigeon import __version__
+from pigeon.cli.bench import bench
 from pigeon.cli.demo import demo
 
 
@@ -17,10 +18,12 @@ def cli() -> None:
     Try:
       pigeon demo            the writer/reader seed program, done right
       pigeon demo sticky     TCP's "sticky packets" and the three ways to frame them
+      pigeon bench concurrency   threads vs processes vs coroutines, measured here
     """
 
 
 cli.add_command(demo)
+cli.add_command(bench)
 
 
 def main() -> None:

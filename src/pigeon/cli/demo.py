@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import click
 
-from pigeon.cli import sticky
+from pigeon.cli import seed, sticky
 
 
 @click.group(invoke_without_command=True)
+@click.option("--no-old", is_flag=True, help="skip the multiprocessing.Queue part")
 @click.pass_context
-def demo(ctx: click.Context) -> None:
-    """Run the demos. With no sub-command, runs the queue demo.
+def demo(ctx: click.Context, no_old: bool) -> None:
+    """Run the demos. With no sub-command: the writer/reader seed program, done right.
+
+    \b
+    A writer puts "java", "Python", "JavaScript" and a reader takes them:
+    first the seed's multiprocessing.Queue with a reader polling empty()
+    (it quits early), then pigeon.Queue between processes, threads and
+    coroutines, each reader ending on shutdown().
 
     \b
     Examples:
+      pigeon demo            the seed program, done right
       pigeon demo sticky     why TCP needs framing, on a real loopback connection
     """
     if ctx.invoked_subcommand is None:
-        ctx.invoke(sticky_command)
+        seed.run(old=not no_old)
 
 
 @demo.command("sticky")
