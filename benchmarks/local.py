@@ -7,7 +7,8 @@ items (``bytes`` of the given size) from P producer processes to C consumer proc
 time runs from a common start signal until the last consumer has everything.
 Contenders:
   pigeon          pigeon.Queue put / get
-  pigeon batch    pigeon.Queue put_many / get_many, batches of 100
+  pigeon batch    pigeon.Queue put_many / get_many, batches of 100 (fewer for big items:
+                  a batch stays under 64 MiB)
   mp.Queue        multiprocessing.Queue put / get
   SimpleQueue     multiprocessing.SimpleQueue put / get
   Pipe            multiprocessing.Pipe send_bytes / recv_bytes (1x1 only: not multi-writer)
@@ -30,6 +31,11 @@ from _report import RESULTS, table
 
 BATCH = 100
 ctx = mp.get_context("fork")
+
+
+def batch_for(size: int) -> int:
+    """Items per batch: 100, fewer for big items (a batch stays under 64 MiB)."""
+    return max(1, min(BATCH, 64 * 2**20 // max(1, size)))
 
 
 @dataclass
@@ -62,8 +68,9 @@ def _end_none(q: Any, consumers: int) -> None:
 
 
 def _pigeon_batch_put(q: Any, item: bytes, count: int) -> None:
-    for i in range(0, count, BATCH):
-        q.put_many([item] * min(BATCH, count - i))
+    batch = batch_for(len(item))
+    for i in range(0, count, batch):
+        q.put_many([item] * min(batch, count - i))
 
 
 def _pigeon_batch_get(q: Any) -> int:
@@ -100,7 +107,7 @@ def _pipe_end(conn: Any, consumers: int) -> None:
 def _ff_make(size: int) -> Any:
     import faster_fifo
 
-    return faster_fifo.Queue(max_size_bytes=max(64 * 2**20, 4 * (size + 64) * BATCH))
+    return faster_fifo.Queue(max_size_bytes=max(64 * 2**20, 4 * (size + 64) * batch_for(size)))
 
 
 def _ff_get(q: Any) -> int:
@@ -113,8 +120,9 @@ def _ff_get(q: Any) -> int:
 
 
 def _ff_batch_put(q: Any, item: bytes, count: int) -> None:
-    for i in range(0, count, BATCH):
-        q.put_many([item] * min(BATCH, count - i), timeout=60)
+    batch = batch_for(len(item))
+    for i in range(0, count, batch):
+        q.put_many([item] * min(batch, count - i), timeout=60)
 
 
 def _ff_batch_get(q: Any) -> int:

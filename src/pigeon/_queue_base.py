@@ -22,9 +22,12 @@ T = TypeVar("T")
 __all__ = ["SCHEMES", "Message", "Queue", "deadline_from"]
 
 # scheme -> "module:Class" (imported only when used, so optional clients stay optional)
-SCHEMES: dict[str, str] = {}
+SCHEMES: dict[str, str] = {
+    "pigeon": "pigeon.backends.broker:BrokerQueue",
+    "pigeon+tls": "pigeon.backends.broker:BrokerQueue",
+}
 # schemes pigeon knows of but does not ship yet in this version
-_PLANNED = ("pigeon", "pigeon+tls", "redis", "rediss", "nats")
+_PLANNED = ("redis", "rediss", "nats")
 
 
 def deadline_from(block: bool, timeout: float | None) -> float | None:

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -96,43 +96,44 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-class AsyncQueue(Generic[T]):
-    """The asyncio face of a queue shared with threads and processes.
+class _LocalMessage(Generic[T]):
+    """A local message in the asyncio face: ``await msg.ack()`` works, as on the network."""
 
-    Args:
-        queue: a local ``pigeon.Queue`` to wrap (it stays open when this one closes), or
-            None to make a new local queue with ``maxsize`` and ``serializer``.
-    """
+    def __init__(self, msg: Message[T]) -> None:
+        self._msg = msg
+        self.body = msg.body
+        self.delivery_count = msg.delivery_count
 
-    def __init__(
-        self,
-        queue: Queue[T] | str | None = None,
-        maxsize: int = 0,
-        serializer: SerializerLike | None = None,
-    ) -> None:
-        if isinstance(queue, Queue):
-            self._q: Queue[T] = queue
-            self._owned = False
-        elif queue is None:
-            self._q = Queue(maxsize=maxsize, serializer=serializer)
-            self._owned = True
-        else:
-            self._q = Queue(queue, maxsize=maxsize, serializer=serializer)
-            self._owned = True
-        if not isinstance(self._q, LocalQueue):
-            raise Unsupported(f"AsyncQueue does not support {type(self._q).__name__} yet")
-        self._local: LocalQueue[T] = self._q
+    @staticmethod
+    def _done(fn: Callable[[], None]) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fn()
+        fut.set_result(None)
+        return fut
+
+    def ack(self) -> asyncio.Future[None]:
+        return self._done(self._msg.ack)
+
+    def nack(self, requeue: bool = True, delay: float = 0) -> asyncio.Future[None]:
+        return self._done(lambda: self._msg.nack(requeue, delay))
+
+    def extend(self, seconds: float) -> asyncio.Future[None]:
+        return self._done(lambda: self._msg.extend(seconds))
+
+
+class _LocalAsync(Generic[T]):
+    """AsyncQueue over a local queue: futex watcher threads, the loop never blocks."""
+
+    def __init__(self, queue: LocalQueue[T], owned: bool) -> None:
+        self._q: Queue[T] = queue
+        self._owned = owned
+        self._local: LocalQueue[T] = queue
         self._watchers = {w: _Watcher(self._local, w) for w in (PUT_SEQ, GET_SEQ, JOIN_SEQ)}
         self._closed = False
 
     @property
-    def queue(self) -> Queue[T]:
-        """The synchronous queue this wraps (to hand to threads or processes)."""
-        return self._q
-
-    @property
     def url(self) -> str | None:
-        return self._q.url
+        return None
 
     @property
     def maxsize(self) -> int:
@@ -213,14 +214,13 @@ class AsyncQueue(Generic[T]):
                     raise
             await self._park(PUT_SEQ, seq, deadline)
 
-    async def get_message(self, timeout: float | None = None) -> Message[T]:
-        """Take the next item as a ``Message`` (see ``pigeon.Queue.get_message``)."""
+    async def get_message(self, timeout: float | None = None) -> _LocalMessage[T]:
         self._check()
         deadline = deadline_from(True, timeout)
         while True:
             seq = self._local._seq(PUT_SEQ)
             try:
-                return self._local.get_message(timeout=0)
+                return _LocalMessage(self._local.get_message(timeout=0))
             except Empty:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
@@ -269,6 +269,104 @@ class AsyncQueue(Generic[T]):
         if self._owned:
             self._q.close()
 
+
+class AsyncQueue(Generic[T]):
+    """The asyncio face of a queue: the methods of ``pigeon.Queue``, awaitable.
+
+    ``AsyncQueue(q)`` wraps a ``pigeon.Queue`` (local: shared with threads and processes;
+    it stays open when this one closes); ``AsyncQueue(url)`` opens a networked queue;
+    ``AsyncQueue()`` makes a new local queue. Every method is a coroutine (``await
+    aq.put(x)``, ``await aq.qsize()``), with ``async for`` until shut down and drained and
+    ``async with``. Messages from ``get_message`` settle with ``await msg.ack()`` (or
+    ``msg.ack()`` without waiting for the confirmation).
+    """
+
+    def __init__(
+        self,
+        queue: Queue[T] | str | None = None,
+        maxsize: int = 0,
+        serializer: SerializerLike | None = None,
+        **options: Any,
+    ) -> None:
+        impl: Any
+        if isinstance(queue, LocalQueue):
+            impl = _LocalAsync(queue, owned=False)
+        elif isinstance(queue, Queue):
+            impl = _network(queue.url, queue, options)
+        elif queue is None:
+            impl = _LocalAsync(LocalQueue(maxsize=maxsize, serializer=serializer), owned=True)
+        elif isinstance(queue, str):
+            impl = _network(queue, None, {"maxsize": maxsize, "serializer": serializer, **options})
+        else:
+            raise TypeError(f"AsyncQueue takes a pigeon.Queue, a URL or nothing, not {queue!r}")
+        self._impl = impl
+        self._source = queue if isinstance(queue, Queue) else None
+
+    @property
+    def queue(self) -> Queue[T] | None:
+        """The ``pigeon.Queue`` this wraps, if it was made from one."""
+        return self._source
+
+    @property
+    def url(self) -> str | None:
+        return self._impl.url  # type: ignore[no-any-return]
+
+    @property
+    def maxsize(self) -> int:
+        return self._impl.maxsize  # type: ignore[no-any-return]
+
+    async def put(self, item: T, timeout: float | None = None) -> None:
+        """Put ``item``; wait (never blocking the loop) while the queue is full.
+
+        Raises ``Full`` after ``timeout`` seconds, ``ShutDown`` if shut down.
+        """
+        await self._impl.put(item, timeout)
+
+    async def put_nowait(self, item: T) -> None:
+        await self._impl.put_nowait(item)
+
+    async def put_many(self, items: Iterable[T], timeout: float | None = None) -> None:
+        """Put all ``items`` at once (all or none)."""
+        await self._impl.put_many(items, timeout)
+
+    async def get(self, timeout: float | None = None) -> T:
+        """Remove and return the next item; ``Empty`` after ``timeout``, ``ShutDown`` once
+        shut down and drained."""
+        return await self._impl.get(timeout)  # type: ignore[no-any-return]
+
+    async def get_nowait(self) -> T:
+        return await self._impl.get_nowait()  # type: ignore[no-any-return]
+
+    async def get_many(self, max_items: int, timeout: float | None = None) -> list[T]:
+        """Wait for at least one item, then return up to ``max_items``."""
+        return await self._impl.get_many(max_items, timeout)  # type: ignore[no-any-return]
+
+    async def get_message(self, timeout: float | None = None) -> Any:
+        """Take the next item as a message to ``ack``/``nack``/``extend`` (awaitable)."""
+        return await self._impl.get_message(timeout)
+
+    async def qsize(self) -> int:
+        return await self._impl.qsize()  # type: ignore[no-any-return]
+
+    async def empty(self) -> bool:
+        return await self._impl.empty()  # type: ignore[no-any-return]
+
+    async def full(self) -> bool:
+        return await self._impl.full()  # type: ignore[no-any-return]
+
+    async def task_done(self) -> None:
+        await self._impl.task_done()
+
+    async def join(self, timeout: float | None = None) -> None:
+        await self._impl.join(timeout)
+
+    async def shutdown(self, immediate: bool = False) -> None:
+        await self._impl.shutdown(immediate)
+
+    async def aclose(self) -> None:
+        """Release this handle (and the queue, if this AsyncQueue opened it)."""
+        await self._impl.aclose()
+
     def __aiter__(self) -> AsyncIterator[T]:
         return self._iterate()
 
@@ -289,3 +387,19 @@ class AsyncQueue(Generic[T]):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _network(url: str | None, queue: Queue[Any] | None, options: dict[str, Any]) -> Any:
+    if url is None:
+        raise Unsupported(f"AsyncQueue cannot wrap {type(queue).__name__}: it has no URL")
+    from urllib.parse import urlsplit
+
+    scheme = urlsplit(url).scheme
+    if scheme in ("pigeon", "pigeon+tls"):
+        from pigeon.backends.broker_aio import AsyncBrokerQueue
+
+        if queue is not None:
+            options = queue._async_options()  # type: ignore[attr-defined]
+        return AsyncBrokerQueue(url, **options)
+    Queue(url)  # raises InvalidURL / Unsupported with the list of schemes
+    raise Unsupported(f"AsyncQueue does not support {scheme}:// yet")

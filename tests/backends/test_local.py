@@ -310,7 +310,7 @@ def test_constructor_errors_are_clear() -> None:
     with pytest.raises(InvalidURL, match="no backend for 'rediss\\+'"):
         pigeon.Queue("rediss+://x/y")
     with pytest.raises(Unsupported, match="not available in this version"):
-        pigeon.Queue("pigeon://127.0.0.1:7878/jobs")
+        pigeon.Queue("nats://127.0.0.1:4222/jobs")
 
 
 def test_local_queue_has_no_url_and_is_a_pigeon_queue() -> None:

@@ -6,6 +6,7 @@ import click
 
 from pigeon import __version__
 from pigeon.cli.bench import bench
+from pigeon.cli.broker import get, put, serve, stats
 from pigeon.cli.demo import demo
 
 
@@ -19,11 +20,17 @@ def cli() -> None:
       pigeon demo            the writer/reader seed program, done right
       pigeon demo sticky     TCP's "sticky packets" and the three ways to frame them
       pigeon bench concurrency   threads vs processes vs coroutines, measured here
+      pigeon serve           a broker on 127.0.0.1:7878
+      pigeon put pigeon://127.0.0.1:7878/jobs java Python JavaScript
+      pigeon get pigeon://127.0.0.1:7878/jobs -n 3
+      pigeon stats
     """
 
 
 cli.add_command(demo)
 cli.add_command(bench)
+for command in (serve, put, get, stats):
+    cli.add_command(command)
 
 
 def main() -> None:

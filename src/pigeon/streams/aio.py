@@ -17,6 +17,7 @@ import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
+from typing import Any, cast
 
 from pigeon.errors import BrokenResourceError, ClosedResourceError, FrameError
 from pigeon.framing import Codec, LengthPrefixed
@@ -45,7 +46,7 @@ class _FramedProtocol(asyncio.BufferedProtocol):
         self.bytes_received = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -228,8 +229,12 @@ async def open_framed_connection(
     path: str | None = None,
     sock: socket.socket | None = None,
     max_pending: int = 4096,
+    ssl: Any = None,
 ) -> FramedStream:
-    """Connect over TCP (``host``, ``port``), a Unix socket (``path``) or a given ``sock``."""
+    """Connect over TCP (``host``, ``port``), a Unix socket (``path``) or a given ``sock``.
+
+    ``ssl``: an ``ssl.SSLContext`` for TLS over TCP.
+    """
     loop = asyncio.get_running_loop()
     the_codec = codec if codec is not None else LengthPrefixed()
 
@@ -244,7 +249,7 @@ async def open_framed_connection(
         else:
             if host is None or port is None:
                 raise ValueError("give host and port, path, or sock")
-            transport, protocol = await loop.create_connection(factory, host, port)
+            transport, protocol = await loop.create_connection(factory, host, port, ssl=ssl)
     except OSError as exc:
         where = path or f"{host}:{port}"
         raise BrokenResourceError(f"cannot connect to {where}: {exc}") from exc
@@ -278,7 +283,7 @@ async def start_framed_server(
     class _ServerProtocol(_FramedProtocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
-            assert isinstance(transport, asyncio.Transport)
+            transport = cast(asyncio.Transport, transport)
             task = loop.create_task(run(FramedStream(transport, self)))
             tasks.add(task)
             task.add_done_callback(tasks.discard)

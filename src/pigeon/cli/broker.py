@@ -1,0 +1,278 @@
+"""``pigeon serve | put | get | stats``: the broker and its command-line clients."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+import pigeon
+from pigeon.backends.broker import BrokerQueue, Endpoint
+
+DEFAULT_URL = "pigeon://127.0.0.1:7878/jobs"
+
+
+@click.command()
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="address to listen on; a non-loopback one requires --token",
+)
+@click.option("--port", default=7878, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--token",
+    envvar="PIGEON_TOKEN",
+    help="shared secret clients must send in HELLO (env PIGEON_TOKEN)",
+)
+@click.option(
+    "--insecure-no-auth",
+    is_flag=True,
+    help="allow a non-loopback --host without a token (trusted networks only)",
+)
+@click.option(
+    "--max-frame-size",
+    default=16 * 2**20,
+    show_default=True,
+    type=click.IntRange(1024, 2**31),
+    help="largest frame accepted, in bytes",
+)
+@click.option(
+    "--heartbeat",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="seconds between heartbeats to each client",
+)
+@click.option(
+    "--lease",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="default seconds before an unacked message is redelivered",
+)
+@click.option(
+    "--max-deliveries",
+    default=20,
+    show_default=True,
+    type=click.IntRange(1),
+    help="deliveries before a message moves to QUEUE.dead",
+)
+@click.option("--max-connections", default=10_000, show_default=True, type=click.IntRange(1))
+@click.option("-v", "--verbose", count=True, help="log more (-vv for debug)")
+def serve(
+    host: str, port: int, token: str | None, insecure_no_auth: bool, max_frame_size: int,
+    heartbeat: float, lease: float, max_deliveries: int, max_connections: int, verbose: int,
+) -> None:  # fmt: skip
+    """Run a pigeon broker until SIGINT/SIGTERM (then it closes gracefully, exit 0).
+
+    \b
+    Clients reach its queues as pigeon://HOST:PORT/QUEUE; queues are created
+    on first use. Binary clients speak the protocol in docs/protocol.md; humans
+    can type to the same port: `nc 127.0.0.1 7878`, then PUT jobs hello, GET jobs,
+    STATS, QUIT (HELP lists the commands).
+
+    \b
+    Examples:
+      pigeon serve                               loopback only, port 7878
+      pigeon serve --host 0.0.0.0 --token s3cret  reachable from other hosts
+    """
+    from pigeon.server.app import ServerConfig, run
+
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(verbose + 1, 2),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = ServerConfig(
+        host=host, port=port, token=token, max_frame_size=max_frame_size, heartbeat=heartbeat,
+        default_lease=lease, max_deliveries=max_deliveries, max_connections=max_connections,
+        extra={"insecure_no_auth": insecure_no_auth},
+    )  # fmt: skip
+
+    def ready(server: Any) -> None:
+        click.echo(f"pigeon broker listening on {', '.join(server.addresses)} (Ctrl-C stops)")
+        sys.stdout.flush()
+
+    try:
+        run(config, ready)
+    except PermissionError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None
+
+
+def _open(url: str, serializer: str) -> BrokerQueue[Any]:
+    try:
+        q: pigeon.Queue[Any] = pigeon.Queue(url, serializer=serializer)
+    except pigeon.InvalidURL as exc:
+        raise click.BadParameter(str(exc), param_hint="URL") from None
+    if not isinstance(q, BrokerQueue):
+        raise click.BadParameter(
+            "pigeon put/get/stats speak to a pigeon:// broker", param_hint="URL"
+        )
+    return q
+
+
+_SERIALIZER = click.option(
+    "--serializer", type=click.Choice(["msgpack", "json", "raw"]), default="msgpack",
+    show_default=True, help="how items are encoded (Python clients default to msgpack)",
+)  # fmt: skip
+
+
+@click.command()
+@click.argument("url")
+@click.argument("items", nargs=-1)
+@_SERIALIZER
+def put(url: str, items: tuple[str, ...], serializer: str) -> None:
+    """Put ITEMS (or, with none, each line of stdin) on the queue at URL.
+
+    \b
+    Examples:
+      pigeon put pigeon://127.0.0.1:7878/jobs java Python JavaScript
+      seq 100 | pigeon put pigeon://127.0.0.1:7878/jobs
+    """
+    lines = list(items) if items else [line.rstrip("\n") for line in sys.stdin]
+    values: list[Any] = [s.encode() for s in lines] if serializer == "raw" else lines
+    try:
+        with _open(url, serializer) as q:
+            for i in range(0, len(values), 1000):
+                q.put_many(values[i : i + 1000], timeout=30)
+    except pigeon.PigeonError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"put {len(values)} item(s)", err=True)
+
+
+@click.command()
+@click.argument("url")
+@click.option(
+    "-n",
+    "count",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="how many items to take",
+)
+@click.option("--follow", "-f", is_flag=True, help="keep taking items until interrupted")
+@click.option(
+    "--ack",
+    is_flag=True,
+    help="take each item as a message and ack it after printing (at-least-once)",
+)
+@click.option(
+    "--timeout",
+    default=None,
+    type=click.FloatRange(0),
+    help="seconds to wait for an item (default: wait as long as it takes)",
+)
+@_SERIALIZER
+def get(url: str, count: int, follow: bool, ack: bool, timeout: float | None,
+        serializer: str) -> None:  # fmt: skip
+    """Take items from the queue at URL and print one per line.
+
+    \b
+    Examples:
+      pigeon get pigeon://127.0.0.1:7878/jobs            one item
+      pigeon get pigeon://127.0.0.1:7878/jobs -n 3       three items
+      pigeon get pigeon://127.0.0.1:7878/jobs --follow   until Ctrl-C or shutdown
+      pigeon get pigeon://127.0.0.1:7878/jobs --ack      ack after printing
+    """
+    taken = 0
+    try:
+        with _open(url, serializer) as q:
+            while follow or taken < count:
+                if ack:
+                    msg = q.get_message(timeout=timeout)
+                    _print(msg.body)
+                    msg.ack()
+                else:
+                    _print(q.get(timeout=timeout))
+                taken += 1
+    except pigeon.Empty:
+        raise click.ClickException(f"no item within {timeout} s") from None
+    except pigeon.ShutDown:
+        if taken == 0:
+            raise click.ClickException("the queue was shut down and is empty") from None
+    except KeyboardInterrupt:
+        pass
+    except pigeon.PigeonError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _print(value: Any) -> None:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode()
+        except UnicodeDecodeError:
+            value = repr(value)
+    click.echo(value if isinstance(value, str) else json.dumps(value))
+
+
+@click.command()
+@click.option(
+    "--url",
+    default=DEFAULT_URL,
+    show_default=True,
+    help="any pigeon:// URL of the broker (the queue part is ignored)",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the raw statistics as JSON")
+def stats(url: str, as_json: bool) -> None:
+    """Show the broker's queues and connections.
+
+    \b
+    Queues: depth (waiting), in flight (delivered, not acked), consumers
+    waiting, totals. Connections: peer, age, bytes in/out, and the TCP state
+    the kernel reports (ESTABLISHED, CLOSE_WAIT, ...).
+
+    \b
+    Example:
+      pigeon stats --url pigeon://127.0.0.1:7878/any
+    """
+    from pigeon.backends.broker import _SyncConnection
+    from pigeon.protocol import Ok, Stats
+
+    ep = Endpoint(url if _has_queue(url) else url.rstrip("/") + "/_")
+    try:
+        conn = _SyncConnection(ep, "pigeon-stats", 5.0)
+        reply = conn.request(Stats(1))
+        conn.close()
+    except pigeon.PigeonError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not isinstance(reply, Ok):
+        raise click.ClickException(f"unexpected reply {reply!r}")
+    data = reply.value
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    console = Console()
+    qt = Table("queue", "depth", "in flight", "maxsize", "consumers", "put", "delivered",
+               "acked", "redelivered", "dead", "shut down", title="queues")  # fmt: skip
+    for name, q in data["queues"].items():
+        qt.add_row(name, str(q["depth"]), str(q["in_flight"]), str(q["maxsize"] or "-"),
+                   str(q["consumers_waiting"]), str(q["put_total"]), str(q["delivered_total"]),
+                   str(q["acked_total"]), str(q["redelivered_total"]), str(q["dead_total"]),
+                   "yes" if q["shutdown"] else "")  # fmt: skip
+    console.print(qt)
+    ct = Table("peer", "client", "mode", "age (s)", "bytes in", "bytes out", "TCP state",
+               title="connections")  # fmt: skip
+    for c in data["connections"]:
+        ct.add_row(c["peer"], c["client"], c["mode"], f"{c['age']:.1f}", str(c["bytes_in"]),
+                   str(c["bytes_out"]), c["tcp_state"])  # fmt: skip
+    console.print(ct)
+    s = data["server"]
+    console.print(
+        f"{s['name']} on {', '.join(s['addresses'])}, up {s['uptime']:.0f} s, "
+        f"store {s['store']}, failed auth {s['failed_auth']}"
+    )
+
+
+def _has_queue(url: str) -> bool:
+    try:
+        Endpoint(url)
+        return True
+    except pigeon.InvalidURL:
+        return False

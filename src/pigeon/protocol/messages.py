@@ -1,0 +1,182 @@
+"""The protocol's messages. Each is a MessagePack array: ``[code, field, field, ...]``.
+
+Codes: 0x01-0x0F handshake, 0x10-0x1F publishing, 0x20-0x2F consuming, 0x30-0x3F
+settling, 0x40-0x4F queue management, 0x50 stats, 0x60-0x6F liveness, 0x70 goodbye,
+0x80-0x9F server replies and notices. Unknown codes are a protocol error; new fields are
+only ever appended, with defaults, so older peers keep decoding (docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+MAGIC = "PGN"
+VERSION = 1
+
+
+class _Msg(msgspec.Struct, array_like=True, tag_field="type"):
+    pass
+
+
+# --- handshake ---------------------------------------------------------------------------
+
+
+class Hello(_Msg, tag=0x01):
+    magic: str
+    version: int
+    client: str
+    token: str | None = None
+
+
+class Welcome(_Msg, tag=0x02):
+    version: int
+    server: str
+    heartbeat: float  # seconds between the server's heartbeats on a busy connection
+    max_frame_size: int
+
+
+# --- client -> server -------------------------------------------------------------------
+
+
+class Put(_Msg, tag=0x10):
+    req: int
+    queue: str
+    payload: bytes
+    wait: float | None = 0.0  # seconds to wait for room in a full queue; None: forever
+
+
+class PutBatch(_Msg, tag=0x11):
+    req: int
+    queue: str
+    payloads: list[bytes]
+    wait: float | None = 0.0
+
+
+class Get(_Msg, tag=0x20):
+    req: int
+    queue: str
+    max_items: int
+    wait: float | None  # seconds to wait for a first item; None: until one comes
+    manual_ack: bool = False  # False: the broker forgets the items as it sends them
+    lease: float | None = None  # seconds before an unacked item is redelivered
+
+
+class Ack(_Msg, tag=0x30):
+    req: int
+    queue: str
+    ids: list[int]
+
+
+class Nack(_Msg, tag=0x31):
+    req: int
+    queue: str
+    ids: list[int]
+    requeue: bool = True
+    delay: float = 0.0
+
+
+class Extend(_Msg, tag=0x32):
+    req: int
+    queue: str
+    ids: list[int]
+    seconds: float
+
+
+class Declare(_Msg, tag=0x40):
+    req: int
+    queue: str
+    maxsize: int | None = None
+    lease: float | None = None
+    max_deliveries: int | None = None
+
+
+class Info(_Msg, tag=0x41):
+    req: int
+    queue: str
+
+
+class TaskDone(_Msg, tag=0x42):
+    req: int
+    queue: str
+    count: int = 1
+
+
+class Join(_Msg, tag=0x43):
+    req: int
+    queue: str
+    wait: float | None = None
+
+
+class Shutdown(_Msg, tag=0x44):
+    req: int
+    queue: str
+    immediate: bool = False
+
+
+class Stats(_Msg, tag=0x50):
+    req: int
+
+
+class Ping(_Msg, tag=0x60):
+    nonce: int
+
+
+class Pong(_Msg, tag=0x61):
+    nonce: int
+
+
+class Goodbye(_Msg, tag=0x70):
+    reason: str = ""
+
+
+# --- server -> client -------------------------------------------------------------------
+
+
+class Delivery(msgspec.Struct, array_like=True, frozen=True):
+    id: int  # 0 when the item was acked on delivery (manual_ack false)
+    delivery_count: int
+    payload: bytes
+
+
+class Ok(_Msg, tag=0x80):
+    req: int
+    value: Any = None
+
+
+class Deliver(_Msg, tag=0x81):
+    req: int
+    messages: list[Delivery]
+
+
+class Error(_Msg, tag=0x8F):
+    req: int  # 0: about the connection, not a request
+    code: str
+    message: str
+
+
+class QueueShutdown(_Msg, tag=0x90):
+    queue: str
+    immediate: bool = False
+
+
+ClientMessage = (
+    Hello
+    | Put
+    | PutBatch
+    | Get
+    | Ack
+    | Nack
+    | Extend
+    | Declare
+    | Info
+    | TaskDone
+    | Join
+    | Shutdown
+    | Stats
+    | Ping
+    | Pong
+    | Goodbye
+)
+ServerMessage = Welcome | Ok | Deliver | Error | QueueShutdown | Ping | Pong | Goodbye
