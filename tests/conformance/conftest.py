@@ -6,6 +6,7 @@ where a missing service is a failure: CI has every service.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 
 import pigeon
 from pigeon.testing import MakeQueue
+from pigeon.testing.broker import BrokerThread
 
 
 @dataclass
@@ -28,7 +30,17 @@ def _local(maxsize: int = 0) -> pigeon.Queue[Any]:
     return pigeon.Queue(maxsize=maxsize)
 
 
-BACKENDS = [Backend("local", _local)]
+_broker: BrokerThread | None = None
+
+
+def _pigeon(maxsize: int = 0) -> pigeon.Queue[Any]:
+    global _broker
+    if _broker is None:
+        _broker = BrokerThread().start()
+    return pigeon.Queue(_broker.url(f"q-{uuid.uuid4().hex[:12]}"), maxsize=maxsize)
+
+
+BACKENDS = [Backend("local", _local), Backend("pigeon", _pigeon)]
 
 
 @pytest.fixture(params=BACKENDS, ids=lambda b: b.name)

@@ -336,7 +336,16 @@ class BrokerQueue(Queue[T]):
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 conn = self._conn()
-                reply = conn.request(build(remaining))
+                try:
+                    reply = conn.request(build(remaining))
+                except BrokenResourceError:
+                    raise
+                except BaseException:
+                    # Interrupted mid-request (KeyboardInterrupt, a timeout signal): the
+                    # reply may still come. Drop the connection so the broker gives
+                    # back whatever it was about to hand us.
+                    self._drop(conn)
+                    raise
             except BrokenResourceError:
                 broken = getattr(self._local, "conn", None)
                 if broken is not None:

@@ -34,6 +34,7 @@ from pigeon.protocol import (
     MAGIC,
     VERSION,
     Ack,
+    Cancel,
     ClientCodec,
     Declare,
     Deliver,
@@ -64,11 +65,13 @@ T = TypeVar("T")
 
 
 class _AsyncConnection:
-    def __init__(self, stream: FramedStream, heartbeat: float) -> None:
+    def __init__(self, stream: FramedStream, heartbeat: float, queue: str) -> None:
         self.stream = stream
+        self.queue = queue
         self.heartbeat = heartbeat
         self.codec = ClientCodec()
         self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.abandoned: set[int] = set()  # requests whose caller was cancelled
         self.broken: BaseException | None = None
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
@@ -103,7 +106,7 @@ class _AsyncConnection:
         if not isinstance(reply, Welcome):
             await stream.aclose()
             raise RemoteProtocolError(f"expected WELCOME, got {type(reply).__name__}")
-        return cls(stream, reply.heartbeat)
+        return cls(stream, reply.heartbeat, ep.queue)
 
     async def _read(self) -> None:
         try:
@@ -120,9 +123,13 @@ class _AsyncConnection:
                 elif isinstance(msg, QueueShutdown | Pong):
                     continue
                 else:
-                    fut = self.pending.pop(getattr(msg, "req", 0), None)
+                    req = getattr(msg, "req", 0)
+                    fut = self.pending.pop(req, None)
                     if fut is not None and not fut.done():
                         fut.set_result(msg)
+                    elif req in self.abandoned:
+                        self.abandoned.discard(req)
+                        self._give_back(msg)
         except TimeoutError:
             self._fail(BrokenResourceError(f"no word from the broker for {self.heartbeat * 3} s"))
         except (PigeonError, OSError) as exc:
@@ -130,6 +137,13 @@ class _AsyncConnection:
         except asyncio.CancelledError:
             self._fail(BrokenResourceError("connection closed"))
             raise
+
+    def _give_back(self, msg: Any) -> None:
+        """Items delivered to a caller that gave up waiting go back to the queue."""
+        if isinstance(msg, Deliver) and msg.messages and msg.messages[0].id:
+            ids = [d.id for d in msg.messages]
+            with contextlib.suppress(PigeonError):
+                self.stream.send_nowait(encode_message(Nack(0, self.queue, ids, True, 0.0)))
 
     def _fail(self, exc: BaseException) -> None:
         self.broken = exc
@@ -151,6 +165,15 @@ class _AsyncConnection:
             raise BrokenResourceError(str(exc)) from exc
         try:
             return await fut
+        except asyncio.CancelledError:
+            if self.broken is None:
+                if fut.done() and not fut.cancelled():
+                    self._give_back(fut.result())  # it came, but nobody will use it
+                else:
+                    self.abandoned.add(msg.req)
+                    with contextlib.suppress(PigeonError):
+                        self.stream.send_nowait(encode_message(Cancel(msg.req)))
+            raise
         finally:
             self.pending.pop(msg.req, None)
 
@@ -286,8 +309,18 @@ class AsyncBrokerQueue(Generic[T]):
         assert isinstance(reply, Deliver)
         return reply.messages
 
+    async def _take(self, n: int, block: bool, timeout: float | None) -> list[Delivery]:
+        # Taken as unacked and acked at once without waiting for the reply: if this
+        # coroutine is cancelled while the items are on their way, they go back.
+        got = await self._get(n, block, timeout, True, None)
+        conn = self._conn
+        if conn is not None and conn.broken is None:
+            with contextlib.suppress(PigeonError):
+                conn.stream.send_nowait(encode_message(Ack(0, self._ep.queue, [d.id for d in got])))
+        return got
+
     async def get(self, timeout: float | None = None, *, block: bool = True) -> T:
-        d = (await self._get(1, block, timeout, False, None))[0]
+        d = (await self._take(1, block, timeout))[0]
         return self._ser.loads(d.payload)  # type: ignore[no-any-return]
 
     async def get_nowait(self) -> T:

@@ -63,6 +63,12 @@ class Get(_Msg, tag=0x20):
     lease: float | None = None  # seconds before an unacked item is redelivered
 
 
+class Cancel(_Msg, tag=0x21):
+    """Withdraw a parked GET, PUT or JOIN (the client stopped waiting for it)."""
+
+    req: int
+
+
 class Ack(_Msg, tag=0x30):
     req: int
     queue: str
@@ -166,6 +172,7 @@ ClientMessage = (
     | Put
     | PutBatch
     | Get
+    | Cancel
     | Ack
     | Nack
     | Extend

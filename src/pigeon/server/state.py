@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 from pigeon.protocol import (
     Ack,
+    Cancel,
     ClientMessage,
     Declare,
     Deliver,
@@ -188,6 +189,7 @@ class Broker:
         self._seq = itertools.count()
         self._leases: list[tuple[float, int, str]] = []  # (deadline, delivery id, queue)
         self._timeouts: list[tuple[float, int, str, Waiter]] = []
+        self._parked: dict[tuple[Conn, int], Waiter] = {}
         self.default_lease = default_lease
         self.default_max_deliveries = default_max_deliveries
         self.now = 0.0 if clock is None else clock()
@@ -209,6 +211,9 @@ class Broker:
         return q
 
     def _park(self, q: QueueState, w: Waiter) -> None:
+        self._parked[w.conn, w.req] = w
+        if len(self._parked) > 4 * (len(self.connections) + 1) * 64:
+            self._parked = {k: v for k, v in self._parked.items() if not v.cancelled}
         if w.deadline is not None:
             heapq.heappush(self._timeouts, (w.deadline, next(self._seq), q.name, w))
 
@@ -495,6 +500,12 @@ class Broker:
     def _stats(self, conn: Conn, m: Stats) -> list[Out]:
         return [(conn, Ok(m.req, self.stats()))]
 
+    def _cancel(self, conn: Conn, m: Cancel) -> list[Out]:
+        w = self._parked.pop((conn, m.req), None)
+        if w is not None:
+            w.cancelled = True
+        return []
+
     def _ping(self, conn: Conn, m: Ping) -> list[Out]:
         return [(conn, Pong(m.nonce))]
 
@@ -505,6 +516,7 @@ class Broker:
         Put: _put,
         PutBatch: _put,
         Get: _get,
+        Cancel: _cancel,
         Ack: _settle,
         Nack: _settle,
         Extend: _extend,
@@ -590,6 +602,7 @@ class Broker:
                         w.cancelled = True
             if lost:
                 out += self._serve(q)
+        self._parked = {k: v for k, v in self._parked.items() if k[0] != conn}
         return [(c, m) for c, m in out if c != conn]
 
 
