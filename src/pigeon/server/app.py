@@ -307,14 +307,14 @@ class Connection(asyncio.BufferedProtocol):
         try:
             text = line.decode()
         except UnicodeDecodeError:
-            self.write_text("-ERR lines must be UTF-8")
+            self._protocol_error("lines must be UTF-8 text")
             return
         cmd, _, rest = text.strip().partition(" ")
         cmd = cmd.upper()
         if not cmd:
             return
         if not self.welcomed:
-            if cmd == "AUTH" and self.server.check_token(rest.strip(), self.peer):
+            if self.server.check_token(rest.strip() if cmd == "AUTH" else None, self.peer):
                 self.welcomed = True
                 if self._handshake_timer is not None:
                     self._handshake_timer.cancel()

@@ -1,0 +1,346 @@
+"""The broker over real sockets: text mode, hostile bytes, auth, kills, restarts, load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing as mp
+import os
+import resource
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import pigeon
+from pigeon.errors import AuthError, BrokenResourceError
+from pigeon.testing.broker import BrokerThread
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"broker did not listen on {port}")
+
+
+def start_broker(port: int, *args: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pigeon", "serve", "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    wait_for_port(port)
+    return proc
+
+
+@pytest.fixture
+def broker_process() -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    port = free_port()
+    proc = start_broker(port, "--heartbeat", "0.5")
+    yield port, proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+@pytest.fixture
+def broker() -> Iterator[BrokerThread]:
+    with BrokerThread(heartbeat=0.5) as b:
+        yield b
+
+
+def text_session(port: int, lines: bytes, settle: float = 0.3) -> str:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(lines)
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(5)
+        time.sleep(settle)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def test_text_mode_for_humans(broker: BrokerThread) -> None:
+    out = text_session(
+        broker.port, b"PUT jobs hello world\r\nQSIZE jobs\nGET jobs\nGET jobs\nPING\nQUIT\n"
+    )
+    assert out.splitlines() == [
+        "+OK",
+        ":1",
+        "+hello world",
+        "-EMPTY queue 'jobs' is empty",
+        "+PONG",
+        "+BYE",
+    ]
+
+
+def test_text_and_binary_clients_share_queues(broker: BrokerThread) -> None:
+    with pigeon.Queue(broker.url("mixed"), serializer="raw") as q:
+        q.put(b"from python")
+        assert text_session(broker.port, b"GET mixed\nQUIT\n").startswith("+from python")
+        text_session(broker.port, b"PUT mixed from nc\nQUIT\n")
+        assert q.get(timeout=5) == b"from nc"
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00\x00\x00\x05hello",  # a frame that is not HELLO
+        b"\x00\xff\xff\xff" + b"x" * 100,  # a 16 MiB header before HELLO
+        b"\xff\xfe\xfd\n",  # text mode, but not a UTF-8 line
+        b"\x00\x00\x00\x03\x93\x01\x02",  # truncated HELLO array
+    ],
+)
+def test_garbage_closes_that_connection_and_others_go_on(
+    broker: BrokerThread, garbage: bytes
+) -> None:
+    with pigeon.Queue(broker.url("calm")) as q:
+        q.put("before")
+        with socket.create_connection(("127.0.0.1", broker.port)) as s:
+            s.sendall(garbage)
+            s.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                while s.recv(65536):
+                    pass  # the broker closes it; recv returns b""
+        q.put("after")
+        assert q.get_many(5, timeout=5) == ["before", "after"]
+
+
+def test_header_of_4_gib_after_hello_is_refused_before_reading_the_body(
+    broker: BrokerThread,
+) -> None:
+    from pigeon.protocol import MAGIC, VERSION, Hello
+    from pigeon.protocol.wire import encode_frame
+
+    with socket.create_connection(("127.0.0.1", broker.port)) as s:
+        s.sendall(encode_frame(Hello(MAGIC, VERSION, "fuzz")))
+        s.settimeout(5)
+        s.recv(65536)  # WELCOME
+        s.sendall(b"\xff\xff\xff\xff")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        assert b"exceeds max_frame_size" in data
+
+
+def test_handshake_timeout_closes_silent_connections() -> None:
+    with (
+        BrokerThread(handshake_timeout=0.3) as b,
+        socket.create_connection(("127.0.0.1", b.port)) as s,
+    ):
+        s.settimeout(5)
+        s.sendall(b"\x00\x00")  # binary mode, HELLO never finished
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+        assert b"handshake not completed in time" in data
+
+
+def test_token_is_required_when_set() -> None:
+    with BrokerThread(token="s3cret") as b:
+        with pigeon.Queue(b.url("safe")) as q:  # the URL carries the token
+            q.put(1)
+            assert q.get(timeout=5) == 1
+        bad = f"pigeon://:wrong@127.0.0.1:{b.port}/safe"
+        with pytest.raises(AuthError, match="authentication failed"):
+            pigeon.Queue(bad).put(1)
+        assert text_session(b.port, b"PUT safe x\n").startswith("-ERR auth")
+        assert b.server is not None and b.server.failed_auth == 2
+
+
+def test_non_loopback_bind_without_token_is_refused() -> None:
+    with pytest.raises(PermissionError, match="not a loopback address, without a token"):
+        BrokerThread(host="0.0.0.0").start()
+
+
+def _consume_and_hang(url: str, got: Any) -> None:
+    q = pigeon.Queue(url)
+    msg = q.get_message(timeout=10)
+    got.put(msg.body)
+    time.sleep(60)  # SIGKILLed before it acks
+
+
+def test_consumer_killed_before_ack_is_redelivered_at_once(
+    broker_process: tuple[int, Any],
+) -> None:
+    port, _ = broker_process
+    url = f"pigeon://127.0.0.1:{port}/work?lease=60"
+    ctx = mp.get_context("spawn")
+    with pigeon.Queue(url) as q:
+        q.put("job-1")
+        got = ctx.SimpleQueue()
+        p = ctx.Process(target=_consume_and_hang, args=(url, got))
+        p.start()
+        assert got.get() == "job-1"
+        os.kill(p.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        p.join(10)
+        # the lease is 60 s: getting it now proves the redelivery came from the drop
+        msg = q.get_message(timeout=10)
+        assert msg.body == "job-1" and msg.delivery_count == 2
+        msg.ack()
+
+
+def test_lease_expiry_redelivers_over_the_network(broker: BrokerThread) -> None:
+    with pigeon.Queue(broker.url("leases")) as q:
+        q.put("slow job")
+        first = q.get_message(timeout=5, lease=0.2)  # type: ignore[call-arg]
+        again = q.get_message(timeout=5)
+        assert again.body == "slow job" and again.delivery_count == 2
+        again.ack()
+        with pytest.raises(pigeon.LocalProtocolError, match="no longer holds it"):
+            first.ack()
+
+
+def test_poison_message_ends_in_the_dead_letter_queue(broker: BrokerThread) -> None:
+    with pigeon.Queue(broker.url("poison"), max_deliveries=2) as q:  # type: ignore[call-arg]
+        q.put("bad")
+        for _ in range(2):
+            q.get_message(timeout=5).nack()
+        with pytest.raises(pigeon.Empty):
+            q.get(timeout=0.1)
+        with pigeon.Queue(broker.url("poison.dead")) as dead:
+            assert dead.get(timeout=5) == "bad"
+
+
+def test_broker_restart_clients_reconnect_and_go_on() -> None:
+    port = free_port()
+    proc = start_broker(port)
+    try:
+        with pigeon.Queue(f"pigeon://127.0.0.1:{port}/restart") as q:
+            q.put("before")
+            assert q.get(timeout=5) == "before"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0  # graceful stop exits 0
+            assert proc.stdout is not None
+            proc.stdout.close()
+            proc = start_broker(port)  # binds at once: SO_REUSEADDR despite TIME_WAIT
+            q.put("after", timeout=20)
+            assert q.get(timeout=20) == "after"
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_client_gives_up_with_broken_resource_when_its_timeout_runs_out() -> None:
+    port = free_port()
+    with pytest.raises(BrokenResourceError, match=f"cannot connect to 127.0.0.1:{port}"):
+        pigeon.Queue(f"pigeon://127.0.0.1:{port}/none").put(1, timeout=0.5)
+
+
+def _word_writer(url: str) -> None:
+    with pigeon.Queue(url) as q:
+        for w in ["java", "Python", "JavaScript"]:
+            q.put_nowait(w)
+        q.shutdown()
+
+
+def _word_reader(url: str, out: Any) -> None:
+    with pigeon.Queue(url) as q:
+        out.put(list(q))
+
+
+def test_two_processes_exchange_the_seed_words_through_the_broker(
+    broker_process: tuple[int, Any],
+) -> None:
+    port, _ = broker_process
+    url = f"pigeon://127.0.0.1:{port}/seed"
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    r = ctx.Process(target=_word_reader, args=(url, out))
+    r.start()
+    w = ctx.Process(target=_word_writer, args=(url,))
+    w.start()
+    assert out.get() == ["java", "Python", "JavaScript"]
+    w.join(20)
+    r.join(20)
+
+
+def test_stats_show_connections_and_tcp_state(broker: BrokerThread) -> None:
+    from click.testing import CliRunner
+
+    from pigeon.cli import cli
+
+    with pigeon.Queue(broker.url("seen")) as q:
+        q.put(1)
+        result = CliRunner().invoke(cli, ["stats", "--json", "--url", broker.url("x")])
+        assert result.exit_code == 0, result.output
+        assert '"tcp_state": "ESTABLISHED"' in result.output
+        assert '"seen"' in result.output
+
+
+def test_cli_put_and_get(broker: BrokerThread) -> None:
+    from click.testing import CliRunner
+
+    from pigeon.cli import cli
+
+    url = broker.url("cli")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["put", url, "java", "Python"]).exit_code == 0
+    assert runner.invoke(cli, ["put", url], input="JavaScript\n").exit_code == 0
+    result = runner.invoke(cli, ["get", url, "-n", "3", "--ack"])
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == ["java", "Python", "JavaScript"]
+    result = runner.invoke(cli, ["get", url, "--timeout", "0.1"])
+    assert result.exit_code == 1 and "no item within 0.1 s" in result.output
+
+
+def test_500_concurrent_connections(broker_process: tuple[int, Any]) -> None:
+    port, _ = broker_process
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+
+    async def main() -> list[int]:
+        queues = [pigeon.AsyncQueue(f"pigeon://127.0.0.1:{port}/many") for _ in range(500)]
+        await asyncio.gather(*(aq.put(i) for i, aq in enumerate(queues)))
+        got = await asyncio.gather(*(aq.get(timeout=30) for aq in queues))
+        await asyncio.gather(*(aq.aclose() for aq in queues))
+        return sorted(got)
+
+    assert asyncio.run(main()) == list(range(500))
+
+
+def test_raw_protocol_frames_by_hand(broker: BrokerThread) -> None:
+    """docs/protocol.md's example, byte for byte: a client in any language does this."""
+    import msgspec
+
+    def frame(*fields: Any) -> bytes:
+        body = msgspec.msgpack.encode(list(fields))
+        return struct.pack(">I", len(body)) + body
+
+    with socket.create_connection(("127.0.0.1", broker.port)) as s:
+        s.sendall(frame(0x01, "PGN", 1, "by-hand", None))
+        s.sendall(frame(0x10, 1, "hand", b"hi", 0.0))
+        s.sendall(frame(0x20, 2, "hand", 1, 0.0, False, None))
+        s.settimeout(5)
+        replies: list[Any] = []
+        buf = b""
+        while len(replies) < 3:
+            buf += s.recv(65536)
+            while len(buf) >= 4 and len(buf) >= 4 + struct.unpack(">I", buf[:4])[0]:
+                n = struct.unpack(">I", buf[:4])[0]
+                replies.append(msgspec.msgpack.decode(buf[4 : 4 + n]))
+                buf = buf[4 + n :]
+    assert replies[0][0] == 0x02  # WELCOME
+    assert replies[1] == [0x80, 1, 1]  # OK to PUT 1: one item stored
+    assert replies[2] == [0x81, 2, [[0, 1, b"hi"]]]  # DELIVER to GET 2
