@@ -14,8 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench,uvloop]'
 	touch $(STAMP)
 
+# The broker on its default store, plus the demo: locally, then through the broker.
 run: $(STAMP)
-	$(BIN)/pigeon demo
+	$(BIN)/pigeon serve --port 7878 & broker=$$!; \
+	trap 'kill $$broker 2>/dev/null; wait $$broker' EXIT; \
+	$(BIN)/pigeon demo --broker pigeon://127.0.0.1:7878/demo
 
 test: lint typecheck pytest
 

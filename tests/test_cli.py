@@ -59,3 +59,14 @@ def test_bench_help_teaches() -> None:
     result = CliRunner().invoke(cli, ["bench", "concurrency", "--help"])
     assert result.exit_code == 0
     assert "GIL" in result.output and "pigeon bench concurrency -n 4" in result.output
+
+
+def test_demo_through_a_broker() -> None:
+    from pigeon.testing.broker import BrokerThread
+
+    with BrokerThread() as broker:
+        args = ["demo", "--no-old", "--broker", broker.url("demo")]
+        result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "through the broker" in result.output
+    assert "writer exit code 0, reader exit code 0; 0 left" in result.output

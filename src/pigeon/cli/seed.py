@@ -120,10 +120,30 @@ def with_coroutines() -> None:
     asyncio.run(main())
 
 
-def run(old: bool = True) -> None:
+def with_broker(url: str) -> None:
+    console.rule(f"[bold]and between two processes through the broker: {url}")
+    ctx = mp.get_context("spawn")
+    with pigeon.Queue[str](url, reconnect_timeout=30) as q:
+        q.qsize()  # waits (up to 30 s) for the broker to come up
+        r = ctx.Process(target=reader, args=(q,))
+        w = ctx.Process(target=writer, args=(q,))
+        r.start()
+        w.start()
+        w.join()
+        r.join()
+        stats = q.qsize()
+    console.print(
+        f"  writer exit code {w.exitcode}, reader exit code {r.exitcode}; "
+        f"{stats} left in the broker's queue"
+    )
+
+
+def run(old: bool = True, broker: str | None = None) -> None:
     if old:
         old_way()
     with_processes()
     with_threads()
     with_coroutines()
+    if broker:
+        with_broker(broker)
     console.print("\nEvery reader ended on shutdown(), not on empty(): nothing was lost.")

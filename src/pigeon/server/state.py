@@ -147,7 +147,7 @@ class QueueState:
 
 
 class Store:
-    """Where a broker keeps messages. The base class keeps nothing (``--memory``).
+    """Where a broker keeps messages. This base class keeps nothing: ``--memory``.
 
     A durable store records puts and removals; the broker calls these as its state
     changes, and ``recover`` returns what survived a restart.
