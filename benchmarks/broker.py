@@ -1,0 +1,442 @@
+"""pigeon's broker against Redis and NATS JetStream, in one run, on this machine.
+
+Run:  python benchmarks/broker.py [--quick]
+
+Needs Redis on 127.0.0.1:6379 and NATS with JetStream on 127.0.0.1:4222 (skipped with a
+note if absent). The pigeon broker is started by the benchmark (`pigeon serve --memory`
+semantics: this version keeps queues in memory). Producers and consumers are separate
+processes; time runs from a common start until the consumers have every item.
+
+Throughput contenders (items/s):
+  pigeon            confirmed put / get                    (one round trip each)
+  pigeon x100       put_many / get_many of 100             (one round trip per 100)
+  redis list        LPUSH / BRPOP
+  redis list x100   pipelined LPUSH x100 / RPOP count 100
+  redis stream      XADD / XREADGROUP count 1 + XACK
+  redis stream x100 pipelined XADD x100 / XREADGROUP count 100 + XACK
+  jetstream         publish (awaits the ack) / pull fetch 1 + ack
+  jetstream x100    100 publishes in flight / pull fetch 100 + acks
+Latency (µs, one client, sequential): pigeon confirmed put, redis PING, redis XADD,
+a raw Python TCP echo.
+Prints a table with ratios and writes benchmarks/results/broker.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pigeon
+from _report import RESULTS, table
+
+ctx = mp.get_context("fork")
+BATCH = 100
+PIGEON_PORT = 7891
+
+
+# --- contenders: each has produce(n, item, args) and consume(n, args) -------------------
+
+
+def pigeon_produce(n: int, item: bytes, a: dict[str, Any], batch: int) -> None:
+    with pigeon.Queue(a["url"], serializer="raw") as q:
+        if batch == 1:
+            for _ in range(n):
+                q.put(item)
+        else:
+            for i in range(0, n, batch):
+                q.put_many([item] * min(batch, n - i))
+
+
+def pigeon_consume(n: int, a: dict[str, Any], batch: int) -> int:
+    got = 0
+    with pigeon.Queue(a["url"], serializer="raw") as q:
+        while got < n:
+            if batch == 1:
+                q.get(timeout=60)
+                got += 1
+            else:
+                got += len(q.get_many(min(batch, n - got), timeout=60))
+    return got
+
+
+def _redis() -> Any:
+    import redis
+
+    return redis.Redis(host="127.0.0.1", port=6379)
+
+
+def rlist_produce(n: int, item: bytes, a: dict[str, Any], batch: int) -> None:
+    r = _redis()
+    if batch == 1:
+        for _ in range(n):
+            r.lpush(a["key"], item)
+    else:
+        for i in range(0, n, batch):
+            p = r.pipeline(transaction=False)
+            for _ in range(min(batch, n - i)):
+                p.lpush(a["key"], item)
+            p.execute()
+
+
+def rlist_consume(n: int, a: dict[str, Any], batch: int) -> int:
+    r = _redis()
+    got = 0
+    while got < n:
+        if batch == 1:
+            if r.brpop(a["key"], timeout=60) is None:
+                break
+            got += 1
+        else:
+            items = r.rpop(a["key"], min(batch, n - got))
+            if items:
+                got += len(items)
+            elif r.brpop(a["key"], timeout=60) is not None:
+                got += 1
+    return got
+
+
+def rstream_setup(a: dict[str, Any]) -> None:
+    _redis().xgroup_create(a["key"], "g", id="0", mkstream=True)
+
+
+def rstream_produce(n: int, item: bytes, a: dict[str, Any], batch: int) -> None:
+    r = _redis()
+    if batch == 1:
+        for _ in range(n):
+            r.xadd(a["key"], {"d": item})
+    else:
+        for i in range(0, n, batch):
+            p = r.pipeline(transaction=False)
+            for _ in range(min(batch, n - i)):
+                p.xadd(a["key"], {"d": item})
+            p.execute()
+
+
+def rstream_consume(n: int, a: dict[str, Any], batch: int) -> int:
+    r = _redis()
+    me = uuid.uuid4().hex
+    got = 0
+    while got < n:
+        resp = r.xreadgroup("g", me, {a["key"]: ">"}, count=min(batch, n - got), block=60_000)
+        if not resp:
+            break
+        ids = [mid for mid, _ in resp[0][1]]
+        r.xack(a["key"], "g", *ids)
+        got += len(ids)
+    return got
+
+
+def _js_run(coro_fn: Callable[[Any], Any]) -> Any:
+    async def main() -> Any:
+        import nats
+
+        nc = await nats.connect("nats://127.0.0.1:4222")
+        try:
+            return await coro_fn(nc.jetstream())
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+def js_setup(a: dict[str, Any]) -> None:
+    from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+
+    async def setup(js: Any) -> None:
+        await js.add_stream(
+            StreamConfig(
+                name=a["key"], subjects=[a["key"]], retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.MEMORY,
+            )
+        )  # fmt: skip
+
+    _js_run(setup)
+
+
+def js_teardown(a: dict[str, Any]) -> None:
+    async def drop(js: Any) -> None:
+        await js.delete_stream(a["key"])
+
+    _js_run(drop)
+
+
+def js_produce(n: int, item: bytes, a: dict[str, Any], batch: int) -> None:
+    async def produce(js: Any) -> None:
+        if batch == 1:
+            for _ in range(n):
+                await js.publish(a["key"], item)
+        else:
+            for i in range(0, n, batch):
+                await asyncio.gather(
+                    *(js.publish(a["key"], item) for _ in range(min(batch, n - i)))
+                )
+
+    _js_run(produce)
+
+
+def js_consume(n: int, a: dict[str, Any], batch: int) -> int:
+    async def consume(js: Any) -> int:
+        sub = await js.pull_subscribe(a["key"], durable="c")
+        got = 0
+        while got < n:
+            try:
+                msgs = await sub.fetch(min(batch, n - got), timeout=5)
+            except TimeoutError:
+                continue
+            for m in msgs:
+                await m.ack()
+            got += len(msgs)
+        return got
+
+    return int(_js_run(consume))
+
+
+CONTENDERS: dict[str, tuple[Any, Any, Any, Any, int]] = {
+    # name: (produce, consume, setup, teardown, batch)
+    "pigeon": (pigeon_produce, pigeon_consume, None, None, 1),
+    "pigeon x100": (pigeon_produce, pigeon_consume, None, None, BATCH),
+    "redis list": (rlist_produce, rlist_consume, None, None, 1),
+    "redis list x100": (rlist_produce, rlist_consume, None, None, BATCH),
+    "redis stream": (rstream_produce, rstream_consume, rstream_setup, None, 1),
+    "redis stream x100": (rstream_produce, rstream_consume, rstream_setup, None, BATCH),
+    "jetstream": (js_produce, js_consume, js_setup, js_teardown, 1),
+    "jetstream x100": (js_produce, js_consume, js_setup, js_teardown, BATCH),
+}
+
+
+def _producer(fn: Any, n: int, size: int, a: dict[str, Any], batch: int, go: Any) -> None:
+    go.wait()
+    fn(n, b"x" * size, a, batch)
+
+
+def _consumer(fn: Any, n: int, a: dict[str, Any], batch: int, go: Any, done: Any) -> None:
+    go.wait()
+    done.put(fn(n, a, batch))
+
+
+def measure(name: str, pairs: int, size: int, count: int) -> float:
+    produce, consume, setup, teardown, batch = CONTENDERS[name]
+    key = f"bench-{uuid.uuid4().hex[:10]}"
+    a = {"key": key, "url": f"pigeon://127.0.0.1:{PIGEON_PORT}/{key}"}
+    if setup:
+        setup(a)
+    share = count // pairs
+    go = ctx.Event()
+    done = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_producer, args=(produce, share, size, a, batch, go))
+             for _ in range(pairs)]  # fmt: skip
+    procs += [ctx.Process(target=_consumer, args=(consume, share, a, batch, go, done))
+              for _ in range(pairs)]  # fmt: skip
+    for p in procs:
+        p.start()
+    time.sleep(0.5)
+    start = time.perf_counter()
+    go.set()
+    got = sum(done.get() for _ in range(pairs))
+    elapsed = time.perf_counter() - start
+    for p in procs:
+        p.join(30)
+    if teardown:
+        teardown(a)
+    if got != share * pairs:
+        raise AssertionError(f"{name}: {got} of {share * pairs} items arrived")
+    return share * pairs / elapsed
+
+
+# --- latency ------------------------------------------------------------------------------
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    samples.sort()
+    return statistics.median(samples) * 1e6, samples[int(len(samples) * 0.99)] * 1e6
+
+
+def latencies(n: int) -> dict[str, tuple[float, float]]:
+    out: dict[str, tuple[float, float]] = {}
+
+    def timed(fn: Callable[[], object]) -> tuple[float, float]:
+        for _ in range(200):
+            fn()
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t)
+        return _percentiles(samples)
+
+    with pigeon.Queue(f"pigeon://127.0.0.1:{PIGEON_PORT}/lat", serializer="raw") as q:
+        out["pigeon put (confirmed)"] = timed(lambda: q.put(b"x"))
+        out["pigeon qsize (round trip)"] = timed(q.qsize)
+        q.shutdown(immediate=True)
+    try:
+        r = _redis()
+        out["redis PING"] = timed(r.ping)
+        key = f"lat-{uuid.uuid4().hex[:8]}"
+        out["redis XADD"] = timed(lambda: r.xadd(key, {"d": b"x"}))
+        r.delete(key)
+    except Exception as exc:  # redis absent
+        print(f"redis latency skipped: {exc}")
+
+    # a raw Python TCP echo: the floor for any Python client and server pair
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def echo() -> None:
+        conn, _ = srv.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while data := conn.recv(65536):
+            conn.sendall(data)
+        conn.close()
+
+    t = threading.Thread(target=echo, daemon=True)
+    t.start()
+    c = socket.create_connection(srv.getsockname())
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def ping() -> None:
+        c.sendall(b"x" * 16)
+        c.recv(65536)
+
+    out["raw Python TCP echo"] = timed(ping)
+    c.close()
+    t.join(5)
+    srv.close()
+    return out
+
+
+def available() -> dict[str, str]:
+    missing = {}
+    try:
+        _redis().ping()
+    except Exception as exc:
+        missing["redis"] = str(exc)
+    try:
+        socket.create_connection(("127.0.0.1", 4222), 2).close()
+        import nats  # noqa: F401
+    except Exception as exc:
+        missing["jetstream"] = str(exc)
+    return missing
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small counts: a smoke run")
+    ap.add_argument("--sizes", default="64,1024,65536")
+    args = ap.parse_args()
+    broker = subprocess.Popen(
+        [sys.executable, "-m", "pigeon", "serve", "--port", str(PIGEON_PORT)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", PIGEON_PORT), 0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        run(args)
+    finally:
+        broker.terminate()
+        broker.wait(10)
+
+
+def run(args: argparse.Namespace) -> None:
+    missing = available()
+    for what, why in missing.items():
+        print(f"{what} unavailable, skipped: {why}")
+    names = [n for n in CONTENDERS if n.split()[0] not in missing]
+    rows: list[list[object]] = []
+    plot: dict[str, dict[str, float]] = {}
+    results: dict[tuple[str, int, int], float] = {}
+    for pairs in (1, 4):
+        for size in [int(s) for s in args.sizes.split(",")]:
+            if pairs == 4 and size > 1024:
+                continue
+            for name in names:
+                single = not name.endswith("x100")
+                count = (
+                    (2_000 if single else 20_000) if args.quick else (10_000 if single else 100_000)
+                )
+                if size >= 65536:
+                    count //= 5
+                count -= count % (pairs * (1 if single else BATCH))
+                rate = measure(name, pairs, size, count)
+                results[name, pairs, size] = rate
+                print(f"  {pairs}x{pairs} {size:>6} B {name:18s} {rate:12,.0f} items/s", flush=True)
+            label = f"{pairs}x{pairs} {size} B"
+            base = results.get(("redis stream", pairs, size)) or results[("pigeon", pairs, size)]
+            for name in names:
+                rate = results[name, pairs, size]
+                rows.append([label, name, f"{rate:,.0f}", f"{rate / base:.2f}×"])
+            plot[label] = {n: results[n, pairs, size] for n in names}
+    table(
+        "broker throughput (items/s)", ["workload", "contender", "items/s", "vs redis stream"], rows
+    )
+    lat = latencies(500 if args.quick else 3000)
+    table("round trip (µs)", ["operation", "p50", "p99"],
+          [[k, f"{v[0]:.0f}", f"{v[1]:.0f}"] for k, v in lat.items()])  # fmt: skip
+    _targets(results, lat, names)
+    _plot(plot)
+
+
+def _targets(
+    results: dict[tuple[str, int, int], float], lat: dict[str, Any], names: list[str]
+) -> None:
+    r = results
+    if "redis stream" in names:
+        print(
+            f"single put+get vs redis stream unpipelined (1x1 64 B): "
+            f"{r['pigeon', 1, 64] / r['redis stream', 1, 64]:.2f}× (target ≥ 1.5)"
+        )
+        print(
+            f"batched x100 vs redis stream pipelined x100 (1x1 64 B): "
+            f"{r['pigeon x100', 1, 64] / r['redis stream x100', 1, 64]:.2f}× (target ≥ 2)"
+        )
+    if "jetstream x100" in names:
+        print(
+            f"batched x100 vs jetstream x100 (1x1 64 B): "
+            f"{r['pigeon x100', 1, 64] / r['jetstream x100', 1, 64]:.2f}× (target ≥ 5)"
+        )
+    if "redis PING" in lat:
+        ours, theirs = lat["pigeon qsize (round trip)"][0], lat["redis PING"][0]
+        print(
+            f"p50 round trip: pigeon {ours:.0f} µs vs redis PING {theirs:.0f} µs: "
+            f"{ours / theirs:.2f}× (target ≤ 1.5)"
+        )
+
+
+def _plot(plot: dict[str, dict[str, float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(plot)
+    names = list(next(iter(plot.values())))
+    fig, ax = plt.subplots(figsize=(max(8, len(labels) * 2.2), 5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + i * width for j in range(len(labels))]
+        ax.bar(xs, [plot[label][name] for label in labels], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels)
+    ax.set_yscale("log")
+    ax.set_ylabel("items/s (log)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / "broker.png", dpi=100)
+    plt.close(fig)
+    print(f"plot written to {RESULTS / 'broker.png'}")
+
+
+if __name__ == "__main__":
+    main()
