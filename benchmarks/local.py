@@ -178,7 +178,10 @@ def _producer(c: Contender, q: Any, item_size: int, count: int, go: Any) -> None
 
 def _consumer(c: Contender, q: Any, go: Any, done: Any) -> None:
     go.wait()
-    done.put(c.get(q))
+    try:
+        done.put(c.get(q))
+    except Exception as exc:  # report instead of leaving the parent waiting
+        done.put(f"{type(exc).__name__}: {exc}")
 
 
 def measure(c: Contender, producers: int, consumers: int, size: int, count: int) -> float:
@@ -197,10 +200,16 @@ def measure(c: Contender, producers: int, consumers: int, size: int, count: int)
     for p in procs:
         p.join()
     c.end(q, consumers)
-    received = sum(done.get() for _ in cons)
+    results = [done.get() for _ in cons]
     elapsed = time.perf_counter() - start
-    for p in cons:
-        p.join()
+    for p in procs + cons:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+    errors = [r for r in results if isinstance(r, str)]
+    if errors:
+        raise RuntimeError(f"{c.name}: a consumer failed: {errors[0]}")
+    received = sum(results)
     if received != share * producers:
         raise AssertionError(f"{c.name}: {received} of {share * producers} items arrived")
     if hasattr(q, "close"):
@@ -224,6 +233,7 @@ def main() -> None:
     rows: list[list[object]] = []
     plot: dict[str, dict[str, float]] = {}
     checks: list[str] = []
+    failures: list[str] = []
     for producers, consumers in topologies:
         for size in sizes:
             count = item_count(size, args.quick)
@@ -233,7 +243,12 @@ def main() -> None:
             for c in contenders():
                 if c.only_1x1 and (producers, consumers) != (1, 1):
                     continue
-                secs = measure(c, producers, consumers, size, count)
+                try:
+                    secs = measure(c, producers, consumers, size, count)
+                except RuntimeError as exc:
+                    print(f"  {exc}", flush=True)
+                    failures.append(f"{producers}x{consumers} {_fmt(size)}: {exc}")
+                    continue
                 rates[c.name] = count / secs
                 print(
                     f"  {producers}x{consumers} {_fmt(size):>7} {c.name:18s} "
@@ -271,7 +286,7 @@ def main() -> None:
         ["workload", "queue", "items/s", "MB/s", "vs mp.Queue"],
         rows,
     )
-    for line in checks:
+    for line in checks + failures:
         print(line)
     _plot(plot)
 

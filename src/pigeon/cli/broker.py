@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -64,10 +65,35 @@ DEFAULT_URL = "pigeon://127.0.0.1:7878/jobs"
     help="deliveries before a message moves to QUEUE.dead",
 )
 @click.option("--max-connections", default=10_000, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="PIGEON_DATA_DIR",
+    help="where messages are kept (env PIGEON_DATA_DIR; default ./pigeon-data)",
+)
+@click.option(
+    "--memory", is_flag=True, help="keep messages in memory only: nothing survives a restart"
+)
+@click.option(
+    "--fsync",
+    type=click.Choice(["always", "batch", "never"]),
+    default="batch",
+    show_default=True,
+    help="always: fsync before each confirmation (group commit); batch: also wait up "
+    "to --fsync-interval to share the fsync; never: confirm before writing",
+)
+@click.option(
+    "--fsync-interval",
+    default=0.010,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="seconds --fsync batch waits to gather a batch",
+)
 @click.option("-v", "--verbose", count=True, help="log more (-vv for debug)")
 def serve(
     host: str, port: int, token: str | None, insecure_no_auth: bool, max_frame_size: int,
-    heartbeat: float, lease: float, max_deliveries: int, max_connections: int, verbose: int,
+    heartbeat: float, lease: float, max_deliveries: int, max_connections: int,
+    data_dir: Path | None, memory: bool, fsync: str, fsync_interval: float, verbose: int,
 ) -> None:  # fmt: skip
     """Run a pigeon broker until SIGINT/SIGTERM (then it closes gracefully, exit 0).
 
@@ -78,11 +104,28 @@ def serve(
     STATS, QUIT (HELP lists the commands).
 
     \b
+    Messages are durable by default: kept in DATA_DIR/pigeon.sqlite3 (SQLite,
+    WAL), and a put is confirmed only once it is on disk (--fsync), so it
+    survives kill -9 and power loss; unacked messages come back after a restart.
+
+    \b
     Examples:
-      pigeon serve                               loopback only, port 7878
+      pigeon serve                               loopback only, port 7878, ./pigeon-data
+      pigeon serve --memory                      nothing on disk
       pigeon serve --host 0.0.0.0 --token s3cret  reachable from other hosts
     """
     from pigeon.server.app import ServerConfig, run
+    from pigeon.server.state import Store
+    from pigeon.server.store import SQLiteStore, StoreCorrupted
+
+    store: Store
+    if memory:
+        store = Store()
+    else:
+        try:
+            store = SQLiteStore(data_dir or Path("pigeon-data"), fsync, fsync_interval)  # type: ignore[arg-type]
+        except StoreCorrupted as exc:
+            raise click.ClickException(str(exc)) from None
 
     logging.basicConfig(
         level=logging.WARNING - 10 * min(verbose + 1, 2),
@@ -91,11 +134,15 @@ def serve(
     config = ServerConfig(
         host=host, port=port, token=token, max_frame_size=max_frame_size, heartbeat=heartbeat,
         default_lease=lease, max_deliveries=max_deliveries, max_connections=max_connections,
-        extra={"insecure_no_auth": insecure_no_auth},
+        store=store, extra={"insecure_no_auth": insecure_no_auth},
     )  # fmt: skip
 
     def ready(server: Any) -> None:
-        click.echo(f"pigeon broker listening on {', '.join(server.addresses)} (Ctrl-C stops)")
+        where = "memory only" if memory else f"{store.path} (fsync {fsync})"  # type: ignore[attr-defined]
+        click.echo(
+            f"pigeon broker listening on {', '.join(server.addresses)}, messages in "
+            f"{where} (Ctrl-C stops)"
+        )
         sys.stdout.flush()
 
     try:

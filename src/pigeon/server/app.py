@@ -23,6 +23,7 @@ import logging
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -186,8 +187,9 @@ class Connection(asyncio.BufferedProtocol):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
         self.view.release()
-        if self.server.connections.pop(self.id, None) is not None:
-            self.server.dispatch(self.server.broker.connection_lost(self.id))
+        server = self.server
+        if server.connections.pop(self.id, None) is not None:
+            server.apply(lambda: server.broker.connection_lost(self.id))
         self.server.closed_connection(self)
 
     def pause_writing(self) -> None:
@@ -277,7 +279,8 @@ class Connection(asyncio.BufferedProtocol):
         if isinstance(msg, Stats):
             self.send(Ok(msg.req, self.server.stats()))
             return
-        self.server.dispatch(self.server.broker.handle(self.id, msg, self.server.now()))
+        server = self.server
+        server.apply(lambda: server.broker.handle(self.id, msg, server.now()))
 
     def _hello(self, msg: Any) -> None:
         if not isinstance(msg, Hello):
@@ -329,8 +332,9 @@ class Connection(asyncio.BufferedProtocol):
         handler(self, rest)
 
     def _text_request(self, msg: Any, reply: Callable[[Any], None]) -> None:
-        self.server.text_waiters[(self.id, msg.req)] = reply
-        self.server.dispatch(self.server.broker.handle(self.id, msg, self.server.now()))
+        server = self.server
+        server.text_waiters[(self.id, msg.req)] = reply
+        server.apply(lambda: server.broker.handle(self.id, msg, server.now()))
 
 
 def _text_put(c: Connection, rest: str) -> None:
@@ -432,6 +436,7 @@ class BrokerServer:
         )
         self.connections: dict[int, Connection] = {}
         self.text_waiters: dict[tuple[int, int], Callable[[Any], None]] = {}
+        self._held: deque[tuple[int, list[Out]]] = deque()
         self._ids = 0
         self._req = 1 << 40  # request ids the server makes for text-mode commands
         self._timer: asyncio.TimerHandle | None = None
@@ -462,6 +467,11 @@ class BrokerServer:
             self._ids += 1
             return Connection(self, self._ids)
 
+        loop = self.loop
+        def committed(batch: int) -> None:
+            loop.call_soon_threadsafe(self._committed, batch)
+
+        self.broker.store.start(committed)
         self._server = await self.loop.create_server(
             factory,
             cfg.host,
@@ -497,6 +507,23 @@ class BrokerServer:
             log.warning("failed authentication from %s (%d so far)", peer, self.failed_auth)
         return ok
 
+    def apply(self, fn: Callable[[], list[Out]]) -> None:
+        """Run a broker call; send its replies now, or once the store has committed the
+        changes they report (a confirmed put is a durable put)."""
+        store = self.broker.store
+        before = store.last_tag
+        outs = fn()
+        if store.holds_replies and store.last_tag != before and store.committed < store.last_tag:
+            self._held.append((store.last_tag, outs))
+            self._arm()
+            return
+        self.dispatch(outs)
+
+    def _committed(self, batch: int) -> None:
+        held = self._held
+        while held and held[0][0] <= batch:
+            self.dispatch(held.popleft()[1])
+
     def dispatch(self, outs: list[Out]) -> None:
         """Send the broker's replies, and re-arm the timer for its next deadline."""
         for conn_id, msg in outs:
@@ -527,7 +554,7 @@ class BrokerServer:
     def _tick(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.dispatch(self.broker.tick(self.now()))
+        self.apply(lambda: self.broker.tick(self.now()))
 
     async def _heartbeats(self) -> None:
         nonce = 0
@@ -575,13 +602,15 @@ class BrokerServer:
             self._server.close()
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
+        deadline = time.monotonic() + grace
+        while self._held and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)  # confirmations waiting for the store's commit
         for c in list(self.connections.values()):
             if c.mode == "binary" and c.welcomed:
                 c.send(Goodbye("broker stopping"))
             elif c.mode == "text":
                 c.write_text("-ERR broker stopping")
             c.close_gracefully()
-        deadline = time.monotonic() + grace
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for c in list(self.connections.values()):
@@ -591,9 +620,7 @@ class BrokerServer:
             await self._server.wait_closed()
         if self._timer is not None:
             self._timer.cancel()
-        close = getattr(self.broker.store, "close", None)
-        if close is not None:
-            close()
+        self.broker.store.close()
 
 
 def run(config: ServerConfig, ready: Callable[[BrokerServer], None] | None = None) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import secrets
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -162,6 +163,22 @@ class Store:
     def moved(self, msg_id: int, queue: str) -> None:
         """The message moved to another queue (a dead letter)."""
 
+    def requeued(self, queue: str, msg: Stored) -> None:
+        """The message goes back to its queue after ``msg.deliveries`` deliveries."""
+
+    last_tag = 0  # a durable store: the batch of the latest change (see server/store.py)
+    committed = 0
+
+    @property
+    def holds_replies(self) -> bool:
+        return False
+
+    def start(self, on_commit: Callable[[int], None]) -> None:
+        """Begin persisting (a durable store starts its writer here)."""
+
+    def close(self) -> None:
+        """Flush and release."""
+
     def recover(self) -> Iterable[tuple[str, Stored]]:
         """Messages to reload at start, in order, per queue."""
         return ()
@@ -185,7 +202,9 @@ class Broker:
         self.queues: dict[str, QueueState] = {}
         self.connections: set[Conn] = set()
         self._ids = itertools.count(1)
-        self._deliveries = itertools.count(1)
+        # Delivery ids start at a random 40-bit epoch so that an ack from before a
+        # restart can never settle a different delivery after it.
+        self._deliveries = itertools.count((secrets.randbits(40) << 20) + 1)
         self._seq = itertools.count()
         self._leases: list[tuple[float, int, str]] = []  # (deadline, delivery id, queue)
         self._timeouts: list[tuple[float, int, str, Waiter]] = []
@@ -193,12 +212,13 @@ class Broker:
         self.default_lease = default_lease
         self.default_max_deliveries = default_max_deliveries
         self.now = 0.0 if clock is None else clock()
+        last_id = 0
         for name, msg in self.store.recover():
             q = self.queue(name)
             q.ready.append(msg)
             q.unfinished += 1
-            next_id = msg.id + 1
-            self._ids = itertools.count(max(next_id, next(self._ids)))
+            last_id = max(last_id, msg.id)
+        self._ids = itertools.count(last_id + 1)
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -292,6 +312,7 @@ class Broker:
             self._dead_letter(q, msg)
             return
         q.redelivered_total += 1
+        self.store.requeued(q.name, msg)
         if delay > 0:
             heapq.heappush(q.delayed, (self.now + delay, next(self._seq), msg))
         else:
