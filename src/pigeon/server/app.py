@@ -511,9 +511,11 @@ class BrokerServer:
         """Run a broker call; send its replies now, or once the store has committed the
         changes they report (a confirmed put is a durable put)."""
         store = self.broker.store
-        before = store.last_tag
+        before = store.changes
         outs = fn()
-        if store.holds_replies and store.last_tag != before and store.committed < store.last_tag:
+        # Compare change counts, not batch tags: changes that join a batch already
+        # pending leave the tag as it was, and their replies must wait all the same.
+        if store.holds_replies and store.changes != before and store.committed < store.last_tag:
             self._held.append((store.last_tag, outs))
             self._arm()
             return

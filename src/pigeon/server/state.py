@@ -168,6 +168,7 @@ class Store:
 
     last_tag = 0  # a durable store: the batch of the latest change (see server/store.py)
     committed = 0
+    changes = 0
 
     @property
     def holds_replies(self) -> bool:

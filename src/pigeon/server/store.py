@@ -88,6 +88,7 @@ class SQLiteStore(Store):
         self.batch = 0  # the last batch the writer took
         self.committed = 0  # every batch <= this is durable
         self.last_tag = 0  # the batch the most recent change belongs to
+        self.changes = 0  # how many changes were ever made
         self._closing = False
         self._error: BaseException | None = None
         self.on_commit: Callable[[int], None] | None = None
@@ -171,6 +172,7 @@ class SQLiteStore(Store):
         with self._lock:
             self._ops.append((op, args))
             self.last_tag = self.batch + 1
+            self.changes += 1
             self._lock.notify()
 
     def added(self, queue: str, msg: Stored) -> None:
