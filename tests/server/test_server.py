@@ -344,3 +344,18 @@ def test_raw_protocol_frames_by_hand(broker: BrokerThread) -> None:
     assert replies[0][0] == 0x02  # WELCOME
     assert replies[1] == [0x80, 1, 1]  # OK to PUT 1: one item stored
     assert replies[2] == [0x81, 2, [[0, 1, b"hi"]]]  # DELIVER to GET 2
+
+
+def test_frames_in_the_same_packet_as_hello_are_served(broker: BrokerThread) -> None:
+    from pigeon.protocol import MAGIC, VERSION, Hello, Put
+    from pigeon.protocol.wire import encode_frame
+
+    with socket.create_connection(("127.0.0.1", broker.port)) as s:
+        big = b"x" * (100 * 1024)  # above the 64 KiB limit that applies before HELLO
+        s.sendall(encode_frame(Hello(MAGIC, VERSION, "eager")) + encode_frame(Put(1, "eager", big)))
+        s.settimeout(5)
+        data = b""
+        while data.count(b"\x93\xcc\x80\x01") == 0:  # OK req=1
+            data += s.recv(65536)
+    with pigeon.Queue(broker.url("eager"), serializer="raw") as q:
+        assert q.get(timeout=5) == big

@@ -89,11 +89,35 @@ DEFAULT_URL = "pigeon://127.0.0.1:7878/jobs"
     type=click.FloatRange(0, 1),
     help="seconds --fsync batch waits to gather a batch",
 )
+@click.option(
+    "--handshake-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.01),
+    help="seconds a new connection has to complete HELLO",
+)
+@click.option(
+    "--idle-timeout",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="close a connection after this many seconds without a byte from it (0: never)",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    help="PEM certificate: serve TLS (clients use pigeon+tls://)",
+)
+@click.option(
+    "--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key for --tls-cert"
+)
 @click.option("-v", "--verbose", count=True, help="log more (-vv for debug)")
 def serve(
     host: str, port: int, token: str | None, insecure_no_auth: bool, max_frame_size: int,
     heartbeat: float, lease: float, max_deliveries: int, max_connections: int,
-    data_dir: Path | None, memory: bool, fsync: str, fsync_interval: float, verbose: int,
+    data_dir: Path | None, memory: bool, fsync: str, fsync_interval: float,
+    handshake_timeout: float, idle_timeout: float, tls_cert: str | None, tls_key: str | None,
+    verbose: int,
 ) -> None:  # fmt: skip
     """Run a pigeon broker until SIGINT/SIGTERM (then it closes gracefully, exit 0).
 
@@ -118,6 +142,14 @@ def serve(
     from pigeon.server.state import Store
     from pigeon.server.store import SQLiteStore, StoreCorrupted
 
+    ssl_ctx = None
+    if tls_cert or tls_key:
+        if not (tls_cert and tls_key):
+            raise click.UsageError("--tls-cert and --tls-key go together")
+        import ssl
+
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.load_cert_chain(tls_cert, tls_key)
     store: Store
     if memory:
         store = Store()
@@ -134,7 +166,8 @@ def serve(
     config = ServerConfig(
         host=host, port=port, token=token, max_frame_size=max_frame_size, heartbeat=heartbeat,
         default_lease=lease, max_deliveries=max_deliveries, max_connections=max_connections,
-        store=store, extra={"insecure_no_auth": insecure_no_auth},
+        store=store, handshake_timeout=handshake_timeout, idle_timeout=idle_timeout,
+        extra={"insecure_no_auth": insecure_no_auth, "ssl": ssl_ctx},
     )  # fmt: skip
 
     def ready(server: Any) -> None:

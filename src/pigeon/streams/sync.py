@@ -23,6 +23,12 @@ from pigeon.streams._common import IOV_MAX, RECV_SIZE, tune
 __all__ = ["FramedSocket", "connect"]
 
 
+def _is_tls(sock: socket.socket) -> bool:
+    import ssl
+
+    return isinstance(sock, ssl.SSLSocket)
+
+
 class FramedSocket:
     """Frames over a connected blocking socket.
 
@@ -48,6 +54,8 @@ class FramedSocket:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.recv_calls = 0
+        # TLS sockets have no sendmsg: their frames are joined and sent with sendall.
+        self._vectored = hasattr(sock, "sendmsg") and not _is_tls(sock)
         tune(sock)
 
     def __enter__(self) -> FramedSocket:
@@ -79,6 +87,16 @@ class FramedSocket:
 
     def _sendv(self, parts: list[Buffer]) -> None:
         self._check_open()
+        if not self._vectored:
+            data = b"".join(parts)
+            try:
+                self.sock.sendall(data)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise BrokenResourceError(
+                    f"peer closed the connection while sending: {exc}"
+                ) from exc
+            self.bytes_sent += len(data)
+            return
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         i = 0
         try:
