@@ -215,3 +215,17 @@ def test_info_reports_the_queue(broker: Broker) -> None:
 def test_bad_queue_names_are_refused(broker: Broker, name: str) -> None:
     (reply,) = replies(broker.handle(A, Put(1, name, b"x")), A)
     assert isinstance(reply, Error) and reply.code == "bad_request"
+
+
+def test_a_consumer_holding_max_unacked_bytes_gets_no_more_until_it_acks() -> None:
+    broker = Broker(max_unacked_bytes=10)
+    broker.handle(A, PutBatch(1, "q", [b"x" * 6, b"y" * 6, b"z" * 6]))
+    (first,) = replies(broker.handle(B, Get(1, "q", 3, 0, True)), B)
+    assert payloads(first) == [b"x" * 6]  # a second would pass 10 bytes
+    (refused,) = replies(broker.handle(B, Get(2, "q", 1, 0, True)), B)
+    assert refused.code == "limit" and "ack some first" in refused.message
+    assert broker.handle(B, Get(3, "q", 1, None, True)) == []  # parked
+    outs = broker.handle(B, Ack(4, "q", [first.messages[0].id]))
+    assert payloads([m for c, m in outs if isinstance(m, Deliver)][0]) == [b"y" * 6]
+    # another consumer is not held back by B
+    assert payloads(replies(broker.handle(C, Get(1, "q", 1, 0, True)), C)[0]) == [b"z" * 6]

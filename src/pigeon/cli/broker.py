@@ -116,8 +116,8 @@ def serve(
     host: str, port: int, token: str | None, insecure_no_auth: bool, max_frame_size: int,
     heartbeat: float, lease: float, max_deliveries: int, max_connections: int,
     data_dir: Path | None, memory: bool, fsync: str, fsync_interval: float,
-    handshake_timeout: float, idle_timeout: float, tls_cert: str | None, tls_key: str | None,
-    verbose: int,
+    handshake_timeout: float, idle_timeout: float, max_unacked_bytes: int,
+    max_pending_output: int, tls_cert: str | None, tls_key: str | None, verbose: int,
 ) -> None:  # fmt: skip
     """Run a pigeon broker until SIGINT/SIGTERM (then it closes gracefully, exit 0).
 
@@ -167,6 +167,7 @@ def serve(
         host=host, port=port, token=token, max_frame_size=max_frame_size, heartbeat=heartbeat,
         default_lease=lease, max_deliveries=max_deliveries, max_connections=max_connections,
         store=store, handshake_timeout=handshake_timeout, idle_timeout=idle_timeout,
+        max_unacked_bytes=max_unacked_bytes, max_pending_output=max_pending_output,
         extra={"insecure_no_auth": insecure_no_auth, "ssl": ssl_ctx},
     )  # fmt: skip
 

@@ -79,6 +79,9 @@ class ServerConfig:
     heartbeat: float = 5.0
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0  # seconds without a byte from a client before closing it
+    max_pending_output: int = 64 * 2**20  # bytes of replies waiting for a slow client
+    max_auth_failures: int = 10  # per peer address and minute, then refused for a minute
+    max_unacked_bytes: int = 64 * 2**20  # per connection: unacked deliveries it may hold
     max_connections: int = 10_000
     name: str = "pigeon"
     default_lease: float = 30.0
@@ -257,6 +260,13 @@ class Connection(asyncio.BufferedProtocol):
         frame = encode_frame(message)
         self.bytes_out += len(frame)
         self.transport.write(frame)
+        limit = self.server.config.max_pending_output
+        if limit and self.transport.get_write_buffer_size() > limit:
+            # A consumer that does not read: drop it rather than buffer without bound.
+            # Its unacked messages go back to the queue when the connection is lost.
+            log.warning("dropping %s: %d bytes wait to be sent (max_pending_output=%d)",
+                        self.peer, self.transport.get_write_buffer_size(), limit)  # fmt: skip
+            self.transport.abort()
 
     def write_text(self, line: str | bytes) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -467,6 +477,7 @@ class BrokerServer:
             clock=loop.time,
             default_lease=self.config.default_lease,
             default_max_deliveries=self.config.max_deliveries,
+            max_unacked_bytes=self.config.max_unacked_bytes,
         )
         self.connections: dict[int, Connection] = {}
         self.text_waiters: dict[tuple[int, int], Callable[[Any], None]] = {}
@@ -478,7 +489,7 @@ class BrokerServer:
         self._server: asyncio.Server | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self.failed_auth = 0
-        self._auth_penalty_until = 0.0
+        self._auth_failures: dict[str, list[float]] = {}
         self.started = time.time()
 
     def now(self) -> float:
@@ -536,10 +547,22 @@ class BrokerServer:
         expected = self.config.token
         if not expected:
             return True
+        host = peer.rsplit(":", 1)[0]
+        now = time.monotonic()
+        recent = [t for t in self._auth_failures.get(host, []) if now - t < 60]
+        if len(recent) >= self.config.max_auth_failures:
+            log.warning("refusing %s: %d failed authentications in the last minute",
+                        peer, len(recent))  # fmt: skip
+            self.failed_auth += 1
+            return False  # even the right token: the address is cooling down
         ok = token is not None and hmac.compare_digest(token.encode(), expected.encode())
         if not ok:
             self.failed_auth += 1
+            recent.append(now)
             log.warning("failed authentication from %s (%d so far)", peer, self.failed_auth)
+        self._auth_failures[host] = recent
+        if len(self._auth_failures) > 10_000:
+            self._auth_failures.clear()
         return ok
 
     def apply(self, fn: Callable[[], list[Out]]) -> None:

@@ -198,8 +198,14 @@ class Broker:
         clock: Callable[[], float] | None = None,
         default_lease: float = DEFAULT_LEASE,
         default_max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        max_unacked_bytes: int = 64 * 2**20,
     ) -> None:
         self.store = store if store is not None else Store()
+        # Bytes delivered to one connection and not yet settled: beyond this a consumer
+        # gets no more until it acks (its GETs wait), so one slow consumer cannot hoard
+        # the queue or make the broker hold unbounded unacked payloads for it.
+        self.max_unacked_bytes = max_unacked_bytes
+        self.unacked: dict[Conn, int] = {}
         self.queues: dict[str, QueueState] = {}
         self.connections: set[Conn] = set()
         self._ids = itertools.count(1)
@@ -245,7 +251,10 @@ class Broker:
         self, q: QueueState, conn: Conn, n: int, manual: bool, lease: float | None
     ) -> list[Delivery]:
         out: list[Delivery] = []
+        held = self.unacked.get(conn, 0)
         while q.ready and len(out) < n:
+            if manual and held and held + len(q.ready[0].payload) > self.max_unacked_bytes:
+                break  # this consumer holds enough; it gets more once it settles some
             msg = q.ready.popleft()
             msg.deliveries += 1
             q.delivered_total += 1
@@ -253,12 +262,28 @@ class Broker:
                 did = next(self._deliveries)
                 deadline = self.now + (lease if lease is not None else q.lease)
                 q.in_flight[did] = InFlight(msg, conn, deadline)
+                held += len(msg.payload)
                 heapq.heappush(self._leases, (deadline, did, q.name))
                 out.append(Delivery(did, msg.deliveries, msg.payload))
             else:
                 self.store.removed(q.name, msg.id)
                 out.append(Delivery(0, msg.deliveries, msg.payload))
+        if manual:
+            self.unacked[conn] = held
         return out
+
+    def _can_take(self, q: QueueState, conn: Conn, manual: bool) -> bool:
+        if not q.ready:
+            return False
+        held = self.unacked.get(conn, 0) if manual else 0
+        return not held or held + len(q.ready[0].payload) <= self.max_unacked_bytes
+
+    def _release(self, f: InFlight) -> None:
+        left = self.unacked.get(f.conn, 0) - len(f.msg.payload)
+        if left > 0:
+            self.unacked[f.conn] = left
+        else:
+            self.unacked.pop(f.conn, None)
 
     def _serve(self, q: QueueState) -> list[Out]:
         """Hand ready items to parked getters, and admit parked puts that now fit."""
@@ -266,18 +291,20 @@ class Broker:
         progress = True
         while progress:
             progress = False
-            while q.ready and q.getters:
-                w = q.getters.popleft()
-                if w.cancelled:
-                    continue
-                w.cancelled = True
-                out.append(
-                    (
-                        w.conn,
-                        Deliver(w.req, self._take(q, w.conn, w.max_items, w.manual_ack, w.lease)),
-                    )
-                )
-                progress = True
+            if q.ready and q.getters:
+                waiting: deque[GetWaiter] = deque()
+                while q.getters:
+                    w = q.getters.popleft()
+                    if w.cancelled:
+                        continue
+                    if not self._can_take(q, w.conn, w.manual_ack):
+                        waiting.append(w)  # nothing left, or this consumer holds enough
+                        continue
+                    w.cancelled = True
+                    items = self._take(q, w.conn, w.max_items, w.manual_ack, w.lease)
+                    out.append((w.conn, Deliver(w.req, items)))
+                    progress = True
+                q.getters = waiting
             while q.putters:
                 p = q.putters[0]
                 if p.cancelled:
@@ -406,12 +433,22 @@ class Broker:
         if m.max_items < 1:
             return [_err(conn, m.req, "bad_request", f"max_items must be >= 1, not {m.max_items}")]
         q = self.queue(m.queue)
-        if q.ready and not any(not g.cancelled for g in q.getters):
+        if not any(not g.cancelled for g in q.getters) and self._can_take(q, conn, m.manual_ack):
             items = self._take(q, conn, m.max_items, m.manual_ack, m.lease)
             return [(conn, Deliver(m.req, items)), *self._serve(q)]
         if q.shutdown and not q.delayed and not q.ready:
             return [_err(conn, m.req, "shutdown", f"queue {q.name!r} was shut down")]
         if m.wait == 0:
+            if q.ready:
+                return [
+                    _err(
+                        conn,
+                        m.req,
+                        "limit",
+                        f"this connection holds {self.unacked.get(conn, 0)} unacked bytes "
+                        f"(max_unacked_bytes={self.max_unacked_bytes}); ack some first",
+                    )
+                ]
             return [_err(conn, m.req, "empty", f"queue {q.name!r} is empty")]
         w = GetWaiter(
             conn,
@@ -430,6 +467,8 @@ class Broker:
         unknown: list[int] = []
         for did in m.ids:
             f = q.in_flight.pop(did, None)
+            if f is not None:
+                self._release(f)
             if f is None:
                 unknown.append(did)
             elif isinstance(m, Ack):
@@ -570,6 +609,7 @@ class Broker:
             if q is None or f is None or f.deadline != deadline:
                 continue  # settled or extended since
             del q.in_flight[did]
+            self._release(f)
             self._requeue(q, f.msg)
             touched.add(name)
         timeouts = self._timeouts
@@ -612,6 +652,7 @@ class Broker:
     def connection_lost(self, conn: Conn) -> list[Out]:
         """Give back what ``conn`` held: its unacked deliveries return to the front at once."""
         self.connections.discard(conn)
+        self.unacked.pop(conn, None)
         out: list[Out] = []
         for q in self.queues.values():
             lost = [did for did, f in q.in_flight.items() if f.conn == conn]
