@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -38,11 +39,17 @@ def wait_for_port(port: int, timeout: float = 20.0) -> None:
     raise TimeoutError(f"broker did not listen on {port}")
 
 
+_DATA_DIRS: dict[int, str] = {}
+
+
 def start_broker(port: int, *args: str) -> subprocess.Popen[bytes]:
+    """A `pigeon serve` process with a data directory of its own (kept across restarts
+    on the same port)."""
+    data = _DATA_DIRS.setdefault(port, tempfile.mkdtemp(prefix="pigeon-test-"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pigeon", "serve", "--port", str(port), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        [sys.executable, "-m", "pigeon", "serve", "--port", str(port), "--data-dir", data, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     wait_for_port(port)
     return proc
@@ -56,8 +63,6 @@ def broker_process() -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
     if proc.poll() is None:
         proc.kill()
     proc.wait(10)
-    if proc.stdout is not None:
-        proc.stdout.close()
 
 
 @pytest.fixture
@@ -229,16 +234,12 @@ def test_broker_restart_clients_reconnect_and_go_on() -> None:
             assert q.get(timeout=5) == "before"
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0  # graceful stop exits 0
-            assert proc.stdout is not None
-            proc.stdout.close()
             proc = start_broker(port)  # binds at once: SO_REUSEADDR despite TIME_WAIT
             q.put("after", timeout=20)
             assert q.get(timeout=20) == "after"
     finally:
         proc.kill()
         proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 def test_client_gives_up_with_broken_resource_when_its_timeout_runs_out() -> None:

@@ -104,6 +104,21 @@ DEFAULT_URL = "pigeon://127.0.0.1:7878/jobs"
     help="close a connection after this many seconds without a byte from it (0: never)",
 )
 @click.option(
+    "--max-unacked-bytes",
+    default=64 * 2**20,
+    show_default=True,
+    type=click.IntRange(1),
+    help="unacked bytes one connection may hold before it gets no more deliveries",
+)
+@click.option(
+    "--max-pending-output",
+    default=64 * 2**20,
+    show_default=True,
+    type=click.IntRange(0),
+    help="bytes of replies a client that does not read may leave waiting before it is "
+    "dropped (0: no limit)",
+)
+@click.option(
     "--tls-cert",
     type=click.Path(exists=True, dir_okay=False),
     help="PEM certificate: serve TLS (clients use pigeon+tls://)",
