@@ -69,14 +69,14 @@ def pigeon_consume(n: int, a: dict[str, Any], batch: int) -> int:
     return got
 
 
-def _redis() -> Any:
+def _redis(a: dict[str, Any] | None = None) -> Any:
     import redis
 
-    return redis.Redis(host="127.0.0.1", port=6379)
+    return redis.Redis(host="127.0.0.1", port=(a or {}).get("redis_port", 6379))
 
 
 def rlist_produce(n: int, item: bytes, a: dict[str, Any], batch: int) -> None:
-    r = _redis()
+    r = _redis(a)
     if batch == 1:
         for _ in range(n):
             r.lpush(a["key"], item)
@@ -89,7 +89,7 @@ def rlist_produce(n: int, item: bytes, a: dict[str, Any], batch: int) -> None:
 
 
 def rlist_consume(n: int, a: dict[str, Any], batch: int) -> int:
-    r = _redis()
+    r = _redis(a)
     got = 0
     while got < n:
         if batch == 1:
@@ -106,11 +106,11 @@ def rlist_consume(n: int, a: dict[str, Any], batch: int) -> int:
 
 
 def rstream_setup(a: dict[str, Any]) -> None:
-    _redis().xgroup_create(a["key"], "g", id="0", mkstream=True)
+    _redis(a).xgroup_create(a["key"], "g", id="0", mkstream=True)
 
 
 def rstream_produce(n: int, item: bytes, a: dict[str, Any], batch: int) -> None:
-    r = _redis()
+    r = _redis(a)
     if batch == 1:
         for _ in range(n):
             r.xadd(a["key"], {"d": item})
@@ -123,7 +123,7 @@ def rstream_produce(n: int, item: bytes, a: dict[str, Any], batch: int) -> None:
 
 
 def rstream_consume(n: int, a: dict[str, Any], batch: int) -> int:
-    r = _redis()
+    r = _redis(a)
     me = uuid.uuid4().hex
     got = 0
     while got < n:
@@ -156,7 +156,7 @@ def js_setup(a: dict[str, Any]) -> None:
         await js.add_stream(
             StreamConfig(
                 name=a["key"], subjects=[a["key"]], retention=RetentionPolicy.WORK_QUEUE,
-                storage=StorageType.MEMORY,
+                storage=StorageType.FILE if a.get("file") else StorageType.MEMORY,
             )
         )  # fmt: skip
 
@@ -202,7 +202,7 @@ def js_consume(n: int, a: dict[str, Any], batch: int) -> int:
 
 
 CONTENDERS: dict[str, tuple[Any, Any, Any, Any, int]] = {
-    # name: (produce, consume, setup, teardown, batch)
+    # name: (produce, consume, setup, teardown, batch); the in-memory modes
     "pigeon": (pigeon_produce, pigeon_consume, None, None, 1),
     "pigeon x100": (pigeon_produce, pigeon_consume, None, None, BATCH),
     "redis list": (rlist_produce, rlist_consume, None, None, 1),
@@ -212,6 +212,21 @@ CONTENDERS: dict[str, tuple[Any, Any, Any, Any, int]] = {
     "jetstream": (js_produce, js_consume, js_setup, js_teardown, 1),
     "jetstream x100": (js_produce, js_consume, js_setup, js_teardown, BATCH),
 }
+
+
+# The durable modes, side by side: pigeon --fsync always|batch, Redis with an append-only
+# file (appendfsync always|everysec) on scratch servers, JetStream file storage.
+DURABLE: dict[str, tuple[Any, Any, Any, Any, int, dict[str, Any]]] = {
+    "pigeon fsync=always": (pigeon_produce, pigeon_consume, None, None, 1, {"port": 7892}),
+    "pigeon fsync=always x100": (pigeon_produce, pigeon_consume, None, None, BATCH, {"port": 7892}),
+    "pigeon fsync=batch": (pigeon_produce, pigeon_consume, None, None, 1, {"port": 7893}),
+    "pigeon fsync=batch x100": (pigeon_produce, pigeon_consume, None, None, BATCH, {"port": 7893}),
+    "redis aof=always": (rstream_produce, rstream_consume, rstream_setup, None, 1, {"redis_port": 6391}),
+    "redis aof=always x100": (rstream_produce, rstream_consume, rstream_setup, None, BATCH, {"redis_port": 6391}),
+    "redis aof=everysec": (rstream_produce, rstream_consume, rstream_setup, None, 1, {"redis_port": 6390}),
+    "redis aof=everysec x100": (rstream_produce, rstream_consume, rstream_setup, None, BATCH, {"redis_port": 6390}),
+    "jetstream file x100": (js_produce, js_consume, js_setup, js_teardown, BATCH, {"file": True}),
+}  # fmt: skip
 
 
 def _producer(fn: Any, n: int, size: int, a: dict[str, Any], batch: int, go: Any) -> None:
@@ -225,9 +240,14 @@ def _consumer(fn: Any, n: int, a: dict[str, Any], batch: int, go: Any, done: Any
 
 
 def measure(name: str, pairs: int, size: int, count: int) -> float:
-    produce, consume, setup, teardown, batch = CONTENDERS[name]
+    if name in DURABLE:
+        produce, consume, setup, teardown, batch, params = DURABLE[name]
+    else:
+        produce, consume, setup, teardown, batch = CONTENDERS[name]
+        params = {}
     key = f"bench-{uuid.uuid4().hex[:10]}"
-    a = {"key": key, "url": f"pigeon://127.0.0.1:{PIGEON_PORT}/{key}"}
+    port = params.get("port", PIGEON_PORT)
+    a = {"key": key, "url": f"pigeon://127.0.0.1:{port}/{key}", **params}
     if setup:
         setup(a)
     share = count // pairs
@@ -332,24 +352,43 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     ap.add_argument("--sizes", default="64,1024,65536")
     args = ap.parse_args()
-    broker = subprocess.Popen(
-        [sys.executable, "-m", "pigeon", "serve", "--port", str(PIGEON_PORT)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    import shutil
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix="pigeon-bench-")
+    procs = [
+        _spawn([sys.executable, "-m", "pigeon", "serve", "--port", str(PIGEON_PORT), "--memory"])
+    ]
+    for port, mode in ((7892, "always"), (7893, "batch")):
+        procs.append(_spawn([sys.executable, "-m", "pigeon", "serve", "--port", str(port),
+                             "--data-dir", f"{scratch}/{mode}", "--fsync", mode]))  # fmt: skip
+    redis_server = shutil.which("redis-server")
+    if redis_server:
+        for port, fsync in ((6390, "everysec"), (6391, "always")):
+            procs.append(_spawn([redis_server, "--port", str(port), "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "yes", "--appendfsync", fsync,
+                                 "--dir", scratch, "--appendfilename", f"a{port}.aof"]))  # fmt: skip
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", PIGEON_PORT), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
-        run(args)
+        for port in (PIGEON_PORT, 7892, 7893, *((6390, 6391) if redis_server else ())):
+            for _ in range(100):
+                try:
+                    socket.create_connection(("127.0.0.1", port), 0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        run(args, durable=bool(redis_server))
     finally:
-        broker.terminate()
-        broker.wait(10)
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
-def run(args: argparse.Namespace) -> None:
+def _spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run(args: argparse.Namespace, durable: bool) -> None:
     missing = available()
     for what, why in missing.items():
         print(f"{what} unavailable, skipped: {why}")
@@ -381,6 +420,30 @@ def run(args: argparse.Namespace) -> None:
     table(
         "broker throughput (items/s)", ["workload", "contender", "items/s", "vs redis stream"], rows
     )
+    if durable:
+        drows: list[list[object]] = []
+        dres: dict[str, float] = {}
+        for name in DURABLE:
+            if name.startswith("jetstream") and "jetstream" in missing:
+                continue
+            single = not name.endswith("x100")
+            count = (1_000 if single else 10_000) if args.quick else (4_000 if single else 50_000)
+            dres[name] = measure(name, 1, 64, count)
+            print(f"  1x1     64 B {name:26s} {dres[name]:12,.0f} items/s", flush=True)
+        base = dres["redis aof=everysec x100"]
+        for name, rate in dres.items():
+            drows.append(["1x1 64 B", name, f"{rate:,.0f}", f"{rate / base:.2f}×"])
+        table("durable modes (items/s, confirmed puts and acked gets)",
+              ["workload", "contender", "items/s", "vs redis aof=everysec x100"], drows)  # fmt: skip
+        print(
+            f"--fsync batch x100 vs redis appendfsync everysec pipelined: "
+            f"{dres['pigeon fsync=batch x100'] / dres['redis aof=everysec x100']:.2f}× (target ≥ 2)"
+        )
+        print(
+            f"--fsync always vs redis appendfsync always: single "
+            f"{dres['pigeon fsync=always'] / dres['redis aof=always']:.2f}×, x100 "
+            f"{dres['pigeon fsync=always x100'] / dres['redis aof=always x100']:.2f}× (target ≥ 1)"
+        )
     lat = latencies(500 if args.quick else 3000)
     table("round trip (µs)", ["operation", "p50", "p99"],
           [[k, f"{v[0]:.0f}", f"{v[1]:.0f}"] for k, v in lat.items()])  # fmt: skip

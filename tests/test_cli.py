@@ -19,7 +19,9 @@ def test_demo_sticky_recovers_every_message_with_each_codec() -> None:
 
 def test_every_command_has_help_with_an_example() -> None:
     runner = CliRunner()
-    for args in (["--help"], ["demo", "--help"], ["demo", "sticky", "--help"], ["bench", "--help"]):
+    commands = [[], ["demo"], ["demo", "sticky"], ["bench"], ["bench", "concurrency"]]
+    commands += [["serve"], ["put"], ["get"], ["stats"]]
+    for args in [[*c, "--help"] for c in commands]:
         result = runner.invoke(cli, args)
         assert result.exit_code == 0
         assert "Example" in result.output or "Try:" in result.output
