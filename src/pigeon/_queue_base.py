@@ -25,9 +25,11 @@ __all__ = ["SCHEMES", "Message", "Queue", "deadline_from"]
 SCHEMES: dict[str, str] = {
     "pigeon": "pigeon.backends.broker:BrokerQueue",
     "pigeon+tls": "pigeon.backends.broker:BrokerQueue",
+    "redis": "pigeon.backends.redis:RedisQueue",
+    "rediss": "pigeon.backends.redis:RedisQueue",
 }
 # schemes pigeon knows of but does not ship yet in this version
-_PLANNED = ("redis", "rediss", "nats")
+_PLANNED = ("nats",)
 
 
 def deadline_from(block: bool, timeout: float | None) -> float | None:

@@ -401,5 +401,11 @@ def _network(url: str | None, queue: Queue[Any] | None, options: dict[str, Any])
         if queue is not None:
             options = queue._async_options()  # type: ignore[attr-defined]
         return AsyncBrokerQueue(url, **options)
+    if scheme in ("redis", "rediss"):
+        from pigeon.backends.redis import AsyncRedisQueue
+
+        if queue is not None:
+            options = queue._async_options()  # type: ignore[attr-defined]
+        return AsyncRedisQueue(url, **options)
     Queue(url)  # raises InvalidURL / Unsupported with the list of schemes
     raise Unsupported(f"AsyncQueue does not support {scheme}:// yet")

@@ -40,7 +40,25 @@ def _pigeon(maxsize: int = 0) -> pigeon.Queue[Any]:
     return pigeon.Queue(_broker.url(f"q-{uuid.uuid4().hex[:12]}"), maxsize=maxsize)
 
 
-BACKENDS = [Backend("local", _local), Backend("pigeon", _pigeon)]
+def _redis(maxsize: int = 0) -> pigeon.Queue[Any]:
+    return pigeon.Queue(f"redis://127.0.0.1:6379/t-{uuid.uuid4().hex[:12]}", maxsize=maxsize)
+
+
+def _redis_missing() -> str | None:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", 6379), 2).close()
+    except OSError as exc:
+        return f"no Redis on 127.0.0.1:6379 ({exc})"
+    return None
+
+
+BACKENDS = [
+    Backend("local", _local),
+    Backend("pigeon", _pigeon),
+    Backend("redis", _redis, frozenset({"join", "task_done"}), _redis_missing),
+]
 
 
 @pytest.fixture(params=BACKENDS, ids=lambda b: b.name)
