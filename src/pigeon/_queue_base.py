@@ -27,9 +27,11 @@ SCHEMES: dict[str, str] = {
     "pigeon+tls": "pigeon.backends.broker:BrokerQueue",
     "redis": "pigeon.backends.redis:RedisQueue",
     "rediss": "pigeon.backends.redis:RedisQueue",
+    "nats": "pigeon.backends.nats:NatsQueue",
+    "nats+tls": "pigeon.backends.nats:NatsQueue",
 }
 # schemes pigeon knows of but does not ship yet in this version
-_PLANNED = ("nats",)
+_PLANNED: tuple[str, ...] = ()
 
 
 def deadline_from(block: bool, timeout: float | None) -> float | None:

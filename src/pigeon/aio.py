@@ -407,5 +407,11 @@ def _network(url: str | None, queue: Queue[Any] | None, options: dict[str, Any])
         if queue is not None:
             options = queue._async_options()  # type: ignore[attr-defined]
         return AsyncRedisQueue(url, **options)
+    if scheme in ("nats", "nats+tls"):
+        from pigeon.backends.nats import AsyncNatsQueue
+
+        if queue is not None:
+            options = queue._async_options()  # type: ignore[attr-defined]
+        return AsyncNatsQueue(url, **options)
     Queue(url)  # raises InvalidURL / Unsupported with the list of schemes
     raise Unsupported(f"AsyncQueue does not support {scheme}:// yet")

@@ -44,20 +44,28 @@ def _redis(maxsize: int = 0) -> pigeon.Queue[Any]:
     return pigeon.Queue(f"redis://127.0.0.1:6379/t-{uuid.uuid4().hex[:12]}", maxsize=maxsize)
 
 
-def _redis_missing() -> str | None:
-    import socket
+def _nats(maxsize: int = 0) -> pigeon.Queue[Any]:
+    return pigeon.Queue(f"nats://127.0.0.1:4222/t-{uuid.uuid4().hex[:12]}", maxsize=maxsize)
 
-    try:
-        socket.create_connection(("127.0.0.1", 6379), 2).close()
-    except OSError as exc:
-        return f"no Redis on 127.0.0.1:6379 ({exc})"
-    return None
+
+def _missing(what: str, port: int) -> Callable[[], str | None]:
+    def check() -> str | None:
+        import socket
+
+        try:
+            socket.create_connection(("127.0.0.1", port), 2).close()
+        except OSError as exc:
+            return f"no {what} on 127.0.0.1:{port} ({exc})"
+        return None
+
+    return check
 
 
 BACKENDS = [
     Backend("local", _local),
     Backend("pigeon", _pigeon),
-    Backend("redis", _redis, frozenset({"join", "task_done"}), _redis_missing),
+    Backend("redis", _redis, frozenset({"join", "task_done"}), _missing("Redis", 6379)),
+    Backend("nats", _nats, frozenset({"join", "task_done"}), _missing("NATS", 4222)),
 ]
 
 

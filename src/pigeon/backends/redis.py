@@ -40,8 +40,8 @@ from collections.abc import Awaitable, Iterable
 from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from pigeon._queue_base import Message, Queue, deadline_from
-from pigeon.backends import _loopthread
+from pigeon._queue_base import deadline_from
+from pigeon.backends._syncface import SyncFace
 from pigeon.errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -128,8 +128,23 @@ class AsyncRedisQueue(Generic[T]):
         self._put_script: Any = None
         self._ready = False
         self._closed = False
+        self._settling: set[asyncio.Future[None]] = set()  # acks not yet confirmed
+
+    def _track(self, fut: asyncio.Future[None]) -> asyncio.Future[None]:
+        """Remember a settle in flight: ``aclose`` lets it finish before it closes."""
+        self._settling.add(fut)
+        fut.add_done_callback(self._settling.discard)
+        return fut
 
     # --- plumbing -------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def connect(self) -> None:
+        """Connect now (the blocking face does, to report a bad URL or server at once)."""
+        await self._do(lambda r: r.ping())
 
     async def _redis(self) -> Any:
         if self._closed:
@@ -360,6 +375,8 @@ class AsyncRedisQueue(Generic[T]):
         await self._do(run)
 
     async def aclose(self) -> None:
+        if self._settling:  # acks and nacks sent without waiting: let them land first
+            await asyncio.gather(*self._settling, return_exceptions=True)
         if not self._closed:
             self._closed = True
             if self._r is not None:
@@ -400,129 +417,23 @@ class AsyncRedisMessage(Generic[T]):
     def ack(self) -> Awaitable[None]:
         self._check()
         self._settled = True
-        return asyncio.ensure_future(self._ack())
+        return self._queue._track(asyncio.ensure_future(self._ack()))
 
     def nack(self, requeue: bool = True, delay: float = 0) -> Awaitable[None]:
         if delay < 0:
             raise ValueError(f"delay must be >= 0, not {delay}")
         self._check()
         self._settled = True
-        return asyncio.ensure_future(self._nack(requeue, delay))
+        return self._queue._track(asyncio.ensure_future(self._nack(requeue, delay)))
 
     def extend(self, seconds: float) -> Awaitable[None]:
         if seconds < 0:
             raise ValueError(f"seconds must be >= 0, not {seconds}")
         self._check()
-        return asyncio.ensure_future(self._extend(seconds))
+        return self._queue._track(asyncio.ensure_future(self._extend(seconds)))
 
 
-class RedisQueue(Queue[T]):
-    """The blocking face: each call runs the asyncio implementation on pigeon's I/O thread."""
+class RedisQueue(SyncFace[T]):
+    """The blocking face of ``AsyncRedisQueue`` (see the module docstring)."""
 
-    def __init__(
-        self,
-        url: str,
-        maxsize: int = 0,
-        serializer: SerializerLike | None = None,
-        *,
-        lease: float | None = None,
-        max_deliveries: int | None = None,
-        reconnect_timeout: float = 30.0,
-    ) -> None:
-        self._options: dict[str, Any] = {
-            "maxsize": maxsize, "serializer": serializer, "lease": lease,
-            "max_deliveries": max_deliveries, "reconnect_timeout": reconnect_timeout,
-        }  # fmt: skip
-        self._impl: AsyncRedisQueue[T] = AsyncRedisQueue(url, **self._options)
-        self._pid = os.getpid()
-        self._run(self._impl._redis())
-
-    def _run(self, coro: Any) -> Any:
-        if self._pid != os.getpid():  # crossed a fork: the connection belongs to the parent
-            self._impl = AsyncRedisQueue(self._impl.url, **self._options)
-            self._pid = os.getpid()
-        return _loopthread.run(coro)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_reopen, (self._impl.url, self._options))
-
-    def _async_options(self) -> dict[str, Any]:
-        return dict(self._options)
-
-    @property
-    def url(self) -> str:
-        return self._impl.url
-
-    @property
-    def maxsize(self) -> int:
-        return self._impl.maxsize
-
-    def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
-        self._run(self._impl.put(item, timeout, block=block))
-
-    def put_many(
-        self, items: Iterable[T], block: bool = True, timeout: float | None = None
-    ) -> None:
-        self._run(self._impl.put_many(list(items), timeout, block=block))
-
-    def get(self, block: bool = True, timeout: float | None = None) -> T:
-        return self._run(self._impl.get(timeout, block=block))  # type: ignore[no-any-return]
-
-    def get_many(self, max_items: int, block: bool = True, timeout: float | None = None) -> list[T]:
-        return self._run(self._impl.get_many(max_items, timeout, block=block))  # type: ignore[no-any-return]
-
-    def get_message(
-        self, timeout: float | None = None, lease: float | None = None
-    ) -> RedisMessage[T]:
-        return RedisMessage(self, self._run(self._impl.get_message(timeout, lease)))
-
-    def qsize(self) -> int:
-        return int(self._run(self._impl.qsize()))
-
-    def full(self) -> bool:
-        return bool(self._run(self._impl.full()))
-
-    def task_done(self) -> None:
-        self._run(self._impl.task_done())
-
-    def join(self, timeout: float | None = None) -> None:
-        self._run(self._impl.join(timeout))
-
-    def shutdown(self, immediate: bool = False) -> None:
-        self._run(self._impl.shutdown(immediate))
-
-    def close(self) -> None:
-        if not self._impl._closed:
-            self._run(self._impl.aclose())
-
-    def __repr__(self) -> str:
-        return f"<pigeon.Queue {self._impl.url}>"
-
-
-def _reopen(url: str, options: dict[str, Any]) -> RedisQueue[Any]:
-    return RedisQueue(url, **options)
-
-
-class RedisMessage(Message[T]):
-    """The blocking face of ``AsyncRedisMessage``."""
-
-    def __init__(self, queue: RedisQueue[T], inner: AsyncRedisMessage[T]) -> None:
-        self._queue = queue
-        self._inner = inner
-        self.body = inner.body
-        self.delivery_count = inner.delivery_count
-
-    def _wait(self, make: Any) -> None:
-        async def go() -> None:
-            await make()
-
-        self._queue._run(go())
-
-    def ack(self) -> None:
-        self._wait(self._inner.ack)
-
-    def nack(self, requeue: bool = True, delay: float = 0) -> None:
-        self._wait(lambda: self._inner.nack(requeue, delay))
-
-    def extend(self, seconds: float) -> None:
-        self._wait(lambda: self._inner.extend(seconds))
+    impl_class = AsyncRedisQueue

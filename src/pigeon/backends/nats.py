@@ -1,0 +1,502 @@
+"""The nats:// backend: one JetStream work-queue stream per queue, one durable pull consumer.
+
+Features
+    ``put``/``put_many`` (publish, waiting for JetStream's ack), ``get``/``get_many``
+    (fetch and ack), ``get_message`` with ``ack``, ``nack(requeue, delay)`` (NAK with a
+    delay), ``extend`` (in-progress: the lease, AckWait, starts again), ``delivery_count``
+    (the consumer's delivery count), dead letters after ``max_deliveries``, ``maxsize``
+    (MaxMsgs with DiscardNew: a full queue refuses puts), ``qsize``/``empty``/``full``,
+    ``shutdown`` for every client, iteration. ``task_done``/``join`` raise
+    ``Unsupported``: JetStream has no server-side wait on a counter. ``pigeon.AsyncQueue``
+    runs the same code on asyncio; the blocking face runs it on pigeon's private I/O loop,
+    never on a loop the caller is running.
+
+Connection URL
+    ``nats://[USER:PASSWORD@|TOKEN@]HOST[:PORT]/QUEUE[?lease=S&max_deliveries=N]``;
+    ``nats+tls://`` (or ``?tls=1``) for TLS. The queue ``jobs`` is the stream
+    ``PIGEON_jobs`` on the subject ``pigeon.jobs``.
+
+Options
+    ``maxsize``, ``serializer`` (``"msgpack"``), ``lease`` (AckWait, 30 s),
+    ``max_deliveries`` (20), ``reconnect_timeout`` (30 s).
+
+Delivery guarantees
+    At-least-once for ``get_message``: JetStream redelivers a message that is not acked
+    within the lease (AckWait), whether its consumer died or is only slow. Plain ``get``
+    acks on receipt. Durability is JetStream's: file storage, synced to disk every two
+    minutes by default (``sync_interval`` in the server's configuration; ``always`` for
+    every write). A shut-down queue takes no more puts (its stream stops listening on
+    the subject) and readers stop once it is drained; waits run in slices of at most 0.2 s
+    so a blocked reader sees the shutdown within that. FIFO per queue except redeliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from collections.abc import Awaitable, Iterable
+from typing import Any, Generic, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from pigeon._queue_base import deadline_from
+from pigeon.backends._syncface import SyncFace
+from pigeon.errors import (
+    BrokenResourceError,
+    ClosedResourceError,
+    Empty,
+    Full,
+    InvalidURL,
+    LocalProtocolError,
+    PigeonError,
+    ShutDown,
+    Unsupported,
+)
+from pigeon.serializers import SerializerLike, get_serializer
+
+T = TypeVar("T")
+
+DURABLE = "pigeon"
+SLICE = 0.2
+SHUTDOWN_MARK = "pigeon: shut down"
+_SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_\-.]+$")
+
+
+def stream_name(queue: str) -> str:
+    """A JetStream stream name for ``queue`` (no dots or wildcards; unique per queue)."""
+    safe = re.sub(r"[^A-Za-z0-9_\-]", "_", queue)
+    if safe != queue:
+        safe += "_" + hashlib.sha1(queue.encode()).hexdigest()[:8]
+    return f"PIGEON_{safe}"
+
+
+class AsyncNatsQueue(Generic[T]):
+    """The asyncio implementation; ``NatsQueue`` is its blocking face."""
+
+    def __init__(
+        self,
+        url: str,
+        maxsize: int = 0,
+        serializer: SerializerLike | None = None,
+        *,
+        lease: float | None = None,
+        max_deliveries: int | None = None,
+        reconnect_timeout: float = 30.0,
+    ) -> None:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 0:
+            raise ValueError(f"maxsize must be an int >= 0, not {maxsize!r}")
+        try:
+            import nats  # noqa: F401
+        except ImportError as exc:
+            raise Unsupported("nats:// needs nats-py: pip install 'pigeon-queue[nats]'") from exc
+        parts = urlsplit(url)
+        self.url = url
+        self.name = unquote(parts.path.lstrip("/"))
+        if not self.name or not _SUBJECT_TOKEN.match(self.name) or ".." in self.name:
+            raise InvalidURL(
+                f"{url!r} names no usable queue: write nats://HOST:4222/QUEUE, QUEUE made of "
+                "letters, digits, '_', '-' and '.'"
+            )
+        params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        try:
+            port = parts.port or 4222
+            self.lease = float(lease if lease is not None else params.get("lease", 30.0))
+            self.max_deliveries = int(
+                max_deliveries if max_deliveries is not None else params.get("max_deliveries", 20)
+            )
+        except ValueError as exc:
+            raise InvalidURL(f"bad value in {url!r}: {exc}") from None
+        tls = parts.scheme == "nats+tls" or params.get("tls") in ("1", "true")
+        self._server = f"{'tls' if tls else 'nats'}://{parts.hostname or '127.0.0.1'}:{port}"
+        self._user = unquote(parts.username) if parts.username else None
+        self._password = unquote(parts.password) if parts.password else None
+        self.serializer = serializer if serializer is not None else "msgpack"
+        self._ser = get_serializer(self.serializer)
+        self.maxsize = maxsize
+        self.reconnect_timeout = reconnect_timeout
+        self.subject = f"pigeon.{self.name}"
+        self.stream = stream_name(self.name)
+        self._nc: Any = None
+        self._js: Any = None
+        self._sub: Any = None
+        self._connecting: asyncio.Lock | None = None
+        self._closed = False
+        self._settling: set[asyncio.Future[None]] = set()  # acks not yet confirmed
+
+    def _track(self, fut: asyncio.Future[None]) -> asyncio.Future[None]:
+        """Remember a settle in flight: ``aclose`` lets it finish before it closes."""
+        self._settling.add(fut)
+        fut.add_done_callback(self._settling.discard)
+        return fut
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        await self._do(lambda js: self._ensure(js))
+
+    async def _jetstream(self) -> Any:
+        if self._closed:
+            raise ClosedResourceError("this queue handle was closed")
+        if self._nc is not None and not self._nc.is_closed:
+            return self._js
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:  # concurrent first calls share one connection
+            if self._nc is None or self._nc.is_closed:
+                import nats
+
+                options: dict[str, Any] = {
+                    "servers": [self._server],
+                    "connect_timeout": 5,
+                    "max_reconnect_attempts": 2,
+                }
+                if self._user and self._password is not None:
+                    options.update(user=self._user, password=self._password)
+                elif self._user:
+                    options["token"] = self._user
+                nc = await nats.connect(**options)
+                js = nc.jetstream()
+                try:
+                    await self._ensure(js)
+                except BaseException:
+                    await nc.close()
+                    raise
+                self._nc, self._js, self._sub = nc, js, None
+        return self._js
+
+    async def _ensure(self, js: Any) -> None:
+        """Create (or adopt) the stream and the durable pull consumer."""
+        from nats.js.api import (
+            AckPolicy,
+            ConsumerConfig,
+            DiscardPolicy,
+            RetentionPolicy,
+            StorageType,
+            StreamConfig,
+        )
+        from nats.js.errors import NotFoundError
+
+        try:
+            info = await js.stream_info(self.stream)
+            config = info.config
+            if self.maxsize and config.max_msgs != self.maxsize:
+                config.max_msgs = self.maxsize
+                config.discard = DiscardPolicy.NEW
+                await js.update_stream(config)
+            elif not self.maxsize and config.max_msgs and config.max_msgs > 0:
+                self.maxsize = int(config.max_msgs)
+        except NotFoundError:
+            await js.add_stream(
+                StreamConfig(
+                    name=self.stream, subjects=[self.subject],
+                    retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+                    max_msgs=self.maxsize or -1, discard=DiscardPolicy.NEW,
+                )
+            )  # fmt: skip
+        try:
+            await js.consumer_info(self.stream, DURABLE)
+        except NotFoundError:
+            await js.add_consumer(
+                self.stream,
+                ConsumerConfig(
+                    durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=self.lease, max_deliver=-1, filter_subject=self.subject,
+                    max_ack_pending=-1,
+                ),
+            )  # fmt: skip
+
+    async def _do(self, fn: Any, deadline: float | None = None) -> Any:
+        """Run ``fn(jetstream)``; translate nats-py errors; retry until the deadline."""
+        import nats.js.errors as jerr
+
+        _LOST_CONNECTION = _lost_connection()
+
+        retry_until = (
+            deadline if deadline is not None else time.monotonic() + self.reconnect_timeout
+        )
+        delay = 0.05
+        while True:
+            try:
+                return await fn(await self._jetstream())
+            except _LOST_CONNECTION as exc:
+                if time.monotonic() + delay > retry_until:
+                    raise BrokenResourceError(f"nats: {exc or type(exc).__name__}") from exc
+                await self._reset()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except jerr.APIError as exc:
+                raise PigeonError(f"JetStream refused the request: {exc}") from exc
+
+    async def _reset(self) -> None:
+        nc, self._nc, self._sub = self._nc, None, None
+        if nc is not None:
+            try:
+                await nc.close()
+            except Exception:  # closing a broken connection: nothing more to lose
+                pass
+
+    async def _subscription(self, js: Any) -> Any:
+        if self._sub is None:
+            self._sub = await js.pull_subscribe(self.subject, durable=DURABLE, stream=self.stream)
+        return self._sub
+
+    # --- the contract ---------------------------------------------------------------------
+
+    async def put(self, item: T, timeout: float | None = None, *, block: bool = True) -> None:
+        await self._put([self._ser.dumps(item)], block, timeout)
+
+    async def put_nowait(self, item: T) -> None:
+        await self.put(item, block=False)
+
+    async def put_many(
+        self, items: Iterable[T], timeout: float | None = None, *, block: bool = True
+    ) -> None:
+        payloads = [self._ser.dumps(i) for i in items]
+        if payloads:
+            if self.maxsize and len(payloads) > self.maxsize:
+                raise ValueError(
+                    f"put_many of {len(payloads)} items can never fit in maxsize={self.maxsize}"
+                )
+            await self._put(payloads, block, timeout)
+
+    async def _put(self, payloads: list[bytes], block: bool, timeout: float | None) -> None:
+        import nats.errors as nerr
+        import nats.js.errors as jerr
+
+        deadline = deadline_from(block, timeout)
+        delay = 0.001
+        sent = 0
+        while True:
+
+            async def publish(js: Any) -> None:
+                nonlocal sent
+                if len(payloads) - sent > 1:  # many in flight, then gather the acks
+                    acks = [await js.publish_async(self.subject, p) for p in payloads[sent:]]
+                    await asyncio.gather(*acks)
+                    sent = len(payloads)
+                    return
+                while sent < len(payloads):
+                    await js.publish(self.subject, payloads[sent], stream=self.stream)
+                    sent += 1
+
+            try:
+                await self._do(lambda js: self._with_room(js, len(payloads) - sent, publish))
+                return
+            except _NoRoom:
+                pass
+            except (nerr.NoRespondersError, jerr.NoStreamResponseError) as exc:
+                if await self._is_shut_down():
+                    raise ShutDown("the queue was shut down; put refused") from None
+                raise BrokenResourceError(f"nats: no stream answers {self.subject}") from exc
+            if await self._is_shut_down():
+                raise ShutDown("the queue was shut down; put refused")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
+            await asyncio.sleep(min(delay, max(0.0, (deadline or 1e18) - time.monotonic())))
+            delay = min(delay * 2, 0.05)
+
+    async def _with_room(self, js: Any, n: int, publish: Any) -> None:
+        # A batch goes in whole or not at all: check the room first (DiscardNew would
+        # otherwise keep the first items of a batch that does not fit).
+        if self.maxsize:
+            info = await js.stream_info(self.stream)
+            if info.config.description == SHUTDOWN_MARK:
+                raise _NoRoom
+            if info.state.messages + n > self.maxsize:
+                raise _NoRoom
+        try:
+            await publish(js)
+        except Exception as exc:  # JetStream's "maximum messages exceeded"
+            if "maximum messages" in str(exc):
+                raise _NoRoom from exc
+            raise
+
+    async def _is_shut_down(self) -> bool:
+        info = await self._do(lambda js: js.stream_info(self.stream))
+        return bool(info.config.description == SHUTDOWN_MARK)
+
+    async def _fetch(self, n: int, block: bool, timeout: float | None) -> list[Any]:
+        import nats.errors as nerr
+
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_items must be an int >= 1, not {n!r}")
+        deadline = deadline_from(block, timeout)
+        while True:
+            remaining = SLICE if deadline is None else deadline - time.monotonic()
+            wait = max(0.01, min(SLICE, remaining))
+
+            async def fetch(js: Any, wait: float = wait) -> list[Any]:
+                sub = await self._subscription(js)
+                try:
+                    return list(await sub.fetch(n, timeout=wait))
+                except nerr.TimeoutError:
+                    return []
+
+            got = await self._do(fetch)
+            live = []
+            for msg in got:
+                if msg.metadata.num_delivered > self.max_deliveries:
+                    await self._dead_letter(msg)
+                else:
+                    live.append(msg)
+            if live:
+                return live
+            if got:
+                continue
+            info = await self._do(lambda js: js.stream_info(self.stream))
+            if info.config.description == SHUTDOWN_MARK and info.state.messages == 0:
+                raise ShutDown("the queue was shut down and is drained")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise Empty(f"queue {self.name!r} is empty")
+
+    async def _dead_letter(self, msg: Any) -> None:
+        dead = AsyncNatsQueue[Any](
+            f"nats://{self._server.split('://', 1)[1]}/{self.name}.dead",
+            serializer="raw", reconnect_timeout=self.reconnect_timeout,
+        )  # fmt: skip
+        dead._user, dead._password = self._user, self._password
+        try:
+            await dead._put([msg.data], True, 10)
+        finally:
+            await dead.aclose()
+        await msg.term()
+
+    async def get(self, timeout: float | None = None, *, block: bool = True) -> T:
+        msg = (await self._fetch(1, block, timeout))[0]
+        await msg.ack()
+        return self._ser.loads(msg.data)  # type: ignore[no-any-return]
+
+    async def get_nowait(self) -> T:
+        return await self.get(block=False)
+
+    async def get_many(
+        self, max_items: int, timeout: float | None = None, *, block: bool = True
+    ) -> list[T]:
+        msgs = await self._fetch(max_items, block, timeout)
+        await asyncio.gather(*(m.ack() for m in msgs))
+        return [self._ser.loads(m.data) for m in msgs]
+
+    async def get_message(
+        self, timeout: float | None = None, lease: float | None = None
+    ) -> AsyncNatsMessage[T]:
+        msg = (await self._fetch(1, True, timeout))[0]
+        return AsyncNatsMessage(self, msg, self._ser.loads(msg.data))
+
+    async def qsize(self) -> int:
+        info = await self._do(lambda js: js.consumer_info(self.stream, DURABLE))
+        return int(info.num_pending)
+
+    async def empty(self) -> bool:
+        return await self.qsize() == 0
+
+    async def full(self) -> bool:
+        if not self.maxsize:
+            return False
+        info = await self._do(lambda js: js.stream_info(self.stream))
+        return bool(info.state.messages >= self.maxsize)
+
+    async def task_done(self) -> None:
+        raise Unsupported(
+            "task_done() is not available on nats://: JetStream has no server-side wait on "
+            "a counter; settle work with get_message() and ack() instead"
+        )
+
+    async def join(self, timeout: float | None = None) -> None:
+        raise Unsupported(
+            "join() is not available on nats://: JetStream has no server-side wait on a "
+            "counter; use get_message()/ack() and your own completion signal"
+        )
+
+    async def shutdown(self, immediate: bool = False) -> None:
+        async def run(js: Any) -> None:
+            info = await js.stream_info(self.stream)
+            config = info.config
+            # Stop listening on the subject: puts find no stream; the stored messages
+            # stay and the consumer keeps delivering them.
+            config.subjects = [f"pigeon-shutdown.{self.name}"]
+            config.description = SHUTDOWN_MARK
+            await js.update_stream(config)
+            if immediate:
+                await js.purge_stream(self.stream)
+
+        await self._do(run)
+
+    async def aclose(self) -> None:
+        if self._settling:  # acks and nacks sent without waiting: let them land first
+            await asyncio.gather(*self._settling, return_exceptions=True)
+        if not self._closed:
+            self._closed = True
+            await self._reset()
+
+
+class _NoRoom(Exception):
+    pass
+
+
+def _lost_connection() -> tuple[type[BaseException], ...]:
+    import nats.errors as nerr
+    import nats.js.errors as jerr
+
+    return (
+        nerr.ConnectionClosedError,
+        nerr.NoServersError,
+        nerr.StaleConnectionError,
+        nerr.ConnectionReconnectingError,
+        OSError,
+        jerr.ServiceUnavailableError,
+    )
+
+
+class AsyncNatsMessage(Generic[T]):
+    """A JetStream message held by this consumer until acked, nacked or AckWait ends."""
+
+    def __init__(self, queue: AsyncNatsQueue[T], msg: Any, body: T) -> None:
+        self._queue = queue
+        self._msg = msg
+        self.body = body
+        self.delivery_count = int(msg.metadata.num_delivered)
+        self._settled = False
+
+    def _check(self) -> None:
+        if self._settled:
+            raise LocalProtocolError("this message was already acked or nacked")
+
+    async def _translate(self, coro: Awaitable[Any]) -> None:
+        try:
+            await coro
+        except Exception as exc:
+            raise BrokenResourceError(f"nats: cannot settle the message: {exc}") from exc
+
+    def ack(self) -> Awaitable[None]:
+        self._check()
+        self._settled = True
+        return self._queue._track(asyncio.ensure_future(self._translate(self._msg.ack_sync())))
+
+    def nack(self, requeue: bool = True, delay: float = 0) -> Awaitable[None]:
+        if delay < 0:
+            raise ValueError(f"delay must be >= 0, not {delay}")
+        self._check()
+        self._settled = True
+        if not requeue:
+            return self._queue._track(asyncio.ensure_future(self._queue._dead_letter(self._msg)))
+        return self._queue._track(
+            asyncio.ensure_future(self._translate(self._msg.nak(delay=delay or None)))
+        )
+
+    def extend(self, seconds: float) -> Awaitable[None]:
+        """Restart the lease (JetStream's in-progress: AckWait counts again from now)."""
+        if seconds < 0:
+            raise ValueError(f"seconds must be >= 0, not {seconds}")
+        self._check()
+        return self._queue._track(asyncio.ensure_future(self._translate(self._msg.in_progress())))
+
+
+class NatsQueue(SyncFace[T]):
+    """The blocking face of ``AsyncNatsQueue`` (see the module docstring)."""
+
+    impl_class = AsyncNatsQueue
