@@ -17,7 +17,7 @@ import pytest
 
 import pigeon
 from pigeon.backends.local import LocalQueue
-from pigeon.errors import ClosedResourceError, InvalidURL, ShutDown, Unsupported
+from pigeon.errors import ClosedResourceError, InvalidURL, ShutDown
 
 METHODS = ["fork", "spawn", "forkserver"]
 WORDS = ["java", "Python", "JavaScript"]
@@ -309,8 +309,8 @@ def test_constructor_errors_are_clear() -> None:
         pigeon.Queue(maxsize=-1)
     with pytest.raises(InvalidURL, match="no backend for 'rediss\\+'"):
         pigeon.Queue("rediss+://x/y")
-    with pytest.raises(Unsupported, match="not available in this version"):
-        pigeon.Queue("nats://127.0.0.1:4222/jobs")
+    with pytest.raises(InvalidURL, match="known: nats, nats\\+tls, pigeon"):
+        pigeon.Queue("zmq://127.0.0.1:5555/jobs")
 
 
 def test_local_queue_has_no_url_and_is_a_pigeon_queue() -> None:

@@ -1,0 +1,144 @@
+"""Faults on the Redis and NATS backends: a consumer killed before it acks, the server
+restarted mid-stream (a scratch server on another port, with persistence), and errors of
+the client libraries never escaping raw."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pigeon
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int) -> None:
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {port}")
+
+
+def needs(service: str, port: int) -> None:
+    try:
+        socket.create_connection(("127.0.0.1", port), 2).close()
+    except OSError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{service} is not running on 127.0.0.1:{port} ({exc}); CI has it")
+        pytest.skip(f"{service} is not running on 127.0.0.1:{port} ({exc})")
+
+
+def _hold_and_hang(url: str, got: Any) -> None:
+    q = pigeon.Queue(url)
+    msg = q.get_message(timeout=20)
+    got.put(msg.body)
+    time.sleep(60)  # SIGKILLed before it acks
+
+
+@pytest.mark.parametrize(
+    ("service", "port", "url"),
+    [("Redis", 6379, "redis://127.0.0.1:6379/"), ("NATS", 4222, "nats://127.0.0.1:4222/")],
+)
+def test_consumer_killed_before_ack_is_redelivered(service: str, port: int, url: str) -> None:
+    needs(service, port)
+    url = f"{url}kill-{os.getpid()}-{time.monotonic_ns()}?lease=1"
+    ctx = mp.get_context("spawn")
+    with pigeon.Queue(url) as q:
+        q.put("job")
+        got = ctx.SimpleQueue()
+        p = ctx.Process(target=_hold_and_hang, args=(url, got))
+        p.start()
+        assert got.get() == "job"
+        os.kill(p.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        p.join(10)
+        msg = q.get_message(timeout=20)  # after the 1 s lease: neither engine sees the death
+        assert msg.body == "job" and msg.delivery_count == 2
+        msg.ack()
+
+
+@pytest.fixture
+def scratch_redis(tmp_path: Path) -> Iterator[tuple[int, Any]]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+            "yes", "--appendfsync", "always", "--dir", str(tmp_path)]  # fmt: skip
+    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    wait_port(port)
+
+    def restart() -> None:
+        procs[-1].send_signal(signal.SIGKILL)  # a crash, not a clean shutdown
+        procs[-1].wait(10)
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_port(port)
+
+    yield port, restart
+    for p in procs:
+        p.kill()
+        p.wait(10)
+
+
+@pytest.fixture
+def scratch_nats(tmp_path: Path) -> Iterator[tuple[int, Any]]:
+    exe = shutil.which("nats-server")
+    if exe is None:
+        pytest.skip("nats-server is not installed")
+    port = free_port()
+    argv = [exe, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path)]
+    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    wait_port(port)
+
+    def restart() -> None:
+        procs[-1].send_signal(signal.SIGTERM)  # JetStream syncs its files on a clean stop
+        procs[-1].wait(20)
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_port(port)
+
+    yield port, restart
+    for p in procs:
+        p.kill()
+        p.wait(10)
+
+
+@pytest.mark.parametrize("engine", ["redis", "nats"])
+def test_confirmed_messages_are_delivered_after_a_server_restart(
+    engine: str, request: pytest.FixtureRequest
+) -> None:
+    port, restart = request.getfixturevalue(f"scratch_{engine}")
+    url = f"{engine}://127.0.0.1:{port}/restart"
+    with pigeon.Queue(url, reconnect_timeout=30) as q:
+        q.put_many([f"before-{i}" for i in range(100)])
+        first = q.get_many(10, timeout=10)
+        restart()
+        q.put_many([f"after-{i}" for i in range(50)], timeout=30)
+        rest: list[str] = []
+        while len(first) + len(rest) < 150:
+            rest += q.get_many(100, timeout=30)
+    assert first + rest == [f"before-{i}" for i in range(100)] + [f"after-{i}" for i in range(50)]
+
+
+@pytest.mark.parametrize("scheme", ["redis", "nats"])
+def test_client_library_errors_are_translated(scheme: str) -> None:
+    port = free_port()  # nothing listens there
+    with pytest.raises(pigeon.BrokenResourceError) as info:
+        pigeon.Queue(f"{scheme}://127.0.0.1:{port}/nowhere", reconnect_timeout=0.5)
+    assert isinstance(info.value, pigeon.PigeonError)
+    assert info.value.__cause__ is not None  # the library's own error, kept for debugging
