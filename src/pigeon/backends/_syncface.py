@@ -1,27 +1,50 @@
 """A blocking ``pigeon.Queue`` over any asyncio implementation of the queue methods.
 
-The Redis and NATS backends are written once, for asyncio; their blocking faces are this
-class, which runs each call on pigeon's private I/O loop (``_loopthread``), so a blocking
-call never touches an event loop the caller may be running. After a fork the child opens
-its own client: connections belong to the process that made them.
+The Redis and NATS backends are written once, for asyncio; this class is their blocking
+face. For request/response clients (redis-py) each thread gets its own client on its own
+private event loop, driven with ``run_until_complete`` in the calling thread: no hop to
+another thread per call. Clients that need their loop running between calls (nats-py
+answers pings and reconnects in the background), and any call made from a thread that is
+already running an event loop, use pigeon's shared I/O thread (``_loopthread``) instead,
+never the caller's loop. After a
+fork the child opens its own clients: connections belong to the process that made them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeVar
 
 from pigeon._queue_base import Message, Queue
 from pigeon.backends import _loopthread
+from pigeon.errors import ClosedResourceError
 
 T = TypeVar("T")
+
+
+class _Lane:
+    """One client and the loop it lives on."""
+
+    def __init__(self, impl: Any, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.impl = impl
+        self.loop = loop  # None: the shared I/O thread's loop
+
+    def run(self, coro: Any) -> Any:
+        if self.loop is None:
+            return _loopthread.run(coro)
+        return self.loop.run_until_complete(coro)
 
 
 class SyncFace(Queue[T]):
     """Blocking face; subclasses name their asyncio implementation in ``impl_class``."""
 
     impl_class: ClassVar[Callable[..., Any]]
+    # A client that needs its loop running between calls (background reads, pings,
+    # reconnects: nats-py) sets this to False and lives on the shared I/O thread.
+    own_loops: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -38,15 +61,47 @@ class SyncFace(Queue[T]):
             "max_deliveries": max_deliveries, "reconnect_timeout": reconnect_timeout,
         }  # fmt: skip
         self._url = url
-        self._impl: Any = self.impl_class(url, **self._options)
+        self._local = threading.local()
+        self._lanes: list[_Lane] = []
+        self._lock = threading.Lock()
         self._pid = os.getpid()
-        self._call("connect")
+        self._closed = False
+        self._maxsize = maxsize
+        try:
+            self._call("connect")
+        except BaseException:
+            self.close()  # the loop and client made for the attempt
+            raise
+
+    def _lane(self) -> _Lane:
+        if self._closed:
+            raise ClosedResourceError("this queue handle was closed")
+        if self._pid != os.getpid():  # crossed a fork: every lane is the parent's
+            self._local = threading.local()
+            self._lanes = []
+            self._lock = threading.Lock()
+            self._pid = os.getpid()
+        try:
+            asyncio.get_running_loop()
+            in_async = True
+        except RuntimeError:
+            in_async = False
+        shared = in_async or not self.own_loops
+        key = "shared" if shared else "own"
+        lane: _Lane | None = getattr(self._local, key, None)
+        if lane is None:
+            loop = None if shared else asyncio.new_event_loop()
+            lane = _Lane(self.impl_class(self._url, **self._options), loop)
+            setattr(self._local, key, lane)
+            with self._lock:
+                self._lanes.append(lane)
+        return lane
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        if self._pid != os.getpid():
-            self._impl = self.impl_class(self._url, **self._options)
-            self._pid = os.getpid()
-        return _loopthread.run(getattr(self._impl, method)(*args, **kwargs))
+        lane = self._lane()
+        result = lane.run(getattr(lane.impl, method)(*args, **kwargs))
+        self._maxsize = int(lane.impl.maxsize)
+        return result
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_reopen, (type(self), self._url, self._options))
@@ -61,7 +116,7 @@ class SyncFace(Queue[T]):
 
     @property
     def maxsize(self) -> int:
-        return int(self._impl.maxsize)
+        return self._maxsize
 
     def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
         self._call("put", item, timeout, block=block)
@@ -80,7 +135,8 @@ class SyncFace(Queue[T]):
     def get_message(
         self, timeout: float | None = None, lease: float | None = None
     ) -> SyncMessage[T]:
-        return SyncMessage(self, self._call("get_message", timeout, lease))
+        lane = self._lane()
+        return SyncMessage(lane, lane.run(lane.impl.get_message(timeout, lease)))
 
     def qsize(self) -> int:
         return int(self._call("qsize"))
@@ -98,8 +154,27 @@ class SyncFace(Queue[T]):
         self._call("shutdown", immediate)
 
     def close(self) -> None:
-        if not self._impl.closed and self._pid == os.getpid():
-            self._call("aclose")
+        """Close every client this handle opened (in any thread of this process)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pid != os.getpid():
+            return
+        with self._lock:
+            lanes, self._lanes = self._lanes, []
+
+        def close_all() -> None:
+            # In a thread of its own: no event loop runs there, whatever runs in ours.
+            for lane in lanes:
+                try:
+                    lane.run(lane.impl.aclose())
+                finally:
+                    if lane.loop is not None and not lane.loop.is_running():
+                        lane.loop.close()
+
+        closer = threading.Thread(target=close_all, name="pigeon-close")
+        closer.start()
+        closer.join()
 
     def __repr__(self) -> str:
         return f"<pigeon.Queue {self._url}>"
@@ -110,10 +185,10 @@ def _reopen(cls: type[SyncFace[Any]], url: str, options: dict[str, Any]) -> Sync
 
 
 class SyncMessage(Message[T]):
-    """The blocking face of an asyncio message (``ack``/``nack``/``extend`` awaitable)."""
+    """The blocking face of an asyncio message, settled on the client that took it."""
 
-    def __init__(self, queue: SyncFace[T], inner: Any) -> None:
-        self._queue = queue
+    def __init__(self, lane: _Lane, inner: Any) -> None:
+        self._lane = lane
         self._inner = inner
         self.body = inner.body
         self.delivery_count = inner.delivery_count
@@ -122,7 +197,7 @@ class SyncMessage(Message[T]):
         async def go() -> None:
             await make()
 
-        _loopthread.run(go())
+        self._lane.run(go())
 
     def ack(self) -> None:
         self._wait(self._inner.ack)

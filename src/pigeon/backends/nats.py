@@ -368,7 +368,7 @@ class AsyncNatsQueue(Generic[T]):
 
     async def get(self, timeout: float | None = None, *, block: bool = True) -> T:
         msg = (await self._fetch(1, block, timeout))[0]
-        await msg.ack()
+        await msg.ack_sync()  # confirmed: the room it frees is there for the next put
         return self._ser.loads(msg.data)  # type: ignore[no-any-return]
 
     async def get_nowait(self) -> T:
@@ -378,7 +378,7 @@ class AsyncNatsQueue(Generic[T]):
         self, max_items: int, timeout: float | None = None, *, block: bool = True
     ) -> list[T]:
         msgs = await self._fetch(max_items, block, timeout)
-        await asyncio.gather(*(m.ack() for m in msgs))
+        await asyncio.gather(*(m.ack_sync() for m in msgs))
         return [self._ser.loads(m.data) for m in msgs]
 
     async def get_message(
@@ -500,3 +500,4 @@ class NatsQueue(SyncFace[T]):
     """The blocking face of ``AsyncNatsQueue`` (see the module docstring)."""
 
     impl_class = AsyncNatsQueue
+    own_loops = False

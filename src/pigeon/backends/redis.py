@@ -71,6 +71,33 @@ return 'OK'
 """
 
 
+# Plain get: read new entries and forget them in one round trip (XREADGROUP without
+# BLOCK may run in a script).
+_TAKE = """
+local res = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
+                       'STREAMS', KEYS[1], '>')
+local out, ids = {}, {}
+if not res then return out end
+for _, entry in ipairs(res[1][2]) do
+    local id, fields = entry[1], entry[2]
+    ids[#ids + 1] = id
+    if fields then
+        for i = 1, #fields, 2 do
+            if fields[i] == 'd' then
+                out[#out + 1] = id
+                out[#out + 1] = fields[i + 1]
+            end
+        end
+    end
+end
+if #ids > 0 then
+    redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
+    redis.call('XDEL', KEYS[1], unpack(ids))
+end
+return out
+"""
+
+
 def _client_error(exc: BaseException) -> PigeonError:
     err = BrokenResourceError(f"redis: {exc}")
     err.__cause__ = exc
@@ -126,6 +153,8 @@ class AsyncRedisQueue(Generic[T]):
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._r: Any = None
         self._put_script: Any = None
+        self._take_script: Any = None
+        self._last_claim = 0.0
         self._ready = False
         self._closed = False
         self._settling: set[asyncio.Future[None]] = set()  # acks not yet confirmed
@@ -157,6 +186,7 @@ class AsyncRedisQueue(Generic[T]):
                 username=self._username, ssl=self._tls, decode_responses=False,
             )  # fmt: skip
             self._put_script = self._r.register_script(_PUT)
+            self._take_script = self._r.register_script(_TAKE)
         if not self._ready:
             await self._setup(self._r)
         return self._r
@@ -232,19 +262,45 @@ class AsyncRedisQueue(Generic[T]):
             await asyncio.sleep(min(delay, max(0.0, (deadline or 1e18) - time.monotonic())))
             delay = min(delay * 2, 0.05)
 
+    def _claim_due(self) -> bool:
+        return time.monotonic() - self._last_claim > 1.0
+
+    async def _read_now(self, r: Any, n: int, take: bool) -> list[tuple[bytes, int, bytes]]:
+        """New entries without waiting; with ``take`` they are acked and deleted at once."""
+        if not take:
+            return await self._read_new(r, n, 0)
+        flat = await self._take_script(keys=[self.stream], args=[GROUP, self.consumer, n], client=r)
+        return [(flat[i], 1, flat[i + 1]) for i in range(0, len(flat), 2)]
+
     async def _fetch(
-        self, n: int, block: bool, timeout: float | None, lease: float | None = None
+        self,
+        n: int,
+        block: bool,
+        timeout: float | None,
+        lease: float | None = None,
+        take: bool = False,
     ) -> list[tuple[bytes, int, bytes]]:
-        """Up to ``n`` entries as (id, delivery_count, payload), held by this consumer."""
+        """Up to ``n`` entries as (id, delivery_count, payload): held by this consumer, or,
+        with ``take``, already acked and deleted (plain ``get``)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"max_items must be an int >= 1, not {n!r}")
         deadline = deadline_from(block, timeout)
         while True:
-            got = await self._do(lambda r: self._claim(r, n))
+            # New entries first, in one round trip (and, with ``take``, acked in the same
+            # script); expired ones are claimed when there is nothing new, or once a
+            # second, so a busy queue still gives back what a dead consumer held.
+            got = [] if self._claim_due() else await self._do(lambda r: self._read_now(r, n, take))
+            if not got:
+                got = await self._do(lambda r: self._claim(r, n))
+                self._last_claim = time.monotonic()
+                if got and take:
+                    await self._settle([g[0] for g in got])
             if not got:
                 remaining = SLICE if deadline is None else deadline - time.monotonic()
                 wait_ms = int(max(0.0, min(SLICE, remaining)) * 1000)
                 got = await self._do(lambda r, w=wait_ms: self._read_new(r, n, w))
+                if got and take:
+                    await self._settle([g[0] for g in got])
             if got:
                 if lease is not None and lease != self.lease:
                     await self._set_idle([g[0] for g in got], self.lease - lease)
@@ -285,7 +341,7 @@ class AsyncRedisQueue(Generic[T]):
 
     async def _read_new(self, r: Any, n: int, wait_ms: int) -> list[tuple[bytes, int, bytes]]:
         res = await r.xreadgroup(
-            GROUP, self.consumer, {self.stream: ">"}, count=n, block=wait_ms or None
+            GROUP, self.consumer, {self.stream: ">"}, count=n, block=wait_ms if wait_ms else None
         )
         if not res:
             return []
@@ -314,8 +370,7 @@ class AsyncRedisQueue(Generic[T]):
         return int(await self._do(run))
 
     async def get(self, timeout: float | None = None, *, block: bool = True) -> T:
-        got = await self._fetch(1, block, timeout)
-        await self._settle([g[0] for g in got])
+        got = await self._fetch(1, block, timeout, take=True)
         return self._ser.loads(got[0][2])  # type: ignore[no-any-return]
 
     async def get_nowait(self) -> T:
@@ -324,8 +379,7 @@ class AsyncRedisQueue(Generic[T]):
     async def get_many(
         self, max_items: int, timeout: float | None = None, *, block: bool = True
     ) -> list[T]:
-        got = await self._fetch(max_items, block, timeout)
-        await self._settle([g[0] for g in got])
+        got = await self._fetch(max_items, block, timeout, take=True)
         return [self._ser.loads(g[2]) for g in got]
 
     async def get_message(

@@ -1,0 +1,173 @@
+"""pigeon.Queue over redis:// and nats:// against the raw clients doing the same work.
+
+Run:  python benchmarks/engines.py [--quick]
+
+For each engine, the same N items of 64 B are put, then taken and acknowledged:
+  raw naive   one command per item (redis-py XADD; XREADGROUP COUNT 1 + XACK + XDEL;
+              nats-py publish awaiting each ack; fetch(1) + ack)
+  raw best    batches of 100 (a redis-py pipeline; 100 publishes in flight, fetch(100))
+  pigeon      pigeon.Queue(url).put / get (the blocking face)
+  pigeon x100 put_many / get_many of 100
+Prints put and get rates with ratios to the raw client, writes benchmarks/results/engines.png.
+Targets: pigeon x100 within 10% of raw best; pigeon single no slower than raw naive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+
+import pigeon
+from _report import RESULTS, bars, table
+
+ITEM = b"x" * 64
+BATCH = 100
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# --- Redis ------------------------------------------------------------------------------
+
+
+def redis_raw(n: int, batch: int) -> tuple[float, float]:
+    import redis
+
+    r = redis.Redis(host="127.0.0.1", port=6379)
+    key = f"bench-raw-{uuid.uuid4().hex[:8]}"
+    r.xgroup_create(key, "g", id="0", mkstream=True)
+
+    def put() -> None:
+        if batch == 1:
+            for _ in range(n):
+                r.xadd(key, {"d": ITEM})
+            return
+        for _ in range(0, n, batch):
+            p = r.pipeline(transaction=False)
+            for _ in range(batch):
+                p.xadd(key, {"d": ITEM})
+            p.execute()
+
+    def get() -> None:
+        got = 0
+        while got < n:
+            res = r.xreadgroup("g", "c", {key: ">"}, count=batch, block=1000)
+            ids = [i for i, _ in res[0][1]]
+            p = r.pipeline(transaction=True)
+            p.xack(key, "g", *ids)
+            p.xdel(key, *ids)
+            p.execute()
+            got += len(ids)
+
+    out = timed(put), timed(get)
+    r.delete(key)
+    r.close()
+    return out
+
+
+def pigeon_run(url: str, n: int, batch: int) -> tuple[float, float]:
+    with pigeon.Queue(url, serializer="raw") as q:
+
+        def put() -> None:
+            if batch == 1:
+                for _ in range(n):
+                    q.put(ITEM)
+            else:
+                for _ in range(0, n, batch):
+                    q.put_many([ITEM] * batch)
+
+        def get() -> None:
+            got = 0
+            while got < n:
+                if batch == 1:
+                    q.get(timeout=10)
+                    got += 1
+                else:
+                    got += len(q.get_many(batch, timeout=10))
+
+        return timed(put), timed(get)
+
+
+# --- NATS -------------------------------------------------------------------------------
+
+
+def nats_raw(n: int, batch: int) -> tuple[float, float]:
+    async def main() -> tuple[float, float]:
+        import nats
+        from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+
+        nc = await nats.connect("nats://127.0.0.1:4222")
+        js = nc.jetstream()
+        name = f"BENCHRAW{uuid.uuid4().hex[:8]}"
+        await js.add_stream(StreamConfig(name=name, subjects=[name], storage=StorageType.FILE,
+                                         retention=RetentionPolicy.WORK_QUEUE))  # fmt: skip
+        t = time.perf_counter()
+        if batch == 1:
+            for _ in range(n):
+                await js.publish(name, ITEM)
+        else:
+            for _ in range(0, n, batch):
+                acks = [await js.publish_async(name, ITEM) for _ in range(batch)]
+                await asyncio.gather(*acks)
+        put = time.perf_counter() - t
+        sub = await js.pull_subscribe(name, durable="c")
+        t = time.perf_counter()
+        got = 0
+        while got < n:
+            msgs = await sub.fetch(batch, timeout=5)
+            if batch == 1:
+                for m in msgs:
+                    await m.ack()
+            else:
+                await asyncio.gather(*(m.ack() for m in msgs))
+            got += len(msgs)
+        get = time.perf_counter() - t
+        await js.delete_stream(name)
+        await nc.close()
+        return put, get
+
+    return asyncio.run(main())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    n_single, n_batch = (500, 5_000) if args.quick else (3_000, 50_000)
+    rows: list[list[object]] = []
+    plot: dict[str, dict[str, float]] = {}
+    for engine, raw, scheme in (("redis", redis_raw, "redis://127.0.0.1:6379"),
+                                ("nats", nats_raw, "nats://127.0.0.1:4222")):  # fmt: skip
+        results: dict[str, tuple[float, float]] = {}
+        for label, batch, n in (("single", 1, n_single), ("x100", BATCH, n_batch)):
+            rp, rg = raw(n, batch)
+            pp, pg = pigeon_run(f"{scheme}/bench-{uuid.uuid4().hex[:8]}", n, batch)
+            results[f"raw {label}"] = (n / rp, n / rg)
+            results[f"pigeon {label}"] = (n / pp, n / pg)
+            for who, (put, get) in (("raw", (rp, rg)), ("pigeon", (pp, pg))):
+                rates = f"put {n / put:10,.0f}/s  get {n / get:10,.0f}/s"
+                print(f"  {engine:5s} {who:6s} {label:6s} {rates}", flush=True)
+        for name, (put, get) in results.items():
+            kind = name.split()[1]
+            base_put, base_get = results[f"raw {kind}"]
+            rows.append([engine, name, f"{put:,.0f}", f"{put / base_put:.2f}×",
+                         f"{get:,.0f}", f"{get / base_get:.2f}×"])  # fmt: skip
+        plot[engine] = {k: v[0] for k, v in results.items()}
+        ps, pb = results["pigeon single"], results["pigeon x100"]
+        rs, rb = results["raw single"], results["raw x100"]
+        print(f"{engine}: pigeon x100 / raw best: put {pb[0] / rb[0]:.2f}, get {pb[1] / rb[1]:.2f} "
+              f"(target ≥ 0.9); pigeon single / raw naive: put {ps[0] / rs[0]:.2f}, "
+              f"get {ps[1] / rs[1]:.2f} (target ≥ 1)")  # fmt: skip
+    table("engines: pigeon.Queue vs the raw client (items/s)",
+          ["engine", "client", "put/s", "vs raw", "get+ack/s", "vs raw"], rows)  # fmt: skip
+    print(f"plot written to {bars(RESULTS / 'engines.png', 'put rate (items/s)', plot, 'items/s')}")
+
+
+if __name__ == "__main__":
+    main()
