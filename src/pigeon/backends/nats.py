@@ -368,8 +368,16 @@ class AsyncNatsQueue(Generic[T]):
 
     async def get(self, timeout: float | None = None, *, block: bool = True) -> T:
         msg = (await self._fetch(1, block, timeout))[0]
-        await msg.ack_sync()  # confirmed: the room it frees is there for the next put
+        await self._ack_all([msg])
         return self._ser.loads(msg.data)  # type: ignore[no-any-return]
+
+    async def _ack_all(self, msgs: list[Any]) -> None:
+        """Ack a batch with one round trip: send every ack, then a flush (PING/PONG), so
+        the room they free is there for the next put."""
+        for m in msgs:
+            await m.ack()
+        if self._nc is not None:
+            await self._nc.flush()
 
     async def get_nowait(self) -> T:
         return await self.get(block=False)
@@ -378,7 +386,7 @@ class AsyncNatsQueue(Generic[T]):
         self, max_items: int, timeout: float | None = None, *, block: bool = True
     ) -> list[T]:
         msgs = await self._fetch(max_items, block, timeout)
-        await asyncio.gather(*(m.ack_sync() for m in msgs))
+        await self._ack_all(msgs)
         return [self._ser.loads(m.data) for m in msgs]
 
     async def get_message(
