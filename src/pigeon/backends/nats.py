@@ -36,11 +36,12 @@ import asyncio
 import hashlib
 import re
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pigeon._queue_base import deadline_from
+from pigeon.backends._asyncbase import EngineQueue
 from pigeon.backends._syncface import SyncFace
 from pigeon.errors import (
     BrokenResourceError,
@@ -71,7 +72,7 @@ def stream_name(queue: str) -> str:
     return f"PIGEON_{safe}"
 
 
-class AsyncNatsQueue(Generic[T]):
+class AsyncNatsQueue(EngineQueue[T]):
     """The asyncio implementation; ``NatsQueue`` is its blocking face."""
 
     def __init__(
@@ -92,6 +93,7 @@ class AsyncNatsQueue(Generic[T]):
             raise Unsupported("nats:// needs nats-py: pip install 'pigeon-queue[nats]'") from exc
         parts = urlsplit(url)
         self.url = url
+        self.engine = "nats"
         self.name = unquote(parts.path.lstrip("/"))
         if not self.name or not _SUBJECT_TOKEN.match(self.name) or ".." in self.name:
             raise InvalidURL(
@@ -123,16 +125,6 @@ class AsyncNatsQueue(Generic[T]):
         self._connecting: asyncio.Lock | None = None
         self._closed = False
         self._settling: set[asyncio.Future[None]] = set()  # acks not yet confirmed
-
-    def _track(self, fut: asyncio.Future[None]) -> asyncio.Future[None]:
-        """Remember a settle in flight: ``aclose`` lets it finish before it closes."""
-        self._settling.add(fut)
-        fut.add_done_callback(self._settling.discard)
-        return fut
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -246,23 +238,6 @@ class AsyncNatsQueue(Generic[T]):
         return self._sub
 
     # --- the contract ---------------------------------------------------------------------
-
-    async def put(self, item: T, timeout: float | None = None, *, block: bool = True) -> None:
-        await self._put([self._ser.dumps(item)], block, timeout)
-
-    async def put_nowait(self, item: T) -> None:
-        await self.put(item, block=False)
-
-    async def put_many(
-        self, items: Iterable[T], timeout: float | None = None, *, block: bool = True
-    ) -> None:
-        payloads = [self._ser.dumps(i) for i in items]
-        if payloads:
-            if self.maxsize and len(payloads) > self.maxsize:
-                raise ValueError(
-                    f"put_many of {len(payloads)} items can never fit in maxsize={self.maxsize}"
-                )
-            await self._put(payloads, block, timeout)
 
     async def _put(self, payloads: list[bytes], block: bool, timeout: float | None) -> None:
         import nats.errors as nerr
@@ -379,9 +354,6 @@ class AsyncNatsQueue(Generic[T]):
         if self._nc is not None:
             await self._nc.flush()
 
-    async def get_nowait(self) -> T:
-        return await self.get(block=False)
-
     async def get_many(
         self, max_items: int, timeout: float | None = None, *, block: bool = True
     ) -> list[T]:
@@ -399,26 +371,11 @@ class AsyncNatsQueue(Generic[T]):
         info = await self._do(lambda js: js.consumer_info(self.stream, DURABLE))
         return int(info.num_pending)
 
-    async def empty(self) -> bool:
-        return await self.qsize() == 0
-
     async def full(self) -> bool:
         if not self.maxsize:
             return False
         info = await self._do(lambda js: js.stream_info(self.stream))
         return bool(info.state.messages >= self.maxsize)
-
-    async def task_done(self) -> None:
-        raise Unsupported(
-            "task_done() is not available on nats://: JetStream has no server-side wait on "
-            "a counter; settle work with get_message() and ack() instead"
-        )
-
-    async def join(self, timeout: float | None = None) -> None:
-        raise Unsupported(
-            "join() is not available on nats://: JetStream has no server-side wait on a "
-            "counter; use get_message()/ack() and your own completion signal"
-        )
 
     async def shutdown(self, immediate: bool = False) -> None:
         async def run(js: Any) -> None:

@@ -36,11 +36,12 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from typing import Any, Generic, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pigeon._queue_base import deadline_from
+from pigeon.backends._asyncbase import EngineQueue
 from pigeon.backends._syncface import SyncFace
 from pigeon.errors import (
     BrokenResourceError,
@@ -104,7 +105,7 @@ def _client_error(exc: BaseException) -> PigeonError:
     return err
 
 
-class AsyncRedisQueue(Generic[T]):
+class AsyncRedisQueue(EngineQueue[T]):
     """The asyncio implementation; ``RedisQueue`` is its blocking face."""
 
     def __init__(
@@ -125,6 +126,7 @@ class AsyncRedisQueue(Generic[T]):
             raise Unsupported("redis:// needs redis-py: pip install 'pigeon-queue[redis]'") from exc
         parts = urlsplit(url)
         self.url = url
+        self.engine = "redis"
         self.name = unquote(parts.path.lstrip("/"))
         if not self.name or "/" in self.name:
             raise InvalidURL(f"{url!r} names no queue: write redis://HOST:6379/QUEUE")
@@ -159,17 +161,7 @@ class AsyncRedisQueue(Generic[T]):
         self._closed = False
         self._settling: set[asyncio.Future[None]] = set()  # acks not yet confirmed
 
-    def _track(self, fut: asyncio.Future[None]) -> asyncio.Future[None]:
-        """Remember a settle in flight: ``aclose`` lets it finish before it closes."""
-        self._settling.add(fut)
-        fut.add_done_callback(self._settling.discard)
-        return fut
-
     # --- plumbing -------------------------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     async def connect(self) -> None:
         """Connect now (the blocking face does, to report a bad URL or server at once)."""
@@ -228,23 +220,6 @@ class AsyncRedisQueue(Generic[T]):
                 raise PigeonError(f"redis refused the command: {exc}") from exc
 
     # --- the contract ---------------------------------------------------------------------
-
-    async def put(self, item: T, timeout: float | None = None, *, block: bool = True) -> None:
-        await self._put([self._ser.dumps(item)], block, timeout)
-
-    async def put_nowait(self, item: T) -> None:
-        await self.put(item, block=False)
-
-    async def put_many(
-        self, items: Iterable[T], timeout: float | None = None, *, block: bool = True
-    ) -> None:
-        payloads = [self._ser.dumps(i) for i in items]
-        if payloads:
-            if self.maxsize and len(payloads) > self.maxsize:
-                raise ValueError(
-                    f"put_many of {len(payloads)} items can never fit in maxsize={self.maxsize}"
-                )
-            await self._put(payloads, block, timeout)
 
     async def _put(self, payloads: list[bytes], block: bool, timeout: float | None) -> None:
         deadline = deadline_from(block, timeout)
@@ -373,9 +348,6 @@ class AsyncRedisQueue(Generic[T]):
         got = await self._fetch(1, block, timeout, take=True)
         return self._ser.loads(got[0][2])  # type: ignore[no-any-return]
 
-    async def get_nowait(self) -> T:
-        return await self.get(block=False)
-
     async def get_many(
         self, max_items: int, timeout: float | None = None, *, block: bool = True
     ) -> list[T]:
@@ -398,25 +370,10 @@ class AsyncRedisQueue(Generic[T]):
 
         return int(await self._do(run))
 
-    async def empty(self) -> bool:
-        return await self.qsize() == 0
-
     async def full(self) -> bool:
         if not self.maxsize:
             return False
         return int(await self._do(lambda r: r.xlen(self.stream))) >= self.maxsize
-
-    async def task_done(self) -> None:
-        raise Unsupported(
-            "task_done() is not available on redis://: Redis has no server-side wait on a "
-            "counter; settle work with get_message() and ack() instead"
-        )
-
-    async def join(self, timeout: float | None = None) -> None:
-        raise Unsupported(
-            "join() is not available on redis://: Redis has no server-side wait on a "
-            "counter; use get_message()/ack() and your own completion signal"
-        )
 
     async def shutdown(self, immediate: bool = False) -> None:
         async def run(r: Any) -> None:

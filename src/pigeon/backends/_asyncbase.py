@@ -1,0 +1,77 @@
+"""What the asyncio implementations of the engine backends (Redis, NATS) share: the
+methods defined by the ones each engine provides (``_put``, ``get``, ``qsize``)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any, Generic, TypeVar
+
+from pigeon.errors import Unsupported
+
+T = TypeVar("T")
+
+
+class EngineQueue(Generic[T]):
+    """Base of ``AsyncRedisQueue`` and ``AsyncNatsQueue``."""
+
+    name: str
+    engine: str
+    maxsize: int
+    _ser: Any
+    _closed: bool
+    _settling: set[asyncio.Future[None]]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _track(self, fut: asyncio.Future[None]) -> asyncio.Future[None]:
+        """Remember a settle in flight: ``aclose`` lets it finish before it closes."""
+        self._settling.add(fut)
+        fut.add_done_callback(self._settling.discard)
+        return fut
+
+    async def _put(self, payloads: list[bytes], block: bool, timeout: float | None) -> None:
+        raise NotImplementedError
+
+    async def get(self, timeout: float | None = None, *, block: bool = True) -> T:
+        raise NotImplementedError
+
+    async def qsize(self) -> int:
+        raise NotImplementedError
+
+    async def put(self, item: T, timeout: float | None = None, *, block: bool = True) -> None:
+        await self._put([self._ser.dumps(item)], block, timeout)
+
+    async def put_nowait(self, item: T) -> None:
+        await self.put(item, block=False)
+
+    async def put_many(
+        self, items: Iterable[T], timeout: float | None = None, *, block: bool = True
+    ) -> None:
+        payloads = [self._ser.dumps(i) for i in items]
+        if payloads:
+            if self.maxsize and len(payloads) > self.maxsize:
+                raise ValueError(
+                    f"put_many of {len(payloads)} items can never fit in maxsize={self.maxsize}"
+                )
+            await self._put(payloads, block, timeout)
+
+    async def get_nowait(self) -> T:
+        return await self.get(block=False)
+
+    async def empty(self) -> bool:
+        return await self.qsize() == 0
+
+    async def task_done(self) -> None:
+        raise Unsupported(
+            f"task_done() is not available on {self.engine}://: it has no server-side wait "
+            "on a counter; settle work with get_message() and ack() instead"
+        )
+
+    async def join(self, timeout: float | None = None) -> None:
+        raise Unsupported(
+            f"join() is not available on {self.engine}://: it has no server-side wait on a "
+            "counter; use get_message()/ack() and your own completion signal"
+        )
