@@ -351,6 +351,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     ap.add_argument("--sizes", default="64,1024,65536")
+    ap.add_argument("--durable-only", action="store_true", help="only the durable-mode table")
     args = ap.parse_args()
     import shutil
     import tempfile
@@ -393,10 +394,12 @@ def run(args: argparse.Namespace, durable: bool) -> None:
     for what, why in missing.items():
         print(f"{what} unavailable, skipped: {why}")
     names = [n for n in CONTENDERS if n.split()[0] not in missing]
+    if args.durable_only:
+        names = []
     rows: list[list[object]] = []
     plot: dict[str, dict[str, float]] = {}
     results: dict[tuple[str, int, int], float] = {}
-    for pairs in (1, 4):
+    for pairs in (1, 4) if names else ():
         for size in [int(s) for s in args.sizes.split(",")]:
             if pairs == 4 and size > 1024:
                 continue
@@ -417,9 +420,12 @@ def run(args: argparse.Namespace, durable: bool) -> None:
                 rate = results[name, pairs, size]
                 rows.append([label, name, f"{rate:,.0f}", f"{rate / base:.2f}×"])
             plot[label] = {n: results[n, pairs, size] for n in names}
-    table(
-        "broker throughput (items/s)", ["workload", "contender", "items/s", "vs redis stream"], rows
-    )
+    if names:
+        table(
+            "broker throughput (items/s)",
+            ["workload", "contender", "items/s", "vs redis stream"],
+            rows,
+        )
     if durable:
         drows: list[list[object]] = []
         dres: dict[str, float] = {}
@@ -444,6 +450,8 @@ def run(args: argparse.Namespace, durable: bool) -> None:
             f"{dres['pigeon fsync=always'] / dres['redis aof=always']:.2f}×, x100 "
             f"{dres['pigeon fsync=always x100'] / dres['redis aof=always x100']:.2f}× (target ≥ 1)"
         )
+    if args.durable_only:
+        return
     lat = latencies(500 if args.quick else 3000)
     table("round trip (µs)", ["operation", "p50", "p99"],
           [[k, f"{v[0]:.0f}", f"{v[1]:.0f}"] for k, v in lat.items()])  # fmt: skip

@@ -35,7 +35,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pigeon.errors import PigeonError
 from pigeon.server.state import Store, Stored
@@ -244,19 +244,26 @@ class SQLiteStore(Store):
         self._last_fsync = time.monotonic()
         self.fsyncs += 1
 
-    @staticmethod
-    def _apply(db: sqlite3.Connection, ops: list[tuple[str, tuple[object, ...]]]) -> None:
+    _SQL: ClassVar[dict[str, str]] = {
+        "add": "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?)",
+        "del": "DELETE FROM messages WHERE id = ?",
+        "move": "UPDATE messages SET queue = ? WHERE id = ?",
+        "deliveries": "UPDATE messages SET deliveries = ? WHERE id = ?",
+    }
+
+    @classmethod
+    def _apply(cls, db: sqlite3.Connection, ops: list[tuple[str, tuple[object, ...]]]) -> None:
+        """One transaction; consecutive changes of one kind go in one executemany."""
         db.execute("BEGIN")
         try:
-            for op, args in ops:
-                if op == "add":
-                    db.execute("INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?)", args)
-                elif op == "del":
-                    db.execute("DELETE FROM messages WHERE id = ?", args)
-                elif op == "move":
-                    db.execute("UPDATE messages SET queue = ? WHERE id = ?", args)
-                else:
-                    db.execute("UPDATE messages SET deliveries = ? WHERE id = ?", args)
+            i = 0
+            while i < len(ops):
+                kind = ops[i][0]
+                j = i
+                while j < len(ops) and ops[j][0] == kind:
+                    j += 1
+                db.executemany(cls._SQL[kind], [args for _, args in ops[i:j]])
+                i = j
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
