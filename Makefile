@@ -35,6 +35,9 @@ pytest: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/framing.py
 	$(BIN)/python benchmarks/local.py
+	$(BIN)/python benchmarks/broker.py
+	$(BIN)/python benchmarks/engines.py
+	$(BIN)/python benchmarks/recovery.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
