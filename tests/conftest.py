@@ -1,9 +1,63 @@
-"""Test-suite settings: Hypothesis without per-example deadlines (CI machines are busy;
-tests assert behaviour, never speed)."""
+"""Test-suite settings.
+
+- Hypothesis without per-example deadlines (CI machines are busy; tests assert behaviour,
+  never speed).
+- At the end of the session, the queues the tests made on the shared Redis and NATS
+  services are deleted, so repeated runs do not pile up streams there.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+import pytest
 from hypothesis import settings
 
 settings.register_profile("pigeon", deadline=None)
 settings.load_profile("pigeon")
+
+TEST_PREFIXES = ("t-", "kill-")
+
+
+def _clean_redis() -> None:
+    import redis
+
+    r = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=5)
+    try:
+        for prefix in TEST_PREFIXES:
+            keys = list(r.scan_iter(match=f"pigeon:{prefix}*", count=1000))
+            for i in range(0, len(keys), 500):
+                r.delete(*keys[i : i + 500])
+    finally:
+        r.close()
+
+
+def _clean_nats() -> None:
+    async def main() -> None:
+        import nats
+
+        nc = await nats.connect("nats://127.0.0.1:4222", connect_timeout=5)
+        try:
+            js = nc.jetstream()
+            prefixes = tuple(f"PIGEON_{p}" for p in TEST_PREFIXES)
+            for _ in range(100):  # streams_info answers 256 streams at a time
+                names = [i.config.name for i in await js.streams_info()]
+                victims = [n for n in names if n.startswith(prefixes)]
+                for stream in victims:
+                    await js.delete_stream(stream)
+                if not victims:
+                    break
+        finally:
+            await nc.close()
+
+    asyncio.run(main())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _clean_shared_services() -> Iterator[None]:
+    yield
+    for clean in (_clean_redis, _clean_nats):
+        with contextlib.suppress(Exception):  # a service that is down has nothing to clean
+            clean()
