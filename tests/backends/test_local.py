@@ -110,7 +110,7 @@ def _die_before_commit(q: LocalQueue[Any]) -> None:
     def killed(*_: Any) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
-    q._commit = killed  # type: ignore[method-assign]
+    q._publish = killed  # type: ignore[method-assign]
     q.put(b"half-written" * 1000)
 
 
@@ -130,7 +130,7 @@ def _die_while_taking(q: LocalQueue[Any]) -> None:
     def killed(*_: Any) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
-    q._commit = killed  # type: ignore[method-assign]
+    q._publish = killed  # type: ignore[method-assign]
     q.get()
 
 

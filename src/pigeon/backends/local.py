@@ -81,6 +81,8 @@ _STATE = struct.Struct("<5Q")  # head, tail, count, unfinished, capacity
 _U32 = struct.Struct("<I")
 _unpack_state = _STATE.unpack_from
 _pack_state = _STATE.pack_into
+_pack_header = _ring.HEADER.pack_into
+_unpack_header = _ring.HEADER.unpack_from
 
 _SHUTDOWN = 1
 _IMMEDIATE = 2
@@ -265,7 +267,12 @@ class LocalQueue(Queue[T]):
         _pack_state(
             ctrl, _OFF_SLOTS + 64 * idx, st.head, st.tail, st.count, self._unfinished, st.capacity
         )
-        ctrl[_OFF_INDEX] = idx  # the commit: one single-byte store, atomic by nature
+        self._publish(idx)
+
+    def _publish(self, idx: int) -> None:
+        """The commit: one single-byte store, atomic by nature. Before it, a change is
+        invisible; after it, complete."""
+        self._ctrl[_OFF_INDEX] = idx
 
     def _flags(self) -> int:
         return self._ctrl[_OFF_FLAGS]
@@ -396,7 +403,47 @@ class LocalQueue(Queue[T]):
         return int(self._maxsize)
 
     def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
-        self._put([self._encode(item)], block, timeout)
+        record = self._encode(item)
+        fast = len(record[1]) == 1 and (timeout is None or timeout >= 0)
+        if fast and self._put_fast(record[0], record[1][0]):
+            return
+        self._put([record], block, timeout)
+
+    def _put_fast(self, kind: int, payload: bytes) -> bool:
+        """The common put in one locked section: room after the tail of an unwrapped ring,
+        no wait, no growth. False: nothing done, take the general path."""
+        n = len(payload)
+        size = _ring.HEADER_SIZE + ((n + 7) & -8)
+        wake = 0
+        self._lock()
+        try:
+            ctrl = self._ctrl
+            if ctrl[_OFF_FLAGS] & _SHUTDOWN:
+                return False
+            idx = ctrl[_OFF_INDEX]
+            head, tail, count, unfinished, cap = _unpack_state(ctrl, _OFF_SLOTS + 64 * idx)
+            data = self._data
+            if data is None or cap != self._cap or (self._maxsize and count >= self._maxsize):
+                return False
+            if count == 0:
+                head = tail = 0
+            elif tail <= head:  # wrapped
+                return False
+            if cap - tail < size:
+                return False
+            data[tail + 8 : tail + 8 + n] = payload
+            _pack_header(data, tail, n, kind, 1)
+            _pack_state(
+                ctrl, _OFF_SLOTS + 64 * (idx ^ 1), head, tail + size, count + 1, unfinished + 1, cap
+            )
+            self._publish(idx ^ 1)
+            self._words[PUT_SEQ].value += 1
+            wake = _U32.unpack_from(ctrl, _WAITERS[PUT_SEQ])[0]
+        finally:
+            self._unlock()
+        if wake:
+            self._wake(PUT_SEQ)
+        return True
 
     def put_many(
         self, items: Iterable[T], block: bool = True, timeout: float | None = None
@@ -492,8 +539,47 @@ class LocalQueue(Queue[T]):
         return data
 
     def get(self, block: bool = True, timeout: float | None = None) -> T:
+        if timeout is None or timeout >= 0:
+            got = self._get_fast()
+            if got is not None:
+                return self._decode(got[0], got[1])  # type: ignore[no-any-return]
         kind, _, payload = self._take(1, block, timeout)[0]
         return self._decode(kind, payload)  # type: ignore[no-any-return]
+
+    def _get_fast(self) -> tuple[int, bytes] | None:
+        """The common get in one locked section: an item is there, stored as bytes.
+        None: nothing done, take the general path."""
+        wake = 0
+        self._lock()
+        try:
+            ctrl = self._ctrl
+            idx = ctrl[_OFF_INDEX]
+            head, tail, count, unfinished, cap = _unpack_state(ctrl, _OFF_SLOTS + 64 * idx)
+            data = self._data
+            if not count or data is None or cap != self._cap:
+                return None
+            pos = head if cap - head >= _ring.HEADER_SIZE else 0
+            length, kind, _ = _unpack_header(data, pos)
+            if kind == _ring.WRAP:
+                pos = 0
+                length, kind, _ = _unpack_header(data, 0)
+            if kind not in _COPY_AS_BYTES:
+                return None
+            payload = data[pos + 8 : pos + 8 + length]
+            count -= 1
+            head = pos + _ring.HEADER_SIZE + ((length + 7) & -8) if count else 0
+            _pack_state(
+                ctrl, _OFF_SLOTS + 64 * (idx ^ 1), head, tail if count else 0, count,
+                unfinished, cap,
+            )  # fmt: skip
+            self._publish(idx ^ 1)
+            self._words[GET_SEQ].value += 1
+            wake = _U32.unpack_from(ctrl, _WAITERS[GET_SEQ])[0]
+        finally:
+            self._unlock()
+        if wake:
+            self._wake(GET_SEQ)
+        return kind, payload
 
     def get_many(self, max_items: int, block: bool = True, timeout: float | None = None) -> list[T]:
         if not isinstance(max_items, int) or max_items < 1:
