@@ -31,6 +31,7 @@ from pigeon.errors import ClosedResourceError, Empty, Full, ShutDown, Unsupporte
 from pigeon.serializers import SerializerLike
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 __all__ = ["AsyncQueue"]
 
@@ -147,37 +148,27 @@ class _LocalAsync(Generic[T]):
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         await self._watchers[word].wait(seq, timeout)
 
-    async def put(self, item: T, timeout: float | None = None) -> None:
-        """Put ``item``; wait (without blocking the loop) while the queue is full.
-
-        Raises ``Full`` after ``timeout`` seconds, ``ShutDown`` if shut down.
-        """
+    async def _until(
+        self, word: int, wait_out: type[Exception], attempt: Callable[[], R], timeout: float | None
+    ) -> R:
+        """Try ``attempt`` without blocking; while it raises ``wait_out`` (Empty, Full,
+        TimeoutError), park until ``word`` moves, then try again, up to ``timeout``."""
         self._check()
         deadline = deadline_from(True, timeout)
         while True:
-            seq = self._local._seq(GET_SEQ)
+            seq = self._local._seq(word)  # read before trying: no wake-up can slip between
             try:
-                return self._q.put(item, block=False)
-            except Full:
+                return attempt()
+            except wait_out:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
-            await self._park(GET_SEQ, seq, deadline)
+            await self._park(word, seq, deadline)
+
+    async def put(self, item: T, timeout: float | None = None) -> None:
+        await self._until(GET_SEQ, Full, lambda: self._q.put(item, block=False), timeout)
 
     async def get(self, timeout: float | None = None) -> T:
-        """Remove and return the next item; wait while the queue is empty.
-
-        Raises ``Empty`` after ``timeout`` seconds, ``ShutDown`` once shut down and drained.
-        """
-        self._check()
-        deadline = deadline_from(True, timeout)
-        while True:
-            seq = self._local._seq(PUT_SEQ)
-            try:
-                return self._q.get(block=False)
-            except Empty:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-            await self._park(PUT_SEQ, seq, deadline)
+        return await self._until(PUT_SEQ, Empty, lambda: self._q.get(block=False), timeout)
 
     async def put_nowait(self, item: T) -> None:
         self._check()
@@ -188,43 +179,18 @@ class _LocalAsync(Generic[T]):
         return self._q.get(block=False)
 
     async def put_many(self, items: Iterable[T], timeout: float | None = None) -> None:
-        """Put all ``items`` at once (all or none), waiting for room."""
-        self._check()
         batch = list(items)
-        deadline = deadline_from(True, timeout)
-        while True:
-            seq = self._local._seq(GET_SEQ)
-            try:
-                return self._q.put_many(batch, block=False)
-            except Full:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-            await self._park(GET_SEQ, seq, deadline)
+        await self._until(GET_SEQ, Full, lambda: self._q.put_many(batch, block=False), timeout)
 
     async def get_many(self, max_items: int, timeout: float | None = None) -> list[T]:
-        """Wait for at least one item, then return up to ``max_items``."""
-        self._check()
-        deadline = deadline_from(True, timeout)
-        while True:
-            seq = self._local._seq(PUT_SEQ)
-            try:
-                return self._q.get_many(max_items, block=False)
-            except Empty:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-            await self._park(PUT_SEQ, seq, deadline)
+        return await self._until(
+            PUT_SEQ, Empty, lambda: self._q.get_many(max_items, block=False), timeout
+        )
 
     async def get_message(self, timeout: float | None = None) -> _LocalMessage[T]:
-        self._check()
-        deadline = deadline_from(True, timeout)
-        while True:
-            seq = self._local._seq(PUT_SEQ)
-            try:
-                return _LocalMessage(self._local.get_message(timeout=0))
-            except Empty:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-            await self._park(PUT_SEQ, seq, deadline)
+        return await self._until(
+            PUT_SEQ, Empty, lambda: _LocalMessage(self._local.get_message(timeout=0)), timeout
+        )
 
     async def qsize(self) -> int:
         self._check()
@@ -244,16 +210,7 @@ class _LocalAsync(Generic[T]):
 
     async def join(self, timeout: float | None = None) -> None:
         """Wait until every item put has been marked ``task_done``."""
-        self._check()
-        deadline = deadline_from(True, timeout)
-        while True:
-            seq = self._local._seq(JOIN_SEQ)
-            try:
-                return self._q.join(timeout=0)
-            except TimeoutError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-            await self._park(JOIN_SEQ, seq, deadline)
+        await self._until(JOIN_SEQ, TimeoutError, lambda: self._q.join(timeout=0), timeout)
 
     async def shutdown(self, immediate: bool = False) -> None:
         self._check()

@@ -16,6 +16,7 @@ import pytest
 import pigeon
 from pigeon.testing import MakeQueue
 from pigeon.testing.broker import BrokerThread
+from tests._services import service_missing, skip_or_fail
 
 
 @dataclass
@@ -48,24 +49,15 @@ def _nats(maxsize: int = 0) -> pigeon.Queue[Any]:
     return pigeon.Queue(f"nats://127.0.0.1:4222/t-{uuid.uuid4().hex[:12]}", maxsize=maxsize)
 
 
-def _missing(what: str, port: int) -> Callable[[], str | None]:
-    def check() -> str | None:
-        import socket
-
-        try:
-            socket.create_connection(("127.0.0.1", port), 2).close()
-        except OSError as exc:
-            return f"no {what} on 127.0.0.1:{port} ({exc})"
-        return None
-
-    return check
-
+NO_COUNTER = frozenset({"join", "task_done"})  # engines without a server-side counter wait
 
 BACKENDS = [
     Backend("local", _local),
     Backend("pigeon", _pigeon),
-    Backend("redis", _redis, frozenset({"join", "task_done"}), _missing("Redis", 6379)),
-    Backend("nats", _nats, frozenset({"join", "task_done"}), _missing("NATS", 4222)),
+    Backend(
+        "redis", _redis, frozenset({"join", "task_done"}), lambda: service_missing("Redis", 6379)
+    ),
+    Backend("nats", _nats, frozenset({"join", "task_done"}), lambda: service_missing("NATS", 4222)),
 ]
 
 
@@ -74,9 +66,5 @@ def backend(request: pytest.FixtureRequest) -> Backend:
     b: Backend = request.param
     missing = b.available()
     if missing:
-        import os
-
-        if os.environ.get("CI"):
-            pytest.fail(f"{b.name}: {missing} (CI must have every service)")
-        pytest.skip(f"{b.name}: {missing}")
+        skip_or_fail(f"{b.name}: {missing}")
     return b

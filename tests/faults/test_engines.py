@@ -8,7 +8,6 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,31 +17,7 @@ from typing import Any
 import pytest
 
 import pigeon
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int) -> None:
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
-
-
-def needs(service: str, port: int) -> None:
-    try:
-        socket.create_connection(("127.0.0.1", port), 2).close()
-    except OSError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"{service} is not running on 127.0.0.1:{port} ({exc}); CI has it")
-        pytest.skip(f"{service} is not running on 127.0.0.1:{port} ({exc})")
+from tests._services import free_port, require_service, skip_or_fail, wait_for_port
 
 
 def _hold_and_hang(url: str, got: Any) -> None:
@@ -57,7 +32,7 @@ def _hold_and_hang(url: str, got: Any) -> None:
     [("Redis", 6379, "redis://127.0.0.1:6379/"), ("NATS", 4222, "nats://127.0.0.1:4222/")],
 )
 def test_consumer_killed_before_ack_is_redelivered(service: str, port: int, url: str) -> None:
-    needs(service, port)
+    require_service(service, port)
     url = f"{url}kill-{os.getpid()}-{time.monotonic_ns()}?lease=1"
     ctx = mp.get_context("spawn")
     with pigeon.Queue(url) as q:
@@ -77,18 +52,18 @@ def test_consumer_killed_before_ack_is_redelivered(service: str, port: int, url:
 def scratch_redis(tmp_path: Path) -> Iterator[tuple[int, Any]]:
     exe = shutil.which("redis-server")
     if exe is None:
-        pytest.skip("redis-server is not installed")
+        skip_or_fail("redis-server is not installed")
     port = free_port()
     argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
             "yes", "--appendfsync", "always", "--dir", str(tmp_path)]  # fmt: skip
     procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    wait_port(port)
+    wait_for_port(port)
 
     def restart() -> None:
         procs[-1].send_signal(signal.SIGKILL)  # a crash, not a clean shutdown
         procs[-1].wait(10)
         procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_port(port)
+        wait_for_port(port)
 
     yield port, restart
     for p in procs:
@@ -100,17 +75,17 @@ def scratch_redis(tmp_path: Path) -> Iterator[tuple[int, Any]]:
 def scratch_nats(tmp_path: Path) -> Iterator[tuple[int, Any]]:
     exe = shutil.which("nats-server")
     if exe is None:
-        pytest.skip("nats-server is not installed")
+        skip_or_fail("nats-server is not installed")
     port = free_port()
     argv = [exe, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path)]
     procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    wait_port(port)
+    wait_for_port(port)
 
     def restart() -> None:
         procs[-1].send_signal(signal.SIGTERM)  # JetStream syncs its files on a clean stop
         procs[-1].wait(20)
         procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_port(port)
+        wait_for_port(port)
 
     yield port, restart
     for p in procs:

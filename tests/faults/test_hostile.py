@@ -11,8 +11,6 @@ import os
 import random
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,30 +20,10 @@ import pytest
 import pigeon
 from pigeon.protocol import MAGIC, VERSION, Hello
 from pigeon.protocol.wire import encode_frame
+from tests._services import free_port, start_broker
 
 CONNECTIONS = int(os.environ.get("PIGEON_HOSTILE_CONNECTIONS", "10000"))
 AT_ONCE = 200
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(port: int, *args: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pigeon", "serve", "--port", str(port), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError("broker did not start")
 
 
 def rss(pid: int) -> int:
@@ -109,7 +87,7 @@ async def flood(port: int, total: int) -> list[float]:
 @pytest.mark.timeout(600)
 def test_ten_thousand_hostile_connections() -> None:
     port = free_port()
-    broker = start(port, "--memory", "--handshake-timeout", "1")
+    broker = start_broker(port, "--memory", "--handshake-timeout", "1")
     url = f"pigeon://127.0.0.1:{port}/calm"
     stop = threading.Event()
     sent: list[int] = []
@@ -152,7 +130,8 @@ def test_ten_thousand_hostile_connections() -> None:
 
 
 def test_tls_with_a_certificate_made_at_test_time(tmp_path: Path) -> None:
-    trustme = pytest.importorskip("trustme", reason="trustme makes the test certificate")
+    import trustme  # a dev dependency: CI has it, so no silent skip
+
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1", "localhost")
     cert_pem = tmp_path / "cert.pem"
@@ -162,7 +141,7 @@ def test_tls_with_a_certificate_made_at_test_time(tmp_path: Path) -> None:
     ca_pem = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_pem))
     port = free_port()
-    broker = start(port, "--memory", "--tls-cert", str(cert_pem), "--tls-key", str(key_pem))
+    broker = start_broker(port, "--memory", "--tls-cert", str(cert_pem), "--tls-key", str(key_pem))
     try:
         url = f"pigeon+tls://127.0.0.1:{port}/secure?cafile={ca_pem}"
         with pigeon.Queue(url) as q:

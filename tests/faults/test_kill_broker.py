@@ -14,9 +14,6 @@ import multiprocessing as mp
 import os
 import random
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,34 +21,18 @@ from typing import Any
 import pytest
 
 import pigeon
+from tests._services import free_port, start_broker
 
 PRODUCERS = 4
 CONSUMERS = 4
 PER_PRODUCER = 25_000  # 100 k messages in all
 BATCH = 100
 SECONDS = float(os.environ.get("PIGEON_FAULT_SECONDS", "60"))
+FSYNC = os.environ.get("PIGEON_FAULT_FSYNC", "batch")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(port: int, data: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pigeon", "serve", "--port", str(port), "--data-dir", str(data),
-         "--fsync", os.environ.get("PIGEON_FAULT_FSYNC", "batch"), "--heartbeat", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc
-        except OSError:
-            time.sleep(0.02)
-    raise TimeoutError("broker did not come up")
+def broker_args(data: Path) -> tuple[str, ...]:
+    return ("--data-dir", str(data), "--fsync", FSYNC, "--heartbeat", "1")
 
 
 def produce(url: str, me: int, out: str, pace: float) -> None:
@@ -94,7 +75,7 @@ def test_no_confirmed_message_is_lost_while_the_broker_is_killed(tmp_path: Path)
     url = f"pigeon://127.0.0.1:{port}/jepsen?lease=10"
     ctx = mp.get_context("fork")
     stop = ctx.Event()
-    broker = start(port, data)
+    broker = start_broker(port, *broker_args(data))
     pace = max(0.0, SECONDS * 0.6 / (PER_PRODUCER / BATCH))
     producers = [
         ctx.Process(target=produce, args=(url, p, str(tmp_path / f"p{p}"), pace))
@@ -115,7 +96,7 @@ def test_no_confirmed_message_is_lost_while_the_broker_is_killed(tmp_path: Path)
             broker.send_signal(signal.SIGKILL)
             broker.wait(10)
             kills += 1
-            broker = start(port, data)
+            broker = start_broker(port, *broker_args(data))
         for p in producers:
             p.join(120)
             assert p.exitcode == 0, "a producer failed"

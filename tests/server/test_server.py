@@ -11,8 +11,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,37 +20,7 @@ import pytest
 import pigeon
 from pigeon.errors import AuthError, BrokenResourceError
 from pigeon.testing.broker import BrokerThread
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"broker did not listen on {port}")
-
-
-_DATA_DIRS: dict[int, str] = {}
-
-
-def start_broker(port: int, *args: str) -> subprocess.Popen[bytes]:
-    """A `pigeon serve` process with a data directory of its own (kept across restarts
-    on the same port)."""
-    data = _DATA_DIRS.setdefault(port, tempfile.mkdtemp(prefix="pigeon-test-"))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pigeon", "serve", "--port", str(port), "--data-dir", data, *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for_port(port)
-    return proc
+from tests._services import free_port, start_broker
 
 
 @pytest.fixture

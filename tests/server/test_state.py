@@ -229,3 +229,12 @@ def test_a_consumer_holding_max_unacked_bytes_gets_no_more_until_it_acks() -> No
     assert payloads(next(m for c, m in outs if isinstance(m, Deliver))) == [b"y" * 6]
     # another consumer is not held back by B
     assert payloads(replies(broker.handle(C, Get(1, "q", 1, 0, True)), C)[0]) == [b"z" * 6]
+
+
+def test_timed_out_getters_do_not_pile_up(broker: Broker) -> None:
+    for i in range(1000):  # a consumer polling an empty queue with a short timeout
+        broker.handle(B, Get(i, "q", 1, 0.5), now=float(i))
+        broker.tick(i + 0.5)
+    broker.handle(B, Get(5000, "q", 1, 10.0), now=2000.0)
+    assert len(broker.queues["q"].getters) == 1
+    assert len(broker._parked) == 1

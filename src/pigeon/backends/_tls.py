@@ -12,7 +12,7 @@ def client_context(ep: Any) -> ssl.SSLContext:
     ``?insecure=1`` turns verification off: for tests with a throwaway certificate only.
     """
     ctx = ssl.create_default_context(cafile=ep.params.get("cafile"))
-    if ep.params.get("insecure") in ("1", "true", "yes"):
+    if ep.flag("insecure"):
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx

@@ -34,16 +34,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from pigeon._queue_base import Message, Queue, deadline_from
+from pigeon.backends._retry import Backoff
+from pigeon.backends._url import QueueURL, check_maxsize
 from pigeon.errors import (
     AuthError,
     BrokenResourceError,
     ClosedResourceError,
     Empty,
     Full,
-    InvalidURL,
     LocalProtocolError,
     PigeonError,
     RemoteProtocolError,
@@ -88,36 +88,13 @@ DEFAULT_PORT = 7878
 _HEARTBEAT_MISSES = 3  # heartbeats without a byte from the broker before it counts as gone
 
 
-class Endpoint:
-    """What a pigeon:// URL says: where, which queue, which options."""
+class Endpoint(QueueURL):
+    """What a pigeon:// URL says; the token is the password (or the user name)."""
 
     def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("pigeon", "pigeon+tls"):
-            raise InvalidURL(f"not a pigeon:// URL: {url!r}")
-        self.url = url
-        self.tls = parts.scheme == "pigeon+tls"
-        try:
-            self.host = parts.hostname or "127.0.0.1"
-            self.port = parts.port or DEFAULT_PORT
-        except ValueError as exc:
-            raise InvalidURL(f"bad host or port in {url!r}: {exc}") from None
-        self.token = unquote(parts.password or parts.username or "") or None
-        self.queue = unquote(parts.path.lstrip("/"))
-        if not self.queue or "/" in self.queue:
-            raise InvalidURL(
-                f"{url!r} names no queue: write pigeon://{self.host}:{self.port}/QUEUE"
-            )
-        self.params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-
-    def float_param(self, name: str) -> float | None:
-        value = self.params.get(name)
-        if value is None:
-            return None
-        try:
-            return float(value)
-        except ValueError:
-            raise InvalidURL(f"{name}={value!r} in {self.url!r} is not a number") from None
+        super().__init__(url, ("pigeon", "pigeon+tls"), DEFAULT_PORT)
+        self.tls = self.scheme == "pigeon+tls"
+        self.token = self.password or self.username
 
 
 def parse_url(url: str) -> Endpoint:
@@ -252,15 +229,12 @@ class BrokerQueue(Queue[T]):
         connect_timeout: float = 10.0,
         client_name: str | None = None,
     ) -> None:
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 0:
-            raise ValueError(f"maxsize must be an int >= 0, not {maxsize!r}")
+        check_maxsize(maxsize)
         self._ep = Endpoint(url)
         self._serializer_spec = serializer if serializer is not None else "msgpack"
         self._ser = get_serializer(self._serializer_spec)
-        self._lease = lease if lease is not None else self._ep.float_param("lease")
-        md = (
-            max_deliveries if max_deliveries is not None else self._ep.float_param("max_deliveries")
-        )
+        self._lease = self._ep.number("lease", lease)
+        md = self._ep.number("max_deliveries", max_deliveries)
         self._max_deliveries = int(md) if md is not None else None
         self._declare_maxsize = maxsize or None
         self._reconnect_timeout = reconnect_timeout
@@ -328,10 +302,7 @@ class BrokerQueue(Queue[T]):
 
     def _call(self, build: Callable[[float | None], Any], deadline: float | None) -> Any:
         """Send ``build(remaining wait)``; reconnect with backoff until ``deadline``."""
-        retry_until = (
-            deadline if deadline is not None else time.monotonic() + self._reconnect_timeout
-        )
-        delay = 0.05
+        backoff = Backoff(deadline, self._reconnect_timeout)
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
@@ -350,10 +321,9 @@ class BrokerQueue(Queue[T]):
                 broken = getattr(self._local, "conn", None)
                 if broken is not None:
                     self._drop(broken)
-                if time.monotonic() + delay > retry_until:
+                if (wait := backoff.next_delay()) is None:
                     raise
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                time.sleep(wait)
                 continue
             if isinstance(reply, Error):
                 raise_for(reply)

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 from pigeon._queue_base import deadline_from
+from pigeon.backends._retry import Backoff
+from pigeon.backends._url import check_maxsize
 from pigeon.backends.broker import Endpoint, check_unknown, raise_for
 from pigeon.errors import (
     AuthError,
@@ -205,12 +207,11 @@ class AsyncBrokerQueue(Generic[T]):
         reconnect_timeout: float = 30.0,
         connect_timeout: float = 10.0,
     ) -> None:
+        check_maxsize(maxsize)
         self._ep = Endpoint(url)
         self._ser = get_serializer(serializer if serializer is not None else "msgpack")
-        self._lease = lease if lease is not None else self._ep.float_param("lease")
-        md = (
-            max_deliveries if max_deliveries is not None else self._ep.float_param("max_deliveries")
-        )
+        self._lease = self._ep.number("lease", lease)
+        md = self._ep.number("max_deliveries", max_deliveries)
         self._max_deliveries = int(md) if md is not None else None
         self._declare_maxsize = maxsize or None
         self._maxsize = maxsize
@@ -259,20 +260,16 @@ class AsyncBrokerQueue(Generic[T]):
                 None,
             )  # fmt: skip
             self._maxsize = int(reply.value.get("maxsize", 0))
-        retry_until = (
-            deadline if deadline is not None else time.monotonic() + self._reconnect_timeout
-        )
-        delay = 0.05
+        backoff = Backoff(deadline, self._reconnect_timeout)
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 conn = await self._connection()
                 reply = await conn.request(build(remaining))
             except BrokenResourceError:
-                if time.monotonic() + delay > retry_until:
+                if (wait := backoff.next_delay()) is None:
                     raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                await asyncio.sleep(wait)
                 continue
             if isinstance(reply, Error):
                 raise_for(reply)

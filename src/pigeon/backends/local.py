@@ -56,6 +56,7 @@ from typing import Any, TypeVar
 from pigeon import _futex
 from pigeon._queue_base import Message, Queue, deadline_from
 from pigeon.backends import _ring
+from pigeon.backends._url import check_maxsize
 from pigeon.errors import ClosedResourceError, Empty, Full, LocalProtocolError, ShutDown
 from pigeon.serializers import Pickle, SerializerLike, get_serializer
 
@@ -147,8 +148,7 @@ class LocalQueue(Queue[T]):
             )
         if serializer is None:
             serializer = "pickle"
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 0:
-            raise ValueError(f"maxsize must be an int >= 0, not {maxsize!r}")
+        check_maxsize(maxsize)
         self._serializer_spec = serializer
         self._ser = get_serializer(serializer)
         self._pickle = isinstance(self._ser, Pickle)

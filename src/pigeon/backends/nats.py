@@ -38,11 +38,12 @@ import re
 import time
 from collections.abc import Awaitable
 from typing import Any, Generic, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from pigeon._queue_base import deadline_from
 from pigeon.backends._asyncbase import EngineQueue
+from pigeon.backends._retry import Backoff
 from pigeon.backends._syncface import SyncFace
+from pigeon.backends._url import QueueURL, check_maxsize
 from pigeon.errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -85,34 +86,26 @@ class AsyncNatsQueue(EngineQueue[T]):
         max_deliveries: int | None = None,
         reconnect_timeout: float = 30.0,
     ) -> None:
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 0:
-            raise ValueError(f"maxsize must be an int >= 0, not {maxsize!r}")
+        check_maxsize(maxsize)
         try:
             import nats  # noqa: F401
         except ImportError as exc:
             raise Unsupported("nats:// needs nats-py: pip install 'pigeon-queue[nats]'") from exc
-        parts = urlsplit(url)
+        ep = QueueURL(url, ("nats", "nats+tls"), 4222)
         self.url = url
         self.engine = "nats"
-        self.name = unquote(parts.path.lstrip("/"))
-        if not self.name or not _SUBJECT_TOKEN.match(self.name) or ".." in self.name:
+        self.name = ep.queue
+        if not _SUBJECT_TOKEN.match(self.name) or ".." in self.name:
             raise InvalidURL(
                 f"{url!r} names no usable queue: write nats://HOST:4222/QUEUE, QUEUE made of "
                 "letters, digits, '_', '-' and '.'"
             )
-        params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        try:
-            port = parts.port or 4222
-            self.lease = float(lease if lease is not None else params.get("lease", 30.0))
-            self.max_deliveries = int(
-                max_deliveries if max_deliveries is not None else params.get("max_deliveries", 20)
-            )
-        except ValueError as exc:
-            raise InvalidURL(f"bad value in {url!r}: {exc}") from None
-        tls = parts.scheme == "nats+tls" or params.get("tls") in ("1", "true")
-        self._server = f"{'tls' if tls else 'nats'}://{parts.hostname or '127.0.0.1'}:{port}"
-        self._user = unquote(parts.username) if parts.username else None
-        self._password = unquote(parts.password) if parts.password else None
+        self.lease = float(ep.number("lease", lease, 30.0) or 0.0)
+        self.max_deliveries = int(ep.number("max_deliveries", max_deliveries, 20) or 0)
+        tls = ep.scheme == "nats+tls" or ep.flag("tls")
+        self._server = f"{'tls' if tls else 'nats'}://{ep.host}:{ep.port}"
+        self._user = ep.username
+        self._password = ep.password
         self.serializer = serializer if serializer is not None else "msgpack"
         self._ser = get_serializer(self.serializer)
         self.maxsize = maxsize
@@ -208,19 +201,15 @@ class AsyncNatsQueue(EngineQueue[T]):
 
         _LOST_CONNECTION = _lost_connection()
 
-        retry_until = (
-            deadline if deadline is not None else time.monotonic() + self.reconnect_timeout
-        )
-        delay = 0.05
+        backoff = Backoff(deadline, self.reconnect_timeout)
         while True:
             try:
                 return await fn(await self._jetstream())
             except _LOST_CONNECTION as exc:
-                if time.monotonic() + delay > retry_until:
+                if (wait := backoff.next_delay()) is None:
                     raise BrokenResourceError(f"nats: {exc or type(exc).__name__}") from exc
                 await self._reset()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                await asyncio.sleep(wait)
             except jerr.APIError as exc:
                 raise PigeonError(f"JetStream refused the request: {exc}") from exc
 

@@ -38,17 +38,17 @@ import time
 import uuid
 from collections.abc import Awaitable
 from typing import Any, Generic, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from pigeon._queue_base import deadline_from
 from pigeon.backends._asyncbase import EngineQueue
+from pigeon.backends._retry import Backoff
 from pigeon.backends._syncface import SyncFace
+from pigeon.backends._url import QueueURL, check_maxsize
 from pigeon.errors import (
     BrokenResourceError,
     ClosedResourceError,
     Empty,
     Full,
-    InvalidURL,
     LocalProtocolError,
     PigeonError,
     ShutDown,
@@ -118,33 +118,24 @@ class AsyncRedisQueue(EngineQueue[T]):
         max_deliveries: int | None = None,
         reconnect_timeout: float = 30.0,
     ) -> None:
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 0:
-            raise ValueError(f"maxsize must be an int >= 0, not {maxsize!r}")
+        check_maxsize(maxsize)
         try:
             import redis.asyncio  # noqa: F401
         except ImportError as exc:
             raise Unsupported("redis:// needs redis-py: pip install 'pigeon-queue[redis]'") from exc
-        parts = urlsplit(url)
+        ep = QueueURL(url, ("redis", "rediss"), 6379)
         self.url = url
         self.engine = "redis"
-        self.name = unquote(parts.path.lstrip("/"))
-        if not self.name or "/" in self.name:
-            raise InvalidURL(f"{url!r} names no queue: write redis://HOST:6379/QUEUE")
-        params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        try:
-            self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 6379
-            self.db = int(params.get("db", 0))
-            self.lease = float(lease if lease is not None else params.get("lease", DEFAULT_LEASE))
-            self.max_deliveries = int(
-                max_deliveries
-                if max_deliveries is not None
-                else params.get("max_deliveries", DEFAULT_MAX_DELIVERIES)
-            )
-        except ValueError as exc:
-            raise InvalidURL(f"bad value in {url!r}: {exc}") from None
-        self._password = unquote(parts.password) if parts.password else None
-        self._username = unquote(parts.username) if parts.username else None
-        self._tls = parts.scheme == "rediss"
+        self.name = ep.queue
+        self.host, self.port = ep.host, ep.port
+        self.db = int(ep.number("db", None, 0) or 0)
+        self.lease = float(ep.number("lease", lease, DEFAULT_LEASE) or 0.0)
+        self.max_deliveries = int(
+            ep.number("max_deliveries", max_deliveries, DEFAULT_MAX_DELIVERIES) or 0
+        )
+        self._password = ep.password
+        self._username = ep.username
+        self._tls = ep.scheme == "rediss"
         self.serializer = serializer if serializer is not None else "msgpack"
         self._ser = get_serializer(self.serializer)
         self.maxsize = maxsize
@@ -203,19 +194,15 @@ class AsyncRedisQueue(EngineQueue[T]):
         deadline (or ``reconnect_timeout``)."""
         import redis.exceptions as rex
 
-        retry_until = (
-            deadline if deadline is not None else time.monotonic() + self.reconnect_timeout
-        )
-        delay = 0.05
+        backoff = Backoff(deadline, self.reconnect_timeout)
         while True:
             try:
                 return await fn(await self._redis())
             except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
-                if time.monotonic() + delay > retry_until:
+                if (wait := backoff.next_delay()) is None:
                     raise _client_error(exc) from exc
                 self._ready = False
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                await asyncio.sleep(wait)
             except rex.RedisError as exc:
                 raise PigeonError(f"redis refused the command: {exc}") from exc
 
@@ -358,7 +345,7 @@ class AsyncRedisQueue(EngineQueue[T]):
         self, timeout: float | None = None, lease: float | None = None
     ) -> AsyncRedisMessage[T]:
         eid, count, payload = (await self._fetch(1, True, timeout, lease))[0]
-        return AsyncRedisMessage(self, eid, count, self._ser.loads(payload))
+        return AsyncRedisMessage(self, eid, count, payload, self._ser.loads(payload))
 
     async def qsize(self) -> int:
         async def run(r: Any) -> int:
@@ -397,8 +384,11 @@ class AsyncRedisQueue(EngineQueue[T]):
 class AsyncRedisMessage(Generic[T]):
     """A Redis stream entry held by this consumer until acked, nacked or its lease ends."""
 
-    def __init__(self, queue: AsyncRedisQueue[T], eid: bytes, count: int, body: T) -> None:
+    def __init__(
+        self, queue: AsyncRedisQueue[T], eid: bytes, count: int, payload: bytes, body: T
+    ) -> None:
         self._queue = queue
+        self._payload = payload  # dead-lettered as received, not encoded again
         self.id = eid
         self.delivery_count = count
         self.body = body
@@ -417,7 +407,7 @@ class AsyncRedisMessage(Generic[T]):
     async def _nack(self, requeue: bool, delay: float) -> None:
         q = self._queue
         if not requeue:
-            await q._do(lambda r: q._dead_letter(r, self.id, q._ser.dumps(self.body)))
+            await q._do(lambda r: q._dead_letter(r, self.id, self._payload))
             return
         await q._set_idle([self.id], q.lease - delay)  # claimable once `delay` has passed
 

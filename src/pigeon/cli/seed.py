@@ -13,6 +13,7 @@ import multiprocessing as mp
 import queue as stdlib_queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -74,28 +75,28 @@ def old_way() -> None:
     )
 
 
+def _pair(runner: Callable[..., Any], q: pigeon.Queue[str]) -> tuple[Any, Any]:
+    """Start a reader and a writer on ``q`` (threads or processes); wait for both."""
+    r = runner(target=reader, args=(q,))
+    w = runner(target=writer, args=(q,))
+    r.start()
+    w.start()
+    w.join()
+    r.join()
+    return r, w
+
+
 def with_processes() -> None:
     console.rule("[bold]pigeon.Queue between two processes (spawn)")
-    ctx = mp.get_context("spawn")
     with pigeon.Queue[str]() as q:
-        r = ctx.Process(target=reader, args=(q,))
-        w = ctx.Process(target=writer, args=(q,))
-        r.start()
-        w.start()
-        w.join()
-        r.join()
+        r, w = _pair(mp.get_context("spawn").Process, q)
     console.print(f"  writer exit code {w.exitcode}, reader exit code {r.exitcode}: all 3 words")
 
 
 def with_threads() -> None:
     console.rule("[bold]the same queue API between two threads")
     with pigeon.Queue[str]() as q:
-        r = threading.Thread(target=reader, args=(q,))
-        w = threading.Thread(target=writer, args=(q,))
-        r.start()
-        w.start()
-        w.join()
-        r.join()
+        _pair(threading.Thread, q)
 
 
 def with_coroutines() -> None:
@@ -122,15 +123,9 @@ def with_coroutines() -> None:
 
 def with_broker(url: str) -> None:
     console.rule(f"[bold]and between two processes through the broker: {url}")
-    ctx = mp.get_context("spawn")
     with pigeon.Queue[str](url, reconnect_timeout=30) as q:
         q.qsize()  # waits (up to 30 s) for the broker to come up
-        r = ctx.Process(target=reader, args=(q,))
-        w = ctx.Process(target=writer, args=(q,))
-        r.start()
-        w.start()
-        w.join()
-        r.join()
+        r, w = _pair(mp.get_context("spawn").Process, q)
         stats = q.qsize()
     console.print(
         f"  writer exit code {w.exitcode}, reader exit code {r.exitcode}; "

@@ -239,10 +239,25 @@ class Broker:
 
     def _park(self, q: QueueState, w: Waiter) -> None:
         self._parked[w.conn, w.req] = w
-        if len(self._parked) > 4 * (len(self.connections) + 1) * 64:
-            self._parked = {k: v for k, v in self._parked.items() if not v.cancelled}
         if w.deadline is not None:
             heapq.heappush(self._timeouts, (w.deadline, next(self._seq), q.name, w))
+
+    def _done(self, w: Waiter) -> None:
+        """A parked request was answered, timed out or withdrawn: it leaves the index."""
+        w.cancelled = True
+        if self._parked.get((w.conn, w.req)) is w:
+            del self._parked[w.conn, w.req]
+
+    @staticmethod
+    def _compact(q: QueueState) -> None:
+        """Drop finished waiters, so consumers that time out again and again on an empty
+        queue do not pile up in it (memory, and a scan per request)."""
+        if any(w.cancelled for w in q.getters):
+            q.getters = deque(w for w in q.getters if not w.cancelled)
+        if any(w.cancelled for w in q.putters):
+            q.putters = deque(w for w in q.putters if not w.cancelled)
+        if any(w.cancelled for w in q.joiners):
+            q.joiners = [w for w in q.joiners if not w.cancelled]
 
     def _deadline(self, wait: float | None) -> float | None:
         return None if wait is None else self.now + max(0.0, wait)
@@ -300,7 +315,7 @@ class Broker:
                     if not self._can_take(q, w.conn, w.manual_ack):
                         waiting.append(w)  # nothing left, or this consumer holds enough
                         continue
-                    w.cancelled = True
+                    self._done(w)
                     items = self._take(q, w.conn, w.max_items, w.manual_ack, w.lease)
                     out.append((w.conn, Deliver(w.req, items)))
                     progress = True
@@ -314,14 +329,14 @@ class Broker:
                 if room is not None and room < len(p.payloads):
                     break
                 q.putters.popleft()
-                p.cancelled = True
+                self._done(p)
                 self._add(q, p.payloads)
                 out.append((p.conn, Ok(p.req, len(p.payloads))))
                 progress = True
         if q.shutdown and not q.ready and not q.delayed:
             for w in q.getters:
                 if not w.cancelled:
-                    w.cancelled = True
+                    self._done(w)
                     out.append(_err(w.conn, w.req, "shutdown", f"queue {q.name!r} was shut down"))
             q.getters.clear()
         return out
@@ -363,7 +378,7 @@ class Broker:
             return []
         out = [(j.conn, Ok(j.req, 0)) for j in q.joiners if not j.cancelled]
         for j in q.joiners:
-            j.cancelled = True
+            self._done(j)
         q.joiners.clear()
         return out
 
@@ -384,7 +399,7 @@ class Broker:
                 )
             ]
         name = getattr(msg, "queue", None)
-        if name is not None and not _valid_name(name):
+        if name is not None and name not in self.queues and not _valid_name(name):
             return [
                 _err(
                     conn,
@@ -411,6 +426,7 @@ class Broker:
                     f"batch of {len(payloads)} can never fit in maxsize={q.maxsize}",
                 )
             ]
+        self._compact(q)
         room = q.room()
         if (room is not None and room < len(payloads)) or q.putters:
             if wait == 0:
@@ -433,7 +449,8 @@ class Broker:
         if m.max_items < 1:
             return [_err(conn, m.req, "bad_request", f"max_items must be >= 1, not {m.max_items}")]
         q = self.queue(m.queue)
-        if not any(not g.cancelled for g in q.getters) and self._can_take(q, conn, m.manual_ack):
+        self._compact(q)
+        if not q.getters and self._can_take(q, conn, m.manual_ack):
             items = self._take(q, conn, m.max_items, m.manual_ack, m.lease)
             return [(conn, Deliver(m.req, items)), *self._serve(q)]
         if q.shutdown and not q.delayed and not q.ready:
@@ -533,6 +550,7 @@ class Broker:
             return [(conn, Ok(m.req, 0))]
         if m.wait == 0:
             return [_err(conn, m.req, "timeout", f"{q.unfinished} tasks unfinished")]
+        self._compact(q)
         w = Waiter(conn, m.req, self._deadline(m.wait))
         q.joiners.append(w)
         self._park(q, w)
@@ -551,7 +569,7 @@ class Broker:
         out: list[Out] = [(conn, Ok(m.req, None))]
         for p in q.putters:
             if not p.cancelled:
-                p.cancelled = True
+                self._done(p)
                 out.append(_err(p.conn, p.req, "shutdown", f"queue {q.name!r} was shut down"))
         q.putters.clear()
         out += self._serve(q)
@@ -564,7 +582,7 @@ class Broker:
     def _cancel(self, conn: Conn, m: Cancel) -> list[Out]:
         w = self._parked.pop((conn, m.req), None)
         if w is not None:
-            w.cancelled = True
+            self._done(w)
         return []
 
     def _ping(self, conn: Conn, m: Ping) -> list[Out]:
@@ -617,7 +635,7 @@ class Broker:
             _, _, name, w = heapq.heappop(timeouts)
             if w.cancelled:
                 continue
-            w.cancelled = True
+            self._done(w)
             if isinstance(w, GetWaiter):
                 out.append(_err(w.conn, w.req, "empty", f"queue {name!r} is empty"))
             elif isinstance(w, PutWaiter):
@@ -661,11 +679,10 @@ class Broker:
                 self._requeue(q, q.in_flight.pop(did).msg)
             for waiters in (q.getters, q.putters, q.joiners):
                 for w in waiters:
-                    if w.conn == conn:
-                        w.cancelled = True
+                    if w.conn == conn and not w.cancelled:
+                        self._done(w)
             if lost:
                 out += self._serve(q)
-        self._parked = {k: v for k, v in self._parked.items() if k[0] != conn}
         return [(c, m) for c, m in out if c != conn]
 
 

@@ -1,0 +1,60 @@
+"""Queue URLs: ``SCHEME://[USER[:PASSWORD]@]HOST[:PORT]/QUEUE[?OPTION=VALUE&...]``.
+
+One parser for every networked backend, so each says what is wrong the same way.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from pigeon.errors import InvalidURL
+
+__all__ = ["QueueURL", "check_maxsize"]
+
+
+def check_maxsize(maxsize: object) -> int:
+    """``maxsize`` as every backend takes it: an int >= 0 (0: unbounded)."""
+    if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 0:
+        raise ValueError(f"maxsize must be an int >= 0 (0 for no limit), not {maxsize!r}")
+    return maxsize
+
+
+class QueueURL:
+    """What a queue URL says: where, as whom, which queue, which options."""
+
+    def __init__(self, url: str, schemes: tuple[str, ...], default_port: int) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in schemes:
+            raise InvalidURL(f"{url!r} is not a {' or '.join(s + '://' for s in schemes)} URL")
+        self.url = url
+        self.scheme = parts.scheme
+        try:
+            self.host = parts.hostname or "127.0.0.1"
+            self.port = parts.port or default_port
+        except ValueError as exc:
+            raise InvalidURL(f"bad host or port in {url!r}: {exc}") from None
+        self.username = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password else None
+        self.queue = unquote(parts.path.lstrip("/"))
+        if not self.queue or "/" in self.queue:
+            raise InvalidURL(
+                f"{url!r} names no queue: write {self.scheme}://{self.host}:{self.port}/QUEUE"
+            )
+        self.params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+
+    def number(
+        self, name: str, given: float | None = None, default: float | None = None
+    ) -> float | None:
+        """``given`` if set, else the URL's ``?name=`` as a number, else ``default``."""
+        if given is not None:
+            return given
+        value = self.params.get(name)
+        if value is None:
+            return default
+        try:
+            return float(value)
+        except ValueError:
+            raise InvalidURL(f"{name}={value!r} in {self.url!r} is not a number") from None
+
+    def flag(self, name: str) -> bool:
+        return self.params.get(name, "").lower() in ("1", "true", "yes")
