@@ -14,7 +14,8 @@ import tempfile
 import threading
 import time
 
-from pigeon.server.state import Broker, Stored
+from pigeon.server.broker import Broker
+from pigeon.server.model import Stored
 from pigeon.server.store import SQLiteStore
 
 

@@ -13,9 +13,13 @@ PigeonError
 ├── ShutDown                   put/get on a shut-down queue (Python 3.13 semantics)
 ├── ClosedResourceError        your code closed it
 ├── BrokenResourceError        the peer or backend went away (see __cause__)
+│   └── Unavailable            the broker cannot take the request now (its store, a limit)
 ├── AuthError
 ├── Unsupported                this backend cannot offer the call; the message says why
-└── InvalidURL
+├── InvalidURL
+├── DecodeError                a payload the serializer cannot decode; .raw, .queue, .serializer
+├── TooLarge                   an item is larger than the backend or the reply limit accepts
+└── StoreCorrupted             the broker's data directory holds a damaged store
 ```
 
 Foreign errors (OSError from a socket, a client library's exceptions) are translated at
@@ -31,6 +35,7 @@ __all__ = [
     "AuthError",
     "BrokenResourceError",
     "ClosedResourceError",
+    "DecodeError",
     "Empty",
     "FrameError",
     "FrameTooLarge",
@@ -42,6 +47,9 @@ __all__ = [
     "ProtocolError",
     "RemoteProtocolError",
     "ShutDown",
+    "StoreCorrupted",
+    "TooLarge",
+    "Unavailable",
     "Unsupported",
 ]
 
@@ -113,3 +121,37 @@ class Unsupported(PigeonError):
 
 class InvalidURL(PigeonError):
     """A queue URL could not be understood."""
+
+
+class DecodeError(PigeonError):
+    """A payload the queue's serializer cannot decode.
+
+    The message was not acknowledged as received-and-fine: on the networked backends it
+    went to the dead-letter queue (``<queue>.dead``) with the reason ``undecodable``.
+    ``raw`` holds the bytes as they arrived, ``queue`` and ``serializer`` name where and how.
+    """
+
+    def __init__(
+        self, message: str, *, raw: bytes = b"", queue: str = "", serializer: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.raw = raw
+        self.queue = queue
+        self.serializer = serializer
+
+
+class TooLarge(PigeonError):
+    """An item is larger than the backend (or the broker's reply limit) accepts.
+
+    Nothing was sent (for a put) or taken (for a get); the message names the limit and
+    the setting that raises it.
+    """
+
+
+class Unavailable(BrokenResourceError):
+    """The broker refused the request for now (its store cannot commit, or a limit is
+    reached); retrying later may succeed."""
+
+
+class StoreCorrupted(PigeonError):
+    """The data directory holds a damaged store; the message names the file."""

@@ -24,7 +24,7 @@ from pigeon.protocol import (
     Shutdown,
     TaskDone,
 )
-from pigeon.server.state import Broker
+from pigeon.server.broker import Broker
 
 A, B, C = 1, 2, 3
 
@@ -223,7 +223,7 @@ def test_a_consumer_holding_max_unacked_bytes_gets_no_more_until_it_acks() -> No
     (first,) = replies(broker.handle(B, Get(1, "q", 3, 0, True)), B)
     assert payloads(first) == [b"x" * 6]  # a second would pass 10 bytes
     (refused,) = replies(broker.handle(B, Get(2, "q", 1, 0, True)), B)
-    assert refused.code == "limit" and "ack some first" in refused.message
+    assert refused.code == "unacked" and "ack or nack some" in refused.message
     assert broker.handle(B, Get(3, "q", 1, None, True)) == []  # parked
     outs = broker.handle(B, Ack(4, "q", [first.messages[0].id]))
     assert payloads(next(m for c, m in outs if isinstance(m, Deliver))) == [b"y" * 6]
@@ -237,4 +237,4 @@ def test_timed_out_getters_do_not_pile_up(broker: Broker) -> None:
         broker.tick(i + 0.5)
     broker.handle(B, Get(5000, "q", 1, 10.0), now=2000.0)
     assert len(broker.queues["q"].getters) == 1
-    assert len(broker._parked) == 1
+    assert broker.parked(B) == 1

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from pigeon.protocol import Ack, Deliver, Get, Put, PutBatch
-from pigeon.server.state import Broker
+from pigeon.server.broker import Broker
 from pigeon.server.store import DB_NAME, SQLiteStore, StoreCorrupted
 
 
@@ -117,7 +117,7 @@ def test_power_loss_under_fsync_always_loses_no_confirmed_put(tmp_path: Path) ->
     for i in range(300):
         payload = f"msg-{i}".encode()
         with lock:
-            broker.handle(1, Put(i, "q", payload))
+            broker.handle(1, Put(i + 1, "q", payload))
             pending.setdefault(store.last_tag, set()).add(payload)
         if i % 25 == 24:  # let a commit happen now and then, as under real traffic
             deadline = time.monotonic() + 10

@@ -8,6 +8,7 @@ from __future__ import annotations
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pigeon.errors import InvalidURL
+from pigeon.protocol.rules import MAX_COUNT, int_problem, seconds_problem
 
 __all__ = ["QueueURL", "check_maxsize"]
 
@@ -55,6 +56,42 @@ class QueueURL:
             return float(value)
         except ValueError:
             raise InvalidURL(f"{name}={value!r} in {self.url!r} is not a number") from None
+
+    def seconds(
+        self, name: str, given: float | None = None, default: float | None = None,
+        *, positive: bool = True,
+    ) -> float | None:  # fmt: skip
+        """A duration option: ``given`` (checked: ValueError) or ``?name=`` (checked:
+        InvalidURL), finite and in range, else ``default``."""
+        if given is not None:
+            if bad := seconds_problem(name, given, nil=False, positive=positive):
+                raise ValueError(bad)
+            return float(given)
+        value = self.number(name)
+        if value is None:
+            return default
+        if bad := seconds_problem(name, value, nil=False, positive=positive):
+            raise InvalidURL(f"{bad} (in {self.url!r})")
+        return value
+
+    def count(self, name: str, given: int | None = None, default: int | None = None) -> int | None:
+        """A count option (>= 1): ``given`` (ValueError) or ``?name=`` (InvalidURL)."""
+        if given is not None:
+            if bad := int_problem(name, given, 1, MAX_COUNT):
+                raise ValueError(bad)
+            return given
+        raw = self.params.get(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            value = None
+        if value is None or (bad := int_problem(name, value, 1, MAX_COUNT)):
+            raise InvalidURL(
+                f"{name} must be an integer from 1 to {MAX_COUNT}, not {raw!r} (in {self.url!r})"
+            )
+        return value
 
     def flag(self, name: str) -> bool:
         return self.params.get(name, "").lower() in ("1", "true", "yes")

@@ -1,144 +1,91 @@
 """The pigeon:// backend: a client of ``pigeon serve``, with a blocking and an asyncio face.
 
 Features
-    The whole ``pigeon.Queue`` contract. ``put`` returns once the broker confirmed;
-    ``put_many``/``get_many`` cost one round trip; ``get_message`` gives at-least-once
-    delivery with ``ack``/``nack(requeue, delay)``/``extend``; ``task_done``/``join`` and
-    ``shutdown`` act on the broker's queue, for every client. ``pigeon.AsyncQueue(url)``
-    pipelines concurrent calls over one connection.
+    The whole ``pigeon.Queue`` contract. ``put`` returns once the broker confirmed (on a
+    durable broker: once stored); ``put_many``/``get_many`` cost one round trip;
+    ``get_message`` gives at-least-once delivery with ``ack``/``nack(requeue, delay)``/
+    ``extend``; ``task_done``/``join`` and ``shutdown`` act on the broker's queue, for
+    every client. ``pigeon.AsyncQueue(url)`` pipelines concurrent calls over one
+    connection (``broker_aio.py``).
 
 Connection URL
     ``pigeon://[TOKEN@]HOST[:PORT]/QUEUE[?lease=S&max_deliveries=N]`` (port 7878 by
-    default). The token may also be given as the password: ``pigeon://:TOKEN@host/q``.
+    default); ``pigeon+tls://`` for TLS. The token may also be given as the password:
+    ``pigeon://:TOKEN@host/q``.
 
 Options
     ``maxsize`` (declares the queue's capacity), ``serializer`` (``"msgpack"`` by
     default), ``lease`` (seconds before an unacked message returns, default 30),
     ``max_deliveries`` (then it moves to ``QUEUE.dead``, default 20),
-    ``reconnect_timeout`` (seconds to keep retrying when no timeout was given, 30).
+    ``reconnect_timeout`` (seconds to keep retrying after a connection fails, when the
+    call gave no timeout; 30), ``connect_timeout`` (10 s for connect and handshake).
 
 Delivery guarantees
-    At-least-once for ``get_message``: an unacked message comes back at once when its
-    consumer's connection drops, or when its lease runs out. Plain ``get`` acks on
-    receipt (at-most-once if the consumer crashes after it). A ``put`` whose confirmation
-    was lost to a broken connection is retried after reconnecting, so it may be stored
-    twice: duplicates are possible, losses of confirmed puts are not (with a durable
-    broker). FIFO per queue except redeliveries, which go to the front.
+    At-least-once, for ``get``/``get_many`` as for ``get_message``: every message is taken
+    unacked and stays the broker's until the client acknowledges it - ``get`` does so
+    without waiting, once the payload decoded - so a reply lost to a broken connection
+    comes back (at once, when the broker notices the connection is gone) instead of
+    vanishing. A payload the serializer cannot decode raises ``pigeon.DecodeError`` and
+    goes to ``QUEUE.dead``. A ``put`` whose confirmation was lost to a broken connection
+    is retried after reconnecting, so it may be stored twice: duplicates are possible,
+    losses of confirmed puts are not (with a durable broker). FIFO per queue; redelivered
+    messages go back in their original order, ahead of newer ones.
+
+# Strategy:
+# Each thread has its own blocking connection (a socket plus a sans-IO
+# ``protocol.client.ClientConnection``), released when the thread ends and never carried
+# across a fork: the child closes its copies of the parent's sockets at once, so a parent
+# SIGKILLed later still has its in-flight messages requeued immediately. Operations are
+# the generators of ``_broker_ops``; ``_drive`` runs one with blocking reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
-import time
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from pigeon._queue_base import Message, Queue, deadline_from
-from pigeon.backends._retry import Backoff
-from pigeon.backends._url import QueueURL, check_maxsize
-from pigeon.errors import (
-    AuthError,
-    BrokenResourceError,
-    ClosedResourceError,
-    Empty,
-    Full,
-    LocalProtocolError,
-    PigeonError,
-    RemoteProtocolError,
-    ShutDown,
+from pigeon._net import tune_tcp
+from pigeon._queue_base import Message, Queue
+from pigeon.backends._broker_ops import (
+    Call,
+    Endpoint,
+    Lost,
+    Op,
+    Ops,
+    Post,
+    Sleep,
+    Spec,
+    broken,
+    settle_message,
 )
-from pigeon.framing import LengthPrefixed
-from pigeon.protocol import (
-    MAGIC,
-    VERSION,
-    Ack,
-    ClientCodec,
-    Declare,
-    Deliver,
-    Delivery,
-    Error,
-    Extend,
-    Get,
-    Goodbye,
-    Hello,
-    Info,
-    Join,
-    Nack,
-    Ok,
-    Ping,
-    Pong,
-    Put,
-    PutBatch,
-    QueueShutdown,
-    Shutdown,
-    TaskDone,
-    Welcome,
-)
-from pigeon.protocol.wire import encode_message
-from pigeon.serializers import SerializerLike, get_serializer
-from pigeon.streams import FramedSocket
+from pigeon.errors import BrokenResourceError, ClosedResourceError, LocalProtocolError
+from pigeon.protocol.client import ClientConnection, Closed, Reply, Welcomed
+from pigeon.protocol.messages import Delivery
+from pigeon.serializers import SerializerLike
 
 T = TypeVar("T")
 
-__all__ = ["BrokerMessage", "BrokerQueue", "Endpoint", "parse_url", "raise_for"]
+__all__ = ["BrokerMessage", "BrokerQueue", "Endpoint"]
 
-DEFAULT_PORT = 7878
-_HEARTBEAT_MISSES = 3  # heartbeats without a byte from the broker before it counts as gone
-
-
-class Endpoint(QueueURL):
-    """What a pigeon:// URL says; the token is the password (or the user name)."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url, ("pigeon", "pigeon+tls"), DEFAULT_PORT)
-        self.tls = self.scheme == "pigeon+tls"
-        self.token = self.password or self.username
+_RECV = 256 * 1024
 
 
-def parse_url(url: str) -> Endpoint:
-    return Endpoint(url)
+class _Link:
+    """One blocking connection: a socket and its conversation, one request at a time."""
 
-
-_ERRORS: dict[str, Callable[[str], BaseException]] = {
-    "empty": Empty,
-    "full": Full,
-    "shutdown": ShutDown,
-    "timeout": TimeoutError,
-    "auth": AuthError,
-    "protocol": RemoteProtocolError,
-    "bad_request": ValueError,
-    "value": ValueError,
-    "limit": BrokenResourceError,
-    "unavailable": BrokenResourceError,
-}
-
-
-def raise_for(err: Error) -> None:
-    """Raise the pigeon exception an ERROR reply stands for."""
-    factory = _ERRORS.get(err.code, PigeonError)
-    raise factory(err.message)
-
-
-def check_unknown(reply: Ok, what: str) -> None:
-    unknown = reply.value.get("unknown") if isinstance(reply.value, dict) else None
-    if unknown:
-        raise LocalProtocolError(
-            f"cannot {what} delivery {unknown[0]}: the broker no longer holds it for this "
-            "client (its lease ran out or its connection dropped), so it was or will be "
-            "redelivered"
-        )
-
-
-class _SyncConnection:
-    """One blocking connection: HELLO, then one request at a time."""
-
-    def __init__(self, ep: Endpoint, client: str, connect_timeout: float) -> None:
+    def __init__(self, spec: Spec, ops: Ops, client: str) -> None:
+        ep = spec.ep
+        self.pid = os.getpid()
+        self.welcomed = False
         try:
-            sock = socket.create_connection((ep.host, ep.port), timeout=connect_timeout)
+            sock = socket.create_connection((ep.host, ep.port), timeout=spec.connect_timeout)
         except OSError as exc:
-            raise BrokenResourceError(f"cannot connect to {ep.host}:{ep.port}: {exc}") from exc
+            raise broken(f"cannot connect to {ep.host}:{ep.port}: {exc}", exc) from exc
         if ep.tls:
             from pigeon.backends._tls import client_context
 
@@ -146,72 +93,109 @@ class _SyncConnection:
                 sock = client_context(ep).wrap_socket(sock, server_hostname=ep.host)
             except OSError as exc:
                 sock.close()
-                raise BrokenResourceError(f"TLS handshake with {ep.host} failed: {exc}") from exc
-        from pigeon.server.app import keepalive
-
-        keepalive(sock)
-        self.pid = os.getpid()
-        self.codec = ClientCodec()
-        self.stream = FramedSocket(sock, LengthPrefixed(max_frame_size=2**31))
-        self.heartbeat = 5.0
-        self.shutdown_queues: set[str] = set()
+                raise broken(f"TLS handshake with {ep.host} failed: {exc}", exc) from exc
+        tune_tcp(sock)
+        self.sock = sock
+        self.buf = bytearray(_RECV)
+        self.conv = ClientConnection(client, ep.token, peer=ep.peer)
+        _LIVE.add(self)
         try:
-            welcome = self._exchange(Hello(MAGIC, VERSION, client, ep.token), None)
+            # HELLO and DECLARE leave together: the handshake costs one round trip.
+            declare = self.conv.request(spec.declare())
+            self.flush()
+            ops.declared(self.wait(declare, spec.connect_timeout))
         except BaseException:
-            self.stream.close()
+            self.discard()
             raise
-        if not isinstance(welcome, Welcome):
-            self.stream.close()
-            raise RemoteProtocolError(f"expected WELCOME, got {type(welcome).__name__}")
-        self.heartbeat = welcome.heartbeat
-        sock.settimeout(self.heartbeat * _HEARTBEAT_MISSES)
+        sock.settimeout(self.conv.silence_limit)
 
-    def _exchange(self, msg: Any, req: int | None) -> Any:
-        try:
-            self.stream.send(encode_message(msg))
-            while True:
-                frame = self.stream.recv()
-                if frame is None:
-                    raise BrokenResourceError("the broker closed the connection")
-                reply = self.codec.decode(frame)
-                if isinstance(reply, Ping):
-                    self.stream.send(encode_message(Pong(reply.nonce)))
-                    continue
-                if isinstance(reply, QueueShutdown):
-                    self.shutdown_queues.add(reply.queue)
-                    continue
-                if isinstance(reply, Pong):
-                    continue
-                if isinstance(reply, Goodbye):
-                    raise BrokenResourceError(f"the broker said goodbye: {reply.reason}")
-                if isinstance(reply, Error) and reply.req == 0:
-                    if reply.code == "auth":
-                        raise AuthError(reply.message)
-                    raise BrokenResourceError(f"the broker refused: {reply.message}")
-                if req is None or getattr(reply, "req", None) == req:
-                    return reply
-                # a late reply to an abandoned request: skip it
-        except TimeoutError as exc:
-            raise BrokenResourceError(
-                f"no word from the broker for {self.heartbeat * _HEARTBEAT_MISSES:.0f} s"
-            ) from exc
-        except OSError as exc:
-            raise BrokenResourceError(f"connection to the broker broke: {exc}") from exc
+    def flush(self) -> None:
+        data = self.conv.data_to_send()
+        if data:
+            try:
+                self.sock.sendall(data)
+            except OSError as exc:
+                raise broken(f"connection to {self.conv.peer} broke: {exc}", exc) from exc
 
-    def request(self, msg: Any) -> Any:
-        return self._exchange(msg, msg.req)
+    def wait(self, req: int, timeout: float | None = None) -> Any:
+        """Read until the reply to ``req`` arrives; answer pings on the way."""
+        if timeout is not None:
+            self.sock.settimeout(timeout)
+        while True:
+            try:
+                n = self.sock.recv_into(self.buf)
+            except TimeoutError as exc:
+                what = "answer" if not self.welcomed else "word"
+                raise broken(
+                    f"no {what} from {self.conv.peer} for {self.sock.gettimeout():.0f} s", exc
+                ) from exc
+            except OSError as exc:
+                raise broken(f"connection to {self.conv.peer} broke: {exc}", exc) from exc
+            events = self.conv.receive_data(memoryview(self.buf)[:n])
+            self.flush()
+            for ev in events:
+                if isinstance(ev, Reply) and ev.req == req:
+                    return ev.message
+                if isinstance(ev, Welcomed):
+                    self.welcomed = True
+                elif isinstance(ev, Closed):
+                    raise ev.error or BrokenResourceError(f"{self.conv.peer} closed")
+
+    def call(self, msg: Any) -> Any:
+        req = self.conv.request(msg)
+        self.flush()
+        return self.wait(req)
+
+    def post(self, msg: Any) -> None:
+        self.conv.post(msg)
+        self.flush()
 
     def close(self) -> None:
+        """GOODBYE, half-close, read what the broker still sends (its replies to our
+        acks), then close: nothing we sent is lost to a reset."""
         if self.pid == os.getpid():
-            try:
-                self.stream.send(encode_message(Goodbye("client closing")))
-                self.stream.shutdown_write()
-                self.stream.sock.settimeout(1.0)
-                while self.stream.recv() is not None:
+            with contextlib.suppress(OSError, BrokenResourceError):
+                self.conv.close()
+                self.flush()
+                self.sock.shutdown(socket.SHUT_WR)
+                self.sock.settimeout(1.0)
+                while self.sock.recv_into(self.buf):
                     pass
-            except (PigeonError, OSError):
-                pass
-        self.stream.close()
+        self.discard()
+
+    def discard(self) -> None:
+        _LIVE.discard(self)
+        self.sock.close()
+
+    def forget_after_fork(self) -> None:
+        """In a fork child: let go of the parent's connection without touching it."""
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(devnull, self.sock.fileno())
+            finally:
+                os.close(devnull)
+
+
+# Every open link of this process: a fork child lets go of them all at once.
+_LIVE: weakref.WeakSet[_Link] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for link in list(_LIVE):
+        link.forget_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _ThreadLink:
+    """Holds a thread's link; when the thread ends its locals go, and this closes it."""
+
+    def __init__(self, link: _Link) -> None:
+        self.link = link
+        self._finalizer = weakref.finalize(self, link.close)
 
 
 class BrokerQueue(Queue[T]):
@@ -229,229 +213,166 @@ class BrokerQueue(Queue[T]):
         connect_timeout: float = 10.0,
         client_name: str | None = None,
     ) -> None:
-        check_maxsize(maxsize)
-        self._ep = Endpoint(url)
-        self._serializer_spec = serializer if serializer is not None else "msgpack"
-        self._ser = get_serializer(self._serializer_spec)
-        self._lease = self._ep.number("lease", lease)
-        md = self._ep.number("max_deliveries", max_deliveries)
-        self._max_deliveries = int(md) if md is not None else None
-        self._declare_maxsize = maxsize or None
-        self._reconnect_timeout = reconnect_timeout
-        self._connect_timeout = connect_timeout
+        self._spec = Spec(
+            url, maxsize, serializer, lease=lease, max_deliveries=max_deliveries,
+            reconnect_timeout=reconnect_timeout, connect_timeout=connect_timeout,
+        )  # fmt: skip
+        self._ops = Ops(self._spec)
         self._client = client_name or f"pigeon-py/{os.getpid()}"
         self._local = threading.local()
-        self._conns: set[_SyncConnection] = set()
+        self._holders: weakref.WeakSet[_ThreadLink] = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._req = 0
         self._closed = False
-        self._maxsize = maxsize
-        self._declared = False
-        if self._declare_maxsize or self._lease is not None or self._max_deliveries is not None:
-            self._declare()
+        self._known = False  # the broker told us maxsize on some connection
+        if self._spec.maxsize or self._spec.lease or self._spec.max_deliveries:
+            # Options given: apply them now, so a refused one is an error here.
+            self._drive(self._ops.call(lambda _: self._spec.declare(), None))
+            self._known = True
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (
-            _reopen,
-            (self._ep.url, self._maxsize, self._serializer_spec, self._lease,
-             self._max_deliveries, self._reconnect_timeout),
-        )  # fmt: skip
+        return (_reopen, (self._spec.ep.url, self._spec.options()))
 
     @property
     def url(self) -> str:
-        return self._ep.url
-
-    def _async_options(self) -> dict[str, Any]:
-        """How ``pigeon.AsyncQueue(q)`` opens the same queue on asyncio."""
-        return {
-            "maxsize": self._declare_maxsize or 0,
-            "serializer": self._serializer_spec,
-            "lease": self._lease,
-            "max_deliveries": self._max_deliveries,
-            "reconnect_timeout": self._reconnect_timeout,
-        }
+        return self._spec.ep.url
 
     @property
     def name(self) -> str:
-        return self._ep.queue
+        return self._spec.queue
 
-    # --- plumbing -------------------------------------------------------------------------
+    def _async_options(self) -> dict[str, Any]:
+        """How ``pigeon.AsyncQueue(q)`` opens the same queue on asyncio."""
+        return self._spec.options()
 
-    def _next_req(self) -> int:
-        with self._lock:
-            self._req += 1
-            return self._req
+    # --- the driver -------------------------------------------------------------------------
 
-    def _conn(self) -> _SyncConnection:
+    def _link(self) -> _Link:
         if self._closed:
             raise ClosedResourceError("this queue handle was closed")
-        conn: _SyncConnection | None = getattr(self._local, "conn", None)
-        if conn is not None and conn.pid == os.getpid():
-            return conn
-        conn = _SyncConnection(self._ep, self._client, self._connect_timeout)
-        self._local.conn = conn
+        holder: _ThreadLink | None = getattr(self._local, "holder", None)
+        if holder is not None and holder.link.pid == os.getpid():
+            return holder.link
+        link = _Link(self._spec, self._ops, self._client)
+        self._known = True
+        holder = _ThreadLink(link)
+        self._local.holder = holder
         with self._lock:
-            self._conns.add(conn)
-        return conn
+            self._holders.add(holder)
+        return link
 
-    def _drop(self, conn: _SyncConnection) -> None:
-        self._local.conn = None
-        with self._lock:
-            self._conns.discard(conn)
-        conn.stream.close()
+    def _drop(self) -> None:
+        holder: _ThreadLink | None = getattr(self._local, "holder", None)
+        self._local.holder = None
+        if holder is not None:
+            holder._finalizer.detach()
+            holder.link.discard()
 
-    def _call(self, build: Callable[[float | None], Any], deadline: float | None) -> Any:
-        """Send ``build(remaining wait)``; reconnect with backoff until ``deadline``."""
-        backoff = Backoff(deadline, self._reconnect_timeout)
+    def _drive(self, op: Op[Any]) -> Any:
+        """Run an operation: its requests on this thread's connection, blocking."""
+        value: Any = None
+        error: BaseException | None = None
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                conn = self._conn()
+                effect = op.send(value) if error is None else op.throw(error)
+            except StopIteration as stop:
+                return stop.value
+            value = error = None
+            if isinstance(effect, Call):
+                established = False
                 try:
-                    reply = conn.request(build(remaining))
-                except BrokenResourceError:
-                    raise
+                    link = self._link()
+                    established = True
+                    value = link.call(effect.msg)
+                except BrokenResourceError as exc:
+                    self._drop()
+                    error = Lost(exc, established)
                 except BaseException:
-                    # Interrupted mid-request (KeyboardInterrupt, a timeout signal): the
-                    # reply may still come. Drop the connection so the broker gives
-                    # back whatever it was about to hand us.
-                    self._drop(conn)
+                    # Interrupted mid-request (KeyboardInterrupt, a signal handler's
+                    # exception): the reply may still come. Drop the connection; the
+                    # broker gives back whatever it was about to hand us.
+                    self._drop()
                     raise
-            except BrokenResourceError:
-                broken = getattr(self._local, "conn", None)
-                if broken is not None:
-                    self._drop(broken)
-                if (wait := backoff.next_delay()) is None:
-                    raise
-                time.sleep(wait)
-                continue
-            if isinstance(reply, Error):
-                raise_for(reply)
-            return reply
-
-    def _declare(self) -> None:
-        reply = self._call(
-            lambda _: Declare(self._next_req(), self._ep.queue, self._declare_maxsize,
-                              self._lease, self._max_deliveries),
-            None,
-        )  # fmt: skip
-        self._maxsize = int(reply.value.get("maxsize", 0))
-        self._declared = True
+            elif isinstance(effect, Post):
+                holder = getattr(self._local, "holder", None)
+                if holder is not None:  # no connection: the broker gave them back anyway
+                    try:
+                        holder.link.post(effect.msg)
+                    except BrokenResourceError:
+                        self._drop()
+            elif isinstance(effect, Sleep):
+                threading.Event().wait(effect.seconds)
 
     # --- the contract ---------------------------------------------------------------------
 
     @property
     def maxsize(self) -> int:
-        if not self._declared:
-            self._maxsize = int(self._info().get("maxsize", 0))
-            self._declared = True
-        return self._maxsize
-
-    def _info(self) -> dict[str, Any]:
-        reply = self._call(lambda _: Info(self._next_req(), self._ep.queue), None)
-        value: dict[str, Any] = reply.value
-        return value
+        if not self._known:
+            self._drive(self._ops.info())
+        return self._ops.maxsize
 
     def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
-        payload = self._ser.dumps(item)
-        deadline = deadline_from(block, timeout)
-        self._call(
-            lambda wait: Put(self._next_req(), self._ep.queue, payload, wait if block else 0.0),
-            deadline,
-        )
+        self._drive(self._ops.put([self._spec.ser.dumps(item)], block, timeout))
 
     def put_many(
         self, items: Iterable[T], block: bool = True, timeout: float | None = None
     ) -> None:
-        payloads = [self._ser.dumps(item) for item in items]
-        if not payloads:
-            return
-        deadline = deadline_from(block, timeout)
-        self._call(
-            lambda wait: PutBatch(
-                self._next_req(), self._ep.queue, payloads, wait if block else 0.0
-            ),
-            deadline,
-        )
-
-    def _get(
-        self, n: int, block: bool, timeout: float | None, manual: bool, lease: float | None
-    ) -> list[Delivery]:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"max_items must be an int >= 1, not {n!r}")
-        deadline = deadline_from(block, timeout)
-        reply = self._call(
-            lambda wait: Get(
-                self._next_req(), self._ep.queue, n, wait if block else 0.0, manual, lease
-            ),
-            deadline,
-        )
-        assert isinstance(reply, Deliver)
-        return reply.messages
+        dumps = self._spec.ser.dumps
+        self._drive(self._ops.put([dumps(item) for item in items], block, timeout))
 
     def get(self, block: bool = True, timeout: float | None = None) -> T:
-        d = self._get(1, block, timeout, False, None)[0]
-        return self._ser.loads(d.payload)  # type: ignore[no-any-return]
+        return self._drive(self._ops.take(1, block, timeout))[0][1]  # type: ignore[no-any-return]
 
     def get_many(self, max_items: int, block: bool = True, timeout: float | None = None) -> list[T]:
-        return [
-            self._ser.loads(d.payload) for d in self._get(max_items, block, timeout, False, None)
-        ]
+        return [body for _, body in self._drive(self._ops.take(max_items, block, timeout))]
 
     def get_message(
         self, timeout: float | None = None, lease: float | None = None
     ) -> BrokerMessage[T]:
         """Take the next message; unacked, it returns after ``lease`` seconds (or the
         queue's lease) or at once if this client's connection drops."""
-        d = self._get(1, True, timeout, True, lease)[0]
-        return BrokerMessage(self, d, self._ser.loads(d.payload))
-
-    def _settle(self, msg: Any) -> Ok:
-        reply: Ok = self._call(lambda _: msg, None)
-        return reply
+        d, body = self._drive(self._ops.take(1, True, timeout, lease=lease, settle=False))[0]
+        return BrokerMessage(self, d, body)
 
     def qsize(self) -> int:
-        return int(self._info()["depth"])
+        return int(self._drive(self._ops.qsize()))
+
+    def full(self) -> bool:
+        return bool(self._drive(self._ops.full()))
+
+    def _info(self) -> dict[str, Any]:
+        info: dict[str, Any] = self._drive(self._ops.info())
+        return info
+
+    def _stats(self) -> dict[str, Any]:
+        stats: dict[str, Any] = self._drive(self._ops.stats())
+        return stats
 
     def task_done(self) -> None:
-        self._call(lambda _: TaskDone(self._next_req(), self._ep.queue, 1), None)
+        self._drive(self._ops.task_done())
 
     def join(self, timeout: float | None = None) -> None:
-        deadline = deadline_from(True, timeout)
-        try:
-            self._call(lambda wait: Join(self._next_req(), self._ep.queue, wait), deadline)
-        except TimeoutError as exc:
-            raise TimeoutError(f"join timed out: {exc}") from None
+        self._drive(self._ops.join(timeout))
 
     def shutdown(self, immediate: bool = False) -> None:
-        self._call(lambda _: Shutdown(self._next_req(), self._ep.queue, immediate), None)
+        self._drive(self._ops.shutdown(immediate))
 
     def close(self) -> None:
+        """Close every connection this handle opened, in any thread, gracefully."""
         if self._closed:
             return
         self._closed = True
         with self._lock:
-            conns = list(self._conns)
-            self._conns.clear()
-        for c in conns:
-            c.close()
+            holders = list(self._holders)
+            self._holders.clear()
+        for h in holders:
+            h._finalizer()
 
     def __repr__(self) -> str:
-        return f"<pigeon.Queue {self._ep.url}>"
+        return f"<pigeon.Queue {self._spec.ep.url}>"
 
 
-def _reopen(
-    url: str,
-    maxsize: int,
-    serializer: SerializerLike,
-    lease: float | None,
-    max_deliveries: int | None,
-    reconnect_timeout: float,
-) -> BrokerQueue[Any]:
-    return BrokerQueue(
-        url, maxsize, serializer, lease=lease, max_deliveries=max_deliveries,
-        reconnect_timeout=reconnect_timeout,
-    )  # fmt: skip
+def _reopen(url: str, options: dict[str, Any]) -> BrokerQueue[Any]:
+    return BrokerQueue(url, **options)
 
 
 class BrokerMessage(Message[T]):
@@ -464,23 +385,19 @@ class BrokerMessage(Message[T]):
         self.body = body
         self._settled = False
 
-    def _send(self, build: Callable[[int, str], Any], what: str) -> None:
+    def _settle(self, what: str, *args: Any) -> None:
         if self._settled:
             raise LocalProtocolError("this message was already acked or nacked")
         q = self._queue
-        reply = q._settle(build(q._next_req(), q._ep.queue))
+        msg = settle_message(q._spec.queue, what, self.id, *args)
         self._settled = what != "extend"
-        check_unknown(reply, what)
+        q._drive(q._ops.settle(msg, what))
 
     def ack(self) -> None:
-        self._send(lambda req, queue: Ack(req, queue, [self.id]), "ack")
+        self._settle("ack")
 
     def nack(self, requeue: bool = True, delay: float = 0) -> None:
-        if delay < 0:
-            raise ValueError(f"delay must be >= 0, not {delay}")
-        self._send(lambda req, queue: Nack(req, queue, [self.id], requeue, float(delay)), "nack")
+        self._settle("nack", requeue, delay)
 
     def extend(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError(f"seconds must be >= 0, not {seconds}")
-        self._send(lambda req, queue: Extend(req, queue, [self.id], float(seconds)), "extend")
+        self._settle("extend", seconds)

@@ -1,13 +1,14 @@
-"""The asyncio face of the pigeon:// backend: one connection, requests pipelined.
+"""The asyncio face of the pigeon:// backend: one connection per handle, requests pipelined.
 
 # Strategy:
-# One ``FramedStream`` per queue handle; a reader task resolves each reply's future by
-# request id, answers heartbeats, and fails every pending future with
-# BrokenResourceError when the connection ends or the broker is silent for three
-# heartbeats. Each call retries on a fresh connection with backoff until its deadline
-# (or ``reconnect_timeout``), like the blocking face. Concurrent calls share the
-# connection, so ``asyncio.gather(*(aq.put(x) for x in items))`` sends every put before
-# the first confirmation comes back.
+# A plain ``asyncio.Protocol`` feeds received bytes to the sans-IO ``ClientConnection``
+# and resolves each request's future from the ``Reply`` events; no reader task. Every
+# request's bytes are written when it is made (``request`` is synchronous), so an ack or
+# nack that nobody awaits is on the wire before ``aclose`` says GOODBYE, and the broker
+# answers everything sent before GOODBYE before it closes. A coroutine cancelled while its
+# reply is on the way withdraws the request (CANCEL); if the reply comes anyway, its
+# messages are handed back (NACK), whether it arrived before or after the cancellation.
+# The operations themselves are the generators of ``_broker_ops``, driven by ``_drive``.
 """
 
 from __future__ import annotations
@@ -16,181 +17,145 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterable
-from typing import Any, Generic, TypeVar
+from collections.abc import Iterable
+from typing import Any, Generic, TypeVar, cast
 
-from pigeon._queue_base import deadline_from
-from pigeon.backends._retry import Backoff
-from pigeon.backends._url import check_maxsize
-from pigeon.backends.broker import Endpoint, check_unknown, raise_for
-from pigeon.errors import (
-    AuthError,
-    BrokenResourceError,
-    ClosedResourceError,
-    LocalProtocolError,
-    PigeonError,
-    RemoteProtocolError,
-)
-from pigeon.framing import LengthPrefixed
-from pigeon.protocol import (
-    MAGIC,
-    VERSION,
-    Ack,
-    Cancel,
-    ClientCodec,
-    Declare,
-    Deliver,
-    Delivery,
-    Error,
-    Extend,
-    Get,
-    Goodbye,
-    Hello,
-    Info,
-    Join,
-    Nack,
-    Ok,
-    Ping,
-    Pong,
-    Put,
-    PutBatch,
-    QueueShutdown,
-    Shutdown,
-    TaskDone,
-    Welcome,
-)
-from pigeon.protocol.wire import encode_message
-from pigeon.serializers import SerializerLike, get_serializer
-from pigeon.streams import FramedStream, open_framed_connection
+from pigeon._net import tune_tcp
+from pigeon.backends._broker_ops import Call, Lost, Op, Ops, Post, Sleep, Spec, settle_message
+from pigeon.errors import BrokenResourceError, ClosedResourceError, LocalProtocolError
+from pigeon.protocol.client import ClientConnection, Closed, Reply, Welcomed
+from pigeon.protocol.messages import Delivery
+from pigeon.serializers import SerializerLike
 
 T = TypeVar("T")
 
 
-class _AsyncConnection:
-    def __init__(self, stream: FramedStream, heartbeat: float, queue: str) -> None:
-        self.stream = stream
+class _LinkProtocol(asyncio.Protocol):
+    """One connection: bytes to the conversation, replies to the futures waiting."""
+
+    def __init__(self, conv: ClientConnection, queue: str) -> None:
+        self.conv = conv
         self.queue = queue
-        self.heartbeat = heartbeat
-        self.codec = ClientCodec()
-        self.pending: dict[int, asyncio.Future[Any]] = {}
-        self.abandoned: set[int] = set()  # requests whose caller was cancelled
-        self.broken: BaseException | None = None
-        self.reader = asyncio.get_running_loop().create_task(self._read())
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.futures: dict[int, asyncio.Future[Any]] = {}
+        self.error: BaseException | None = None
+        self.established = False
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self.last_rx = time.monotonic()
+        self._watchdog: asyncio.TimerHandle | None = None
 
-    @classmethod
-    async def open(cls, ep: Endpoint, client: str, timeout: float) -> _AsyncConnection:
-        ssl_ctx = None
-        if ep.tls:
-            from pigeon.backends._tls import client_context
+    # asyncio callbacks
 
-            ssl_ctx = client_context(ep)
-        try:
-            async with asyncio.timeout(timeout):
-                stream = await open_framed_connection(
-                    ep.host, ep.port, LengthPrefixed(max_frame_size=2**31), ssl=ssl_ctx
-                )
-                codec = ClientCodec()
-                await stream.send(encode_message(Hello(MAGIC, VERSION, client, ep.token)))
-                frame = await stream.recv()
-        except TimeoutError as exc:
-            raise BrokenResourceError(f"no answer from {ep.host}:{ep.port} in {timeout} s") from exc
-        except OSError as exc:
-            raise BrokenResourceError(f"cannot connect to {ep.host}:{ep.port}: {exc}") from exc
-        if frame is None:
-            await stream.aclose()
-            raise BrokenResourceError("the broker closed the connection during the handshake")
-        reply = codec.decode(frame)
-        if isinstance(reply, Error):
-            await stream.aclose()
-            if reply.code == "auth":
-                raise AuthError(reply.message)
-            raise BrokenResourceError(f"the broker refused: {reply.message}")
-        if not isinstance(reply, Welcome):
-            await stream.aclose()
-            raise RemoteProtocolError(f"expected WELCOME, got {type(reply).__name__}")
-        return cls(stream, reply.heartbeat, ep.queue)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            tune_tcp(sock)
+        self.flush()
 
-    async def _read(self) -> None:
-        try:
-            while True:
-                async with asyncio.timeout(self.heartbeat * 3):
-                    frame = await self.stream.recv()
-                if frame is None:
-                    raise BrokenResourceError("the broker closed the connection")
-                msg = self.codec.decode(frame)
-                if isinstance(msg, Ping):
-                    self.stream.send_nowait(encode_message(Pong(msg.nonce)))
-                elif isinstance(msg, Goodbye):
-                    raise BrokenResourceError(f"the broker said goodbye: {msg.reason}")
-                elif isinstance(msg, QueueShutdown | Pong):
-                    continue
-                else:
-                    req = getattr(msg, "req", 0)
-                    fut = self.pending.pop(req, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg)
-                    elif req in self.abandoned:
-                        self.abandoned.discard(req)
-                        self._give_back(msg)
-        except TimeoutError:
-            self._fail(BrokenResourceError(f"no word from the broker for {self.heartbeat * 3} s"))
-        except (PigeonError, OSError) as exc:
-            self._fail(exc if isinstance(exc, PigeonError) else BrokenResourceError(str(exc)))
-        except asyncio.CancelledError:
-            self._fail(BrokenResourceError("connection closed"))
-            raise
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = time.monotonic()
+        self._dispatch(self.conv.receive_data(data))
 
-    def _give_back(self, msg: Any) -> None:
-        """Items delivered to a caller that gave up waiting go back to the queue."""
-        if isinstance(msg, Deliver) and msg.messages and msg.messages[0].id:
-            ids = [d.id for d in msg.messages]
-            with contextlib.suppress(PigeonError):
-                self.stream.send_nowait(encode_message(Nack(0, self.queue, ids, True, 0.0)))
+    def eof_received(self) -> bool:
+        self._dispatch(self.conv.receive_data(b""))
+        return False
 
-    def _fail(self, exc: BaseException) -> None:
-        self.broken = exc
-        for fut in self.pending.values():
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.error is None:
+            text = f"connection to {self.conv.peer} lost" + (f": {exc}" if exc else "")
+            err = BrokenResourceError(text)
+            err.__cause__ = exc
+            self._fail(err)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # the conversation
+
+    def _dispatch(self, events: list[Any]) -> None:
+        for ev in events:
+            if isinstance(ev, Reply):
+                fut = self.futures.pop(ev.req, None)
+                if fut is None or fut.cancelled():
+                    self.conv.give_back(ev)
+                elif not fut.done():
+                    fut.set_result(ev.message)
+            elif isinstance(ev, Closed):
+                self._fail(ev.error or BrokenResourceError(f"{self.conv.peer} closed"))
+                if self.transport is not None:
+                    self.transport.close()
+            elif isinstance(ev, Welcomed) and not self.established:
+                self.established = True
+                self._watch()
+        self.flush()
+
+    def _watch(self) -> None:
+        """Every heartbeat: has the broker been silent for too long?"""
+        silent = time.monotonic() - self.last_rx
+        limit = self.conv.silence_limit
+        if silent > limit and self.error is None:
+            self._fail(BrokenResourceError(f"no word from {self.conv.peer} for {silent:.0f} s"))
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        self._watchdog = self.loop.call_later(self.conv.heartbeat, self._watch)
+
+    def _fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        for fut in self.futures.values():
             if not fut.done():
-                fut.set_exception(exc)
-        self.pending.clear()
-        self.stream.abort()
+                fut.set_exception(self.error)
+        self.futures.clear()
 
-    async def request(self, msg: Any) -> Any:
-        if self.broken is not None:
-            raise BrokenResourceError(f"connection is broken: {self.broken}")
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.pending[msg.req] = fut
-        try:
-            self.stream.send_nowait(encode_message(msg))
-        except PigeonError as exc:
-            self.pending.pop(msg.req, None)
-            raise BrokenResourceError(str(exc)) from exc
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            if self.broken is None:
-                if fut.done() and not fut.cancelled():
-                    self._give_back(fut.result())  # it came, but nobody will use it
-                else:
-                    self.abandoned.add(msg.req)
-                    with contextlib.suppress(PigeonError):
-                        self.stream.send_nowait(encode_message(Cancel(msg.req)))
-            raise
-        finally:
-            self.pending.pop(msg.req, None)
+    def flush(self) -> None:
+        data = self.conv.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
-    async def aclose(self) -> None:
-        if self.broken is None:
-            with contextlib.suppress(PigeonError, OSError):
-                self.stream.send_nowait(encode_message(Goodbye("client closing")))
-                await self.stream.shutdown_write()
-                async with asyncio.timeout(1.0):
-                    await self.reader
-        self.reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError, PigeonError):
-            await self.reader
-        with contextlib.suppress(PigeonError, OSError):
-            await self.stream.aclose()
+    # what the queue does with it
+
+    def request(self, msg: Any) -> tuple[int, asyncio.Future[Any]]:
+        if self.error is not None:
+            raise self.error
+        req = self.conv.request(msg)
+        fut: asyncio.Future[Any] = self.loop.create_future()
+        self.futures[req] = fut
+        self.flush()
+        return req, fut
+
+    def post(self, msg: Any) -> None:
+        if self.error is None:
+            self.conv.post(msg)
+            self.flush()
+
+    def abandon(self, req: int, fut: asyncio.Future[Any]) -> None:
+        """The caller of ``req`` was cancelled: withdraw it, or give back what came."""
+        self.futures.pop(req, None)
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            self.conv.give_back(Reply(req, fut.result(), self.queue))
+        else:
+            self.conv.cancel(req)
+        self.flush()
+
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """GOODBYE, half-close, and wait for the broker to answer everything and close."""
+        t = self.transport
+        if t is None:
+            return
+        if self.error is None and not t.is_closing():
+            self.conv.close()
+            self.flush()
+            if t.can_write_eof():
+                t.write_eof()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self.closed
+        t.abort() if not self.closed.done() else t.close()
+        await self.closed
 
 
 class AsyncBrokerQueue(Generic[T]):
@@ -207,176 +172,186 @@ class AsyncBrokerQueue(Generic[T]):
         reconnect_timeout: float = 30.0,
         connect_timeout: float = 10.0,
     ) -> None:
-        check_maxsize(maxsize)
-        self._ep = Endpoint(url)
-        self._ser = get_serializer(serializer if serializer is not None else "msgpack")
-        self._lease = self._ep.number("lease", lease)
-        md = self._ep.number("max_deliveries", max_deliveries)
-        self._max_deliveries = int(md) if md is not None else None
-        self._declare_maxsize = maxsize or None
-        self._maxsize = maxsize
-        self._needs_declare = bool(
-            self._declare_maxsize or self._lease is not None or self._max_deliveries is not None
-        )
-        self._reconnect_timeout = reconnect_timeout
-        self._connect_timeout = connect_timeout
-        self._conn: _AsyncConnection | None = None
+        self._spec = Spec(
+            url, maxsize, serializer, lease=lease, max_deliveries=max_deliveries,
+            reconnect_timeout=reconnect_timeout, connect_timeout=connect_timeout,
+        )  # fmt: skip
+        self._ops = Ops(self._spec)
+        self._link: _LinkProtocol | None = None
         self._connecting: asyncio.Lock | None = None
-        self._req = 0
         self._closed = False
+        self._pid = os.getpid()
 
     @property
     def url(self) -> str:
-        return self._ep.url
+        return self._spec.ep.url
 
     @property
     def maxsize(self) -> int:
-        return self._maxsize
+        """As the broker last told it (0 until the first call connected)."""
+        return self._ops.maxsize
 
-    def _next_req(self) -> int:
-        self._req += 1
-        return self._req
+    # --- the driver -------------------------------------------------------------------------
 
-    async def _connection(self) -> _AsyncConnection:
+    async def _connection(self) -> _LinkProtocol:
         if self._closed:
             raise ClosedResourceError("this AsyncQueue was closed")
-        if self._conn is not None and self._conn.broken is None:
-            return self._conn
+        link = self._link
+        if link is not None and link.error is None and self._pid == os.getpid():
+            return link
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
-            if self._conn is None or self._conn.broken is not None:
-                self._conn = await _AsyncConnection.open(
-                    self._ep, f"pigeon-py-async/{os.getpid()}", self._connect_timeout
-                )
-        return self._conn
+            link = self._link
+            if link is None or link.error is not None or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._link = link = await self._open()
+        return link
 
-    async def _call(self, build: Callable[[float | None], Any], deadline: float | None) -> Any:
-        if self._needs_declare:
-            self._needs_declare = False
-            reply = await self._call(
-                lambda _: Declare(self._next_req(), self._ep.queue, self._declare_maxsize,
-                                  self._lease, self._max_deliveries),
-                None,
-            )  # fmt: skip
-            self._maxsize = int(reply.value.get("maxsize", 0))
-        backoff = Backoff(deadline, self._reconnect_timeout)
+    async def _open(self) -> _LinkProtocol:
+        spec = self._spec
+        ep = spec.ep
+        ssl_ctx = None
+        if ep.tls:
+            from pigeon.backends._tls import client_context
+
+            ssl_ctx = client_context(ep)
+        conv = ClientConnection(f"pigeon-py-async/{os.getpid()}", ep.token, peer=ep.peer)
+        declare = conv.request(spec.declare())  # leaves with HELLO, in one write
+        loop = asyncio.get_running_loop()
+        link: _LinkProtocol | None = None
+        try:
+            async with asyncio.timeout(spec.connect_timeout):
+                _, proto = await loop.create_connection(
+                    lambda: _LinkProtocol(conv, spec.queue), ep.host, ep.port, ssl=ssl_ctx
+                )
+                link = proto
+                fut: asyncio.Future[Any] = loop.create_future()
+                link.futures[declare] = fut
+                self._ops.declared(await fut)
+        except TimeoutError as exc:
+            if link is not None and link.transport is not None:
+                link.transport.abort()
+            raise BrokenResourceError(
+                f"no answer from {ep.peer} within connect_timeout={spec.connect_timeout} s"
+            ) from exc
+        except OSError as exc:
+            raise BrokenResourceError(f"cannot connect to {ep.host}:{ep.port}: {exc}") from exc
+        except BaseException:
+            if link is not None and link.transport is not None:
+                link.transport.abort()
+            raise
+        return link
+
+    async def _drive(self, op: Op[Any]) -> Any:
+        value: Any = None
+        error: BaseException | None = None
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                conn = await self._connection()
-                reply = await conn.request(build(remaining))
-            except BrokenResourceError:
-                if (wait := backoff.next_delay()) is None:
-                    raise
-                await asyncio.sleep(wait)
-                continue
-            if isinstance(reply, Error):
-                raise_for(reply)
-            return reply
+                effect = op.send(value) if error is None else op.throw(error)
+            except StopIteration as stop:
+                return stop.value
+            value = error = None
+            if isinstance(effect, Call):
+                established = False
+                try:
+                    link = await self._connection()
+                    established = True
+                    req, fut = link.request(effect.msg)
+                    try:
+                        value = await fut
+                    except asyncio.CancelledError:
+                        link.abandon(req, fut)
+                        op.close()
+                        raise
+                except BrokenResourceError as exc:
+                    error = Lost(exc, established)
+            elif isinstance(effect, Post):
+                if self._link is not None:  # no connection: the broker gave them back
+                    self._link.post(effect.msg)
+            elif isinstance(effect, Sleep):
+                await asyncio.sleep(effect.seconds)
+
+    # --- the contract -----------------------------------------------------------------------
 
     async def put(self, item: T, timeout: float | None = None, *, block: bool = True) -> None:
-        payload = self._ser.dumps(item)
-        deadline = deadline_from(block, timeout)
-        await self._call(
-            lambda w: Put(self._next_req(), self._ep.queue, payload, w if block else 0.0), deadline
-        )
+        await self._drive(self._ops.put([self._spec.ser.dumps(item)], block, timeout))
 
     async def put_nowait(self, item: T) -> None:
         await self.put(item, block=False)
 
-    async def put_many(self, items: Iterable[T], timeout: float | None = None) -> None:
-        payloads = [self._ser.dumps(i) for i in items]
-        if payloads:
-            deadline = deadline_from(True, timeout)
-            await self._call(
-                lambda w: PutBatch(self._next_req(), self._ep.queue, payloads, w), deadline
-            )
-
-    async def _get(
-        self, n: int, block: bool, timeout: float | None, manual: bool, lease: float | None
-    ) -> list[Delivery]:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"max_items must be an int >= 1, not {n!r}")
-        deadline = deadline_from(block, timeout)
-        reply = await self._call(
-            lambda w: Get(self._next_req(), self._ep.queue, n, w if block else 0.0, manual, lease),
-            deadline,
-        )
-        assert isinstance(reply, Deliver)
-        return reply.messages
-
-    async def _take(self, n: int, block: bool, timeout: float | None) -> list[Delivery]:
-        # Taken as unacked and acked at once without waiting for the reply: if this
-        # coroutine is cancelled while the items are on their way, they go back.
-        got = await self._get(n, block, timeout, True, None)
-        conn = self._conn
-        if conn is not None and conn.broken is None:
-            with contextlib.suppress(PigeonError):
-                conn.stream.send_nowait(encode_message(Ack(0, self._ep.queue, [d.id for d in got])))
-        return got
+    async def put_many(
+        self, items: Iterable[T], timeout: float | None = None, *, block: bool = True
+    ) -> None:
+        dumps = self._spec.ser.dumps
+        await self._drive(self._ops.put([dumps(i) for i in items], block, timeout))
 
     async def get(self, timeout: float | None = None, *, block: bool = True) -> T:
-        d = (await self._take(1, block, timeout))[0]
-        return self._ser.loads(d.payload)  # type: ignore[no-any-return]
+        return (await self._drive(self._ops.take(1, block, timeout)))[0][1]  # type: ignore[no-any-return]
 
     async def get_nowait(self) -> T:
         return await self.get(block=False)
 
-    async def get_many(self, max_items: int, timeout: float | None = None) -> list[T]:
-        return [
-            self._ser.loads(d.payload)
-            for d in await self._get(max_items, True, timeout, False, None)
-        ]
+    async def get_many(
+        self, max_items: int, timeout: float | None = None, *, block: bool = True
+    ) -> list[T]:
+        return [body for _, body in await self._drive(self._ops.take(max_items, block, timeout))]
 
     async def get_message(
         self, timeout: float | None = None, lease: float | None = None
     ) -> AsyncBrokerMessage[T]:
-        d = (await self._get(1, True, timeout, True, lease))[0]
-        return AsyncBrokerMessage(self, d, self._ser.loads(d.payload))
-
-    async def _info(self) -> dict[str, Any]:
-        reply = await self._call(lambda _: Info(self._next_req(), self._ep.queue), None)
-        value: dict[str, Any] = reply.value
-        if self._maxsize != value.get("maxsize", 0):
-            self._maxsize = int(value.get("maxsize", 0))
-        return value
+        got = await self._drive(self._ops.take(1, True, timeout, lease=lease, settle=False))
+        d, body = got[0]
+        return AsyncBrokerMessage(self, d, body)
 
     async def qsize(self) -> int:
-        return int((await self._info())["depth"])
+        return int(await self._drive(self._ops.qsize()))
 
     async def empty(self) -> bool:
         return await self.qsize() == 0
 
     async def full(self) -> bool:
-        info = await self._info()
-        return bool(info["maxsize"]) and info["depth"] + info["in_flight"] >= info["maxsize"]
+        return bool(await self._drive(self._ops.full()))
 
     async def task_done(self) -> None:
-        await self._call(lambda _: TaskDone(self._next_req(), self._ep.queue, 1), None)
+        await self._drive(self._ops.task_done())
 
     async def join(self, timeout: float | None = None) -> None:
-        deadline = deadline_from(True, timeout)
-        await self._call(lambda w: Join(self._next_req(), self._ep.queue, w), deadline)
+        await self._drive(self._ops.join(timeout))
 
     async def shutdown(self, immediate: bool = False) -> None:
-        await self._call(lambda _: Shutdown(self._next_req(), self._ep.queue, immediate), None)
+        await self._drive(self._ops.shutdown(immediate))
 
-    async def settle(self, msg: Any, what: str) -> None:
-        reply: Ok = await self._call(lambda _: msg, None)
-        check_unknown(reply, what)
+    def settle_now(self, msg: Any, what: str) -> asyncio.Future[None]:
+        """Write the settle at once (so ``aclose`` cannot overtake it); the future tells
+        how it went."""
+        link = self._link
+        if link is not None and link.error is None and not self._closed:
+            _, fut = link.request(msg)
+
+            async def finish() -> None:
+                try:
+                    reply = await fut
+                except BrokenResourceError:  # that connection is gone: try on a new one
+                    await self._drive(self._ops.settle(msg, what))
+                else:
+                    self._ops.settled(reply, what)
+
+            return asyncio.ensure_future(finish())
+        return asyncio.ensure_future(self._drive(self._ops.settle(msg, what)))
 
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._conn is not None:
-            await self._conn.aclose()
-            self._conn = None
+        if self._link is not None and self._pid == os.getpid():
+            await self._link.aclose()
+        self._link = None
 
 
 class AsyncBrokerMessage(Generic[T]):
-    """A message held for this client; ``ack``/``nack``/``extend`` are awaitable."""
+    """A message held for this client; ``ack``/``nack``/``extend`` are awaitable, and
+    sent at once even if nobody awaits them."""
 
     def __init__(self, queue: AsyncBrokerQueue[T], delivery: Delivery, body: T) -> None:
         self._queue = queue
@@ -385,24 +360,19 @@ class AsyncBrokerMessage(Generic[T]):
         self.body = body
         self._settled = False
 
-    def _send(self, build: Callable[[int, str], Any], what: str) -> asyncio.Task[None]:
+    def _settle(self, what: str, *args: Any) -> asyncio.Future[None]:
         if self._settled:
             raise LocalProtocolError("this message was already acked or nacked")
-        self._settled = what != "extend"
         q = self._queue
-        return asyncio.get_running_loop().create_task(
-            q.settle(build(q._next_req(), q._ep.queue), what)
-        )
+        msg = settle_message(q._spec.queue, what, self.id, *args)
+        self._settled = what != "extend"
+        return q.settle_now(msg, what)
 
-    def ack(self) -> asyncio.Task[None]:
-        return self._send(lambda req, queue: Ack(req, queue, [self.id]), "ack")
+    def ack(self) -> asyncio.Future[None]:
+        return self._settle("ack")
 
-    def nack(self, requeue: bool = True, delay: float = 0) -> asyncio.Task[None]:
-        if delay < 0:
-            raise ValueError(f"delay must be >= 0, not {delay}")
-        return self._send(lambda r, q: Nack(r, q, [self.id], requeue, float(delay)), "nack")
+    def nack(self, requeue: bool = True, delay: float = 0) -> asyncio.Future[None]:
+        return self._settle("nack", requeue, delay)
 
-    def extend(self, seconds: float) -> asyncio.Task[None]:
-        if seconds < 0:
-            raise ValueError(f"seconds must be >= 0, not {seconds}")
-        return self._send(lambda r, q: Extend(r, q, [self.id], float(seconds)), "extend")
+    def extend(self, seconds: float) -> asyncio.Future[None]:
+        return self._settle("extend", seconds)

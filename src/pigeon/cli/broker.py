@@ -153,9 +153,10 @@ def serve(
       pigeon serve --memory                      nothing on disk
       pigeon serve --host 0.0.0.0 --token s3cret  reachable from other hosts
     """
+    from pigeon.errors import StoreCorrupted
     from pigeon.server.app import ServerConfig, run
-    from pigeon.server.state import Store
-    from pigeon.server.store import SQLiteStore, StoreCorrupted
+    from pigeon.server.model import Store
+    from pigeon.server.store import SQLiteStore
 
     ssl_ctx = None
     if tls_cert or tls_key:
@@ -328,19 +329,15 @@ def stats(url: str, as_json: bool) -> None:
     Example:
       pigeon stats --url pigeon://127.0.0.1:7878/any
     """
-    from pigeon.backends.broker import _SyncConnection
-    from pigeon.protocol import Ok, Stats
-
-    ep = Endpoint(url if _has_queue(url) else url.rstrip("/") + "/_")
+    target = url if _has_queue(url) else url.rstrip("/") + "/_"
     try:
-        conn = _SyncConnection(ep, "pigeon-stats", 5.0)
-        reply = conn.request(Stats(1))
-        conn.close()
+        q = BrokerQueue[Any](target, reconnect_timeout=2.0, connect_timeout=5.0)
+        try:
+            data = q._stats()
+        finally:
+            q.close()
     except pigeon.PigeonError as exc:
         raise click.ClickException(str(exc)) from None
-    if not isinstance(reply, Ok):
-        raise click.ClickException(f"unexpected reply {reply!r}")
-    data = reply.value
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return

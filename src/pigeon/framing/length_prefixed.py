@@ -113,6 +113,16 @@ class LengthPrefixedDecoder:
     def buffered(self) -> int:
         return len(self._tail) + sum(map(len, self._parts))
 
+    @property
+    def max_frame_size(self) -> int:
+        """The largest frame this decoder accepts from now on (a handshake may start
+        small and widen it once the peer has proved itself)."""
+        return int(self._max)
+
+    @max_frame_size.setter
+    def max_frame_size(self, value: int) -> None:
+        self._max = value
+
     def feed(self, data: Buffer) -> list[bytes]:
         if self.error is not None:
             raise self.error

@@ -81,6 +81,9 @@ class Nack(_Msg, tag=0x31):
     ids: list[int]
     requeue: bool = True
     delay: float = 0.0
+    # Why, for a message that goes to the dead-letter queue (requeue false): kept with
+    # the dead letter. "" means "rejected".
+    reason: str = ""
 
 
 class Extend(_Msg, tag=0x32):

@@ -19,6 +19,12 @@
 #   --fsync never   confirm before writing; commits are never fsynced (synchronous=OFF).
 #                   Fastest; a crash of the broker can lose the puts not yet committed.
 #
+# A busy or failing disk does not stop the broker: a commit that fails with an
+# operational error (another process holds a lock, the disk is full, an I/O error) is
+# retried with backoff, the changes kept, and the broker is told how long the store has
+# been failing (``stalled_for``): it then refuses new puts with ``unavailable`` and
+# answers held confirmations after a bounded wait, until a commit succeeds again.
+#
 # Every payload carries a CRC32. At start the database file is checked (``PRAGMA
 # quick_check``) and every row's CRC verified: a damaged file refuses to start with its
 # path in the message; a row whose CRC does not match is moved to a ``quarantine`` table
@@ -27,6 +33,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sqlite3
@@ -35,10 +42,12 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pigeon.errors import PigeonError
-from pigeon.server.state import Store, Stored
+from pigeon.errors import StoreCorrupted
+from pigeon.server.model import Store, Stored
+
+__all__ = ["DB_NAME", "SQLiteStore", "StoreCorrupted"]
 
 log = logging.getLogger("pigeon.store")
 
@@ -60,11 +69,15 @@ CREATE TABLE IF NOT EXISTS quarantine (
     reason TEXT NOT NULL,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS queues (
+    name TEXT PRIMARY KEY,
+    settings TEXT NOT NULL
+);
 """
-
-
-class StoreCorrupted(PigeonError):
-    """The data directory holds a damaged database; the message names the file."""
+# Columns added after the first release: added to an older store when it is opened.
+_ADDED_COLUMNS = {"origin": "TEXT NOT NULL DEFAULT ''", "reason": "TEXT NOT NULL DEFAULT ''"}
+_BUSY_TIMEOUT_MS = 200  # how long one statement waits for another process's lock
+_MAX_RETRY_DELAY = 0.25
 
 
 class SQLiteStore(Store):
@@ -91,6 +104,7 @@ class SQLiteStore(Store):
         self.changes = 0  # how many changes were ever made
         self._closing = False
         self._error: BaseException | None = None
+        self._failing_since: float | None = None
         self.on_commit: Callable[[int], None] | None = None
         self.recovery_seconds = 0.0
         self.quarantined = 0
@@ -104,6 +118,7 @@ class SQLiteStore(Store):
     def _open(self) -> sqlite3.Connection:
         try:
             db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
             db.execute("PRAGMA journal_mode=WAL")
             # always: the commit fsyncs the WAL. batch: commits reach the OS at once (they
             # survive the broker's death) and _fsync_wal makes them durable once per
@@ -117,6 +132,10 @@ class SQLiteStore(Store):
                     "restore it from a backup"
                 )
             db.executescript(_SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+            for column, decl in _ADDED_COLUMNS.items():
+                if column not in have:
+                    db.execute(f"ALTER TABLE messages ADD COLUMN {column} {decl}")
         except sqlite3.DatabaseError as exc:
             raise StoreCorrupted(
                 f"{self.path} cannot be read as a pigeon store ({exc}); move it aside to "
@@ -131,14 +150,15 @@ class SQLiteStore(Store):
         count = 0
         try:
             rows = self._db.execute(
-                "SELECT id, queue, payload, crc, deliveries FROM messages ORDER BY id"
+                "SELECT id, queue, payload, crc, deliveries, origin, reason FROM messages "
+                "ORDER BY id"
             )
-            for mid, queue, payload, crc, deliveries in rows:
+            for mid, queue, payload, crc, deliveries, origin, reason in rows:
                 if zlib.crc32(payload) != crc:
                     bad.append((mid, queue, payload))
                     continue
                 count += 1
-                yield queue, Stored(mid, bytes(payload), deliveries)
+                yield queue, Stored(mid, bytes(payload), deliveries, 0.0, origin, reason)
         except sqlite3.DatabaseError as exc:
             raise StoreCorrupted(f"{self.path} is damaged ({exc})") from exc
         if bad:
@@ -160,6 +180,11 @@ class SQLiteStore(Store):
         log.info("recovered %d message(s) from %s in %.3f s", count, self.path,
                  self.recovery_seconds)  # fmt: skip
 
+    def recover_queues(self) -> dict[str, dict[str, Any]]:
+        """Declared queue settings (maxsize, lease, max_deliveries, shutdown)."""
+        rows = self._db.execute("SELECT name, settings FROM queues").fetchall()
+        return {name: json.loads(settings) for name, settings in rows}
+
     def start(self, on_commit: Callable[[int], None]) -> None:
         """Begin writing; ``on_commit(batch)`` is called (from the writer thread) after each
         commit."""
@@ -176,13 +201,23 @@ class SQLiteStore(Store):
             self._lock.notify()
 
     def added(self, queue: str, msg: Stored) -> None:
-        self._add("add", (msg.id, queue, msg.payload, zlib.crc32(msg.payload), msg.deliveries))
+        self._add(
+            "add",
+            (msg.id, queue, msg.payload, zlib.crc32(msg.payload), msg.deliveries, msg.origin,
+             msg.reason),
+        )  # fmt: skip
 
     def removed(self, queue: str, msg_id: int) -> None:
         self._add("del", (msg_id,))
 
-    def moved(self, msg_id: int, queue: str) -> None:
-        self._add("move", (queue, msg_id))
+    def moved(self, msg: Stored, queue: str) -> None:
+        self._add("move", (queue, msg.deliveries, msg.origin, msg.reason, msg.id))
+
+    def declared(self, queue: str, settings: dict[str, Any] | None) -> None:
+        if settings is None:
+            self._add("undeclare", (queue,))
+        else:
+            self._add("declare", (queue, json.dumps(settings, sort_keys=True)))
 
     def requeued(self, queue: str, msg: Stored) -> None:
         self._add("deliveries", (msg.deliveries, msg.id))
@@ -192,11 +227,20 @@ class SQLiteStore(Store):
         """True if replies must wait for the commit of the changes they report."""
         return self.fsync != "never"
 
+    @property
+    def stalled_for(self) -> float:
+        """Seconds since commits began failing (0 while they succeed)."""
+        if self._error is not None:
+            return float("inf")
+        since = self._failing_since
+        return 0.0 if since is None else time.monotonic() - since
+
     # --- the writer thread ----------------------------------------------------------------
 
     def _writer(self) -> None:
         db = self._db
         unsynced = False
+        delay = 0.01
         while True:
             with self._lock:
                 while not self._ops and not self._closing:
@@ -221,10 +265,31 @@ class SQLiteStore(Store):
                 ):
                     self._fsync_wal()
                     unsynced = False
-            except BaseException as exc:  # a full disk, an I/O error: stop confirming
+            except (sqlite3.OperationalError, OSError) as exc:
+                # Busy (another process holds a lock), full, or an I/O error: keep the
+                # changes, retry with backoff; the broker refuses new puts meanwhile.
+                with self._lock:
+                    self._ops = ops + self._ops
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
+                    log.error("store %s cannot commit (%s); retrying", self.path, exc)
+                if closing and time.monotonic() - self._failing_since > 5.0:
+                    log.critical("store %s: giving up at close: %s", self.path, exc)
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, _MAX_RETRY_DELAY)
+                continue
+            except BaseException as exc:  # a damaged database: stop confirming
                 self._error = exc
                 log.critical("store %s failed, no more writes are confirmed: %s", self.path, exc)
                 return
+            if self._failing_since is not None:
+                log.warning(
+                    "store %s commits again after %.1f s", self.path,
+                    time.monotonic() - self._failing_since,
+                )  # fmt: skip
+                self._failing_since = None
+                delay = 0.01
             if ops:
                 self.committed = batch
                 if self.on_commit is not None:
@@ -245,10 +310,14 @@ class SQLiteStore(Store):
         self.fsyncs += 1
 
     _SQL: ClassVar[dict[str, str]] = {
-        "add": "INSERT OR REPLACE INTO messages VALUES (?, ?, ?, ?, ?)",
+        "add": "INSERT OR REPLACE INTO messages "
+        "(id, queue, payload, crc, deliveries, origin, reason) VALUES (?, ?, ?, ?, ?, ?, ?)",
         "del": "DELETE FROM messages WHERE id = ?",
-        "move": "UPDATE messages SET queue = ? WHERE id = ?",
+        "move": "UPDATE messages SET queue = ?, deliveries = ?, origin = ?, reason = ? "
+        "WHERE id = ?",
         "deliveries": "UPDATE messages SET deliveries = ? WHERE id = ?",
+        "declare": "INSERT OR REPLACE INTO queues VALUES (?, ?)",
+        "undeclare": "DELETE FROM queues WHERE name = ?",
     }
 
     @classmethod
@@ -266,7 +335,8 @@ class SQLiteStore(Store):
                 i = j
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
 
     def close(self) -> None:

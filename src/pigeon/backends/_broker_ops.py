@@ -1,0 +1,324 @@
+"""What a pigeon:// queue handle does, written once for the blocking and the asyncio face.
+
+# Strategy:
+# Each operation (put, take, settle, ...) is a generator that yields *effects* - ``Call``
+# (send this request, resume me with its reply), ``Post`` (send it, nobody waits for the
+# reply), ``Sleep`` - and never touches a socket or an event loop. The blocking client
+# (``broker.py``) drives a generator with blocking reads, the asyncio client
+# (``broker_aio.py``) with awaits; each driver is a dozen lines. So retrying with backoff
+# after a lost connection, at-least-once gets (taken unacked, acked without waiting once
+# decoded), undecodable payloads (dead-lettered, the rest of the batch given back),
+# error codes and option checks exist in one place: httpcore gets the same from generating
+# its sync code with unasync; pigeon gets it without generated code.
+#
+# A driver that loses its connection while a ``Call`` is outstanding throws ``Lost`` into
+# the generator; ``established`` says whether that connection had worked (the retry
+# budget then starts afresh).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pigeon._queue_base import deadline_from
+from pigeon.backends._retry import Backoff
+from pigeon.backends._url import QueueURL, check_maxsize
+from pigeon.errors import BrokenResourceError, DecodeError, LocalProtocolError
+from pigeon.protocol import (
+    Ack,
+    Declare,
+    Deliver,
+    Delivery,
+    Error,
+    Extend,
+    Get,
+    Info,
+    Join,
+    Nack,
+    Ok,
+    Put,
+    PutBatch,
+    Shutdown,
+    Stats,
+    TaskDone,
+)
+from pigeon.protocol.codes import Code, exception_for
+from pigeon.protocol.rules import MAX_ITEMS, check_seconds
+from pigeon.serializers import Serializer, SerializerLike, get_serializer
+
+T = TypeVar("T")
+
+DEFAULT_PORT = 7878
+
+
+@dataclass(slots=True)
+class Call:
+    msg: Any
+
+
+@dataclass(slots=True)
+class Post:
+    msg: Any
+
+
+@dataclass(slots=True)
+class Sleep:
+    seconds: float
+
+
+Effect = Call | Post | Sleep
+Op = Generator[Effect, Any, T]
+
+
+class Lost(Exception):
+    """The connection broke (or could not be made) while a call was outstanding."""
+
+    def __init__(self, error: BaseException, established: bool) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.established = established
+
+
+class Endpoint(QueueURL):
+    """What a pigeon:// URL says; the token is the password (or the user name)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, ("pigeon", "pigeon+tls"), DEFAULT_PORT)
+        self.tls = self.scheme == "pigeon+tls"
+        self.token = self.password or self.username
+
+    @property
+    def peer(self) -> str:
+        return f"the broker at {self.host}:{self.port}"
+
+
+class Spec:
+    """One queue handle's settings, checked once: the URL and the options given."""
+
+    def __init__(
+        self,
+        url: str,
+        maxsize: int = 0,
+        serializer: SerializerLike | None = None,
+        *,
+        lease: float | None = None,
+        max_deliveries: int | None = None,
+        reconnect_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        check_maxsize(maxsize)
+        self.ep = Endpoint(url)
+        self.queue = self.ep.queue
+        self.serializer_spec: SerializerLike = serializer if serializer is not None else "msgpack"
+        self.ser: Serializer = get_serializer(self.serializer_spec)
+        self.lease = self.ep.seconds("lease", lease)
+        self.max_deliveries = self.ep.count("max_deliveries", max_deliveries)
+        self.maxsize = maxsize
+        self.reconnect_timeout = float(check_seconds("reconnect_timeout", reconnect_timeout) or 0)
+        self.connect_timeout = float(
+            check_seconds("connect_timeout", connect_timeout, positive=True) or 10.0
+        )
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments that open the same queue again (pickling, AsyncQueue(q))."""
+        return {
+            "maxsize": self.maxsize,
+            "serializer": self.serializer_spec,
+            "lease": self.lease,
+            "max_deliveries": self.max_deliveries,
+            "reconnect_timeout": self.reconnect_timeout,
+            "connect_timeout": self.connect_timeout,
+        }
+
+    @property
+    def serializer_name(self) -> str:
+        return str(getattr(self.ser, "name", type(self.ser).__name__))
+
+    def declare(self) -> Declare:
+        """Sent on every new connection right after HELLO: applies the options given (a
+        DECLARE with none changes nothing) and tells the queue's maxsize."""
+        return Declare(0, self.queue, self.maxsize or None, self.lease, self.max_deliveries)
+
+
+class Ops:
+    """The queue operations over one ``Spec``; shells drive the generators."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.queue = spec.queue
+        self.maxsize = spec.maxsize  # as the broker last told it
+
+    # --- connection setup -------------------------------------------------------------------
+
+    def declared(self, reply: Ok | Deliver | Error) -> None:
+        """The reply to ``spec.declare()`` on a new connection."""
+        if isinstance(reply, Error):
+            raise exception_for(reply.code, reply.message)
+        if isinstance(reply, Ok) and isinstance(reply.value, dict):
+            self.maxsize = int(reply.value.get("maxsize", 0))
+
+    # --- the retrying call ------------------------------------------------------------------
+
+    def call(self, build: Callable[[float | None], Any], deadline: float | None) -> Op[Any]:
+        """Send ``build(remaining wait)``; on a lost connection retry with backoff until
+        ``deadline`` (or ``reconnect_timeout`` after the failure); raise for an ERROR."""
+        backoff = Backoff(deadline, self.spec.reconnect_timeout)
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                reply = yield Call(build(remaining))
+            except Lost as lost:
+                if lost.established:
+                    backoff.restart()
+                if (wait := backoff.next_delay()) is None:
+                    raise lost.error from lost.error.__cause__
+                yield Sleep(wait)
+                continue
+            if isinstance(reply, Error):
+                if reply.code == Code.UNAVAILABLE and (wait := backoff.next_delay()) is not None:
+                    yield Sleep(wait)  # the broker's store is busy, or it is stopping
+                    continue
+                raise exception_for(reply.code, reply.message)
+            return reply
+
+    # --- the contract -----------------------------------------------------------------------
+
+    def put(self, payloads: list[bytes], block: bool, timeout: float | None) -> Op[None]:
+        deadline = deadline_from(block, timeout)
+        q = self.queue
+        if len(payloads) == 1:
+            p = payloads[0]
+            yield from self.call(lambda w: Put(0, q, p, w if block else 0.0), deadline)
+        elif payloads:
+            if self.maxsize and len(payloads) > self.maxsize:
+                raise ValueError(
+                    f"put_many of {len(payloads)} items can never fit in "
+                    f"maxsize={self.maxsize}; split the batch"
+                )
+            yield from self.call(lambda w: PutBatch(0, q, payloads, w if block else 0.0), deadline)
+
+    def take(
+        self,
+        n: int,
+        block: bool,
+        timeout: float | None,
+        *,
+        lease: float | None = None,
+        settle: bool = True,
+    ) -> Op[list[tuple[Delivery, Any]]]:
+        """Up to ``n`` messages with their decoded bodies, taken unacked (at-least-once).
+
+        ``settle``: ack them (without waiting for the reply) once decoded - plain get.
+        A payload that does not decode goes to the dead-letter queue and the others are
+        given back; then ``DecodeError`` is raised.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_ITEMS:
+            raise ValueError(f"max_items must be an int from 1 to {MAX_ITEMS}, not {n!r}")
+        lease = check_seconds("lease", lease, positive=True)
+        deadline = deadline_from(block, timeout)
+        q = self.queue
+        reply = yield from self.call(
+            lambda w: Get(0, q, n, w if block else 0.0, True, lease), deadline
+        )
+        assert isinstance(reply, Deliver)
+        out: list[tuple[Delivery, Any]] = []
+        bad: list[tuple[Delivery, BaseException]] = []
+        for d in reply.messages:
+            try:
+                out.append((d, self.spec.ser.loads(d.payload)))
+            except Exception as exc:
+                bad.append((d, exc))
+        if bad:
+            yield Post(Nack(0, q, [d.id for d, _ in bad], False, 0.0, "undecodable"))
+            if out:
+                yield Post(Nack(0, q, [d.id for d, _ in out], True, 0.0))
+            first, cause = bad[0]
+            name = self.spec.serializer_name
+            raise DecodeError(
+                f"queue {q!r}: {len(bad)} of {len(reply.messages)} message(s) cannot be decoded "
+                f"with serializer={name!r} ({cause}); moved to {q + '.dead'!r} "
+                f"(reason 'undecodable'){'; the others were given back' if out else ''}",
+                raw=first.payload,
+                queue=q,
+                serializer=name,
+            ) from cause
+        if settle:
+            yield Post(Ack(0, q, [d.id for d, _ in out]))
+        return out
+
+    def settle(self, msg: Ack | Nack | Extend, what: str) -> Op[None]:
+        reply = yield from self.call(lambda _: msg, None)
+        self.settled(reply, what)
+
+    @staticmethod
+    def settled(reply: Ok | Deliver | Error, what: str) -> None:
+        """Raise if the reply to an ACK, NACK or EXTEND says it did not take."""
+        if isinstance(reply, Error):
+            raise exception_for(reply.code, reply.message)
+        unknown = (
+            reply.value.get("unknown")
+            if isinstance(reply, Ok) and isinstance(reply.value, dict)
+            else None
+        )
+        if unknown:
+            raise LocalProtocolError(
+                f"cannot {what} delivery {unknown[0]}: the broker no longer holds it for this "
+                "client (its lease ran out or its connection dropped), so it was or will be "
+                "redelivered"
+            )
+
+    def info(self) -> Op[dict[str, Any]]:
+        reply = yield from self.call(lambda _: Info(0, self.queue), None)
+        value: dict[str, Any] = reply.value
+        self.maxsize = int(value.get("maxsize", 0))
+        return value
+
+    def stats(self) -> Op[dict[str, Any]]:
+        """The broker's STATS document (queues, connections, server)."""
+        reply = yield from self.call(lambda _: Stats(0), None)
+        value: dict[str, Any] = reply.value
+        return value
+
+    def qsize(self) -> Op[int]:
+        info = yield from self.info()
+        return int(info["depth"])
+
+    def full(self) -> Op[bool]:
+        """As the broker counts room: ready, delayed and in flight against maxsize."""
+        info = yield from self.info()
+        return bool(info["maxsize"]) and info["depth"] + info["in_flight"] >= info["maxsize"]
+
+    def task_done(self) -> Op[None]:
+        yield from self.call(lambda _: TaskDone(0, self.queue, 1), None)
+
+    def join(self, timeout: float | None) -> Op[None]:
+        deadline = deadline_from(True, timeout)
+        try:
+            yield from self.call(lambda w: Join(0, self.queue, w), deadline)
+        except TimeoutError as exc:
+            raise TimeoutError(f"join timed out: {exc}") from None
+
+    def shutdown(self, immediate: bool) -> Op[None]:
+        yield from self.call(lambda _: Shutdown(0, self.queue, immediate), None)
+
+
+def settle_message(queue: str, what: str, id_: int, *args: Any) -> Ack | Nack | Extend:
+    """The request that settles delivery ``id_`` (ack, nack or extend)."""
+    if what == "ack":
+        return Ack(0, queue, [id_])
+    if what == "nack":
+        requeue, delay = args
+        delay = check_seconds("delay", delay, positive=False) or 0.0
+        return Nack(0, queue, [id_], bool(requeue), float(delay))
+    (seconds,) = args
+    seconds = check_seconds("seconds", seconds, positive=False) or 0.0
+    return Extend(0, queue, [id_], float(seconds))
+
+
+def broken(text: str, cause: BaseException | None = None) -> BrokenResourceError:
+    err = BrokenResourceError(text)
+    err.__cause__ = cause
+    return err

@@ -1,0 +1,135 @@
+"""The range of every number and name on the wire, checked once, for broker and clients.
+
+A message can decode (the right types) and still be nonsense: a NaN lease, a wait of
+minus one second, ``max_items`` of 2**40. The broker answers such a request with
+``ERROR bad_request`` naming the field and its range, and keeps the connection; the
+clients check the same rules before sending (and on URL options), so a mistake is a
+``ValueError`` at the call that made it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = [
+    "MAX_BATCH",
+    "MAX_COUNT",
+    "MAX_ITEMS",
+    "MAX_QUEUE_NAME",
+    "MAX_REQ",
+    "MAX_SECONDS",
+    "check_count",
+    "check_seconds",
+    "problem",
+    "queue_name_problem",
+]
+
+MAX_SECONDS = 366 * 86400.0  # a wait, lease or delay longer than a year is a mistake
+MAX_ITEMS = 10_000  # messages one GET may ask for
+MAX_BATCH = 100_000  # payloads in one PUT_BATCH, ids in one ACK/NACK/EXTEND
+MAX_COUNT = 2**31 - 1  # TASK_DONE count, max_deliveries
+MAX_REQ = 2**63 - 1  # request ids: 1 .. 2**63 - 1
+MAX_ID = 2**64 - 1  # delivery ids: unsigned 64-bit
+MAX_QUEUE_NAME = 200  # code points
+
+
+def seconds_problem(name: str, value: Any, *, nil: bool, positive: bool = False) -> str | None:
+    """Why ``value`` is not a usable number of seconds for field ``name`` (or None)."""
+    if value is None:
+        return None if nil else f"{name} must be a number of seconds, not nil"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{name} must be a number of seconds, not {value!r}"
+    low = "more than 0" if positive else "from 0"
+    ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok or value > MAX_SECONDS:
+        return (
+            f"{name} must be a finite number of seconds {low} to {MAX_SECONDS:.0f}"
+            f"{' or nil' if nil else ''}, not {value!r}"
+        )
+    return None
+
+
+def int_problem(name: str, value: Any, low: int, high: int, *, nil: bool = False) -> str | None:
+    if value is None:
+        return None if nil else f"{name} must be an integer, not nil"
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{name} must be an integer from {low} to {high}, not {value!r}"
+    if not low <= value <= high:
+        return f"{name} must be an integer from {low} to {high}, not {value}"
+    return None
+
+
+def queue_name_problem(name: str) -> str | None:
+    if (
+        0 < len(name) <= MAX_QUEUE_NAME
+        and name.isprintable()
+        and not any(c.isspace() for c in name)
+    ):
+        return None
+    return (
+        f"invalid queue name {name[:40]!r}: 1 to {MAX_QUEUE_NAME} printable characters "
+        "(code points), no whitespace"
+    )
+
+
+def _ids_problem(ids: list[int]) -> str | None:
+    if not 1 <= len(ids) <= MAX_BATCH:
+        return f"ids must hold 1 to {MAX_BATCH} delivery ids, not {len(ids)}"
+    for i in ids:
+        if not 1 <= i <= MAX_ID:
+            return f"delivery ids are integers from 1 to {MAX_ID}, not {i}"
+    return None
+
+
+# message type name -> the checks of its fields (each returns a problem or None)
+_RULES: dict[str, Any] = {
+    "Put": lambda m: seconds_problem("wait", m.wait, nil=True),
+    "PutBatch": lambda m: (
+        f"payloads must hold 1 to {MAX_BATCH} items, not {len(m.payloads)}"
+        if not 1 <= len(m.payloads) <= MAX_BATCH
+        else seconds_problem("wait", m.wait, nil=True)
+    ),
+    "Get": lambda m: (
+        int_problem("max_items", m.max_items, 1, MAX_ITEMS)
+        or seconds_problem("wait", m.wait, nil=True)
+        or seconds_problem("lease", m.lease, nil=True, positive=True)
+    ),
+    "Ack": lambda m: _ids_problem(m.ids),
+    "Nack": lambda m: _ids_problem(m.ids) or seconds_problem("delay", m.delay, nil=False),
+    "Extend": lambda m: _ids_problem(m.ids) or seconds_problem("seconds", m.seconds, nil=False),
+    "Declare": lambda m: (
+        int_problem("maxsize", m.maxsize, 0, 2**63 - 1, nil=True)
+        or seconds_problem("lease", m.lease, nil=True, positive=True)
+        or int_problem("max_deliveries", m.max_deliveries, 1, MAX_COUNT, nil=True)
+    ),
+    "TaskDone": lambda m: int_problem("count", m.count, 1, MAX_COUNT),
+    "Join": lambda m: seconds_problem("wait", m.wait, nil=True),
+}
+
+
+def problem(msg: Any) -> str | None:
+    """What is out of range in a decoded request (req, queue name, numbers), or None."""
+    req = getattr(msg, "req", None)
+    if req is not None and not 1 <= req <= MAX_REQ:
+        return f"req must be an integer from 1 to {MAX_REQ}, not {req}"
+    name = getattr(msg, "queue", None)
+    if name is not None and (bad := queue_name_problem(name)):
+        return bad
+    rule = _RULES.get(type(msg).__name__)
+    return rule(msg) if rule is not None else None
+
+
+def check_seconds(name: str, value: float | None, *, positive: bool = False) -> float | None:
+    """``value`` as a client option, or ValueError naming the option and the range."""
+    bad = seconds_problem(name, value, nil=True, positive=positive)
+    if bad:
+        raise ValueError(bad)
+    return None if value is None else float(value)
+
+
+def check_count(name: str, value: int | None) -> int | None:
+    bad = int_problem(name, value, 1, MAX_COUNT, nil=True)
+    if bad:
+        raise ValueError(bad)
+    return value

@@ -1,0 +1,761 @@
+"""The broker's rules, sans-IO: messages in, replies out, time passed in explicitly.
+
+# Strategy:
+# ``Broker.handle(conn, message, now)`` applies one client message and returns the
+# replies to send, as ``(conn, message)`` pairs; ``Broker.tick(now)`` applies the passage
+# of time (leases that expired, waits that timed out, delayed redeliveries that came due)
+# and ``connection_lost(conn)`` gives back what a vanished client held. Nothing here
+# blocks, sleeps, reads a clock or touches a socket, so every rule of delivery is tested
+# without a network (tests/server/test_broker.py), and the asyncio server
+# (server/app.py) is a thin loop around it.
+#
+# Every number in a request is range-checked first (``protocol.rules``). Nothing grows
+# without a bound: deadlines live in three heaps (leases, parked requests, delayed
+# messages) with lazy deletion, so no request scans every queue; what each connection
+# holds (deliveries, parked requests, parked payload bytes) is indexed by connection; a
+# queue made by a mere reference is forgotten as soon as it holds nothing and nobody
+# waits on it, and ``max_queues`` caps the rest. A reply never carries more than
+# ``max_reply_bytes`` of payload.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pigeon.protocol import (
+    Ack,
+    Cancel,
+    ClientMessage,
+    Declare,
+    Deliver,
+    Delivery,
+    Error,
+    Extend,
+    Get,
+    Info,
+    Join,
+    Nack,
+    Ok,
+    Ping,
+    Pong,
+    Put,
+    PutBatch,
+    QueueShutdown,
+    Shutdown,
+    Stats,
+    TaskDone,
+)
+from pigeon.protocol.codes import Code
+from pigeon.protocol.rules import problem
+from pigeon.server.model import (
+    DEAD_SUFFIX,
+    GetWaiter,
+    InFlight,
+    PutWaiter,
+    QueueState,
+    Store,
+    Stored,
+    Waiter,
+)
+
+__all__ = ["Broker", "Conn", "Out"]
+
+Conn = int
+Out = tuple[Conn, Any]
+
+DEFAULT_LEASE = 30.0
+DEFAULT_MAX_DELIVERIES = 20
+_DELIVERY_OVERHEAD = 32  # bytes of framing per message in a DELIVER, rounded up
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(slots=True)
+class _ConnState:
+    """What one connection holds at the broker."""
+
+    unacked: int = 0  # payload bytes delivered to it and not settled
+    in_flight: dict[int, str] = field(default_factory=dict)  # delivery id -> queue
+    parked: dict[int, Waiter] = field(default_factory=dict)  # req -> parked request
+    parked_bytes: int = 0  # payload bytes of its parked PUTs
+
+
+def _err(conn: Conn, req: int, code: str, message: str) -> Out:
+    return conn, Error(req, code, message)
+
+
+class Broker:
+    """All queues of one broker and the rules that move messages between them."""
+
+    def __init__(
+        self,
+        store: Store | None = None,
+        clock: Callable[[], float] | None = None,
+        default_lease: float = DEFAULT_LEASE,
+        default_max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        max_unacked_bytes: int = 64 * 2**20,
+        max_reply_bytes: int = 16 * 2**20,
+        max_queues: int = 10_000,
+        max_parked_bytes_per_connection: int = 64 * 2**20,
+        max_parked_bytes: int = 256 * 2**20,
+    ) -> None:
+        self.store = store if store is not None else Store()
+        # Bytes delivered to one connection and not yet settled: beyond this a consumer
+        # gets no more until it acks (its GETs wait), so one slow consumer cannot hoard
+        # the queue or make the broker hold unbounded unacked payloads for it.
+        self.max_unacked_bytes = max_unacked_bytes
+        self.max_reply_bytes = max_reply_bytes
+        self.max_queues = max_queues
+        self.max_parked_bytes_per_connection = max_parked_bytes_per_connection
+        self.max_parked_bytes = max_parked_bytes
+        self.parked_bytes = 0
+        self.queues: dict[str, QueueState] = {}
+        self._conns: dict[Conn, _ConnState] = {}
+        # Delivery ids start at a random 40-bit epoch so that an ack from before a
+        # restart can never settle a different delivery after it.
+        self._deliveries = itertools.count((secrets.randbits(40) << 20) + 1)
+        self._seq = itertools.count()
+        self._leases: list[tuple[float, int, str]] = []  # (deadline, delivery id, queue)
+        self._timeouts: list[tuple[float, int, Waiter]] = []  # (deadline, seq, waiter)
+        self._delayed: list[tuple[float, int, str]] = []  # (due, message id, queue)
+        self.default_lease = default_lease
+        self.default_max_deliveries = default_max_deliveries
+        self.now = 0.0 if clock is None else clock()
+        for name, settings in self.store.recover_queues().items():
+            self._apply_settings(self._queue(name, limit=False), settings)
+        last_id = 0
+        for name, msg in self.store.recover():
+            q = self._queue(name, limit=False)
+            msg.enqueued = self.now
+            if q.is_dead_letters and msg.origin:
+                q.ready.give_back(msg)
+            else:
+                q.ready.append(msg)
+            q.unfinished += 1
+            last_id = max(last_id, msg.id)
+        self._ids = itertools.count(last_id + 1)
+
+    @property
+    def connections(self) -> set[Conn]:
+        return set(self._conns)
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _queue(self, name: str, *, limit: bool = True) -> QueueState:
+        q = self.queues.get(name)
+        if q is None:
+            if limit and len(self.queues) >= self.max_queues:
+                raise _Refused(
+                    Code.LIMIT,
+                    f"this broker holds {len(self.queues)} queues (max_queues="
+                    f"{self.max_queues}); delete unused ones (pigeon delete) or raise "
+                    "--max-queues",
+                )
+            q = self.queues[name] = QueueState(
+                name, lease=self.default_lease, max_deliveries=self.default_max_deliveries
+            )
+        return q
+
+    def _forget_if_idle(self, name: str) -> None:
+        q = self.queues.get(name)
+        if q is not None and q.idle:
+            del self.queues[name]
+
+    def _conn(self, conn: Conn) -> _ConnState:
+        cs = self._conns.get(conn)
+        if cs is None:
+            cs = self._conns[conn] = _ConnState()
+        return cs
+
+    def _park(self, w: Waiter) -> None:
+        self._conn(w.conn).parked[w.req] = w
+        if w.deadline is not None:
+            heapq.heappush(self._timeouts, (w.deadline, next(self._seq), w))
+
+    def _finish(self, w: Waiter) -> None:
+        """A parked request was answered, timed out or withdrawn: it leaves the index."""
+        if w.done:
+            return
+        w.done = True
+        cs = self._conns.get(w.conn)
+        if cs is not None and cs.parked.get(w.req) is w:
+            del cs.parked[w.req]
+            if isinstance(w, PutWaiter):
+                cs.parked_bytes -= w.size
+        if isinstance(w, PutWaiter):
+            self.parked_bytes -= w.size
+
+    def _deadline(self, wait: float | None) -> float | None:
+        return None if wait is None else self.now + wait
+
+    def _can_take(self, q: QueueState, conn: Conn, manual: bool) -> bool:
+        if not q.ready:
+            return False
+        held = self._conn(conn).unacked if manual else 0
+        return not held or held + len(q.ready.peek().payload) <= self.max_unacked_bytes
+
+    def _take(self, q: QueueState, w: GetWaiter) -> list[Delivery]:
+        """Up to ``w.max_items`` messages for ``w``, within ``max_reply_bytes`` (at least
+        one, unless that one alone is larger: then none)."""
+        out: list[Delivery] = []
+        cs = self._conn(w.conn)
+        held = cs.unacked
+        budget = self.max_reply_bytes
+        size = 0
+        lease = w.lease if w.lease is not None else q.lease
+        while q.ready and len(out) < w.max_items:
+            msg = q.ready.peek()
+            n = len(msg.payload)
+            if (size + n + _DELIVERY_OVERHEAD > budget and out) or n > budget:
+                break
+            if w.manual_ack and held and held + n > self.max_unacked_bytes:
+                break  # this consumer holds enough; it gets more once it settles some
+            q.ready.popleft()
+            size += n + _DELIVERY_OVERHEAD
+            msg.deliveries += 1
+            q.delivered_total += 1
+            if w.manual_ack:
+                did = next(self._deliveries)
+                deadline = self.now + lease
+                q.in_flight[did] = InFlight(msg, w.conn, deadline)
+                cs.in_flight[did] = q.name
+                held += n
+                heapq.heappush(self._leases, (deadline, did, q.name))
+                out.append(Delivery(did, msg.deliveries, msg.payload))
+            else:
+                self.store.removed(q.name, msg.id)
+                out.append(Delivery(0, msg.deliveries, msg.payload))
+        cs.unacked = held
+        return out
+
+    def _too_large(self, q: QueueState, w: Waiter) -> Out:
+        n = len(q.ready.peek().payload)
+        return _err(
+            w.conn,
+            w.req,
+            Code.TOO_LARGE,
+            f"the next message in {q.name!r} is {n} bytes, more than one reply may carry "
+            f"(max_reply_bytes={self.max_reply_bytes}, from --max-frame-size and "
+            "--max-pending-output); raise those limits to take it",
+        )
+
+    def _release(self, did: int, f: InFlight) -> None:
+        cs = self._conns.get(f.conn)
+        if cs is not None:
+            cs.in_flight.pop(did, None)
+            cs.unacked = max(0, cs.unacked - len(f.msg.payload))
+
+    def _serve(self, q: QueueState) -> list[Out]:
+        """Hand ready items to parked getters, and admit parked puts that now fit."""
+        out: list[Out] = []
+        progress = True
+        while progress:
+            progress = False
+            if q.ready and q.getters:
+                waiting = []
+                for w in q.getters:
+                    if w.done:
+                        continue
+                    if not self._can_take(q, w.conn, w.manual_ack):
+                        waiting.append(w)  # nothing left, or this consumer holds enough
+                        continue
+                    items = self._take(q, w)
+                    self._finish(w)
+                    out.append((w.conn, Deliver(w.req, items)) if items else self._too_large(q, w))
+                    progress = True
+                q.getters.clear()
+                q.getters.extend(waiting)
+            while q.putters:
+                p = q.putters[0]
+                if p.done:
+                    q.putters.popleft()
+                    continue
+                room = q.room()
+                if room is not None and room < len(p.payloads):
+                    break
+                q.putters.popleft()
+                self._finish(p)
+                self._add(q, p.payloads)
+                out.append((p.conn, Ok(p.req, len(p.payloads))))
+                progress = True
+        if q.shutdown and not q.ready and not q.delayed:
+            for w in q.getters:
+                if not w.done:
+                    self._finish(w)
+                    out.append(
+                        _err(w.conn, w.req, Code.SHUTDOWN, f"queue {q.name!r} was shut down")
+                    )
+            q.getters.clear()
+        return out
+
+    def _serve_with_dead(self, q: QueueState) -> list[Out]:
+        out = self._serve(q)
+        dead = self.queues.get(q.name + DEAD_SUFFIX)
+        if dead is not None:
+            out += self._serve(dead)
+        return out
+
+    def _add(self, q: QueueState, payloads: list[bytes]) -> None:
+        for p in payloads:
+            msg = Stored(next(self._ids), p, enqueued=self.now)
+            q.ready.append(msg)
+            self.store.added(q.name, msg)
+        q.unfinished += len(payloads)
+        q.put_total += len(payloads)
+
+    def _requeue(self, q: QueueState, msg: Stored, delay: float = 0.0) -> None:
+        """Give a delivered message back, or dead-letter it after max_deliveries (a dead
+        letter queue never forwards: its messages stay until acked or purged)."""
+        if msg.deliveries >= q.max_deliveries and not q.is_dead_letters:
+            self._dead_letter(q, msg, "max_deliveries")
+            return
+        q.redelivered_total += 1
+        self.store.requeued(q.name, msg)
+        if delay > 0:
+            q.delayed[msg.id] = msg
+            heapq.heappush(self._delayed, (self.now + delay, msg.id, q.name))
+        else:
+            q.ready.give_back(msg)
+
+    def _dead_letter(self, q: QueueState, msg: Stored, reason: str) -> None:
+        if q.is_dead_letters:  # rejected again: it stays where it is
+            self._requeue(q, msg)
+            return
+        q.dead_total += 1
+        q.unfinished = max(0, q.unfinished - 1)
+        dead = self._queue(q.name + DEAD_SUFFIX, limit=False)
+        msg.origin = q.name
+        msg.reason = reason
+        msg.deliveries = 0  # counted afresh in the dead-letter queue (and when replayed)
+        msg.enqueued = self.now
+        dead.ready.give_back(msg)  # dead letters keep their original order
+        dead.unfinished += 1
+        dead.put_total += 1
+        self.store.moved(msg, dead.name)
+
+    def _finish_joins(self, q: QueueState) -> list[Out]:
+        if q.unfinished > 0:
+            return []
+        out = [(j.conn, Ok(j.req, 0)) for j in q.joiners if not j.done]
+        for j in q.joiners:
+            self._finish(j)
+        q.joiners.clear()
+        return out
+
+    @staticmethod
+    def _apply_settings(q: QueueState, settings: dict[str, Any]) -> None:
+        q.declared = True
+        q.maxsize = int(settings.get("maxsize", q.maxsize))
+        q.lease = float(settings.get("lease", q.lease))
+        q.max_deliveries = int(settings.get("max_deliveries", q.max_deliveries))
+        q.shutdown = bool(settings.get("shutdown", q.shutdown))
+
+    def _persist_settings(self, q: QueueState) -> None:
+        self.store.declared(
+            q.name,
+            {
+                "maxsize": q.maxsize,
+                "lease": q.lease,
+                "max_deliveries": q.max_deliveries,
+                "shutdown": q.shutdown,
+            },
+        )
+
+    # --- the protocol ---------------------------------------------------------------------
+
+    def connection_made(self, conn: Conn) -> None:
+        self._conn(conn)
+
+    def handle(self, conn: Conn, msg: ClientMessage, now: float | None = None) -> list[Out]:
+        """Apply one message from ``conn``; return the replies to send."""
+        if now is not None:
+            self.now = now
+        req = getattr(msg, "req", 0)
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            return [_err(conn, req, Code.BAD_REQUEST, f"unexpected {type(msg).__name__}")]
+        bad = problem(msg)
+        if bad is not None:
+            return [_err(conn, req, Code.BAD_REQUEST, bad)]
+        try:
+            out = handler(self, conn, msg)
+        except _Refused as refused:
+            return [_err(conn, req, refused.code, str(refused))]
+        name = getattr(msg, "queue", None)
+        if name is not None:
+            self._forget_if_idle(name)
+        return out
+
+    def _put(self, conn: Conn, m: Put | PutBatch) -> list[Out]:
+        payloads = [m.payload] if isinstance(m, Put) else m.payloads
+        q = self._queue(m.queue)
+        if q.shutdown:
+            return [
+                _err(conn, m.req, Code.SHUTDOWN, f"queue {q.name!r} was shut down; put refused")
+            ]
+        if q.maxsize and len(payloads) > q.maxsize:
+            return [
+                _err(
+                    conn,
+                    m.req,
+                    Code.BAD_REQUEST,
+                    f"batch of {len(payloads)} can never fit in maxsize={q.maxsize}",
+                )
+            ]
+        q.compact()
+        room = q.room()
+        if (room is None or room >= len(payloads)) and not q.putters:
+            self._add(q, payloads)
+            return [(conn, Ok(m.req, len(payloads))), *self._serve(q)]
+        if m.wait == 0:
+            return [
+                _err(
+                    conn,
+                    m.req,
+                    Code.FULL,
+                    f"queue {q.name!r} is full ({q.held} of maxsize={q.maxsize})",
+                )
+            ]
+        size = sum(map(len, payloads))
+        cs = self._conn(conn)
+        if cs.parked_bytes + size > self.max_parked_bytes_per_connection:
+            return [
+                _err(
+                    conn,
+                    m.req,
+                    Code.LIMIT,
+                    f"this connection's puts waiting for room already hold {cs.parked_bytes} "
+                    f"bytes (max_parked_bytes_per_connection="
+                    f"{self.max_parked_bytes_per_connection}); wait for them first",
+                )
+            ]
+        if self.parked_bytes + size > self.max_parked_bytes:
+            return [
+                _err(
+                    conn,
+                    m.req,
+                    Code.LIMIT,
+                    f"puts waiting for room hold {self.parked_bytes} bytes on this broker "
+                    f"(max_parked_bytes={self.max_parked_bytes}); try again later",
+                )
+            ]
+        w = PutWaiter(conn, m.req, self._deadline(m.wait), q.name, payloads=payloads, size=size)
+        cs.parked_bytes += size
+        self.parked_bytes += size
+        q.putters.append(w)
+        self._park(w)
+        return self._serve(q)
+
+    def _get(self, conn: Conn, m: Get) -> list[Out]:
+        q = self._queue(m.queue)
+        q.compact()
+        w = GetWaiter(
+            conn, m.req, self._deadline(m.wait), q.name,
+            max_items=m.max_items, manual_ack=m.manual_ack, lease=m.lease,
+        )  # fmt: skip
+        q.getters.append(w)
+        out = self._serve(q)
+        if w.done:
+            return out
+        if m.wait == 0:
+            w.done = True
+            q.compact()
+            return [*out, self._nothing_for(q, w)]
+        self._park(w)
+        return out
+
+    def _nothing_for(self, q: QueueState, w: Waiter) -> Out:
+        """The reply to a GET whose wait ran out with nothing for it."""
+        if isinstance(w, GetWaiter) and w.manual_ack and q.ready:
+            held = self._conn(w.conn).unacked
+            if held and held + len(q.ready.peek().payload) > self.max_unacked_bytes:
+                return _err(
+                    w.conn,
+                    w.req,
+                    Code.UNACKED,
+                    f"queue {q.name!r} has messages, but this connection holds {held} unacked "
+                    f"bytes (max_unacked_bytes={self.max_unacked_bytes}); ack or nack some "
+                    "to get more",
+                )
+        return _err(w.conn, w.req, Code.EMPTY, f"queue {q.name!r} is empty")
+
+    def _settle(self, conn: Conn, m: Ack | Nack) -> list[Out]:
+        q = self.queues.get(m.queue)
+        unknown: list[int] = []
+        for did in m.ids:
+            f = q.in_flight.pop(did, None) if q is not None else None
+            if f is None or q is None:
+                unknown.append(did)
+                continue
+            self._release(did, f)
+            if isinstance(m, Ack):
+                q.acked_total += 1
+                self.store.removed(q.name, f.msg.id)
+            elif m.requeue:
+                self._requeue(q, f.msg, m.delay)
+            else:
+                self._dead_letter(q, f.msg, m.reason or "rejected")
+        out: list[Out] = [
+            (conn, Ok(m.req, {"settled": len(m.ids) - len(unknown), "unknown": unknown}))
+        ]
+        if q is not None:
+            out += self._serve_with_dead(q)
+            out += self._finish_joins(q)
+        return out
+
+    def _extend(self, conn: Conn, m: Extend) -> list[Out]:
+        q = self.queues.get(m.queue)
+        unknown = []
+        for did in m.ids:
+            f = q.in_flight.get(did) if q is not None else None
+            if f is None:
+                unknown.append(did)
+            else:
+                f.deadline = self.now + m.seconds
+                heapq.heappush(self._leases, (f.deadline, did, m.queue))
+        return [(conn, Ok(m.req, {"settled": len(m.ids) - len(unknown), "unknown": unknown}))]
+
+    def _declare(self, conn: Conn, m: Declare) -> list[Out]:
+        q = self._queue(m.queue)
+        out: list[Out] = []
+        if m.maxsize is not None or m.lease is not None or m.max_deliveries is not None:
+            settings: dict[str, Any] = {}
+            if m.maxsize is not None:
+                settings["maxsize"] = m.maxsize
+            if m.lease is not None:
+                settings["lease"] = m.lease
+            if m.max_deliveries is not None:
+                settings["max_deliveries"] = m.max_deliveries
+            self._apply_settings(q, settings)
+            self._persist_settings(q)
+            if q.maxsize:  # parked batches that can never fit now are refused at once
+                for p in q.putters:
+                    if not p.done and len(p.payloads) > q.maxsize:
+                        self._finish(p)
+                        out.append(
+                            _err(
+                                p.conn,
+                                p.req,
+                                Code.BAD_REQUEST,
+                                f"batch of {len(p.payloads)} can never fit in maxsize="
+                                f"{q.maxsize} (the queue was redeclared)",
+                            )
+                        )
+        return [(conn, Ok(m.req, q.info())), *out, *self._serve(q)]
+
+    def _info(self, conn: Conn, m: Info) -> list[Out]:
+        q = self.queues.get(m.queue)
+        return [(conn, Ok(m.req, (q or QueueState(m.queue)).info()))]
+
+    def _task_done(self, conn: Conn, m: TaskDone) -> list[Out]:
+        q = self.queues.get(m.queue)
+        if q is None or m.count > q.unfinished:
+            return [
+                _err(
+                    conn,
+                    m.req,
+                    Code.VALUE,
+                    f"task_done() called more times than there were items "
+                    f"({m.count} for {q.unfinished if q else 0} unfinished)",
+                )
+            ]
+        q.unfinished -= m.count
+        return [(conn, Ok(m.req, q.unfinished)), *self._finish_joins(q)]
+
+    def _join(self, conn: Conn, m: Join) -> list[Out]:
+        q = self.queues.get(m.queue)
+        if q is None or q.unfinished == 0:
+            return [(conn, Ok(m.req, 0))]
+        if m.wait == 0:
+            return [_err(conn, m.req, Code.TIMEOUT, f"{q.unfinished} tasks unfinished")]
+        q.compact()
+        w = Waiter(conn, m.req, self._deadline(m.wait), q.name)
+        q.joiners.append(w)
+        self._park(w)
+        return []
+
+    def _shutdown(self, conn: Conn, m: Shutdown) -> list[Out]:
+        q = self._queue(m.queue)
+        q.shutdown = True
+        self._persist_settings(q)
+        if m.immediate:
+            dropped = q.ready.clear() + list(q.delayed.values())
+            q.delayed.clear()
+            for msg in dropped:
+                self.store.removed(q.name, msg.id)
+            q.unfinished = max(0, q.unfinished - len(dropped))
+        out: list[Out] = [(conn, Ok(m.req, None))]
+        for p in q.putters:
+            if not p.done:
+                self._finish(p)
+                out.append(_err(p.conn, p.req, Code.SHUTDOWN, f"queue {q.name!r} was shut down"))
+        q.putters.clear()
+        out += self._serve(q)
+        out += [(c, QueueShutdown(q.name, m.immediate)) for c in sorted(self._conns)]
+        return out + self._finish_joins(q)
+
+    def _stats(self, conn: Conn, m: Stats) -> list[Out]:
+        return [(conn, Ok(m.req, self.stats()))]
+
+    def _cancel(self, conn: Conn, m: Cancel) -> list[Out]:
+        cs = self._conns.get(conn)
+        w = cs.parked.get(m.req) if cs is not None else None
+        if w is not None:
+            self._finish(w)
+            self._forget_if_idle(w.queue)
+        return []
+
+    def _ping(self, conn: Conn, m: Ping) -> list[Out]:
+        return [(conn, Pong(m.nonce))]
+
+    def _pong(self, conn: Conn, m: Pong) -> list[Out]:
+        return []
+
+    _handlers: ClassVar[dict[type, Callable[[Broker, Conn, Any], list[Out]]]] = {
+        Put: _put,
+        PutBatch: _put,
+        Get: _get,
+        Cancel: _cancel,
+        Ack: _settle,
+        Nack: _settle,
+        Extend: _extend,
+        Declare: _declare,
+        Info: _info,
+        TaskDone: _task_done,
+        Join: _join,
+        Shutdown: _shutdown,
+        Stats: _stats,
+        Ping: _ping,
+        Pong: _pong,
+    }
+
+    def stats(self) -> dict[str, Any]:
+        return {"queues": {name: q.info() for name, q in sorted(self.queues.items())}}
+
+    # --- time and connections -------------------------------------------------------------
+
+    def _timed_out(self, w: Waiter) -> Out:
+        q = self.queues.get(w.queue) or QueueState(w.queue)
+        if isinstance(w, GetWaiter):
+            return self._nothing_for(q, w)
+        if isinstance(w, PutWaiter):
+            return _err(
+                w.conn, w.req, Code.FULL, f"queue {w.queue!r} is full (maxsize={q.maxsize})"
+            )
+        return _err(w.conn, w.req, Code.TIMEOUT, f"{q.unfinished} tasks unfinished")
+
+    def tick(self, now: float) -> list[Out]:
+        """Apply the passage of time up to ``now``."""
+        self.now = now
+        touched: set[str] = set()
+        out: list[Out] = []
+        leases = self._leases
+        while leases and leases[0][0] <= now:
+            deadline, did, name = heapq.heappop(leases)
+            q = self.queues.get(name)
+            f = q.in_flight.get(did) if q is not None else None
+            if q is None or f is None or f.deadline != deadline:
+                continue  # settled or extended since
+            del q.in_flight[did]
+            self._release(did, f)
+            self._requeue(q, f.msg)
+            touched.add(name)
+        timeouts = self._timeouts
+        while timeouts and timeouts[0][0] <= now:
+            w = heapq.heappop(timeouts)[2]
+            if w.done:
+                continue
+            out.append(self._timed_out(w))
+            self._finish(w)
+            touched.add(w.queue)
+        delayed = self._delayed
+        while delayed and delayed[0][0] <= now:
+            _, msg_id, name = heapq.heappop(delayed)
+            q = self.queues.get(name)
+            msg = q.delayed.pop(msg_id, None) if q is not None else None
+            if q is not None and msg is not None:
+                q.ready.give_back(msg)
+                touched.add(name)
+        for name in touched:
+            q = self.queues.get(name)
+            if q is not None:
+                q.compact()
+                out += self._serve_with_dead(q)
+            self._forget_if_idle(name)
+        return out
+
+    def next_deadline(self) -> float | None:
+        """When ``tick`` next has something to do (or None)."""
+        tops = [h[0][0] for h in (self._leases, self._timeouts, self._delayed) if h]
+        return min(tops) if tops else None
+
+    def parked(self, conn: Conn) -> int:
+        """How many of ``conn``'s requests wait for an answer."""
+        cs = self._conns.get(conn)
+        return len(cs.parked) if cs is not None else 0
+
+    def drain(self, conn: Conn) -> list[Out]:
+        """``conn`` sends nothing more (FIN, GOODBYE, QUIT): its parked requests that have
+        a deadline wait for it as usual; those without one are answered now, as if their
+        wait had run out."""
+        cs = self._conns.get(conn)
+        if cs is None:
+            return []
+        out = []
+        for w in list(cs.parked.values()):
+            if w.deadline is None:
+                out.append(self._timed_out(w))
+                self._finish(w)
+                self._forget_if_idle(w.queue)
+        return out
+
+    def stop(self) -> list[Out]:
+        """The broker is stopping: every parked request is answered ``unavailable``."""
+        out = []
+        for cs in self._conns.values():
+            for w in list(cs.parked.values()):
+                out.append(
+                    _err(
+                        w.conn,
+                        w.req,
+                        Code.UNAVAILABLE,
+                        "the broker is stopping; retry after reconnecting",
+                    )
+                )
+                self._finish(w)
+        return out
+
+    def connection_lost(self, conn: Conn) -> list[Out]:
+        """Give back what ``conn`` held: its unacked deliveries return at once, in their
+        original order; its parked requests are withdrawn."""
+        cs = self._conns.get(conn)
+        if cs is None:
+            return []
+        touched: set[str] = set()
+        for w in list(cs.parked.values()):
+            self._finish(w)
+            touched.add(w.queue)
+        del self._conns[conn]
+        for did, name in cs.in_flight.items():
+            q = self.queues.get(name)
+            f = q.in_flight.pop(did, None) if q is not None else None
+            if q is not None and f is not None:
+                self._requeue(q, f.msg)
+                touched.add(name)
+        out: list[Out] = []
+        for name in touched:
+            q = self.queues.get(name)
+            if q is not None:
+                q.compact()
+                out += self._serve_with_dead(q)
+            self._forget_if_idle(name)
+        return [(c, m) for c, m in out if c != conn]

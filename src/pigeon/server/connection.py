@@ -1,0 +1,399 @@
+"""One client connection to the broker: bytes in, requests to the server, replies out.
+
+# Strategy:
+# A ``BufferedProtocol``: the kernel writes into one reusable buffer, 4 KiB until the
+# client has logged in (10,000 silent connections cost 40 MiB, not 640). The first byte
+# picks the mode: 0x00 (the top byte of a binary frame's length) is binary, a byte that
+# may start text is text mode (``server/text.py``), anything else is garbage and closes
+# the connection at once. Before HELLO a binary frame may be at most 64 KiB (checked on
+# its header) and the whole handshake must finish within ``handshake_timeout``.
+#
+# The connection's life: open -> draining -> closed. It starts draining when the client
+# half-closes (FIN), says GOODBYE or QUIT, or the broker stops: it reads nothing more,
+# and closes only once every request it already received has its reply written - held
+# confirmations that wait for the store's commit, and parked requests (served, or their
+# wait ran out; those without a deadline are answered at once). Only then does the
+# broker send its FIN. Nothing taken for a client is ever dropped because its connection
+# began closing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from pigeon._net import tune_tcp
+from pigeon.errors import FrameError, FrameTooLarge, RemoteProtocolError
+from pigeon.framing import Delimited, LengthPrefixed
+from pigeon.protocol import (
+    MAGIC,
+    VERSION,
+    Error,
+    Goodbye,
+    Hello,
+    Ok,
+    Put,
+    PutBatch,
+    ServerCodec,
+    Stats,
+    Welcome,
+)
+from pigeon.protocol.client import HANDSHAKE_MAX_FRAME
+from pigeon.protocol.codes import Code
+from pigeon.protocol.wire import encode_message
+from pigeon.server.text import MAX_LINE, NOT_TEXT, TEXT_FIRST_BYTES, TextReplies, run_command
+
+if TYPE_CHECKING:
+    from pigeon.server.app import BrokerServer
+
+log = logging.getLogger("pigeon.server")
+_LENGTH = struct.Struct(">I")
+
+
+class Connection(asyncio.BufferedProtocol):
+    """One client connection, binary or text."""
+
+    def __init__(self, server: BrokerServer, conn_id: int) -> None:
+        self.server = server
+        self.id = conn_id
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray(4096)
+        self.view = memoryview(self.buf)
+        self.last_rx = time.monotonic()
+        self.mode = "?"  # "binary", "text", or "?" until the first byte
+        self.state = "open"  # open -> draining -> closed
+        self.refused = ""  # why this connection is turned away at its first byte
+        self.pending = bytearray()  # an unfinished HELLO
+        self.decoder: Any = None
+        self.codec = ServerCodec()
+        self.welcomed = False
+        self.replies = TextReplies(self._write_raw)
+        self.text_failures = 0
+        self.opened = time.time()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.peer = "-"
+        self.host = "-"
+        self.client_name = ""
+        self._admitted = False  # counted by the authenticator until it logs in
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self.state != "open"
+
+    # --- asyncio callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "-")
+        self.host = peer[0] if isinstance(peer, tuple) else self.peer
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            tune_tcp(sock, self.server.config.peer_timeout)
+        self.server.connection_made(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.state != "open":
+            return  # draining: a client that said goodbye is not read any more
+        self.bytes_in += nbytes
+        self.last_rx = time.monotonic()
+        data: Any = self.view[:nbytes]
+        if self.mode == "?":
+            self._pick_mode(data[0])
+            if self.state != "open":
+                return
+        if self.mode == "text" and (bad := NOT_TEXT.search(data)):
+            self.protocol_error(f"byte 0x{bad.group()[0]:02x} is not text")
+            return
+        if self.mode == "binary" and not self.welcomed:
+            data = self._handshake(data)
+            if not data:
+                return
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as exc:
+            self.protocol_error(str(exc))
+            return
+        for frame in frames:
+            if self.state != "open":
+                return
+            if self.mode == "binary":
+                self._binary(frame)
+            else:
+                if not self.welcomed or self._timer is not None:
+                    self._first_line()
+                run_command(self, frame.rstrip(b"\r"))
+        if self.decoder.error is not None and self.state == "open":
+            self.protocol_error(str(self.decoder.error))
+
+    def eof_received(self) -> bool:
+        # The client half-closed: it sends nothing more. Answer what it sent, then close.
+        self.begin_drain()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.state = "closed"
+        if self._timer is not None:
+            self._timer.cancel()
+        self.view.release()
+        self._settle_admission()
+        self.server.connection_lost(self)
+
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop reading its requests (backpressure).
+        if self.transport is not None and self.state == "open":
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and self.state == "open" and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # --- life -------------------------------------------------------------------------------
+
+    def start_timer(self, seconds: float, then: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(seconds, then)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def begin_drain(self) -> None:
+        """Read nothing more; close once every request received has its reply."""
+        if self.state != "open":
+            return
+        self.state = "draining"
+        self._cancel_timer()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self.server.drain(self)
+
+    def finish(self) -> None:
+        """Everything is answered: half-close (our FIN after the last reply), then close."""
+        self.state = "closed"
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        if self.server.stopping:
+            if self.mode == "binary" and self.welcomed:
+                self.send(Goodbye("broker stopping"))
+            elif self.mode == "text":
+                self.replies.now("-ERR broker stopping")
+        if t.can_write_eof():
+            t.write_eof()
+        t.close()
+
+    def protocol_error(self, message: str) -> None:
+        """The peer broke the protocol: say so in its mode, then close (after draining
+        what was already asked)."""
+        log.warning("closing %s: protocol error: %s", self.peer, message)
+        if self.mode == "text":
+            self.replies.now(f"-ERR protocol: {message}")
+        else:
+            self.send(Error(0, Code.PROTOCOL, message))
+        self.begin_drain()
+
+    def refuse(self, code: str, message: str) -> None:
+        """Turn the connection away with one error in its mode (after its first byte)."""
+        if self.mode == "text":
+            self.replies.now(f"-ERR {code}: {message}")
+        elif self.mode == "binary":
+            self.send(Error(0, code, message))
+        self.begin_drain()
+
+    # --- modes ----------------------------------------------------------------------------
+
+    def _pick_mode(self, first: int) -> None:
+        cfg = self.server.config
+        if first == 0:
+            self.mode = "binary"
+            self.decoder = LengthPrefixed(4, max_frame_size=cfg.max_frame_size).decoder()
+        elif first in TEXT_FIRST_BYTES:
+            self.mode = "text"
+            self.decoder = Delimited(b"\n", max_length=MAX_LINE).decoder()
+        else:
+            self.mode = "binary"  # neither: answer as binary, which a client expects
+            self.refuse(Code.PROTOCOL, f"first byte 0x{first:02x} is neither a frame nor text")
+            return
+        if self.refused:
+            self.refuse(Code.LIMIT, self.refused)
+            return
+        if self.mode == "text" and not self.server.auth.required:
+            self.welcomed = True
+            self._grow_buffer()
+
+    def _first_line(self) -> None:
+        """A text client sent a whole line: the handshake deadline no longer applies
+        (with a token, AUTH ends it instead)."""
+        if self.welcomed:
+            self._cancel_timer()
+
+    def _handshake(self, data: memoryview) -> bytes | None:
+        """Cut out the HELLO frame (at most 64 KiB, checked on its header); return the bytes
+        that followed it, for the full decoder, once the client is welcomed."""
+        pending = self.pending
+        pending += data
+        if len(pending) < 4:
+            return None
+        (size,) = _LENGTH.unpack_from(pending)
+        if size > HANDSHAKE_MAX_FRAME:
+            self.protocol_error(str(FrameTooLarge(size, HANDSHAKE_MAX_FRAME)) + " before HELLO")
+            return None
+        if len(pending) < 4 + size:
+            return None
+        body, rest = bytes(pending[4 : 4 + size]), bytes(pending[4 + size :])
+        self.pending = bytearray()
+        self._binary(body)
+        return rest if self.welcomed and self.state == "open" else None
+
+    def _grow_buffer(self) -> None:
+        """A welcomed client gets a 64 KiB receive buffer (takes effect at the next read)."""
+        if len(self.buf) < 65536:
+            self.buf = bytearray(65536)
+            self.view = memoryview(self.buf)
+
+    def _settle_admission(self) -> None:
+        if self._admitted:
+            self._admitted = False
+            self.server.auth.settled(self.host)
+
+    def logged_in(self) -> None:
+        self.welcomed = True
+        self._cancel_timer()
+        self._settle_admission()
+        self._grow_buffer()
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def _write_raw(self, data: bytes) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        self.bytes_out += len(data)
+        t.write(data)
+
+    def send(self, message: Any) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        # Header and body go out as two buffers: a large delivery is not copied just to
+        # put four bytes in front of it (uvloop writes them with one writev).
+        body = encode_message(message)
+        self.bytes_out += 4 + len(body)
+        t.writelines((_LENGTH.pack(len(body)), body))
+        limit = self.server.config.max_pending_output
+        if limit and t.get_write_buffer_size() > limit:
+            # A consumer that does not read: drop it rather than buffer without bound.
+            # Its unacked messages go back to the queue when the connection is lost.
+            log.warning("dropping %s: %d bytes wait to be sent (max_pending_output=%d)",
+                        self.peer, t.get_write_buffer_size(), limit)  # fmt: skip
+            t.abort()
+
+    # --- binary ---------------------------------------------------------------------------
+
+    def _binary(self, body: bytes) -> None:
+        try:
+            msg = self.codec.decode(body)
+        except RemoteProtocolError as exc:
+            self.protocol_error(str(exc))
+            return
+        if not self.welcomed:
+            self._hello(msg)
+            return
+        server = self.server
+        if isinstance(msg, Goodbye):
+            self.begin_drain()
+        elif isinstance(msg, Hello):
+            self.protocol_error("HELLO sent twice")
+        elif isinstance(msg, Stats):
+            self.send(Ok(msg.req, server.stats()))
+        elif isinstance(msg, Put | PutBatch) and (why := server.refuse_writes()):
+            self.send(Error(msg.req, Code.UNAVAILABLE, why))
+        else:
+            server.apply(lambda: server.broker.handle(self.id, msg, server.now()))
+
+    def _hello(self, msg: Any) -> None:
+        if not isinstance(msg, Hello):
+            self.protocol_error(f"expected HELLO first, got {type(msg).__name__}")
+            return
+        if msg.magic != MAGIC or msg.version != VERSION:
+            self.protocol_error(
+                f"unsupported protocol {msg.magic!r} version {msg.version}; "
+                f"this broker speaks {MAGIC!r} version {VERSION}"
+            )
+            return
+        if not self.server.auth.check(msg.token, self.peer):
+            self._reject_login(
+                lambda: self.refuse(Code.AUTH, "authentication failed: wrong or missing token")
+            )
+            return
+        self.logged_in()
+        self.client_name = msg.client[:100]
+        cfg = self.server.config
+        self.send(Welcome(VERSION, cfg.name, cfg.heartbeat, cfg.max_frame_size))
+
+    def _reject_login(self, then: Callable[[], None]) -> None:
+        """Answer a wrong token only after ``failure_delay``: guessing is slow."""
+        self.transport.pause_reading() if self.transport else None
+        self.start_timer(self.server.auth.failure_delay, then)
+
+    # --- text -------------------------------------------------------------------------------
+
+    def text_login(self, token: str) -> None:
+        if self.server.auth.check(token, self.peer):
+            self.logged_in()
+            self.replies.now("+OK")
+            return
+        self.text_failures += 1
+        slot = self.replies.reserve()
+
+        def answer() -> None:
+            self._timer = None
+            self.replies.fill(slot, "-ERR auth: wrong token")
+            if self.text_failures >= 3:
+                self.begin_drain()
+            elif self.transport is not None and self.state == "open":
+                self.transport.resume_reading()
+                self.start_timer(self.server.config.handshake_timeout, self.handshake_expired)
+
+        self._reject_login(answer)
+
+    def text_request(self, msg: Any, ok: Callable[[Any], str]) -> None:
+        """Apply a text command through the broker; its reply takes its turn."""
+        server = self.server
+        msg.req = server.next_req()
+        server.text_waiters[(self.id, msg.req)] = (self.replies.reserve(), ok)
+        if isinstance(msg, Put) and (why := server.refuse_writes()):
+            server.dispatch([(self.id, Error(msg.req, Code.UNAVAILABLE, why))])
+            return
+        server.apply(lambda: server.broker.handle(self.id, msg, server.now()))
+
+    def handshake_expired(self) -> None:
+        self._timer = None
+        if self.welcomed or self.state != "open":
+            return
+        log.warning(
+            "closing %s: no login within %.0f s", self.peer, self.server.config.handshake_timeout
+        )
+        if self.mode == "?":
+            self.begin_drain()  # not a byte: we cannot know which language it speaks
+        else:
+            self.protocol_error("handshake not completed in time")
+
+    def admitted(self) -> bool:
+        """Count this connection against its host's unauthenticated ones."""
+        if self.server.auth.admit(self.host):
+            self._admitted = True
+            return True
+        return False

@@ -1,0 +1,260 @@
+"""What a broker holds: messages, deliveries in flight, parked requests, queues, and the
+interface of the store that keeps them.
+
+# Strategy:
+# A queue's ready messages are a FIFO of new messages plus a min-heap (by message id) of
+# messages that came back (nacked, lease expired, connection lost, delay over). Ids grow
+# with every put, and a message can only come back after it was taken from the front, so
+# taking from whichever of the two holds the smaller id hands messages out in their
+# original order, however and in whatever order they came back.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "DEAD_SUFFIX",
+    "GetWaiter",
+    "InFlight",
+    "PutWaiter",
+    "QueueState",
+    "Ready",
+    "Store",
+    "Stored",
+    "Waiter",
+]
+
+DEAD_SUFFIX = ".dead"
+
+
+@dataclass(slots=True)
+class Stored:
+    """A message the broker holds."""
+
+    id: int
+    payload: bytes
+    deliveries: int = 0  # how many times it was handed out (from this queue)
+    enqueued: float = 0.0  # broker clock when it entered its queue (for its age)
+    origin: str = ""  # a dead letter: the queue it died in
+    reason: str = ""  # a dead letter: max_deliveries, rejected, undecodable
+
+
+@dataclass(slots=True)
+class InFlight:
+    msg: Stored
+    conn: int
+    deadline: float
+
+
+@dataclass(slots=True, eq=False)
+class Waiter:
+    """A request parked until it can be served or its deadline passes."""
+
+    conn: int
+    req: int
+    deadline: float | None
+    queue: str = ""
+    done: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class GetWaiter(Waiter):
+    max_items: int = 1
+    manual_ack: bool = False
+    lease: float | None = None
+
+
+@dataclass(slots=True, eq=False)
+class PutWaiter(Waiter):
+    payloads: list[bytes] = field(default_factory=list)
+    size: int = 0  # payload bytes it holds
+
+
+class Ready:
+    """Messages waiting to be delivered, handed out in their original order."""
+
+    __slots__ = ("_back", "_fresh")
+
+    def __init__(self) -> None:
+        self._fresh: deque[Stored] = deque()
+        self._back: list[tuple[int, Stored]] = []  # came back: a heap by id
+
+    def __len__(self) -> int:
+        return len(self._fresh) + len(self._back)
+
+    def __bool__(self) -> bool:
+        return bool(self._fresh) or bool(self._back)
+
+    def append(self, msg: Stored) -> None:
+        """A new message, at the tail."""
+        self._fresh.append(msg)
+
+    def give_back(self, msg: Stored) -> None:
+        """A message that was handed out comes back, ahead of every newer one."""
+        heapq.heappush(self._back, (msg.id, msg))
+
+    def peek(self) -> Stored:
+        back, fresh = self._back, self._fresh
+        if back and (not fresh or back[0][0] < fresh[0].id):
+            return back[0][1]
+        return fresh[0]
+
+    def popleft(self) -> Stored:
+        back, fresh = self._back, self._fresh
+        if back and (not fresh or back[0][0] < fresh[0].id):
+            return heapq.heappop(back)[1]
+        return fresh.popleft()
+
+    def __iter__(self) -> Iterator[Stored]:
+        """In delivery order (for peek and purge; not on the hot path)."""
+        return iter(sorted([m for _, m in self._back], key=lambda m: m.id) + list(self._fresh))
+
+    def clear(self) -> list[Stored]:
+        out = list(self)
+        self._fresh.clear()
+        self._back.clear()
+        return out
+
+
+@dataclass(eq=False)
+class QueueState:
+    name: str
+    maxsize: int = 0
+    lease: float = 30.0
+    max_deliveries: int = 20
+    declared: bool = False  # its settings were set explicitly: kept while empty
+    ready: Ready = field(default_factory=Ready)
+    delayed: dict[int, Stored] = field(default_factory=dict)  # msg id -> message
+    in_flight: dict[int, InFlight] = field(default_factory=dict)  # delivery id -> ...
+    getters: deque[GetWaiter] = field(default_factory=deque)
+    putters: deque[PutWaiter] = field(default_factory=deque)
+    joiners: list[Waiter] = field(default_factory=list)
+    unfinished: int = 0
+    shutdown: bool = False
+    # counters for stats and metrics
+    put_total: int = 0
+    delivered_total: int = 0
+    acked_total: int = 0
+    redelivered_total: int = 0
+    dead_total: int = 0
+
+    @property
+    def is_dead_letters(self) -> bool:
+        return self.name.endswith(DEAD_SUFFIX)
+
+    @property
+    def depth(self) -> int:
+        """Items waiting to be delivered (ready or delayed): ``qsize``."""
+        return len(self.ready) + len(self.delayed)
+
+    @property
+    def held(self) -> int:
+        """Items the broker holds for this queue, in flight included: counts for maxsize."""
+        return len(self.ready) + len(self.delayed) + len(self.in_flight)
+
+    def room(self) -> int | None:
+        return None if not self.maxsize else max(0, self.maxsize - self.held)
+
+    @property
+    def idle(self) -> bool:
+        """Holds nothing and nobody waits on it: a queue made by a mere reference may go."""
+        return not (
+            self.declared
+            or self.shutdown
+            or self.unfinished
+            or self.ready
+            or self.delayed
+            or self.in_flight
+            or self.put_total
+            or any(not w.done for w in self.getters)
+            or any(not w.done for w in self.putters)
+            or any(not w.done for w in self.joiners)
+        )
+
+    def oldest_age(self, now: float) -> float:
+        """Seconds the oldest waiting message has been in the queue."""
+        return max(0.0, now - self.ready.peek().enqueued) if self.ready else 0.0
+
+    def compact(self) -> None:
+        """Drop finished waiters, so consumers that time out again and again on an empty
+        queue do not pile up in it."""
+        if any(w.done for w in self.getters):
+            self.getters = deque(w for w in self.getters if not w.done)
+        if any(w.done for w in self.putters):
+            self.putters = deque(w for w in self.putters if not w.done)
+        if any(w.done for w in self.joiners):
+            self.joiners = [w for w in self.joiners if not w.done]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "depth": self.depth,
+            "in_flight": len(self.in_flight),
+            "maxsize": self.maxsize,
+            "unfinished": self.unfinished,
+            "shutdown": self.shutdown,
+            "consumers_waiting": sum(not g.done for g in self.getters),
+            "lease": self.lease,
+            "max_deliveries": self.max_deliveries,
+            "put_total": self.put_total,
+            "delivered_total": self.delivered_total,
+            "acked_total": self.acked_total,
+            "redelivered_total": self.redelivered_total,
+            "dead_total": self.dead_total,
+        }
+
+
+class Store:
+    """Where a broker keeps messages. This base class keeps nothing: ``--memory``.
+
+    A durable store records puts and removals; the broker calls these as its state
+    changes, and ``recover`` returns what survived a restart.
+    """
+
+    def added(self, queue: str, msg: Stored) -> None:
+        """``msg`` entered ``queue``."""
+
+    def removed(self, queue: str, msg_id: int) -> None:
+        """The message left the broker for good (acked, dropped by a purge)."""
+
+    def moved(self, msg: Stored, queue: str) -> None:
+        """The message moved to another queue (a dead letter, or one replayed from it)."""
+
+    def requeued(self, queue: str, msg: Stored) -> None:
+        """The message goes back to its queue after ``msg.deliveries`` deliveries."""
+
+    def declared(self, queue: str, settings: dict[str, Any] | None) -> None:
+        """A queue's settings (maxsize, lease, max_deliveries, shutdown) changed, or
+        the queue was deleted (``None``)."""
+
+    last_tag = 0  # a durable store: the batch of the latest change (see server/store.py)
+    committed = 0
+    changes = 0
+
+    @property
+    def holds_replies(self) -> bool:
+        return False
+
+    @property
+    def stalled_for(self) -> float:
+        """Seconds the oldest change has waited for its commit (0 when all is committed)."""
+        return 0.0
+
+    def start(self, on_commit: Callable[[int], None]) -> None:
+        """Begin persisting (a durable store starts its writer here)."""
+
+    def close(self) -> None:
+        """Flush and release."""
+
+    def recover(self) -> Iterable[tuple[str, Stored]]:
+        """Messages to reload at start, in order, per queue."""
+        return ()
+
+    def recover_queues(self) -> dict[str, dict[str, Any]]:
+        """Queue settings to reload at start."""
+        return {}
