@@ -152,7 +152,12 @@ class ClientConnection:
         return req
 
     def post(self, msg: Any) -> int:
-        """Queue a request whose reply nobody will wait for (an ACK after a get)."""
+        """Queue a request whose reply nobody will wait for (an ACK after a get). ACK and
+        NACK go ``quiet``: the broker sends no OK for them (an older broker that does is
+        ignored)."""
+        if hasattr(msg, "quiet"):
+            msg.quiet = True
+            return self._send(msg)
         req = self._send(msg)
         self._unheeded[req] = getattr(msg, "queue", "")
         return req

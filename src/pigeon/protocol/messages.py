@@ -73,6 +73,7 @@ class Ack(_Msg, tag=0x30):
     req: int
     queue: str
     ids: list[int]
+    quiet: bool = False  # true: no OK wanted (a client acking what it received)
 
 
 class Nack(_Msg, tag=0x31):
@@ -84,6 +85,7 @@ class Nack(_Msg, tag=0x31):
     # Why, for a message that goes to the dead-letter queue (requeue false): kept with
     # the dead letter. "" means "rejected".
     reason: str = ""
+    quiet: bool = False  # true: no OK wanted
 
 
 class Extend(_Msg, tag=0x32):

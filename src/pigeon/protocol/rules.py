@@ -10,6 +10,7 @@ clients check the same rules before sending (and on URL options), so a mistake i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Container
 from typing import Any
 
 __all__ = [
@@ -82,19 +83,33 @@ def _ids_problem(ids: list[int]) -> str | None:
     return None
 
 
-# message type name -> the checks of its fields (each returns a problem or None)
-_RULES: dict[str, Any] = {
-    "Put": lambda m: seconds_problem("wait", m.wait, nil=True),
-    "PutBatch": lambda m: (
-        f"payloads must hold 1 to {MAX_BATCH} items, not {len(m.payloads)}"
-        if not 1 <= len(m.payloads) <= MAX_BATCH
-        else seconds_problem("wait", m.wait, nil=True)
-    ),
-    "Get": lambda m: (
+def _put(m: Any) -> str | None:
+    return seconds_problem("wait", m.wait, nil=True) if m.wait else None
+
+
+def _put_batch(m: Any) -> str | None:
+    if not 1 <= len(m.payloads) <= MAX_BATCH:
+        return f"payloads must hold 1 to {MAX_BATCH} items, not {len(m.payloads)}"
+    return _put(m)
+
+
+def _get(m: Any) -> str | None:
+    return (
         int_problem("max_items", m.max_items, 1, MAX_ITEMS)
-        or seconds_problem("wait", m.wait, nil=True)
-        or seconds_problem("lease", m.lease, nil=True, positive=True)
-    ),
+        or (seconds_problem("wait", m.wait, nil=True) if m.wait else None)
+        or (
+            seconds_problem("lease", m.lease, nil=True, positive=True)
+            if m.lease is not None
+            else None
+        )
+    )
+
+
+# message type name -> the checks of its fields (each returns a problem or None)
+_RULES: dict[str, Callable[[Any], str | None]] = {
+    "Put": _put,
+    "PutBatch": _put_batch,
+    "Get": _get,
     "Ack": lambda m: _ids_problem(m.ids),
     "Nack": lambda m: _ids_problem(m.ids) or seconds_problem("delay", m.delay, nil=False),
     "Extend": lambda m: _ids_problem(m.ids) or seconds_problem("seconds", m.seconds, nil=False),
@@ -108,13 +123,14 @@ _RULES: dict[str, Any] = {
 }
 
 
-def problem(msg: Any) -> str | None:
-    """What is out of range in a decoded request (req, queue name, numbers), or None."""
+def problem(msg: Any, known: Container[str] = ()) -> str | None:
+    """What is out of range in a decoded request (req, queue name, numbers), or None.
+    Names in ``known`` (queues that exist) were checked when they were made."""
     req = getattr(msg, "req", None)
     if req is not None and not 1 <= req <= MAX_REQ:
         return f"req must be an integer from 1 to {MAX_REQ}, not {req}"
     name = getattr(msg, "queue", None)
-    if name is not None and (bad := queue_name_problem(name)):
+    if name is not None and name not in known and (bad := queue_name_problem(name)):
         return bad
     rule = _RULES.get(type(msg).__name__)
     return rule(msg) if rule is not None else None

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import sys
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,7 +78,6 @@ class _Held:
     tag: int  # the store batch that must commit first
     outs: list[Out]
     since: float
-    writes: frozenset[tuple[int, int]]  # (conn, req) of puts among them
 
 
 class BrokerServer:
@@ -104,7 +103,6 @@ class BrokerServer:
         self._accepted: set[Connection] = set()  # accepted, connection_made not yet (TLS)
         self.text_waiters: dict[tuple[int, int], tuple[Any, Callable[[Any], str]]] = {}
         self._held: deque[_Held] = deque()
-        self._held_for: Counter[int] = Counter()
         self._draining: set[Connection] = set()
         self._ids = 0
         self._req = 1 << 40  # request ids the server makes for text-mode commands
@@ -204,7 +202,6 @@ class BrokerServer:
             self.apply(lambda: self.broker.connection_lost(c.id))
         for key in [k for k in self.text_waiters if k[0] == c.id]:
             del self.text_waiters[key]
-        self._held_for.pop(c.id, None)
 
     def drain(self, c: Connection) -> None:
         """``c`` sends nothing more: answer what it asked, then close it."""
@@ -214,7 +211,10 @@ class BrokerServer:
         self._check_drained()
 
     def _owes(self, c: Connection) -> bool:
-        return bool(self.broker.parked(c.id) or self._held_for[c.id] or len(c.replies))
+        """Does ``c`` still wait for a reply (held for the store, parked, or text)?"""
+        if self.broker.parked(c.id) or len(c.replies):
+            return True
+        return any(conn == c.id for h in self._held for conn, _ in h.outs)
 
     def _check_drained(self) -> None:
         for c in [c for c in self._draining if not self._owes(c)]:
@@ -242,9 +242,7 @@ class BrokerServer:
         # Compare change counts, not batch tags: changes that join a batch already
         # pending leave the tag as it was, and their replies must wait all the same.
         if store.holds_replies and store.changes != before and store.committed < store.last_tag:
-            self._held.append(_Held(store.last_tag, outs, time.monotonic(), _confirmations(outs)))
-            for c, _ in outs:
-                self._held_for[c] += 1
+            self._held.append(_Held(store.last_tag, outs, time.monotonic()))
             self._arm()
             return
         self.dispatch(outs)
@@ -252,14 +250,7 @@ class BrokerServer:
     def _committed(self, batch: int) -> None:
         held = self._held
         while held and held[0].tag <= batch:
-            self._release(held.popleft().outs)
-
-    def _release(self, outs: list[Out]) -> None:
-        for c, _ in outs:
-            self._held_for[c] -= 1
-            if self._held_for[c] <= 0:
-                del self._held_for[c]
-        self.dispatch(outs)
+            self.dispatch(held.popleft().outs)
 
     async def _watch_store(self) -> None:
         """Replies held longer than ``store_timeout`` for a store that cannot commit go out:
@@ -271,14 +262,15 @@ class BrokerServer:
             now = time.monotonic()
             while self._held and now - self._held[0].since > limit:
                 h = self._held.popleft()
+                puts = _confirmations(h.outs)
                 outs = [
                     (c, Error(m.req, Code.UNAVAILABLE, f"the broker's store did not commit within "
                               f"{limit:.0f} s; this put may or may not be stored"))
-                    if (c, getattr(m, "req", -1)) in h.writes else (c, m)
+                    if (c, getattr(m, "req", -1)) in puts else (c, m)
                     for c, m in h.outs
                 ]  # fmt: skip
                 log.error("store has not committed for %.1f s; answering held replies", limit)
-                self._release(outs)
+                self.dispatch(outs)
 
     def dispatch(self, outs: list[Out]) -> None:
         """Send the broker's replies, and re-arm the timer for its next deadline."""

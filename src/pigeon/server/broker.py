@@ -256,6 +256,8 @@ class Broker:
 
     def _serve(self, q: QueueState) -> list[Out]:
         """Hand ready items to parked getters, and admit parked puts that now fit."""
+        if not q.getters and not q.putters and not q.shutdown:
+            return []
         out: list[Out] = []
         progress = True
         while progress:
@@ -383,7 +385,7 @@ class Broker:
         handler = self._handlers.get(type(msg))
         if handler is None:
             return [_err(conn, req, Code.BAD_REQUEST, f"unexpected {type(msg).__name__}")]
-        bad = problem(msg)
+        bad = problem(msg, self.queues)
         if bad is not None:
             return [_err(conn, req, Code.BAD_REQUEST, bad)]
         try:
@@ -504,9 +506,11 @@ class Broker:
                 self._requeue(q, f.msg, m.delay)
             else:
                 self._dead_letter(q, f.msg, m.reason or "rejected")
-        out: list[Out] = [
-            (conn, Ok(m.req, {"settled": len(m.ids) - len(unknown), "unknown": unknown}))
-        ]
+        out: list[Out] = []
+        if not m.quiet:
+            out.append(
+                (conn, Ok(m.req, {"settled": len(m.ids) - len(unknown), "unknown": unknown}))
+            )
         if q is not None:
             out += self._serve_with_dead(q)
             out += self._finish_joins(q)
