@@ -144,8 +144,10 @@ class Queue(Generic[T]):
         """
         raise NotImplementedError
 
-    def get_message(self, timeout: float | None = None) -> Message[T]:
-        """Take the next item as a ``Message`` to ``ack`` or ``nack``."""
+    def get_message(self, timeout: float | None = None, lease: float | None = None) -> Message[T]:
+        """Take the next item as a ``Message`` to ``ack`` or ``nack``; unsettled, a
+        networked backend redelivers it after ``lease`` seconds (the queue's lease when
+        None)."""
         raise Unsupported(f"{type(self).__name__} does not offer get_message")
 
     def close(self) -> None:

@@ -187,7 +187,9 @@ class _LocalAsync(Generic[T]):
             PUT_SEQ, Empty, lambda: self._q.get_many(max_items, block=False), timeout
         )
 
-    async def get_message(self, timeout: float | None = None) -> _LocalMessage[T]:
+    async def get_message(
+        self, timeout: float | None = None, lease: float | None = None
+    ) -> _LocalMessage[T]:
         return await self._until(
             PUT_SEQ, Empty, lambda: _LocalMessage(self._local.get_message(timeout=0)), timeout
         )
@@ -298,9 +300,12 @@ class AsyncQueue(Generic[T]):
         """Wait for at least one item, then return up to ``max_items``."""
         return await self._impl.get_many(max_items, timeout)  # type: ignore[no-any-return]
 
-    async def get_message(self, timeout: float | None = None) -> Any:
-        """Take the next item as a message to ``ack``/``nack``/``extend`` (awaitable)."""
-        return await self._impl.get_message(timeout)
+    async def get_message(self, timeout: float | None = None, lease: float | None = None) -> Any:
+        """Take the next item as a message to ``ack``/``nack``/``extend`` (awaitable).
+
+        ``lease``: seconds before an unsettled message is redelivered (networked queues;
+        the queue's lease when None)."""
+        return await self._impl.get_message(timeout, lease)
 
     async def qsize(self) -> int:
         return await self._impl.qsize()  # type: ignore[no-any-return]

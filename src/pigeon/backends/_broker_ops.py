@@ -45,6 +45,7 @@ from pigeon.protocol import (
     Stats,
     TaskDone,
 )
+from pigeon.protocol.client import NotABroker
 from pigeon.protocol.codes import Code, exception_for
 from pigeon.protocol.rules import MAX_ITEMS, check_seconds
 from pigeon.serializers import Serializer, SerializerLike, get_serializer
@@ -171,6 +172,8 @@ class Ops:
             try:
                 reply = yield Call(build(remaining))
             except Lost as lost:
+                if isinstance(lost.error, NotABroker):
+                    raise lost.error from lost.error.__cause__
                 if lost.established:
                     backoff.restart()
                 if (wait := backoff.next_delay()) is None:

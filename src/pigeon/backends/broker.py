@@ -125,10 +125,14 @@ class _Link:
             try:
                 n = self.sock.recv_into(self.buf)
             except TimeoutError as exc:
-                what = "answer" if not self.welcomed else "word"
-                raise broken(
-                    f"no {what} from {self.conv.peer} for {self.sock.gettimeout():.0f} s", exc
-                ) from exc
+                waited = self.sock.gettimeout() or 0.0
+                if not self.welcomed:
+                    raise broken(
+                        f"no WELCOME from {self.conv.peer} within connect_timeout={waited:g} s: "
+                        "is a pigeon broker listening there?",
+                        exc,
+                    ) from exc
+                raise broken(f"no word from {self.conv.peer} for {waited:.0f} s", exc) from exc
             except OSError as exc:
                 raise broken(f"connection to {self.conv.peer} broke: {exc}", exc) from exc
             events = self.conv.receive_data(memoryview(self.buf)[:n])

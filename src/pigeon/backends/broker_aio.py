@@ -149,8 +149,9 @@ class _LinkProtocol(asyncio.Protocol):
         if self.error is None and not t.is_closing():
             self.conv.close()
             self.flush()
-            if t.can_write_eof():
-                t.write_eof()
+            with contextlib.suppress(OSError):
+                if t.can_write_eof():
+                    t.write_eof()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self.closed
@@ -233,7 +234,8 @@ class AsyncBrokerQueue(Generic[T]):
             if link is not None and link.transport is not None:
                 link.transport.abort()
             raise BrokenResourceError(
-                f"no answer from {ep.peer} within connect_timeout={spec.connect_timeout} s"
+                f"no WELCOME from {ep.peer} within connect_timeout={spec.connect_timeout:g} s: "
+                "is a pigeon broker listening there?"
             ) from exc
         except OSError as exc:
             raise BrokenResourceError(f"cannot connect to {ep.host}:{ep.port}: {exc}") from exc

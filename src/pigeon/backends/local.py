@@ -640,7 +640,11 @@ class LocalQueue(Queue[T]):
             out.append((kind, deliveries, payload))
         return out
 
-    def get_message(self, timeout: float | None = None) -> LocalMessage[T]:
+    def get_message(
+        self, timeout: float | None = None, lease: float | None = None
+    ) -> LocalMessage[T]:
+        """Take the next item as a message; ``lease`` is accepted for the contract's sake
+        and has no effect here: a local message is never redelivered on its own."""
         kind, deliveries, payload = self._take(1, True, timeout)[0]
         return LocalMessage(self, self._decode(kind, payload), deliveries)
 

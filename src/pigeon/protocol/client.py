@@ -53,6 +53,7 @@ __all__ = [
     "ClientConnection",
     "Closed",
     "Event",
+    "NotABroker",
     "Notice",
     "Reply",
     "State",
@@ -103,6 +104,10 @@ class Closed:
 
 
 Event = Welcomed | Reply | Notice | Closed
+
+
+class NotABroker(BrokenResourceError):
+    """The peer answered the handshake, but not as a pigeon broker: retrying cannot help."""
 
 
 class ClientConnection:
@@ -288,7 +293,7 @@ class ClientConnection:
             )
         else:
             text = f"{self.peer} sent bytes that break the protocol: {cause}"
-        err = BrokenResourceError(text)
+        err = (NotABroker if self.state is State.HANDSHAKE else BrokenResourceError)(text)
         err.__cause__ = cause
         return self._closed(err)
 

@@ -100,7 +100,8 @@ class BrokerServer:
         )
         self.auth = Authenticator(cfg.token, cfg.auth_failure_delay, cfg.max_unauthenticated)
         self.connections: dict[int, Connection] = {}
-        self._accepted: set[Connection] = set()  # accepted, connection_made not yet (TLS)
+        # Every accepted connection until it is lost (TLS: until its handshake fails too).
+        self._live: set[Connection] = set()
         self.text_waiters: dict[tuple[int, int], tuple[Any, Callable[[Any], str]]] = {}
         self._held: deque[_Held] = deque()
         self._draining: set[Connection] = set()
@@ -155,11 +156,12 @@ class BrokerServer:
         self._ids += 1
         c = Connection(self, self._ids)
         cfg = self.config
-        if len(self.connections) + len(self._accepted) >= cfg.max_connections:
+        if len(self._live) >= cfg.max_connections:
             log.warning("refusing a connection: max_connections=%d reached", cfg.max_connections)
             c.refused = f"too many connections (max_connections={cfg.max_connections}); try later"
-        self._accepted.add(c)
-        c.start_timer(self.config.handshake_timeout + 1.0, lambda: self._accepted.discard(c))
+        self._live.add(c)
+        # a TLS handshake that fails never reaches connection_made nor connection_lost
+        c.start_timer(self.config.handshake_timeout + 1.0, lambda: self._live.discard(c))
         return c
 
     @property
@@ -179,7 +181,6 @@ class BrokerServer:
     # --- connections ------------------------------------------------------------------------
 
     def connection_made(self, c: Connection) -> None:
-        self._accepted.discard(c)
         cfg = self.config
         if self.stopping:
             c.refused = "the broker is stopping; try again later"
@@ -196,7 +197,7 @@ class BrokerServer:
         c.start_timer(cfg.handshake_timeout, c.handshake_expired)
 
     def connection_lost(self, c: Connection) -> None:
-        self._accepted.discard(c)
+        self._live.discard(c)
         self._draining.discard(c)
         if self.connections.pop(c.id, None) is not None:
             self.apply(lambda: self.broker.connection_lost(c.id))
@@ -370,13 +371,14 @@ class BrokerServer:
         deadline = time.monotonic() + grace
         while self._draining and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
-        for c in list(self.connections.values()):
-            c.finish()  # what did not drain in time
-        while self.connections and time.monotonic() < deadline:
+        for c in list(self._live):
+            c.finish()  # what did not drain in time, and connections turned away
+        while self._live and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        for c in list(self.connections.values()):
+        for c in list(self._live):
             if c.transport is not None:
                 c.transport.abort()
+        await asyncio.sleep(0)  # let the aborted transports release their sockets
         if self._server is not None:
             await self._server.wait_closed()
         if self._timer is not None:

@@ -190,8 +190,12 @@ class Connection(asyncio.BufferedProtocol):
                 self.send(Goodbye("broker stopping"))
             elif self.mode == "text":
                 self.replies.now("-ERR broker stopping")
-        if t.can_write_eof():
-            t.write_eof()
+        try:
+            if t.can_write_eof():
+                t.write_eof()
+        except OSError:  # the peer already reset the connection: nothing left to say
+            t.abort()
+            return
         t.close()
 
     def protocol_error(self, message: str) -> None:

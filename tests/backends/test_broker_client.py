@@ -1,0 +1,299 @@
+"""The pigeon:// client at its edges, the same scenarios through the blocking and the
+asyncio face (FINDINGS A.3-A.6, 12, 19, 25, 28, and the lost reply)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pigeon
+from pigeon.errors import BrokenResourceError, DecodeError, InvalidURL
+from pigeon.testing.broker import BrokerThread
+from tests._proxy import CuttingProxy
+from tests._services import free_port, require_service, start_broker
+
+
+@pytest.fixture
+def broker() -> Iterator[BrokerThread]:
+    with BrokerThread(heartbeat=1.0) as b:
+        yield b
+
+
+class Face:
+    """One scenario step, run on the blocking queue or through AsyncQueue(url)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def run(self, url: str, fn: Callable[[Any], Any], **options: Any) -> Any:
+        if self.name == "sync":
+            with pigeon.Queue(url, **options) as q:
+                return fn(q)
+
+        async def main() -> Any:
+            async with pigeon.AsyncQueue(url, **options) as aq:
+                result = fn(aq)
+                return await result if asyncio.iscoroutine(result) else result
+
+        return asyncio.run(main())
+
+
+FACES = [Face("sync"), Face("async")]
+
+
+def _get(q: Any) -> Any:
+    return q.get(timeout=10)
+
+
+def _get_many(q: Any) -> Any:
+    return q.get_many(10, timeout=10)
+
+
+@pytest.mark.parametrize("face", FACES, ids=repr)
+@pytest.mark.parametrize("call", [_get, _get_many], ids=["get", "get_many"])
+def test_a_delivery_lost_on_the_way_is_not_lost(
+    broker: BrokerThread, face: Face, call: Callable[[Any], Any]
+) -> None:
+    """The proxy closes both sides instead of forwarding the broker's first DELIVER: the
+    item comes back (the broker still held it) and the retried get returns it."""
+    with pigeon.Queue(broker.url("cut"), serializer="raw") as q:
+        q.put(b"precious")
+    proxy = CuttingProxy(broker.port)
+    try:
+        url = f"pigeon://127.0.0.1:{proxy.port}/cut"
+        got = face.run(url, call, serializer="raw", reconnect_timeout=10)
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1
+    assert got in (b"precious", [b"precious"])
+
+
+@pytest.mark.parametrize("face", FACES, ids=repr)
+def test_an_undecodable_payload_is_dead_lettered_and_the_rest_given_back(
+    broker: BrokerThread, face: Face
+) -> None:
+    with pigeon.Queue(broker.url("mixed")) as q:
+        q.put_many(["one", "two"])
+    with socket.create_connection(("127.0.0.1", broker.port)) as s:  # typed by a human
+        s.sendall(b"PUT mixed not msgpack\nQUIT\n")
+        s.recv(100)
+    with pigeon.Queue(broker.url("mixed")) as q:
+        q.put("four")
+
+    def take(q: Any) -> Any:
+        return q.get_many(10, timeout=5)
+
+    with pytest.raises(DecodeError) as info:
+        face.run(broker.url("mixed"), take)
+    err = info.value
+    assert err.raw == b"not msgpack" and err.queue == "mixed" and err.serializer == "msgpack"
+    assert "moved to 'mixed.dead'" in str(err)
+    with pigeon.Queue(broker.url("mixed")) as q:
+        assert q.get_many(10, timeout=5) == ["one", "two", "four"]
+    with pigeon.Queue(broker.url("mixed.dead"), serializer="raw") as dead:
+        assert dead.get(timeout=5) == b"not msgpack"
+    assert broker.server is not None
+    died = broker.server.broker.queues["mixed.dead"]
+    assert died.acked_total == 1
+
+
+def test_cli_get_reports_an_undecodable_item_without_a_traceback(broker: BrokerThread) -> None:
+    import subprocess
+    import sys
+
+    with socket.create_connection(("127.0.0.1", broker.port)) as s:
+        s.sendall(b"PUT typed hi\nQUIT\n")
+        s.recv(100)
+    r = subprocess.run(
+        [sys.executable, "-m", "pigeon", "get", broker.url("typed")], capture_output=True, text=True
+    )
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "cannot be decoded" in r.stderr
+
+
+def test_cancelled_async_gets_lose_nothing(broker: BrokerThread) -> None:
+    async def main() -> int:
+        url = broker.url("cancel")
+        async with pigeon.AsyncQueue(url) as aq, pigeon.AsyncQueue(url) as prod:
+            for i in range(20):
+                call = aq.get_many(5) if i % 2 else aq.get()
+                t = asyncio.ensure_future(call)
+                await asyncio.sleep(0.01)
+                await prod.put(i)
+                t.cancel()
+                try:
+                    got = await t
+                except asyncio.CancelledError:
+                    pass
+                else:  # the get won the race: put what it took back, for the count
+                    await prod.put_many(got if isinstance(got, list) else [got])
+            await asyncio.sleep(0.2)
+            return await prod.qsize()
+
+    assert asyncio.run(main()) == 20
+
+
+def test_an_unawaited_ack_before_aclose_is_sent(broker: BrokerThread) -> None:
+    async def main() -> None:
+        aq = pigeon.AsyncQueue(broker.url("acks"))
+        await aq.put("x")
+        msg = await aq.get_message(timeout=5)
+        msg.ack()  # not awaited
+        await aq.aclose()
+
+    asyncio.run(main())
+    with pigeon.Queue(broker.url("acks")) as q:
+        info = q._info()  # type: ignore[attr-defined]
+    assert info["depth"] == 0 and info["in_flight"] == 0 and info["acked_total"] == 1
+
+
+@pytest.mark.parametrize("face", FACES, ids=repr)
+def test_a_consumer_blocked_longer_than_reconnect_timeout_survives_a_restart(
+    tmp_path: Path, face: Face
+) -> None:
+    port = free_port()
+    data = str(tmp_path / "data")
+    proc = start_broker(port, "--data-dir", data, "--heartbeat", "0.5")
+    url = f"pigeon://127.0.0.1:{port}/restart"
+    result: dict[str, Any] = {}
+
+    def consume() -> None:
+        def first(q: Any) -> Any:
+            if face.name == "sync":
+                return next(iter(q))
+
+            async def one() -> Any:
+                async for item in q:
+                    return item
+
+            return one()
+
+        try:
+            result["got"] = face.run(url, first, reconnect_timeout=2)
+        except Exception as exc:
+            result["error"] = exc
+
+    t = threading.Thread(target=consume)
+    t.start()
+    time.sleep(4)  # blocked twice as long as reconnect_timeout
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(10)
+    proc = start_broker(port, "--data-dir", data, "--heartbeat", "0.5")
+    try:
+        with pigeon.Queue(url) as q:
+            q.put("after restart")
+        t.join(20)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert result == {"got": "after restart"}
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_connection_per_thread_is_released_when_the_thread_ends(broker: BrokerThread) -> None:
+    q = pigeon.Queue(broker.url("threads"))
+    q.put("warm")
+    q.get(timeout=5)
+    gc.collect()
+    before = _open_fds()
+    for _ in range(40):
+        t = threading.Thread(target=lambda: q.put("x"))
+        t.start()
+        t.join()
+    gc.collect()
+    assert _open_fds() - before < 5
+    deadline = time.monotonic() + 5
+    assert broker.server is not None
+    while len(broker.server.connections) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(broker.server.connections) == 1  # ours
+    q.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_fork_child_does_not_keep_the_parents_connection(broker: BrokerThread) -> None:
+    """The parent takes a message and is SIGKILLed while its fork child lives on: the
+    message must come back at once, not when the child exits or the lease ends."""
+    import multiprocessing as mp
+
+    with pigeon.Queue(broker.url("forked")) as q:
+        q.put("held")
+    ready = mp.get_context("fork").Event()
+
+    def parent() -> None:
+        q = pigeon.Queue(broker.url("forked"), lease=60)
+        q.get_message(timeout=5)
+        if os.fork() == 0:  # the child sleeps, holding whatever it inherited
+            time.sleep(30)
+            os._exit(0)
+        ready.set()
+        time.sleep(30)
+
+    p = mp.get_context("fork").Process(target=parent)
+    p.start()
+    assert ready.wait(10)
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+    t = time.monotonic()
+    with pigeon.Queue(broker.url("forked")) as q:
+        assert q.get(timeout=10) == "held"
+    assert time.monotonic() - t < 5
+
+
+@pytest.mark.parametrize(("name", "port"), [("Redis", 6379), ("NATS", 4222)])
+def test_a_pigeon_url_at_another_server_says_so_quickly(name: str, port: int) -> None:
+    require_service(name, port)
+    t = time.monotonic()
+    with pytest.raises(BrokenResourceError, match=r"pigeon (broker|protocol)"):
+        pigeon.Queue(f"pigeon://127.0.0.1:{port}/x", connect_timeout=2, reconnect_timeout=1).put(1)
+    # NATS greets at once and is told apart at once, never retried; Redis says nothing to
+    # a binary HELLO, so connect_timeout runs out (and, as for any silent peer, the
+    # client retries until reconnect_timeout after that failure)
+    assert time.monotonic() - t < (1.5 if name == "NATS" else 6)
+
+
+@pytest.mark.parametrize(
+    ("query", "option"),
+    [
+        ("lease=nan", "lease"),
+        ("lease=-1", "lease"),
+        ("lease=inf", "lease"),
+        ("max_deliveries=1.9", "max_deliveries"),
+        ("max_deliveries=inf", "max_deliveries"),
+        ("max_deliveries=0", "max_deliveries"),
+    ],
+)
+def test_bad_url_options_are_invalid_url_naming_the_option(query: str, option: str) -> None:
+    with pytest.raises(InvalidURL, match=f"^{option} must be"):
+        pigeon.Queue(f"pigeon://127.0.0.1:1/q?{query}")
+
+
+@pytest.mark.parametrize("face", FACES, ids=repr)
+def test_bad_call_arguments_are_value_errors(broker: BrokerThread, face: Face) -> None:
+    with pytest.raises(ValueError, match="lease must be"):
+        face.run(broker.url("v"), lambda q: q.get_message(timeout=0.1, lease=float("nan")))  # type: ignore[no-any-return]
+
+
+def test_peer_timeout_socket_options_are_set(broker: BrokerThread) -> None:
+    with pigeon.Queue(broker.url("opts")) as q:
+        q.put(1)
+        link = q._local.holder.link  # type: ignore[attr-defined]
+        sock = link.sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 10_000
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1

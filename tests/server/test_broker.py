@@ -1,0 +1,473 @@
+"""The broker's delivery rules, without a network: messages in, replies out, time by hand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pigeon.protocol import (
+    Ack,
+    Cancel,
+    Declare,
+    Deliver,
+    Error,
+    Extend,
+    Get,
+    Info,
+    Join,
+    Nack,
+    Ok,
+    Put,
+    PutBatch,
+    QueueShutdown,
+    Shutdown,
+    TaskDone,
+)
+from pigeon.server.broker import Broker
+
+A, B, C = 1, 2, 3
+
+
+@pytest.fixture
+def broker() -> Broker:
+    b = Broker()
+    for conn in (A, B, C):
+        b.connection_made(conn)
+    return b
+
+
+def replies(outs: list[tuple[int, Any]], conn: int) -> list[Any]:
+    return [m for c, m in outs if c == conn]
+
+
+def payloads(msg: Any) -> list[bytes]:
+    assert isinstance(msg, Deliver), msg
+    return [d.payload for d in msg.messages]
+
+
+def test_fifo_and_auto_ack(broker: Broker) -> None:
+    broker.handle(A, PutBatch(1, "q", [b"1", b"2", b"3"]))
+    (reply,) = replies(broker.handle(B, Get(1, "q", 2, 0)), B)
+    assert payloads(reply) == [b"1", b"2"]
+    assert [d.id for d in reply.messages] == [0, 0]  # nothing left to ack
+    assert broker.queues["q"].depth == 1
+
+
+def test_empty_without_wait_is_an_error(broker: Broker) -> None:
+    (reply,) = broker.handle(A, Get(7, "q", 1, 0))[0:1]
+    assert reply == (A, Error(7, "empty", "queue 'q' is empty"))
+
+
+def test_parked_get_is_served_by_a_later_put(broker: Broker) -> None:
+    assert broker.handle(B, Get(5, "q", 1, None)) == []
+    outs = broker.handle(A, Put(1, "q", b"x"))
+    assert replies(outs, A) == [Ok(1, 1)]
+    assert payloads(replies(outs, B)[0]) == [b"x"]
+
+
+def test_parked_get_times_out_on_tick(broker: Broker) -> None:
+    broker.handle(B, Get(5, "q", 1, 1.0), now=100.0)
+    assert broker.next_deadline() == 101.0
+    assert broker.tick(100.5) == []
+    assert broker.tick(101.0) == [(B, Error(5, "empty", "queue 'q' is empty"))]
+
+
+def test_cancelled_get_takes_nothing(broker: Broker) -> None:
+    broker.handle(B, Get(5, "q", 1, None))
+    broker.handle(B, Cancel(5))
+    broker.handle(A, Put(1, "q", b"kept"))
+    assert broker.queues["q"].depth == 1
+
+
+def test_unacked_message_returns_at_once_when_its_connection_drops(broker: Broker) -> None:
+    broker.handle(A, PutBatch(1, "q", [b"a", b"b"]))
+    (got,) = replies(broker.handle(B, Get(1, "q", 2, 0, manual_ack=True)), B)
+    assert payloads(got) == [b"a", b"b"]
+    assert broker.queues["q"].depth == 0
+    broker.connection_lost(B)
+    (again,) = replies(broker.handle(C, Get(1, "q", 2, 0, manual_ack=True)), C)
+    assert payloads(again) == [b"a", b"b"]  # in their original order, at the front
+    assert [d.delivery_count for d in again.messages] == [2, 2]
+
+
+def test_redelivery_goes_to_a_waiting_consumer(broker: Broker) -> None:
+    broker.handle(A, Put(1, "q", b"job"))
+    broker.handle(B, Get(1, "q", 1, 0, manual_ack=True))
+    broker.handle(C, Get(9, "q", 1, None))
+    outs = broker.connection_lost(B)
+    assert payloads(replies(outs, C)[0]) == [b"job"]
+
+
+def test_lease_expiry_redelivers(broker: Broker) -> None:
+    broker.handle(A, Put(1, "q", b"job"), now=0.0)
+    (got,) = replies(broker.handle(B, Get(1, "q", 1, 0, True, lease=2.0), now=0.0), B)
+    assert broker.tick(1.9) == []
+    broker.tick(2.0)
+    (again,) = replies(broker.handle(C, Get(2, "q", 1, 0, True), now=2.0), C)
+    assert again.messages[0].delivery_count == 2
+    # the first consumer's late ack is refused: it no longer holds the message
+    (ok,) = replies(broker.handle(B, Ack(3, "q", [got.messages[0].id])), B)
+    assert ok.value["unknown"] == [got.messages[0].id]
+
+
+def test_extend_pushes_the_lease_back(broker: Broker) -> None:
+    broker.handle(A, Put(1, "q", b"job"), now=0.0)
+    (got,) = replies(broker.handle(B, Get(1, "q", 1, 0, True, lease=2.0), now=0.0), B)
+    broker.handle(B, Extend(2, "q", [got.messages[0].id], 10.0), now=1.0)
+    broker.tick(5.0)
+    assert broker.queues["q"].depth == 0
+    broker.tick(11.0)
+    assert broker.queues["q"].depth == 1
+
+
+def test_nack_with_delay(broker: Broker) -> None:
+    broker.handle(A, Put(1, "q", b"job"), now=0.0)
+    (got,) = replies(broker.handle(B, Get(1, "q", 1, 0, True), now=0.0), B)
+    broker.handle(B, Nack(2, "q", [got.messages[0].id], True, 5.0), now=0.0)
+    assert broker.queues["q"].depth == 1  # delayed counts as waiting
+    assert replies(broker.handle(C, Get(3, "q", 1, 0), now=1.0), C)[0].code == "empty"
+    broker.tick(5.0)
+    assert payloads(replies(broker.handle(C, Get(4, "q", 1, 0), now=5.0), C)[0]) == [b"job"]
+
+
+def test_poison_message_moves_to_the_dead_letter_queue(broker: Broker) -> None:
+    broker.handle(A, Declare(1, "q", max_deliveries=3))
+    broker.handle(A, Put(2, "q", b"poison"))
+    for i in range(3):
+        (got,) = replies(broker.handle(B, Get(10 + i, "q", 1, 0, True)), B)
+        broker.handle(B, Nack(20 + i, "q", [got.messages[0].id]))
+    assert broker.queues["q"].depth == 0
+    assert broker.queues["q"].dead_total == 1
+    (dead,) = replies(broker.handle(C, Get(1, "q.dead", 1, 0)), C)
+    assert payloads(dead) == [b"poison"]
+
+
+def test_nack_without_requeue_dead_letters(broker: Broker) -> None:
+    broker.handle(A, Put(1, "q", b"bad"))
+    (got,) = replies(broker.handle(B, Get(1, "q", 1, 0, True)), B)
+    broker.handle(B, Nack(2, "q", [got.messages[0].id], requeue=False))
+    assert broker.queues["q.dead"].depth == 1
+
+
+def test_maxsize_full_and_parked_put(broker: Broker) -> None:
+    broker.handle(A, Declare(1, "q", maxsize=2))
+    broker.handle(A, PutBatch(2, "q", [b"1", b"2"]))
+    assert replies(broker.handle(A, Put(3, "q", b"3")), A)[0].code == "full"
+    assert broker.handle(A, Put(4, "q", b"3", wait=None)) == []  # parked, not stored
+    assert broker.queues["q"].held == 2
+    outs = broker.handle(B, Get(1, "q", 1, 0))
+    assert (A, Ok(4, 1)) in outs
+    assert broker.queues["q"].held == 2
+    assert replies(broker.handle(A, PutBatch(5, "q", [b"x"] * 3)), A)[0].code == "bad_request"
+
+
+def test_in_flight_messages_count_against_maxsize(broker: Broker) -> None:
+    broker.handle(A, Declare(1, "q", maxsize=1))
+    broker.handle(A, Put(2, "q", b"1"))
+    (got,) = replies(broker.handle(B, Get(1, "q", 1, 0, True)), B)
+    assert replies(broker.handle(A, Put(3, "q", b"2")), A)[0].code == "full"
+    broker.handle(B, Ack(2, "q", [got.messages[0].id]))
+    assert replies(broker.handle(A, Put(4, "q", b"2")), A) == [Ok(4, 1)]
+
+
+def test_task_done_and_join(broker: Broker) -> None:
+    broker.handle(A, PutBatch(1, "q", [b"1", b"2"]))
+    assert broker.handle(C, Join(1, "q", None)) == []
+    broker.handle(B, Get(1, "q", 2, 0))
+    assert replies(broker.handle(B, TaskDone(2, "q", 1)), C) == []
+    outs = broker.handle(B, TaskDone(3, "q", 1))
+    assert (C, Ok(1, 0)) in outs
+    assert replies(broker.handle(B, TaskDone(4, "q", 1)), B)[0].code == "value"
+
+
+def test_shutdown_reaches_every_connection_and_drains(broker: Broker) -> None:
+    broker.handle(A, PutBatch(1, "q", [b"1"]))
+    outs = broker.handle(A, Shutdown(2, "q"))
+    assert {c for c, m in outs if isinstance(m, QueueShutdown)} == {A, B, C}
+    assert replies(broker.handle(A, Put(3, "q", b"2")), A)[0].code == "shutdown"
+    assert payloads(replies(broker.handle(B, Get(1, "q", 5, None)), B)[0]) == [b"1"]
+    assert replies(broker.handle(B, Get(2, "q", 5, None)), B)[0].code == "shutdown"
+
+
+def test_shutdown_wakes_parked_getters(broker: Broker) -> None:
+    broker.handle(B, Get(1, "q", 1, None))
+    outs = broker.handle(A, Shutdown(2, "q"))
+    assert (B, Error(1, "shutdown", "queue 'q' was shut down")) in outs
+
+
+def test_immediate_shutdown_drops_items_and_releases_join(broker: Broker) -> None:
+    broker.handle(A, PutBatch(1, "q", [b"1", b"2"]))
+    broker.handle(C, Join(1, "q", None))
+    outs = broker.handle(A, Shutdown(2, "q", immediate=True))
+    assert (C, Ok(1, 0)) in outs
+    assert broker.queues["q"].depth == 0
+
+
+def test_info_reports_the_queue(broker: Broker) -> None:
+    broker.handle(A, Declare(1, "q", maxsize=5, lease=3.0))
+    broker.handle(A, Put(2, "q", b"x"))
+    (ok,) = replies(broker.handle(A, Info(3, "q")), A)
+    assert ok.value["depth"] == 1 and ok.value["maxsize"] == 5 and ok.value["lease"] == 3.0
+
+
+@pytest.mark.parametrize("name", ["", "has space", "tab\there", "x" * 201, "new\nline"])
+def test_bad_queue_names_are_refused(broker: Broker, name: str) -> None:
+    (reply,) = replies(broker.handle(A, Put(1, name, b"x")), A)
+    assert isinstance(reply, Error) and reply.code == "bad_request"
+
+
+def test_a_consumer_holding_max_unacked_bytes_gets_no_more_until_it_acks() -> None:
+    broker = Broker(max_unacked_bytes=10)
+    broker.handle(A, PutBatch(1, "q", [b"x" * 6, b"y" * 6, b"z" * 6]))
+    (first,) = replies(broker.handle(B, Get(1, "q", 3, 0, True)), B)
+    assert payloads(first) == [b"x" * 6]  # a second would pass 10 bytes
+    (refused,) = replies(broker.handle(B, Get(2, "q", 1, 0, True)), B)
+    assert refused.code == "unacked" and "ack or nack some" in refused.message
+    assert broker.handle(B, Get(3, "q", 1, None, True)) == []  # parked
+    outs = broker.handle(B, Ack(4, "q", [first.messages[0].id]))
+    assert payloads(next(m for c, m in outs if isinstance(m, Deliver))) == [b"y" * 6]
+    # another consumer is not held back by B
+    assert payloads(replies(broker.handle(C, Get(1, "q", 1, 0, True)), C)[0]) == [b"z" * 6]
+
+
+def test_timed_out_getters_do_not_pile_up(broker: Broker) -> None:
+    for i in range(1000):  # a consumer polling an empty queue with a short timeout
+        broker.handle(B, Get(i, "q", 1, 0.5), now=float(i))
+        broker.tick(i + 0.5)
+    broker.handle(B, Get(5000, "q", 1, 10.0), now=2000.0)
+    assert len(broker.queues["q"].getters) == 1
+    assert broker.parked(B) == 1
+
+
+# --- the edges (shared/review/FINDINGS.md) --------------------------------------------------
+
+
+def ids(msg: Any) -> list[int]:
+    return [d.id for d in msg.messages]
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (Get(1, "q", 1, 0, True, lease=float("nan")), "lease"),
+        (Get(1, "q", 1, 0, True, lease=0.0), "lease"),
+        (Get(1, "q", 1, 0, True, lease=-1.0), "lease"),
+        (Get(1, "q", 1, float("nan")), "wait"),
+        (Get(1, "q", 1, -1.0), "wait"),
+        (Get(1, "q", 1, float("inf")), "wait"),
+        (Get(1, "q", 2**40, 0), "max_items"),
+        (Get(0, "q", 1, 0), "req"),
+        (Put(1, "q", b"x", float("nan")), "wait"),
+        (Declare(1, "q", lease=float("nan")), "lease"),
+        (Declare(1, "q", lease=float("inf")), "lease"),
+        (Declare(1, "q", max_deliveries=0), "max_deliveries"),
+        (Nack(1, "q", [5], True, float("nan")), "delay"),
+        (Extend(1, "q", [5], float("inf")), "seconds"),
+        (TaskDone(1, "q", 0), "count"),
+        (Join(1, "q", -5.0), "wait"),
+        (PutBatch(1, "q", []), "payloads"),
+        (Ack(1, "q", []), "ids"),
+    ],
+)
+def test_every_number_is_range_checked_and_the_connection_goes_on(
+    broker: Broker, request_: Any, field: str
+) -> None:
+    (reply,) = replies(broker.handle(A, request_), A)
+    assert isinstance(reply, Error) and reply.code == "bad_request"
+    assert reply.message.startswith(field), reply.message
+    broker.handle(A, Put(2, "q", b"still served"))
+    assert payloads(replies(broker.handle(A, Get(3, "q", 1, 0)), A)[0]) == [b"still served"]
+
+
+def test_a_nan_lease_is_refused_and_other_leases_still_expire(broker: Broker) -> None:
+    broker.handle(A, PutBatch(1, "q", [b"a", b"b"]), now=0.0)
+    broker.handle(B, Get(1, "q", 1, 0, True, lease=float("nan")), now=0.0)
+    broker.handle(C, Get(1, "q", 1, 0, True, lease=0.3), now=0.0)
+    assert broker.next_deadline() == 0.3
+    broker.tick(0.3)
+    (again,) = replies(broker.handle(A, Get(2, "q", 2, 0), now=0.3), A)
+    assert payloads(again) == [b"a", b"b"]
+
+
+def test_a_dead_letter_survives_nack_lease_and_lost_connection(broker: Broker) -> None:
+    broker.handle(A, Declare(1, "q", max_deliveries=1))
+    broker.handle(A, Put(2, "q", b"poison"), now=0.0)
+    (got,) = replies(broker.handle(B, Get(1, "q", 1, 0, True), now=0.0), B)
+    broker.handle(B, Nack(2, "q", ids(got), requeue=True), now=0.0)  # its last delivery
+    dead = broker.queues["q.dead"]
+    assert dead.depth == 1
+    # nack (even requeue=False), lease expiry, a dropped connection: it stays
+    (d1,) = replies(broker.handle(C, Get(1, "q.dead", 1, 0, True), now=0.0), C)
+    assert d1.messages[0].delivery_count == 1  # counted afresh in the dead-letter queue
+    broker.handle(C, Nack(2, "q.dead", ids(d1), requeue=False), now=0.0)
+    (_d2,) = replies(broker.handle(C, Get(3, "q.dead", 1, 0, True, lease=1.0), now=0.0), C)
+    broker.tick(1.0)
+    (d3,) = replies(broker.handle(A, Get(3, "q.dead", 1, 0, True), now=1.0), A)
+    broker.connection_lost(A)
+    assert dead.depth == 1 and payloads(d3) == [b"poison"]
+    stored = dead.ready.peek()
+    assert (stored.origin, stored.reason) == ("q", "max_deliveries")
+    # only an ack removes it
+    (d4,) = replies(broker.handle(C, Get(4, "q.dead", 1, 0, True), now=1.0), C)
+    broker.handle(C, Ack(5, "q.dead", ids(d4)))
+    assert dead.depth == 0 and not dead.in_flight
+
+
+def test_why_a_dead_letter_died_is_kept(broker: Broker) -> None:
+    broker.handle(A, PutBatch(1, "q", [b"a", b"b"]))
+    (got,) = replies(broker.handle(B, Get(1, "q", 2, 0, True)), B)
+    broker.handle(B, Nack(2, "q", [ids(got)[0]], requeue=False))
+    broker.handle(B, Nack(3, "q", [ids(got)[1]], requeue=False, reason="undecodable"))
+    assert [(m.origin, m.reason) for m in broker.queues["q.dead"].ready] == [
+        ("q", "rejected"),
+        ("q", "undecodable"),
+    ]
+
+
+def test_lease_expiry_keeps_the_original_order(broker: Broker) -> None:
+    broker.handle(A, PutBatch(1, "q", [b"1", b"2", b"3", b"4"]), now=0.0)
+    for i, lease in enumerate((3.0, 2.0, 1.0)):  # expire in reverse order
+        broker.handle(B, Get(10 + i, "q", 1, 0, True, lease=lease), now=0.0)
+    broker.tick(5.0)
+    (again,) = replies(broker.handle(C, Get(1, "q", 10, 0), now=5.0), C)
+    assert payloads(again) == [b"1", b"2", b"3", b"4"]
+
+
+def test_delayed_nacks_come_back_in_the_original_order(broker: Broker) -> None:
+    broker.handle(A, PutBatch(1, "q", [b"1", b"2", b"3"]), now=0.0)
+    (got,) = replies(broker.handle(B, Get(1, "q", 3, 0, True), now=0.0), B)
+    for did, delay in zip(ids(got), (3.0, 2.0, 1.0), strict=True):
+        broker.handle(B, Nack(2, "q", [did], True, delay), now=0.0)
+    broker.tick(3.0)
+    assert payloads(replies(broker.handle(C, Get(3, "q", 10, 0), now=3.0), C)[0]) == [
+        b"1",
+        b"2",
+        b"3",
+    ]
+
+
+def test_get_nowait_is_served_while_another_consumer_is_held_back(broker: Broker) -> None:
+    small = Broker(max_unacked_bytes=1000)
+    small.handle(A, Put(1, "q", b"x" * 900))
+    small.handle(A, Get(2, "q", 1, 0, True))  # A holds 900 unacked bytes
+    small.handle(A, Get(3, "q", 1, 30, True))  # and waits for more: parked
+    small.handle(C, Put(1, "q", b"y" * 900))  # A may not take it
+    (got,) = replies(small.handle(B, Get(1, "q", 1, 0, True)), B)  # B holds nothing
+    assert payloads(got) == [b"y" * 900]
+
+
+def test_a_get_parked_behind_the_unacked_cap_says_so_when_it_times_out() -> None:
+    small = Broker(max_unacked_bytes=1000)
+    small.handle(A, PutBatch(1, "q", [b"x" * 900, b"y" * 900]), now=0.0)
+    small.handle(A, Get(2, "q", 1, 0, True), now=0.0)
+    assert small.handle(A, Get(3, "q", 1, 1.0, True), now=0.0) == []
+    (reply,) = replies(small.tick(1.0), A)
+    assert reply.code == "unacked" and "holds 900 unacked bytes" in reply.message
+
+
+def test_a_reply_takes_only_as_many_items_as_fit() -> None:
+    small = Broker(max_reply_bytes=3000)
+    small.handle(A, PutBatch(1, "q", [b"x" * 1000] * 5))
+    (got,) = replies(small.handle(B, Get(1, "q", 10, 0)), B)
+    assert len(got.messages) == 2  # 2 x (1000 + overhead) fit in 3000, 3 do not
+    assert small.queues["q"].depth == 3
+
+
+def test_an_item_larger_than_a_reply_stays_in_the_queue_with_a_clear_error() -> None:
+    small = Broker(max_reply_bytes=100)
+    small.handle(A, Put(1, "q", b"x" * 500))
+    (reply,) = replies(small.handle(B, Get(1, "q", 1, 0)), B)
+    assert reply.code == "too_large" and "500 bytes" in reply.message
+    assert small.queues["q"].depth == 1
+
+
+def test_queues_made_by_a_mere_reference_are_forgotten(broker: Broker) -> None:
+    for i in range(1000):
+        broker.handle(A, Info(i + 1, f"ref-{i}"))
+        broker.handle(A, Get(i + 1, f"get-{i}", 1, 0))
+        broker.handle(A, Ack(i + 1, f"ack-{i}", [1]))
+        broker.handle(A, Declare(i + 1, f"decl-{i}"))  # no settings: a reference too
+    assert broker.queues == {}
+    broker.handle(A, Get(5000, "waited", 1, 1.0), now=0.0)
+    assert "waited" in broker.queues  # someone waits on it
+    broker.tick(1.0)
+    assert "waited" not in broker.queues
+
+
+def test_declared_and_used_queues_stay(broker: Broker) -> None:
+    broker.handle(A, Declare(1, "kept", maxsize=5))
+    broker.handle(A, Put(2, "used", b"x"))
+    broker.handle(A, Get(3, "used", 1, 0))
+    assert {"kept", "used"} <= set(broker.queues)
+
+
+def test_max_queues_refuses_new_names_with_limit() -> None:
+    small = Broker(max_queues=3)
+    for i in range(3):
+        small.handle(A, Put(i + 1, f"q{i}", b"x"))
+    (reply,) = replies(small.handle(A, Put(9, "one-more", b"x")), A)
+    assert reply.code == "limit" and "max_queues=3" in reply.message
+    assert replies(small.handle(A, Put(10, "q0", b"y")), A) == [Ok(10, 1)]
+
+
+def test_deadlines_do_not_scan_every_queue() -> None:
+    big = Broker()
+    for i in range(2000):
+        big.handle(A, Put(i + 1, f"q{i}", b"x"), now=0.0)
+    assert big.next_deadline() is None
+    big.handle(B, Get(1, "q5", 1, 0, True), now=0.0)
+    (got,) = replies(big.handle(B, Get(2, "q6", 1, 0, True), now=0.0), B)
+    big.handle(B, Nack(3, "q6", ids(got), True, 2.0), now=0.0)
+    assert big.next_deadline() == 2.0
+
+
+def test_parked_put_payloads_are_limited_per_connection_and_in_total() -> None:
+    small = Broker(max_parked_bytes_per_connection=2500, max_parked_bytes=3500)
+    small.handle(A, Declare(1, "q", maxsize=1))
+    small.handle(A, Put(2, "q", b"fills it"))
+    assert small.handle(A, Put(3, "q", b"x" * 1000, None)) == []
+    assert small.handle(A, Put(4, "q", b"x" * 1000, None)) == []
+    (refused,) = replies(small.handle(A, Put(5, "q", b"x" * 1000, None)), A)
+    assert refused.code == "limit" and "max_parked_bytes_per_connection" in refused.message
+    assert small.handle(B, Put(1, "q", b"x" * 1000, None)) == []
+    (total,) = replies(small.handle(C, Put(1, "q", b"x" * 1000, None)), C)
+    assert total.code == "limit" and "max_parked_bytes=3500" in total.message
+    small.connection_lost(A)
+    assert small.parked_bytes == 1000
+
+
+def test_lowering_maxsize_refuses_a_parked_batch_that_can_never_fit(broker: Broker) -> None:
+    broker.handle(A, Declare(1, "q", maxsize=3))
+    broker.handle(A, PutBatch(2, "q", [b"1", b"2"]))
+    assert broker.handle(B, PutBatch(1, "q", [b"a", b"b"], None)) == []  # parked
+    outs = broker.handle(A, Declare(3, "q", maxsize=1))
+    (refused,) = replies(outs, B)
+    assert refused.code == "bad_request" and "can never fit in maxsize=1" in refused.message
+    broker.handle(A, Get(4, "q", 2, 0))  # the queue drains and takes puts again
+    assert replies(broker.handle(C, Put(1, "q", b"c")), C) == [Ok(1, 1)]
+
+
+def test_task_done_count_zero_is_a_bad_request_not_too_many(broker: Broker) -> None:
+    broker.handle(A, Put(1, "q", b"x"))
+    (reply,) = replies(broker.handle(A, TaskDone(2, "q", 0)), A)
+    assert reply.code == "bad_request" and reply.message.startswith("count")
+
+
+def test_drain_answers_parked_requests_without_a_deadline(broker: Broker) -> None:
+    broker.handle(A, Get(1, "q", 1, None), now=0.0)  # no deadline
+    broker.handle(A, Get(2, "other", 1, 5.0), now=0.0)  # a deadline: it keeps waiting
+    (reply,) = replies(broker.drain(A), A)
+    assert reply == Error(1, "empty", "queue 'q' is empty")
+    assert broker.parked(A) == 1
+    broker.handle(B, Put(1, "other", b"x"), now=1.0)
+    assert broker.parked(A) == 0
+
+
+def test_stop_answers_every_parked_request_unavailable(broker: Broker) -> None:
+    broker.handle(A, Get(1, "q", 1, None))
+    broker.handle(B, Join(1, "j", None))
+    broker.handle(C, Put(1, "j", b"x"))
+    broker.handle(B, Join(2, "j", None))
+    codes = {(c, m.code) for c, m in broker.stop()}
+    assert codes == {(A, "unavailable"), (B, "unavailable")}

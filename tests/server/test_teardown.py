@@ -1,0 +1,151 @@
+"""The four-way teardown on the durable store: every reply to what was sent before FIN,
+GOODBYE or QUIT arrives, and only then does the broker close (FINDINGS A.2)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pigeon
+from pigeon.protocol import (
+    MAGIC,
+    VERSION,
+    ClientCodec,
+    Deliver,
+    Error,
+    Get,
+    Goodbye,
+    Hello,
+    Ok,
+    PutBatch,
+    Welcome,
+)
+from pigeon.protocol.wire import encode_frame
+from pigeon.server.store import SQLiteStore
+from pigeon.testing.broker import BrokerThread
+
+
+@pytest.fixture
+def durable(tmp_path: Path) -> Iterator[BrokerThread]:
+    with BrokerThread(store=SQLiteStore(tmp_path, "batch"), heartbeat=60.0) as b:
+        yield b
+
+
+def read_all_frames(s: socket.socket) -> list[Any]:
+    """Every frame until the broker closes (its FIN)."""
+    data = b""
+    s.settimeout(10)
+    while chunk := s.recv(65536):
+        data += chunk
+    codec = ClientCodec()
+    out, pos = [], 0
+    while pos + 4 <= len(data):
+        (n,) = struct.unpack_from(">I", data, pos)
+        out.append(codec.decode(data[pos + 4 : pos + 4 + n]))
+        pos += 4 + n
+    assert pos == len(data), "the broker closed mid-frame"
+    return out
+
+
+def binary_session(port: int, requests: list[Any], goodbye: bool) -> list[Any]:
+    """HELLO, the requests, (GOODBYE,) FIN - all in one write - then read to EOF."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        wire = encode_frame(Hello(MAGIC, VERSION, "teardown", None))
+        wire += b"".join(encode_frame(r) for r in requests)
+        if goodbye:
+            wire += encode_frame(Goodbye("done"))
+        s.sendall(wire)
+        s.shutdown(socket.SHUT_WR)
+        return read_all_frames(s)
+
+
+def text_session(port: int, lines: bytes, half_close: bool = True) -> bytes:
+    """What ``printf '...' | nc -N`` does: send, (half-close,) read until the broker closes."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(lines)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        s.settimeout(10)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+@pytest.mark.parametrize("goodbye", [True, False], ids=["goodbye+fin", "fin"])
+def test_put_batch_get_and_close_in_one_write_get_every_reply(
+    durable: BrokerThread, goodbye: bool
+) -> None:
+    replies = binary_session(
+        durable.port, [PutBatch(1, "jobs", [b"a", b"b", b"c"]), Get(2, "jobs", 2, 0)], goodbye
+    )
+    assert isinstance(replies[0], Welcome)
+    assert replies[1] == Ok(1, 3)
+    assert isinstance(replies[2], Deliver) and [d.payload for d in replies[2].messages] == [
+        b"a",
+        b"b",
+    ]
+    with pigeon.Queue(durable.url("jobs"), serializer="raw") as q:
+        assert q.get_many(10, timeout=5) == [b"c"]  # nothing lost, nothing extra
+
+
+def test_text_put_then_get_through_nc_dash_n(durable: BrokerThread) -> None:
+    assert text_session(durable.port, b"PUT jobs hi\nGET jobs\n") == b"+OK\r\n+hi\r\n"
+    with pigeon.Queue(durable.url("jobs")) as q:
+        assert q.qsize() == 0
+
+
+def test_text_quit_answers_what_came_before_it(durable: BrokerThread) -> None:
+    out = text_session(durable.port, b"PUT jobs hello\nQUIT\nPUT jobs ignored\n", half_close=False)
+    assert out == b"+OK\r\n+BYE\r\n"
+    with pigeon.Queue(durable.url("jobs"), serializer="raw") as q:
+        assert q.get_many(10, timeout=5) == [b"hello"]
+
+
+def test_text_replies_come_back_in_command_order(durable: BrokerThread) -> None:
+    out = text_session(durable.port, b"PUT jobs a\nPING\nQSIZE jobs\nPUT jobs b\nPING\n")
+    assert out.split(b"\r\n")[:-1] == [b"+OK", b"+PONG", b":1", b"+OK", b"+PONG"]
+
+
+def test_a_parked_text_get_is_served_before_the_broker_closes(durable: BrokerThread) -> None:
+    def put_later() -> None:
+        time.sleep(0.3)
+        with pigeon.Queue(durable.url("late"), serializer="raw") as q:
+            q.put(b"arrived")
+
+    t = threading.Thread(target=put_later)
+    t.start()
+    assert text_session(durable.port, b"GET late 5\n") == b"+arrived\r\n"
+    t.join()
+
+
+def test_a_parked_get_without_a_deadline_is_answered_at_close(durable: BrokerThread) -> None:
+    replies = binary_session(durable.port, [Get(1, "never", 1, None)], goodbye=True)
+    assert replies[1:] == [Error(1, "empty", "queue 'never' is empty")]
+
+
+def test_graceful_stop_answers_parked_requests_and_says_goodbye(tmp_path: Path) -> None:
+    b = BrokerThread(store=SQLiteStore(tmp_path, "batch")).start()
+    s = socket.create_connection(("127.0.0.1", b.port))
+    s.sendall(encode_frame(Hello(MAGIC, VERSION, "t", None)) + encode_frame(Get(1, "q", 1, None)))
+    time.sleep(0.2)
+    b.stop()
+    replies = read_all_frames(s)
+    s.close()
+    assert isinstance(replies[0], Welcome)
+    assert replies[1].code == "unavailable" and replies[1].req == 1
+    assert replies[2] == Goodbye("broker stopping")
+
+
+def test_stats_show_the_connection_state(durable: BrokerThread) -> None:
+    with pigeon.Queue(durable.url("s")) as q:
+        stats = q._stats()  # type: ignore[attr-defined]
+    (mine,) = [c for c in stats["connections"] if c["client"].startswith("pigeon-py")]
+    assert mine["state"] == "open" and mine["tcp_state"] == "ESTABLISHED"
