@@ -54,7 +54,7 @@ DEFAULT_URL = "pigeon://127.0.0.1:7878/jobs"
     "--lease",
     default=30.0,
     show_default=True,
-    type=click.FloatRange(0),
+    type=click.FloatRange(0, 366 * 86400, min_open=True),
     help="default seconds before an unacked message is redelivered",
 )
 @click.option(
@@ -119,6 +119,46 @@ DEFAULT_URL = "pigeon://127.0.0.1:7878/jobs"
     "dropped (0: no limit)",
 )
 @click.option(
+    "--max-queues",
+    default=10_000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="queues the broker keeps; beyond it new names are refused (queues made by a "
+    "mere reference are forgotten once empty and unwatched, and do not count long)",
+)
+@click.option(
+    "--max-parked-bytes-per-connection",
+    default=64 * 2**20,
+    show_default=True,
+    type=click.IntRange(0),
+    help="payload bytes one connection's puts may hold while they wait for room in a full "
+    "queue; beyond it a put is refused with 'limit'",
+)
+@click.option(
+    "--max-parked-bytes",
+    default=256 * 2**20,
+    show_default=True,
+    type=click.IntRange(0),
+    help="payload bytes all waiting puts may hold together",
+)
+@click.option(
+    "--peer-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="seconds sent data may go unacknowledged by a peer's TCP stack before the "
+    "connection counts as dead and its messages are requeued (TCP_USER_TIMEOUT; 0: the "
+    "kernel's ~15 min)",
+)
+@click.option(
+    "--store-timeout",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0.1),
+    help="seconds a reply may wait for a store that cannot commit (busy or failing disk) "
+    "before it is answered 'unavailable'",
+)
+@click.option(
     "--tls-cert",
     type=click.Path(exists=True, dir_okay=False),
     help="PEM certificate: serve TLS (clients use pigeon+tls://)",
@@ -132,7 +172,9 @@ def serve(
     heartbeat: float, lease: float, max_deliveries: int, max_connections: int,
     data_dir: Path | None, memory: bool, fsync: str, fsync_interval: float,
     handshake_timeout: float, idle_timeout: float, max_unacked_bytes: int,
-    max_pending_output: int, tls_cert: str | None, tls_key: str | None, verbose: int,
+    max_pending_output: int, max_queues: int, max_parked_bytes_per_connection: int,
+    max_parked_bytes: int, peer_timeout: float, store_timeout: float, tls_cert: str | None,
+    tls_key: str | None, verbose: int,
 ) -> None:  # fmt: skip
     """Run a pigeon broker until SIGINT/SIGTERM (then it closes gracefully, exit 0).
 
@@ -184,6 +226,8 @@ def serve(
         default_lease=lease, max_deliveries=max_deliveries, max_connections=max_connections,
         store=store, handshake_timeout=handshake_timeout, idle_timeout=idle_timeout,
         max_unacked_bytes=max_unacked_bytes, max_pending_output=max_pending_output,
+        max_queues=max_queues, max_parked_bytes_per_connection=max_parked_bytes_per_connection,
+        max_parked_bytes=max_parked_bytes, peer_timeout=peer_timeout, store_timeout=store_timeout,
         extra={"insecure_no_auth": insecure_no_auth, "ssl": ssl_ctx},
     )  # fmt: skip
 

@@ -35,6 +35,22 @@ __all__ = ["DEFAULT_PORT", "BrokerServer", "ServerConfig", "is_loopback", "run",
 log = logging.getLogger("pigeon.server")
 
 DEFAULT_PORT = 7878
+_TRIM_EVERY = 512  # closed connections between two malloc_trim calls (and every heartbeat)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        fn: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return fn
+
+
+_malloc_trim = _find_malloc_trim()
 _REPLY_OVERHEAD = 64 * 1024  # what a DELIVER needs beyond its payloads, with room to spare
 
 
@@ -113,6 +129,7 @@ class BrokerServer:
         self._tasks: list[asyncio.Task[None]] = []
         self.stopping = False
         self.started = time.time()
+        self._closed_since_trim = 0
 
     def now(self) -> float:
         return self.loop.time()
@@ -199,6 +216,9 @@ class BrokerServer:
     def connection_lost(self, c: Connection) -> None:
         self._live.discard(c)
         self._draining.discard(c)
+        self._closed_since_trim += 1
+        if self._closed_since_trim >= _TRIM_EVERY:
+            self._trim()
         if self.connections.pop(c.id, None) is not None:
             self.apply(lambda: self.broker.connection_lost(c.id))
         for key in [k for k in self.text_waiters if k[0] == c.id]:
@@ -315,6 +335,8 @@ class BrokerServer:
             await asyncio.sleep(cfg.heartbeat)
             nonce += 1
             now = time.monotonic()
+            if self._closed_since_trim:
+                self._trim()
             for c in list(self.connections.values()):
                 if c.draining:
                     continue
@@ -323,6 +345,14 @@ class BrokerServer:
                     c.refuse(Code.IDLE, f"no request for more than {idle:.0f} s")
                 elif c.welcomed and c.mode == "binary":
                     c.send(Ping(nonce))
+
+    def _trim(self) -> None:
+        """Hand freed memory back to the system after connections closed: a burst of
+        short connections (hostile or not) leaves the C heap full of free holes that
+        glibc keeps (a flood of 2,000 left 24 MiB of RSS; trimmed, 2)."""
+        self._closed_since_trim = 0
+        if _malloc_trim is not None:
+            _malloc_trim(0)
 
     # --- reporting --------------------------------------------------------------------------
 

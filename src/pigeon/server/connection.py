@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pigeon.server")
 _LENGTH = struct.Struct(">I")
+_CODEC = ServerCodec()  # stateless: one for every connection
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -69,8 +70,8 @@ class Connection(asyncio.BufferedProtocol):
         self.refused = ""  # why this connection is turned away at its first byte
         self.pending = bytearray()  # an unfinished HELLO
         self.decoder: Any = None
-        self.codec = ServerCodec()
         self.welcomed = False
+        self.spoke = False  # a text client sent its first whole line
         self.replies = TextReplies(self._write_raw)
         self.text_failures = 0
         self.opened = time.time()
@@ -129,7 +130,7 @@ class Connection(asyncio.BufferedProtocol):
             if self.mode == "binary":
                 self._binary(frame)
             else:
-                if not self.welcomed or self._timer is not None:
+                if not self.spoke:
                     self._first_line()
                 run_command(self, frame.rstrip(b"\r"))
         if self.decoder.error is not None and self.state == "open":
@@ -234,14 +235,16 @@ class Connection(asyncio.BufferedProtocol):
             self.refuse(Code.LIMIT, self.refused)
             return
         if self.mode == "text" and not self.server.auth.required:
-            self.welcomed = True
-            self._grow_buffer()
+            self.welcomed = True  # its buffer grows once it sent a whole line
 
     def _first_line(self) -> None:
         """A text client sent a whole line: the handshake deadline no longer applies
-        (with a token, AUTH ends it instead)."""
+        (with a token, AUTH ends it instead). Until then, bytes without a newline are
+        not a person typing a command."""
+        self.spoke = True
         if self.welcomed:
             self._cancel_timer()
+            self._grow_buffer()
 
     def _handshake(self, data: memoryview) -> bytes | None:
         """Cut out the HELLO frame (at most 64 KiB, checked on its header); return the bytes
@@ -308,7 +311,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def _binary(self, body: bytes) -> None:
         try:
-            msg = self.codec.decode(body)
+            msg = _CODEC.decode(body)
         except RemoteProtocolError as exc:
             self.protocol_error(str(exc))
             return
@@ -385,7 +388,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def handshake_expired(self) -> None:
         self._timer = None
-        if self.welcomed or self.state != "open":
+        if self.state != "open" or (self.welcomed and (self.mode == "binary" or self.spoke)):
             return
         log.warning(
             "closing %s: no login within %.0f s", self.peer, self.server.config.handshake_timeout
