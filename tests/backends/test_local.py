@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import glob
 import hashlib
 import multiprocessing as mp
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -344,3 +348,158 @@ def test_async_get_woken_by_another_process() -> None:
 
     with pigeon.Queue() as q:
         assert asyncio.run(main(q)) == "java Python JavaScript"
+
+
+# --- the edges (shared/review/FINDINGS.md 9-11, 20, 21) ------------------------------------
+
+
+def test_nack_at_capacity_never_blocks() -> None:
+    q = pigeon.Queue(maxsize=1)
+    q.put("a")
+    msg = q.get_message()
+    q.put("b")  # a producer filled the queue meanwhile
+    done = threading.Event()
+    threading.Thread(target=lambda: (msg.nack(), done.set()), daemon=True).start()
+    assert done.wait(5), "nack blocked on a full queue"
+    assert sorted(q.get_many(5, timeout=5)) == ["a", "b"]  # "a" went back, past maxsize
+    q.close()
+
+
+def test_nack_in_asyncqueue_does_not_block_the_event_loop() -> None:
+    async def main() -> list[str]:
+        q = pigeon.Queue(maxsize=1)
+        aq = pigeon.AsyncQueue(q)
+        await aq.put("a")
+        msg = await aq.get_message()
+        await aq.put("b")
+        await asyncio.wait_for(msg.nack(), 2)
+        got = await aq.get_many(5)
+        await aq.aclose()
+        q.close()
+        return sorted(got)
+
+    assert asyncio.run(main()) == ["a", "b"]
+
+
+def test_join_returns_after_nack_ack_and_task_done() -> None:
+    q = pigeon.Queue()
+    q.put("x")
+    q.get_message().nack()
+    m = q.get_message()
+    assert m.delivery_count == 2
+    m.ack()
+    q.task_done()
+    q.join(timeout=5)  # nack did not count the item twice
+    q.close()
+
+
+def test_qsize_from_another_thread_loses_no_update() -> None:
+    """qsize() used to write the unfinished count back without the lock (FINDINGS 11): a
+    qsize() landing between task_done's read and its commit undid the task_done. Here it
+    lands there every time: the commit first waits for a qsize() from another thread."""
+    q = pigeon.Queue()
+    q.put_many(range(3))
+    for _ in range(3):
+        q.get()
+    commit = q._commit  # type: ignore[attr-defined]
+
+    def commit_after_a_qsize(st: Any) -> None:
+        t = threading.Thread(target=q.qsize)
+        t.start()
+        t.join()
+        commit(st)
+
+    q._commit = commit_after_a_qsize  # type: ignore[attr-defined]
+    for _ in range(3):
+        q.task_done()
+    q.join(timeout=2)  # TimeoutError if a task_done was lost
+    q.close()
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_dropped_handles_close_their_descriptors() -> None:
+    q = pigeon.Queue()
+    blob = pickle.dumps(q)
+    gc.collect()
+    before = _fds()
+    for _ in range(200):
+        h = pickle.loads(blob)  # a handle received through a pipe or another queue
+        h.put(1)
+        h.get()
+        del h
+    for _ in range(200):
+        tmp = pigeon.Queue()
+        tmp.put(b"x" * 100_000)
+        del tmp
+    gc.collect()
+    assert _fds() - before < 10
+    q.close()
+
+
+def _shm_files() -> set[str]:
+    return set(glob.glob("/dev/shm/pigeon-q-*"))
+
+
+def _gone_within(paths: set[str], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(os.path.exists(p) for p in paths):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+def test_a_sigkilled_creators_queue_file_is_removed() -> None:
+    before = _shm_files()
+    p = subprocess.Popen(
+        [sys.executable, "-c", "import pigeon, time; q = pigeon.Queue(); q.put(b'x' * 8_000_000);"
+         " print('ready', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert p.stdout is not None
+    p.stdout.readline()
+    created = _shm_files() - before
+    assert len(created) == 1
+    p.kill()
+    p.wait()
+    p.stdout.close()
+    assert _gone_within(created, 15)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+def test_a_queue_in_a_fork_childs_global_is_removed_after_the_child() -> None:
+    before = _shm_files()
+    pid = os.fork()
+    if pid == 0:  # like a multiprocessing worker: a global queue, then os._exit
+        global CHILD_QUEUE
+        CHILD_QUEUE = pigeon.Queue()
+        CHILD_QUEUE.put(1)
+        os._exit(0)
+    os.waitpid(pid, 0)
+    created = _shm_files() - before
+    assert _gone_within(created, 15)
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
+def test_a_file_still_held_by_a_live_process_is_kept() -> None:
+    """The creator dies, another process still uses the queue: the file stays until it too
+    lets go."""
+    p = subprocess.Popen(
+        [sys.executable, "-c", "import pickle, sys, time, pigeon; q = pigeon.Queue(); q.put(7);"
+         " sys.stdout.buffer.write(pickle.dumps(q) + b'\\n'); sys.stdout.flush(); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert p.stdout is not None
+    q = pickle.loads(p.stdout.readline())
+    path = q._path  # type: ignore[attr-defined]
+    p.kill()
+    p.wait()
+    p.stdout.close()
+    time.sleep(2)
+    assert os.path.exists(path) and q.get(timeout=5) == 7
+    q.close()
+    assert _gone_within({path}, 15)

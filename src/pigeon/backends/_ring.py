@@ -45,6 +45,7 @@ class RingState:
     tail: int
     count: int
     capacity: int
+    unfinished: int = 0  # the queue's task_done counter, committed with the ring
 
     @property
     def wrapped(self) -> bool:

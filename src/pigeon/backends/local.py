@@ -55,7 +55,7 @@ from typing import Any, TypeVar
 
 from pigeon import _futex
 from pigeon._queue_base import Message, Queue, deadline_from
-from pigeon.backends import _ring
+from pigeon.backends import _ring, _shm_tracker
 from pigeon.backends._url import check_maxsize
 from pigeon.errors import ClosedResourceError, Empty, Full, LocalProtocolError, ShutDown
 from pigeon.serializers import Pickle, SerializerLike, get_serializer
@@ -123,10 +123,15 @@ def _shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
-def _unlink(path: str, owner_pid: int) -> None:
-    if os.getpid() == owner_pid:
+def _release(fd: int, path: str | None, owner_pid: int) -> None:
+    """A handle is closed or garbage-collected: close its descriptor; its creator, in the
+    process that created it, removes the file too."""
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    if path is not None and os.getpid() == owner_pid:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+        _shm_tracker.unregister(path)
 
 
 class LocalQueue(Queue[T]):
@@ -154,12 +159,18 @@ class LocalQueue(Queue[T]):
         self._pickle = isinstance(self._ser, Pickle)
         self._closed = False
         self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._creator = _path is None
         if _path is None:
             self._path = self._create(maxsize, max(PAGE, capacity))
-            self._finalizer = weakref.finalize(self, _unlink, self._path, os.getpid())
+            _shm_tracker.register(self._path)
         else:
             self._path = _path
-        self._open()
+        try:
+            self._open()
+        except BaseException:
+            if self._creator:
+                _release(-1, self._path, os.getpid())
+            raise
 
     # --- the shared file ------------------------------------------------------------
 
@@ -187,6 +198,7 @@ class LocalQueue(Queue[T]):
                 "closed it or exited; keep the creator's handle open while others use it"
             ) from None
         self._fd = fd
+        self._hold(fd, self._path if self._creator else None)
         self._gen = _fork_generation[0]
         self._tlock = threading.Lock()
         self._ctrl = mmap.mmap(fd, PAGE)
@@ -209,14 +221,26 @@ class LocalQueue(Queue[T]):
         self._cap = capacity
         return data
 
+    def _hold(self, fd: int, unlink: str | None) -> None:
+        """Own ``fd``: mark the file held (see ``_shm_tracker``) and close ``fd`` when this
+        handle is closed or garbage-collected."""
+        _shm_tracker.hold(fd)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _release, fd, unlink, os.getpid())
+
     def _after_fork(self) -> None:
         # flock belongs to the open file description, which fork shares with the
-        # parent: take a description of our own. The mappings are inherited as they are.
+        # parent: take a description of our own, and let go of the inherited descriptor
+        # (the parent's stays open). The mappings are inherited as they are.
         old = self._fd
         try:
             self._fd = os.open(f"/proc/self/fd/{old}", os.O_RDWR)
         except OSError:
             self._fd = os.open(self._path, os.O_RDWR)
+        with contextlib.suppress(OSError):
+            os.close(old)
+        self._hold(self._fd, None)  # a fork child never removes its parent's queue
         self._gen = _fork_generation[0]
         self._tlock = threading.Lock()
 
@@ -255,17 +279,19 @@ class LocalQueue(Queue[T]):
         self._tlock.release()
 
     def _state(self) -> _ring.RingState:
+        """The committed state (read it under the lock to change it; it has no side
+        effect, so ``qsize`` may read it without the lock)."""
         # The slot index is 0 or 1: its low byte is the whole of it.
-        head, tail, count, self._unfinished, cap = _unpack_state(
+        head, tail, count, unfinished, cap = _unpack_state(
             self._ctrl, _OFF_SLOTS + 64 * self._ctrl[_OFF_INDEX]
         )
-        return _ring.RingState(head, tail, count, cap)
+        return _ring.RingState(head, tail, count, cap, unfinished)
 
     def _commit(self, st: _ring.RingState) -> None:
         ctrl = self._ctrl
         idx = ctrl[_OFF_INDEX] ^ 1
         _pack_state(
-            ctrl, _OFF_SLOTS + 64 * idx, st.head, st.tail, st.count, self._unfinished, st.capacity
+            ctrl, _OFF_SLOTS + 64 * idx, st.head, st.tail, st.count, st.unfinished, st.capacity
         )
         self._publish(idx)
 
@@ -463,7 +489,12 @@ class LocalQueue(Queue[T]):
         block: bool,
         timeout: float | None,
         deliveries: int = 1,
+        requeue: bool = False,
     ) -> None:
+        """Write ``records`` at the tail. A ``requeue`` (a nacked message going back) never
+        waits for room and is not counted again for ``join``: it was counted when it was
+        first put, and it may take the queue past ``maxsize`` (the rule of every backend:
+        a message taken for processing keeps its place; see docs/local.md)."""
         deadline: float | None = None
         if timeout is not None and block:
             deadline = deadline_from(block, timeout)
@@ -476,18 +507,20 @@ class LocalQueue(Queue[T]):
                 if waiting:
                     self._register(GET_SEQ, -1)
                     waiting = False
-                if self._ctrl[_OFF_FLAGS] & _SHUTDOWN:
+                flags = self._ctrl[_OFF_FLAGS]
+                if flags & _SHUTDOWN and not (requeue and not flags & _IMMEDIATE):
                     raise ShutDown("the queue was shut down; put refused")
                 st = self._state()
                 seq = self._seq(GET_SEQ)
-                if self._maxsize and st.count + len(records) > self._maxsize:
+                if self._maxsize and st.count + len(records) > self._maxsize and not requeue:
                     if not block or (deadline is not None and time.monotonic() >= deadline):
                         raise Full(f"queue is full ({st.count} of maxsize={self._maxsize})")
                     if spins:
                         self._register(GET_SEQ, +1)
                         waiting = True
                 elif self._write(st, records, deliveries, may_grow or st.capacity < _FREE_GROWTH):
-                    self._unfinished += len(records)
+                    if not requeue:
+                        st.unfinished += len(records)
                     self._commit(st)
                     wake = self._bump(PUT_SEQ)
                     break
@@ -656,11 +689,11 @@ class LocalQueue(Queue[T]):
         self._lock()
         try:
             st = self._state()
-            if self._unfinished <= 0:
+            if st.unfinished <= 0:
                 raise ValueError("task_done() called more times than there were items")
-            self._unfinished -= 1
+            st.unfinished -= 1
             self._commit(st)
-            wake = self._unfinished == 0 and self._bump(JOIN_SEQ)
+            wake = st.unfinished == 0 and self._bump(JOIN_SEQ)
         finally:
             self._unlock()
         if wake:
@@ -675,11 +708,11 @@ class LocalQueue(Queue[T]):
                 if waiting:
                     self._register(JOIN_SEQ, -1)
                     waiting = False
-                self._state()
-                if self._unfinished == 0:
+                unfinished = self._state().unfinished
+                if unfinished == 0:
                     return
                 if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"join timed out with {self._unfinished} tasks unfinished")
+                    raise TimeoutError(f"join timed out with {unfinished} tasks unfinished")
                 seq = self._seq(JOIN_SEQ)
                 self._register(JOIN_SEQ, +1)
                 waiting = True
@@ -693,7 +726,7 @@ class LocalQueue(Queue[T]):
             self._ctrl[_OFF_FLAGS] = self._flags() | _SHUTDOWN | (_IMMEDIATE if immediate else 0)
             if immediate:
                 st = self._state()
-                self._unfinished = max(0, self._unfinished - st.count)
+                st.unfinished = max(0, st.unfinished - st.count)
                 st.count = st.head = st.tail = 0
                 self._commit(st)
             for word in (PUT_SEQ, GET_SEQ, JOIN_SEQ):
@@ -704,7 +737,7 @@ class LocalQueue(Queue[T]):
             self._wake(word)
 
     def _requeue(self, item: T, deliveries: int) -> None:
-        self._put([self._encode(item)], True, None, deliveries=min(deliveries, 0xFFFF))
+        self._put([self._encode(item)], True, None, min(deliveries, 0xFFFF), requeue=True)
 
     def close(self) -> None:
         if self._closed:
@@ -714,9 +747,8 @@ class LocalQueue(Queue[T]):
         if self._data is not None:
             self._data.close()
         self._ctrl.close()
-        os.close(self._fd)
         if self._finalizer is not None:
-            self._finalizer()
+            self._finalizer()  # closes the descriptor (and, for its creator, the file)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"qsize={self.qsize()}"
