@@ -8,6 +8,7 @@ from pigeon.errors import (
     AuthError,
     BrokenResourceError,
     ClosedResourceError,
+    DecodeError,
     Empty,
     FrameError,
     FrameTooLarge,
@@ -19,6 +20,9 @@ from pigeon.errors import (
     ProtocolError,
     RemoteProtocolError,
     ShutDown,
+    StoreCorrupted,
+    TooLarge,
+    Unavailable,
     Unsupported,
 )
 
@@ -29,6 +33,7 @@ __all__ = [
     "AuthError",
     "BrokenResourceError",
     "ClosedResourceError",
+    "DecodeError",
     "Empty",
     "FrameError",
     "FrameTooLarge",
@@ -42,6 +47,9 @@ __all__ = [
     "Queue",
     "RemoteProtocolError",
     "ShutDown",
+    "StoreCorrupted",
+    "TooLarge",
+    "Unavailable",
     "Unsupported",
     "__version__",
 ]

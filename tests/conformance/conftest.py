@@ -52,12 +52,11 @@ def _nats(maxsize: int = 0) -> pigeon.Queue[Any]:
 NO_COUNTER = frozenset({"join", "task_done"})  # engines without a server-side counter wait
 
 BACKENDS = [
-    Backend("local", _local),
+    Backend("local", _local, frozenset({"lease"})),  # a local message never comes back alone
     Backend("pigeon", _pigeon),
-    Backend(
-        "redis", _redis, frozenset({"join", "task_done"}), lambda: service_missing("Redis", 6379)
-    ),
-    Backend("nats", _nats, frozenset({"join", "task_done"}), lambda: service_missing("NATS", 4222)),
+    Backend("redis", _redis, NO_COUNTER, lambda: service_missing("Redis", 6379)),
+    # NATS: max_payload (1 MiB by default) refuses the 1 MiB item, with TooLarge
+    Backend("nats", _nats, NO_COUNTER | {"large_items"}, lambda: service_missing("NATS", 4222)),
 ]
 
 

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
 
-from pigeon.errors import Unsupported
+from pigeon.errors import DecodeError, Unsupported
 
 T = TypeVar("T")
 
@@ -31,6 +31,51 @@ class EngineQueue(Generic[T]):
         self._settling.add(fut)
         fut.add_done_callback(self._settling.discard)
         return fut
+
+    def _decode_all(
+        self, payloads: list[bytes]
+    ) -> tuple[list[tuple[bytes, Any]], list[tuple[bytes, BaseException]]]:
+        """(payload, body) of those that decode, (payload, error) of those that do not."""
+        good: list[tuple[bytes, Any]] = []
+        bad: list[tuple[bytes, BaseException]] = []
+        for p in payloads:
+            try:
+                good.append((p, self._ser.loads(p)))
+            except Exception as exc:
+                bad.append((p, exc))
+        return good, bad
+
+    def _decode_error(
+        self, bad: list[tuple[bytes, BaseException]], total: int, gave_back: bool
+    ) -> DecodeError:
+        raw, cause = bad[0]
+        name = str(getattr(self._ser, "name", type(self._ser).__name__))
+        err = DecodeError(
+            f"queue {self.name!r}: {len(bad)} of {total} message(s) cannot be decoded with "
+            f"serializer={name!r} ({cause}); moved to {self.name + '.dead'!r} (reason "
+            f"'undecodable'){'; the others were given back' if gave_back else ''}",
+            raw=raw,
+            queue=self.name,
+            serializer=name,
+        )
+        err.__cause__ = cause
+        return err
+
+    async def _cancel_safe(self, fetch: Any, give_back: Any) -> Any:
+        """Await ``fetch``; if the caller is cancelled meanwhile, the fetch still finishes
+        (it may already have taken messages at the server) and what it took goes back
+        through ``give_back(result)``, tracked like a settle so ``aclose`` waits for it."""
+        task = asyncio.ensure_future(fetch)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+
+            def done(t: asyncio.Future[Any]) -> None:
+                if not t.cancelled() and t.exception() is None and t.result():
+                    self._track(asyncio.ensure_future(give_back(t.result())))
+
+            task.add_done_callback(done)
+            raise
 
     async def _put(self, payloads: list[bytes], block: bool, timeout: float | None) -> None:
         raise NotImplementedError

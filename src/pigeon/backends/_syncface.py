@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeVar
 
@@ -31,11 +32,34 @@ class _Lane:
     def __init__(self, impl: Any, loop: asyncio.AbstractEventLoop | None) -> None:
         self.impl = impl
         self.loop = loop  # None: the shared I/O thread's loop
+        self.pid = os.getpid()
 
     def run(self, coro: Any) -> Any:
         if self.loop is None:
             return _loopthread.run(coro)
         return self.loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        """Close the client, then its private loop (in a thread where no loop runs)."""
+        if self.pid != os.getpid():
+            return  # a fork child: the parent's client is not ours to close
+        try:
+            if self.loop is not None and self.loop.is_running():
+                return
+            self.run(self.impl.aclose())
+        except Exception:  # closing a client that already broke: nothing more to lose
+            pass
+        finally:
+            if self.loop is not None and not self.loop.is_running():
+                self.loop.close()
+
+
+class _ThreadLane:
+    """Holds a thread's lane; when the thread ends its locals go, and this closes it."""
+
+    def __init__(self, lane: _Lane) -> None:
+        self.lane = lane
+        self.finalizer = weakref.finalize(self, lane.close)
 
 
 class SyncFace(Queue[T]):
@@ -62,7 +86,7 @@ class SyncFace(Queue[T]):
         }  # fmt: skip
         self._url = url
         self._local = threading.local()
-        self._lanes: list[_Lane] = []
+        self._lanes: weakref.WeakSet[_ThreadLane] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._closed = False
@@ -78,7 +102,7 @@ class SyncFace(Queue[T]):
             raise ClosedResourceError("this queue handle was closed")
         if self._pid != os.getpid():  # crossed a fork: every lane is the parent's
             self._local = threading.local()
-            self._lanes = []
+            self._lanes = weakref.WeakSet()
             self._lock = threading.Lock()
             self._pid = os.getpid()
         try:
@@ -88,14 +112,14 @@ class SyncFace(Queue[T]):
             in_async = False
         shared = in_async or not self.own_loops
         key = "shared" if shared else "own"
-        lane: _Lane | None = getattr(self._local, key, None)
-        if lane is None:
+        holder: _ThreadLane | None = getattr(self._local, key, None)
+        if holder is None:
             loop = None if shared else asyncio.new_event_loop()
-            lane = _Lane(self.impl_class(self._url, **self._options), loop)
-            setattr(self._local, key, lane)
+            holder = _ThreadLane(_Lane(self.impl_class(self._url, **self._options), loop))
+            setattr(self._local, key, holder)
             with self._lock:
-                self._lanes.append(lane)
-        return lane
+                self._lanes.add(holder)
+        return holder.lane
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         lane = self._lane()
@@ -161,16 +185,13 @@ class SyncFace(Queue[T]):
         if self._pid != os.getpid():
             return
         with self._lock:
-            lanes, self._lanes = self._lanes, []
+            holders = list(self._lanes)
+            self._lanes = weakref.WeakSet()
 
         def close_all() -> None:
             # In a thread of its own: no event loop runs there, whatever runs in ours.
-            for lane in lanes:
-                try:
-                    lane.run(lane.impl.aclose())
-                finally:
-                    if lane.loop is not None and not lane.loop.is_running():
-                        lane.loop.close()
+            for holder in holders:
+                holder.finalizer()
 
         closer = threading.Thread(target=close_all, name="pigeon-close")
         closer.start()

@@ -57,7 +57,14 @@ from pigeon import _futex
 from pigeon._queue_base import Message, Queue, deadline_from
 from pigeon.backends import _ring, _shm_tracker
 from pigeon.backends._url import check_maxsize
-from pigeon.errors import ClosedResourceError, Empty, Full, LocalProtocolError, ShutDown
+from pigeon.errors import (
+    ClosedResourceError,
+    DecodeError,
+    Empty,
+    Full,
+    LocalProtocolError,
+    ShutDown,
+)
 from pigeon.serializers import Pickle, SerializerLike, get_serializer
 
 if sys.platform != "win32":
@@ -402,6 +409,22 @@ class LocalQueue(Queue[T]):
         return _K_PICKLE_OOB, [head, data, *raws]
 
     def _decode(self, kind: int, payload: Any) -> Any:
+        """The item; ``DecodeError`` (holding the raw bytes) if the serializer cannot
+        read it: the item has left the queue, and travels in the exception."""
+        try:
+            return self._decode_raw(kind, payload)
+        except Exception as exc:
+            name = str(getattr(self._ser, "name", type(self._ser).__name__))
+            raise DecodeError(
+                f"local queue: an item cannot be decoded with serializer={name!r} ({exc}); "
+                "its bytes are in this exception's .raw (a local queue has no dead-letter "
+                "queue)",
+                raw=bytes(payload),
+                queue=self._path,
+                serializer=name,
+            ) from exc
+
+    def _decode_raw(self, kind: int, payload: Any) -> Any:
         if kind == _K_BYTES:
             return bytes(payload)
         if kind == _K_BYTEARRAY:
@@ -617,7 +640,20 @@ class LocalQueue(Queue[T]):
     def get_many(self, max_items: int, block: bool = True, timeout: float | None = None) -> list[T]:
         if not isinstance(max_items, int) or max_items < 1:
             raise ValueError(f"max_items must be an int >= 1, not {max_items!r}")
-        return [self._decode(k, p) for k, _, p in self._take(max_items, block, timeout)]
+        taken = self._take(max_items, block, timeout)
+        out: list[T] = []
+        for i, (k, _, p) in enumerate(taken):
+            try:
+                out.append(self._decode(k, p))
+            except DecodeError:
+                # the rest of the batch goes back (at the tail); the bad one travels in
+                # the exception
+                for item in out:
+                    self._requeue(item, 1)
+                for k2, d2, p2 in taken[i + 1 :]:
+                    self._put([(k2, [p2])], True, None, d2, requeue=True)
+                raise
+        return out
 
     def _take(
         self, max_items: int, block: bool, timeout: float | None

@@ -22,8 +22,16 @@ Options
 
 Delivery guarantees
     At-least-once for ``get_message``: JetStream redelivers a message that is not acked
-    within the lease (AckWait), whether its consumer died or is only slow. Plain ``get``
-    acks on receipt. Durability is JetStream's: file storage, synced to disk every two
+    within the lease (AckWait), whether its consumer died or is only slow. A lease asked
+    for one message (``get_message(lease=)``, ``extend(seconds)``) means exactly "now +
+    seconds": a longer one is kept by in-progress signals sent on pigeon's I/O loop, a
+    shorter one ends with a NAK (if the holder dies first, AckWait applies). Plain
+    ``get`` acks on receipt, once the payload decoded (an undecodable one goes to
+    ``QUEUE.dead``, reason ``undecodable``; the rest of its batch is redelivered). A
+    batch put on a bounded queue is all or none even with concurrent producers (a short
+    lock per queue in the ``PIGEON_LOCKS`` key-value bucket). Items larger than the
+    server's ``max_payload`` (1 MiB by default) are refused before anything is sent, with
+    ``pigeon.TooLarge``. Durability is JetStream's: file storage, synced to disk every two
     minutes by default (``sync_interval`` in the server's configuration; ``always`` for
     every write). A shut-down queue takes no more puts (its stream stops listening on
     the subject) and readers stop once it is drained; waits run in slices of at most 0.2 s
@@ -33,10 +41,12 @@ Delivery guarantees
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Generic, TypeVar
 
 from pigeon._queue_base import deadline_from
@@ -53,13 +63,18 @@ from pigeon.errors import (
     LocalProtocolError,
     PigeonError,
     ShutDown,
+    TooLarge,
     Unsupported,
 )
+from pigeon.protocol.rules import check_seconds
 from pigeon.serializers import SerializerLike, get_serializer
 
 T = TypeVar("T")
+log = logging.getLogger("pigeon.nats")
 
 DURABLE = "pigeon"
+LOCKS = "PIGEON_LOCKS"  # key-value bucket: one short lock per bounded queue, for batches
+LOCK_TTL = 30.0  # seconds: a producer that dies holding the lock holds it no longer
 SLICE = 0.2
 SHUTDOWN_MARK = "pigeon: shut down"
 _SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_\-.]+$")
@@ -100,8 +115,9 @@ class AsyncNatsQueue(EngineQueue[T]):
                 f"{url!r} names no usable queue: write nats://HOST:4222/QUEUE, QUEUE made of "
                 "letters, digits, '_', '-' and '.'"
             )
-        self.lease = float(ep.number("lease", lease, 30.0) or 0.0)
-        self.max_deliveries = int(ep.number("max_deliveries", max_deliveries, 20) or 0)
+        self._lease_given = ep.seconds("lease", lease)
+        self.lease = self._lease_given or 30.0
+        self.max_deliveries = int(ep.count("max_deliveries", max_deliveries, 20) or 0)
         tls = ep.scheme == "nats+tls" or ep.flag("tls")
         self._server = f"{'tls' if tls else 'nats'}://{ep.host}:{ep.port}"
         self._user = ep.username
@@ -183,17 +199,20 @@ class AsyncNatsQueue(EngineQueue[T]):
                     max_msgs=self.maxsize or -1, discard=DiscardPolicy.NEW,
                 )
             )  # fmt: skip
+        consumer = ConsumerConfig(
+            durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.lease, max_deliver=-1, filter_subject=self.subject,
+            max_ack_pending=-1,
+        )  # fmt: skip
         try:
-            await js.consumer_info(self.stream, DURABLE)
+            current = (await js.consumer_info(self.stream, DURABLE)).config
         except NotFoundError:
-            await js.add_consumer(
-                self.stream,
-                ConsumerConfig(
-                    durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT,
-                    ack_wait=self.lease, max_deliver=-1, filter_subject=self.subject,
-                    max_ack_pending=-1,
-                ),
-            )  # fmt: skip
+            await js.add_consumer(self.stream, consumer)
+        else:
+            if self._lease_given is not None and current.ack_wait != self.lease:
+                await js.add_consumer(self.stream, consumer)  # the queue's lease, for all
+            elif self._lease_given is None and current.ack_wait:
+                self.lease = float(current.ack_wait)
 
     async def _do(self, fn: Any, deadline: float | None = None) -> Any:
         """Run ``fn(jetstream)``; translate nats-py errors; retry until the deadline."""
@@ -233,6 +252,10 @@ class AsyncNatsQueue(EngineQueue[T]):
         import nats.js.errors as jerr
 
         deadline = deadline_from(block, timeout)
+        await self._check_sizes(payloads)
+        if self.maxsize and len(payloads) > 1:
+            await self._put_batch_locked(payloads, deadline)
+            return
         delay = 0.001
         sent = 0
         while True:
@@ -263,6 +286,72 @@ class AsyncNatsQueue(EngineQueue[T]):
                 raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
             await asyncio.sleep(min(delay, max(0.0, (deadline or 1e18) - time.monotonic())))
             delay = min(delay * 2, 0.05)
+
+    async def _check_sizes(self, payloads: list[bytes]) -> None:
+        await self._jetstream()
+        limit = int(getattr(self._nc, "max_payload", 0) or 0)
+        big = max(map(len, payloads))
+        if limit and big > limit:
+            raise TooLarge(
+                f"an item of {big} bytes is larger than the NATS server's max_payload={limit}; "
+                "raise max_payload in the server's configuration (up to 64 MB), or put "
+                "smaller items; nothing was sent"
+            )
+
+    async def _put_batch_locked(self, payloads: list[bytes], deadline: float | None) -> None:
+        """A batch on a bounded queue, all or none: under a per-queue lock, check the room,
+        then publish; concurrent batches take turns instead of splitting each other."""
+        delay = 0.005
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            async with self._lock_queue(remaining):
+                info = await self._do(lambda js: js.stream_info(self.stream))
+                if info.config.description == SHUTDOWN_MARK:
+                    raise ShutDown("the queue was shut down; put refused")
+                if info.state.messages + len(payloads) <= self.maxsize:
+
+                    async def publish(js: Any) -> None:
+                        acks = [await js.publish_async(self.subject, p) for p in payloads]
+                        await asyncio.gather(*acks)
+
+                    await self._do(publish)
+                    return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    @contextlib.asynccontextmanager
+    async def _lock_queue(self, timeout: float | None) -> AsyncIterator[None]:
+        from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+
+        async def bucket(js: Any) -> Any:
+            try:
+                return await js.key_value(LOCKS)
+            except BucketNotFoundError:
+                from nats.js.api import KeyValueConfig
+
+                return await js.create_key_value(KeyValueConfig(bucket=LOCKS, ttl=LOCK_TTL))
+
+        kv = await self._do(bucket)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.002
+        while True:
+            try:
+                revision = await kv.create(self.stream, b"locked")
+                break
+            except KeyWrongLastSequenceError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Full(
+                        f"queue {self.name!r}: another producer's batch held it past the timeout"
+                    ) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await kv.delete(self.stream, last=revision)
 
     async def _with_room(self, js: Any, n: int, publish: Any) -> None:
         # A batch goes in whole or not at all: check the room first (DiscardNew would
@@ -318,7 +407,7 @@ class AsyncNatsQueue(EngineQueue[T]):
             if deadline is not None and time.monotonic() >= deadline:
                 raise Empty(f"queue {self.name!r} is empty")
 
-    async def _dead_letter(self, msg: Any) -> None:
+    async def _dead_letter(self, msg: Any, reason: str = "max_deliveries") -> None:
         dead = AsyncNatsQueue[Any](
             f"nats://{self._server.split('://', 1)[1]}/{self.name}.dead",
             serializer="raw", reconnect_timeout=self.reconnect_timeout,
@@ -329,11 +418,31 @@ class AsyncNatsQueue(EngineQueue[T]):
         finally:
             await dead.aclose()
         await msg.term()
+        log.info("nats: a message of %r moved to %r (%s)", self.name, dead.name, reason)
 
     async def get(self, timeout: float | None = None, *, block: bool = True) -> T:
-        msg = (await self._fetch(1, block, timeout))[0]
-        await self._ack_all([msg])
-        return self._ser.loads(msg.data)  # type: ignore[no-any-return]
+        return (await self._take(1, block, timeout))[0]  # type: ignore[no-any-return]
+
+    async def _take(self, n: int, block: bool, timeout: float | None) -> list[Any]:
+        """Fetch, decode, then ack; an undecodable payload is dead-lettered and the rest
+        redelivered (NAK) before ``DecodeError`` is raised."""
+        msgs = await self._cancel_safe(self._fetch(n, block, timeout), self._nak_all)
+        good, bad = self._decode_all([m.data for m in msgs])
+        if bad:
+            broken = {id(raw) for raw, _ in bad}
+            for m in msgs:
+                if id(m.data) in broken:
+                    await self._dead_letter(m, "undecodable")
+                else:
+                    await m.nak()
+            raise self._decode_error(bad, len(msgs), bool(good))
+        await self._ack_all(msgs)
+        return [body for _, body in good]
+
+    async def _nak_all(self, msgs: list[Any]) -> None:
+        """Messages fetched for a caller that was cancelled: redelivered at once."""
+        for m in msgs:
+            await m.nak()
 
     async def _ack_all(self, msgs: list[Any]) -> None:
         """Ack a batch with one round trip: send every ack, then a flush (PING/PONG), so
@@ -346,15 +455,20 @@ class AsyncNatsQueue(EngineQueue[T]):
     async def get_many(
         self, max_items: int, timeout: float | None = None, *, block: bool = True
     ) -> list[T]:
-        msgs = await self._fetch(max_items, block, timeout)
-        await self._ack_all(msgs)
-        return [self._ser.loads(m.data) for m in msgs]
+        return await self._take(max_items, block, timeout)
 
     async def get_message(
         self, timeout: float | None = None, lease: float | None = None
     ) -> AsyncNatsMessage[T]:
-        msg = (await self._fetch(1, True, timeout))[0]
-        return AsyncNatsMessage(self, msg, self._ser.loads(msg.data))
+        msg = (await self._cancel_safe(self._fetch(1, True, timeout), self._nak_all))[0]
+        good, bad = self._decode_all([msg.data])
+        if bad:
+            await self._dead_letter(msg, "undecodable")
+            raise self._decode_error(bad, 1, False)
+        message = AsyncNatsMessage(self, msg, good[0][1])
+        if lease is not None:
+            message._keep(check_seconds("lease", lease, positive=True) or self.lease)
+        return message
 
     async def qsize(self) -> int:
         info = await self._do(lambda js: js.consumer_info(self.stream, DURABLE))
@@ -415,10 +529,41 @@ class AsyncNatsMessage(Generic[T]):
         self.body = body
         self.delivery_count = int(msg.metadata.num_delivered)
         self._settled = False
+        self._keeper: asyncio.Task[None] | None = None
 
     def _check(self) -> None:
         if self._settled:
             raise LocalProtocolError("this message was already acked or nacked")
+
+    def _keep(self, seconds: float) -> None:
+        """Make the lease end ``seconds`` from now: in-progress signals while more than
+        the consumer's AckWait is left, a NAK when it ends sooner than AckWait would."""
+        self._stop_keeping()
+        deadline = time.monotonic() + seconds
+        ack_wait = self._queue.lease
+        msg = self._msg
+
+        async def keep() -> None:
+            with contextlib.suppress(Exception):  # the message was settled meanwhile
+                while True:
+                    left = deadline - time.monotonic()
+                    if left > ack_wait:
+                        await asyncio.sleep(min(left - ack_wait, ack_wait / 2))
+                        await msg.in_progress()  # AckWait counts again from now
+                        continue
+                    if left > 0:
+                        await asyncio.sleep(left)
+                    if not self._settled and left < ack_wait:
+                        await msg.nak()  # the lease is over before AckWait: release it
+                        self._settled = True
+                    return
+
+        self._keeper = asyncio.get_running_loop().create_task(keep())
+
+    def _stop_keeping(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            self._keeper = None
 
     async def _translate(self, coro: Awaitable[Any]) -> None:
         try:
@@ -429,6 +574,7 @@ class AsyncNatsMessage(Generic[T]):
     def ack(self) -> Awaitable[None]:
         self._check()
         self._settled = True
+        self._stop_keeping()
         return self._queue._track(asyncio.ensure_future(self._translate(self._msg.ack_sync())))
 
     def nack(self, requeue: bool = True, delay: float = 0) -> Awaitable[None]:
@@ -436,17 +582,21 @@ class AsyncNatsMessage(Generic[T]):
             raise ValueError(f"delay must be >= 0, not {delay}")
         self._check()
         self._settled = True
+        self._stop_keeping()
         if not requeue:
-            return self._queue._track(asyncio.ensure_future(self._queue._dead_letter(self._msg)))
+            return self._queue._track(
+                asyncio.ensure_future(self._queue._dead_letter(self._msg, "rejected"))
+            )
         return self._queue._track(
             asyncio.ensure_future(self._translate(self._msg.nak(delay=delay or None)))
         )
 
     def extend(self, seconds: float) -> Awaitable[None]:
-        """Restart the lease (JetStream's in-progress: AckWait counts again from now)."""
-        if seconds < 0:
-            raise ValueError(f"seconds must be >= 0, not {seconds}")
+        """The lease ends ``seconds`` from now (an in-progress signal restarts AckWait;
+        a keeper task does the rest, see ``_keep``)."""
+        seconds = check_seconds("seconds", seconds) or 0.0
         self._check()
+        self._keep(seconds)
         return self._queue._track(asyncio.ensure_future(self._translate(self._msg.in_progress())))
 
 

@@ -11,17 +11,25 @@ Features
 
 Connection URL
     ``redis://[[USER]:PASSWORD@]HOST[:PORT]/QUEUE[?db=N&lease=S&max_deliveries=N]``;
-    ``rediss://`` for TLS. Keys: ``pigeon:QUEUE`` (the stream), ``pigeon:QUEUE:meta``.
+    ``rediss://`` for TLS. Keys: ``pigeon:QUEUE`` (the stream), ``pigeon:QUEUE:meta``
+    (maxsize, lease, shutdown), ``pigeon:QUEUE:leases`` (when each delivery's lease ends).
 
 Options
     ``maxsize``, ``serializer`` (``"msgpack"``), ``lease`` (seconds, 30),
     ``max_deliveries`` (20), ``reconnect_timeout`` (30 s).
 
 Delivery guarantees
-    At-least-once for ``get_message``: Redis does not redeliver by itself, so each reader
-    first claims (XAUTOCLAIM) entries whose consumer has held them longer than the lease,
-    then reads new ones; a consumer that dies is covered by its lease. Plain ``get`` acks
-    on receipt. Durability is Redis's own: with ``appendonly yes`` and ``appendfsync
+    At-least-once for ``get_message``: Redis does not redeliver by itself, so readers
+    claim entries whose lease has ended. Every delivery's lease end is kept in a sorted
+    set (``lease`` seconds after delivery, ``get_message(lease=)``, ``extend(seconds)``:
+    exactly "now + seconds", longer or shorter than the queue's lease), and a claim script
+    takes the entries that are due, plus any delivered entry without a deadline that was
+    idle for the queue's lease (its reader died between reading and recording it). A
+    handle that closes hands back what it holds (due at once) and leaves the consumer
+    group. A consumer that dies is covered by its lease. Plain ``get`` acks on receipt, in
+    the same round trip as the read; a payload that does not decode goes to
+    ``QUEUE.dead`` (reason ``undecodable``) and the others of its batch are put back, at
+    the tail. Durability is Redis's own: with ``appendonly yes`` and ``appendfsync
     always`` a confirmed put survives a crash of Redis; with ``everysec`` up to a second
     can be lost; without AOF only what the last snapshot held survives. FIFO per queue
     except redeliveries. Waiting is done in slices of at most 0.2 s (``XREADGROUP
@@ -32,6 +40,7 @@ Delivery guarantees
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -99,6 +108,68 @@ return out
 """
 
 
+# When the leases of deliveries end: ``ARGV[1]`` ms from now (or the queue's lease when
+# empty) for each id in ``ARGV[2..]``. Redis's own clock, so clients need not agree.
+_LEASE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ms = tonumber(ARGV[1]) or tonumber(redis.call('HGET', KEYS[2], 'lease') or ARGV[3])
+for i = 4, #ARGV do redis.call('ZADD', KEYS[1], now + ms, ARGV[i]) end
+return now
+"""
+
+# Take over deliveries whose lease ended. KEYS: stream, leases, meta; ARGV: group,
+# consumer, count, default lease ms. Returns [id, fields, delivery count, ...].
+_CLAIM = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local lease = tonumber(redis.call('HGET', KEYS[3], 'lease') or ARGV[4])
+local n = tonumber(ARGV[3])
+local out = {}
+local function take(id)
+    local got = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
+    if #got == 0 or not got[1] or not got[1][2] then
+        redis.call('ZREM', KEYS[2], id)
+        redis.call('XACK', KEYS[1], ARGV[1], id)
+        return
+    end
+    redis.call('ZADD', KEYS[2], now + lease, id)
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+    out[#out + 1] = got[1][1]
+    out[#out + 1] = got[1][2]
+    out[#out + 1] = p[1] and p[1][4] or 1
+end
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, n)) do
+    take(id)
+end
+if #out < 3 * n then
+    for _, e in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', lease, '-', '+', n)) do
+        if #out >= 3 * n then break end
+        if not redis.call('ZSCORE', KEYS[2], e[1]) then take(e[1]) end
+    end
+end
+return out
+"""
+
+# A handle closes: what its consumer holds is due at once (handed to a shared consumer
+# name, so the entries stay claimable) and the consumer leaves the group.
+# KEYS: stream, leases; ARGV: group, consumer, orphans.
+_LEAVE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local held = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 10000, ARGV[2])
+for _, e in ipairs(held) do
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, e[1], 'JUSTID')
+    redis.call('ZADD', KEYS[2], now, e[1])
+end
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return #held
+"""
+ORPHANS = "pigeon-orphans"
+
+
 def _client_error(exc: BaseException) -> PigeonError:
     err = BrokenResourceError(f"redis: {exc}")
     err.__cause__ = exc
@@ -129,9 +200,10 @@ class AsyncRedisQueue(EngineQueue[T]):
         self.name = ep.queue
         self.host, self.port = ep.host, ep.port
         self.db = int(ep.number("db", None, 0) or 0)
-        self.lease = float(ep.number("lease", lease, DEFAULT_LEASE) or 0.0)
+        self._lease_given = ep.seconds("lease", lease)
+        self.lease = self._lease_given or DEFAULT_LEASE
         self.max_deliveries = int(
-            ep.number("max_deliveries", max_deliveries, DEFAULT_MAX_DELIVERIES) or 0
+            ep.count("max_deliveries", max_deliveries, DEFAULT_MAX_DELIVERIES) or 0
         )
         self._password = ep.password
         self._username = ep.username
@@ -143,10 +215,14 @@ class AsyncRedisQueue(EngineQueue[T]):
         self.stream = f"pigeon:{self.name}"
         self.meta = f"pigeon:{self.name}:meta"
         self.dead = f"pigeon:{self.name}.dead"
+        self.leases = f"pigeon:{self.name}:leases"
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._r: Any = None
         self._put_script: Any = None
         self._take_script: Any = None
+        self._lease_script: Any = None
+        self._claim_script: Any = None
+        self._leave_script: Any = None
         self._last_claim = 0.0
         self._ready = False
         self._closed = False
@@ -170,6 +246,9 @@ class AsyncRedisQueue(EngineQueue[T]):
             )  # fmt: skip
             self._put_script = self._r.register_script(_PUT)
             self._take_script = self._r.register_script(_TAKE)
+            self._lease_script = self._r.register_script(_LEASE)
+            self._claim_script = self._r.register_script(_CLAIM)
+            self._leave_script = self._r.register_script(_LEAVE)
         if not self._ready:
             await self._setup(self._r)
         return self._r
@@ -187,6 +266,12 @@ class AsyncRedisQueue(EngineQueue[T]):
         else:
             stored = await r.hget(self.meta, "maxsize")
             self.maxsize = int(stored or 0)
+        if self._lease_given is not None:  # the queue's lease, for every client from now on
+            await r.hset(self.meta, "lease", int(self._lease_given * 1000))
+        else:
+            stored = await r.hget(self.meta, "lease")
+            if stored:
+                self.lease = int(stored) / 1000
         self._ready = True
 
     async def _do(self, fn: Any, deadline: float | None = None) -> Any:
@@ -264,8 +349,8 @@ class AsyncRedisQueue(EngineQueue[T]):
                 if got and take:
                     await self._settle([g[0] for g in got])
             if got:
-                if lease is not None and lease != self.lease:
-                    await self._set_idle([g[0] for g in got], self.lease - lease)
+                if not take:  # held: its lease ends `lease` (or the queue's) from now
+                    await self._set_lease([g[0] for g in got], lease)
                 result: list[tuple[bytes, int, bytes]] = got
                 return result
             if await self._do(lambda r: self._drained_and_shut(r)):
@@ -273,30 +358,32 @@ class AsyncRedisQueue(EngineQueue[T]):
             if deadline is not None and time.monotonic() >= deadline:
                 raise Empty(f"queue {self.name!r} is empty")
 
-    async def _set_idle(self, ids: list[bytes], idle: float) -> None:
-        """Make entries claimable by others after ``lease - idle`` seconds from now."""
-        ms = int(max(0.0, idle) * 1000)
+    async def _set_lease(self, ids: list[bytes], seconds: float | None) -> None:
+        """The leases of ``ids`` end ``seconds`` from now (None: the queue's lease)."""
+        ms = "" if seconds is None else str(int(seconds * 1000))
         await self._do(
-            lambda r: r.xclaim(self.stream, GROUP, self.consumer, 0, ids, idle=ms, justid=True)
+            lambda r: self._lease_script(
+                keys=[self.leases, self.meta],
+                args=[ms, "", int(self.lease * 1000), *ids],
+                client=r,
+            )
         )
 
     async def _claim(self, r: Any, n: int) -> list[tuple[bytes, int, bytes]]:
-        """Take over entries whose holder kept them past the lease (Redis will not)."""
-        res = await r.xautoclaim(
-            self.stream, GROUP, self.consumer, int(self.lease * 1000), "0-0", count=n
+        """Take over entries whose lease ended (Redis will not redeliver by itself)."""
+        flat = await self._claim_script(
+            keys=[self.stream, self.leases, self.meta],
+            args=[GROUP, self.consumer, n, int(self.lease * 1000)],
+            client=r,
         )
-        entries = [(eid, fields) for eid, fields in res[1] if fields]
-        if not entries:
-            return []
-        pipe = r.pipeline(transaction=False)
-        for eid, _ in entries:
-            pipe.xpending_range(self.stream, GROUP, min=eid, max=eid, count=1)
-        counts = await pipe.execute()
         out = []
-        for (eid, fields), pending in zip(entries, counts, strict=True):
-            deliveries = pending[0]["times_delivered"] if pending else 1
+        for i in range(0, len(flat), 3):
+            eid, raw, deliveries = flat[i], flat[i + 1], int(flat[i + 2])
+            fields = dict(zip(raw[::2], raw[1::2], strict=True))
+            if b"d" not in fields:
+                continue
             if deliveries > self.max_deliveries:
-                await self._dead_letter(r, eid, fields[b"d"])
+                await self._dead_letter(r, eid, fields[b"d"], "max_deliveries")
                 continue
             out.append((eid, deliveries, fields[b"d"]))
         return out
@@ -309,11 +396,12 @@ class AsyncRedisQueue(EngineQueue[T]):
             return []
         return [(eid, 1, fields[b"d"]) for eid, fields in res[0][1] if fields]
 
-    async def _dead_letter(self, r: Any, eid: bytes, payload: bytes) -> None:
+    async def _dead_letter(self, r: Any, eid: bytes, payload: bytes, reason: str) -> None:
         pipe = r.pipeline(transaction=True)
-        pipe.xadd(self.dead, {"d": payload})
+        pipe.xadd(self.dead, {"d": payload, "origin": self.name, "reason": reason})
         pipe.xack(self.stream, GROUP, eid)
         pipe.xdel(self.stream, eid)
+        pipe.zrem(self.leases, eid)
         await pipe.execute()
 
     async def _drained_and_shut(self, r: Any) -> bool:
@@ -326,26 +414,67 @@ class AsyncRedisQueue(EngineQueue[T]):
             pipe = r.pipeline(transaction=True)
             pipe.xack(self.stream, GROUP, *ids)
             pipe.xdel(self.stream, *ids)
-            acked, _ = await pipe.execute()
+            pipe.zrem(self.leases, *ids)
+            acked, _, _ = await pipe.execute()
             return int(acked)
 
         return int(await self._do(run))
 
     async def get(self, timeout: float | None = None, *, block: bool = True) -> T:
-        got = await self._fetch(1, block, timeout, take=True)
-        return self._ser.loads(got[0][2])  # type: ignore[no-any-return]
+        return (await self.get_many(1, timeout, block=block))[0]
 
     async def get_many(
         self, max_items: int, timeout: float | None = None, *, block: bool = True
     ) -> list[T]:
-        got = await self._fetch(max_items, block, timeout, take=True)
-        return [self._ser.loads(g[2]) for g in got]
+        got = await self._cancel_safe(
+            self._fetch(max_items, block, timeout, take=True), self._put_back
+        )
+        return await self._decode_taken([g[2] for g in got])
+
+    async def _hand_back(self, got: list[tuple[bytes, int, bytes]]) -> None:
+        """Held entries taken for a caller that was cancelled: their leases end now."""
+        await self._set_lease([g[0] for g in got], 0.0)
+
+    async def _put_back(self, got: list[tuple[bytes, int, bytes]]) -> None:
+        """Items taken (acked and deleted) for a caller that was cancelled: back, at the tail."""
+
+        async def run(r: Any) -> None:
+            pipe = r.pipeline(transaction=True)
+            for _, _, payload in got:
+                pipe.xadd(self.stream, {"d": payload})
+            await pipe.execute()
+
+        await self._do(run)
+
+    async def _decode_taken(self, payloads: list[bytes]) -> list[Any]:
+        """Bodies of payloads already acked; undecodable ones are dead-lettered, and then
+        the good ones are put back (at the tail) before ``DecodeError`` is raised."""
+        good, bad = self._decode_all(payloads)
+        if bad:
+
+            async def park(r: Any) -> None:
+                pipe = r.pipeline(transaction=True)
+                for raw, _ in bad:
+                    pipe.xadd(self.dead, {"d": raw, "origin": self.name, "reason": "undecodable"})
+                for raw, _ in good:
+                    pipe.xadd(self.stream, {"d": raw})
+                await pipe.execute()
+
+            await self._do(park)
+            raise self._decode_error(bad, len(payloads), bool(good))
+        return [body for _, body in good]
 
     async def get_message(
         self, timeout: float | None = None, lease: float | None = None
     ) -> AsyncRedisMessage[T]:
-        eid, count, payload = (await self._fetch(1, True, timeout, lease))[0]
-        return AsyncRedisMessage(self, eid, count, payload, self._ser.loads(payload))
+        got = await self._cancel_safe(self._fetch(1, True, timeout, lease), self._hand_back)
+        eid, count, payload = got[0]
+        try:
+            body = self._ser.loads(payload)
+        except Exception as exc:
+            await self._do(lambda r: self._dead_letter(r, eid, payload, "undecodable"))
+            raise self._decode_error([(payload, exc)], 1, False) from exc
+        return AsyncRedisMessage(self, eid, count, payload, body)
 
     async def qsize(self) -> int:
         async def run(r: Any) -> int:
@@ -376,6 +505,14 @@ class AsyncRedisQueue(EngineQueue[T]):
         if self._settling:  # acks and nacks sent without waiting: let them land first
             await asyncio.gather(*self._settling, return_exceptions=True)
         if not self._closed:
+            if self._r is not None and self._ready:
+                # hand back what this consumer holds, then leave the group
+                with contextlib.suppress(Exception):
+                    await self._leave_script(
+                        keys=[self.stream, self.leases],
+                        args=[GROUP, self.consumer, ORPHANS],
+                        client=self._r,
+                    )
             self._closed = True
             if self._r is not None:
                 await self._r.aclose()
@@ -407,13 +544,12 @@ class AsyncRedisMessage(Generic[T]):
     async def _nack(self, requeue: bool, delay: float) -> None:
         q = self._queue
         if not requeue:
-            await q._do(lambda r: q._dead_letter(r, self.id, self._payload))
+            await q._do(lambda r: q._dead_letter(r, self.id, self._payload, "rejected"))
             return
-        await q._set_idle([self.id], q.lease - delay)  # claimable once `delay` has passed
+        await q._set_lease([self.id], delay)  # claimable once `delay` has passed
 
     async def _extend(self, seconds: float) -> None:
-        q = self._queue
-        await q._set_idle([self.id], q.lease - seconds)
+        await self._queue._set_lease([self.id], seconds)
 
     def ack(self) -> Awaitable[None]:
         self._check()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import queue as stdlib_queue
 import threading
 import time
@@ -319,6 +320,162 @@ def check_close_and_context_manager(make_queue: MakeQueue) -> None:
     q.close()  # idempotent
 
 
+# --- the edges: what the review found backends disagree on ---------------------------------
+
+
+def other_handle(q: pigeon.Queue[Any], **options: Any) -> pigeon.Queue[Any]:
+    """A second handle on the same queue (for a networked one, another connection)."""
+    if q.url is not None:
+        return pigeon.Queue(q.url, **options)
+    from pigeon.backends.local import LocalQueue
+
+    return LocalQueue(_path=q._path, **options)  # type: ignore[attr-defined]
+
+
+@sync_check("get_message")
+def check_nack_at_capacity_never_blocks(make_queue: MakeQueue) -> None:
+    """A message taken for processing keeps its place: a nack never waits for room."""
+    with opened(make_queue, maxsize=1) as q:
+        q.put("a")
+        msg = q.get_message(timeout=LONG)
+        with contextlib.suppress(Full):
+            q.put_nowait("b")  # local: room (the item left); networked: it is still held
+        done = threading.Event()
+
+        def nack() -> None:
+            msg.nack()
+            done.set()
+
+        in_thread(nack)
+        assert done.wait(LONG), "nack blocked on a full queue"
+        got = set()
+        with contextlib.suppress(Empty):
+            while True:
+                m = q.get_message(timeout=1.0)
+                got.add(m.body)
+                m.ack()
+        assert "a" in got and got <= {"a", "b"}
+
+
+@sync_check("get_message", "join", "task_done")
+def check_join_after_nack_ack_and_task_done(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        q.put("x")
+        q.get_message(timeout=LONG).nack()
+        again = q.get_message(timeout=LONG)
+        assert again.delivery_count == 2
+        again.ack()
+        q.task_done()
+        q.join(timeout=LONG)  # the nack did not count the item twice
+
+
+@sync_check("get_message", "lease")
+def check_message_lease_and_extend_mean_now_plus_seconds(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        if q.url is None:
+            raise pigeon.Unsupported("a local message has no lease: it never comes back alone")
+        other = other_handle(q)
+        try:
+            q.put("job")
+            msg = q.get_message(timeout=LONG, lease=1.0)
+            with raises(Empty):
+                other.get_message(timeout=0.3)  # held
+            msg.extend(2.5)  # longer than the lease asked for, and than 1 s from now
+            time.sleep(1.2)  # past the first lease
+            with raises(Empty):
+                other.get_message(timeout=0.3)  # still held: the extension counts
+            again = other.get_message(timeout=LONG)  # back once the extension ran out
+            assert again.body == "job" and again.delivery_count == 2
+            again.ack()
+        finally:
+            other.close()
+
+
+@sync_check()
+def check_undecodable_payload_raises_decode_error_and_loses_nothing_else(
+    make_queue: MakeQueue,
+) -> None:
+    with opened(make_queue) as q:
+        raw = other_handle(q, serializer="raw")
+        try:
+            q.put("before")
+            raw.put(b"\xc1 is never msgpack, nor pickle")
+            q.put("after")
+            got: list[Any] = []
+            error: pigeon.DecodeError | None = None
+            for _ in range(4):
+                try:
+                    got += q.get_many(10, timeout=1.0)
+                except pigeon.DecodeError as exc:
+                    error = exc
+                except Empty:
+                    break
+            assert error is not None and error.raw == b"\xc1 is never msgpack, nor pickle"
+            assert sorted(got) == ["after", "before"]
+        finally:
+            raw.close()
+
+
+@sync_check("maxsize")
+def check_batches_at_capacity_under_concurrency_are_all_or_none(make_queue: MakeQueue) -> None:
+    with opened(make_queue, maxsize=5) as q:
+        errors: list[BaseException] = []
+
+        def producer(tag: str) -> None:
+            p = other_handle(q)
+            try:
+                for r in range(3):
+                    p.put_many([f"{tag}{r}-{i}" for i in range(3)], timeout=LONG)
+            except BaseException as exc:
+                errors.append(exc)
+            finally:
+                p.close()
+
+        threads = [in_thread(functools.partial(producer, t)) for t in "ab"]
+        got: list[str] = []
+        deadline = time.monotonic() + 3 * LONG
+        while len(got) < 18 and time.monotonic() < deadline:
+            with contextlib.suppress(Empty):
+                got += q.get_many(10, timeout=0.5)
+        for t in threads:
+            t.join(LONG)
+        assert errors == []
+        assert sorted(got) == sorted(
+            f"{t}{r}-{i}" for t in "ab" for r in range(3) for i in range(3)
+        )
+
+
+@sync_check("large_items")
+def check_a_one_mib_item_round_trips(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        item = b"x" * (1 << 20)
+        try:
+            q.put(item)
+        except pigeon.TooLarge as exc:
+            raise pigeon.Unsupported(str(exc)) from exc
+        assert q.get(timeout=LONG) == item
+
+
+@sync_check()
+def check_short_lived_threads_leave_nothing_behind(make_queue: MakeQueue) -> None:
+    import gc
+    import os
+
+    with opened(make_queue) as q:
+        q.put(0)
+        q.get(timeout=LONG)
+        if not os.path.isdir("/proc/self/fd"):
+            return
+        gc.collect()
+        before = len(os.listdir("/proc/self/fd"))
+        for i in range(40):
+            in_thread(functools.partial(q.put, i)).join(LONG)
+        gc.collect()
+        grew = len(os.listdir("/proc/self/fd")) - before
+        assert grew < 12, f"40 finished threads left {grew} more file descriptors"
+        assert len(q.get_many(50, timeout=LONG)) >= 1
+
+
 # --- asyncio face -------------------------------------------------------------------------
 
 
@@ -394,6 +551,28 @@ async def check_async_loop_not_blocked_while_waiting(make_queue: MakeQueue) -> N
                 await aq.get(timeout=0.2)
             tick.cancel()
             assert ticks >= 5, f"the event loop was blocked: only {ticks} ticks"
+
+
+@async_check()
+async def check_async_cancelled_get_many_loses_nothing(make_queue: MakeQueue) -> None:
+    """Cancelled just as the item is on its way: whichever wins, nothing vanishes."""
+    with opened(make_queue) as q:
+        async with _aq(q) as aq:
+            taken = 0
+            for i in range(5):
+                task = asyncio.create_task(aq.get_many(5))
+                await asyncio.sleep(SHORT / 2)
+                await aq.put(i)
+                task.cancel()
+                try:
+                    taken += len(await task)
+                except asyncio.CancelledError:
+                    pass
+            left = 0
+            with contextlib.suppress(Empty):
+                while True:
+                    left += len(await aq.get_many(10, timeout=1.0))
+            assert taken + left == 5
 
 
 @async_check()

@@ -1,0 +1,100 @@
+"""Redis Streams and NATS JetStream at the edges the review found (FINDINGS 18, 19, 22, 24,
+and the 1 MiB item on NATS)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+import pigeon
+from tests._services import require_service
+
+
+@pytest.fixture
+def redis_url() -> str:
+    require_service("Redis", 6379)
+    return f"redis://127.0.0.1:6379/t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def nats_url() -> str:
+    require_service("NATS", 4222)
+    return f"nats://127.0.0.1:4222/t-{uuid.uuid4().hex[:12]}"
+
+
+def test_redis_consumers_leave_the_group_when_their_handles_close(redis_url: str) -> None:
+    import redis
+
+    for i in range(25):  # short-lived clients: processes, threads, restarts
+        q = pigeon.Queue(redis_url)
+        q.put(i)
+        q.get_nowait()
+        q.close()
+    name = redis_url.rsplit("/", 1)[1]
+    r = redis.Redis()
+    try:
+        assert len(r.xinfo_consumers(f"pigeon:{name}", "pigeon")) <= 1
+    finally:
+        r.close()
+
+
+def test_redis_a_closed_handle_hands_back_what_it_held(redis_url: str) -> None:
+    q = pigeon.Queue(redis_url)
+    q.put("held")
+    q.get_message(timeout=5)
+    q.close()  # without settling
+    with pigeon.Queue(redis_url) as other:
+        again = other.get_message(timeout=5)  # at once, not after the 30 s lease
+        assert again.body == "held" and again.delivery_count == 2
+        again.ack()
+
+
+@pytest.mark.parametrize("how", ["extend", "lease"])
+def test_redis_lease_means_now_plus_seconds_beyond_the_queue_lease(
+    redis_url: str, how: str
+) -> None:
+    url = redis_url + "?lease=1"
+    with pigeon.Queue(url) as a, pigeon.Queue(url) as b:
+        a.put("job")
+        if how == "extend":
+            msg = a.get_message(timeout=5)
+            msg.extend(5)
+        else:
+            msg = a.get_message(timeout=5, lease=5)
+        t = time.monotonic()
+        with pytest.raises(pigeon.Empty):
+            b.get_message(timeout=3.5)  # well past the queue's 1 s lease: still held
+        again = b.get_message(timeout=10)
+        assert time.monotonic() - t >= 3.5 and again.body == "job"
+        again.ack()
+
+
+def test_nats_lease_means_now_plus_seconds(nats_url: str) -> None:
+    url = nats_url + "?lease=1"
+    with pigeon.Queue(url) as a, pigeon.Queue(url) as b:
+        a.put("job")
+        a.get_message(timeout=5, lease=6)
+        t = time.monotonic()
+        with pytest.raises(pigeon.Empty):
+            b.get_message(timeout=4.5)
+        again = b.get_message(timeout=10)
+        assert time.monotonic() - t >= 4.5 and again.body == "job"
+        again.ack()
+
+
+def test_nats_a_lease_changed_after_the_consumer_was_made_applies(nats_url: str) -> None:
+    with pigeon.Queue(nats_url + "?lease=1") as first:
+        first.put("x")
+    with pigeon.Queue(nats_url + "?lease=10") as a, pigeon.Queue(nats_url) as b:
+        a.get_message(timeout=5)
+        with pytest.raises(pigeon.Empty):
+            b.get_message(timeout=2.5)  # the 10 s lease now, not the first 1 s
+
+
+def test_nats_an_item_over_max_payload_is_refused_before_sending(nats_url: str) -> None:
+    with pigeon.Queue(nats_url, serializer="raw") as q:
+        with pytest.raises(pigeon.TooLarge, match="max_payload=1048576"):
+            q.put_many([b"small", b"x" * (2 << 20)])
+        assert q.qsize() == 0  # all or none: the small one was not sent either
