@@ -285,6 +285,12 @@ class Ops:
         value: dict[str, Any] = reply.value
         return value
 
+    # --- administration (pigeon:// only) ------------------------------------------------
+
+    def admin(self, msg: Any) -> Op[Any]:
+        reply = yield from self.call(lambda _: msg, None)
+        return reply.value
+
     def qsize(self) -> Op[int]:
         info = yield from self.info()
         return int(info["depth"])

@@ -65,7 +65,7 @@ from pigeon.backends._broker_ops import (
 )
 from pigeon.errors import BrokenResourceError, ClosedResourceError, LocalProtocolError
 from pigeon.protocol.client import ClientConnection, Closed, Reply, Welcomed
-from pigeon.protocol.messages import Delivery
+from pigeon.protocol.messages import Delete, Delivery, Move, Peek, Purge
 from pigeon.serializers import SerializerLike
 
 T = TypeVar("T")
@@ -350,6 +350,36 @@ class BrokerQueue(Queue[T]):
     def _stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = self._drive(self._ops.stats())
         return stats
+
+    # --- administration: pigeon:// only -------------------------------------------------
+
+    def peek(self, max_items: int = 10) -> list[dict[str, Any]]:
+        """Up to ``max_items`` waiting messages, without delivering them (their delivery
+        counts do not change): dicts with ``id``, ``delivery_count``, ``payload`` (bytes),
+        ``body`` (decoded, or None if it does not decode), ``age`` (seconds), and for a
+        dead letter ``origin`` and ``reason``."""
+        shown: list[dict[str, Any]] = self._drive(
+            self._ops.admin(Peek(0, self._spec.queue, max_items))
+        )
+        for m in shown:
+            try:
+                m["body"] = self._spec.ser.loads(m["payload"])
+            except Exception:
+                m["body"] = None
+        return shown
+
+    def purge(self) -> int:
+        """Drop every waiting message (not those in flight); returns how many."""
+        return int(self._drive(self._ops.admin(Purge(0, self._spec.queue))))
+
+    def delete(self) -> int:
+        """Drop the queue: its messages (in flight too), settings and waiters."""
+        return int(self._drive(self._ops.admin(Delete(0, self._spec.queue))))
+
+    def move_to(self, queue: str, limit: int | None = None) -> int:
+        """Move up to ``limit`` waiting messages (all by default) to the tail of ``queue``
+        on the same broker, delivery counts starting afresh: replays dead letters."""
+        return int(self._drive(self._ops.admin(Move(0, self._spec.queue, queue, limit))))
 
     def task_done(self) -> None:
         self._drive(self._ops.task_done())

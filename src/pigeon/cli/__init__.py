@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from pigeon import __version__
+from pigeon.cli.admin import backup, delete, move, peek, purge, queues
 from pigeon.cli.bench import bench
 from pigeon.cli.broker import get, put, serve, stats
 from pigeon.cli.demo import demo
@@ -23,13 +24,16 @@ def cli() -> None:
       pigeon serve           a broker on 127.0.0.1:7878
       pigeon put pigeon://127.0.0.1:7878/jobs java Python JavaScript
       pigeon get pigeon://127.0.0.1:7878/jobs -n 3
-      pigeon stats
+      pigeon stats           connections and their TCP states
+      pigeon queues          every queue: depth, in flight, counters
+      pigeon peek pigeon://127.0.0.1:7878/jobs.dead      dead letters, and why
+      pigeon move pigeon://127.0.0.1:7878/jobs.dead --to jobs   replay them
     """
 
 
 cli.add_command(demo)
 cli.add_command(bench)
-for command in (serve, put, get, stats):
+for command in (serve, put, get, stats, queues, peek, purge, delete, move, backup):
     cli.add_command(command)
 
 

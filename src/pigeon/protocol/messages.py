@@ -126,6 +126,38 @@ class Shutdown(_Msg, tag=0x44):
     immediate: bool = False
 
 
+class Purge(_Msg, tag=0x45):
+    """Drop every message waiting in the queue (not those in flight)."""
+
+    req: int
+    queue: str
+
+
+class Delete(_Msg, tag=0x46):
+    """Drop the queue: its messages (in flight too), its settings, its waiters."""
+
+    req: int
+    queue: str
+
+
+class Peek(_Msg, tag=0x47):
+    """Show up to ``max_items`` waiting messages without delivering them."""
+
+    req: int
+    queue: str
+    max_items: int = 10
+
+
+class Move(_Msg, tag=0x48):
+    """Move up to ``limit`` waiting messages (all: nil) to the tail of ``to``, counted
+    afresh there: replays dead letters."""
+
+    req: int
+    queue: str
+    to: str
+    limit: int | None = None
+
+
 class Stats(_Msg, tag=0x50):
     req: int
 
@@ -186,6 +218,10 @@ ClientMessage = (
     | TaskDone
     | Join
     | Shutdown
+    | Purge
+    | Delete
+    | Peek
+    | Move
     | Stats
     | Ping
     | Pong

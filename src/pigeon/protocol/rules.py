@@ -119,6 +119,12 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
         or int_problem("max_deliveries", m.max_deliveries, 1, MAX_COUNT, nil=True)
     ),
     "TaskDone": lambda m: int_problem("count", m.count, 1, MAX_COUNT),
+    "Peek": lambda m: int_problem("max_items", m.max_items, 1, MAX_ITEMS),
+    "Move": lambda m: (
+        queue_name_problem(m.to)
+        or ("to must name another queue" if m.to == m.queue else None)
+        or int_problem("limit", m.limit, 1, MAX_COUNT, nil=True)
+    ),
     "Join": lambda m: seconds_problem("wait", m.wait, nil=True),
 }
 

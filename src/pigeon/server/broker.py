@@ -32,6 +32,7 @@ from pigeon.protocol import (
     Cancel,
     ClientMessage,
     Declare,
+    Delete,
     Deliver,
     Delivery,
     Error,
@@ -39,10 +40,13 @@ from pigeon.protocol import (
     Get,
     Info,
     Join,
+    Move,
     Nack,
     Ok,
+    Peek,
     Ping,
     Pong,
+    Purge,
     Put,
     PutBatch,
     QueueShutdown,
@@ -389,7 +393,8 @@ class Broker:
         if bad is not None:
             return [_err(conn, req, Code.BAD_REQUEST, bad)]
         try:
-            out = handler(self, conn, msg)
+            with self.store.atomic():  # one request, one store transaction
+                out = handler(self, conn, msg)
         except _Refused as refused:
             return [_err(conn, req, refused.code, str(refused))]
         name = getattr(msg, "queue", None)
@@ -607,6 +612,81 @@ class Broker:
         out += [(c, QueueShutdown(q.name, m.immediate)) for c in sorted(self._conns)]
         return out + self._finish_joins(q)
 
+    # --- administration ---------------------------------------------------------------------
+
+    def _purge(self, conn: Conn, m: Purge) -> list[Out]:
+        q = self.queues.get(m.queue)
+        if q is None:
+            return [(conn, Ok(m.req, 0))]
+        dropped = q.ready.clear() + list(q.delayed.values())
+        q.delayed.clear()
+        for msg in dropped:
+            self.store.removed(q.name, msg.id)
+        q.unfinished = max(0, q.unfinished - len(dropped))
+        return [(conn, Ok(m.req, len(dropped))), *self._serve(q), *self._finish_joins(q)]
+
+    def _delete(self, conn: Conn, m: Delete) -> list[Out]:
+        q = self.queues.pop(m.queue, None)
+        if q is None:
+            return [(conn, Ok(m.req, 0))]
+        dropped = q.ready.clear() + list(q.delayed.values())
+        for did, f in q.in_flight.items():
+            self._release(did, f)
+            dropped.append(f.msg)
+        for msg in dropped:
+            self.store.removed(q.name, msg.id)
+        self.store.declared(q.name, None)
+        out: list[Out] = [(conn, Ok(m.req, len(dropped)))]
+        for w in [*q.getters, *q.putters]:
+            if not w.done:
+                self._finish(w)
+                out.append(_err(w.conn, w.req, Code.SHUTDOWN, f"queue {q.name!r} was deleted"))
+        for j in q.joiners:
+            if not j.done:
+                self._finish(j)
+                out.append((j.conn, Ok(j.req, 0)))
+        return out
+
+    def _peek(self, conn: Conn, m: Peek) -> list[Out]:
+        q = self.queues.get(m.queue)
+        shown: list[dict[str, Any]] = []
+        for msg in q.ready if q is not None else ():
+            if len(shown) == m.max_items:
+                break
+            shown.append(
+                {
+                    "id": msg.id,
+                    "delivery_count": msg.deliveries,
+                    "payload": msg.payload,
+                    "age": round(max(0.0, self.now - msg.enqueued), 3),
+                    "origin": msg.origin,
+                    "reason": msg.reason,
+                }
+            )
+        return [(conn, Ok(m.req, shown))]
+
+    def _move(self, conn: Conn, m: Move) -> list[Out]:
+        src = self.queues.get(m.queue)
+        if src is None or not src.ready:
+            return [(conn, Ok(m.req, 0))]
+        dst = self._queue(m.to)
+        if dst.shutdown:
+            return [_err(conn, m.req, Code.SHUTDOWN, f"queue {dst.name!r} was shut down")]
+        n = len(src.ready) if m.limit is None else min(m.limit, len(src.ready))
+        room = dst.room()
+        if room is not None:
+            n = min(n, room)
+        for _ in range(n):
+            msg = src.ready.popleft()
+            moved = Stored(next(self._ids), msg.payload, enqueued=self.now)
+            self.store.removed(src.name, msg.id)
+            self.store.added(dst.name, moved)
+            dst.ready.append(moved)
+        src.unfinished = max(0, src.unfinished - n)
+        dst.unfinished += n
+        dst.put_total += n
+        return [(conn, Ok(m.req, n)), *self._serve(dst), *self._finish_joins(src)]
+
     def _stats(self, conn: Conn, m: Stats) -> list[Out]:
         return [(conn, Ok(m.req, self.stats()))]
 
@@ -637,6 +717,10 @@ class Broker:
         TaskDone: _task_done,
         Join: _join,
         Shutdown: _shutdown,
+        Purge: _purge,
+        Delete: _delete,
+        Peek: _peek,
+        Move: _move,
         Stats: _stats,
         Ping: _ping,
         Pong: _pong,

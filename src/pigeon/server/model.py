@@ -11,6 +11,7 @@ interface of the store that keeps them.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -231,6 +232,10 @@ class Store:
     def declared(self, queue: str, settings: dict[str, Any] | None) -> None:
         """A queue's settings (maxsize, lease, max_deliveries, shutdown) changed, or
         the queue was deleted (``None``)."""
+
+    def atomic(self) -> contextlib.AbstractContextManager[None]:
+        """Changes made inside go to the store in one transaction."""
+        return contextlib.nullcontext()
 
     last_tag = 0  # a durable store: the batch of the latest change (see server/store.py)
     committed = 0

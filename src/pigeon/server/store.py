@@ -33,6 +33,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -193,6 +194,13 @@ class SQLiteStore(Store):
 
     # --- the broker's notifications (event-loop thread) -----------------------------------
 
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Changes made inside reach the writer together: one transaction (the writer
+        cannot take half of them while the broker is still making the rest)."""
+        with self._lock:
+            yield
+
     def _add(self, op: str, args: tuple[object, ...]) -> None:
         with self._lock:
             self._ops.append((op, args))
@@ -350,3 +358,20 @@ class SQLiteStore(Store):
             self._apply(self._db, self._ops)
             self._ops = []
         self._db.close()
+
+
+def backup(data_dir: str | os.PathLike[str], target: str | os.PathLike[str]) -> int:
+    """Copy the store in ``data_dir`` to ``target`` while a broker may be writing it
+    (SQLite's online backup: one committed state); returns the messages in the copy."""
+    source = Path(data_dir) / DB_NAME
+    if not source.exists():
+        raise StoreCorrupted(f"{source} does not exist: is {data_dir} a pigeon data directory?")
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)
+        count: int = dst.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+    finally:
+        dst.close()
+        src.close()
+    return count
