@@ -14,17 +14,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench,uvloop]'
 	touch $(STAMP)
 
-# The broker on its default store, plus the demo: locally, then through the broker.
+# The broker on its default store (dashboard at http://127.0.0.1:7879/), plus the demo:
+# locally, then through the broker.
 run: $(STAMP)
-	$(BIN)/pigeon serve --port 7878 & broker=$$!; \
+	$(BIN)/pigeon serve --port 7878 --http 127.0.0.1:7879 & broker=$$!; \
 	trap 'kill $$broker 2>/dev/null; wait $$broker' EXIT; \
 	$(BIN)/pigeon demo --broker pigeon://127.0.0.1:7878/demo
 
 test: lint typecheck pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples scripts
+	$(BIN)/ruff format --check src tests benchmarks examples scripts
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,11 +13,33 @@ from rich.table import Table
 
 import pigeon
 from pigeon.backends.broker import BrokerQueue, Endpoint
+from pigeon.cli.config import load_config_file, reloaded, setup_logging
+from pigeon.cli.config import print_config as show_config
 
 DEFAULT_URL = "pigeon://127.0.0.1:7878/jobs"
 
 
-@click.command()
+@click.command(context_settings={"auto_envvar_prefix": "PIGEON", "show_default": True})
+@click.option(
+    "--config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    is_eager=True,
+    expose_value=True,
+    callback=load_config_file,
+    help="a TOML file of settings (the option names, with _ or -); command line and "
+    "environment (PIGEON_<OPTION>) take precedence; unknown keys are refused",
+)
+@click.option(
+    "--print-config",
+    is_flag=True,
+    help="print every setting, its value and where it came from, then exit",
+)
+@click.option(
+    "--http",
+    metavar="HOST:PORT",
+    help="serve /metrics (Prometheus), /healthz, /readyz, /api/stats and a live dashboard "
+    "at / there; a non-loopback address needs --token (sent as 'Authorization: Bearer')",
+)
 @click.option(
     "--host",
     default="127.0.0.1",
@@ -166,7 +187,19 @@ DEFAULT_URL = "pigeon://127.0.0.1:7878/jobs"
 @click.option(
     "--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key for --tls-cert"
 )
-@click.option("-v", "--verbose", count=True, help="log more (-vv for debug)")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    help="what to log (SIGHUP reloads it)",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="text lines, or one JSON object per line (keys: time, level, logger, message)",
+)
+@click.option("-v", "--verbose", count=True, help="log more: -v is --log-level debug")
 def serve(
     host: str, port: int, token: str | None, insecure_no_auth: bool, max_frame_size: int,
     heartbeat: float, lease: float, max_deliveries: int, max_connections: int,
@@ -174,7 +207,8 @@ def serve(
     handshake_timeout: float, idle_timeout: float, max_unacked_bytes: int,
     max_pending_output: int, max_queues: int, max_parked_bytes_per_connection: int,
     max_parked_bytes: int, peer_timeout: float, store_timeout: float, tls_cert: str | None,
-    tls_key: str | None, verbose: int,
+    tls_key: str | None, verbose: int, config: Path | None, print_config: bool,
+    http: str | None, log_level: str, log_format: str,
 ) -> None:  # fmt: skip
     """Run a pigeon broker until SIGINT/SIGTERM (then it closes gracefully, exit 0).
 
@@ -195,6 +229,10 @@ def serve(
       pigeon serve --memory                      nothing on disk
       pigeon serve --host 0.0.0.0 --token s3cret  reachable from other hosts
     """
+    ctx = click.get_current_context()
+    if print_config:
+        show_config(ctx, ctx.params)
+        return
     from pigeon.errors import StoreCorrupted
     from pigeon.server.app import ServerConfig, run
     from pigeon.server.model import Store
@@ -217,18 +255,22 @@ def serve(
         except StoreCorrupted as exc:
             raise click.ClickException(str(exc)) from None
 
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(verbose + 1, 2),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    config = ServerConfig(
+    setup_logging("debug" if verbose else log_level, log_format)
+    if http:
+        from pigeon.server.http import parse_address
+
+        try:
+            parse_address(http)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--http") from None
+    server_config = ServerConfig(
         host=host, port=port, token=token, max_frame_size=max_frame_size, heartbeat=heartbeat,
         default_lease=lease, max_deliveries=max_deliveries, max_connections=max_connections,
         store=store, handshake_timeout=handshake_timeout, idle_timeout=idle_timeout,
         max_unacked_bytes=max_unacked_bytes, max_pending_output=max_pending_output,
         max_queues=max_queues, max_parked_bytes_per_connection=max_parked_bytes_per_connection,
         max_parked_bytes=max_parked_bytes, peer_timeout=peer_timeout, store_timeout=store_timeout,
-        extra={"insecure_no_auth": insecure_no_auth, "ssl": ssl_ctx},
+        http=http, extra={"insecure_no_auth": insecure_no_auth, "ssl": ssl_ctx},
     )  # fmt: skip
 
     def ready(server: Any) -> None:
@@ -237,10 +279,18 @@ def serve(
             f"pigeon broker listening on {', '.join(server.addresses)}, messages in "
             f"{where} (Ctrl-C stops)"
         )
+        if server.http is not None:
+            click.echo(f"dashboard and metrics at {server.http.url}")
         sys.stdout.flush()
 
+    def hangup(server: Any) -> None:
+        new = reloaded(ctx, ctx.params)
+        setup_logging("debug" if verbose else new["log_level"], log_format)
+        tls = (new["tls_cert"], new["tls_key"]) if new["tls_cert"] and new["tls_key"] else None
+        server.reload(new["token"], tls)
+
     try:
-        run(config, ready)
+        run(server_config, ready, hangup)
     except PermissionError as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

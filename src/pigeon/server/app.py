@@ -73,6 +73,7 @@ class ServerConfig:
     auth_failure_delay: float = 1.0
     max_unauthenticated: int = 64  # per address: connections that have not logged in
     store_timeout: float = 5.0  # seconds a reply may wait for the store before it is refused
+    http: str | None = None  # HOST:PORT of the HTTP side door (metrics, health, dashboard)
     name: str = "pigeon"
     default_lease: float = 30.0
     max_deliveries: int = 20
@@ -130,6 +131,7 @@ class BrokerServer:
         self.stopping = False
         self.started = time.time()
         self._closed_since_trim = 0
+        self.http: Any = None  # the HttpSideDoor, with --http
 
     def now(self) -> float:
         return self.loop.time()
@@ -165,6 +167,11 @@ class BrokerServer:
             ssl_handshake_timeout=cfg.handshake_timeout if ssl else None,
         )
         self._tasks = [loop.create_task(self._heartbeats()), loop.create_task(self._watch_store())]
+        if cfg.http:
+            from pigeon.server.http import HttpSideDoor, parse_address
+
+            self.http = HttpSideDoor(self, *parse_address(cfg.http), cfg.token)
+            await self.http.start()
         log.info("pigeon broker listening on %s", ", ".join(self.addresses))
 
     def _accept(self) -> Connection:
@@ -356,6 +363,18 @@ class BrokerServer:
 
     # --- reporting --------------------------------------------------------------------------
 
+    def reload(self, token: str | None, tls: tuple[str, str] | None) -> None:
+        """New credentials, for new connections (SIGHUP): the token, and the TLS certificate
+        and key (loaded into the listening socket's context)."""
+        self.config.token = token
+        self.auth.token = token
+        if self.http is not None and self.http.token is not None:
+            self.http.token = token
+        ctx = self.config.extra.get("ssl")
+        if tls is not None and ctx is not None:
+            ctx.load_cert_chain(*tls)
+        log.warning("reloaded the token%s", " and the TLS certificate" if tls else "")
+
     def stats(self) -> dict[str, Any]:
         out = self.broker.stats()
         out["server"] = {
@@ -364,7 +383,9 @@ class BrokerServer:
             "uptime": round(time.time() - self.started, 3),
             "connections": len(self.connections),
             "failed_auth": self.auth.failures,
-            "store": type(self.broker.store).__name__,
+            "store": "memory"
+            if type(self.broker.store) is Store
+            else type(self.broker.store).__name__,
             "store_stalled_for": round(min(self.broker.store.stalled_for, 1e9), 3),
         }
         out["connections"] = [
@@ -393,6 +414,8 @@ class BrokerServer:
         self.stopping = True
         if self._server is not None:
             self._server.close()
+        if self.http is not None:
+            await self.http.stop()
         for task in self._tasks:
             task.cancel()
         self.apply(self.broker.stop)
@@ -426,8 +449,13 @@ def _confirmations(outs: list[Out]) -> frozenset[tuple[int, int]]:
     )
 
 
-def run(config: ServerConfig, ready: Callable[[BrokerServer], None] | None = None) -> None:
-    """Run a broker until SIGINT or SIGTERM; then stop gracefully and return (exit 0)."""
+def run(
+    config: ServerConfig,
+    ready: Callable[[BrokerServer], None] | None = None,
+    on_hangup: Callable[[BrokerServer], None] | None = None,
+) -> None:
+    """Run a broker until SIGINT or SIGTERM; then stop gracefully and return (exit 0).
+    SIGHUP calls ``on_hangup(server)`` (the CLI reloads the token, TLS and log level)."""
     import signal
 
     async def main() -> None:
@@ -439,6 +467,15 @@ def run(config: ServerConfig, ready: Callable[[BrokerServer], None] | None = Non
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        if on_hangup is not None and hasattr(signal, "SIGHUP"):
+
+            def hangup() -> None:
+                try:
+                    on_hangup(server)
+                except Exception:
+                    log.exception("SIGHUP: reload failed; the old settings stay")
+
+            loop.add_signal_handler(signal.SIGHUP, hangup)
         await stop.wait()
         log.info("stopping: finishing in-flight requests and closing connections")
         await server.stop()

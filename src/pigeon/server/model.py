@@ -250,6 +250,11 @@ class Store:
         """Seconds the oldest change has waited for its commit (0 when all is committed)."""
         return 0.0
 
+    def commit_histogram(self) -> tuple[list[tuple[float, int]], float] | None:
+        """Cumulative (upper bound, count) buckets of commit durations and their sum in
+        seconds, or None for a store that does not commit."""
+        return None
+
     def start(self, on_commit: Callable[[int], None]) -> None:
         """Begin persisting (a durable store starts its writer here)."""
 

@@ -33,6 +33,7 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
@@ -77,6 +78,8 @@ CREATE TABLE IF NOT EXISTS queues (
 """
 # Columns added after the first release: added to an older store when it is opened.
 _ADDED_COLUMNS = {"origin": "TEXT NOT NULL DEFAULT ''", "reason": "TEXT NOT NULL DEFAULT ''"}
+_COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                   0.5, 1.0, 2.5)  # fmt: skip
 _BUSY_TIMEOUT_MS = 200  # how long one statement waits for another process's lock
 _MAX_RETRY_DELAY = 0.25
 
@@ -111,6 +114,8 @@ class SQLiteStore(Store):
         self.quarantined = 0
         self._last_fsync = 0.0
         self.fsyncs = 0
+        self._commit_counts = [0] * (len(_COMMIT_BUCKETS) + 1)  # the last: +Inf
+        self._commit_sum = 0.0
         self._db = self._open()
         self._thread = threading.Thread(target=self._writer, name="pigeon-store", daemon=True)
 
@@ -266,7 +271,9 @@ class SQLiteStore(Store):
                 closing = self._closing
             try:
                 if ops:
+                    started = time.perf_counter()
                     self._apply(db, ops)
+                    self._count_commit(time.perf_counter() - started)
                     unsynced = self.fsync == "batch"
                 if unsynced and (
                     closing or time.monotonic() - self._last_fsync >= self.fsync_interval
@@ -304,6 +311,18 @@ class SQLiteStore(Store):
                     self.on_commit(batch)
             if closing and not ops:
                 return
+
+    def _count_commit(self, seconds: float) -> None:
+        i = bisect.bisect_left(_COMMIT_BUCKETS, seconds)
+        self._commit_counts[i] += 1
+        self._commit_sum += seconds
+
+    def commit_histogram(self) -> tuple[list[tuple[float, int]], float]:
+        buckets, total = [], 0
+        for le, n in zip((*_COMMIT_BUCKETS, float("inf")), self._commit_counts, strict=True):
+            total += n
+            buckets.append((le, total))
+        return buckets, self._commit_sum
 
     def _fsync_wal(self) -> None:
         """One fsync for everything committed since the last one (``--fsync batch``)."""

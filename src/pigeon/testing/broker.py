@@ -60,6 +60,12 @@ class BrokerThread:
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(30)
 
+    @property
+    def http_url(self) -> str:
+        """The HTTP side door's address (with ``http="127.0.0.1:0"``)."""
+        assert self.server is not None and self.server.http is not None
+        return str(self.server.http.url)
+
     def url(self, queue: str, **params: object) -> str:
         query = "&".join(f"{k}={v}" for k, v in params.items())
         token = f":{self.config.token}@" if self.config.token else ""
