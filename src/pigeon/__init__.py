@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pigeon._queue_base import Message, Queue
 from pigeon.aio import AsyncQueue
+from pigeon.consume import ConsumeReport, DeadLetter, Retry, consume
 from pigeon.errors import (
     AuthError,
     BrokenResourceError,
@@ -33,6 +34,8 @@ __all__ = [
     "AuthError",
     "BrokenResourceError",
     "ClosedResourceError",
+    "ConsumeReport",
+    "DeadLetter",
     "DecodeError",
     "Empty",
     "FrameError",
@@ -46,10 +49,12 @@ __all__ = [
     "ProtocolError",
     "Queue",
     "RemoteProtocolError",
+    "Retry",
     "ShutDown",
     "StoreCorrupted",
     "TooLarge",
     "Unavailable",
     "Unsupported",
     "__version__",
+    "consume",
 ]

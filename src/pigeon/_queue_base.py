@@ -216,8 +216,9 @@ class Message(Generic[T]):
         """Settle: the item is done and will not come back."""
         raise NotImplementedError
 
-    def nack(self, requeue: bool = True, delay: float = 0) -> None:
-        """Give the item back (``requeue``, after ``delay`` seconds) or drop it."""
+    def nack(self, requeue: bool = True, delay: float = 0, *, reason: str = "") -> None:
+        """Give the item back (``requeue``, after ``delay`` seconds), or, without
+        ``requeue``, send it to the dead-letter queue with ``reason`` (why it died)."""
         raise NotImplementedError
 
     def extend(self, seconds: float) -> None:

@@ -115,8 +115,10 @@ class _LocalMessage(Generic[T]):
     def ack(self) -> asyncio.Future[None]:
         return self._done(self._msg.ack)
 
-    def nack(self, requeue: bool = True, delay: float = 0) -> asyncio.Future[None]:
-        return self._done(lambda: self._msg.nack(requeue, delay))
+    def nack(
+        self, requeue: bool = True, delay: float = 0, *, reason: str = ""
+    ) -> asyncio.Future[None]:
+        return self._done(lambda: self._msg.nack(requeue, delay, reason=reason))
 
     def extend(self, seconds: float) -> asyncio.Future[None]:
         return self._done(lambda: self._msg.extend(seconds))

@@ -77,6 +77,10 @@ class EngineQueue(Generic[T]):
             task.add_done_callback(done)
             raise
 
+    async def extend_held(self, message: Any, seconds: float) -> None:
+        """Extend a message taken through another client of the same queue."""
+        await message.extend(seconds)
+
     async def _put(self, payloads: list[bytes], block: bool, timeout: float | None) -> None:
         raise NotImplementedError
 

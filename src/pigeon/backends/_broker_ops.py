@@ -319,9 +319,9 @@ def settle_message(queue: str, what: str, id_: int, *args: Any) -> Ack | Nack | 
     if what == "ack":
         return Ack(0, queue, [id_])
     if what == "nack":
-        requeue, delay = args
+        requeue, delay, reason = args
         delay = check_seconds("delay", delay, positive=False) or 0.0
-        return Nack(0, queue, [id_], bool(requeue), float(delay))
+        return Nack(0, queue, [id_], bool(requeue), float(delay), str(reason)[:500])
     (seconds,) = args
     seconds = check_seconds("seconds", seconds, positive=False) or 0.0
     return Extend(0, queue, [id_], float(seconds))

@@ -160,7 +160,7 @@ class SyncFace(Queue[T]):
         self, timeout: float | None = None, lease: float | None = None
     ) -> SyncMessage[T]:
         lane = self._lane()
-        return SyncMessage(lane, lane.run(lane.impl.get_message(timeout, lease)))
+        return SyncMessage(lane, lane.run(lane.impl.get_message(timeout, lease)), self)
 
     def qsize(self) -> int:
         return int(self._call("qsize"))
@@ -208,8 +208,10 @@ def _reopen(cls: type[SyncFace[Any]], url: str, options: dict[str, Any]) -> Sync
 class SyncMessage(Message[T]):
     """The blocking face of an asyncio message, settled on the client that took it."""
 
-    def __init__(self, lane: _Lane, inner: Any) -> None:
+    def __init__(self, lane: _Lane, inner: Any, face: SyncFace[T]) -> None:
         self._lane = lane
+        self._face = face
+        self._owner = threading.get_ident()
         self._inner = inner
         self.body = inner.body
         self.delivery_count = inner.delivery_count
@@ -223,8 +225,14 @@ class SyncMessage(Message[T]):
     def ack(self) -> None:
         self._wait(self._inner.ack)
 
-    def nack(self, requeue: bool = True, delay: float = 0) -> None:
-        self._wait(lambda: self._inner.nack(requeue, delay))
+    def nack(self, requeue: bool = True, delay: float = 0, *, reason: str = "") -> None:
+        self._wait(lambda: self._inner.nack(requeue, delay, reason=reason))
 
     def extend(self, seconds: float) -> None:
-        self._wait(lambda: self._inner.extend(seconds))
+        """Safe from any thread (``pigeon.consume`` extends leases from a keeper thread):
+        a client on a private loop is only driven by the thread that owns it."""
+        if self._lane.loop is None or threading.get_ident() == self._owner:
+            self._wait(lambda: self._inner.extend(seconds))
+            return
+        lane = self._face._lane()
+        lane.run(lane.impl.extend_held(self._inner, seconds))

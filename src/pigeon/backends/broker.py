@@ -430,8 +430,8 @@ class BrokerMessage(Message[T]):
     def ack(self) -> None:
         self._settle("ack")
 
-    def nack(self, requeue: bool = True, delay: float = 0) -> None:
-        self._settle("nack", requeue, delay)
+    def nack(self, requeue: bool = True, delay: float = 0, *, reason: str = "") -> None:
+        self._settle("nack", requeue, delay, reason)
 
     def extend(self, seconds: float) -> None:
         self._settle("extend", seconds)

@@ -373,8 +373,10 @@ class AsyncBrokerMessage(Generic[T]):
     def ack(self) -> asyncio.Future[None]:
         return self._settle("ack")
 
-    def nack(self, requeue: bool = True, delay: float = 0) -> asyncio.Future[None]:
-        return self._settle("nack", requeue, delay)
+    def nack(
+        self, requeue: bool = True, delay: float = 0, *, reason: str = ""
+    ) -> asyncio.Future[None]:
+        return self._settle("nack", requeue, delay, reason)
 
     def extend(self, seconds: float) -> asyncio.Future[None]:
         return self._settle("extend", seconds)

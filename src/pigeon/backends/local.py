@@ -818,7 +818,7 @@ class LocalMessage(Message[T]):
     def ack(self) -> None:
         self._settle()
 
-    def nack(self, requeue: bool = True, delay: float = 0) -> None:
+    def nack(self, requeue: bool = True, delay: float = 0, *, reason: str = "") -> None:
         if delay < 0:
             raise ValueError(f"delay must be >= 0, not {delay}")
         self._settle()

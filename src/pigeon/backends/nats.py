@@ -577,7 +577,7 @@ class AsyncNatsMessage(Generic[T]):
         self._stop_keeping()
         return self._queue._track(asyncio.ensure_future(self._translate(self._msg.ack_sync())))
 
-    def nack(self, requeue: bool = True, delay: float = 0) -> Awaitable[None]:
+    def nack(self, requeue: bool = True, delay: float = 0, *, reason: str = "") -> Awaitable[None]:
         if delay < 0:
             raise ValueError(f"delay must be >= 0, not {delay}")
         self._check()
@@ -585,7 +585,7 @@ class AsyncNatsMessage(Generic[T]):
         self._stop_keeping()
         if not requeue:
             return self._queue._track(
-                asyncio.ensure_future(self._queue._dead_letter(self._msg, "rejected"))
+                asyncio.ensure_future(self._queue._dead_letter(self._msg, reason or "rejected"))
             )
         return self._queue._track(
             asyncio.ensure_future(self._translate(self._msg.nak(delay=delay or None)))

@@ -431,6 +431,9 @@ class AsyncRedisQueue(EngineQueue[T]):
         )
         return await self._decode_taken([g[2] for g in got])
 
+    async def extend_held(self, message: Any, seconds: float) -> None:
+        await self._set_lease([message.id], seconds)
+
     async def _hand_back(self, got: list[tuple[bytes, int, bytes]]) -> None:
         """Held entries taken for a caller that was cancelled: their leases end now."""
         await self._set_lease([g[0] for g in got], 0.0)
@@ -541,10 +544,11 @@ class AsyncRedisMessage(Generic[T]):
                 f"cannot ack {self.id.decode()}: its lease ran out and another consumer claimed it"
             )
 
-    async def _nack(self, requeue: bool, delay: float) -> None:
+    async def _nack(self, requeue: bool, delay: float, reason: str = "") -> None:
         q = self._queue
         if not requeue:
-            await q._do(lambda r: q._dead_letter(r, self.id, self._payload, "rejected"))
+            why = reason or "rejected"
+            await q._do(lambda r: q._dead_letter(r, self.id, self._payload, why))
             return
         await q._set_lease([self.id], delay)  # claimable once `delay` has passed
 
@@ -556,12 +560,12 @@ class AsyncRedisMessage(Generic[T]):
         self._settled = True
         return self._queue._track(asyncio.ensure_future(self._ack()))
 
-    def nack(self, requeue: bool = True, delay: float = 0) -> Awaitable[None]:
+    def nack(self, requeue: bool = True, delay: float = 0, *, reason: str = "") -> Awaitable[None]:
         if delay < 0:
             raise ValueError(f"delay must be >= 0, not {delay}")
         self._check()
         self._settled = True
-        return self._queue._track(asyncio.ensure_future(self._nack(requeue, delay)))
+        return self._queue._track(asyncio.ensure_future(self._nack(requeue, delay, reason)))
 
     def extend(self, seconds: float) -> Awaitable[None]:
         if seconds < 0:

@@ -9,6 +9,7 @@ from pigeon.cli.admin import backup, delete, move, peek, purge, queues
 from pigeon.cli.bench import bench
 from pigeon.cli.broker import get, put, serve, stats
 from pigeon.cli.demo import demo
+from pigeon.cli.worker import worker
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -28,12 +29,13 @@ def cli() -> None:
       pigeon queues          every queue: depth, in flight, counters
       pigeon peek pigeon://127.0.0.1:7878/jobs.dead      dead letters, and why
       pigeon move pigeon://127.0.0.1:7878/jobs.dead --to jobs   replay them
+      pigeon worker pigeon://127.0.0.1:7878/jobs myapp.tasks:handle   consume
     """
 
 
 cli.add_command(demo)
 cli.add_command(bench)
-for command in (serve, put, get, stats, queues, peek, purge, delete, move, backup):
+for command in (serve, put, get, stats, queues, peek, purge, delete, move, backup, worker):
     cli.add_command(command)
 
 
