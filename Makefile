@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/broker.py
 	$(BIN)/python benchmarks/engines.py
 	$(BIN)/python benchmarks/recovery.py
+	$(BIN)/python benchmarks/consumers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -25,3 +25,8 @@ def test_framing_benchmark_runs() -> None:
 def test_local_benchmark_runs() -> None:
     out = _run("local.py", "--quick", "--sizes", "64,65536", "--topologies", "1x1,2x2")
     assert "mp.Queue" in out and "plot written" in out
+
+
+def test_consumers_benchmark_runs() -> None:
+    out = _run("consumers.py", "--quick")
+    assert "mp.Pool.imap_unordered" in out and "auto chose process" in out and "plot written" in out
