@@ -74,6 +74,15 @@ Effect = Call | Post | Sleep
 Op = Generator[Effect, Any, T]
 
 
+def advance(op: Op[Any], value: Any, error: BaseException | None) -> tuple[Effect | None, Any]:
+    """Resume ``op`` with the outcome of its last effect: ``(next effect, None)``, or
+    ``(None, result)`` once it has finished."""
+    try:
+        return (op.send(value) if error is None else op.throw(error)), None
+    except StopIteration as stop:
+        return None, stop.value
+
+
 class Lost(Exception):
     """The connection broke (or could not be made) while a call was outstanding."""
 

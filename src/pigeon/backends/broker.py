@@ -60,6 +60,7 @@ from pigeon.backends._broker_ops import (
     Post,
     Sleep,
     Spec,
+    advance,
     broken,
     settle_message,
 )
@@ -276,10 +277,9 @@ class BrokerQueue(Queue[T]):
         value: Any = None
         error: BaseException | None = None
         while True:
-            try:
-                effect = op.send(value) if error is None else op.throw(error)
-            except StopIteration as stop:
-                return stop.value
+            effect, result = advance(op, value, error)
+            if effect is None:
+                return result
             value = error = None
             if isinstance(effect, Call):
                 established = False

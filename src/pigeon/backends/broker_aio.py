@@ -21,7 +21,17 @@ from collections.abc import Iterable
 from typing import Any, Generic, TypeVar, cast
 
 from pigeon._net import tune_tcp
-from pigeon.backends._broker_ops import Call, Lost, Op, Ops, Post, Sleep, Spec, settle_message
+from pigeon.backends._broker_ops import (
+    Call,
+    Lost,
+    Op,
+    Ops,
+    Post,
+    Sleep,
+    Spec,
+    advance,
+    settle_message,
+)
 from pigeon.errors import BrokenResourceError, ClosedResourceError, LocalProtocolError
 from pigeon.protocol.client import ClientConnection, Closed, Reply, Welcomed
 from pigeon.protocol.messages import Delivery
@@ -249,10 +259,9 @@ class AsyncBrokerQueue(Generic[T]):
         value: Any = None
         error: BaseException | None = None
         while True:
-            try:
-                effect = op.send(value) if error is None else op.throw(error)
-            except StopIteration as stop:
-                return stop.value
+            effect, result = advance(op, value, error)
+            if effect is None:
+                return result
             value = error = None
             if isinstance(effect, Call):
                 established = False
