@@ -27,6 +27,10 @@ SCHEMES: dict[str, str] = {
     "pigeon+tls": "pigeon.backends.broker:BrokerQueue",
     "redis": "pigeon.backends.redis:RedisQueue",
     "rediss": "pigeon.backends.redis:RedisQueue",
+    "redis+cluster": "pigeon.backends.redis:RedisQueue",
+    "rediss+cluster": "pigeon.backends.redis:RedisQueue",
+    "redis+sentinel": "pigeon.backends.redis:RedisQueue",
+    "rediss+sentinel": "pigeon.backends.redis:RedisQueue",
     "nats": "pigeon.backends.nats:NatsQueue",
     "nats+tls": "pigeon.backends.nats:NatsQueue",
 }

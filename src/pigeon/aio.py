@@ -365,7 +365,7 @@ def _network(url: str | None, queue: Queue[Any] | None, options: dict[str, Any])
         if queue is not None:
             options = queue._async_options()  # type: ignore[attr-defined]
         return AsyncBrokerQueue(url, **options)
-    if scheme in ("redis", "rediss"):
+    if scheme.split("+")[0] in ("redis", "rediss"):
         from pigeon.backends.redis import AsyncRedisQueue
 
         if queue is not None:

@@ -45,6 +45,30 @@ def _redis(maxsize: int = 0) -> pigeon.Queue[Any]:
     return pigeon.Queue(f"redis://127.0.0.1:6379/t-{uuid.uuid4().hex[:12]}", maxsize=maxsize)
 
 
+_redis_cluster: Any = None
+
+
+def _on_redis_cluster(maxsize: int = 0) -> pigeon.Queue[Any]:
+    """The same contract on a Redis Cluster (3 masters, 3 replicas) the suite starts."""
+    global _redis_cluster
+    if _redis_cluster is None:
+        from tests._clusters import RedisCluster
+
+        _redis_cluster = RedisCluster()
+        import atexit
+
+        atexit.register(_redis_cluster.close)
+    return pigeon.Queue(_redis_cluster.url(f"t-{uuid.uuid4().hex[:12]}"), maxsize=maxsize)
+
+
+def _cluster_tools() -> str | None:
+    import shutil
+
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        return "redis-server and redis-cli are needed to start a Redis Cluster"
+    return None
+
+
 def _nats(maxsize: int = 0) -> pigeon.Queue[Any]:
     return pigeon.Queue(f"nats://127.0.0.1:4222/t-{uuid.uuid4().hex[:12]}", maxsize=maxsize)
 
@@ -57,6 +81,7 @@ BACKENDS = [
     Backend("redis", _redis, NO_COUNTER, lambda: service_missing("Redis", 6379)),
     # NATS: max_payload (1 MiB by default) refuses the 1 MiB item, with TooLarge
     Backend("nats", _nats, NO_COUNTER | {"large_items"}, lambda: service_missing("NATS", 4222)),
+    Backend("redis-cluster", _on_redis_cluster, NO_COUNTER, _cluster_tools),
 ]
 
 

@@ -23,25 +23,37 @@ def check_maxsize(maxsize: object) -> int:
 class QueueURL:
     """What a queue URL says: where, as whom, which queue, which options."""
 
-    def __init__(self, url: str, schemes: tuple[str, ...], default_port: int) -> None:
+    def __init__(
+        self, url: str, schemes: tuple[str, ...], default_port: int, *, many: bool = False
+    ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in schemes:
             raise InvalidURL(f"{url!r} is not a {' or '.join(s + '://' for s in schemes)} URL")
         self.url = url
         self.scheme = parts.scheme
-        try:
-            self.host = parts.hostname or "127.0.0.1"
-            self.port = parts.port or default_port
-        except ValueError as exc:
-            raise InvalidURL(f"bad host or port in {url!r}: {exc}") from None
-        self.username = unquote(parts.username) if parts.username else None
-        self.password = unquote(parts.password) if parts.password else None
+        userinfo, _, hostlist = parts.netloc.rpartition("@")
+        # several seed hosts, for a cluster: HOST:PORT,HOST:PORT,...
+        if "," in hostlist and not many:
+            raise InvalidURL(f"{url!r} names several hosts; {self.scheme}:// takes one")
+        self.hosts = [self._host(h, default_port, url) for h in hostlist.split(",")]
+        self.host, self.port = self.hosts[0]
+        user, sep, password = userinfo.partition(":")
+        self.username = unquote(user) if user else None
+        self.password = unquote(password) if sep and password else None
         self.queue = unquote(parts.path.lstrip("/"))
         if not self.queue or "/" in self.queue:
             raise InvalidURL(
                 f"{url!r} names no queue: write {self.scheme}://{self.host}:{self.port}/QUEUE"
             )
         self.params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+
+    @staticmethod
+    def _host(text: str, default_port: int, url: str) -> tuple[str, int]:
+        try:
+            parts = urlsplit(f"//{text}")
+            return parts.hostname or "127.0.0.1", parts.port or default_port
+        except ValueError as exc:
+            raise InvalidURL(f"bad host or port {text!r} in {url!r}: {exc}") from None
 
     def number(
         self, name: str, given: float | None = None, default: float | None = None

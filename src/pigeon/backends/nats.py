@@ -46,6 +46,7 @@ import hashlib
 import logging
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Generic, TypeVar
 
@@ -106,7 +107,7 @@ class AsyncNatsQueue(EngineQueue[T]):
             import nats  # noqa: F401
         except ImportError as exc:
             raise Unsupported("nats:// needs nats-py: pip install 'pigeon-queue[nats]'") from exc
-        ep = QueueURL(url, ("nats", "nats+tls"), 4222)
+        ep = QueueURL(url, ("nats", "nats+tls"), 4222, many=True)
         self.url = url
         self.engine = "nats"
         self.name = ep.queue
@@ -119,7 +120,11 @@ class AsyncNatsQueue(EngineQueue[T]):
         self.lease = self._lease_given or 30.0
         self.max_deliveries = int(ep.count("max_deliveries", max_deliveries, 20) or 0)
         tls = ep.scheme == "nats+tls" or ep.flag("tls")
-        self._server = f"{'tls' if tls else 'nats'}://{ep.host}:{ep.port}"
+        scheme = "tls" if tls else "nats"
+        # every seed server of a cluster; the client follows the cluster from there
+        self._servers = [f"{scheme}://{h}:{p}" for h, p in ep.hosts]
+        self._hostlist = ",".join(f"{h}:{p}" for h, p in ep.hosts)
+        self.replicas = int(ep.count("replicas", None, 1) or 1)
         self._user = ep.username
         self._password = ep.password
         self.serializer = serializer if serializer is not None else "msgpack"
@@ -152,9 +157,12 @@ class AsyncNatsQueue(EngineQueue[T]):
                 import nats
 
                 options: dict[str, Any] = {
-                    "servers": [self._server],
+                    "servers": self._servers,
                     "connect_timeout": 5,
-                    "max_reconnect_attempts": 2,
+                    # in a cluster the client moves to another server by itself; pigeon's
+                    # own retry (Backoff) covers the rest
+                    "max_reconnect_attempts": 2 * len(self._servers),
+                    "reconnect_time_wait": 0.5,
                 }
                 if self._user and self._password is not None:
                     options.update(user=self._user, password=self._password)
@@ -197,6 +205,7 @@ class AsyncNatsQueue(EngineQueue[T]):
                     name=self.stream, subjects=[self.subject],
                     retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
                     max_msgs=self.maxsize or -1, discard=DiscardPolicy.NEW,
+                    num_replicas=self.replicas,
                 )
             )  # fmt: skip
         consumer = ConsumerConfig(
@@ -219,6 +228,7 @@ class AsyncNatsQueue(EngineQueue[T]):
         import nats.js.errors as jerr
 
         _LOST_CONNECTION = _lost_connection()
+        _BUSY = _busy()
 
         backoff = Backoff(deadline, self.reconnect_timeout)
         while True:
@@ -228,6 +238,13 @@ class AsyncNatsQueue(EngineQueue[T]):
                 if (wait := backoff.next_delay()) is None:
                     raise BrokenResourceError(f"nats: {exc or type(exc).__name__}") from exc
                 await self._reset()
+                await asyncio.sleep(wait)
+            except _BUSY as exc:
+                # a stream or meta leader is being elected (a node died): ask again soon
+                if (wait := backoff.next_delay()) is None:
+                    raise BrokenResourceError(
+                        f"nats: JetStream did not answer ({exc or type(exc).__name__})"
+                    ) from exc
                 await asyncio.sleep(wait)
             except jerr.APIError as exc:
                 raise PigeonError(f"JetStream refused the request: {exc}") from exc
@@ -253,22 +270,30 @@ class AsyncNatsQueue(EngineQueue[T]):
 
         deadline = deadline_from(block, timeout)
         await self._check_sizes(payloads)
+        # A publish whose ack was lost (a node died, a leader changed) is sent again with
+        # the same id: JetStream keeps one copy (its duplicate window is two minutes).
+        ids = _msg_ids(len(payloads))
         if self.maxsize and len(payloads) > 1:
-            await self._put_batch_locked(payloads, deadline)
+            await self._put_batch_locked(payloads, ids, deadline)
             return
         delay = 0.001
         sent = 0
+        unanswered = Backoff(deadline, self.reconnect_timeout)
         while True:
 
             async def publish(js: Any) -> None:
                 nonlocal sent
                 if len(payloads) - sent > 1:  # many in flight, then gather the acks
-                    acks = [await js.publish_async(self.subject, p) for p in payloads[sent:]]
+                    acks = [
+                        await js.publish_async(self.subject, p, headers={"Nats-Msg-Id": i})
+                        for p, i in zip(payloads[sent:], ids[sent:], strict=True)
+                    ]
                     await asyncio.gather(*acks)
                     sent = len(payloads)
                     return
                 while sent < len(payloads):
-                    await js.publish(self.subject, payloads[sent], stream=self.stream)
+                    await js.publish(self.subject, payloads[sent], stream=self.stream,
+                                     headers={"Nats-Msg-Id": ids[sent]})  # fmt: skip
                     sent += 1
 
             try:
@@ -279,7 +304,11 @@ class AsyncNatsQueue(EngineQueue[T]):
             except (nerr.NoRespondersError, jerr.NoStreamResponseError) as exc:
                 if await self._is_shut_down():
                     raise ShutDown("the queue was shut down; put refused") from None
-                raise BrokenResourceError(f"nats: no stream answers {self.subject}") from exc
+                # no stream leader right now (a cluster electing one): try again
+                if (wait := unanswered.next_delay()) is None:
+                    raise BrokenResourceError(f"nats: no stream answers {self.subject}") from exc
+                await asyncio.sleep(wait)
+                continue
             if await self._is_shut_down():
                 raise ShutDown("the queue was shut down; put refused")
             if deadline is not None and time.monotonic() >= deadline:
@@ -298,7 +327,9 @@ class AsyncNatsQueue(EngineQueue[T]):
                 "smaller items; nothing was sent"
             )
 
-    async def _put_batch_locked(self, payloads: list[bytes], deadline: float | None) -> None:
+    async def _put_batch_locked(
+        self, payloads: list[bytes], ids: list[str], deadline: float | None
+    ) -> None:
         """A batch on a bounded queue, all or none: under a per-queue lock, check the room,
         then publish; concurrent batches take turns instead of splitting each other."""
         delay = 0.005
@@ -311,7 +342,10 @@ class AsyncNatsQueue(EngineQueue[T]):
                 if info.state.messages + len(payloads) <= self.maxsize:
 
                     async def publish(js: Any) -> None:
-                        acks = [await js.publish_async(self.subject, p) for p in payloads]
+                        acks = [
+                            await js.publish_async(self.subject, p, headers={"Nats-Msg-Id": i})
+                            for p, i in zip(payloads, ids, strict=True)
+                        ]
                         await asyncio.gather(*acks)
 
                     await self._do(publish)
@@ -331,7 +365,9 @@ class AsyncNatsQueue(EngineQueue[T]):
             except BucketNotFoundError:
                 from nats.js.api import KeyValueConfig
 
-                return await js.create_key_value(KeyValueConfig(bucket=LOCKS, ttl=LOCK_TTL))
+                return await js.create_key_value(
+                    KeyValueConfig(bucket=LOCKS, ttl=LOCK_TTL, replicas=self.replicas)
+                )
 
         kv = await self._do(bucket)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -409,7 +445,7 @@ class AsyncNatsQueue(EngineQueue[T]):
 
     async def _dead_letter(self, msg: Any, reason: str = "max_deliveries") -> None:
         dead = AsyncNatsQueue[Any](
-            f"nats://{self._server.split('://', 1)[1]}/{self.name}.dead",
+            f"nats://{self._hostlist}/{self.name}.dead?replicas={self.replicas}",
             serializer="raw", reconnect_timeout=self.reconnect_timeout,
         )  # fmt: skip
         dead._user, dead._password = self._user, self._password
@@ -502,8 +538,21 @@ class AsyncNatsQueue(EngineQueue[T]):
             await self._reset()
 
 
+def _msg_ids(n: int) -> list[str]:
+    base = uuid.uuid4().hex
+    return [f"{base}-{i}" for i in range(n)]
+
+
 class _NoRoom(Exception):
     pass
+
+
+def _busy() -> tuple[type[BaseException], ...]:
+    """JetStream did not answer in time: a leader is being elected. (No responders at all
+    is left to the caller: for a publish it may mean the queue was shut down.)"""
+    import nats.errors as nerr
+
+    return (nerr.TimeoutError,)
 
 
 def _lost_connection() -> tuple[type[BaseException], ...]:

@@ -58,15 +58,25 @@ from pigeon.errors import (
     ClosedResourceError,
     Empty,
     Full,
+    InvalidURL,
     LocalProtocolError,
     PigeonError,
     ShutDown,
+    Unavailable,
     Unsupported,
 )
 from pigeon.serializers import SerializerLike, get_serializer
 
 T = TypeVar("T")
 
+SCHEMES = (
+    "redis",
+    "rediss",
+    "redis+cluster",
+    "rediss+cluster",
+    "redis+sentinel",
+    "rediss+sentinel",
+)
 GROUP = "pigeon"
 SLICE = 0.2  # seconds: the longest single XREADGROUP BLOCK
 DEFAULT_LEASE = 30.0
@@ -169,6 +179,59 @@ return #held
 """
 ORPHANS = "pigeon-orphans"
 
+# Settle: KEYS stream, leases; ARGV group, ids... -> how many were acked.
+_SETTLE = """
+local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+redis.call('ZREM', KEYS[2], unpack(ARGV, 2))
+return n
+"""
+
+# Dead-letter one entry: KEYS stream, leases, dead; ARGV group, id, payload, origin, reason.
+_DEAD = """
+redis.call('XADD', KEYS[3], '*', 'd', ARGV[3], 'origin', ARGV[4], 'reason', ARGV[5])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[2])
+return 1
+"""
+
+# Add payloads at the tail of KEYS[1] (and, with ARGV[1] > 0, the first ARGV[1] of them to
+# the dead-letter stream KEYS[2] with origin ARGV[2] and reason "undecodable").
+_APPEND = """
+local dead = tonumber(ARGV[1])
+for i = 3, #ARGV do
+    if i - 2 <= dead then
+        redis.call('XADD', KEYS[2], '*', 'd', ARGV[i], 'origin', ARGV[2], 'reason', 'undecodable')
+    else
+        redis.call('XADD', KEYS[1], '*', 'd', ARGV[i])
+    end
+end
+return #ARGV - 2
+"""
+
+# Shut down: KEYS stream, meta; ARGV immediate.
+_SHUTDOWN = """
+redis.call('HSET', KEYS[2], 'shutdown', 1)
+if ARGV[1] == '1' then redis.call('XTRIM', KEYS[1], 'MAXLEN', 0) end
+return 1
+"""
+
+
+def key_names(queue: str, *, hash_tags: bool) -> tuple[str, str]:
+    """The stream of ``queue`` and of its dead-letter queue. On a Redis Cluster every key
+    of a queue and of its ``.dead`` queue shares one hash slot (the tag is the name without
+    ``.dead``), so every script runs; a single server keeps the readable names
+    ``pigeon:NAME`` and ``pigeon:NAME.dead``."""
+    base = queue.removesuffix(DEAD_SUFFIX)
+    prefix = f"pigeon:{{{base}}}" if hash_tags else f"pigeon:{base}"
+    stream = prefix + (DEAD_SUFFIX if queue.endswith(DEAD_SUFFIX) else "")
+    return stream, prefix + DEAD_SUFFIX
+
+
+DEAD_SUFFIX = ".dead"
+_MOVED = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "READONLY")
+
 
 def _client_error(exc: BaseException) -> PigeonError:
     err = BrokenResourceError(f"redis: {exc}")
@@ -194,7 +257,23 @@ class AsyncRedisQueue(EngineQueue[T]):
             import redis.asyncio  # noqa: F401
         except ImportError as exc:
             raise Unsupported("redis:// needs redis-py: pip install 'pigeon-queue[redis]'") from exc
-        ep = QueueURL(url, ("redis", "rediss"), 6379)
+        ep = QueueURL(url, SCHEMES, 6379, many=True)
+        self.kind = "cluster" if "+cluster" in ep.scheme else (
+            "sentinel" if "+sentinel" in ep.scheme else "single"
+        )  # fmt: skip
+        if self.kind == "single" and len(ep.hosts) > 1:
+            raise InvalidURL(
+                f"{url!r} names several hosts: write redis+cluster:// for a Redis Cluster or "
+                "redis+sentinel:// for Sentinel"
+            )
+        self.hosts = ep.hosts
+        self.service = ep.params.get("service", "mymaster")
+        self.wait_replicas = int(ep.params.get("wait", "0") or 0)
+        if self.wait_replicas < 0 or str(self.wait_replicas) != ep.params.get("wait", "0"):
+            raise InvalidURL(
+                f"wait={ep.params.get('wait')!r} in {url!r}: a number of replicas >= 0"
+            )
+        self.wait_timeout_ms = int((ep.seconds("wait_timeout", None, 5.0) or 5.0) * 1000)
         self.url = url
         self.engine = "redis"
         self.name = ep.queue
@@ -207,15 +286,14 @@ class AsyncRedisQueue(EngineQueue[T]):
         )
         self._password = ep.password
         self._username = ep.username
-        self._tls = ep.scheme == "rediss"
+        self._tls = ep.scheme.startswith("rediss")
         self.serializer = serializer if serializer is not None else "msgpack"
         self._ser = get_serializer(self.serializer)
         self.maxsize = maxsize
         self.reconnect_timeout = reconnect_timeout
-        self.stream = f"pigeon:{self.name}"
-        self.meta = f"pigeon:{self.name}:meta"
-        self.dead = f"pigeon:{self.name}.dead"
-        self.leases = f"pigeon:{self.name}:leases"
+        self.stream, self.dead = key_names(self.name, hash_tags=self.kind == "cluster")
+        self.meta = f"{self.stream}:meta"
+        self.leases = f"{self.stream}:leases"
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._r: Any = None
         self._put_script: Any = None
@@ -227,6 +305,8 @@ class AsyncRedisQueue(EngineQueue[T]):
         self._ready = False
         self._closed = False
         self._settling: set[asyncio.Future[None]] = set()  # acks not yet confirmed
+        self._master: Any = None  # cluster with ?wait=: a client of the slot's master
+        self._sentinel: Any = None  # sentinel: the clients of the sentinels themselves
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -240,18 +320,41 @@ class AsyncRedisQueue(EngineQueue[T]):
         if self._r is None:
             import redis.asyncio as aredis
 
-            self._r = aredis.Redis(
-                host=self.host, port=self.port, db=self.db, password=self._password,
-                username=self._username, ssl=self._tls, decode_responses=False,
-            )  # fmt: skip
+            self._r = self._client(aredis)
             self._put_script = self._r.register_script(_PUT)
             self._take_script = self._r.register_script(_TAKE)
             self._lease_script = self._r.register_script(_LEASE)
             self._claim_script = self._r.register_script(_CLAIM)
             self._leave_script = self._r.register_script(_LEAVE)
+            self._settle_script = self._r.register_script(_SETTLE)
+            self._dead_script = self._r.register_script(_DEAD)
+            self._append_script = self._r.register_script(_APPEND)
+            self._shutdown_script = self._r.register_script(_SHUTDOWN)
         if not self._ready:
             await self._setup(self._r)
         return self._r
+
+    def _client(self, aredis: Any) -> Any:
+        auth: dict[str, Any] = {"password": self._password, "username": self._username}
+        if self.kind == "cluster":
+            from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+            return RedisCluster(
+                startup_nodes=[ClusterNode(h, p) for h, p in self.hosts], ssl=self._tls,
+                decode_responses=False, **auth,
+            )  # fmt: skip
+        if self.kind == "sentinel":
+            from redis.asyncio.sentinel import Sentinel
+
+            sentinel = Sentinel(self.hosts, socket_timeout=5.0)  # type: ignore[no-untyped-call]
+            self._sentinel = sentinel
+            return sentinel.master_for(
+                self.service, db=self.db, ssl=self._tls, decode_responses=False, **auth
+            )
+        return aredis.Redis(
+            host=self.host, port=self.port, db=self.db, ssl=self._tls, decode_responses=False,
+            **auth,
+        )  # fmt: skip
 
     async def _setup(self, r: Any) -> None:
         import redis.exceptions as rex
@@ -287,6 +390,8 @@ class AsyncRedisQueue(EngineQueue[T]):
                 if (wait := backoff.next_delay()) is None:
                     raise _client_error(exc) from exc
                 self._ready = False
+                if self._master is not None and self._r is not None:
+                    await self._forget_master(self._r)
                 await asyncio.sleep(wait)
             except rex.RedisError as exc:
                 raise PigeonError(f"redis refused the command: {exc}") from exc
@@ -297,9 +402,7 @@ class AsyncRedisQueue(EngineQueue[T]):
         deadline = deadline_from(block, timeout)
         delay = 0.001
         while True:
-            result = await self._do(
-                lambda r: self._put_script(keys=[self.stream, self.meta], args=payloads, client=r)
-            )
+            result = await self._do(lambda r: self._put_now(r, payloads))
             if result == b"OK":
                 return
             if result == b"SHUTDOWN":
@@ -308,6 +411,55 @@ class AsyncRedisQueue(EngineQueue[T]):
                 raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
             await asyncio.sleep(min(delay, max(0.0, (deadline or 1e18) - time.monotonic())))
             delay = min(delay * 2, 0.05)
+
+    async def _put_now(self, r: Any, payloads: list[bytes]) -> Any:
+        """The put script; with ``?wait=N``, on the same connection, ``WAIT N`` for N
+        replicas to have it before the put counts as confirmed."""
+        if not self.wait_replicas:
+            return await self._put_script(keys=[self.stream, self.meta], args=payloads, client=r)
+        import redis.exceptions as rex
+
+        node = await self._master_client(r)
+        try:
+            async with node.pipeline(transaction=False) as pipe:
+                await self._put_script(keys=[self.stream, self.meta], args=payloads, client=pipe)
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+                result, acked = await pipe.execute()
+        except rex.ResponseError as exc:
+            if self.kind == "cluster" and str(exc).split(" ", 1)[0] in _MOVED:
+                await self._forget_master(r)  # the slot moved (a failover): find it again
+                raise rex.ConnectionError(str(exc)) from exc
+            raise
+        if result == b"OK" and int(acked) < self.wait_replicas:
+            raise Unavailable(
+                f"redis: the put reached {acked} of {self.wait_replicas} replica(s) within "
+                f"{self.wait_timeout_ms} ms (?wait=); it may be lost if the master dies now; "
+                "retrying may store it twice"
+            )
+        return result
+
+    async def _master_client(self, r: Any) -> Any:
+        """The client whose connection the write and its WAIT share: on a cluster, a plain
+        client of the master that holds the queue's slot."""
+        if self.kind != "cluster":
+            return r
+        if self._master is None:
+            import redis.asyncio as aredis
+
+            node = r.get_node_from_key(self.stream)
+            self._master = aredis.Redis(
+                host=node.host, port=node.port, ssl=self._tls, decode_responses=False,
+                password=self._password, username=self._username,
+            )  # fmt: skip
+        return self._master
+
+    async def _forget_master(self, r: Any) -> None:
+        master, self._master = self._master, None
+        if master is not None:
+            with contextlib.suppress(Exception):
+                await master.aclose()
+        with contextlib.suppress(Exception):
+            await r.nodes_manager.initialize()
 
     def _claim_due(self) -> bool:
         return time.monotonic() - self._last_claim > 1.0
@@ -397,12 +549,11 @@ class AsyncRedisQueue(EngineQueue[T]):
         return [(eid, 1, fields[b"d"]) for eid, fields in res[0][1] if fields]
 
     async def _dead_letter(self, r: Any, eid: bytes, payload: bytes, reason: str) -> None:
-        pipe = r.pipeline(transaction=True)
-        pipe.xadd(self.dead, {"d": payload, "origin": self.name, "reason": reason})
-        pipe.xack(self.stream, GROUP, eid)
-        pipe.xdel(self.stream, eid)
-        pipe.zrem(self.leases, eid)
-        await pipe.execute()
+        await self._dead_script(
+            keys=[self.stream, self.leases, self.dead],
+            args=[GROUP, eid, payload, self.name, reason],
+            client=r,
+        )
 
     async def _drained_and_shut(self, r: Any) -> bool:
         if await r.hget(self.meta, "shutdown") != b"1":
@@ -411,11 +562,9 @@ class AsyncRedisQueue(EngineQueue[T]):
 
     async def _settle(self, ids: list[bytes]) -> int:
         async def run(r: Any) -> int:
-            pipe = r.pipeline(transaction=True)
-            pipe.xack(self.stream, GROUP, *ids)
-            pipe.xdel(self.stream, *ids)
-            pipe.zrem(self.leases, *ids)
-            acked, _, _ = await pipe.execute()
+            acked = await self._settle_script(
+                keys=[self.stream, self.leases], args=[GROUP, *ids], client=r
+            )
             return int(acked)
 
         return int(await self._do(run))
@@ -440,30 +589,24 @@ class AsyncRedisQueue(EngineQueue[T]):
 
     async def _put_back(self, got: list[tuple[bytes, int, bytes]]) -> None:
         """Items taken (acked and deleted) for a caller that was cancelled: back, at the tail."""
-
-        async def run(r: Any) -> None:
-            pipe = r.pipeline(transaction=True)
-            for _, _, payload in got:
-                pipe.xadd(self.stream, {"d": payload})
-            await pipe.execute()
-
-        await self._do(run)
+        payloads = [g[2] for g in got]
+        await self._do(
+            lambda r: self._append_script(
+                keys=[self.stream, self.dead], args=[0, self.name, *payloads], client=r
+            )
+        )
 
     async def _decode_taken(self, payloads: list[bytes]) -> list[Any]:
         """Bodies of payloads already acked; undecodable ones are dead-lettered, and then
         the good ones are put back (at the tail) before ``DecodeError`` is raised."""
         good, bad = self._decode_all(payloads)
         if bad:
-
-            async def park(r: Any) -> None:
-                pipe = r.pipeline(transaction=True)
-                for raw, _ in bad:
-                    pipe.xadd(self.dead, {"d": raw, "origin": self.name, "reason": "undecodable"})
-                for raw, _ in good:
-                    pipe.xadd(self.stream, {"d": raw})
-                await pipe.execute()
-
-            await self._do(park)
+            raws = [raw for raw, _ in bad] + [raw for raw, _ in good]
+            await self._do(
+                lambda r: self._append_script(
+                    keys=[self.stream, self.dead], args=[len(bad), self.name, *raws], client=r
+                )
+            )
             raise self._decode_error(bad, len(payloads), bool(good))
         return [body for _, body in good]
 
@@ -495,14 +638,11 @@ class AsyncRedisQueue(EngineQueue[T]):
         return int(await self._do(lambda r: r.xlen(self.stream))) >= self.maxsize
 
     async def shutdown(self, immediate: bool = False) -> None:
-        async def run(r: Any) -> None:
-            pipe = r.pipeline(transaction=True)
-            pipe.hset(self.meta, "shutdown", 1)
-            if immediate:
-                pipe.xtrim(self.stream, maxlen=0, approximate=False)
-            await pipe.execute()
-
-        await self._do(run)
+        await self._do(
+            lambda r: self._shutdown_script(
+                keys=[self.stream, self.meta], args=[1 if immediate else 0], client=r
+            )
+        )
 
     async def aclose(self) -> None:
         if self._settling:  # acks and nacks sent without waiting: let them land first
@@ -517,8 +657,13 @@ class AsyncRedisQueue(EngineQueue[T]):
                         client=self._r,
                     )
             self._closed = True
+            if self._master is not None:
+                await self._master.aclose()
             if self._r is not None:
                 await self._r.aclose()
+            if self._sentinel is not None:
+                for client in self._sentinel.sentinels:
+                    await client.aclose()
 
 
 class AsyncRedisMessage(Generic[T]):

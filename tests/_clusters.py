@@ -1,0 +1,239 @@
+"""Real clusters on loopback, started and stopped by the tests: a 3-node NATS JetStream
+cluster, a Redis Cluster of 3 masters and 3 replicas, a Redis Sentinel group."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tests._services import free_port, skip_or_fail, wait_for_port
+
+
+def need(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        skip_or_fail(f"{binary} is not installed (Debian: nats-server, redis-server)")
+    assert path is not None
+    return path
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.dir = Path(tempfile.mkdtemp(prefix="pigeon-cluster-"))
+
+    def kill(self, i: int) -> None:
+        p = self.procs.pop(i)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            p.kill()
+            p.wait()
+        self.procs.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class NatsCluster(Procs):
+    """Three nats-server processes with JetStream, routed to each other."""
+
+    def __init__(self, n: int = 3) -> None:
+        super().__init__()
+        self.binary = need("nats-server")
+        self.ports = [free_port() for _ in range(n)]
+        self.routes = [free_port() for _ in range(n)]
+        for i in range(n):
+            self.start(i)
+        for port in self.ports:
+            wait_for_port(port)
+        self.wait_ready()
+
+    def start(self, i: int) -> None:
+        routes = ",".join(f"nats://127.0.0.1:{p}" for p in self.routes)
+        self.procs[i] = subprocess.Popen(
+            [self.binary, "-a", "127.0.0.1", "-p", str(self.ports[i]), "-js",
+             "-sd", str(self.dir / f"n{i}"), "--server_name", f"n{i}", "--cluster_name", "pg",
+             "--cluster", f"nats://127.0.0.1:{self.routes[i]}", "--routes", routes],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def servers(self, alive_only: bool = False) -> str:
+        idx = sorted(self.procs) if alive_only else range(len(self.ports))
+        return ",".join(f"127.0.0.1:{self.ports[i]}" for i in idx)
+
+    def _seeds(self) -> list[str]:
+        return [f"nats://127.0.0.1:{self.ports[i]}" for i in sorted(self.procs)]
+
+    def url(self, queue: str, **params: object) -> str:
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return f"nats://{self.servers()}/{queue}" + (f"?{query}" if query else "")
+
+    def _run(self, coro: Any) -> Any:
+        return asyncio.run(coro)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        async def ready() -> None:
+            import nats
+
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    nc = await nats.connect(servers=self._seeds(), connect_timeout=2)
+                    try:
+                        await nc.jetstream().account_info()
+                        return
+                    finally:
+                        await nc.close()
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.3)
+
+        self._run(ready())
+
+    def leader_of(self, stream: str) -> int:
+        async def leader() -> int:
+            import nats
+
+            nc = await nats.connect(servers=self._seeds(), connect_timeout=2)
+            try:
+                info = await nc.jetstream().stream_info(stream)
+                return int(info.cluster.leader.lstrip("n"))
+            finally:
+                await nc.close()
+
+        result: int = self._run(leader())
+        return result
+
+
+def cluster_port() -> int:
+    """A free port P whose cluster-bus port P + 10000 is free too (and below 65536)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(20000, 45000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+class RedisCluster(Procs):
+    """Six redis-server processes in cluster mode: 3 masters, each with a replica."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.binary = need("redis-server")
+        cli = need("redis-cli")
+        self.ports = [cluster_port() for _ in range(6)]
+        for i in range(6):
+            self.start(i)
+        for port in self.ports:
+            wait_for_port(port)
+        subprocess.run(
+            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+             "--cluster-replicas", "1", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        self.wait_ok()
+
+    def start(self, i: int) -> None:
+        d = self.dir / f"r{i}"
+        d.mkdir(exist_ok=True)
+        self.procs[i] = subprocess.Popen(
+            [self.binary, "--port", str(self.ports[i]), "--bind", "127.0.0.1",
+             "--cluster-enabled", "yes", "--cluster-config-file", str(d / "nodes.conf"),
+             "--cluster-node-timeout", "2000", "--dir", str(d), "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        import redis
+
+        deadline = time.monotonic() + timeout
+        alive = [self.ports[i] for i in sorted(self.procs)]
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                r = redis.Redis(port=alive[0], socket_timeout=2)
+                try:
+                    if r.cluster("info")["cluster_state"] == "ok":
+                        return
+                finally:
+                    r.close()
+            time.sleep(0.3)
+        raise TimeoutError("the Redis cluster did not reach cluster_state:ok")
+
+    def url(self, queue: str, **params: object) -> str:
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.ports[:3])
+        return f"redis+cluster://{hosts}/{queue}" + (f"?{query}" if query else "")
+
+    def master_of(self, key: str) -> int:
+        import redis
+
+        r = redis.Redis(port=self.ports[sorted(self.procs)[0]], socket_timeout=2)
+        try:
+            slot = r.cluster("keyslot", key)
+            for start, end, master, *_ in r.cluster("slots"):
+                if start <= slot <= end:
+                    return self.ports.index(int(master[1]))
+        finally:
+            r.close()
+        raise LookupError(key)
+
+
+class Sentinels(Procs):
+    """A master, a replica and three sentinels watching them as ``mymaster``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.binary = need("redis-server")
+        self.data = [free_port(), free_port()]
+        self.sentinels = [free_port() for _ in range(3)]
+        self.start_data(0, replica_of=None)
+        self.start_data(1, replica_of=self.data[0])
+        for j, port in enumerate(self.sentinels):
+            conf = self.dir / f"sentinel{j}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                f"sentinel monitor mymaster 127.0.0.1 {self.data[0]} 2\n"
+                "sentinel down-after-milliseconds mymaster 1000\n"
+                "sentinel failover-timeout mymaster 5000\n"
+                "sentinel parallel-syncs mymaster 1\n"
+            )
+            self.procs[10 + j] = subprocess.Popen(
+                [self.binary, str(conf), "--sentinel"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        for port in [*self.data, *self.sentinels]:
+            wait_for_port(port)
+        time.sleep(1.0)
+
+    def start_data(self, i: int, replica_of: int | None) -> None:
+        d = self.dir / f"d{i}"
+        d.mkdir(exist_ok=True)
+        args = [self.binary, "--port", str(self.data[i]), "--bind", "127.0.0.1", "--dir", str(d),
+                "--save", "", "--appendonly", "yes", "--appendfsync", "always"]  # fmt: skip
+        if replica_of is not None:
+            args += ["--replicaof", "127.0.0.1", str(replica_of)]
+        self.procs[i] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def url(self, queue: str, **params: object) -> str:
+        params = {"service": "mymaster", **params}
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        hosts = ",".join(f"127.0.0.1:{p}" for p in self.sentinels)
+        return f"redis+sentinel://{hosts}/{queue}?{query}"

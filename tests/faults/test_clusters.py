@@ -1,0 +1,158 @@
+"""Outgrowing one machine (issue 17): real clusters on loopback, a node SIGKILLed
+mid-traffic; every confirmed put must be delivered. Each test prints confirmed / delivered /
+lost / duplicates and how long puts were refused."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+import pigeon
+from tests._clusters import NatsCluster, RedisCluster, Sentinels
+
+
+class Traffic:
+    """A producer putting numbered items as fast as it is confirmed, in a thread; records
+    what was confirmed and how long puts failed."""
+
+    def __init__(self, url: str, start: int) -> None:
+        self.url = url
+        self.next = start
+        self.confirmed: list[int] = []
+        self.errors = 0
+        self.outage = 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run)
+
+    def run(self) -> None:
+        with pigeon.Queue(self.url, reconnect_timeout=60) as q:
+            while not self.stop.is_set():
+                t = time.monotonic()
+                try:
+                    q.put(self.next, timeout=60)
+                except pigeon.PigeonError:
+                    self.errors += 1
+                    self.outage += time.monotonic() - t
+                    continue
+                took = time.monotonic() - t
+                if took > 0.5:
+                    self.outage += took  # a put that waited out the failover
+                self.confirmed.append(self.next)
+                self.next += 1
+
+
+def drain(url: str, until: int, deadline: float) -> collections.Counter[int]:
+    got: collections.Counter[int] = collections.Counter()
+    with pigeon.Queue(url, reconnect_timeout=60) as q:
+        while sum(got.values()) < until and time.monotonic() < deadline:
+            try:
+                for item in q.get_many(500, timeout=2):
+                    got[item] += 1
+            except pigeon.Empty:
+                continue
+    return got
+
+
+def report(name: str, confirmed: list[int], got: collections.Counter[int], outage: float) -> int:
+    lost = sorted(set(confirmed) - set(got))
+    dups = sum(n - 1 for n in got.values() if n > 1)
+    print(
+        f"\n{name}: {len(confirmed)} confirmed, {sum(got.values())} delivered, {len(lost)} lost, "
+        f"{dups} duplicates, puts refused or waiting for {outage:.1f} s"
+    )
+    return len(lost)
+
+
+def _failover(
+    url: str, kill: Callable[[], None], first: int = 2000, after: int = 1000
+) -> tuple[list[int], collections.Counter[int], float]:
+    with pigeon.Queue(url, reconnect_timeout=60) as q:
+        q.put_many(range(first))
+        taken = q.get_many(500, timeout=10)
+        while len(taken) < 500:
+            taken += q.get_many(500 - len(taken), timeout=10)
+    confirmed = list(range(first))
+    traffic = Traffic(url, first)
+    traffic.thread.start()
+    time.sleep(0.5)
+    killed_at = time.monotonic()
+    kill()
+    while len(traffic.confirmed) < after and time.monotonic() - killed_at < 90:
+        time.sleep(0.1)
+    traffic.stop.set()
+    traffic.thread.join(90)
+    confirmed += traffic.confirmed
+    got = collections.Counter(taken)
+    got.update(drain(url, len(confirmed) - len(taken), time.monotonic() + 60))
+    return confirmed, got, traffic.outage
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_jetstream_cluster_with_three_replicas_survives_the_leader_dying() -> None:
+    cluster = NatsCluster()
+    try:
+        name = f"t-{uuid.uuid4().hex[:10]}"
+        url = cluster.url(name, replicas=3)
+        with pigeon.Queue(url) as q:
+            q.put("warm")
+            assert q.get(timeout=10) == "warm"
+        from pigeon.backends.nats import stream_name
+
+        leader = cluster.leader_of(stream_name(name))
+        confirmed, got, outage = _failover(url, lambda: cluster.kill(leader))
+        assert (
+            report("JetStream, 3 nodes, replicas=3, leader SIGKILLed", confirmed, got, outage) == 0
+        )
+        assert outage < 15
+    finally:
+        cluster.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_redis_cluster_with_wait_loses_no_confirmed_put_when_a_master_dies() -> None:
+    cluster = RedisCluster()
+    try:
+        name = f"t-{uuid.uuid4().hex[:10]}"
+        url = cluster.url(name, wait=1)
+        with pigeon.Queue(url) as q:
+            q.put("warm")
+            assert q.get(timeout=10) == "warm"
+        from pigeon.backends.redis import key_names
+
+        master = cluster.master_of(key_names(name, hash_tags=True)[0])
+        confirmed, got, outage = _failover(url, lambda: cluster.kill(master), first=2000, after=500)
+        assert report("Redis Cluster 3+3, ?wait=1, master SIGKILLed", confirmed, got, outage) == 0
+    finally:
+        cluster.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_redis_sentinel_follows_a_failover_and_loses_no_confirmed_put() -> None:
+    group = Sentinels()
+    try:
+        url = group.url(f"t-{uuid.uuid4().hex[:10]}", wait=1)
+        with pigeon.Queue(url) as q:
+            q.put("warm")
+            assert q.get(timeout=10) == "warm"
+
+        def kill_master() -> None:
+            group.kill(0)
+            # as a supervisor would: the old master comes back, and Sentinel makes it a
+            # replica of the new one (with ?wait=1, puts need a replica to be confirmed)
+            threading.Timer(3.0, lambda: group.start_data(0, replica_of=None)).start()
+
+        confirmed, got, outage = _failover(url, kill_master, first=2000, after=500)
+        assert (
+            report("Sentinel, master + replica, ?wait=1, master SIGKILLed", confirmed, got, outage)
+            == 0
+        )
+    finally:
+        group.close()
