@@ -13,10 +13,20 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 import pytest
 
 _DATA_DIRS: dict[int, str] = {}
+
+# Queues this test session makes on the shared Redis and NATS carry this prefix, so the
+# session cleans up its own and never another session's (tests/conftest.py).
+SESSION_PREFIX = f"t-{uuid.uuid4().hex[:6]}-"
+
+
+def queue_name() -> str:
+    """A fresh queue name for the shared services, cleaned up at the end of the session."""
+    return SESSION_PREFIX + uuid.uuid4().hex[:10]
 
 
 def free_port() -> int:

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Iterator
 
 import pytest
 from hypothesis import settings
 
+from tests._services import SESSION_PREFIX
+
 settings.register_profile("pigeon", deadline=None)
 settings.load_profile("pigeon")
 
-TEST_PREFIXES = ("t-", "kill-")
+TEST_PREFIXES = (SESSION_PREFIX, f"kill-{os.getpid()}-")
 
 
 def _clean_redis() -> None:

@@ -16,7 +16,7 @@ import pytest
 import pigeon
 from pigeon.testing import MakeQueue
 from pigeon.testing.broker import BrokerThread
-from tests._services import service_missing, skip_or_fail
+from tests._services import queue_name, service_missing, skip_or_fail
 
 
 @dataclass
@@ -42,7 +42,7 @@ def _pigeon(maxsize: int = 0) -> pigeon.Queue[Any]:
 
 
 def _redis(maxsize: int = 0) -> pigeon.Queue[Any]:
-    return pigeon.Queue(f"redis://127.0.0.1:6379/t-{uuid.uuid4().hex[:12]}", maxsize=maxsize)
+    return pigeon.Queue(f"redis://127.0.0.1:6379/{queue_name()}", maxsize=maxsize)
 
 
 _redis_cluster: Any = None
@@ -58,7 +58,7 @@ def _on_redis_cluster(maxsize: int = 0) -> pigeon.Queue[Any]:
         import atexit
 
         atexit.register(_redis_cluster.close)
-    return pigeon.Queue(_redis_cluster.url(f"t-{uuid.uuid4().hex[:12]}"), maxsize=maxsize)
+    return pigeon.Queue(_redis_cluster.url(queue_name()), maxsize=maxsize)
 
 
 def _cluster_tools() -> str | None:
@@ -70,7 +70,7 @@ def _cluster_tools() -> str | None:
 
 
 def _nats(maxsize: int = 0) -> pigeon.Queue[Any]:
-    return pigeon.Queue(f"nats://127.0.0.1:4222/t-{uuid.uuid4().hex[:12]}", maxsize=maxsize)
+    return pigeon.Queue(f"nats://127.0.0.1:4222/{queue_name()}", maxsize=maxsize)
 
 
 NO_COUNTER = frozenset({"join", "task_done"})  # engines without a server-side counter wait

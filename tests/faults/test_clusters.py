@@ -7,13 +7,13 @@ from __future__ import annotations
 import collections
 import threading
 import time
-import uuid
 from collections.abc import Callable
 
 import pytest
 
 import pigeon
 from tests._clusters import NatsCluster, RedisCluster, Sentinels
+from tests._services import queue_name
 
 
 class Traffic:
@@ -97,7 +97,7 @@ def _failover(
 def test_jetstream_cluster_with_three_replicas_survives_the_leader_dying() -> None:
     cluster = NatsCluster()
     try:
-        name = f"t-{uuid.uuid4().hex[:10]}"
+        name = queue_name()
         url = cluster.url(name, replicas=3)
         with pigeon.Queue(url) as q:
             q.put("warm")
@@ -119,7 +119,7 @@ def test_jetstream_cluster_with_three_replicas_survives_the_leader_dying() -> No
 def test_redis_cluster_with_wait_loses_no_confirmed_put_when_a_master_dies() -> None:
     cluster = RedisCluster()
     try:
-        name = f"t-{uuid.uuid4().hex[:10]}"
+        name = queue_name()
         url = cluster.url(name, wait=1)
         with pigeon.Queue(url) as q:
             q.put("warm")
@@ -138,7 +138,7 @@ def test_redis_cluster_with_wait_loses_no_confirmed_put_when_a_master_dies() -> 
 def test_redis_sentinel_follows_a_failover_and_loses_no_confirmed_put() -> None:
     group = Sentinels()
     try:
-        url = group.url(f"t-{uuid.uuid4().hex[:10]}", wait=1)
+        url = group.url(queue_name(), wait=1)
         with pigeon.Queue(url) as q:
             q.put("warm")
             assert q.get(timeout=10) == "warm"

@@ -134,3 +134,61 @@ def test_power_loss_under_fsync_always_loses_no_confirmed_put(tmp_path: Path) ->
         payloads = {m.payload for _, m in recovered.recover()}
         recovered.close()
         assert expected <= payloads, f"{snap.name}: lost {sorted(expected - payloads)[:5]}"
+
+
+def test_attached_store_commits_in_the_loop_once_per_turn(tmp_path: Path) -> None:
+    """Attached to an event loop the store commits in the loop's thread, one transaction
+    per turn of the loop, and confirms there: no thread hop per commit."""
+    import asyncio
+
+    async def main() -> tuple[list[tuple[int, int]], int]:
+        store = SQLiteStore(tmp_path, "batch")
+        store.attach(asyncio.get_running_loop())
+        commits: list[tuple[int, int]] = []
+        store.start(lambda batch: commits.append((batch, threading.get_ident())))
+        broker = Broker(store)
+        for i in range(5):  # one turn of the loop: five puts
+            broker.handle(1, Put(i + 1, "q", f"m{i}".encode()))
+        assert commits == []  # not yet: at the end of this turn
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        batches = store.batch
+        store.close()
+        return commits, batches
+
+    commits, batches = asyncio.run(main())
+    assert batches == 1 and [b for b, _ in commits] == [1]
+    assert commits[0][1] == threading.get_ident()  # in the loop's thread
+    again = SQLiteStore(tmp_path)
+    assert [m.payload for _, m in again.recover()] == [b"m0", b"m1", b"m2", b"m3", b"m4"]
+    again.close()
+
+
+def test_attached_store_retries_a_locked_database_without_blocking_the_loop(tmp_path: Path) -> None:
+    import asyncio
+
+    async def main() -> tuple[int, float, list[int]]:
+        store = SQLiteStore(tmp_path, "batch")
+        store.attach(asyncio.get_running_loop())
+        commits: list[int] = []
+        store.start(commits.append)
+        broker = Broker(store)
+        other = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        broker.handle(1, Put(1, "q", b"waits"))
+        ticks = 0
+        t = time.monotonic()
+        while time.monotonic() - t < 0.5:  # the loop keeps turning meanwhile
+            await asyncio.sleep(0.01)
+            ticks += 1
+        stalled = store.stalled_for
+        other.execute("ROLLBACK")
+        other.close()
+        deadline = time.monotonic() + 5
+        while not commits and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        store.close()
+        return ticks, stalled, commits
+
+    ticks, stalled, commits = asyncio.run(main())
+    assert ticks > 20 and stalled > 0.3 and commits == [1]

@@ -661,6 +661,12 @@ class AsyncRedisQueue(EngineQueue[T]):
                 await self._master.aclose()
             if self._r is not None:
                 await self._r.aclose()
+                if self.kind == "cluster":
+                    # redis-py closes a cluster client's nodes only if it finished
+                    # initializing; connections made by a failed attempt must go too
+                    manager = self._r.nodes_manager
+                    await manager.aclose()
+                    await manager.aclose("startup_nodes")
             if self._sentinel is not None:
                 for client in self._sentinel.sentinels:
                     await client.aclose()

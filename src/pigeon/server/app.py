@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -152,10 +153,18 @@ class BrokerServer:
             )
         loop = self.loop
 
-        def committed(batch: int) -> None:
-            loop.call_soon_threadsafe(self._committed, batch)
+        loop_thread = threading.get_ident()
 
-        self.broker.store.start(committed)
+        def committed(batch: int) -> None:
+            if threading.get_ident() == loop_thread:
+                self._committed(batch)
+            else:
+                loop.call_soon_threadsafe(self._committed, batch)
+
+        store = self.broker.store
+        if hasattr(store, "attach"):
+            store.attach(loop)  # commits in this thread, once per turn of the loop
+        store.start(committed)
         ssl = cfg.extra.get("ssl")
         self._server = await loop.create_server(
             self._accept,

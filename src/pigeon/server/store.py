@@ -81,6 +81,7 @@ _ADDED_COLUMNS = {"origin": "TEXT NOT NULL DEFAULT ''", "reason": "TEXT NOT NULL
 _COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                    0.5, 1.0, 2.5)  # fmt: skip
 _BUSY_TIMEOUT_MS = 200  # how long one statement waits for another process's lock
+_CHECKPOINT_BYTES = 8 * 2**20  # the syncer checkpoints the WAL beyond this size
 _MAX_RETRY_DELAY = 0.25
 
 
@@ -118,6 +119,15 @@ class SQLiteStore(Store):
         self._commit_sum = 0.0
         self._db = self._open()
         self._thread = threading.Thread(target=self._writer, name="pigeon-store", daemon=True)
+        # Inline mode (``attach``): commits run in the event loop's thread, once per turn;
+        # a syncer thread does the fsyncs and checkpoints.
+        self._loop: Any = None
+        self._flush_pending = False
+        self._retry_delay = 0.01
+        self._sync = threading.Condition()
+        self._sync_upto = 0  # --fsync always: the batch the syncer must make durable
+        self._synced = 0
+        self._dirty_since: float | None = None  # --fsync batch: the oldest unsynced commit
 
     # --- opening and recovery -------------------------------------------------------------
 
@@ -191,9 +201,22 @@ class SQLiteStore(Store):
         rows = self._db.execute("SELECT name, settings FROM queues").fetchall()
         return {name: json.loads(settings) for name, settings in rows}
 
+    def attach(self, loop: Any) -> None:
+        """Commit in ``loop``'s thread once per turn of the loop - no thread hop per commit
+        - and leave fsyncs and checkpoints to a background thread. Call before ``start``."""
+        if self.fsync == "always":
+            # Measured: the writer thread committing with synchronous=FULL (one hop, SQLite's
+            # own fsync) confirms in 260 us p50; a commit here plus an fsync in the syncer
+            # took 440 us. The fsync is the cost either way; group commit shares it.
+            return
+        self._loop = loop
+        self._db.execute("PRAGMA busy_timeout=0")  # never block the loop: retry on a timer
+        self._db.execute("PRAGMA wal_autocheckpoint=0")  # the syncer checkpoints
+        self._thread = threading.Thread(target=self._syncer, name="pigeon-store-sync", daemon=True)
+
     def start(self, on_commit: Callable[[int], None]) -> None:
-        """Begin writing; ``on_commit(batch)`` is called (from the writer thread) after each
-        commit."""
+        """Begin writing; ``on_commit(batch)`` is called after each commit (from the writer
+        thread, or - attached - from the loop's thread, or the syncer's for ``always``)."""
         self.on_commit = on_commit
         self._thread.start()
 
@@ -202,11 +225,117 @@ class SQLiteStore(Store):
     @contextlib.contextmanager
     def atomic(self) -> Iterator[None]:
         """Changes made inside reach the writer together: one transaction (the writer
-        cannot take half of them while the broker is still making the rest)."""
+        cannot take half of them while the broker is still making the rest). Inline, a
+        flush runs between requests only: nothing to lock."""
+        if self._loop is not None:
+            yield
+            return
         with self._lock:
             yield
 
+    # --- inline mode: the loop commits, the syncer syncs ---------------------------------
+
+    def _flush(self) -> None:
+        """Commit everything this turn of the loop changed, in one transaction."""
+        self._flush_pending = False
+        ops, self._ops = self._ops, []
+        if not ops:
+            return
+        self.batch += 1
+        batch = self.batch
+        try:
+            started = time.perf_counter()
+            self._apply(self._db, ops)
+            self._count_commit(time.perf_counter() - started)
+        except (sqlite3.OperationalError, OSError) as exc:
+            self._ops = ops + self._ops
+            self.batch -= 1
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                log.error("store %s cannot commit (%s); retrying", self.path, exc)
+            self._flush_pending = True
+            self._loop.call_later(self._retry_delay, self._flush)
+            self._retry_delay = min(self._retry_delay * 2, _MAX_RETRY_DELAY)
+            return
+        except BaseException as exc:  # a damaged database: stop confirming
+            self._error = exc
+            log.critical("store %s failed, no more writes are confirmed: %s", self.path, exc)
+            return
+        if self._failing_since is not None:
+            log.warning("store %s commits again after %.1f s", self.path,
+                        time.monotonic() - self._failing_since)  # fmt: skip
+            self._failing_since = None
+            self._retry_delay = 0.01
+        if self.fsync == "always":  # confirmed once the syncer has fsynced it
+            with self._sync:
+                self._sync_upto = batch
+                self._sync.notify()
+            return
+        if self.fsync == "batch":
+            with self._sync:
+                if self._dirty_since is None:
+                    self._dirty_since = time.monotonic()
+                    self._sync.notify()
+        self.committed = batch
+        if self.on_commit is not None:
+            self.on_commit(batch)
+
+    def _syncer(self) -> None:
+        """fsync the WAL (for ``always``: before the confirmations; for ``batch``: within
+        ``fsync_interval``) and checkpoint it now and then, off the loop's thread."""
+        checkpointer: sqlite3.Connection | None = None
+        while True:
+            with self._sync:
+                while not self._closing:
+                    if self._sync_upto > self._synced:
+                        break
+                    if self._dirty_since is not None:
+                        wait = self._dirty_since + self.fsync_interval - time.monotonic()
+                        if wait <= 0:
+                            break
+                        self._sync.wait(wait)
+                    else:
+                        self._sync.wait(1.0)
+                        break  # a chance to checkpoint
+                upto = self._sync_upto
+                dirty = self._dirty_since is not None
+                self._dirty_since = None
+                closing = self._closing
+            try:
+                if upto > self._synced or dirty or closing:
+                    self._fsync_wal()
+                if upto > self._synced:
+                    self._synced = upto
+                    self.committed = max(self.committed, upto)
+                    if self.on_commit is not None:
+                        self.on_commit(upto)
+                if (
+                    os.path.exists(f"{self.path}-wal")
+                    and os.path.getsize(f"{self.path}-wal") > _CHECKPOINT_BYTES
+                ):
+                    if checkpointer is None:
+                        checkpointer = sqlite3.connect(
+                            self.path, check_same_thread=False, isolation_level=None
+                        )
+                        checkpointer.execute("PRAGMA busy_timeout=1000")
+                    checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except (sqlite3.OperationalError, OSError) as exc:
+                log.error("store %s: fsync or checkpoint failed (%s); retrying", self.path, exc)
+                time.sleep(0.05)
+            if closing:
+                if checkpointer is not None:
+                    checkpointer.close()
+                return
+
     def _add(self, op: str, args: tuple[object, ...]) -> None:
+        if self._loop is not None:  # inline: the loop's thread alone touches _ops
+            self._ops.append((op, args))
+            self.last_tag = self.batch + 1
+            self.changes += 1
+            if not self._flush_pending:
+                self._flush_pending = True
+                self._loop.call_soon(self._flush)
+            return
         with self._lock:
             self._ops.append((op, args))
             self.last_tag = self.batch + 1
@@ -368,6 +497,19 @@ class SQLiteStore(Store):
 
     def close(self) -> None:
         """Commit what is pending, stop the writer, close the database."""
+        if self._loop is not None:
+            if self._ops:
+                self._flush_pending = False
+                with contextlib.suppress(sqlite3.Error):
+                    self._apply(self._db, self._ops)
+                self._ops = []
+            with self._sync:
+                self._closing = True
+                self._sync.notify()
+            if self._thread.is_alive():
+                self._thread.join(30)
+            self._db.close()
+            return
         with self._lock:
             self._closing = True
             self._lock.notify()
