@@ -185,12 +185,15 @@ def _chrome() -> Any:
 
 
 def _depth_shown(browser: Any, queue: str) -> str | None:
-    from selenium.webdriver.common.by import By
-
-    for row in browser.find_elements(By.CSS_SELECTOR, "#queues tbody tr"):
-        cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+    """The depth the page shows for ``queue`` (read in one script: the table is redrawn
+    every second, so elements found one call earlier may be gone)."""
+    rows = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#queues tbody tr'))"
+        ".map(r => Array.from(r.cells).map(c => c.textContent))"
+    )
+    for cells in rows:
         if cells and cells[0] == queue:
-            return cells[1]
+            return str(cells[1])
     return None
 
 

@@ -40,9 +40,20 @@ class _Lane:
         return self.loop.run_until_complete(coro)
 
     def close(self) -> None:
-        """Close the client, then its private loop (in a thread where no loop runs)."""
+        """Close the client, then its private loop - never from a thread whose own event
+        loop is running (a finalizer may run anywhere): then from a helper thread."""
         if self.pid != os.getpid():
             return  # a fork child: the parent's client is not ours to close
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._close_here()
+            return
+        helper = threading.Thread(target=self._close_here, name="pigeon-close")
+        helper.start()
+        helper.join()
+
+    def _close_here(self) -> None:
         try:
             if self.loop is not None and self.loop.is_running():
                 return
