@@ -32,6 +32,8 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest
+	# the local queue again on its pure-Python path (the fallback where nothing compiles)
+	PIGEON_PURE_PYTHON=1 $(BIN)/pytest -q tests/backends/test_local.py tests/conformance -k local
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/framing.py

@@ -110,11 +110,22 @@ def test_process_killed_holding_the_lock_leaves_the_queue_usable() -> None:
         assert q.get(timeout=10) == "still works"
 
 
-def _die_before_commit(q: LocalQueue[Any]) -> None:
+def _kill_at_the_commit(q: LocalQueue[Any]) -> None:
+    """Die at the one-byte store that commits, whichever path (C or Python) makes it."""
+    from pigeon.backends import local
+
+    if local._C is not None:
+        local._C._die_before_publish(True)
+        return
+
     def killed(*_: Any) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     q._publish = killed  # type: ignore[method-assign]
+
+
+def _die_before_commit(q: LocalQueue[Any]) -> None:
+    _kill_at_the_commit(q)
     q.put(b"half-written" * 1000)
 
 
@@ -131,10 +142,7 @@ def test_put_killed_after_writing_bytes_before_commit_leaves_no_torn_item() -> N
 
 
 def _die_while_taking(q: LocalQueue[Any]) -> None:
-    def killed(*_: Any) -> None:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    q._publish = killed  # type: ignore[method-assign]
+    _kill_at_the_commit(q)
     q.get()
 
 

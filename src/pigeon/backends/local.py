@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import mmap
 import os
 import pickle
@@ -115,6 +116,24 @@ _GROWTH_PATIENCE = 0.002  # seconds: the longest a waiter sleeps before re-check
 _OOB_MIN = 64 * 1024  # pickle buffers at least this large go out of band
 
 _DEFAULT_CAPACITY = 1 * 2**20
+
+
+def _load_c_path() -> Any:
+    """The compiled fast path (``pigeon._fastring``), or None: pure Python. Set
+    ``PIGEON_PURE_PYTHON=1`` to force the pure-Python path (the tests run both)."""
+    if os.environ.get("PIGEON_PURE_PYTHON"):
+        return None
+    try:
+        from pigeon import _fastring  # type: ignore[attr-defined]
+    except ImportError:
+        logging.getLogger("pigeon.local").debug(
+            "the local queue's C fast path is not built here; using the pure-Python path"
+        )
+        return None
+    return _fastring
+
+
+_C = _load_c_path()
 
 
 # Bumped in every child after fork, so a handle notices it crossed a fork without a
@@ -209,6 +228,11 @@ class LocalQueue(Queue[T]):
         self._gen = _fork_generation[0]
         self._tlock = threading.Lock()
         self._ctrl = mmap.mmap(fd, PAGE)
+        # addresses for the C fast path; the anchors keep the mappings exported (alive)
+        self._ctrl_anchor: Any = ctypes.c_char.from_buffer(self._ctrl)
+        self._ctrl_addr = ctypes.addressof(self._ctrl_anchor)
+        self._data_anchor: Any = None
+        self._data_addr = 0
         if self._ctrl[0:8] != MAGIC:
             raise ClosedResourceError(f"{self._path} is not a pigeon local queue")
         self._maxsize = struct.unpack_from("<Q", self._ctrl, _OFF_MAXSIZE)[0]
@@ -223,8 +247,11 @@ class LocalQueue(Queue[T]):
 
     def _map_data(self, capacity: int) -> mmap.mmap:
         if self._data is not None:
+            self._data_anchor = None  # the export must go before the mapping can close
             self._data.close()
         self._data = data = mmap.mmap(self._fd, capacity, offset=PAGE)
+        self._data_anchor = ctypes.c_char.from_buffer(data)
+        self._data_addr = ctypes.addressof(self._data_anchor)
         self._cap = capacity
         return data
 
@@ -452,11 +479,22 @@ class LocalQueue(Queue[T]):
         return int(self._maxsize)
 
     def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
-        record = self._encode(item)
-        fast = len(record[1]) == 1 and (timeout is None or timeout >= 0)
-        if fast and self._put_fast(record[0], record[1][0]):
-            return
-        self._put([record], block, timeout)
+        kind, parts = self._encode(item)
+        if len(parts) == 1 and (timeout is None or timeout >= 0):
+            if _C is None:
+                if self._put_fast(kind, parts[0]):
+                    return
+            else:
+                if self._closed or self._gen != _fork_generation[0]:
+                    self._check()
+                with self._tlock:
+                    done = _C.put(self._ctrl_addr, self._data_addr, self._fd, parts[0], kind,
+                                  self._maxsize, self._cap)  # fmt: skip
+                if done >= 0:
+                    if done:
+                        self._wake(PUT_SEQ)
+                    return
+        self._put([(kind, parts)], block, timeout)
 
     def _put_fast(self, kind: int, payload: bytes) -> bool:
         """The common put in one locked section: room after the tail of an unwrapped ring,
@@ -596,9 +634,20 @@ class LocalQueue(Queue[T]):
 
     def get(self, block: bool = True, timeout: float | None = None) -> T:
         if timeout is None or timeout >= 0:
-            got = self._get_fast()
-            if got is not None:
-                return self._decode(got[0], got[1])  # type: ignore[no-any-return]
+            if _C is None:
+                got = self._get_fast()
+                if got is not None:
+                    return self._decode(got[0], got[1])  # type: ignore[no-any-return]
+            else:
+                if self._closed or self._gen != _fork_generation[0]:
+                    self._check()
+                with self._tlock:
+                    taken = _C.get(self._ctrl_addr, self._data_addr, self._fd, self._cap)
+                if taken is not None:
+                    kind, payload, wake = taken
+                    if wake:
+                        self._wake(GET_SEQ)
+                    return self._decode(kind, payload)  # type: ignore[no-any-return]
         kind, _, payload = self._take(1, block, timeout)[0]
         return self._decode(kind, payload)  # type: ignore[no-any-return]
 
@@ -780,6 +829,7 @@ class LocalQueue(Queue[T]):
             return
         self._closed = True
         self._words.clear()
+        self._ctrl_anchor = self._data_anchor = None
         if self._data is not None:
             self._data.close()
         self._ctrl.close()
