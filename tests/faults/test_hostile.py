@@ -21,6 +21,7 @@ import pigeon
 from pigeon.protocol import MAGIC, VERSION, Hello
 from pigeon.protocol.wire import encode_frame
 from tests._services import free_port, start_broker
+from tests.faults._wire import send_until_closed
 
 CONNECTIONS = int(os.environ.get("PIGEON_HOSTILE_CONNECTIONS", "10000"))
 AT_ONCE = 200
@@ -51,25 +52,7 @@ def attack(kind: int, rng: random.Random) -> tuple[bytes, bool]:
 
 async def one(port: int, kind: int, rng: random.Random) -> float:
     data, hello = attack(kind, rng)
-    start = time.monotonic()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        if hello:
-            writer.write(HELLO)
-        writer.write(data)
-        await writer.drain()
-        async with asyncio.timeout(10):
-            while await reader.read(65536):
-                pass  # until the broker closes it
-    except (ConnectionResetError, BrokenPipeError):
-        pass
-    finally:
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except (ConnectionResetError, BrokenPipeError):
-            pass
-    return time.monotonic() - start
+    return await send_until_closed(port, (HELLO if hello else b"") + data, timeout=10)
 
 
 async def flood(port: int, total: int) -> list[float]:

@@ -20,6 +20,7 @@ import pigeon
 from pigeon.protocol import MAGIC, VERSION, Hello, Put
 from pigeon.protocol.wire import encode_frame
 from tests._services import free_port, start_broker
+from tests.faults._wire import send_until_closed
 from tests.faults.test_hostile import rss
 
 
@@ -59,24 +60,7 @@ def hostile(kind: int, rng: random.Random) -> bytes:
 
 
 async def _one(port: int, data: bytes) -> float:
-    start = time.monotonic()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        if data:
-            writer.write(data)
-            await writer.drain()
-        async with asyncio.timeout(30):
-            while await reader.read(65536):
-                pass
-    except (ConnectionResetError, BrokenPipeError):
-        pass
-    finally:
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except (ConnectionResetError, BrokenPipeError):
-            pass
-    return time.monotonic() - start
+    return await send_until_closed(port, data, timeout=30)
 
 
 async def _flood(port: int, total: int) -> list[float]:
