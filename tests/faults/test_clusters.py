@@ -5,6 +5,8 @@ lost / duplicates and how long puts were refused."""
 from __future__ import annotations
 
 import collections
+import gc
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -68,6 +70,19 @@ def report(name: str, confirmed: list[int], got: collections.Counter[int], outag
     return len(lost)
 
 
+def assert_no_leaked_connections() -> None:
+    """Collect garbage now and fail if a socket, connection or node was dropped open —
+    after a failover is when a client forgets the connections of a node that left."""
+    seen: list[str] = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda u: seen.append(f"{u.exc_value!r} in {u.object!r}")
+    try:
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+    assert not seen, "\n".join(seen)
+
+
 def _failover(
     url: str, kill: Callable[[], None], first: int = 2000, after: int = 1000
 ) -> tuple[list[int], collections.Counter[int], float]:
@@ -110,6 +125,7 @@ def test_jetstream_cluster_with_three_replicas_survives_the_leader_dying() -> No
             report("JetStream, 3 nodes, replicas=3, leader SIGKILLed", confirmed, got, outage) == 0
         )
         assert outage < 15
+        assert_no_leaked_connections()
     finally:
         cluster.close()
 
@@ -129,6 +145,7 @@ def test_redis_cluster_with_wait_loses_no_confirmed_put_when_a_master_dies() -> 
         master = cluster.master_of(key_names(name, hash_tags=True)[0])
         confirmed, got, outage = _failover(url, lambda: cluster.kill(master), first=2000, after=500)
         assert report("Redis Cluster 3+3, ?wait=1, master SIGKILLed", confirmed, got, outage) == 0
+        assert_no_leaked_connections()
     finally:
         cluster.close()
 
@@ -154,5 +171,6 @@ def test_redis_sentinel_follows_a_failover_and_loses_no_confirmed_put() -> None:
             report("Sentinel, master + replica, ?wait=1, master SIGKILLed", confirmed, got, outage)
             == 0
         )
+        assert_no_leaked_connections()
     finally:
         group.close()
