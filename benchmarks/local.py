@@ -13,6 +13,8 @@ Contenders:
   SimpleQueue     multiprocessing.SimpleQueue put / get
   Pipe            multiprocessing.Pipe send_bytes / recv_bytes (1x1 only: not multi-writer)
   faster-fifo     faster_fifo.Queue put / get, and put_many / get_many (if installed)
+  pyzmq ipc       zmq PUSH / PULL over ipc://, send / recv (1x1 only; if installed): ZeroMQ
+                  batches small messages itself, so this is the bar for pigeon's batches
 Prints a table (items/s, MB/s, ratio to multiprocessing.Queue) and writes
 benchmarks/results/local.png.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -137,6 +140,46 @@ def _ff_batch_get(q: Any) -> int:
             return n
 
 
+def _zmq_make(size: int) -> str:
+    import tempfile
+
+    return f"ipc://{tempfile.gettempdir()}/pigeon-bench-{os.getpid()}-{time.monotonic_ns()}.ipc"
+
+
+def _zmq_put(address: str, item: bytes, count: int) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, -1)
+    sock.connect(address)
+    send = sock.send
+    for _ in range(count):
+        send(item, copy=len(item) < 65536)
+    send(b"")
+    sock.close()
+    ctx.term()  # waits until everything is delivered (the process ends with os._exit)
+
+
+def _zmq_get(address: str) -> int:
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVTIMEO, 60_000)  # zmq.Again rather than a hang if items are lost
+    sock.bind(address)
+    recv = sock.recv
+    n = 0
+    while recv():
+        n += 1
+    sock.close(linger=0)
+    os.unlink(address.removeprefix("ipc://"))
+    return n
+
+
+def _zmq_end(address: str, consumers: int) -> None:
+    """The producer sent the end marker itself (a socket belongs to one process)."""
+
+
 def contenders() -> list[Contender]:
     out = [
         Contender("pigeon", lambda s: pigeon.Queue(), _single_put, _single_get, _end_none),
@@ -167,6 +210,12 @@ def contenders() -> list[Contender]:
         ]
     except ImportError:
         print("faster-fifo not installed: skipping it")
+    try:
+        import zmq  # noqa: F401
+
+        out.append(Contender("pyzmq ipc", _zmq_make, _zmq_put, _zmq_get, _zmq_end, only_1x1=True))
+    except ImportError:
+        print("pyzmq not installed: skipping it")
     return out
 
 
@@ -270,12 +319,23 @@ def main() -> None:
             plot[label] = {k: v / base for k, v in rates.items()}
             if size <= 1024:
                 checks.append(
-                    f"{label}: pigeon {rates['pigeon'] / base:.2f}× mp.Queue (target ≥ 2); "
+                    f"{label}: pigeon {rates['pigeon'] / base:.2f}× mp.Queue (target ≥ 3); "
                     f"batch {rates['pigeon batch'] / base:.2f}× mp.Queue (≥ 3)"
                     + (
                         f", {rates['pigeon batch'] / rates['faster-fifo batch']:.2f}× "
                         "faster-fifo batch (≥ 2)"
                         if "faster-fifo batch" in rates
+                        else ""
+                    )
+                    + (
+                        f"; single {rates['pigeon'] / rates['Pipe']:.2f}× Pipe (≥ 1.5)"
+                        if "Pipe" in rates
+                        else ""
+                    )
+                    + (
+                        f"; batch {rates['pigeon batch'] / rates['pyzmq ipc']:.2f}× "
+                        "pyzmq PUSH/PULL ipc (≥ 1)"
+                        if "pyzmq ipc" in rates
                         else ""
                     )
                 )

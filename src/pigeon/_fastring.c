@@ -1,24 +1,37 @@
-/* The local queue's hot path in C: put one item, get one item, each in one call.
+/* The local queue's hot path in C: put and get, one item or a batch, each in one call.
  *
  * Strategy: the same file layout, the same lock and the same commit as the pure-Python
- * path in backends/local.py (which stays the fallback, and the reference): the caller holds
- * the queue handle's thread lock; here we take the cross-process flock, copy the record
- * into the ring, write the new state into the spare slot of the control page and publish it
- * with one single-byte store (release ordering, so the bytes are in place before it), bump
- * the sequence word and read whether anyone waits on it, then drop the flock. A process
- * SIGKILLed anywhere in here leaves no lock held (the kernel drops flock locks with the
- * process) and no torn item (before the publish, the record is invisible; after, complete).
- * Anything unusual - a wrapped ring, no room, growth, shutdown, a record kind this path does
- * not copy - returns -1/None and the Python path takes over, with nothing changed.
+ * path in backends/local.py (which stays the fallback, and the reference). Each call takes
+ * the cross-process lock, copies the records into (or out of) the ring, writes the new state
+ * into the spare slot of the control page and publishes it with one single-byte store
+ * (release ordering, so the bytes are in place before it), bumps the sequence word and reads
+ * whether anyone waits on it, then drops the lock. Anything unusual - no room, growth,
+ * shutdown, a record this path does not copy - returns -1/None and the Python path takes
+ * over, with nothing changed.
+ *
+ * The lock: a process-shared, robust pthread mutex in the control page (queue files marked
+ * PIGEONQ2). Taking and dropping it uncontended costs two atomic instructions, no system
+ * call, and it excludes threads and processes alike. A process SIGKILLed while holding it
+ * leaves it to the next taker with EOWNERDEAD (the kernel walks the dead thread's robust
+ * list); the taker marks it consistent and goes on, which is safe because the state is
+ * double-buffered: a holder that died either published its change (complete) or did not
+ * (invisible). Files marked PIGEONQ1 (made where robust mutexes do not exist) use flock on
+ * the caller's descriptor instead: pass that descriptor as `fd`; -1 means the mutex.
+ *
+ * A taker never waits for the GIL while it holds the mutex: it spins with trylock, and if
+ * the mutex stays busy it waits for it with the GIL released, drops it at once, takes the
+ * GIL back and tries again. Otherwise a thread of this process doing unrelated work could
+ * keep every other process out for a whole GIL switch interval.
  *
  * Control page (little-endian): [16] u8 current slot, [20] u8 flags, [24] u32 PUT_SEQ,
  * [28] u32 GET_SEQ, [36] u32 PUT waiters, [40] u32 GET waiters, [64 + 64*slot] five u64:
- * head, tail, count, unfinished, capacity. Records: u32 length, u16 kind, u16 deliveries,
- * payload, padded to 8 bytes; kind 0 is a wrap marker.
+ * head, tail, count, unfinished, capacity; [256] the mutex. Records: u32 length, u16 kind,
+ * u16 deliveries, payload, padded to 8 bytes; kind 0 is a wrap marker (backends/_ring.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <signal.h>
 #include <string.h>
@@ -31,15 +44,43 @@
 #define PUT_WAITERS 36
 #define GET_WAITERS 40
 #define OFF_SLOTS 64
+#define OFF_MUTEX 256
+#define MUTEX_ROOM 64
 #define SHUTDOWN 1
 #define HEADER 8
 #define WRAP 0
+#define K_PICKLE 1
+#define K_BYTES 2
+#define K_BYTEARRAY 3
+#define K_PICKLE_OOB 4
+#define K_SERIALIZED 5
 #define LOCK_TRIES 50
+#define SPIN_TRIES 200
+
+#if defined(PTHREAD_MUTEX_ROBUST) || defined(__GLIBC__)
+#define HAVE_ROBUST 1
+#else
+#define HAVE_ROBUST 0
+#endif
+
+#if HAVE_ROBUST
+_Static_assert(sizeof(pthread_mutex_t) <= MUTEX_ROOM, "the mutex must fit its room");
+#endif
 
 typedef struct { uint64_t head, tail, count, unfinished, capacity; } state_t;
 
 /* For the kill tests only: SIGKILL this process after the copy, before the publish. */
 static int die_before_publish = 0;
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* ---- the lock ------------------------------------------------------------------------- */
 
 static int lock_fd(int fd) {
     for (int i = 0; i < LOCK_TRIES; i++) {
@@ -52,6 +93,59 @@ static int lock_fd(int fd) {
     Py_END_ALLOW_THREADS
     return rc;
 }
+
+#if HAVE_ROBUST
+static inline pthread_mutex_t *mutex_of(uint8_t *ctrl) {
+    return (pthread_mutex_t *)(ctrl + OFF_MUTEX);
+}
+
+/* 0: locked (a dead holder's lock is recovered); else an errno. Called with the GIL. */
+static int lock_mutex(pthread_mutex_t *m) {
+    for (;;) {
+        for (int i = 0; i < SPIN_TRIES; i++) {
+            int rc = pthread_mutex_trylock(m);
+            if (rc == EOWNERDEAD) rc = pthread_mutex_consistent(m);
+            if (rc != EBUSY) return rc;
+            cpu_relax();
+        }
+        /* Busy for a while: wait for it without the GIL, but never hold it while taking the
+         * GIL back (see the strategy above). */
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = pthread_mutex_lock(m);
+        if (rc == EOWNERDEAD) rc = pthread_mutex_consistent(m);
+        if (rc == 0) pthread_mutex_unlock(m);
+        Py_END_ALLOW_THREADS
+        if (rc != 0) return rc;
+    }
+}
+#endif
+
+static int lock_queue(uint8_t *ctrl, int fd) {
+    if (fd >= 0) return lock_fd(fd) == 0 ? 0 : errno;
+#if HAVE_ROBUST
+    return lock_mutex(mutex_of(ctrl));
+#else
+    return ENOSYS;
+#endif
+}
+
+static void unlock_queue(uint8_t *ctrl, int fd) {
+    if (fd >= 0) {
+        flock(fd, LOCK_UN);
+        return;
+    }
+#if HAVE_ROBUST
+    pthread_mutex_unlock(mutex_of(ctrl));
+#endif
+}
+
+static PyObject *lock_error(int rc) {
+    errno = rc;
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+/* ---- the ring (the same rules as backends/_ring.py) ------------------------------------ */
 
 static inline void read_state(const uint8_t *ctrl, int idx, state_t *st) {
     memcpy(st, ctrl + OFF_SLOTS + 64 * idx, sizeof *st);
@@ -68,90 +162,324 @@ static inline uint32_t bump(uint8_t *ctrl, int word, int waiters) {
     return *(volatile uint32_t *)(ctrl + waiters);
 }
 
-/* put(ctrl_addr, data_addr, fd, payload, kind, maxsize, data_cap) -> -1 | 0 | 1 */
-static PyObject *fast_put(PyObject *self, PyObject *args) {
-    unsigned long long ctrl_addr, data_addr, maxsize, data_cap;
+static inline uint64_t record_size(uint64_t n) { return HEADER + ((n + 7) & ~(uint64_t)7); }
+
+static inline void write_header(uint8_t *at, uint32_t len, uint16_t kind, uint16_t deliveries) {
+    memcpy(at, &len, 4);
+    memcpy(at + 4, &kind, 2);
+    memcpy(at + 6, &deliveries, 2);
+}
+
+/* _ring.reserve: the offset for a record of n payload bytes (the state advanced), or -1. */
+static int64_t reserve(uint8_t *data, state_t *st, uint64_t n) {
+    uint64_t rec = record_size(n), pos;
+    if (st->count == 0) st->head = st->tail = 0;
+    if (st->count && st->tail <= st->head) { /* wrapped */
+        if (st->head - st->tail < rec) return -1;
+        pos = st->tail;
+    } else if (st->capacity - st->tail >= rec) {
+        pos = st->tail;
+    } else if (st->head >= rec) {
+        /* the wrap marker goes in free space: harmless if nothing is published */
+        if (st->capacity - st->tail >= HEADER) write_header(data + st->tail, 0, WRAP, 0);
+        pos = 0;
+    } else {
+        return -1;
+    }
+    st->tail = pos + rec;
+    st->count += 1;
+    return (int64_t)pos;
+}
+
+/* _ring.next_record: the oldest record's offset (the state advanced), or -1 if damaged. */
+static int64_t next_record(const uint8_t *data, state_t *st, uint32_t *len, uint16_t *kind,
+                           uint16_t *deliveries) {
+    uint64_t pos = st->capacity - st->head >= HEADER ? st->head : 0;
+    memcpy(len, data + pos, 4);
+    memcpy(kind, data + pos + 4, 2);
+    if (*kind == WRAP) {
+        pos = 0;
+        memcpy(len, data, 4);
+        memcpy(kind, data + 4, 2);
+    }
+    memcpy(deliveries, data + pos + 6, 2);
+    if (pos + record_size(*len) > st->capacity) return -1;
+    st->head = pos + record_size(*len);
+    st->count -= 1;
+    if (st->count == 0) st->head = st->tail = 0;
+    return (int64_t)pos;
+}
+
+static PyObject *copy_out(const uint8_t *at, uint32_t len, uint16_t kind) {
+    if (kind == K_PICKLE || kind == K_BYTES || kind == K_SERIALIZED)
+        return PyBytes_FromStringAndSize((const char *)at, len);
+    return PyByteArray_FromStringAndSize((const char *)at, len);
+}
+
+/* ---- arguments ------------------------------------------------------------------------- */
+
+static int as_u64(PyObject *o, uint64_t *out) {
+    *out = PyLong_AsUnsignedLongLong(o);
+    return !(*out == (uint64_t)-1 && PyErr_Occurred());
+}
+
+static int as_int(PyObject *o, int *out) {
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred()) return 0;
+    *out = (int)v;
+    return 1;
+}
+
+/* mapped: (data_addr, data_cap), read by the caller as one object, so a thread that remaps
+ * the ring meanwhile cannot pair one mapping's address with another's size. */
+static int as_mapped(PyObject *o, uint8_t **data, uint64_t *cap) {
+    uint64_t addr;
+    if (!PyTuple_CheckExact(o) || PyTuple_GET_SIZE(o) != 2) {
+        PyErr_SetString(PyExc_TypeError, "mapped must be a (data_addr, data_cap) tuple");
+        return 0;
+    }
+    if (!as_u64(PyTuple_GET_ITEM(o, 0), &addr) || !as_u64(PyTuple_GET_ITEM(o, 1), cap)) return 0;
+    *data = (uint8_t *)(uintptr_t)addr;
+    return 1;
+}
+
+#define CHECK_NARGS(name, n)                                                                  \
+    if (nargs != (n)) {                                                                       \
+        PyErr_Format(PyExc_TypeError, name "() takes %d arguments (%zd given)", (n), nargs); \
+        return NULL;                                                                          \
+    }
+
+/* ---- the operations -------------------------------------------------------------------- */
+
+/* put(ctrl_addr, mapped, fd, payload, kind, maxsize) -> -1 | 0 | 1 */
+static PyObject *fast_put(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_NARGS("put", 6);
+    uint64_t ctrl_addr, maxsize, data_cap;
+    uint8_t *data;
     int fd, kind;
-    Py_buffer payload;
-    if (!PyArg_ParseTuple(args, "KKiy*iKK", &ctrl_addr, &data_addr, &fd, &payload, &kind,
-                          &maxsize, &data_cap))
+    if (!as_u64(args[0], &ctrl_addr) || !as_mapped(args[1], &data, &data_cap) ||
+        !as_int(args[2], &fd) || !as_int(args[4], &kind) || !as_u64(args[5], &maxsize))
         return NULL;
-    uint8_t *ctrl = (uint8_t *)(uintptr_t)ctrl_addr, *data = (uint8_t *)(uintptr_t)data_addr;
-    uint64_t n = (uint64_t)payload.len, size = HEADER + ((n + 7) & ~(uint64_t)7);
+    const char *buf;
+    Py_ssize_t n;
+    Py_buffer view = {0};
+    if (PyBytes_CheckExact(args[3])) {
+        buf = PyBytes_AS_STRING(args[3]);
+        n = PyBytes_GET_SIZE(args[3]);
+    } else {
+        if (PyObject_GetBuffer(args[3], &view, PyBUF_SIMPLE) != 0) return NULL;
+        buf = view.buf;
+        n = view.len;
+    }
+    uint8_t *ctrl = (uint8_t *)(uintptr_t)ctrl_addr;
     long result = -1;
-    if (lock_fd(fd) != 0) {
-        PyBuffer_Release(&payload);
-        return PyErr_SetFromErrno(PyExc_OSError);
+    int rc = lock_queue(ctrl, fd);
+    if (rc != 0) {
+        PyBuffer_Release(&view);
+        return lock_error(rc);
     }
     int idx = ctrl[OFF_INDEX];
     state_t st;
     read_state(ctrl, idx, &st);
     if (!(ctrl[OFF_FLAGS] & SHUTDOWN) && st.capacity == data_cap &&
-        !(maxsize && st.count >= maxsize) && n <= 0xFFFFFFFFu) {
-        if (st.count == 0) st.head = st.tail = 0;
-        if ((st.count == 0 || st.tail > st.head) && st.capacity - st.tail >= size) {
-            uint8_t *rec = data + st.tail;
-            memcpy(rec + HEADER, payload.buf, n);
-            uint32_t len32 = (uint32_t)n;
-            uint16_t kind16 = (uint16_t)kind, deliveries = 1;
-            memcpy(rec, &len32, 4);
-            memcpy(rec + 4, &kind16, 2);
-            memcpy(rec + 6, &deliveries, 2);
-            st.tail += size;
-            st.count += 1;
+        !(maxsize && st.count >= maxsize) && (uint64_t)n <= 0xFFFFFFFFu) {
+        int64_t pos = reserve(data, &st, (uint64_t)n);
+        if (pos >= 0) {
+            memcpy(data + pos + HEADER, buf, (size_t)n);
+            write_header(data + pos, (uint32_t)n, (uint16_t)kind, 1);
             st.unfinished += 1;
             publish(ctrl, idx ^ 1, &st);
             result = bump(ctrl, PUT_SEQ, PUT_WAITERS) != 0;
         }
     }
-    flock(fd, LOCK_UN);
-    PyBuffer_Release(&payload);
+    unlock_queue(ctrl, fd);
+    PyBuffer_Release(&view);
     return PyLong_FromLong(result);
 }
 
-/* get(ctrl_addr, data_addr, fd, data_cap) -> None | (kind, bytes, wake) */
-static PyObject *fast_get(PyObject *self, PyObject *args) {
-    unsigned long long ctrl_addr, data_addr, data_cap;
+/* put_many(ctrl_addr, mapped, fd, records, maxsize) -> -1 | 0 | 1
+ * records: a list of (kind, [payload]) as LocalQueue._encode makes them; all or none. */
+static PyObject *fast_put_many(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_NARGS("put_many", 5);
+    uint64_t ctrl_addr, maxsize, data_cap;
+    uint8_t *data;
     int fd;
-    if (!PyArg_ParseTuple(args, "KKiK", &ctrl_addr, &data_addr, &fd, &data_cap)) return NULL;
-    uint8_t *ctrl = (uint8_t *)(uintptr_t)ctrl_addr, *data = (uint8_t *)(uintptr_t)data_addr;
-    if (lock_fd(fd) != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    if (!as_u64(args[0], &ctrl_addr) || !as_mapped(args[1], &data, &data_cap) ||
+        !as_int(args[2], &fd) || !as_u64(args[4], &maxsize))
+        return NULL;
+    PyObject *records = args[3];
+    if (!PyList_CheckExact(records)) {
+        PyErr_SetString(PyExc_TypeError, "put_many() records must be a list");
+        return NULL;
+    }
+    Py_ssize_t count = PyList_GET_SIZE(records);
+    /* Only single-part records of bytes or bytearray: anything else takes the Python path. */
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *rec = PyList_GET_ITEM(records, i);
+        if (!PyTuple_CheckExact(rec) || PyTuple_GET_SIZE(rec) != 2) return PyLong_FromLong(-1);
+        PyObject *parts = PyTuple_GET_ITEM(rec, 1);
+        if (!PyList_CheckExact(parts) || PyList_GET_SIZE(parts) != 1) return PyLong_FromLong(-1);
+        PyObject *p = PyList_GET_ITEM(parts, 0);
+        if (!PyBytes_CheckExact(p) && !PyByteArray_CheckExact(p)) return PyLong_FromLong(-1);
+        if (!PyLong_CheckExact(PyTuple_GET_ITEM(rec, 0))) return PyLong_FromLong(-1);
+    }
+    uint8_t *ctrl = (uint8_t *)(uintptr_t)ctrl_addr;
+    long result = -1;
+    int rc = lock_queue(ctrl, fd);
+    if (rc != 0) return lock_error(rc);
+    int idx = ctrl[OFF_INDEX];
+    state_t st;
+    read_state(ctrl, idx, &st);
+    if (!(ctrl[OFF_FLAGS] & SHUTDOWN) && st.capacity == data_cap &&
+        !(maxsize && st.count + (uint64_t)count > maxsize)) {
+        Py_ssize_t i;
+        for (i = 0; i < count; i++) {
+            PyObject *rec = PyList_GET_ITEM(records, i);
+            PyObject *p = PyList_GET_ITEM(PyTuple_GET_ITEM(rec, 1), 0);
+            const char *buf;
+            Py_ssize_t n;
+            if (PyBytes_CheckExact(p)) {
+                buf = PyBytes_AS_STRING(p);
+                n = PyBytes_GET_SIZE(p);
+            } else {
+                buf = PyByteArray_AS_STRING(p);
+                n = PyByteArray_GET_SIZE(p);
+            }
+            int64_t pos = (uint64_t)n <= 0xFFFFFFFFu ? reserve(data, &st, (uint64_t)n) : -1;
+            if (pos < 0) break; /* nothing published: the Python path waits or grows */
+            memcpy(data + pos + HEADER, buf, (size_t)n);
+            long kind = PyLong_AsLong(PyTuple_GET_ITEM(rec, 0));
+            write_header(data + pos, (uint32_t)n, (uint16_t)kind, 1);
+        }
+        if (i == count) {
+            st.unfinished += (uint64_t)count;
+            publish(ctrl, idx ^ 1, &st);
+            result = bump(ctrl, PUT_SEQ, PUT_WAITERS) != 0;
+        }
+    }
+    unlock_queue(ctrl, fd);
+    return PyLong_FromLong(result);
+}
+
+/* get(ctrl_addr, mapped, fd) -> None | (kind, bytes, wake) */
+static PyObject *fast_get(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_NARGS("get", 3);
+    uint64_t ctrl_addr, data_cap;
+    uint8_t *data;
+    int fd;
+    if (!as_u64(args[0], &ctrl_addr) || !as_mapped(args[1], &data, &data_cap) ||
+        !as_int(args[2], &fd))
+        return NULL;
+    uint8_t *ctrl = (uint8_t *)(uintptr_t)ctrl_addr;
+    int rc = lock_queue(ctrl, fd);
+    if (rc != 0) return lock_error(rc);
     PyObject *out = NULL;
     int idx = ctrl[OFF_INDEX];
     state_t st;
     read_state(ctrl, idx, &st);
     if (st.count && st.capacity == data_cap) {
-        uint64_t pos = st.capacity - st.head >= HEADER ? st.head : 0;
         uint32_t len;
-        uint16_t kind;
-        memcpy(&len, data + pos, 4);
-        memcpy(&kind, data + pos + 4, 2);
-        if (kind == WRAP) {
-            pos = 0;
-            memcpy(&len, data, 4);
-            memcpy(&kind, data + 4, 2);
-        }
+        uint16_t kind, deliveries;
+        int64_t pos = next_record(data, &st, &len, &kind, &deliveries);
         /* bytes, pickled, serialized: copied out as one bytes object */
-        if ((kind == 1 || kind == 2 || kind == 5) && pos + HEADER + len <= st.capacity) {
+        if (pos >= 0 && (kind == K_PICKLE || kind == K_BYTES || kind == K_SERIALIZED)) {
             PyObject *payload = PyBytes_FromStringAndSize((const char *)data + pos + HEADER, len);
             if (payload == NULL) {
-                flock(fd, LOCK_UN);
+                unlock_queue(ctrl, fd);
                 return NULL;
-            }
-            st.count -= 1;
-            if (st.count) {
-                st.head = pos + HEADER + (((uint64_t)len + 7) & ~(uint64_t)7);
-            } else {
-                st.head = st.tail = 0;
             }
             publish(ctrl, idx ^ 1, &st);
             uint32_t waiters = bump(ctrl, GET_SEQ, GET_WAITERS);
             out = Py_BuildValue("(iNO)", (int)kind, payload, waiters ? Py_True : Py_False);
         }
     }
-    flock(fd, LOCK_UN);
+    unlock_queue(ctrl, fd);
     if (out == NULL && !PyErr_Occurred()) Py_RETURN_NONE;
     return out;
+}
+
+/* take(ctrl_addr, mapped, fd, max_items)
+ *   -> None | ([(kind, deliveries, payload), ...], wake)   (at least one record) */
+static PyObject *fast_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    CHECK_NARGS("take", 4);
+    uint64_t ctrl_addr, data_cap, max_items;
+    uint8_t *data;
+    int fd;
+    if (!as_u64(args[0], &ctrl_addr) || !as_mapped(args[1], &data, &data_cap) ||
+        !as_int(args[2], &fd) || !as_u64(args[3], &max_items))
+        return NULL;
+    uint8_t *ctrl = (uint8_t *)(uintptr_t)ctrl_addr;
+    int rc = lock_queue(ctrl, fd);
+    if (rc != 0) return lock_error(rc);
+    PyObject *out = NULL, *list = NULL;
+    int idx = ctrl[OFF_INDEX];
+    state_t st;
+    read_state(ctrl, idx, &st);
+    if (st.count && st.capacity == data_cap && max_items) {
+        uint64_t n = st.count < max_items ? st.count : max_items;
+        list = PyList_New((Py_ssize_t)n);
+        if (list == NULL) goto done;
+        for (uint64_t i = 0; i < n; i++) {
+            uint32_t len;
+            uint16_t kind, deliveries;
+            int64_t pos = next_record(data, &st, &len, &kind, &deliveries);
+            if (pos < 0) goto done; /* damaged: let the Python path see it */
+            PyObject *payload = copy_out(data + pos + HEADER, len, kind);
+            if (payload == NULL) goto done;
+            PyObject *rec = Py_BuildValue("(iiN)", (int)kind, (int)deliveries, payload);
+            if (rec == NULL) goto done;
+            PyList_SET_ITEM(list, (Py_ssize_t)i, rec);
+        }
+        publish(ctrl, idx ^ 1, &st);
+        uint32_t waiters = bump(ctrl, GET_SEQ, GET_WAITERS);
+        out = Py_BuildValue("(OO)", list, waiters ? Py_True : Py_False);
+    }
+done:
+    unlock_queue(ctrl, fd);
+    Py_XDECREF(list);
+    if (out == NULL && !PyErr_Occurred()) Py_RETURN_NONE;
+    return out;
+}
+
+/* ---- the mutex for the Python path ----------------------------------------------------- */
+
+static int ctrl_arg(PyObject *arg, uint8_t **ctrl) {
+    uint64_t addr;
+    if (!as_u64(arg, &addr)) return 0;
+    *ctrl = (uint8_t *)(uintptr_t)addr;
+    return 1;
+}
+
+static PyObject *py_init_lock(PyObject *self, PyObject *arg) {
+    uint8_t *ctrl;
+    if (!ctrl_arg(arg, &ctrl)) return NULL;
+#if HAVE_ROBUST
+    pthread_mutexattr_t attr;
+    int rc = pthread_mutexattr_init(&attr);
+    if (rc == 0) rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    if (rc == 0) rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
+    if (rc == 0) rc = pthread_mutex_init(mutex_of(ctrl), &attr);
+    pthread_mutexattr_destroy(&attr);
+    if (rc != 0) return lock_error(rc);
+    Py_RETURN_NONE;
+#else
+    return lock_error(ENOSYS);
+#endif
+}
+
+static PyObject *py_lock(PyObject *self, PyObject *arg) {
+    uint8_t *ctrl;
+    if (!ctrl_arg(arg, &ctrl)) return NULL;
+    int rc = lock_queue(ctrl, -1);
+    if (rc != 0) return lock_error(rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_unlock(PyObject *self, PyObject *arg) {
+    uint8_t *ctrl;
+    if (!ctrl_arg(arg, &ctrl)) return NULL;
+    unlock_queue(ctrl, -1);
+    Py_RETURN_NONE;
 }
 
 static PyObject *fast_fault(PyObject *self, PyObject *arg) {
@@ -161,11 +489,31 @@ static PyObject *fast_fault(PyObject *self, PyObject *arg) {
 
 static PyMethodDef methods[] = {
     {"_die_before_publish", fast_fault, METH_O, "Kill tests: SIGKILL before the next publish."},
-    {"put", fast_put, METH_VARARGS, "Put one record; -1: take the Python path, else 1 if a getter waits."},
-    {"get", fast_get, METH_VARARGS, "Get one record: (kind, bytes, wake), or None: take the Python path."},
+    {"put", (PyCFunction)(void (*)(void))fast_put, METH_FASTCALL,
+     "Put one record; -1: take the Python path, else 1 if a getter waits."},
+    {"put_many", (PyCFunction)(void (*)(void))fast_put_many, METH_FASTCALL,
+     "Put records, all or none; -1: take the Python path, else 1 if a getter waits."},
+    {"get", (PyCFunction)(void (*)(void))fast_get, METH_FASTCALL,
+     "Get one record: (kind, bytes, wake), or None: take the Python path."},
+    {"take", (PyCFunction)(void (*)(void))fast_take, METH_FASTCALL,
+     "Take up to max_items records: ([(kind, deliveries, payload)], wake), or None."},
+    {"init_lock", py_init_lock, METH_O, "Make the robust process-shared mutex of a new queue."},
+    {"lock", py_lock, METH_O, "Take the queue's mutex (a dead holder's is recovered)."},
+    {"unlock", py_unlock, METH_O, "Drop the queue's mutex."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_fastring", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__fastring(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__fastring(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddIntConstant(m, "ROBUST", HAVE_ROBUST) < 0 ||
+        PyModule_AddIntConstant(m, "MUTEX_OFFSET", OFF_MUTEX) < 0 ||
+        PyModule_AddIntConstant(m, "MUTEX_ROOM", MUTEX_ROOM) < 0 ||
+        PyModule_AddIntConstant(m, "MUTEX_SIZE", (long)sizeof(pthread_mutex_t)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

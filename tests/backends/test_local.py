@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import glob
 import hashlib
@@ -18,6 +19,8 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pigeon
 from pigeon.backends.local import LocalQueue
@@ -154,6 +157,159 @@ def test_get_killed_before_commit_leaves_the_item_for_others() -> None:
         p.join(30)
         assert p.exitcode == -signal.SIGKILL
         assert q.get(timeout=10) == "precious"
+
+
+def _die_in_a_batch(q: LocalQueue[Any], op: str) -> None:
+    _kill_at_the_commit(q)
+    if op == "put_many":
+        q.put_many([b"half" * 100, "written", b"batch"])
+    else:
+        q.get_many(10)
+
+
+@pytest.mark.parametrize("op", ["put_many", "get_many"])
+def test_a_batch_killed_before_its_commit_is_all_or_nothing(op: str) -> None:
+    with pigeon.Queue() as q:
+        q.put_many([b"one", "two"])
+        p = mp.get_context("fork").Process(target=_die_in_a_batch, args=(q, op))
+        p.start()
+        p.join(30)
+        assert p.exitcode == -signal.SIGKILL
+        assert q.get_many(10, timeout=10) == [b"one", "two"]
+        q.put_many([b"after", "it"])  # and the lock the dead process held is free
+        assert q.get_many(10, timeout=10) == [b"after", "it"]
+
+
+def _hammer(q: LocalQueue[bytes], tag: int, n: int) -> None:
+    """Three threads put n tagged items each, singly and in batches of 7."""
+
+    def run(t: int) -> None:
+        items = [b"%d.%d.%d" % (tag, t, i) + b"." * (i % 300) for i in range(n)]
+        for at in range(0, n, 14):
+            for item in items[at : at + 7]:
+                q.put(item)
+            if items[at + 7 : at + 14]:
+                q.put_many(items[at + 7 : at + 14])
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+
+
+def test_threads_of_several_processes_share_one_lock_and_lose_nothing() -> None:
+    """Two processes of three producing threads and three consuming threads here, through
+    a small bounded ring that wraps: every item arrives once, each thread's in order.
+    The lock is one mutex for threads and processes alike (no per-process thread lock)."""
+    ctx = mp.get_context("fork")
+    n = 1500
+    with LocalQueue[bytes](maxsize=60, capacity=4096) as q:
+        procs = [ctx.Process(target=_hammer, args=(q, tag, n)) for tag in range(2)]
+        for p in procs:
+            p.start()
+        got: list[list[bytes]] = [[], [], []]
+
+        def consume(k: int) -> None:
+            for i in range(10**9):
+                try:
+                    if i % 2:
+                        got[k].append(q.get(timeout=5))
+                    else:
+                        got[k] += q.get_many(5, timeout=5)
+                except pigeon.Empty:
+                    return
+
+        consumers = [threading.Thread(target=consume, args=(k,)) for k in range(3)]
+        for th in consumers:
+            th.start()
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0
+        for th in consumers:
+            th.join(60)
+        every = [item for items in got for item in items]
+        assert len(every) == 2 * 3 * n and len(set(every)) == len(every)
+        for items in got:  # one consumer sees each producer thread's items in order
+            last: dict[bytes, int] = {}
+            for item in items:
+                tag, t, i = item.rstrip(b".").split(b".")
+                assert int(i) > last.get(tag + t, -1)
+                last[tag + t] = int(i)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["put", "put_many", "get", "get_many"]), st.integers(0, 2500)),
+        max_size=60,
+    )
+)
+def test_any_sequence_of_operations_keeps_fifo_through_wraps_and_growth(
+    ops: list[tuple[str, int]],
+) -> None:
+    """The ring against a deque: items of any size, singly and in batches, through a
+    ring small enough to wrap and grow (the C path and the Python path alike)."""
+    model: collections.deque[Any] = collections.deque()
+    with LocalQueue[Any](capacity=4096) as q:
+        for i, (op, size) in enumerate(ops):
+            item: Any = bytes([i % 251]) * size if i % 3 else ("text", i, size)
+            if op == "put":
+                q.put(item)
+                model.append(item)
+            elif op == "put_many":
+                batch = [item, bytearray(size // 2), b""]
+                q.put_many(batch)
+                model.extend(batch)
+            elif op == "get":
+                if model:
+                    assert q.get_nowait() == model.popleft()
+                else:
+                    with pytest.raises(pigeon.Empty):
+                        q.get_nowait()
+            else:
+                k = 1 + size % 5
+                expect = [model.popleft() for _ in range(min(k, len(model)))]
+                if expect:
+                    assert q.get_many(k, block=False) == expect
+                else:
+                    with pytest.raises(pigeon.Empty):
+                        q.get_many(k, block=False)
+            assert q.qsize() == len(model)
+        if model:
+            assert q.get_many(10_000, block=False) == list(model)
+        assert q.qsize() == 0
+
+
+def test_a_flock_queue_works_across_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where robust mutexes do not exist (macOS), a queue is locked with flock: the same
+    operations, the C path included, through a fork child."""
+    from pigeon.backends import local
+
+    monkeypatch.setattr(local, "_MUTEX", None)
+    with LocalQueue[bytes]() as q:
+        assert q._cfd >= 0 and not q._mutex
+        p = mp.get_context("fork").Process(target=_put_and_exit, args=(q, 500))
+        p.start()
+        got = [q.get(timeout=10) for _ in range(250)] + q.get_many(1000, timeout=10)
+        while len(got) < 500:
+            got += q.get_many(1000, timeout=10)
+        p.join(30)
+        assert [int.from_bytes(g[:4], "big") for g in got] == list(range(500))
+
+
+def test_a_mutex_queue_is_refused_where_the_mutex_cannot_be_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from pigeon.backends import local
+
+    if local._MUTEX is None:
+        pytest.skip("PIGEON_LOCAL_LOCK=flock (or not Linux): this process makes no mutex queue")
+    with LocalQueue[bytes]() as q:
+        assert q._mutex, "on Linux a new queue is locked with the robust mutex"
+        monkeypatch.setattr(local, "_MUTEX", None)
+        with pytest.raises(ClosedResourceError, match="robust process-shared mutex"):
+            local._attach(q._path, "pickle")
 
 
 def _churn(q: pigeon.Queue[bytes], role: str, seed: int) -> None:

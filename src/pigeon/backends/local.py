@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -51,8 +52,8 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple, TypeVar
 
 from pigeon import _futex
 from pigeon._queue_base import Message, Queue, deadline_from
@@ -76,7 +77,8 @@ T = TypeVar("T")
 __all__ = ["LocalMessage", "LocalQueue"]
 
 PAGE = 4096
-MAGIC = b"PIGEONQ1"
+MAGIC = b"PIGEONQ1"  # locked with flock (where robust process-shared mutexes do not exist)
+MAGIC_MUTEX = b"PIGEONQ2"  # locked with the robust mutex at _OFF_MUTEX
 # control page layout (little-endian)
 _OFF_MAXSIZE = 8  # u64
 _OFF_INDEX = 16  # u32: which state slot is current
@@ -86,6 +88,7 @@ GET_SEQ = 28
 JOIN_SEQ = 32
 _WAITERS = {PUT_SEQ: 36, GET_SEQ: 40, JOIN_SEQ: 44}  # u32 waiter counts
 _OFF_SLOTS = 64  # two slots of _STATE, 64 bytes apart
+_OFF_MUTEX = 256  # a pthread_mutex_t (PTHREAD_PROCESS_SHARED, PTHREAD_MUTEX_ROBUST), 64 bytes
 _STATE = struct.Struct("<5Q")  # head, tail, count, unfinished, capacity
 _U32 = struct.Struct("<I")
 _unpack_state = _STATE.unpack_from
@@ -136,13 +139,102 @@ def _load_c_path() -> Any:
 _C = _load_c_path()
 
 
+class _Mutex(NamedTuple):
+    """The robust process-shared mutex in a queue's control page: each function takes the
+    control page's address. From the C module where it is built, else from libc through
+    ctypes (the pure-Python path)."""
+
+    init: Callable[[int], None]
+    lock: Callable[[int], None]
+    unlock: Callable[[int], None]
+
+
+def _ctypes_mutex() -> _Mutex:
+    """The mutex through ctypes; AttributeError where libc has no robust mutexes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def fn(name: str, *argtypes: Any) -> Any:
+        f = getattr(libc, name)
+        f.restype = ctypes.c_int
+        f.argtypes = list(argtypes) or [ctypes.c_void_p]
+        return f
+
+    c_int, c_void_p = ctypes.c_int, ctypes.c_void_p
+    attr_init = fn("pthread_mutexattr_init")
+    attr_pshared = fn("pthread_mutexattr_setpshared", c_void_p, c_int)
+    attr_robust = fn("pthread_mutexattr_setrobust", c_void_p, c_int)
+    attr_destroy = fn("pthread_mutexattr_destroy")
+    mutex_init = fn("pthread_mutex_init", c_void_p, c_void_p)
+    trylock = fn("pthread_mutex_trylock")
+    lock_ = fn("pthread_mutex_lock")
+    unlock_ = fn("pthread_mutex_unlock")
+    consistent = fn("pthread_mutex_consistent")
+
+    def init(ctrl_addr: int) -> None:
+        attr = ctypes.create_string_buffer(64)
+        rc = (
+            attr_init(attr)
+            or attr_pshared(attr, 1)  # PTHREAD_PROCESS_SHARED
+            or attr_robust(attr, 1)  # PTHREAD_MUTEX_ROBUST
+            or mutex_init(ctrl_addr + _OFF_MUTEX, attr)
+        )
+        attr_destroy(attr)
+        if rc:
+            raise OSError(rc, f"cannot make the local queue's mutex: {os.strerror(rc)}")
+
+    def lock(ctrl_addr: int) -> None:
+        m = ctrl_addr + _OFF_MUTEX
+        rc = errno.EBUSY
+        for _ in range(_LOCK_TRIES):
+            rc = trylock(m)
+            if rc != errno.EBUSY:
+                break
+        else:
+            rc = lock_(m)  # ctypes lets go of the GIL meanwhile
+        if rc == errno.EOWNERDEAD:
+            # its holder died: the double-buffered state is whole, take the lock over
+            rc = consistent(m)
+        if rc:
+            raise OSError(rc, f"cannot lock the local queue: {os.strerror(rc)}")
+
+    def unlock(ctrl_addr: int) -> None:
+        unlock_(ctrl_addr + _OFF_MUTEX)
+
+    return _Mutex(init, lock, unlock)
+
+
+def _load_mutex() -> _Mutex | None:
+    """The robust mutex, or None where there is none (macOS): queues are locked with
+    flock there. ``PIGEON_LOCAL_LOCK=flock`` forces flock (for tests)."""
+    if os.environ.get("PIGEON_LOCAL_LOCK") == "flock" or not sys.platform.startswith("linux"):
+        return None
+    if _C is not None and _C.ROBUST:
+        return _Mutex(_C.init_lock, _C.lock, _C.unlock)
+    try:
+        return _ctypes_mutex()
+    except (AttributeError, OSError):
+        return None
+
+
+_MUTEX = _load_mutex()
+
+
 # Bumped in every child after fork, so a handle notices it crossed a fork without a
 # getpid() syscall per operation.
 _fork_generation = [0]
+# Serialises the handles' first use after a fork: several threads of a fork child may
+# reach ``_after_fork`` at once, and only one may swap the descriptor.
+_fork_lock = threading.Lock()
+
+
+def _forked() -> None:
+    global _fork_lock
+    _fork_generation[0] += 1
+    _fork_lock = threading.Lock()  # the parent's may have been held by a thread not copied
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        after_in_child=lambda: _fork_generation.__setitem__(0, _fork_generation[0] + 1)
-    )
+    os.register_at_fork(after_in_child=_forked)
 
 
 def _shm_dir() -> str:
@@ -206,11 +298,17 @@ class LocalQueue(Queue[T]):
         fd, path = tempfile.mkstemp(prefix="pigeon-q-", dir=_shm_dir())
         try:
             os.ftruncate(fd, PAGE + capacity)
-            ctrl = bytearray(PAGE)
-            ctrl[0:8] = MAGIC
-            struct.pack_into("<Q", ctrl, _OFF_MAXSIZE, maxsize)
-            _STATE.pack_into(ctrl, _OFF_SLOTS, 0, 0, 0, 0, capacity)
-            os.pwrite(fd, ctrl, 0)
+            with mmap.mmap(fd, PAGE) as ctrl:
+                struct.pack_into("<Q", ctrl, _OFF_MAXSIZE, maxsize)
+                _STATE.pack_into(ctrl, _OFF_SLOTS, 0, 0, 0, 0, capacity)
+                if _MUTEX is not None:
+                    anchor = ctypes.c_char.from_buffer(ctrl)
+                    try:
+                        _MUTEX.init(ctypes.addressof(anchor))
+                    finally:
+                        del anchor
+                # the magic last: it says which lock the file uses
+                ctrl[0:8] = MAGIC if _MUTEX is None else MAGIC_MUTEX
         finally:
             os.close(fd)
         return path
@@ -232,9 +330,18 @@ class LocalQueue(Queue[T]):
         self._ctrl_anchor: Any = ctypes.c_char.from_buffer(self._ctrl)
         self._ctrl_addr = ctypes.addressof(self._ctrl_anchor)
         self._data_anchor: Any = None
-        self._data_addr = 0
-        if self._ctrl[0:8] != MAGIC:
+        self._mapped = (0, 0)  # (address, capacity) of the data mapping, for the C path
+        magic = self._ctrl[0:8]
+        if magic not in (MAGIC, MAGIC_MUTEX):
             raise ClosedResourceError(f"{self._path} is not a pigeon local queue")
+        self._mutex = magic == MAGIC_MUTEX
+        if self._mutex and _MUTEX is None:
+            raise ClosedResourceError(
+                f"local queue {self._path} is locked with a robust process-shared mutex, "
+                "which this process cannot use (PIGEON_LOCAL_LOCK=flock, or no such mutex "
+                "here): open it from processes that run alike"
+            )
+        self._cfd = -1 if self._mutex else fd  # the C path's lock: -1 is the mutex
         self._maxsize = struct.unpack_from("<Q", self._ctrl, _OFF_MAXSIZE)[0]
         self._words = {
             off: ctypes.c_uint32.from_buffer(self._ctrl, off)
@@ -251,7 +358,9 @@ class LocalQueue(Queue[T]):
             self._data.close()
         self._data = data = mmap.mmap(self._fd, capacity, offset=PAGE)
         self._data_anchor = ctypes.c_char.from_buffer(data)
-        self._data_addr = ctypes.addressof(self._data_anchor)
+        # one object: a thread reading it never pairs one mapping's address with another's
+        # capacity (the C path checks the capacity against the committed state)
+        self._mapped = (ctypes.addressof(self._data_anchor), capacity)
         self._cap = capacity
         return data
 
@@ -266,17 +375,24 @@ class LocalQueue(Queue[T]):
     def _after_fork(self) -> None:
         # flock belongs to the open file description, which fork shares with the
         # parent: take a description of our own, and let go of the inherited descriptor
-        # (the parent's stays open). The mappings are inherited as they are.
-        old = self._fd
-        try:
-            self._fd = os.open(f"/proc/self/fd/{old}", os.O_RDWR)
-        except OSError:
-            self._fd = os.open(self._path, os.O_RDWR)
-        with contextlib.suppress(OSError):
-            os.close(old)
-        self._hold(self._fd, None)  # a fork child never removes its parent's queue
-        self._gen = _fork_generation[0]
-        self._tlock = threading.Lock()
+        # (the parent's stays open); the shared-memory mutex needs nothing. The mappings
+        # are inherited as they are. Once per handle and fork, whichever thread comes
+        # first: two threads swapping at once would close each other's descriptor.
+        with _fork_lock:
+            if self._gen == _fork_generation[0]:
+                return
+            old = self._fd
+            try:
+                fd = os.open(f"/proc/self/fd/{old}", os.O_RDWR)
+            except OSError:
+                fd = os.open(self._path, os.O_RDWR)
+            with contextlib.suppress(OSError):
+                os.close(old)
+            self._hold(fd, None)  # a fork child never removes its parent's queue
+            self._tlock = threading.Lock()
+            self._fd = fd
+            self._cfd = -1 if self._mutex else fd
+            self._gen = _fork_generation[0]  # last: the others go on only after this
 
     def __reduce__(self) -> tuple[Any, ...]:
         self._check()
@@ -293,6 +409,9 @@ class LocalQueue(Queue[T]):
     def _lock(self) -> None:
         if self._closed or self._gen != _fork_generation[0]:
             self._check()
+        if self._mutex:  # it excludes this process's threads too
+            _MUTEX.lock(self._ctrl_addr)  # type: ignore[union-attr]
+            return
         self._tlock.acquire()
         try:
             # Try for a few microseconds before sleeping in the kernel: the holder keeps
@@ -309,6 +428,9 @@ class LocalQueue(Queue[T]):
             raise
 
     def _unlock(self) -> None:
+        if self._mutex:
+            _MUTEX.unlock(self._ctrl_addr)  # type: ignore[union-attr]
+            return
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._tlock.release()
 
@@ -479,7 +601,11 @@ class LocalQueue(Queue[T]):
         return int(self._maxsize)
 
     def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
-        kind, parts = self._encode(item)
+        parts: list[Any]
+        if type(item) is bytes and self._pickle:
+            kind, parts = _K_BYTES, [item]
+        else:
+            kind, parts = self._encode(item)
         if len(parts) == 1 and (timeout is None or timeout >= 0):
             if _C is None:
                 if self._put_fast(kind, parts[0]):
@@ -487,9 +613,12 @@ class LocalQueue(Queue[T]):
             else:
                 if self._closed or self._gen != _fork_generation[0]:
                     self._check()
-                with self._tlock:
-                    done = _C.put(self._ctrl_addr, self._data_addr, self._fd, parts[0], kind,
-                                  self._maxsize, self._cap)  # fmt: skip
+                if self._cfd < 0:  # the mutex excludes this process's threads too
+                    done = _C.put(self._ctrl_addr, self._mapped, -1, parts[0], kind, self._maxsize)
+                else:
+                    with self._tlock:
+                        done = _C.put(self._ctrl_addr, self._mapped, self._cfd, parts[0], kind,
+                                      self._maxsize)  # fmt: skip
                 if done >= 0:
                     if done:
                         self._wake(PUT_SEQ)
@@ -535,14 +664,32 @@ class LocalQueue(Queue[T]):
     def put_many(
         self, items: Iterable[T], block: bool = True, timeout: float | None = None
     ) -> None:
-        records = [self._encode(item) for item in items]
+        encode = self._encode
+        if self._pickle:
+            records = [(_K_BYTES, [x]) if type(x) is bytes else encode(x) for x in items]
+        else:
+            records = [encode(x) for x in items]
         if self._maxsize and len(records) > self._maxsize:
             raise ValueError(
                 f"put_many of {len(records)} items can never fit in maxsize={self._maxsize}; "
                 "split the batch"
             )
-        if records:
-            self._put(records, block, timeout)
+        if not records:
+            return
+        if _C is not None and (timeout is None or timeout >= 0):
+            if self._closed or self._gen != _fork_generation[0]:
+                self._check()
+            if self._cfd < 0:
+                done = _C.put_many(self._ctrl_addr, self._mapped, -1, records, self._maxsize)
+            else:
+                with self._tlock:
+                    done = _C.put_many(self._ctrl_addr, self._mapped, self._cfd, records,
+                                       self._maxsize)  # fmt: skip
+            if done >= 0:
+                if done:
+                    self._wake(PUT_SEQ)
+                return
+        self._put(records, block, timeout)
 
     def _put(
         self,
@@ -641,8 +788,11 @@ class LocalQueue(Queue[T]):
             else:
                 if self._closed or self._gen != _fork_generation[0]:
                     self._check()
-                with self._tlock:
-                    taken = _C.get(self._ctrl_addr, self._data_addr, self._fd, self._cap)
+                if self._cfd < 0:
+                    taken = _C.get(self._ctrl_addr, self._mapped, -1)
+                else:
+                    with self._tlock:
+                        taken = _C.get(self._ctrl_addr, self._mapped, self._cfd)
                 if taken is not None:
                     kind, payload, wake = taken
                     if wake:
@@ -690,6 +840,11 @@ class LocalQueue(Queue[T]):
         if not isinstance(max_items, int) or max_items < 1:
             raise ValueError(f"max_items must be an int >= 1, not {max_items!r}")
         taken = self._take(max_items, block, timeout)
+        if self._pickle:
+            try:  # the common case in one comprehension
+                return [p if k == _K_BYTES else self._decode_raw(k, p) for k, _, p in taken]
+            except Exception:  # decoded again below, one at a time
+                pass
         out: list[T] = []
         for i, (k, _, p) in enumerate(taken):
             try:
@@ -713,6 +868,18 @@ class LocalQueue(Queue[T]):
         waiting = False
         spins = 0
         while True:
+            if _C is not None and not waiting:
+                if self._closed or self._gen != _fork_generation[0]:
+                    self._check()
+                if self._cfd < 0:
+                    got = _C.take(self._ctrl_addr, self._mapped, -1, max_items)
+                else:
+                    with self._tlock:
+                        got = _C.take(self._ctrl_addr, self._mapped, self._cfd, max_items)
+                if got is not None:
+                    if got[1]:
+                        self._wake(GET_SEQ)
+                    return got[0]  # type: ignore[no-any-return]
             self._lock()
             try:
                 if waiting:
