@@ -44,6 +44,25 @@ def test_unacked_come_back_and_acked_stay_gone_after_restart(tmp_path: Path, fsy
     store2.close()
 
 
+@pytest.mark.parametrize("fsync", ["always", "batch"])
+def test_acks_in_runs_and_gaps_remove_exactly_those_messages(tmp_path: Path, fsync: str) -> None:
+    """Removals are written as ranges of consecutive ids: out of order, with gaps, in
+    one commit, exactly the acked messages go."""
+    broker, store = open_broker(tmp_path, fsync)
+    broker.connection_made(1)
+    broker.handle(1, PutBatch(1, "q", [b"%d" % i for i in range(12)]))
+    got = deliveries(broker.handle(1, Get(2, "q", 12, 0, manual_ack=True)))
+    ids = {d.payload: d.id for d in got}
+    acked = [b"9", b"1", b"2", b"0", b"7", b"10", b"3"]  # runs 0-3 and 9-10, a lone 7
+    broker.handle(1, Ack(3, "q", [ids[p] for p in acked]))
+    store.close()
+
+    broker2, store2 = open_broker(tmp_path, fsync)
+    left = deliveries(broker2.handle(1, Get(1, "q", 20, 0)))
+    assert [d.payload for d in left] == [b"4", b"5", b"6", b"8", b"11"]
+    store2.close()
+
+
 def test_message_ids_continue_after_restart(tmp_path: Path) -> None:
     broker, store = open_broker(tmp_path)
     broker.handle(1, Put(1, "q", b"a"))
