@@ -216,6 +216,7 @@ class Broker:
         budget = self.max_reply_bytes
         size = 0
         lease = w.lease if w.lease is not None else q.lease
+        removed: list[int] = []
         while q.ready and len(out) < w.max_items:
             msg = q.ready.peek()
             n = len(msg.payload)
@@ -236,8 +237,10 @@ class Broker:
                 heapq.heappush(self._leases, (deadline, did, q.name))
                 out.append(Delivery(did, msg.deliveries, msg.payload))
             else:
-                self.store.removed(q.name, msg.id)
+                removed.append(msg.id)
                 out.append(Delivery(0, msg.deliveries, msg.payload))
+        if removed:
+            self.store.removed_many(q.name, removed)
         cs.unacked = held
         return out
 
@@ -311,10 +314,10 @@ class Broker:
         return out
 
     def _add(self, q: QueueState, payloads: list[bytes]) -> None:
-        for p in payloads:
-            msg = Stored(next(self._ids), p, enqueued=self.now)
-            q.ready.append(msg)
-            self.store.added(q.name, msg)
+        ids, now = self._ids, self.now
+        msgs = [Stored(next(ids), p, enqueued=now) for p in payloads]
+        q.ready.extend(msgs)
+        self.store.added_many(q.name, msgs)
         q.unfinished += len(payloads)
         q.put_total += len(payloads)
 
@@ -498,6 +501,7 @@ class Broker:
     def _settle(self, conn: Conn, m: Ack | Nack) -> list[Out]:
         q = self.queues.get(m.queue)
         unknown: list[int] = []
+        removed: list[int] = []
         for did in m.ids:
             f = q.in_flight.pop(did, None) if q is not None else None
             if f is None or q is None:
@@ -506,11 +510,13 @@ class Broker:
             self._release(did, f)
             if isinstance(m, Ack):
                 q.acked_total += 1
-                self.store.removed(q.name, f.msg.id)
+                removed.append(f.msg.id)
             elif m.requeue:
                 self._requeue(q, f.msg, m.delay)
             else:
                 self._dead_letter(q, f.msg, m.reason or "rejected")
+        if removed and q is not None:
+            self.store.removed_many(q.name, removed)
         out: list[Out] = []
         if not m.quiet:
             out.append(

@@ -95,6 +95,10 @@ class Ready:
         """A new message, at the tail."""
         self._fresh.append(msg)
 
+    def extend(self, msgs: list[Stored]) -> None:
+        """New messages, at the tail, in order."""
+        self._fresh.extend(msgs)
+
     def give_back(self, msg: Stored) -> None:
         """A message that was handed out comes back, ahead of every newer one."""
         heapq.heappush(self._back, (msg.id, msg))
@@ -222,6 +226,16 @@ class Store:
 
     def removed(self, queue: str, msg_id: int) -> None:
         """The message left the broker for good (acked, dropped by a purge)."""
+
+    def added_many(self, queue: str, msgs: list[Stored]) -> None:
+        """``msgs`` entered ``queue``, in order (a batch: one call for the whole of it)."""
+        for msg in msgs:
+            self.added(queue, msg)
+
+    def removed_many(self, queue: str, msg_ids: list[int]) -> None:
+        """The messages left the broker for good (a batch of acks)."""
+        for msg_id in msg_ids:
+            self.removed(queue, msg_id)
 
     def moved(self, msg: Stored, queue: str) -> None:
         """The message moved to another queue (a dead letter, or one replayed from it)."""

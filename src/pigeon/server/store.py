@@ -340,32 +340,49 @@ class SQLiteStore(Store):
                 return
 
     def _add(self, op: str, args: tuple[object, ...]) -> None:
+        self._add_all([(op, args)])
+
+    def _add_all(self, ops: list[tuple[str, tuple[object, ...]]]) -> None:
+        if not ops:
+            return
         if self._loop is not None:  # inline: the loop's thread alone touches _ops
-            self._ops.append((op, args))
+            self._ops += ops
             self.last_tag = self.batch + 1
-            self.changes += 1
+            self.changes += len(ops)
             if not self._flush_pending:
                 self._flush_pending = True
                 self._loop.call_soon(self._flush)
             return
         with self._lock:
-            self._ops.append((op, args))
+            self._ops += ops
             self.last_tag = self.batch + 1
-            self.changes += 1
+            self.changes += len(ops)
             self._lock.notify()
 
     def added(self, queue: str, msg: Stored) -> None:
-        if not msg.deliveries and not msg.origin and not msg.reason:  # a fresh put
-            self._add("add_new", (msg.id, queue, msg.payload, zlib.crc32(msg.payload)))
-            return
-        self._add(
-            "add",
-            (msg.id, queue, msg.payload, zlib.crc32(msg.payload), msg.deliveries, msg.origin,
-             msg.reason),
-        )  # fmt: skip
+        self.added_many(queue, [msg])
 
     def removed(self, queue: str, msg_id: int) -> None:
         self._add("del", (msg_id,))
+
+    def added_many(self, queue: str, msgs: list[Stored]) -> None:
+        """A fresh put's row binds only the columns it sets (the rest take their defaults:
+        binding fewer values is measurably faster)."""
+        crc = zlib.crc32
+        self._add_all(
+            [
+                ("add_new", (m.id, queue, m.payload, crc(m.payload)))
+                if not m.deliveries and not m.origin and not m.reason
+                else (
+                    "add",
+                    (m.id, queue, m.payload, crc(m.payload), m.deliveries, m.origin, m.reason),
+                )
+                for m in msgs
+            ]
+        )
+
+    def removed_many(self, queue: str, msg_ids: list[int]) -> None:
+        self._add_all([("del", (i,)) for i in msg_ids])
 
     def moved(self, msg: Stored, queue: str) -> None:
         self._add("move", (queue, msg.deliveries, msg.origin, msg.reason, msg.id))
