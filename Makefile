@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/broker.py
 	$(BIN)/python benchmarks/engines.py
 	$(BIN)/python benchmarks/recovery.py
+	$(BIN)/python benchmarks/store_cost.py
 	$(BIN)/python benchmarks/consumers.py
 
 clean:

@@ -30,3 +30,8 @@ def test_local_benchmark_runs() -> None:
 def test_consumers_benchmark_runs() -> None:
     out = _run("consumers.py", "--quick")
     assert "mp.Pool.imap_unordered" in out and "auto chose process" in out and "plot written" in out
+
+
+def test_store_cost_benchmark_runs() -> None:
+    out = _run("store_cost.py", "--messages", "2000", "--rounds", "1")
+    assert "fsync batch" in out and "vs --memory" in out and "plot written" in out

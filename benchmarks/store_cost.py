@@ -1,0 +1,141 @@
+"""What the durable store costs the broker: CPU seconds per message, store by store.
+
+Run:  python benchmarks/store_cost.py [--messages 200000] [--rounds 2]
+
+Starts `pigeon serve` with each store in turn (`--memory`, `--fsync never`, `batch`,
+`always`), moves the same messages through it (one producer process putting batches of 100,
+one consumer process taking batches of 100 and acknowledging them), and reads the broker's
+user + system CPU time from /proc (Linux). The CPU time is a steadier measure than
+throughput on a shared machine; the difference to `--memory` is what the store costs.
+Prints a table and writes benchmarks/results/store_cost.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pigeon
+from _report import RESULTS, bars, table
+
+PORT = 7897
+BATCH = 100
+ITEM = b"x" * 64
+STORES = {
+    "--memory": ["--memory"],
+    "fsync never": ["--fsync", "never"],
+    "fsync batch": ["--fsync", "batch"],
+    "fsync always": ["--fsync", "always"],
+}
+
+
+def _produce(url: str, n: int) -> None:
+    with pigeon.Queue(url, serializer="raw") as q:
+        for _ in range(0, n, BATCH):
+            q.put_many([ITEM] * BATCH)
+
+
+def _consume(url: str, n: int) -> None:
+    with pigeon.Queue(url, serializer="raw") as q:
+        got = 0
+        while got < n:
+            got += len(q.get_many(BATCH, timeout=60))
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wait_listening(port: int) -> None:
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"the broker did not listen on {port}")
+
+
+def measure(flags: list[str], n: int) -> tuple[float, float]:
+    """(broker CPU seconds spent on the messages, messages per second)."""
+    data = tempfile.mkdtemp(prefix="pigeon-store-cost-")
+    argv = [sys.executable, "-m", "pigeon", "serve", "--port", str(PORT), "--data-dir", data]
+    broker = subprocess.Popen(argv + flags, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_listening(PORT)
+        idle = _cpu_seconds(broker.pid)  # start-up, not counted
+        url = f"pigeon://127.0.0.1:{PORT}/cost"
+        ctx = mp.get_context("fork")
+        procs = [
+            ctx.Process(target=_produce, args=(url, n)),
+            ctx.Process(target=_consume, args=(url, n)),
+        ]
+        start = time.perf_counter()
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(600)
+            if p.exitcode != 0:
+                raise RuntimeError(f"a client failed (exit code {p.exitcode})")
+        elapsed = time.perf_counter() - start
+        return _cpu_seconds(broker.pid) - idle, n / elapsed
+    finally:
+        broker.terminate()
+        broker.wait(30)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--messages", type=int, default=200_000, help="messages per store and round")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds, the stores interleaved")
+    args = ap.parse_args()
+    n = max(BATCH, args.messages // BATCH * BATCH)
+    cpu: dict[str, list[float]] = {k: [] for k in STORES}
+    rate: dict[str, list[float]] = {k: [] for k in STORES}
+    for _ in range(args.rounds):
+        for name, flags in STORES.items():
+            secs, per_s = measure(flags, n)
+            cpu[name].append(secs)
+            rate[name].append(per_s)
+            print(f"  {name:13s} {secs:6.2f} CPU-s  {per_s:10,.0f} msgs/s", flush=True)
+    base = min(cpu["--memory"])
+    rows = []
+    for name in STORES:
+        best = min(cpu[name])
+        rows.append(
+            [
+                name,
+                f"{best:.2f}",
+                f"{best / n * 1e6:.1f}",
+                f"{(best - base) / n * 1e6:.1f}",
+                f"{best / base:.2f}×",
+                f"{max(rate[name]):,.0f}",
+            ]
+        )
+    table(
+        f"broker CPU for {n:,} messages of 64 B put and acked in batches of {BATCH} "
+        f"(best of {args.rounds})",
+        ["store", "CPU-s", "µs/msg", "store µs/msg", "vs --memory", "msgs/s"],
+        rows,
+    )
+    out = bars(
+        RESULTS / "store_cost.png",
+        "broker CPU per message (µs)",
+        {"CPU per message": {name: min(cpu[name]) / n * 1e6 for name in STORES}},
+        "µs per message put and acked",
+    )
+    print(f"plot written to {out}")
+
+
+if __name__ == "__main__":
+    main()
