@@ -471,3 +471,23 @@ def test_stop_answers_every_parked_request_unavailable(broker: Broker) -> None:
     broker.handle(B, Join(2, "j", None))
     codes = {(c, m.code) for c, m in broker.stop()}
     assert codes == {(A, "unavailable"), (B, "unavailable")}
+
+
+def test_settled_deliveries_do_not_pile_up_in_the_lease_heap(broker: Broker) -> None:
+    """A busy queue with a 30 s lease: 150,000 messages taken one at a time and acked
+    within the lease. The lease heap stays bounded (it kept an entry per delivery until
+    its deadline: 150,000 here, a million at 35,000 messages a second), and a batch takes
+    one entry; leases still expire on time afterwards."""
+    for i in range(150_000):
+        broker.handle(A, Put(i + 1, "q", b"m"), now=1.0)
+        (got,) = replies(broker.handle(B, Get(i + 1, "q", 1, 0, True), now=1.0), B)
+        broker.handle(B, Ack(i + 1, "q", ids(got), quiet=True), now=1.0)
+    assert len(broker._leases) <= 65_536
+    broker.handle(A, PutBatch(1, "q", [b"%d" % i for i in range(100)]), now=1.0)
+    before = len(broker._leases)
+    (batch,) = replies(broker.handle(C, Get(1, "q", 100, 0, True, lease=5.0), now=1.0), C)
+    assert len(broker._leases) == before + 1
+    broker.handle(C, Ack(2, "q", ids(batch)[:60]), now=2.0)  # 40 are still held at 6.0
+    broker.tick(6.0)
+    (again,) = replies(broker.handle(A, Get(2, "q", 100, 0), now=6.0), A)
+    assert payloads(again) == [b"%d" % i for i in range(60, 100)]
