@@ -667,3 +667,40 @@ def test_a_file_still_held_by_a_live_process_is_kept() -> None:
     assert os.path.exists(path) and q.get(timeout=5) == 7
     q.close()
     assert _gone_within({path}, 15)
+
+
+def test_the_c_path_and_the_mutex_are_in_use_where_they_can_be() -> None:
+    """CI builds the extension (a compiler is there): a silent fallback would test the
+    pure-Python path twice and measure the wrong thing."""
+    from pigeon.backends import local
+
+    if os.environ.get("PIGEON_PURE_PYTHON") or not sys.platform.startswith("linux"):
+        pytest.skip("the pure-Python path was asked for, or this is not Linux")
+    if not os.environ.get("CI"):
+        pytest.skip("outside CI a machine may lack a compiler")
+    assert local._C is not None, "pigeon._fastring was not built (see hatch_build.py)"
+    if os.environ.get("PIGEON_LOCAL_LOCK") != "flock":
+        assert local._MUTEX is not None
+
+
+def test_without_the_extension_it_says_so_once_at_debug_level() -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the robust mutex through ctypes is checked on Linux")
+    code = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.DEBUG, format='%(name)s %(message)s')\n"
+        "sys.modules['pigeon._fastring'] = None  # as if it was never built\n"
+        "import pigeon\n"
+        "q = pigeon.Queue(); q.put(b'x'); assert q.get() == b'x'; q.close()\n"
+        "from pigeon.backends import local\n"
+        "assert local._C is None and local._MUTEX is not None\n"
+    )
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PIGEON_PURE_PYTHON", "PIGEON_LOCAL_LOCK")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    said = [line for line in out.stderr.splitlines() if "fast path is not built" in line]
+    assert len(said) == 1 and said[0].startswith("pigeon.local")
