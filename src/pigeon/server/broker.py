@@ -220,36 +220,39 @@ class Broker:
         cs = self._conn(w.conn)
         held = cs.unacked
         budget = self.max_reply_bytes
+        limit = self.max_unacked_bytes
         size = 0
         lease = w.lease if w.lease is not None else q.lease
         deadline = self.now + lease
+        ready, name, conn, manual, want = q.ready, q.name, w.conn, w.manual_ack, w.max_items
+        in_flight, conn_flight, ids = q.in_flight, cs.in_flight, self._deliveries
         removed: list[int] = []
         leased: list[int] = []
-        while q.ready and len(out) < w.max_items:
-            msg = q.ready.peek()
+        while ready and len(out) < want:
+            msg = ready.peek()
             n = len(msg.payload)
             if (size + n + _DELIVERY_OVERHEAD > budget and out) or n > budget:
                 break
-            if w.manual_ack and held and held + n > self.max_unacked_bytes:
+            if manual and held and held + n > limit:
                 break  # this consumer holds enough; it gets more once it settles some
-            q.ready.popleft()
+            ready.popleft()
             size += n + _DELIVERY_OVERHEAD
             msg.deliveries += 1
-            q.delivered_total += 1
-            if w.manual_ack:
-                did = next(self._deliveries)
-                q.in_flight[did] = InFlight(msg, w.conn, deadline)
-                cs.in_flight[did] = q.name
+            if manual:
+                did = next(ids)
+                in_flight[did] = InFlight(msg, conn, deadline)
+                conn_flight[did] = name
                 held += n
                 leased.append(did)
                 out.append(Delivery(did, msg.deliveries, msg.payload))
             else:
                 removed.append(msg.id)
                 out.append(Delivery(0, msg.deliveries, msg.payload))
+        q.delivered_total += len(out)
         if removed:
-            self.store.removed_many(q.name, removed)
+            self.store.removed_many(name, removed)
         if leased:
-            self._lease(deadline, q.name, leased)
+            self._lease(deadline, name, leased)
         cs.unacked = held
         return out
 
@@ -527,22 +530,32 @@ class Broker:
     def _settle(self, conn: Conn, m: Ack | Nack) -> list[Out]:
         q = self.queues.get(m.queue)
         unknown: list[int] = []
-        removed: list[int] = []
-        for did in m.ids:
-            f = q.in_flight.pop(did, None) if q is not None else None
-            if f is None or q is None:
-                unknown.append(did)
-                continue
-            self._release(did, f)
-            if isinstance(m, Ack):
-                q.acked_total += 1
+        if q is None:
+            unknown = list(m.ids)
+        elif isinstance(m, Ack):  # the hot path: a batch of acks
+            removed: list[int] = []
+            in_flight, release = q.in_flight, self._release
+            for did in m.ids:
+                f = in_flight.pop(did, None)
+                if f is None:
+                    unknown.append(did)
+                    continue
+                release(did, f)
                 removed.append(f.msg.id)
-            elif m.requeue:
-                self._requeue(q, f.msg, m.delay)
-            else:
-                self._dead_letter(q, f.msg, m.reason or "rejected")
-        if removed and q is not None:
-            self.store.removed_many(q.name, removed)
+            q.acked_total += len(removed)
+            if removed:
+                self.store.removed_many(q.name, removed)
+        else:
+            for did in m.ids:
+                f = q.in_flight.pop(did, None)
+                if f is None:
+                    unknown.append(did)
+                    continue
+                self._release(did, f)
+                if m.requeue:
+                    self._requeue(q, f.msg, m.delay)
+                else:
+                    self._dead_letter(q, f.msg, m.reason or "rejected")
         out: list[Out] = []
         if not m.quiet:
             out.append(
