@@ -35,9 +35,9 @@ __all__ = [
 DEAD_SUFFIX = ".dead"
 
 
-@dataclass(slots=True)
-class Stored:
-    """A message the broker holds."""
+class Stored(msgspec.Struct):
+    """A message the broker holds (a msgspec Struct, like ``InFlight``: one is made per
+    message put)."""
 
     id: int
     payload: bytes
