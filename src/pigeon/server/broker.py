@@ -532,7 +532,7 @@ class Broker:
         unknown: list[int] = []
         if q is None:
             unknown = list(m.ids)
-        elif isinstance(m, Ack):  # the hot path: a batch of acks
+        else:
             removed: list[int] = []
             in_flight, release = q.in_flight, self._release
             for did in m.ids:
@@ -541,21 +541,15 @@ class Broker:
                     unknown.append(did)
                     continue
                 release(did, f)
-                removed.append(f.msg.id)
-            q.acked_total += len(removed)
-            if removed:
-                self.store.removed_many(q.name, removed)
-        else:
-            for did in m.ids:
-                f = q.in_flight.pop(did, None)
-                if f is None:
-                    unknown.append(did)
-                    continue
-                self._release(did, f)
-                if m.requeue:
+                if isinstance(m, Ack):
+                    removed.append(f.msg.id)
+                elif m.requeue:
                     self._requeue(q, f.msg, m.delay)
                 else:
                     self._dead_letter(q, f.msg, m.reason or "rejected")
+            if removed:
+                q.acked_total += len(removed)
+                self.store.removed_many(q.name, removed)
         out: list[Out] = []
         if not m.quiet:
             out.append(

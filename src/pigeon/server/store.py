@@ -269,14 +269,11 @@ class SQLiteStore(Store):
             self._loop.call_later(self._retry_delay, self._flush)
             self._retry_delay = min(self._retry_delay * 2, _MAX_RETRY_DELAY)
             return
-        except BaseException as exc:  # a damaged database: stop confirming
-            self._error = exc
-            log.critical("store %s failed, no more writes are confirmed: %s", self.path, exc)
+        except BaseException as exc:
+            self._broken(exc)
             return
         if self._failing_since is not None:
-            log.warning("store %s commits again after %.1f s", self.path,
-                        time.monotonic() - self._failing_since)  # fmt: skip
-            self._failing_since = None
+            self._commits_again()
             self._retry_delay = 0.01
         if self.fsync == "always":  # confirmed once the syncer has fsynced it
             with self._sync:
@@ -291,6 +288,17 @@ class SQLiteStore(Store):
         self.committed = batch
         if self.on_commit is not None:
             self.on_commit(batch)
+
+    def _broken(self, exc: BaseException) -> None:
+        """A damaged database (not a busy or full one): stop confirming writes."""
+        self._error = exc
+        log.critical("store %s failed, no more writes are confirmed: %s", self.path, exc)
+
+    def _commits_again(self) -> None:
+        assert self._failing_since is not None
+        log.warning("store %s commits again after %.1f s", self.path,
+                    time.monotonic() - self._failing_since)  # fmt: skip
+        self._failing_since = None
 
     def _syncer(self) -> None:
         """fsync the WAL (for ``always``: before the confirmations; for ``batch``: within
@@ -455,16 +463,11 @@ class SQLiteStore(Store):
                 time.sleep(delay)
                 delay = min(delay * 2, _MAX_RETRY_DELAY)
                 continue
-            except BaseException as exc:  # a damaged database: stop confirming
-                self._error = exc
-                log.critical("store %s failed, no more writes are confirmed: %s", self.path, exc)
+            except BaseException as exc:
+                self._broken(exc)
                 return
             if self._failing_since is not None:
-                log.warning(
-                    "store %s commits again after %.1f s", self.path,
-                    time.monotonic() - self._failing_since,
-                )  # fmt: skip
-                self._failing_since = None
+                self._commits_again()
                 delay = 0.01
             if ops:
                 self.committed = batch
