@@ -221,6 +221,8 @@ DURABLE: dict[str, tuple[Any, Any, Any, Any, int, dict[str, Any]]] = {
     "pigeon fsync=always x100": (pigeon_produce, pigeon_consume, None, None, BATCH, {"port": 7892}),
     "pigeon fsync=batch": (pigeon_produce, pigeon_consume, None, None, 1, {"port": 7893}),
     "pigeon fsync=batch x100": (pigeon_produce, pigeon_consume, None, None, BATCH, {"port": 7893}),
+    "pigeon sqlite fsync=batch": (pigeon_produce, pigeon_consume, None, None, 1, {"port": 7894}),
+    "pigeon sqlite fsync=batch x100": (pigeon_produce, pigeon_consume, None, None, BATCH, {"port": 7894}),
     "redis aof=always": (rstream_produce, rstream_consume, rstream_setup, None, 1, {"redis_port": 6391}),
     "redis aof=always x100": (rstream_produce, rstream_consume, rstream_setup, None, BATCH, {"redis_port": 6391}),
     "redis aof=everysec": (rstream_produce, rstream_consume, rstream_setup, None, 1, {"redis_port": 6390}),
@@ -281,18 +283,60 @@ def _percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(samples) * 1e6, samples[int(len(samples) * 0.99)] * 1e6
 
 
+def _timed(fn: Callable[[], object], n: int) -> tuple[float, float]:
+    """(p50, p99) in µs of ``n`` sequential calls, after 200 to warm up."""
+    for _ in range(200):
+        fn()
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return _percentiles(samples)
+
+
+def durable_latencies(n: int) -> dict[str, tuple[float, float]]:
+    """A confirmed put's round trip on each store, interleaved in rounds so that the
+    machine's drift hits them alike."""
+    brokers = {
+        "pigeon put --memory": PIGEON_PORT,
+        "pigeon put --fsync batch (log)": 7893,
+        "pigeon put --fsync always (log)": 7892,
+        "pigeon put --fsync batch (sqlite)": 7894,
+    }
+    queues = {k: pigeon.Queue(f"pigeon://127.0.0.1:{p}/dlat", serializer="raw")
+              for k, p in brokers.items()}  # fmt: skip
+    samples: dict[str, list[float]] = {k: [] for k in brokers}
+    try:
+        r = _redis({"redis_port": 6390})
+        key = f"dlat-{uuid.uuid4().hex[:8]}"
+        calls: dict[str, Callable[[], object]] = {
+            k: (lambda q=q: q.put(b"x")) for k, q in queues.items()
+        }
+        calls["redis XADD (aof everysec)"] = lambda: r.xadd(key, {"d": b"x"})
+        samples["redis XADD (aof everysec)"] = []
+        for fn in calls.values():
+            for _ in range(200):
+                fn()
+        for _ in range(5):
+            for k, fn in calls.items():
+                for _ in range(n // 5):
+                    t = time.perf_counter()
+                    fn()
+                    samples[k].append(time.perf_counter() - t)
+        r.delete(key)
+    finally:
+        for q in queues.values():
+            q.shutdown(immediate=True)
+            q.close()
+    return {k: _percentiles(v) for k, v in samples.items()}
+
+
 def latencies(n: int) -> dict[str, tuple[float, float]]:
     out: dict[str, tuple[float, float]] = {}
 
     def timed(fn: Callable[[], object]) -> tuple[float, float]:
-        for _ in range(200):
-            fn()
-        samples = []
-        for _ in range(n):
-            t = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t)
-        return _percentiles(samples)
+        return _timed(fn, n)
 
     with pigeon.Queue(f"pigeon://127.0.0.1:{PIGEON_PORT}/lat", serializer="raw") as q:
         out["pigeon put (confirmed)"] = timed(lambda: q.put(b"x"))
@@ -360,9 +404,11 @@ def main() -> None:
     procs = [
         _spawn([sys.executable, "-m", "pigeon", "serve", "--port", str(PIGEON_PORT), "--memory"])
     ]
-    for port, mode in ((7892, "always"), (7893, "batch")):
+    for port, mode, store in ((7892, "always", "log"), (7893, "batch", "log"),
+                              (7894, "batch", "sqlite")):  # fmt: skip
         procs.append(_spawn([sys.executable, "-m", "pigeon", "serve", "--port", str(port),
-                             "--data-dir", f"{scratch}/{mode}", "--fsync", mode]))  # fmt: skip
+                             "--data-dir", f"{scratch}/{port}", "--fsync", mode,
+                             "--store", store]))  # fmt: skip
     redis_server = shutil.which("redis-server")
     if redis_server:
         for port, fsync in ((6390, "everysec"), (6391, "always")):
@@ -370,7 +416,7 @@ def main() -> None:
                                  "--save", "", "--appendonly", "yes", "--appendfsync", fsync,
                                  "--dir", scratch, "--appendfilename", f"a{port}.aof"]))  # fmt: skip
     try:
-        for port in (PIGEON_PORT, 7892, 7893, *((6390, 6391) if redis_server else ())):
+        for port in (PIGEON_PORT, 7892, 7893, 7894, *((6390, 6391) if redis_server else ())):
             for _ in range(100):
                 try:
                     socket.create_connection(("127.0.0.1", port), 0.2).close()
@@ -449,6 +495,18 @@ def run(args: argparse.Namespace, durable: bool) -> None:
             f"--fsync always vs redis appendfsync always: single "
             f"{dres['pigeon fsync=always'] / dres['redis aof=always']:.2f}×, x100 "
             f"{dres['pigeon fsync=always x100'] / dres['redis aof=always x100']:.2f}× (target ≥ 1)"
+        )
+        print(
+            f"--fsync batch single vs redis appendfsync everysec: "
+            f"{dres['pigeon fsync=batch'] / dres['redis aof=everysec']:.2f}× (target ≥ 1)"
+        )
+        dlat = durable_latencies(500 if args.quick else 3000)
+        table("durable round trip (µs, one client, sequential)", ["operation", "p50", "p99"],
+              [[k, f"{v[0]:.0f}", f"{v[1]:.0f}"] for k, v in dlat.items()])  # fmt: skip
+        mem, log = dlat["pigeon put --memory"], dlat["pigeon put --fsync batch (log)"]
+        print(
+            f"durable put p50 vs --memory: {log[0] / mem[0]:.2f}× (target ≤ 1.5); "
+            f"its p99 vs its p50: {log[1] / log[0]:.2f}× (target ≤ 3)"
         )
     if args.durable_only:
         return

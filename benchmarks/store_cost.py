@@ -2,11 +2,12 @@
 
 Run:  python benchmarks/store_cost.py [--messages 200000] [--rounds 2]
 
-Starts `pigeon serve` with each store in turn (`--memory`, `--fsync never`, `batch`,
-`always`), moves the same messages through it (one producer process putting batches of 100,
-one consumer process taking batches of 100 and acknowledging them), and reads the broker's
-user + system CPU time from /proc (Linux). The CPU time is a steadier measure than
-throughput on a shared machine; the difference to `--memory` is what the store costs.
+Starts `pigeon serve` with each store in turn (`--memory`; the log store with `--fsync
+never`, `batch`, `always`; the SQLite store with `--fsync batch`), moves the same messages
+through it (one producer process putting batches of 100, one consumer process taking
+batches of 100 and acknowledging them), and reads the broker's user + system CPU time
+from /proc (Linux). The CPU time is a steadier measure than throughput on a shared
+machine; the difference to `--memory` is what the store costs.
 Prints a table and writes benchmarks/results/store_cost.png.
 """
 
@@ -33,6 +34,7 @@ STORES = {
     "fsync never": ["--fsync", "never"],
     "fsync batch": ["--fsync", "batch"],
     "fsync always": ["--fsync", "always"],
+    "sqlite batch": ["--fsync", "batch", "--store", "sqlite"],
 }
 
 

@@ -48,7 +48,10 @@ def sample(text: str, name: str, queue: str) -> float:
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[int, int, Any]]:
     port, http = free_port(), free_port()
-    proc = start_broker(port, "--data-dir", str(tmp_path), "--http", f"127.0.0.1:{http}")
+    # SQLite: another process can make it fail to commit (a lock), which /readyz must show
+    proc = start_broker(
+        port, "--data-dir", str(tmp_path), "--http", f"127.0.0.1:{http}", "--store", "sqlite"
+    )
     wait_for_port(http)
     yield port, http, proc
     proc.kill()

@@ -14,11 +14,20 @@ import pytest
 
 from pigeon.protocol import Ack, Deliver, Get, Put, PutBatch
 from pigeon.server.broker import Broker
-from pigeon.server.store import DB_NAME, SQLiteStore, StoreCorrupted
+from pigeon.server.logstore import LogStore
+from pigeon.server.store import DB_NAME, Durable, SQLiteStore, StoreCorrupted
+
+STORES: dict[str, type[Durable]] = {"log": LogStore, "sqlite": SQLiteStore}
 
 
-def open_broker(path: Path, fsync: str = "always") -> tuple[Broker, SQLiteStore]:
-    store = SQLiteStore(path, fsync)  # type: ignore[arg-type]
+@pytest.fixture(params=list(STORES))
+def kind(request: pytest.FixtureRequest) -> str:
+    """Each test that takes it runs against both durable stores."""
+    return str(request.param)
+
+
+def open_broker(path: Path, fsync: str = "always", kind: str = "sqlite") -> tuple[Broker, Durable]:
+    store = STORES[kind](path, fsync)  # type: ignore[arg-type]
     broker = Broker(store)
     committed = threading.Event()
     store.start(lambda batch: committed.set())
@@ -30,25 +39,29 @@ def deliveries(outs: list[tuple[int, Any]]) -> list[Any]:
 
 
 @pytest.mark.parametrize("fsync", ["always", "batch", "never"])
-def test_unacked_come_back_and_acked_stay_gone_after_restart(tmp_path: Path, fsync: str) -> None:
-    broker, store = open_broker(tmp_path, fsync)
+def test_unacked_come_back_and_acked_stay_gone_after_restart(
+    tmp_path: Path, fsync: str, kind: str
+) -> None:
+    broker, store = open_broker(tmp_path, fsync, kind)
     broker.connection_made(1)
     broker.handle(1, PutBatch(1, "q", [b"acked", b"unacked", b"waiting"]))
     got = deliveries(broker.handle(1, Get(2, "q", 2, 0, manual_ack=True)))
     broker.handle(1, Ack(3, "q", [got[0].id]))
     store.close()
 
-    broker2, store2 = open_broker(tmp_path, fsync)
+    broker2, store2 = open_broker(tmp_path, fsync, kind)
     again = deliveries(broker2.handle(1, Get(1, "q", 10, 0)))
     assert [d.payload for d in again] == [b"unacked", b"waiting"]
     store2.close()
 
 
 @pytest.mark.parametrize("fsync", ["always", "batch"])
-def test_acks_in_runs_and_gaps_remove_exactly_those_messages(tmp_path: Path, fsync: str) -> None:
+def test_acks_in_runs_and_gaps_remove_exactly_those_messages(
+    tmp_path: Path, fsync: str, kind: str
+) -> None:
     """Removals are written as ranges of consecutive ids: out of order, with gaps, in
     one commit, exactly the acked messages go."""
-    broker, store = open_broker(tmp_path, fsync)
+    broker, store = open_broker(tmp_path, fsync, kind)
     broker.connection_made(1)
     broker.handle(1, PutBatch(1, "q", [b"%d" % i for i in range(12)]))
     got = deliveries(broker.handle(1, Get(2, "q", 12, 0, manual_ack=True)))
@@ -57,20 +70,20 @@ def test_acks_in_runs_and_gaps_remove_exactly_those_messages(tmp_path: Path, fsy
     broker.handle(1, Ack(3, "q", [ids[p] for p in acked]))
     store.close()
 
-    broker2, store2 = open_broker(tmp_path, fsync)
+    broker2, store2 = open_broker(tmp_path, fsync, kind)
     left = deliveries(broker2.handle(1, Get(1, "q", 20, 0)))
     assert [d.payload for d in left] == [b"4", b"5", b"6", b"8", b"11"]
     store2.close()
 
 
-def test_message_ids_continue_after_restart(tmp_path: Path) -> None:
-    broker, store = open_broker(tmp_path)
+def test_message_ids_continue_after_restart(tmp_path: Path, kind: str) -> None:
+    broker, store = open_broker(tmp_path, kind=kind)
     broker.handle(1, Put(1, "q", b"a"))
     store.close()
-    broker2, store2 = open_broker(tmp_path)
+    broker2, store2 = open_broker(tmp_path, kind=kind)
     broker2.handle(1, Put(1, "q", b"b"))
     store2.close()
-    broker3, store3 = open_broker(tmp_path)
+    broker3, store3 = open_broker(tmp_path, kind=kind)
     assert [d.payload for d in deliveries(broker3.handle(1, Get(1, "q", 10, 0)))] == [b"a", b"b"]
     store3.close()
 
@@ -107,14 +120,14 @@ def test_bit_flipped_payload_is_quarantined_not_delivered(tmp_path: Path) -> Non
         assert db.execute("SELECT reason FROM quarantine").fetchall() == [("checksum mismatch",)]
 
 
-def test_power_loss_under_fsync_always_loses_no_confirmed_put(tmp_path: Path) -> None:
+def test_power_loss_under_fsync_always_loses_no_confirmed_put(tmp_path: Path, kind: str) -> None:
     """Simulated power loss: after each commit (the moment confirmations go out), take the
     files as they are on disk; a power cut keeps exactly that. Later, unsynced writes are
     dropped (they are simply not in the copy) and the last write is torn (garbage is
     appended to the WAL, as a half-written frame). Every put confirmed by then must be
     recovered."""
     live = tmp_path / "live"
-    store = SQLiteStore(live, "always")
+    store = STORES[kind](live, "always")
     broker = Broker(store)
     snapshots: list[tuple[Path, set[bytes]]] = []
     confirmed: set[bytes] = set()
@@ -127,9 +140,7 @@ def test_power_loss_under_fsync_always_loses_no_confirmed_put(tmp_path: Path) ->
                 confirmed.update(pending.pop(b))
             if len(snapshots) < 12:
                 snap = tmp_path / f"snap{len(snapshots)}"
-                snap.mkdir()
-                for name in os.listdir(live):
-                    shutil.copy(live / name, snap / name)
+                shutil.copytree(live, snap)
                 snapshots.append((snap, set(confirmed)))
 
     store.start(on_commit)
@@ -145,24 +156,24 @@ def test_power_loss_under_fsync_always_loses_no_confirmed_put(tmp_path: Path) ->
     store.close()
     assert len(snapshots) >= 3
     for snap, expected in snapshots:
-        wal = snap / f"{DB_NAME}-wal"
-        if wal.exists():
-            with open(wal, "ab") as f:
+        tail = snap / f"{DB_NAME}-wal" if kind == "sqlite" else max((snap / "log").glob("*.seg"))
+        if tail.exists():
+            with open(tail, "ab") as f:
                 f.write(os.urandom(1500))  # a torn, half-written last frame
-        recovered = SQLiteStore(snap, "always")
+        recovered = STORES[kind](snap, "always")
         payloads = {m.payload for _, m in recovered.recover()}
         recovered.close()
         assert expected <= payloads, f"{snap.name}: lost {sorted(expected - payloads)[:5]}"
 
 
-def test_attached_store_commits_in_the_loop_once_per_turn(tmp_path: Path) -> None:
+def test_attached_store_commits_in_the_loop_once_per_turn(tmp_path: Path, kind: str) -> None:
     """Attached to an event loop the store commits in the loop's thread, one transaction
     per turn of the loop, and confirms there: no thread hop per commit."""
     import asyncio
 
     async def main() -> tuple[list[tuple[int, int]], int]:
-        store = SQLiteStore(tmp_path, "batch")
-        store.attach(asyncio.get_running_loop())
+        store = STORES[kind](tmp_path, "batch")
+        store.attach(asyncio.get_running_loop())  # type: ignore[attr-defined]
         commits: list[tuple[int, int]] = []
         store.start(lambda batch: commits.append((batch, threading.get_ident())))
         broker = Broker(store)
@@ -178,7 +189,7 @@ def test_attached_store_commits_in_the_loop_once_per_turn(tmp_path: Path) -> Non
     commits, batches = asyncio.run(main())
     assert batches == 1 and [b for b, _ in commits] == [1]
     assert commits[0][1] == threading.get_ident()  # in the loop's thread
-    again = SQLiteStore(tmp_path)
+    again = STORES[kind](tmp_path)
     assert [m.payload for _, m in again.recover()] == [b"m0", b"m1", b"m2", b"m3", b"m4"]
     again.close()
 

@@ -180,18 +180,21 @@ def backup(data_dir: Path, target: Path) -> None:
     """Copy a broker's store, consistently, while it runs.
 
     \b
-    Uses SQLite's online backup: the copy is one committed state of the store
-    (every confirmed put up to that moment), and the broker keeps serving. To
-    restore, stop the broker and put the file back as DATA_DIR/pigeon.sqlite3.
+    The copy is one consistent state of the store (every put confirmed before
+    the copy began), written as a single SQLite file, and the broker keeps
+    serving. To restore, stop the broker, move DATA_DIR aside, and put the file
+    in a new DATA_DIR as pigeon.sqlite3: `pigeon serve` starts on it as it is,
+    `pigeon serve --store log` imports it into a log.
 
     \b
     Example:
       pigeon backup --data-dir ./pigeon-data --to pigeon-backup.sqlite3
     """
+    from pigeon.server.logstore import LOG_DIR, backup_log
     from pigeon.server.store import backup as copy_store
 
     try:
-        n = copy_store(data_dir, target)
+        n = (backup_log if (data_dir / LOG_DIR).is_dir() else copy_store)(data_dir, target)
     except (pigeon.PigeonError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"copied {n} message(s) to {target}")

@@ -96,6 +96,16 @@ DEFAULT_URL = "pigeon://127.0.0.1:7878/jobs"
     "--memory", is_flag=True, help="keep messages in memory only: nothing survives a restart"
 )
 @click.option(
+    "--store",
+    "store_kind",
+    type=click.Choice(["auto", "log", "sqlite"]),
+    default="auto",
+    show_default=True,
+    help="log: an append-only log in DATA_DIR/log (the default); sqlite: DATA_DIR/"
+    "pigeon.sqlite3; auto: the log, or SQLite if DATA_DIR holds only a SQLite store. "
+    "--store log on a SQLite-only DATA_DIR imports it into a log once",
+)
+@click.option(
     "--fsync",
     type=click.Choice(["always", "batch", "never"]),
     default="batch",
@@ -203,7 +213,7 @@ DEFAULT_URL = "pigeon://127.0.0.1:7878/jobs"
 def serve(
     host: str, port: int, token: str | None, insecure_no_auth: bool, max_frame_size: int,
     heartbeat: float, lease: float, max_deliveries: int, max_connections: int,
-    data_dir: Path | None, memory: bool, fsync: str, fsync_interval: float,
+    data_dir: Path | None, memory: bool, store_kind: str, fsync: str, fsync_interval: float,
     handshake_timeout: float, idle_timeout: float, max_unacked_bytes: int,
     max_pending_output: int, max_queues: int, max_parked_bytes_per_connection: int,
     max_parked_bytes: int, peer_timeout: float, store_timeout: float, tls_cert: str | None,
@@ -219,9 +229,11 @@ def serve(
     STATS, QUIT (HELP lists the commands).
 
     \b
-    Messages are durable by default: kept in DATA_DIR/pigeon.sqlite3 (SQLite,
-    WAL), and a put is confirmed only once it is on disk (--fsync), so it
-    survives kill -9 and power loss; unacked messages come back after a restart.
+    Messages are durable by default: appended to a log of checksummed records
+    in DATA_DIR/log, and a put is confirmed only once it is written (--fsync
+    batch: in the OS, fsynced within 10 ms; always: on disk), so it survives
+    kill -9 (and power loss with --fsync always); unacked messages come back
+    after a restart.
 
     \b
     Examples:
@@ -235,8 +247,8 @@ def serve(
         return
     from pigeon.errors import StoreCorrupted
     from pigeon.server.app import ServerConfig, run
+    from pigeon.server.logstore import open_store
     from pigeon.server.model import Store
-    from pigeon.server.store import SQLiteStore
 
     ssl_ctx = None
     if tls_cert or tls_key:
@@ -251,7 +263,7 @@ def serve(
         store = Store()
     else:
         try:
-            store = SQLiteStore(data_dir or Path("pigeon-data"), fsync, fsync_interval)  # type: ignore[arg-type]
+            store = open_store(data_dir or Path("pigeon-data"), store_kind, fsync, fsync_interval)  # type: ignore[arg-type]
         except StoreCorrupted as exc:
             raise click.ClickException(str(exc)) from None
 

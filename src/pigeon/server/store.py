@@ -49,7 +49,7 @@ from typing import Any, ClassVar, Literal
 from pigeon.errors import StoreCorrupted
 from pigeon.server.model import Store, Stored
 
-__all__ = ["DB_NAME", "SQLiteStore", "StoreCorrupted"]
+__all__ = ["DB_NAME", "Durable", "SQLiteStore", "StoreCorrupted", "create_schema"]
 
 log = logging.getLogger("pigeon.store")
 
@@ -97,25 +97,16 @@ def _id_ranges(ops: list[tuple[str, tuple[object, ...]]]) -> Iterator[tuple[int,
     yield first, last
 
 
-class SQLiteStore(Store):
-    """A ``Store`` that keeps every message in ``DATA_DIR/pigeon.sqlite3``."""
+class Durable(Store):
+    """What the durable stores share: the fsync policy, the batch counters the server
+    holds replies against, the commit histogram, and how a failing disk is reported."""
 
-    def __init__(
-        self,
-        data_dir: str | os.PathLike[str],
-        fsync: FsyncMode = "batch",
-        fsync_interval: float = 0.010,
-    ) -> None:
+    def __init__(self, fsync: FsyncMode, fsync_interval: float) -> None:
         if fsync not in ("always", "batch", "never"):
             raise ValueError(f"fsync must be always, batch or never, not {fsync!r}")
-        self.dir = Path(data_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.dir / DB_NAME
         self.fsync: FsyncMode = fsync
         self.fsync_interval = fsync_interval
-        self._ops: list[tuple[str, tuple[object, ...]]] = []
-        self._lock = threading.Condition()
-        self.batch = 0  # the last batch the writer took
+        self.batch = 0  # the last batch written
         self.committed = 0  # every batch <= this is durable
         self.last_tag = 0  # the batch the most recent change belongs to
         self.changes = 0  # how many changes were ever made
@@ -125,10 +116,76 @@ class SQLiteStore(Store):
         self.on_commit: Callable[[int], None] | None = None
         self.recovery_seconds = 0.0
         self.quarantined = 0
-        self._last_fsync = 0.0
         self.fsyncs = 0
         self._commit_counts = [0] * (len(_COMMIT_BUCKETS) + 1)  # the last: +Inf
         self._commit_sum = 0.0
+
+    @property
+    def holds_replies(self) -> bool:
+        """True if replies must wait for the commit of the changes they report."""
+        return self.fsync != "never"
+
+    @property
+    def stalled_for(self) -> float:
+        """Seconds since commits began failing (0 while they succeed)."""
+        if self._error is not None:
+            return float("inf")
+        since = self._failing_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def _broken(self, exc: BaseException) -> None:
+        """A damaged store (not a busy or full disk): stop confirming writes."""
+        self._error = exc
+        log.critical("store %s failed, no more writes are confirmed: %s", self, exc)
+
+    def _commits_again(self) -> None:
+        assert self._failing_since is not None
+        log.warning("store %s commits again after %.1f s", self,
+                    time.monotonic() - self._failing_since)  # fmt: skip
+        self._failing_since = None
+
+    def _count_commit(self, seconds: float) -> None:
+        i = bisect.bisect_left(_COMMIT_BUCKETS, seconds)
+        self._commit_counts[i] += 1
+        self._commit_sum += seconds
+
+    def commit_histogram(self) -> tuple[list[tuple[float, int]], float]:
+        buckets, total = [], 0
+        for le, n in zip((*_COMMIT_BUCKETS, float("inf")), self._commit_counts, strict=True):
+            total += n
+            buckets.append((le, total))
+        return buckets, self._commit_sum
+
+    def __str__(self) -> str:
+        return str(getattr(self, "path", type(self).__name__))
+
+
+def create_schema(db: sqlite3.Connection) -> None:
+    """The tables of a pigeon SQLite store, with the columns added since the first
+    release (added to an older store when it is opened)."""
+    db.executescript(_SCHEMA)
+    have = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+    for column, decl in _ADDED_COLUMNS.items():
+        if column not in have:
+            db.execute(f"ALTER TABLE messages ADD COLUMN {column} {decl}")
+
+
+class SQLiteStore(Durable):
+    """A ``Store`` that keeps every message in ``DATA_DIR/pigeon.sqlite3``."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        fsync: FsyncMode = "batch",
+        fsync_interval: float = 0.010,
+    ) -> None:
+        super().__init__(fsync, fsync_interval)
+        self.dir = Path(data_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / DB_NAME
+        self._ops: list[tuple[str, tuple[object, ...]]] = []
+        self._lock = threading.Condition()
+        self._last_fsync = 0.0
         self._db = self._open()
         self._thread = threading.Thread(target=self._writer, name="pigeon-store", daemon=True)
         # Inline mode (``attach``): commits run in the event loop's thread, once per turn;
@@ -159,11 +216,7 @@ class SQLiteStore(Store):
                     f"{self.path} is damaged ({result}); move it aside to start empty, or "
                     "restore it from a backup"
                 )
-            db.executescript(_SCHEMA)
-            have = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
-            for column, decl in _ADDED_COLUMNS.items():
-                if column not in have:
-                    db.execute(f"ALTER TABLE messages ADD COLUMN {column} {decl}")
+            create_schema(db)
         except sqlite3.DatabaseError as exc:
             raise StoreCorrupted(
                 f"{self.path} cannot be read as a pigeon store ({exc}); move it aside to "
@@ -289,17 +342,6 @@ class SQLiteStore(Store):
         if self.on_commit is not None:
             self.on_commit(batch)
 
-    def _broken(self, exc: BaseException) -> None:
-        """A damaged database (not a busy or full one): stop confirming writes."""
-        self._error = exc
-        log.critical("store %s failed, no more writes are confirmed: %s", self.path, exc)
-
-    def _commits_again(self) -> None:
-        assert self._failing_since is not None
-        log.warning("store %s commits again after %.1f s", self.path,
-                    time.monotonic() - self._failing_since)  # fmt: skip
-        self._failing_since = None
-
     def _syncer(self) -> None:
         """fsync the WAL (for ``always``: before the confirmations; for ``batch``: within
         ``fsync_interval``) and checkpoint it now and then, off the loop's thread."""
@@ -404,19 +446,6 @@ class SQLiteStore(Store):
     def requeued(self, queue: str, msg: Stored) -> None:
         self._add("deliveries", (msg.deliveries, msg.id))
 
-    @property
-    def holds_replies(self) -> bool:
-        """True if replies must wait for the commit of the changes they report."""
-        return self.fsync != "never"
-
-    @property
-    def stalled_for(self) -> float:
-        """Seconds since commits began failing (0 while they succeed)."""
-        if self._error is not None:
-            return float("inf")
-        since = self._failing_since
-        return 0.0 if since is None else time.monotonic() - since
-
     # --- the writer thread ----------------------------------------------------------------
 
     def _writer(self) -> None:
@@ -475,18 +504,6 @@ class SQLiteStore(Store):
                     self.on_commit(batch)
             if closing and not ops:
                 return
-
-    def _count_commit(self, seconds: float) -> None:
-        i = bisect.bisect_left(_COMMIT_BUCKETS, seconds)
-        self._commit_counts[i] += 1
-        self._commit_sum += seconds
-
-    def commit_histogram(self) -> tuple[list[tuple[float, int]], float]:
-        buckets, total = [], 0
-        for le, n in zip((*_COMMIT_BUCKETS, float("inf")), self._commit_counts, strict=True):
-            total += n
-            buckets.append((le, total))
-        return buckets, self._commit_sum
 
     def _fsync_wal(self) -> None:
         """One fsync for everything committed since the last one (``--fsync batch``)."""

@@ -1,0 +1,737 @@
+"""The default durable store: an append-only log of checksummed records.
+
+# Strategy:
+# Every change the broker makes in one turn of its event loop (puts, acks, dead letters,
+# requeues, queue settings) becomes one record, written with one ``pwritev`` before the
+# replies that depend on it go out - the shape of Redis's AOF, Kafka's log and NATS
+# JetStream's file store. A record is ``MAGIC | length | crc32(body) | body``, the body a
+# msgpack list of operations; a record is the unit of atomicity: recovery applies all of
+# it or none of it.
+#
+#   --fsync batch   confirm once the record is in the operating system (it survives
+#                   kill -9 of the broker); a syncer thread fdatasyncs the log at most
+#                   ``fsync_interval`` (10 ms) after the first unsynced write.
+#   --fsync always  the syncer fdatasyncs, then confirms: writes that arrive during one
+#                   fdatasync share the next one (group commit). Survives power loss.
+#   --fsync never   confirm before writing; the OS writes the log back when it likes.
+#
+# The log is a directory of segments (``log/0000000000000001.seg``...), each opened by a
+# file header and, from the second on, a snapshot of every queue's settings. A segment
+# is closed (fsynced) at ``segment_bytes`` and a new one begun. The store counts the live
+# messages of each segment (it keeps a reference to each live ``Stored``: the broker's
+# own objects, not copies). Space is reclaimed from the oldest segment only: once it
+# holds no live message it is deleted; once the log is more than twice the size of what
+# is live, its live messages are written again at the end (their current state, in one
+# record, fsynced) and then it is deleted. Only the oldest, so that every record still
+# on disk is newer than the add it refers to: replaying the remaining segments in order
+# gives the same state.
+#
+# Recovery replays every segment. A torn tail of the last segment (a write cut short by
+# a crash: never confirmed) is cut off. A record that fails its checksum, or bytes that
+# are no record, elsewhere are copied to ``log/quarantine/``, reported, and overwritten
+# with a padding record, so they are reported once; the messages they held are not
+# delivered. A busy or failing disk (ENOSPC, EIO) does not stop the broker: a write that
+# fails is retried with backoff at the same offset, the changes kept, and ``stalled_for``
+# tells the broker to refuse new puts meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import sqlite3
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from pigeon.errors import StoreCorrupted
+from pigeon.server.model import Stored
+from pigeon.server.store import Durable, FsyncMode, create_schema
+
+__all__ = ["LOG_DIR", "LogStore", "backup_log"]
+
+log = logging.getLogger("pigeon.store")
+
+LOG_DIR = "log"
+FILE_HEADER = b"PIGEON LOG v1\n\0\0"  # 16 bytes at the start of every segment
+MAGIC = b"PgR1"
+_HEADER = struct.Struct("<4sII")  # magic, body length, crc32(body)
+_PAD = b"\xc0"  # a body starting with msgpack nil is padding: skipped
+SEGMENT_BYTES = 64 * 2**20
+_MAX_RETRY_DELAY = 0.25
+
+# Operations (the first item of each msgpack list in a record's body).
+ADDS = 0  # [0, queue, first_id, [payload, ...]]: fresh messages, consecutive ids
+ADD = 1  # [1, id, queue, payload, deliveries, origin, reason]: any message, as it is
+DEL = 2  # [2, [id, ...]]: gone for good (acked, purged, deleted)
+MOVE = 3  # [3, id, queue, deliveries, origin, reason]: to another queue (a dead letter)
+REQUEUED = 4  # [4, id, deliveries]: handed back after this many deliveries
+DECLARE = 5  # [5, queue, settings or None]
+SETTINGS = 6  # [6, {queue: settings}]: every queue's settings (a segment's first record)
+
+# A live message: (segment number, queue, message).
+_Entry = tuple[int, str, Stored]
+
+
+class _Replayed:
+    """The state a log describes: what replaying its segments in order gives."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, _Entry] = {}
+        self.queues: dict[str, dict[str, Any]] = {}
+        self.bad_records = 0
+        self.bad_bytes = 0
+
+    def apply(self, seg: int, ops: list[Any]) -> None:
+        live = self.live
+        for op in ops:
+            kind = op[0]
+            if kind == ADDS:
+                _, queue, first, payloads = op
+                for i, payload in enumerate(payloads, first):
+                    live[i] = (seg, queue, Stored(i, payload))
+            elif kind == ADD:
+                _, mid, queue, payload, deliveries, origin, reason = op
+                live[mid] = (seg, queue, Stored(mid, payload, deliveries, 0.0, origin, reason))
+            elif kind == DEL:
+                pop = live.pop
+                for mid in op[1]:
+                    pop(mid, None)
+            elif kind == MOVE:
+                _, mid, queue, deliveries, origin, reason = op
+                entry = live.get(mid)
+                if entry is not None:
+                    msg = entry[2]
+                    msg.deliveries, msg.origin, msg.reason = deliveries, origin, reason
+                    live[mid] = (entry[0], queue, msg)
+            elif kind == REQUEUED:
+                entry = live.get(op[1])
+                if entry is not None:
+                    entry[2].deliveries = op[2]
+            elif kind == DECLARE:
+                if op[2] is None:
+                    self.queues.pop(op[1], None)
+                else:
+                    self.queues[op[1]] = op[2]
+            elif kind == SETTINGS:
+                self.queues = dict(op[1])
+            else:
+                raise ValueError(f"unknown operation {kind!r}")
+
+    def messages(self) -> list[tuple[str, Stored]]:
+        return _oldest_first(self.live)
+
+
+def _oldest_first(live: dict[int, _Entry]) -> list[tuple[str, Stored]]:
+    """Live messages, smallest id first (insertion order, unless some were written
+    forward or ids started again after a restart that found nothing live)."""
+    ids = list(live)
+    if any(a > b for a, b in itertools.pairwise(ids)):
+        ids.sort()
+    return [(e[1], e[2]) for e in map(live.__getitem__, ids)]
+
+
+def _segments(log_dir: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in log_dir.glob("*.seg"):
+        with contextlib.suppress(ValueError):
+            out.append((int(p.stem), p))
+    return sorted(out)
+
+
+def _scan(data: bytes, start: int) -> Iterator[tuple[int, int, bool]]:
+    """(offset, end, valid) for each record from ``start``; invalid stretches (bytes that
+    are no record, or a record whose checksum fails) are one item each, up to the next
+    valid record or the end."""
+    n = len(data)
+    off = start
+    hsize = _HEADER.size
+    unpack = _HEADER.unpack_from
+    crc32 = zlib.crc32
+    view = memoryview(data)
+    while off < n:
+        if off + hsize <= n:
+            magic, length, crc = unpack(data, off)
+            end = off + hsize + length
+            if magic == MAGIC and end <= n and crc32(view[off + hsize : end]) == crc:
+                yield off, end, True
+                off = end
+                continue
+        # Not a record here: find the next offset where a valid one starts.
+        nxt = off
+        while True:
+            nxt = data.find(MAGIC, nxt + 1)
+            if nxt < 0:
+                yield off, n, False
+                return
+            if nxt + hsize <= n:
+                magic, length, crc = unpack(data, nxt)
+                end = nxt + hsize + length
+                if end <= n and crc32(view[nxt + hsize : end]) == crc:
+                    break
+        yield off, nxt, False
+        off = nxt
+
+
+def _read_segment(path: Path, data: bytes) -> None:
+    if data[: len(FILE_HEADER)] != FILE_HEADER:
+        raise StoreCorrupted(
+            f"{path} cannot be read as a pigeon log segment (it does not start with "
+            f"{FILE_HEADER[:13]!r}); move it aside to start without it, or restore the "
+            "data directory from a backup"
+        )
+
+
+class LogStore(Durable):
+    """A ``Store`` that appends every change to ``DATA_DIR/log/*.seg``."""
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        fsync: FsyncMode = "batch",
+        fsync_interval: float = 0.010,
+        segment_bytes: int = SEGMENT_BYTES,
+    ) -> None:
+        super().__init__(fsync, fsync_interval)
+        if segment_bytes < 4096:
+            raise ValueError(f"segment_bytes must be at least 4096, not {segment_bytes}")
+        self.dir = Path(data_dir)
+        self.path = self.dir / LOG_DIR
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.segment_bytes = segment_bytes
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._ops: list[list[Any]] = []
+        self._depth = 0  # inside atomic(): write when the outermost block ends
+        self._loop: Any = None
+        self._flush_pending = False
+        self._retry_delay = 0.01
+        self._fd = -1
+        self._fd_lock = threading.Lock()  # the syncer's fsync against a segment switch
+        self._sync = threading.Condition()
+        self._sync_upto = 0
+        self._dirty_since: float | None = None
+        self._thread = threading.Thread(target=self._syncer, name="pigeon-log-sync", daemon=True)
+        self.compactions = 0
+        started = time.perf_counter()
+        state = self._recover_files()
+        self._live = state.live
+        self._queues = state.queues
+        self.recovery_seconds = time.perf_counter() - started
+        self._seg_live: dict[int, int] = dict.fromkeys(self._sizes, 0)
+        self._live_bytes = 0
+        for seg, _, msg in self._live.values():
+            self._seg_live[seg] += 1
+            self._live_bytes += len(msg.payload)
+        self._open_active()
+        log.info("recovered %d message(s) from %s in %.3f s", len(self._live), self.path,
+                 self.recovery_seconds)  # fmt: skip
+
+    # --- opening and recovery -------------------------------------------------------------
+
+    def _recover_files(self) -> _Replayed:
+        state = _Replayed()
+        self._sizes: dict[int, int] = {}
+        segments = _segments(self.path)
+        decode = msgspec.msgpack.Decoder().decode
+        for k, (seg, path) in enumerate(segments):
+            last = k == len(segments) - 1
+            data = path.read_bytes()
+            if last and len(data) < len(FILE_HEADER) and FILE_HEADER.startswith(data):
+                path.unlink()  # created, its header never written: nothing in it
+                continue
+            _read_segment(path, data)
+            good_end = len(FILE_HEADER)
+            for off, end, valid in _scan(data, len(FILE_HEADER)):
+                body = data[off + _HEADER.size : end]
+                if valid:
+                    good_end = end
+                    if body[:1] == _PAD:
+                        continue
+                    try:
+                        ops = decode(body)
+                        state.apply(seg, ops)
+                    except (msgspec.DecodeError, ValueError, TypeError) as exc:
+                        raise StoreCorrupted(
+                            f"{path} holds a record pigeon cannot read at offset {off} "
+                            f"({exc}); was it written by a newer pigeon?"
+                        ) from exc
+                    continue
+                if last and end == len(data):  # a torn tail: a write a crash cut short
+                    log.warning("%s: cut off %d byte(s) of a write a crash left unfinished "
+                                "(never confirmed)", path, end - off)  # fmt: skip
+                    with open(path, "r+b") as f:
+                        f.truncate(off)
+                        os.fsync(f.fileno())
+                    data = data[:off]
+                    break
+                self._quarantine(path, data, off, end)
+                state.bad_records += 1
+                state.bad_bytes += end - off
+                good_end = end
+            self._sizes[seg] = max(good_end, len(data))
+        if state.bad_records:
+            self.quarantined = state.bad_records
+            log.error(
+                "%s: %d damaged record(s) (%d bytes) failed their checksum; copied to %s and "
+                "not delivered",
+                self.path, state.bad_records, state.bad_bytes, self.path / "quarantine",
+            )  # fmt: skip
+        return state
+
+    def _quarantine(self, path: Path, data: bytes, off: int, end: int) -> None:
+        """Keep a copy of damaged bytes, then overwrite them with padding (when there is
+        room for a record header) so the next start does not report them again."""
+        qdir = self.path / "quarantine"
+        qdir.mkdir(exist_ok=True)
+        (qdir / f"{path.stem}-{off}.bad").write_bytes(data[off:end])
+        size = end - off - _HEADER.size
+        if size >= 1:
+            body = _PAD + bytes(size - 1)
+            with open(path, "r+b") as f:
+                f.seek(off)
+                f.write(_HEADER.pack(MAGIC, size, zlib.crc32(body)) + body)
+                os.fsync(f.fileno())
+
+    def _open_active(self) -> None:
+        if self._sizes:
+            seg = max(self._sizes)
+            path = self._segment_path(seg)
+            self._fd = os.open(path, os.O_RDWR)
+            self._active = seg
+        else:
+            self._new_segment(1)
+
+    def _segment_path(self, seg: int) -> Path:
+        return self.path / f"{seg:016d}.seg"
+
+    def _new_segment(self, seg: int) -> None:
+        """Begin segment ``seg``: its file header and every queue's settings, fsynced with
+        the directory entry before anything is written to it."""
+        path = self._segment_path(seg)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        body = self._encode([[SETTINGS, self._queues]])
+        data = FILE_HEADER + _HEADER.pack(MAGIC, len(body), zlib.crc32(body)) + body
+        try:
+            os.pwrite(fd, data, 0)
+            os.fsync(fd)
+            _fsync_dir(self.path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        with self._fd_lock:
+            old, self._fd = self._fd, fd
+            if old >= 0:
+                os.close(old)
+        self._active = seg
+        self._sizes[seg] = len(data)
+        self._seg_live[seg] = 0
+
+    def recover(self) -> Iterator[tuple[str, Stored]]:
+        """Every live message, oldest first (replayed when the store was opened)."""
+        return iter(_oldest_first(self._live))
+
+    def recover_queues(self) -> dict[str, dict[str, Any]]:
+        return dict(self._queues)
+
+    def attach(self, loop: Any) -> None:
+        """Write in ``loop``'s thread, once per turn of the loop. Call before ``start``.
+        Unattached, changes are written by the thread that makes them, at the end of
+        each ``atomic`` block (or at once, outside one)."""
+        self._loop = loop
+
+    def start(self, on_commit: Callable[[int], None]) -> None:
+        self.on_commit = on_commit
+        self._thread.start()
+
+    # --- the broker's notifications -------------------------------------------------------
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth and self._loop is None and self._ops:
+                self._flush()
+
+    def _add(self, op: list[Any]) -> None:
+        self._ops.append(op)
+        self.last_tag = self.batch + 1
+        self.changes += 1
+        if self._loop is not None:
+            if not self._flush_pending:
+                self._flush_pending = True
+                self._loop.call_soon(self._flush)
+        elif not self._depth:
+            self._flush()
+
+    def added(self, queue: str, msg: Stored) -> None:
+        self.added_many(queue, [msg])
+
+    def added_many(self, queue: str, msgs: list[Stored]) -> None:
+        if not msgs:
+            return
+        live, seg = self._live, self._active
+        first = msgs[0].id
+        fresh = msgs[-1].id - first == len(msgs) - 1
+        size = 0
+        for m in msgs:
+            live[m.id] = (seg, queue, m)
+            size += len(m.payload)
+            if m.deliveries or m.origin or m.reason:
+                fresh = False
+        self._seg_live[seg] += len(msgs)
+        self._live_bytes += size
+        if fresh:
+            self._add([ADDS, queue, first, [m.payload for m in msgs]])
+            return
+        for m in msgs:
+            self._add([ADD, m.id, queue, m.payload, m.deliveries, m.origin, m.reason])
+
+    def removed(self, queue: str, msg_id: int) -> None:
+        self.removed_many(queue, [msg_id])
+
+    def removed_many(self, queue: str, msg_ids: list[int]) -> None:
+        pop, seg_live = self._live.pop, self._seg_live
+        size = 0
+        for mid in msg_ids:
+            entry = pop(mid, None)
+            if entry is not None:
+                seg_live[entry[0]] -= 1
+                size += len(entry[2].payload)
+        self._live_bytes -= size
+        self._add([DEL, msg_ids])
+
+    def moved(self, msg: Stored, queue: str) -> None:
+        entry = self._live.get(msg.id)
+        if entry is not None:
+            self._live[msg.id] = (entry[0], queue, msg)
+        self._add([MOVE, msg.id, queue, msg.deliveries, msg.origin, msg.reason])
+
+    def requeued(self, queue: str, msg: Stored) -> None:
+        self._add([REQUEUED, msg.id, msg.deliveries])
+
+    def declared(self, queue: str, settings: dict[str, Any] | None) -> None:
+        if settings is None:
+            self._queues.pop(queue, None)
+        else:
+            self._queues[queue] = settings
+        self._add([DECLARE, queue, settings])
+
+    # --- writing --------------------------------------------------------------------------
+
+    def _write(self, ops: list[list[Any]]) -> None:
+        """Append one record at the end of the active segment. A write that fails part
+        way leaves the offset where it was: the retry writes over what it left."""
+        body = self._encode(ops)
+        header = _HEADER.pack(MAGIC, len(body), zlib.crc32(body))
+        offset = self._sizes[self._active]
+        total = len(header) + len(body)
+        done = os.pwritev(self._fd, [header, body], offset)
+        while done < total:  # a short write (a disk filling up): the rest, or an error
+            done += os.pwrite(self._fd, (header + body)[done:], offset + done)
+        self._sizes[self._active] = offset + total
+
+    def _flush(self) -> None:
+        """Write everything changed since the last flush as one record."""
+        self._flush_pending = False
+        ops = self._ops
+        if not ops or self._error is not None:
+            return
+        self._ops = []
+        self.batch += 1
+        batch = self.batch
+        try:
+            started = time.perf_counter()
+            self._write(ops)
+            self._count_commit(time.perf_counter() - started)
+        except OSError as exc:
+            self._ops = ops + self._ops
+            self.batch -= 1
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                log.error("store %s cannot write (%s); retrying", self.path, exc)
+            if self._loop is not None:
+                self._flush_pending = True
+                self._loop.call_later(self._retry_delay, self._flush)
+                self._retry_delay = min(self._retry_delay * 2, _MAX_RETRY_DELAY)
+            return
+        except BaseException as exc:
+            self._broken(exc)
+            return
+        if self._failing_since is not None:
+            self._commits_again()
+            self._retry_delay = 0.01
+        if self.fsync == "always":  # confirmed once the syncer has fsynced it
+            with self._sync:
+                self._sync_upto = batch
+                self._sync.notify()
+        else:
+            if self.fsync == "batch":
+                with self._sync:
+                    if self._dirty_since is None:
+                        self._dirty_since = time.monotonic()
+                        self._sync.notify()
+            self.committed = batch
+            if self.on_commit is not None:
+                self.on_commit(batch)
+        try:
+            self._maintain()
+        except OSError as exc:
+            log.error("store %s: starting a segment or reclaiming space failed (%s); "
+                      "will retry", self.path, exc)  # fmt: skip
+
+    def _maintain(self) -> None:
+        """Begin a new segment when the active one is full; reclaim the oldest segment
+        when nothing in it is live, or when the log is over twice what is live."""
+        if self._sizes[self._active] >= self.segment_bytes:
+            self._roll()
+        oldest = min(self._sizes)
+        if oldest == self._active:
+            return
+        if self._seg_live[oldest]:
+            total = sum(self._sizes.values())
+            if total <= 2 * (self._live_bytes + 32 * len(self._live)) + self.segment_bytes:
+                return
+            self._forward(oldest)
+        self._drop(oldest)
+
+    def _roll(self) -> None:
+        with self._fd_lock:
+            os.fsync(self._fd)  # a closed segment is on disk before the next one begins
+        self._new_segment(self._active + 1)
+
+    def _forward(self, seg: int) -> None:
+        """Write the live messages of segment ``seg`` again, as they are now, at the end of
+        the log, and make that durable."""
+        live, active = self._live, self._active
+        moving = [(mid, q, m) for mid, (s, q, m) in live.items() if s == seg]
+        ops: list[list[Any]] = [
+            [ADD, mid, q, m.payload, m.deliveries, m.origin, m.reason] for mid, q, m in moving
+        ]
+        self._write(ops)
+        with self._fd_lock:
+            os.fdatasync(self._fd)
+        for mid, q, m in moving:
+            live[mid] = (active, q, m)
+        self._seg_live[active] += len(moving)
+        self._seg_live[seg] = 0
+        self.compactions += 1
+        log.info("store %s: moved %d live message(s) out of segment %d to reclaim it",
+                 self.path, len(moving), seg)  # fmt: skip
+
+    def _drop(self, seg: int) -> None:
+        self._segment_path(seg).unlink()
+        _fsync_dir(self.path)
+        del self._sizes[seg]
+        del self._seg_live[seg]
+
+    # --- the syncer thread ----------------------------------------------------------------
+
+    def _syncer(self) -> None:
+        """fdatasync the active segment: for ``always`` before confirming, for ``batch``
+        within ``fsync_interval`` of the first unsynced write."""
+        synced = 0
+        while True:
+            with self._sync:
+                while not self._closing:
+                    if self._sync_upto > synced:
+                        break
+                    if self._dirty_since is not None:
+                        wait = self._dirty_since + self.fsync_interval - time.monotonic()
+                        if wait <= 0:
+                            break
+                        self._sync.wait(wait)
+                    else:
+                        self._sync.wait()
+                upto = self._sync_upto
+                dirty = self._dirty_since is not None
+                self._dirty_since = None
+                closing = self._closing
+            if upto > synced or dirty or closing:
+                try:
+                    with self._fd_lock:
+                        if self._fd >= 0:
+                            os.fdatasync(self._fd)
+                    self.fsyncs += 1
+                except OSError as exc:
+                    log.error("store %s: fsync failed (%s); retrying", self.path, exc)
+                    with self._sync:
+                        if upto <= synced:
+                            self._dirty_since = time.monotonic()
+                    time.sleep(0.05)
+                    continue
+            if upto > synced:
+                synced = upto
+                self.committed = max(self.committed, upto)
+                if self.on_commit is not None:
+                    self.on_commit(upto)
+            if closing:
+                return
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes the log takes on disk now."""
+        return sum(self._sizes.values())
+
+    def close(self) -> None:
+        """Write what is pending, fsync, stop the syncer, close the segment."""
+        self._closing_flush()
+        with self._sync:
+            self._closing = True
+            self._sync.notify()
+        if self._thread.is_alive():
+            self._thread.join(30)
+        with self._fd_lock:
+            if self._fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = -1
+
+    def _closing_flush(self) -> None:
+        loop, self._loop = self._loop, None
+        deadline = time.monotonic() + 5.0
+        while self._ops and self._error is None:
+            self._flush()
+            if not self._ops or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if self._ops:
+            log.critical("store %s: %d change(s) could not be written at close",
+                         self.path, len(self._ops))  # fmt: skip
+        self._loop = loop
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def backup_log(data_dir: str | os.PathLike[str], target: str | os.PathLike[str]) -> int:
+    """Write the state of the log in ``data_dir`` - every record complete when it is read -
+    to ``target`` as a pigeon SQLite store (a single file any SQLite tool can read, and a
+    broker can start on); returns the messages in the copy. Safe while a broker writes:
+    segments are opened before they are read (one reclaimed meanwhile was copied forward
+    first), and a record still being written is left out, as are damaged ones."""
+    log_dir = Path(data_dir) / LOG_DIR
+    segments = _segments(log_dir)
+    if not segments:
+        raise StoreCorrupted(f"{log_dir} holds no log: is {data_dir} a pigeon data directory?")
+    files = []
+    for seg, path in segments:
+        with contextlib.suppress(FileNotFoundError):
+            files.append((seg, path, open(path, "rb")))  # noqa: SIM115 - closed below
+    state = _Replayed()
+    decode = msgspec.msgpack.Decoder().decode
+    try:
+        for seg, path, f in files:
+            data = f.read()
+            _read_segment(path, data)
+            for off, end, valid in _scan(data, len(FILE_HEADER)):
+                body = data[off + _HEADER.size : end]
+                if valid and body[:1] != _PAD:
+                    state.apply(seg, decode(body))
+    finally:
+        for _, _, f in files:
+            f.close()
+    messages = state.messages()
+    Path(target).unlink(missing_ok=True)
+    db = sqlite3.connect(target)
+    try:
+        create_schema(db)
+        with db:
+            db.executemany(
+                "INSERT INTO messages (id, queue, payload, crc, deliveries, origin, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (m.id, q, m.payload, zlib.crc32(m.payload), m.deliveries, m.origin, m.reason)
+                    for q, m in messages
+                ],
+            )
+            db.executemany(
+                "INSERT INTO queues VALUES (?, ?)",
+                [(name, json.dumps(s, sort_keys=True)) for name, s in state.queues.items()],
+            )
+    finally:
+        db.close()
+    return len(messages)
+
+
+StoreKind = str  # "auto" | "log" | "sqlite"
+
+
+def open_store(
+    data_dir: str | os.PathLike[str],
+    kind: StoreKind = "auto",
+    fsync: FsyncMode = "batch",
+    fsync_interval: float = 0.010,
+) -> Durable:
+    """The durable store of ``data_dir``. ``auto``: the log, unless the directory holds only
+    a SQLite store (``pigeon.sqlite3``, written by an earlier pigeon or restored from a
+    backup), which is then used as it is. ``log`` on such a directory imports the SQLite
+    store into a new log once (and renames the file ``pigeon.sqlite3.imported``);
+    ``sqlite`` always uses SQLite."""
+    from pigeon.server.store import DB_NAME, SQLiteStore
+
+    root = Path(data_dir)
+    has_log = bool(_segments(root / LOG_DIR))
+    sqlite_file = root / DB_NAME
+    if kind not in ("auto", "log", "sqlite"):
+        raise ValueError(f"store must be auto, log or sqlite, not {kind!r}")
+    if kind == "sqlite" or (kind == "auto" and not has_log and sqlite_file.exists()):
+        if has_log:
+            raise StoreCorrupted(
+                f"{root} holds a log store ({root / LOG_DIR}); starting on SQLite would leave "
+                "its messages behind: use --store log (or auto), or move the log aside"
+            )
+        return SQLiteStore(root, fsync, fsync_interval)
+    if not has_log and sqlite_file.exists():
+        return _imported(root, sqlite_file, fsync, fsync_interval)
+    return LogStore(root, fsync, fsync_interval)
+
+
+def _imported(root: Path, sqlite_file: Path, fsync: FsyncMode, interval: float) -> LogStore:
+    """A new log holding what the SQLite store in ``root`` holds; the SQLite file is kept,
+    renamed, once the log is on disk."""
+    from pigeon.server.store import SQLiteStore
+
+    old = SQLiteStore(root, "batch")
+    try:
+        queues = old.recover_queues()
+        messages = list(old.recover())
+    finally:
+        old.close()
+    store = LogStore(root, fsync, interval)
+    with store.atomic():  # one record
+        for name, settings in queues.items():
+            store.declared(name, settings)
+        for queue, msg in messages:
+            store.added(queue, msg)
+    if store._ops:
+        raise StoreCorrupted(f"could not write the imported messages to {store.path}")
+    with store._fd_lock:
+        os.fsync(store._fd)
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(f"{sqlite_file}{suffix}")
+        if src.exists():
+            src.rename(f"{sqlite_file}.imported{suffix}")
+    _fsync_dir(root)
+    log.warning("imported %d message(s) from %s into %s; the SQLite file is kept as %s",
+                len(messages), sqlite_file, store.path, f"{sqlite_file}.imported")  # fmt: skip
+    return store
