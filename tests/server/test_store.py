@@ -222,3 +222,26 @@ def test_attached_store_retries_a_locked_database_without_blocking_the_loop(tmp_
 
     ticks, stalled, commits = asyncio.run(main())
     assert ticks > 20 and stalled > 0.3 and commits == [1]
+
+
+def test_flush_writes_at_once_so_replies_go_out_in_this_turn(tmp_path: Path, kind: str) -> None:
+    """The server calls ``flush`` when it has handled a read: the changes are written (and,
+    for ``batch``, confirmed) before the loop turns, not in its next turn."""
+    import asyncio
+
+    async def main() -> tuple[list[int], list[int]]:
+        store = STORES[kind](tmp_path, "batch")
+        store.attach(asyncio.get_running_loop())  # type: ignore[attr-defined]
+        commits: list[int] = []
+        store.start(commits.append)
+        broker = Broker(store)
+        broker.handle(1, Put(1, "q", b"m"))
+        store.flush()
+        at_once = list(commits)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the end-of-turn flush, had there been no flush(), is a no-op
+        store.close()
+        return at_once, commits
+
+    at_once, commits = asyncio.run(main())
+    assert at_once == [1] and commits == [1]

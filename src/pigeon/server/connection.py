@@ -133,6 +133,9 @@ class Connection(asyncio.BufferedProtocol):
                 if not self.spoke:
                     self._first_line()
                 run_command(self, frame.rstrip(b"\r"))
+        # Write what this read changed before its replies go out (they wait for it), in
+        # this turn of the loop: a turn later costs a sequential client ~60 us a put.
+        self.server.broker.store.flush()
         if self.decoder.error is not None and self.state == "open":
             self.protocol_error(str(self.decoder.error))
 

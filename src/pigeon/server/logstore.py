@@ -444,6 +444,10 @@ class LogStore(Durable):
             done += os.pwrite(self._fd, (header + body)[done:], offset + done)
         self._sizes[self._active] = offset + total
 
+    def flush(self) -> None:
+        if self._ops and self._loop is not None and not self._failing_since:
+            self._flush()
+
     def _flush(self) -> None:
         """Write everything changed since the last flush as one record."""
         self._flush_pending = False

@@ -277,6 +277,11 @@ class Store:
     def start(self, on_commit: Callable[[int], None]) -> None:
         """Begin persisting (a durable store starts its writer here)."""
 
+    def flush(self) -> None:
+        """Write the changes made so far now, rather than at the end of the loop's turn.
+        The server calls it when it has handled what one read brought, so the replies
+        those changes hold go out in this turn of the loop, not the next."""
+
     def close(self) -> None:
         """Flush and release."""
 

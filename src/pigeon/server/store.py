@@ -300,6 +300,10 @@ class SQLiteStore(Durable):
 
     # --- inline mode: the loop commits, the syncer syncs ---------------------------------
 
+    def flush(self) -> None:
+        if self._ops and self._loop is not None and self._failing_since is None:
+            self._flush()
+
     def _flush(self) -> None:
         """Commit everything this turn of the loop changed, in one transaction."""
         self._flush_pending = False
