@@ -67,6 +67,7 @@ MAGIC = b"PgR1"
 _HEADER = struct.Struct("<4sII")  # magic, body length, crc32(body)
 _PAD = b"\xc0"  # a body starting with msgpack nil is padding: skipped
 SEGMENT_BYTES = 64 * 2**20
+_FORWARD_CHUNK = 4096  # live messages written forward per turn of the loop
 _MAX_RETRY_DELAY = 0.25
 
 # Operations (the first item of each msgpack list in a record's body).
@@ -221,6 +222,7 @@ class LogStore(Durable):
         self._dirty_since: float | None = None
         self._thread = threading.Thread(target=self._syncer, name="pigeon-log-sync", daemon=True)
         self.compactions = 0
+        self._forwarding: list[int] | None = None  # ids of the oldest segment to move
         started = time.perf_counter()
         state = self._recover_files()
         self._live = state.live
@@ -307,6 +309,8 @@ class LogStore(Durable):
             path = self._segment_path(seg)
             self._fd = os.open(path, os.O_RDWR)
             self._active = seg
+            if self._sizes[seg] == len(FILE_HEADER):  # a crash cut its first record short
+                self._write([[SETTINGS, self._queues]])
         else:
             self._new_segment(1)
 
@@ -412,7 +416,7 @@ class LogStore(Durable):
                 seg_live[entry[0]] -= 1
                 size += len(entry[2].payload)
         self._live_bytes -= size
-        self._add([DEL, msg_ids])
+        self._add([DEL, list(msg_ids)])
 
     def moved(self, msg: Stored, queue: str) -> None:
         entry = self._live.get(msg.id)
@@ -498,43 +502,57 @@ class LogStore(Durable):
                       "will retry", self.path, exc)  # fmt: skip
 
     def _maintain(self) -> None:
-        """Begin a new segment when the active one is full; reclaim the oldest segment
-        when nothing in it is live, or when the log is over twice what is live."""
+        """Begin a new segment when the active one is full; reclaim the oldest segments
+        while nothing in them is live; once the log is over twice what is live, write the
+        live messages of the oldest forward, ``_FORWARD_CHUNK`` a turn, then reclaim it."""
         if self._sizes[self._active] >= self.segment_bytes:
             self._roll()
-        oldest = min(self._sizes)
-        if oldest == self._active:
-            return
-        if self._seg_live[oldest]:
-            total = sum(self._sizes.values())
-            if total <= 2 * (self._live_bytes + 32 * len(self._live)) + self.segment_bytes:
-                return
-            self._forward(oldest)
-        self._drop(oldest)
+        while (oldest := min(self._sizes)) != self._active:
+            if self._seg_live[oldest]:
+                if self._forwarding is None:
+                    total = sum(self._sizes.values())
+                    if total <= 2 * (self._live_bytes + 32 * len(self._live)) + self.segment_bytes:
+                        return
+                    self._forwarding = [mid for mid, e in self._live.items() if e[0] == oldest]
+                self._forward(oldest, self._forwarding)
+                if self._seg_live[oldest]:
+                    if not self._forwarding:  # cannot be; but look again rather than lose one
+                        self._forwarding = None
+                    return  # more in the next turn: the loop never stalls for long
+                with self._fd_lock:
+                    os.fdatasync(self._fd)  # the copies are on disk before the originals go
+                self.compactions += 1
+            self._forwarding = None
+            self._drop(oldest)
 
     def _roll(self) -> None:
         with self._fd_lock:
             os.fsync(self._fd)  # a closed segment is on disk before the next one begins
         self._new_segment(self._active + 1)
 
-    def _forward(self, seg: int) -> None:
-        """Write the live messages of segment ``seg`` again, as they are now, at the end of
-        the log, and make that durable."""
+    def _forward(self, seg: int, ids: list[int]) -> None:
+        """Write up to ``_FORWARD_CHUNK`` of the live messages of segment ``seg`` (their ids
+        taken from the end of ``ids``) again, as they are now, at the end of the log."""
         live, active = self._live, self._active
-        moving = [(mid, q, m) for mid, (s, q, m) in live.items() if s == seg]
-        ops: list[list[Any]] = [
-            [ADD, mid, q, m.payload, m.deliveries, m.origin, m.reason] for mid, q, m in moving
-        ]
-        self._write(ops)
-        with self._fd_lock:
-            os.fdatasync(self._fd)
+        moving: list[tuple[int, str, Stored]] = []
+        while ids and len(moving) < _FORWARD_CHUNK:
+            mid = ids.pop()
+            entry = live.get(mid)
+            if entry is not None and entry[0] == seg:  # not acked since
+                moving.append((mid, entry[1], entry[2]))
+        if not ids and len(moving) < self._seg_live[seg]:  # cannot be; but never lose one
+            ids += [
+                mid for mid, e in live.items() if e[0] == seg and (mid, e[1], e[2]) not in moving
+            ]
+        if moving:
+            self._write([[ADD, mid, q, m.payload, m.deliveries, m.origin, m.reason]
+                         for mid, q, m in reversed(moving)])  # fmt: skip
         for mid, q, m in moving:
             live[mid] = (active, q, m)
         self._seg_live[active] += len(moving)
-        self._seg_live[seg] = 0
-        self.compactions += 1
-        log.info("store %s: moved %d live message(s) out of segment %d to reclaim it",
-                 self.path, len(moving), seg)  # fmt: skip
+        self._seg_live[seg] -= len(moving)
+        log.debug("store %s: wrote %d live message(s) forward from segment %d",
+                  self.path, len(moving), seg)  # fmt: skip
 
     def _drop(self, seg: int) -> None:
         self._segment_path(seg).unlink()
