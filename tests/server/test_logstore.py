@@ -372,3 +372,17 @@ def test_the_log_recovers_what_sqlite_recovers(steps: list[tuple[Any, ...]]) -> 
     assert [m[:5] for m in log_msgs] == [m[:5] for m in sql_msgs]
     assert all(a[5] - b[5] in (0, 1) for a, b in zip(log_msgs, sql_msgs, strict=True))
     assert log_queues == sql_queues
+
+
+def test_serve_refuses_sqlite_on_a_directory_that_holds_a_log(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    LogStore(tmp_path).close()
+    out = subprocess.run(
+        [sys.executable, "-m", "pigeon", "serve", "--port", "0", "--data-dir", str(tmp_path),
+         "--store", "sqlite"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode != 0
+    assert "holds a log store" in out.stderr and "--store log" in out.stderr

@@ -97,7 +97,6 @@ DEFAULT_URL = "pigeon://127.0.0.1:7878/jobs"
 )
 @click.option(
     "--store",
-    "store_kind",
     type=click.Choice(["auto", "log", "sqlite"]),
     default="auto",
     show_default=True,
@@ -213,7 +212,7 @@ DEFAULT_URL = "pigeon://127.0.0.1:7878/jobs"
 def serve(
     host: str, port: int, token: str | None, insecure_no_auth: bool, max_frame_size: int,
     heartbeat: float, lease: float, max_deliveries: int, max_connections: int,
-    data_dir: Path | None, memory: bool, store_kind: str, fsync: str, fsync_interval: float,
+    data_dir: Path | None, memory: bool, store: str, fsync: str, fsync_interval: float,
     handshake_timeout: float, idle_timeout: float, max_unacked_bytes: int,
     max_pending_output: int, max_queues: int, max_parked_bytes_per_connection: int,
     max_parked_bytes: int, peer_timeout: float, store_timeout: float, tls_cert: str | None,
@@ -258,12 +257,12 @@ def serve(
 
         ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_ctx.load_cert_chain(tls_cert, tls_key)
-    store: Store
+    kept: Store
     if memory:
-        store = Store()
+        kept = Store()
     else:
         try:
-            store = open_store(data_dir or Path("pigeon-data"), store_kind, fsync, fsync_interval)  # type: ignore[arg-type]
+            kept = open_store(data_dir or Path("pigeon-data"), store, fsync, fsync_interval)  # type: ignore[arg-type]
         except StoreCorrupted as exc:
             raise click.ClickException(str(exc)) from None
 
@@ -278,7 +277,7 @@ def serve(
     server_config = ServerConfig(
         host=host, port=port, token=token, max_frame_size=max_frame_size, heartbeat=heartbeat,
         default_lease=lease, max_deliveries=max_deliveries, max_connections=max_connections,
-        store=store, handshake_timeout=handshake_timeout, idle_timeout=idle_timeout,
+        store=kept, handshake_timeout=handshake_timeout, idle_timeout=idle_timeout,
         max_unacked_bytes=max_unacked_bytes, max_pending_output=max_pending_output,
         max_queues=max_queues, max_parked_bytes_per_connection=max_parked_bytes_per_connection,
         max_parked_bytes=max_parked_bytes, peer_timeout=peer_timeout, store_timeout=store_timeout,
@@ -286,7 +285,7 @@ def serve(
     )  # fmt: skip
 
     def ready(server: Any) -> None:
-        where = "memory only" if memory else f"{store.path} (fsync {fsync})"  # type: ignore[attr-defined]
+        where = "memory only" if memory else f"{kept.path} (fsync {fsync})"  # type: ignore[attr-defined]
         click.echo(
             f"pigeon broker listening on {', '.join(server.addresses)}, messages in "
             f"{where} (Ctrl-C stops)"
