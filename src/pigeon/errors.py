@@ -19,7 +19,8 @@ PigeonError
 ├── InvalidURL
 ├── DecodeError                a payload the serializer cannot decode; .raw, .queue, .serializer
 ├── TooLarge                   an item is larger than the backend or the reply limit accepts
-└── StoreCorrupted             the broker's data directory holds a damaged store
+├── StoreCorrupted             the broker's data directory holds a damaged store
+└── StoreInUse                 another broker has the data directory open
 ```
 
 Foreign errors (OSError from a socket, a client library's exceptions) are translated at
@@ -48,6 +49,7 @@ __all__ = [
     "RemoteProtocolError",
     "ShutDown",
     "StoreCorrupted",
+    "StoreInUse",
     "TooLarge",
     "Unavailable",
     "Unsupported",
@@ -155,3 +157,9 @@ class Unavailable(BrokenResourceError):
 
 class StoreCorrupted(PigeonError):
     """The data directory holds a damaged store; the message names the file."""
+
+
+class StoreInUse(PigeonError):
+    """Another broker (another process, or another store object) has the data directory
+    open: two writers would interleave their changes. The message names the directory and
+    the holder's pid."""

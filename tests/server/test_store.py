@@ -245,3 +245,17 @@ def test_flush_writes_at_once_so_replies_go_out_in_this_turn(tmp_path: Path, kin
 
     at_once, commits = asyncio.run(main())
     assert at_once == [1] and commits == [1]
+
+
+def test_a_second_store_on_the_same_directory_is_refused(tmp_path: Path, kind: str) -> None:
+    """Two brokers appending to one log (or serving one SQLite file with two states in
+    memory) would corrupt it or hand messages out twice: the second is refused."""
+    from pigeon.errors import StoreInUse
+
+    first = STORES[kind](tmp_path)
+    with pytest.raises(StoreInUse, match=f"pid {os.getpid()}"):
+        STORES[kind](tmp_path)
+    with pytest.raises(StoreInUse):
+        STORES["log" if kind == "sqlite" else "sqlite"](tmp_path)
+    first.close()
+    STORES[kind](tmp_path).close()  # free again

@@ -244,7 +244,7 @@ def serve(
     if print_config:
         show_config(ctx, ctx.params)
         return
-    from pigeon.errors import StoreCorrupted
+    from pigeon.errors import StoreCorrupted, StoreInUse
     from pigeon.server.app import ServerConfig, run
     from pigeon.server.logstore import open_store
     from pigeon.server.model import Store
@@ -263,7 +263,7 @@ def serve(
     else:
         try:
             kept = open_store(data_dir or Path("pigeon-data"), store, fsync, fsync_interval)  # type: ignore[arg-type]
-        except StoreCorrupted as exc:
+        except (StoreCorrupted, StoreInUse) as exc:
             raise click.ClickException(str(exc)) from None
 
     setup_logging("debug" if verbose else log_level, log_format)

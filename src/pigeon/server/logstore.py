@@ -223,6 +223,14 @@ class LogStore(Durable):
         self._thread = threading.Thread(target=self._syncer, name="pigeon-log-sync", daemon=True)
         self.compactions = 0
         self._forwarding: list[int] | None = None  # ids of the oldest segment to move
+        self._lock_dir(self.dir)
+        try:
+            self._open_log()
+        except BaseException:
+            self._unlock_dir()
+            raise
+
+    def _open_log(self) -> None:
         started = time.perf_counter()
         state = self._recover_files()
         self._live = state.live
@@ -622,6 +630,7 @@ class LogStore(Durable):
                     os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = -1
+        self._unlock_dir()
 
     def _closing_flush(self) -> None:
         loop, self._loop = self._loop, None

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pigeon.errors import StoreCorrupted
+from pigeon.errors import StoreCorrupted, StoreInUse
 from pigeon.server.model import Store, Stored
 
 __all__ = ["DB_NAME", "Durable", "SQLiteStore", "StoreCorrupted", "create_schema"]
@@ -55,6 +55,7 @@ log = logging.getLogger("pigeon.store")
 
 FsyncMode = Literal["always", "batch", "never"]
 DB_NAME = "pigeon.sqlite3"
+LOCK_NAME = "pigeon.lock"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -144,6 +145,32 @@ class Durable(Store):
                     time.monotonic() - self._failing_since)  # fmt: skip
         self._failing_since = None
 
+    _lock_fd = -1
+
+    def _lock_dir(self, data_dir: Path) -> None:
+        """Hold ``DATA_DIR/pigeon.lock`` (flock) while open: a second broker on the same
+        directory is refused rather than allowed to interleave its writes."""
+        import fcntl
+
+        fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StoreInUse(
+                f"{data_dir} is in use by another broker (pid {holder} holds "
+                f"{data_dir / LOCK_NAME}); stop it first, or give this one another --data-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock_dir(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+
     def _count_commit(self, seconds: float) -> None:
         i = bisect.bisect_left(_COMMIT_BUCKETS, seconds)
         self._commit_counts[i] += 1
@@ -186,7 +213,12 @@ class SQLiteStore(Durable):
         self._ops: list[tuple[str, tuple[object, ...]]] = []
         self._lock = threading.Condition()
         self._last_fsync = 0.0
-        self._db = self._open()
+        self._lock_dir(self.dir)
+        try:
+            self._db = self._open()
+        except BaseException:
+            self._unlock_dir()
+            raise
         self._thread = threading.Thread(target=self._writer, name="pigeon-store", daemon=True)
         # Inline mode (``attach``): commits run in the event loop's thread, once per turn;
         # a syncer thread does the fsyncs and checkpoints.
@@ -573,6 +605,7 @@ class SQLiteStore(Durable):
             if self._thread.is_alive():
                 self._thread.join(30)
             self._db.close()
+            self._unlock_dir()
             return
         with self._lock:
             self._closing = True
@@ -583,6 +616,7 @@ class SQLiteStore(Durable):
             self._apply(self._db, self._ops)
             self._ops = []
         self._db.close()
+        self._unlock_dir()
 
 
 def backup(data_dir: str | os.PathLike[str], target: str | os.PathLike[str]) -> int:
