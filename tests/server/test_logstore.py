@@ -98,6 +98,33 @@ def test_a_damaged_record_is_quarantined_once_and_the_rest_delivered(
     store.close()
 
 
+def test_a_record_hidden_in_a_payload_is_never_taken_for_one(tmp_path: Path) -> None:
+    """A client can put bytes that form a valid record; after damage, when recovery looks
+    for the next record, it must not find that one: records' CRCs are seeded with a salt
+    of their segment that no client knows."""
+    import zlib
+
+    import msgspec
+
+    body = msgspec.msgpack.encode([[logstore.ADDS, "q", 999, [b"forged"]]])
+    forged = logstore.MAGIC + len(body).to_bytes(4, "little")
+    forged += zlib.crc32(body).to_bytes(4, "little") + body
+    broker, store = opened(tmp_path)
+    broker.handle(1, Put(1, "q", b"first"))
+    broker.handle(1, Put(2, "q", b"carrier:" + forged))
+    broker.handle(1, Put(3, "q", b"last"))
+    store.close()
+    seg = segments(tmp_path)[-1]
+    data = bytearray(seg.read_bytes())
+    start = data.rindex(logstore.MAGIC, 0, data.index(b"carrier:"))
+    data[start + 4 : start + 8] = b"\xff\xff\xff\x7f"  # the carrier's length, damaged
+    seg.write_bytes(bytes(data))
+    broker, store = opened(tmp_path)
+    assert store.quarantined == 1
+    assert payloads(broker) == [b"first", b"last"]
+    store.close()
+
+
 def test_a_failing_disk_is_retried_without_blocking_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

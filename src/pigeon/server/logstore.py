@@ -1,12 +1,13 @@
 """The default durable store: an append-only log of checksummed records.
 
 # Strategy:
-# Every change the broker makes in one turn of its event loop (puts, acks, dead letters,
-# requeues, queue settings) becomes one record, written with one ``pwritev`` before the
+# Every change the broker makes (puts, acks, dead letters, requeues, queue settings) while
+# it handles what one read brought (``flush``, called by the server), or in one turn of
+# its event loop (timers), becomes one record, written with one ``pwritev`` before the
 # replies that depend on it go out - the shape of Redis's AOF, Kafka's log and NATS
-# JetStream's file store. A record is ``MAGIC | length | crc32(body) | body``, the body a
-# msgpack list of operations; a record is the unit of atomicity: recovery applies all of
-# it or none of it.
+# JetStream's file store. A record is ``MAGIC | length | crc32 | body``, the body a
+# msgpack list of operations, the CRC seeded with a random salt of its segment; a record
+# is the unit of atomicity: recovery applies all of it or none of it.
 #
 #   --fsync batch   confirm once the record is in the operating system (it survives
 #                   kill -9 of the broker); a syncer thread fdatasyncs the log at most
@@ -62,9 +63,14 @@ __all__ = ["LOG_DIR", "LogStore", "backup_log"]
 log = logging.getLogger("pigeon.store")
 
 LOG_DIR = "log"
-FILE_HEADER = b"PIGEON LOG v1\n\0\0"  # 16 bytes at the start of every segment
+FILE_MAGIC = b"PIGEON LOG v1\n\0\0"  # a segment's first 16 bytes
+# A segment's header: the magic, then a random 32-bit salt that seeds the CRC of each of its
+# records (a record hidden inside a payload cannot pass for one of the log's own, should
+# recovery ever look for the next record after damage), then zeros.
+_FILE_HEADER = struct.Struct("<16sI12x")
+FILE_HEADER_SIZE = _FILE_HEADER.size  # 32
 MAGIC = b"PgR1"
-_HEADER = struct.Struct("<4sII")  # magic, body length, crc32(body)
+_HEADER = struct.Struct("<4sII")  # magic, body length, crc32(body, the segment's salt)
 _PAD = b"\xc0"  # a body starting with msgpack nil is padding: skipped
 SEGMENT_BYTES = 64 * 2**20
 _FORWARD_CHUNK = 4096  # live messages written forward per turn of the loop
@@ -149,7 +155,7 @@ def _segments(log_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
-def _scan(data: bytes, start: int) -> Iterator[tuple[int, int, bool]]:
+def _scan(data: bytes, start: int, salt: int) -> Iterator[tuple[int, int, bool]]:
     """(offset, end, valid) for each record from ``start``; invalid stretches (bytes that
     are no record, or a record whose checksum fails) are one item each, up to the next
     valid record or the end."""
@@ -163,7 +169,7 @@ def _scan(data: bytes, start: int) -> Iterator[tuple[int, int, bool]]:
         if off + hsize <= n:
             magic, length, crc = unpack(data, off)
             end = off + hsize + length
-            if magic == MAGIC and end <= n and crc32(view[off + hsize : end]) == crc:
+            if magic == MAGIC and end <= n and crc32(view[off + hsize : end], salt) == crc:
                 yield off, end, True
                 off = end
                 continue
@@ -177,19 +183,22 @@ def _scan(data: bytes, start: int) -> Iterator[tuple[int, int, bool]]:
             if nxt + hsize <= n:
                 magic, length, crc = unpack(data, nxt)
                 end = nxt + hsize + length
-                if end <= n and crc32(view[nxt + hsize : end]) == crc:
+                if end <= n and crc32(view[nxt + hsize : end], salt) == crc:
                     break
         yield off, nxt, False
         off = nxt
 
 
-def _read_segment(path: Path, data: bytes) -> None:
-    if data[: len(FILE_HEADER)] != FILE_HEADER:
+def _read_segment(path: Path, data: bytes) -> int:
+    """The segment's salt, once its header is checked."""
+    if len(data) < FILE_HEADER_SIZE or data[: len(FILE_MAGIC)] != FILE_MAGIC:
         raise StoreCorrupted(
             f"{path} cannot be read as a pigeon log segment (it does not start with "
-            f"{FILE_HEADER[:13]!r}); move it aside to start without it, or restore the "
+            f"{FILE_MAGIC[:13]!r}); move it aside to start without it, or restore the "
             "data directory from a backup"
         )
+    salt: int = _FILE_HEADER.unpack_from(data)[1]
+    return salt
 
 
 class LogStore(Durable):
@@ -250,17 +259,18 @@ class LogStore(Durable):
     def _recover_files(self) -> _Replayed:
         state = _Replayed()
         self._sizes: dict[int, int] = {}
+        self._salts: dict[int, int] = {}
         segments = _segments(self.path)
         decode = msgspec.msgpack.Decoder().decode
         for k, (seg, path) in enumerate(segments):
             last = k == len(segments) - 1
             data = path.read_bytes()
-            if last and len(data) < len(FILE_HEADER) and FILE_HEADER.startswith(data):
+            if last and len(data) < FILE_HEADER_SIZE and FILE_MAGIC.startswith(data[:16]):
                 path.unlink()  # created, its header never written: nothing in it
                 continue
-            _read_segment(path, data)
-            good_end = len(FILE_HEADER)
-            for off, end, valid in _scan(data, len(FILE_HEADER)):
+            salt = self._salts[seg] = _read_segment(path, data)
+            good_end = FILE_HEADER_SIZE
+            for off, end, valid in _scan(data, FILE_HEADER_SIZE, salt):
                 body = data[off + _HEADER.size : end]
                 if valid:
                     good_end = end
@@ -283,7 +293,7 @@ class LogStore(Durable):
                         os.fsync(f.fileno())
                     data = data[:off]
                     break
-                self._quarantine(path, data, off, end)
+                self._quarantine(path, data, off, end, salt)
                 state.bad_records += 1
                 state.bad_bytes += end - off
                 good_end = end
@@ -297,7 +307,7 @@ class LogStore(Durable):
             )  # fmt: skip
         return state
 
-    def _quarantine(self, path: Path, data: bytes, off: int, end: int) -> None:
+    def _quarantine(self, path: Path, data: bytes, off: int, end: int, salt: int) -> None:
         """Keep a copy of damaged bytes, then overwrite them with padding (when there is
         room for a record header) so the next start does not report them again."""
         qdir = self.path / "quarantine"
@@ -308,7 +318,7 @@ class LogStore(Durable):
             body = _PAD + bytes(size - 1)
             with open(path, "r+b") as f:
                 f.seek(off)
-                f.write(_HEADER.pack(MAGIC, size, zlib.crc32(body)) + body)
+                f.write(_HEADER.pack(MAGIC, size, zlib.crc32(body, salt)) + body)
                 os.fsync(f.fileno())
 
     def _open_active(self) -> None:
@@ -317,7 +327,7 @@ class LogStore(Durable):
             path = self._segment_path(seg)
             self._fd = os.open(path, os.O_RDWR)
             self._active = seg
-            if self._sizes[seg] == len(FILE_HEADER):  # a crash cut its first record short
+            if self._sizes[seg] == FILE_HEADER_SIZE:  # a crash cut its first record short
                 self._write([[SETTINGS, self._queues]])
         else:
             self._new_segment(1)
@@ -331,7 +341,9 @@ class LogStore(Durable):
         path = self._segment_path(seg)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         body = self._encode([[SETTINGS, self._queues]])
-        data = FILE_HEADER + _HEADER.pack(MAGIC, len(body), zlib.crc32(body)) + body
+        salt = int.from_bytes(os.urandom(4), "little")
+        data = (_FILE_HEADER.pack(FILE_MAGIC, salt)
+                + _HEADER.pack(MAGIC, len(body), zlib.crc32(body, salt)) + body)  # fmt: skip
         try:
             os.pwrite(fd, data, 0)
             os.fsync(fd)
@@ -346,6 +358,7 @@ class LogStore(Durable):
             if old >= 0:
                 os.close(old)
         self._active = seg
+        self._salts[seg] = salt
         self._sizes[seg] = len(data)
         self._seg_live[seg] = 0
 
@@ -448,12 +461,17 @@ class LogStore(Durable):
         """Append one record at the end of the active segment. A write that fails part
         way leaves the offset where it was: the retry writes over what it left."""
         body = self._encode(ops)
-        header = _HEADER.pack(MAGIC, len(body), zlib.crc32(body))
+        header = _HEADER.pack(MAGIC, len(body), zlib.crc32(body, self._salts[self._active]))
         offset = self._sizes[self._active]
         total = len(header) + len(body)
-        done = os.pwritev(self._fd, [header, body], offset)
-        while done < total:  # a short write (a disk filling up): the rest, or an error
-            done += os.pwrite(self._fd, (header + body)[done:], offset + done)
+        try:
+            done = os.pwritev(self._fd, [header, body], offset)
+            while done < total:  # a short write (a disk filling up): the rest, or an error
+                done += os.pwrite(self._fd, (header + body)[done:], offset + done)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, offset)  # leave no half record behind, if we can
+            raise
         self._sizes[self._active] = offset + total
 
     def flush(self) -> None:
@@ -565,7 +583,7 @@ class LogStore(Durable):
     def _drop(self, seg: int) -> None:
         self._segment_path(seg).unlink()
         _fsync_dir(self.path)
-        del self._sizes[seg]
+        del self._sizes[seg], self._salts[seg]
         del self._seg_live[seg]
 
     # --- the syncer thread ----------------------------------------------------------------
@@ -673,8 +691,8 @@ def backup_log(data_dir: str | os.PathLike[str], target: str | os.PathLike[str])
     try:
         for seg, path, f in files:
             data = f.read()
-            _read_segment(path, data)
-            for off, end, valid in _scan(data, len(FILE_HEADER)):
+            salt = _read_segment(path, data)
+            for off, end, valid in _scan(data, FILE_HEADER_SIZE, salt):
                 body = data[off + _HEADER.size : end]
                 if valid and body[:1] != _PAD:
                     state.apply(seg, decode(body))
