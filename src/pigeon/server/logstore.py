@@ -482,7 +482,10 @@ class LogStore(Durable):
         """Write everything changed since the last flush as one record."""
         self._flush_pending = False
         ops = self._ops
-        if not ops or self._error is not None:
+        if self._error is not None:
+            self._ops = []  # nothing is written any more (the broker refuses puts)
+            return
+        if not ops:
             return
         self._ops = []
         self.batch += 1
