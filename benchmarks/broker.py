@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pigeon
-from _report import RESULTS, table
+from _report import RESULTS, bars, table
 
 ctx = mp.get_context("fork")
 BATCH = 100
@@ -503,6 +503,14 @@ def run(args: argparse.Namespace, durable: bool) -> None:
         dlat = durable_latencies(500 if args.quick else 3000)
         table("durable round trip (µs, one client, sequential)", ["operation", "p50", "p99"],
               [[k, f"{v[0]:.0f}", f"{v[1]:.0f}"] for k, v in dlat.items()])  # fmt: skip
+        out = bars(
+            RESULTS / "durable.png",
+            "durable modes, 1 producer + 1 consumer, 64 B (items/s)",
+            {"single": {k: v for k, v in dres.items() if not k.endswith("x100")},
+             "x100": {k[: -len(" x100")]: v for k, v in dres.items() if k.endswith("x100")}},
+            "items/s",
+        )  # fmt: skip
+        print(f"plot written to {out}")
         mem, log = dlat["pigeon put --memory"], dlat["pigeon put --fsync batch (log)"]
         print(
             f"durable put p50 vs --memory: {log[0] / mem[0]:.2f}× (target ≤ 1.5); "

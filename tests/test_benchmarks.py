@@ -35,3 +35,8 @@ def test_consumers_benchmark_runs() -> None:
 def test_store_cost_benchmark_runs() -> None:
     out = _run("store_cost.py", "--messages", "2000", "--rounds", "1")
     assert "fsync batch" in out and "vs --memory" in out and "plot written" in out
+
+
+def test_recovery_benchmark_runs() -> None:
+    out = _run("recovery.py", "--messages", "2000")
+    assert "log: filled 2,000" in out and "sqlite: filled 2,000" in out
