@@ -24,6 +24,11 @@ def bars(path: Path, title: str, groups: dict[str, dict[str, float]], unit: str)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    _short = FuncFormatter(
+        lambda v, _: f"{v / 1e6:g}M" if v >= 1e6 else f"{v / 1e3:g}k" if v >= 1e4 else f"{v:g}"
+    )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4), squeeze=False)
@@ -32,6 +37,8 @@ def bars(path: Path, title: str, groups: dict[str, dict[str, float]], unit: str)
         ax.barh(labels, [values[k] for k in labels], color="#4477aa")
         ax.set_title(name)
         ax.set_xlabel(unit)
+        ax.xaxis.set_major_formatter(_short)
+        ax.locator_params(axis="x", nbins=5)
         ax.invert_yaxis()
     fig.suptitle(title)
     fig.tight_layout()
