@@ -72,6 +72,7 @@ def test_metrics_health_and_stats_over_http(served: tuple[int, int, Any], tmp_pa
         assert sample(text, "pigeon_messages_put_total", "jobs") == 5
         assert sample(text, "pigeon_messages_acked_total", "jobs") == 2
         assert "pigeon_connections " in text and "pigeon_store_commit_seconds_bucket" in text
+        assert float(text.split("\npigeon_store_disk_bytes ")[1].split()[0]) > 0
         assert get(f"http://127.0.0.1:{http}/healthz")[0] == 200
         assert get(f"http://127.0.0.1:{http}/readyz") == (200, b'{"ready": true, "reason": "ok"}')
         stats = json.loads(get(f"http://127.0.0.1:{http}/api/stats")[1])

@@ -111,6 +111,14 @@ class _Collector:
         conns = GaugeMetricFamily("pigeon_connections", "Client connections open now.")
         conns.add_metric([], len(self.server.connections))
         yield conns
+        disk = getattr(self.server.broker.store, "disk_bytes", None)
+        if disk is not None:
+            d = GaugeMetricFamily(
+                "pigeon_store_disk_bytes", "Bytes the store takes on disk now (log segments, "
+                "or the SQLite database and its WAL)."
+            )  # fmt: skip
+            d.add_metric([], disk)
+            yield d
         commits = self.server.broker.store.commit_histogram()
         if commits is not None:
             buckets, total = commits

@@ -332,6 +332,11 @@ class SQLiteStore(Durable):
 
     # --- inline mode: the loop commits, the syncer syncs ---------------------------------
 
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes the database and its WAL take on disk now."""
+        return sum(os.path.getsize(p) for p in (self.path, f"{self.path}-wal") if os.path.exists(p))
+
     def flush(self) -> None:
         if self._ops and self._loop is not None and self._failing_since is None:
             self._flush()
