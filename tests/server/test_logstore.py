@@ -243,7 +243,10 @@ def test_a_backup_is_a_sqlite_store_a_broker_starts_on(tmp_path: Path) -> None:
     seg = segments(tmp_path / "data")[-1]
     with open(seg, "ab") as f:  # a write in progress as the copy is made
         f.write(logstore.MAGIC + b"\x10\x00")
+    begun = tmp_path / "data" / LOG_DIR / "9999999999999999.seg"
+    begun.write_bytes(b"")  # a segment the broker is creating at this very moment
     n = backup_log(tmp_path / "data", tmp_path / "copy.sqlite3")
+    begun.unlink()
     store.close()
     assert n == 201
     (tmp_path / "restored").mkdir()

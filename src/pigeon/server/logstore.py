@@ -692,8 +692,10 @@ def backup_log(data_dir: str | os.PathLike[str], target: str | os.PathLike[str])
     state = _Replayed()
     decode = msgspec.msgpack.Decoder().decode
     try:
-        for seg, path, f in files:
+        for k, (seg, path, f) in enumerate(files):
             data = f.read()
+            if k == len(files) - 1 and len(data) < FILE_HEADER_SIZE:
+                break  # a segment being begun as the copy is made: nothing in it yet
             salt = _read_segment(path, data)
             for off, end, valid in _scan(data, FILE_HEADER_SIZE, salt):
                 body = data[off + _HEADER.size : end]
