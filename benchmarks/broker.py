@@ -18,7 +18,11 @@ Throughput contenders (items/s):
   jetstream x100    100 publishes in flight / pull fetch 100 + acks
 Latency (µs, one client, sequential): pigeon confirmed put, redis PING, redis XADD,
 a raw Python TCP echo.
-Prints a table with ratios and writes benchmarks/results/broker.png.
+Durable modes (needs redis-server to start scratch servers with appendonly yes): pigeon's
+log store with --fsync always and batch, its SQLite store with batch, Redis Streams with
+appendfsync always and everysec, JetStream file storage; single and x100 throughput, and
+the confirmed put's round trip p50/p99 on each, interleaved (--durable-only: just these).
+Prints tables with ratios and writes benchmarks/results/broker.png and durable.png.
 """
 
 from __future__ import annotations
