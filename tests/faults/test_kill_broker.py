@@ -31,8 +31,9 @@ SECONDS = float(os.environ.get("PIGEON_FAULT_SECONDS", "60"))
 FSYNC = os.environ.get("PIGEON_FAULT_FSYNC", "batch")
 
 
-def broker_args(data: Path) -> tuple[str, ...]:
-    return ("--data-dir", str(data), "--fsync", FSYNC, "--heartbeat", "1")
+def broker_args(data: Path, segment_bytes: int) -> tuple[str, ...]:
+    return ("--data-dir", str(data), "--fsync", FSYNC, "--heartbeat", "1",
+            "--segment-bytes", str(segment_bytes))  # fmt: skip
 
 
 def produce(url: str, me: int, out: str, pace: float) -> None:
@@ -69,14 +70,21 @@ def consume(url: str, out: str, stop: Any) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(SECONDS + 300)
-def test_no_confirmed_message_is_lost_while_the_broker_is_killed(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("segment_bytes", "seconds"),
+    [(64 * 2**20, SECONDS), (64 * 2**10, SECONDS / 2)],
+    ids=["default-segments", "64KiB-segments-rolled-and-reclaimed-under-kills"],
+)
+def test_no_confirmed_message_is_lost_while_the_broker_is_killed(
+    tmp_path: Path, segment_bytes: int, seconds: float
+) -> None:
     port = free_port()
     data = tmp_path / "data"
     url = f"pigeon://127.0.0.1:{port}/jepsen?lease=10"
     ctx = mp.get_context("fork")
     stop = ctx.Event()
-    broker = start_broker(port, *broker_args(data))
-    pace = max(0.0, SECONDS * 0.6 / (PER_PRODUCER / BATCH))
+    broker = start_broker(port, *broker_args(data, segment_bytes))
+    pace = max(0.0, seconds * 0.6 / (PER_PRODUCER / BATCH))
     producers = [
         ctx.Process(target=produce, args=(url, p, str(tmp_path / f"p{p}"), pace))
         for p in range(PRODUCERS)
@@ -89,14 +97,14 @@ def test_no_confirmed_message_is_lost_while_the_broker_is_killed(tmp_path: Path)
         proc.start()
     kills = 0
     rng = random.Random(1234)
-    end = time.monotonic() + SECONDS
+    end = time.monotonic() + seconds
     try:
         while time.monotonic() < end:
             time.sleep(min(rng.uniform(2, 8), max(0.0, end - time.monotonic())))
             broker.send_signal(signal.SIGKILL)
             broker.wait(10)
             kills += 1
-            broker = start_broker(port, *broker_args(data))
+            broker = start_broker(port, *broker_args(data, segment_bytes))
         for p in producers:
             p.join(120)
             assert p.exitcode == 0, "a producer failed"
@@ -140,3 +148,7 @@ def test_no_confirmed_message_is_lost_while_the_broker_is_killed(tmp_path: Path)
     assert len(confirmed) == PRODUCERS * PER_PRODUCER
     assert not unexpected, f"unexpected or corrupt: {sorted(unexpected)[:5]}"
     assert not lost, f"lost {len(lost)} confirmed messages, e.g. {sorted(lost)[:5]}"
+    segments = sorted(int(p.stem) for p in (data / "log").glob("*.seg"))
+    print(f"log segments: {len(segments)} on disk, numbers up to {segments[-1]}")
+    if segment_bytes < 2**20:  # the small segments rolled, and old ones were reclaimed
+        assert segments[-1] > len(segments) + 5

@@ -105,6 +105,14 @@ DEFAULT_URL = "pigeon://127.0.0.1:7878/jobs"
     "--store log on a SQLite-only DATA_DIR imports it into a log once",
 )
 @click.option(
+    "--segment-bytes",
+    default=64 * 2**20,
+    show_default=True,
+    type=click.IntRange(4096),
+    help="the log store's segment size: a full segment is fsynced and closed and a new one "
+    "begun; disk space is reclaimed a segment at a time",
+)
+@click.option(
     "--fsync",
     type=click.Choice(["always", "batch", "never"]),
     default="batch",
@@ -212,7 +220,8 @@ DEFAULT_URL = "pigeon://127.0.0.1:7878/jobs"
 def serve(
     host: str, port: int, token: str | None, insecure_no_auth: bool, max_frame_size: int,
     heartbeat: float, lease: float, max_deliveries: int, max_connections: int,
-    data_dir: Path | None, memory: bool, store: str, fsync: str, fsync_interval: float,
+    data_dir: Path | None, memory: bool, store: str, segment_bytes: int, fsync: str,
+    fsync_interval: float,
     handshake_timeout: float, idle_timeout: float, max_unacked_bytes: int,
     max_pending_output: int, max_queues: int, max_parked_bytes_per_connection: int,
     max_parked_bytes: int, peer_timeout: float, store_timeout: float, tls_cert: str | None,
@@ -262,7 +271,8 @@ def serve(
         kept = Store()
     else:
         try:
-            kept = open_store(data_dir or Path("pigeon-data"), store, fsync, fsync_interval)  # type: ignore[arg-type]
+            kept = open_store(data_dir or Path("pigeon-data"), store, fsync, fsync_interval,  # type: ignore[arg-type]
+                              segment_bytes)  # fmt: skip
         except (StoreCorrupted, StoreInUse) as exc:
             raise click.ClickException(str(exc)) from None
 

@@ -735,6 +735,7 @@ def open_store(
     kind: StoreKind = "auto",
     fsync: FsyncMode = "batch",
     fsync_interval: float = 0.010,
+    segment_bytes: int = SEGMENT_BYTES,
 ) -> Durable:
     """The durable store of ``data_dir``. ``auto``: the log, unless the directory holds only
     a SQLite store (``pigeon.sqlite3``, written by an earlier pigeon or restored from a
@@ -756,11 +757,13 @@ def open_store(
             )
         return SQLiteStore(root, fsync, fsync_interval)
     if not has_log and sqlite_file.exists():
-        return _imported(root, sqlite_file, fsync, fsync_interval)
-    return LogStore(root, fsync, fsync_interval)
+        return _imported(root, sqlite_file, fsync, fsync_interval, segment_bytes)
+    return LogStore(root, fsync, fsync_interval, segment_bytes)
 
 
-def _imported(root: Path, sqlite_file: Path, fsync: FsyncMode, interval: float) -> LogStore:
+def _imported(
+    root: Path, sqlite_file: Path, fsync: FsyncMode, interval: float, segment_bytes: int
+) -> LogStore:
     """A new log holding what the SQLite store in ``root`` holds; the SQLite file is kept,
     renamed, once the log is on disk."""
     from pigeon.server.store import SQLiteStore
@@ -771,7 +774,7 @@ def _imported(root: Path, sqlite_file: Path, fsync: FsyncMode, interval: float) 
         messages = list(old.recover())
     finally:
         old.close()
-    store = LogStore(root, fsync, interval)
+    store = LogStore(root, fsync, interval, segment_bytes)
     with store.atomic():  # one record
         for name, settings in queues.items():
             store.declared(name, settings)
