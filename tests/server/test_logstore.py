@@ -102,13 +102,11 @@ def test_a_record_hidden_in_a_payload_is_never_taken_for_one(tmp_path: Path) -> 
     """A client can put bytes that form a valid record; after damage, when recovery looks
     for the next record, it must not find that one: records' CRCs are seeded with a salt
     of their segment that no client knows."""
-    import zlib
 
     import msgspec
 
     body = msgspec.msgpack.encode([[logstore.ADDS, "q", 999, [b"forged"]]])
-    forged = logstore.MAGIC + len(body).to_bytes(4, "little")
-    forged += zlib.crc32(body).to_bytes(4, "little") + body
+    forged = logstore._header(body, 0) + body  # as the log would, had it no salt
     broker, store = opened(tmp_path)
     broker.handle(1, Put(1, "q", b"first"))
     broker.handle(1, Put(2, "q", b"carrier:" + forged))
@@ -123,6 +121,38 @@ def test_a_record_hidden_in_a_payload_is_never_taken_for_one(tmp_path: Path) -> 
     assert store.quarantined == 1
     assert payloads(broker) == [b"first", b"last"]
     store.close()
+
+
+def test_recovery_after_damage_reads_each_byte_a_bounded_number_of_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A payload packed with things that look like record headers, each claiming a long
+    body, inside a damaged record: looking for the next record must not checksum each
+    claimed body (quadratic: minutes for one damaged segment), only headers."""
+    fake = logstore.MAGIC + (200_000).to_bytes(4, "little") + bytes(8)
+    broker, store = opened(tmp_path)
+    broker.handle(1, Put(1, "q", b"first"))
+    broker.handle(1, Put(2, "q", b"carrier:" + fake * 20_000))  # 320 kB of fake headers
+    broker.handle(1, Put(3, "q", b"last"))
+    store.close()
+    seg = segments(tmp_path)[-1]
+    data = bytearray(seg.read_bytes())
+    start = data.rindex(logstore.MAGIC, 0, data.index(b"carrier:"))
+    data[start + 4 : start + 8] = b"\xff\xff\xff\x7f"
+    seg.write_bytes(bytes(data))
+
+    real = logstore.zlib.crc32
+    checked = [0]
+
+    def counting(data: Any, value: int = 0) -> int:
+        checked[0] += len(data)
+        return real(data, value)
+
+    monkeypatch.setattr(logstore.zlib, "crc32", counting)
+    broker, store = opened(tmp_path)
+    assert payloads(broker) == [b"first", b"last"]
+    store.close()
+    assert checked[0] < 3 * len(data)  # each byte about once, not once per fake header
 
 
 def test_a_failing_disk_is_retried_without_blocking_the_loop(

@@ -5,9 +5,9 @@
 # it handles what one read brought (``flush``, called by the server), or in one turn of
 # its event loop (timers), becomes one record, written with one ``pwritev`` before the
 # replies that depend on it go out - the shape of Redis's AOF, Kafka's log and NATS
-# JetStream's file store. A record is ``MAGIC | length | crc32 | body``, the body a
-# msgpack list of operations, the CRC seeded with a random salt of its segment; a record
-# is the unit of atomicity: recovery applies all of it or none of it.
+# JetStream's file store. A record is ``MAGIC | length | crc32 | header crc32 | body``,
+# the body a msgpack list of operations, the CRCs seeded with a random salt of the
+# segment; a record is the unit of atomicity: recovery applies all of it or none of it.
 #
 #   --fsync batch   confirm once the record is in the operating system (it survives
 #                   kill -9 of the broker); a syncer thread fdatasyncs the log at most
@@ -70,7 +70,18 @@ FILE_MAGIC = b"PIGEON LOG v1\n\0\0"  # a segment's first 16 bytes
 _FILE_HEADER = struct.Struct("<16sI12x")
 FILE_HEADER_SIZE = _FILE_HEADER.size  # 32
 MAGIC = b"PgR1"
-_HEADER = struct.Struct("<4sII")  # magic, body length, crc32(body, the segment's salt)
+# A record's header: magic, body length, crc32(body, salt), and crc32 of the two before it
+# (salted too): a stretch of bytes that merely starts with the magic is told from a record
+# by 8 bytes, without reading the length it claims - recovery after damage stays linear.
+_HEADER = struct.Struct("<4sIII")
+_CHECKED = struct.Struct("<II")
+
+
+def _header(body: bytes, salt: int) -> bytes:
+    crc = zlib.crc32(body, salt)
+    return _HEADER.pack(MAGIC, len(body), crc, zlib.crc32(_CHECKED.pack(len(body), crc), salt))
+
+
 _PAD = b"\xc0"  # a body starting with msgpack nil is padding: skipped
 SEGMENT_BYTES = 64 * 2**20
 _FORWARD_CHUNK = 4096  # live messages written forward per turn of the loop
@@ -163,13 +174,19 @@ def _scan(data: bytes, start: int, salt: int) -> Iterator[tuple[int, int, bool]]
     off = start
     hsize = _HEADER.size
     unpack = _HEADER.unpack_from
+    checked = _CHECKED.pack
     crc32 = zlib.crc32
     view = memoryview(data)
     while off < n:
         if off + hsize <= n:
-            magic, length, crc = unpack(data, off)
+            magic, length, crc, hcrc = unpack(data, off)
             end = off + hsize + length
-            if magic == MAGIC and end <= n and crc32(view[off + hsize : end], salt) == crc:
+            if (
+                magic == MAGIC
+                and crc32(checked(length, crc), salt) == hcrc
+                and end <= n
+                and crc32(view[off + hsize : end], salt) == crc
+            ):
                 yield off, end, True
                 off = end
                 continue
@@ -181,9 +198,13 @@ def _scan(data: bytes, start: int, salt: int) -> Iterator[tuple[int, int, bool]]
                 yield off, n, False
                 return
             if nxt + hsize <= n:
-                magic, length, crc = unpack(data, nxt)
+                magic, length, crc, hcrc = unpack(data, nxt)
                 end = nxt + hsize + length
-                if end <= n and crc32(view[nxt + hsize : end], salt) == crc:
+                if (
+                    crc32(checked(length, crc), salt) == hcrc
+                    and end <= n
+                    and crc32(view[nxt + hsize : end], salt) == crc
+                ):
                     break
         yield off, nxt, False
         off = nxt
@@ -318,7 +339,7 @@ class LogStore(Durable):
             body = _PAD + bytes(size - 1)
             with open(path, "r+b") as f:
                 f.seek(off)
-                f.write(_HEADER.pack(MAGIC, size, zlib.crc32(body, salt)) + body)
+                f.write(_header(body, salt) + body)
                 os.fsync(f.fileno())
 
     def _open_active(self) -> None:
@@ -343,7 +364,7 @@ class LogStore(Durable):
         body = self._encode([[SETTINGS, self._queues]])
         salt = int.from_bytes(os.urandom(4), "little")
         data = (_FILE_HEADER.pack(FILE_MAGIC, salt)
-                + _HEADER.pack(MAGIC, len(body), zlib.crc32(body, salt)) + body)  # fmt: skip
+                + _header(body, salt) + body)  # fmt: skip
         try:
             os.pwrite(fd, data, 0)
             os.fsync(fd)
@@ -461,7 +482,7 @@ class LogStore(Durable):
         """Append one record at the end of the active segment. A write that fails part
         way leaves the offset where it was: the retry writes over what it left."""
         body = self._encode(ops)
-        header = _HEADER.pack(MAGIC, len(body), zlib.crc32(body, self._salts[self._active]))
+        header = _header(body, self._salts[self._active])
         offset = self._sizes[self._active]
         total = len(header) + len(body)
         try:
