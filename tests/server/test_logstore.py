@@ -60,6 +60,22 @@ def test_a_torn_tail_is_cut_off_and_the_log_goes_on(tmp_path: Path, caplog: Any)
     store.close()
 
 
+def test_messages_given_out_of_order_keep_their_ids(tmp_path: Path) -> None:
+    """The short form of a batch (first id and payloads) is used only for consecutive
+    ids in order; any other batch keeps each message's own id."""
+    from pigeon.server.model import Stored
+
+    store = LogStore(tmp_path)
+    store.start(lambda batch: None)
+    store.added_many("q", [Stored(i, b"m%d" % i) for i in (1, 3, 2, 4)])
+    store.close()
+    again = LogStore(tmp_path)
+    assert [(m.id, m.payload) for _, m in again.recover()] == [
+        (1, b"m1"), (2, b"m2"), (3, b"m3"), (4, b"m4")
+    ]  # fmt: skip
+    again.close()
+
+
 def test_a_segment_that_is_no_log_is_reported_with_its_file(tmp_path: Path) -> None:
     (tmp_path / LOG_DIR).mkdir()
     bad = tmp_path / LOG_DIR / "0000000000000001.seg"

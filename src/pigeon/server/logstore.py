@@ -430,14 +430,15 @@ class LogStore(Durable):
         if not msgs:
             return
         live, seg = self._live, self._active
-        first = msgs[0].id
-        fresh = msgs[-1].id - first == len(msgs) - 1
+        first = next_id = msgs[0].id
+        fresh = True  # consecutive ids, nothing but a payload: the short form
         size = 0
         for m in msgs:
             live[m.id] = (seg, queue, m)
             size += len(m.payload)
-            if m.deliveries or m.origin or m.reason:
+            if m.id != next_id or m.deliveries or m.origin or m.reason:
                 fresh = False
+            next_id += 1
         self._seg_live[seg] += len(msgs)
         self._live_bytes += size
         if fresh:
