@@ -149,6 +149,28 @@ class RedisCluster(Procs):
             check=True, capture_output=True, timeout=60,
         )  # fmt: skip
         self.wait_ok()
+        self.wait_replicas_synced()
+
+    def wait_replicas_synced(self, timeout: float = 60.0) -> None:
+        """Every replica linked to its master with the first sync done: until then a
+        put with ``?wait=1`` cannot reach a replica (cluster_state:ok comes sooner)."""
+        import redis
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            up = 0
+            for port in self.ports:
+                with contextlib.suppress(Exception):
+                    r = redis.Redis(port=port, socket_timeout=2)
+                    try:
+                        info = r.info("replication")
+                        up += info.get("role") == "slave" and info.get("master_link_status") == "up"
+                    finally:
+                        r.close()
+            if up == len(self.ports) // 2:
+                return
+            time.sleep(0.3)
+        raise TimeoutError("the Redis cluster's replicas did not finish their first sync")
 
     def start(self, i: int) -> None:
         d = self.dir / f"r{i}"
