@@ -130,7 +130,7 @@ def main() -> None:
                 f"{best:.2f}",
                 f"{best / n * 1e6:.1f}",
                 f"{(best - base) / n * 1e6:.1f}",
-                f"{best / base:.2f}×",
+                f"{best / base:.2f}×" if base else "n/a (too few messages to time)",
                 f"{max(rate[name]):,.0f}",
             ]
         )

@@ -33,7 +33,7 @@ def test_consumers_benchmark_runs() -> None:
 
 
 def test_store_cost_benchmark_runs() -> None:
-    out = _run("store_cost.py", "--messages", "2000", "--rounds", "1")
+    out = _run("store_cost.py", "--messages", "20000", "--rounds", "1")
     assert "fsync batch" in out and "vs --memory" in out and "plot written" in out
 
 
