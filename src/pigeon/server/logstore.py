@@ -240,16 +240,9 @@ class LogStore(Durable):
         self.path.mkdir(parents=True, exist_ok=True)
         self.segment_bytes = segment_bytes
         self._encode = msgspec.msgpack.Encoder().encode
-        self._ops: list[list[Any]] = []
         self._depth = 0  # inside atomic(): write when the outermost block ends
-        self._loop: Any = None
-        self._flush_pending = False
-        self._retry_delay = 0.01
         self._fd = -1
         self._fd_lock = threading.Lock()  # the syncer's fsync against a segment switch
-        self._sync = threading.Condition()
-        self._sync_upto = 0
-        self._dirty_since: float | None = None
         self._thread = threading.Thread(target=self._syncer, name="pigeon-log-sync", daemon=True)
         self.compactions = 0
         self._forwarding: list[int] | None = None  # ids of the oldest segment to move
@@ -496,56 +489,11 @@ class LogStore(Durable):
             raise
         self._sizes[self._active] = offset + total
 
-    def flush(self) -> None:
-        if self._ops and self._loop is not None and not self._failing_since:
-            self._flush()
+    def _write_ops(self, ops: list[Any]) -> None:
+        """One record (the loop's ``_flush``: see ``Durable``)."""
+        self._write(ops)
 
-    def _flush(self) -> None:
-        """Write everything changed since the last flush as one record."""
-        self._flush_pending = False
-        ops = self._ops
-        if self._error is not None:
-            self._ops = []  # nothing is written any more (the broker refuses puts)
-            return
-        if not ops:
-            return
-        self._ops = []
-        self.batch += 1
-        batch = self.batch
-        try:
-            started = time.perf_counter()
-            self._write(ops)
-            self._count_commit(time.perf_counter() - started)
-        except OSError as exc:
-            self._ops = ops + self._ops
-            self.batch -= 1
-            if self._failing_since is None:
-                self._failing_since = time.monotonic()
-                log.error("store %s cannot write (%s); retrying", self.path, exc)
-            if self._loop is not None:
-                self._flush_pending = True
-                self._loop.call_later(self._retry_delay, self._flush)
-                self._retry_delay = min(self._retry_delay * 2, _MAX_RETRY_DELAY)
-            return
-        except BaseException as exc:
-            self._broken(exc)
-            return
-        if self._failing_since is not None:
-            self._commits_again()
-            self._retry_delay = 0.01
-        if self.fsync == "always":  # confirmed once the syncer has fsynced it
-            with self._sync:
-                self._sync_upto = batch
-                self._sync.notify()
-        else:
-            if self.fsync == "batch":
-                with self._sync:
-                    if self._dirty_since is None:
-                        self._dirty_since = time.monotonic()
-                        self._sync.notify()
-            self.committed = batch
-            if self.on_commit is not None:
-                self.on_commit(batch)
+    def _after_write(self) -> None:
         try:
             self._maintain()
         except OSError as exc:

@@ -120,6 +120,15 @@ class Durable(Store):
         self.fsyncs = 0
         self._commit_counts = [0] * (len(_COMMIT_BUCKETS) + 1)  # the last: +Inf
         self._commit_sum = 0.0
+        self._ops: list[Any] = []  # changes not yet written
+        # Attached to an event loop (``attach``), changes are written in its thread: when
+        # the server has handled a read (``flush``), or at the end of the loop's turn.
+        self._loop: Any = None
+        self._flush_pending = False
+        self._retry_delay = 0.01
+        self._sync = threading.Condition()  # with the thread that fsyncs
+        self._sync_upto = 0  # --fsync always: the batch the syncer must make durable
+        self._dirty_since: float | None = None  # --fsync batch: the oldest unsynced write
 
     @property
     def holds_replies(self) -> bool:
@@ -144,6 +153,71 @@ class Durable(Store):
         log.warning("store %s commits again after %.1f s", self,
                     time.monotonic() - self._failing_since)  # fmt: skip
         self._failing_since = None
+
+    # --- writing in the loop's thread ------------------------------------------------------
+
+    # Failures a retry may cure (a full disk, an I/O error, a lock held by another process).
+    _retryable: ClassVar[tuple[type[BaseException], ...]] = (OSError,)
+
+    def _write_ops(self, ops: list[Any]) -> None:
+        """Make ``ops`` reach the operating system, all or none (a transaction, a record)."""
+        raise NotImplementedError
+
+    def _after_write(self) -> None:
+        """Housekeeping after a successful write (the log: new segments, reclaiming)."""
+
+    def flush(self) -> None:
+        if self._ops and self._loop is not None and self._failing_since is None:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write everything changed since the last flush at once; then confirm it (batch,
+        never) or hand it to the syncer to fsync first (always). A retryable failure keeps
+        the changes and retries with backoff; anything else stops confirming writes."""
+        self._flush_pending = False
+        if self._error is not None:
+            self._ops = []  # nothing is written any more (the broker refuses puts)
+            return
+        ops, self._ops = self._ops, []
+        if not ops:
+            return
+        self.batch += 1
+        batch = self.batch
+        try:
+            started = time.perf_counter()
+            self._write_ops(ops)
+            self._count_commit(time.perf_counter() - started)
+        except self._retryable as exc:
+            self._ops = ops + self._ops
+            self.batch -= 1
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                log.error("store %s cannot write (%s); retrying", self, exc)
+            if self._loop is not None:
+                self._flush_pending = True
+                self._loop.call_later(self._retry_delay, self._flush)
+                self._retry_delay = min(self._retry_delay * 2, _MAX_RETRY_DELAY)
+            return
+        except BaseException as exc:
+            self._broken(exc)
+            return
+        if self._failing_since is not None:
+            self._commits_again()
+            self._retry_delay = 0.01
+        if self.fsync == "always":  # confirmed once the syncer has fsynced it
+            with self._sync:
+                self._sync_upto = batch
+                self._sync.notify()
+        else:
+            if self.fsync == "batch":
+                with self._sync:
+                    if self._dirty_since is None:
+                        self._dirty_since = time.monotonic()
+                        self._sync.notify()
+            self.committed = batch
+            if self.on_commit is not None:
+                self.on_commit(batch)
+        self._after_write()
 
     _lock_fd = -1
 
@@ -210,7 +284,6 @@ class SQLiteStore(Durable):
         self.dir = Path(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / DB_NAME
-        self._ops: list[tuple[str, tuple[object, ...]]] = []
         self._lock = threading.Condition()
         self._last_fsync = 0.0
         self._lock_dir(self.dir)
@@ -222,13 +295,7 @@ class SQLiteStore(Durable):
         self._thread = threading.Thread(target=self._writer, name="pigeon-store", daemon=True)
         # Inline mode (``attach``): commits run in the event loop's thread, once per turn;
         # a syncer thread does the fsyncs and checkpoints.
-        self._loop: Any = None
-        self._flush_pending = False
-        self._retry_delay = 0.01
-        self._sync = threading.Condition()
-        self._sync_upto = 0  # --fsync always: the batch the syncer must make durable
         self._synced = 0
-        self._dirty_since: float | None = None  # --fsync batch: the oldest unsynced commit
 
     # --- opening and recovery -------------------------------------------------------------
 
@@ -337,51 +404,11 @@ class SQLiteStore(Durable):
         """Bytes the database and its WAL take on disk now."""
         return sum(os.path.getsize(p) for p in (self.path, f"{self.path}-wal") if os.path.exists(p))
 
-    def flush(self) -> None:
-        if self._ops and self._loop is not None and self._failing_since is None:
-            self._flush()
+    _retryable = (sqlite3.OperationalError, OSError)
 
-    def _flush(self) -> None:
-        """Commit everything this turn of the loop changed, in one transaction."""
-        self._flush_pending = False
-        ops, self._ops = self._ops, []
-        if not ops:
-            return
-        self.batch += 1
-        batch = self.batch
-        try:
-            started = time.perf_counter()
-            self._apply(self._db, ops)
-            self._count_commit(time.perf_counter() - started)
-        except (sqlite3.OperationalError, OSError) as exc:
-            self._ops = ops + self._ops
-            self.batch -= 1
-            if self._failing_since is None:
-                self._failing_since = time.monotonic()
-                log.error("store %s cannot commit (%s); retrying", self.path, exc)
-            self._flush_pending = True
-            self._loop.call_later(self._retry_delay, self._flush)
-            self._retry_delay = min(self._retry_delay * 2, _MAX_RETRY_DELAY)
-            return
-        except BaseException as exc:
-            self._broken(exc)
-            return
-        if self._failing_since is not None:
-            self._commits_again()
-            self._retry_delay = 0.01
-        if self.fsync == "always":  # confirmed once the syncer has fsynced it
-            with self._sync:
-                self._sync_upto = batch
-                self._sync.notify()
-            return
-        if self.fsync == "batch":
-            with self._sync:
-                if self._dirty_since is None:
-                    self._dirty_since = time.monotonic()
-                    self._sync.notify()
-        self.committed = batch
-        if self.on_commit is not None:
-            self.on_commit(batch)
+    def _write_ops(self, ops: list[Any]) -> None:
+        """One transaction (the loop's ``_flush``: see ``Durable``)."""
+        self._apply(self._db, ops)
 
     def _syncer(self) -> None:
         """fsync the WAL (for ``always``: before the confirmations; for ``batch``: within
