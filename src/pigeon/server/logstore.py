@@ -48,7 +48,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -246,12 +246,7 @@ class LogStore(Durable):
         self._thread = threading.Thread(target=self._syncer, name="pigeon-log-sync", daemon=True)
         self.compactions = 0
         self._forwarding: list[int] | None = None  # ids of the oldest segment to move
-        self._lock_dir(self.dir)
-        try:
-            self._open_log()
-        except BaseException:
-            self._unlock_dir()
-            raise
+        self._open_holding(self.dir, self._open_log)
 
     def _open_log(self) -> None:
         started = time.perf_counter()
@@ -296,7 +291,8 @@ class LogStore(Durable):
                     except (msgspec.DecodeError, ValueError, TypeError) as exc:
                         raise StoreCorrupted(
                             f"{path} holds a record pigeon cannot read at offset {off} "
-                            f"({exc}); was it written by a newer pigeon?"
+                            f"({exc}); if a newer pigeon wrote it, run that one; else move "
+                            "the segment aside (its messages are lost) or restore a backup"
                         ) from exc
                     continue
                 if last and end == len(data):  # a torn tail: a write a crash cut short
@@ -388,10 +384,6 @@ class LogStore(Durable):
         Unattached, changes are written by the thread that makes them, at the end of
         each ``atomic`` block (or at once, outside one)."""
         self._loop = loop
-
-    def start(self, on_commit: Callable[[int], None]) -> None:
-        self.on_commit = on_commit
-        self._thread.start()
 
     # --- the broker's notifications -------------------------------------------------------
 
@@ -561,46 +553,11 @@ class LogStore(Durable):
 
     # --- the syncer thread ----------------------------------------------------------------
 
-    def _syncer(self) -> None:
-        """fdatasync the active segment: for ``always`` before confirming, for ``batch``
-        within ``fsync_interval`` of the first unsynced write."""
-        synced = 0
-        while True:
-            with self._sync:
-                while not self._closing:
-                    if self._sync_upto > synced:
-                        break
-                    if self._dirty_since is not None:
-                        wait = self._dirty_since + self.fsync_interval - time.monotonic()
-                        if wait <= 0:
-                            break
-                        self._sync.wait(wait)
-                    else:
-                        self._sync.wait()
-                upto = self._sync_upto
-                dirty = self._dirty_since is not None
-                self._dirty_since = None
-                closing = self._closing
-            if upto > synced or dirty or closing:
-                try:
-                    with self._fd_lock:
-                        if self._fd >= 0:
-                            os.fdatasync(self._fd)
-                    self.fsyncs += 1
-                except OSError as exc:
-                    log.error("store %s: fsync failed (%s); retrying", self.path, exc)
-                    with self._sync:
-                        if upto <= synced:
-                            self._dirty_since = time.monotonic()
-                    time.sleep(0.05)
-                    continue
-            if upto > synced:
-                synced = upto
-                self.committed = max(self.committed, upto)
-                if self.on_commit is not None:
-                    self.on_commit(upto)
-            if closing:
-                return
+    def _fsync_now(self) -> None:
+        with self._fd_lock:  # not while a segment is being switched
+            if self._fd >= 0:
+                os.fdatasync(self._fd)
+        self.fsyncs += 1
 
     @property
     def disk_bytes(self) -> int:

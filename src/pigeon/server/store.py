@@ -44,7 +44,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pigeon.errors import StoreCorrupted, StoreInUse
 from pigeon.server.model import Store, Stored
@@ -54,6 +54,7 @@ __all__ = ["DB_NAME", "Durable", "SQLiteStore", "StoreCorrupted", "create_schema
 log = logging.getLogger("pigeon.store")
 
 FsyncMode = Literal["always", "batch", "never"]
+_T = TypeVar("_T")
 DB_NAME = "pigeon.sqlite3"
 LOCK_NAME = "pigeon.lock"
 
@@ -219,6 +220,78 @@ class Durable(Store):
                 self.on_commit(batch)
         self._after_write()
 
+    # --- the syncer thread ------------------------------------------------------------------
+
+    _thread: threading.Thread  # the writer or syncer thread, started by ``start``
+    _idle_wakeup: ClassVar[float | None] = None  # wake this often with nothing to sync
+
+    def _fsync_now(self) -> None:
+        """Make everything written so far durable (and count it in ``fsyncs``)."""
+        raise NotImplementedError
+
+    def _between_syncs(self, closing: bool) -> None:
+        """Housekeeping in the syncer's thread after each pass (SQLite: checkpoints)."""
+
+    def _syncer(self) -> None:
+        """fsync what was written - for ``always`` before the confirmations go out (then
+        confirm), for ``batch`` within ``fsync_interval`` of the first unsynced write - off
+        the loop's thread; a failed fsync is retried."""
+        synced = 0
+        while True:
+            with self._sync:
+                while not self._closing:
+                    if self._sync_upto > synced:
+                        break
+                    if self._dirty_since is not None:
+                        wait = self._dirty_since + self.fsync_interval - time.monotonic()
+                        if wait <= 0:
+                            break
+                        self._sync.wait(wait)
+                    else:
+                        self._sync.wait(self._idle_wakeup)
+                        if self._idle_wakeup is not None:
+                            break  # a chance for housekeeping
+                upto = self._sync_upto
+                dirty = self._dirty_since is not None
+                self._dirty_since = None
+                closing = self._closing
+            if upto > synced or dirty or closing:
+                try:
+                    self._fsync_now()
+                except OSError as exc:
+                    log.error("store %s: fsync failed (%s); retrying", self, exc)
+                    with self._sync:
+                        if upto <= synced:
+                            self._dirty_since = time.monotonic()
+                    time.sleep(0.05)
+                    continue
+            if upto > synced:
+                synced = upto
+                self.committed = max(self.committed, upto)
+                if self.on_commit is not None:
+                    self.on_commit(upto)
+            self._between_syncs(closing)
+            if closing:
+                return
+
+    def start(self, on_commit: Callable[[int], None]) -> None:
+        """Begin writing; ``on_commit(batch)`` is called once a batch is durable (from the
+        loop's thread when attached, else from the thread that wrote it or the syncer's)."""
+        self.on_commit = on_commit
+        self._thread.start()
+
+    # --- one store per data directory ---------------------------------------------------
+
+    def _open_holding(self, data_dir: Path, opener: Callable[[], _T]) -> _T:
+        """``opener()`` with ``data_dir`` locked for this store; the lock is let go if
+        opening fails."""
+        self._lock_dir(data_dir)
+        try:
+            return opener()
+        except BaseException:
+            self._unlock_dir()
+            raise
+
     _lock_fd = -1
 
     def _lock_dir(self, data_dir: Path) -> None:
@@ -286,16 +359,10 @@ class SQLiteStore(Durable):
         self.path = self.dir / DB_NAME
         self._lock = threading.Condition()
         self._last_fsync = 0.0
-        self._lock_dir(self.dir)
-        try:
-            self._db = self._open()
-        except BaseException:
-            self._unlock_dir()
-            raise
+        self._db = self._open_holding(self.dir, self._open)
+        # Attached (``attach``), commits run in the event loop's thread and the syncer
+        # thread fsyncs and checkpoints; else this writer thread does it all.
         self._thread = threading.Thread(target=self._writer, name="pigeon-store", daemon=True)
-        # Inline mode (``attach``): commits run in the event loop's thread, once per turn;
-        # a syncer thread does the fsyncs and checkpoints.
-        self._synced = 0
 
     # --- opening and recovery -------------------------------------------------------------
 
@@ -378,12 +445,6 @@ class SQLiteStore(Durable):
         self._db.execute("PRAGMA wal_autocheckpoint=0")  # the syncer checkpoints
         self._thread = threading.Thread(target=self._syncer, name="pigeon-store-sync", daemon=True)
 
-    def start(self, on_commit: Callable[[int], None]) -> None:
-        """Begin writing; ``on_commit(batch)`` is called after each commit (from the writer
-        thread, or - attached - from the loop's thread, or the syncer's for ``always``)."""
-        self.on_commit = on_commit
-        self._thread.start()
-
     # --- the broker's notifications (event-loop thread) -----------------------------------
 
     @contextlib.contextmanager
@@ -410,52 +471,27 @@ class SQLiteStore(Durable):
         """One transaction (the loop's ``_flush``: see ``Durable``)."""
         self._apply(self._db, ops)
 
-    def _syncer(self) -> None:
-        """fsync the WAL (for ``always``: before the confirmations; for ``batch``: within
-        ``fsync_interval``) and checkpoint it now and then, off the loop's thread."""
-        checkpointer: sqlite3.Connection | None = None
-        while True:
-            with self._sync:
-                while not self._closing:
-                    if self._sync_upto > self._synced:
-                        break
-                    if self._dirty_since is not None:
-                        wait = self._dirty_since + self.fsync_interval - time.monotonic()
-                        if wait <= 0:
-                            break
-                        self._sync.wait(wait)
-                    else:
-                        self._sync.wait(1.0)
-                        break  # a chance to checkpoint
-                upto = self._sync_upto
-                dirty = self._dirty_since is not None
-                self._dirty_since = None
-                closing = self._closing
-            try:
-                if upto > self._synced or dirty or closing:
-                    self._fsync_wal()
-                if upto > self._synced:
-                    self._synced = upto
-                    self.committed = max(self.committed, upto)
-                    if self.on_commit is not None:
-                        self.on_commit(upto)
-                if (
-                    os.path.exists(f"{self.path}-wal")
-                    and os.path.getsize(f"{self.path}-wal") > _CHECKPOINT_BYTES
-                ):
-                    if checkpointer is None:
-                        checkpointer = sqlite3.connect(
-                            self.path, check_same_thread=False, isolation_level=None
-                        )
-                        checkpointer.execute("PRAGMA busy_timeout=1000")
-                    checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except (sqlite3.OperationalError, OSError) as exc:
-                log.error("store %s: fsync or checkpoint failed (%s); retrying", self.path, exc)
-                time.sleep(0.05)
-            if closing:
-                if checkpointer is not None:
-                    checkpointer.close()
-                return
+    _idle_wakeup = 1.0  # checkpoint the WAL now and then even when idle
+    _checkpointer: sqlite3.Connection | None = None
+
+    def _fsync_now(self) -> None:
+        self._fsync_wal()
+
+    def _between_syncs(self, closing: bool) -> None:
+        """Checkpoint the WAL once it passes ``_CHECKPOINT_BYTES``, off the loop."""
+        wal = f"{self.path}-wal"
+        try:
+            if os.path.exists(wal) and os.path.getsize(wal) > _CHECKPOINT_BYTES:
+                if self._checkpointer is None:
+                    self._checkpointer = sqlite3.connect(
+                        self.path, check_same_thread=False, isolation_level=None
+                    )
+                    self._checkpointer.execute("PRAGMA busy_timeout=1000")
+                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except (sqlite3.OperationalError, OSError) as exc:
+            log.error("store %s: checkpoint failed (%s); retrying", self.path, exc)
+        if closing and self._checkpointer is not None:
+            self._checkpointer.close()
 
     def _add(self, op: str, args: tuple[object, ...]) -> None:
         self._add_all([(op, args)])
