@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 
 import pigeon
+from pigeon.server.logstore import open_store
 from pigeon.testing.broker import BrokerThread
 
 SEEN: collections.Counter[Any] = collections.Counter()
@@ -211,3 +214,225 @@ def test_sigterm_finishes_work_in_progress_and_leaves_the_rest(broker: BrokerThr
         info = q._info()  # type: ignore[attr-defined]
     assert 0 < processed < 100
     assert info["in_flight"] == 0 and processed + info["depth"] == 100
+
+
+# --- a runner that never stops by accident ------------------------------------------------
+
+
+class _Flaky:
+    """A local queue whose takes fail now and then and whose acks always fail, as a
+    restarting broker's do."""
+
+    url = None
+
+    def __init__(self) -> None:
+        self.q: pigeon.Queue[Any] = pigeon.Queue()
+        self.takes = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.q, name)
+
+    def get_message(self, block: bool = True, timeout: float | None = None) -> Any:
+        self.takes += 1
+        if self.takes % 3 == 0:
+            raise pigeon.BrokenResourceError("the broker went away (test)")
+        msg = self.q.get_message(block, timeout)
+
+        def ack() -> None:
+            raise pigeon.LocalProtocolError("ack of a delivery the broker does not know")
+
+        msg.ack = ack  # type: ignore[method-assign]
+        return msg
+
+
+def test_failed_takes_and_acks_are_logged_and_the_workers_go_on() -> None:
+    q = _Flaky()
+    q.put_many(range(20))
+    q.shutdown()
+    report = pigeon.consume(q, record, mode="thread", concurrency=2, grace=5)  # type: ignore[arg-type]
+    assert sorted(SEEN) == list(range(20))
+    assert report.ended == "shutdown" and report.reason.startswith("shutdown:")
+    assert report.settle_errors == 20 and report.worker_deaths == 0
+    q.close()
+
+
+def test_a_broker_restart_does_not_stop_the_runner(tmp_path: Path) -> None:
+    first = BrokerThread(store=open_store(tmp_path)).start()
+    port = first.port
+    url = first.url("restarts")
+    with pigeon.Queue(url) as q:
+        q.put_many(range(6))
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def slow(item: int) -> None:
+        seen.append(item)
+        time.sleep(0.6)
+
+    result: dict[str, Any] = {}
+    runner = threading.Thread(
+        target=lambda: result.update(
+            r=pigeon.consume(url, slow, mode="thread", concurrency=2, stop=stop, grace=5)
+        )
+    )
+    runner.start()
+    time.sleep(0.3)
+    first.stop()  # a routine restart while both handlers run
+    second = BrokerThread(store=open_store(tmp_path), port=port).start()
+    try:
+        deadline = time.monotonic() + 30
+        while set(seen) != set(range(6)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert runner.is_alive(), "consume returned although nobody stopped it"
+        stop.set()
+        runner.join(30)
+        report = result["r"]
+        assert report.ended == "stopped" and report.worker_deaths == 0
+        assert set(seen) == set(range(6))
+        with pigeon.Queue(url) as q:
+            info = q._info()  # type: ignore[attr-defined]
+            assert info["depth"] == 0 and info["in_flight"] == 0
+    finally:
+        stop.set()
+        second.stop()
+
+
+def test_auto_mode_keeps_the_lease_of_what_it_measures(broker: BrokerThread) -> None:
+    url = broker.url("measured", lease=1)
+    with pigeon.Queue(url) as q:
+        q.put("slow")
+    calls: list[str] = []
+
+    def slow(item: str) -> None:
+        calls.append(item)
+        time.sleep(2.5)  # more than twice the lease
+
+    stop = threading.Event()
+    stolen: list[Any] = []
+
+    def other() -> None:
+        with pigeon.Queue(url) as q2, contextlib.suppress(pigeon.Empty):
+            stolen.append(q2.get(timeout=2.0))
+
+    t = threading.Timer(0.3, other)
+    t.start()
+    threading.Timer(3.5, stop.set).start()
+    report = pigeon.consume(url, slow, stop=stop, grace=5)  # mode="auto"
+    t.join()
+    assert calls == ["slow"] and stolen == []
+    assert report.processed == 1 and report.settle_errors == 0
+
+
+def test_a_dying_worker_process_is_replaced_and_its_poison_item_dead_lettered(
+    broker: BrokerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIGEON_TEST_OUT", str(tmp_path / "out"))
+    from tests._handlers import chaos
+
+    with pigeon.Queue(broker.url("crashes")) as q:
+        q.put_many([*range(40), 49, *range(50, 60)])
+        q.shutdown()
+    report = pigeon.consume(broker.url("crashes"), chaos, mode="process", concurrency=2,
+                            poison_after=2, grace=5)  # fmt: skip
+    done = (tmp_path / "out").read_text().split()
+    assert sorted(map(int, done)) == [*range(40), *range(50, 60)]
+    assert report.ended == "shutdown" and report.worker_deaths == 2 and report.dead == 1
+    with pigeon.Queue(broker.url("crashes.dead")) as dead:
+        (letter,) = dead.peek(5)  # type: ignore[attr-defined]
+    assert letter["body"] == 49 and letter["reason"].startswith("worker_died: ")
+    assert "SIGSEGV" in letter["reason"]
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_a_handler_past_its_time_limit_is_retried_and_its_worker_replaced(
+    mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIGEON_TEST_OUT", str(tmp_path / "out"))
+    from tests._handlers import chaos
+
+    q: pigeon.Queue[int] = pigeon.Queue()
+    q.put_many([100, 1, 2, 3])
+    q.shutdown()
+    retry = pigeon.Retry(attempts=2, backoff=0.01)
+    report = pigeon.consume(q, chaos, mode=mode, concurrency=1, time_limit=0.5, retry=retry,
+                            grace=1)  # fmt: skip
+    assert sorted(map(int, (tmp_path / "out").read_text().split())) == [1, 2, 3]
+    assert report.processed == 3 and report.timed_out == 2 and report.dead == 1
+    (letter,) = report.dead_letters
+    assert letter.item == 100 and letter.error.startswith("TimeLimitExceeded")
+    q.close()
+
+
+def test_process_workers_are_recycled_after_max_tasks_and_max_memory() -> None:
+    q: pigeon.Queue[int] = pigeon.Queue()
+    q.put_many(range(12))
+    q.shutdown()
+    report = pigeon.consume(q, record, mode="process", concurrency=1, max_tasks_per_child=5)
+    assert report.processed == 12 and report.workers_recycled == 2
+    q = pigeon.Queue()
+    q.put_many(range(3))
+    q.shutdown()
+    report = pigeon.consume(q, record, mode="process", concurrency=1, max_memory_per_child=1)
+    assert report.processed == 3 and report.workers_recycled == 3
+    with pytest.raises(ValueError, match="max_tasks_per_child must be a number > 0"):
+        pigeon.consume(q, record, mode="process", max_tasks_per_child=0)
+
+
+def test_pigeon_worker_exits_1_when_the_run_fails() -> None:
+    with BrokerThread(token="s3cret") as b:
+        proc = _worker(f"pigeon://127.0.0.1:{b.port}/locked", "tests._handlers:quick",
+                       "--mode", "thread")  # fmt: skip
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, err
+    assert "failed: AuthError" in err
+
+
+def test_pigeon_worker_survives_restarts_crashes_and_hangs(tmp_path: Path) -> None:
+    """The chaos run: 300 items through process workers while the broker restarts twice;
+    every 50th item kills its worker, one sleeps past the time limit."""
+    out = tmp_path / "out"
+    data = tmp_path / "data"
+    b = BrokerThread(store=open_store(data)).start()
+    port = b.port
+    url = b.url("chaos")
+    with pigeon.Queue(url) as q:
+        q.put_many(range(300))
+    env = {**os.environ, "PIGEON_TEST_OUT": str(out)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pigeon", "worker", url, "tests._handlers:chaos", "--quiet",
+         "--mode", "process", "-c", "2", "--time-limit", "2", "--attempts", "2",
+         "--backoff", "0.05", "--grace", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    expected = {i for i in range(300) if i % 50 != 49 and i != 100}
+    try:
+        for _ in range(2):
+            time.sleep(2.0)
+            b.stop()
+            b = BrokerThread(store=open_store(data), port=port).start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            done = set(map(int, out.read_text().split())) if out.exists() else set()
+            with pigeon.Queue(b.url("chaos.dead")) as dead:
+                if done >= expected and dead.qsize() == 7:
+                    break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert set(map(int, out.read_text().split())) == expected
+        with pigeon.Queue(b.url("chaos.dead")) as dead:
+            letters = {m["body"]: m["reason"] for m in dead.peek(10)}  # type: ignore[attr-defined]
+        assert set(letters) == {49, 99, 100, 149, 199, 249, 299}
+        assert letters[100].startswith("TimeLimitExceeded")
+        assert all(letters[i].startswith("worker_died") for i in letters if i != 100)
+        with pigeon.Queue(url) as q:
+            info = q._info()  # type: ignore[attr-defined]
+        assert info["depth"] == 0 and info["in_flight"] == 0
+        print(err.strip().splitlines()[-1])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        b.stop()

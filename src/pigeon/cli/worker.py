@@ -14,7 +14,7 @@ from rich.live import Live
 from rich.table import Table
 
 import pigeon
-from pigeon.consume import MODES, _Counts, run_consumer
+from pigeon.consume import MODES, ConsumeProgress, run_consumer
 
 __all__ = ["worker"]
 
@@ -33,7 +33,7 @@ def _load(target: str) -> Any:
     return fn
 
 
-def _view(counts: _Counts, started: float, mode: str, reason: str, workers: int) -> Table:
+def _view(counts: ConsumeProgress, started: float, mode: str, reason: str, workers: int) -> Table:
     snap = counts.snapshot()
     elapsed = max(1e-9, time.monotonic() - started)
     t = Table(show_header=False, box=None, pad_edge=False)
@@ -46,6 +46,14 @@ def _view(counts: _Counts, started: float, mode: str, reason: str, workers: int)
     t.add_row(
         "failures", f"{snap['failed']:,} ({snap['retried']:,} retried, {snap['dead']:,} dead)"
     )
+    if snap["timed_out"] or snap["worker_deaths"] or snap["workers_recycled"]:
+        t.add_row(
+            "workers",
+            f"{snap['worker_deaths']:,} died, {snap['timed_out']:,} past the time limit, "
+            f"{snap['workers_recycled']:,} recycled",
+        )
+    if snap["settle_errors"]:
+        t.add_row("settle errors", f"{snap['settle_errors']:,} (those messages come back)")
     t.add_row("elapsed", f"{elapsed:,.1f} s")
     return t
 
@@ -66,9 +74,22 @@ def _view(counts: _Counts, started: float, mode: str, reason: str, workers: int)
               help="stop once the queue is empty, not at its shutdown")  # fmt: skip
 @click.option("--serializer", type=click.Choice(["msgpack", "json", "raw", "pickle"]),
               default=None, help="how items are encoded (default: msgpack)")  # fmt: skip
+@click.option("--time-limit", type=click.FloatRange(0, min_open=True), default=None,
+              help="seconds one handler call may take; past it the item counts as failed "
+                   "and its worker is replaced")  # fmt: skip
+@click.option("--max-tasks-per-child", type=click.IntRange(1), default=None,
+              help="process workers: replace a process after this many items")  # fmt: skip
+@click.option("--max-memory-per-child", type=click.IntRange(1), default=None, metavar="MIB",
+              help="process workers: replace a process whose resident memory passed this "
+                   "many MiB after an item")  # fmt: skip
+@click.option("--poison-after", type=click.IntRange(1), default=3, show_default=True,
+              help="an item that killed this many worker processes goes to QUEUE.dead "
+                   "(reason worker_died)")  # fmt: skip
 @click.option("--quiet", is_flag=True, help="no live display; a summary at the end")
 def worker(url: str, handler: str, concurrency: int | None, mode: str, attempts: int,
            backoff: float, grace: float, drain: bool, serializer: str | None,
+           time_limit: float | None, max_tasks_per_child: int | None,
+           max_memory_per_child: int | None, poison_after: int,
            quiet: bool) -> None:  # fmt: skip
     """Run HANDLER (module:function) on every item of the queue at URL.
 
@@ -80,15 +101,25 @@ def worker(url: str, handler: str, concurrency: int | None, mode: str, attempts:
     async def ones coroutines. It says which, and why.
 
     \b
+    It keeps running through broker restarts and lost connections (taking is
+    retried with backoff, a failed ack is logged: that item comes back), and
+    replaces a worker that dies. --time-limit stops a handler call that runs
+    too long (a process is killed, a thread abandoned) and retries its item.
+
+    \b
     Stops when the queue is shut down and drained (or, with --drain, empty),
-    or on SIGTERM/Ctrl-C: work in progress finishes (--grace), the rest
-    stays in the queue. Exit code 0 after a clean stop.
+    or on SIGTERM/Ctrl-C: work in progress finishes (--grace), then is given
+    back; the rest stays in the queue. Exit code 0 when it stopped as asked
+    (or the queue was shut down); 1 when it failed (bad token, the queue
+    closed, an unsupported call): the summary says why.
 
     \b
     Examples:
       pigeon worker pigeon://127.0.0.1:7878/jobs myapp.tasks:handle
       pigeon worker redis://127.0.0.1:6379/emails myapp.mail:send -c 16 --mode thread
       pigeon worker pigeon://127.0.0.1:7878/jobs myapp.tasks:handle --drain
+      pigeon worker pigeon://127.0.0.1:7878/jobs myapp.img:resize --mode process \\
+          --time-limit 60 --max-tasks-per-child 1000 --max-memory-per-child 500
     """
     fn = _load(handler)
     options: dict[str, Any] = {} if serializer is None else {"serializer": serializer}
@@ -97,7 +128,7 @@ def worker(url: str, handler: str, concurrency: int | None, mode: str, attempts:
     except (pigeon.PigeonError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     stop = threading.Event()
-    counts = _Counts()
+    counts = ConsumeProgress()
     started = time.monotonic()
     shown: dict[str, Any] = {
         "mode": "measuring",
@@ -127,11 +158,17 @@ def worker(url: str, handler: str, concurrency: int | None, mode: str, attempts:
 
     console = Console(stderr=True)
     retry = pigeon.Retry(attempts=attempts, backoff=backoff)
+    limits: dict[str, Any] = {
+        "time_limit": time_limit,
+        "max_tasks_per_child": max_tasks_per_child,
+        "max_memory_per_child": max_memory_per_child and max_memory_per_child * 2**20,
+        "poison_after": poison_after,
+    }
     try:
         if quiet or not console.is_terminal:
             report = run_consumer(
                 q, fn, concurrency=concurrency, mode=mode, retry=retry, stop=stop, grace=grace,
-                on_start=on_start, counts=counts,
+                on_start=on_start, progress=counts, **limits,
             )  # fmt: skip
         else:
             with Live(console=console, refresh_per_second=4) as live:
@@ -148,7 +185,7 @@ def worker(url: str, handler: str, concurrency: int | None, mode: str, attempts:
                 try:
                     report = run_consumer(q, fn, concurrency=concurrency, mode=mode, retry=retry,
                                           stop=stop, grace=grace, on_start=on_start,
-                                          counts=counts)  # fmt: skip
+                                          progress=counts, **limits)  # fmt: skip
                 finally:
                     done.set()
                     painter.join()
@@ -157,9 +194,17 @@ def worker(url: str, handler: str, concurrency: int | None, mode: str, attempts:
     finally:
         stop.set()
         q.close()
+    extra = ""
+    if report.timed_out or report.worker_deaths or report.workers_recycled:
+        extra = (
+            f"; workers: {report.worker_deaths} died, {report.timed_out} past the time "
+            f"limit, {report.workers_recycled} recycled"
+        )
     click.echo(
         f"processed {report.processed}, failed {report.failed} ({report.retried} retried, "
-        f"{report.dead} dead) in {report.elapsed:.1f} s with {report.mode} workers: "
+        f"{report.dead} dead) in {report.elapsed:.1f} s with {report.mode} workers{extra}: "
         f"{report.reason}",
         err=True,
     )
+    if report.ended == "failed":
+        sys.exit(1)
