@@ -704,3 +704,58 @@ def test_without_the_extension_it_says_so_once_at_debug_level() -> None:
     assert out.returncode == 0, out.stderr
     said = [line for line in out.stderr.splitlines() if "fast path is not built" in line]
     assert len(said) == 1 and said[0].startswith("pigeon.local")
+
+
+_CLOSE_WHILE_IN_USE = r"""
+import multiprocessing as mp, os, threading, time
+import pigeon
+from pigeon.errors import ClosedResourceError
+
+q = pigeon.Queue()
+
+def hammer(q):  # holds the queue's lock while it copies 1 MiB: our threads wait for it
+    big = b"z" * (1 << 20)
+    end = time.monotonic() + 3
+    while time.monotonic() < end:
+        q.put(big)
+        q.get()
+
+child = mp.get_context("fork").Process(target=hammer, args=(q,), daemon=True)
+child.start()
+time.sleep(0.2)
+errors = []
+
+def user():
+    while True:
+        try:
+            q.put(b"a", timeout=0.01)
+            q.get(timeout=0.01)
+        except ClosedResourceError:
+            return
+        except (pigeon.Empty, pigeon.Full):
+            pass
+        except Exception as exc:
+            errors.append(repr(exc))
+            return
+
+threads = [threading.Thread(target=user) for _ in range(2)]
+for t in threads:
+    t.start()
+time.sleep(0.3)
+q.close()
+for t in threads:
+    t.join(10)
+child.kill()
+assert not errors and not any(t.is_alive() for t in threads), (errors, threads)
+print("closed cleanly")
+"""
+
+
+@pytest.mark.parametrize("path", ["c", "pure"])
+def test_close_while_other_threads_use_the_handle_does_not_crash(path: str) -> None:
+    env = {**os.environ, "PIGEON_PURE_PYTHON": "1"} if path == "pure" else dict(os.environ)
+    for _ in range(4):
+        r = subprocess.run([sys.executable, "-c", _CLOSE_WHILE_IN_USE], env=env,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+        assert "closed cleanly" in r.stdout

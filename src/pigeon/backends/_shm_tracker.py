@@ -28,7 +28,7 @@ import threading
 __all__ = ["hold", "register", "unregister"]
 
 _F_OFD_SETLK = 37  # Linux; fcntl.F_OFD_SETLK where Python exposes it
-_F_RDLCK, _F_WRLCK = 0, 1
+_F_RDLCK, _F_WRLCK, _F_UNLCK = 0, 1, 2
 # struct flock on 64-bit Linux: type, whence, start, len, pid
 _LOCK = struct.Struct("hhxxxxqqixxxx")
 
@@ -48,6 +48,13 @@ def hold(fd: int) -> None:
     OFD locks are missing, the tracker only removes files whose creator closed them)."""
     if sys.platform.startswith("linux"):
         _ofd_lock(fd, _F_RDLCK)
+
+
+def let_go(fd: int) -> None:
+    """Drop the hold of ``fd``'s open file description (a mapping of the file keeps the
+    description, and its lock, alive after the descriptor closes)."""
+    if sys.platform.startswith("linux"):
+        _ofd_lock(fd, _F_UNLCK)
 
 
 # The tracker: stdin is the pipe; a line "+PATH" registers, "-PATH" forgets.

@@ -244,6 +244,8 @@ def _shm_dir() -> str:
 def _release(fd: int, path: str | None, owner_pid: int) -> None:
     """A handle is closed or garbage-collected: close its descriptor; its creator, in the
     process that created it, removes the file too."""
+    if os.getpid() == owner_pid:  # a fork child shares the description until it reopens
+        _shm_tracker.let_go(fd)
     with contextlib.suppress(OSError):
         os.close(fd)
     if path is not None and os.getpid() == owner_pid:
@@ -411,9 +413,14 @@ class LocalQueue(Queue[T]):
             self._check()
         if self._mutex:  # it excludes this process's threads too
             _MUTEX.lock(self._ctrl_addr)  # type: ignore[union-attr]
+            if self._closed:  # closed while we waited: close() has let go of the file
+                _MUTEX.unlock(self._ctrl_addr)  # type: ignore[union-attr]
+                raise ClosedResourceError("this queue handle was closed")
             return
         self._tlock.acquire()
         try:
+            if self._closed:  # closed while we waited: its descriptor is gone
+                raise ClosedResourceError("this queue handle was closed")
             # Try for a few microseconds before sleeping in the kernel: the holder keeps
             # the lock for about a microsecond, and a sleep and wake cost far more.
             for _ in range(_LOCK_TRIES):
@@ -617,6 +624,7 @@ class LocalQueue(Queue[T]):
                     done = _C.put(self._ctrl_addr, self._mapped, -1, parts[0], kind, self._maxsize)
                 else:
                     with self._tlock:
+                        self._check()  # closed while we waited: its descriptor is gone
                         done = _C.put(self._ctrl_addr, self._mapped, self._cfd, parts[0], kind,
                                       self._maxsize)  # fmt: skip
                 if done >= 0:
@@ -683,6 +691,7 @@ class LocalQueue(Queue[T]):
                 done = _C.put_many(self._ctrl_addr, self._mapped, -1, records, self._maxsize)
             else:
                 with self._tlock:
+                    self._check()
                     done = _C.put_many(self._ctrl_addr, self._mapped, self._cfd, records,
                                        self._maxsize)  # fmt: skip
             if done >= 0:
@@ -792,6 +801,7 @@ class LocalQueue(Queue[T]):
                     taken = _C.get(self._ctrl_addr, self._mapped, -1)
                 else:
                     with self._tlock:
+                        self._check()
                         taken = _C.get(self._ctrl_addr, self._mapped, self._cfd)
                 if taken is not None:
                     kind, payload, wake = taken
@@ -875,6 +885,7 @@ class LocalQueue(Queue[T]):
                     got = _C.take(self._ctrl_addr, self._mapped, -1, max_items)
                 else:
                     with self._tlock:
+                        self._check()
                         got = _C.take(self._ctrl_addr, self._mapped, self._cfd, max_items)
                 if got is not None:
                     if got[1]:
@@ -992,16 +1003,36 @@ class LocalQueue(Queue[T]):
         self._put([self._encode(item)], True, None, min(deliveries, 0xFFFF), requeue=True)
 
     def close(self) -> None:
+        """Release this handle: its descriptor at once (and, for the creator, the file).
+
+        Other threads of this process may be inside a call on this handle - waiting for
+        the lock with the GIL released, or sleeping on a futex word of the control page -
+        so the mappings are not unmapped here: they go with the handle object, which
+        every such call holds (no thread can touch unmapped memory). Those threads get
+        ``ClosedResourceError`` the next time they take the lock or wake up.
+        """
         if self._closed:
             return
         self._closed = True
-        self._words.clear()
-        self._ctrl_anchor = self._data_anchor = None
-        if self._data is not None:
-            self._data.close()
-        self._ctrl.close()
-        if self._finalizer is not None:
-            self._finalizer()  # closes the descriptor (and, for its creator, the file)
+        if self._gen != _fork_generation[0]:
+            self._after_fork()
+        # no thread of this process is inside a locked section while the descriptor goes
+        # (one could be about to flock it, or to grow the mapping from it)
+        mutex = _MUTEX if getattr(self, "_mutex", False) else None
+        if mutex is not None:
+            mutex.lock(self._ctrl_addr)
+        else:
+            self._tlock.acquire()
+        try:
+            if self._finalizer is not None:
+                self._finalizer()  # closes the descriptor (and, for its creator, the file)
+        finally:
+            if mutex is not None:
+                mutex.unlock(self._ctrl_addr)
+            else:
+                self._tlock.release()
+        for word in (PUT_SEQ, GET_SEQ, JOIN_SEQ):  # sleepers wake and see it closed
+            self._wake(word)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"qsize={self.qsize()}"
