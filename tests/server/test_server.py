@@ -329,3 +329,36 @@ def test_frames_in_the_same_packet_as_hello_are_served(broker: BrokerThread) -> 
             data += s.recv(65536)
     with pigeon.Queue(broker.url("eager"), serializer="raw") as q:
         assert q.get(timeout=5) == big
+
+
+def test_a_reload_never_drops_the_token_of_a_non_loopback_broker() -> None:
+    from pigeon.server.app import BrokerServer, ServerConfig
+
+    async def main() -> None:
+        server = BrokerServer(ServerConfig(host="0.0.0.0", token="s3cret"))  # never started
+        for empty in (None, ""):
+            with pytest.raises(PermissionError, match="not a loopback address, without a token"):
+                server.reload(empty, None)
+            assert server.config.token == "s3cret" and server.auth.token == "s3cret"
+        server.reload("n3w", None)
+        assert server.auth.token == "n3w"
+        local = BrokerServer(ServerConfig(host="127.0.0.1", token="s3cret"))
+        local.reload("", None)  # loopback: a token is the operator's choice
+        assert local.auth.token is None
+
+    asyncio.run(main())
+
+
+def test_pipelined_text_auth_lines_are_each_answered_in_order() -> None:
+    with (
+        BrokerThread(token="s3cret", auth_failure_delay=0.2) as b,
+        socket.create_connection(("127.0.0.1", b.port)) as s,
+    ):
+        s.settimeout(10)
+        s.sendall(b"AUTH wrong\r\nAUTH wrong2\r\nAUTH s3cret\r\nPING\r\n")  # one write
+        data = b""
+        while data.count(b"\r\n") < 4:
+            chunk = s.recv(4096)
+            assert chunk, f"closed after {data!r}"
+            data += chunk
+    assert data == b"-ERR auth: wrong token\r\n-ERR auth: wrong token\r\n+OK\r\n+PONG\r\n"

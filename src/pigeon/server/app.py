@@ -143,14 +143,23 @@ class BrokerServer:
 
     # --- listening --------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    def _check_exposure(self, token: str | None) -> None:
+        """A broker reachable from other hosts needs a token: at start and at each reload.
+
+        Raises:
+            PermissionError: a non-loopback address and no token (nor --insecure-no-auth).
+        """
         cfg = self.config
-        if not is_loopback(cfg.host) and not cfg.token and not cfg.extra.get("insecure_no_auth"):
+        if not is_loopback(cfg.host) and not token and not cfg.extra.get("insecure_no_auth"):
             raise PermissionError(
                 f"refusing to listen on {cfg.host}, which is not a loopback address, without "
                 "a token: pass --token (clients then need it too), or --insecure-no-auth if "
                 "the network is trusted"
             )
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._check_exposure(cfg.token)
         loop = self.loop
 
         loop_thread = threading.get_ident()
@@ -374,7 +383,20 @@ class BrokerServer:
 
     def reload(self, token: str | None, tls: tuple[str, str] | None) -> None:
         """New credentials, for new connections (SIGHUP): the token, and the TLS certificate
-        and key (loaded into the listening socket's context)."""
+        and key (loaded into the listening socket's context). The checks of a start apply:
+        a broker on a non-loopback address keeps its old token rather than run without one.
+
+        Raises:
+            PermissionError: the new settings would open a non-loopback broker to anyone
+                (nothing is changed).
+        """
+        token = token or None  # an empty token in a config file is no token
+        self._check_exposure(token)
+        if self.http is not None and self.http.token is not None and not token:
+            raise PermissionError(
+                "refusing to drop the token of the HTTP side door at "
+                f"{self.http.url}: it is not on a loopback address; keep a token"
+            )
         self.config.token = token
         self.auth.token = token
         if self.http is not None and self.http.token is not None:

@@ -74,6 +74,8 @@ class Connection(asyncio.BufferedProtocol):
         self.spoke = False  # a text client sent its first whole line
         self.replies = TextReplies(self._write_raw)
         self.text_failures = 0
+        self.login_pending = False  # a wrong AUTH waits for its delayed answer
+        self.backlog: list[Any] = []  # lines read behind it, run after the answer
         self.opened = time.time()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -124,15 +126,7 @@ class Connection(asyncio.BufferedProtocol):
         except FrameError as exc:
             self.protocol_error(str(exc))
             return
-        for frame in frames:
-            if self.state != "open":
-                return
-            if self.mode == "binary":
-                self._binary(frame)
-            else:
-                if not self.spoke:
-                    self._first_line()
-                run_command(self, frame.rstrip(b"\r"))
+        self._run_frames(frames)
         # Write what this read changed before its replies go out (they wait for it), in
         # this turn of the loop: a turn later costs a sequential client ~60 us a put.
         self.server.broker.store.flush()
@@ -239,6 +233,20 @@ class Connection(asyncio.BufferedProtocol):
             return
         if self.mode == "text" and not self.server.auth.required:
             self.welcomed = True  # its buffer grows once it sent a whole line
+
+    def _run_frames(self, frames: list[Any]) -> None:
+        for i, frame in enumerate(frames):
+            if self.state != "open":
+                return
+            if self.mode == "binary":
+                self._binary(frame)
+            else:
+                if not self.spoke:
+                    self._first_line()
+                run_command(self, frame.rstrip(b"\r"))
+            if self.login_pending:  # the rest waits for the answer to a wrong AUTH
+                self.backlog = list(frames[i + 1 :])
+                return
 
     def _first_line(self) -> None:
         """A text client sent a whole line: the handshake deadline no longer applies
@@ -367,15 +375,22 @@ class Connection(asyncio.BufferedProtocol):
             return
         self.text_failures += 1
         slot = self.replies.reserve()
+        # Lines that came in the same read as this AUTH wait for its answer, in order:
+        # pausing the transport stops only the reads to come.
+        self.login_pending = True
 
         def answer() -> None:
             self._timer = None
+            self.login_pending = False
             self.replies.fill(slot, "-ERR auth: wrong token")
+            backlog, self.backlog = self.backlog, []
             if self.text_failures >= 3:
                 self.begin_drain()
             elif self.transport is not None and self.state == "open":
                 self.transport.resume_reading()
                 self.start_timer(self.server.config.handshake_timeout, self.handshake_expired)
+                self._run_frames(backlog)
+                self.server.broker.store.flush()
 
         self._reject_login(answer)
 
