@@ -362,3 +362,19 @@ def test_pipelined_text_auth_lines_are_each_answered_in_order() -> None:
             assert chunk, f"closed after {data!r}"
             data += chunk
     assert data == b"-ERR auth: wrong token\r\n-ERR auth: wrong token\r\n+OK\r\n+PONG\r\n"
+
+
+def test_security_doc_describes_the_login_throttle_the_code_has() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    assert "no lockout" in doc and "10 failures within a minute is refused" not in doc
+    with BrokerThread(token="s3cret", auth_failure_delay=0.3) as b:
+        for _ in range(12):  # many failures from one address ...
+            t = time.monotonic()
+            with pytest.raises(AuthError):
+                pigeon.Queue(f"pigeon://:wrong@127.0.0.1:{b.port}/q", reconnect_timeout=0).put(1)
+            assert time.monotonic() - t >= 0.3  # ... each answered only after the delay
+        with pigeon.Queue(b.url("q")) as q:  # ... and the right token still gets in at once
+            q.put(1)
+        assert b.server is not None and b.server.auth.failures == 12
