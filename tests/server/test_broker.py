@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 import pytest
@@ -491,3 +492,51 @@ def test_settled_deliveries_do_not_pile_up_in_the_lease_heap(broker: Broker) -> 
     broker.tick(6.0)
     (again,) = replies(broker.handle(A, Get(2, "q", 100, 0), now=6.0), A)
     assert payloads(again) == [b"%d" % i for i in range(60, 100)]
+
+
+def test_parked_gets_are_limited_per_connection_and_in_all() -> None:
+    b = Broker(max_parked_gets_per_connection=3, max_parked_gets=5)
+    for conn in (A, B):
+        b.connection_made(conn)
+    for req in range(1, 4):
+        assert b.handle(A, Get(req, "q", 1, None)) == []  # parked
+    ((_, refused),) = b.handle(A, Get(4, "q", 1, None))
+    assert isinstance(refused, Error) and refused.code == "limit"
+    assert "max_parked_gets_per_connection=3" in refused.message
+    assert b.handle(B, Get(1, "q", 1, None)) == [] and b.handle(B, Get(2, "q", 1, None)) == []
+    ((_, refused),) = b.handle(B, Get(3, "q", 1, None))
+    assert isinstance(refused, Error) and "max_parked_gets=5" in refused.message
+    b.handle(A, PutBatch(9, "q", [b"x"]))  # serves A's first GET: room for one more
+    assert b.handle(B, Get(3, "q", 1, None)) == []
+    b.connection_lost(A)  # its two parked GETs go with it
+    assert b.parked_gets == 3
+    b.connection_made(C)
+    assert b.handle(C, Get(1, "q", 1, None)) == [] and b.handle(C, Get(2, "q", 1, None)) == []
+
+
+class _CountingLine(collections.deque):  # type: ignore[type-arg]
+    """A queue's line of waiters that counts the waiters anyone walks through."""
+
+    walked = 0
+
+    def __iter__(self) -> Any:
+        for w in super().__iter__():
+            _CountingLine.walked += 1
+            yield w
+
+
+def test_parking_and_serving_getters_does_not_walk_the_whole_line() -> None:
+    b = Broker()
+    for conn in (A, B, C):
+        b.connection_made(conn)
+    b.handle(A, Get(1, "q", 1, None))
+    q = b.queues["q"]
+    q.getters = _CountingLine(q.getters)
+    _CountingLine.walked = 0
+    n = 4_000
+    for req in range(2, n + 2):  # each GET used to scan every parked one
+        b.handle(A if req % 2 else B, Get(req, "q", 1, None))
+    for req in range(1, 101):  # and so did each put
+        b.handle(C, PutBatch(req, "q", [b"x"]))
+    assert len(q.getters) == n + 1 - 100
+    assert _CountingLine.walked <= 2 * n, _CountingLine.walked

@@ -173,6 +173,21 @@ DEFAULT_URL = "pigeon://127.0.0.1:7878/jobs"
     "queue; beyond it a put is refused with 'limit'",
 )
 @click.option(
+    "--max-parked-gets-per-connection",
+    default=65_536,
+    show_default=True,
+    type=click.IntRange(1),
+    help="GETs one connection may have waiting for a message; beyond it a GET is refused "
+    "with 'limit' (a client needs one per consumer thread or task)",
+)
+@click.option(
+    "--max-parked-gets",
+    default=262_144,
+    show_default=True,
+    type=click.IntRange(1),
+    help="GETs all connections together may have waiting",
+)
+@click.option(
     "--max-parked-bytes",
     default=256 * 2**20,
     show_default=True,
@@ -224,7 +239,8 @@ def serve(
     fsync_interval: float,
     handshake_timeout: float, idle_timeout: float, max_unacked_bytes: int,
     max_pending_output: int, max_queues: int, max_parked_bytes_per_connection: int,
-    max_parked_bytes: int, peer_timeout: float, store_timeout: float, tls_cert: str | None,
+    max_parked_bytes: int, max_parked_gets_per_connection: int, max_parked_gets: int,
+    peer_timeout: float, store_timeout: float, tls_cert: str | None,
     tls_key: str | None, verbose: int, config: Path | None, print_config: bool,
     http: str | None, log_level: str, log_format: str,
 ) -> None:  # fmt: skip
@@ -290,7 +306,9 @@ def serve(
         store=kept, handshake_timeout=handshake_timeout, idle_timeout=idle_timeout,
         max_unacked_bytes=max_unacked_bytes, max_pending_output=max_pending_output,
         max_queues=max_queues, max_parked_bytes_per_connection=max_parked_bytes_per_connection,
-        max_parked_bytes=max_parked_bytes, peer_timeout=peer_timeout, store_timeout=store_timeout,
+        max_parked_bytes=max_parked_bytes, max_parked_gets=max_parked_gets,
+        max_parked_gets_per_connection=max_parked_gets_per_connection, peer_timeout=peer_timeout,
+        store_timeout=store_timeout,
         http=http, extra={"insecure_no_auth": insecure_no_auth, "ssl": ssl_ctx},
     )  # fmt: skip
 

@@ -71,6 +71,8 @@ class ServerConfig:
     max_queues: int = 10_000
     max_parked_bytes_per_connection: int = 64 * 2**20
     max_parked_bytes: int = 256 * 2**20
+    max_parked_gets_per_connection: int = 65_536
+    max_parked_gets: int = 262_144
     auth_failure_delay: float = 1.0
     max_unauthenticated: int = 64  # per address: connections that have not logged in
     store_timeout: float = 5.0  # seconds a reply may wait for the store before it is refused
@@ -114,6 +116,8 @@ class BrokerServer:
             max_reply_bytes=cfg.max_reply_bytes,
             max_queues=cfg.max_queues,
             max_parked_bytes_per_connection=cfg.max_parked_bytes_per_connection,
+            max_parked_gets_per_connection=cfg.max_parked_gets_per_connection,
+            max_parked_gets=cfg.max_parked_gets,
             max_parked_bytes=cfg.max_parked_bytes,
         )
         self.auth = Authenticator(cfg.token, cfg.auth_failure_delay, cfg.max_unauthenticated)

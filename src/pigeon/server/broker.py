@@ -92,6 +92,7 @@ class _ConnState:
     in_flight: dict[int, str] = field(default_factory=dict)  # delivery id -> queue
     parked: dict[int, Waiter] = field(default_factory=dict)  # req -> parked request
     parked_bytes: int = 0  # payload bytes of its parked PUTs
+    parked_gets: int = 0  # its GETs waiting for a message
 
 
 def _err(conn: Conn, req: int, code: str, message: str) -> Out:
@@ -112,6 +113,8 @@ class Broker:
         max_queues: int = 10_000,
         max_parked_bytes_per_connection: int = 64 * 2**20,
         max_parked_bytes: int = 256 * 2**20,
+        max_parked_gets_per_connection: int = 65_536,
+        max_parked_gets: int = 262_144,
     ) -> None:
         self.store = store if store is not None else Store()
         # Bytes delivered to one connection and not yet settled: beyond this a consumer
@@ -121,6 +124,10 @@ class Broker:
         self.max_reply_bytes = max_reply_bytes
         self.max_queues = max_queues
         self.max_parked_bytes_per_connection = max_parked_bytes_per_connection
+        # GETs waiting for a message: each costs memory and a place in its queue's line
+        self.max_parked_gets_per_connection = max_parked_gets_per_connection
+        self.max_parked_gets = max_parked_gets
+        self.parked_gets = 0
         self.max_parked_bytes = max_parked_bytes
         self.parked_bytes = 0
         self.queues: dict[str, QueueState] = {}
@@ -187,7 +194,11 @@ class Broker:
         return cs
 
     def _park(self, w: Waiter) -> None:
-        self._conn(w.conn).parked[w.req] = w
+        cs = self._conn(w.conn)
+        cs.parked[w.req] = w
+        if isinstance(w, GetWaiter):
+            cs.parked_gets += 1
+            self.parked_gets += 1
         if w.deadline is not None:
             heapq.heappush(self._timeouts, (w.deadline, next(self._seq), w))
 
@@ -196,11 +207,17 @@ class Broker:
         if w.done:
             return
         w.done = True
+        q = self.queues.get(w.queue)
+        if q is not None:
+            q.stale += 1  # its line holds one more finished waiter (see QueueState.compact)
         cs = self._conns.get(w.conn)
         if cs is not None and cs.parked.get(w.req) is w:
             del cs.parked[w.req]
             if isinstance(w, PutWaiter):
                 cs.parked_bytes -= w.size
+            elif isinstance(w, GetWaiter):
+                cs.parked_gets -= 1
+                self.parked_gets -= 1
         if isinstance(w, PutWaiter):
             self.parked_bytes -= w.size
 
@@ -299,19 +316,24 @@ class Broker:
         while progress:
             progress = False
             if q.ready and q.getters:
-                waiting = []
-                for w in q.getters:
+                # From the head of the line while there is something to hand out: a put
+                # costs the getters it serves (and those it passes over), not the line.
+                getters = q.getters
+                passed = []
+                while q.ready and getters:
+                    w = getters.popleft()
                     if w.done:
+                        q.stale -= 1
                         continue
                     if not self._can_take(q, w.conn, w.manual_ack):
-                        waiting.append(w)  # nothing left, or this consumer holds enough
+                        passed.append(w)  # this consumer holds enough unacked already
                         continue
                     items = self._take(q, w)
                     self._finish(w)
+                    q.stale -= 1  # it left the line here
                     out.append((w.conn, Deliver(w.req, items)) if items else self._too_large(q, w))
                     progress = True
-                q.getters.clear()
-                q.getters.extend(waiting)
+                getters.extendleft(reversed(passed))
             while q.putters:
                 p = q.putters[0]
                 if p.done:
@@ -497,6 +519,21 @@ class Broker:
     def _get(self, conn: Conn, m: Get) -> list[Out]:
         q = self._queue(m.queue)
         q.compact()
+        if m.wait != 0 and not q.ready:  # it will park: within the limits
+            cs = self._conn(conn)
+            if cs.parked_gets >= self.max_parked_gets_per_connection:
+                limit = self.max_parked_gets_per_connection
+                why = (
+                    f"this connection already has {cs.parked_gets} GETs waiting "
+                    f"(max_parked_gets_per_connection={limit}); wait for them first"
+                )
+                return [_err(conn, m.req, Code.LIMIT, why)]
+            if self.parked_gets >= self.max_parked_gets:
+                why = (
+                    f"{self.parked_gets} GETs are waiting on this broker "
+                    f"(max_parked_gets={self.max_parked_gets}); try again later"
+                )
+                return [_err(conn, m.req, Code.LIMIT, why)]
         w = GetWaiter(
             conn, m.req, self._deadline(m.wait), q.name,
             max_items=m.max_items, manual_ack=m.manual_ack, lease=m.lease,
@@ -506,7 +543,7 @@ class Broker:
         if w.done:
             return out
         if m.wait == 0:
-            w.done = True
+            self._finish(w)
             q.compact()
             return [*out, self._nothing_for(q, w)]
         self._park(w)
