@@ -221,3 +221,52 @@ def test_the_dashboard_in_a_real_browser_follows_the_queue(served: tuple[int, in
             assert browser.execute_script("return document.querySelector('#chart canvas') !== null")
     finally:
         browser.quit()
+
+
+def test_the_http_side_door_caps_connections_and_times_out_idle_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    import pigeon.server.http as http_module
+    from pigeon.testing.broker import BrokerThread
+
+    monkeypatch.setattr(http_module, "REQUEST_TIMEOUT", 1.0)
+    with BrokerThread(http="127.0.0.1:0") as b:
+        assert b.server is not None and b.server.http is not None
+        door = b.server.http
+        door.max_connections = 4
+        idle = [socket.create_connection(("127.0.0.1", door.port)) for _ in range(4)]
+        time.sleep(0.3)
+        extra = socket.create_connection(("127.0.0.1", door.port))
+        extra.settimeout(5)
+        assert extra.recv(100) == b""  # over the cap: closed at once
+        extra.close()
+        for s in idle:  # nothing sent within REQUEST_TIMEOUT: closed
+            s.settimeout(5)
+            assert s.recv(100) == b""
+            s.close()
+        time.sleep(0.2)
+        assert door.connections == 0
+        assert get(f"{b.http_url}healthz")[0] == 200
+
+
+def test_the_dashboard_history_keeps_a_few_numbers_a_sample_however_many_queues() -> None:
+    from pigeon.testing.broker import BrokerThread
+
+    with BrokerThread(http="127.0.0.1:0") as b:
+        assert b.server is not None and b.server.http is not None
+        door = b.server.http
+        for i in range(40):
+            with pigeon.Queue(b.url(f"q{i}")) as q:
+                q.put_many(range(5))
+        door._sample_now()
+        with pigeon.Queue(b.url("q0")) as q:
+            q.put_many(range(7))
+            q.get_many(3)
+        sample = door._sample_now()
+        assert sample.keys() == {"t", "dt", "put", "delivered", "acked"}
+        assert (sample["put"], sample["delivered"], sample["acked"]) == (7, 3, 3)
+        door.history.append(sample)
+        status, body = get(f"{b.http_url}api/history")
+        assert status == 200 and json.loads(body)["samples"][-1] == sample

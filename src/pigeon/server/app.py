@@ -31,7 +31,10 @@ from pigeon.server.connection import Connection
 from pigeon.server.model import Store
 from pigeon.server.text import reply_line
 
-__all__ = ["DEFAULT_PORT", "BrokerServer", "ServerConfig", "is_loopback", "run", "tcp_state"]
+__all__ = [
+    "DEFAULT_PORT", "BrokerServer", "ServerConfig", "is_loopback", "raise_descriptor_limit", "run",
+    "tcp_state",
+]  # fmt: skip
 
 log = logging.getLogger("pigeon.server")
 
@@ -484,6 +487,32 @@ def _confirmations(outs: list[Out]) -> frozenset[tuple[int, int]]:
     )
 
 
+def raise_descriptor_limit(max_connections: int) -> int:
+    """Raise this process's soft limit on open descriptors to its hard limit (each client
+    and each HTTP connection costs one), say what it got, and warn when it is below what
+    ``max_connections`` needs. Returns the soft limit now in force."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, hard, exc)
+    log.info("open-files limit: %d", soft)
+    if soft < max_connections + 256:
+        log.warning(
+            "open-files limit %d is below max_connections=%d (+256 for the store and HTTP): "
+            "past it new connections fail; raise it (ulimit -n, LimitNOFILE=) or lower "
+            "--max-connections", soft, max_connections,
+        )  # fmt: skip
+    return soft
+
+
 def run(
     config: ServerConfig,
     ready: Callable[[BrokerServer], None] | None = None,
@@ -492,6 +521,8 @@ def run(
     """Run a broker until SIGINT or SIGTERM; then stop gracefully and return (exit 0).
     SIGHUP calls ``on_hangup(server)`` (the CLI reloads the token, TLS and log level)."""
     import signal
+
+    raise_descriptor_limit(config.max_connections)
 
     async def main() -> None:
         server = BrokerServer(config)

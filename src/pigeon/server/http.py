@@ -6,10 +6,15 @@ dashboard, from the broker's own event loop.
 # bytes between asyncio streams and an ``h11.Connection``. Everything is read from the
 # broker's state when asked for - Prometheus metrics are built at scrape time by a
 # collector, the dashboard polls ``/api/stats`` - so the message path pays nothing for
-# being watched; only a sampler adds a few counters to a ring every two seconds, for the
-# dashboard's chart of the last ten minutes. The dashboard and its chart library (uPlot,
-# MIT) ship in the package: no CDN, no internet. The same rule as the broker's port:
-# loopback by default; any other address needs the token (``Authorization: Bearer``).
+# being watched; only a sampler adds the broker-wide put/delivered/acked counts of each
+# two seconds to a ring (a few numbers a sample, however many queues), for the dashboard's
+# chart of the last ten minutes. Whoever can reach the port gets a bounded share: at most
+# ``max_connections`` at once (more are closed at once), a request head must arrive whole
+# within ``request_timeout`` (checked before anything else; the token before any body),
+# and a reply that the client does not read within ``write_timeout`` closes it. The
+# dashboard and its chart library (uPlot, MIT) ship in the package: no CDN, no internet.
+# The same rule as the broker's port: loopback by default; any other address needs the
+# token (``Authorization: Bearer``).
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ log = logging.getLogger("pigeon.http")
 
 HISTORY_EVERY = 2.0  # seconds between samples of the counters, for the chart
 HISTORY_SAMPLES = 300  # ten minutes
+MAX_CONNECTIONS = 64  # HTTP connections at once: a dashboard or a scraper needs one or two
+REQUEST_TIMEOUT = 10.0  # seconds for a whole request head to arrive
+IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may wait for its next request
+WRITE_TIMEOUT = 30.0  # seconds a client may take to read a reply
 _STATIC = {
     "/": ("dashboard.html", "text/html; charset=utf-8"),
     "/static/uPlot.iife.min.js": ("uPlot.iife.min.js", "text/javascript; charset=utf-8"),
@@ -147,6 +156,10 @@ class HttpSideDoor:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(server))
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_SAMPLES)
+        self._last: dict[str, tuple[int, int, int]] = {}  # per queue, at the last sample
+        self._last_t = time.time()
+        self.connections = 0
+        self.max_connections = MAX_CONNECTIONS
         self._server: asyncio.Server | None = None
         self._sampler: asyncio.Task[None] | None = None
 
@@ -181,16 +194,27 @@ class HttpSideDoor:
         return True, "ok"
 
     def _sample_now(self) -> dict[str, Any]:
-        queues = {
-            name: [q.put_total, q.delivered_total, q.acked_total, q.depth, len(q.in_flight)]
-            for name, q in self.server.broker.queues.items()
-        }
-        return {"t": round(time.time(), 3), "queues": queues}
+        """What happened since the last sample, summed over the queues: a few numbers,
+        however many queues (the previous counts are kept once, not per sample)."""
+        last, now = self._last, {}
+        put = delivered = acked = 0
+        for name, q in self.server.broker.queues.items():
+            counts = now[name] = (q.put_total, q.delivered_total, q.acked_total)
+            p, d, a = last.get(name, (0, 0, 0))
+            put += max(0, counts[0] - p)
+            delivered += max(0, counts[1] - d)
+            acked += max(0, counts[2] - a)
+        t = time.time()
+        sample = {"t": round(t, 3), "dt": round(max(1e-3, t - self._last_t), 3),
+                  "put": put, "delivered": delivered, "acked": acked}  # fmt: skip
+        self._last, self._last_t = now, t
+        return sample
 
     async def _sample(self) -> None:
+        self._sample_now()  # the starting counts
         while True:
-            self.history.append(self._sample_now())
             await asyncio.sleep(HISTORY_EVERY)
+            self.history.append(self._sample_now())
 
     def respond(self, method: str, target: str) -> tuple[int, str, bytes]:
         path = target.split("?", 1)[0]
@@ -207,8 +231,7 @@ class HttpSideDoor:
         if path == "/api/stats":
             return 200, "application/json", json.dumps(self.server.stats()).encode()
         if path == "/api/history":
-            samples = [*self.history, self._sample_now()]
-            body = json.dumps({"every": HISTORY_EVERY, "samples": samples}).encode()
+            body = json.dumps({"every": HISTORY_EVERY, "samples": list(self.history)}).encode()
             return 200, "application/json", body
         if path in _STATIC:
             name, kind = _STATIC[path]
@@ -226,18 +249,30 @@ class HttpSideDoor:
     # --- bytes <-> h11 ---------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= self.max_connections:
+            log.warning("HTTP: %d connections already open (the limit): closed a new one from %s",
+                        self.connections, writer.get_extra_info("peername"))  # fmt: skip
+            writer.transport.abort()
+            return
+        self.connections += 1
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        loop = asyncio.get_running_loop()
         try:
+            # the first request's head within REQUEST_TIMEOUT; a later one within the idle
+            # time plus REQUEST_TIMEOUT; never a timeout per read (a byte a minute is slow)
+            deadline = loop.time() + REQUEST_TIMEOUT
             while True:
                 event = conn.next_event()
                 if event is h11.NEED_DATA:
-                    async with asyncio.timeout(30):
-                        conn.receive_data(await reader.read(16 * 1024))
+                    async with asyncio.timeout_at(deadline):
+                        data = await reader.read(16 * 1024)
+                    conn.receive_data(data)
                     continue
                 if isinstance(event, h11.Request):
-                    await self._answer(conn, writer, event)
-                    if conn.our_state is h11.MUST_CLOSE:
-                        break
+                    allowed = await self._answer(conn, writer, event)
+                    if not allowed or conn.our_state is h11.MUST_CLOSE:
+                        break  # a refused client sends no body we would read
+                    deadline = loop.time() + IDLE_TIMEOUT + REQUEST_TIMEOUT
                     with contextlib.suppress(h11.LocalProtocolError):
                         while conn.next_event() not in (h11.NEED_DATA, h11.PAUSED):
                             pass  # skip a request body: nothing here reads one
@@ -247,14 +282,17 @@ class HttpSideDoor:
         except (h11.RemoteProtocolError, TimeoutError, OSError, h11.LocalProtocolError):
             pass
         finally:
+            self.connections -= 1
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
     async def _answer(
         self, conn: h11.Connection, writer: asyncio.StreamWriter, req: h11.Request
-    ) -> None:
-        if not self._authorized(req.headers):
+    ) -> bool:
+        """Answer ``req``; False if it was refused (the connection then closes)."""
+        allowed = self._authorized(req.headers)
+        if not allowed:
             status, kind, body = 401, "text/plain", b"send Authorization: Bearer TOKEN\n"
         else:
             try:
@@ -269,8 +307,11 @@ class HttpSideDoor:
         ]
         if status == 401:
             headers.append(("www-authenticate", 'Bearer realm="pigeon"'))
+            headers.append(("connection", "close"))
         writer.write(conn.send(h11.Response(status_code=status, headers=headers)) or b"")
         if req.method != b"HEAD":
             writer.write(conn.send(h11.Data(data=body)) or b"")
         writer.write(conn.send(h11.EndOfMessage()) or b"")
-        await writer.drain()
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            await writer.drain()
+        return allowed
