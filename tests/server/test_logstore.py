@@ -313,7 +313,7 @@ def test_store_log_imports_a_sqlite_store_once(tmp_path: Path) -> None:
     broker.handle(1, PutBatch(2, "q", [b"a", b"b", b"c"]))
     old.close()
     LogStore(tmp_path).close()  # an (empty) log beside the SQLite file
-    with pytest.raises(StoreCorrupted, match="leave its messages behind"):
+    with pytest.raises(StoreCorrupted, match="messages behind"):
         open_store(tmp_path, "sqlite")
     for p in (tmp_path / LOG_DIR).glob("*.seg"):
         p.unlink()
@@ -328,6 +328,84 @@ def test_store_log_imports_a_sqlite_store_once(tmp_path: Path) -> None:
     again = open_store(tmp_path)  # auto: the log now
     assert isinstance(again, LogStore) and [m.payload for _, m in again.recover()] == []
     again.close()
+
+
+def _sqlite_with(path: Path, n: int) -> None:
+    old = SQLiteStore(path, "batch")
+    old.start(lambda batch: None)
+    broker = Broker(old)
+    broker.connection_made(1)
+    broker.handle(1, Declare(1, "q", lease=7.0))
+    broker.handle(1, PutBatch(2, "q", [str(i).encode() for i in range(n)]))
+    old.close()
+
+
+def _all_payloads(store: Any) -> list[bytes]:
+    return [m.payload for _, m in store.recover()]
+
+
+def test_an_import_that_fails_midway_leaves_the_sqlite_store_in_charge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _sqlite_with(tmp_path, 250)
+    monkeypatch.setattr(logstore, "_IMPORT_CHUNK", 100)
+    real = LogStore._write
+    writes = [0]
+
+    def full_disk(self: LogStore, ops: Any) -> None:
+        writes[0] += 1
+        if writes[0] == 3:  # the second chunk of messages
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, ops)
+
+    monkeypatch.setattr(LogStore, "_write", full_disk)
+    with pytest.raises(StoreCorrupted, match="could not write the imported messages"):
+        open_store(tmp_path, "log")
+    monkeypatch.setattr(LogStore, "_write", real)
+    assert (tmp_path / LOG_DIR / logstore.IMPORTING).exists() and (tmp_path / DB_NAME).exists()
+    again = open_store(tmp_path)  # auto: the half log goes; the SQLite store, whole
+    assert isinstance(again, SQLiteStore) and len(_all_payloads(again)) == 250
+    again.close()
+    store = open_store(tmp_path, "log")  # the import, again, whole
+    assert isinstance(store, LogStore) and len(_all_payloads(store)) == 250
+    store.close()
+
+
+def test_an_import_killed_while_writing_is_done_again(tmp_path: Path) -> None:
+    _sqlite_with(tmp_path, 30)
+    (tmp_path / LOG_DIR).mkdir()
+    (tmp_path / LOG_DIR / logstore.IMPORTING).write_text(DB_NAME)  # what a killed import
+    half = LogStore(tmp_path)  # leaves behind: the mark, and a log with part of it
+    half.declared("q", {"lease": 7.0})
+    half.close()
+    store = open_store(tmp_path)  # auto, as an operator restarts it: the SQLite store, whole
+    assert isinstance(store, SQLiteStore) and len(_all_payloads(store)) == 30
+    assert not (tmp_path / LOG_DIR / logstore.IMPORTING).exists() and not segments(tmp_path)
+    store.close()
+    store = open_store(tmp_path, "log")
+    assert isinstance(store, LogStore) and len(_all_payloads(store)) == 30
+    store.close()
+
+
+def test_an_import_killed_before_the_sqlite_file_was_renamed_is_finished(tmp_path: Path) -> None:
+    _sqlite_with(tmp_path, 30)
+    open_store(tmp_path, "log").close()
+    for suffix in ("", "-wal", "-shm"):  # as if killed between the two renames
+        done = tmp_path / f"{DB_NAME}.imported{suffix}"
+        if done.exists():
+            done.rename(tmp_path / f"{DB_NAME}{suffix}")
+    store = open_store(tmp_path)
+    assert isinstance(store, LogStore) and len(_all_payloads(store)) == 30
+    assert not (tmp_path / DB_NAME).exists() and (tmp_path / f"{DB_NAME}.imported").exists()
+    store.close()
+
+
+def test_a_log_beside_a_sqlite_store_it_was_not_made_from_is_refused(tmp_path: Path) -> None:
+    LogStore(tmp_path).close()
+    _sqlite_with(tmp_path, 3)
+    for kind in ("auto", "log", "sqlite"):
+        with pytest.raises(StoreCorrupted, match="holds both a log store"):
+            open_store(tmp_path, kind)
 
 
 # --- the log and SQLite agree, whatever happens --------------------------------------

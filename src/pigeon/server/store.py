@@ -99,6 +99,51 @@ def _id_ranges(ops: list[tuple[str, tuple[object, ...]]]) -> Iterator[tuple[int,
     yield first, last
 
 
+_HELD: dict[Path, int] = {}  # data directories locked by holding_dir() in this process
+
+
+def lock_dir(data_dir: Path) -> int:
+    """Take ``DATA_DIR/pigeon.lock`` (flock); the returned descriptor holds it.
+
+    Raises:
+        StoreInUse: another process holds it.
+    """
+    import fcntl
+
+    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StoreInUse(
+            f"{data_dir} is in use by another broker (pid {holder} holds "
+            f"{data_dir / LOCK_NAME}); stop it first, or give this one another --data-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+@contextlib.contextmanager
+def holding_dir(data_dir: Path) -> Iterator[None]:
+    """Lock ``data_dir`` for the block: stores opened on it inside share this lock (each
+    keeps a duplicate of the descriptor, so the lock lasts as long as the last of them),
+    and no other broker can slip in between two steps, such as reading a SQLite store and
+    writing the log it becomes."""
+    key = Path(data_dir).resolve()
+    if key in _HELD:
+        yield
+        return
+    fd = lock_dir(Path(data_dir))
+    _HELD[key] = fd
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        os.close(fd)
+
+
 class Durable(Store):
     """What the durable stores share: the fsync policy, the batch counters the server
     holds replies against, the commit histogram, and how a failing disk is reported."""
@@ -296,22 +341,10 @@ class Durable(Store):
 
     def _lock_dir(self, data_dir: Path) -> None:
         """Hold ``DATA_DIR/pigeon.lock`` (flock) while open: a second broker on the same
-        directory is refused rather than allowed to interleave its writes."""
-        import fcntl
-
-        fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise StoreInUse(
-                f"{data_dir} is in use by another broker (pid {holder} holds "
-                f"{data_dir / LOCK_NAME}); stop it first, or give this one another --data-dir"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        directory is refused rather than allowed to interleave its writes. Inside
+        ``holding_dir(data_dir)`` the store shares the lock held there."""
+        held = _HELD.get(Path(data_dir).resolve())
+        self._lock_fd = os.dup(held) if held is not None else lock_dir(Path(data_dir))
 
     def _unlock_dir(self) -> None:
         if self._lock_fd >= 0:
