@@ -408,6 +408,62 @@ def test_a_log_beside_a_sqlite_store_it_was_not_made_from_is_refused(tmp_path: P
             open_store(tmp_path, kind)
 
 
+def _records(path: Path) -> list[list[Any]]:
+    import msgspec
+
+    out = []
+    for seg in segments(path):
+        data = seg.read_bytes()
+        salt = logstore._read_segment(seg, data)
+        for off, end, valid in logstore._scan(data, logstore.FILE_HEADER_SIZE, salt):
+            body = data[off + logstore._HEADER.size : end]
+            if valid and body[:1] != logstore._PAD:
+                out.append(msgspec.msgpack.decode(body))
+    return out
+
+
+def test_a_change_larger_than_a_record_is_split_and_recovered_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logstore, "_MAX_RECORD", 2_000)  # 4 GiB, for a test
+    broker, store = opened(tmp_path)
+    for i in range(200):
+        broker.handle(1, Put(i + 1, "q", b"%090d" % i))
+    broker.handle(1, Move(500, "q", "r"))  # 200 messages change queue in one change
+    store.close()
+    parts = [r for r in _records(tmp_path) if r[0] == [logstore.PART]]
+    assert len(parts) >= 5  # 200 x ~100 bytes in records of at most 2,000 bytes
+    broker, store = opened(tmp_path)
+    assert payloads(broker, "q") == [] and len(payloads(broker, "r")) == 200
+    store.close()
+
+
+def test_a_split_change_cut_short_by_a_crash_is_not_applied_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(logstore, "_MAX_RECORD", 2_000)
+    broker, store = opened(tmp_path)
+    for i in range(200):
+        broker.handle(1, Put(i + 1, "q", b"%090d" % i))
+    store.close()
+    (seg,) = segments(tmp_path)
+    before = seg.stat().st_size
+    broker, store = opened(tmp_path)
+    broker.handle(1, Move(500, "q", "r"))
+    store.close()
+    with open(seg, "r+b") as f:  # the crash: the change's last record never made it
+        f.truncate(seg.stat().st_size - 50)
+    assert seg.stat().st_size > before + 2_000  # some of its first records did
+    broker, store = opened(tmp_path)
+    assert seg.stat().st_size == before  # its first records were cut off too
+    assert len(payloads(broker, "q")) == 200 and payloads(broker, "r") == []
+    broker.handle(1, Put(9, "z", b"after"))  # what follows never joins them
+    store.close()
+    broker, store = opened(tmp_path)
+    assert payloads(broker, "r") == [] and payloads(broker, "z") == [b"after"]
+    store.close()
+
+
 # --- the log and SQLite agree, whatever happens --------------------------------------
 
 _queue = st.sampled_from(["a", "a", "b", "a.dead"])

@@ -95,6 +95,10 @@ MOVE = 3  # [3, id, queue, deliveries, origin, reason]: to another queue (a dead
 REQUEUED = 4  # [4, id, deliveries]: handed back after this many deliveries
 DECLARE = 5  # [5, queue, settings or None]
 SETTINGS = 6  # [6, {queue: settings}]: every queue's settings (a segment's first record)
+PART = 7  # [7]: first op of a record that is not the last of its change (see _write)
+# A change larger than this is written as several records, applied together at recovery
+# (a record's length field is 32 bits; a change - a move of a large queue - is not bounded).
+_MAX_RECORD = 256 * 2**20
 
 # A live message: (segment number, queue, message).
 _Entry = tuple[int, str, Stored]
@@ -164,6 +168,25 @@ def _segments(log_dir: Path) -> list[tuple[int, Path]]:
         with contextlib.suppress(ValueError):
             out.append((int(p.stem), p))
     return sorted(out)
+
+
+class _Changes:
+    """Puts a change written as several records (``PART``) back together: ``feed`` gives
+    the ops to apply once a change is whole, None while it is not."""
+
+    def __init__(self) -> None:
+        self.partial: list[Any] = []
+        self.since = -1  # offset of the first record of an unfinished change
+
+    def feed(self, ops: list[Any], off: int) -> list[Any] | None:
+        if ops and ops[0] == [PART]:
+            if not self.partial:
+                self.since = off
+            self.partial += ops[1:]
+            return None
+        if self.partial:
+            ops, self.partial = self.partial + ops, []
+        return ops
 
 
 def _scan(data: bytes, start: int, salt: int) -> Iterator[tuple[int, int, bool]]:
@@ -279,6 +302,7 @@ class LogStore(Durable):
                 continue
             salt = self._salts[seg] = _read_segment(path, data)
             good_end = FILE_HEADER_SIZE
+            changes = _Changes()
             for off, end, valid in _scan(data, FILE_HEADER_SIZE, salt):
                 body = data[off + _HEADER.size : end]
                 if valid:
@@ -286,8 +310,9 @@ class LogStore(Durable):
                     if body[:1] == _PAD:
                         continue
                     try:
-                        ops = decode(body)
-                        state.apply(seg, ops)
+                        whole = changes.feed(decode(body), off)
+                        if whole is not None:
+                            state.apply(seg, whole)
                     except (msgspec.DecodeError, ValueError, TypeError) as exc:
                         raise StoreCorrupted(
                             f"{path} holds a record pigeon cannot read at offset {off} "
@@ -307,6 +332,16 @@ class LogStore(Durable):
                 state.bad_records += 1
                 state.bad_bytes += end - off
                 good_end = end
+            if changes.partial:  # the first records of a change whose last never came
+                log.warning("%s: dropped the unfinished %d-op change from offset %d (a crash "
+                            "cut it short: never confirmed)", path, len(changes.partial),
+                            changes.since)  # fmt: skip
+                if last:  # nothing may follow it and join it at the next start
+                    with open(path, "r+b") as f:
+                        f.truncate(changes.since)
+                        os.fsync(f.fileno())
+                    data = data[: changes.since]
+                    good_end = min(good_end, changes.since)
             self._sizes[seg] = max(good_end, len(data))
         if state.bad_records:
             self.quarantined = state.bad_records
@@ -465,21 +500,44 @@ class LogStore(Durable):
     # --- writing --------------------------------------------------------------------------
 
     def _write(self, ops: list[list[Any]]) -> None:
-        """Append one record at the end of the active segment. A write that fails part
-        way leaves the offset where it was: the retry writes over what it left."""
+        """Append one change at the end of the active segment: one record, or, past
+        ``_MAX_RECORD``, several whose all but last begin with ``[PART]`` (recovery
+        applies a change only once its last record is there). A write that fails part way
+        leaves the offset where it was: the retry writes over what it left."""
         body = self._encode(ops)
-        header = _header(body, self._salts[self._active])
+        bodies = self._split(ops) if len(body) > _MAX_RECORD and len(ops) > 1 else [body]
+        salt = self._salts[self._active]
         offset = self._sizes[self._active]
-        total = len(header) + len(body)
+        parts: list[bytes] = []
+        for b in bodies:
+            parts += [_header(b, salt), b]
+        total = sum(map(len, parts))
         try:
-            done = os.pwritev(self._fd, [header, body], offset)
+            done = os.pwritev(self._fd, parts, offset)
             while done < total:  # a short write (a disk filling up): the rest, or an error
-                done += os.pwrite(self._fd, (header + body)[done:], offset + done)
+                done += os.pwrite(self._fd, b"".join(parts)[done:], offset + done)
         except OSError:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, offset)  # leave no half record behind, if we can
             raise
         self._sizes[self._active] = offset + total
+
+    def _split(self, ops: list[list[Any]]) -> list[bytes]:
+        """The bodies of a change too large for one record, each up to ``_MAX_RECORD``
+        (an op larger than that alone in its record)."""
+        encode = self._encode
+        bodies: list[bytes] = []
+        chunk: list[list[Any]] = [[PART]]
+        size = 0
+        for op in ops:
+            n = len(encode(op))
+            if size and size + n > _MAX_RECORD:
+                bodies.append(encode(chunk))
+                chunk, size = [[PART]], 0
+            chunk.append(op)
+            size += n
+        bodies.append(encode(chunk[1:]))  # the last: no PART, the change is whole
+        return bodies
 
     def _write_ops(self, ops: list[Any]) -> None:
         """One record (the loop's ``_flush``: see ``Durable``)."""
@@ -624,10 +682,13 @@ def backup_log(data_dir: str | os.PathLike[str], target: str | os.PathLike[str])
             if k == len(files) - 1 and len(data) < FILE_HEADER_SIZE:
                 break  # a segment being begun as the copy is made: nothing in it yet
             salt = _read_segment(path, data)
+            changes = _Changes()
             for off, end, valid in _scan(data, FILE_HEADER_SIZE, salt):
                 body = data[off + _HEADER.size : end]
                 if valid and body[:1] != _PAD:
-                    state.apply(seg, decode(body))
+                    whole = changes.feed(decode(body), off)
+                    if whole is not None:
+                        state.apply(seg, whole)
     finally:
         for _, _, f in files:
             f.close()
