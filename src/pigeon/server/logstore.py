@@ -85,6 +85,12 @@ def _header(body: bytes, salt: int) -> bytes:
 _PAD = b"\xc0"  # a body starting with msgpack nil is padding: skipped
 SEGMENT_BYTES = 64 * 2**20
 _FORWARD_CHUNK = 4096  # live messages written forward per turn of the loop
+_DROPS_PER_TURN = 64  # empty segments deleted per turn of the loop (then one directory fsync)
+# What a live message costs when it is written forward, beyond its payload, queue name,
+# origin and reason: the ADD op's msgpack framing (at most 36 bytes) and its share of a
+# record header. Compaction's trigger counts this, so it never undercounts what a copy of
+# the live set takes (else it would copy the live set again and again).
+_ENTRY_OVERHEAD = 40
 _MAX_RETRY_DELAY = 0.25
 
 # Operations (the first item of each msgpack list in a record's body).
@@ -278,10 +284,15 @@ class LogStore(Durable):
         self._queues = state.queues
         self.recovery_seconds = time.perf_counter() - started
         self._seg_live: dict[int, int] = dict.fromkeys(self._sizes, 0)
-        self._live_bytes = 0
-        for seg, _, msg in self._live.values():
+        self._live_bytes = 0  # what writing every live message forward would take
+        self._extra: dict[int, int] = {}  # id -> origin + reason bytes, for dead letters
+        for seg, queue, msg in self._live.values():
             self._seg_live[seg] += 1
-            self._live_bytes += len(msg.payload)
+            self._live_bytes += len(msg.payload) + len(queue) + _ENTRY_OVERHEAD
+            if msg.origin or msg.reason:
+                self._extra[msg.id] = n = len(msg.origin) + len(msg.reason)
+                self._live_bytes += n
+        self._maintaining = False  # a turn of housekeeping is scheduled
         self._open_active()
         log.info("recovered %d message(s) from %s in %.3f s", len(self._live), self.path,
                  self.recovery_seconds)  # fmt: skip
@@ -452,12 +463,15 @@ class LogStore(Durable):
         live, seg = self._live, self._active
         first = next_id = msgs[0].id
         fresh = True  # consecutive ids, nothing but a payload: the short form
-        size = 0
+        size = (len(queue) + _ENTRY_OVERHEAD) * len(msgs)
         for m in msgs:
             live[m.id] = (seg, queue, m)
             size += len(m.payload)
             if m.id != next_id or m.deliveries or m.origin or m.reason:
                 fresh = False
+                if m.origin or m.reason:
+                    self._extra[m.id] = n = len(m.origin) + len(m.reason)
+                    size += n
             next_id += 1
         self._seg_live[seg] += len(msgs)
         self._live_bytes += size
@@ -471,13 +485,15 @@ class LogStore(Durable):
         self.removed_many(queue, [msg_id])
 
     def removed_many(self, queue: str, msg_ids: list[int]) -> None:
-        pop, seg_live = self._live.pop, self._seg_live
+        pop, seg_live, extra = self._live.pop, self._seg_live, self._extra
         size = 0
         for mid in msg_ids:
             entry = pop(mid, None)
             if entry is not None:
                 seg_live[entry[0]] -= 1
-                size += len(entry[2].payload)
+                size += len(entry[2].payload) + len(entry[1]) + _ENTRY_OVERHEAD
+                if extra:
+                    size += extra.pop(mid, 0)
         self._live_bytes -= size
         self._add([DEL, list(msg_ids)])
 
@@ -485,6 +501,10 @@ class LogStore(Durable):
         entry = self._live.get(msg.id)
         if entry is not None:
             self._live[msg.id] = (entry[0], queue, msg)
+            n = len(msg.origin) + len(msg.reason)
+            self._live_bytes += len(queue) - len(entry[1]) + n - self._extra.pop(msg.id, 0)
+            if n:
+                self._extra[msg.id] = n
         self._add([MOVE, msg.id, queue, msg.deliveries, msg.origin, msg.reason])
 
     def requeued(self, queue: str, msg: Stored) -> None:
@@ -545,34 +565,65 @@ class LogStore(Durable):
 
     def _after_write(self) -> None:
         try:
-            self._maintain()
+            more = self._maintain()
         except OSError as exc:
             log.error("store %s: starting a segment or reclaiming space failed (%s); "
                       "will retry", self.path, exc)  # fmt: skip
+            return
+        if more and self._loop is not None and not self._maintaining:
+            self._maintaining = True  # the rest in the next turns, between requests
+            self._loop.call_soon(self._maintain_later)
 
-    def _maintain(self) -> None:
+    def _maintain_later(self) -> None:
+        self._maintaining = False
+        if self._loop is not None and self._error is None and not self._ops:
+            self._after_write()
+
+    def _maintain(self) -> bool:
         """Begin a new segment when the active one is full; reclaim the oldest segments
         while nothing in them is live; once the log is over twice what is live, write the
-        live messages of the oldest forward, ``_FORWARD_CHUNK`` a turn, then reclaim it."""
+        live messages of the oldest forward, then reclaim it.
+
+        One turn does a bounded amount of work, however much a request freed: at most
+        one segment begun (one fsync), one chunk of ``_FORWARD_CHUNK`` messages written
+        forward (one fdatasync), ``_DROPS_PER_TURN`` segments deleted (one directory
+        fsync). Returns True when more is left for the next turn."""
         if self._sizes[self._active] >= self.segment_bytes:
             self._roll()
-        while (oldest := min(self._sizes)) != self._active:
-            if self._seg_live[oldest]:
-                if self._forwarding is None:
-                    total = sum(self._sizes.values())
-                    if total <= 2 * (self._live_bytes + 32 * len(self._live)) + self.segment_bytes:
-                        return
-                    self._forwarding = [mid for mid, e in self._live.items() if e[0] == oldest]
-                self._forward(oldest, self._forwarding)
+        dropped: list[int] = []
+        more = False
+        try:
+            while (oldest := min(s for s in self._sizes if s not in dropped)) != self._active:
+                if len(dropped) >= _DROPS_PER_TURN:
+                    return True
                 if self._seg_live[oldest]:
-                    if not self._forwarding:  # cannot be; but look again rather than lose one
-                        self._forwarding = None
-                    return  # more in the next turn: the loop never stalls for long
-                with self._fd_lock:
-                    os.fdatasync(self._fd)  # the copies are on disk before the originals go
-                self.compactions += 1
-            self._forwarding = None
-            self._drop(oldest)
+                    if self._forwarding is None:
+                        if not self._over_threshold(dropped):
+                            return False
+                        self._forwarding = [
+                            mid for mid, e in self._live.items() if e[0] == oldest
+                        ]  # fmt: skip
+                    self._forward(oldest, self._forwarding)
+                    more = True  # whatever happens now, this turn's forwarding is done
+                    if self._seg_live[oldest]:
+                        if not self._forwarding:  # cannot be; look again rather than lose one
+                            self._forwarding = None
+                        return True
+                    with self._fd_lock:
+                        os.fdatasync(self._fd)  # the copies are on disk before originals go
+                    self.compactions += 1
+                    self._forwarding = None
+                    dropped.append(oldest)
+                    return True
+                self._forwarding = None
+                dropped.append(oldest)
+            return more
+        finally:
+            self._drop(dropped)
+
+    def _over_threshold(self, dropped: list[int]) -> bool:
+        total = sum(size for seg, size in self._sizes.items() if seg not in dropped)
+        return total > 2 * self._live_bytes + self.segment_bytes
 
     def _roll(self) -> None:
         with self._fd_lock:
@@ -603,11 +654,16 @@ class LogStore(Durable):
         log.debug("store %s: wrote %d live message(s) forward from segment %d",
                   self.path, len(moving), seg)  # fmt: skip
 
-    def _drop(self, seg: int) -> None:
-        self._segment_path(seg).unlink()
+    def _drop(self, segs: list[int]) -> None:
+        """Delete segments with nothing live in them (one directory fsync for all: one
+        that comes back after a crash is replayed harmlessly - it holds nothing live)."""
+        if not segs:
+            return
+        for seg in segs:
+            self._segment_path(seg).unlink()
+            del self._sizes[seg], self._salts[seg]
+            del self._seg_live[seg]
         _fsync_dir(self.path)
-        del self._sizes[seg], self._salts[seg]
-        del self._seg_live[seg]
 
     # --- the syncer thread ----------------------------------------------------------------
 
