@@ -564,6 +564,8 @@ class LogStore(Durable):
         self._write(ops)
 
     def _after_write(self) -> None:
+        if self._error is not None:
+            return
         try:
             more = self._maintain()
         except OSError as exc:
@@ -609,8 +611,7 @@ class LogStore(Durable):
                         if not self._forwarding:  # cannot be; look again rather than lose one
                             self._forwarding = None
                         return True
-                    with self._fd_lock:
-                        os.fdatasync(self._fd)  # the copies are on disk before originals go
+                    self._sync_or_break()  # the copies are on disk before the originals go
                     self.compactions += 1
                     self._forwarding = None
                     dropped.append(oldest)
@@ -626,9 +627,18 @@ class LogStore(Durable):
         return total > 2 * self._live_bytes + self.segment_bytes
 
     def _roll(self) -> None:
-        with self._fd_lock:
-            os.fsync(self._fd)  # a closed segment is on disk before the next one begins
+        self._sync_or_break()  # a closed segment is on disk before the next one begins
         self._new_segment(self._active + 1)
+
+    def _sync_or_break(self) -> None:
+        """fdatasync the active segment; a failure breaks the store (never retried: see
+        ``Durable._syncer``), and no segment is dropped or begun after it."""
+        try:
+            with self._fd_lock:
+                os.fdatasync(self._fd)
+        except OSError as exc:
+            self._broken(OSError(f"fsync failed: {exc}; what was written since may be lost"))
+            raise
 
     def _forward(self, seg: int, ids: list[int]) -> None:
         """Write up to ``_FORWARD_CHUNK`` of the live messages of segment ``seg`` (their ids

@@ -99,6 +99,10 @@ def _id_ranges(ops: list[tuple[str, tuple[object, ...]]]) -> Iterator[tuple[int,
     yield first, last
 
 
+class _FsyncFailed(Exception):
+    """An fsync failed: the store must stop, not retry (see ``Durable._syncer``)."""
+
+
 _HELD: dict[Path, int] = {}  # data directories locked by holding_dir() in this process
 
 
@@ -280,7 +284,7 @@ class Durable(Store):
     def _syncer(self) -> None:
         """fsync what was written - for ``always`` before the confirmations go out (then
         confirm), for ``batch`` within ``fsync_interval`` of the first unsynced write - off
-        the loop's thread; a failed fsync is retried."""
+        the loop's thread; a failed fsync breaks the store (see below)."""
         synced = 0
         while True:
             with self._sync:
@@ -303,13 +307,14 @@ class Durable(Store):
             if upto > synced or dirty or closing:
                 try:
                     self._fsync_now()
-                except OSError as exc:
-                    log.error("store %s: fsync failed (%s); retrying", self, exc)
-                    with self._sync:
-                        if upto <= synced:
-                            self._dirty_since = time.monotonic()
-                    time.sleep(0.05)
-                    continue
+                except Exception as exc:
+                    # Never retried: after a failed fsync the kernel may have dropped the
+                    # dirty pages and marked them clean, so a retry that succeeds proves
+                    # nothing ("fsyncgate", PostgreSQL 2018). What was waiting for this
+                    # fsync is never confirmed; the store stops taking writes.
+                    self._broken(OSError(f"fsync failed: {exc}; data written since the "
+                                         "last successful fsync may be lost"))  # fmt: skip
+                    return
             if upto > synced:
                 synced = upto
                 self.committed = max(self.committed, upto)
@@ -613,7 +618,11 @@ class SQLiteStore(Durable):
                 if unsynced and (
                     closing or time.monotonic() - self._last_fsync >= self.fsync_interval
                 ):
-                    self._fsync_wal()
+                    try:
+                        self._fsync_wal()
+                    except OSError as exc:  # never retried: see Durable._syncer
+                        why = f"fsync failed: {exc}; what was written since may be lost"
+                        raise _FsyncFailed(why) from exc
                     unsynced = False
             except (sqlite3.OperationalError, OSError) as exc:
                 # Busy (another process holds a lock), full, or an I/O error: keep the
