@@ -24,6 +24,7 @@ from pigeon.protocol import (
     Goodbye,
     Hello,
     Ok,
+    Put,
     PutBatch,
     Welcome,
 )
@@ -149,3 +150,103 @@ def test_stats_show_the_connection_state(durable: BrokerThread) -> None:
         stats = q._stats()  # type: ignore[attr-defined]
     (mine,) = [c for c in stats["connections"] if c["client"].startswith("pigeon-py")]
     assert mine["state"] == "open" and mine["tcp_state"] == "ESTABLISHED"
+
+
+# --- half-close over TLS ------------------------------------------------------------------
+
+
+class _TLSClient:
+    """A TLS client over a plain socket through memory BIOs, so it can half-close with a
+    bare FIN or with close_notify, as `nc`, Go's CloseWrite or a Node client do."""
+
+    def __init__(self, port: int, ca: Any) -> None:
+        import ssl
+
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = ctx.wrap_bio(self.inc, self.out, server_hostname="127.0.0.1")
+        self.sock = socket.create_connection(("127.0.0.1", port), 10)
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._push()
+                self.inc.write(self.sock.recv(65536))
+        self._push()
+
+    def _push(self) -> None:
+        if data := self.out.read():
+            self.sock.sendall(data)
+
+    def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        self._push()
+
+    def half_close(self, close_notify: bool) -> None:
+        import ssl
+
+        if close_notify:
+            try:
+                self.tls.unwrap()
+            except ssl.SSLWantReadError:
+                pass
+            self._push()
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def read_all(self) -> list[Any]:
+        import ssl
+
+        buf = b""
+        while True:
+            data = self.sock.recv(65536)
+            if data:
+                self.inc.write(data)
+            try:
+                while chunk := self.tls.read(65536):
+                    buf += chunk
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                break
+            if not data:
+                break
+        self.sock.close()
+        out, codec = [], ClientCodec()
+        while len(buf) >= 4:
+            (n,) = struct.unpack(">I", buf[:4])
+            out.append(codec.decode(buf[4 : 4 + n]))
+            buf = buf[4 + n :]
+        return out
+
+
+@pytest.mark.parametrize("close_notify", [False, True])
+def test_half_close_over_tls_still_gets_every_reply_owed(
+    tmp_path: Path, close_notify: bool
+) -> None:
+    import ssl
+
+    import trustme
+
+    from pigeon.server.logstore import LogStore
+
+    ca = trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    with BrokerThread(store=LogStore(tmp_path, "always"), extra={"ssl": ctx}) as b:
+        client = _TLSClient(b.port, ca)
+        client.send(
+            encode_frame(Hello("PGN", 1, "raw", None))
+            + encode_frame(Put(1, "jobs", b"hello", 0.0))  # confirmed after the fsync
+            + encode_frame(Get(2, "later", 1, 5.0))  # parked: nothing there yet
+        )
+        client.half_close(close_notify)
+        time.sleep(0.3)
+        url = f"pigeon+tls://127.0.0.1:{b.port}/later?insecure=1"
+        with pigeon.Queue(url, serializer="raw") as other:
+            other.put(b"for the parked GET")
+        replies = client.read_all()
+    kinds = [type(m).__name__ for m in replies]
+    assert kinds == ["Welcome", "Ok", "Deliver"], replies
+    assert replies[2].messages[0].payload == b"for the parked GET"

@@ -182,14 +182,15 @@ class BrokerServer:
             store.attach(loop)  # commits in this thread, once per turn of the loop
         store.start(committed)
         ssl = cfg.extra.get("ssl")
+        factory: Callable[[], asyncio.BaseProtocol] = self._accept
+        if ssl is not None:  # our own TLS layer: it keeps the half-close (server/tls.py)
+            from pigeon.server.tls import TLSProtocol
+
+            def factory() -> asyncio.BaseProtocol:
+                return TLSProtocol(ssl, self._accept(), cfg.handshake_timeout)
+
         self._server = await loop.create_server(
-            self._accept,
-            cfg.host,
-            cfg.port,
-            reuse_address=True,
-            backlog=1024,
-            ssl=ssl,
-            ssl_handshake_timeout=cfg.handshake_timeout if ssl else None,
+            factory, cfg.host, cfg.port, reuse_address=True, backlog=1024
         )
         self._tasks = [loop.create_task(self._heartbeats()), loop.create_task(self._watch_store())]
         if cfg.http:
