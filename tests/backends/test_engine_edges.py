@@ -97,3 +97,45 @@ def test_nats_an_item_over_max_payload_is_refused_before_sending(nats_url: str) 
         with pytest.raises(pigeon.TooLarge, match="max_payload=1048576"):
             q.put_many([b"small", b"x" * (2 << 20)])
         assert q.qsize() == 0  # all or none: the small one was not sent either
+
+
+_FORKED_CHILDREN_THEN_CLOSE = r"""
+import multiprocessing as mp, sys, time
+import pigeon
+
+def writer(q):
+    for i in range(10):
+        q.put(i)
+
+def reader(q):
+    for _ in range(10):
+        q.get(timeout=10)
+
+q = pigeon.Queue(sys.argv[1])
+q.put("warm"); q.get(timeout=5)  # the parent's own client, on its loop
+ctx = mp.get_context("fork")
+children = [ctx.Process(target=writer, args=(q,)), ctx.Process(target=reader, args=(q,))]
+for p in children:
+    p.start()
+for p in children:
+    p.join(30)
+assert [p.exitcode for p in children] == [0, 0]
+t = time.monotonic()
+q.close()
+print(f"closed in {time.monotonic() - t:.2f} s")
+"""
+
+
+@pytest.mark.parametrize("engine", ["redis_url", "nats_url"])
+def test_the_parent_closes_promptly_after_fork_children_used_the_queue(
+    engine: str, request: pytest.FixtureRequest
+) -> None:
+    """A fork child shares its parent's epoll instance: a client it drops must not
+    unregister the parent's socket there (the parent's close() then waited forever)."""
+    import subprocess
+    import sys
+
+    url = request.getfixturevalue(engine)
+    r = subprocess.run([sys.executable, "-c", _FORKED_CHILDREN_THEN_CLOSE, url],
+                       capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert r.returncode == 0 and "closed in" in r.stdout, r.stderr[-3000:]

@@ -9,8 +9,10 @@ from inside asyncio code blocks only its own thread, as any blocking call does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
+import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -22,7 +24,7 @@ _pid = 0
 
 
 def _start() -> asyncio.AbstractEventLoop:
-    loop = asyncio.new_event_loop()
+    loop = track(asyncio.new_event_loop())
     ready = threading.Event()
 
     def run() -> None:
@@ -33,6 +35,39 @@ def _start() -> asyncio.AbstractEventLoop:
     threading.Thread(target=run, name="pigeon-io", daemon=True).start()
     ready.wait()
     return loop
+
+
+# Event loops of this process whose sockets a fork child inherits (the shared I/O loop
+# and the blocking faces' private loops). See ``_detach_in_child``.
+_LOOPS: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def track(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
+    """Have ``loop`` detached from its epoll instance in fork children."""
+    _LOOPS.add(loop)
+    return loop
+
+
+def _detach_in_child() -> None:
+    """In a fork child, give every inherited loop a selector of its own.
+
+    A child shares its parent's epoll instance (the descriptor and the kernel object are
+    inherited). When an inherited client is garbage-collected in the child - redis-py's
+    connection closes its transport in ``__del__`` - the loop unregisters the socket from
+    that shared epoll and the parent's loop never hears from it again: the parent's next
+    call (say, its ``close()``) waits forever. With a fresh selector, such unregistering
+    touches only the child's own."""
+    for lp in list(_LOOPS):
+        old = getattr(lp, "_selector", None)
+        if old is None:  # not a selector loop (uvloop): nothing shared this way
+            continue
+        lp._selector = type(old)()  # type: ignore[attr-defined]
+        with contextlib.suppress(OSError):
+            old.close()  # the child's copy of the descriptor; the parent keeps its own
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_detach_in_child)
 
 
 def loop() -> asyncio.AbstractEventLoop:

@@ -125,7 +125,7 @@ class SyncFace(Queue[T]):
         key = "shared" if shared else "own"
         holder: _ThreadLane | None = getattr(self._local, key, None)
         if holder is None:
-            loop = None if shared else asyncio.new_event_loop()
+            loop = None if shared else _loopthread.track(asyncio.new_event_loop())
             holder = _ThreadLane(_Lane(self.impl_class(self._url, **self._options), loop))
             setattr(self._local, key, holder)
             with self._lock:
