@@ -576,6 +576,33 @@ def test_one_turn_of_housekeeping_does_a_bounded_amount_of_work(
     reopened.close()
 
 
+def _flip(path: Path, offset: int, mask: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_segment_salt_is_mended_or_refused_never_taken_for_a_torn_tail(
+    tmp_path: Path,
+) -> None:
+    broker, store = opened(tmp_path)
+    broker.handle(1, PutBatch(1, "q", [b"a", b"b", b"c"]))
+    store.close()
+    (seg,) = segments(tmp_path)
+    size = seg.stat().st_size
+    _flip(seg, 16, 0x04)  # one bit of the salt (bytes 16-19 of the header)
+    broker, store = opened(tmp_path)
+    assert payloads(broker) == [b"a", b"b", b"c"]  # mended from its checksum
+    store.close()
+    (seg,) = segments(tmp_path)
+    size = seg.stat().st_size
+    _flip(seg, 17, 0x81)
+    _flip(seg, 18, 0x10)  # three bits: no mending
+    with pytest.raises(StoreCorrupted, match="its header is damaged"):
+        LogStore(tmp_path)
+    assert seg.stat().st_size == size  # nothing cut off as a "torn tail"
+
+
 # --- the log and SQLite agree, whatever happens --------------------------------------
 
 _queue = st.sampled_from(["a", "a", "b", "a.dead"])

@@ -66,8 +66,11 @@ LOG_DIR = "log"
 FILE_MAGIC = b"PIGEON LOG v1\n\0\0"  # a segment's first 16 bytes
 # A segment's header: the magic, then a random 32-bit salt that seeds the CRC of each of its
 # records (a record hidden inside a payload cannot pass for one of the log's own, should
-# recovery ever look for the next record after damage), then zeros.
-_FILE_HEADER = struct.Struct("<16sI12x")
+# recovery ever look for the next record after damage), then crc32 of the magic and salt
+# (0 in segments written before it existed: not checked), then zeros. A damaged salt would
+# make every record of the segment fail its check - for the last segment, silently, as a
+# torn tail - so it is checked, and a single flipped bit is mended from the CRC.
+_FILE_HEADER = struct.Struct("<16sII8x")
 FILE_HEADER_SIZE = _FILE_HEADER.size  # 32
 MAGIC = b"PgR1"
 # A record's header: magic, body length, crc32(body, salt), and crc32 of the two before it
@@ -247,8 +250,28 @@ def _read_segment(path: Path, data: bytes) -> int:
             f"{FILE_MAGIC[:13]!r}); move it aside to start without it, or restore the "
             "data directory from a backup"
         )
-    salt: int = _FILE_HEADER.unpack_from(data)[1]
-    return salt
+    _, salt, crc = _FILE_HEADER.unpack_from(data)
+    if crc == 0 or crc == _salt_crc(salt):
+        return int(salt)
+    for bit in range(32):  # one flipped bit in the salt: the CRC says which
+        if _salt_crc(salt ^ (1 << bit)) == crc:
+            log.error("%s: its header's salt had a damaged bit, mended from its checksum",
+                      path)  # fmt: skip
+            return int(salt ^ (1 << bit))
+    if any(_salt_crc(salt) == crc ^ (1 << bit) for bit in range(32)):
+        return int(salt)  # the damaged bit is in the checksum itself
+    raise StoreCorrupted(
+        f"{path}: its header is damaged (the salt its records are checked with fails its "
+        "checksum), so none of its records can be trusted; move it aside to start without "
+        "it (its messages are lost), or restore the data directory from a backup"
+    )
+
+
+def _salt_crc(salt: int) -> int:
+    return zlib.crc32(_SALT.pack(FILE_MAGIC, salt)) or 1  # never 0: that means "unchecked"
+
+
+_SALT = struct.Struct("<16sI")
 
 
 class LogStore(Durable):
@@ -398,7 +421,7 @@ class LogStore(Durable):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         body = self._encode([[SETTINGS, self._queues]])
         salt = int.from_bytes(os.urandom(4), "little")
-        data = (_FILE_HEADER.pack(FILE_MAGIC, salt)
+        data = (_FILE_HEADER.pack(FILE_MAGIC, salt, _salt_crc(salt))
                 + _header(body, salt) + body)  # fmt: skip
         try:
             os.pwrite(fd, data, 0)
