@@ -603,6 +603,44 @@ def test_a_damaged_segment_salt_is_mended_or_refused_never_taken_for_a_torn_tail
     assert seg.stat().st_size == size  # nothing cut off as a "torn tail"
 
 
+def test_a_backup_misses_nothing_while_segments_are_written_forward_and_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pigeon.server.model import Stored
+
+    store = LogStore(tmp_path / "data", "never", segment_bytes=4096)
+    for i in range(1, 6):  # live, in the first segment
+        with store.atomic():
+            store.added("q", Stored(i, b"keep-%d" % i))
+    for i in range(100, 300):  # put and gone: more segments, nothing live in them
+        with store.atomic():
+            store.added("q", Stored(i, b"x" * 100))
+        with store.atomic():
+            store.removed("q", i)
+    first = min(store._sizes)
+    monkeypatch.setattr(store, "_over_threshold", lambda dropped: True)
+    real_open = open
+
+    def racing_open(path: Any, *args: Any) -> Any:
+        # As the backup opens the oldest segment it listed, the broker begins a new
+        # segment, writes the oldest's live messages forward into it, and drops it.
+        if Path(path).name == f"{first:016d}.seg" and first in store._sizes:
+            store._roll()
+            while first in store._sizes:
+                store._maintain()
+        return real_open(path, *args)
+
+    monkeypatch.setattr(logstore, "open", racing_open, raising=False)
+    n = backup_log(tmp_path / "data", tmp_path / "copy.sqlite3")
+    store.close()
+    assert n == 5
+    (tmp_path / "restored").mkdir()
+    (tmp_path / "copy.sqlite3").rename(tmp_path / "restored" / DB_NAME)
+    restored = open_store(tmp_path / "restored")
+    assert sorted(_all_payloads(restored)) == [b"keep-%d" % i for i in range(1, 6)]
+    restored.close()
+
+
 # --- the log and SQLite agree, whatever happens --------------------------------------
 
 _queue = st.sampled_from(["a", "a", "b", "a.dead"])

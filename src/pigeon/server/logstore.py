@@ -760,9 +760,15 @@ def backup_log(data_dir: str | os.PathLike[str], target: str | os.PathLike[str])
     if not segments:
         raise StoreCorrupted(f"{log_dir} holds no log: is {data_dir} a pigeon data directory?")
     files = []
-    for seg, path in segments:
-        with contextlib.suppress(FileNotFoundError):
-            files.append((seg, path, open(path, "rb")))  # noqa: SIM115 - closed below
+    newest = -1
+    while segments:
+        for seg, path in segments:
+            with contextlib.suppress(FileNotFoundError):  # reclaimed after it was listed:
+                files.append((seg, path, open(path, "rb")))  # noqa: SIM115 - closed below
+            newest = max(newest, seg)
+        # what a reclaimed segment held was written forward first - possibly into a
+        # segment begun after the listing: open those too, until no newer one appears
+        segments = [(seg, path) for seg, path in _segments(log_dir) if seg > newest]
     state = _Replayed()
     decode = msgspec.msgpack.Decoder().decode
     try:
