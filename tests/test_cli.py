@@ -3,6 +3,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from click.testing import CliRunner
 
@@ -72,3 +73,20 @@ def test_demo_through_a_broker() -> None:
     assert result.exit_code == 0, result.output
     assert "through the broker" in result.output
     assert "writer exit code 0, reader exit code 0; 0 left" in result.output
+
+
+def test_serve_says_what_to_do_when_the_disk_fails_while_recovering(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    import errno
+
+    import pigeon.server.logstore as logstore
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(logstore, "open_store", full)
+    result = CliRunner().invoke(cli, ["serve", "--data-dir", str(tmp_path), "--port", "0"])
+    assert result.exit_code == 1, result.output
+    assert "No space left on device" in result.output and "free disk space" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

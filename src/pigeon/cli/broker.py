@@ -291,6 +291,11 @@ def serve(
                               segment_bytes)  # fmt: skip
         except (StoreCorrupted, StoreInUse) as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # a full or failing disk while recovering
+            raise click.ClickException(
+                f"cannot open the store in {data_dir or 'pigeon-data'}: {exc}; free disk "
+                "space (or mend the disk) and start again - nothing was lost by trying"
+            ) from None
 
     setup_logging("debug" if verbose else log_level, log_format)
     if http:
