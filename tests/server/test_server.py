@@ -378,3 +378,18 @@ def test_security_doc_describes_the_login_throttle_the_code_has() -> None:
         with pigeon.Queue(b.url("q")) as q:  # ... and the right token still gets in at once
             q.put(1)
         assert b.server is not None and b.server.auth.failures == 12
+
+
+def test_the_broker_raises_its_open_files_limit() -> None:
+    import resource
+
+    from pigeon.server.app import raise_descriptor_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        got = raise_descriptor_limit(max_connections=100)
+        assert got == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert got == hard or hard == resource.RLIM_INFINITY
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
