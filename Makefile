@@ -1,12 +1,13 @@
 # Two entry points do all the set-up on a fresh machine:
 #   make run    create .venv, install pigeon, run the demo
 #   make test   create .venv, install pigeon with its dev tools, run lint, types and tests
+#               (on 3.11; then the tests on 3.12 and 3.13 too)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest pythons bench clean
 
 $(STAMP): pyproject.toml hatch_build.py src/pigeon/_fastring.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +22,7 @@ run: $(STAMP)
 	trap 'kill $$broker 2>/dev/null; wait $$broker' EXIT; \
 	$(BIN)/pigeon demo --broker pigeon://127.0.0.1:7878/demo
 
-test: lint typecheck pytest
+test: lint typecheck pytest pythons
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples scripts
@@ -35,6 +36,10 @@ pytest: $(STAMP)
 	# the local queue again on its pure-Python path (the fallback where nothing compiles)
 	PIGEON_PURE_PYTHON=1 $(BIN)/pytest -q tests/backends/test_local.py tests/conformance -k local
 
+# the suite but the slow fault tests on Python 3.12 and 3.13 (scripts/test-pythons)
+pythons:
+	bash scripts/test-pythons
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/framing.py
 	$(BIN)/python benchmarks/local.py
@@ -45,4 +50,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/consumers.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-3.12 .venv-3.13 .pytest_cache .mypy_cache .ruff_cache

@@ -388,6 +388,7 @@ def test_pigeon_worker_exits_1_when_the_run_fails() -> None:
     assert "failed: AuthError" in err
 
 
+@pytest.mark.slow
 def test_pigeon_worker_survives_restarts_crashes_and_hangs(tmp_path: Path) -> None:
     """The chaos run: 300 items through process workers while the broker restarts twice;
     every 50th item kills its worker, one sleeps past the time limit."""
