@@ -401,41 +401,61 @@ def _run_threads(run: _Run, n: int, grace: float, *,
     the measurement, ``more()`` says enough). A thread that dies is replaced; one past
     ``time_limit`` has its message given back and is replaced."""
     fn = handler or run.handler
-    clean: set[threading.Thread] = set()  # threads that ended on purpose
 
     def work(slot: int) -> None:
-        me = threading.current_thread()
-        try:
-            while not run.stopping() and more():
-                msg = run.fetch()
-                if msg is not None and not run.handle(msg, slot, fn):
-                    return  # abandoned past its time limit: a replacement took the slot
-        except _Ended as end:
-            run.finish(end)
-        clean.add(me)
+        while not run.stopping() and more():
+            msg = run.fetch()
+            if msg is not None and not run.handle(msg, slot, fn):
+                return  # abandoned past its time limit: a replacement took the slot
 
-    def start(slot: int) -> threading.Thread:
-        t = threading.Thread(target=work, args=(slot,), name=f"pigeon-worker-{slot}",
-                             daemon=True)  # fmt: skip
-        t.start()
-        return t
-
-    threads = {slot: start(slot) for slot in range(n)}
-    while not run.stopping():
-        if all(t in clean for t in threads.values()):
-            break  # every worker ended: drained, or the measurement is done
-        for slot, t in threads.items():
-            if not t.is_alive() and t not in clean:
-                run.progress.add(worker_deaths=1)
-                log.error("worker thread %s died; started another", t.name)
-                threads[slot] = start(slot)
+    pool = _Supervised(run, work, "pigeon-worker", n)
+    while not run.stopping() and not pool.all_ended():  # all ended: drained, or measured
+        pool.replace_dead()
         if run.time_limit is not None:
-            _enforce_time_limit(run, lambda slot: threads.__setitem__(slot, start(slot)))
+            _enforce_time_limit(run, pool.start)
         run.halt.wait(_TICK)
-    deadline = time.monotonic() + grace
-    for t in threads.values():
-        t.join(max(0.0, deadline - time.monotonic()))
+    pool.join(grace)
     _give_back_late_work(run, grace)
+
+
+class _Supervised:
+    """``n`` threads running ``target(slot)``; one that dies (an exception other than the
+    run's end) is counted and replaced by ``replace_dead``."""
+
+    def __init__(self, run: _Run, target: Callable[[int], None], name: str, n: int) -> None:
+        self.run, self.target, self.name = run, target, name
+        self.clean: set[threading.Thread] = set()  # threads that ended on purpose
+        self.threads: dict[int, threading.Thread] = {}
+        for slot in range(n):
+            self.start(slot)
+
+    def _body(self, slot: int) -> None:
+        try:
+            self.target(slot)
+        except _Ended as end:
+            self.run.finish(end)
+        self.clean.add(threading.current_thread())
+
+    def start(self, slot: int) -> None:
+        t = threading.Thread(target=self._body, args=(slot,), name=f"{self.name}-{slot}",
+                             daemon=True)  # fmt: skip
+        self.threads[slot] = t
+        t.start()
+
+    def all_ended(self) -> bool:
+        return all(t in self.clean for t in self.threads.values())
+
+    def replace_dead(self) -> None:
+        for slot, t in list(self.threads.items()):
+            if not t.is_alive() and t not in self.clean:
+                self.run.progress.add(worker_deaths=1)
+                log.error("%s died; started another", t.name)
+                self.start(slot)
+
+    def join(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        for t in self.threads.values():
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 def _enforce_time_limit(run: _Run, replace: Callable[[int], None]) -> None:
@@ -569,8 +589,6 @@ def _run_processes(run: _Run, n: int, grace: float, *, max_tasks_per_child: int 
     ctx: Any = mp.get_context("fork")
     handler = run.handler
 
-    clean: set[threading.Thread] = set()
-
     def dispatch(slot: int) -> None:
         child = _Child(ctx, handler, slot)
         try:
@@ -586,28 +604,14 @@ def _run_processes(run: _Run, n: int, grace: float, *, max_tasks_per_child: int 
                     child.retire()
                     run.progress.add(workers_recycled=1)
                     child = _Child(ctx, handler, slot)
-        except _Ended as end:
-            run.finish(end)
         finally:
             child.retire()
-        clean.add(threading.current_thread())
 
-    def start(slot: int) -> threading.Thread:
-        t = threading.Thread(target=dispatch, args=(slot,), name=f"pigeon-dispatch-{slot}",
-                             daemon=True)  # fmt: skip
-        t.start()
-        return t
-
-    threads = {slot: start(slot) for slot in range(n)}
-    while not run.stopping() and not all(t in clean for t in threads.values()):
-        for slot, t in threads.items():
-            if not t.is_alive() and t not in clean:
-                run.progress.add(worker_deaths=1)
-                log.error("dispatcher thread %s died; started another", t.name)
-                threads[slot] = start(slot)
+    pool = _Supervised(run, dispatch, "pigeon-dispatch", n)
+    while not run.stopping() and not pool.all_ended():
+        pool.replace_dead()
         run.halt.wait(_TICK)
-    for t in threads.values():
-        t.join(grace + 10)  # each gives its work back after grace by itself
+    pool.join(grace + 10)  # each gives its work back after grace by itself
 
 
 def _process_one(run: _Run, msg: Message[Any], child: _Child, ctx: Any, slot: int,
