@@ -20,7 +20,9 @@ Latency (µs, one client, sequential): pigeon confirmed put, redis PING, redis X
 a raw Python TCP echo.
 Durable modes (needs redis-server to start scratch servers with appendonly yes): pigeon's
 log store with --fsync always and batch, its SQLite store with batch, Redis Streams with
-appendfsync always and everysec, JetStream file storage; single and x100 throughput, and
+appendfsync always and everysec, JetStream file storage, RabbitMQ (127.0.0.1:5672,
+guest/guest; aio-pika) durable classic and quorum queues with persistent messages,
+publisher confirms and manual acks; single and x100 throughput, and
 the confirmed put's round trip p50/p99 on each, interleaved (--durable-only: just these).
 Prints tables with ratios and writes benchmarks/results/broker.png and durable.png.
 """
@@ -205,6 +207,85 @@ def js_consume(n: int, a: dict[str, Any], batch: int) -> int:
     return int(_js_run(consume))
 
 
+# RabbitMQ, as Celery and kombu users run it: a durable queue (classic, or quorum: the
+# replicated kind RabbitMQ recommends for data safety), persistent messages, publisher
+# confirms (a put counts once the broker confirmed it: for persistent messages, once on
+# disk), manual acks with prefetch. aio-pika (asyncio): one publish awaited at a time, or
+# 100 in flight; the consumer acks each message (x100: one ack with multiple=True per 100).
+RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def _amqp_run(coro_fn: Callable[[Any], Any]) -> Any:
+    import aio_pika
+
+    async def main() -> Any:
+        conn = await aio_pika.connect_robust(RABBIT_URL)
+        try:
+            return await coro_fn(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(main())
+
+
+def amqp_setup(a: dict[str, Any]) -> None:
+    async def declare(conn: Any) -> None:
+        ch = await conn.channel()
+        args = {"x-queue-type": "quorum"} if a.get("quorum") else {}
+        await ch.declare_queue(a["key"], durable=True, arguments=args)
+
+    _amqp_run(declare)
+
+
+def amqp_teardown(a: dict[str, Any]) -> None:
+    async def delete(conn: Any) -> None:
+        ch = await conn.channel()
+        await ch.queue_delete(a["key"])
+
+    _amqp_run(delete)
+
+
+def amqp_produce(n: int, item: bytes, a: dict[str, Any], batch: int) -> None:
+    import aio_pika
+
+    async def produce(conn: Any) -> None:
+        ch = await conn.channel(publisher_confirms=True)
+        ex = ch.default_exchange
+        persistent = aio_pika.DeliveryMode.PERSISTENT
+
+        def msg() -> Any:
+            return aio_pika.Message(item, delivery_mode=persistent)
+
+        for i in range(0, n, batch):
+            k = min(batch, n - i)
+            if k == 1:
+                await ex.publish(msg(), routing_key=a["key"])  # waits for the confirm
+            else:
+                await asyncio.gather(*(ex.publish(msg(), routing_key=a["key"]) for _ in range(k)))
+
+    _amqp_run(produce)
+
+
+def amqp_consume(n: int, a: dict[str, Any], batch: int) -> int:
+    async def consume(conn: Any) -> int:
+        ch = await conn.channel()
+        await ch.set_qos(prefetch_count=batch)
+        queue = await ch.get_queue(a["key"], ensure=False)
+        got = 0
+        async with queue.iterator() as it:
+            async for message in it:
+                got += 1
+                if batch == 1:
+                    await message.ack()
+                elif got % batch == 0 or got == n:
+                    await message.ack(multiple=True)
+                if got >= n:
+                    break
+        return got
+
+    return int(_amqp_run(consume))
+
+
 CONTENDERS: dict[str, tuple[Any, Any, Any, Any, int]] = {
     # name: (produce, consume, setup, teardown, batch); the in-memory modes
     "pigeon": (pigeon_produce, pigeon_consume, None, None, 1),
@@ -232,6 +313,10 @@ DURABLE: dict[str, tuple[Any, Any, Any, Any, int, dict[str, Any]]] = {
     "redis aof=everysec": (rstream_produce, rstream_consume, rstream_setup, None, 1, {"redis_port": 6390}),
     "redis aof=everysec x100": (rstream_produce, rstream_consume, rstream_setup, None, BATCH, {"redis_port": 6390}),
     "jetstream file x100": (js_produce, js_consume, js_setup, js_teardown, BATCH, {"file": True}),
+    "rabbitmq classic": (amqp_produce, amqp_consume, amqp_setup, amqp_teardown, 1, {}),
+    "rabbitmq classic x100": (amqp_produce, amqp_consume, amqp_setup, amqp_teardown, BATCH, {}),
+    "rabbitmq quorum": (amqp_produce, amqp_consume, amqp_setup, amqp_teardown, 1, {"quorum": True}),
+    "rabbitmq quorum x100": (amqp_produce, amqp_consume, amqp_setup, amqp_teardown, BATCH, {"quorum": True}),
 }  # fmt: skip
 
 
@@ -392,6 +477,11 @@ def available() -> dict[str, str]:
         import nats  # noqa: F401
     except Exception as exc:
         missing["jetstream"] = str(exc)
+    try:
+        socket.create_connection(("127.0.0.1", 5672), 2).close()
+        import aio_pika  # noqa: F401
+    except Exception as exc:
+        missing["rabbitmq"] = str(exc)
     return missing
 
 
@@ -480,7 +570,7 @@ def run(args: argparse.Namespace, durable: bool) -> None:
         drows: list[list[object]] = []
         dres: dict[str, float] = {}
         for name in DURABLE:
-            if name.startswith("jetstream") and "jetstream" in missing:
+            if name.split()[0] in missing:
                 continue
             single = not name.endswith("x100")
             count = (1_000 if single else 10_000) if args.quick else (4_000 if single else 50_000)
@@ -504,6 +594,16 @@ def run(args: argparse.Namespace, durable: bool) -> None:
             f"--fsync batch single vs redis appendfsync everysec: "
             f"{dres['pigeon fsync=batch'] / dres['redis aof=everysec']:.2f}× (target ≥ 1)"
         )
+        for kind in ("classic", "quorum"):
+            if f"rabbitmq {kind}" in dres:
+                single, x100 = dres[f"rabbitmq {kind}"], dres[f"rabbitmq {kind} x100"]
+                print(
+                    f"vs rabbitmq {kind} (persistent, confirmed, acked): --fsync always "
+                    f"{dres['pigeon fsync=always'] / single:.2f}× single, "
+                    f"{dres['pigeon fsync=always x100'] / x100:.2f}× x100; --fsync batch "
+                    f"{dres['pigeon fsync=batch'] / single:.2f}× single, "
+                    f"{dres['pigeon fsync=batch x100'] / x100:.2f}× x100"
+                )
         dlat = durable_latencies(500 if args.quick else 3000)
         table("durable round trip (µs, one client, sequential)", ["operation", "p50", "p99"],
               [[k, f"{v[0]:.0f}", f"{v[1]:.0f}"] for k, v in dlat.items()])  # fmt: skip
