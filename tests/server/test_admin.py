@@ -3,6 +3,7 @@ settings that survive a restart."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import subprocess
 import sys
@@ -133,14 +134,18 @@ def test_backup_is_consistent_while_the_broker_works(tmp_path: Path) -> None:
         stop.set()
         t.join(10)
         assert out.returncode == 0, out.stderr
-        with sqlite3.connect(tmp_path / "copy.sqlite3") as db:
+        with contextlib.closing(sqlite3.connect(tmp_path / "copy.sqlite3")) as db:
             assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
             n = db.execute("SELECT COUNT(*) FROM messages WHERE queue = 'busy'").fetchone()[0]
         assert before <= n <= after + 1  # every put confirmed before the copy began
         copy = tmp_path / "restored"
         copy.mkdir()
         (tmp_path / "copy.sqlite3").rename(copy / "pigeon.sqlite3")
-        assert len(list(SQLiteStore(copy).recover())) == n  # a store a broker can start on
+        restored = SQLiteStore(copy)
+        try:
+            assert len(list(restored.recover())) == n  # a store a broker can start on
+        finally:
+            restored.close()
     finally:
         stop.set()
         proc.kill()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -109,14 +110,14 @@ def test_bit_flipped_payload_is_quarantined_not_delivered(tmp_path: Path) -> Non
     broker, store = open_broker(tmp_path)
     broker.handle(1, PutBatch(1, "q", [b"good", b"will rot", b"fine"]))
     store.close()
-    with sqlite3.connect(tmp_path / DB_NAME) as db:  # flip bits behind the store's back
+    with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME)) as db, db:  # flip bits
         db.execute("UPDATE messages SET payload = ? WHERE payload = ?", (b"will r0t", b"will rot"))
     broker2, store2 = open_broker(tmp_path)
     assert store2.quarantined == 1
     got = deliveries(broker2.handle(1, Get(1, "q", 10, 0)))
     assert [d.payload for d in got] == [b"good", b"fine"]
     store2.close()
-    with sqlite3.connect(tmp_path / DB_NAME) as db:
+    with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME)) as db:
         assert db.execute("SELECT reason FROM quarantine").fetchall() == [("checksum mismatch",)]
 
 

@@ -405,8 +405,8 @@ class SQLiteStore(Durable):
     # --- opening and recovery -------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
             db.execute("PRAGMA journal_mode=WAL")
             # always: the commit fsyncs the WAL. batch: commits reach the OS at once (they
@@ -422,10 +422,14 @@ class SQLiteStore(Durable):
                 )
             create_schema(db)
         except sqlite3.DatabaseError as exc:
+            db.close()
             raise StoreCorrupted(
                 f"{self.path} cannot be read as a pigeon store ({exc}); move it aside to "
                 "start empty, or restore it from a backup"
             ) from exc
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def recover(self) -> Iterator[tuple[str, Stored]]:
