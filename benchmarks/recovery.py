@@ -15,9 +15,8 @@ import tempfile
 import time
 
 from pigeon.server.broker import Broker
-from pigeon.server.logstore import LogStore
 from pigeon.server.model import Stored
-from pigeon.server.store import SQLiteStore
+from pigeon.server.store import LogStore, SQLiteStore
 
 STORES = {"log": LogStore, "sqlite": SQLiteStore}
 

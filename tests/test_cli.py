@@ -80,12 +80,12 @@ def test_serve_says_what_to_do_when_the_disk_fails_while_recovering(
 ) -> None:
     import errno
 
-    import pigeon.server.logstore as logstore
+    import pigeon.server.store as stores
 
     def full(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(logstore, "open_store", full)
+    monkeypatch.setattr(stores, "open_store", full)
     result = CliRunner().invoke(cli, ["serve", "--data-dir", str(tmp_path), "--port", "0"])
     assert result.exit_code == 1, result.output
     assert "No space left on device" in result.output and "free disk space" in result.output

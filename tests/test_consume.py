@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import pigeon
-from pigeon.server.logstore import open_store
+from pigeon.server.store import open_store
 from pigeon.testing.broker import BrokerThread
 
 SEEN: collections.Counter[Any] = collections.Counter()

@@ -218,7 +218,7 @@ def test_tls_handshake_timeout_and_connection_count_start_at_accept(tmp_path: Pa
 
 
 def test_a_store_locked_by_another_process_does_not_wedge_the_broker(tmp_path: Path) -> None:
-    """The SQLite store (the log store's failing disk: tests/server/test_logstore.py)."""
+    """The SQLite store (the log store's failing disk: tests/server/test_log.py)."""
     port = free_port()
     proc = start_broker(port, "--data-dir", str(tmp_path), "--store", "sqlite")
     url = f"pigeon://127.0.0.1:{port}/jobs"

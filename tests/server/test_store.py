@@ -15,8 +15,7 @@ import pytest
 
 from pigeon.protocol import Ack, Deliver, Get, Put, PutBatch
 from pigeon.server.broker import Broker
-from pigeon.server.logstore import LogStore
-from pigeon.server.store import DB_NAME, Durable, SQLiteStore, StoreCorrupted
+from pigeon.server.store import DB_NAME, Durable, LogStore, SQLiteStore, StoreCorrupted
 
 STORES: dict[str, type[Durable]] = {"log": LogStore, "sqlite": SQLiteStore}
 

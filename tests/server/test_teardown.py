@@ -229,7 +229,7 @@ def test_half_close_over_tls_still_gets_every_reply_owed(
 
     import trustme
 
-    from pigeon.server.logstore import LogStore
+    from pigeon.server.store import LogStore
 
     ca = trustme.CA()
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -190,11 +190,10 @@ def backup(data_dir: Path, target: Path) -> None:
     Example:
       pigeon backup --data-dir ./pigeon-data --to pigeon-backup.sqlite3
     """
-    from pigeon.server.logstore import LOG_DIR, backup_log
-    from pigeon.server.store import backup as copy_store
+    from pigeon.server.store import LOG_DIR, backup_log, backup_sqlite
 
     try:
-        n = (backup_log if (data_dir / LOG_DIR).is_dir() else copy_store)(data_dir, target)
+        n = (backup_log if (data_dir / LOG_DIR).is_dir() else backup_sqlite)(data_dir, target)
     except (pigeon.PigeonError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"copied {n} message(s) to {target}")

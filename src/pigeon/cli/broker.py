@@ -271,8 +271,8 @@ def serve(
         return
     from pigeon.errors import StoreCorrupted, StoreInUse
     from pigeon.server.app import ServerConfig, run
-    from pigeon.server.logstore import open_store
     from pigeon.server.model import Store
+    from pigeon.server.store import open_store
 
     ssl_ctx = None
     if tls_cert or tls_key:

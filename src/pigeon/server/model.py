@@ -261,7 +261,7 @@ class Store:
         """Changes made inside go to the store in one transaction."""
         return contextlib.nullcontext()
 
-    last_tag = 0  # a durable store: the batch of the latest change (see server/store.py)
+    last_tag = 0  # a durable store: the batch of the latest change (see server/store/durable.py)
     committed = 0
     changes = 0
 

@@ -40,10 +40,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import os
-import sqlite3
 import struct
 import threading
 import time
@@ -56,9 +54,9 @@ import msgspec
 
 from pigeon.errors import StoreCorrupted
 from pigeon.server.model import Stored
-from pigeon.server.store import Durable, FsyncMode, create_schema
+from pigeon.server.store.durable import Durable, FsyncMode
 
-__all__ = ["LOG_DIR", "LogStore", "backup_log"]
+__all__ = ["LOG_DIR", "LogStore"]
 
 log = logging.getLogger("pigeon.store")
 
@@ -747,199 +745,3 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def backup_log(data_dir: str | os.PathLike[str], target: str | os.PathLike[str]) -> int:
-    """Write the state of the log in ``data_dir`` - every record complete when it is read -
-    to ``target`` as a pigeon SQLite store (a single file any SQLite tool can read, and a
-    broker can start on); returns the messages in the copy. Safe while a broker writes:
-    segments are opened before they are read (one reclaimed meanwhile was copied forward
-    first), and a record still being written is left out, as are damaged ones."""
-    log_dir = Path(data_dir) / LOG_DIR
-    segments = _segments(log_dir)
-    if not segments:
-        raise StoreCorrupted(f"{log_dir} holds no log: is {data_dir} a pigeon data directory?")
-    files = []
-    newest = -1
-    while segments:
-        for seg, path in segments:
-            with contextlib.suppress(FileNotFoundError):  # reclaimed after it was listed:
-                files.append((seg, path, open(path, "rb")))  # noqa: SIM115 - closed below
-            newest = max(newest, seg)
-        # what a reclaimed segment held was written forward first - possibly into a
-        # segment begun after the listing: open those too, until no newer one appears
-        segments = [(seg, path) for seg, path in _segments(log_dir) if seg > newest]
-    state = _Replayed()
-    decode = msgspec.msgpack.Decoder().decode
-    try:
-        for k, (seg, path, f) in enumerate(files):
-            data = f.read()
-            if k == len(files) - 1 and len(data) < FILE_HEADER_SIZE:
-                break  # a segment being begun as the copy is made: nothing in it yet
-            salt = _read_segment(path, data)
-            changes = _Changes()
-            for off, end, valid in _scan(data, FILE_HEADER_SIZE, salt):
-                body = data[off + _HEADER.size : end]
-                if valid and body[:1] != _PAD:
-                    whole = changes.feed(decode(body), off)
-                    if whole is not None:
-                        state.apply(seg, whole)
-    finally:
-        for _, _, f in files:
-            f.close()
-    messages = state.messages()
-    Path(target).unlink(missing_ok=True)
-    db = sqlite3.connect(target)
-    try:
-        create_schema(db)
-        with db:
-            db.executemany(
-                "INSERT INTO messages (id, queue, payload, crc, deliveries, origin, reason) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (m.id, q, m.payload, zlib.crc32(m.payload), m.deliveries, m.origin, m.reason)
-                    for q, m in messages
-                ],
-            )
-            db.executemany(
-                "INSERT INTO queues VALUES (?, ?)",
-                [(name, json.dumps(s, sort_keys=True)) for name, s in state.queues.items()],
-            )
-    finally:
-        db.close()
-    return len(messages)
-
-
-StoreKind = str  # "auto" | "log" | "sqlite"
-
-
-IMPORTING = "IMPORTING"  # log/IMPORTING: the segments beside it are an unfinished import
-IMPORTED_MARK = "IMPORTED"  # log/IMPORTED: this log was made from DATA_DIR/pigeon.sqlite3
-_IMPORT_CHUNK = 10_000  # messages a record while importing (no record nears its limit)
-
-
-def open_store(
-    data_dir: str | os.PathLike[str],
-    kind: StoreKind = "auto",
-    fsync: FsyncMode = "batch",
-    fsync_interval: float = 0.010,
-    segment_bytes: int = SEGMENT_BYTES,
-) -> Durable:
-    """The durable store of ``data_dir``. ``auto``: the log, unless the directory holds only
-    a SQLite store (``pigeon.sqlite3``, written by an earlier pigeon or restored from a
-    backup), which is then used as it is. ``log`` on such a directory imports the SQLite
-    store into a new log once (and renames the file ``pigeon.sqlite3.imported``);
-    ``sqlite`` always uses SQLite.
-
-    A data directory is always one of: a SQLite store; a log; a log made by a finished
-    import (marked ``log/IMPORTED``) whose SQLite file may still wait to be renamed. An
-    import is written under a mark (``log/IMPORTING``) that is removed only once the whole
-    log is on disk: an import that is interrupted (killed, disk full) leaves the SQLite
-    store as it was, its partial log is thrown away at the next start, and the import is
-    done again. A directory holding both a log and a
-    SQLite file the log was not made from is refused: one of them would be ignored.
-
-    Raises:
-        StoreCorrupted: the directory holds two stores, or a damaged one.
-        StoreInUse: another broker has the directory open.
-    """
-    from pigeon.server.store import DB_NAME, SQLiteStore, holding_dir
-
-    root = Path(data_dir)
-    if kind not in ("auto", "log", "sqlite"):
-        raise ValueError(f"store must be auto, log or sqlite, not {kind!r}")
-    root.mkdir(parents=True, exist_ok=True)
-    with holding_dir(root):  # the whole decision, and any import, under one lock
-        sqlite_file = root / DB_NAME
-        if (root / LOG_DIR / IMPORTING).exists():
-            _discard_unfinished_import(root / LOG_DIR, sqlite_file)
-        has_log = bool(_segments(root / LOG_DIR))
-        if has_log and sqlite_file.exists():
-            if not (root / LOG_DIR / IMPORTED_MARK).exists():
-                raise StoreCorrupted(
-                    f"{root} holds both a log store ({root / LOG_DIR}) and a SQLite store "
-                    f"({sqlite_file}) the log was not made from: starting would leave one's "
-                    "messages behind; move one aside (or move its messages with pigeon backup "
-                    "and a restore into an empty directory)"
-                )
-            _set_aside(sqlite_file)  # an import finished but stopped before this step
-        if kind == "sqlite" or (kind == "auto" and not has_log and sqlite_file.exists()):
-            if has_log:
-                raise StoreCorrupted(
-                    f"{root} holds a log store ({root / LOG_DIR}); starting on SQLite would "
-                    "leave its messages behind: use --store log (or auto), or move the log aside"
-                )
-            return SQLiteStore(root, fsync, fsync_interval)
-        if not has_log and sqlite_file.exists():
-            _import(root, sqlite_file, segment_bytes)
-        return LogStore(root, fsync, fsync_interval, segment_bytes)
-
-
-def _discard_unfinished_import(log_dir: Path, sqlite_file: Path) -> None:
-    if not sqlite_file.exists():
-        raise StoreCorrupted(
-            f"{log_dir} holds an import that did not finish, and {sqlite_file}, which it was "
-            "made from, is gone: put the SQLite file back to import it again"
-        )
-    log.warning("an earlier import from %s did not finish; importing again", sqlite_file)
-    for _, path in _segments(log_dir):
-        path.unlink()
-    (log_dir / IMPORTING).unlink()
-    _fsync_dir(log_dir)
-
-
-def _import(root: Path, sqlite_file: Path, segment_bytes: int) -> None:
-    """Write a log holding what the SQLite store in ``root`` holds, in chunks, under the
-    ``IMPORTING`` mark; remove the mark once all of it is on disk; then rename the SQLite
-    file."""
-    from pigeon.server.store import SQLiteStore
-
-    log_dir = root / LOG_DIR
-    old = SQLiteStore(root, "batch")
-    try:
-        queues = old.recover_queues()
-        messages = list(old.recover())
-    finally:
-        old.close()
-    log_dir.mkdir(exist_ok=True)
-    _write_durably(log_dir / IMPORTING, f"{sqlite_file.name}\n")
-    store = LogStore(root, "never", segment_bytes=segment_bytes)
-    try:
-        with store.atomic():
-            for name, settings in queues.items():
-                store.declared(name, settings)
-        for start in range(0, len(messages), _IMPORT_CHUNK):
-            with store.atomic():  # one record a chunk: the mark makes the whole atomic
-                for queue, msg in messages[start : start + _IMPORT_CHUNK]:
-                    store.added(queue, msg)
-            if store._ops or store._error is not None:
-                raise StoreCorrupted(
-                    f"could not write the imported messages to {store.path} "
-                    f"({store._error or 'the disk refused them'}); {sqlite_file} is unchanged "
-                    "and the import is done again at the next start"
-                )
-    finally:
-        store.close()  # fsyncs the last segment
-    _write_durably(log_dir / IMPORTED_MARK, f"{sqlite_file.name}\n")
-    (log_dir / IMPORTING).unlink()  # the one step that makes the log the store
-    _fsync_dir(log_dir)
-    _set_aside(sqlite_file)
-    log.warning("imported %d message(s) from %s into %s; the SQLite file is kept as %s",
-                len(messages), sqlite_file, log_dir, f"{sqlite_file}.imported")  # fmt: skip
-
-
-def _write_durably(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(path.parent)
-
-
-def _set_aside(sqlite_file: Path) -> None:
-    """Rename an imported SQLite store (and its WAL) to ``*.imported``."""
-    for suffix in ("", "-wal", "-shm"):
-        src = Path(f"{sqlite_file}{suffix}")
-        if src.exists():
-            src.rename(f"{sqlite_file}.imported{suffix}")
-    _fsync_dir(sqlite_file.parent)

@@ -17,11 +17,20 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+import pigeon.server.store as stores
 from pigeon.protocol import Ack, Declare, Delete, Deliver, Get, Move, Nack, Purge, Put, PutBatch
-from pigeon.server import logstore
 from pigeon.server.broker import Broker
-from pigeon.server.logstore import LOG_DIR, LogStore, backup_log, open_store
-from pigeon.server.store import DB_NAME, SQLiteStore, StoreCorrupted
+from pigeon.server.store import (
+    DB_NAME,
+    LOG_DIR,
+    LogStore,
+    SQLiteStore,
+    StoreCorrupted,
+    backup_log,
+    open_store,
+)
+from pigeon.server.store import backup as backups
+from pigeon.server.store import log as logstore
 
 
 def opened(path: Path, fsync: str = "batch", **kw: Any) -> tuple[Broker, LogStore]:
@@ -387,7 +396,7 @@ def test_an_import_that_fails_midway_leaves_the_sqlite_store_in_charge(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _sqlite_with(tmp_path, 250)
-    monkeypatch.setattr(logstore, "_IMPORT_CHUNK", 100)
+    monkeypatch.setattr(stores, "_IMPORT_CHUNK", 100)
     real = LogStore._write
     writes = [0]
 
@@ -401,7 +410,7 @@ def test_an_import_that_fails_midway_leaves_the_sqlite_store_in_charge(
     with pytest.raises(StoreCorrupted, match="could not write the imported messages"):
         open_store(tmp_path, "log")
     monkeypatch.setattr(LogStore, "_write", real)
-    assert (tmp_path / LOG_DIR / logstore.IMPORTING).exists() and (tmp_path / DB_NAME).exists()
+    assert (tmp_path / LOG_DIR / stores.IMPORTING).exists() and (tmp_path / DB_NAME).exists()
     again = open_store(tmp_path)  # auto: the half log goes; the SQLite store, whole
     assert isinstance(again, SQLiteStore) and len(_all_payloads(again)) == 250
     again.close()
@@ -413,13 +422,13 @@ def test_an_import_that_fails_midway_leaves_the_sqlite_store_in_charge(
 def test_an_import_killed_while_writing_is_done_again(tmp_path: Path) -> None:
     _sqlite_with(tmp_path, 30)
     (tmp_path / LOG_DIR).mkdir()
-    (tmp_path / LOG_DIR / logstore.IMPORTING).write_text(DB_NAME)  # what a killed import
+    (tmp_path / LOG_DIR / stores.IMPORTING).write_text(DB_NAME)  # what a killed import
     half = LogStore(tmp_path)  # leaves behind: the mark, and a log with part of it
     half.declared("q", {"lease": 7.0})
     half.close()
     store = open_store(tmp_path)  # auto, as an operator restarts it: the SQLite store, whole
     assert isinstance(store, SQLiteStore) and len(_all_payloads(store)) == 30
-    assert not (tmp_path / LOG_DIR / logstore.IMPORTING).exists() and not segments(tmp_path)
+    assert not (tmp_path / LOG_DIR / stores.IMPORTING).exists() and not segments(tmp_path)
     store.close()
     store = open_store(tmp_path, "log")
     assert isinstance(store, LogStore) and len(_all_payloads(store)) == 30
@@ -630,7 +639,7 @@ def test_a_backup_misses_nothing_while_segments_are_written_forward_and_dropped(
                 store._maintain()
         return real_open(path, *args)
 
-    monkeypatch.setattr(logstore, "open", racing_open, raising=False)
+    monkeypatch.setattr(backups, "open", racing_open, raising=False)
     n = backup_log(tmp_path / "data", tmp_path / "copy.sqlite3")
     store.close()
     assert n == 5

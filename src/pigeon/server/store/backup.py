@@ -1,0 +1,111 @@
+"""Copies of a data directory a broker may be writing, as one SQLite file: a log's state
+(``backup_log``) or a SQLite store's (``backup_sqlite``); either restores by starting a
+broker on it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import zlib
+from pathlib import Path
+
+import msgspec
+
+from pigeon.errors import StoreCorrupted
+from pigeon.server.store.log import (
+    _HEADER,
+    _PAD,
+    FILE_HEADER_SIZE,
+    LOG_DIR,
+    _Changes,
+    _read_segment,
+    _Replayed,
+    _scan,
+    _segments,
+)
+from pigeon.server.store.sqlite import DB_NAME, create_schema
+
+__all__ = ["backup_log", "backup_sqlite"]
+
+
+def backup_log(data_dir: str | os.PathLike[str], target: str | os.PathLike[str]) -> int:
+    """Write the state of the log in ``data_dir`` - every record complete when it is read -
+    to ``target`` as a pigeon SQLite store (a single file any SQLite tool can read, and a
+    broker can start on); returns the messages in the copy. Safe while a broker writes:
+    segments are opened before they are read (one reclaimed meanwhile was copied forward
+    first), and a record still being written is left out, as are damaged ones."""
+    log_dir = Path(data_dir) / LOG_DIR
+    segments = _segments(log_dir)
+    if not segments:
+        raise StoreCorrupted(f"{log_dir} holds no log: is {data_dir} a pigeon data directory?")
+    files = []
+    newest = -1
+    while segments:
+        for seg, path in segments:
+            with contextlib.suppress(FileNotFoundError):  # reclaimed after it was listed:
+                files.append((seg, path, open(path, "rb")))  # noqa: SIM115 - closed below
+            newest = max(newest, seg)
+        # what a reclaimed segment held was written forward first - possibly into a
+        # segment begun after the listing: open those too, until no newer one appears
+        segments = [(seg, path) for seg, path in _segments(log_dir) if seg > newest]
+    state = _Replayed()
+    decode = msgspec.msgpack.Decoder().decode
+    try:
+        for k, (seg, path, f) in enumerate(files):
+            data = f.read()
+            if k == len(files) - 1 and len(data) < FILE_HEADER_SIZE:
+                break  # a segment being begun as the copy is made: nothing in it yet
+            salt = _read_segment(path, data)
+            changes = _Changes()
+            for off, end, valid in _scan(data, FILE_HEADER_SIZE, salt):
+                body = data[off + _HEADER.size : end]
+                if valid and body[:1] != _PAD:
+                    whole = changes.feed(decode(body), off)
+                    if whole is not None:
+                        state.apply(seg, whole)
+    finally:
+        for _, _, f in files:
+            f.close()
+    messages = state.messages()
+    Path(target).unlink(missing_ok=True)
+    db = sqlite3.connect(target)
+    try:
+        create_schema(db)
+        with db:
+            db.executemany(
+                "INSERT INTO messages (id, queue, payload, crc, deliveries, origin, reason) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (m.id, q, m.payload, zlib.crc32(m.payload), m.deliveries, m.origin, m.reason)
+                    for q, m in messages
+                ],
+            )
+            db.executemany(
+                "INSERT INTO queues VALUES (?, ?)",
+                [(name, json.dumps(s, sort_keys=True)) for name, s in state.queues.items()],
+            )
+    finally:
+        db.close()
+    return len(messages)
+
+
+StoreKind = str  # "auto" | "log" | "sqlite"
+
+
+def backup_sqlite(data_dir: str | os.PathLike[str], target: str | os.PathLike[str]) -> int:
+    """Copy the store in ``data_dir`` to ``target`` while a broker may be writing it
+    (SQLite's online backup: one committed state); returns the messages in the copy."""
+    source = Path(data_dir) / DB_NAME
+    if not source.exists():
+        raise StoreCorrupted(f"{source} does not exist: is {data_dir} a pigeon data directory?")
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)
+        count: int = dst.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+    finally:
+        dst.close()
+        src.close()
+    return count
