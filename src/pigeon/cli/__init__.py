@@ -1,4 +1,5 @@
-"""The ``pigeon`` command line: ``pigeon demo | bench`` (and more as backends land)."""
+"""The ``pigeon`` command line: ``serve`` (serve.py); ``put | get | stats`` (client.py);
+``queues | peek | purge | delete | move | backup`` (admin.py); ``worker``; ``demo``; ``bench``."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import click
 from pigeon import __version__
 from pigeon.cli.admin import backup, delete, move, peek, purge, queues
 from pigeon.cli.bench import bench
-from pigeon.cli.broker import get, put, serve, stats
+from pigeon.cli.client import get, put, stats
 from pigeon.cli.demo import demo
+from pigeon.cli.serve import serve
 from pigeon.cli.worker import worker
 
 

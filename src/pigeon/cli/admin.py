@@ -15,14 +15,14 @@ from rich.table import Table
 
 import pigeon
 from pigeon.backends.broker import BrokerQueue
-from pigeon.cli.broker import _open
+from pigeon.cli.client import open_broker_queue
 
 __all__ = ["backup", "delete", "move", "peek", "purge", "queues"]
 
 
 @contextlib.contextmanager
 def _broker(url: str, serializer: str = "raw") -> Iterator[BrokerQueue[Any]]:
-    q = _open(url, serializer)
+    q = open_broker_queue(url, serializer)
     try:
         yield q
     except pigeon.PigeonError as exc:
