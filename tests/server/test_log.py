@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import pigeon.server.store as stores
 from pigeon.protocol import Ack, Declare, Delete, Deliver, Get, Move, Nack, Purge, Put, PutBatch
-from pigeon.server.broker import Broker
+from pigeon.server.core import Broker
 from pigeon.server.store import (
     DB_NAME,
     LOG_DIR,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pigeon.protocol import Ack, Deliver, Get, Put, PutBatch
-from pigeon.server.broker import Broker
+from pigeon.server.core import Broker
 from pigeon.server.store import DB_NAME, Durable, LogStore, SQLiteStore, StoreCorrupted
 
 STORES: dict[str, type[Durable]] = {"log": LogStore, "sqlite": SQLiteStore}

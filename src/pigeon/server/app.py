@@ -2,7 +2,7 @@
 
 # Strategy:
 # Connections (``server/connection.py``) decode requests and hand them to ``apply``,
-# which runs them through the broker (``server/broker.py``) and sends the replies - at
+# which runs them through the broker (``server/core.py``) and sends the replies - at
 # once, or, for changes the durable store must keep, once the store has committed them
 # (a confirmed put is a stored put). Time enters the broker through one timer set to its
 # next deadline. A connection that is draining closes when it owes no reply: none held
@@ -26,8 +26,8 @@ from pigeon._net import DEFAULT_PEER_TIMEOUT, is_loopback, tcp_state
 from pigeon.protocol import Error, Ok, Ping
 from pigeon.protocol.codes import Code
 from pigeon.server.auth import Authenticator
-from pigeon.server.broker import Broker, Out
 from pigeon.server.connection import Connection
+from pigeon.server.core import Broker, Out
 from pigeon.server.model import Store
 from pigeon.server.text import reply_line
 

@@ -25,7 +25,7 @@ from pigeon.protocol import (
     Shutdown,
     TaskDone,
 )
-from pigeon.server.broker import Broker
+from pigeon.server.core import Broker
 
 A, B, C = 1, 2, 3
 

@@ -6,7 +6,7 @@
 # of time (leases that expired, waits that timed out, delayed redeliveries that came due)
 # and ``connection_lost(conn)`` gives back what a vanished client held. Nothing here
 # blocks, sleeps, reads a clock or touches a socket, so every rule of delivery is tested
-# without a network (tests/server/test_broker.py), and the asyncio server
+# without a network (tests/server/test_core.py), and the asyncio server
 # (server/app.py) is a thin loop around it.
 #
 # Every number in a request is range-checked first (``protocol.rules``). Nothing grows
