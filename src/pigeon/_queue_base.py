@@ -23,8 +23,8 @@ __all__ = ["SCHEMES", "Message", "Queue", "deadline_from"]
 
 # scheme -> "module:Class" (imported only when used, so optional clients stay optional)
 SCHEMES: dict[str, str] = {
-    "pigeon": "pigeon.backends.broker:BrokerQueue",
-    "pigeon+tls": "pigeon.backends.broker:BrokerQueue",
+    "pigeon": "pigeon.backends.pigeon.sync:BrokerQueue",
+    "pigeon+tls": "pigeon.backends.pigeon.sync:BrokerQueue",
     "redis": "pigeon.backends.redis:RedisQueue",
     "rediss": "pigeon.backends.redis:RedisQueue",
     "redis+cluster": "pigeon.backends.redis:RedisQueue",

@@ -360,7 +360,7 @@ def _network(url: str | None, queue: Queue[Any] | None, options: dict[str, Any])
 
     scheme = urlsplit(url).scheme
     if scheme in ("pigeon", "pigeon+tls"):
-        from pigeon.backends.broker_aio import AsyncBrokerQueue
+        from pigeon.backends.pigeon.aio import AsyncBrokerQueue
 
         if queue is not None:
             options = queue._async_options()  # type: ignore[attr-defined]

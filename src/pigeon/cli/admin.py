@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 import pigeon
-from pigeon.backends.broker import BrokerQueue
+from pigeon.backends.pigeon.sync import BrokerQueue
 from pigeon.cli.client import open_broker_queue
 
 __all__ = ["backup", "delete", "move", "peek", "purge", "queues"]
@@ -33,7 +33,7 @@ def _broker(url: str, serializer: str = "raw") -> Iterator[BrokerQueue[Any]]:
 
 def _queue_url(url: str) -> str:
     """A broker URL (``pigeon://host:port``) or any queue URL on it, as a queue URL."""
-    from pigeon.backends._broker_ops import Endpoint
+    from pigeon.backends.pigeon.ops import Endpoint
 
     try:
         Endpoint(url)

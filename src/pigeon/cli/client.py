@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 import pigeon
-from pigeon.backends.broker import BrokerQueue, Endpoint
+from pigeon.backends.pigeon.sync import BrokerQueue, Endpoint
 
 DEFAULT_URL = "pigeon://127.0.0.1:7878/jobs"
 

@@ -17,7 +17,7 @@
 # stranded until its lease ends); settles whose reply nobody waits for; connection-level
 # errors turned into exceptions (``protocol.codes``); and the graceful close (GOODBYE,
 # then the shell half-closes and reads until EOF: every reply still arrives). The
-# blocking and asyncio clients (``backends/broker.py``, ``broker_aio.py``) only move
+# blocking and asyncio clients (``backends/pigeon/sync.py``, ``pigeon/aio.py``) only move
 # bytes between a socket and this object.
 """
 

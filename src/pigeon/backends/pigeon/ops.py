@@ -5,7 +5,7 @@
 # (send this request, resume me with its reply), ``Post`` (send it, nobody waits for the
 # reply), ``Sleep`` - and never touches a socket or an event loop. The blocking client
 # (``broker.py``) drives a generator with blocking reads, the asyncio client
-# (``broker_aio.py``) with awaits; each driver is a dozen lines. So retrying with backoff
+# (``pigeon/aio.py``) with awaits; each driver is a dozen lines. So retrying with backoff
 # after a lost connection, at-least-once gets (taken unacked, acked without waiting once
 # decoded), undecodable payloads (dead-lettered, the rest of the batch given back),
 # error codes and option checks exist in one place: httpcore gets the same from generating

@@ -8,7 +8,7 @@
 # answers everything sent before GOODBYE before it closes. A coroutine cancelled while its
 # reply is on the way withdraws the request (CANCEL); if the reply comes anyway, its
 # messages are handed back (NACK), whether it arrived before or after the cancellation.
-# The operations themselves are the generators of ``_broker_ops``, driven by ``_drive``.
+# The operations themselves are the generators of ``ops``, driven by ``_drive``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from typing import Any, Generic, TypeVar, cast
 
 from pigeon._net import tune_tcp
-from pigeon.backends._broker_ops import (
+from pigeon.backends.pigeon.ops import (
     Call,
     Lost,
     Op,

@@ -6,7 +6,7 @@ Features
     ``get_message`` gives at-least-once delivery with ``ack``/``nack(requeue, delay)``/
     ``extend``; ``task_done``/``join`` and ``shutdown`` act on the broker's queue, for
     every client. ``pigeon.AsyncQueue(url)`` pipelines concurrent calls over one
-    connection (``broker_aio.py``).
+    connection (``pigeon/aio.py``).
 
 Connection URL
     ``pigeon://[TOKEN@]HOST[:PORT]/QUEUE[?lease=S&max_deliveries=N]`` (port 7878 by
@@ -36,7 +36,7 @@ Delivery guarantees
 # ``protocol.client.ClientConnection``), released when the thread ends and never carried
 # across a fork: the child closes its copies of the parent's sockets at once, so a parent
 # SIGKILLed later still has its in-flight messages requeued immediately. Operations are
-# the generators of ``_broker_ops``; ``_drive`` runs one with blocking reads.
+# the generators of ``ops``; ``_drive`` runs one with blocking reads.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 
 from pigeon._net import tune_tcp
 from pigeon._queue_base import Message, Queue
-from pigeon.backends._broker_ops import (
+from pigeon.backends.pigeon.ops import (
     Call,
     Endpoint,
     Lost,
