@@ -19,21 +19,25 @@ from pigeon.errors import InvalidURL, ShutDown, Unsupported
 
 T = TypeVar("T")
 
-__all__ = ["SCHEMES", "Message", "Queue", "deadline_from"]
+__all__ = ["BACKENDS", "SCHEMES", "Message", "Queue", "backend_for", "deadline_from"]
 
-# scheme -> "module:Class" (imported only when used, so optional clients stay optional)
-SCHEMES: dict[str, str] = {
-    "pigeon": "pigeon.backends.pigeon.sync:BrokerQueue",
-    "pigeon+tls": "pigeon.backends.pigeon.sync:BrokerQueue",
-    "redis": "pigeon.backends.redis:RedisQueue",
-    "rediss": "pigeon.backends.redis:RedisQueue",
-    "redis+cluster": "pigeon.backends.redis:RedisQueue",
-    "rediss+cluster": "pigeon.backends.redis:RedisQueue",
-    "redis+sentinel": "pigeon.backends.redis:RedisQueue",
-    "rediss+sentinel": "pigeon.backends.redis:RedisQueue",
-    "nats": "pigeon.backends.nats:NatsQueue",
-    "nats+tls": "pigeon.backends.nats:NatsQueue",
+# One registry: a scheme names a backend module and its two faces, the blocking queue and
+# the asyncio one (anyio's backend-module pattern). Modules are imported only when used, so
+# optional clients (redis-py, nats-py) stay optional.
+BACKENDS: dict[str, tuple[str, str, str]] = {
+    "pigeon": ("pigeon.backends.pigeon", "BrokerQueue", "AsyncBrokerQueue"),
+    "pigeon+tls": ("pigeon.backends.pigeon", "BrokerQueue", "AsyncBrokerQueue"),
+    "redis": ("pigeon.backends.redis", "RedisQueue", "AsyncRedisQueue"),
+    "rediss": ("pigeon.backends.redis", "RedisQueue", "AsyncRedisQueue"),
+    "redis+cluster": ("pigeon.backends.redis", "RedisQueue", "AsyncRedisQueue"),
+    "rediss+cluster": ("pigeon.backends.redis", "RedisQueue", "AsyncRedisQueue"),
+    "redis+sentinel": ("pigeon.backends.redis", "RedisQueue", "AsyncRedisQueue"),
+    "rediss+sentinel": ("pigeon.backends.redis", "RedisQueue", "AsyncRedisQueue"),
+    "nats": ("pigeon.backends.nats", "NatsQueue", "AsyncNatsQueue"),
+    "nats+tls": ("pigeon.backends.nats", "NatsQueue", "AsyncNatsQueue"),
 }
+# scheme -> "module:Class" of the blocking face (as earlier versions published it)
+SCHEMES: dict[str, str] = {s: f"{m}:{cls}" for s, (m, cls, _) in BACKENDS.items()}
 # schemes pigeon knows of but does not ship yet in this version
 _PLANNED: tuple[str, ...] = ()
 
@@ -52,22 +56,29 @@ def deadline_from(block: bool, timeout: float | None) -> float | None:
     return time.monotonic() + timeout
 
 
-def _backend_for(url: str) -> type[Queue[Any]]:
+def backend_for(url: str, face: str = "blocking") -> Any:
+    """The class of ``url``'s backend for ``face`` (``"blocking"`` or ``"async"``).
+
+    Raises:
+        InvalidURL: no scheme, or one no backend serves (the message lists the known ones).
+        Unsupported: a scheme pigeon knows of but does not ship in this version.
+    """
     scheme = urlsplit(url).scheme
     if not scheme:
         raise InvalidURL(f"queue URL {url!r} has no scheme; e.g. pigeon://127.0.0.1:7878/jobs")
-    target = SCHEMES.get(scheme)
-    if target is None:
+    entry = BACKENDS.get(scheme)
+    if entry is None:
         if scheme in _PLANNED:
             raise Unsupported(
                 f"the {scheme}:// backend is not available in this version of pigeon; "
                 "use pigeon.Queue() for a local queue"
             )
-        known = ", ".join(sorted(SCHEMES)) or "none (only local queues: pigeon.Queue())"
+        known = ", ".join(sorted(BACKENDS)) or "none (only local queues: pigeon.Queue())"
         raise InvalidURL(f"no backend for {scheme!r}; known: {known}")
-    module, _, name = target.partition(":")
-    cls: type[Queue[Any]] = getattr(importlib.import_module(module), name)
-    return cls
+    module, blocking, asynchronous = entry
+    return getattr(
+        importlib.import_module(module), blocking if face == "blocking" else asynchronous
+    )
 
 
 class Queue(Generic[T]):
@@ -90,7 +101,7 @@ class Queue(Generic[T]):
             from pigeon.backends.local import LocalQueue
 
             return super().__new__(LocalQueue)
-        return super().__new__(_backend_for(url))
+        return super().__new__(backend_for(url))
 
     # Subclasses define __init__; this one exists for Queue(url, ...) typing only.
     def __init__(self, url: str | None = None, *args: Any, **kwargs: Any) -> None:

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from pigeon._queue_base import Message, Queue, deadline_from
+from pigeon._queue_base import Message, Queue, backend_for, deadline_from
 from pigeon.backends.local import GET_SEQ, JOIN_SEQ, PUT_SEQ, LocalQueue
 from pigeon.errors import ClosedResourceError, Empty, Full, ShutDown, Unsupported
 from pigeon.serializers import SerializerLike
@@ -356,26 +356,7 @@ class AsyncQueue(Generic[T]):
 def _network(url: str | None, queue: Queue[Any] | None, options: dict[str, Any]) -> Any:
     if url is None:
         raise Unsupported(f"AsyncQueue cannot wrap {type(queue).__name__}: it has no URL")
-    from urllib.parse import urlsplit
-
-    scheme = urlsplit(url).scheme
-    if scheme in ("pigeon", "pigeon+tls"):
-        from pigeon.backends.pigeon.aio import AsyncBrokerQueue
-
-        if queue is not None:
-            options = queue._async_options()  # type: ignore[attr-defined]
-        return AsyncBrokerQueue(url, **options)
-    if scheme.split("+")[0] in ("redis", "rediss"):
-        from pigeon.backends.redis import AsyncRedisQueue
-
-        if queue is not None:
-            options = queue._async_options()  # type: ignore[attr-defined]
-        return AsyncRedisQueue(url, **options)
-    if scheme in ("nats", "nats+tls"):
-        from pigeon.backends.nats import AsyncNatsQueue
-
-        if queue is not None:
-            options = queue._async_options()  # type: ignore[attr-defined]
-        return AsyncNatsQueue(url, **options)
-    Queue(url)  # raises InvalidURL / Unsupported with the list of schemes
-    raise Unsupported(f"AsyncQueue does not support {scheme}:// yet")
+    cls = backend_for(url, "async")  # raises InvalidURL / Unsupported, naming the schemes
+    if queue is not None:
+        options = queue._async_options()  # type: ignore[attr-defined]
+    return cls(url, **options)
