@@ -90,3 +90,25 @@ def test_serve_says_what_to_do_when_the_disk_fails_while_recovering(
     assert result.exit_code == 1, result.output
     assert "No space left on device" in result.output and "free disk space" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_serve_options_default_to_what_the_server_defaults_to() -> None:
+    """Every default is defined once: `pigeon serve`'s options agree with ServerConfig."""
+    import dataclasses
+
+    from pigeon.cli.serve import serve
+    from pigeon.server.app import ServerConfig
+
+    fields = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+    renamed = {"lease": "default_lease"}
+    fields.pop("store")  # ServerConfig.store is the store object; --store names its kind
+    checked = 0
+    for param in serve.params:
+        name = renamed.get(param.name or "", param.name or "")
+        default = param.default
+        if default is None or type(default).__name__ == "Sentinel":  # no default given
+            continue
+        if name in fields and fields[name] is not dataclasses.MISSING:
+            assert default == fields[name], f"--{param.name}: {default!r} vs {name}"
+            checked += 1
+    assert checked >= 15
