@@ -110,8 +110,9 @@ from pigeon.cli.config import print_config as show_config
     type=click.Choice(["always", "batch", "never"]),
     default="batch",
     show_default=True,
-    help="always: fsync before each confirmation (group commit); batch: also wait up "
-    "to --fsync-interval to share the fsync; never: confirm before writing",
+    help="always: confirm after the fsync (puts arriving meanwhile share the next one: "
+    "survives power loss); batch: confirm once written to the OS (survives kill -9), fsync "
+    "within --fsync-interval; never: confirm before writing",
 )
 @click.option(
     "--fsync-interval",
