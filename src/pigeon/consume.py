@@ -225,28 +225,42 @@ class _Run:
         """
         try:
             msg = self.q.get_message(timeout=_SLICE)
-        except Empty:
+        except Exception as exc:
+            wait = self.take_failed(exc)
+            if wait:
+                self.halt.wait(wait)
             return None
-        except ShutDown:
+        self.took()
+        return msg
+
+    def took(self) -> None:
+        """A take succeeded: the next failure backs off from the start again."""
+        self._fetch_failures = 0
+
+    def take_failed(self, exc: Exception) -> float:
+        """What a failed take means, for both faces: the seconds to wait before the next
+        (0: none), after logging what needs it.
+
+        Raises:
+            _Ended: the queue is shut down and drained, or failed for good.
+        """
+        if isinstance(exc, Empty):
+            return 0.0
+        if isinstance(exc, ShutDown):
             if self.retries_pending():
-                self.halt.wait(_SLICE)
-                return None
+                return _SLICE
             raise _Ended("shutdown", "the queue was shut down and is drained") from None
-        except _FATAL as exc:
+        if isinstance(exc, _FATAL):
             raise _Ended("failed", f"{type(exc).__name__}: {exc}") from exc
-        except DecodeError as exc:  # the backend dead-lettered it already
+        if isinstance(exc, DecodeError):  # the backend dead-lettered it already
             log.warning("an item could not be decoded and went to the dead letters: %s", exc)
             self.progress.add(failed=1, dead=1)
-            return None
-        except Exception as exc:
-            self._fetch_failures += 1
-            wait = min(_MAX_BACKOFF, 0.1 * 2 ** min(self._fetch_failures, 8))
-            log.warning("taking from %s failed (%s: %s); trying again in %.1f s",
-                        self.q.url or "the local queue", type(exc).__name__, exc, wait)  # fmt: skip
-            self.halt.wait(wait)
-            return None
-        self._fetch_failures = 0
-        return msg
+            return 0.0
+        self._fetch_failures += 1
+        wait = min(_MAX_BACKOFF, 0.1 * 2.0 ** min(self._fetch_failures, 8))
+        log.warning("taking from %s failed (%s: %s); trying again in %.1f s",
+                    self.q.url or "the local queue", type(exc).__name__, exc, wait)  # fmt: skip
+        return wait
 
     def retries_pending(self) -> bool:
         with self.progress.lock:
@@ -676,24 +690,14 @@ def _run_async(run: _Run, n: int, grace: float) -> None:
 
         async def take() -> Any:
             try:
-                return await aq.get_message(timeout=_SLICE)
-            except Empty:
-                return None
-            except ShutDown:
-                if run.retries_pending():
-                    await asyncio.sleep(_SLICE)
-                    return None
-                raise _Ended("shutdown", "the queue was shut down and is drained") from None
-            except _FATAL as exc:
-                raise _Ended("failed", f"{type(exc).__name__}: {exc}") from exc
-            except DecodeError as exc:
-                log.warning("an item could not be decoded and went to the dead letters: %s", exc)
-                run.progress.add(failed=1, dead=1)
-                return None
+                msg = await aq.get_message(timeout=_SLICE)
             except Exception as exc:
-                log.warning("taking failed (%s: %s); trying again", type(exc).__name__, exc)
-                await asyncio.sleep(1.0)
+                wait = run.take_failed(exc)
+                if wait:
+                    await asyncio.sleep(wait)
                 return None
+            run.took()
+            return msg
 
         async def settle(what: str, call: Any) -> bool:
             try:
