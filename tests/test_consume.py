@@ -457,3 +457,21 @@ def test_work_still_running_after_grace_is_given_back_at_once(broker: BrokerThre
         info = q._info()  # type: ignore[attr-defined]
         assert info["in_flight"] == 0 and info["depth"] == 1
         assert q.get(timeout=1) == "slow"
+
+
+def test_async_handlers_have_the_same_time_limit_as_threads() -> None:
+    async def handler(item: str) -> None:
+        if item == "slow":
+            await asyncio.sleep(30)
+        if item == "own-timeout":
+            raise TimeoutError("the handler's own")  # not the time limit
+
+    q: pigeon.Queue[str] = pigeon.Queue()
+    q.put_many(["slow", "own-timeout", "fine"])
+    q.shutdown()
+    retry = pigeon.Retry(attempts=1)
+    report = pigeon.consume(q, handler, concurrency=3, time_limit=0.3, retry=retry, grace=1)
+    assert report.mode == "async" and report.processed == 1 and report.timed_out == 1
+    errors = sorted(d.error for d in report.dead_letters)
+    assert errors[0].startswith("TimeLimitExceeded") and errors[1].startswith("TimeoutError")
+    q.close()

@@ -660,7 +660,7 @@ def _process_one(run: _Run, msg: Message[Any], child: _Child, ctx: Any, slot: in
         return child
     if outcome == "stopped":  # past grace while stopping: give it back, not a failure
         run.nack(msg, requeue=True)
-        return _Child(ctx, run.handler, slot)
+        return child  # killed; the dispatcher is stopping and retires it (no new fork)
     if outcome == "timeout":
         run.progress.add(timed_out=1)
         log.warning("a handler ran past time_limit=%s s: its worker process was killed and "
@@ -716,14 +716,19 @@ def _run_async(run: _Run, n: int, grace: float) -> None:
 
         async def one(msg: Any) -> None:
             keeper = asyncio.create_task(_keep_async(msg, run.lease)) if run.lease else None
+            limit = asyncio.timeout(run.time_limit)
             try:
-                await asyncio.wait_for(run.handler(msg.body), run.time_limit)
+                async with limit:
+                    await run.handler(msg.body)
             except asyncio.CancelledError:
                 await settle("nack", msg.nack(requeue=True))  # stopped past grace: give back
                 raise
-            except TimeoutError:
-                run.progress.add(timed_out=1)
-                await fail(msg, _time_limit_error(run.time_limit or 0))
+            except TimeoutError as exc:
+                if limit.expired():  # the limit, not a TimeoutError the handler raised
+                    run.progress.add(timed_out=1)
+                    await fail(msg, _time_limit_error(run.time_limit or 0))
+                else:
+                    await fail(msg, f"{type(exc).__name__}: {exc}"[:500])
             except Exception as exc:
                 await fail(msg, f"{type(exc).__name__}: {exc}"[:500])
             else:

@@ -137,10 +137,9 @@ class TLSProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
-        tcp, self.tcp = self.tcp, None
+        self.tcp = None
         if self.shaken:
             self.app.connection_lost(exc)
-        del tcp
 
     def pause_writing(self) -> None:
         if self.shaken:
