@@ -124,7 +124,9 @@ def test_jetstream_cluster_with_three_replicas_survives_the_leader_dying() -> No
         assert (
             report("JetStream, 3 nodes, replicas=3, leader SIGKILLed", confirmed, got, outage) == 0
         )
-        assert outage < 15
+        # A liveness bound, not a speed claim: raft's election plus the client's reconnect
+        # backoff usually take ~5-10 s; on a loaded 2-CPU CI machine one run took 18.8 s.
+        assert outage < 30
         assert_no_leaked_connections()
     finally:
         cluster.close()
