@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
@@ -109,13 +109,32 @@ class Queue(Generic[T]):
 
     # --- to be provided by each backend -----------------------------------------------
 
-    def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
+    def put(
+        self,
+        item: T,
+        block: bool = True,
+        timeout: float | None = None,
+        *,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_id: str | None = None,
+        priority: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         """Put ``item`` at the tail. Returns once it is in the queue (confirmed).
+
+        Message options (``pigeon.options``): ``delay`` seconds before it can be taken;
+        ``ttl`` seconds it may wait to be taken (then it moves to ``NAME.dead``, reason
+        ``expired``); ``dedup_id``: a repeat within the queue's dedup window is confirmed
+        but not stored again; ``priority`` 0-9, higher first; ``headers`` str -> str,
+        carried to ``Message.headers``.
 
         Raises:
             Full: no room before ``timeout`` (at once if ``block`` is false).
             ShutDown: the queue was shut down.
-            ValueError: ``timeout`` is negative.
+            ValueError, TypeError: ``timeout`` is negative, or an option is out of range
+                or of the wrong type (nothing was sent).
+            Unsupported: this backend cannot honour an option given.
         """
         raise NotImplementedError
 
@@ -129,9 +148,19 @@ class Queue(Generic[T]):
         raise NotImplementedError
 
     def put_many(
-        self, items: Iterable[T], block: bool = True, timeout: float | None = None
+        self,
+        items: Iterable[T],
+        block: bool = True,
+        timeout: float | None = None,
+        *,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_ids: Sequence[str] | None = None,
+        priority: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
-        """Put all ``items`` at once (all or none), in order."""
+        """Put all ``items`` at once (all or none), in order, each with the options given
+        (as ``put``'s; ``dedup_ids``: one id per item)."""
         raise NotImplementedError
 
     def get_many(self, max_items: int, block: bool = True, timeout: float | None = None) -> list[T]:
@@ -226,6 +255,7 @@ class Message(Generic[T]):
 
     body: T
     delivery_count: int
+    headers: dict[str, str]  # the headers it was put with ({} when none)
 
     def ack(self) -> None:
         """Settle: the item is done and will not come back."""

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -104,6 +104,7 @@ class _LocalMessage(Generic[T]):
         self._msg = msg
         self.body = msg.body
         self.delivery_count = msg.delivery_count
+        self.headers: dict[str, str] = msg.headers
 
     @staticmethod
     def _done(fn: Callable[[], None]) -> asyncio.Future[None]:
@@ -166,8 +167,8 @@ class _LocalAsync(Generic[T]):
                     raise
             await self._park(word, seq, deadline)
 
-    async def put(self, item: T, timeout: float | None = None) -> None:
-        await self._until(GET_SEQ, Full, lambda: self._q.put(item, block=False), timeout)
+    async def put(self, item: T, timeout: float | None = None, **options: Any) -> None:
+        await self._until(GET_SEQ, Full, lambda: self._q.put(item, block=False, **options), timeout)
 
     async def get(self, timeout: float | None = None) -> T:
         return await self._until(PUT_SEQ, Empty, lambda: self._q.get(block=False), timeout)
@@ -180,9 +181,13 @@ class _LocalAsync(Generic[T]):
         self._check()
         return self._q.get(block=False)
 
-    async def put_many(self, items: Iterable[T], timeout: float | None = None) -> None:
+    async def put_many(
+        self, items: Iterable[T], timeout: float | None = None, **options: Any
+    ) -> None:
         batch = list(items)
-        await self._until(GET_SEQ, Full, lambda: self._q.put_many(batch, block=False), timeout)
+        await self._until(
+            GET_SEQ, Full, lambda: self._q.put_many(batch, block=False, **options), timeout
+        )
 
     async def get_many(self, max_items: int, timeout: float | None = None) -> list[T]:
         return await self._until(
@@ -276,19 +281,49 @@ class AsyncQueue(Generic[T]):
     def maxsize(self) -> int:
         return self._impl.maxsize  # type: ignore[no-any-return]
 
-    async def put(self, item: T, timeout: float | None = None) -> None:
-        """Put ``item``; wait (never blocking the loop) while the queue is full.
+    async def put(
+        self,
+        item: T,
+        timeout: float | None = None,
+        *,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_id: str | None = None,
+        priority: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Put ``item``; wait (never blocking the loop) while the queue is full. The
+        message options are ``pigeon.Queue.put``'s.
 
         Raises ``Full`` after ``timeout`` seconds, ``ShutDown`` if shut down.
         """
-        await self._impl.put(item, timeout)
+        if delay is None and ttl is None and dedup_id is None and priority is None and not headers:
+            await self._impl.put(item, timeout)
+        else:
+            await self._impl.put(item, timeout, delay=delay, ttl=ttl, dedup_id=dedup_id,
+                                 priority=priority, headers=headers)  # fmt: skip
 
     async def put_nowait(self, item: T) -> None:
         await self._impl.put_nowait(item)
 
-    async def put_many(self, items: Iterable[T], timeout: float | None = None) -> None:
-        """Put all ``items`` at once (all or none)."""
-        await self._impl.put_many(items, timeout)
+    async def put_many(
+        self,
+        items: Iterable[T],
+        timeout: float | None = None,
+        *,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_ids: Sequence[str] | None = None,
+        priority: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Put all ``items`` at once (all or none), each with the options given
+        (``dedup_ids``: one per item)."""
+        if delay is None and ttl is None and dedup_ids is None and priority is None and not headers:
+            await self._impl.put_many(items, timeout)
+        else:
+            await self._impl.put_many(items, timeout, delay=delay, ttl=ttl, dedup_ids=dedup_ids,
+                                      priority=priority, headers=headers)  # fmt: skip
 
     async def get(self, timeout: float | None = None) -> T:
         """Remove and return the next item; ``Empty`` after ``timeout``, ``ShutDown`` once

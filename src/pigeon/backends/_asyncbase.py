@@ -4,10 +4,12 @@ methods defined by the ones each engine provides (``_put``, ``get``, ``qsize``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
-from typing import Any, Generic, TypeVar
+from collections.abc import Iterable, Sequence
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pigeon.errors import DecodeError, Unsupported
+from pigeon.options import check_dedup_ids, put_options
+from pigeon.protocol.messages import PutOptions
 
 T = TypeVar("T")
 
@@ -81,8 +83,46 @@ class EngineQueue(Generic[T]):
         """Extend a message taken through another client of the same queue."""
         await message.extend(seconds)
 
-    async def _put(self, payloads: list[bytes], block: bool, timeout: float | None) -> None:
+    async def _put(
+        self,
+        payloads: list[bytes],
+        block: bool,
+        timeout: float | None,
+        options: PutOptions | None = None,
+        dedup_ids: list[str] | None = None,
+    ) -> None:
         raise NotImplementedError
+
+    # what of PutOptions this engine honours ("delay", "ttl", "dedup", "priority", "headers")
+    supports: ClassVar[frozenset[str]] = frozenset()
+    _why_not: ClassVar[dict[str, str]] = {}  # option -> why the engine cannot honour it
+
+    def _check_options(self, options: PutOptions | None, dedup_ids: Any = None) -> None:
+        """Raise ``Unsupported`` for an option given that this engine cannot honour."""
+        if options is None and dedup_ids is None:
+            return
+        given = []
+        if options is not None:
+            given = [
+                name
+                for name, on in (
+                    ("delay", options.delay),
+                    ("ttl", options.ttl),
+                    ("dedup", options.dedup_id),
+                    ("priority", options.priority),
+                    ("headers", options.headers),
+                )
+                if on
+            ]
+        if dedup_ids is not None:
+            given.append("dedup")
+        for name in given:
+            if name not in self.supports:
+                label = "dedup_id" if name == "dedup" else name
+                raise Unsupported(
+                    f"{self.engine}:// cannot honour {label}= ({self._why_not.get(name, '')}); "
+                    "use a pigeon:// queue for it"
+                )
 
     async def get(self, timeout: float | None = None, *, block: bool = True) -> T:
         raise NotImplementedError
@@ -90,22 +130,47 @@ class EngineQueue(Generic[T]):
     async def qsize(self) -> int:
         raise NotImplementedError
 
-    async def put(self, item: T, timeout: float | None = None, *, block: bool = True) -> None:
-        await self._put([self._ser.dumps(item)], block, timeout)
+    async def put(
+        self,
+        item: T,
+        timeout: float | None = None,
+        *,
+        block: bool = True,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_id: str | None = None,
+        priority: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        opts = put_options(delay, ttl, dedup_id, priority, headers)
+        self._check_options(opts)
+        await self._put([self._ser.dumps(item)], block, timeout, opts)
 
     async def put_nowait(self, item: T) -> None:
         await self.put(item, block=False)
 
     async def put_many(
-        self, items: Iterable[T], timeout: float | None = None, *, block: bool = True
+        self,
+        items: Iterable[T],
+        timeout: float | None = None,
+        *,
+        block: bool = True,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_ids: Sequence[str] | None = None,
+        priority: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
+        opts = put_options(delay, ttl, None, priority, headers)
         payloads = [self._ser.dumps(i) for i in items]
+        ids = check_dedup_ids(dedup_ids, len(payloads))
+        self._check_options(opts, ids)
         if payloads:
             if self.maxsize and len(payloads) > self.maxsize:
                 raise ValueError(
                     f"put_many of {len(payloads)} items can never fit in maxsize={self.maxsize}"
                 )
-            await self._put(payloads, block, timeout)
+            await self._put(payloads, block, timeout, opts, ids)
 
     async def get_nowait(self) -> T:
         return await self.get(block=False)

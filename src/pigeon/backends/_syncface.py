@@ -153,13 +153,15 @@ class SyncFace(Queue[T]):
     def maxsize(self) -> int:
         return self._maxsize
 
-    def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
-        self._call("put", item, timeout, block=block)
+    def put(
+        self, item: T, block: bool = True, timeout: float | None = None, **options: Any
+    ) -> None:
+        self._call("put", item, timeout, block=block, **options)
 
     def put_many(
-        self, items: Iterable[T], block: bool = True, timeout: float | None = None
+        self, items: Iterable[T], block: bool = True, timeout: float | None = None, **options: Any
     ) -> None:
-        self._call("put_many", list(items), timeout, block=block)
+        self._call("put_many", list(items), timeout, block=block, **options)
 
     def get(self, block: bool = True, timeout: float | None = None) -> T:
         return self._call("get", timeout, block=block)  # type: ignore[no-any-return]
@@ -226,6 +228,7 @@ class SyncMessage(Message[T]):
         self._inner = inner
         self.body = inner.body
         self.delivery_count = inner.delivery_count
+        self.headers: dict[str, str] = inner.headers
 
     def _wait(self, make: Callable[[], Any]) -> None:
         async def go() -> None:

@@ -52,7 +52,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from pigeon import _futex
@@ -66,7 +66,10 @@ from pigeon.errors import (
     Full,
     LocalProtocolError,
     ShutDown,
+    Unsupported,
 )
+from pigeon.options import check_dedup_ids, put_options
+from pigeon.protocol.messages import PutOptions
 from pigeon.serializers import Pickle, SerializerLike, get_serializer
 
 if sys.platform != "win32":
@@ -607,7 +610,29 @@ class LocalQueue(Queue[T]):
     def maxsize(self) -> int:
         return int(self._maxsize)
 
-    def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
+    def put(
+        self,
+        item: T,
+        block: bool = True,
+        timeout: float | None = None,
+        *,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_id: str | None = None,
+        priority: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        if (
+            delay is not None
+            or ttl is not None
+            or dedup_id is not None
+            or priority is not None
+            or headers
+        ):
+            self._put_with_options(
+                item, block, timeout, put_options(delay, ttl, dedup_id, priority, headers)
+            )
+            return
         parts: list[Any]
         if type(item) is bytes and self._pickle:
             kind, parts = _K_BYTES, [item]
@@ -670,8 +695,29 @@ class LocalQueue(Queue[T]):
         return True
 
     def put_many(
-        self, items: Iterable[T], block: bool = True, timeout: float | None = None
+        self,
+        items: Iterable[T],
+        block: bool = True,
+        timeout: float | None = None,
+        *,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_ids: Sequence[str] | None = None,
+        priority: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
+        if (
+            delay is not None
+            or ttl is not None
+            or dedup_ids is not None
+            or priority is not None
+            or headers
+        ):
+            batch = list(items)
+            opts = put_options(delay, ttl, None, priority, headers)
+            ids = check_dedup_ids(dedup_ids, len(batch))
+            self._put_many_with_options(batch, block, timeout, opts, ids)
+            return
         encode = self._encode
         if self._pickle:
             records = [(_K_BYTES, [x]) if type(x) is bytes else encode(x) for x in items]
@@ -699,6 +745,27 @@ class LocalQueue(Queue[T]):
                     self._wake(PUT_SEQ)
                 return
         self._put(records, block, timeout)
+
+    def _put_with_options(
+        self, item: T, block: bool, timeout: float | None, opts: PutOptions | None
+    ) -> None:
+        if opts is None:  # only an empty headers dict was given
+            self.put(item, block, timeout)
+            return
+        raise Unsupported("the local queue does not offer message options yet")
+
+    def _put_many_with_options(
+        self,
+        items: list[T],
+        block: bool,
+        timeout: float | None,
+        opts: PutOptions | None,
+        dedup_ids: list[str] | None,
+    ) -> None:
+        if opts is None and dedup_ids is None:
+            self.put_many(items, block, timeout)
+            return
+        raise Unsupported("the local queue does not offer message options yet")
 
     def _put(
         self,
@@ -1056,6 +1123,7 @@ class LocalMessage(Message[T]):
         self._queue = queue
         self.body = body
         self.delivery_count = delivery_count
+        self.headers: dict[str, str] = {}
         self._settled = False
 
     def _settle(self) -> None:

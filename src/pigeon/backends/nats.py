@@ -48,7 +48,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pigeon._queue_base import deadline_from
 from pigeon.backends._asyncbase import EngineQueue
@@ -67,6 +67,7 @@ from pigeon.errors import (
     TooLarge,
     Unsupported,
 )
+from pigeon.protocol.messages import PutOptions
 from pigeon.protocol.rules import check_seconds
 from pigeon.serializers import SerializerLike, get_serializer
 
@@ -264,17 +265,43 @@ class AsyncNatsQueue(EngineQueue[T]):
 
     # --- the contract ---------------------------------------------------------------------
 
-    async def _put(self, payloads: list[bytes], block: bool, timeout: float | None) -> None:
+    supports: ClassVar[frozenset[str]] = frozenset({"dedup", "headers"})
+    _why_not: ClassVar[dict[str, str]] = {
+        "delay": "JetStream has no per-message delay",
+        "ttl": "JetStream's per-message TTL deletes the message; it cannot dead-letter it",
+        "priority": "a JetStream stream is one sequence; it has no priorities",
+    }
+
+    async def _put(
+        self,
+        payloads: list[bytes],
+        block: bool,
+        timeout: float | None,
+        options: PutOptions | None = None,
+        dedup_ids: list[str] | None = None,
+    ) -> None:
         import nats.errors as nerr
         import nats.js.errors as jerr
 
         deadline = deadline_from(block, timeout)
         await self._check_sizes(payloads)
         # A publish whose ack was lost (a node died, a leader changed) is sent again with
-        # the same id: JetStream keeps one copy (its duplicate window is two minutes).
-        ids = _msg_ids(len(payloads))
+        # the same id: JetStream keeps one copy (its duplicate window is two minutes). A
+        # dedup_id is that id: a repeat within the stream's duplicate window is confirmed
+        # and not stored again.
+        if options is not None and options.dedup_id:
+            dedup_ids = [options.dedup_id]
+        ids = dedup_ids or _msg_ids(len(payloads))
+        extra = options.headers if options is not None else None
+        if extra:
+            for name in extra:
+                if name.lower().startswith("nats-"):
+                    raise ValueError(
+                        f"header {name!r}: names starting with Nats- are JetStream's own"
+                    )
+        hdrs = [{**extra, "Nats-Msg-Id": i} if extra else {"Nats-Msg-Id": i} for i in ids]
         if self.maxsize and len(payloads) > 1:
-            await self._put_batch_locked(payloads, ids, deadline)
+            await self._put_batch_locked(payloads, hdrs, deadline)
             return
         delay = 0.001
         sent = 0
@@ -285,15 +312,15 @@ class AsyncNatsQueue(EngineQueue[T]):
                 nonlocal sent
                 if len(payloads) - sent > 1:  # many in flight, then gather the acks
                     acks = [
-                        await js.publish_async(self.subject, p, headers={"Nats-Msg-Id": i})
-                        for p, i in zip(payloads[sent:], ids[sent:], strict=True)
+                        await js.publish_async(self.subject, p, headers=h)
+                        for p, h in zip(payloads[sent:], hdrs[sent:], strict=True)
                     ]
                     await asyncio.gather(*acks)
                     sent = len(payloads)
                     return
                 while sent < len(payloads):
                     await js.publish(self.subject, payloads[sent], stream=self.stream,
-                                     headers={"Nats-Msg-Id": ids[sent]})  # fmt: skip
+                                     headers=hdrs[sent])  # fmt: skip
                     sent += 1
 
             try:
@@ -328,7 +355,7 @@ class AsyncNatsQueue(EngineQueue[T]):
             )
 
     async def _put_batch_locked(
-        self, payloads: list[bytes], ids: list[str], deadline: float | None
+        self, payloads: list[bytes], hdrs: list[dict[str, str]], deadline: float | None
     ) -> None:
         """A batch on a bounded queue, all or none: under a per-queue lock, check the room,
         then publish; concurrent batches take turns instead of splitting each other."""
@@ -343,8 +370,8 @@ class AsyncNatsQueue(EngineQueue[T]):
 
                     async def publish(js: Any) -> None:
                         acks = [
-                            await js.publish_async(self.subject, p, headers={"Nats-Msg-Id": i})
-                            for p, i in zip(payloads, ids, strict=True)
+                            await js.publish_async(self.subject, p, headers=h)
+                            for p, h in zip(payloads, hdrs, strict=True)
                         ]
                         await asyncio.gather(*acks)
 
@@ -577,6 +604,9 @@ class AsyncNatsMessage(Generic[T]):
         self._msg = msg
         self.body = body
         self.delivery_count = int(msg.metadata.num_delivered)
+        self.headers: dict[str, str] = {
+            k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")
+        }
         self._settled = False
         self._keeper: asyncio.Task[None] | None = None
 

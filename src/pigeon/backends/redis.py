@@ -47,7 +47,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pigeon._queue_base import deadline_from
 from pigeon.backends._asyncbase import EngineQueue
@@ -66,6 +66,7 @@ from pigeon.errors import (
     Unavailable,
     Unsupported,
 )
+from pigeon.protocol.messages import PutOptions
 from pigeon.serializers import SerializerLike, get_serializer
 
 T = TypeVar("T")
@@ -403,7 +404,22 @@ class AsyncRedisQueue(EngineQueue[T]):
 
     # --- the contract ---------------------------------------------------------------------
 
-    async def _put(self, payloads: list[bytes], block: bool, timeout: float | None) -> None:
+    _why_not: ClassVar[dict[str, str]] = {
+        "delay": "not offered on redis:// yet",
+        "ttl": "not offered on redis:// yet",
+        "dedup": "not offered on redis:// yet",
+        "priority": "a Redis stream is one sequence; it has no priorities",
+        "headers": "not offered on redis:// yet",
+    }
+
+    async def _put(
+        self,
+        payloads: list[bytes],
+        block: bool,
+        timeout: float | None,
+        options: PutOptions | None = None,
+        dedup_ids: list[str] | None = None,
+    ) -> None:
         deadline = deadline_from(block, timeout)
         delay = 0.001
         while True:
@@ -750,6 +766,7 @@ class AsyncRedisMessage(Generic[T]):
         self._payload = payload  # dead-lettered as received, not encoded again
         self.id = eid
         self.delivery_count = count
+        self.headers: dict[str, str] = {}
         self.body = body
         self._settled = False
 

@@ -61,10 +61,11 @@ def queues(url: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    table = Table("queue", "depth", "in flight", "maxsize", "consumers", "put", "delivered",
-                  "acked", "dead", "shut down", title=f"queues at {url}")  # fmt: skip
+    table = Table("queue", "depth", "delayed", "in flight", "maxsize", "consumers", "put",
+                  "delivered", "acked", "dead", "shut down", title=f"queues at {url}")  # fmt: skip
     for name, info in data.items():
-        table.add_row(name, str(info["depth"]), str(info["in_flight"]), str(info["maxsize"] or "-"),
+        table.add_row(name, str(info["depth"]), str(info.get("delayed", 0)),
+                      str(info["in_flight"]), str(info["maxsize"] or "-"),
                       str(info["consumers_waiting"]), str(info["put_total"]),
                       str(info["delivered_total"]), str(info["acked_total"]),
                       str(info["dead_total"]), "yes" if info["shutdown"] else "")  # fmt: skip
@@ -105,10 +106,13 @@ def peek(queue_url: str, count: int, as_json: bool) -> None:
             m = {**m, "payload": base64.b64encode(m["payload"]).decode()}
             click.echo(json.dumps(m, default=repr))
         return
-    table = Table("id", "deliveries", "age (s)", "from", "why", "body", title=queue_url)
+    table = Table("id", "deliveries", "age (s)", "priority", "from", "why", "headers", "body",
+                  title=queue_url)  # fmt: skip
     for m in shown:
+        headers = " ".join(f"{k}={v}" for k, v in (m.get("headers") or {}).items())
         table.add_row(str(m["id"]), str(m["delivery_count"]), f"{m['age']:.1f}",
-                      m["origin"], m["reason"], _shown(m["payload"], m["body"]))  # fmt: skip
+                      str(m.get("priority", 0)), m["origin"], m["reason"], headers[:80],
+                      _shown(m["payload"], m["body"]))  # fmt: skip
     Console().print(table)
 
 

@@ -35,24 +35,57 @@ _SERIALIZER = click.option(
 )  # fmt: skip
 
 
+def _header(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in value:
+        name, eq, text = pair.partition("=")
+        if not eq or not name:
+            raise click.BadParameter(f"{pair!r} is not NAME=VALUE", ctx, param)
+        out[name] = text
+    return out
+
+
 @click.command()
 @click.argument("url")
 @click.argument("items", nargs=-1)
 @_SERIALIZER
-def put(url: str, items: tuple[str, ...], serializer: str) -> None:
+@click.option("--delay", type=float, help="seconds before the items can be taken")
+@click.option(
+    "--ttl",
+    type=float,
+    help="seconds they may wait to be taken; then they move to NAME.dead (expired)",
+)
+@click.option("--priority", type=click.IntRange(0, 9), help="0-9, higher first (default 0)")
+@click.option("--header", "-H", "headers", multiple=True, callback=_header, metavar="NAME=VALUE",
+              help="a header carried with each item (repeatable)")  # fmt: skip
+def put(
+    url: str,
+    items: tuple[str, ...],
+    serializer: str,
+    delay: float | None,
+    ttl: float | None,
+    priority: int | None,
+    headers: dict[str, str],
+) -> None:
     """Put ITEMS (or, with none, each line of stdin) on the queue at URL.
 
     \b
     Examples:
       pigeon put pigeon://127.0.0.1:7878/jobs java Python JavaScript
       seq 100 | pigeon put pigeon://127.0.0.1:7878/jobs
+      pigeon put pigeon://127.0.0.1:7878/jobs reminder --delay 3600 --priority 5
+      pigeon put pigeon://127.0.0.1:7878/jobs hi -H tenant=acme --ttl 60
     """
     lines = list(items) if items else [line.rstrip("\n") for line in sys.stdin]
     values: list[Any] = [s.encode() for s in lines] if serializer == "raw" else lines
+    options: dict[str, Any] = {"delay": delay, "ttl": ttl, "priority": priority,
+                               "headers": headers or None}  # fmt: skip
     try:
         with open_broker_queue(url, serializer) as q:
             for i in range(0, len(values), 1000):
-                q.put_many(values[i : i + 1000], timeout=30)
+                q.put_many(values[i : i + 1000], timeout=30, **options)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
     except pigeon.PigeonError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"put {len(values)} item(s)", err=True)
@@ -135,7 +168,8 @@ def stats(url: str, as_json: bool) -> None:
     """Show the broker's queues and connections.
 
     \b
-    Queues: depth (waiting), in flight (delivered, not acked), consumers
+    Queues: depth (waiting, the delayed among them), delayed (not due yet:
+    a put's delay or a nack's), in flight (delivered, not acked), consumers
     waiting, totals. Connections: peer, age, bytes in/out, and the TCP state
     the kernel reports (ESTABLISHED, CLOSE_WAIT, ...).
 
@@ -156,10 +190,12 @@ def stats(url: str, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     console = Console()
-    qt = Table("queue", "depth", "in flight", "maxsize", "consumers", "put", "delivered",
-               "acked", "redelivered", "dead", "shut down", title="queues")  # fmt: skip
+    qt = Table("queue", "depth", "delayed", "in flight", "maxsize", "consumers", "put",
+               "delivered", "acked", "redelivered", "dead", "shut down",
+               title="queues")  # fmt: skip
     for name, q in data["queues"].items():
-        qt.add_row(name, str(q["depth"]), str(q["in_flight"]), str(q["maxsize"] or "-"),
+        qt.add_row(name, str(q["depth"]), str(q.get("delayed", 0)), str(q["in_flight"]),
+                   str(q["maxsize"] or "-"),
                    str(q["consumers_waiting"]), str(q["put_total"]), str(q["delivered_total"]),
                    str(q["acked_total"]), str(q["redelivered_total"]), str(q["dead_total"]),
                    "yes" if q["shutdown"] else "")  # fmt: skip

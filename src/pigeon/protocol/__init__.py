@@ -8,6 +8,7 @@ into the typed messages below and back, validating every field; it never touches
 from __future__ import annotations
 
 from pigeon.protocol.messages import (
+    FEATURES,
     MAGIC,
     VERSION,
     Ack,
@@ -33,6 +34,7 @@ from pigeon.protocol.messages import (
     Purge,
     Put,
     PutBatch,
+    PutOptions,
     QueueShutdown,
     ServerMessage,
     Shutdown,
@@ -43,6 +45,7 @@ from pigeon.protocol.messages import (
 from pigeon.protocol.wire import ClientCodec, ServerCodec, encode_message
 
 __all__ = [
+    "FEATURES",
     "MAGIC",
     "VERSION",
     "Ack",
@@ -69,6 +72,7 @@ __all__ = [
     "Purge",
     "Put",
     "PutBatch",
+    "PutOptions",
     "QueueShutdown",
     "ServerCodec",
     "ServerMessage",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from pigeon.errors import AuthError, BrokenResourceError, FrameError, PigeonError
+from pigeon.errors import AuthError, BrokenResourceError, FrameError, PigeonError, Unsupported
 from pigeon.framing import LengthPrefixed
 from pigeon.protocol.codes import Code, exception_for
 from pigeon.protocol.messages import (
@@ -42,10 +42,14 @@ from pigeon.protocol.messages import (
     Ok,
     Ping,
     Pong,
+    Put,
+    PutBatch,
     QueueShutdown,
     Welcome,
 )
 from pigeon.protocol.wire import ClientCodec, encode_frame
+
+_WITH_OPTIONS = (Put, PutBatch)
 
 __all__ = [
     "HANDSHAKE_MAX_FRAME",
@@ -119,6 +123,7 @@ class ClientConnection:
         self.heartbeat = 5.0
         self.server = ""
         self.max_frame_size = 16 * 2**20  # what the broker accepts from us (WELCOME)
+        self.features: frozenset[str] = frozenset()  # what the broker adds to version 1
         self._decoder = LengthPrefixed(4, max_frame_size=HANDSHAKE_MAX_FRAME).decoder()
         self._codec = ClientCodec()
         self._out: list[bytes] = [encode_frame(Hello(MAGIC, VERSION, client, token))]
@@ -151,7 +156,21 @@ class ClientConnection:
     # --- what the shell tells -----------------------------------------------------------------
 
     def request(self, msg: Any) -> int:
-        """Queue ``msg`` (its ``req`` is set here) and return the req its reply will carry."""
+        """Queue ``msg`` (its ``req`` is set here) and return the req its reply will carry.
+
+        Raises:
+            Unsupported: a PUT with options to a broker that did not announce them (an
+                older broker would store the message and ignore them).
+        """
+        if (
+            type(msg) in _WITH_OPTIONS
+            and (msg.options is not None or getattr(msg, "dedup_ids", None))
+            and "options" not in self.features
+        ):
+            raise Unsupported(
+                f"{self.peer} ({self.server or 'an older pigeon'}) does not support "
+                "per-message options (delay, ttl, dedup_id, priority, headers); upgrade it"
+            )
         req = self._send(msg)
         self._pending[req] = getattr(msg, "queue", "")
         return req
@@ -266,6 +285,7 @@ class ClientConnection:
             self.server = msg.server
             self.heartbeat = msg.heartbeat
             self.max_frame_size = msg.max_frame_size
+            self.features = frozenset(msg.features)
             self._decoder.max_frame_size = CLIENT_MAX_FRAME
             return Welcomed(msg.server, msg.heartbeat, msg.max_frame_size)
         if isinstance(msg, Error):

@@ -16,6 +16,9 @@ MAGIC = "PGN"
 VERSION = 1
 
 
+FEATURES = ["options"]  # what this version adds to version 1, announced in WELCOME
+
+
 class _Msg(msgspec.Struct, array_like=True, tag_field="type"):
     pass
 
@@ -35,9 +38,22 @@ class Welcome(_Msg, tag=0x02):
     server: str
     heartbeat: float  # seconds between the server's heartbeats on a busy connection
     max_frame_size: int
+    features: list[str] = []  # (added) e.g. "options": PUT's options field is honoured
 
 
 # --- client -> server -------------------------------------------------------------------
+
+
+class PutOptions(msgspec.Struct, omit_defaults=True):
+    """A put's per-message options (a MessagePack map; absent keys take these defaults).
+    An older broker ignores it (a trailing field), so a client sends it only to a broker
+    whose WELCOME lists the ``options`` feature."""
+
+    delay: float = 0.0  # seconds before it can be taken
+    ttl: float = 0.0  # seconds it may wait to be taken (after its delay); 0: forever
+    dedup_id: str = ""  # a repeat within the queue's dedup window is confirmed, not stored
+    priority: int = 0  # 0-9, higher first
+    headers: dict[str, str] = {}
 
 
 class Put(_Msg, tag=0x10):
@@ -45,6 +61,7 @@ class Put(_Msg, tag=0x10):
     queue: str
     payload: bytes
     wait: float | None = 0.0  # seconds to wait for room in a full queue; None: forever
+    options: PutOptions | None = None  # (added)
 
 
 class PutBatch(_Msg, tag=0x11):
@@ -52,6 +69,8 @@ class PutBatch(_Msg, tag=0x11):
     queue: str
     payloads: list[bytes]
     wait: float | None = 0.0
+    options: PutOptions | None = None  # (added) applied to each message
+    dedup_ids: list[str] | None = None  # (added) one per payload
 
 
 class Get(_Msg, tag=0x20):
@@ -101,6 +120,7 @@ class Declare(_Msg, tag=0x40):
     maxsize: int | None = None
     lease: float | None = None
     max_deliveries: int | None = None
+    dedup_window: float | None = None  # (added) seconds a dedup id is remembered
 
 
 class Info(_Msg, tag=0x41):
@@ -181,6 +201,7 @@ class Delivery(msgspec.Struct, array_like=True, frozen=True):
     id: int  # 0 when the item was acked on delivery (manual_ack false)
     delivery_count: int
     payload: bytes
+    headers: dict[str, str] | None = None  # (added) nil when there are none
 
 
 class Ok(_Msg, tag=0x80):

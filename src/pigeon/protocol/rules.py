@@ -14,14 +14,21 @@ from collections.abc import Callable, Container
 from typing import Any
 
 __all__ = [
+    "DEDUP_ID_BYTES",
+    "DEFAULT_DEDUP_WINDOW",
+    "HEADERS_BYTES",
+    "HEADER_KEY_BYTES",
     "MAX_BATCH",
     "MAX_COUNT",
+    "MAX_HEADERS",
     "MAX_ITEMS",
+    "MAX_PRIORITY",
     "MAX_QUEUE_NAME",
     "MAX_REQ",
     "MAX_SECONDS",
     "check_count",
     "check_seconds",
+    "options_problem",
     "problem",
     "queue_name_problem",
 ]
@@ -33,6 +40,12 @@ MAX_COUNT = 2**31 - 1  # TASK_DONE count, max_deliveries
 MAX_REQ = 2**63 - 1  # request ids: 1 .. 2**63 - 1
 MAX_ID = 2**64 - 1  # delivery ids: unsigned 64-bit
 MAX_QUEUE_NAME = 200  # code points
+MAX_PRIORITY = 9  # priorities are 0 (the default) to 9, higher first
+DEDUP_ID_BYTES = 256  # a dedup id: 1 to 256 bytes of UTF-8
+MAX_HEADERS = 64  # entries in a message's headers
+HEADER_KEY_BYTES = 256  # bytes of UTF-8 in a header's name
+HEADERS_BYTES = 16 * 1024  # bytes of names and values in a message's headers
+DEFAULT_DEDUP_WINDOW = 300.0  # seconds a queue remembers a dedup id
 
 
 def seconds_problem(name: str, value: Any, *, nil: bool, positive: bool = False) -> str | None:
@@ -83,13 +96,54 @@ def _ids_problem(ids: list[int]) -> str | None:
     return None
 
 
+def _dedup_problem(name: str, value: str) -> str | None:
+    if 0 < len(value.encode("utf-8", "surrogatepass")) <= DEDUP_ID_BYTES:
+        return None
+    return f"{name} must be 1 to {DEDUP_ID_BYTES} bytes of UTF-8, not {len(value.encode())}"
+
+
+def options_problem(o: Any) -> str | None:
+    """What is out of range in a PUT's options (or None)."""
+    if o.delay and (bad := seconds_problem("delay", o.delay, nil=False)):
+        return bad
+    if o.ttl and (bad := seconds_problem("ttl", o.ttl, nil=False, positive=True)):
+        return bad
+    if o.dedup_id and (bad := _dedup_problem("dedup_id", o.dedup_id)):
+        return bad
+    if o.priority and (bad := int_problem("priority", o.priority, 0, MAX_PRIORITY)):
+        return bad
+    if o.headers:
+        if len(o.headers) > MAX_HEADERS:
+            return f"headers may hold at most {MAX_HEADERS} entries, not {len(o.headers)}"
+        total = 0
+        for k, v in o.headers.items():
+            n = len(k.encode("utf-8", "surrogatepass"))
+            if not 0 < n <= HEADER_KEY_BYTES:
+                return f"a header name must be 1 to {HEADER_KEY_BYTES} bytes, not {n}"
+            total += n + len(v.encode("utf-8", "surrogatepass"))
+        if total > HEADERS_BYTES:
+            return f"headers must hold at most {HEADERS_BYTES} bytes, not {total}"
+    return None
+
+
 def _put(m: Any) -> str | None:
-    return seconds_problem("wait", m.wait, nil=True) if m.wait else None
+    if m.wait and (bad := seconds_problem("wait", m.wait, nil=True)):
+        return bad
+    return options_problem(m.options) if m.options is not None else None
 
 
 def _put_batch(m: Any) -> str | None:
     if not 1 <= len(m.payloads) <= MAX_BATCH:
         return f"payloads must hold 1 to {MAX_BATCH} items, not {len(m.payloads)}"
+    if m.dedup_ids is not None:
+        if len(m.dedup_ids) != len(m.payloads):
+            return (f"dedup_ids must hold one id per payload: {len(m.dedup_ids)} for "
+                    f"{len(m.payloads)}")  # fmt: skip
+        for d in m.dedup_ids:
+            if bad := _dedup_problem("dedup_ids[]", d):
+                return bad
+    if m.options is not None and m.options.dedup_id:
+        return "a PUT_BATCH's options carry no dedup_id: send dedup_ids, one per payload"
     return _put(m)
 
 
@@ -117,6 +171,7 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
         int_problem("maxsize", m.maxsize, 0, 2**63 - 1, nil=True)
         or seconds_problem("lease", m.lease, nil=True, positive=True)
         or int_problem("max_deliveries", m.max_deliveries, 1, MAX_COUNT, nil=True)
+        or seconds_problem("dedup_window", m.dedup_window, nil=True)
     ),
     "TaskDone": lambda m: int_problem("count", m.count, 1, MAX_COUNT),
     "Peek": lambda m: int_problem("max_items", m.max_items, 1, MAX_ITEMS),

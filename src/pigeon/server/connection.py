@@ -30,6 +30,7 @@ from pigeon._net import tune_tcp
 from pigeon.errors import FrameError, FrameTooLarge, RemoteProtocolError
 from pigeon.framing import Delimited, LengthPrefixed
 from pigeon.protocol import (
+    FEATURES,
     MAGIC,
     VERSION,
     Error,
@@ -359,7 +360,7 @@ class Connection(asyncio.BufferedProtocol):
         self.logged_in()
         self.client_name = msg.client[:100]
         cfg = self.server.config
-        self.send(Welcome(VERSION, cfg.name, cfg.heartbeat, cfg.max_frame_size))
+        self.send(Welcome(VERSION, cfg.name, cfg.heartbeat, cfg.max_frame_size, FEATURES))
 
     def _reject_login(self, then: Callable[[], None]) -> None:
         """Answer a wrong token only after ``failure_delay``: guessing is slow."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -49,6 +50,7 @@ from pigeon.protocol import (
     Purge,
     Put,
     PutBatch,
+    PutOptions,
     QueueShutdown,
     Shutdown,
     Stats,
@@ -58,6 +60,7 @@ from pigeon.protocol.codes import Code
 from pigeon.protocol.rules import problem
 from pigeon.server.model import (
     DEAD_SUFFIX,
+    Extra,
     GetWaiter,
     InFlight,
     PutWaiter,
@@ -115,6 +118,7 @@ class Broker:
         max_parked_bytes: int = 256 * 2**20,
         max_parked_gets_per_connection: int = 65_536,
         max_parked_gets: int = 262_144,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store if store is not None else Store()
         # Bytes delivered to one connection and not yet settled: beyond this a consumer
@@ -144,16 +148,32 @@ class Broker:
         self._leases_rebuilt_at = 0
         self._timeouts: list[tuple[float, int, Waiter]] = []  # (deadline, seq, waiter)
         self._delayed: list[tuple[float, int, str]] = []  # (due, message id, queue)
+        self._expiring: list[tuple[float, int, str]] = []  # (expiry, message id, queue)
         self.default_lease = default_lease
         self.default_max_deliveries = default_max_deliveries
         self.now = 0.0 if clock is None else clock()
+        # A message's delay and expiry are kept as wall-clock times (they outlive a
+        # restart); the broker's clock is monotonic: wall = now + _wall_offset.
+        self._wall_offset = wall_clock() - self.now
         for name, settings in self.store.recover_queues().items():
             self._apply_settings(self._queue(name, limit=False), settings)
+        wall_now = self.now + self._wall_offset
+        for name, ids in self.store.recover_dedup().items():
+            q = self._queue(name, limit=False)
+            for dedup_id, until in ids.items():
+                if until > wall_now:
+                    q.dedup[dedup_id] = until
+                    q.dedup_heap.append((until, dedup_id))
+            heapq.heapify(q.dedup_heap)
         last_id = 0
         for name, msg in self.store.recover():
             q = self._queue(name, limit=False)
             msg.enqueued = self.now
-            if q.is_dead_letters and msg.origin:
+            if msg.extra is not None:
+                if q.is_dead_letters:  # a dead letter keeps no timer
+                    msg.extra = Extra(msg.extra.priority, 0.0, 0.0, msg.extra.headers)
+                self._wait(q, msg, back=bool(msg.origin))
+            elif q.is_dead_letters and msg.origin:
                 q.ready.give_back(msg)
             else:
                 q.ready.append(msg)
@@ -255,16 +275,20 @@ class Broker:
             ready.popleft()
             size += n + _DELIVERY_OVERHEAD
             msg.deliveries += 1
+            headers = None
+            if msg.extra is not None:
+                q.expiring.pop(msg.id, None)  # taken in time
+                headers = msg.extra.headers
             if manual:
                 did = next(ids)
                 in_flight[did] = InFlight(msg, conn, deadline)
                 conn_flight[did] = name
                 held += n
                 leased.append(did)
-                out.append(Delivery(did, msg.deliveries, msg.payload))
+                out.append(Delivery(did, msg.deliveries, msg.payload, headers))
             else:
                 removed.append(msg.id)
-                out.append(Delivery(0, msg.deliveries, msg.payload))
+                out.append(Delivery(0, msg.deliveries, msg.payload, headers))
         q.delivered_total += len(out)
         if removed:
             self.store.removed_many(name, removed)
@@ -344,7 +368,7 @@ class Broker:
                     break
                 q.putters.popleft()
                 self._finish(p)
-                self._add(q, p.payloads)
+                self._add(q, p.payloads, p.options, p.dedup_ids)
                 out.append((p.conn, Ok(p.req, len(p.payloads))))
                 progress = True
         if q.shutdown and not q.ready and not q.delayed:
@@ -364,13 +388,90 @@ class Broker:
             out += self._serve(dead)
         return out
 
-    def _add(self, q: QueueState, payloads: list[bytes]) -> None:
+    def _add(
+        self,
+        q: QueueState,
+        payloads: list[bytes],
+        opts: PutOptions | None = None,
+        dedup_ids: list[str] | None = None,
+    ) -> None:
         ids, now = self._ids, self.now
-        msgs = [Stored(next(ids), p, enqueued=now) for p in payloads]
-        q.ready.extend(msgs)
+        if opts is None and dedup_ids is None:
+            msgs = [Stored(next(ids), p, enqueued=now) for p in payloads]
+            q.ready.extend(msgs)
+        else:
+            msgs = self._with_options(q, payloads, opts or PutOptions(), dedup_ids)
         self.store.added_many(q.name, msgs)
-        q.unfinished += len(payloads)
-        q.put_total += len(payloads)
+        q.unfinished += len(msgs)
+        q.put_total += len(msgs)
+
+    def _with_options(
+        self, q: QueueState, payloads: list[bytes], opts: PutOptions, dedup_ids: list[str] | None
+    ) -> list[Stored]:
+        """The messages of a put with options, placed: repeats of a dedup id left out,
+        delayed ones set aside until due, expiring ones watched."""
+        if dedup_ids is None and opts.dedup_id:
+            dedup_ids = [opts.dedup_id]
+        if dedup_ids is not None:
+            fresh = [p for p, d in zip(payloads, dedup_ids, strict=True) if self._first(q, d)]
+            payloads = fresh
+        wall = self.now + self._wall_offset
+        extra = None
+        if opts.priority or opts.delay or opts.ttl or opts.headers:
+            due = wall + opts.delay if opts.delay else 0.0
+            expires = (due or wall) + opts.ttl if opts.ttl else 0.0
+            extra = Extra(opts.priority, due, expires, opts.headers or None)
+        ids, now = self._ids, self.now
+        msgs = [Stored(next(ids), p, enqueued=now, extra=extra) for p in payloads]
+        if extra is None:
+            q.ready.extend(msgs)
+        else:
+            for msg in msgs:
+                self._wait(q, msg)
+        return msgs
+
+    def _forget_dedup(self, q: QueueState) -> None:
+        """Forget the dedup ids whose window has passed."""
+        wall = self.now + self._wall_offset
+        heap, seen = q.dedup_heap, q.dedup
+        while heap and heap[0][0] <= wall:
+            until, old = heapq.heappop(heap)
+            if seen.get(old) == until:
+                del seen[old]
+
+    def _first(self, q: QueueState, dedup_id: str) -> bool:
+        """True, and remembered for the queue's window, if ``dedup_id`` is not a repeat."""
+        self._forget_dedup(q)
+        seen, wall = q.dedup, self.now + self._wall_offset
+        if dedup_id in seen:
+            return False
+        if q.dedup_window > 0:
+            until = wall + q.dedup_window
+            seen[dedup_id] = until
+            heapq.heappush(q.dedup_heap, (until, dedup_id))
+            self.store.deduped(q.name, dedup_id, until)
+        return True
+
+    def _wait(self, q: QueueState, msg: Stored, back: bool = False) -> None:
+        """Put ``msg``, which carries options, where it waits: set aside until it is due,
+        or ready; watched for its expiry if it has one."""
+        extra = msg.extra
+        assert extra is not None
+        offset = self._wall_offset
+        if extra.expires:
+            q.expiring[msg.id] = msg
+            heapq.heappush(self._expiring, (extra.expires - offset, msg.id, q.name))
+        if extra.due and extra.due - offset > self.now:
+            q.delayed[msg.id] = msg
+            heapq.heappush(self._delayed, (extra.due - offset, msg.id, q.name))
+        elif back or msg.deliveries or msg.origin:
+            q.ready.give_back(msg)
+        else:
+            q.ready.append(msg)
+
+    def _expired(self, q: QueueState, msg: Stored) -> bool:
+        extra = msg.extra
+        return extra is not None and 0 < extra.expires <= self.now + self._wall_offset
 
     def _requeue(self, q: QueueState, msg: Stored, delay: float = 0.0) -> None:
         """Give a delivered message back, or dead-letter it after max_deliveries (a dead
@@ -378,6 +479,12 @@ class Broker:
         if msg.deliveries >= q.max_deliveries and not q.is_dead_letters:
             self._dead_letter(q, msg, "max_deliveries")
             return
+        if msg.extra is not None and msg.extra.expires and not q.is_dead_letters:
+            if self._expired(q, msg):
+                self._dead_letter(q, msg, "expired")
+                return
+            q.expiring[msg.id] = msg
+            heapq.heappush(self._expiring, (msg.extra.expires - self._wall_offset, msg.id, q.name))
         q.redelivered_total += 1
         self.store.requeued(q.name, msg)
         if delay > 0:
@@ -393,6 +500,9 @@ class Broker:
         q.dead_total += 1
         q.unfinished = max(0, q.unfinished - 1)
         dead = self._queue(q.name + DEAD_SUFFIX, limit=False)
+        if msg.extra is not None:  # a dead letter keeps its headers and priority, no timer
+            q.expiring.pop(msg.id, None)
+            msg.extra = Extra(msg.extra.priority, 0.0, 0.0, msg.extra.headers)
         msg.origin = q.name
         msg.reason = reason
         msg.deliveries = 0  # counted afresh in the dead-letter queue (and when replayed)
@@ -417,6 +527,7 @@ class Broker:
         q.maxsize = int(settings.get("maxsize", q.maxsize))
         q.lease = float(settings.get("lease", q.lease))
         q.max_deliveries = int(settings.get("max_deliveries", q.max_deliveries))
+        q.dedup_window = float(settings.get("dedup_window", q.dedup_window))
         q.shutdown = bool(settings.get("shutdown", q.shutdown))
 
     def _persist_settings(self, q: QueueState) -> None:
@@ -426,6 +537,7 @@ class Broker:
                 "maxsize": q.maxsize,
                 "lease": q.lease,
                 "max_deliveries": q.max_deliveries,
+                "dedup_window": q.dedup_window,
                 "shutdown": q.shutdown,
             },
         )
@@ -457,7 +569,11 @@ class Broker:
         return out
 
     def _put(self, conn: Conn, m: Put | PutBatch) -> list[Out]:
-        payloads = [m.payload] if isinstance(m, Put) else m.payloads
+        if isinstance(m, Put):
+            payloads, dedup_ids = [m.payload], None
+        else:
+            payloads, dedup_ids = m.payloads, m.dedup_ids
+        opts = m.options
         q = self._queue(m.queue)
         if q.shutdown:
             return [
@@ -473,9 +589,15 @@ class Broker:
                 )
             ]
         q.compact()
+        if opts is not None and opts.dedup_id:
+            dedup_ids = [opts.dedup_id]
+        if dedup_ids is not None and q.dedup:
+            self._forget_dedup(q)
+            if all(d in q.dedup for d in dedup_ids):
+                return [(conn, Ok(m.req, len(payloads)))]  # all repeats: confirmed, not stored
         room = q.room()
         if (room is None or room >= len(payloads)) and not q.putters:
-            self._add(q, payloads)
+            self._add(q, payloads, opts, dedup_ids)
             return [(conn, Ok(m.req, len(payloads))), *self._serve(q)]
         if m.wait == 0:
             return [
@@ -509,7 +631,8 @@ class Broker:
                     f"(max_parked_bytes={self.max_parked_bytes}); try again later",
                 )
             ]
-        w = PutWaiter(conn, m.req, self._deadline(m.wait), q.name, payloads=payloads, size=size)
+        w = PutWaiter(conn, m.req, self._deadline(m.wait), q.name, payloads=payloads, size=size,
+                      options=opts, dedup_ids=dedup_ids)  # fmt: skip
         cs.parked_bytes += size
         self.parked_bytes += size
         q.putters.append(w)
@@ -612,8 +735,15 @@ class Broker:
     def _declare(self, conn: Conn, m: Declare) -> list[Out]:
         q = self._queue(m.queue)
         out: list[Out] = []
-        if m.maxsize is not None or m.lease is not None or m.max_deliveries is not None:
+        if (
+            m.maxsize is not None
+            or m.lease is not None
+            or m.max_deliveries is not None
+            or m.dedup_window is not None
+        ):
             settings: dict[str, Any] = {}
+            if m.dedup_window is not None:
+                settings["dedup_window"] = m.dedup_window
             if m.maxsize is not None:
                 settings["maxsize"] = m.maxsize
             if m.lease is not None:
@@ -675,6 +805,7 @@ class Broker:
         if m.immediate:
             dropped = q.ready.clear() + list(q.delayed.values())
             q.delayed.clear()
+            q.expiring.clear()
             for msg in dropped:
                 self.store.removed(q.name, msg.id)
             q.unfinished = max(0, q.unfinished - len(dropped))
@@ -696,6 +827,7 @@ class Broker:
             return [(conn, Ok(m.req, 0))]
         dropped = q.ready.clear() + list(q.delayed.values())
         q.delayed.clear()
+        q.expiring.clear()
         for msg in dropped:
             self.store.removed(q.name, msg.id)
         q.unfinished = max(0, q.unfinished - len(dropped))
@@ -737,6 +869,8 @@ class Broker:
                     "age": round(max(0.0, self.now - msg.enqueued), 3),
                     "origin": msg.origin,
                     "reason": msg.reason,
+                    "priority": msg.priority,
+                    "headers": (msg.extra.headers if msg.extra is not None else None) or {},
                 }
             )
         return [(conn, Ok(m.req, shown))]
@@ -754,7 +888,11 @@ class Broker:
             n = min(n, room)
         for _ in range(n):
             msg = src.ready.popleft()
-            moved = Stored(next(self._ids), msg.payload, enqueued=self.now)
+            extra = msg.extra
+            if extra is not None:  # moved as a new message: its headers and priority kept
+                src.expiring.pop(msg.id, None)
+                extra = Extra(extra.priority, 0.0, 0.0, extra.headers)
+            moved = Stored(next(self._ids), msg.payload, enqueued=self.now, extra=extra)
             self.store.removed(src.name, msg.id)
             self.store.added(dst.name, moved)
             dst.ready.append(moved)
@@ -852,6 +990,18 @@ class Broker:
             if q is not None and msg is not None:
                 q.ready.give_back(msg)
                 touched.add(name)
+        expiring = self._expiring
+        while expiring and expiring[0][0] <= now:
+            _, msg_id, name = heapq.heappop(expiring)
+            q = self.queues.get(name)
+            msg = q.expiring.pop(msg_id, None) if q is not None else None
+            if q is None or msg is None or not self._expired(q, msg):
+                continue  # taken, dropped or moved since (or due again later)
+            if q.delayed.pop(msg_id, None) is None:
+                q.ready.discard(msg)
+            self._dead_letter(q, msg, "expired")
+            touched.add(name)
+            touched.add(name + DEAD_SUFFIX)
         for name in touched:
             q = self.queues.get(name)
             if q is not None:
@@ -862,7 +1012,8 @@ class Broker:
 
     def next_deadline(self) -> float | None:
         """When ``tick`` next has something to do (or None)."""
-        tops = [h[0][0] for h in (self._leases, self._timeouts, self._delayed) if h]
+        heaps = (self._leases, self._timeouts, self._delayed, self._expiring)
+        tops = [h[0][0] for h in heaps if h]
         return min(tops) if tops else None
 
     def parked(self, conn: Conn) -> int:

@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pigeon.protocol import Error, Get, Info, Put, Shutdown
+from pigeon.protocol import Error, Get, Info, Put, PutOptions, Shutdown
 
 if TYPE_CHECKING:
     from pigeon.server.connection import Connection
@@ -79,12 +79,57 @@ def _item(payload: bytes) -> str:
     return "$" + base64.b64encode(payload).decode()
 
 
+_OPTION = re.compile(r"(delay|ttl|priority|dedup_id|header\.[^\s=]+)=(\S*)")
+
+
+def _options(data: str) -> tuple[str, PutOptions | None]:
+    """The text of a PUT and the options at its end (``delay=5 ttl=60 priority=9
+    dedup_id=abc header.NAME=value``). Raises ValueError for a bad value."""
+    words = data.split(" ")
+    found: dict[str, str] = {}
+    while words and (m := _OPTION.fullmatch(words[-1])):
+        words.pop()
+        found.setdefault(m.group(1), m.group(2))
+    if not found:
+        return data, None
+    opts = PutOptions()
+    headers: dict[str, str] = {}
+    for name, value in found.items():
+        if name.startswith("header."):
+            headers[name[7:]] = value
+            continue
+        try:
+            number = int(value) if name == "priority" else float(value)
+        except ValueError:
+            if name != "dedup_id":
+                raise ValueError(f"{name} must be a number, not {value!r}") from None
+        if name == "delay":
+            opts.delay = number
+        elif name == "ttl":
+            opts.ttl = number
+        elif name == "priority":
+            opts.priority = int(number)
+        else:
+            if not value:
+                raise ValueError("dedup_id must not be empty")
+            opts.dedup_id = value
+    if headers:
+        opts.headers = headers
+    return " ".join(words), opts
+
+
 def _put(c: Connection, rest: str) -> None:
     queue, _, data = rest.partition(" ")
     if not queue:
-        c.replies.now("-ERR usage: PUT <queue> <text>")
+        c.replies.now("-ERR usage: PUT <queue> <text> [delay=S] [ttl=S] [priority=0-9] "
+                      "[dedup_id=ID] [header.NAME=VALUE]")  # fmt: skip
         return
-    c.text_request(Put(0, queue, data.encode()), lambda r: "+OK")
+    try:
+        data, opts = _options(data)
+    except ValueError as exc:
+        c.replies.now(f"-BAD_REQUEST {exc}")
+        return
+    c.text_request(Put(0, queue, data.encode(), 0.0, opts), lambda r: "+OK")
 
 
 def _get(c: Connection, rest: str) -> None:
@@ -128,7 +173,8 @@ def _auth(c: Connection, rest: str) -> None:
 def _help(c: Connection, rest: str) -> None:
     c.replies.now(
         "+commands (one per line, \\r\\n or \\n; replies come back in command order):",
-        "+  PUT <queue> <text>       put the text (UTF-8 bytes) as one item",
+        "+  PUT <queue> <text>       put the text (UTF-8 bytes) as one item; options at the",
+        "+                           end: delay=S ttl=S priority=0-9 dedup_id=ID header.K=V",
         "+  GET <queue> [seconds]    take one item (+text, or $base64 for binary)",
         "+  QSIZE <queue>            items waiting",
         "+  SHUTDOWN <queue>         shut the queue down",

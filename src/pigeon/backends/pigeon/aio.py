@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Generic, TypeVar, cast
 
 from pigeon._net import tune_tcp
@@ -33,6 +33,7 @@ from pigeon.backends.pigeon.ops import (
     settle_message,
 )
 from pigeon.errors import BrokenResourceError, ClosedResourceError, LocalProtocolError
+from pigeon.options import check_dedup_ids, put_options
 from pigeon.protocol.client import ClientConnection, Closed, Reply, Welcomed
 from pigeon.protocol.messages import Delivery
 from pigeon.serializers import SerializerLike
@@ -180,12 +181,14 @@ class AsyncBrokerQueue(Generic[T]):
         *,
         lease: float | None = None,
         max_deliveries: int | None = None,
+        dedup_window: float | None = None,
         reconnect_timeout: float = 30.0,
         connect_timeout: float = 10.0,
     ) -> None:
         self._spec = Spec(
             url, maxsize, serializer, lease=lease, max_deliveries=max_deliveries,
-            reconnect_timeout=reconnect_timeout, connect_timeout=connect_timeout,
+            dedup_window=dedup_window, reconnect_timeout=reconnect_timeout,
+            connect_timeout=connect_timeout,
         )  # fmt: skip
         self._ops = Ops(self._spec)
         self._link: _LinkProtocol | None = None
@@ -285,17 +288,41 @@ class AsyncBrokerQueue(Generic[T]):
 
     # --- the contract -----------------------------------------------------------------------
 
-    async def put(self, item: T, timeout: float | None = None, *, block: bool = True) -> None:
-        await self._drive(self._ops.put([self._spec.ser.dumps(item)], block, timeout))
+    async def put(
+        self,
+        item: T,
+        timeout: float | None = None,
+        *,
+        block: bool = True,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_id: str | None = None,
+        priority: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        opts = put_options(delay, ttl, dedup_id, priority, headers)
+        await self._drive(self._ops.put([self._spec.ser.dumps(item)], block, timeout, opts))
 
     async def put_nowait(self, item: T) -> None:
         await self.put(item, block=False)
 
     async def put_many(
-        self, items: Iterable[T], timeout: float | None = None, *, block: bool = True
+        self,
+        items: Iterable[T],
+        timeout: float | None = None,
+        *,
+        block: bool = True,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_ids: Sequence[str] | None = None,
+        priority: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
+        opts = put_options(delay, ttl, None, priority, headers)
         dumps = self._spec.ser.dumps
-        await self._drive(self._ops.put([dumps(i) for i in items], block, timeout))
+        payloads = [dumps(i) for i in items]
+        ids = check_dedup_ids(dedup_ids, len(payloads))
+        await self._drive(self._ops.put(payloads, block, timeout, opts, ids, many=ids is not None))
 
     async def get(self, timeout: float | None = None, *, block: bool = True) -> T:
         return (await self._drive(self._ops.take(1, block, timeout)))[0][1]  # type: ignore[no-any-return]
@@ -368,6 +395,7 @@ class AsyncBrokerMessage(Generic[T]):
         self._queue = queue
         self.id = delivery.id
         self.delivery_count = delivery.delivery_count
+        self.headers: dict[str, str] = delivery.headers or {}
         self.body = body
         self._settled = False
 

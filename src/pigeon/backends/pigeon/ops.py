@@ -41,6 +41,7 @@ from pigeon.protocol import (
     Ok,
     Put,
     PutBatch,
+    PutOptions,
     Shutdown,
     Stats,
     TaskDone,
@@ -116,6 +117,7 @@ class Spec:
         *,
         lease: float | None = None,
         max_deliveries: int | None = None,
+        dedup_window: float | None = None,
         reconnect_timeout: float = 30.0,
         connect_timeout: float = 10.0,
     ) -> None:
@@ -126,6 +128,7 @@ class Spec:
         self.ser: Serializer = get_serializer(self.serializer_spec)
         self.lease = self.ep.seconds("lease", lease)
         self.max_deliveries = self.ep.count("max_deliveries", max_deliveries)
+        self.dedup_window = self.ep.seconds("dedup_window", dedup_window, positive=False)
         self.maxsize = maxsize
         self.reconnect_timeout = float(check_seconds("reconnect_timeout", reconnect_timeout) or 0)
         self.connect_timeout = float(
@@ -139,6 +142,7 @@ class Spec:
             "serializer": self.serializer_spec,
             "lease": self.lease,
             "max_deliveries": self.max_deliveries,
+            "dedup_window": self.dedup_window,
             "reconnect_timeout": self.reconnect_timeout,
             "connect_timeout": self.connect_timeout,
         }
@@ -150,7 +154,9 @@ class Spec:
     def declare(self) -> Declare:
         """Sent on every new connection right after HELLO: applies the options given (a
         DECLARE with none changes nothing) and tells the queue's maxsize."""
-        return Declare(0, self.queue, self.maxsize or None, self.lease, self.max_deliveries)
+        return Declare(
+            0, self.queue, self.maxsize or None, self.lease, self.max_deliveries, self.dedup_window
+        )
 
 
 class Ops:
@@ -198,19 +204,33 @@ class Ops:
 
     # --- the contract -----------------------------------------------------------------------
 
-    def put(self, payloads: list[bytes], block: bool, timeout: float | None) -> Op[None]:
+    def put(
+        self,
+        payloads: list[bytes],
+        block: bool,
+        timeout: float | None,
+        options: PutOptions | None = None,
+        dedup_ids: list[str] | None = None,
+        *,
+        many: bool = False,
+    ) -> Op[None]:
+        """Put ``payloads`` (``options`` checked by ``pigeon.options``). A put with a
+        ``dedup_id`` may be retried after a lost connection without being stored twice."""
         deadline = deadline_from(block, timeout)
         q = self.queue
-        if len(payloads) == 1:
+        if len(payloads) == 1 and not many:
             p = payloads[0]
-            yield from self.call(lambda w: Put(0, q, p, w if block else 0.0), deadline)
+            yield from self.call(lambda w: Put(0, q, p, w if block else 0.0, options), deadline)
         elif payloads:
             if self.maxsize and len(payloads) > self.maxsize:
                 raise ValueError(
                     f"put_many of {len(payloads)} items can never fit in "
                     f"maxsize={self.maxsize}; split the batch"
                 )
-            yield from self.call(lambda w: PutBatch(0, q, payloads, w if block else 0.0), deadline)
+            yield from self.call(
+                lambda w: PutBatch(0, q, payloads, w if block else 0.0, options, dedup_ids),
+                deadline,
+            )
 
     def take(
         self,

@@ -46,7 +46,7 @@ import os
 import socket
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 from pigeon._net import tune_tcp
@@ -65,6 +65,7 @@ from pigeon.backends.pigeon.ops import (
     settle_message,
 )
 from pigeon.errors import BrokenResourceError, ClosedResourceError, LocalProtocolError
+from pigeon.options import check_dedup_ids, put_options
 from pigeon.protocol.client import ClientConnection, Closed, Reply, Welcomed
 from pigeon.protocol.messages import Delete, Delivery, Move, Peek, Purge
 from pigeon.serializers import SerializerLike
@@ -214,13 +215,15 @@ class BrokerQueue(Queue[T]):
         *,
         lease: float | None = None,
         max_deliveries: int | None = None,
+        dedup_window: float | None = None,
         reconnect_timeout: float = 30.0,
         connect_timeout: float = 10.0,
         client_name: str | None = None,
     ) -> None:
         self._spec = Spec(
             url, maxsize, serializer, lease=lease, max_deliveries=max_deliveries,
-            reconnect_timeout=reconnect_timeout, connect_timeout=connect_timeout,
+            dedup_window=dedup_window, reconnect_timeout=reconnect_timeout,
+            connect_timeout=connect_timeout,
         )  # fmt: skip
         self._ops = Ops(self._spec)
         self._client = client_name or f"pigeon-py/{os.getpid()}"
@@ -229,7 +232,12 @@ class BrokerQueue(Queue[T]):
         self._lock = threading.Lock()
         self._closed = False
         self._known = False  # the broker told us maxsize on some connection
-        if self._spec.maxsize or self._spec.lease or self._spec.max_deliveries:
+        if (
+            self._spec.maxsize
+            or self._spec.lease
+            or self._spec.max_deliveries
+            or self._spec.dedup_window is not None
+        ):
             # Options given: apply them now, so a refused one is an error here.
             self._drive(self._ops.call(lambda _: self._spec.declare(), None))
             self._known = True
@@ -314,14 +322,38 @@ class BrokerQueue(Queue[T]):
             self._drive(self._ops.info())
         return self._ops.maxsize
 
-    def put(self, item: T, block: bool = True, timeout: float | None = None) -> None:
-        self._drive(self._ops.put([self._spec.ser.dumps(item)], block, timeout))
+    def put(
+        self,
+        item: T,
+        block: bool = True,
+        timeout: float | None = None,
+        *,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_id: str | None = None,
+        priority: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        opts = put_options(delay, ttl, dedup_id, priority, headers)
+        self._drive(self._ops.put([self._spec.ser.dumps(item)], block, timeout, opts))
 
     def put_many(
-        self, items: Iterable[T], block: bool = True, timeout: float | None = None
+        self,
+        items: Iterable[T],
+        block: bool = True,
+        timeout: float | None = None,
+        *,
+        delay: float | None = None,
+        ttl: float | None = None,
+        dedup_ids: Sequence[str] | None = None,
+        priority: int | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
+        opts = put_options(delay, ttl, None, priority, headers)
         dumps = self._spec.ser.dumps
-        self._drive(self._ops.put([dumps(item) for item in items], block, timeout))
+        payloads = [dumps(item) for item in items]
+        ids = check_dedup_ids(dedup_ids, len(payloads))
+        self._drive(self._ops.put(payloads, block, timeout, opts, ids, many=ids is not None))
 
     def get(self, block: bool = True, timeout: float | None = None) -> T:
         return self._drive(self._ops.take(1, block, timeout))[0][1]  # type: ignore[no-any-return]
@@ -416,6 +448,7 @@ class BrokerMessage(Message[T]):
         self._queue = queue
         self.id = delivery.id
         self.delivery_count = delivery.delivery_count
+        self.headers: dict[str, str] = delivery.headers or {}
         self.body = body
         self._settled = False
 

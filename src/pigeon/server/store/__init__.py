@@ -113,6 +113,7 @@ def _import(root: Path, sqlite_file: Path, segment_bytes: int) -> None:
     old = SQLiteStore(root, "batch")
     try:
         queues = old.recover_queues()
+        dedup = old.recover_dedup()
         messages = list(old.recover())
     finally:
         old.close()
@@ -123,6 +124,9 @@ def _import(root: Path, sqlite_file: Path, segment_bytes: int) -> None:
         with store.atomic():
             for name, settings in queues.items():
                 store.declared(name, settings)
+            for name, ids in dedup.items():
+                for dedup_id, until in ids.items():
+                    store.deduped(name, dedup_id, until)
         for start in range(0, len(messages), _IMPORT_CHUNK):
             with store.atomic():  # one record a chunk: the mark makes the whole atomic
                 for queue, msg in messages[start : start + _IMPORT_CHUNK]:

@@ -74,13 +74,19 @@ def backup_log(data_dir: str | os.PathLike[str], target: str | os.PathLike[str])
     try:
         create_schema(db)
         with db:
+            encode = msgspec.msgpack.Encoder().encode
             db.executemany(
-                "INSERT INTO messages (id, queue, payload, crc, deliveries, origin, reason) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO messages (id, queue, payload, crc, deliveries, origin, reason, "
+                "extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (m.id, q, m.payload, zlib.crc32(m.payload), m.deliveries, m.origin, m.reason)
+                    (m.id, q, m.payload, zlib.crc32(m.payload), m.deliveries, m.origin, m.reason,
+                     None if m.extra is None else encode(m.extra))
                     for q, m in messages
                 ],
+            )  # fmt: skip
+            db.executemany(
+                "INSERT INTO dedup VALUES (?, ?, ?)",
+                [(q, d, until) for q, ids in state.dedup.items() for d, until in ids.items()],
             )
             db.executemany(
                 "INSERT INTO queues VALUES (?, ?)",

@@ -53,7 +53,7 @@ from typing import Any
 import msgspec
 
 from pigeon.errors import StoreCorrupted
-from pigeon.server.model import Stored
+from pigeon.server.model import Extra, Stored
 from pigeon.server.store.durable import Durable, FsyncMode
 
 __all__ = ["LOG_DIR", "LogStore"]
@@ -96,13 +96,17 @@ _MAX_RETRY_DELAY = 0.25
 
 # Operations (the first item of each msgpack list in a record's body).
 ADDS = 0  # [0, queue, first_id, [payload, ...]]: fresh messages, consecutive ids
-ADD = 1  # [1, id, queue, payload, deliveries, origin, reason]: any message, as it is
+ADD = 1  # [1, id, queue, payload, deliveries, origin, reason, extra?]: any message, as
+# it is; extra (priority, due, expires, headers) only for a message put with options
 DEL = 2  # [2, [id, ...]]: gone for good (acked, purged, deleted)
-MOVE = 3  # [3, id, queue, deliveries, origin, reason]: to another queue (a dead letter)
+MOVE = 3  # [3, id, queue, deliveries, origin, reason, extra?]: to another queue (a dead
+# letter; extra: what it keeps of its options)
 REQUEUED = 4  # [4, id, deliveries]: handed back after this many deliveries
 DECLARE = 5  # [5, queue, settings or None]
-SETTINGS = 6  # [6, {queue: settings}]: every queue's settings (a segment's first record)
+SETTINGS = 6  # [6, {queue: settings}, {queue: {dedup id: until}}?]: every queue's settings
+# and remembered dedup ids (a segment's first record)
 PART = 7  # [7]: first op of a record that is not the last of its change (see _write)
+DEDUP = 8  # [8, queue, dedup id, until]: the queue remembers the id until then (wall clock)
 # A change larger than this is written as several records, applied together at recovery
 # (a record's length field is 32 bits; a change - a move of a large queue - is not bounded).
 _MAX_RECORD = 256 * 2**20
@@ -117,6 +121,7 @@ class _Replayed:
     def __init__(self) -> None:
         self.live: dict[int, _Entry] = {}
         self.queues: dict[str, dict[str, Any]] = {}
+        self.dedup: dict[str, dict[str, float]] = {}
         self.bad_records = 0
         self.bad_bytes = 0
 
@@ -129,18 +134,21 @@ class _Replayed:
                 for i, payload in enumerate(payloads, first):
                     live[i] = (seg, queue, Stored(i, payload))
             elif kind == ADD:
-                _, mid, queue, payload, deliveries, origin, reason = op
-                live[mid] = (seg, queue, Stored(mid, payload, deliveries, 0.0, origin, reason))
+                _, mid, queue, payload, deliveries, origin, reason, *more = op
+                extra = _extra(more)
+                msg = Stored(mid, payload, deliveries, 0.0, origin, reason, extra)
+                live[mid] = (seg, queue, msg)
             elif kind == DEL:
                 pop = live.pop
                 for mid in op[1]:
                     pop(mid, None)
             elif kind == MOVE:
-                _, mid, queue, deliveries, origin, reason = op
+                _, mid, queue, deliveries, origin, reason, *more = op
                 entry = live.get(mid)
                 if entry is not None:
                     msg = entry[2]
                     msg.deliveries, msg.origin, msg.reason = deliveries, origin, reason
+                    msg.extra = _extra(more)
                     live[mid] = (entry[0], queue, msg)
             elif kind == REQUEUED:
                 entry = live.get(op[1])
@@ -149,15 +157,39 @@ class _Replayed:
             elif kind == DECLARE:
                 if op[2] is None:
                     self.queues.pop(op[1], None)
+                    self.dedup.pop(op[1], None)
                 else:
                     self.queues[op[1]] = op[2]
             elif kind == SETTINGS:
                 self.queues = dict(op[1])
+                if len(op) > 2:
+                    self.dedup = {q: dict(ids) for q, ids in op[2].items()}
+            elif kind == DEDUP:
+                self.dedup.setdefault(op[1], {})[op[2]] = op[3]
             else:
                 raise ValueError(f"unknown operation {kind!r}")
 
     def messages(self) -> list[tuple[str, Stored]]:
         return _oldest_first(self.live)
+
+
+def _extra(more: list[Any]) -> Extra | None:
+    """The Extra of an ADD or MOVE op (None for a plain message)."""
+    return msgspec.convert(more[0], Extra) if more and more[0] is not None else None
+
+
+def _extra_bytes(msg: Stored) -> int:
+    """What a message's origin, reason and options add to a copy of it in the log."""
+    n = len(msg.origin) + len(msg.reason)
+    if msg.extra is not None:
+        n += 32 + sum(len(k) + len(v) + 4 for k, v in (msg.extra.headers or {}).items())
+    return n
+
+
+def _add_op(mid: int, queue: str, m: Stored) -> list[Any]:
+    if m.extra is None:
+        return [ADD, mid, queue, m.payload, m.deliveries, m.origin, m.reason]
+    return [ADD, mid, queue, m.payload, m.deliveries, m.origin, m.reason, m.extra]
 
 
 def _oldest_first(live: dict[int, _Entry]) -> list[tuple[str, Stored]]:
@@ -303,6 +335,7 @@ class LogStore(Durable):
         state = self._recover_files()
         self._live = state.live
         self._queues = state.queues
+        self._dedup = state.dedup
         self.recovery_seconds = time.perf_counter() - started
         self._seg_live: dict[int, int] = dict.fromkeys(self._sizes, 0)
         self._live_bytes = 0  # what writing every live message forward would take
@@ -310,8 +343,8 @@ class LogStore(Durable):
         for seg, queue, msg in self._live.values():
             self._seg_live[seg] += 1
             self._live_bytes += len(msg.payload) + len(queue) + _ENTRY_OVERHEAD
-            if msg.origin or msg.reason:
-                self._extra[msg.id] = n = len(msg.origin) + len(msg.reason)
+            if msg.origin or msg.reason or msg.extra is not None:
+                self._extra[msg.id] = n = _extra_bytes(msg)
                 self._live_bytes += n
         self._maintaining = False  # a turn of housekeeping is scheduled
         self._open_active()
@@ -405,7 +438,7 @@ class LogStore(Durable):
             self._fd = os.open(path, os.O_RDWR)
             self._active = seg
             if self._sizes[seg] == FILE_HEADER_SIZE:  # a crash cut its first record short
-                self._write([[SETTINGS, self._queues]])
+                self._write([self._settings()])
         else:
             self._new_segment(1)
 
@@ -417,7 +450,7 @@ class LogStore(Durable):
         the directory entry before anything is written to it."""
         path = self._segment_path(seg)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        body = self._encode([[SETTINGS, self._queues]])
+        body = self._encode([self._settings()])
         salt = int.from_bytes(os.urandom(4), "little")
         data = (_FILE_HEADER.pack(FILE_MAGIC, salt, _salt_crc(salt))
                 + _header(body, salt) + body)  # fmt: skip
@@ -445,6 +478,21 @@ class LogStore(Durable):
 
     def recover_queues(self) -> dict[str, dict[str, Any]]:
         return dict(self._queues)
+
+    def recover_dedup(self) -> dict[str, dict[str, float]]:
+        return {q: dict(ids) for q, ids in self._dedup.items()}
+
+    def _settings(self) -> list[Any]:
+        """A segment's first op: every queue's settings and the dedup ids still
+        remembered (so dropping older segments forgets neither)."""
+        now = time.time()
+        for name in list(self._dedup):
+            ids = {d: until for d, until in self._dedup[name].items() if until > now}
+            if ids:
+                self._dedup[name] = ids
+            else:
+                del self._dedup[name]
+        return [SETTINGS, self._queues, self._dedup]
 
     def attach(self, loop: Any) -> None:
         """Write in ``loop``'s thread, once per turn of the loop. Call before ``start``.
@@ -488,10 +536,10 @@ class LogStore(Durable):
         for m in msgs:
             live[m.id] = (seg, queue, m)
             size += len(m.payload)
-            if m.id != next_id or m.deliveries or m.origin or m.reason:
+            if m.id != next_id or m.deliveries or m.origin or m.reason or m.extra is not None:
                 fresh = False
-                if m.origin or m.reason:
-                    self._extra[m.id] = n = len(m.origin) + len(m.reason)
+                if m.origin or m.reason or m.extra is not None:
+                    self._extra[m.id] = n = _extra_bytes(m)
                     size += n
             next_id += 1
         self._seg_live[seg] += len(msgs)
@@ -500,7 +548,7 @@ class LogStore(Durable):
             self._add([ADDS, queue, first, [m.payload for m in msgs]])
             return
         for m in msgs:
-            self._add([ADD, m.id, queue, m.payload, m.deliveries, m.origin, m.reason])
+            self._add(_add_op(m.id, queue, m))
 
     def removed(self, queue: str, msg_id: int) -> None:
         self.removed_many(queue, [msg_id])
@@ -522,11 +570,16 @@ class LogStore(Durable):
         entry = self._live.get(msg.id)
         if entry is not None:
             self._live[msg.id] = (entry[0], queue, msg)
-            n = len(msg.origin) + len(msg.reason)
+            n = _extra_bytes(msg)
             self._live_bytes += len(queue) - len(entry[1]) + n - self._extra.pop(msg.id, 0)
             if n:
                 self._extra[msg.id] = n
-        self._add([MOVE, msg.id, queue, msg.deliveries, msg.origin, msg.reason])
+        op = [MOVE, msg.id, queue, msg.deliveries, msg.origin, msg.reason]
+        self._add(op if msg.extra is None else [*op, msg.extra])
+
+    def deduped(self, queue: str, dedup_id: str, until: float) -> None:
+        self._dedup.setdefault(queue, {})[dedup_id] = until
+        self._add([DEDUP, queue, dedup_id, until])
 
     def requeued(self, queue: str, msg: Stored) -> None:
         self._add([REQUEUED, msg.id, msg.deliveries])
@@ -534,6 +587,7 @@ class LogStore(Durable):
     def declared(self, queue: str, settings: dict[str, Any] | None) -> None:
         if settings is None:
             self._queues.pop(queue, None)
+            self._dedup.pop(queue, None)
         else:
             self._queues[queue] = settings
         self._add([DECLARE, queue, settings])
@@ -676,8 +730,7 @@ class LogStore(Durable):
                 mid for mid, e in live.items() if e[0] == seg and (mid, e[1], e[2]) not in moving
             ]
         if moving:
-            self._write([[ADD, mid, q, m.payload, m.deliveries, m.origin, m.reason]
-                         for mid, q, m in reversed(moving)])  # fmt: skip
+            self._write([_add_op(mid, q, m) for mid, q, m in reversed(moving)])
         for mid, q, m in moving:
             live[mid] = (active, q, m)
         self._seg_live[active] += len(moving)

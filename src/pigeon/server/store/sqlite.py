@@ -45,8 +45,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import msgspec
+
 from pigeon.errors import StoreCorrupted
-from pigeon.server.model import Stored
+from pigeon.server.model import Extra, Stored
 from pigeon.server.store.durable import Durable, FsyncMode, _FsyncFailed
 
 __all__ = ["DB_NAME", "SQLiteStore", "create_schema"]
@@ -73,9 +75,21 @@ CREATE TABLE IF NOT EXISTS queues (
     name TEXT PRIMARY KEY,
     settings TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dedup (
+    queue TEXT NOT NULL,
+    id TEXT NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (queue, id)
+) WITHOUT ROWID;
 """
 # Columns added after the first release: added to an older store when it is opened.
-_ADDED_COLUMNS = {"origin": "TEXT NOT NULL DEFAULT ''", "reason": "TEXT NOT NULL DEFAULT ''"}
+_ADDED_COLUMNS = {
+    "origin": "TEXT NOT NULL DEFAULT ''",
+    "reason": "TEXT NOT NULL DEFAULT ''",
+    "extra": "BLOB",  # a message put with options: its Extra in MessagePack (else NULL)
+}
+_encode_extra = msgspec.msgpack.Encoder().encode
+_decode_extra = msgspec.msgpack.Decoder(Extra).decode
 _BUSY_TIMEOUT_MS = 200  # how long one statement waits for another process's lock
 _CHECKPOINT_BYTES = 8 * 2**20  # the syncer checkpoints the WAL beyond this size
 _MAX_RETRY_DELAY = 0.25
@@ -101,6 +115,12 @@ def create_schema(db: sqlite3.Connection) -> None:
     for column, decl in _ADDED_COLUMNS.items():
         if column not in have:
             db.execute(f"ALTER TABLE messages ADD COLUMN {column} {decl}")
+
+
+def _row(queue: str, m: Stored) -> tuple[object, ...]:
+    extra = None if m.extra is None else _encode_extra(m.extra)
+    crc = zlib.crc32(m.payload)
+    return (m.id, queue, m.payload, crc, m.deliveries, m.origin, m.reason, extra)
 
 
 class SQLiteStore(Durable):
@@ -160,15 +180,16 @@ class SQLiteStore(Durable):
         count = 0
         try:
             rows = self._db.execute(
-                "SELECT id, queue, payload, crc, deliveries, origin, reason FROM messages "
+                "SELECT id, queue, payload, crc, deliveries, origin, reason, extra FROM messages "
                 "ORDER BY id"
             )
-            for mid, queue, payload, crc, deliveries, origin, reason in rows:
+            for mid, queue, payload, crc, deliveries, origin, reason, extra in rows:
                 if zlib.crc32(payload) != crc:
                     bad.append((mid, queue, payload))
                     continue
                 count += 1
-                yield queue, Stored(mid, bytes(payload), deliveries, 0.0, origin, reason)
+                yield queue, Stored(mid, bytes(payload), deliveries, 0.0, origin, reason,
+                                    _decode_extra(extra) if extra else None)  # fmt: skip
         except sqlite3.DatabaseError as exc:
             raise StoreCorrupted(f"{self.path} is damaged ({exc})") from exc
         if bad:
@@ -194,6 +215,15 @@ class SQLiteStore(Durable):
         """Declared queue settings (maxsize, lease, max_deliveries, shutdown)."""
         rows = self._db.execute("SELECT name, settings FROM queues").fetchall()
         return {name: json.loads(settings) for name, settings in rows}
+
+    def recover_dedup(self) -> dict[str, dict[str, float]]:
+        """Dedup ids whose window has not passed (the others are deleted now)."""
+        with self._db:
+            self._db.execute("DELETE FROM dedup WHERE until <= ?", (time.time(),))
+        out: dict[str, dict[str, float]] = {}
+        for queue, dedup_id, until in self._db.execute("SELECT queue, id, until FROM dedup"):
+            out.setdefault(queue, {})[dedup_id] = until
+        return out
 
     def attach(self, loop: Any) -> None:
         """Commit in ``loop``'s thread once per turn of the loop - no thread hop per commit
@@ -289,11 +319,8 @@ class SQLiteStore(Durable):
         self._add_all(
             [
                 ("add_new", (m.id, queue, m.payload, crc(m.payload)))
-                if not m.deliveries and not m.origin and not m.reason
-                else (
-                    "add",
-                    (m.id, queue, m.payload, crc(m.payload), m.deliveries, m.origin, m.reason),
-                )
+                if not m.deliveries and not m.origin and not m.reason and m.extra is None
+                else ("add", _row(queue, m))
                 for m in msgs
             ]
         )
@@ -302,11 +329,21 @@ class SQLiteStore(Durable):
         self._add_all([("del", (i,)) for i in msg_ids])
 
     def moved(self, msg: Stored, queue: str) -> None:
-        self._add("move", (queue, msg.deliveries, msg.origin, msg.reason, msg.id))
+        extra = None if msg.extra is None else _encode_extra(msg.extra)
+        self._add("move", (queue, msg.deliveries, msg.origin, msg.reason, extra, msg.id))
+
+    def deduped(self, queue: str, dedup_id: str, until: float) -> None:
+        self._deduped += 1
+        if self._deduped % 1024 == 0:  # now and then, forget the ids whose window passed
+            self._add("forget", (time.time(),))
+        self._add("dedup", (queue, dedup_id, until))
+
+    _deduped = 0
 
     def declared(self, queue: str, settings: dict[str, Any] | None) -> None:
         if settings is None:
             self._add("undeclare", (queue,))
+            self._add("undedup", (queue,))
         else:
             self._add("declare", (queue, json.dumps(settings, sort_keys=True)))
 
@@ -390,12 +427,16 @@ class SQLiteStore(Durable):
 
     _SQL: ClassVar[dict[str, str]] = {
         "add": "INSERT OR REPLACE INTO messages "
-        "(id, queue, payload, crc, deliveries, origin, reason) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "(id, queue, payload, crc, deliveries, origin, reason, extra) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         # a fresh put: the other columns take their defaults (binding fewer values is faster)
         "add_new": "INSERT OR REPLACE INTO messages (id, queue, payload, crc) VALUES (?, ?, ?, ?)",
         "del": "DELETE FROM messages WHERE id BETWEEN ? AND ?",
-        "move": "UPDATE messages SET queue = ?, deliveries = ?, origin = ?, reason = ? "
-        "WHERE id = ?",
+        "move": "UPDATE messages SET queue = ?, deliveries = ?, origin = ?, reason = ?, "
+        "extra = ? WHERE id = ?",
+        "dedup": "INSERT OR REPLACE INTO dedup VALUES (?, ?, ?)",
+        "undedup": "DELETE FROM dedup WHERE queue = ?",
+        "forget": "DELETE FROM dedup WHERE until <= ?",
         "deliveries": "UPDATE messages SET deliveries = ? WHERE id = ?",
         "declare": "INSERT OR REPLACE INTO queues VALUES (?, ?)",
         "undeclare": "DELETE FROM queues WHERE name = ?",

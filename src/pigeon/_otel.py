@@ -1,0 +1,74 @@
+"""W3C trace context across the queue, with the optional ``pigeon[otel]`` extra.
+
+``put`` injects ``traceparent``/``tracestate`` from the current span into the message's
+headers; ``pigeon.consume`` and ``pigeon worker`` run each handler inside a consumer span,
+a child of the producer's, with the messaging semantic-convention attributes. Without
+opentelemetry-api installed, the first put tries the import once and every later call is
+one global read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+_api: Any = None  # None: not looked for yet; False: not installed; else (trace, propagate)
+
+
+def _load() -> Any:
+    global _api
+    if _api is None:
+        try:
+            from opentelemetry import propagate, trace  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            _api = False
+        else:
+            _api = (trace, propagate)
+    return _api
+
+
+def tracing() -> bool:
+    """True if a span is current (so a put has a trace context to carry)."""
+    api = _api if _api is not None else _load()
+    if not api:
+        return False
+    return bool(api[0].get_current_span().get_span_context().is_valid)
+
+
+def inject(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """``headers`` plus the current trace context (a header the caller set wins)."""
+    out: dict[str, str] = {}
+    _load()[1].inject(out)
+    if headers:
+        out.update(headers)  # put_options checks the types after
+    return out
+
+
+@contextlib.contextmanager
+def consumer_span(system: str, queue: str, msg: Any) -> Iterator[None]:
+    """Run a handler inside a consumer span, a child of the context ``msg`` carries."""
+    api = _api if _api is not None else _load()
+    if not api:
+        yield
+        return
+    trace, propagate = api
+    headers = getattr(msg, "headers", None) or {}
+    parent = propagate.extract(headers) if headers else None
+    tracer = trace.get_tracer("pigeon")
+    attributes: dict[str, Any] = {
+        "messaging.system": system,
+        "messaging.destination.name": queue,
+        "messaging.operation.type": "process",
+        "messaging.operation.name": "process",
+    }
+    message_id = getattr(msg, "id", None)
+    if message_id is not None:
+        attributes["messaging.message.id"] = str(message_id)
+    count = getattr(msg, "delivery_count", None)
+    if count is not None:
+        attributes["messaging.message.delivery_count"] = int(count)
+    with tracer.start_as_current_span(
+        f"process {queue}", context=parent, kind=trace.SpanKind.CONSUMER, attributes=attributes
+    ):
+        yield
