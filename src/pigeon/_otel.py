@@ -10,8 +10,10 @@ one global read.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import functools
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 _api: Any = None  # None: not looked for yet; False: not installed; else (trace, propagate)
 
@@ -43,6 +45,21 @@ def inject(headers: Mapping[str, str] | None) -> dict[str, str]:
     if headers:
         out.update(headers)  # put_options checks the types after
     return out
+
+
+def tracer_for(url: str | None) -> Callable[[Any], contextlib.AbstractContextManager[Any]]:
+    """For ``consume``: what wraps each handler call of the queue at ``url`` - a consumer
+    span when opentelemetry is installed, else a context manager that does nothing."""
+    if not _load():
+        return _untraced
+    parts = urlsplit(url) if url else None
+    system = parts.scheme.split("+")[0] if parts else "pigeon-local"
+    queue = parts.path.strip("/") if parts else "local"
+    return functools.partial(consumer_span, system, queue)
+
+
+def _untraced(msg: Any) -> contextlib.AbstractContextManager[Any]:
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

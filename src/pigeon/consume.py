@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pigeon import _otel
 from pigeon._queue_base import Message, Queue
 from pigeon.errors import (
     AuthError,
@@ -198,6 +199,7 @@ class _Run:
         self.poison_after = poison_after
         self.lease = _lease_of(q)
         self.local = q.url is None
+        self.traced = _otel.tracer_for(q.url)  # a consumer span per message (pigeon[otel])
         self.end: _Ended | None = None
         self.crashes: dict[bytes, int] = {}  # item digest -> workers it killed
         self._fetch_failures = 0
@@ -343,7 +345,8 @@ class _Run:
         calling thread was abandoned past ``time_limit`` and must end)."""
         task = self.begin(msg, slot)
         try:
-            handler(msg.body)
+            with self.traced(msg):
+                handler(msg.body)
         except Exception as exc:
             if self.done(task):
                 self.fail(msg, f"{type(exc).__name__}: {exc}"[:500])
@@ -645,7 +648,8 @@ def _process_one(run: _Run, msg: Message[Any], child: _Child, ctx: Any, slot: in
         run.fail(msg, f"worker_died: the item killed {kills} worker processes", dead=True)
         return child
     task = run.begin(msg, slot)
-    outcome, detail = _call_child(run, child, payload, grace)
+    with run.traced(msg):
+        outcome, detail = _call_child(run, child, payload, grace)
     run.done(task)
     child.tasks += 1
     if outcome == "ok":
@@ -719,7 +723,8 @@ def _run_async(run: _Run, n: int, grace: float) -> None:
             limit = asyncio.timeout(run.time_limit)
             try:
                 async with limit:
-                    await run.handler(msg.body)
+                    with run.traced(msg):
+                        await run.handler(msg.body)
             except asyncio.CancelledError:
                 await settle("nack", msg.nack(requeue=True))  # stopped past grace: give back
                 raise

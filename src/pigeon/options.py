@@ -69,16 +69,16 @@ def check_headers(value: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in value.items():
         if not isinstance(k, str):
-            raise TypeError(f"headers keys must be str, not {type(k).__name__} ({k!r})")
+            raise TypeError(f"headers: names must be str, not {type(k).__name__} ({k!r})")
         if not isinstance(v, str):
             raise TypeError(
-                f"headers values must be str, not {type(v).__name__} (headers[{k!r}]); "
+                f"headers: values must be str, not {type(v).__name__} (headers[{k!r}]); "
                 "convert it first, e.g. str(value)"
             )
         nk = len(k.encode("utf-8", "surrogatepass"))
         if not 0 < nk <= HEADER_KEY_BYTES:
             raise ValueError(
-                f"a header name must be 1 to {HEADER_KEY_BYTES} bytes (UTF-8), "
+                f"headers: a name must be 1 to {HEADER_KEY_BYTES} bytes (UTF-8), "
                 f"not {nk} ({k[:40]!r})"
             )
         total += nk + len(v.encode("utf-8", "surrogatepass"))

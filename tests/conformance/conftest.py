@@ -74,14 +74,25 @@ def _nats(maxsize: int = 0) -> pigeon.Queue[Any]:
 
 
 NO_COUNTER = frozenset({"join", "task_done"})  # engines without a server-side counter wait
+# The message options a backend refuses with Unsupported (test_contract checks it does).
+OPTIONS = frozenset({"delay", "ttl", "dedup", "priority", "headers"})
+LOCAL_OPTIONS_LATER = OPTIONS - {"headers"}  # the local queue: not yet (docs/backends.md)
+REDIS_OPTIONS = OPTIONS
+NATS_OPTIONS = frozenset({"delay", "ttl", "priority"})  # JetStream: dedup ids and headers
 
 BACKENDS = [
-    Backend("local", _local, frozenset({"lease"})),  # a local message never comes back alone
+    # a local message never comes back alone
+    Backend("local", _local, frozenset({"lease"}) | LOCAL_OPTIONS_LATER),
     Backend("pigeon", _pigeon),
-    Backend("redis", _redis, NO_COUNTER, lambda: service_missing("Redis", 6379)),
+    Backend("redis", _redis, NO_COUNTER | REDIS_OPTIONS, lambda: service_missing("Redis", 6379)),
     # NATS: max_payload (1 MiB by default) refuses the 1 MiB item, with TooLarge
-    Backend("nats", _nats, NO_COUNTER | {"large_items"}, lambda: service_missing("NATS", 4222)),
-    Backend("redis-cluster", _on_redis_cluster, NO_COUNTER, _cluster_tools),
+    Backend(
+        "nats",
+        _nats,
+        NO_COUNTER | NATS_OPTIONS | {"large_items"},
+        lambda: service_missing("NATS", 4222),
+    ),
+    Backend("redis-cluster", _on_redis_cluster, NO_COUNTER | REDIS_OPTIONS, _cluster_tools),
 ]
 
 

@@ -55,7 +55,9 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
-from pigeon import _futex
+import msgspec
+
+from pigeon import _futex, _otel
 from pigeon._queue_base import Message, Queue, deadline_from
 from pigeon.backends import _ring, _shm_tracker
 from pigeon.backends._url import check_maxsize
@@ -108,7 +110,31 @@ _K_BYTES = 2
 _K_BYTEARRAY = 3
 _K_PICKLE_OOB = 4
 _K_SERIALIZED = 5
+# An item put with headers: [u32 n][u16 the item's kind][u16 0], n bytes of the headers in
+# MessagePack, then the item's record as it would be without them.
+_K_HEADERS = 6
+_ENVELOPE = struct.Struct("<IHH")
 _COPY_AS_BYTES = frozenset((_K_BYTES, _K_PICKLE, _K_SERIALIZED))
+_encode_headers = msgspec.msgpack.Encoder().encode
+_decode_headers = msgspec.msgpack.Decoder(dict[str, str]).decode
+
+
+def _wrap(record: tuple[int, list[Any]], headers: dict[str, str]) -> tuple[int, list[Any]]:
+    """``record`` with ``headers`` (one part: the C fast path writes single parts)."""
+    kind, parts = record
+    meta = _encode_headers(headers)
+    return _K_HEADERS, [b"".join([_ENVELOPE.pack(len(meta), kind, 0), meta, *parts])]
+
+
+def _unwrap(payload: Any) -> tuple[int, Any, dict[str, str]]:
+    """(the item's kind, its payload, its headers) of a ``_K_HEADERS`` record."""
+    with memoryview(payload) as view:
+        n, kind, _ = _ENVELOPE.unpack_from(view, 0)
+        headers = _decode_headers(view[8 : 8 + n])
+        start = 8 + n
+        inner: Any = bytes(view[start:]) if kind in _COPY_AS_BYTES else bytearray(view[start:])
+    return kind, inner, headers
+
 
 _LOCK_TRIES = 50
 _EX_NB = (fcntl.LOCK_EX | fcntl.LOCK_NB) if sys.platform != "win32" else 0
@@ -584,6 +610,8 @@ class LocalQueue(Queue[T]):
             ) from exc
 
     def _decode_raw(self, kind: int, payload: Any) -> Any:
+        if kind == _K_HEADERS:
+            kind, payload, _ = _unwrap(payload)
         if kind == _K_BYTES:
             return bytes(payload)
         if kind == _K_BYTEARRAY:
@@ -628,6 +656,7 @@ class LocalQueue(Queue[T]):
             or dedup_id is not None
             or priority is not None
             or headers
+            or (_otel._api is not False and _otel.tracing())
         ):
             self._put_with_options(
                 item, block, timeout, put_options(delay, ttl, dedup_id, priority, headers)
@@ -712,6 +741,7 @@ class LocalQueue(Queue[T]):
             or dedup_ids is not None
             or priority is not None
             or headers
+            or (_otel._api is not False and _otel.tracing())
         ):
             batch = list(items)
             opts = put_options(delay, ttl, None, priority, headers)
@@ -746,13 +776,34 @@ class LocalQueue(Queue[T]):
                 return
         self._put(records, block, timeout)
 
+    @staticmethod
+    def _refuse(opts: PutOptions | None, dedup_ids: list[str] | None = None) -> None:
+        """The options the local queue does not honour yet, refused (never ignored)."""
+        if opts is None and dedup_ids is None:
+            return
+        for name, given in (
+            ("delay", opts is not None and opts.delay),
+            ("ttl", opts is not None and opts.ttl),
+            ("dedup_id", dedup_ids is not None or (opts is not None and opts.dedup_id)),
+            ("priority", opts is not None and opts.priority),
+        ):
+            if given:
+                raise Unsupported(
+                    f"the local queue does not offer {name}= yet (its ring is one FIFO "
+                    "shared by processes); use a pigeon:// queue for it"
+                )
+
+    def _records(self, items: list[T], opts: PutOptions | None) -> list[tuple[int, list[Any]]]:
+        records = [self._encode(x) for x in items]
+        if opts is not None and opts.headers:
+            records = [_wrap(r, opts.headers) for r in records]
+        return records
+
     def _put_with_options(
         self, item: T, block: bool, timeout: float | None, opts: PutOptions | None
     ) -> None:
-        if opts is None:  # only an empty headers dict was given
-            self.put(item, block, timeout)
-            return
-        raise Unsupported("the local queue does not offer message options yet")
+        self._refuse(opts)
+        self._put(self._records([item], opts), block, timeout)
 
     def _put_many_with_options(
         self,
@@ -762,10 +813,14 @@ class LocalQueue(Queue[T]):
         opts: PutOptions | None,
         dedup_ids: list[str] | None,
     ) -> None:
-        if opts is None and dedup_ids is None:
-            self.put_many(items, block, timeout)
-            return
-        raise Unsupported("the local queue does not offer message options yet")
+        self._refuse(opts, dedup_ids)
+        if self._maxsize and len(items) > self._maxsize:
+            raise ValueError(
+                f"put_many of {len(items)} items can never fit in maxsize={self._maxsize}; "
+                "split the batch"
+            )
+        if items:
+            self._put(self._records(items, opts), block, timeout)
 
     def _put(
         self,
@@ -1009,7 +1064,10 @@ class LocalQueue(Queue[T]):
         """Take the next item as a message; ``lease`` is accepted for the contract's sake
         and has no effect here: a local message is never redelivered on its own."""
         kind, deliveries, payload = self._take(1, True, timeout)[0]
-        return LocalMessage(self, self._decode(kind, payload), deliveries)
+        headers: dict[str, str] = {}
+        if kind == _K_HEADERS:
+            kind, payload, headers = _unwrap(payload)
+        return LocalMessage(self, self._decode(kind, payload), deliveries, headers)
 
     def qsize(self) -> int:
         self._check()
@@ -1066,8 +1124,11 @@ class LocalQueue(Queue[T]):
         for word in (PUT_SEQ, GET_SEQ, JOIN_SEQ):
             self._wake(word)
 
-    def _requeue(self, item: T, deliveries: int) -> None:
-        self._put([self._encode(item)], True, None, min(deliveries, 0xFFFF), requeue=True)
+    def _requeue(self, item: T, deliveries: int, headers: dict[str, str] | None = None) -> None:
+        record = self._encode(item)
+        if headers:
+            record = _wrap(record, headers)
+        self._put([record], True, None, min(deliveries, 0xFFFF), requeue=True)
 
     def close(self) -> None:
         """Release this handle: its descriptor at once (and, for the creator, the file).
@@ -1119,11 +1180,17 @@ class LocalMessage(Message[T]):
     first, the item is lost). ``extend()`` does nothing: local messages have no lease.
     """
 
-    def __init__(self, queue: LocalQueue[T], body: T, delivery_count: int) -> None:
+    def __init__(
+        self,
+        queue: LocalQueue[T],
+        body: T,
+        delivery_count: int,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self._queue = queue
         self.body = body
         self.delivery_count = delivery_count
-        self.headers: dict[str, str] = {}
+        self.headers: dict[str, str] = headers if headers is not None else {}
         self._settled = False
 
     def _settle(self) -> None:
@@ -1141,10 +1208,10 @@ class LocalMessage(Message[T]):
         if not requeue:
             return
         if delay == 0:
-            self._queue._requeue(self.body, self.delivery_count + 1)
+            self._queue._requeue(self.body, self.delivery_count + 1, self.headers)
         else:
             timer = threading.Timer(
-                delay, self._queue._requeue, (self.body, self.delivery_count + 1)
+                delay, self._queue._requeue, (self.body, self.delivery_count + 1, self.headers)
             )
             timer.daemon = True
             timer.start()

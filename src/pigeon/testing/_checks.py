@@ -632,3 +632,152 @@ async def check_async_get_message(make_queue: MakeQueue) -> None:
             again = await aq.get_message(timeout=LONG)
             assert again.delivery_count == 2
             again.ack()
+
+
+# --- message options ----------------------------------------------------------------------
+
+_BAD_OPTIONS: list[tuple[dict[str, Any], type[Exception]]] = [
+    ({"delay": -1}, ValueError),
+    ({"delay": float("nan")}, ValueError),
+    ({"delay": "5"}, TypeError),
+    ({"ttl": 0}, ValueError),
+    ({"ttl": -2.5}, ValueError),
+    ({"priority": 10}, ValueError),
+    ({"priority": -1}, ValueError),
+    ({"priority": 1.5}, TypeError),
+    ({"priority": True}, TypeError),
+    ({"dedup_id": ""}, ValueError),
+    ({"dedup_id": 7}, TypeError),
+    ({"dedup_id": "x" * 257}, ValueError),
+    ({"headers": {"k": 1}}, TypeError),
+    ({"headers": {1: "v"}}, TypeError),
+    ({"headers": ["k", "v"]}, TypeError),
+    ({"headers": {"": "v"}}, ValueError),
+    ({"headers": {f"k{i}": "v" for i in range(65)}}, ValueError),
+    ({"headers": {"k": "v" * 20_000}}, ValueError),
+]
+
+
+@sync_check()
+def check_bad_message_options_are_refused_before_anything_is_sent(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        for options, exc in _BAD_OPTIONS:
+            name = next(iter(options))
+            with raises(exc, match=name):
+                q.put("never", **options)
+            many: dict[str, Any] = (
+                {"dedup_ids": [options["dedup_id"]]} if name == "dedup_id" else options
+            )
+            with raises(exc, match=name):
+                q.put_many(["never"], **many)
+        with raises(ValueError, match="dedup_ids"):
+            q.put_many(["a", "b"], dedup_ids=["only one"])
+        with raises(TypeError):
+            q.put_many(["a"], dedup_id="x")  # type: ignore[call-arg]
+        with raises(Empty):
+            q.get(timeout=SHORT)
+
+
+@sync_check("headers")
+def check_headers_travel_with_the_message(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        q.put("plain")
+        q.put("tagged", headers={"tenant": "acme", "trace": "t-1 é"})
+        plain = q.get_message(timeout=LONG)
+        assert plain.body == "plain" and plain.headers == {}
+        plain.ack()
+        msg = q.get_message(timeout=LONG)
+        assert msg.headers == {"tenant": "acme", "trace": "t-1 é"}
+        msg.nack(requeue=True)
+        again = q.get_message(timeout=LONG)
+        assert again.body == "tagged" and again.delivery_count == 2
+        assert again.headers == {"tenant": "acme", "trace": "t-1 é"}
+        again.ack()
+        q.put_many(["a", "b"], headers={"batch": "1"})
+        got = [q.get_message(timeout=LONG) for _ in range(2)]
+        assert [(m.body, m.headers) for m in got] == [("a", {"batch": "1"}), ("b", {"batch": "1"})]
+        for m in got:
+            m.ack()
+
+
+@sync_check("priority")
+def check_priority_higher_first_fifo_within_one(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        q.put("a0")
+        q.put("b5", priority=5)
+        q.put("c5", priority=5)
+        q.put("d9", priority=9)
+        q.put("e0", priority=0)
+        q.put_many(["f5", "g5"], priority=5)
+        assert [q.get(timeout=LONG) for _ in range(7)] == ["d9", "b5", "c5", "f5", "g5", "a0", "e0"]
+        q.put("low")
+        q.put("high", priority=3)
+        msg = q.get_message(timeout=LONG)
+        assert msg.body == "high"
+        msg.nack(requeue=True)  # a redelivered message keeps its priority
+        assert q.get(timeout=LONG) == "high"
+        assert q.get(timeout=LONG) == "low"
+
+
+@sync_check("delay")
+def check_delay_hides_a_message_until_it_is_due(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        started = time.monotonic()
+        q.put("later", delay=0.6)
+        q.put("now")
+        assert q.qsize() == 2  # a delayed message is counted
+        assert q.get(timeout=LONG) == "now"
+        with raises(Empty):
+            q.get_nowait()
+        assert q.get(timeout=LONG) == "later"
+        assert time.monotonic() - started >= 0.5
+
+
+@sync_check("ttl")
+def check_a_message_not_taken_within_its_ttl_is_not_delivered(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        q.put("stale", ttl=0.2)
+        q.put("fresh", ttl=LONG * 6)
+        time.sleep(0.6)
+        assert q.get(timeout=LONG) == "fresh"
+        with raises(Empty):
+            q.get(timeout=SHORT)
+        if q.url is not None:  # a networked queue moves it to NAME.dead
+            dead: pigeon.Queue[Any]
+            with pigeon.Queue(q.url.split("?")[0] + ".dead") as dead:
+                msg: pigeon.Message[Any] = dead.get_message(timeout=LONG)
+                assert msg.body == "stale"
+                msg.ack()
+
+
+@sync_check("dedup")
+def check_a_repeated_dedup_id_is_confirmed_but_not_stored(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        q.put("first", dedup_id="order-1")
+        q.put("again", dedup_id="order-1")  # confirmed: no error
+        q.put("other", dedup_id="order-2")
+        msg = q.get_message(timeout=LONG)
+        assert msg.body == "first"
+        msg.ack()
+        q.put("after the ack", dedup_id="order-1")  # still within the window
+        assert q.get(timeout=LONG) == "other"
+        q.put_many(["x", "y", "z"], dedup_ids=["order-2", "order-3", "order-3"])
+        assert q.get(timeout=LONG) == "y"
+        with raises(Empty):
+            q.get(timeout=SHORT)
+
+
+@async_check("headers")
+async def check_async_message_options(make_queue: MakeQueue) -> None:
+    with opened(make_queue) as q:
+        async with _aq(q) as aq:
+            await aq.put("tagged", headers={"k": "v"})
+            msg = await aq.get_message(timeout=LONG)
+            assert msg.body == "tagged" and msg.headers == {"k": "v"}
+            msg.ack()
+            await aq.put_many(["a"], headers={"b": "1"})
+            msg = await aq.get_message(timeout=LONG)
+            assert msg.headers == {"b": "1"}
+            msg.ack()
+            with raises(ValueError, match="priority"):
+                await aq.put("never", priority=11)
