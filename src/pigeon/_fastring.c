@@ -67,7 +67,14 @@
 _Static_assert(sizeof(pthread_mutex_t) <= MUTEX_ROOM, "the mutex must fit its room");
 #endif
 
-typedef struct { uint64_t head, tail, count, unfinished, capacity; } state_t;
+/* special: records put with a priority, a delay or a ttl; tombs: records taken from the
+ * middle of the ring (kind K_TAKEN), still counted in count until the head passes them.
+ * While either is non-zero, gets take the Python path (it picks by priority and due time). */
+typedef struct {
+    uint64_t head, tail, count, unfinished, capacity;
+    uint32_t special, tombs;
+} state_t;
+_Static_assert(sizeof(state_t) == 48, "a state slot is 5 u64 and 2 u32 (LocalQueue's _STATE)");
 
 /* For the kill tests only: SIGKILL this process after the copy, before the publish. */
 static int die_before_publish = 0;
@@ -281,7 +288,7 @@ static PyObject *fast_put(PyObject *self, PyObject *const *args, Py_ssize_t narg
     int idx = ctrl[OFF_INDEX];
     state_t st;
     read_state(ctrl, idx, &st);
-    if (!(ctrl[OFF_FLAGS] & SHUTDOWN) && st.capacity == data_cap &&
+    if (!(ctrl[OFF_FLAGS] & SHUTDOWN) && st.capacity == data_cap && !(maxsize && st.tombs) &&
         !(maxsize && st.count >= maxsize) && (uint64_t)n <= 0xFFFFFFFFu) {
         int64_t pos = reserve(data, &st, (uint64_t)n);
         if (pos >= 0) {
@@ -330,7 +337,7 @@ static PyObject *fast_put_many(PyObject *self, PyObject *const *args, Py_ssize_t
     int idx = ctrl[OFF_INDEX];
     state_t st;
     read_state(ctrl, idx, &st);
-    if (!(ctrl[OFF_FLAGS] & SHUTDOWN) && st.capacity == data_cap &&
+    if (!(ctrl[OFF_FLAGS] & SHUTDOWN) && st.capacity == data_cap && !(maxsize && st.tombs) &&
         !(maxsize && st.count + (uint64_t)count > maxsize)) {
         Py_ssize_t i;
         for (i = 0; i < count; i++) {
@@ -377,7 +384,7 @@ static PyObject *fast_get(PyObject *self, PyObject *const *args, Py_ssize_t narg
     int idx = ctrl[OFF_INDEX];
     state_t st;
     read_state(ctrl, idx, &st);
-    if (st.count && st.capacity == data_cap) {
+    if (st.count && st.capacity == data_cap && !st.special && !st.tombs) {
         uint32_t len;
         uint16_t kind, deliveries;
         int64_t pos = next_record(data, &st, &len, &kind, &deliveries);
@@ -415,7 +422,7 @@ static PyObject *fast_take(PyObject *self, PyObject *const *args, Py_ssize_t nar
     int idx = ctrl[OFF_INDEX];
     state_t st;
     read_state(ctrl, idx, &st);
-    if (st.count && st.capacity == data_cap && max_items) {
+    if (st.count && st.capacity == data_cap && max_items && !st.special && !st.tombs) {
         uint64_t n = st.count < max_items ? st.count : max_items;
         list = PyList_New((Py_ssize_t)n);
         if (list == NULL) goto done;

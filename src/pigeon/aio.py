@@ -160,12 +160,15 @@ class _LocalAsync(Generic[T]):
         deadline = deadline_from(True, timeout)
         while True:
             seq = self._local._seq(word)  # read before trying: no wake-up can slip between
+            self._local._due = None
             try:
                 return attempt()
             except wait_out:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
-            await self._park(word, seq, deadline)
+            due = self._local._next_due()  # a delayed message: try again when it comes due
+            until = deadline if due is None or (deadline is not None and deadline < due) else due
+            await self._park(word, seq, until)
 
     async def put(self, item: T, timeout: float | None = None, **options: Any) -> None:
         await self._until(GET_SEQ, Full, lambda: self._q.put(item, block=False, **options), timeout)

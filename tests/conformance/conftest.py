@@ -76,13 +76,13 @@ def _nats(maxsize: int = 0) -> pigeon.Queue[Any]:
 NO_COUNTER = frozenset({"join", "task_done"})  # engines without a server-side counter wait
 # The message options a backend refuses with Unsupported (test_contract checks it does).
 OPTIONS = frozenset({"delay", "ttl", "dedup", "priority", "headers"})
-LOCAL_OPTIONS_LATER = OPTIONS - {"headers"}  # the local queue: not yet (docs/backends.md)
-REDIS_OPTIONS = OPTIONS
+LOCAL_OPTIONS = frozenset({"dedup"})  # no table of ids shared by its processes (yet)
+REDIS_OPTIONS = OPTIONS - {"dedup"}  # Redis: dedup ids (SET NX PX in the put script)
 NATS_OPTIONS = frozenset({"delay", "ttl", "priority"})  # JetStream: dedup ids and headers
 
 BACKENDS = [
     # a local message never comes back alone
-    Backend("local", _local, frozenset({"lease"}) | LOCAL_OPTIONS_LATER),
+    Backend("local", _local, frozenset({"lease"}) | LOCAL_OPTIONS),
     Backend("pigeon", _pigeon),
     Backend("redis", _redis, NO_COUNTER | REDIS_OPTIONS, lambda: service_missing("Redis", 6379)),
     # NATS: max_payload (1 MiB by default) refuses the 1 MiB item, with TooLarge

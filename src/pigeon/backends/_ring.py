@@ -46,6 +46,8 @@ class RingState:
     count: int
     capacity: int
     unfinished: int = 0  # the queue's task_done counter, committed with the ring
+    special: int = 0  # records with a priority, delay or ttl (the local queue's options)
+    tombs: int = 0  # records taken from the middle, still in the ring until the head passes
 
     @property
     def wrapped(self) -> bool:

@@ -72,6 +72,7 @@ from pigeon.errors import (
 )
 from pigeon.options import check_dedup_ids, put_options
 from pigeon.protocol.messages import PutOptions
+from pigeon.protocol.rules import MAX_PRIORITY
 from pigeon.serializers import Pickle, SerializerLike, get_serializer
 
 if sys.platform != "win32":
@@ -94,7 +95,8 @@ JOIN_SEQ = 32
 _WAITERS = {PUT_SEQ: 36, GET_SEQ: 40, JOIN_SEQ: 44}  # u32 waiter counts
 _OFF_SLOTS = 64  # two slots of _STATE, 64 bytes apart
 _OFF_MUTEX = 256  # a pthread_mutex_t (PTHREAD_PROCESS_SHARED, PTHREAD_MUTEX_ROBUST), 64 bytes
-_STATE = struct.Struct("<5Q")  # head, tail, count, unfinished, capacity
+# head, tail, count, unfinished, capacity; special, tombs (see _take_special)
+_STATE = struct.Struct("<5Q2I")
 _U32 = struct.Struct("<I")
 _unpack_state = _STATE.unpack_from
 _pack_state = _STATE.pack_into
@@ -114,6 +116,11 @@ _K_SERIALIZED = 5
 # MessagePack, then the item's record as it would be without them.
 _K_HEADERS = 6
 _ENVELOPE = struct.Struct("<IHH")
+# An item put with a priority, a delay or a ttl: [u32 n][u16 the item's kind][u16 priority]
+# [f64 due][f64 expires] (wall clock; 0: none), n bytes of headers, then the item's record.
+_K_OPTIONS = 7
+_OPTS = struct.Struct("<IHHdd")
+_K_TAKEN = 8  # a record taken from the middle of the ring: skipped, then dropped at the head
 _COPY_AS_BYTES = frozenset((_K_BYTES, _K_PICKLE, _K_SERIALIZED))
 _encode_headers = msgspec.msgpack.Encoder().encode
 _decode_headers = msgspec.msgpack.Decoder(dict[str, str]).decode
@@ -126,14 +133,41 @@ def _wrap(record: tuple[int, list[Any]], headers: dict[str, str]) -> tuple[int, 
     return _K_HEADERS, [b"".join([_ENVELOPE.pack(len(meta), kind, 0), meta, *parts])]
 
 
-def _unwrap(payload: Any) -> tuple[int, Any, dict[str, str]]:
-    """(the item's kind, its payload, its headers) of a ``_K_HEADERS`` record."""
+def _with_options(
+    record: tuple[int, list[Any]], opts: PutOptions, wall: float
+) -> tuple[int, list[Any]]:
+    """``record`` with a priority, delay or ttl (and headers), as one part."""
+    kind, parts = record
+    meta = _encode_headers(opts.headers) if opts.headers else b""
+    due = wall + opts.delay if opts.delay else 0.0
+    expires = (due or wall) + opts.ttl if opts.ttl else 0.0
+    head = _OPTS.pack(len(meta), kind, opts.priority, due, expires)
+    return _K_OPTIONS, [b"".join([head, meta, *parts])]
+
+
+def _unwrap(kind: int, payload: Any) -> tuple[int, Any, dict[str, str], int]:
+    """(the item's kind, its payload, its headers, its priority) of a ``_K_HEADERS`` or
+    ``_K_OPTIONS`` record."""
     with memoryview(payload) as view:
-        n, kind, _ = _ENVELOPE.unpack_from(view, 0)
-        headers = _decode_headers(view[8 : 8 + n])
-        start = 8 + n
+        if kind == _K_HEADERS:
+            n, kind, _ = _ENVELOPE.unpack_from(view, 0)
+            start, priority = _ENVELOPE.size, 0
+        else:
+            n, kind, priority, _, _ = _OPTS.unpack_from(view, 0)
+            start = _OPTS.size
+        headers = _decode_headers(view[start : start + n]) if n else {}
+        start += n
         inner: Any = bytes(view[start:]) if kind in _COPY_AS_BYTES else bytearray(view[start:])
-    return kind, inner, headers
+    return kind, inner, headers, priority
+
+
+def _head_kind(data: Any, st: _ring.RingState) -> int:
+    """The kind of the record at the head of a non-empty ring."""
+    pos = st.head if st.capacity - st.head >= _ring.HEADER_SIZE else 0
+    kind: int = _unpack_header(data, pos)[1]
+    if kind == _ring.WRAP:
+        kind = _unpack_header(data, 0)[1]
+    return kind
 
 
 _LOCK_TRIES = 50
@@ -307,6 +341,8 @@ class LocalQueue(Queue[T]):
         self._ser = get_serializer(serializer)
         self._pickle = isinstance(self._ser, Pickle)
         self._closed = False
+        self.expired = 0  # messages past their ttl this handle found and dropped
+        self._due: float | None = None  # when the next delayed message comes due (a hint)
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._creator = _path is None
         if _path is None:
@@ -331,7 +367,7 @@ class LocalQueue(Queue[T]):
             os.ftruncate(fd, PAGE + capacity)
             with mmap.mmap(fd, PAGE) as ctrl:
                 struct.pack_into("<Q", ctrl, _OFF_MAXSIZE, maxsize)
-                _STATE.pack_into(ctrl, _OFF_SLOTS, 0, 0, 0, 0, capacity)
+                _STATE.pack_into(ctrl, _OFF_SLOTS, 0, 0, 0, 0, capacity, 0, 0)
                 if _MUTEX is not None:
                     anchor = ctypes.c_char.from_buffer(ctrl)
                     try:
@@ -474,17 +510,18 @@ class LocalQueue(Queue[T]):
         """The committed state (read it under the lock to change it; it has no side
         effect, so ``qsize`` may read it without the lock)."""
         # The slot index is 0 or 1: its low byte is the whole of it.
-        head, tail, count, unfinished, cap = _unpack_state(
+        head, tail, count, unfinished, cap, special, tombs = _unpack_state(
             self._ctrl, _OFF_SLOTS + 64 * self._ctrl[_OFF_INDEX]
         )
-        return _ring.RingState(head, tail, count, cap, unfinished)
+        return _ring.RingState(head, tail, count, cap, unfinished, special, tombs)
 
     def _commit(self, st: _ring.RingState) -> None:
         ctrl = self._ctrl
         idx = ctrl[_OFF_INDEX] ^ 1
         _pack_state(
-            ctrl, _OFF_SLOTS + 64 * idx, st.head, st.tail, st.count, st.unfinished, st.capacity
-        )
+            ctrl, _OFF_SLOTS + 64 * idx, st.head, st.tail, st.count, st.unfinished, st.capacity,
+            st.special, st.tombs,
+        )  # fmt: skip
         self._publish(idx)
 
     def _publish(self, idx: int) -> None:
@@ -610,8 +647,8 @@ class LocalQueue(Queue[T]):
             ) from exc
 
     def _decode_raw(self, kind: int, payload: Any) -> Any:
-        if kind == _K_HEADERS:
-            kind, payload, _ = _unwrap(payload)
+        if kind in (_K_HEADERS, _K_OPTIONS):
+            kind, payload, _, _ = _unwrap(kind, payload)
         if kind == _K_BYTES:
             return bytes(payload)
         if kind == _K_BYTEARRAY:
@@ -699,9 +736,13 @@ class LocalQueue(Queue[T]):
             if ctrl[_OFF_FLAGS] & _SHUTDOWN:
                 return False
             idx = ctrl[_OFF_INDEX]
-            head, tail, count, unfinished, cap = _unpack_state(ctrl, _OFF_SLOTS + 64 * idx)
+            head, tail, count, unfinished, cap, special, tombs = _unpack_state(
+                ctrl, _OFF_SLOTS + 64 * idx
+            )
             data = self._data
             if data is None or cap != self._cap or (self._maxsize and count >= self._maxsize):
+                return False
+            if tombs and self._maxsize:
                 return False
             if count == 0:
                 head = tail = 0
@@ -712,8 +753,9 @@ class LocalQueue(Queue[T]):
             data[tail + 8 : tail + 8 + n] = payload
             _pack_header(data, tail, n, kind, 1)
             _pack_state(
-                ctrl, _OFF_SLOTS + 64 * (idx ^ 1), head, tail + size, count + 1, unfinished + 1, cap
-            )
+                ctrl, _OFF_SLOTS + 64 * (idx ^ 1), head, tail + size, count + 1, unfinished + 1,
+                cap, special, tombs,
+            )  # fmt: skip
             self._publish(idx ^ 1)
             self._words[PUT_SEQ].value += 1
             wake = _U32.unpack_from(ctrl, _WAITERS[PUT_SEQ])[0]
@@ -778,25 +820,22 @@ class LocalQueue(Queue[T]):
 
     @staticmethod
     def _refuse(opts: PutOptions | None, dedup_ids: list[str] | None = None) -> None:
-        """The options the local queue does not honour yet, refused (never ignored)."""
-        if opts is None and dedup_ids is None:
-            return
-        for name, given in (
-            ("delay", opts is not None and opts.delay),
-            ("ttl", opts is not None and opts.ttl),
-            ("dedup_id", dedup_ids is not None or (opts is not None and opts.dedup_id)),
-            ("priority", opts is not None and opts.priority),
-        ):
-            if given:
-                raise Unsupported(
-                    f"the local queue does not offer {name}= yet (its ring is one FIFO "
-                    "shared by processes); use a pigeon:// queue for it"
-                )
+        """The option the local queue does not honour, refused (never ignored)."""
+        if dedup_ids is not None or (opts is not None and opts.dedup_id):
+            raise Unsupported(
+                "the local queue does not offer dedup_id= (it would need a table of ids "
+                "shared by every process, kept for the window); use a pigeon:// queue for it"
+            )
 
     def _records(self, items: list[T], opts: PutOptions | None) -> list[tuple[int, list[Any]]]:
         records = [self._encode(x) for x in items]
-        if opts is not None and opts.headers:
-            records = [_wrap(r, opts.headers) for r in records]
+        if opts is None:
+            return records
+        if opts.priority or opts.delay or opts.ttl:
+            wall = time.time()
+            return [_with_options(r, opts, wall) for r in records]
+        if opts.headers:
+            return [_wrap(r, opts.headers) for r in records]
         return records
 
     def _put_with_options(
@@ -851,9 +890,10 @@ class LocalQueue(Queue[T]):
                     raise ShutDown("the queue was shut down; put refused")
                 st = self._state()
                 seq = self._seq(GET_SEQ)
-                if self._maxsize and st.count + len(records) > self._maxsize and not requeue:
+                held = st.count - st.tombs
+                if self._maxsize and held + len(records) > self._maxsize and not requeue:
                     if not block or (deadline is not None and time.monotonic() >= deadline):
-                        raise Full(f"queue is full ({st.count} of maxsize={self._maxsize})")
+                        raise Full(f"queue is full ({held} of maxsize={self._maxsize})")
                     if spins:
                         self._register(GET_SEQ, +1)
                         waiting = True
@@ -898,6 +938,8 @@ class LocalQueue(Queue[T]):
                 pos = _ring.reserve(data, st, length)
                 assert pos is not None
             _ring.write(data, pos, kind, d, parts)
+            if kind == _K_OPTIONS:
+                st.special += 1
         return True
 
     def _grow(self, st: _ring.RingState, length: int) -> mmap.mmap:
@@ -941,9 +983,11 @@ class LocalQueue(Queue[T]):
         try:
             ctrl = self._ctrl
             idx = ctrl[_OFF_INDEX]
-            head, tail, count, unfinished, cap = _unpack_state(ctrl, _OFF_SLOTS + 64 * idx)
+            head, tail, count, unfinished, cap, special, tombs = _unpack_state(
+                ctrl, _OFF_SLOTS + 64 * idx
+            )
             data = self._data
-            if not count or data is None or cap != self._cap:
+            if not count or data is None or cap != self._cap or special or tombs:
                 return None
             pos = head if cap - head >= _ring.HEADER_SIZE else 0
             length, kind, _ = _unpack_header(data, pos)
@@ -957,7 +1001,7 @@ class LocalQueue(Queue[T]):
             head = pos + _ring.HEADER_SIZE + ((length + 7) & -8) if count else 0
             _pack_state(
                 ctrl, _OFF_SLOTS + 64 * (idx ^ 1), head, tail if count else 0, count,
-                unfinished, cap,
+                unfinished, cap, 0, 0,
             )  # fmt: skip
             self._publish(idx ^ 1)
             self._words[GET_SEQ].value += 1
@@ -1019,28 +1063,102 @@ class LocalQueue(Queue[T]):
                     self._register(PUT_SEQ, -1)
                     waiting = False
                 st = self._state()
-                if st.count:
+                due: float | None = None  # when a delayed message comes due (monotonic)
+                if st.special or st.tombs:
+                    before = (st.count, st.special)
+                    out, due = self._take_special(st, max_items)
+                    if out:
+                        self._commit(st)
+                        wake = self._bump(GET_SEQ)
+                        break
+                    if (st.count, st.special) != before:  # expired ones were dropped
+                        self._commit(st)
+                        self._bump(GET_SEQ)
+                elif st.count:
                     out = self._read(st, max_items)
                     self._commit(st)
                     wake = self._bump(GET_SEQ)
                     break
-                if self._ctrl[_OFF_FLAGS] & _SHUTDOWN:
+                if self._ctrl[_OFF_FLAGS] & _SHUTDOWN and st.count == st.tombs:
                     raise ShutDown("the queue was shut down and is drained")
+                self._due = due
                 if not block or (deadline is not None and time.monotonic() >= deadline):
-                    raise Empty("queue is empty")
+                    raise Empty("queue is empty" if due is None else "nothing is due yet")
                 seq = self._seq(PUT_SEQ)
                 if spins:
                     self._register(PUT_SEQ, +1)
                     waiting = True
             finally:
                 self._unlock()
+            until = deadline if due is None or (deadline is not None and deadline < due) else due
             if spins:
-                self._sleep(PUT_SEQ, seq, deadline)
+                self._sleep(PUT_SEQ, seq, until)
             else:
                 spins = self._spin(PUT_SEQ, seq)
         if wake:
             self._wake(GET_SEQ)
         return out
+
+    def _take_special(
+        self, st: _ring.RingState, max_items: int
+    ) -> tuple[list[tuple[int, int, Any]], float | None]:
+        """Take up to ``max_items`` by priority (higher first; ring order - put order -
+        within one), skipping messages not due yet and dropping expired ones; return
+        them and when the next delayed one comes due (monotonic, or None).
+
+        Used while the ring holds records with options or tombstones. It walks the
+        waiting records (O(n) per call: the price of one shared ring; pigeon:// keeps
+        heaps and lanes). A record taken from the middle becomes a tombstone
+        (``_K_TAKEN``), counted in ``st.tombs`` and skipped until the head passes it."""
+        data = self._data
+        if data is None or st.capacity != self._cap:
+            data = self._map_data(st.capacity)
+        wall = time.time()
+        out: list[tuple[int, int, Any]] = []
+        next_due: float | None = None
+        while len(out) < max_items and st.count > st.tombs:
+            walk = _ring.RingState(st.head, st.tail, st.count, st.capacity)
+            best: tuple[int, int, int, int, int] | None = None  # prio, at, kind, deliv, len
+            while walk.count:
+                kind, deliveries, at, length = _ring.next_record(data, walk)
+                if kind == _K_TAKEN:
+                    continue
+                priority = 0
+                if kind == _K_OPTIONS:
+                    _, _, priority, due, expires = _OPTS.unpack_from(data, at)
+                    if 0 < expires <= wall:  # not taken in time: dropped (no dead letters)
+                        _pack_header(data, at - _ring.HEADER_SIZE, length, _K_TAKEN, deliveries)
+                        st.tombs += 1
+                        st.special -= 1
+                        st.unfinished = max(0, st.unfinished - 1)
+                        self.expired += 1
+                        continue
+                    if due > wall:
+                        next_due = due if next_due is None else min(next_due, due)
+                        continue
+                if best is None or priority > best[0]:
+                    best = (priority, at, kind, deliveries, length)
+                    if priority == MAX_PRIORITY:
+                        break
+            if best is None:
+                break
+            _, at, kind, deliveries, length = best
+            payload: Any = (
+                data[at : at + length]
+                if kind in _COPY_AS_BYTES
+                else bytearray(data[at : at + length])
+            )
+            out.append((kind, deliveries, payload))
+            _pack_header(data, at - _ring.HEADER_SIZE, length, _K_TAKEN, deliveries)
+            st.tombs += 1
+            if kind == _K_OPTIONS:
+                st.special -= 1
+        while st.count and _head_kind(data, st) == _K_TAKEN:  # the head passes tombstones
+            _ring.next_record(data, st)
+            st.tombs -= 1
+        if next_due is None:
+            return out, None
+        return out, time.monotonic() + max(0.0, next_due - time.time())
 
     def _read(self, st: _ring.RingState, max_items: int) -> list[tuple[int, int, Any]]:
         data = self._data
@@ -1065,13 +1183,20 @@ class LocalQueue(Queue[T]):
         and has no effect here: a local message is never redelivered on its own."""
         kind, deliveries, payload = self._take(1, True, timeout)[0]
         headers: dict[str, str] = {}
-        if kind == _K_HEADERS:
-            kind, payload, headers = _unwrap(payload)
-        return LocalMessage(self, self._decode(kind, payload), deliveries, headers)
+        priority = 0
+        if kind in (_K_HEADERS, _K_OPTIONS):
+            kind, payload, headers, priority = _unwrap(kind, payload)
+        return LocalMessage(self, self._decode(kind, payload), deliveries, headers, priority)
+
+    def _next_due(self) -> float | None:
+        """When the delayed message the last take of this handle saw comes due
+        (monotonic), or None."""
+        return self._due
 
     def qsize(self) -> int:
         self._check()
-        return self._state().count
+        st = self._state()
+        return st.count - st.tombs
 
     def task_done(self) -> None:
         self._lock()
@@ -1114,8 +1239,8 @@ class LocalQueue(Queue[T]):
             self._ctrl[_OFF_FLAGS] = self._flags() | _SHUTDOWN | (_IMMEDIATE if immediate else 0)
             if immediate:
                 st = self._state()
-                st.unfinished = max(0, st.unfinished - st.count)
-                st.count = st.head = st.tail = 0
+                st.unfinished = max(0, st.unfinished - (st.count - st.tombs))
+                st.count = st.head = st.tail = st.special = st.tombs = 0
                 self._commit(st)
             for word in (PUT_SEQ, GET_SEQ, JOIN_SEQ):
                 self._bump(word)
@@ -1124,9 +1249,13 @@ class LocalQueue(Queue[T]):
         for word in (PUT_SEQ, GET_SEQ, JOIN_SEQ):
             self._wake(word)
 
-    def _requeue(self, item: T, deliveries: int, headers: dict[str, str] | None = None) -> None:
+    def _requeue(
+        self, item: T, deliveries: int, headers: dict[str, str] | None = None, priority: int = 0
+    ) -> None:
         record = self._encode(item)
-        if headers:
+        if priority:  # a message given back keeps its priority (and headers), not its timers
+            record = _with_options(record, PutOptions(priority=priority, headers=headers or {}), 0)
+        elif headers:
             record = _wrap(record, headers)
         self._put([record], True, None, min(deliveries, 0xFFFF), requeue=True)
 
@@ -1186,11 +1315,13 @@ class LocalMessage(Message[T]):
         body: T,
         delivery_count: int,
         headers: dict[str, str] | None = None,
+        priority: int = 0,
     ) -> None:
         self._queue = queue
         self.body = body
         self.delivery_count = delivery_count
         self.headers: dict[str, str] = headers if headers is not None else {}
+        self._priority = priority
         self._settled = False
 
     def _settle(self) -> None:
@@ -1207,12 +1338,11 @@ class LocalMessage(Message[T]):
         self._settle()
         if not requeue:
             return
+        args = (self.body, self.delivery_count + 1, self.headers, self._priority)
         if delay == 0:
-            self._queue._requeue(self.body, self.delivery_count + 1, self.headers)
+            self._queue._requeue(*args)
         else:
-            timer = threading.Timer(
-                delay, self._queue._requeue, (self.body, self.delivery_count + 1, self.headers)
-            )
+            timer = threading.Timer(delay, self._queue._requeue, args)
             timer.daemon = True
             timer.start()
 

@@ -67,6 +67,7 @@ from pigeon.errors import (
     Unsupported,
 )
 from pigeon.protocol.messages import PutOptions
+from pigeon.protocol.rules import DEFAULT_DEDUP_WINDOW
 from pigeon.serializers import SerializerLike, get_serializer
 
 T = TypeVar("T")
@@ -89,6 +90,22 @@ if redis.call('HGET', KEYS[2], 'shutdown') == '1' then return 'SHUTDOWN' end
 local maxsize = tonumber(redis.call('HGET', KEYS[2], 'maxsize') or '0')
 if maxsize > 0 and redis.call('XLEN', KEYS[1]) + #ARGV > maxsize then return 'FULL' end
 for i = 1, #ARGV do redis.call('XADD', KEYS[1], '*', 'd', ARGV[i]) end
+return 'OK'
+"""
+
+# A put with dedup ids: KEYS stream, meta, one dedup key per payload; ARGV the window in
+# ms, then the payloads. A payload whose key exists (put within the window, whatever
+# became of it since) is confirmed and not stored; the keys expire on Redis's clock.
+_PUT_DEDUP = """
+if redis.call('HGET', KEYS[2], 'shutdown') == '1' then return 'SHUTDOWN' end
+local n = #ARGV - 1
+local maxsize = tonumber(redis.call('HGET', KEYS[2], 'maxsize') or '0')
+if maxsize > 0 and redis.call('XLEN', KEYS[1]) + n > maxsize then return 'FULL' end
+for i = 1, n do
+    if redis.call('SET', KEYS[i + 2], '1', 'NX', 'PX', ARGV[1]) then
+        redis.call('XADD', KEYS[1], '*', 'd', ARGV[i + 1])
+    end
+end
 return 'OK'
 """
 
@@ -276,6 +293,8 @@ class AsyncRedisQueue(EngineQueue[T]):
                 f"wait={ep.params.get('wait')!r} in {url!r}: a number of replicas >= 0"
             )
         self.wait_timeout_ms = int((ep.seconds("wait_timeout", None, 5.0) or 5.0) * 1000)
+        window = ep.seconds("dedup_window", None, DEFAULT_DEDUP_WINDOW, positive=False)
+        self.dedup_window_ms = int((window if window is not None else 300.0) * 1000)
         self.url = url
         self.engine = "redis"
         self.name = ep.queue
@@ -299,6 +318,7 @@ class AsyncRedisQueue(EngineQueue[T]):
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._r: Any = None
         self._put_script: Any = None
+        self._put_dedup_script: Any = None
         self._take_script: Any = None
         self._lease_script: Any = None
         self._claim_script: Any = None
@@ -324,6 +344,7 @@ class AsyncRedisQueue(EngineQueue[T]):
 
             self._r = self._client(aredis)
             self._put_script = self._r.register_script(_PUT)
+            self._put_dedup_script = self._r.register_script(_PUT_DEDUP)
             self._take_script = self._r.register_script(_TAKE)
             self._lease_script = self._r.register_script(_LEASE)
             self._claim_script = self._r.register_script(_CLAIM)
@@ -404,12 +425,12 @@ class AsyncRedisQueue(EngineQueue[T]):
 
     # --- the contract ---------------------------------------------------------------------
 
+    supports: ClassVar[frozenset[str]] = frozenset({"dedup"})
     _why_not: ClassVar[dict[str, str]] = {
-        "delay": "not offered on redis:// yet",
-        "ttl": "not offered on redis:// yet",
-        "dedup": "not offered on redis:// yet",
+        "delay": "a stream has no per-entry delay; pigeon:// has",
+        "ttl": "a stream has no per-entry expiry that dead-letters; pigeon:// has",
         "priority": "a Redis stream is one sequence; it has no priorities",
-        "headers": "not offered on redis:// yet",
+        "headers": "not carried on redis:// yet",
     }
 
     async def _put(
@@ -421,9 +442,11 @@ class AsyncRedisQueue(EngineQueue[T]):
         dedup_ids: list[str] | None = None,
     ) -> None:
         deadline = deadline_from(block, timeout)
+        if options is not None and options.dedup_id:
+            dedup_ids = [options.dedup_id]
         delay = 0.001
         while True:
-            result = await self._do(lambda r: self._put_now(r, payloads))
+            result = await self._do(lambda r: self._put_now(r, payloads, dedup_ids))
             if result == b"OK":
                 return
             if result == b"SHUTDOWN":
@@ -433,17 +456,23 @@ class AsyncRedisQueue(EngineQueue[T]):
             await asyncio.sleep(min(delay, max(0.0, (deadline or 1e18) - time.monotonic())))
             delay = min(delay * 2, 0.05)
 
-    async def _put_now(self, r: Any, payloads: list[bytes]) -> Any:
+    async def _put_now(self, r: Any, payloads: list[bytes], dedup_ids: list[str] | None) -> Any:
         """The put script; with ``?wait=N``, on the same connection, ``WAIT N`` for N
         replicas to have it before the put counts as confirmed."""
+        script, keys = self._put_script, [self.stream, self.meta]
+        args: list[Any] = payloads
+        if dedup_ids is not None:  # one key per id, in the queue's hash slot
+            script = self._put_dedup_script
+            keys = [*keys, *(f"{self.stream}:dedup:{d}" for d in dedup_ids)]
+            args = [self.dedup_window_ms, *payloads]
         if not self.wait_replicas:
-            return await self._put_script(keys=[self.stream, self.meta], args=payloads, client=r)
+            return await script(keys=keys, args=args, client=r)
         import redis.exceptions as rex
 
         node = await self._master_client(r)
         try:
             async with node.pipeline(transaction=False) as pipe:
-                await self._put_script(keys=[self.stream, self.meta], args=payloads, client=pipe)
+                await script(keys=keys, args=args, client=pipe)
                 pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
                 result, acked = await pipe.execute()
         except rex.ResponseError as exc:

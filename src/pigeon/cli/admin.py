@@ -106,13 +106,18 @@ def peek(queue_url: str, count: int, as_json: bool) -> None:
             m = {**m, "payload": base64.b64encode(m["payload"]).decode()}
             click.echo(json.dumps(m, default=repr))
         return
-    table = Table("id", "deliveries", "age (s)", "priority", "from", "why", "headers", "body",
+    # priority and headers only when some message has them: the table stays narrow
+    extra = any(m.get("priority") or m.get("headers") for m in shown)
+    columns = ["id", "deliveries", "age (s)", "from", "why", "body"]
+    table = Table(*columns[:5], *(["priority", "headers"] if extra else []), "body",
                   title=queue_url)  # fmt: skip
     for m in shown:
-        headers = " ".join(f"{k}={v}" for k, v in (m.get("headers") or {}).items())
-        table.add_row(str(m["id"]), str(m["delivery_count"]), f"{m['age']:.1f}",
-                      str(m.get("priority", 0)), m["origin"], m["reason"], headers[:80],
-                      _shown(m["payload"], m["body"]))  # fmt: skip
+        row = [str(m["id"]), str(m["delivery_count"]), f"{m['age']:.1f}", m["origin"],
+               m["reason"]]  # fmt: skip
+        if extra:
+            headers = " ".join(f"{k}={v}" for k, v in (m.get("headers") or {}).items())
+            row += [str(m.get("priority", 0)), headers[:60]]
+        table.add_row(*row, _shown(m["payload"], m["body"]))
     Console().print(table)
 
 

@@ -64,6 +64,16 @@ class Put(_Msg, tag=0x10):
     options: PutOptions | None = None  # (added)
 
 
+class PlainPut(_Msg, tag=0x10):
+    """A PUT without options, encoded byte for byte as before the options field was
+    appended (sent by clients; decoded as ``Put``)."""
+
+    req: int
+    queue: str
+    payload: bytes
+    wait: float | None = 0.0
+
+
 class PutBatch(_Msg, tag=0x11):
     req: int
     queue: str
@@ -197,11 +207,17 @@ class Goodbye(_Msg, tag=0x70):
 # --- server -> client -------------------------------------------------------------------
 
 
-class Delivery(msgspec.Struct, array_like=True, frozen=True):
+class PlainDelivery(msgspec.Struct, array_like=True, frozen=True):
+    """A delivery without headers, encoded as before headers were appended (sent by the
+    broker; decoded as ``Delivery``)."""
+
     id: int  # 0 when the item was acked on delivery (manual_ack false)
     delivery_count: int
     payload: bytes
-    headers: dict[str, str] | None = None  # (added) nil when there are none
+
+
+class Delivery(PlainDelivery, frozen=True):
+    headers: dict[str, str] | None = None  # (added) absent when there are none
 
 
 class Ok(_Msg, tag=0x80):
@@ -211,7 +227,7 @@ class Ok(_Msg, tag=0x80):
 
 class Deliver(_Msg, tag=0x81):
     req: int
-    messages: list[Delivery]
+    messages: list[Delivery]  # the broker sends PlainDelivery for those without headers
 
 
 class Error(_Msg, tag=0x8F):

@@ -57,6 +57,7 @@ from pigeon.protocol import (
     TaskDone,
 )
 from pigeon.protocol.codes import Code
+from pigeon.protocol.messages import PlainDelivery
 from pigeon.protocol.rules import problem
 from pigeon.server.model import (
     DEAD_SUFFIX,
@@ -253,7 +254,7 @@ class Broker:
     def _take(self, q: QueueState, w: GetWaiter) -> list[Delivery]:
         """Up to ``w.max_items`` messages for ``w``, within ``max_reply_bytes`` (at least
         one, unless that one alone is larger: then none)."""
-        out: list[Delivery] = []
+        out: list[Any] = []  # Delivery, or PlainDelivery (no headers: the bytes as before)
         cs = self._conn(w.conn)
         held = cs.unacked
         budget = self.max_reply_bytes
@@ -285,10 +286,18 @@ class Broker:
                 conn_flight[did] = name
                 held += n
                 leased.append(did)
-                out.append(Delivery(did, msg.deliveries, msg.payload, headers))
+                out.append(
+                    Delivery(did, msg.deliveries, msg.payload, headers)
+                    if headers
+                    else PlainDelivery(did, msg.deliveries, msg.payload)
+                )
             else:
                 removed.append(msg.id)
-                out.append(Delivery(0, msg.deliveries, msg.payload, headers))
+                out.append(
+                    Delivery(0, msg.deliveries, msg.payload, headers)
+                    if headers
+                    else PlainDelivery(0, msg.deliveries, msg.payload)
+                )
         q.delivered_total += len(out)
         if removed:
             self.store.removed_many(name, removed)

@@ -48,6 +48,7 @@ from pigeon.protocol import (
 )
 from pigeon.protocol.client import NotABroker
 from pigeon.protocol.codes import Code, exception_for
+from pigeon.protocol.messages import PlainPut
 from pigeon.protocol.rules import MAX_ITEMS, check_seconds
 from pigeon.serializers import Serializer, SerializerLike, get_serializer
 
@@ -220,7 +221,10 @@ class Ops:
         q = self.queue
         if len(payloads) == 1 and not many:
             p = payloads[0]
-            yield from self.call(lambda w: Put(0, q, p, w if block else 0.0, options), deadline)
+            if options is None:  # the short form: the bytes of a plain PUT never change
+                yield from self.call(lambda w: PlainPut(0, q, p, w if block else 0.0), deadline)
+            else:
+                yield from self.call(lambda w: Put(0, q, p, w if block else 0.0, options), deadline)
         elif payloads:
             if self.maxsize and len(payloads) > self.maxsize:
                 raise ValueError(
