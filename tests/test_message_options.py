@@ -177,3 +177,25 @@ def test_one_trace_from_the_producer_to_the_handler(
     attrs = linked[0].attributes
     assert attrs["messaging.system"] == ("pigeon" if where == "broker" else "pigeon-local")
     assert attrs["messaging.message.delivery_count"] == 1
+
+
+@pytest.mark.parametrize("scheme", ["redis", "nats"])
+def test_engine_headers_travel_to_dead_letters_and_dedup_ids_hold(scheme: str) -> None:
+    from tests._services import queue_name, require_service
+
+    port = {"redis": 6379, "nats": 4222}[scheme]
+    require_service("Redis" if scheme == "redis" else "NATS", port)
+    url = f"{scheme}://127.0.0.1:{port}/{queue_name()}"
+    with pigeon.Queue(url) as q, pigeon.Queue(url + ".dead") as dead:
+        q.put("tagged", headers={"tenant": "acme"}, dedup_id="once")
+        q.put("tagged again", headers={"tenant": "acme"}, dedup_id="once")
+        msg = q.get_message(timeout=10)
+        assert (msg.body, msg.headers) == ("tagged", {"tenant": "acme"})
+        msg.nack(requeue=False, reason="bad")
+        gone = dead.get_message(timeout=10)
+        assert (gone.body, gone.headers) == ("tagged", {"tenant": "acme"})
+        gone.ack()
+        with pytest.raises(pigeon.Empty):
+            q.get(timeout=0.5)
+        with pytest.raises(pigeon.Unsupported, match="priority"):
+            q.put("x", priority=1)

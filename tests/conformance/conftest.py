@@ -76,8 +76,8 @@ def _nats(maxsize: int = 0) -> pigeon.Queue[Any]:
 NO_COUNTER = frozenset({"join", "task_done"})  # engines without a server-side counter wait
 # The message options a backend refuses with Unsupported (test_contract checks it does).
 OPTIONS = frozenset({"delay", "ttl", "dedup", "priority", "headers"})
-LOCAL_OPTIONS = frozenset({"dedup"})  # no table of ids shared by its processes (yet)
-REDIS_OPTIONS = OPTIONS - {"dedup"}  # Redis: dedup ids (SET NX PX in the put script)
+LOCAL_OPTIONS: frozenset[str] = frozenset()  # the local queue honours every option
+REDIS_OPTIONS = frozenset({"delay", "ttl", "priority"})  # Redis: dedup ids and headers
 NATS_OPTIONS = frozenset({"delay", "ttl", "priority"})  # JetStream: dedup ids and headers
 
 BACKENDS = [

@@ -81,10 +81,11 @@ while paths and time.monotonic() < deadline:
             continue  # still held by a live process
         finally:
             os.close(fd)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        for victim in (path, path + ".dedup"):  # the queue, and its table of dedup ids
+            try:
+                os.unlink(victim)
+            except OSError:
+                pass
         paths.discard(path)
     if paths:
         time.sleep(1.0)

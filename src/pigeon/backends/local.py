@@ -46,6 +46,7 @@ import logging
 import mmap
 import os
 import pickle
+import sqlite3
 import struct
 import sys
 import tempfile
@@ -68,11 +69,10 @@ from pigeon.errors import (
     Full,
     LocalProtocolError,
     ShutDown,
-    Unsupported,
 )
 from pigeon.options import check_dedup_ids, put_options
 from pigeon.protocol.messages import PutOptions
-from pigeon.protocol.rules import MAX_PRIORITY
+from pigeon.protocol.rules import DEFAULT_DEDUP_WINDOW, MAX_PRIORITY, seconds_problem
 from pigeon.serializers import Pickle, SerializerLike, get_serializer
 
 if sys.platform != "win32":
@@ -121,6 +121,7 @@ _ENVELOPE = struct.Struct("<IHH")
 _K_OPTIONS = 7
 _OPTS = struct.Struct("<IHHdd")
 _K_TAKEN = 8  # a record taken from the middle of the ring: skipped, then dropped at the head
+DEDUP_SUFFIX = ".dedup"  # beside the queue's file: its table of dedup ids (SQLite)
 _COPY_AS_BYTES = frozenset((_K_BYTES, _K_PICKLE, _K_SERIALIZED))
 _encode_headers = msgspec.msgpack.Encoder().encode
 _decode_headers = msgspec.msgpack.Decoder(dict[str, str]).decode
@@ -314,6 +315,8 @@ def _release(fd: int, path: str | None, owner_pid: int) -> None:
     if path is not None and os.getpid() == owner_pid:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + DEDUP_SUFFIX)  # the table of dedup ids, if a put made one
         _shm_tracker.unregister(path)
 
 
@@ -327,6 +330,7 @@ class LocalQueue(Queue[T]):
         serializer: SerializerLike | None = None,
         *,
         capacity: int = _DEFAULT_CAPACITY,
+        dedup_window: float = DEFAULT_DEDUP_WINDOW,
         _path: str | None = None,
     ) -> None:
         if url is not None:
@@ -343,6 +347,9 @@ class LocalQueue(Queue[T]):
         self._closed = False
         self.expired = 0  # messages past their ttl this handle found and dropped
         self._due: float | None = None  # when the next delayed message comes due (a hint)
+        self._dedup_window = _check_window(dedup_window)
+        self._dedup_db: sqlite3.Connection | None = None  # see _put_deduplicated
+        self._dedup_pid = 0
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._creator = _path is None
         if _path is None:
@@ -463,7 +470,7 @@ class LocalQueue(Queue[T]):
 
     def __reduce__(self) -> tuple[Any, ...]:
         self._check()
-        return (_attach, (self._path, self._serializer_spec))
+        return (_attach, (self._path, self._serializer_spec, self._dedup_window))
 
     # --- locking and state ------------------------------------------------------------
 
@@ -818,15 +825,6 @@ class LocalQueue(Queue[T]):
                 return
         self._put(records, block, timeout)
 
-    @staticmethod
-    def _refuse(opts: PutOptions | None, dedup_ids: list[str] | None = None) -> None:
-        """The option the local queue does not honour, refused (never ignored)."""
-        if dedup_ids is not None or (opts is not None and opts.dedup_id):
-            raise Unsupported(
-                "the local queue does not offer dedup_id= (it would need a table of ids "
-                "shared by every process, kept for the window); use a pigeon:// queue for it"
-            )
-
     def _records(self, items: list[T], opts: PutOptions | None) -> list[tuple[int, list[Any]]]:
         records = [self._encode(x) for x in items]
         if opts is None:
@@ -841,7 +839,9 @@ class LocalQueue(Queue[T]):
     def _put_with_options(
         self, item: T, block: bool, timeout: float | None, opts: PutOptions | None
     ) -> None:
-        self._refuse(opts)
+        if opts is not None and opts.dedup_id:
+            self._put_deduplicated([item], [opts.dedup_id], block, timeout, opts)
+            return
         self._put(self._records([item], opts), block, timeout)
 
     def _put_many_with_options(
@@ -852,14 +852,70 @@ class LocalQueue(Queue[T]):
         opts: PutOptions | None,
         dedup_ids: list[str] | None,
     ) -> None:
-        self._refuse(opts, dedup_ids)
         if self._maxsize and len(items) > self._maxsize:
             raise ValueError(
                 f"put_many of {len(items)} items can never fit in maxsize={self._maxsize}; "
                 "split the batch"
             )
-        if items:
+        if dedup_ids is not None:
+            self._put_deduplicated(items, dedup_ids, block, timeout, opts)
+        elif items:
             self._put(self._records(items, opts), block, timeout)
+
+    def _put_deduplicated(
+        self,
+        items: list[T],
+        dedup_ids: list[str],
+        block: bool,
+        timeout: float | None,
+        opts: PutOptions | None,
+    ) -> None:
+        """Put the items whose dedup id the queue does not remember, and remember them.
+
+        The ids live in a SQLite table beside the queue's file (``PATH.dedup``, made at the
+        first put with an id, removed with the queue), shared by every process. One
+        transaction holds its write lock across the put: the ids are written, the ring is
+        committed, then the ids are committed. A process killed in between leaves the
+        message stored and its id forgotten (a retry may store it twice: at-least-once),
+        never the reverse (an id remembered for a message that was not stored)."""
+        db = self._dedup_table()
+        wall = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM ids WHERE until <= ?", (wall,))
+            until = wall + self._dedup_window
+            fresh = [
+                item
+                for item, d in zip(items, dedup_ids, strict=True)
+                if db.execute("INSERT OR IGNORE INTO ids VALUES (?, ?)", (d, until)).rowcount
+            ]
+            if fresh:
+                self._put(self._records(fresh, opts), block, timeout)
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
+    def _dedup_table(self) -> sqlite3.Connection:
+        """This process's connection to the queue's table of dedup ids."""
+        db = self._dedup_db
+        if db is not None and self._dedup_pid == os.getpid():
+            return db
+        self._check()
+        # a connection made before a fork is not used in the child (SQLite forbids it)
+        db = sqlite3.connect(
+            self._path + DEDUP_SUFFIX, timeout=600, isolation_level=None, check_same_thread=False
+        )
+        db.execute("PRAGMA journal_mode=MEMORY")  # tmpfs: nothing to protect from power loss
+        db.execute("PRAGMA synchronous=OFF")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS ids (id TEXT PRIMARY KEY, until REAL NOT NULL) "
+            "WITHOUT ROWID"
+        )
+        db.execute("CREATE INDEX IF NOT EXISTS ids_until ON ids (until)")
+        self._dedup_db, self._dedup_pid = db, os.getpid()
+        return db
 
     def _put(
         self,
@@ -1281,6 +1337,9 @@ class LocalQueue(Queue[T]):
         else:
             self._tlock.acquire()
         try:
+            if self._dedup_db is not None and self._dedup_pid == os.getpid():
+                with contextlib.suppress(sqlite3.Error):
+                    self._dedup_db.close()
             if self._finalizer is not None:
                 self._finalizer()  # closes the descriptor (and, for its creator, the file)
         finally:
@@ -1296,8 +1355,17 @@ class LocalQueue(Queue[T]):
         return f"<pigeon.Queue local maxsize={self._maxsize} {state}>"
 
 
-def _attach(path: str, serializer: SerializerLike) -> LocalQueue[Any]:
-    return LocalQueue(serializer=serializer, _path=path)
+def _attach(
+    path: str, serializer: SerializerLike, dedup_window: float = DEFAULT_DEDUP_WINDOW
+) -> LocalQueue[Any]:
+    return LocalQueue(serializer=serializer, dedup_window=dedup_window, _path=path)
+
+
+def _check_window(value: Any) -> float:
+    bad = seconds_problem("dedup_window", value, nil=False)
+    if bad:
+        raise ValueError(bad)
+    return float(value)
 
 
 class LocalMessage(Message[T]):

@@ -477,7 +477,8 @@ class AsyncNatsQueue(EngineQueue[T]):
         )  # fmt: skip
         dead._user, dead._password = self._user, self._password
         try:
-            await dead._put([msg.data], True, 10)
+            kept = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
+            await dead._put([msg.data], True, 10, PutOptions(headers=kept) if kept else None)
         finally:
             await dead.aclose()
         await msg.term()

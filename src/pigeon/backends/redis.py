@@ -49,6 +49,8 @@ import uuid
 from collections.abc import Awaitable
 from typing import Any, ClassVar, Generic, TypeVar
 
+import msgspec
+
 from pigeon._queue_base import deadline_from
 from pigeon.backends._asyncbase import EngineQueue
 from pigeon.backends._retry import Backoff
@@ -93,17 +95,22 @@ for i = 1, #ARGV do redis.call('XADD', KEYS[1], '*', 'd', ARGV[i]) end
 return 'OK'
 """
 
-# A put with dedup ids: KEYS stream, meta, one dedup key per payload; ARGV the window in
-# ms, then the payloads. A payload whose key exists (put within the window, whatever
+# A put with options: KEYS stream, meta, then (with dedup ids) one dedup key per payload;
+# ARGV the dedup window in ms ('' without dedup ids), the headers in MessagePack ('' without
+# headers), then the payloads. A payload whose key exists (put within the window, whatever
 # became of it since) is confirmed and not stored; the keys expire on Redis's clock.
-_PUT_DEDUP = """
+_PUT_OPTIONS = """
 if redis.call('HGET', KEYS[2], 'shutdown') == '1' then return 'SHUTDOWN' end
-local n = #ARGV - 1
+local n = #ARGV - 2
 local maxsize = tonumber(redis.call('HGET', KEYS[2], 'maxsize') or '0')
 if maxsize > 0 and redis.call('XLEN', KEYS[1]) + n > maxsize then return 'FULL' end
 for i = 1, n do
-    if redis.call('SET', KEYS[i + 2], '1', 'NX', 'PX', ARGV[1]) then
-        redis.call('XADD', KEYS[1], '*', 'd', ARGV[i + 1])
+    if ARGV[1] == '' or redis.call('SET', KEYS[i + 2], '1', 'NX', 'PX', ARGV[1]) then
+        if ARGV[2] == '' then
+            redis.call('XADD', KEYS[1], '*', 'd', ARGV[i + 2])
+        else
+            redis.call('XADD', KEYS[1], '*', 'd', ARGV[i + 2], 'h', ARGV[2])
+        end
     end
 end
 return 'OK'
@@ -121,11 +128,15 @@ for _, entry in ipairs(res[1][2]) do
     local id, fields = entry[1], entry[2]
     ids[#ids + 1] = id
     if fields then
+        local d, h = nil, ''
         for i = 1, #fields, 2 do
-            if fields[i] == 'd' then
-                out[#out + 1] = id
-                out[#out + 1] = fields[i + 1]
-            end
+            if fields[i] == 'd' then d = fields[i + 1]
+            elseif fields[i] == 'h' then h = fields[i + 1] end
+        end
+        if d then
+            out[#out + 1] = id
+            out[#out + 1] = d
+            out[#out + 1] = h
         end
     end
 end
@@ -206,27 +217,37 @@ redis.call('ZREM', KEYS[2], unpack(ARGV, 2))
 return n
 """
 
-# Dead-letter one entry: KEYS stream, leases, dead; ARGV group, id, payload, origin, reason.
+# Dead-letter one entry: KEYS stream, leases, dead; ARGV group, id, payload, origin, reason,
+# headers ('' for none).
 _DEAD = """
-redis.call('XADD', KEYS[3], '*', 'd', ARGV[3], 'origin', ARGV[4], 'reason', ARGV[5])
+local fields = {'d', ARGV[3], 'origin', ARGV[4], 'reason', ARGV[5]}
+if ARGV[6] and ARGV[6] ~= '' then fields[7] = 'h'; fields[8] = ARGV[6] end
+redis.call('XADD', KEYS[3], '*', unpack(fields))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('ZREM', KEYS[2], ARGV[2])
 return 1
 """
 
-# Add payloads at the tail of KEYS[1] (and, with ARGV[1] > 0, the first ARGV[1] of them to
-# the dead-letter stream KEYS[2] with origin ARGV[2] and reason "undecodable").
+# Add entries at the tail of KEYS[1] (and, with ARGV[1] > 0, the first ARGV[1] of them to
+# the dead-letter stream KEYS[2] with origin ARGV[2] and reason "undecodable"); ARGV[3..]
+# are (payload, headers or '') pairs.
 _APPEND = """
 local dead = tonumber(ARGV[1])
-for i = 3, #ARGV do
-    if i - 2 <= dead then
-        redis.call('XADD', KEYS[2], '*', 'd', ARGV[i], 'origin', ARGV[2], 'reason', 'undecodable')
+local n = 0
+for i = 3, #ARGV, 2 do
+    n = n + 1
+    local fields = {'d', ARGV[i]}
+    if ARGV[i + 1] ~= '' then fields[3] = 'h'; fields[4] = ARGV[i + 1] end
+    if n <= dead then
+        fields[#fields + 1] = 'origin'; fields[#fields + 1] = ARGV[2]
+        fields[#fields + 1] = 'reason'; fields[#fields + 1] = 'undecodable'
+        redis.call('XADD', KEYS[2], '*', unpack(fields))
     else
-        redis.call('XADD', KEYS[1], '*', 'd', ARGV[i])
+        redis.call('XADD', KEYS[1], '*', unpack(fields))
     end
 end
-return #ARGV - 2
+return n
 """
 
 # Shut down: KEYS stream, meta; ARGV immediate.
@@ -249,6 +270,9 @@ def key_names(queue: str, *, hash_tags: bool) -> tuple[str, str]:
 
 
 DEAD_SUFFIX = ".dead"
+Entry = tuple[bytes, int, bytes, bytes]  # (entry id, delivery count, payload, headers or b"")
+_encode_headers = msgspec.msgpack.Encoder().encode
+_decode_headers = msgspec.msgpack.Decoder(dict[str, str]).decode
 _MOVED = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "READONLY")
 
 
@@ -318,7 +342,7 @@ class AsyncRedisQueue(EngineQueue[T]):
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._r: Any = None
         self._put_script: Any = None
-        self._put_dedup_script: Any = None
+        self._put_options_script: Any = None
         self._take_script: Any = None
         self._lease_script: Any = None
         self._claim_script: Any = None
@@ -344,7 +368,7 @@ class AsyncRedisQueue(EngineQueue[T]):
 
             self._r = self._client(aredis)
             self._put_script = self._r.register_script(_PUT)
-            self._put_dedup_script = self._r.register_script(_PUT_DEDUP)
+            self._put_options_script = self._r.register_script(_PUT_OPTIONS)
             self._take_script = self._r.register_script(_TAKE)
             self._lease_script = self._r.register_script(_LEASE)
             self._claim_script = self._r.register_script(_CLAIM)
@@ -425,12 +449,11 @@ class AsyncRedisQueue(EngineQueue[T]):
 
     # --- the contract ---------------------------------------------------------------------
 
-    supports: ClassVar[frozenset[str]] = frozenset({"dedup"})
+    supports: ClassVar[frozenset[str]] = frozenset({"dedup", "headers"})
     _why_not: ClassVar[dict[str, str]] = {
         "delay": "a stream has no per-entry delay; pigeon:// has",
         "ttl": "a stream has no per-entry expiry that dead-letters; pigeon:// has",
         "priority": "a Redis stream is one sequence; it has no priorities",
-        "headers": "not carried on redis:// yet",
     }
 
     async def _put(
@@ -444,9 +467,10 @@ class AsyncRedisQueue(EngineQueue[T]):
         deadline = deadline_from(block, timeout)
         if options is not None and options.dedup_id:
             dedup_ids = [options.dedup_id]
+        headers = _encode_headers(options.headers) if options and options.headers else None
         delay = 0.001
         while True:
-            result = await self._do(lambda r: self._put_now(r, payloads, dedup_ids))
+            result = await self._do(lambda r: self._put_now(r, payloads, dedup_ids, headers))
             if result == b"OK":
                 return
             if result == b"SHUTDOWN":
@@ -456,15 +480,24 @@ class AsyncRedisQueue(EngineQueue[T]):
             await asyncio.sleep(min(delay, max(0.0, (deadline or 1e18) - time.monotonic())))
             delay = min(delay * 2, 0.05)
 
-    async def _put_now(self, r: Any, payloads: list[bytes], dedup_ids: list[str] | None) -> Any:
+    async def _put_now(
+        self,
+        r: Any,
+        payloads: list[bytes],
+        dedup_ids: list[str] | None = None,
+        headers: bytes | None = None,
+    ) -> Any:
         """The put script; with ``?wait=N``, on the same connection, ``WAIT N`` for N
         replicas to have it before the put counts as confirmed."""
         script, keys = self._put_script, [self.stream, self.meta]
         args: list[Any] = payloads
-        if dedup_ids is not None:  # one key per id, in the queue's hash slot
-            script = self._put_dedup_script
-            keys = [*keys, *(f"{self.stream}:dedup:{d}" for d in dedup_ids)]
-            args = [self.dedup_window_ms, *payloads]
+        if dedup_ids is not None or headers is not None:
+            script = self._put_options_script
+            window: Any = ""
+            if dedup_ids is not None:  # one key per id, in the queue's hash slot
+                keys = [*keys, *(f"{self.stream}:dedup:{d}" for d in dedup_ids)]
+                window = self.dedup_window_ms
+            args = [window, headers or b"", *payloads]
         if not self.wait_replicas:
             return await script(keys=keys, args=args, client=r)
         import redis.exceptions as rex
@@ -514,12 +547,12 @@ class AsyncRedisQueue(EngineQueue[T]):
     def _claim_due(self) -> bool:
         return time.monotonic() - self._last_claim > 1.0
 
-    async def _read_now(self, r: Any, n: int, take: bool) -> list[tuple[bytes, int, bytes]]:
+    async def _read_now(self, r: Any, n: int, take: bool) -> list[Entry]:
         """New entries without waiting; with ``take`` they are acked and deleted at once."""
         if not take:
             return await self._read_new(r, n, 0)
         flat = await self._take_script(keys=[self.stream], args=[GROUP, self.consumer, n], client=r)
-        return [(flat[i], 1, flat[i + 1]) for i in range(0, len(flat), 2)]
+        return [(flat[i], 1, flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
 
     async def _fetch(
         self,
@@ -528,7 +561,7 @@ class AsyncRedisQueue(EngineQueue[T]):
         timeout: float | None,
         lease: float | None = None,
         take: bool = False,
-    ) -> list[tuple[bytes, int, bytes]]:
+    ) -> list[Entry]:
         """Up to ``n`` entries as (id, delivery_count, payload): held by this consumer, or,
         with ``take``, already acked and deleted (plain ``get``)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -553,7 +586,7 @@ class AsyncRedisQueue(EngineQueue[T]):
             if got:
                 if not take:  # held: its lease ends `lease` (or the queue's) from now
                     await self._set_lease([g[0] for g in got], lease)
-                result: list[tuple[bytes, int, bytes]] = got
+                result: list[Entry] = got
                 return result
             if await self._do(lambda r: self._drained_and_shut(r)):
                 raise ShutDown("the queue was shut down and is drained")
@@ -571,7 +604,7 @@ class AsyncRedisQueue(EngineQueue[T]):
             )
         )
 
-    async def _claim(self, r: Any, n: int) -> list[tuple[bytes, int, bytes]]:
+    async def _claim(self, r: Any, n: int) -> list[Entry]:
         """Take over entries whose lease ended (Redis will not redeliver by itself)."""
         flat = await self._claim_script(
             keys=[self.stream, self.leases, self.meta],
@@ -585,23 +618,27 @@ class AsyncRedisQueue(EngineQueue[T]):
             if b"d" not in fields:
                 continue
             if deliveries > self.max_deliveries:
-                await self._dead_letter(r, eid, fields[b"d"], "max_deliveries")
+                await self._dead_letter(r, eid, fields[b"d"], "max_deliveries", fields.get(b"h"))
                 continue
-            out.append((eid, deliveries, fields[b"d"]))
+            out.append((eid, deliveries, fields[b"d"], fields.get(b"h", b"")))
         return out
 
-    async def _read_new(self, r: Any, n: int, wait_ms: int) -> list[tuple[bytes, int, bytes]]:
+    async def _read_new(self, r: Any, n: int, wait_ms: int) -> list[Entry]:
         res = await r.xreadgroup(
             GROUP, self.consumer, {self.stream: ">"}, count=n, block=wait_ms if wait_ms else None
         )
         if not res:
             return []
-        return [(eid, 1, fields[b"d"]) for eid, fields in res[0][1] if fields]
+        return [
+            (eid, 1, fields[b"d"], fields.get(b"h", b"")) for eid, fields in res[0][1] if fields
+        ]
 
-    async def _dead_letter(self, r: Any, eid: bytes, payload: bytes, reason: str) -> None:
+    async def _dead_letter(
+        self, r: Any, eid: bytes, payload: bytes, reason: str, headers: bytes | None = None
+    ) -> None:
         await self._dead_script(
             keys=[self.stream, self.leases, self.dead],
-            args=[GROUP, eid, payload, self.name, reason],
+            args=[GROUP, eid, payload, self.name, reason, headers or b""],
             client=r,
         )
 
@@ -628,49 +665,56 @@ class AsyncRedisQueue(EngineQueue[T]):
         got = await self._cancel_safe(
             self._fetch(max_items, block, timeout, take=True), self._put_back
         )
-        return await self._decode_taken([g[2] for g in got])
+        return await self._decode_taken(got)
 
     async def extend_held(self, message: Any, seconds: float) -> None:
         await self._set_lease([message.id], seconds)
 
-    async def _hand_back(self, got: list[tuple[bytes, int, bytes]]) -> None:
+    async def _hand_back(self, got: list[Entry]) -> None:
         """Held entries taken for a caller that was cancelled: their leases end now."""
         await self._set_lease([g[0] for g in got], 0.0)
 
-    async def _put_back(self, got: list[tuple[bytes, int, bytes]]) -> None:
+    async def _put_back(self, got: list[Entry]) -> None:
         """Items taken (acked and deleted) for a caller that was cancelled: back, at the tail."""
-        payloads = [g[2] for g in got]
+        pairs = [x for g in got for x in (g[2], g[3])]
         await self._do(
             lambda r: self._append_script(
-                keys=[self.stream, self.dead], args=[0, self.name, *payloads], client=r
+                keys=[self.stream, self.dead], args=[0, self.name, *pairs], client=r
             )
         )
 
-    async def _decode_taken(self, payloads: list[bytes]) -> list[Any]:
-        """Bodies of payloads already acked; undecodable ones are dead-lettered, and then
+    async def _decode_taken(self, got: list[Entry]) -> list[Any]:
+        """Bodies of entries already acked; undecodable ones are dead-lettered, and then
         the good ones are put back (at the tail) before ``DecodeError`` is raised."""
-        good, bad = self._decode_all(payloads)
+        good: list[tuple[Entry, Any]] = []
+        bad: list[tuple[Entry, BaseException]] = []
+        for g in got:
+            try:
+                good.append((g, self._ser.loads(g[2])))
+            except Exception as exc:
+                bad.append((g, exc))
         if bad:
-            raws = [raw for raw, _ in bad] + [raw for raw, _ in good]
+            back = [g for g, _ in bad] + [g for g, _ in good]
+            pairs = [x for g in back for x in (g[2], g[3])]  # each with its headers
             await self._do(
                 lambda r: self._append_script(
-                    keys=[self.stream, self.dead], args=[len(bad), self.name, *raws], client=r
+                    keys=[self.stream, self.dead], args=[len(bad), self.name, *pairs], client=r
                 )
             )
-            raise self._decode_error(bad, len(payloads), bool(good))
+            raise self._decode_error([(g[2], e) for g, e in bad], len(got), bool(good))
         return [body for _, body in good]
 
     async def get_message(
         self, timeout: float | None = None, lease: float | None = None
     ) -> AsyncRedisMessage[T]:
         got = await self._cancel_safe(self._fetch(1, True, timeout, lease), self._hand_back)
-        eid, count, payload = got[0]
+        eid, count, payload, headers = got[0]
         try:
             body = self._ser.loads(payload)
         except Exception as exc:
-            await self._do(lambda r: self._dead_letter(r, eid, payload, "undecodable"))
+            await self._do(lambda r: self._dead_letter(r, eid, payload, "undecodable", headers))
             raise self._decode_error([(payload, exc)], 1, False) from exc
-        return AsyncRedisMessage(self, eid, count, payload, body)
+        return AsyncRedisMessage(self, eid, count, payload, body, headers)
 
     async def qsize(self) -> int:
         async def run(r: Any) -> int:
@@ -789,13 +833,20 @@ class AsyncRedisMessage(Generic[T]):
     """A Redis stream entry held by this consumer until acked, nacked or its lease ends."""
 
     def __init__(
-        self, queue: AsyncRedisQueue[T], eid: bytes, count: int, payload: bytes, body: T
+        self,
+        queue: AsyncRedisQueue[T],
+        eid: bytes,
+        count: int,
+        payload: bytes,
+        body: T,
+        headers: bytes = b"",
     ) -> None:
         self._queue = queue
         self._payload = payload  # dead-lettered as received, not encoded again
+        self._headers = headers
         self.id = eid
         self.delivery_count = count
-        self.headers: dict[str, str] = {}
+        self.headers: dict[str, str] = _decode_headers(headers) if headers else {}
         self.body = body
         self._settled = False
 
@@ -813,7 +864,7 @@ class AsyncRedisMessage(Generic[T]):
         q = self._queue
         if not requeue:
             why = reason or "rejected"
-            await q._do(lambda r: q._dead_letter(r, self.id, self._payload, why))
+            await q._do(lambda r: q._dead_letter(r, self.id, self._payload, why, self._headers))
             return
         await q._set_lease([self.id], delay)  # claimable once `delay` has passed
 
