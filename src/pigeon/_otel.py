@@ -22,18 +22,22 @@ def _load() -> Any:
     global _api
     if _api is None:
         try:
-            from opentelemetry import propagate, trace  # type: ignore[import-not-found,unused-ignore]
+            from opentelemetry import (  # type: ignore[import-not-found,unused-ignore]
+                context,
+                propagate,
+                trace,
+            )
         except ImportError:
             _api = False
         else:
-            _api = (trace, propagate)
+            _api = (trace, propagate, context.get_current)
     return _api
 
 
 def tracing() -> bool:
     """True if a span is current (so a put has a trace context to carry)."""
     api = _api if _api is not None else _load()
-    if not api:
+    if not api or not api[2]():  # no context at all: no span (the common case, ~50 ns)
         return False
     return bool(api[0].get_current_span().get_span_context().is_valid)
 
@@ -69,7 +73,7 @@ def consumer_span(system: str, queue: str, msg: Any) -> Iterator[None]:
     if not api:
         yield
         return
-    trace, propagate = api
+    trace, propagate, _ = api
     headers = getattr(msg, "headers", None) or {}
     parent = propagate.extract(headers) if headers else None
     tracer = trace.get_tracer("pigeon")
