@@ -396,5 +396,5 @@ def _network(url: str | None, queue: Queue[Any] | None, options: dict[str, Any])
         raise Unsupported(f"AsyncQueue cannot wrap {type(queue).__name__}: it has no URL")
     cls = backend_for(url, "async")  # raises InvalidURL / Unsupported, naming the schemes
     if queue is not None:
-        options = queue._async_options()  # type: ignore[attr-defined]
+        options = queue.async_options()  # type: ignore[attr-defined]
     return cls(url, **options)

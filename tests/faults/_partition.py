@@ -59,7 +59,7 @@ def consumer_cut_off(port: int) -> dict[str, Any]:
     msg = victim.get_message(timeout=5, lease=120)
     assert msg.body == "job"
     with pigeon.Queue(url) as probe:
-        stats = probe._stats()  # type: ignore[attr-defined]
+        stats = probe.stats()  # type: ignore[attr-defined]
     (peer,) = [c["peer"] for c in stats["connections"] if c["client"] == "victim"]
     victim_port = int(peer.rsplit(":", 1)[1])
     cut(victim_port)

@@ -298,7 +298,7 @@ def test_twenty_thousand_referenced_names_cost_no_memory_and_no_time() -> None:
                 assert closed_within(s, 30).count(b":0\r\n") == 20_000
             after = rss(proc.pid)
             after_rt = round_trip(q)
-            stats = q._stats()  # type: ignore[attr-defined]
+            stats = q.stats()  # type: ignore[attr-defined]
         print(f"\nround trip {before_rt * 1e6:.0f} -> {after_rt * 1e6:.0f} us; RSS "
               f"{before / 2**20:.1f} -> {after / 2**20:.1f} MiB")  # fmt: skip
         assert not [n for n in stats["queues"] if n.startswith("ref-")]  # all forgotten

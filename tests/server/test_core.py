@@ -25,6 +25,7 @@ from pigeon.protocol import (
     Shutdown,
     TaskDone,
 )
+from pigeon.protocol.messages import Confirmed
 from pigeon.server.core import Broker
 
 A, B, C = 1, 2, 3
@@ -63,7 +64,7 @@ def test_empty_without_wait_is_an_error(broker: Broker) -> None:
 def test_parked_get_is_served_by_a_later_put(broker: Broker) -> None:
     assert broker.handle(B, Get(5, "q", 1, None)) == []
     outs = broker.handle(A, Put(1, "q", b"x"))
-    assert replies(outs, A) == [Ok(1, 1)]
+    assert replies(outs, A) == [Confirmed(1, 1)]
     assert payloads(replies(outs, B)[0]) == [b"x"]
 
 
@@ -158,7 +159,7 @@ def test_maxsize_full_and_parked_put(broker: Broker) -> None:
     assert broker.handle(A, Put(4, "q", b"3", wait=None)) == []  # parked, not stored
     assert broker.queues["q"].held == 2
     outs = broker.handle(B, Get(1, "q", 1, 0))
-    assert (A, Ok(4, 1)) in outs
+    assert (A, Confirmed(4, 1)) in outs
     assert broker.queues["q"].held == 2
     assert replies(broker.handle(A, PutBatch(5, "q", [b"x"] * 3)), A)[0].code == "bad_request"
 
@@ -169,7 +170,7 @@ def test_in_flight_messages_count_against_maxsize(broker: Broker) -> None:
     (got,) = replies(broker.handle(B, Get(1, "q", 1, 0, True)), B)
     assert replies(broker.handle(A, Put(3, "q", b"2")), A)[0].code == "full"
     broker.handle(B, Ack(2, "q", [got.messages[0].id]))
-    assert replies(broker.handle(A, Put(4, "q", b"2")), A) == [Ok(4, 1)]
+    assert replies(broker.handle(A, Put(4, "q", b"2")), A) == [Confirmed(4, 1)]
 
 
 def test_task_done_and_join(broker: Broker) -> None:
@@ -409,7 +410,7 @@ def test_max_queues_refuses_new_names_with_limit() -> None:
         small.handle(A, Put(i + 1, f"q{i}", b"x"))
     (reply,) = replies(small.handle(A, Put(9, "one-more", b"x")), A)
     assert reply.code == "limit" and "max_queues=3" in reply.message
-    assert replies(small.handle(A, Put(10, "q0", b"y")), A) == [Ok(10, 1)]
+    assert replies(small.handle(A, Put(10, "q0", b"y")), A) == [Confirmed(10, 1)]
 
 
 def test_deadlines_do_not_scan_every_queue() -> None:
@@ -446,7 +447,7 @@ def test_lowering_maxsize_refuses_a_parked_batch_that_can_never_fit(broker: Brok
     (refused,) = replies(outs, B)
     assert refused.code == "bad_request" and "can never fit in maxsize=1" in refused.message
     broker.handle(A, Get(4, "q", 2, 0))  # the queue drains and takes puts again
-    assert replies(broker.handle(C, Put(1, "q", b"c")), C) == [Ok(1, 1)]
+    assert replies(broker.handle(C, Put(1, "q", b"c")), C) == [Confirmed(1, 1)]
 
 
 def test_task_done_count_zero_is_a_bad_request_not_too_many(broker: Broker) -> None:
@@ -540,3 +541,21 @@ def test_parking_and_serving_getters_does_not_walk_the_whole_line() -> None:
         b.handle(C, PutBatch(req, "q", [b"x"]))
     assert len(q.getters) == n + 1 - 100
     assert _CountingLine.walked <= 2 * n, _CountingLine.walked
+
+
+def test_the_broker_marks_putput_confirmations_and_nothing_else(broker: Broker) -> None:
+    """The server holds put confirmations for the store and answers them ``unavailable``
+    when it cannot commit; it knows them because the broker marks them (Confirmed), not by
+    their shape: PURGE, DELETE, MOVE and JOIN also answer an OK with an integer."""
+    from pigeon.protocol import Delete, Move, Purge
+    from pigeon.server.app import put_confirmations
+
+    outs = broker.handle(A, Put(1, "q", b"x"))
+    outs += broker.handle(A, PutBatch(2, "q", [b"y", b"z"]))
+    outs += broker.handle(A, Move(3, "q", "r", 1))
+    outs += broker.handle(A, Purge(4, "q"))
+    outs += broker.handle(A, Delete(5, "r"))
+    outs += broker.handle(A, Join(6, "r", 0))
+    assert [type(m) for _, m in outs] == [Confirmed, Confirmed, Ok, Ok, Ok, Ok]
+    assert all(isinstance(m.value, int) for _, m in outs)
+    assert put_confirmations(outs) == {(A, 1), (A, 2)}

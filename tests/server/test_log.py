@@ -28,6 +28,7 @@ from pigeon.server.store import (
     StoreCorrupted,
     backup_log,
     open_store,
+    records,
 )
 from pigeon.server.store import backup as backups
 from pigeon.server.store import log as logstore
@@ -108,7 +109,7 @@ def test_a_damaged_record_is_quarantined_once_and_the_rest_delivered(
     if where == "payload":
         data[at + 5] ^= 0x40  # one bit
     else:  # the record's length field: recovery must find the next record by itself
-        start = data.rindex(logstore.MAGIC, 0, at)
+        start = data.rindex(records.MAGIC, 0, at)
         data[start + 4 : start + 8] = b"\xff\xff\xff\x7f"
     seg.write_bytes(bytes(data))
 
@@ -130,8 +131,8 @@ def test_a_record_hidden_in_a_payload_is_never_taken_for_one(tmp_path: Path) -> 
 
     import msgspec
 
-    body = msgspec.msgpack.encode([[logstore.ADDS, "q", 999, [b"forged"]]])
-    forged = logstore._header(body, 0) + body  # as the log would, had it no salt
+    body = msgspec.msgpack.encode([[records.ADDS, "q", 999, [b"forged"]]])
+    forged = records.record_header(body, 0) + body  # as the log would, had it no salt
     broker, store = opened(tmp_path)
     broker.handle(1, Put(1, "q", b"first"))
     broker.handle(1, Put(2, "q", b"carrier:" + forged))
@@ -139,7 +140,7 @@ def test_a_record_hidden_in_a_payload_is_never_taken_for_one(tmp_path: Path) -> 
     store.close()
     seg = segments(tmp_path)[-1]
     data = bytearray(seg.read_bytes())
-    start = data.rindex(logstore.MAGIC, 0, data.index(b"carrier:"))
+    start = data.rindex(records.MAGIC, 0, data.index(b"carrier:"))
     data[start + 4 : start + 8] = b"\xff\xff\xff\x7f"  # the carrier's length, damaged
     seg.write_bytes(bytes(data))
     broker, store = opened(tmp_path)
@@ -154,7 +155,7 @@ def test_recovery_after_damage_reads_each_byte_a_bounded_number_of_times(
     """A payload packed with things that look like record headers, each claiming a long
     body, inside a damaged record: looking for the next record must not checksum each
     claimed body (quadratic: minutes for one damaged segment), only headers."""
-    fake = logstore.MAGIC + (200_000).to_bytes(4, "little") + bytes(8)
+    fake = records.MAGIC + (200_000).to_bytes(4, "little") + bytes(8)
     broker, store = opened(tmp_path)
     broker.handle(1, Put(1, "q", b"first"))
     broker.handle(1, Put(2, "q", b"carrier:" + fake * 20_000))  # 320 kB of fake headers
@@ -162,18 +163,18 @@ def test_recovery_after_damage_reads_each_byte_a_bounded_number_of_times(
     store.close()
     seg = segments(tmp_path)[-1]
     data = bytearray(seg.read_bytes())
-    start = data.rindex(logstore.MAGIC, 0, data.index(b"carrier:"))
+    start = data.rindex(records.MAGIC, 0, data.index(b"carrier:"))
     data[start + 4 : start + 8] = b"\xff\xff\xff\x7f"
     seg.write_bytes(bytes(data))
 
-    real = logstore.zlib.crc32
+    real = records.zlib.crc32
     checked = [0]
 
     def counting(data: Any, value: int = 0) -> int:
         checked[0] += len(data)
         return real(data, value)
 
-    monkeypatch.setattr(logstore.zlib, "crc32", counting)
+    monkeypatch.setattr(records.zlib, "crc32", counting)
     broker, store = opened(tmp_path)
     assert payloads(broker) == [b"first", b"last"]
     store.close()
@@ -336,7 +337,7 @@ def test_a_backup_is_a_sqlite_store_a_broker_starts_on(tmp_path: Path) -> None:
     broker.handle(1, Put(5, "q", b"last"))
     seg = segments(tmp_path / "data")[-1]
     with open(seg, "ab") as f:  # a write in progress as the copy is made
-        f.write(logstore.MAGIC + b"\x10\x00")
+        f.write(records.MAGIC + b"\x10\x00")
     begun = tmp_path / "data" / LOG_DIR / "9999999999999999.seg"
     begun.write_bytes(b"")  # a segment the broker is creating at this very moment
     n = backup_log(tmp_path / "data", tmp_path / "copy.sqlite3")
@@ -462,10 +463,10 @@ def _records(path: Path) -> list[list[Any]]:
     out = []
     for seg in segments(path):
         data = seg.read_bytes()
-        salt = logstore._read_segment(seg, data)
-        for off, end, valid in logstore._scan(data, logstore.FILE_HEADER_SIZE, salt):
-            body = data[off + logstore._HEADER.size : end]
-            if valid and body[:1] != logstore._PAD:
+        salt = records.read_segment(seg, data)
+        for off, end, valid in records.scan(data, records.FILE_HEADER_SIZE, salt):
+            body = data[off + records.RECORD_HEADER.size : end]
+            if valid and body[:1] != records.PAD:
                 out.append(msgspec.msgpack.decode(body))
     return out
 
@@ -479,7 +480,7 @@ def test_a_change_larger_than_a_record_is_split_and_recovered_whole(
         broker.handle(1, Put(i + 1, "q", b"%090d" % i))
     broker.handle(1, Move(500, "q", "r"))  # 200 messages change queue in one change
     store.close()
-    parts = [r for r in _records(tmp_path) if r[0] == [logstore.PART]]
+    parts = [r for r in _records(tmp_path) if r[0] == [records.PART]]
     assert len(parts) >= 5  # 200 x ~100 bytes in records of at most 2,000 bytes
     broker, store = opened(tmp_path)
     assert payloads(broker, "q") == [] and len(payloads(broker, "r")) == 200

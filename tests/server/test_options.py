@@ -26,7 +26,7 @@ from pigeon.protocol import (
     PutBatch,
     PutOptions,
 )
-from pigeon.protocol.messages import Welcome
+from pigeon.protocol.messages import Confirmed, Welcome
 from pigeon.server.core import Broker
 from pigeon.server.model import Store
 from pigeon.server.store import Durable, LogStore, SQLiteStore
@@ -169,13 +169,13 @@ def test_a_message_taken_in_time_does_not_expire_but_expires_when_given_back_lat
 def test_a_repeated_dedup_id_is_confirmed_not_stored_within_the_window() -> None:
     b, clock = make()
     b.handle(A, Declare(1, "q", dedup_window=60))
-    assert b.handle(A, Put(2, "q", b"one", 0.0, opts(dedup_id="k")))[0] == (A, Ok(2, 1))
+    assert b.handle(A, Put(2, "q", b"one", 0.0, opts(dedup_id="k")))[0] == (A, Confirmed(2, 1))
     (d,) = taken(b, clock, manual=True)
     b.handle(B, Ack(3, "q", [d.id]))
-    assert b.handle(A, Put(4, "q", b"dup", 0.0, opts(dedup_id="k")))[0] == (A, Ok(4, 1))
+    assert b.handle(A, Put(4, "q", b"dup", 0.0, opts(dedup_id="k")))[0] == (A, Confirmed(4, 1))
     assert b.queues["q"].depth == 0
     out = b.handle(A, PutBatch(5, "q", [b"a", b"b", b"c"], 0.0, None, ["k", "m", "m"]))
-    assert out[0] == (A, Ok(5, 3))
+    assert out[0] == (A, Confirmed(5, 3))
     assert bodies(taken(b, clock)) == [b"b"]
     clock.advance(61)
     b.handle(A, Put(6, "q", b"two", 0.0, opts(dedup_id="k")), clock.mono)

@@ -147,7 +147,7 @@ def test_graceful_stop_answers_parked_requests_and_says_goodbye(tmp_path: Path) 
 
 def test_stats_show_the_connection_state(durable: BrokerThread) -> None:
     with pigeon.Queue(durable.url("s")) as q:
-        stats = q._stats()  # type: ignore[attr-defined]
+        stats = q.stats()  # type: ignore[attr-defined]
     (mine,) = [c for c in stats["connections"] if c["client"].startswith("pigeon-py")]
     assert mine["state"] == "open" and mine["tcp_state"] == "ESTABLISHED"
 

@@ -141,7 +141,7 @@ class SyncFace(Queue[T]):
     def __reduce__(self) -> tuple[Any, ...]:
         return (_reopen, (type(self), self._url, self._options))
 
-    def _async_options(self) -> dict[str, Any]:
+    def async_options(self) -> dict[str, Any]:
         """How ``pigeon.AsyncQueue(q)`` opens the same queue on asyncio."""
         return dict(self._options)
 

@@ -57,7 +57,7 @@ def queues(url: str, as_json: bool) -> None:
       pigeon queues pigeon://:TOKEN@broker-host:7878 --json
     """
     with _broker(_queue_url(url)) as q:
-        data: dict[str, Any] = q._stats()["queues"]
+        data: dict[str, Any] = q.stats()["queues"]
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return

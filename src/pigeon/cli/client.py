@@ -181,7 +181,7 @@ def stats(url: str, as_json: bool) -> None:
     try:
         q = BrokerQueue[Any](target, reconnect_timeout=2.0, connect_timeout=5.0)
         try:
-            data = q._stats()
+            data = q.stats()
         finally:
             q.close()
     except pigeon.PigeonError as exc:

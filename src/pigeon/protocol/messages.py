@@ -225,6 +225,13 @@ class Ok(_Msg, tag=0x80):
     value: Any = None
 
 
+class Confirmed(Ok, tag=0x80):
+    """The OK that confirms a PUT or PUT_BATCH: on the wire exactly an OK (value: the
+    count); in the broker, the reply the server holds for the store's commit and turns into
+    ``unavailable`` when the store cannot commit (the broker says so; no guessing from the
+    shape of a reply)."""
+
+
 class Deliver(_Msg, tag=0x81):
     req: int
     messages: list[Delivery]  # the broker sends PlainDelivery for those without headers

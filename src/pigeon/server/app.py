@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pigeon._net import DEFAULT_PEER_TIMEOUT, is_loopback, tcp_state
-from pigeon.protocol import Error, Ok, Ping
+from pigeon.protocol import Error, Ping
 from pigeon.protocol.codes import Code
+from pigeon.protocol.messages import Confirmed
 from pigeon.server.auth import Authenticator
 from pigeon.server.connection import Connection
 from pigeon.server.core import Broker, Out
@@ -316,7 +317,7 @@ class BrokerServer:
             now = time.monotonic()
             while self._held and now - self._held[0].since > limit:
                 h = self._held.popleft()
-                puts = _confirmations(h.outs)
+                puts = put_confirmations(h.outs)
                 outs = [
                     (c, Error(m.req, Code.UNAVAILABLE, f"the broker's store did not commit within "
                               f"{limit:.0f} s; this put may or may not be stored"))
@@ -478,14 +479,9 @@ class BrokerServer:
         self.broker.store.close()
 
 
-def _confirmations(outs: list[Out]) -> frozenset[tuple[int, int]]:
-    """(conn, req) of the put confirmations among ``outs``: OK with a count as its value
-    (the only other OK with an integer, TASK_DONE's, changes nothing in the store)."""
-    return frozenset(
-        (c, m.req)
-        for c, m in outs
-        if isinstance(m, Ok) and isinstance(m.value, int) and not isinstance(m.value, bool)
-    )
+def put_confirmations(outs: list[Out]) -> frozenset[tuple[int, int]]:
+    """(conn, req) of the put confirmations among ``outs`` (the broker marks them)."""
+    return frozenset((c, m.req) for c, m in outs if isinstance(m, Confirmed))
 
 
 def raise_descriptor_limit(max_connections: int) -> int:

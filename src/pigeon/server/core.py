@@ -57,7 +57,7 @@ from pigeon.protocol import (
     TaskDone,
 )
 from pigeon.protocol.codes import Code
-from pigeon.protocol.messages import PlainDelivery
+from pigeon.protocol.messages import Confirmed, PlainDelivery
 from pigeon.protocol.rules import problem
 from pigeon.server.model import (
     DEAD_SUFFIX,
@@ -378,7 +378,7 @@ class Broker:
                 q.putters.popleft()
                 self._finish(p)
                 self._add(q, p.payloads, p.options, p.dedup_ids)
-                out.append((p.conn, Ok(p.req, len(p.payloads))))
+                out.append((p.conn, Confirmed(p.req, len(p.payloads))))
                 progress = True
         if q.shutdown and not q.ready and not q.delayed:
             for w in q.getters:
@@ -603,11 +603,11 @@ class Broker:
         if dedup_ids is not None and q.dedup:
             self._forget_dedup(q)
             if all(d in q.dedup for d in dedup_ids):
-                return [(conn, Ok(m.req, len(payloads)))]  # all repeats: confirmed, not stored
+                return [(conn, Confirmed(m.req, len(payloads)))]  # all repeats: not stored
         room = q.room()
         if (room is None or room >= len(payloads)) and not q.putters:
             self._add(q, payloads, opts, dedup_ids)
-            return [(conn, Ok(m.req, len(payloads))), *self._serve(q)]
+            return [(conn, Confirmed(m.req, len(payloads))), *self._serve(q)]
         if m.wait == 0:
             return [
                 _err(

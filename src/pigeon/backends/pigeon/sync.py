@@ -253,7 +253,7 @@ class BrokerQueue(Queue[T]):
     def name(self) -> str:
         return self._spec.queue
 
-    def _async_options(self) -> dict[str, Any]:
+    def async_options(self) -> dict[str, Any]:
         """How ``pigeon.AsyncQueue(q)`` opens the same queue on asyncio."""
         return self._spec.options()
 
@@ -379,7 +379,9 @@ class BrokerQueue(Queue[T]):
         info: dict[str, Any] = self._drive(self._ops.info())
         return info
 
-    def _stats(self) -> dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
+        """The broker's statistics: every queue's info, the server's, the connections
+        (what ``pigeon stats`` shows)."""
         stats: dict[str, Any] = self._drive(self._ops.stats())
         return stats
 

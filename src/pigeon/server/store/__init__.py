@@ -16,7 +16,8 @@ from pigeon.errors import StoreCorrupted, StoreInUse
 from pigeon.server.model import Store
 from pigeon.server.store.backup import backup_log, backup_sqlite
 from pigeon.server.store.durable import Durable, FsyncMode, holding_dir, lock_dir
-from pigeon.server.store.log import LOG_DIR, SEGMENT_BYTES, LogStore, _fsync_dir, _segments
+from pigeon.server.store.log import LOG_DIR, SEGMENT_BYTES, LogStore
+from pigeon.server.store.records import fsync_dir, list_segments
 from pigeon.server.store.sqlite import DB_NAME, SQLiteStore, create_schema
 
 __all__ = [
@@ -69,7 +70,7 @@ def open_store(
         sqlite_file = root / DB_NAME
         if (root / LOG_DIR / IMPORTING).exists():
             _discard_unfinished_import(root / LOG_DIR, sqlite_file)
-        has_log = bool(_segments(root / LOG_DIR))
+        has_log = bool(list_segments(root / LOG_DIR))
         if has_log and sqlite_file.exists():
             if not (root / LOG_DIR / IMPORTED_MARK).exists():
                 raise StoreCorrupted(
@@ -98,10 +99,10 @@ def _discard_unfinished_import(log_dir: Path, sqlite_file: Path) -> None:
             "made from, is gone: put the SQLite file back to import it again"
         )
     logger.warning("an earlier import from %s did not finish; importing again", sqlite_file)
-    for _, path in _segments(log_dir):
+    for _, path in list_segments(log_dir):
         path.unlink()
     (log_dir / IMPORTING).unlink()
-    _fsync_dir(log_dir)
+    fsync_dir(log_dir)
 
 
 def _import(root: Path, sqlite_file: Path, segment_bytes: int) -> None:
@@ -131,17 +132,17 @@ def _import(root: Path, sqlite_file: Path, segment_bytes: int) -> None:
             with store.atomic():  # one record a chunk: the mark makes the whole atomic
                 for queue, msg in messages[start : start + _IMPORT_CHUNK]:
                     store.added(queue, msg)
-            if store._ops or store._error is not None:
+            if (failure := store.unwritten()) is not None:
                 raise StoreCorrupted(
                     f"could not write the imported messages to {store.path} "
-                    f"({store._error or 'the disk refused them'}); {sqlite_file} is unchanged "
+                    f"({failure}); {sqlite_file} is unchanged "
                     "and the import is done again at the next start"
                 )
     finally:
         store.close()  # fsyncs the last segment
     _write_durably(log_dir / IMPORTED_MARK, f"{sqlite_file.name}\n")
     (log_dir / IMPORTING).unlink()  # the one step that makes the log the store
-    _fsync_dir(log_dir)
+    fsync_dir(log_dir)
     _set_aside(sqlite_file)
     logger.warning("imported %d message(s) from %s into %s; the SQLite file is kept as %s",
                 len(messages), sqlite_file, log_dir, f"{sqlite_file}.imported")  # fmt: skip
@@ -152,7 +153,7 @@ def _write_durably(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _set_aside(sqlite_file: Path) -> None:
@@ -161,4 +162,4 @@ def _set_aside(sqlite_file: Path) -> None:
         src = Path(f"{sqlite_file}{suffix}")
         if src.exists():
             src.rename(f"{sqlite_file}.imported{suffix}")
-    _fsync_dir(sqlite_file.parent)
+    fsync_dir(sqlite_file.parent)

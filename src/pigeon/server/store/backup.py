@@ -14,16 +14,16 @@ from pathlib import Path
 import msgspec
 
 from pigeon.errors import StoreCorrupted
-from pigeon.server.store.log import (
-    _HEADER,
-    _PAD,
+from pigeon.server.store.log import LOG_DIR
+from pigeon.server.store.records import (
     FILE_HEADER_SIZE,
-    LOG_DIR,
-    _Changes,
-    _read_segment,
-    _Replayed,
-    _scan,
-    _segments,
+    PAD,
+    RECORD_HEADER,
+    Changes,
+    Replayed,
+    list_segments,
+    read_segment,
+    scan,
 )
 from pigeon.server.store.sqlite import DB_NAME, create_schema
 
@@ -37,7 +37,7 @@ def backup_log(data_dir: str | os.PathLike[str], target: str | os.PathLike[str])
     segments are opened before they are read (one reclaimed meanwhile was copied forward
     first), and a record still being written is left out, as are damaged ones."""
     log_dir = Path(data_dir) / LOG_DIR
-    segments = _segments(log_dir)
+    segments = list_segments(log_dir)
     if not segments:
         raise StoreCorrupted(f"{log_dir} holds no log: is {data_dir} a pigeon data directory?")
     files = []
@@ -49,19 +49,19 @@ def backup_log(data_dir: str | os.PathLike[str], target: str | os.PathLike[str])
             newest = max(newest, seg)
         # what a reclaimed segment held was written forward first - possibly into a
         # segment begun after the listing: open those too, until no newer one appears
-        segments = [(seg, path) for seg, path in _segments(log_dir) if seg > newest]
-    state = _Replayed()
+        segments = [(seg, path) for seg, path in list_segments(log_dir) if seg > newest]
+    state = Replayed()
     decode = msgspec.msgpack.Decoder().decode
     try:
         for k, (seg, path, f) in enumerate(files):
             data = f.read()
             if k == len(files) - 1 and len(data) < FILE_HEADER_SIZE:
                 break  # a segment being begun as the copy is made: nothing in it yet
-            salt = _read_segment(path, data)
-            changes = _Changes()
-            for off, end, valid in _scan(data, FILE_HEADER_SIZE, salt):
-                body = data[off + _HEADER.size : end]
-                if valid and body[:1] != _PAD:
+            salt = read_segment(path, data)
+            changes = Changes()
+            for off, end, valid in scan(data, FILE_HEADER_SIZE, salt):
+                body = data[off + RECORD_HEADER.size : end]
+                if valid and body[:1] != PAD:
                     whole = changes.feed(decode(body), off)
                     if whole is not None:
                         state.apply(seg, whole)

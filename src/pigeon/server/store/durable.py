@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from pigeon.errors import StoreInUse
 from pigeon.server.model import Store
 
-__all__ = ["LOCK_NAME", "Durable", "FsyncMode", "holding_dir", "lock_dir"]
+__all__ = ["LOCK_NAME", "Durable", "FsyncFailed", "FsyncMode", "holding_dir", "lock_dir"]
 
 log = logging.getLogger("pigeon.store")
 
@@ -47,7 +47,7 @@ _COMMIT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 _MAX_RETRY_DELAY = 0.25
 
 
-class _FsyncFailed(Exception):
+class FsyncFailed(Exception):
     """An fsync failed: the store must stop, not retry (see ``Durable._syncer``)."""
 
 
@@ -127,6 +127,13 @@ class Durable(Store):
         self._sync = threading.Condition()  # with the thread that fsyncs
         self._sync_upto = 0  # --fsync always: the batch the syncer must make durable
         self._dirty_since: float | None = None  # --fsync batch: the oldest unsynced write
+
+    def unwritten(self) -> str | None:
+        """Why changes made so far are not all written (None: they are): the store broke,
+        or the disk refused them and they wait for a retry."""
+        if self._error is not None:
+            return str(self._error)
+        return "the disk refused them" if self._ops else None
 
     @property
     def holds_replies(self) -> bool:

@@ -39,13 +39,10 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,37 +50,40 @@ from typing import Any
 import msgspec
 
 from pigeon.errors import StoreCorrupted
-from pigeon.server.model import Extra, Stored
+from pigeon.server.model import Stored
 from pigeon.server.store.durable import Durable, FsyncMode
+from pigeon.server.store.records import (
+    ADDS,
+    DECLARE,
+    DEDUP,
+    DEL,
+    FILE_HEADER,
+    FILE_HEADER_SIZE,
+    FILE_MAGIC,
+    MOVE,
+    PAD,
+    PART,
+    RECORD_HEADER,
+    REQUEUED,
+    SETTINGS,
+    Changes,
+    Replayed,
+    add_op,
+    extra_bytes,
+    fsync_dir,
+    list_segments,
+    oldest_first,
+    read_segment,
+    record_header,
+    salt_crc,
+    scan,
+)
 
 __all__ = ["LOG_DIR", "LogStore"]
 
 log = logging.getLogger("pigeon.store")
 
 LOG_DIR = "log"
-FILE_MAGIC = b"PIGEON LOG v1\n\0\0"  # a segment's first 16 bytes
-# A segment's header: the magic, then a random 32-bit salt that seeds the CRC of each of its
-# records (a record hidden inside a payload cannot pass for one of the log's own, should
-# recovery ever look for the next record after damage), then crc32 of the magic and salt
-# (0 in segments written before it existed: not checked), then zeros. A damaged salt would
-# make every record of the segment fail its check - for the last segment, silently, as a
-# torn tail - so it is checked, and a single flipped bit is mended from the CRC.
-_FILE_HEADER = struct.Struct("<16sII8x")
-FILE_HEADER_SIZE = _FILE_HEADER.size  # 32
-MAGIC = b"PgR1"
-# A record's header: magic, body length, crc32(body, salt), and crc32 of the two before it
-# (salted too): a stretch of bytes that merely starts with the magic is told from a record
-# by 8 bytes, without reading the length it claims - recovery after damage stays linear.
-_HEADER = struct.Struct("<4sIII")
-_CHECKED = struct.Struct("<II")
-
-
-def _header(body: bytes, salt: int) -> bytes:
-    crc = zlib.crc32(body, salt)
-    return _HEADER.pack(MAGIC, len(body), crc, zlib.crc32(_CHECKED.pack(len(body), crc), salt))
-
-
-_PAD = b"\xc0"  # a body starting with msgpack nil is padding: skipped
 SEGMENT_BYTES = 64 * 2**20
 _FORWARD_CHUNK = 4096  # live messages written forward per turn of the loop
 _DROPS_PER_TURN = 64  # empty segments deleted per turn of the loop (then one directory fsync)
@@ -93,215 +93,9 @@ _DROPS_PER_TURN = 64  # empty segments deleted per turn of the loop (then one di
 # the live set takes (else it would copy the live set again and again).
 _ENTRY_OVERHEAD = 40
 _MAX_RETRY_DELAY = 0.25
-
-# Operations (the first item of each msgpack list in a record's body).
-ADDS = 0  # [0, queue, first_id, [payload, ...]]: fresh messages, consecutive ids
-ADD = 1  # [1, id, queue, payload, deliveries, origin, reason, extra?]: any message, as
-# it is; extra (priority, due, expires, headers) only for a message put with options
-DEL = 2  # [2, [id, ...]]: gone for good (acked, purged, deleted)
-MOVE = 3  # [3, id, queue, deliveries, origin, reason, extra?]: to another queue (a dead
-# letter; extra: what it keeps of its options)
-REQUEUED = 4  # [4, id, deliveries]: handed back after this many deliveries
-DECLARE = 5  # [5, queue, settings or None]
-SETTINGS = 6  # [6, {queue: settings}, {queue: {dedup id: until}}?]: every queue's settings
-# and remembered dedup ids (a segment's first record)
-PART = 7  # [7]: first op of a record that is not the last of its change (see _write)
-DEDUP = 8  # [8, queue, dedup id, until]: the queue remembers the id until then (wall clock)
 # A change larger than this is written as several records, applied together at recovery
 # (a record's length field is 32 bits; a change - a move of a large queue - is not bounded).
 _MAX_RECORD = 256 * 2**20
-
-# A live message: (segment number, queue, message).
-_Entry = tuple[int, str, Stored]
-
-
-class _Replayed:
-    """The state a log describes: what replaying its segments in order gives."""
-
-    def __init__(self) -> None:
-        self.live: dict[int, _Entry] = {}
-        self.queues: dict[str, dict[str, Any]] = {}
-        self.dedup: dict[str, dict[str, float]] = {}
-        self.bad_records = 0
-        self.bad_bytes = 0
-
-    def apply(self, seg: int, ops: list[Any]) -> None:
-        live = self.live
-        for op in ops:
-            kind = op[0]
-            if kind == ADDS:
-                _, queue, first, payloads = op
-                for i, payload in enumerate(payloads, first):
-                    live[i] = (seg, queue, Stored(i, payload))
-            elif kind == ADD:
-                _, mid, queue, payload, deliveries, origin, reason, *more = op
-                extra = _extra(more)
-                msg = Stored(mid, payload, deliveries, 0.0, origin, reason, extra)
-                live[mid] = (seg, queue, msg)
-            elif kind == DEL:
-                pop = live.pop
-                for mid in op[1]:
-                    pop(mid, None)
-            elif kind == MOVE:
-                _, mid, queue, deliveries, origin, reason, *more = op
-                entry = live.get(mid)
-                if entry is not None:
-                    msg = entry[2]
-                    msg.deliveries, msg.origin, msg.reason = deliveries, origin, reason
-                    msg.extra = _extra(more)
-                    live[mid] = (entry[0], queue, msg)
-            elif kind == REQUEUED:
-                entry = live.get(op[1])
-                if entry is not None:
-                    entry[2].deliveries = op[2]
-            elif kind == DECLARE:
-                if op[2] is None:
-                    self.queues.pop(op[1], None)
-                    self.dedup.pop(op[1], None)
-                else:
-                    self.queues[op[1]] = op[2]
-            elif kind == SETTINGS:
-                self.queues = dict(op[1])
-                if len(op) > 2:
-                    self.dedup = {q: dict(ids) for q, ids in op[2].items()}
-            elif kind == DEDUP:
-                self.dedup.setdefault(op[1], {})[op[2]] = op[3]
-            else:
-                raise ValueError(f"unknown operation {kind!r}")
-
-    def messages(self) -> list[tuple[str, Stored]]:
-        return _oldest_first(self.live)
-
-
-def _extra(more: list[Any]) -> Extra | None:
-    """The Extra of an ADD or MOVE op (None for a plain message)."""
-    return msgspec.convert(more[0], Extra) if more and more[0] is not None else None
-
-
-def _extra_bytes(msg: Stored) -> int:
-    """What a message's origin, reason and options add to a copy of it in the log."""
-    n = len(msg.origin) + len(msg.reason)
-    if msg.extra is not None:
-        n += 32 + sum(len(k) + len(v) + 4 for k, v in (msg.extra.headers or {}).items())
-    return n
-
-
-def _add_op(mid: int, queue: str, m: Stored) -> list[Any]:
-    if m.extra is None:
-        return [ADD, mid, queue, m.payload, m.deliveries, m.origin, m.reason]
-    return [ADD, mid, queue, m.payload, m.deliveries, m.origin, m.reason, m.extra]
-
-
-def _oldest_first(live: dict[int, _Entry]) -> list[tuple[str, Stored]]:
-    """Live messages, smallest id first (insertion order, unless some were written
-    forward or ids started again after a restart that found nothing live)."""
-    ids = list(live)
-    if any(a > b for a, b in itertools.pairwise(ids)):
-        ids.sort()
-    return [(e[1], e[2]) for e in map(live.__getitem__, ids)]
-
-
-def _segments(log_dir: Path) -> list[tuple[int, Path]]:
-    out = []
-    for p in log_dir.glob("*.seg"):
-        with contextlib.suppress(ValueError):
-            out.append((int(p.stem), p))
-    return sorted(out)
-
-
-class _Changes:
-    """Puts a change written as several records (``PART``) back together: ``feed`` gives
-    the ops to apply once a change is whole, None while it is not."""
-
-    def __init__(self) -> None:
-        self.partial: list[Any] = []
-        self.since = -1  # offset of the first record of an unfinished change
-
-    def feed(self, ops: list[Any], off: int) -> list[Any] | None:
-        if ops and ops[0] == [PART]:
-            if not self.partial:
-                self.since = off
-            self.partial += ops[1:]
-            return None
-        if self.partial:
-            ops, self.partial = self.partial + ops, []
-        return ops
-
-
-def _scan(data: bytes, start: int, salt: int) -> Iterator[tuple[int, int, bool]]:
-    """(offset, end, valid) for each record from ``start``; invalid stretches (bytes that
-    are no record, or a record whose checksum fails) are one item each, up to the next
-    valid record or the end."""
-    n = len(data)
-    off = start
-    hsize = _HEADER.size
-    unpack = _HEADER.unpack_from
-    checked = _CHECKED.pack
-    crc32 = zlib.crc32
-    view = memoryview(data)
-    while off < n:
-        if off + hsize <= n:
-            magic, length, crc, hcrc = unpack(data, off)
-            end = off + hsize + length
-            if (
-                magic == MAGIC
-                and crc32(checked(length, crc), salt) == hcrc
-                and end <= n
-                and crc32(view[off + hsize : end], salt) == crc
-            ):
-                yield off, end, True
-                off = end
-                continue
-        # Not a record here: find the next offset where a valid one starts.
-        nxt = off
-        while True:
-            nxt = data.find(MAGIC, nxt + 1)
-            if nxt < 0:
-                yield off, n, False
-                return
-            if nxt + hsize <= n:
-                magic, length, crc, hcrc = unpack(data, nxt)
-                end = nxt + hsize + length
-                if (
-                    crc32(checked(length, crc), salt) == hcrc
-                    and end <= n
-                    and crc32(view[nxt + hsize : end], salt) == crc
-                ):
-                    break
-        yield off, nxt, False
-        off = nxt
-
-
-def _read_segment(path: Path, data: bytes) -> int:
-    """The segment's salt, once its header is checked."""
-    if len(data) < FILE_HEADER_SIZE or data[: len(FILE_MAGIC)] != FILE_MAGIC:
-        raise StoreCorrupted(
-            f"{path} cannot be read as a pigeon log segment (it does not start with "
-            f"{FILE_MAGIC[:13]!r}); move it aside to start without it, or restore the "
-            "data directory from a backup"
-        )
-    _, salt, crc = _FILE_HEADER.unpack_from(data)
-    if crc == 0 or crc == _salt_crc(salt):
-        return int(salt)
-    for bit in range(32):  # one flipped bit in the salt: the CRC says which
-        if _salt_crc(salt ^ (1 << bit)) == crc:
-            log.error("%s: its header's salt had a damaged bit, mended from its checksum",
-                      path)  # fmt: skip
-            return int(salt ^ (1 << bit))
-    if any(_salt_crc(salt) == crc ^ (1 << bit) for bit in range(32)):
-        return int(salt)  # the damaged bit is in the checksum itself
-    raise StoreCorrupted(
-        f"{path}: its header is damaged (the salt its records are checked with fails its "
-        "checksum), so none of its records can be trusted; move it aside to start without "
-        "it (its messages are lost), or restore the data directory from a backup"
-    )
-
-
-def _salt_crc(salt: int) -> int:
-    return zlib.crc32(_SALT.pack(FILE_MAGIC, salt)) or 1  # never 0: that means "unchecked"
-
-
-_SALT = struct.Struct("<16sI")
 
 
 class LogStore(Durable):
@@ -344,7 +138,7 @@ class LogStore(Durable):
             self._seg_live[seg] += 1
             self._live_bytes += len(msg.payload) + len(queue) + _ENTRY_OVERHEAD
             if msg.origin or msg.reason or msg.extra is not None:
-                self._extra[msg.id] = n = _extra_bytes(msg)
+                self._extra[msg.id] = n = extra_bytes(msg)
                 self._live_bytes += n
         self._maintaining = False  # a turn of housekeeping is scheduled
         self._open_active()
@@ -353,11 +147,11 @@ class LogStore(Durable):
 
     # --- opening and recovery -------------------------------------------------------------
 
-    def _recover_files(self) -> _Replayed:
-        state = _Replayed()
+    def _recover_files(self) -> Replayed:
+        state = Replayed()
         self._sizes: dict[int, int] = {}
         self._salts: dict[int, int] = {}
-        segments = _segments(self.path)
+        segments = list_segments(self.path)
         decode = msgspec.msgpack.Decoder().decode
         for k, (seg, path) in enumerate(segments):
             last = k == len(segments) - 1
@@ -365,14 +159,14 @@ class LogStore(Durable):
             if last and len(data) < FILE_HEADER_SIZE and FILE_MAGIC.startswith(data[:16]):
                 path.unlink()  # created, its header never written: nothing in it
                 continue
-            salt = self._salts[seg] = _read_segment(path, data)
+            salt = self._salts[seg] = read_segment(path, data)
             good_end = FILE_HEADER_SIZE
-            changes = _Changes()
-            for off, end, valid in _scan(data, FILE_HEADER_SIZE, salt):
-                body = data[off + _HEADER.size : end]
+            changes = Changes()
+            for off, end, valid in scan(data, FILE_HEADER_SIZE, salt):
+                body = data[off + RECORD_HEADER.size : end]
                 if valid:
                     good_end = end
-                    if body[:1] == _PAD:
+                    if body[:1] == PAD:
                         continue
                     try:
                         whole = changes.feed(decode(body), off)
@@ -423,12 +217,12 @@ class LogStore(Durable):
         qdir = self.path / "quarantine"
         qdir.mkdir(exist_ok=True)
         (qdir / f"{path.stem}-{off}.bad").write_bytes(data[off:end])
-        size = end - off - _HEADER.size
+        size = end - off - RECORD_HEADER.size
         if size >= 1:
-            body = _PAD + bytes(size - 1)
+            body = PAD + bytes(size - 1)
             with open(path, "r+b") as f:
                 f.seek(off)
-                f.write(_header(body, salt) + body)
+                f.write(record_header(body, salt) + body)
                 os.fsync(f.fileno())
 
     def _open_active(self) -> None:
@@ -452,12 +246,12 @@ class LogStore(Durable):
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         body = self._encode([self._settings()])
         salt = int.from_bytes(os.urandom(4), "little")
-        data = (_FILE_HEADER.pack(FILE_MAGIC, salt, _salt_crc(salt))
-                + _header(body, salt) + body)  # fmt: skip
+        data = (FILE_HEADER.pack(FILE_MAGIC, salt, salt_crc(salt))
+                + record_header(body, salt) + body)  # fmt: skip
         try:
             os.pwrite(fd, data, 0)
             os.fsync(fd)
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -474,7 +268,7 @@ class LogStore(Durable):
 
     def recover(self) -> Iterator[tuple[str, Stored]]:
         """Every live message, oldest first (replayed when the store was opened)."""
-        return iter(_oldest_first(self._live))
+        return iter(oldest_first(self._live))
 
     def recover_queues(self) -> dict[str, dict[str, Any]]:
         return dict(self._queues)
@@ -539,7 +333,7 @@ class LogStore(Durable):
             if m.id != next_id or m.deliveries or m.origin or m.reason or m.extra is not None:
                 fresh = False
                 if m.origin or m.reason or m.extra is not None:
-                    self._extra[m.id] = n = _extra_bytes(m)
+                    self._extra[m.id] = n = extra_bytes(m)
                     size += n
             next_id += 1
         self._seg_live[seg] += len(msgs)
@@ -548,7 +342,7 @@ class LogStore(Durable):
             self._add([ADDS, queue, first, [m.payload for m in msgs]])
             return
         for m in msgs:
-            self._add(_add_op(m.id, queue, m))
+            self._add(add_op(m.id, queue, m))
 
     def removed(self, queue: str, msg_id: int) -> None:
         self.removed_many(queue, [msg_id])
@@ -570,7 +364,7 @@ class LogStore(Durable):
         entry = self._live.get(msg.id)
         if entry is not None:
             self._live[msg.id] = (entry[0], queue, msg)
-            n = _extra_bytes(msg)
+            n = extra_bytes(msg)
             self._live_bytes += len(queue) - len(entry[1]) + n - self._extra.pop(msg.id, 0)
             if n:
                 self._extra[msg.id] = n
@@ -605,7 +399,7 @@ class LogStore(Durable):
         offset = self._sizes[self._active]
         parts: list[bytes] = []
         for b in bodies:
-            parts += [_header(b, salt), b]
+            parts += [record_header(b, salt), b]
         total = sum(map(len, parts))
         try:
             done = os.pwritev(self._fd, parts, offset)
@@ -730,7 +524,7 @@ class LogStore(Durable):
                 mid for mid, e in live.items() if e[0] == seg and (mid, e[1], e[2]) not in moving
             ]
         if moving:
-            self._write([_add_op(mid, q, m) for mid, q, m in reversed(moving)])
+            self._write([add_op(mid, q, m) for mid, q, m in reversed(moving)])
         for mid, q, m in moving:
             live[mid] = (active, q, m)
         self._seg_live[active] += len(moving)
@@ -747,7 +541,7 @@ class LogStore(Durable):
             self._segment_path(seg).unlink()
             del self._sizes[seg], self._salts[seg]
             del self._seg_live[seg]
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     # --- the syncer thread ----------------------------------------------------------------
 
@@ -790,11 +584,3 @@ class LogStore(Durable):
             log.critical("store %s: %d change(s) could not be written at close",
                          self.path, len(self._ops))  # fmt: skip
         self._loop = loop
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

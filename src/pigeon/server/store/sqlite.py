@@ -49,7 +49,7 @@ import msgspec
 
 from pigeon.errors import StoreCorrupted
 from pigeon.server.model import Extra, Stored
-from pigeon.server.store.durable import Durable, FsyncMode, _FsyncFailed
+from pigeon.server.store.durable import Durable, FsyncFailed, FsyncMode
 
 __all__ = ["DB_NAME", "SQLiteStore", "create_schema"]
 
@@ -384,7 +384,7 @@ class SQLiteStore(Durable):
                         self._fsync_wal()
                     except OSError as exc:  # never retried: see Durable._syncer
                         why = f"fsync failed: {exc}; what was written since may be lost"
-                        raise _FsyncFailed(why) from exc
+                        raise FsyncFailed(why) from exc
                     unsynced = False
             except (sqlite3.OperationalError, OSError) as exc:
                 # Busy (another process holds a lock), full, or an I/O error: keep the

@@ -1,0 +1,262 @@
+"""The log store's record format and its replay: what a segment holds, how a record is
+framed and checked, and the state a sequence of records describes. Shared by the store
+(``log.py``), its backup (``backup.py``) and the import (``__init__``); nothing here
+writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from pigeon.errors import StoreCorrupted
+from pigeon.server.model import Extra, Stored
+
+log = logging.getLogger("pigeon.store")
+
+FILE_MAGIC = b"PIGEON LOG v1\n\0\0"  # a segment's first 16 bytes
+# A segment's header: the magic, then a random 32-bit salt that seeds the CRC of each of its
+# records (a record hidden inside a payload cannot pass for one of the log's own, should
+# recovery ever look for the next record after damage), then crc32 of the magic and salt
+# (0 in segments written before it existed: not checked), then zeros. A damaged salt would
+# make every record of the segment fail its check - for the last segment, silently, as a
+# torn tail - so it is checked, and a single flipped bit is mended from the CRC.
+FILE_HEADER = struct.Struct("<16sII8x")
+FILE_HEADER_SIZE = FILE_HEADER.size  # 32
+MAGIC = b"PgR1"
+# A record's header: magic, body length, crc32(body, salt), and crc32 of the two before it
+# (salted too): a stretch of bytes that merely starts with the magic is told from a record
+# by 8 bytes, without reading the length it claims - recovery after damage stays linear.
+RECORD_HEADER = struct.Struct("<4sIII")
+CHECKED = struct.Struct("<II")
+
+
+def record_header(body: bytes, salt: int) -> bytes:
+    crc = zlib.crc32(body, salt)
+    return RECORD_HEADER.pack(MAGIC, len(body), crc, zlib.crc32(CHECKED.pack(len(body), crc), salt))
+
+
+PAD = b"\xc0"  # a body starting with msgpack nil is padding: skipped
+
+# Operations (the first item of each msgpack list in a record's body).
+ADDS = 0  # [0, queue, first_id, [payload, ...]]: fresh messages, consecutive ids
+ADD = 1  # [1, id, queue, payload, deliveries, origin, reason, extra?]: any message, as
+# it is; extra (priority, due, expires, headers) only for a message put with options
+DEL = 2  # [2, [id, ...]]: gone for good (acked, purged, deleted)
+MOVE = 3  # [3, id, queue, deliveries, origin, reason, extra?]: to another queue (a dead
+# letter; extra: what it keeps of its options)
+REQUEUED = 4  # [4, id, deliveries]: handed back after this many deliveries
+DECLARE = 5  # [5, queue, settings or None]
+SETTINGS = 6  # [6, {queue: settings}, {queue: {dedup id: until}}?]: every queue's settings
+# and remembered dedup ids (a segment's first record)
+PART = 7  # [7]: first op of a record that is not the last of its change (see _write)
+DEDUP = 8  # [8, queue, dedup id, until]: the queue remembers the id until then (wall clock)
+
+# A live message: (segment number, queue, message).
+Entry = tuple[int, str, Stored]
+
+
+class Replayed:
+    """The state a log describes: what replaying its segments in order gives."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, Entry] = {}
+        self.queues: dict[str, dict[str, Any]] = {}
+        self.dedup: dict[str, dict[str, float]] = {}
+        self.bad_records = 0
+        self.bad_bytes = 0
+
+    def apply(self, seg: int, ops: list[Any]) -> None:
+        live = self.live
+        for op in ops:
+            kind = op[0]
+            if kind == ADDS:
+                _, queue, first, payloads = op
+                for i, payload in enumerate(payloads, first):
+                    live[i] = (seg, queue, Stored(i, payload))
+            elif kind == ADD:
+                _, mid, queue, payload, deliveries, origin, reason, *more = op
+                extra = extra_of(more)
+                msg = Stored(mid, payload, deliveries, 0.0, origin, reason, extra)
+                live[mid] = (seg, queue, msg)
+            elif kind == DEL:
+                pop = live.pop
+                for mid in op[1]:
+                    pop(mid, None)
+            elif kind == MOVE:
+                _, mid, queue, deliveries, origin, reason, *more = op
+                entry = live.get(mid)
+                if entry is not None:
+                    msg = entry[2]
+                    msg.deliveries, msg.origin, msg.reason = deliveries, origin, reason
+                    msg.extra = extra_of(more)
+                    live[mid] = (entry[0], queue, msg)
+            elif kind == REQUEUED:
+                entry = live.get(op[1])
+                if entry is not None:
+                    entry[2].deliveries = op[2]
+            elif kind == DECLARE:
+                if op[2] is None:
+                    self.queues.pop(op[1], None)
+                    self.dedup.pop(op[1], None)
+                else:
+                    self.queues[op[1]] = op[2]
+            elif kind == SETTINGS:
+                self.queues = dict(op[1])
+                if len(op) > 2:
+                    self.dedup = {q: dict(ids) for q, ids in op[2].items()}
+            elif kind == DEDUP:
+                self.dedup.setdefault(op[1], {})[op[2]] = op[3]
+            else:
+                raise ValueError(f"unknown operation {kind!r}")
+
+    def messages(self) -> list[tuple[str, Stored]]:
+        return oldest_first(self.live)
+
+
+def extra_of(more: list[Any]) -> Extra | None:
+    """The Extra of an ADD or MOVE op (None for a plain message)."""
+    return msgspec.convert(more[0], Extra) if more and more[0] is not None else None
+
+
+def extra_bytes(msg: Stored) -> int:
+    """What a message's origin, reason and options add to a copy of it in the log."""
+    n = len(msg.origin) + len(msg.reason)
+    if msg.extra is not None:
+        n += 32 + sum(len(k) + len(v) + 4 for k, v in (msg.extra.headers or {}).items())
+    return n
+
+
+def add_op(mid: int, queue: str, m: Stored) -> list[Any]:
+    if m.extra is None:
+        return [ADD, mid, queue, m.payload, m.deliveries, m.origin, m.reason]
+    return [ADD, mid, queue, m.payload, m.deliveries, m.origin, m.reason, m.extra]
+
+
+def oldest_first(live: dict[int, Entry]) -> list[tuple[str, Stored]]:
+    """Live messages, smallest id first (insertion order, unless some were written
+    forward or ids started again after a restart that found nothing live)."""
+    ids = list(live)
+    if any(a > b for a, b in itertools.pairwise(ids)):
+        ids.sort()
+    return [(e[1], e[2]) for e in map(live.__getitem__, ids)]
+
+
+def list_segments(log_dir: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in log_dir.glob("*.seg"):
+        with contextlib.suppress(ValueError):
+            out.append((int(p.stem), p))
+    return sorted(out)
+
+
+class Changes:
+    """Puts a change written as several records (``PART``) back together: ``feed`` gives
+    the ops to apply once a change is whole, None while it is not."""
+
+    def __init__(self) -> None:
+        self.partial: list[Any] = []
+        self.since = -1  # offset of the first record of an unfinished change
+
+    def feed(self, ops: list[Any], off: int) -> list[Any] | None:
+        if ops and ops[0] == [PART]:
+            if not self.partial:
+                self.since = off
+            self.partial += ops[1:]
+            return None
+        if self.partial:
+            ops, self.partial = self.partial + ops, []
+        return ops
+
+
+def scan(data: bytes, start: int, salt: int) -> Iterator[tuple[int, int, bool]]:
+    """(offset, end, valid) for each record from ``start``; invalid stretches (bytes that
+    are no record, or a record whose checksum fails) are one item each, up to the next
+    valid record or the end."""
+    n = len(data)
+    off = start
+    hsize = RECORD_HEADER.size
+    unpack = RECORD_HEADER.unpack_from
+    checked = CHECKED.pack
+    crc32 = zlib.crc32
+    view = memoryview(data)
+    while off < n:
+        if off + hsize <= n:
+            magic, length, crc, hcrc = unpack(data, off)
+            end = off + hsize + length
+            if (
+                magic == MAGIC
+                and crc32(checked(length, crc), salt) == hcrc
+                and end <= n
+                and crc32(view[off + hsize : end], salt) == crc
+            ):
+                yield off, end, True
+                off = end
+                continue
+        # Not a record here: find the next offset where a valid one starts.
+        nxt = off
+        while True:
+            nxt = data.find(MAGIC, nxt + 1)
+            if nxt < 0:
+                yield off, n, False
+                return
+            if nxt + hsize <= n:
+                magic, length, crc, hcrc = unpack(data, nxt)
+                end = nxt + hsize + length
+                if (
+                    crc32(checked(length, crc), salt) == hcrc
+                    and end <= n
+                    and crc32(view[nxt + hsize : end], salt) == crc
+                ):
+                    break
+        yield off, nxt, False
+        off = nxt
+
+
+def read_segment(path: Path, data: bytes) -> int:
+    """The segment's salt, once its header is checked."""
+    if len(data) < FILE_HEADER_SIZE or data[: len(FILE_MAGIC)] != FILE_MAGIC:
+        raise StoreCorrupted(
+            f"{path} cannot be read as a pigeon log segment (it does not start with "
+            f"{FILE_MAGIC[:13]!r}); move it aside to start without it, or restore the "
+            "data directory from a backup"
+        )
+    _, salt, crc = FILE_HEADER.unpack_from(data)
+    if crc == 0 or crc == salt_crc(salt):
+        return int(salt)
+    for bit in range(32):  # one flipped bit in the salt: the CRC says which
+        if salt_crc(salt ^ (1 << bit)) == crc:
+            log.error("%s: its header's salt had a damaged bit, mended from its checksum",
+                      path)  # fmt: skip
+            return int(salt ^ (1 << bit))
+    if any(salt_crc(salt) == crc ^ (1 << bit) for bit in range(32)):
+        return int(salt)  # the damaged bit is in the checksum itself
+    raise StoreCorrupted(
+        f"{path}: its header is damaged (the salt its records are checked with fails its "
+        "checksum), so none of its records can be trusted; move it aside to start without "
+        "it (its messages are lost), or restore the data directory from a backup"
+    )
+
+
+def salt_crc(salt: int) -> int:
+    return zlib.crc32(SALT.pack(FILE_MAGIC, salt)) or 1  # never 0: that means "unchecked"
+
+
+SALT = struct.Struct("<16sI")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
