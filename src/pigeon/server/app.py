@@ -288,6 +288,12 @@ class BrokerServer:
             )
         return None
 
+    def read_done(self) -> None:
+        """A connection has handled what one read brought: the store writes the changes
+        now, so the replies that wait for them go out in this turn of the loop (a turn
+        later costs a sequential client ~60 us a put)."""
+        self.broker.store.flush()
+
     def apply(self, fn: Callable[[], list[Out]]) -> None:
         """Run a broker call; send its replies now, or once the store has committed the
         changes they report (a confirmed put is a durable put)."""
