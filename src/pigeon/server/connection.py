@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import struct
 import time
@@ -27,24 +28,25 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from pigeon._net import tune_tcp
-from pigeon.errors import FrameError, FrameTooLarge, RemoteProtocolError
-from pigeon.framing import Delimited, LengthPrefixed
+from pigeon.errors import FrameError
+from pigeon.framing import Delimited
 from pigeon.protocol import (
     FEATURES,
-    MAGIC,
-    VERSION,
     Error,
     Goodbye,
-    Hello,
     Ok,
     Put,
     PutBatch,
-    ServerCodec,
     Stats,
-    Welcome,
 )
-from pigeon.protocol.client import HANDSHAKE_MAX_FRAME
 from pigeon.protocol.codes import Code
+from pigeon.protocol.server import (
+    DrainRequested,
+    Event,
+    HelloReceived,
+    RequestReceived,
+    ServerConnection,
+)
 from pigeon.protocol.wire import encode_message
 from pigeon.server.text import MAX_LINE, NOT_TEXT, TEXT_FIRST_BYTES, TextReplies, run_command
 
@@ -53,7 +55,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pigeon.server")
 _LENGTH = struct.Struct(">I")
-_CODEC = ServerCodec()  # stateless: one for every connection
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -69,8 +70,8 @@ class Connection(asyncio.BufferedProtocol):
         self.mode = "?"  # "binary", "text", or "?" until the first byte
         self.state = "open"  # open -> draining -> closed
         self.refused = ""  # why this connection is turned away at its first byte
-        self.pending = bytearray()  # an unfinished HELLO
-        self.decoder: Any = None
+        self.conv: ServerConnection | None = None  # binary mode: the conversation's rules
+        self.decoder: Any = None  # text mode: lines
         self.welcomed = False
         self.spoke = False  # a text client sent its first whole line
         self.replies = TextReplies(self._write_raw)
@@ -115,13 +116,13 @@ class Connection(asyncio.BufferedProtocol):
             self._pick_mode(data[0])
             if self.state != "open":
                 return
-        if self.mode == "text" and (bad := NOT_TEXT.search(data)):
+        if self.conv is not None:
+            self._binary(self.conv.receive_data(data))
+            self.server.read_done()
+            return
+        if bad := NOT_TEXT.search(data):
             self.protocol_error(f"byte 0x{bad.group()[0]:02x} is not text")
             return
-        if self.mode == "binary" and not self.welcomed:
-            data = self._handshake(data)
-            if not data:
-                return
         try:
             frames = self.decoder.feed(data)
         except FrameError as exc:
@@ -171,6 +172,8 @@ class Connection(asyncio.BufferedProtocol):
         if self.state != "open":
             return
         self.state = "draining"
+        if self.conv is not None:
+            self.conv.drain()
         self._cancel_timer()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
@@ -219,7 +222,7 @@ class Connection(asyncio.BufferedProtocol):
         cfg = self.server.config
         if first == 0:
             self.mode = "binary"
-            self.decoder = LengthPrefixed(4, max_frame_size=cfg.max_frame_size).decoder()
+            self.conv = ServerConnection(max_frame_size=cfg.max_frame_size)
         elif first in TEXT_FIRST_BYTES:
             self.mode = "text"
             self.decoder = Delimited(b"\n", max_length=MAX_LINE).decoder()
@@ -234,15 +237,13 @@ class Connection(asyncio.BufferedProtocol):
             self.welcomed = True  # its buffer grows once it sent a whole line
 
     def _run_frames(self, frames: list[Any]) -> None:
+        """Run the lines of a text client."""
         for i, frame in enumerate(frames):
             if self.state != "open":
                 return
-            if self.mode == "binary":
-                self._binary(frame)
-            else:
-                if not self.spoke:
-                    self._first_line()
-                run_command(self, frame.rstrip(b"\r"))
+            if not self.spoke:
+                self._first_line()
+            run_command(self, frame.rstrip(b"\r"))
             if self.login_pending:  # the rest waits for the answer to a wrong AUTH
                 self.backlog = list(frames[i + 1 :])
                 return
@@ -255,24 +256,6 @@ class Connection(asyncio.BufferedProtocol):
         if self.welcomed:
             self._cancel_timer()
             self._grow_buffer()
-
-    def _handshake(self, data: memoryview) -> bytes | None:
-        """Cut out the HELLO frame (at most 64 KiB, checked on its header); return the bytes
-        that followed it, for the full decoder, once the client is welcomed."""
-        pending = self.pending
-        pending += data
-        if len(pending) < 4:
-            return None
-        (size,) = _LENGTH.unpack_from(pending)
-        if size > HANDSHAKE_MAX_FRAME:
-            self.protocol_error(str(FrameTooLarge(size, HANDSHAKE_MAX_FRAME)) + " before HELLO")
-            return None
-        if len(pending) < 4 + size:
-            return None
-        body, rest = bytes(pending[4 : 4 + size]), bytes(pending[4 + size :])
-        self.pending = bytearray()
-        self._binary(body)
-        return rest if self.welcomed and self.state == "open" else None
 
     def _grow_buffer(self) -> None:
         """A welcomed client gets a 64 KiB receive buffer (takes effect at the next read)."""
@@ -306,9 +289,13 @@ class Connection(asyncio.BufferedProtocol):
             return
         # Header and body go out as two buffers: a large delivery is not copied just to
         # put four bytes in front of it (uvloop writes them with one writev).
-        body = encode_message(message)
+        if self.conv is not None:
+            header, body = self.conv.send(message)
+        else:  # turned away at the first byte, in binary
+            body = encode_message(message)
+            header = _LENGTH.pack(len(body))
         self.bytes_out += 4 + len(body)
-        t.writelines((_LENGTH.pack(len(body)), body))
+        t.writelines((header, body))
         limit = self.server.config.max_pending_output
         if limit and t.get_write_buffer_size() > limit:
             # A consumer that does not read: drop it rather than buffer without bound.
@@ -319,46 +306,52 @@ class Connection(asyncio.BufferedProtocol):
 
     # --- binary ---------------------------------------------------------------------------
 
-    def _binary(self, body: bytes) -> None:
-        try:
-            msg = _CODEC.decode(body)
-        except RemoteProtocolError as exc:
-            self.protocol_error(str(exc))
-            return
-        if not self.welcomed:
-            self._hello(msg)
-            return
+    def _binary(self, events: list[Event]) -> None:
+        """Act on what the conversation (``protocol/server.py``) says happened."""
         server = self.server
-        if isinstance(msg, Goodbye):
-            self.begin_drain()
-        elif isinstance(msg, Hello):
-            self.protocol_error("HELLO sent twice")
-        elif isinstance(msg, Stats):
-            self.send(Ok(msg.req, server.stats()))
-        elif isinstance(msg, Put | PutBatch) and (why := server.refuse_writes()):
-            self.send(Error(msg.req, Code.UNAVAILABLE, why))
-        else:
-            server.apply(lambda: server.broker.handle(self.id, msg, server.now()))
+        for ev in events:
+            if isinstance(ev, RequestReceived):
+                msg = ev.message
+                if isinstance(msg, Stats):
+                    self.send(Ok(msg.req, server.stats()))
+                elif isinstance(msg, Put | PutBatch) and (why := server.refuse_writes()):
+                    self.send(Error(msg.req, Code.UNAVAILABLE, why))
+                else:
+                    server.apply(functools.partial(self._handle, msg))
+            elif isinstance(ev, HelloReceived):
+                self._hello(ev)
+            elif isinstance(ev, DrainRequested):
+                self.begin_drain()
+            else:  # a Violation: its ERROR is queued
+                log.warning("closing %s: protocol error: %s", self.peer, ev.reason)
+                self._write_conv()
+                self.begin_drain()
 
-    def _hello(self, msg: Any) -> None:
-        if not isinstance(msg, Hello):
-            self.protocol_error(f"expected HELLO first, got {type(msg).__name__}")
-            return
-        if msg.magic != MAGIC or msg.version != VERSION:
-            self.protocol_error(
-                f"unsupported protocol {msg.magic!r} version {msg.version}; "
-                f"this broker speaks {MAGIC!r} version {VERSION}"
-            )
-            return
-        if not self.server.auth.check(msg.token, self.peer):
-            self._reject_login(
-                lambda: self.refuse(Code.AUTH, "authentication failed: wrong or missing token")
-            )
+    def _handle(self, msg: Any) -> list[Any]:
+        return self.server.broker.handle(self.id, msg, self.server.now())
+
+    def _write_conv(self) -> None:
+        if self.conv is not None and (data := self.conv.data_to_send()):
+            self._write_raw(data)
+
+    def _hello(self, ev: HelloReceived) -> None:
+        conv = self.conv
+        assert conv is not None
+        if not self.server.auth.check(ev.token, self.peer):
+
+            def turn_away() -> None:
+                conv.refuse(Code.AUTH, "authentication failed: wrong or missing token")
+                self._write_conv()
+                self.begin_drain()
+
+            self._reject_login(turn_away)
             return
         self.logged_in()
-        self.client_name = msg.client[:100]
+        self.client_name = ev.client
         cfg = self.server.config
-        self.send(Welcome(VERSION, cfg.name, cfg.heartbeat, cfg.max_frame_size, FEATURES))
+        behind = conv.welcome(cfg.name, cfg.heartbeat, FEATURES)
+        self._write_conv()
+        self._binary(behind)
 
     def _reject_login(self, then: Callable[[], None]) -> None:
         """Answer a wrong token only after ``failure_delay``: guessing is slow."""
