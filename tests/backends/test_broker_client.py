@@ -1,5 +1,5 @@
 """The pigeon:// client at its edges, the same scenarios through the blocking and the
-asyncio face (FINDINGS A.3-A.6, 12, 19, 25, 28, and the lost reply)."""
+asyncio face: lost replies, cancelled gets, reconnects, undecodable payloads."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def test_cli_get_reports_an_undecodable_item_without_a_traceback(broker: BrokerT
 @pytest.mark.parametrize("call", ["get", "get_many", "get_message"])
 def test_cancelled_async_gets_lose_nothing(broker: BrokerThread, call: str) -> None:
     """A get parked on an empty queue; a put; the caller gives up just as the item is on
-    its way (FINDINGS A.4). Whichever wins, no item may vanish or stay stranded."""
+    its way. Whichever wins, no item may vanish or stay stranded."""
 
     async def main() -> tuple[int, int]:
         url = broker.url(f"cancel-{call}")

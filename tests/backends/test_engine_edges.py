@@ -1,5 +1,5 @@
-"""Redis Streams and NATS JetStream at the edges the review found (FINDINGS 18, 19, 22, 24,
-and the 1 MiB item on NATS)."""
+"""Redis Streams and NATS JetStream at their edges: leases, redelivery, dead letters,
+reconnects, and the 1 MiB item on NATS."""
 
 from __future__ import annotations
 

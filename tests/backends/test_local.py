@@ -514,7 +514,7 @@ def test_async_get_woken_by_another_process() -> None:
         assert asyncio.run(main(q)) == "java Python JavaScript"
 
 
-# --- the edges (shared/review/FINDINGS.md 9-11, 20, 21) ------------------------------------
+# --- the edges -------------------------------------------------------------------------------
 
 
 def test_nack_at_capacity_never_blocks() -> None:
@@ -558,7 +558,7 @@ def test_join_returns_after_nack_ack_and_task_done() -> None:
 
 
 def test_qsize_from_another_thread_loses_no_update() -> None:
-    """qsize() used to write the unfinished count back without the lock (FINDINGS 11): a
+    """qsize() must not write the unfinished count back without the lock: a
     qsize() landing between task_done's read and its commit undid the task_done. Here it
     lands there every time: the commit first waits for a qsize() from another thread."""
     q = pigeon.Queue()

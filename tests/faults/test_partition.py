@@ -1,4 +1,4 @@
-"""An unplugged peer is noticed in seconds (issue 16, FINDINGS 29): a real partition in a
+"""An unplugged peer is noticed in seconds: a real partition in a
 network namespace the test makes, packets dropped both ways by nftables."""
 
 from __future__ import annotations

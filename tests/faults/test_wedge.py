@@ -1,5 +1,5 @@
-"""A broker that bad numbers, hostile peers and a busy disk cannot wedge (issue 10,
-FINDINGS 7, 8, 13-16, 23 and "text-mode garbage sits until the idle timeout")."""
+"""A broker that bad numbers, hostile peers, text-mode garbage and a busy disk cannot
+wedge."""
 
 from __future__ import annotations
 

@@ -242,7 +242,7 @@ def test_timed_out_getters_do_not_pile_up(broker: Broker) -> None:
     assert broker.parked(B) == 1
 
 
-# --- the edges (shared/review/FINDINGS.md) --------------------------------------------------
+# --- the edges -------------------------------------------------------------------------------
 
 
 def ids(msg: Any) -> list[int]:

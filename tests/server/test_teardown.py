@@ -1,5 +1,5 @@
 """The four-way teardown on the durable store: every reply to what was sent before FIN,
-GOODBYE or QUIT arrives, and only then does the broker close (FINDINGS A.2)."""
+GOODBYE or QUIT arrives, and only then does the broker close."""
 
 from __future__ import annotations
 

@@ -320,7 +320,7 @@ def check_close_and_context_manager(make_queue: MakeQueue) -> None:
     q.close()  # idempotent
 
 
-# --- the edges: what the review found backends disagree on ---------------------------------
+# --- the edges: where backends are easiest to get wrong ------------------------------------
 
 
 def other_handle(q: pigeon.Queue[Any], **options: Any) -> pigeon.Queue[Any]:
