@@ -1,4 +1,11 @@
-"""Per-message options - ``delay``, ``ttl``, ``dedup_id``, ``priority``, ``headers`` -
+"""The options of a queue handle (``QueueOptions``) and of one put (``PutOptions``),
+and every default, defined once for every backend.
+
+Queue options: ``pigeon.Queue(url, maxsize=0, serializer=None, *, lease=None,
+max_deliveries=None, dedup_window=None, reconnect_timeout=30, connect_timeout=10)``;
+each backend keeps them as one ``QueueOptions`` (``q.options``).
+
+Per-message options - ``delay``, ``ttl``, ``dedup_id``, ``priority``, ``headers`` -
 checked once for every backend, before anything is sent.
 
 ``put(item, *, delay=None, ttl=None, dedup_id=None, priority=None, headers=None)``:
@@ -20,6 +27,7 @@ context (``traceparent``, ``tracestate``) to the headers (``pigeon._otel``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +36,7 @@ from pigeon import _otel
 from pigeon.protocol.messages import PutOptions
 from pigeon.protocol.rules import (
     DEDUP_ID_BYTES,
+    DEFAULT_DEDUP_WINDOW,
     HEADER_KEY_BYTES,
     HEADERS_BYTES,
     MAX_HEADERS,
@@ -35,7 +44,42 @@ from pigeon.protocol.rules import (
     MAX_SECONDS,
 )
 
-__all__ = ["PutOptions", "check_dedup_ids", "put_options"]
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_DEDUP_WINDOW",
+    "DEFAULT_LEASE",
+    "DEFAULT_MAX_DELIVERIES",
+    "DEFAULT_PORT",
+    "DEFAULT_RECONNECT_TIMEOUT",
+    "PutOptions",
+    "QueueOptions",
+    "check_dedup_ids",
+    "put_options",
+]
+
+DEFAULT_PORT = 7878  # the broker's
+DEFAULT_LEASE = 30.0  # seconds before an unsettled message is redelivered
+DEFAULT_MAX_DELIVERIES = 20  # deliveries before a message goes to NAME.dead
+DEFAULT_RECONNECT_TIMEOUT = 30.0  # seconds a networked handle retries a lost connection
+DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds to connect and be welcomed
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueueOptions:
+    """What a queue handle was opened with, as every backend keeps it. ``None``: the
+    queue's own setting (declared earlier, or the default above)."""
+
+    maxsize: int = 0
+    serializer: Any = None  # a name ("msgpack", "json", "raw", "pickle") or a serializer
+    lease: float | None = None
+    max_deliveries: int | None = None
+    dedup_window: float | None = None
+    reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments that open the same queue again (pickling, AsyncQueue(q))."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def _seconds(name: str, value: Any, *, positive: bool) -> float:

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, TypeVar
 from pigeon._queue_base import Message, Queue
 from pigeon.backends import _loopthread
 from pigeon.errors import ClosedResourceError
+from pigeon.options import DEFAULT_RECONNECT_TIMEOUT, QueueOptions
 
 T = TypeVar("T")
 
@@ -89,11 +90,15 @@ class SyncFace(Queue[T]):
         *,
         lease: float | None = None,
         max_deliveries: int | None = None,
-        reconnect_timeout: float = 30.0,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
     ) -> None:
-        self._options: dict[str, Any] = {
-            "maxsize": maxsize, "serializer": serializer, "lease": lease,
-            "max_deliveries": max_deliveries, "reconnect_timeout": reconnect_timeout,
+        # the engines read dedup_window and connection timeouts from the URL
+        self.options = QueueOptions(
+            maxsize, serializer, lease, max_deliveries, reconnect_timeout=reconnect_timeout
+        )
+        self._options = {
+            k: v for k, v in self.options.kwargs().items()
+            if k not in ("dedup_window", "connect_timeout")
         }  # fmt: skip
         self._url = url
         self._local = threading.local()

@@ -70,7 +70,7 @@ from pigeon.errors import (
     LocalProtocolError,
     ShutDown,
 )
-from pigeon.options import check_dedup_ids, put_options
+from pigeon.options import QueueOptions, check_dedup_ids, put_options
 from pigeon.protocol.messages import PutOptions
 from pigeon.protocol.rules import DEFAULT_DEDUP_WINDOW, MAX_PRIORITY, seconds_problem
 from pigeon.serializers import Pickle, SerializerLike, get_serializer
@@ -681,6 +681,11 @@ class LocalQueue(Queue[T]):
     @property
     def maxsize(self) -> int:
         return int(self._maxsize)
+
+    @property
+    def options(self) -> QueueOptions:
+        """The options of this handle (a local queue has no lease and no URL)."""
+        return QueueOptions(self.maxsize, self._serializer_spec, dedup_window=self._dedup_window)
 
     def put(
         self,

@@ -67,6 +67,7 @@ from pigeon.errors import (
     TooLarge,
     Unsupported,
 )
+from pigeon.options import DEFAULT_LEASE, DEFAULT_MAX_DELIVERIES, DEFAULT_RECONNECT_TIMEOUT
 from pigeon.protocol.messages import PutOptions
 from pigeon.protocol.rules import check_seconds
 from pigeon.serializers import SerializerLike, get_serializer
@@ -101,7 +102,7 @@ class AsyncNatsQueue(EngineQueue[T]):
         *,
         lease: float | None = None,
         max_deliveries: int | None = None,
-        reconnect_timeout: float = 30.0,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
     ) -> None:
         check_maxsize(maxsize)
         try:
@@ -118,8 +119,10 @@ class AsyncNatsQueue(EngineQueue[T]):
                 "letters, digits, '_', '-' and '.'"
             )
         self._lease_given = ep.seconds("lease", lease)
-        self.lease = self._lease_given or 30.0
-        self.max_deliveries = int(ep.count("max_deliveries", max_deliveries, 20) or 0)
+        self.lease = self._lease_given or DEFAULT_LEASE
+        self.max_deliveries = int(
+            ep.count("max_deliveries", max_deliveries, DEFAULT_MAX_DELIVERIES) or 0
+        )
         tls = ep.scheme == "nats+tls" or ep.flag("tls")
         scheme = "tls" if tls else "nats"
         # every seed server of a cluster; the client follows the cluster from there

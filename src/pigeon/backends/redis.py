@@ -68,8 +68,13 @@ from pigeon.errors import (
     Unavailable,
     Unsupported,
 )
+from pigeon.options import (
+    DEFAULT_DEDUP_WINDOW,
+    DEFAULT_LEASE,
+    DEFAULT_MAX_DELIVERIES,
+    DEFAULT_RECONNECT_TIMEOUT,
+)
 from pigeon.protocol.messages import PutOptions
-from pigeon.protocol.rules import DEFAULT_DEDUP_WINDOW
 from pigeon.serializers import SerializerLike, get_serializer
 
 T = TypeVar("T")
@@ -84,8 +89,6 @@ SCHEMES = (
 )
 GROUP = "pigeon"
 SLICE = 0.2  # seconds: the longest single XREADGROUP BLOCK
-DEFAULT_LEASE = 30.0
-DEFAULT_MAX_DELIVERIES = 20
 
 _PUT = """
 if redis.call('HGET', KEYS[2], 'shutdown') == '1' then return 'SHUTDOWN' end
@@ -293,7 +296,7 @@ class AsyncRedisQueue(EngineQueue[T]):
         *,
         lease: float | None = None,
         max_deliveries: int | None = None,
-        reconnect_timeout: float = 30.0,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
     ) -> None:
         check_maxsize(maxsize)
         try:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pigeon._net import DEFAULT_PEER_TIMEOUT, is_loopback, tcp_state
+from pigeon.options import DEFAULT_LEASE, DEFAULT_MAX_DELIVERIES, DEFAULT_PORT
 from pigeon.protocol import Error, Ping
 from pigeon.protocol.codes import Code
 from pigeon.protocol.messages import Confirmed
@@ -39,7 +40,6 @@ __all__ = [
 
 log = logging.getLogger("pigeon.server")
 
-DEFAULT_PORT = 7878
 _TRIM_EVERY = 512  # closed connections between two malloc_trim calls (and every heartbeat)
 
 
@@ -82,8 +82,8 @@ class ServerConfig:
     store_timeout: float = 5.0  # seconds a reply may wait for the store before it is refused
     http: str | None = None  # HOST:PORT of the HTTP side door (metrics, health, dashboard)
     name: str = "pigeon"
-    default_lease: float = 30.0
-    max_deliveries: int = 20
+    default_lease: float = DEFAULT_LEASE
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
     store: Store | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

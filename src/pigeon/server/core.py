@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from pigeon.options import DEFAULT_LEASE, DEFAULT_MAX_DELIVERIES
 from pigeon.protocol import (
     Ack,
     Cancel,
@@ -76,9 +77,7 @@ __all__ = ["Broker", "Conn", "Out"]
 Conn = int
 Out = tuple[Conn, Any]
 
-DEFAULT_LEASE = 30.0
 _LEASE_HEAP_SLACK = 65_536  # lease entries before the heap may be rebuilt
-DEFAULT_MAX_DELIVERIES = 20
 _DELIVERY_OVERHEAD = 32  # bytes of framing per message in a DELIVER, rounded up
 
 

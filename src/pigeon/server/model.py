@@ -20,6 +20,8 @@ from typing import Any
 
 import msgspec
 
+from pigeon.options import DEFAULT_DEDUP_WINDOW, DEFAULT_LEASE, DEFAULT_MAX_DELIVERIES
+
 __all__ = [
     "DEAD_SUFFIX",
     "Extra",
@@ -259,8 +261,8 @@ class Ready:
 class QueueState:
     name: str
     maxsize: int = 0
-    lease: float = 30.0
-    max_deliveries: int = 20
+    lease: float = DEFAULT_LEASE
+    max_deliveries: int = DEFAULT_MAX_DELIVERIES
     declared: bool = False  # its settings were set explicitly: kept while empty
     ready: Ready = field(default_factory=Ready)
     delayed: dict[int, Stored] = field(default_factory=dict)  # msg id -> message
@@ -270,7 +272,7 @@ class QueueState:
     joiners: list[Waiter] = field(default_factory=list)
     # messages put with a ttl, while they wait (ready or delayed): id -> message
     expiring: dict[int, Stored] = field(default_factory=dict)
-    dedup_window: float = 300.0  # seconds a dedup id is remembered
+    dedup_window: float = DEFAULT_DEDUP_WINDOW  # seconds a dedup id is remembered
     dedup: dict[str, float] = field(default_factory=dict)  # dedup id -> wall-clock until
     dedup_heap: list[tuple[float, str]] = field(default_factory=list)  # (until, id)
     stale: int = 0  # finished waiters still in the three lines above (an estimate >= 0)

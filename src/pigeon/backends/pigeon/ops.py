@@ -27,6 +27,12 @@ from pigeon._queue_base import deadline_from
 from pigeon.backends._retry import Backoff
 from pigeon.backends._url import QueueURL, check_maxsize
 from pigeon.errors import BrokenResourceError, DecodeError, LocalProtocolError
+from pigeon.options import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_PORT,
+    DEFAULT_RECONNECT_TIMEOUT,
+    QueueOptions,
+)
 from pigeon.protocol import (
     Ack,
     Declare,
@@ -53,8 +59,6 @@ from pigeon.protocol.rules import MAX_ITEMS, check_seconds
 from pigeon.serializers import Serializer, SerializerLike, get_serializer
 
 T = TypeVar("T")
-
-DEFAULT_PORT = 7878
 
 
 @dataclass(slots=True)
@@ -119,8 +123,8 @@ class Spec:
         lease: float | None = None,
         max_deliveries: int | None = None,
         dedup_window: float | None = None,
-        reconnect_timeout: float = 30.0,
-        connect_timeout: float = 10.0,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
         check_maxsize(maxsize)
         self.ep = Endpoint(url)
@@ -136,17 +140,17 @@ class Spec:
             check_seconds("connect_timeout", connect_timeout, positive=True) or 10.0
         )
 
+    @property
+    def queue_options(self) -> QueueOptions:
+        """The options as given and read from the URL, checked."""
+        return QueueOptions(
+            self.maxsize, self.serializer_spec, self.lease, self.max_deliveries,
+            self.dedup_window, self.reconnect_timeout, self.connect_timeout,
+        )  # fmt: skip
+
     def options(self) -> dict[str, Any]:
         """The keyword arguments that open the same queue again (pickling, AsyncQueue(q))."""
-        return {
-            "maxsize": self.maxsize,
-            "serializer": self.serializer_spec,
-            "lease": self.lease,
-            "max_deliveries": self.max_deliveries,
-            "dedup_window": self.dedup_window,
-            "reconnect_timeout": self.reconnect_timeout,
-            "connect_timeout": self.connect_timeout,
-        }
+        return self.queue_options.kwargs()
 
     @property
     def serializer_name(self) -> str:

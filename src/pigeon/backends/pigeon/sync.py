@@ -65,7 +65,13 @@ from pigeon.backends.pigeon.ops import (
     settle_message,
 )
 from pigeon.errors import BrokenResourceError, ClosedResourceError, LocalProtocolError
-from pigeon.options import check_dedup_ids, put_options
+from pigeon.options import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_RECONNECT_TIMEOUT,
+    QueueOptions,
+    check_dedup_ids,
+    put_options,
+)
 from pigeon.protocol.client import ClientConnection, Closed, Reply, Welcomed
 from pigeon.protocol.messages import Delete, Delivery, Move, Peek, Purge
 from pigeon.serializers import SerializerLike
@@ -216,8 +222,8 @@ class BrokerQueue(Queue[T]):
         lease: float | None = None,
         max_deliveries: int | None = None,
         dedup_window: float | None = None,
-        reconnect_timeout: float = 30.0,
-        connect_timeout: float = 10.0,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         client_name: str | None = None,
     ) -> None:
         self._spec = Spec(
@@ -248,6 +254,11 @@ class BrokerQueue(Queue[T]):
     @property
     def url(self) -> str:
         return self._spec.ep.url
+
+    @property
+    def options(self) -> QueueOptions:
+        """The options this handle was opened with (URL parameters included)."""
+        return self._spec.queue_options
 
     @property
     def name(self) -> str:
