@@ -1,7 +1,7 @@
 /* The local queue's hot path in C: put and get, one item or a batch, each in one call.
  *
  * Strategy: the same file layout, the same lock and the same commit as the pure-Python
- * path in backends/local.py (which stays the fallback, and the reference). Each call takes
+ * path in backends/local/queue.py (which stays the fallback, and the reference). Each call takes
  * the cross-process lock, copies the records into (or out of) the ring, writes the new state
  * into the spare slot of the control page and publishes it with one single-byte store
  * (release ordering, so the bytes are in place before it), bumps the sequence word and reads

@@ -115,10 +115,10 @@ def test_process_killed_holding_the_lock_leaves_the_queue_usable() -> None:
 
 def _kill_at_the_commit(q: LocalQueue[Any]) -> None:
     """Die at the one-byte store that commits, whichever path (C or Python) makes it."""
-    from pigeon.backends import local
+    from pigeon.backends.local import queue as local
 
-    if local._C is not None:
-        local._C._die_before_publish(True)
+    if local.C is not None:
+        local.C._die_before_publish(True)
         return
 
     def killed(*_: Any) -> None:
@@ -284,9 +284,9 @@ def test_any_sequence_of_operations_keeps_fifo_through_wraps_and_growth(
 def test_a_flock_queue_works_across_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where robust mutexes do not exist (macOS), a queue is locked with flock: the same
     operations, the C path included, through a fork child."""
-    from pigeon.backends import local
+    from pigeon.backends.local import queue as local
 
-    monkeypatch.setattr(local, "_MUTEX", None)
+    monkeypatch.setattr(local, "MUTEX", None)
     with LocalQueue[bytes]() as q:
         assert q._cfd >= 0 and not q._mutex
         p = mp.get_context("fork").Process(target=_put_and_exit, args=(q, 500))
@@ -301,13 +301,13 @@ def test_a_flock_queue_works_across_processes(monkeypatch: pytest.MonkeyPatch) -
 def test_a_mutex_queue_is_refused_where_the_mutex_cannot_be_used(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from pigeon.backends import local
+    from pigeon.backends.local import queue as local
 
-    if local._MUTEX is None:
+    if local.MUTEX is None:
         pytest.skip("PIGEON_LOCAL_LOCK=flock (or not Linux): this process makes no mutex queue")
     with LocalQueue[bytes]() as q:
         assert q._mutex, "on Linux a new queue is locked with the robust mutex"
-        monkeypatch.setattr(local, "_MUTEX", None)
+        monkeypatch.setattr(local, "MUTEX", None)
         with pytest.raises(ClosedResourceError, match="robust process-shared mutex"):
             local._attach(q._path, "pickle")
 
@@ -676,15 +676,15 @@ def test_a_file_still_held_by_a_live_process_is_kept() -> None:
 def test_the_c_path_and_the_mutex_are_in_use_where_they_can_be() -> None:
     """CI builds the extension (a compiler is there): a silent fallback would test the
     pure-Python path twice and measure the wrong thing."""
-    from pigeon.backends import local
+    from pigeon.backends.local import queue as local
 
     if os.environ.get("PIGEON_PURE_PYTHON") or not sys.platform.startswith("linux"):
         pytest.skip("the pure-Python path was asked for, or this is not Linux")
     if not os.environ.get("CI"):
         pytest.skip("outside CI a machine may lack a compiler")
-    assert local._C is not None, "pigeon._fastring was not built (see hatch_build.py)"
+    assert local.C is not None, "pigeon._fastring was not built (see hatch_build.py)"
     if os.environ.get("PIGEON_LOCAL_LOCK") != "flock":
-        assert local._MUTEX is not None
+        assert local.MUTEX is not None
 
 
 def test_without_the_extension_it_says_so_once_at_debug_level() -> None:
@@ -696,8 +696,8 @@ def test_without_the_extension_it_says_so_once_at_debug_level() -> None:
         "sys.modules['pigeon._fastring'] = None  # as if it was never built\n"
         "import pigeon\n"
         "q = pigeon.Queue(); q.put(b'x'); assert q.get() == b'x'; q.close()\n"
-        "from pigeon.backends import local\n"
-        "assert local._C is None and local._MUTEX is not None\n"
+        "from pigeon.backends.local import queue as local\n"
+        "assert local.C is None and local.MUTEX is not None\n"
     )
     env = {
         k: v for k, v in os.environ.items() if k not in ("PIGEON_PURE_PYTHON", "PIGEON_LOCAL_LOCK")

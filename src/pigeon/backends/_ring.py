@@ -11,7 +11,7 @@
 # [head, old_capacity) to the end of the new buffer, keeping its distance to the end, so
 # the wrap marker (or short gap) it holds still means "continue at 0".
 #
-# The caller (backends/local.py) holds the lock and commits ``RingState`` atomically
+# The caller (backends/local/queue.py) holds the lock and commits ``RingState`` atomically
 # after writing, so a writer killed mid-record leaves only free space behind.
 """
 

@@ -1,48 +1,10 @@
-"""The local backend: one queue shared by threads and processes on one host, no server.
-
-Features
-    The whole ``pigeon.Queue`` contract: put/get with block and timeout, nowait, many,
-    qsize/empty/full, task_done/join, shutdown (Python 3.13 semantics), iteration,
-    ``get_message`` with in-process requeue. ``pigeon.AsyncQueue(q)`` gives an asyncio
-    face of the same queue. Picklable: hand it to ``multiprocessing.Process`` under fork,
-    spawn or forkserver, to ``Pool``/``ProcessPoolExecutor`` initializers, or send it
-    (pickled) to a process that is already running.
-
-Connection URL
-    None: ``pigeon.Queue()`` or ``pigeon.Queue(maxsize=N)``.
-
-Options
-    ``maxsize`` (items, 0 = unbounded), ``serializer`` (``"pickle"`` by default),
-    ``capacity`` (initial bytes of shared memory; it grows as needed).
-
-Delivery guarantees
-    When ``put`` returns, the item is in shared memory: the producer may exit at once.
-    A process SIGKILLed inside ``put`` or ``get`` leaves no lock held (the kernel drops
-    ``flock`` locks with their process) and no torn item (the queue state is committed
-    with one aligned 4-byte store after the bytes are in place). The item a killed
-    process was moving is either still in the queue (killed before the commit) or was
-    taken by it (after): never half-written, never delivered twice to live consumers.
-    ``get`` removes the item: an item taken by a process that then dies is gone, which is
-    at-most-once for crashing consumers; use a networked backend for at-least-once.
-
-# Strategy:
-# One file in /dev/shm (or the temp dir) holds a control page and a data ring
-# (``_ring.py``). Mutual exclusion is a ``threading.Lock`` inside a process plus
-# ``fcntl.flock`` between processes (each process re-opens the file after fork, because
-# flock belongs to the open file description and fork shares it). The ring state is
-# double-buffered in the control page: a writer fills the spare slot and flips the slot
-# index. Waiting is a futex on a sequence word bumped by every put (getters wait on it),
-# every get (putters wait on it) and every finished join; wakers skip the syscall when no
-# one registered as waiting. A waiter re-checks at least every second, so a waker killed
-# between its commit and its wake costs at most a second, never a hang.
-"""
+"""The local queue's operations: ``LocalQueue`` and ``LocalMessage`` (see the package's
+docstring for what it offers and how)."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
-import logging
 import mmap
 import os
 import pickle
@@ -53,15 +15,60 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple, TypeVar
-
-import msgspec
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
 
 from pigeon import _futex, _otel
 from pigeon._queue_base import Message, Queue, deadline_from
 from pigeon.backends import _ring, _shm_tracker
 from pigeon.backends._url import check_maxsize
+from pigeon.backends.local import lock
+from pigeon.backends.local.codec import (
+    head_kind,
+    unwrap,
+    with_options,
+    wrap,
+)
+from pigeon.backends.local.layout import (
+    COPY_AS_BYTES,
+    DEDUP_SUFFIX,
+    GET_SEQ,
+    IMMEDIATE,
+    JOIN_SEQ,
+    K_BYTEARRAY,
+    K_BYTES,
+    K_HEADERS,
+    K_OPTIONS,
+    K_PICKLE,
+    K_PICKLE_OOB,
+    K_SERIALIZED,
+    K_TAKEN,
+    MAGIC,
+    MAGIC_MUTEX,
+    OFF_FLAGS,
+    OFF_INDEX,
+    OFF_MAXSIZE,
+    OFF_SLOTS,
+    OPTS,
+    PAGE,
+    PUT_SEQ,
+    SHUTDOWN,
+    STATE,
+    U32,
+    WAITERS,
+    pack_header,
+    pack_state,
+    unpack_header,
+    unpack_state,
+)
+from pigeon.backends.local.lock import (
+    LOCK_TRIES,
+    MUTEX,
+    C,
+    fork_generation,
+    release,
+    shm_dir,
+)
 from pigeon.errors import (
     ClosedResourceError,
     DecodeError,
@@ -80,98 +87,6 @@ if sys.platform != "win32":
 
 T = TypeVar("T")
 
-__all__ = ["LocalMessage", "LocalQueue"]
-
-PAGE = 4096
-MAGIC = b"PIGEONQ1"  # locked with flock (where robust process-shared mutexes do not exist)
-MAGIC_MUTEX = b"PIGEONQ2"  # locked with the robust mutex at _OFF_MUTEX
-# control page layout (little-endian)
-_OFF_MAXSIZE = 8  # u64
-_OFF_INDEX = 16  # u32: which state slot is current
-_OFF_FLAGS = 20  # u32: SHUTDOWN | IMMEDIATE
-PUT_SEQ = 24  # u32 futex words
-GET_SEQ = 28
-JOIN_SEQ = 32
-_WAITERS = {PUT_SEQ: 36, GET_SEQ: 40, JOIN_SEQ: 44}  # u32 waiter counts
-_OFF_SLOTS = 64  # two slots of _STATE, 64 bytes apart
-_OFF_MUTEX = 256  # a pthread_mutex_t (PTHREAD_PROCESS_SHARED, PTHREAD_MUTEX_ROBUST), 64 bytes
-# head, tail, count, unfinished, capacity; special, tombs (see _take_special)
-_STATE = struct.Struct("<5Q2I")
-_U32 = struct.Struct("<I")
-_unpack_state = _STATE.unpack_from
-_pack_state = _STATE.pack_into
-_pack_header = _ring.HEADER.pack_into
-_unpack_header = _ring.HEADER.unpack_from
-
-_SHUTDOWN = 1
-_IMMEDIATE = 2
-
-# record kinds
-_K_PICKLE = 1
-_K_BYTES = 2
-_K_BYTEARRAY = 3
-_K_PICKLE_OOB = 4
-_K_SERIALIZED = 5
-# An item put with headers: [u32 n][u16 the item's kind][u16 0], n bytes of the headers in
-# MessagePack, then the item's record as it would be without them.
-_K_HEADERS = 6
-_ENVELOPE = struct.Struct("<IHH")
-# An item put with a priority, a delay or a ttl: [u32 n][u16 the item's kind][u16 priority]
-# [f64 due][f64 expires] (wall clock; 0: none), n bytes of headers, then the item's record.
-_K_OPTIONS = 7
-_OPTS = struct.Struct("<IHHdd")
-_K_TAKEN = 8  # a record taken from the middle of the ring: skipped, then dropped at the head
-DEDUP_SUFFIX = ".dedup"  # beside the queue's file: its table of dedup ids (SQLite)
-_COPY_AS_BYTES = frozenset((_K_BYTES, _K_PICKLE, _K_SERIALIZED))
-_encode_headers = msgspec.msgpack.Encoder().encode
-_decode_headers = msgspec.msgpack.Decoder(dict[str, str]).decode
-
-
-def _wrap(record: tuple[int, list[Any]], headers: dict[str, str]) -> tuple[int, list[Any]]:
-    """``record`` with ``headers`` (one part: the C fast path writes single parts)."""
-    kind, parts = record
-    meta = _encode_headers(headers)
-    return _K_HEADERS, [b"".join([_ENVELOPE.pack(len(meta), kind, 0), meta, *parts])]
-
-
-def _with_options(
-    record: tuple[int, list[Any]], opts: PutOptions, wall: float
-) -> tuple[int, list[Any]]:
-    """``record`` with a priority, delay or ttl (and headers), as one part."""
-    kind, parts = record
-    meta = _encode_headers(opts.headers) if opts.headers else b""
-    due = wall + opts.delay if opts.delay else 0.0
-    expires = (due or wall) + opts.ttl if opts.ttl else 0.0
-    head = _OPTS.pack(len(meta), kind, opts.priority, due, expires)
-    return _K_OPTIONS, [b"".join([head, meta, *parts])]
-
-
-def _unwrap(kind: int, payload: Any) -> tuple[int, Any, dict[str, str], int]:
-    """(the item's kind, its payload, its headers, its priority) of a ``_K_HEADERS`` or
-    ``_K_OPTIONS`` record."""
-    with memoryview(payload) as view:
-        if kind == _K_HEADERS:
-            n, kind, _ = _ENVELOPE.unpack_from(view, 0)
-            start, priority = _ENVELOPE.size, 0
-        else:
-            n, kind, priority, _, _ = _OPTS.unpack_from(view, 0)
-            start = _OPTS.size
-        headers = _decode_headers(view[start : start + n]) if n else {}
-        start += n
-        inner: Any = bytes(view[start:]) if kind in _COPY_AS_BYTES else bytearray(view[start:])
-    return kind, inner, headers, priority
-
-
-def _head_kind(data: Any, st: _ring.RingState) -> int:
-    """The kind of the record at the head of a non-empty ring."""
-    pos = st.head if st.capacity - st.head >= _ring.HEADER_SIZE else 0
-    kind: int = _unpack_header(data, pos)[1]
-    if kind == _ring.WRAP:
-        kind = _unpack_header(data, 0)[1]
-    return kind
-
-
-_LOCK_TRIES = 50
 _EX_NB = (fcntl.LOCK_EX | fcntl.LOCK_NB) if sys.platform != "win32" else 0
 _SPIN = 50e-6  # seconds a waiter watches its word before it sleeps
 _SAFETY_SLICE = 1.0
@@ -183,141 +98,6 @@ _GROWTH_PATIENCE = 0.002  # seconds: the longest a waiter sleeps before re-check
 _OOB_MIN = 64 * 1024  # pickle buffers at least this large go out of band
 
 _DEFAULT_CAPACITY = 1 * 2**20
-
-
-def _load_c_path() -> Any:
-    """The compiled fast path (``pigeon._fastring``), or None: pure Python. Set
-    ``PIGEON_PURE_PYTHON=1`` to force the pure-Python path (the tests run both)."""
-    if os.environ.get("PIGEON_PURE_PYTHON"):
-        return None
-    try:
-        from pigeon import _fastring  # type: ignore[attr-defined]
-    except ImportError:
-        logging.getLogger("pigeon.local").debug(
-            "the local queue's C fast path is not built here; using the pure-Python path"
-        )
-        return None
-    return _fastring
-
-
-_C = _load_c_path()
-
-
-class _Mutex(NamedTuple):
-    """The robust process-shared mutex in a queue's control page: each function takes the
-    control page's address. From the C module where it is built, else from libc through
-    ctypes (the pure-Python path)."""
-
-    init: Callable[[int], None]
-    lock: Callable[[int], None]
-    unlock: Callable[[int], None]
-
-
-def _ctypes_mutex() -> _Mutex:
-    """The mutex through ctypes; AttributeError where libc has no robust mutexes."""
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def fn(name: str, *argtypes: Any) -> Any:
-        f = getattr(libc, name)
-        f.restype = ctypes.c_int
-        f.argtypes = list(argtypes) or [ctypes.c_void_p]
-        return f
-
-    c_int, c_void_p = ctypes.c_int, ctypes.c_void_p
-    attr_init = fn("pthread_mutexattr_init")
-    attr_pshared = fn("pthread_mutexattr_setpshared", c_void_p, c_int)
-    attr_robust = fn("pthread_mutexattr_setrobust", c_void_p, c_int)
-    attr_destroy = fn("pthread_mutexattr_destroy")
-    mutex_init = fn("pthread_mutex_init", c_void_p, c_void_p)
-    trylock = fn("pthread_mutex_trylock")
-    lock_ = fn("pthread_mutex_lock")
-    unlock_ = fn("pthread_mutex_unlock")
-    consistent = fn("pthread_mutex_consistent")
-
-    def init(ctrl_addr: int) -> None:
-        attr = ctypes.create_string_buffer(64)
-        rc = (
-            attr_init(attr)
-            or attr_pshared(attr, 1)  # PTHREAD_PROCESS_SHARED
-            or attr_robust(attr, 1)  # PTHREAD_MUTEX_ROBUST
-            or mutex_init(ctrl_addr + _OFF_MUTEX, attr)
-        )
-        attr_destroy(attr)
-        if rc:
-            raise OSError(rc, f"cannot make the local queue's mutex: {os.strerror(rc)}")
-
-    def lock(ctrl_addr: int) -> None:
-        m = ctrl_addr + _OFF_MUTEX
-        rc = errno.EBUSY
-        for _ in range(_LOCK_TRIES):
-            rc = trylock(m)
-            if rc != errno.EBUSY:
-                break
-        else:
-            rc = lock_(m)  # ctypes lets go of the GIL meanwhile
-        if rc == errno.EOWNERDEAD:
-            # its holder died: the double-buffered state is whole, take the lock over
-            rc = consistent(m)
-        if rc:
-            raise OSError(rc, f"cannot lock the local queue: {os.strerror(rc)}")
-
-    def unlock(ctrl_addr: int) -> None:
-        unlock_(ctrl_addr + _OFF_MUTEX)
-
-    return _Mutex(init, lock, unlock)
-
-
-def _load_mutex() -> _Mutex | None:
-    """The robust mutex, or None where there is none (macOS): queues are locked with
-    flock there. ``PIGEON_LOCAL_LOCK=flock`` forces flock (for tests)."""
-    if os.environ.get("PIGEON_LOCAL_LOCK") == "flock" or not sys.platform.startswith("linux"):
-        return None
-    if _C is not None and _C.ROBUST:
-        return _Mutex(_C.init_lock, _C.lock, _C.unlock)
-    try:
-        return _ctypes_mutex()
-    except (AttributeError, OSError):
-        return None
-
-
-_MUTEX = _load_mutex()
-
-
-# Bumped in every child after fork, so a handle notices it crossed a fork without a
-# getpid() syscall per operation.
-_fork_generation = [0]
-# Serialises the handles' first use after a fork: several threads of a fork child may
-# reach ``_after_fork`` at once, and only one may swap the descriptor.
-_fork_lock = threading.Lock()
-
-
-def _forked() -> None:
-    global _fork_lock
-    _fork_generation[0] += 1
-    _fork_lock = threading.Lock()  # the parent's may have been held by a thread not copied
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forked)
-
-
-def _shm_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-
-
-def _release(fd: int, path: str | None, owner_pid: int) -> None:
-    """A handle is closed or garbage-collected: close its descriptor; its creator, in the
-    process that created it, removes the file too."""
-    if os.getpid() == owner_pid:  # a fork child shares the description until it reopens
-        _shm_tracker.let_go(fd)
-    with contextlib.suppress(OSError):
-        os.close(fd)
-    if path is not None and os.getpid() == owner_pid:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path + DEDUP_SUFFIX)  # the table of dedup ids, if a put made one
-        _shm_tracker.unregister(path)
 
 
 class LocalQueue(Queue[T]):
@@ -361,7 +141,7 @@ class LocalQueue(Queue[T]):
             self._open()
         except BaseException:
             if self._creator:
-                _release(-1, self._path, os.getpid())
+                release(-1, self._path, os.getpid())
             raise
 
     # --- the shared file ------------------------------------------------------------
@@ -369,20 +149,20 @@ class LocalQueue(Queue[T]):
     @staticmethod
     def _create(maxsize: int, capacity: int) -> str:
         capacity = (capacity + PAGE - 1) // PAGE * PAGE
-        fd, path = tempfile.mkstemp(prefix="pigeon-q-", dir=_shm_dir())
+        fd, path = tempfile.mkstemp(prefix="pigeon-q-", dir=shm_dir())
         try:
             os.ftruncate(fd, PAGE + capacity)
             with mmap.mmap(fd, PAGE) as ctrl:
-                struct.pack_into("<Q", ctrl, _OFF_MAXSIZE, maxsize)
-                _STATE.pack_into(ctrl, _OFF_SLOTS, 0, 0, 0, 0, capacity, 0, 0)
-                if _MUTEX is not None:
+                struct.pack_into("<Q", ctrl, OFF_MAXSIZE, maxsize)
+                STATE.pack_into(ctrl, OFF_SLOTS, 0, 0, 0, 0, capacity, 0, 0)
+                if MUTEX is not None:
                     anchor = ctypes.c_char.from_buffer(ctrl)
                     try:
-                        _MUTEX.init(ctypes.addressof(anchor))
+                        MUTEX.init(ctypes.addressof(anchor))
                     finally:
                         del anchor
                 # the magic last: it says which lock the file uses
-                ctrl[0:8] = MAGIC if _MUTEX is None else MAGIC_MUTEX
+                ctrl[0:8] = MAGIC if MUTEX is None else MAGIC_MUTEX
         finally:
             os.close(fd)
         return path
@@ -397,7 +177,7 @@ class LocalQueue(Queue[T]):
             ) from None
         self._fd = fd
         self._hold(fd, self._path if self._creator else None)
-        self._gen = _fork_generation[0]
+        self._gen = fork_generation[0]
         self._tlock = threading.Lock()
         self._ctrl = mmap.mmap(fd, PAGE)
         # addresses for the C fast path; the anchors keep the mappings exported (alive)
@@ -409,14 +189,14 @@ class LocalQueue(Queue[T]):
         if magic not in (MAGIC, MAGIC_MUTEX):
             raise ClosedResourceError(f"{self._path} is not a pigeon local queue")
         self._mutex = magic == MAGIC_MUTEX
-        if self._mutex and _MUTEX is None:
+        if self._mutex and MUTEX is None:
             raise ClosedResourceError(
                 f"local queue {self._path} is locked with a robust process-shared mutex, "
                 "which this process cannot use (PIGEON_LOCAL_LOCK=flock, or no such mutex "
                 "here): open it from processes that run alike"
             )
         self._cfd = -1 if self._mutex else fd  # the C path's lock: -1 is the mutex
-        self._maxsize = struct.unpack_from("<Q", self._ctrl, _OFF_MAXSIZE)[0]
+        self._maxsize = struct.unpack_from("<Q", self._ctrl, OFF_MAXSIZE)[0]
         self._words = {
             off: ctypes.c_uint32.from_buffer(self._ctrl, off)
             for off in (PUT_SEQ, GET_SEQ, JOIN_SEQ)
@@ -444,7 +224,7 @@ class LocalQueue(Queue[T]):
         _shm_tracker.hold(fd)
         if self._finalizer is not None:
             self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, _release, fd, unlink, os.getpid())
+        self._finalizer = weakref.finalize(self, release, fd, unlink, os.getpid())
 
     def _after_fork(self) -> None:
         # flock belongs to the open file description, which fork shares with the
@@ -452,8 +232,8 @@ class LocalQueue(Queue[T]):
         # (the parent's stays open); the shared-memory mutex needs nothing. The mappings
         # are inherited as they are. Once per handle and fork, whichever thread comes
         # first: two threads swapping at once would close each other's descriptor.
-        with _fork_lock:
-            if self._gen == _fork_generation[0]:
+        with lock.fork_lock:
+            if self._gen == fork_generation[0]:
                 return
             old = self._fd
             try:
@@ -466,7 +246,7 @@ class LocalQueue(Queue[T]):
             self._tlock = threading.Lock()
             self._fd = fd
             self._cfd = -1 if self._mutex else fd
-            self._gen = _fork_generation[0]  # last: the others go on only after this
+            self._gen = fork_generation[0]  # last: the others go on only after this
 
     def __reduce__(self) -> tuple[Any, ...]:
         self._check()
@@ -477,16 +257,16 @@ class LocalQueue(Queue[T]):
     def _check(self) -> None:
         if self._closed:
             raise ClosedResourceError("this queue handle was closed")
-        if self._gen != _fork_generation[0]:
+        if self._gen != fork_generation[0]:
             self._after_fork()
 
     def _lock(self) -> None:
-        if self._closed or self._gen != _fork_generation[0]:
+        if self._closed or self._gen != fork_generation[0]:
             self._check()
         if self._mutex:  # it excludes this process's threads too
-            _MUTEX.lock(self._ctrl_addr)  # type: ignore[union-attr]
+            MUTEX.lock(self._ctrl_addr)  # type: ignore[union-attr]
             if self._closed:  # closed while we waited: close() has let go of the file
-                _MUTEX.unlock(self._ctrl_addr)  # type: ignore[union-attr]
+                MUTEX.unlock(self._ctrl_addr)  # type: ignore[union-attr]
                 raise ClosedResourceError("this queue handle was closed")
             return
         self._tlock.acquire()
@@ -495,7 +275,7 @@ class LocalQueue(Queue[T]):
                 raise ClosedResourceError("this queue handle was closed")
             # Try for a few microseconds before sleeping in the kernel: the holder keeps
             # the lock for about a microsecond, and a sleep and wake cost far more.
-            for _ in range(_LOCK_TRIES):
+            for _ in range(LOCK_TRIES):
                 try:
                     fcntl.flock(self._fd, _EX_NB)
                     return
@@ -508,7 +288,7 @@ class LocalQueue(Queue[T]):
 
     def _unlock(self) -> None:
         if self._mutex:
-            _MUTEX.unlock(self._ctrl_addr)  # type: ignore[union-attr]
+            MUTEX.unlock(self._ctrl_addr)  # type: ignore[union-attr]
             return
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._tlock.release()
@@ -517,16 +297,16 @@ class LocalQueue(Queue[T]):
         """The committed state (read it under the lock to change it; it has no side
         effect, so ``qsize`` may read it without the lock)."""
         # The slot index is 0 or 1: its low byte is the whole of it.
-        head, tail, count, unfinished, cap, special, tombs = _unpack_state(
-            self._ctrl, _OFF_SLOTS + 64 * self._ctrl[_OFF_INDEX]
+        head, tail, count, unfinished, cap, special, tombs = unpack_state(
+            self._ctrl, OFF_SLOTS + 64 * self._ctrl[OFF_INDEX]
         )
         return _ring.RingState(head, tail, count, cap, unfinished, special, tombs)
 
     def _commit(self, st: _ring.RingState) -> None:
         ctrl = self._ctrl
-        idx = ctrl[_OFF_INDEX] ^ 1
-        _pack_state(
-            ctrl, _OFF_SLOTS + 64 * idx, st.head, st.tail, st.count, st.unfinished, st.capacity,
+        idx = ctrl[OFF_INDEX] ^ 1
+        pack_state(
+            ctrl, OFF_SLOTS + 64 * idx, st.head, st.tail, st.count, st.unfinished, st.capacity,
             st.special, st.tombs,
         )  # fmt: skip
         self._publish(idx)
@@ -534,16 +314,16 @@ class LocalQueue(Queue[T]):
     def _publish(self, idx: int) -> None:
         """The commit: one single-byte store, atomic by nature. Before it, a change is
         invisible; after it, complete."""
-        self._ctrl[_OFF_INDEX] = idx
+        self._ctrl[OFF_INDEX] = idx
 
     def _flags(self) -> int:
-        return self._ctrl[_OFF_FLAGS]
+        return self._ctrl[OFF_FLAGS]
 
     def _bump(self, word: int) -> bool:
         """Advance a sequence word; True if someone waits on it (call ``_wake`` after)."""
         w = self._words[word]
         w.value += 1  # a c_uint32: wraps at 2**32 by itself
-        return bool(_U32.unpack_from(self._ctrl, _WAITERS[word])[0])
+        return bool(U32.unpack_from(self._ctrl, WAITERS[word])[0])
 
     def _wake(self, word: int) -> None:
         if _futex.AVAILABLE:
@@ -555,9 +335,9 @@ class LocalQueue(Queue[T]):
         return int(self._words[word].value)
 
     def _register(self, word: int, delta: int) -> None:
-        off = _WAITERS[word]
-        n = _U32.unpack_from(self._ctrl, off)[0] + delta
-        _U32.pack_into(self._ctrl, off, max(0, n))
+        off = WAITERS[word]
+        n = U32.unpack_from(self._ctrl, off)[0] + delta
+        U32.pack_into(self._ctrl, off, max(0, n))
 
     def _seq_moves(self, word: int, seq: int, patience: float) -> bool:
         """Unlock, wait up to ``patience`` seconds for ``word`` to move, lock again."""
@@ -616,12 +396,12 @@ class LocalQueue(Queue[T]):
 
     def _encode(self, item: Any) -> tuple[int, list[Any]]:
         if not self._pickle:
-            return _K_SERIALIZED, [self._ser.dumps(item)]
+            return K_SERIALIZED, [self._ser.dumps(item)]
         cls = type(item)
         if cls is bytes:
-            return _K_BYTES, [item]
+            return K_BYTES, [item]
         if cls is bytearray:
-            return _K_BYTEARRAY, [item]
+            return K_BYTEARRAY, [item]
         buffers: list[pickle.PickleBuffer] = []
 
         def out_of_band(buf: pickle.PickleBuffer) -> bool:
@@ -632,10 +412,10 @@ class LocalQueue(Queue[T]):
 
         data = pickle.dumps(item, protocol=5, buffer_callback=out_of_band)
         if not buffers:
-            return _K_PICKLE, [data]
+            return K_PICKLE, [data]
         raws = [b.raw() for b in buffers]
         head = struct.pack(f"<IQ{len(raws)}Q", len(raws), len(data), *(r.nbytes for r in raws))
-        return _K_PICKLE_OOB, [head, data, *raws]
+        return K_PICKLE_OOB, [head, data, *raws]
 
     def _decode(self, kind: int, payload: Any) -> Any:
         """The item; ``DecodeError`` (holding the raw bytes) if the serializer cannot
@@ -654,15 +434,15 @@ class LocalQueue(Queue[T]):
             ) from exc
 
     def _decode_raw(self, kind: int, payload: Any) -> Any:
-        if kind in (_K_HEADERS, _K_OPTIONS):
-            kind, payload, _, _ = _unwrap(kind, payload)
-        if kind == _K_BYTES:
+        if kind in (K_HEADERS, K_OPTIONS):
+            kind, payload, _, _ = unwrap(kind, payload)
+        if kind == K_BYTES:
             return bytes(payload)
-        if kind == _K_BYTEARRAY:
+        if kind == K_BYTEARRAY:
             return payload if isinstance(payload, bytearray) else bytearray(payload)
-        if kind == _K_PICKLE:
+        if kind == K_PICKLE:
             return pickle.loads(payload)
-        if kind == _K_PICKLE_OOB:
+        if kind == K_PICKLE_OOB:
             view = memoryview(payload)
             n, plen = struct.unpack_from("<IQ", view, 0)
             sizes = struct.unpack_from(f"<{n}Q", view, 12)
@@ -713,22 +493,22 @@ class LocalQueue(Queue[T]):
             return
         parts: list[Any]
         if type(item) is bytes and self._pickle:
-            kind, parts = _K_BYTES, [item]
+            kind, parts = K_BYTES, [item]
         else:
             kind, parts = self._encode(item)
         if len(parts) == 1 and (timeout is None or timeout >= 0):
-            if _C is None:
+            if C is None:
                 if self._put_fast(kind, parts[0]):
                     return
             else:
-                if self._closed or self._gen != _fork_generation[0]:
+                if self._closed or self._gen != fork_generation[0]:
                     self._check()
                 if self._cfd < 0:  # the mutex excludes this process's threads too
-                    done = _C.put(self._ctrl_addr, self._mapped, -1, parts[0], kind, self._maxsize)
+                    done = C.put(self._ctrl_addr, self._mapped, -1, parts[0], kind, self._maxsize)
                 else:
                     with self._tlock:
                         self._check()  # closed while we waited: its descriptor is gone
-                        done = _C.put(self._ctrl_addr, self._mapped, self._cfd, parts[0], kind,
+                        done = C.put(self._ctrl_addr, self._mapped, self._cfd, parts[0], kind,
                                       self._maxsize)  # fmt: skip
                 if done >= 0:
                     if done:
@@ -745,11 +525,11 @@ class LocalQueue(Queue[T]):
         self._lock()
         try:
             ctrl = self._ctrl
-            if ctrl[_OFF_FLAGS] & _SHUTDOWN:
+            if ctrl[OFF_FLAGS] & SHUTDOWN:
                 return False
-            idx = ctrl[_OFF_INDEX]
-            head, tail, count, unfinished, cap, special, tombs = _unpack_state(
-                ctrl, _OFF_SLOTS + 64 * idx
+            idx = ctrl[OFF_INDEX]
+            head, tail, count, unfinished, cap, special, tombs = unpack_state(
+                ctrl, OFF_SLOTS + 64 * idx
             )
             data = self._data
             if data is None or cap != self._cap or (self._maxsize and count >= self._maxsize):
@@ -763,14 +543,14 @@ class LocalQueue(Queue[T]):
             if cap - tail < size:
                 return False
             data[tail + 8 : tail + 8 + n] = payload
-            _pack_header(data, tail, n, kind, 1)
-            _pack_state(
-                ctrl, _OFF_SLOTS + 64 * (idx ^ 1), head, tail + size, count + 1, unfinished + 1,
+            pack_header(data, tail, n, kind, 1)
+            pack_state(
+                ctrl, OFF_SLOTS + 64 * (idx ^ 1), head, tail + size, count + 1, unfinished + 1,
                 cap, special, tombs,
             )  # fmt: skip
             self._publish(idx ^ 1)
             self._words[PUT_SEQ].value += 1
-            wake = _U32.unpack_from(ctrl, _WAITERS[PUT_SEQ])[0]
+            wake = U32.unpack_from(ctrl, WAITERS[PUT_SEQ])[0]
         finally:
             self._unlock()
         if wake:
@@ -804,7 +584,7 @@ class LocalQueue(Queue[T]):
             return
         encode = self._encode
         if self._pickle:
-            records = [(_K_BYTES, [x]) if type(x) is bytes else encode(x) for x in items]
+            records = [(K_BYTES, [x]) if type(x) is bytes else encode(x) for x in items]
         else:
             records = [encode(x) for x in items]
         if self._maxsize and len(records) > self._maxsize:
@@ -814,15 +594,15 @@ class LocalQueue(Queue[T]):
             )
         if not records:
             return
-        if _C is not None and (timeout is None or timeout >= 0):
-            if self._closed or self._gen != _fork_generation[0]:
+        if C is not None and (timeout is None or timeout >= 0):
+            if self._closed or self._gen != fork_generation[0]:
                 self._check()
             if self._cfd < 0:
-                done = _C.put_many(self._ctrl_addr, self._mapped, -1, records, self._maxsize)
+                done = C.put_many(self._ctrl_addr, self._mapped, -1, records, self._maxsize)
             else:
                 with self._tlock:
                     self._check()
-                    done = _C.put_many(self._ctrl_addr, self._mapped, self._cfd, records,
+                    done = C.put_many(self._ctrl_addr, self._mapped, self._cfd, records,
                                        self._maxsize)  # fmt: skip
             if done >= 0:
                 if done:
@@ -836,9 +616,9 @@ class LocalQueue(Queue[T]):
             return records
         if opts.priority or opts.delay or opts.ttl:
             wall = time.time()
-            return [_with_options(r, opts, wall) for r in records]
+            return [with_options(r, opts, wall) for r in records]
         if opts.headers:
-            return [_wrap(r, opts.headers) for r in records]
+            return [wrap(r, opts.headers) for r in records]
         return records
 
     def _put_with_options(
@@ -946,8 +726,8 @@ class LocalQueue(Queue[T]):
                 if waiting:
                     self._register(GET_SEQ, -1)
                     waiting = False
-                flags = self._ctrl[_OFF_FLAGS]
-                if flags & _SHUTDOWN and not (requeue and not flags & _IMMEDIATE):
+                flags = self._ctrl[OFF_FLAGS]
+                if flags & SHUTDOWN and not (requeue and not flags & IMMEDIATE):
                     raise ShutDown("the queue was shut down; put refused")
                 st = self._state()
                 seq = self._seq(GET_SEQ)
@@ -999,7 +779,7 @@ class LocalQueue(Queue[T]):
                 pos = _ring.reserve(data, st, length)
                 assert pos is not None
             _ring.write(data, pos, kind, d, parts)
-            if kind == _K_OPTIONS:
+            if kind == K_OPTIONS:
                 st.special += 1
         return True
 
@@ -1015,19 +795,19 @@ class LocalQueue(Queue[T]):
 
     def get(self, block: bool = True, timeout: float | None = None) -> T:
         if timeout is None or timeout >= 0:
-            if _C is None:
+            if C is None:
                 got = self._get_fast()
                 if got is not None:
                     return self._decode(got[0], got[1])  # type: ignore[no-any-return]
             else:
-                if self._closed or self._gen != _fork_generation[0]:
+                if self._closed or self._gen != fork_generation[0]:
                     self._check()
                 if self._cfd < 0:
-                    taken = _C.get(self._ctrl_addr, self._mapped, -1)
+                    taken = C.get(self._ctrl_addr, self._mapped, -1)
                 else:
                     with self._tlock:
                         self._check()
-                        taken = _C.get(self._ctrl_addr, self._mapped, self._cfd)
+                        taken = C.get(self._ctrl_addr, self._mapped, self._cfd)
                 if taken is not None:
                     kind, payload, wake = taken
                     if wake:
@@ -1043,30 +823,30 @@ class LocalQueue(Queue[T]):
         self._lock()
         try:
             ctrl = self._ctrl
-            idx = ctrl[_OFF_INDEX]
-            head, tail, count, unfinished, cap, special, tombs = _unpack_state(
-                ctrl, _OFF_SLOTS + 64 * idx
+            idx = ctrl[OFF_INDEX]
+            head, tail, count, unfinished, cap, special, tombs = unpack_state(
+                ctrl, OFF_SLOTS + 64 * idx
             )
             data = self._data
             if not count or data is None or cap != self._cap or special or tombs:
                 return None
             pos = head if cap - head >= _ring.HEADER_SIZE else 0
-            length, kind, _ = _unpack_header(data, pos)
+            length, kind, _ = unpack_header(data, pos)
             if kind == _ring.WRAP:
                 pos = 0
-                length, kind, _ = _unpack_header(data, 0)
-            if kind not in _COPY_AS_BYTES:
+                length, kind, _ = unpack_header(data, 0)
+            if kind not in COPY_AS_BYTES:
                 return None
             payload = data[pos + 8 : pos + 8 + length]
             count -= 1
             head = pos + _ring.HEADER_SIZE + ((length + 7) & -8) if count else 0
-            _pack_state(
-                ctrl, _OFF_SLOTS + 64 * (idx ^ 1), head, tail if count else 0, count,
+            pack_state(
+                ctrl, OFF_SLOTS + 64 * (idx ^ 1), head, tail if count else 0, count,
                 unfinished, cap, 0, 0,
             )  # fmt: skip
             self._publish(idx ^ 1)
             self._words[GET_SEQ].value += 1
-            wake = _U32.unpack_from(ctrl, _WAITERS[GET_SEQ])[0]
+            wake = U32.unpack_from(ctrl, WAITERS[GET_SEQ])[0]
         finally:
             self._unlock()
         if wake:
@@ -1079,7 +859,7 @@ class LocalQueue(Queue[T]):
         taken = self._take(max_items, block, timeout)
         if self._pickle:
             try:  # the common case in one comprehension
-                return [p if k == _K_BYTES else self._decode_raw(k, p) for k, _, p in taken]
+                return [p if k == K_BYTES else self._decode_raw(k, p) for k, _, p in taken]
             except Exception:  # decoded again below, one at a time
                 pass
         out: list[T] = []
@@ -1105,15 +885,15 @@ class LocalQueue(Queue[T]):
         waiting = False
         spins = 0
         while True:
-            if _C is not None and not waiting:
-                if self._closed or self._gen != _fork_generation[0]:
+            if C is not None and not waiting:
+                if self._closed or self._gen != fork_generation[0]:
                     self._check()
                 if self._cfd < 0:
-                    got = _C.take(self._ctrl_addr, self._mapped, -1, max_items)
+                    got = C.take(self._ctrl_addr, self._mapped, -1, max_items)
                 else:
                     with self._tlock:
                         self._check()
-                        got = _C.take(self._ctrl_addr, self._mapped, self._cfd, max_items)
+                        got = C.take(self._ctrl_addr, self._mapped, self._cfd, max_items)
                 if got is not None:
                     if got[1]:
                         self._wake(GET_SEQ)
@@ -1140,7 +920,7 @@ class LocalQueue(Queue[T]):
                     self._commit(st)
                     wake = self._bump(GET_SEQ)
                     break
-                if self._ctrl[_OFF_FLAGS] & _SHUTDOWN and st.count == st.tombs:
+                if self._ctrl[OFF_FLAGS] & SHUTDOWN and st.count == st.tombs:
                     raise ShutDown("the queue was shut down and is drained")
                 self._due = due
                 if not block or (deadline is not None and time.monotonic() >= deadline):
@@ -1170,7 +950,7 @@ class LocalQueue(Queue[T]):
         Used while the ring holds records with options or tombstones. It walks the
         waiting records (O(n) per call: the price of one shared ring; pigeon:// keeps
         heaps and lanes). A record taken from the middle becomes a tombstone
-        (``_K_TAKEN``), counted in ``st.tombs`` and skipped until the head passes it."""
+        (``K_TAKEN``), counted in ``st.tombs`` and skipped until the head passes it."""
         data = self._data
         if data is None or st.capacity != self._cap:
             data = self._map_data(st.capacity)
@@ -1182,13 +962,13 @@ class LocalQueue(Queue[T]):
             best: tuple[int, int, int, int, int] | None = None  # prio, at, kind, deliv, len
             while walk.count:
                 kind, deliveries, at, length = _ring.next_record(data, walk)
-                if kind == _K_TAKEN:
+                if kind == K_TAKEN:
                     continue
                 priority = 0
-                if kind == _K_OPTIONS:
-                    _, _, priority, due, expires = _OPTS.unpack_from(data, at)
+                if kind == K_OPTIONS:
+                    _, _, priority, due, expires = OPTS.unpack_from(data, at)
                     if 0 < expires <= wall:  # not taken in time: dropped (no dead letters)
-                        _pack_header(data, at - _ring.HEADER_SIZE, length, _K_TAKEN, deliveries)
+                        pack_header(data, at - _ring.HEADER_SIZE, length, K_TAKEN, deliveries)
                         st.tombs += 1
                         st.special -= 1
                         st.unfinished = max(0, st.unfinished - 1)
@@ -1206,15 +986,15 @@ class LocalQueue(Queue[T]):
             _, at, kind, deliveries, length = best
             payload: Any = (
                 data[at : at + length]
-                if kind in _COPY_AS_BYTES
+                if kind in COPY_AS_BYTES
                 else bytearray(data[at : at + length])
             )
             out.append((kind, deliveries, payload))
-            _pack_header(data, at - _ring.HEADER_SIZE, length, _K_TAKEN, deliveries)
+            pack_header(data, at - _ring.HEADER_SIZE, length, K_TAKEN, deliveries)
             st.tombs += 1
-            if kind == _K_OPTIONS:
+            if kind == K_OPTIONS:
                 st.special -= 1
-        while st.count and _head_kind(data, st) == _K_TAKEN:  # the head passes tombstones
+        while st.count and head_kind(data, st) == K_TAKEN:  # the head passes tombstones
             _ring.next_record(data, st)
             st.tombs -= 1
         if next_due is None:
@@ -1228,7 +1008,7 @@ class LocalQueue(Queue[T]):
         out = []
         for _ in range(min(max_items, st.count)):
             kind, deliveries, at, length = _ring.next_record(data, st)
-            if kind in _COPY_AS_BYTES:
+            if kind in COPY_AS_BYTES:
                 payload: Any = data[at : at + length]  # one copy, into a new bytes
             else:
                 payload = bytearray(length)
@@ -1245,8 +1025,8 @@ class LocalQueue(Queue[T]):
         kind, deliveries, payload = self._take(1, True, timeout)[0]
         headers: dict[str, str] = {}
         priority = 0
-        if kind in (_K_HEADERS, _K_OPTIONS):
-            kind, payload, headers, priority = _unwrap(kind, payload)
+        if kind in (K_HEADERS, K_OPTIONS):
+            kind, payload, headers, priority = unwrap(kind, payload)
         return LocalMessage(self, self._decode(kind, payload), deliveries, headers, priority)
 
     def _next_due(self) -> float | None:
@@ -1297,7 +1077,7 @@ class LocalQueue(Queue[T]):
     def shutdown(self, immediate: bool = False) -> None:
         self._lock()
         try:
-            self._ctrl[_OFF_FLAGS] = self._flags() | _SHUTDOWN | (_IMMEDIATE if immediate else 0)
+            self._ctrl[OFF_FLAGS] = self._flags() | SHUTDOWN | (IMMEDIATE if immediate else 0)
             if immediate:
                 st = self._state()
                 st.unfinished = max(0, st.unfinished - (st.count - st.tombs))
@@ -1315,9 +1095,9 @@ class LocalQueue(Queue[T]):
     ) -> None:
         record = self._encode(item)
         if priority:  # a message given back keeps its priority (and headers), not its timers
-            record = _with_options(record, PutOptions(priority=priority, headers=headers or {}), 0)
+            record = with_options(record, PutOptions(priority=priority, headers=headers or {}), 0)
         elif headers:
-            record = _wrap(record, headers)
+            record = wrap(record, headers)
         self._put([record], True, None, min(deliveries, 0xFFFF), requeue=True)
 
     def close(self) -> None:
@@ -1332,11 +1112,11 @@ class LocalQueue(Queue[T]):
         if self._closed:
             return
         self._closed = True
-        if self._gen != _fork_generation[0]:
+        if self._gen != fork_generation[0]:
             self._after_fork()
         # no thread of this process is inside a locked section while the descriptor goes
         # (one could be about to flock it, or to grow the mapping from it)
-        mutex = _MUTEX if getattr(self, "_mutex", False) else None
+        mutex = MUTEX if getattr(self, "_mutex", False) else None
         if mutex is not None:
             mutex.lock(self._ctrl_addr)
         else:

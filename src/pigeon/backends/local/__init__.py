@@ -1,0 +1,50 @@
+"""The local backend: one queue shared by threads and processes on one host, no server.
+
+Features
+    The whole ``pigeon.Queue`` contract: put/get with block and timeout, nowait, many,
+    qsize/empty/full, task_done/join, shutdown (Python 3.13 semantics), iteration,
+    ``get_message`` with in-process requeue. ``pigeon.AsyncQueue(q)`` gives an asyncio
+    face of the same queue. Picklable: hand it to ``multiprocessing.Process`` under fork,
+    spawn or forkserver, to ``Pool``/``ProcessPoolExecutor`` initializers, or send it
+    (pickled) to a process that is already running.
+
+Connection URL
+    None: ``pigeon.Queue()`` or ``pigeon.Queue(maxsize=N)``.
+
+Options
+    ``maxsize`` (items, 0 = unbounded), ``serializer`` (``"pickle"`` by default),
+    ``capacity`` (initial bytes of shared memory; it grows as needed).
+
+Delivery guarantees
+    When ``put`` returns, the item is in shared memory: the producer may exit at once.
+    A process SIGKILLed inside ``put`` or ``get`` leaves no lock held (the kernel drops
+    ``flock`` locks with their process) and no torn item (the queue state is committed
+    with one aligned 4-byte store after the bytes are in place). The item a killed
+    process was moving is either still in the queue (killed before the commit) or was
+    taken by it (after): never half-written, never delivered twice to live consumers.
+    ``get`` removes the item: an item taken by a process that then dies is gone, which is
+    at-most-once for crashing consumers; use a networked backend for at-least-once.
+
+# Layout of the package: ``layout.py`` (the file: control page, ring state, record kinds),
+# ``codec.py`` (records with headers or options), ``lock.py`` (the robust mutex or flock,
+# fork bookkeeping, the file's removal), ``queue.py`` (the operations), ``aio.py`` (the
+# asyncio face).
+#
+# Strategy:
+# One file in /dev/shm (or the temp dir) holds a control page and a data ring
+# (``_ring.py``). Mutual exclusion is a ``threading.Lock`` inside a process plus
+# ``fcntl.flock`` between processes (each process re-opens the file after fork, because
+# flock belongs to the open file description and fork shares it). The ring state is
+# double-buffered in the control page: a writer fills the spare slot and flips the slot
+# index. Waiting is a futex on a sequence word bumped by every put (getters wait on it),
+# every get (putters wait on it) and every finished join; wakers skip the syscall when no
+# one registered as waiting. A waiter re-checks at least every second, so a waker killed
+# between its commit and its wake costs at most a second, never a hang.
+"""
+
+from __future__ import annotations
+
+from pigeon.backends.local.layout import GET_SEQ, JOIN_SEQ, PUT_SEQ
+from pigeon.backends.local.queue import LocalMessage, LocalQueue
+
+__all__ = ["GET_SEQ", "JOIN_SEQ", "PUT_SEQ", "LocalMessage", "LocalQueue"]

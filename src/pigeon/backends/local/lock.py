@@ -1,0 +1,162 @@
+"""The lock of a local queue (a robust process-shared mutex, through the C fast path or
+ctypes; else flock), the fork bookkeeping, and the file's place and removal."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from pigeon.backends import _shm_tracker
+
+if sys.platform != "win32":
+    pass
+
+from pigeon.backends.local.layout import (
+    DEDUP_SUFFIX,
+    OFF_MUTEX,
+)
+
+LOCK_TRIES = 50  # tries of the ctypes mutex before the robust lock is taken blocking
+
+
+def load_c_path() -> Any:
+    """The compiled fast path (``pigeon._fastring``), or None: pure Python. Set
+    ``PIGEON_PURE_PYTHON=1`` to force the pure-Python path (the tests run both)."""
+    if os.environ.get("PIGEON_PURE_PYTHON"):
+        return None
+    try:
+        from pigeon import _fastring  # type: ignore[attr-defined]
+    except ImportError:
+        logging.getLogger("pigeon.local").debug(
+            "the local queue's C fast path is not built here; using the pure-Python path"
+        )
+        return None
+    return _fastring
+
+
+C = load_c_path()
+
+
+class Mutex(NamedTuple):
+    """The robust process-shared mutex in a queue's control page: each function takes the
+    control page's address. From the C module where it is built, else from libc through
+    ctypes (the pure-Python path)."""
+
+    init: Callable[[int], None]
+    lock: Callable[[int], None]
+    unlock: Callable[[int], None]
+
+
+def ctypes_mutex() -> Mutex:
+    """The mutex through ctypes; AttributeError where libc has no robust mutexes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def fn(name: str, *argtypes: Any) -> Any:
+        f = getattr(libc, name)
+        f.restype = ctypes.c_int
+        f.argtypes = list(argtypes) or [ctypes.c_void_p]
+        return f
+
+    c_int, c_void_p = ctypes.c_int, ctypes.c_void_p
+    attr_init = fn("pthread_mutexattr_init")
+    attr_pshared = fn("pthread_mutexattr_setpshared", c_void_p, c_int)
+    attr_robust = fn("pthread_mutexattr_setrobust", c_void_p, c_int)
+    attr_destroy = fn("pthread_mutexattr_destroy")
+    mutex_init = fn("pthread_mutex_init", c_void_p, c_void_p)
+    trylock = fn("pthread_mutex_trylock")
+    lock_ = fn("pthread_mutex_lock")
+    unlock_ = fn("pthread_mutex_unlock")
+    consistent = fn("pthread_mutex_consistent")
+
+    def init(ctrl_addr: int) -> None:
+        attr = ctypes.create_string_buffer(64)
+        rc = (
+            attr_init(attr)
+            or attr_pshared(attr, 1)  # PTHREAD_PROCESS_SHARED
+            or attr_robust(attr, 1)  # PTHREAD_MUTEX_ROBUST
+            or mutex_init(ctrl_addr + OFF_MUTEX, attr)
+        )
+        attr_destroy(attr)
+        if rc:
+            raise OSError(rc, f"cannot make the local queue's mutex: {os.strerror(rc)}")
+
+    def lock(ctrl_addr: int) -> None:
+        m = ctrl_addr + OFF_MUTEX
+        rc = errno.EBUSY
+        for _ in range(LOCK_TRIES):
+            rc = trylock(m)
+            if rc != errno.EBUSY:
+                break
+        else:
+            rc = lock_(m)  # ctypes lets go of the GIL meanwhile
+        if rc == errno.EOWNERDEAD:
+            # its holder died: the double-buffered state is whole, take the lock over
+            rc = consistent(m)
+        if rc:
+            raise OSError(rc, f"cannot lock the local queue: {os.strerror(rc)}")
+
+    def unlock(ctrl_addr: int) -> None:
+        unlock_(ctrl_addr + OFF_MUTEX)
+
+    return Mutex(init, lock, unlock)
+
+
+def load_mutex() -> Mutex | None:
+    """The robust mutex, or None where there is none (macOS): queues are locked with
+    flock there. ``PIGEON_LOCAL_LOCK=flock`` forces flock (for tests)."""
+    if os.environ.get("PIGEON_LOCAL_LOCK") == "flock" or not sys.platform.startswith("linux"):
+        return None
+    if C is not None and C.ROBUST:
+        return Mutex(C.init_lock, C.lock, C.unlock)
+    try:
+        return ctypes_mutex()
+    except (AttributeError, OSError):
+        return None
+
+
+MUTEX = load_mutex()
+
+
+# Bumped in every child after fork, so a handle notices it crossed a fork without a
+# getpid() syscall per operation.
+fork_generation = [0]
+# Serialises the handles' first use after a fork: several threads of a fork child may
+# reach ``_after_fork`` at once, and only one may swap the descriptor.
+fork_lock = threading.Lock()
+
+
+def forked() -> None:
+    global fork_lock
+    fork_generation[0] += 1
+    fork_lock = threading.Lock()  # the parent's may have been held by a thread not copied
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=forked)
+
+
+def shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def release(fd: int, path: str | None, owner_pid: int) -> None:
+    """A handle is closed or garbage-collected: close its descriptor; its creator, in the
+    process that created it, removes the file too."""
+    if os.getpid() == owner_pid:  # a fork child shares the description until it reopens
+        _shm_tracker.let_go(fd)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    if path is not None and os.getpid() == owner_pid:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + DEDUP_SUFFIX)  # the table of dedup ids, if a put made one
+        _shm_tracker.unregister(path)
