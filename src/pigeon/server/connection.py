@@ -25,7 +25,7 @@ import logging
 import struct
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from pigeon._net import tune_tcp
 from pigeon.errors import FrameError
@@ -48,10 +48,8 @@ from pigeon.protocol.server import (
     ServerConnection,
 )
 from pigeon.protocol.wire import encode_message
+from pigeon.server.interfaces import Server
 from pigeon.server.text import MAX_LINE, NOT_TEXT, TEXT_FIRST_BYTES, TextReplies, run_command
-
-if TYPE_CHECKING:
-    from pigeon.server.app import BrokerServer
 
 log = logging.getLogger("pigeon.server")
 _LENGTH = struct.Struct(">I")
@@ -60,7 +58,7 @@ _LENGTH = struct.Struct(">I")
 class Connection(asyncio.BufferedProtocol):
     """One client connection, binary or text."""
 
-    def __init__(self, server: BrokerServer, conn_id: int) -> None:
+    def __init__(self, server: Server, conn_id: int) -> None:
         self.server = server
         self.id = conn_id
         self.transport: asyncio.Transport | None = None

@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h11
 from prometheus_client.core import (
@@ -41,9 +41,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from pigeon._net import is_loopback
-
-if TYPE_CHECKING:
-    from pigeon.server.app import BrokerServer
+from pigeon.server.interfaces import Server
 
 __all__ = ["HttpSideDoor", "parse_address"]
 
@@ -74,7 +72,7 @@ def parse_address(text: str) -> tuple[str, int]:
 class _Collector:
     """Prometheus metrics, read from the broker when scraped."""
 
-    def __init__(self, server: BrokerServer) -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
 
     def describe(self) -> list[Metric]:
@@ -143,7 +141,7 @@ class _Collector:
 class HttpSideDoor:
     """The HTTP listener of one broker."""
 
-    def __init__(self, server: BrokerServer, host: str, port: int, token: str | None) -> None:
+    def __init__(self, server: Server, host: str, port: int, token: str | None) -> None:
         if not is_loopback(host) and not token:
             raise PermissionError(
                 f"refusing to serve HTTP on {host}, which is not a loopback address, without "

@@ -18,12 +18,10 @@ import json
 import re
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pigeon.protocol import Error, Get, Info, Put, PutOptions, Shutdown
-
-if TYPE_CHECKING:
-    from pigeon.server.connection import Connection
+from pigeon.server.interfaces import TextSession
 
 __all__ = ["NOT_TEXT", "TEXT_FIRST_BYTES", "TextReplies", "run_command"]
 
@@ -118,7 +116,7 @@ def _options(data: str) -> tuple[str, PutOptions | None]:
     return " ".join(words), opts
 
 
-def _put(c: Connection, rest: str) -> None:
+def _put(c: TextSession, rest: str) -> None:
     queue, _, data = rest.partition(" ")
     if not queue:
         c.replies.now("-ERR usage: PUT <queue> <text> [delay=S] [ttl=S] [priority=0-9] "
@@ -132,7 +130,7 @@ def _put(c: Connection, rest: str) -> None:
     c.text_request(Put(0, queue, data.encode(), 0.0, opts), lambda r: "+OK")
 
 
-def _get(c: Connection, rest: str) -> None:
+def _get(c: TextSession, rest: str) -> None:
     parts = rest.split()
     if not parts:
         c.replies.now("-ERR usage: GET <queue> [wait seconds]")
@@ -145,32 +143,32 @@ def _get(c: Connection, rest: str) -> None:
     c.text_request(Get(0, parts[0], 1, wait), lambda r: _item(r.messages[0].payload))
 
 
-def _qsize(c: Connection, rest: str) -> None:
+def _qsize(c: TextSession, rest: str) -> None:
     c.text_request(Info(0, rest.strip() or "-"), lambda r: f":{r.value['depth']}")
 
 
-def _shutdown(c: Connection, rest: str) -> None:
+def _shutdown(c: TextSession, rest: str) -> None:
     c.text_request(Shutdown(0, rest.strip() or "-"), lambda r: "+OK")
 
 
-def _stats(c: Connection, rest: str) -> None:
+def _stats(c: TextSession, rest: str) -> None:
     c.replies.now("+" + json.dumps(c.server.stats(), separators=(",", ":")))
 
 
-def _ping(c: Connection, rest: str) -> None:
+def _ping(c: TextSession, rest: str) -> None:
     c.replies.now("+PONG")
 
 
-def _quit(c: Connection, rest: str) -> None:
+def _quit(c: TextSession, rest: str) -> None:
     c.replies.now("+BYE")
     c.begin_drain()
 
 
-def _auth(c: Connection, rest: str) -> None:
+def _auth(c: TextSession, rest: str) -> None:
     c.replies.now("-ERR this broker needs no AUTH" if not c.server.auth.required else "+OK")
 
 
-def _help(c: Connection, rest: str) -> None:
+def _help(c: TextSession, rest: str) -> None:
     c.replies.now(
         "+commands (one per line, \\r\\n or \\n; replies come back in command order):",
         "+  PUT <queue> <text>       put the text (UTF-8 bytes) as one item; options at the",
@@ -183,7 +181,7 @@ def _help(c: Connection, rest: str) -> None:
     )
 
 
-COMMANDS: dict[str, Callable[[Connection, str], None]] = {
+COMMANDS: dict[str, Callable[[TextSession, str], None]] = {
     "PUT": _put,
     "GET": _get,
     "QSIZE": _qsize,
@@ -196,7 +194,7 @@ COMMANDS: dict[str, Callable[[Connection, str], None]] = {
 }
 
 
-def run_command(c: Connection, line: bytes) -> None:
+def run_command(c: TextSession, line: bytes) -> None:
     """Apply one line typed by a person."""
     try:
         text = line.decode()
