@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 
 from pigeon.options import DEFAULT_DEDUP_WINDOW, DEFAULT_LEASE, DEFAULT_MAX_DELIVERIES
+from pigeon.protocol.messages import PutOptions
 
 __all__ = [
     "DEAD_SUFFIX",
@@ -98,7 +99,7 @@ class GetWaiter(Waiter):
 class PutWaiter(Waiter):
     payloads: list[bytes] = field(default_factory=list)
     size: int = 0  # payload bytes it holds
-    options: Any = None  # the put's PutOptions
+    options: PutOptions | None = None
     dedup_ids: list[str] | None = None
 
 
