@@ -233,6 +233,34 @@ def test_a_consumer_holding_max_unacked_bytes_gets_no_more_until_it_acks() -> No
     assert payloads(replies(broker.handle(C, Get(1, "q", 1, 0, True)), C)[0]) == [b"z" * 6]
 
 
+def test_one_ack_may_settle_deliveries_of_several_connections(broker: Broker) -> None:
+    broker.handle(A, PutBatch(1, "q", [b"a1", b"a2", b"b1", b"b2", b"c"]))
+    (ga,) = replies(broker.handle(A, Get(2, "q", 2, 0, True)), A)
+    (gb,) = replies(broker.handle(B, Get(1, "q", 2, 0, True)), B)
+    (gc,) = replies(broker.handle(C, Get(1, "q", 1, 0, True)), C)
+    a1, a2 = (d.id for d in ga.messages)
+    b1, b2 = (d.id for d in gb.messages)
+    (ok,) = replies(broker.handle(A, Ack(3, "q", [a1, b1, 999_999, a2, b2])), A)
+    assert ok.value == {"settled": 4, "unknown": [999_999]}
+    conns = broker._conns
+    assert conns[A].unacked == conns[B].unacked == 0
+    assert not conns[A].in_flight and not conns[B].in_flight
+    assert conns[C].unacked == 1 and list(conns[C].in_flight) == [gc.messages[0].id]
+    assert list(broker.queues["q"].in_flight) == [gc.messages[0].id]
+    assert broker.queues["q"].acked_total == 4
+
+
+def test_messages_given_back_are_taken_first_then_the_new_ones_in_order(broker: Broker) -> None:
+    broker.handle(A, PutBatch(1, "q", [b"%d" % i for i in range(6)]))
+    (first,) = replies(broker.handle(B, Get(1, "q", 3, 0, True)), B)
+    broker.handle(B, Nack(2, "q", [first.messages[2].id, first.messages[0].id]))
+    (again,) = replies(broker.handle(C, Get(1, "q", 4, 0, True)), C)
+    assert payloads(again) == [b"0", b"2", b"3", b"4"]
+    assert [d.delivery_count for d in again.messages] == [2, 2, 1, 1]
+    (rest,) = replies(broker.handle(C, Get(2, "q", 4, 0, True)), C)
+    assert payloads(rest) == [b"5"]
+
+
 def test_timed_out_getters_do_not_pile_up(broker: Broker) -> None:
     for i in range(1000):  # a consumer polling an empty queue with a short timeout
         broker.handle(B, Get(i, "q", 1, 0.5), now=float(i))

@@ -265,14 +265,20 @@ class Broker:
         in_flight, conn_flight, ids = q.in_flight, cs.in_flight, self._deliveries
         removed: list[int] = []
         leased: list[int] = []
-        while ready and len(out) < want:
-            msg = ready.peek()
+        # Only plain priority-0 messages waiting (the common case): take from the deque
+        # itself, not through Ready's methods (a call less per message, four).
+        fresh = ready.plain()
+        for _ in range(min(want, len(ready))):
+            msg = ready.peek() if fresh is None else fresh[0]
             n = len(msg.payload)
             if (size + n + _DELIVERY_OVERHEAD > budget and out) or n > budget:
                 break
             if manual and held and held + n > limit:
                 break  # this consumer holds enough; it gets more once it settles some
-            ready.popleft()
+            if fresh is None:
+                ready.popleft()
+            else:
+                fresh.popleft()
             size += n + _DELIVERY_OVERHEAD
             msg.deliveries += 1
             headers = None
@@ -700,8 +706,12 @@ class Broker:
         unknown: list[int] = []
         if q is None:
             unknown = list(m.ids)
+        elif isinstance(m, Ack):
+            removed = self._acked(q, m.ids, unknown)
+            if removed:
+                q.acked_total += len(removed)
+                self.store.removed_many(q.name, removed)
         else:
-            removed: list[int] = []
             in_flight, release = q.in_flight, self._release
             for did in m.ids:
                 f = in_flight.pop(did, None)
@@ -709,15 +719,10 @@ class Broker:
                     unknown.append(did)
                     continue
                 release(did, f)
-                if isinstance(m, Ack):
-                    removed.append(f.msg.id)
-                elif m.requeue:
+                if m.requeue:
                     self._requeue(q, f.msg, m.delay)
                 else:
                     self._dead_letter(q, f.msg, m.reason or "rejected")
-            if removed:
-                q.acked_total += len(removed)
-                self.store.removed_many(q.name, removed)
         out: list[Out] = []
         if not m.quiet:
             out.append(
@@ -727,6 +732,34 @@ class Broker:
             out += self._serve_with_dead(q)
             out += self._finish_joins(q)
         return out
+
+    def _acked(self, q: QueueState, ids: list[int], unknown: list[int]) -> list[int]:
+        """Release the deliveries ``ids`` of ``q`` for good; the ids of their messages.
+        Those ``q`` does not hold go to ``unknown``. (``_release`` per delivery, with the
+        connection's count settled once per run of one connection's deliveries.)"""
+        removed: list[int] = []
+        pop, conns = q.in_flight.pop, self._conns
+        cs: _ConnState | None = None
+        last = None
+        freed = 0
+        for did in ids:
+            f = pop(did, None)
+            if f is None:
+                unknown.append(did)
+                continue
+            msg = f.msg
+            if f.conn != last:
+                if cs is not None:
+                    cs.unacked = max(0, cs.unacked - freed)
+                last, freed = f.conn, 0
+                cs = conns.get(last)
+            if cs is not None:
+                cs.in_flight.pop(did, None)
+                freed += len(msg.payload)
+            removed.append(msg.id)
+        if cs is not None:
+            cs.unacked = max(0, cs.unacked - freed)
+        return removed
 
     def _extend(self, conn: Conn, m: Extend) -> list[Out]:
         q = self.queues.get(m.queue)
