@@ -6,6 +6,8 @@ import collections
 from typing import Any
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from pigeon.protocol import (
     Ack,
@@ -259,6 +261,51 @@ def test_messages_given_back_are_taken_first_then_the_new_ones_in_order(broker: 
     assert [d.delivery_count for d in again.messages] == [2, 2, 1, 1]
     (rest,) = replies(broker.handle(C, Get(2, "q", 4, 0, True)), C)
     assert payloads(rest) == [b"5"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=30),
+    want=st.integers(1, 30),
+    held=st.integers(0, 60),
+    reply_budget=st.integers(1, 600),
+    unacked_budget=st.integers(1, 200),
+)
+def test_a_get_takes_what_the_reply_and_unacked_budgets_allow_in_order(
+    sizes: list[int], want: int, held: int, reply_budget: int, unacked_budget: int
+) -> None:
+    # The rule, message by message: stop before a message that would take the reply past
+    # max_reply_bytes (the first one always goes, unless it alone is larger), or, while
+    # the connection holds unacked bytes, past max_unacked_bytes. Batches of any size
+    # (the broker takes large ones in bulk) must follow it exactly.
+    from pigeon.server.core import _DELIVERY_OVERHEAD as over
+
+    assume(held <= reply_budget)  # it was taken first, alone
+    b = Broker(max_reply_bytes=reply_budget, max_unacked_bytes=unacked_budget)
+    if held:
+        b.handle(A, Put(1, "held", b"h" * held))
+        b.handle(B, Get(1, "held", 1, 0, True))
+        assert b._conns[B].unacked == held
+    b.handle(A, PutBatch(2, "q", [b"%d" % i + b"." * n for i, n in enumerate(sizes)]))
+    lengths = [len(b"%d" % i) + n for i, n in enumerate(sizes)]
+    expect, size, h = 0, 0, held
+    for n in lengths[:want]:
+        if (size + n + over > reply_budget and expect) or n > reply_budget:
+            break
+        if h and h + n > unacked_budget:
+            break
+        size, h, expect = size + n + over, h + n, expect + 1
+    (reply,) = replies(b.handle(B, Get(2, "q", want, 0, True)), B)
+    if expect == 0:
+        assert isinstance(reply, Error)
+        return
+    assert [int(p.split(b".")[0]) for p in payloads(reply)] == list(range(expect))
+    assert b._conns[B].unacked == held + sum(lengths[:expect])
+    assert len(b.queues["q"].in_flight) == expect
+    ids = [d.id for d in reply.messages]
+    assert len(set(ids)) == expect and all(d.delivery_count == 1 for d in reply.messages)
+    b.handle(B, Ack(3, "q", ids))
+    assert b._conns[B].unacked == held and not b.queues["q"].in_flight
 
 
 def test_timed_out_getters_do_not_pile_up(broker: Broker) -> None:

@@ -90,6 +90,8 @@ def queue_name_problem(name: str) -> str | None:
 def _ids_problem(ids: list[int]) -> str | None:
     if not 1 <= len(ids) <= MAX_BATCH:
         return f"ids must hold 1 to {MAX_BATCH} delivery ids, not {len(ids)}"
+    if min(ids) >= 1 and max(ids) <= MAX_ID:
+        return None
     for i in ids:
         if not 1 <= i <= MAX_ID:
             return f"delivery ids are integers from 1 to {MAX_ID}, not {i}"

@@ -24,6 +24,7 @@ import heapq
 import itertools
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -138,7 +139,7 @@ class Broker:
         self._conns: dict[Conn, _ConnState] = {}
         # Delivery ids start at a random 40-bit epoch so that an ack from before a
         # restart can never settle a different delivery after it.
-        self._deliveries = itertools.count((secrets.randbits(40) << 20) + 1)
+        self._next_delivery = (secrets.randbits(40) << 20) + 1
         self._seq = itertools.count()
         # (deadline, first delivery id, queue, delivery ids): one entry per batch handed out
         # with one deadline; entries whose deliveries were settled meanwhile stay until
@@ -262,12 +263,16 @@ class Broker:
         lease = w.lease if w.lease is not None else q.lease
         deadline = self.now + lease
         ready, name, conn, manual, want = q.ready, q.name, w.conn, w.manual_ack, w.max_items
-        in_flight, conn_flight, ids = q.in_flight, cs.in_flight, self._deliveries
+        in_flight, conn_flight = q.in_flight, cs.in_flight
         removed: list[int] = []
         leased: list[int] = []
         # Only plain priority-0 messages waiting (the common case): take from the deque
-        # itself, not through Ready's methods (a call less per message, four).
+        # itself, not through Ready's methods (four calls less per message).
         fresh = ready.plain()
+        if fresh is not None and manual and want > 4:  # in bulk: for batches
+            bulk = self._take_plain(q, fresh, want, conn, cs, deadline)
+            if bulk is not None:
+                return bulk
         for _ in range(min(want, len(ready))):
             msg = ready.peek() if fresh is None else fresh[0]
             n = len(msg.payload)
@@ -286,7 +291,8 @@ class Broker:
                 q.expiring.pop(msg.id, None)  # taken in time
                 headers = msg.extra.headers
             if manual:
-                did = next(ids)
+                did = self._next_delivery
+                self._next_delivery = did + 1
                 in_flight[did] = InFlight(msg, conn, deadline)
                 conn_flight[did] = name
                 held += n
@@ -310,6 +316,43 @@ class Broker:
             self._lease(deadline, name, leased)
         cs.unacked = held
         return out
+
+    def _take_plain(
+        self,
+        q: QueueState,
+        fresh: deque[Stored],
+        want: int,
+        conn: Conn,
+        cs: _ConnState,
+        deadline: float,
+    ) -> list[Any] | None:
+        """``_take`` for manual ack from a queue that holds only plain new messages, in
+        bulk: the first ``want`` of them if they are all plain and all fit the reply and
+        the connection's unacked budget (then every per-message test of ``_take`` would
+        pass); None otherwise, for ``_take`` to go message by message."""
+        msgs = list(itertools.islice(fresh, want))
+        if any([m.extra is not None for m in msgs]):
+            return None
+        k = len(msgs)
+        total = sum([len(m.payload) for m in msgs])
+        if total + k * _DELIVERY_OVERHEAD > self.max_reply_bytes:
+            return None
+        held = cs.unacked
+        if held + total > self.max_unacked_bytes:
+            return None
+        popleft = fresh.popleft
+        for m in msgs:
+            popleft()
+            m.deliveries += 1
+        first = self._next_delivery
+        self._next_delivery = first + k
+        dids = range(first, first + k)
+        q.in_flight.update(zip(dids, [InFlight(m, conn, deadline) for m in msgs], strict=True))
+        cs.in_flight.update(dict.fromkeys(dids, q.name))
+        cs.unacked = held + total
+        q.delivered_total += k
+        self._lease(deadline, q.name, list(dids))
+        return [PlainDelivery(d, m.deliveries, m.payload) for d, m in zip(dids, msgs, strict=True)]
 
     def _lease(self, deadline: float, queue: str, dids: list[int]) -> None:
         heapq.heappush(self._leases, (deadline, dids[0], queue, dids))
@@ -411,8 +454,8 @@ class Broker:
     ) -> None:
         ids, now = self._ids, self.now
         if opts is None and dedup_ids is None:
-            msgs = [Stored(next(ids), p, enqueued=now) for p in payloads]
-            q.ready.extend(msgs)
+            msgs = [Stored(next(ids), p, 0, now) for p in payloads]
+            q.ready.extend_plain(msgs)
         else:
             msgs = self._with_options(q, payloads, opts or PutOptions(), dedup_ids)
         self.store.added_many(q.name, msgs)

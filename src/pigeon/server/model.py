@@ -177,6 +177,10 @@ class Ready:
         else:
             self._lane(msg).fresh.append(msg)
 
+    def extend_plain(self, msgs: list[Stored]) -> None:
+        """New messages without options (``extra`` None), at the tail, in order."""
+        self._fresh.extend(msgs)
+
     def extend(self, msgs: list[Stored]) -> None:
         """New messages, at the tail, in order."""
         if all(m.extra is None for m in msgs):
