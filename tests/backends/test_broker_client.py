@@ -304,3 +304,42 @@ def test_peer_timeout_socket_options_are_set(broker: BrokerThread) -> None:
         sock = link.sock
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 10_000
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+
+
+def test_a_broker_that_falls_silent_is_given_up_after_the_silence_limit() -> None:
+    # The blocking client leaves its TCP socket blocking and lets the kernel time reads
+    # out (SO_RCVTIMEO, no poll per call): a broker that welcomes, then never answers,
+    # must still count as gone after its heartbeat times HEARTBEAT_MISSES, not hang.
+    from pigeon.protocol import VERSION, Ok, Welcome
+    from pigeon.protocol.client import HEARTBEAT_MISSES
+    from pigeon.protocol.wire import encode_frame
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+    conns: list[socket.socket] = []
+
+    def fake_broker() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            conns.append(c)
+            c.recv(65536)  # HELLO and DECLARE (req 1)
+            c.sendall(encode_frame(Welcome(VERSION, "fake", 0.3, 2**20, ["options"])))
+            c.sendall(encode_frame(Ok(1, {"maxsize": 0})))
+            # then nothing: not an answer, not a heartbeat
+
+    threading.Thread(target=fake_broker, daemon=True).start()
+    q = pigeon.Queue(f"pigeon://127.0.0.1:{port}/quiet", reconnect_timeout=0)
+    t = time.monotonic()
+    try:
+        with pytest.raises(BrokenResourceError, match="no word from"):
+            q.put(1)
+        waited = time.monotonic() - t
+        assert 0.3 * HEARTBEAT_MISSES * 0.8 < waited < 5
+    finally:
+        q.close()
+        srv.close()
+        for c in conns:
+            c.close()

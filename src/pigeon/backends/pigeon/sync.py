@@ -44,6 +44,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
+import sys
 import threading
 import weakref
 from collections.abc import Iterable, Sequence
@@ -81,6 +83,7 @@ T = TypeVar("T")
 __all__ = ["BrokerMessage", "BrokerQueue", "Endpoint"]
 
 _RECV = 256 * 1024
+_KERNEL_TIMEOUTS = sys.platform == "linux"
 
 
 class _Link:
@@ -104,6 +107,15 @@ class _Link:
                 raise broken(f"TLS handshake with {ep.host} failed: {exc}", exc) from exc
         tune_tcp(sock)
         self.sock = sock
+        self.timeout = spec.connect_timeout
+        # A Python socket with a timeout polls before every send and every receive: two
+        # system calls more per round trip. A plain TCP socket on Linux is left blocking
+        # and the kernel keeps the timeout (SO_RCVTIMEO/SO_SNDTIMEO: an expired wait
+        # fails with EAGAIN); TLS and other systems keep Python's timeout.
+        self.kernel_timeouts = _KERNEL_TIMEOUTS and not ep.tls
+        if self.kernel_timeouts:
+            sock.settimeout(None)
+            self._kernel_timeout(self.timeout)
         self.buf = bytearray(_RECV)
         self.conv = ClientConnection(client, ep.token, peer=ep.peer)
         _LIVE.add(self)
@@ -115,25 +127,48 @@ class _Link:
         except BaseException:
             self.discard()
             raise
-        sock.settimeout(self.conv.silence_limit)
+        self.set_timeout(self.conv.silence_limit)
+
+    def set_timeout(self, seconds: float) -> None:
+        """How long a send or a receive may wait before the link counts as broken."""
+        if seconds == self.timeout:
+            return
+        self.timeout = seconds
+        if self.kernel_timeouts:
+            self._kernel_timeout(seconds)
+        else:
+            self.sock.settimeout(seconds)
+
+    def _kernel_timeout(self, seconds: float) -> None:
+        whole = int(seconds)
+        micro = int((seconds - whole) * 1e6)
+        tv = struct.pack("@ll", whole, micro if whole or micro else 1)  # 0 means forever
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
     def flush(self) -> None:
         data = self.conv.data_to_send()
         if data:
             try:
                 self.sock.sendall(data)
+            except BlockingIOError as exc:  # SO_SNDTIMEO: no room to send for that long
+                raise broken(
+                    f"connection to {self.conv.peer} broke: nothing could be sent for "
+                    f"{self.timeout:.0f} s",
+                    exc,
+                ) from exc
             except OSError as exc:
                 raise broken(f"connection to {self.conv.peer} broke: {exc}", exc) from exc
 
     def wait(self, req: int, timeout: float | None = None) -> Any:
         """Read until the reply to ``req`` arrives; answer pings on the way."""
         if timeout is not None:
-            self.sock.settimeout(timeout)
+            self.set_timeout(timeout)
         while True:
             try:
                 n = self.sock.recv_into(self.buf)
-            except TimeoutError as exc:
-                waited = self.sock.gettimeout() or 0.0
+            except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_RCVTIMEO
+                waited = self.timeout
                 if not self.welcomed:
                     raise broken(
                         f"no WELCOME from {self.conv.peer} within connect_timeout={waited:g} s: "
@@ -170,7 +205,7 @@ class _Link:
                 self.conv.close()
                 self.flush()
                 self.sock.shutdown(socket.SHUT_WR)
-                self.sock.settimeout(1.0)
+                self.set_timeout(1.0)
                 while self.sock.recv_into(self.buf):
                     pass
         self.discard()
