@@ -77,6 +77,8 @@ class Raw:
     name = "raw"
 
     def dumps(self, obj: Any) -> bytes:
+        if type(obj) is bytes:
+            return obj
         if not isinstance(obj, bytes | bytearray | memoryview):
             raise TypeError(
                 f"serializer='raw' carries bytes only, not {type(obj).__name__}; "
@@ -85,7 +87,7 @@ class Raw:
         return bytes(obj)
 
     def loads(self, data: bytes) -> Any:
-        return bytes(data)
+        return data if type(data) is bytes else bytes(data)
 
 
 SerializerLike = str | Serializer

@@ -343,3 +343,61 @@ def test_a_broker_that_falls_silent_is_given_up_after_the_silence_limit() -> Non
         srv.close()
         for c in conns:
             c.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_fork_child_knows_its_own_pid_and_opens_its_own_connection(
+    broker: BrokerThread,
+) -> None:
+    """The clients keep the process id instead of asking the kernel on every request; a
+    fork child must still see its own id and so open a connection of its own."""
+    from pigeon._pid import current_pid
+
+    assert current_pid() == os.getpid()
+    q = pigeon.Queue(broker.url("forkpid"), serializer="raw")
+    q.put(b"parent")
+    link = q._link()  # type: ignore[attr-defined]
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through its exit code
+        try:
+            ok = current_pid() == os.getpid() and q._link() is not link  # type: ignore[attr-defined]
+            q.put(b"child")
+            os._exit(0 if ok else 3)
+        except BaseException:
+            os._exit(4)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert q._link() is link  # type: ignore[attr-defined]
+    assert sorted(q.get_many(2, timeout=5)) == [b"child", b"parent"]
+    q.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_fork_does_not_close_another_threads_connection(broker: BrokerThread) -> None:
+    """Inside ``os.fork`` the child drops the other threads' locals - their connections'
+    finalizers run there, before any fork hook. They must not say GOODBYE on the socket
+    the parent still uses: the parent's unacked message would be taken back."""
+    with pigeon.Queue(broker.url("forkthread")) as q:
+        q.put("held")
+    q = pigeon.Queue(broker.url("forkthread"), lease=60)
+    taken, forked, acked = threading.Event(), threading.Event(), []
+
+    def holder() -> None:
+        msg = q.get_message(timeout=5)
+        taken.set()
+        forked.wait(10)
+        msg.ack()  # raises if the broker no longer holds it for this connection
+        acked.append(msg.body)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert taken.wait(10)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover
+        os._exit(0)
+    os.waitpid(pid, 0)
+    time.sleep(0.2)  # a GOODBYE from the child would have reached the broker by now
+    forked.set()
+    t.join(10)
+    assert acked == ["held"]
+    q.close()

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Generic, TypeVar, cast
 
 from pigeon._net import tune_tcp
+from pigeon._pid import current_pid
 from pigeon.backends.pigeon.ops import (
     Call,
     Lost,
@@ -200,7 +201,7 @@ class AsyncBrokerQueue(Generic[T]):
         self._link: _LinkProtocol | None = None
         self._connecting: asyncio.Lock | None = None
         self._closed = False
-        self._pid = os.getpid()
+        self._pid = current_pid()
 
     @property
     def url(self) -> str:
@@ -222,14 +223,14 @@ class AsyncBrokerQueue(Generic[T]):
         if self._closed:
             raise ClosedResourceError("this AsyncQueue was closed")
         link = self._link
-        if link is not None and link.error is None and self._pid == os.getpid():
+        if link is not None and link.error is None and self._pid == current_pid():
             return link
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
             link = self._link
-            if link is None or link.error is not None or self._pid != os.getpid():
-                self._pid = os.getpid()
+            if link is None or link.error is not None or self._pid != current_pid():
+                self._pid = current_pid()
                 self._link = link = await self._open()
         return link
 

@@ -186,7 +186,7 @@ class Ops:
     def call(self, build: Callable[[float | None], Any], deadline: float | None) -> Op[Any]:
         """Send ``build(remaining wait)``; on a lost connection retry with backoff until
         ``deadline`` (or ``reconnect_timeout`` after the failure); raise for an ERROR."""
-        backoff = Backoff(deadline, self.spec.reconnect_timeout)
+        backoff: Backoff | None = None  # made at the first failure: most calls have none
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
@@ -194,13 +194,17 @@ class Ops:
             except Lost as lost:
                 if isinstance(lost.error, NotABroker):
                     raise lost.error from lost.error.__cause__
-                if lost.established:
+                if backoff is None:
+                    backoff = Backoff(deadline, self.spec.reconnect_timeout)
+                elif lost.established:
                     backoff.restart()
                 if (wait := backoff.next_delay()) is None:
                     raise lost.error from lost.error.__cause__
                 yield Sleep(wait)
                 continue
             if isinstance(reply, Error):
+                if backoff is None:
+                    backoff = Backoff(deadline, self.spec.reconnect_timeout)
                 if reply.code == Code.UNAVAILABLE and (wait := backoff.next_delay()) is not None:
                     yield Sleep(wait)  # the broker's store is busy, or it is stopping
                     continue
@@ -257,7 +261,8 @@ class Ops:
         """
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_ITEMS:
             raise ValueError(f"max_items must be an int from 1 to {MAX_ITEMS}, not {n!r}")
-        lease = check_seconds("lease", lease, positive=True)
+        if lease is not None:
+            lease = check_seconds("lease", lease, positive=True)
         deadline = deadline_from(block, timeout)
         q = self.queue
         reply = yield from self.call(

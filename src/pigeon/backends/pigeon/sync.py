@@ -52,6 +52,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
 from pigeon._net import tune_tcp
+from pigeon._pid import current_pid
 from pigeon._queue_base import Message, Queue
 from pigeon.backends.pigeon.ops import (
     Call,
@@ -91,7 +92,7 @@ class _Link:
 
     def __init__(self, spec: Spec, ops: Ops, client: str) -> None:
         ep = spec.ep
-        self.pid = os.getpid()
+        self.pid = current_pid()
         self.welcomed = False
         try:
             sock = socket.create_connection((ep.host, ep.port), timeout=spec.connect_timeout)
@@ -200,6 +201,9 @@ class _Link:
     def close(self) -> None:
         """GOODBYE, half-close, read what the broker still sends (its replies to our
         acks), then close: nothing we sent is lost to a reset."""
+        # os.getpid(), not current_pid(): this runs inside os.fork in the child too, before
+        # the fork hooks (the finalizers of other threads' locals), where only the kernel
+        # knows it is a child.
         if self.pid == os.getpid():
             with contextlib.suppress(OSError, BrokenResourceError):
                 self.conv.close()
@@ -309,7 +313,7 @@ class BrokerQueue(Queue[T]):
         if self._closed:
             raise ClosedResourceError("this queue handle was closed")
         holder: _ThreadLink | None = getattr(self._local, "holder", None)
-        if holder is not None and holder.link.pid == os.getpid():
+        if holder is not None and holder.link.pid == current_pid():
             return holder.link
         link = _Link(self._spec, self._ops, self._client)
         self._known = True
