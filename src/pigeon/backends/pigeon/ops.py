@@ -269,13 +269,7 @@ class Ops:
             lambda w: Get(0, q, n, w if block else 0.0, True, lease), deadline
         )
         assert isinstance(reply, Deliver)
-        out: list[tuple[Delivery, Any]] = []
-        bad: list[tuple[Delivery, BaseException]] = []
-        for d in reply.messages:
-            try:
-                out.append((d, self.spec.ser.loads(d.payload)))
-            except Exception as exc:
-                bad.append((d, exc))
+        out, bad = self._decode(reply.messages)
         if bad:
             yield Post(Nack(0, q, [d.id for d, _ in bad], False, 0.0, "undecodable"))
             if out:
@@ -293,6 +287,23 @@ class Ops:
         if settle:
             yield Post(Ack(0, q, [d.id for d, _ in out]))
         return out
+
+    def _decode(
+        self, messages: list[Delivery]
+    ) -> tuple[list[tuple[Delivery, Any]], list[tuple[Delivery, BaseException]]]:
+        """The deliveries that decode, with their bodies, and those that do not (each
+        payload decoded once: a pickle's side effects happen once)."""
+        out: list[tuple[Delivery, Any]] = []
+        bad: list[tuple[Delivery, BaseException]] = []
+        append, loads = out.append, self.spec.ser.loads
+        rest = iter(messages)
+        while True:
+            try:
+                for d in rest:
+                    append((d, loads(d.payload)))
+                return out, bad
+            except Exception as exc:
+                bad.append((d, exc))
 
     def settle(self, msg: Ack | Nack | Extend, what: str) -> Op[None]:
         reply = yield from self.call(lambda _: msg, None)
