@@ -203,11 +203,11 @@ class Ops:
                 yield Sleep(wait)
                 continue
             if isinstance(reply, Error):
-                if backoff is None:
-                    backoff = Backoff(deadline, self.spec.reconnect_timeout)
-                if reply.code == Code.UNAVAILABLE and (wait := backoff.next_delay()) is not None:
-                    yield Sleep(wait)  # the broker's store is busy, or it is stopping
-                    continue
+                if reply.code == Code.UNAVAILABLE:  # the broker's store is busy, or it stops
+                    backoff = backoff or Backoff(deadline, self.spec.reconnect_timeout)
+                    if (wait := backoff.next_delay()) is not None:
+                        yield Sleep(wait)
+                        continue
                 raise exception_for(reply.code, reply.message)
             return reply
 
