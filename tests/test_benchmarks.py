@@ -40,3 +40,9 @@ def test_store_cost_benchmark_runs() -> None:
 def test_recovery_benchmark_runs() -> None:
     out = _run("recovery.py", "--messages", "2000")
     assert "log: filled 2,000" in out and "sqlite: filled 2,000" in out
+
+
+def test_hot_path_benchmark_runs() -> None:
+    out = _run("hot_path.py", "--rounds", "200")
+    assert "ack x100" in out and "get_many(100)" in out and "asyncio get" in out
+    assert "plot written" in out
