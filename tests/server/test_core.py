@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import assume, given, settings
@@ -246,8 +247,8 @@ def test_one_ack_may_settle_deliveries_of_several_connections(broker: Broker) ->
     assert ok.value == {"settled": 4, "unknown": [999_999]}
     conns = broker._conns
     assert conns[A].unacked == conns[B].unacked == 0
-    assert not conns[A].in_flight and not conns[B].in_flight
-    assert conns[C].unacked == 1 and list(conns[C].in_flight) == [gc.messages[0].id]
+    assert conns[A].holding == conns[B].holding == 0
+    assert conns[C].unacked == 1 and conns[C].holding == 1
     assert list(broker.queues["q"].in_flight) == [gc.messages[0].id]
     assert broker.queues["q"].acked_total == 4
 
@@ -306,6 +307,73 @@ def test_a_get_takes_what_the_reply_and_unacked_budgets_allow_in_order(
     assert len(set(ids)) == expect and all(d.delivery_count == 1 for d in reply.messages)
     b.handle(B, Ack(3, "q", ids))
     assert b._conns[B].unacked == held and not b.queues["q"].in_flight
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["get", "ack", "nack", "lease"]), st.integers(1, 12), st.randoms()
+        ),
+        min_size=1,
+        max_size=120,
+    )
+)
+def test_a_lost_connection_gives_back_exactly_what_it_holds_in_order(
+    steps: list[tuple[str, int, Any]],
+) -> None:
+    # What a connection holds is recorded a GET at a time and pruned as it settles (not
+    # an index entry per delivery): whatever the mix of GETs, ACKs and NACKs of any
+    # subset, a second queue and leases that run out, when it goes, exactly the
+    # deliveries it still holds go back, in the order it was handed them, and the
+    # record stays about the size of what it holds.
+    with mock.patch("pigeon.server.core._PRUNE_HANDED", 2):  # prune often
+        _lose_a_connection_that_holds_a_mix(steps)
+
+
+def _lose_a_connection_that_holds_a_mix(steps: list[tuple[str, int, Any]]) -> None:
+    b = Broker(default_lease=5.0)
+    b.connection_made(A)
+    b.connection_made(B)
+    b._conns[B].prune_at = 2
+    peak = 0
+    b.handle(A, PutBatch(1, "q", [b"%d" % i for i in range(400)]))
+    b.handle(A, PutBatch(2, "r", [b"r%d" % i for i in range(400)]))
+    held: dict[int, tuple[str, bytes]] = {}  # delivery id -> (queue, payload), in order
+    now = 0.0
+    for req, (what, n, rnd) in enumerate(steps, start=10):
+        if what == "get":
+            name = rnd.choice(["q", "r"])
+            outs = replies(b.handle(B, Get(req, name, n, 0, True), now=now), B)
+            if isinstance(outs[0], Deliver):
+                held.update((d.id, (name, d.payload)) for d in outs[0].messages)
+        elif what == "lease":  # time passes: every lease older than 5 s ends
+            now += 3.0
+            b.tick(now)
+            held = {d: v for d, v in held.items() if d in b.queues[v[0]].in_flight}
+        elif held:
+            pick = rnd.sample(sorted(held), min(n, len(held)))
+            for name in ("q", "r"):
+                ids = [d for d in pick if held[d][0] == name]
+                if ids:
+                    kind = Ack if what == "ack" else Nack
+                    b.handle(B, kind(req, name, ids, True), now=now)
+            for d in pick:
+                del held[d]
+        cs = b._conns[B]
+        peak = max(peak, len(held))
+        assert cs.holding == len(held)
+        assert len(cs.handed) <= cs.prune_at <= max(2, 2 * peak)
+    waiting = {name: len(b.queues[name].ready) for name in ("q", "r")}
+    b.connection_lost(B)
+    for name, prefix in (("q", b""), ("r", b"r")):
+        back = {p for n, p in held.values() if n == name}
+        assert not b.queues[name].in_flight
+        (rest,) = replies(b.handle(A, Get(1, name, 1000, 0), now=now), A)
+        got = payloads(rest)
+        # all it held is back, beside what was waiting, and in the original order
+        assert len(got) == waiting[name] + len(back) and back <= set(got)
+        assert got == sorted(got, key=lambda p: int(p[len(prefix) :]))
 
 
 def test_timed_out_getters_do_not_pile_up(broker: Broker) -> None:

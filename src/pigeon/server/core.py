@@ -12,9 +12,9 @@
 # Every number in a request is range-checked first (``protocol.rules``). Nothing grows
 # without a bound: deadlines live in three heaps (leases, parked requests, delayed
 # messages) with lazy deletion, so no request scans every queue; what each connection
-# holds (deliveries, parked requests, parked payload bytes) is indexed by connection; a
-# queue made by a mere reference is forgotten as soon as it holds nothing and nobody
-# waits on it, and ``max_queues`` caps the rest. A reply never carries more than
+# holds (deliveries a GET at a time, parked requests, parked payload bytes) is kept by
+# connection; a queue made by a mere reference is forgotten as soon as it holds nothing
+# and nobody waits on it, and ``max_queues`` caps the rest. A reply never carries more than
 # ``max_reply_bytes`` of payload.
 """
 
@@ -25,8 +25,9 @@ import itertools
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice, repeat, starmap
 from typing import Any, ClassVar
 
 from pigeon.options import DEFAULT_LEASE, DEFAULT_MAX_DELIVERIES
@@ -88,12 +89,21 @@ class _Refused(Exception):
         self.code = code
 
 
+_PRUNE_HANDED = 64  # a connection's record of GETs is pruned at this length at least
+
+
 @dataclass(slots=True)
 class _ConnState:
     """What one connection holds at the broker."""
 
     unacked: int = 0  # payload bytes delivered to it and not settled
-    in_flight: dict[int, str] = field(default_factory=dict)  # delivery id -> queue
+    # What it was handed, a GET at a time, oldest first: (queue, delivery ids). An ACK
+    # does not touch this (one entry per GET, not an index entry per delivery made at the
+    # GET and removed at the ACK); the settled ones are pruned now and then, and when the
+    # connection goes, those still in the queue's ``in_flight`` go back.
+    handed: list[tuple[str, Sequence[int]]] = field(default_factory=list)
+    prune_at: int = _PRUNE_HANDED
+    holding: int = 0  # how many deliveries it holds (not settled)
     parked: dict[int, Waiter] = field(default_factory=dict)  # req -> parked request
     parked_bytes: int = 0  # payload bytes of its parked PUTs
     parked_gets: int = 0  # its GETs waiting for a message
@@ -145,7 +155,7 @@ class Broker:
         # with one deadline; entries whose deliveries were settled meanwhile stay until
         # their deadline, or until the heap is rebuilt from what is in flight
         # (_compact_leases), so it stays proportional to the messages in flight.
-        self._leases: list[tuple[float, int, str, list[int]]] = []
+        self._leases: list[tuple[float, int, str, Sequence[int]]] = []
         self._leases_rebuilt_at = 0
         self._timeouts: list[tuple[float, int, Waiter]] = []  # (deadline, seq, waiter)
         self._delayed: list[tuple[float, int, str]] = []  # (due, message id, queue)
@@ -263,7 +273,7 @@ class Broker:
         lease = w.lease if w.lease is not None else q.lease
         deadline = self.now + lease
         ready, name, conn, manual, want = q.ready, q.name, w.conn, w.manual_ack, w.max_items
-        in_flight, conn_flight = q.in_flight, cs.in_flight
+        in_flight = q.in_flight
         removed: list[int] = []
         leased: list[int] = []
         # Only plain priority-0 messages waiting (the common case): take from the deque
@@ -294,7 +304,6 @@ class Broker:
                 did = self._next_delivery
                 self._next_delivery = did + 1
                 in_flight[did] = InFlight(msg, conn, deadline)
-                conn_flight[did] = name
                 held += n
                 leased.append(did)
                 out.append(
@@ -314,6 +323,8 @@ class Broker:
             self.store.removed_many(name, removed)
         if leased:
             self._lease(deadline, name, leased)
+            cs.holding += len(leased)
+            self._handed(cs, name, leased)
         cs.unacked = held
         return out
 
@@ -330,34 +341,62 @@ class Broker:
         bulk: the first ``want`` of them if they are all plain and all fit the reply and
         the connection's unacked budget (then every per-message test of ``_take`` would
         pass); None otherwise, for ``_take`` to go message by message."""
-        msgs = list(itertools.islice(fresh, want))
-        if any([m.extra is not None for m in msgs]):
-            return None
+        msgs = list(islice(fresh, want))
+        total = 0
+        for m in msgs:
+            if m.extra is not None:
+                return None
+            total += len(m.payload)
         k = len(msgs)
-        total = sum([len(m.payload) for m in msgs])
         if total + k * _DELIVERY_OVERHEAD > self.max_reply_bytes:
             return None
         held = cs.unacked
         if held + total > self.max_unacked_bytes:
             return None
-        popleft = fresh.popleft
-        for m in msgs:
-            popleft()
-            m.deliveries += 1
+        if k == len(fresh):
+            fresh.clear()
+        else:  # k calls of popleft, in C
+            deque(starmap(fresh.popleft, repeat((), k)), maxlen=0)
         first = self._next_delivery
         self._next_delivery = first + k
         dids = range(first, first + k)
-        q.in_flight.update(zip(dids, [InFlight(m, conn, deadline) for m in msgs], strict=True))
-        cs.in_flight.update(dict.fromkeys(dids, q.name))
+        for m in msgs:
+            m.deliveries += 1
+        # map with a type: the structs are made in C, not a comprehension's loop
+        flights = map(InFlight, msgs, repeat(conn), repeat(deadline))
+        q.in_flight.update(zip(dids, flights, strict=True))
         cs.unacked = held + total
+        cs.holding += k
         q.delivered_total += k
-        self._lease(deadline, q.name, list(dids))
+        self._lease(deadline, q.name, dids)
+        self._handed(cs, q.name, dids)
         return [PlainDelivery(d, m.deliveries, m.payload) for d, m in zip(dids, msgs, strict=True)]
 
-    def _lease(self, deadline: float, queue: str, dids: list[int]) -> None:
+    def _lease(self, deadline: float, queue: str, dids: Sequence[int]) -> None:
         heapq.heappush(self._leases, (deadline, dids[0], queue, dids))
         if len(self._leases) > max(_LEASE_HEAP_SLACK, 2 * self._leases_rebuilt_at):
             self._compact_leases()
+
+    def _handed(self, cs: _ConnState, queue: str, dids: Sequence[int]) -> None:
+        """Note that ``cs``'s connection was handed ``dids`` of ``queue``. Every
+        ``prune_at`` GETs the record drops what was settled since (a delivery id is made
+        for one connection and never reused: still in the queue's ``in_flight`` means
+        still this connection's), so it stays about the size of what is held."""
+        if cs.holding == len(dids):  # it holds nothing older: forget the rest
+            cs.handed = [(queue, dids)]
+            return
+        handed = cs.handed
+        handed.append((queue, dids))
+        if len(handed) < cs.prune_at:
+            return
+        kept: list[tuple[str, Sequence[int]]] = []
+        queues = self.queues
+        for name, ids in handed:
+            q = queues.get(name)
+            if q is not None and (live := [d for d in ids if d in q.in_flight]):
+                kept.append((name, live))
+        cs.handed = kept
+        cs.prune_at = max(_PRUNE_HANDED, 2 * len(kept))
 
     def _compact_leases(self) -> None:
         """Rebuild the lease heap from what is in flight, dropping settled deliveries:
@@ -382,11 +421,11 @@ class Broker:
             "--max-pending-output); raise those limits to take it",
         )
 
-    def _release(self, did: int, f: InFlight) -> None:
+    def _release(self, f: InFlight) -> None:
         cs = self._conns.get(f.conn)
         if cs is not None:
-            cs.in_flight.pop(did, None)
             cs.unacked = max(0, cs.unacked - len(f.msg.payload))
+            cs.holding = max(0, cs.holding - 1)
 
     def _serve(self, q: QueueState) -> list[Out]:
         """Hand ready items to parked getters, and admit parked puts that now fit."""
@@ -454,7 +493,7 @@ class Broker:
     ) -> None:
         ids, now = self._ids, self.now
         if opts is None and dedup_ids is None:
-            msgs = [Stored(next(ids), p, 0, now) for p in payloads]
+            msgs = list(map(Stored, islice(ids, len(payloads)), payloads, repeat(0), repeat(now)))
             q.ready.extend_plain(msgs)
         else:
             msgs = self._with_options(q, payloads, opts or PutOptions(), dedup_ids)
@@ -761,7 +800,7 @@ class Broker:
                 if f is None:
                     unknown.append(did)
                     continue
-                release(did, f)
+                release(f)
                 if m.requeue:
                     self._requeue(q, f.msg, m.delay)
                 else:
@@ -779,30 +818,33 @@ class Broker:
     def _acked(self, q: QueueState, ids: list[int], unknown: list[int]) -> list[int]:
         """Release the deliveries ``ids`` of ``q`` for good; the ids of their messages.
         Those ``q`` does not hold go to ``unknown``. (``_release`` per delivery, with the
-        connection's count settled once per run of one connection's deliveries.)"""
+        connection's counts settled once per run of one connection's deliveries.)"""
         removed: list[int] = []
-        pop, conns = q.in_flight.pop, self._conns
-        cs: _ConnState | None = None
-        last = None
-        freed = 0
+        append, pop, conns = removed.append, q.in_flight.pop, self._conns
+        last: Conn = 0  # the connection of the current run (no run before the first)
+        freed = count = 0
         for did in ids:
             f = pop(did, None)
             if f is None:
                 unknown.append(did)
                 continue
-            msg = f.msg
             if f.conn != last:
-                if cs is not None:
-                    cs.unacked = max(0, cs.unacked - freed)
-                last, freed = f.conn, 0
-                cs = conns.get(last)
-            if cs is not None:
-                cs.in_flight.pop(did, None)
-                freed += len(msg.payload)
-            removed.append(msg.id)
-        if cs is not None:
-            cs.unacked = max(0, cs.unacked - freed)
+                if count:
+                    self._freed(conns.get(last), freed, count)
+                last, freed, count = f.conn, 0, 0
+            msg = f.msg
+            freed += len(msg.payload)
+            count += 1
+            append(msg.id)
+        if count:
+            self._freed(conns.get(last), freed, count)
         return removed
+
+    @staticmethod
+    def _freed(cs: _ConnState | None, size: int, count: int) -> None:
+        if cs is not None:
+            cs.unacked = max(0, cs.unacked - size)
+            cs.holding = max(0, cs.holding - count)
 
     def _extend(self, conn: Conn, m: Extend) -> list[Out]:
         q = self.queues.get(m.queue)
@@ -922,8 +964,8 @@ class Broker:
         if q is None:
             return [(conn, Ok(m.req, 0))]
         dropped = q.ready.clear() + list(q.delayed.values())
-        for did, f in q.in_flight.items():
-            self._release(did, f)
+        for f in q.in_flight.values():
+            self._release(f)
             dropped.append(f.msg)
         for msg in dropped:
             self.store.removed(q.name, msg.id)
@@ -1055,7 +1097,7 @@ class Broker:
                 if f is None or f.deadline != deadline:
                     continue  # settled or extended since
                 del q.in_flight[did]
-                self._release(did, f)
+                self._release(f)
                 self._requeue(q, f.msg)
                 touched.add(name)
         timeouts = self._timeouts
@@ -1147,12 +1189,17 @@ class Broker:
             self._finish(w)
             touched.add(w.queue)
         del self._conns[conn]
-        for did, name in cs.in_flight.items():
+        for name, dids in cs.handed:  # oldest first: they go back in their order
             q = self.queues.get(name)
-            f = q.in_flight.pop(did, None) if q is not None else None
-            if q is not None and f is not None:
-                self._requeue(q, f.msg)
-                touched.add(name)
+            if q is None:
+                continue
+            in_flight = q.in_flight
+            for did in dids:
+                f = in_flight.get(did)
+                if f is not None and f.conn == conn:
+                    del in_flight[did]
+                    self._requeue(q, f.msg)
+                    touched.add(name)
         out: list[Out] = []
         for name in touched:
             q = self.queues.get(name)
