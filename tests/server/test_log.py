@@ -783,3 +783,67 @@ def test_serve_refuses_sqlite_on_a_directory_that_holds_a_log(tmp_path: Path) ->
     )  # fmt: skip
     assert out.returncode != 0
     assert "holds a log store" in out.stderr and "--store log" in out.stderr
+
+
+def _recount(store: LogStore) -> tuple[dict[int, int], int]:
+    """What recovery counts from the live set: messages per segment, bytes to forward."""
+    per_seg = dict.fromkeys(store._seg_live, 0)
+    size = 0
+    for seg, queue, msg in store._live.values():
+        per_seg[seg] += 1
+        size += len(msg.payload) + len(queue) + logstore._ENTRY_OVERHEAD
+        if msg.origin or msg.reason or msg.extra is not None:
+            size += logstore.extra_bytes(msg)
+    return per_seg, size
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["put", "put with options", "ack", "nack", "dead"]),
+            st.integers(1, 40),
+            st.integers(0, 300),
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_bulk_puts_and_acks_keep_the_counts_compaction_relies_on(
+    tmp_path: Path, steps: list[tuple[str, int, int]]
+) -> None:
+    # A plain put and an ACK reach the log in bulk (added_plain, removed_many with map):
+    # the live bytes and per-segment counts compaction decides by must stay what a
+    # recount of the live set (recovery's) gives, across segments, dead letters and
+    # messages with options; and what is live survives a reopen.
+    path = Path(tempfile.mkdtemp(dir=tmp_path))
+    store = LogStore(path, "never", segment_bytes=8 * 1024)
+    broker = Broker(store)
+    broker.connection_made(1)
+    broker.handle(1, Declare(1, "q", max_deliveries=2))
+    req = 10
+    for what, n, size in steps:
+        req += 1
+        if what == "put":
+            broker.handle(1, PutBatch(req, "q", [b"p" * size] * n))
+        elif what == "put with options":
+            from pigeon.protocol import PutOptions
+
+            broker.handle(1, PutBatch(req, "q", [b"o" * size] * n, 0.0, PutOptions(priority=3)))
+        else:
+            outs = broker.handle(1, Get(req, "q", n, 0, True))
+            ids = [d.id for _, m in outs if isinstance(m, Deliver) for d in m.messages]
+            if ids and what == "ack":
+                broker.handle(1, Ack(req, "q", ids, True))
+            elif ids:  # back to the queue, or on the second time to q.dead
+                broker.handle(1, Nack(req, "q", ids, what == "nack", 0.0, "", True))
+        assert (store._seg_live, store._live_bytes) == _recount(store)
+    live = sorted(store._live)
+    broker.connection_lost(1)
+    store.close()
+    reopened = LogStore(path, "never")
+    assert sorted(reopened._live) == live
+    assert (reopened._seg_live, reopened._live_bytes) == _recount(reopened)
+    reopened.close()

@@ -495,9 +495,10 @@ class Broker:
         if opts is None and dedup_ids is None:
             msgs = list(map(Stored, islice(ids, len(payloads)), payloads, repeat(0), repeat(now)))
             q.ready.extend_plain(msgs)
+            self.store.added_plain(q.name, msgs)
         else:
             msgs = self._with_options(q, payloads, opts or PutOptions(), dedup_ids)
-        self.store.added_many(q.name, msgs)
+            self.store.added_many(q.name, msgs)
         q.unfinished += len(msgs)
         q.put_total += len(msgs)
 

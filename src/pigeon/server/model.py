@@ -375,6 +375,11 @@ class QueueState:
         }
 
 
+# What ``Store.atomic`` gives when there is nothing to do around a request (one object,
+# reused: the broker enters it for every request).
+NO_TRANSACTION: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+
+
 class Store:
     """Where a broker keeps messages. This base class keeps nothing: ``--memory``.
 
@@ -393,6 +398,11 @@ class Store:
         if type(self).added is not Store.added:  # the memory store keeps nothing
             for msg in msgs:
                 self.added(queue, msg)
+
+    def added_plain(self, queue: str, msgs: list[Stored]) -> None:
+        """``added_many`` of new messages without options, their ids consecutive (a plain
+        put: a store may take them in bulk)."""
+        self.added_many(queue, msgs)
 
     def removed_many(self, queue: str, msg_ids: list[int]) -> None:
         """The messages left the broker for good (a batch of acks)."""
@@ -415,7 +425,7 @@ class Store:
 
     def atomic(self) -> contextlib.AbstractContextManager[None]:
         """Changes made inside go to the store in one transaction."""
-        return contextlib.nullcontext()
+        return NO_TRANSACTION
 
     last_tag = 0  # a durable store: the batch of the latest change (see server/store/durable.py)
     committed = 0

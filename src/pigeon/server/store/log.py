@@ -44,13 +44,15 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from itertools import repeat
+from operator import attrgetter, itemgetter
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from pigeon.errors import StoreCorrupted
-from pigeon.server.model import Stored
+from pigeon.server.model import NO_TRANSACTION, Stored
 from pigeon.server.store.durable import Durable, FsyncMode
 from pigeon.server.store.records import (
     ADDS,
@@ -92,6 +94,9 @@ _DROPS_PER_TURN = 64  # empty segments deleted per turn of the loop (then one di
 # record header. Compaction's trigger counts this, so it never undercounts what a copy of
 # the live set takes (else it would copy the live set again and again).
 _ENTRY_OVERHEAD = 40
+# The parts of a live entry (segment, queue, message), and a message's payload: for map.
+_segment, _queue, _message = itemgetter(0), itemgetter(1), itemgetter(2)
+_payload = attrgetter("payload")
 _MAX_RETRY_DELAY = 0.25
 # A change larger than this is written as several records, applied together at recovery
 # (a record's length field is 32 bits; a change - a move of a large queue - is not bounded).
@@ -296,8 +301,13 @@ class LogStore(Durable):
 
     # --- the broker's notifications -------------------------------------------------------
 
+    def atomic(self) -> contextlib.AbstractContextManager[None]:
+        # Attached to a loop, changes are written when the server has handled a read:
+        # nothing to do around one request.
+        return NO_TRANSACTION if self._loop is not None else self._inline()
+
     @contextlib.contextmanager
-    def atomic(self) -> Iterator[None]:
+    def _inline(self) -> Iterator[None]:
         self._depth += 1
         try:
             yield
@@ -344,20 +354,37 @@ class LogStore(Durable):
         for m in msgs:
             self._add(add_op(m.id, queue, m))
 
+    def added_plain(self, queue: str, msgs: list[Stored]) -> None:
+        # added_many's short form, in bulk: consecutive ids, nothing but payloads
+        if not msgs:
+            return
+        seg, first, k = self._active, msgs[0].id, len(msgs)
+        entries = zip(repeat(seg, k), repeat(queue, k), msgs, strict=True)
+        self._live.update(zip(range(first, first + k), entries, strict=True))
+        payloads = list(map(_payload, msgs))
+        self._seg_live[seg] += k
+        self._live_bytes += sum(map(len, payloads)) + (len(queue) + _ENTRY_OVERHEAD) * k
+        self._add([ADDS, queue, first, payloads])
+
     def removed(self, queue: str, msg_id: int) -> None:
         self.removed_many(queue, [msg_id])
 
     def removed_many(self, queue: str, msg_ids: list[int]) -> None:
-        pop, seg_live, extra = self._live.pop, self._seg_live, self._extra
-        size = 0
-        for mid in msg_ids:
-            entry = pop(mid, None)
-            if entry is not None:
-                seg_live[entry[0]] -= 1
-                size += len(entry[2].payload) + len(entry[1]) + _ENTRY_OVERHEAD
-                if extra:
-                    size += extra.pop(mid, 0)
-        self._live_bytes -= size
+        # The live entries (segment, queue, message) of those still here, in bulk.
+        entries = list(filter(None, map(self._live.pop, msg_ids, repeat(None))))
+        if entries:
+            seg_live, k = self._seg_live, len(entries)
+            segs = list(map(_segment, entries))
+            if segs.count(segs[0]) == k:  # the usual case: all in one segment
+                seg_live[segs[0]] -= k
+            else:
+                for seg in segs:
+                    seg_live[seg] -= 1
+            size = sum(map(len, map(_payload, map(_message, entries))))
+            size += sum(map(len, map(_queue, entries))) + _ENTRY_OVERHEAD * k
+            if self._extra:
+                size += sum([self._extra.pop(mid, 0) for mid in msg_ids])
+            self._live_bytes -= size
         self._add([DEL, list(msg_ids)])
 
     def moved(self, msg: Stored, queue: str) -> None:

@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from pigeon.errors import StoreCorrupted
-from pigeon.server.model import Extra, Stored
+from pigeon.server.model import NO_TRANSACTION, Extra, Stored
 from pigeon.server.store.durable import Durable, FsyncFailed, FsyncMode
 
 __all__ = ["DB_NAME", "SQLiteStore", "create_schema"]
@@ -240,14 +240,14 @@ class SQLiteStore(Durable):
 
     # --- the broker's notifications (event-loop thread) -----------------------------------
 
-    @contextlib.contextmanager
-    def atomic(self) -> Iterator[None]:
+    def atomic(self) -> contextlib.AbstractContextManager[None]:
         """Changes made inside reach the writer together: one transaction (the writer
         cannot take half of them while the broker is still making the rest). Inline, a
         flush runs between requests only: nothing to lock."""
-        if self._loop is not None:
-            yield
-            return
+        return NO_TRANSACTION if self._loop is not None else self._locked()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
         with self._lock:
             yield
 
