@@ -1,6 +1,6 @@
 """pigeon's broker against Redis and NATS JetStream, in one run, on this machine.
 
-Run:  python benchmarks/broker.py [--quick]
+Run:  python benchmarks/broker.py [--quick] [--sizes 64] [--rounds 3] [--durable-only]
 
 Needs Redis on 127.0.0.1:6379 and NATS with JetStream on 127.0.0.1:4222 (skipped with a
 note if absent). The pigeon broker is started by the benchmark (`pigeon serve --memory`
@@ -24,7 +24,11 @@ appendfsync always and everysec, JetStream file storage, RabbitMQ (127.0.0.1:567
 guest/guest; aio-pika) durable classic and quorum queues with persistent messages,
 publisher confirms and manual acks; single and x100 throughput, and
 the confirmed put's round trip p50/p99 on each, interleaved (--durable-only: just these).
-Prints tables with ratios and writes benchmarks/results/broker.png and durable.png.
+Every contender is measured --rounds times (3; 1 with --quick), the rounds interleaved, and
+the tables give each one's median and its rounds' range: this VM's speed drifts by ±15 %
+over seconds, and one measurement each let a contender that ran in a slow moment skew a
+ratio by a third. Prints tables with ratios and writes benchmarks/results/broker.png and
+durable.png.
 """
 
 from __future__ import annotations
@@ -364,6 +368,27 @@ def measure(name: str, pairs: int, size: int, count: int) -> float:
     return share * pairs / elapsed
 
 
+def rounds(
+    counts: dict[str, int], pairs: int, size: int, n: int, label: str
+) -> dict[str, list[float]]:
+    """Each contender measured ``n`` times, the rounds interleaved (every contender once a
+    round): this machine's speed drifts by ±15 % over seconds, and a contender measured
+    only while it was slow would skew its ratios. The tables give the median."""
+    rates: dict[str, list[float]] = {name: [] for name in counts}
+    for i in range(n):
+        for name, count in counts.items():
+            rate = measure(name, pairs, size, count)
+            rates[name].append(rate)
+            print(f"  {label} {name:26s} {rate:12,.0f} items/s  (round {i + 1}/{n})", flush=True)
+    return rates
+
+
+def spread(rates: list[float]) -> str:
+    """The lowest and highest of a contender's rounds, as a share of its median."""
+    mid = statistics.median(rates)
+    return f"{min(rates) / mid - 1:+.0%} / {max(rates) / mid - 1:+.0%}" if len(rates) > 1 else "-"
+
+
 # --- latency ------------------------------------------------------------------------------
 
 
@@ -490,7 +515,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     ap.add_argument("--sizes", default="64,1024,65536")
     ap.add_argument("--durable-only", action="store_true", help="only the durable-mode table")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="measure every contender this many times, interleaved, and report the median "
+        "(default 3; 1 with --quick)",
+    )
     args = ap.parse_args()
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     import shutil
     import tempfile
 
@@ -543,6 +579,7 @@ def run(args: argparse.Namespace, durable: bool) -> None:
         for size in [int(s) for s in args.sizes.split(",")]:
             if pairs == 4 and size > 1024:
                 continue
+            counts = {}
             for name in names:
                 single = not name.endswith("x100")
                 count = (
@@ -550,37 +587,44 @@ def run(args: argparse.Namespace, durable: bool) -> None:
                 )
                 if size >= 65536:
                     count //= 5
-                count -= count % (pairs * (1 if single else BATCH))
-                rate = measure(name, pairs, size, count)
-                results[name, pairs, size] = rate
-                print(f"  {pairs}x{pairs} {size:>6} B {name:18s} {rate:12,.0f} items/s", flush=True)
+                counts[name] = count - count % (pairs * (1 if single else BATCH))
+            rates = rounds(counts, pairs, size, args.rounds, f"{pairs}x{pairs} {size:>6} B")
             label = f"{pairs}x{pairs} {size} B"
+            for name in names:
+                results[name, pairs, size] = statistics.median(rates[name])
             base = results.get(("redis stream", pairs, size)) or results[("pigeon", pairs, size)]
             for name in names:
                 rate = results[name, pairs, size]
-                rows.append([label, name, f"{rate:,.0f}", f"{rate / base:.2f}×"])
+                rows.append(
+                    [label, name, f"{rate:,.0f}", spread(rates[name]), f"{rate / base:.2f}×"]
+                )
             plot[label] = {n: results[n, pairs, size] for n in names}
     if names:
         table(
-            "broker throughput (items/s)",
-            ["workload", "contender", "items/s", "vs redis stream"],
+            f"broker throughput (items/s, median of {args.rounds} interleaved rounds)",
+            ["workload", "contender", "items/s", "rounds' range", "vs redis stream"],
             rows,
         )
     if durable:
         drows: list[list[object]] = []
-        dres: dict[str, float] = {}
+        dcounts = {}
         for name in DURABLE:
             if name.split()[0] in missing:
                 continue
             single = not name.endswith("x100")
-            count = (1_000 if single else 10_000) if args.quick else (4_000 if single else 50_000)
-            dres[name] = measure(name, 1, 64, count)
-            print(f"  1x1     64 B {name:26s} {dres[name]:12,.0f} items/s", flush=True)
+            dcounts[name] = (
+                (1_000 if single else 10_000) if args.quick else (4_000 if single else 50_000)
+            )
+        drates = rounds(dcounts, 1, 64, args.rounds, "1x1     64 B")
+        dres = {name: statistics.median(r) for name, r in drates.items()}
         base = dres["redis aof=everysec x100"]
         for name, rate in dres.items():
-            drows.append(["1x1 64 B", name, f"{rate:,.0f}", f"{rate / base:.2f}×"])
-        table("durable modes (items/s, confirmed puts and acked gets)",
-              ["workload", "contender", "items/s", "vs redis aof=everysec x100"], drows)  # fmt: skip
+            drows.append(["1x1 64 B", name, f"{rate:,.0f}", spread(drates[name]),
+                          f"{rate / base:.2f}×"])  # fmt: skip
+        table(f"durable modes (items/s, confirmed puts and acked gets; median of {args.rounds} "
+              "interleaved rounds)",
+              ["workload", "contender", "items/s", "rounds' range",
+               "vs redis aof=everysec x100"], drows)  # fmt: skip
         print(
             f"--fsync batch x100 vs redis appendfsync everysec pipelined: "
             f"{dres['pigeon fsync=batch x100'] / dres['redis aof=everysec x100']:.2f}× "

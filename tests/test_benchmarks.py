@@ -46,3 +46,16 @@ def test_hot_path_benchmark_runs() -> None:
     out = _run("hot_path.py", "--rounds", "200")
     assert "ack x100" in out and "get_many(100)" in out and "asyncio get" in out
     assert "plot written" in out
+
+
+def test_broker_benchmark_durable_table_runs_in_interleaved_rounds() -> None:
+    # the durable table starts scratch redis-servers; CI's machine has redis-server
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        import pytest
+
+        pytest.skip("redis-server is not installed: the durable table needs it to start its own")
+    out = _run("broker.py", "--quick", "--durable-only", "--sizes", "64", "--rounds", "2")
+    assert "median of 2 interleaved" in out and "(round 2/2)" in out and "rounds' range" in out
+    assert "--fsync batch x100 vs redis appendfsync everysec" in out and "plot written" in out
