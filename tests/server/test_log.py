@@ -847,3 +847,36 @@ def test_bulk_puts_and_acks_keep_the_counts_compaction_relies_on(
     assert sorted(reopened._live) == live
     assert (reopened._seg_live, reopened._live_bytes) == _recount(reopened)
     reopened.close()
+
+
+def test_a_read_that_changes_nothing_leaves_later_changes_to_be_written(tmp_path: Path) -> None:
+    # While the server handles a read, changes schedule no write of their own (the read's
+    # flush writes them). A read that changed nothing must not leave the store thinking a
+    # write is coming: a change made next by a timer (a lease that ran out) is written
+    # within the loop's turn all the same, and so is one made while a read is handled.
+    from pigeon.server.model import Stored
+
+    async def main() -> None:
+        store = LogStore(tmp_path, "batch")
+        store.attach(asyncio.get_running_loop())
+        store.start(lambda batch: None)
+        try:
+            store.flush_follows()  # a read that changes nothing
+            store.flush()
+            store.added("q", Stored(1, b"by a timer"))  # then a change outside any read
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            assert store.unwritten() is None and store.committed == store.last_tag
+
+            store.flush_follows()  # a read that changes something
+            store.added("q", Stored(2, b"in a read"))
+            assert store.unwritten() is not None  # not written behind the read's back
+            store.flush()
+            assert store.unwritten() is None and store.committed == store.last_tag
+        finally:
+            store.close()
+
+    asyncio.run(main())
+    reopened = LogStore(tmp_path)
+    assert len(_all_payloads(reopened)) == 2
+    reopened.close()

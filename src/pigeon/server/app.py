@@ -250,6 +250,10 @@ class BrokerServer:
             )
         return None
 
+    def read_begins(self) -> None:
+        """A connection is about to handle what one read brought; ``read_done`` follows."""
+        self.broker.store.flush_follows()
+
     def read_done(self) -> None:
         """A connection has handled what one read brought: the store writes the changes
         now, so the replies that wait for them go out in this turn of the loop (a turn

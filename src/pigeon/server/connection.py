@@ -115,8 +115,11 @@ class Connection(asyncio.BufferedProtocol):
             if self.state != "open":
                 return
         if self.conv is not None:
-            self._binary(self.conv.receive_data(data))
-            self.server.read_done()
+            self.server.read_begins()
+            try:
+                self._binary(self.conv.receive_data(data))
+            finally:
+                self.server.read_done()  # the store writes what the read changed
             return
         if bad := NOT_TEXT.search(data):
             self.protocol_error(f"byte 0x{bad.group()[0]:02x} is not text")

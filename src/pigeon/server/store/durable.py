@@ -171,9 +171,17 @@ class Durable(Store):
     def _after_write(self) -> None:
         """Housekeeping after a successful write (the log: new segments, reclaiming)."""
 
+    def flush_follows(self) -> None:
+        # As if a flush were scheduled (``_add`` then schedules none): ``flush`` comes at
+        # the end of the read, or, while the disk fails, the retry that is pending.
+        self._flush_pending = True
+
     def flush(self) -> None:
-        if self._ops and self._loop is not None and self._failing_since is None:
-            self._flush()
+        if self._loop is not None and self._failing_since is None:
+            if self._ops:
+                self._flush()
+            else:
+                self._flush_pending = False
 
     def _flush(self) -> None:
         """Write everything changed since the last flush at once; then confirm it (batch,

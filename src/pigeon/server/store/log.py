@@ -97,6 +97,7 @@ _ENTRY_OVERHEAD = 40
 # The parts of a live entry (segment, queue, message), and a message's payload: for map.
 _segment, _queue, _message = itemgetter(0), itemgetter(1), itemgetter(2)
 _payload = attrgetter("payload")
+_BULK = 8  # from this many messages a put or an ack is recorded with map, not one by one
 _MAX_RETRY_DELAY = 0.25
 # A change larger than this is written as several records, applied together at recovery
 # (a record's length field is 32 bits; a change - a move of a large queue - is not bounded).
@@ -356,7 +357,8 @@ class LogStore(Durable):
 
     def added_plain(self, queue: str, msgs: list[Stored]) -> None:
         # added_many's short form, in bulk: consecutive ids, nothing but payloads
-        if not msgs:
+        if len(msgs) < _BULK:
+            self.added_many(queue, msgs)
             return
         seg, first, k = self._active, msgs[0].id, len(msgs)
         entries = zip(repeat(seg, k), repeat(queue, k), msgs, strict=True)
@@ -370,7 +372,26 @@ class LogStore(Durable):
         self.removed_many(queue, [msg_id])
 
     def removed_many(self, queue: str, msg_ids: list[int]) -> None:
-        # The live entries (segment, queue, message) of those still here, in bulk.
+        if len(msg_ids) < _BULK:
+            self._removed_each(msg_ids)
+        else:
+            self._removed_bulk(msg_ids)
+        self._add([DEL, list(msg_ids)])
+
+    def _removed_each(self, msg_ids: list[int]) -> None:
+        pop, seg_live, extra = self._live.pop, self._seg_live, self._extra
+        size = 0
+        for mid in msg_ids:
+            entry = pop(mid, None)
+            if entry is not None:
+                seg_live[entry[0]] -= 1
+                size += len(entry[2].payload) + len(entry[1]) + _ENTRY_OVERHEAD
+                if extra:
+                    size += extra.pop(mid, 0)
+        self._live_bytes -= size
+
+    def _removed_bulk(self, msg_ids: list[int]) -> None:
+        # The live entries (segment, queue, message) of those still here, with map.
         entries = list(filter(None, map(self._live.pop, msg_ids, repeat(None))))
         if entries:
             seg_live, k = self._seg_live, len(entries)
@@ -385,7 +406,6 @@ class LogStore(Durable):
             if self._extra:
                 size += sum([self._extra.pop(mid, 0) for mid in msg_ids])
             self._live_bytes -= size
-        self._add([DEL, list(msg_ids)])
 
     def moved(self, msg: Stored, queue: str) -> None:
         entry = self._live.get(msg.id)
@@ -486,6 +506,8 @@ class LogStore(Durable):
         one segment begun (one fsync), one chunk of ``_FORWARD_CHUNK`` messages written
         forward (one fdatasync), ``_DROPS_PER_TURN`` segments deleted (one directory
         fsync). Returns True when more is left for the next turn."""
+        if len(self._sizes) == 1 and self._sizes[self._active] < self.segment_bytes:
+            return False  # one segment, not full: nothing to begin, reclaim or forward
         if self._sizes[self._active] >= self.segment_bytes:
             self._roll()
         dropped: list[int] = []
