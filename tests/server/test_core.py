@@ -702,3 +702,23 @@ def test_the_broker_marks_putput_confirmations_and_nothing_else(broker: Broker) 
     assert [type(m) for _, m in outs] == [Confirmed, Confirmed, Ok, Ok, Ok, Ok]
     assert all(isinstance(m.value, int) for _, m in outs)
     assert put_confirmations(outs) == {(A, 1), (A, 2)}
+
+
+def test_a_lease_extended_to_its_batchs_own_deadline_still_runs_out_in_order() -> None:
+    # A batch's lease and one delivery's extension may land on the very same deadline (a
+    # clock that has not moved): the lease heap must never compare their id lists (a
+    # range with a list raised TypeError), and both run out as they should.
+    from pigeon.protocol import Extend
+
+    b = Broker(default_lease=30.0)
+    b.connection_made(A)
+    b.connection_made(B)
+    sent = [b"%d" % i for i in range(10)]
+    b.handle(A, PutBatch(1, "q", sent), now=0.0)
+    (got,) = replies(b.handle(B, Get(2, "q", 10, 0, True), now=0.0), B)  # in bulk
+    first = got.messages[0].id
+    (ok,) = replies(b.handle(B, Extend(3, "q", [first], 30.0), now=0.0), B)
+    assert ok.value == {"settled": 1, "unknown": []}
+    b.tick(30.0)
+    (again,) = replies(b.handle(A, Get(4, "q", 10, 0), now=30.0), A)
+    assert payloads(again) == sent  # all went back, in order

@@ -151,10 +151,11 @@ class Broker:
         # restart can never settle a different delivery after it.
         self._next_delivery = (secrets.randbits(40) << 20) + 1
         self._seq = itertools.count()
-        # (deadline, first delivery id, queue, delivery ids): one entry per batch handed out
-        # with one deadline; entries whose deliveries were settled meanwhile stay until
-        # their deadline, or until the heap is rebuilt from what is in flight
-        # (_compact_leases), so it stays proportional to the messages in flight.
+        # (deadline, seq, queue, delivery ids): one entry per batch handed out with one
+        # deadline (seq breaks ties: the ids, a list or a range, are never compared);
+        # entries whose deliveries were settled meanwhile stay until their deadline, or
+        # until the heap is rebuilt from what is in flight (_compact_leases), so it stays
+        # proportional to the messages in flight.
         self._leases: list[tuple[float, int, str, Sequence[int]]] = []
         self._leases_rebuilt_at = 0
         self._timeouts: list[tuple[float, int, Waiter]] = []  # (deadline, seq, waiter)
@@ -379,7 +380,7 @@ class Broker:
         return list(map(PlainDelivery, dids, counts, payloads))
 
     def _lease(self, deadline: float, queue: str, dids: Sequence[int]) -> None:
-        heapq.heappush(self._leases, (deadline, dids[0], queue, dids))
+        heapq.heappush(self._leases, (deadline, next(self._seq), queue, dids))
         if len(self._leases) > max(_LEASE_HEAP_SLACK, 2 * self._leases_rebuilt_at):
             self._compact_leases()
 
@@ -412,7 +413,8 @@ class Broker:
         for name, q in self.queues.items():
             for did, f in q.in_flight.items():
                 groups.setdefault((f.deadline, name), []).append(did)
-        self._leases = [(d, dids[0], name, dids) for (d, name), dids in groups.items()]
+        seq = self._seq
+        self._leases = [(d, next(seq), name, dids) for (d, name), dids in groups.items()]
         heapq.heapify(self._leases)
         self._leases_rebuilt_at = len(self._leases)
 
