@@ -613,7 +613,7 @@ def run(args: argparse.Namespace, durable: bool) -> None:
                 continue
             single = not name.endswith("x100")
             dcounts[name] = (
-                (1_000 if single else 10_000) if args.quick else (4_000 if single else 50_000)
+                (1_000 if single else 10_000) if args.quick else (10_000 if single else 100_000)
             )
         drates = rounds(dcounts, 1, 64, args.rounds, "1x1     64 B")
         dres = {name: statistics.median(r) for name, r in drates.items()}

@@ -59,3 +59,11 @@ def test_broker_benchmark_durable_table_runs_in_interleaved_rounds() -> None:
     out = _run("broker.py", "--quick", "--durable-only", "--sizes", "64", "--rounds", "2")
     assert "median of 2 interleaved" in out and "(round 2/2)" in out and "rounds' range" in out
     assert "--fsync batch x100 vs redis appendfsync everysec" in out and "plot written" in out
+
+
+def test_broker_cpu_benchmark_runs_and_compares_two_trees() -> None:
+    tree = str(BENCH.parent)
+    out = _run("broker_cpu.py", "--items", "2000", "--rounds", "50", "--store", "log",
+               "--trees", tree, tree, "--repeat", "1")  # fmt: skip
+    assert "broker's share of a core" in out and "log: ack" in out and "new/old" in out
+    assert "plot written" in out
