@@ -48,6 +48,7 @@ from typing import Any
 
 import pigeon
 from _report import RESULTS, bars, table
+from _serve import wait_listening
 
 ctx = mp.get_context("fork")
 BATCH = 100
@@ -547,12 +548,7 @@ def main() -> None:
                                  "--dir", scratch, "--appendfilename", f"a{port}.aof"]))  # fmt: skip
     try:
         for port in (PIGEON_PORT, 7892, 7893, 7894, *((6390, 6391) if redis_server else ())):
-            for _ in range(100):
-                try:
-                    socket.create_connection(("127.0.0.1", port), 0.2).close()
-                    break
-                except OSError:
-                    time.sleep(0.1)
+            wait_listening(port)
         run(args, durable=bool(redis_server))
     finally:
         for p in procs:

@@ -96,14 +96,9 @@ def one_to_one(n: int, batch: int, store: str) -> dict[str, float]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        import socket
+        from _serve import wait_listening
 
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", PORT), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_listening(PORT)
         url = f"pigeon://127.0.0.1:{PORT}/cpu-{os.getpid()}"
         go, out = ctx.Event(), ctx.SimpleQueue()
         procs = [ctx.Process(target=_produce, args=(url, n, batch, go, out)),

@@ -18,7 +18,8 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
+
+from _serve import wait_listening
 
 CLIENT = """
 import json, time, pigeon
@@ -65,12 +66,7 @@ def run(tree: str) -> dict[str, float]:
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_listening(port)
         out = subprocess.run(
             [sys.executable, "-c", CLIENT.replace("{port}", str(port))],
             env=env, capture_output=True, text=True, check=True,

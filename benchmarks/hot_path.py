@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 import pigeon
 from _report import RESULTS, bars, table
+from _serve import wait_listening
 from pigeon.backends.pigeon.ops import Ops, Spec, advance
 from pigeon.protocol import Ack, Deliver, Delivery, Get, Ok, Put
 from pigeon.protocol.messages import PutBatch
@@ -145,12 +145,7 @@ def main() -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", PORT), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_listening(PORT)
         faces = _faces(max(200, args.rounds))
     finally:
         broker.terminate()

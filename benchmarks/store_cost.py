@@ -17,7 +17,6 @@ import argparse
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import time
 
 import pigeon
 from _report import RESULTS, bars, table
+from _serve import wait_listening
 
 PORT = 7897
 BATCH = 100
@@ -57,23 +57,13 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _wait_listening(port: int) -> None:
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"the broker did not listen on {port}")
-
-
 def measure(flags: list[str], n: int) -> tuple[float, float]:
     """(broker CPU seconds spent on the messages, messages per second)."""
     data = tempfile.mkdtemp(prefix="pigeon-store-cost-")
     argv = [sys.executable, "-m", "pigeon", "serve", "--port", str(PORT), "--data-dir", data]
     broker = subprocess.Popen(argv + flags, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_listening(PORT)
+        wait_listening(PORT)
         idle = _cpu_seconds(broker.pid)  # start-up, not counted
         url = f"pigeon://127.0.0.1:{PORT}/cost"
         ctx = mp.get_context("fork")
