@@ -1,7 +1,8 @@
-"""Shared by the benchmarks that start servers: wait until one listens."""
+"""Shared by the benchmarks that start servers: wait until one listens, read its CPU time."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -23,3 +24,10 @@ def wait_listening(port: int, host: str = "127.0.0.1", timeout: float = 10.0) ->
                     f"nothing listened on {host}:{port} within {timeout:g} s"
                 ) from None
             time.sleep(0.05)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, all threads) the process ``pid`` has used (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -34,18 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _serve import cpu_seconds, wait_listening
+
 ITEM = b"x" * 64
 PORT = 7899
 
 
 # --- 1. a 1 -> 1 run with CPU accounting ----------------------------------------------------
-
-
-def _cpu_of(pid: int) -> float:
-    """CPU seconds (user + system, all threads) the process ``pid`` has used."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _self_cpu() -> float:
@@ -96,8 +91,6 @@ def one_to_one(n: int, batch: int, store: str) -> dict[str, float]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        from _serve import wait_listening
-
         wait_listening(PORT)
         url = f"pigeon://127.0.0.1:{PORT}/cpu-{os.getpid()}"
         go, out = ctx.Event(), ctx.SimpleQueue()
@@ -106,12 +99,12 @@ def one_to_one(n: int, batch: int, store: str) -> dict[str, float]:
         for p in procs:
             p.start()
         time.sleep(0.5)
-        before = _cpu_of(broker.pid)
+        before = cpu_seconds(broker.pid)
         start = time.perf_counter()
         go.set()
         got = dict(out.get() for _ in range(3))
         wall = got["done"] - start
-        used = _cpu_of(broker.pid) - before
+        used = cpu_seconds(broker.pid) - before
         for p in procs:
             p.join(30)
     finally:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import shutil
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import time
 
 import pigeon
 from _report import RESULTS, bars, table
-from _serve import wait_listening
+from _serve import cpu_seconds, wait_listening
 
 PORT = 7897
 BATCH = 100
@@ -51,12 +50,6 @@ def _consume(url: str, n: int) -> None:
             got += len(q.get_many(BATCH, timeout=60))
 
 
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def measure(flags: list[str], n: int) -> tuple[float, float]:
     """(broker CPU seconds spent on the messages, messages per second)."""
     data = tempfile.mkdtemp(prefix="pigeon-store-cost-")
@@ -64,7 +57,7 @@ def measure(flags: list[str], n: int) -> tuple[float, float]:
     broker = subprocess.Popen(argv + flags, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_listening(PORT)
-        idle = _cpu_seconds(broker.pid)  # start-up, not counted
+        idle = cpu_seconds(broker.pid)  # start-up, not counted
         url = f"pigeon://127.0.0.1:{PORT}/cost"
         ctx = mp.get_context("fork")
         procs = [
@@ -79,7 +72,7 @@ def measure(flags: list[str], n: int) -> tuple[float, float]:
             if p.exitcode != 0:
                 raise RuntimeError(f"a client failed (exit code {p.exitcode})")
         elapsed = time.perf_counter() - start
-        return _cpu_seconds(broker.pid) - idle, n / elapsed
+        return cpu_seconds(broker.pid) - idle, n / elapsed
     finally:
         broker.terminate()
         broker.wait(30)
