@@ -787,17 +787,44 @@ def test_gets_held_back_by_the_unacked_budget_are_limited_and_set_aside() -> Non
     assert len(q.blocked[B]) == 2 and b.parked_gets == 2
 
 
-def test_joins_are_limited_like_gets() -> None:
+def test_joins_with_a_wait_are_limited_like_gets() -> None:
     b = Broker(max_parked_gets_per_connection=2, max_parked_gets=3)
     for conn in (A, B):
         b.connection_made(conn)
     b.handle(A, Put(1, "q", b"unfinished"))
-    assert b.handle(A, Join(2, "q")) == [] and b.handle(A, Get(3, "other", 1, None)) == []
-    ((_, refused),) = b.handle(A, Join(4, "q"))
+    assert b.handle(A, Join(2, "q", 60.0)) == [] and b.handle(A, Get(3, "other", 1, None)) == []
+    ((_, refused),) = b.handle(A, Join(4, "q", 60.0))
     assert isinstance(refused, Error) and refused.code == "limit"
-    assert b.handle(B, Join(1, "q")) == []
-    ((_, refused),) = b.handle(B, Join(2, "q"))
+    assert b.handle(B, Join(1, "q", 60.0)) == []
+    ((_, refused),) = b.handle(B, Join(2, "q", 60.0))
     assert isinstance(refused, Error) and "max_parked_gets=3" in refused.message
+
+
+def test_joins_without_a_wait_cost_eight_bytes_of_the_parked_budget_and_are_all_answered() -> None:
+    # They parked a waiter each with no limit: a million JOINs took 154 MiB.
+    b = Broker(max_parked_bytes_per_connection=8 * 100_000)
+    for conn in (A, B, C):
+        b.connection_made(conn)
+    b.handle(A, Put(1, "q", b"unfinished"))
+    for req in range(1, 100_001):
+        assert b.handle(B, Join(req, "q")) == []
+    ((_, refused),) = b.handle(B, Join(100_001, "q"))
+    assert isinstance(refused, Error) and refused.code == "limit"
+    assert b.parked_bytes == 800_000 and b.parked(B) == 100_000
+    b.handle(C, Join(1, "q"))
+    b.handle(A, Get(2, "q", 1, 0))
+    done = b.handle(A, TaskDone(3, "q", 1))
+    assert len(replies(done, B)) == 100_000 and replies(done, C) == [Ok(1, 0)]
+    assert b.parked_bytes == 0 and b.parked(B) == 0
+    b.handle(A, Put(4, "q", b"again"))
+    b.handle(B, Join(7, "q"))
+    assert b.drain(B) == [(B, Error(7, "timeout", "1 tasks unfinished"))]
+    b.handle(C, Join(8, "q"))
+    ((conn, stopping),) = b.stop()
+    assert conn == C and stopping.req == 8 and stopping.code == "unavailable"
+    b.handle(C, Join(9, "q"))
+    b.connection_lost(C)
+    assert b.parked_bytes == 0
 
 
 def test_a_parked_put_counts_framing_and_headers_per_message() -> None:

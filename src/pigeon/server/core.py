@@ -20,10 +20,12 @@
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import secrets
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +87,7 @@ Out = tuple[Conn, Any]
 # Bytes of framing per message in a DELIVER, rounded up: the entry's array header, its
 # id and delivery count (up to 9 bytes each) and its payload's bin header (5).
 _DELIVERY_OVERHEAD = 32
+_JOIN_COST = 8  # bytes a JOIN without a wait holds while it waits (its req, in an array)
 # A wall-clock time turned into the broker's clock and back may move by a rounding error:
 # a deadline taken from a heap counts as reached within this many seconds of it.
 _EPSILON = 1e-3
@@ -132,10 +135,15 @@ class _ConnState:
     # queues' lines, in QueueState.blocked, so serving a queue never walks them); they go
     # back to the heads of the lines once it settles some.
     blocked: set[str] = field(default_factory=set)
+    joins: set[str] = field(default_factory=set)  # queues where it has JOINs without a wait
 
 
 def _err(conn: Conn, req: int, code: str, message: str) -> Out:
     return conn, Error(req, code, message)
+
+
+def _error(code: str, message: str, req: int) -> Error:
+    return Error(req, code, message)
 
 
 class Broker:
@@ -296,6 +304,21 @@ class Broker:
             return (
                 f"{self.parked_gets} GETs and JOINs are waiting on this broker "
                 f"(max_parked_gets={self.max_parked_gets}); try again later"
+            )
+        return None
+
+    def _parked_bytes_refused(self, cs: _ConnState, size: int, what: str) -> str | None:
+        """Why ``cs`` may not park ``size`` more bytes of puts or JOINs, or None."""
+        if cs.parked_bytes + size > self.max_parked_bytes_per_connection:
+            return (
+                f"this connection's {what} already hold {cs.parked_bytes} bytes "
+                f"(max_parked_bytes_per_connection={self.max_parked_bytes_per_connection}); "
+                "wait for them first"
+            )
+        if self.parked_bytes + size > self.max_parked_bytes:
+            return (
+                f"{what} hold {self.parked_bytes} bytes on this broker "
+                f"(max_parked_bytes={self.max_parked_bytes}); try again later"
             )
         return None
 
@@ -754,6 +777,25 @@ class Broker:
         for j in q.joiners:
             self._finish(j)
         q.joiners.clear()
+        return out + self._answer_joins(q, lambda req: Ok(req, 0))
+
+    def _answer_joins(
+        self, q: QueueState, reply: Callable[[int], Any], conn: Conn | None = None
+    ) -> list[Out]:
+        """Answer the JOINs without a wait on ``q`` (of ``conn``, or of everyone)."""
+        conns = list(q.join_reqs) if conn is None else [conn]
+        out: list[Out] = []
+        for c in conns:
+            reqs = q.join_reqs.pop(c, None)
+            if reqs is None:
+                continue
+            out += [(c, reply(req)) for req in reqs]
+            cost = _JOIN_COST * len(reqs)
+            self.parked_bytes -= cost
+            cs = self._conns.get(c)
+            if cs is not None:
+                cs.parked_bytes -= cost
+                cs.joins.discard(q.name)
         return out
 
     @staticmethod
@@ -871,27 +913,9 @@ class Broker:
         # batch of 100,000 empty payloads is not free)
         size = sum(map(len, payloads)) + len(payloads) * (hsize + _DELIVERY_OVERHEAD)
         cs = self._conn(conn)
-        if cs.parked_bytes + size > self.max_parked_bytes_per_connection:
-            return [
-                _err(
-                    conn,
-                    m.req,
-                    Code.LIMIT,
-                    f"this connection's puts waiting for room already hold {cs.parked_bytes} "
-                    f"bytes (max_parked_bytes_per_connection="
-                    f"{self.max_parked_bytes_per_connection}); wait for them first",
-                )
-            ]
-        if self.parked_bytes + size > self.max_parked_bytes:
-            return [
-                _err(
-                    conn,
-                    m.req,
-                    Code.LIMIT,
-                    f"puts waiting for room hold {self.parked_bytes} bytes on this broker "
-                    f"(max_parked_bytes={self.max_parked_bytes}); try again later",
-                )
-            ]
+        refused = self._parked_bytes_refused(cs, size, "puts waiting for room")
+        if refused is not None:
+            return [_err(conn, m.req, Code.LIMIT, refused)]
         w = PutWaiter(conn, m.req, self._deadline(m.wait), q.name, payloads=payloads, size=size,
                       options=opts, dedup_ids=dedup_ids, new=new)  # fmt: skip
         cs.parked_bytes += size
@@ -1074,7 +1098,17 @@ class Broker:
             return [(conn, Ok(m.req, 0))]
         if m.wait == 0:
             return [_err(conn, m.req, Code.TIMEOUT, f"{q.unfinished} tasks unfinished")]
-        why = self._park_refused(self._conn(conn), "GETs and JOINs")
+        cs = self._conn(conn)
+        if m.wait is None:  # no timer: a req in an array, paid for like a parked put
+            why = self._parked_bytes_refused(cs, _JOIN_COST, "JOINs and puts waiting")
+            if why is not None:
+                return [_err(conn, m.req, Code.LIMIT, why)]
+            q.join_reqs.setdefault(conn, array("Q")).append(m.req)
+            cs.joins.add(q.name)
+            cs.parked_bytes += _JOIN_COST
+            self.parked_bytes += _JOIN_COST
+            return []
+        why = self._park_refused(cs, "GETs and JOINs")
         if why is not None:
             return [_err(conn, m.req, Code.LIMIT, why)]
         q.compact()
@@ -1138,7 +1172,7 @@ class Broker:
             if not j.done:
                 self._finish(j)
                 out.append((j.conn, Ok(j.req, 0)))
-        return out
+        return out + self._answer_joins(q, lambda req: Ok(req, 0))
 
     def _peek(self, conn: Conn, m: Peek) -> list[Out]:
         q = self.queues.get(m.queue)
@@ -1307,7 +1341,14 @@ class Broker:
     def parked(self, conn: Conn) -> int:
         """How many of ``conn``'s requests wait for an answer."""
         cs = self._conns.get(conn)
-        return len(cs.parked) if cs is not None else 0
+        if cs is None:
+            return 0
+        joins = sum(len(q.join_reqs.get(conn, ())) for q in self._join_queues(cs))
+        return len(cs.parked) + joins
+
+    def _join_queues(self, cs: _ConnState) -> list[QueueState]:
+        """The queues where ``cs`` has JOINs without a wait."""
+        return [q for name in cs.joins if (q := self.queues.get(name)) is not None]
 
     def drain(self, conn: Conn) -> list[Out]:
         """``conn`` sends nothing more (FIN, GOODBYE, QUIT): its parked requests that have
@@ -1322,22 +1363,22 @@ class Broker:
                 out.append(self._timed_out(w))
                 self._finish(w)
                 self._forget_if_idle(w.queue)
+        for q in self._join_queues(cs):
+            timed_out = functools.partial(_error, Code.TIMEOUT, f"{q.unfinished} tasks unfinished")
+            out += self._answer_joins(q, timed_out, conn)
+            self._forget_if_idle(q.name)
         return out
 
     def stop(self) -> list[Out]:
         """The broker is stopping: every parked request is answered ``unavailable``."""
         out = []
+        why = "the broker is stopping; retry after reconnecting"
         for cs in self._conns.values():
             for w in list(cs.parked.values()):
-                out.append(
-                    _err(
-                        w.conn,
-                        w.req,
-                        Code.UNAVAILABLE,
-                        "the broker is stopping; retry after reconnecting",
-                    )
-                )
+                out.append(_err(w.conn, w.req, Code.UNAVAILABLE, why))
                 self._finish(w)
+            for q in self._join_queues(cs):
+                out += self._answer_joins(q, lambda req: Error(req, Code.UNAVAILABLE, why), cs.conn)
         return out
 
     def connection_lost(self, conn: Conn) -> list[Out]:
@@ -1350,6 +1391,9 @@ class Broker:
         for w in list(cs.parked.values()):
             self._finish(w)
             touched.add(w.queue)
+        for jq in self._join_queues(cs):
+            self._answer_joins(jq, lambda req: None, conn)  # nobody to answer
+            touched.add(jq.name)
         del self._conns[conn]
         for name, dids in cs.handed:  # oldest first: they go back in their order
             q = self.queues.get(name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -314,7 +315,10 @@ class QueueState:
     blocked: dict[int, dict[int, GetWaiter]] = field(default_factory=dict)  # conn -> req ->
     consumers_waiting: int = 0  # parked GETs (in the line or blocked) not yet answered
     putters: deque[PutWaiter] = field(default_factory=deque)
-    joiners: list[Waiter] = field(default_factory=list)
+    joiners: list[Waiter] = field(default_factory=list)  # JOINs with a wait
+    # JOINs without a wait, the reqs of each connection's: 8 bytes each, not a waiter (a
+    # client may hold one per queue per thread or coroutine; a flood of them costs little)
+    join_reqs: dict[int, array[int]] = field(default_factory=dict)
     # messages put with a ttl, while they wait (ready or delayed): id -> message
     expiring: dict[int, Stored] = field(default_factory=dict)
     dedup_window: float = DEFAULT_DEDUP_WINDOW  # seconds a dedup id is remembered
@@ -361,6 +365,7 @@ class QueueState:
             or self.dedup
             or self.consumers_waiting
             or any(not w.done for w in self.putters)
+            or self.join_reqs
             or any(not w.done for w in self.joiners)
         )
 
