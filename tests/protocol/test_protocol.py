@@ -19,11 +19,29 @@ names = st.text(min_size=1, max_size=20)
 ints = st.integers(min_value=0, max_value=2**53)
 waits = st.none() | st.floats(min_value=0, max_value=1e6, allow_nan=False)
 blobs = st.binary(max_size=64)
+options = st.builds(
+    m.PutOptions,
+    st.floats(0, 1e6),
+    st.floats(0, 1e6),
+    st.text(max_size=10),
+    st.integers(0, 9),
+    st.dictionaries(names, st.text(max_size=10), max_size=3),
+)
 
 client_messages = st.one_of(
     st.builds(m.Hello, st.just(m.MAGIC), st.integers(0, 9), names, st.none() | names),
     st.builds(m.Put, ints, names, blobs, waits),
+    st.builds(m.Put, ints, names, blobs, waits, st.none() | options),
     st.builds(m.PutBatch, ints, names, st.lists(blobs, max_size=5), waits),
+    st.builds(
+        m.PutBatch,
+        ints,
+        names,
+        st.lists(blobs, max_size=5),
+        waits,
+        st.none() | options,
+        st.none() | st.lists(names, max_size=5),
+    ),
     st.builds(m.Get, ints, names, st.integers(1, 1000), waits, st.booleans(), waits),
     st.builds(m.Cancel, ints),
     st.builds(m.Ack, ints, names, st.lists(ints, max_size=5)),
