@@ -545,3 +545,16 @@ def test_any_options_map_is_accepted_or_refused_naming_a_field_never_closed(
         assert reply[:3] == [ERROR, 1, "bad_request"], reply
         assert reply[3].split(" ")[0].rstrip(":") in _KNOWN, reply[3]
     assert wire.alive()
+
+
+def test_peek_shows_the_order_of_delivery_when_a_delay_ended_behind_older_messages(
+    wire: Wire,
+) -> None:
+    q = "s-peek-order"
+    wire.call(PUT, 1, q, b"older")
+    wire.call(PUT, 2, q, b"delayed", 0, {"delay": 0.2})
+    wire.call(PUT, 3, q, b"newer")
+    wait_for(lambda: wire.call(INFO, 4, q)[2]["delayed"] == 0)
+    peeked = [m["payload"] for m in wire.call(PEEK, 5, q)[2]]
+    delivered = [m[2] for m in wire.call(GET, 6, q, 10, 0)[2]]
+    assert peeked == delivered == [b"older", b"delayed", b"newer"]

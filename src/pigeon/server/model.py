@@ -132,7 +132,10 @@ class _Lane:
         return fresh.popleft()
 
     def in_order(self) -> list[Stored]:
-        return sorted([m for _, m in self.back], key=lambda m: m.id) + list(self.fresh)
+        """As ``popleft`` would hand them out: what came back and what is new, merged by id
+        (a message whose delay ended goes back behind older new ones; PEEK shows this)."""
+        back = sorted([m for _, m in self.back], key=lambda m: m.id)
+        return list(heapq.merge(back, self.fresh, key=lambda m: m.id))
 
 
 class Ready:
