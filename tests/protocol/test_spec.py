@@ -410,6 +410,14 @@ def test_options_that_are_not_a_map_are_a_protocol_error(wire: Wire) -> None:
     assert wire.closed()
 
 
+def test_a_value_nested_too_deeply_is_a_protocol_error_with_its_error(wire: Wire) -> None:
+    body = b"\x96\x10\x01\xa6s-deep\xc4\x01x\x00\x81\xa1x" + b"\x91" * 5000 + b"\x01"
+    wire.sock.sendall(struct.pack(">I", len(body)) + body)
+    error = wire.recv()
+    assert error[:3] == [ERROR, 0, "protocol"] and "nested too deeply" in error[3]
+    assert wire.closed()
+
+
 def test_a_value_out_of_range_is_a_bad_request_naming_the_field(wire: Wire) -> None:
     assert wire.call(GET, 1, "s-range", 0, 0) == [
         ERROR, 1, "bad_request", "max_items must be an integer from 1 to 10000, not 0",

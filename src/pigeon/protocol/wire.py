@@ -60,11 +60,19 @@ class _Codec(Generic[M]):
         """
         try:
             return self._decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except _UNDECODABLE as exc:
             raise _malformed(body, exc) from None
 
 
+# What msgspec raises for bytes that are not a message. RecursionError: values nested
+# about a thousand deep (no message nests more than three), which must not escape as
+# anything but a protocol error - the connection would close without a word.
+_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+
+
 def _malformed(body: bytes, exc: Exception) -> RemoteProtocolError:
+    if isinstance(exc, RecursionError):
+        return RemoteProtocolError(f"malformed message ({len(body)} bytes): nested too deeply")
     return RemoteProtocolError(f"malformed message ({len(body)} bytes): {exc}")
 
 
@@ -105,13 +113,13 @@ class ServerCodec:
         """
         try:
             return self._decoder.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            if not _is_put(body):
+        except _UNDECODABLE as exc:
+            if not _is_put(body) or isinstance(exc, RecursionError):
                 raise _malformed(body, exc) from None
         try:
             raw = _RAW_PUTS.decode(body)
             options = read_options(bytes(raw.options))
-        except (msgspec.DecodeError, msgspec.ValidationError, RemoteProtocolError) as exc:
+        except (*_UNDECODABLE, RemoteProtocolError) as exc:
             raise _malformed(body, exc) from None
         if isinstance(options, str):
             return RequestRefused(raw.req, Code.BAD_REQUEST, options)
