@@ -492,6 +492,7 @@ def test_text_mode_lines_and_replies(broker: BrokerThread) -> None:
         s.sendall(
             b"put s-text hello world priority=2 priority=5\r\n"
             b"PUT s-text plain\n"
+            b"PUT s-text x priority=high\n"
             b"QSIZE s-text\nGET s-text\nGET s-text\nGET s-text\nPING\nQUIT\n"
         )
         data = b""
@@ -500,9 +501,17 @@ def test_text_mode_lines_and_replies(broker: BrokerThread) -> None:
             assert chunk, data
             data += chunk
     assert data.split(b"\r\n") == [
-        b"+OK", b"+OK", b":2", b"+hello world", b"+plain",
-        b"-EMPTY queue 's-text' is empty", b"+PONG", b"+BYE", b"",
-    ]  # fmt: skip
+        b"+OK",
+        b"+OK",
+        b"-BAD_REQUEST priority must be an integer from 0 to 9, not 'high'",
+        b":2",
+        b"+hello world",
+        b"+plain",
+        b"-EMPTY queue 's-text' is empty",
+        b"+PONG",
+        b"+BYE",
+        b"",
+    ]
 
 
 # --- Hypothesis: any options map, against the broker (FINDINGS-spec #9) -----------------

@@ -62,6 +62,7 @@ def read_options(raw: bytes) -> PutOptions | str | None:
 
     Raises:
         RemoteProtocolError: the field is neither a map nor nil.
+        RecursionError: a value nested about a thousand deep (the codec's to report).
     """
     if not raw or raw == b"\xc0":
         return None
