@@ -22,13 +22,15 @@ from pigeon.protocol import (
     Join,
     Nack,
     Ok,
+    Peek,
+    Purge,
     Put,
     PutBatch,
     QueueShutdown,
     Shutdown,
     TaskDone,
 )
-from pigeon.protocol.messages import Confirmed
+from pigeon.protocol.messages import Confirmed, PutOptions
 from pigeon.server.core import Broker
 
 A, B, C = 1, 2, 3
@@ -276,22 +278,27 @@ def test_a_get_takes_what_the_reply_and_unacked_budgets_allow_in_order(
     sizes: list[int], want: int, held: int, reply_budget: int, unacked_budget: int
 ) -> None:
     # The rule, message by message: stop before a message that would take the reply past
-    # max_reply_bytes (the first one always goes, unless it alone is larger), or, while
-    # the connection holds unacked bytes, past max_unacked_bytes. Batches of any size
-    # (the broker takes large ones in bulk) must follow it exactly.
+    # max_reply_bytes (payload and framing; the first one always fits: a message that
+    # could never fit a reply is refused at its put), or, while the connection holds
+    # unacked bytes, past max_unacked_bytes. Batches of any size (the broker takes large
+    # ones in bulk) must follow it exactly.
     from pigeon.server.core import _DELIVERY_OVERHEAD as over
 
-    assume(held <= reply_budget)  # it was taken first, alone
+    assume(held + over <= reply_budget)  # it was taken first, alone
     b = Broker(max_reply_bytes=reply_budget, max_unacked_bytes=unacked_budget)
     if held:
         b.handle(A, Put(1, "held", b"h" * held))
         b.handle(B, Get(1, "held", 1, 0, True))
         assert b._conns[B].unacked == held
-    b.handle(A, PutBatch(2, "q", [b"%d" % i + b"." * n for i, n in enumerate(sizes)]))
     lengths = [len(b"%d" % i) + n for i, n in enumerate(sizes)]
+    (put,) = b.handle(A, PutBatch(2, "q", [b"%d" % i + b"." * n for i, n in enumerate(sizes)]))
+    if max(lengths) + over > reply_budget:
+        assert isinstance(put[1], Error) and put[1].code == "too_large"
+        assert not b.queues.get("q")
+        return
     expect, size, h = 0, 0, held
     for n in lengths[:want]:
-        if (size + n + over > reply_budget and expect) or n > reply_budget:
+        if size + n + over > reply_budget:
             break
         if h and h + n > unacked_budget:
             break
@@ -519,12 +526,28 @@ def test_a_reply_takes_only_as_many_items_as_fit() -> None:
     assert small.queues["q"].depth == 3
 
 
-def test_an_item_larger_than_a_reply_stays_in_the_queue_with_a_clear_error() -> None:
+def test_a_put_that_no_reply_could_carry_is_refused_and_nothing_is_stored() -> None:
     small = Broker(max_reply_bytes=100)
-    small.handle(A, Put(1, "q", b"x" * 500))
-    (reply,) = replies(small.handle(B, Get(1, "q", 1, 0)), B)
+    (reply,) = replies(small.handle(A, Put(1, "q", b"x" * 500)), A)
     assert reply.code == "too_large" and "500 bytes" in reply.message
-    assert small.queues["q"].depth == 1
+    assert "nothing was stored" in reply.message
+    with_headers = Put(2, "q", b"x", options=PutOptions(headers={"k": "v" * 90}))
+    (reply,) = replies(small.handle(A, with_headers), A)
+    assert reply.code == "too_large"  # headers count too
+    assert small.handle(A, Put(3, "q", b"x" * 60)) == [(A, Confirmed(3, 1))]
+
+
+def test_a_message_too_large_for_shrunken_limits_is_dead_lettered_not_a_block() -> None:
+    # The limits shrank across a restart: the message can never be delivered; it goes to
+    # the dead letters (reason too_large) instead of blocking every message behind it.
+    b = Broker(max_reply_bytes=10_000)
+    b.handle(A, PutBatch(1, "q", [b"x" * 500, b"small"]))
+    b.max_reply_bytes = 100
+    (reply,) = replies(b.handle(B, Get(1, "q", 10, 0)), B)
+    assert payloads(reply) == [b"small"]
+    assert b.queues["q.dead"].depth == 1 and b.queues["q.dead"].ready.peek().reason == "too_large"
+    (reply,) = replies(b.handle(B, Get(2, "q.dead", 1, 0)), B)  # a dead letter stays put
+    assert reply.code == "too_large" and b.queues["q.dead"].depth == 1
 
 
 def test_queues_made_by_a_mere_reference_are_forgotten(broker: Broker) -> None:
@@ -579,7 +602,7 @@ def test_parked_put_payloads_are_limited_per_connection_and_in_total() -> None:
     (total,) = replies(small.handle(C, Put(1, "q", b"x" * 1000, None)), C)
     assert total.code == "limit" and "max_parked_bytes=3500" in total.message
     small.connection_lost(A)
-    assert small.parked_bytes == 1000
+    assert small.parked_bytes == 1000 + 32  # payload and framing
 
 
 def test_lowering_maxsize_refuses_a_parked_batch_that_can_never_fit(broker: Broker) -> None:
@@ -627,11 +650,11 @@ def test_settled_deliveries_do_not_pile_up_in_the_lease_heap(broker: Broker) -> 
         broker.handle(A, Put(i + 1, "q", b"m"), now=1.0)
         (got,) = replies(broker.handle(B, Get(i + 1, "q", 1, 0, True), now=1.0), B)
         broker.handle(B, Ack(i + 1, "q", ids(got), quiet=True), now=1.0)
-    assert len(broker._leases) <= 65_536
+    assert len(broker.deadlines.leases) <= 65_536
     broker.handle(A, PutBatch(1, "q", [b"%d" % i for i in range(100)]), now=1.0)
-    before = len(broker._leases)
+    before = len(broker.deadlines.leases)
     (batch,) = replies(broker.handle(C, Get(1, "q", 100, 0, True, lease=5.0), now=1.0), C)
-    assert len(broker._leases) == before + 1
+    assert len(broker.deadlines.leases) == before + 1
     broker.handle(C, Ack(2, "q", ids(batch)[:60]), now=2.0)  # 40 are still held at 6.0
     broker.tick(6.0)
     (again,) = replies(broker.handle(A, Get(2, "q", 100, 0), now=6.0), A)
@@ -691,7 +714,7 @@ def test_the_broker_marks_putput_confirmations_and_nothing_else(broker: Broker) 
     when it cannot commit; it knows them because the broker marks them (Confirmed), not by
     their shape: PURGE, DELETE, MOVE and JOIN also answer an OK with an integer."""
     from pigeon.protocol import Delete, Move, Purge
-    from pigeon.server.app import put_confirmations
+    from pigeon.server.commit_gate import put_confirmations
 
     outs = broker.handle(A, Put(1, "q", b"x"))
     outs += broker.handle(A, PutBatch(2, "q", [b"y", b"z"]))
@@ -722,3 +745,172 @@ def test_a_lease_extended_to_its_batchs_own_deadline_still_runs_out_in_order() -
     b.tick(30.0)
     (again,) = replies(b.handle(A, Get(4, "q", 10, 0), now=30.0), A)
     assert payloads(again) == sent  # all went back, in order
+
+
+def test_a_req_still_waiting_is_refused_and_nothing_is_orphaned() -> None:
+    # A second GET with the req of a parked one used to replace it in the connection's
+    # index while both stayed in the queue's line: the orphan outlived the connection and
+    # took the next put for nobody (auto-ack: lost), and leaked a unit of the limits.
+    b = Broker()
+    for conn in (A, B):
+        b.connection_made(conn)
+    assert b.handle(A, Get(7, "q", 1, None)) == []
+    ((_, refused),) = b.handle(A, Get(7, "q", 1, None))
+    assert isinstance(refused, Error) and refused.code == "bad_request"
+    assert "req 7 is still waiting" in refused.message
+    b.handle(A, Cancel(7))  # a CANCEL names the parked req: not refused
+    assert b.parked(A) == 0
+    assert b.handle(A, Get(7, "q", 1, None)) == []  # the req is free again
+    b.connection_lost(A)
+    b.handle(B, PutBatch(1, "q", [b"1", b"2", b"3"]))
+    (got,) = replies(b.handle(B, Get(2, "q", 10, 0)), B)
+    assert payloads(got) == [b"1", b"2", b"3"] and b.parked_gets == 0
+
+
+def test_gets_held_back_by_the_unacked_budget_are_limited_and_set_aside() -> None:
+    # A connection at its max_unacked_bytes has its GETs passed over while the queue has
+    # messages: they used to park with no limit check, and every serve walked them all.
+    b = Broker(max_unacked_bytes=10, max_parked_gets_per_connection=3)
+    for conn in (A, B):
+        b.connection_made(conn)
+    b.handle(A, PutBatch(1, "q", [b"x" * 10] * 5))
+    (first,) = replies(b.handle(B, Get(1, "q", 1, 0, True)), B)
+    outs = [b.handle(B, Get(req, "q", 1, None, True)) for req in range(2, 6)]
+    assert outs[:3] == [[], [], []]
+    ((_, refused),) = outs[3]
+    assert isinstance(refused, Error) and refused.code == "limit"
+    q = b.queues["q"]
+    assert not q.getters and len(q.blocked[B]) == 3  # out of the line: serving skips them
+    assert q.info()["consumers_waiting"] == 3
+    got = replies(b.handle(B, Ack(6, "q", ids(first), quiet=True)), B)
+    assert [m.req for m in got] == [2]  # the first set aside is served first, one fits
+    assert len(q.blocked[B]) == 2 and b.parked_gets == 2
+
+
+def test_joins_are_limited_like_gets() -> None:
+    b = Broker(max_parked_gets_per_connection=2, max_parked_gets=3)
+    for conn in (A, B):
+        b.connection_made(conn)
+    b.handle(A, Put(1, "q", b"unfinished"))
+    assert b.handle(A, Join(2, "q")) == [] and b.handle(A, Get(3, "other", 1, None)) == []
+    ((_, refused),) = b.handle(A, Join(4, "q"))
+    assert isinstance(refused, Error) and refused.code == "limit"
+    assert b.handle(B, Join(1, "q")) == []
+    ((_, refused),) = b.handle(B, Join(2, "q"))
+    assert isinstance(refused, Error) and "max_parked_gets=3" in refused.message
+
+
+def test_a_parked_put_counts_framing_and_headers_per_message() -> None:
+    # 100,000 empty payloads are not free to hold: each counts its framing and headers.
+    b = Broker(max_parked_bytes_per_connection=1_000_000)
+    b.connection_made(A)
+    b.handle(A, Declare(1, "q", maxsize=100_000))
+    b.handle(A, PutBatch(2, "q", [b""] * 100_000))
+    ((_, refused),) = b.handle(A, PutBatch(3, "q", [b""] * 40_000, None))
+    assert isinstance(refused, Error) and refused.code == "limit"
+    headers = PutOptions(headers={"h": "v" * 100})
+    assert b.handle(A, PutBatch(4, "q", [b""] * 1000, None, headers)) == []
+    assert b.parked_bytes == 1000 * (32 + 1 + 2 + 2 + 100)  # framing, the map of headers
+
+
+def test_a_reply_counts_headers_within_max_reply_bytes() -> None:
+    from pigeon.server.core import _DELIVERY_OVERHEAD as over
+    from pigeon.server.core import headers_size
+
+    headers = {"k": "v" * 500}
+    b = Broker(max_reply_bytes=5_000)
+    for conn in (A, B):
+        b.connection_made(conn)
+    b.handle(A, PutBatch(1, "q", [b"p"] * 100, None, PutOptions(headers=headers)))
+    cost = 1 + over + headers_size(headers)
+    (got,) = replies(b.handle(B, Get(1, "q", 100, 0)), B)
+    assert len(got.messages) == 5_000 // cost  # headers counted: 9, not 100
+    (peeked,) = replies(b.handle(B, Peek(2, "q", 100)), B)
+    assert 0 < len(peeked.value) <= 5_000 // cost
+
+
+def test_answered_waits_and_requeued_expiries_leave_the_deadline_heaps() -> None:
+    # Lazy deletion kept an entry (and the waiter) until its deadline: an hour for a GET
+    # with wait=3600 answered at once, an hour per NACK of a message with a ttl.
+    b = Broker(default_max_deliveries=10**9)
+    for conn in (A, B):
+        b.connection_made(conn)
+    for _ in range(20_000):
+        b.handle(B, Get(1, "q", 1, 3600.0), now=1.0)
+        b.handle(A, Put(1, "q", b"m"), now=1.0)
+    assert b.parked_gets == 0 and len(b.deadlines.timeouts) <= 2_100
+    b.handle(A, Put(2, "t", b"x", options=PutOptions(ttl=3600)), now=1.0)
+    for _ in range(20_000):
+        (got,) = replies(b.handle(B, Get(3, "t", 1, 0, True), now=1.0), B)
+        b.handle(B, Nack(4, "t", ids(got), quiet=True), now=1.0)
+    assert len(b.deadlines.expiries) <= 2_100
+    b.tick(4000.0)  # and the one that is live still expires
+    assert b.queues["t.dead"].depth == 1
+
+
+def test_a_get_never_receives_a_message_whose_ttl_passed() -> None:
+    # Between its expiry and the tick that moves it (a late loop, a broker that just
+    # started), a GET used to deliver it.
+    wall = [1000.0]
+    b = Broker(clock=lambda: 0.0, wall_clock=lambda: wall[0])
+    for conn in (A, B):
+        b.connection_made(conn)
+    b.handle(A, Put(1, "q", b"stale", options=PutOptions(ttl=1.0)), now=0.0)
+    b.handle(A, Put(2, "q", b"fresh"), now=0.0)
+    (got,) = replies(b.handle(B, Get(1, "q", 10, 0), now=2.0), B)  # no tick in between
+    assert payloads(got) == [b"fresh"]
+    dead = b.queues["q.dead"].ready.peek()
+    assert dead.payload == b"stale" and dead.reason == "expired"
+
+
+def test_a_ttl_put_into_a_dead_letter_queue_drops_it_when_it_runs_out() -> None:
+    # It used to be requeued into the queue it was withdrawn from: counted, not shown,
+    # not purged, back after a restart.
+    b = Broker()
+    b.connection_made(A)
+    b.handle(A, Put(1, "q.dead", b"parked by hand", options=PutOptions(ttl=0.5)), now=0.0)
+    b.handle(A, Put(2, "q.dead", b"kept"), now=0.0)
+    b.tick(1.0)
+    q = b.queues["q.dead"]
+    assert q.depth == 1 and [m.payload for m in q.ready] == [b"kept"]
+    assert b.handle(A, Purge(3, "q.dead")) == [(A, Ok(3, 1))]
+
+
+def test_the_oldest_age_counts_a_low_priority_message_starved_by_higher_ones() -> None:
+    b = Broker()
+    b.connection_made(A)
+    b.handle(A, Put(1, "q", b"old, priority 0"), now=0.0)
+    for t in range(1, 7):
+        b.handle(A, Put(1, "q", b"new", options=PutOptions(priority=9)), now=float(t))
+        b.handle(A, Get(2, "q", 1, 0), now=float(t))
+    assert b.queues["q"].oldest_age(6.0) == 6.0
+
+
+def test_a_batch_of_dedup_repeats_fits_a_full_bounded_queue() -> None:
+    b = Broker()
+    b.connection_made(A)
+    b.handle(A, Declare(1, "q", maxsize=1))
+    b.handle(A, PutBatch(2, "q", [b"a"], dedup_ids=["a"]))
+    outs = b.handle(A, PutBatch(3, "q", [b"a", b"a"], 0.0, dedup_ids=["a", "a"]))
+    assert outs == [(A, Confirmed(3, 2))]  # two repeats store nothing: maxsize is no bar
+    ((_, refused),) = b.handle(A, PutBatch(4, "q", [b"b", b"c"], 0.0, dedup_ids=["b", "c"]))
+    assert isinstance(refused, Error) and "batch of 2 new messages" in refused.message
+
+
+def test_peek_shows_recovered_messages_in_delivery_order() -> None:
+    # Recovered, a plain message that was delivered before waits among the new ones and
+    # one with options among those given back: PEEK listed the latter first.
+    from pigeon.server.model import Extra, Store, Stored
+
+    class Recovered(Store):
+        def recover(self) -> list[tuple[str, Stored]]:
+            return [
+                ("q", Stored(1, b"plain", deliveries=1)),
+                ("q", Stored(2, b"headers", deliveries=1, extra=Extra(headers={"k": "v"}))),
+            ]
+
+    b = Broker(Recovered())
+    b.connection_made(A)
+    (peeked,) = replies(b.handle(A, Peek(1, "q", 10)), A)
+    (taken,) = replies(b.handle(A, Get(2, "q", 10, 0)), A)
+    assert [m["payload"] for m in peeked.value] == payloads(taken) == [b"plain", b"headers"]

@@ -393,3 +393,22 @@ def test_the_broker_raises_its_open_files_limit() -> None:
         assert got == hard or hard == resource.RLIM_INFINITY
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_what_expired_while_the_broker_was_down_moves_once_it_starts(tmp_path: Any) -> None:
+    # Nothing ran the broker's timer until it had answered a first request: a first GET
+    # after a restart could take a message whose ttl had passed.
+    from pigeon.server.store import open_store
+
+    with BrokerThread(store=open_store(tmp_path)) as b:
+        q = pigeon.Queue(b.url("jobs"), serializer="raw")
+        q.put(b"stale", ttl=0.3)
+        q.close()
+    time.sleep(0.5)
+    with BrokerThread(store=open_store(tmp_path)) as b:
+        assert b.server is not None
+        deadline = time.monotonic() + 10
+        while "jobs.dead" not in b.server.broker.queues and time.monotonic() < deadline:
+            time.sleep(0.02)  # no request at all: the timer alone moves it
+        dead = b.server.broker.queues["jobs.dead"]
+        assert dead.depth == 1 and dead.ready.peek().reason == "expired"

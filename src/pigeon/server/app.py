@@ -17,17 +17,15 @@ import logging
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from pigeon._net import is_loopback, tcp_state
 from pigeon.options import DEFAULT_PORT
-from pigeon.protocol import Error, Ping
+from pigeon.protocol import Ping
 from pigeon.protocol.codes import Code
-from pigeon.protocol.messages import Confirmed
 from pigeon.server.auth import Authenticator
+from pigeon.server.commit_gate import CommitGate
 from pigeon.server.config import ServerConfig
 from pigeon.server.connection import Connection
 from pigeon.server.core import Broker, Out
@@ -59,13 +57,6 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 _malloc_trim = _find_malloc_trim()
 
 
-@dataclass(slots=True)
-class _Held:
-    tag: int  # the store batch that must commit first
-    outs: list[Out]
-    since: float
-
-
 class BrokerServer:
     """``pigeon serve``: accept connections and run the broker on this event loop."""
 
@@ -91,7 +82,7 @@ class BrokerServer:
         # Every accepted connection until it is lost (TLS: until its handshake fails too).
         self._live: set[Connection] = set()
         self.text_waiters: dict[tuple[int, int], tuple[Any, Callable[[Any], str]]] = {}
-        self._held: deque[_Held] = deque()
+        self.gate = CommitGate(self.broker.store, time.monotonic)
         self._draining: set[Connection] = set()
         self._ids = 0
         self._req = 1 << 40  # request ids the server makes for text-mode commands
@@ -156,6 +147,7 @@ class BrokerServer:
             factory, cfg.host, cfg.port, reuse_address=True, backlog=1024
         )
         self._tasks = [loop.create_task(self._heartbeats()), loop.create_task(self._watch_store())]
+        self._arm()  # what came due while the broker was down (delays, ttls) is due now
         if cfg.http:
             from pigeon.server.http import HttpSideDoor, parse_address
 
@@ -229,9 +221,7 @@ class BrokerServer:
 
     def _owes(self, c: Connection) -> bool:
         """Does ``c`` still wait for a reply (held for the store, parked, or text)?"""
-        if self.broker.parked(c.id) or len(c.replies):
-            return True
-        return any(conn == c.id for h in self._held for conn, _ in h.outs)
+        return bool(self.broker.parked(c.id) or len(c.replies) or self.gate.owes(c.id))
 
     def _check_drained(self) -> None:
         for c in [c for c in self._draining if not self._owes(c)]:
@@ -263,21 +253,17 @@ class BrokerServer:
     def apply(self, fn: Callable[[], list[Out]]) -> None:
         """Run a broker call; send its replies now, or once the store has committed the
         changes they report (a confirmed put is a durable put)."""
-        store = self.broker.store
-        before = store.changes
+        before = self.broker.store.changes
         outs = fn()
-        # Compare change counts, not batch tags: changes that join a batch already
-        # pending leave the tag as it was, and their replies must wait all the same.
-        if store.holds_replies and store.changes != before and store.committed < store.last_tag:
-            self._held.append(_Held(store.last_tag, outs, time.monotonic()))
+        if self.gate.hold(before, outs):
             self._arm()
             return
         self.dispatch(outs)
 
     def _committed(self, batch: int) -> None:
-        held = self._held
-        while held and held[0].tag <= batch:
-            self.dispatch(held.popleft().outs)
+        outs = self.gate.committed(batch)
+        if outs:
+            self.dispatch(outs)
 
     async def _watch_store(self) -> None:
         """Replies held longer than ``store_timeout`` for a store that cannot commit go out:
@@ -286,18 +272,14 @@ class BrokerServer:
         limit = self.config.store_timeout
         while True:
             await asyncio.sleep(min(0.5, limit / 4))
-            now = time.monotonic()
-            while self._held and now - self._held[0].since > limit:
-                h = self._held.popleft()
-                puts = put_confirmations(h.outs)
-                outs = [
-                    (c, Error(m.req, Code.UNAVAILABLE, f"the broker's store did not commit within "
-                              f"{limit:.0f} s; this put may or may not be stored"))
-                    if (c, getattr(m, "req", -1)) in puts else (c, m)
-                    for c, m in h.outs
-                ]  # fmt: skip
+            # What the store did commit first: after a pause of the whole process
+            # (SIGSTOP, a suspended VM) this can run before the commit's own callback.
+            outs = self.gate.committed(self.broker.store.committed)
+            late = self.gate.overdue(limit)
+            if late:
                 log.error("store has not committed for %.1f s; answering held replies", limit)
-                self.dispatch(outs)
+            if outs or late:
+                self.dispatch(outs + late)
 
     def dispatch(self, outs: list[Out]) -> None:
         """Send the broker's replies, and re-arm the timer for its next deadline."""
@@ -449,11 +431,6 @@ class BrokerServer:
         if self._timer is not None:
             self._timer.cancel()
         self.broker.store.close()
-
-
-def put_confirmations(outs: list[Out]) -> frozenset[tuple[int, int]]:
-    """(conn, req) of the put confirmations among ``outs`` (the broker marks them)."""
-    return frozenset((c, m.req) for c, m in outs if isinstance(m, Confirmed))
 
 
 def raise_descriptor_limit(max_connections: int) -> int:

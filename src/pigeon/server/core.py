@@ -25,10 +25,12 @@ import itertools
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice, repeat, starmap
 from typing import Any, ClassVar
+
+import msgspec
 
 from pigeon.options import DEFAULT_LEASE, DEFAULT_MAX_DELIVERIES
 from pigeon.protocol import (
@@ -62,6 +64,7 @@ from pigeon.protocol import (
 from pigeon.protocol.codes import Code
 from pigeon.protocol.messages import Confirmed, PlainDelivery
 from pigeon.protocol.rules import problem
+from pigeon.server.deadlines import Deadlines
 from pigeon.server.model import (
     DEAD_SUFFIX,
     Extra,
@@ -79,8 +82,25 @@ __all__ = ["Broker", "Conn", "Out"]
 Conn = int
 Out = tuple[Conn, Any]
 
-_LEASE_HEAP_SLACK = 65_536  # lease entries before the heap may be rebuilt
-_DELIVERY_OVERHEAD = 32  # bytes of framing per message in a DELIVER, rounded up
+# Bytes of framing per message in a DELIVER, rounded up: the entry's array header, its
+# id and delivery count (up to 9 bytes each) and its payload's bin header (5).
+_DELIVERY_OVERHEAD = 32
+# A wall-clock time turned into the broker's clock and back may move by a rounding error:
+# a deadline taken from a heap counts as reached within this many seconds of it.
+_EPSILON = 1e-3
+_encode = msgspec.msgpack.Encoder().encode
+
+
+def headers_size(headers: dict[str, str] | None) -> int:
+    """Bytes a message's headers take in a DELIVER (their msgpack map)."""
+    return len(_encode(headers)) if headers else 0
+
+
+def reply_cost(msg: Stored) -> int:
+    """Bytes ``msg`` adds to a DELIVER: payload, headers and framing."""
+    extra = msg.extra
+    n = len(msg.payload) + _DELIVERY_OVERHEAD
+    return n + headers_size(extra.headers) if extra is not None and extra.headers else n
 
 
 class _Refused(Exception):
@@ -96,6 +116,7 @@ _PRUNE_HANDED = 64  # a connection's record of GETs is pruned at this length at 
 class _ConnState:
     """What one connection holds at the broker."""
 
+    conn: Conn
     unacked: int = 0  # payload bytes delivered to it and not settled
     # What it was handed, a GET at a time, oldest first: (queue, delivery ids). An ACK
     # does not touch this (one entry per GET, not an index entry per delivery made at the
@@ -105,8 +126,12 @@ class _ConnState:
     prune_at: int = _PRUNE_HANDED
     holding: int = 0  # how many deliveries it holds (not settled)
     parked: dict[int, Waiter] = field(default_factory=dict)  # req -> parked request
-    parked_bytes: int = 0  # payload bytes of its parked PUTs
-    parked_gets: int = 0  # its GETs waiting for a message
+    parked_bytes: int = 0  # bytes of its parked PUTs (payloads, headers, framing)
+    parked_gets: int = 0  # its GETs and JOINs waiting
+    # Queues where its GETs are set aside while it holds max_unacked_bytes (out of the
+    # queues' lines, in QueueState.blocked, so serving a queue never walks them); they go
+    # back to the heads of the lines once it settles some.
+    blocked: set[str] = field(default_factory=set)
 
 
 def _err(conn: Conn, req: int, code: str, message: str) -> Out:
@@ -150,17 +175,13 @@ class Broker:
         # Delivery ids start at a random 40-bit epoch so that an ack from before a
         # restart can never settle a different delivery after it.
         self._next_delivery = (secrets.randbits(40) << 20) + 1
-        self._seq = itertools.count()
-        # (deadline, seq, queue, delivery ids): one entry per batch handed out with one
-        # deadline (seq breaks ties: the ids, a list or a range, are never compared);
-        # entries whose deliveries were settled meanwhile stay until their deadline, or
-        # until the heap is rebuilt from what is in flight (_compact_leases), so it stays
-        # proportional to the messages in flight.
-        self._leases: list[tuple[float, int, str, Sequence[int]]] = []
-        self._leases_rebuilt_at = 0
-        self._timeouts: list[tuple[float, int, Waiter]] = []  # (deadline, seq, waiter)
-        self._delayed: list[tuple[float, int, str]] = []  # (due, message id, queue)
-        self._expiring: list[tuple[float, int, str]] = []  # (expiry, message id, queue)
+        # Leases: one entry per batch handed out with one deadline. Entries whose subject
+        # went meanwhile stay until their time or the heap's next rebuild from what is
+        # live (these four functions), so each heap stays proportional to what waits.
+        self.deadlines = Deadlines(
+            self._live_leases, self._live_timeouts, self._live_delays, self._live_expiries
+        )
+        self._unblocked: list[_ConnState] = []  # connections that settled with GETs set aside
         self.default_lease = default_lease
         self.default_max_deliveries = default_max_deliveries
         self.now = 0.0 if clock is None else clock()
@@ -181,9 +202,7 @@ class Broker:
         for name, msg in self.store.recover():
             q = self._queue(name, limit=False)
             msg.enqueued = self.now
-            if msg.extra is not None:
-                if q.is_dead_letters:  # a dead letter keeps no timer
-                    msg.extra = Extra(msg.extra.priority, 0.0, 0.0, msg.extra.headers)
+            if msg.extra is not None:  # (a dead letter has no timer, unless put there with one)
                 self._wait(q, msg, back=bool(msg.origin))
             elif q.is_dead_letters and msg.origin:
                 q.ready.give_back(msg)
@@ -222,17 +241,63 @@ class Broker:
     def _conn(self, conn: Conn) -> _ConnState:
         cs = self._conns.get(conn)
         if cs is None:
-            cs = self._conns[conn] = _ConnState()
+            cs = self._conns[conn] = _ConnState(conn)
         return cs
+
+    # --- what the deadline heaps are rebuilt from ------------------------------------------
+
+    def _live_leases(self) -> Iterator[tuple[float, tuple[str, Sequence[int]]]]:
+        groups: dict[tuple[float, str], list[int]] = {}
+        for name, q in self.queues.items():
+            for did, f in q.in_flight.items():
+                groups.setdefault((f.deadline, name), []).append(did)
+        return ((d, (name, dids)) for (d, name), dids in groups.items())
+
+    def _live_timeouts(self) -> Iterator[tuple[float, Waiter]]:
+        for cs in self._conns.values():
+            for w in cs.parked.values():
+                if w.deadline is not None and not w.done:
+                    yield w.deadline, w
+
+    def _live_delays(self) -> Iterator[tuple[float, tuple[str, int]]]:
+        offset = self._wall_offset
+        for name, q in self.queues.items():
+            for mid, msg in q.delayed.items():
+                assert msg.extra is not None  # a delayed message carries its due time
+                yield msg.extra.due - offset, (name, mid)
+
+    def _live_expiries(self) -> Iterator[tuple[float, tuple[str, int]]]:
+        offset = self._wall_offset
+        for name, q in self.queues.items():
+            for mid, msg in q.expiring.items():
+                assert msg.extra is not None
+                yield msg.extra.expires - offset, (name, mid)
 
     def _park(self, w: Waiter) -> None:
         cs = self._conn(w.conn)
         cs.parked[w.req] = w
-        if isinstance(w, GetWaiter):
+        if not isinstance(w, PutWaiter):
             cs.parked_gets += 1
             self.parked_gets += 1
+            if isinstance(w, GetWaiter):
+                self.queues[w.queue].consumers_waiting += 1
         if w.deadline is not None:
-            heapq.heappush(self._timeouts, (w.deadline, next(self._seq), w))
+            self.deadlines.timeouts.push(w.deadline, w)
+
+    def _park_refused(self, cs: _ConnState, what: str) -> str | None:
+        """Why ``cs`` may not park one more GET or JOIN (the limits), or None."""
+        if cs.parked_gets >= self.max_parked_gets_per_connection:
+            return (
+                f"this connection already has {cs.parked_gets} {what} waiting "
+                f"(max_parked_gets_per_connection={self.max_parked_gets_per_connection}); "
+                "wait for them first"
+            )
+        if self.parked_gets >= self.max_parked_gets:
+            return (
+                f"{self.parked_gets} GETs and JOINs are waiting on this broker "
+                f"(max_parked_gets={self.max_parked_gets}); try again later"
+            )
+        return None
 
     def _finish(self, w: Waiter) -> None:
         """A parked request was answered, timed out or withdrawn: it leaves the index."""
@@ -242,14 +307,22 @@ class Broker:
         q = self.queues.get(w.queue)
         if q is not None:
             q.stale += 1  # its line holds one more finished waiter (see QueueState.compact)
+            if q.blocked and isinstance(w, GetWaiter):
+                aside = q.blocked.get(w.conn)
+                if aside is not None and aside.get(w.req) is w:
+                    del aside[w.req]
+                    if not aside:
+                        del q.blocked[w.conn]
         cs = self._conns.get(w.conn)
         if cs is not None and cs.parked.get(w.req) is w:
             del cs.parked[w.req]
             if isinstance(w, PutWaiter):
                 cs.parked_bytes -= w.size
-            elif isinstance(w, GetWaiter):
+            else:
                 cs.parked_gets -= 1
                 self.parked_gets -= 1
+                if isinstance(w, GetWaiter) and q is not None:
+                    q.consumers_waiting -= 1
         if isinstance(w, PutWaiter):
             self.parked_bytes -= w.size
 
@@ -263,8 +336,10 @@ class Broker:
         return not held or held + len(q.ready.peek().payload) <= self.max_unacked_bytes
 
     def _take(self, q: QueueState, w: GetWaiter) -> list[Delivery]:
-        """Up to ``w.max_items`` messages for ``w``, within ``max_reply_bytes`` (at least
-        one, unless that one alone is larger: then none)."""
+        """Up to ``w.max_items`` messages for ``w``, within ``max_reply_bytes`` (payloads,
+        headers and framing: at least one). A message that expired while it waited goes
+        to the dead letters instead; one too large for any reply too (the limits shrank
+        across a restart), unless it is already a dead letter: then nothing is taken."""
         out: list[Any] = []  # Delivery, or PlainDelivery (no headers: the bytes as before)
         cs = self._conn(w.conn)
         held = cs.unacked
@@ -284,23 +359,37 @@ class Broker:
             bulk = self._take_plain(q, fresh, want, conn, cs, deadline)
             if bulk is not None:
                 return bulk
-        for _ in range(min(want, len(ready))):
+        wall = self.now + self._wall_offset
+        while len(out) < want and ready:
             msg = ready.peek() if fresh is None else fresh[0]
+            extra = msg.extra
             n = len(msg.payload)
-            if (size + n + _DELIVERY_OVERHEAD > budget and out) or n > budget:
-                break
+            cost = n + _DELIVERY_OVERHEAD
+            headers = None
+            if extra is not None:
+                if 0 < extra.expires <= wall:
+                    ready.popleft()  # its expiry is due in this very turn: not delivered
+                    self._dead_letter(q, msg, "expired")
+                    continue
+                headers = extra.headers
+                if headers:
+                    cost += headers_size(headers)
+            if size + cost > budget:
+                if out or q.is_dead_letters:
+                    break
+                ready.popleft()  # it can never be delivered with these limits
+                self._dead_letter(q, msg, "too_large")
+                continue
             if manual and held and held + n > limit:
                 break  # this consumer holds enough; it gets more once it settles some
             if fresh is None:
                 ready.popleft()
             else:
                 fresh.popleft()
-            size += n + _DELIVERY_OVERHEAD
+            size += cost
             msg.deliveries += 1
-            headers = None
-            if msg.extra is not None:
+            if extra is not None:
                 q.expiring.pop(msg.id, None)  # taken in time
-                headers = msg.extra.headers
             if manual:
                 did = self._next_delivery
                 self._next_delivery = did + 1
@@ -380,9 +469,7 @@ class Broker:
         return list(map(PlainDelivery, dids, counts, payloads))
 
     def _lease(self, deadline: float, queue: str, dids: Sequence[int]) -> None:
-        heapq.heappush(self._leases, (deadline, next(self._seq), queue, dids))
-        if len(self._leases) > max(_LEASE_HEAP_SLACK, 2 * self._leases_rebuilt_at):
-            self._compact_leases()
+        self.deadlines.leases.push(deadline, (queue, dids))
 
     def _handed(self, cs: _ConnState, queue: str, dids: Sequence[int]) -> None:
         """Note that ``cs``'s connection was handed ``dids`` of ``queue``. Every
@@ -405,28 +492,15 @@ class Broker:
         cs.handed = kept
         cs.prune_at = max(_PRUNE_HANDED, 2 * len(kept))
 
-    def _compact_leases(self) -> None:
-        """Rebuild the lease heap from what is in flight, dropping settled deliveries:
-        without it, a busy queue with a long lease keeps an entry per delivery for the
-        whole lease (a million at 35,000 acked messages a second and 30 s)."""
-        groups: dict[tuple[float, str], list[int]] = {}
-        for name, q in self.queues.items():
-            for did, f in q.in_flight.items():
-                groups.setdefault((f.deadline, name), []).append(did)
-        seq = self._seq
-        self._leases = [(d, next(seq), name, dids) for (d, name), dids in groups.items()]
-        heapq.heapify(self._leases)
-        self._leases_rebuilt_at = len(self._leases)
-
     def _too_large(self, q: QueueState, w: Waiter) -> Out:
-        n = len(q.ready.peek().payload)
+        n = reply_cost(q.ready.peek())
         return _err(
             w.conn,
             w.req,
             Code.TOO_LARGE,
-            f"the next message in {q.name!r} is {n} bytes, more than one reply may carry "
-            f"(max_reply_bytes={self.max_reply_bytes}, from --max-frame-size and "
-            "--max-pending-output); raise those limits to take it",
+            f"the next message in {q.name!r} takes {n} bytes with its headers, more than one "
+            f"reply may carry (max_reply_bytes={self.max_reply_bytes}, from --max-frame-size "
+            "and --max-pending-output); raise those limits to take it",
         )
 
     def _release(self, f: InFlight) -> None:
@@ -434,6 +508,33 @@ class Broker:
         if cs is not None:
             cs.unacked = max(0, cs.unacked - len(f.msg.payload))
             cs.holding = max(0, cs.holding - 1)
+            if cs.blocked:
+                self._unblocked.append(cs)
+
+    def _block(self, q: QueueState, w: GetWaiter) -> None:
+        """Set ``w`` aside: its connection holds too much unacked to take from ``q``."""
+        q.blocked.setdefault(w.conn, {})[w.req] = w
+        self._conn(w.conn).blocked.add(q.name)
+
+    def _readmit(self) -> list[Out]:
+        """The GETs set aside for connections that have since settled some go back to the
+        heads of their lines, in their order, and their queues are served."""
+        out: list[Out] = []
+        seen: set[int] = set()
+        for cs in self._unblocked:
+            if id(cs) in seen or not cs.blocked:
+                continue
+            seen.add(id(cs))
+            names, cs.blocked = cs.blocked, set()
+            for name in names:
+                q = self.queues.get(name)
+                if q is None:
+                    continue
+                waiting = q.blocked.pop(cs.conn, {}).values()
+                q.getters.extendleft(reversed([w for w in waiting if not w.done]))
+                out += self._serve(q)
+        self._unblocked.clear()
+        return out
 
     def _serve(self, q: QueueState) -> list[Out]:
         """Hand ready items to parked getters, and admit parked puts that now fit."""
@@ -447,28 +548,33 @@ class Broker:
                 # From the head of the line while there is something to hand out: a put
                 # costs the getters it serves (and those it passes over), not the line.
                 getters = q.getters
-                passed = []
                 while q.ready and getters:
                     w = getters.popleft()
                     if w.done:
                         q.stale -= 1
                         continue
                     if not self._can_take(q, w.conn, w.manual_ack):
-                        passed.append(w)  # this consumer holds enough unacked already
+                        self._block(q, w)  # this consumer holds enough unacked already
                         continue
                     items = self._take(q, w)
+                    if not items:  # what it found expired, or cannot be carried
+                        if not q.ready:  # all of it went to the dead letters: it waits on
+                            getters.appendleft(w)
+                            break
+                        if not self._can_take(q, w.conn, w.manual_ack):
+                            self._block(q, w)
+                            continue
                     self._finish(w)
                     q.stale -= 1  # it left the line here
                     out.append((w.conn, Deliver(w.req, items)) if items else self._too_large(q, w))
                     progress = True
-                getters.extendleft(reversed(passed))
             while q.putters:
                 p = q.putters[0]
                 if p.done:
                     q.putters.popleft()
                     continue
                 room = q.room()
-                if room is not None and room < len(p.payloads):
+                if room is not None and room < p.new:
                     break
                 q.putters.popleft()
                 self._finish(p)
@@ -476,7 +582,7 @@ class Broker:
                 out.append((p.conn, Confirmed(p.req, len(p.payloads))))
                 progress = True
         if q.shutdown and not q.ready and not q.delayed:
-            for w in q.getters:
+            for w in self._all_getters(q):
                 if not w.done:
                     self._finish(w)
                     out.append(
@@ -484,6 +590,17 @@ class Broker:
                     )
             q.getters.clear()
         return out
+
+    def _all_getters(self, q: QueueState) -> list[GetWaiter]:
+        """The GETs waiting on ``q``, those set aside included (which leave their sets)."""
+        getters = list(q.getters)
+        for conn, ws in q.blocked.items():
+            getters += ws.values()
+            cs = self._conns.get(conn)
+            if cs is not None:
+                cs.blocked.discard(q.name)
+        q.blocked.clear()
+        return getters
 
     def _serve_with_dead(self, q: QueueState) -> list[Out]:
         out = self._serve(q)
@@ -565,10 +682,10 @@ class Broker:
         offset = self._wall_offset
         if extra.expires:
             q.expiring[msg.id] = msg
-            heapq.heappush(self._expiring, (extra.expires - offset, msg.id, q.name))
+            self.deadlines.expiries.push(extra.expires - offset, (q.name, msg.id))
         if extra.due and extra.due - offset > self.now:
             q.delayed[msg.id] = msg
-            heapq.heappush(self._delayed, (extra.due - offset, msg.id, q.name))
+            self.deadlines.delays.push(extra.due - offset, (q.name, msg.id))
         elif back or msg.deliveries or msg.origin:
             q.ready.give_back(msg)
         else:
@@ -576,7 +693,7 @@ class Broker:
 
     def _expired(self, q: QueueState, msg: Stored) -> bool:
         extra = msg.extra
-        return extra is not None and 0 < extra.expires <= self.now + self._wall_offset
+        return extra is not None and 0 < extra.expires <= self.now + self._wall_offset + _EPSILON
 
     def _requeue(self, q: QueueState, msg: Stored, delay: float = 0.0) -> None:
         """Give a delivered message back, or dead-letter it after max_deliveries (a dead
@@ -584,23 +701,36 @@ class Broker:
         if msg.deliveries >= q.max_deliveries and not q.is_dead_letters:
             self._dead_letter(q, msg, "max_deliveries")
             return
-        if msg.extra is not None and msg.extra.expires and not q.is_dead_letters:
+        extra = msg.extra
+        if extra is not None and extra.expires:
             if self._expired(q, msg):
                 self._dead_letter(q, msg, "expired")
                 return
             q.expiring[msg.id] = msg
-            heapq.heappush(self._expiring, (msg.extra.expires - self._wall_offset, msg.id, q.name))
+            self.deadlines.expiries.push(extra.expires - self._wall_offset, (q.name, msg.id))
         q.redelivered_total += 1
-        self.store.requeued(q.name, msg)
-        if delay > 0:
+        if delay > 0:  # its due time travels with it, into the store too (it outlives a restart)
+            due = self.now + delay
+            wall_due = due + self._wall_offset
+            msg.extra = (  # a new Extra: the messages of one put share theirs
+                Extra(due=wall_due)
+                if extra is None
+                else Extra(extra.priority, wall_due, extra.expires, extra.headers)
+            )
             q.delayed[msg.id] = msg
-            heapq.heappush(self._delayed, (self.now + delay, msg.id, q.name))
+            self.deadlines.delays.push(due, (q.name, msg.id))
         else:
             q.ready.give_back(msg)
+        self.store.requeued(q.name, msg)
 
     def _dead_letter(self, q: QueueState, msg: Stored, reason: str) -> None:
-        if q.is_dead_letters:  # rejected again: it stays where it is
-            self._requeue(q, msg)
+        if q.is_dead_letters:
+            if reason == "expired":  # put here with a ttl, which ran out: it has nowhere
+                self.store.removed(q.name, msg.id)  # further to go (no NAME.dead.dead)
+                q.unfinished = max(0, q.unfinished - 1)
+                q.dead_total += 1
+                return
+            self._requeue(q, msg)  # rejected again: it stays where it is
             return
         q.dead_total += 1
         q.unfinished = max(0, q.unfinished - 1)
@@ -663,9 +793,20 @@ class Broker:
         bad = problem(msg, self.queues)
         if bad is not None:
             return [_err(conn, req, Code.BAD_REQUEST, bad)]
+        cs = self._conns.get(conn)
+        if cs is not None and cs.parked and req in cs.parked and type(msg) is not Cancel:
+            # Its reply could not be told from the parked one's, and the parked one would
+            # be orphaned (kept in its line, taking messages for nobody).
+            why = (
+                f"req {req} is still waiting for its reply on this connection; give each "
+                "request a req that is not in use"
+            )
+            return [_err(conn, req, Code.BAD_REQUEST, why)]
         try:
             with self.store.atomic():  # one request, one store transaction
                 out = handler(self, conn, msg)
+                if self._unblocked:
+                    out += self._readmit()
         except _Refused as refused:
             return [_err(conn, req, refused.code, str(refused))]
         name = getattr(msg, "queue", None)
@@ -675,33 +816,46 @@ class Broker:
 
     def _put(self, conn: Conn, m: Put | PutBatch) -> list[Out]:
         if isinstance(m, Put):
-            payloads, dedup_ids = [m.payload], None
+            payloads, dedup_ids, largest = [m.payload], None, len(m.payload)
         else:
             payloads, dedup_ids = m.payloads, m.dedup_ids
+            largest = max(map(len, payloads), default=0)
         opts = m.options
         q = self._queue(m.queue)
         if q.shutdown:
             return [
                 _err(conn, m.req, Code.SHUTDOWN, f"queue {q.name!r} was shut down; put refused")
             ]
-        if q.maxsize and len(payloads) > q.maxsize:
+        hsize = 0
+        if opts is not None:
+            if opts.dedup_id:
+                dedup_ids = [opts.dedup_id]
+            hsize = headers_size(opts.headers)
+        if largest + hsize + _DELIVERY_OVERHEAD > self.max_reply_bytes:
+            why = (
+                f"a message of {largest} bytes with {hsize} bytes of headers is more than one "
+                f"reply may carry (max_reply_bytes={self.max_reply_bytes}, from --max-frame-size "
+                "and --max-pending-output); nothing was stored: send less, or raise those limits"
+            )
+            return [_err(conn, m.req, Code.TOO_LARGE, why)]
+        new = len(payloads)  # what it would store: repeats of remembered dedup ids do not count
+        if dedup_ids is not None:
+            self._forget_dedup(q)
+            new = len(set(dedup_ids).difference(q.dedup))
+            if not new:  # all repeats: confirmed (once what they repeat is), not stored
+                return [(conn, Confirmed(m.req, len(payloads)))]
+        if q.maxsize and new > q.maxsize:
             return [
                 _err(
                     conn,
                     m.req,
                     Code.BAD_REQUEST,
-                    f"batch of {len(payloads)} can never fit in maxsize={q.maxsize}",
+                    f"batch of {new} new messages can never fit in maxsize={q.maxsize}",
                 )
             ]
         q.compact()
-        if opts is not None and opts.dedup_id:
-            dedup_ids = [opts.dedup_id]
-        if dedup_ids is not None and q.dedup:
-            self._forget_dedup(q)
-            if all(d in q.dedup for d in dedup_ids):
-                return [(conn, Confirmed(m.req, len(payloads)))]  # all repeats: not stored
         room = q.room()
-        if (room is None or room >= len(payloads)) and not q.putters:
+        if (room is None or room >= new) and not q.putters:
             self._add(q, payloads, opts, dedup_ids)
             return [(conn, Confirmed(m.req, len(payloads))), *self._serve(q)]
         if m.wait == 0:
@@ -713,7 +867,9 @@ class Broker:
                     f"queue {q.name!r} is full ({q.held} of maxsize={q.maxsize})",
                 )
             ]
-        size = sum(map(len, payloads))
+        # What it holds while it waits: payloads, and headers and framing per message (a
+        # batch of 100,000 empty payloads is not free)
+        size = sum(map(len, payloads)) + len(payloads) * (hsize + _DELIVERY_OVERHEAD)
         cs = self._conn(conn)
         if cs.parked_bytes + size > self.max_parked_bytes_per_connection:
             return [
@@ -737,7 +893,7 @@ class Broker:
                 )
             ]
         w = PutWaiter(conn, m.req, self._deadline(m.wait), q.name, payloads=payloads, size=size,
-                      options=opts, dedup_ids=dedup_ids)  # fmt: skip
+                      options=opts, dedup_ids=dedup_ids, new=new)  # fmt: skip
         cs.parked_bytes += size
         self.parked_bytes += size
         q.putters.append(w)
@@ -747,21 +903,6 @@ class Broker:
     def _get(self, conn: Conn, m: Get) -> list[Out]:
         q = self._queue(m.queue)
         q.compact()
-        if m.wait != 0 and not q.ready:  # it will park: within the limits
-            cs = self._conn(conn)
-            if cs.parked_gets >= self.max_parked_gets_per_connection:
-                limit = self.max_parked_gets_per_connection
-                why = (
-                    f"this connection already has {cs.parked_gets} GETs waiting "
-                    f"(max_parked_gets_per_connection={limit}); wait for them first"
-                )
-                return [_err(conn, m.req, Code.LIMIT, why)]
-            if self.parked_gets >= self.max_parked_gets:
-                why = (
-                    f"{self.parked_gets} GETs are waiting on this broker "
-                    f"(max_parked_gets={self.max_parked_gets}); try again later"
-                )
-                return [_err(conn, m.req, Code.LIMIT, why)]
         w = GetWaiter(
             conn, m.req, self._deadline(m.wait), q.name,
             max_items=m.max_items, manual_ack=m.manual_ack, lease=m.lease,
@@ -774,6 +915,11 @@ class Broker:
             self._finish(w)
             q.compact()
             return [*out, self._nothing_for(q, w)]
+        why = self._park_refused(self._conn(conn), "GETs and JOINs")  # it parks: the limits
+        if why is not None:
+            self._finish(w)
+            q.compact()
+            return [*out, _err(conn, m.req, Code.LIMIT, why)]
         self._park(w)
         return out
 
@@ -849,11 +995,12 @@ class Broker:
             self._freed(conns.get(last), freed, count)
         return removed
 
-    @staticmethod
-    def _freed(cs: _ConnState | None, size: int, count: int) -> None:
+    def _freed(self, cs: _ConnState | None, size: int, count: int) -> None:
         if cs is not None:
             cs.unacked = max(0, cs.unacked - size)
             cs.holding = max(0, cs.holding - count)
+            if cs.blocked:
+                self._unblocked.append(cs)
 
     def _extend(self, conn: Conn, m: Extend) -> list[Out]:
         q = self.queues.get(m.queue)
@@ -889,7 +1036,7 @@ class Broker:
             self._persist_settings(q)
             if q.maxsize:  # parked batches that can never fit now are refused at once
                 for p in q.putters:
-                    if not p.done and len(p.payloads) > q.maxsize:
+                    if not p.done and p.new > q.maxsize:
                         self._finish(p)
                         out.append(
                             _err(
@@ -927,6 +1074,9 @@ class Broker:
             return [(conn, Ok(m.req, 0))]
         if m.wait == 0:
             return [_err(conn, m.req, Code.TIMEOUT, f"{q.unfinished} tasks unfinished")]
+        why = self._park_refused(self._conn(conn), "GETs and JOINs")
+        if why is not None:
+            return [_err(conn, m.req, Code.LIMIT, why)]
         q.compact()
         w = Waiter(conn, m.req, self._deadline(m.wait), q.name)
         q.joiners.append(w)
@@ -980,7 +1130,7 @@ class Broker:
             self.store.removed(q.name, msg.id)
         self.store.declared(q.name, None)
         out: list[Out] = [(conn, Ok(m.req, len(dropped)))]
-        for w in [*q.getters, *q.putters]:
+        for w in [*self._all_getters(q), *q.putters]:
             if not w.done:
                 self._finish(w)
                 out.append(_err(w.conn, w.req, Code.SHUTDOWN, f"queue {q.name!r} was deleted"))
@@ -993,9 +1143,11 @@ class Broker:
     def _peek(self, conn: Conn, m: Peek) -> list[Out]:
         q = self.queues.get(m.queue)
         shown: list[dict[str, Any]] = []
+        room = self.max_reply_bytes
         for msg in q.ready if q is not None else ():
-            if len(shown) == m.max_items:
-                break
+            room -= reply_cost(msg) + len(msg.origin) + len(msg.reason) + 96  # the map's keys
+            if len(shown) == m.max_items or (room < 0 and shown):
+                break  # within one reply's size, as a DELIVER (at least one)
             shown.append(
                 {
                     "id": msg.id,
@@ -1095,63 +1247,62 @@ class Broker:
         self.now = now
         touched: set[str] = set()
         out: list[Out] = []
-        leases = self._leases
-        while leases and leases[0][0] <= now:
-            deadline, _, name, dids = heapq.heappop(leases)
-            q = self.queues.get(name)
-            if q is None:
-                continue
-            for did in dids:
-                f = q.in_flight.get(did)
-                if f is None or f.deadline != deadline:
-                    continue  # settled or extended since
-                del q.in_flight[did]
-                self._release(f)
-                self._requeue(q, f.msg)
-                touched.add(name)
-        timeouts = self._timeouts
-        while timeouts and timeouts[0][0] <= now:
-            w = heapq.heappop(timeouts)[2]
-            if w.done:
-                continue
-            out.append(self._timed_out(w))
-            self._finish(w)
-            touched.add(w.queue)
-        delayed = self._delayed
-        while delayed and delayed[0][0] <= now:
-            _, msg_id, name = heapq.heappop(delayed)
-            q = self.queues.get(name)
-            msg = q.delayed.pop(msg_id, None) if q is not None else None
-            if q is not None and msg is not None:
+        queues, deadlines = self.queues, self.deadlines
+        with self.store.atomic():
+            for deadline, (name, dids) in deadlines.leases.due(now):
+                q = queues.get(name)
+                if q is None:
+                    continue
+                for did in dids:
+                    f = q.in_flight.get(did)
+                    if f is None or f.deadline != deadline:
+                        continue  # settled or extended since
+                    del q.in_flight[did]
+                    self._release(f)
+                    self._requeue(q, f.msg)
+                    touched.add(name)
+            for _, w in deadlines.timeouts.due(now):
+                if w.done:
+                    continue
+                out.append(self._timed_out(w))
+                self._finish(w)
+                touched.add(w.queue)
+            for _, (name, msg_id) in deadlines.delays.due(now):
+                q = queues.get(name)
+                msg = q.delayed.get(msg_id) if q is not None else None
+                if q is None or msg is None or self._due(msg) > now + _EPSILON:
+                    continue  # taken, dropped or moved since (or delayed again, till later)
+                del q.delayed[msg_id]
                 q.ready.give_back(msg)
                 touched.add(name)
-        expiring = self._expiring
-        while expiring and expiring[0][0] <= now:
-            _, msg_id, name = heapq.heappop(expiring)
-            q = self.queues.get(name)
-            msg = q.expiring.pop(msg_id, None) if q is not None else None
-            if q is None or msg is None or not self._expired(q, msg):
-                continue  # taken, dropped or moved since (or due again later)
-            if q.delayed.pop(msg_id, None) is None:
-                q.ready.discard(msg)
-            self._dead_letter(q, msg, "expired")
-            touched.add(name)
-            touched.add(name + DEAD_SUFFIX)
-        for name in touched:
-            q = self.queues.get(name)
-            if q is not None:
-                q.compact()
-                out += self._serve_with_dead(q)
-            self._forget_if_idle(name)
+            for _, (name, msg_id) in deadlines.expiries.due(now):
+                q = queues.get(name)
+                msg = q.expiring.get(msg_id) if q is not None else None
+                if q is None or msg is None or not self._expired(q, msg):
+                    continue  # taken, dropped or moved since (or due again later)
+                del q.expiring[msg_id]
+                if q.delayed.pop(msg_id, None) is None:
+                    q.ready.discard(msg)
+                self._dead_letter(q, msg, "expired")
+                touched.add(name)
+                touched.add(name + DEAD_SUFFIX)
+            for name in touched:
+                q = queues.get(name)
+                if q is not None:
+                    q.compact()
+                    out += self._serve_with_dead(q)
+                self._forget_if_idle(name)
+            if self._unblocked:
+                out += self._readmit()
         return out
+
+    def _due(self, msg: Stored) -> float:
+        """When a delayed message comes due, on the broker's clock."""
+        return msg.extra.due - self._wall_offset if msg.extra is not None else 0.0
 
     def next_deadline(self) -> float | None:
         """When ``tick`` next has something to do (or None)."""
-        first: float | None = None
-        for heap in (self._leases, self._timeouts, self._delayed, self._expiring):
-            if heap and (first is None or heap[0][0] < first):
-                first = heap[0][0]
-        return first
+        return self.deadlines.next()
 
     def parked(self, conn: Conn) -> int:
         """How many of ``conn``'s requests wait for an answer."""

@@ -109,7 +109,7 @@ class _Collector:
         for name, q in broker.queues.items():
             gauges["depth"].add_metric([name], q.depth)
             gauges["in_flight"].add_metric([name], len(q.in_flight))
-            gauges["consumers"].add_metric([name], sum(not g.done for g in q.getters))
+            gauges["consumers"].add_metric([name], q.consumers_waiting)
             gauges["age"].add_metric([name], q.oldest_age(now))
             for c in _COUNTERS:
                 counters[c].add_metric([name], getattr(q, f"{c}_total"))

@@ -105,6 +105,11 @@ class PutWaiter(Waiter):
     size: int = 0  # payload bytes it holds
     options: PutOptions | None = None
     dedup_ids: list[str] | None = None
+    new: int = 0  # messages it would store (repeats of remembered dedup ids left out)
+
+
+def _msg_id(msg: Stored) -> int:
+    return msg.id
 
 
 class _Lane:
@@ -132,10 +137,13 @@ class _Lane:
         return fresh.popleft()
 
     def in_order(self) -> list[Stored]:
-        """As ``popleft`` would hand them out: what came back and what is new, merged by id
-        (a message whose delay ended goes back behind older new ones; PEEK shows this)."""
-        back = sorted([m for _, m in self.back], key=lambda m: m.id)
-        return list(heapq.merge(back, self.fresh, key=lambda m: m.id))
+        """In the order ``popleft`` would hand them out."""
+        back = sorted([m for _, m in self.back], key=_msg_id)
+        return list(heapq.merge(back, self.fresh, key=_msg_id))
+
+
+def _enqueued(msg: Stored) -> float:
+    return msg.enqueued
 
 
 class Ready:
@@ -261,6 +269,20 @@ class Ready:
             return heapq.heappop(back)[1]
         return fresh.popleft()
 
+    def oldest(self) -> Stored | None:
+        """The message that has waited longest (the oldest head of the lanes: each lane
+        is in id order, so its head is its oldest), or None when empty."""
+        gone = self._gone
+        heads = []
+        for lane in (*self._lanes.values(), self._base):
+            if lane.fresh or lane.back:
+                head = lane.peek()
+                if head.id in gone:  # rare: withdrawn messages sit at its head
+                    head = next((m for m in lane.in_order() if m.id not in gone), head)
+                if head.id not in gone:
+                    heads.append(head)
+        return min(heads, key=_enqueued) if heads else None
+
     def __iter__(self) -> Iterator[Stored]:
         """In delivery order (for peek and purge; not on the hot path)."""
         lanes = [*self._lanes.values(), self._base]
@@ -288,6 +310,9 @@ class QueueState:
     delayed: dict[int, Stored] = field(default_factory=dict)  # msg id -> message
     in_flight: dict[int, InFlight] = field(default_factory=dict)  # delivery id -> ...
     getters: deque[GetWaiter] = field(default_factory=deque)
+    # GETs of connections that hold max_unacked_bytes, out of the line: conn -> its GETs
+    blocked: dict[int, dict[int, GetWaiter]] = field(default_factory=dict)  # conn -> req ->
+    consumers_waiting: int = 0  # parked GETs (in the line or blocked) not yet answered
     putters: deque[PutWaiter] = field(default_factory=deque)
     joiners: list[Waiter] = field(default_factory=list)
     # messages put with a ttl, while they wait (ready or delayed): id -> message
@@ -334,14 +359,16 @@ class QueueState:
             or self.in_flight
             or self.put_total
             or self.dedup
-            or any(not w.done for w in self.getters)
+            or self.consumers_waiting
             or any(not w.done for w in self.putters)
             or any(not w.done for w in self.joiners)
         )
 
     def oldest_age(self, now: float) -> float:
-        """Seconds the oldest waiting message has been in the queue."""
-        return max(0.0, now - self.ready.peek().enqueued) if self.ready else 0.0
+        """Seconds the oldest message ready to be delivered has been in the queue, whatever
+        its priority (a low-priority message starved by higher ones keeps ageing)."""
+        oldest = self.ready.oldest() if self.ready else None
+        return max(0.0, now - oldest.enqueued) if oldest is not None else 0.0
 
     def compact(self) -> None:
         """Drop finished waiters, so consumers that time out again and again on an empty
@@ -366,7 +393,7 @@ class QueueState:
             "maxsize": self.maxsize,
             "unfinished": self.unfinished,
             "shutdown": self.shutdown,
-            "consumers_waiting": sum(not g.done for g in self.getters),
+            "consumers_waiting": self.consumers_waiting,
             "lease": self.lease,
             "max_deliveries": self.max_deliveries,
             "dedup_window": self.dedup_window,
