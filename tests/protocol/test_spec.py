@@ -575,3 +575,41 @@ def test_peek_shows_the_order_of_delivery_when_a_delay_ended_behind_older_messag
     peeked = [m["payload"] for m in wire.call(PEEK, 5, q)[2]]
     delivered = [m[2] for m in wire.call(GET, 6, q, 10, 0)[2]]
     assert peeked == delivered == [b"older", b"delayed", b"newer"]
+
+
+def test_a_req_still_parked_cannot_be_reused_one_answered_can(wire: Wire) -> None:
+    q = "s-req"
+    wire.send(GET, 1, q, 1, None)  # parks
+    reused = wire.call(INFO, 1, q)
+    assert reused[:3] == [ERROR, 1, "bad_request"] and "still waiting" in reused[3]
+    wire.send(CANCEL, 1)
+    assert wire.call(INFO, 1, q)[:2] == [OK, 1]  # withdrawn: free again
+    assert wire.call(INFO, 1, q)[:2] == [OK, 1]  # answered: free again
+
+
+def test_a_ttl_put_straight_into_a_dead_letter_queue_drops_the_message(wire: Wire) -> None:
+    q = "s-dead-ttl.dead"
+    wire.call(PUT, 1, q, b"by hand", 0, {"ttl": 0.2})
+    wire.call(PUT, 2, q, b"kept")
+    info = wait_for(lambda: (i := wire.call(INFO, 3, q)[2])["depth"] == 1 and i)
+    assert (info["dead_total"], info["unfinished"]) == (1, 1)
+    assert [m["payload"] for m in wire.call(PEEK, 4, q)[2]] == [b"kept"]
+    assert wire.call(INFO, 5, q + ".dead")[2]["depth"] == 0  # no NAME.dead.dead
+
+
+def test_the_reply_bound_refuses_a_put_no_reply_could_carry_and_bounds_peek() -> None:
+    with BrokerThread(max_frame_size=200_000) as broker:  # max_reply_bytes 134,464
+        w = Wire(broker.port)
+        try:
+            q = "s-bound"
+            refused = w.call(PUT, 1, q, b"x" * 140_000)
+            assert refused[:3] == [ERROR, 1, "too_large"] and "nothing was stored" in refused[3]
+            headers = {f"h{i}": "v" * 250 for i in range(60)}  # 15 KiB of headers
+            for req in (2, 3, 4):
+                assert w.call(PUT, req, q, b"y" * 50_000, 0, {"headers": headers}) == [OK, req, 1]
+            assert w.call(INFO, 5, q)[2]["depth"] == 3
+            assert len(w.call(PEEK, 6, q, 10)[2]) == 2  # 2 x 65 KB fit, 3 would not
+            got = w.call(GET, 7, q, 10, 0)
+            assert len(got[2]) == 2 and len(msgspec.msgpack.encode(got)) < 200_000 + 65_536
+        finally:
+            w.close()
