@@ -412,3 +412,37 @@ def test_what_expired_while_the_broker_was_down_moves_once_it_starts(tmp_path: A
             time.sleep(0.02)  # no request at all: the timer alone moves it
         dead = b.server.broker.queues["jobs.dead"]
         assert dead.depth == 1 and dead.ready.peek().reason == "expired"
+
+
+def test_a_consumer_that_is_only_slow_to_read_keeps_its_connection_and_messages() -> None:
+    # With TCP_USER_TIMEOUT on the broker's sockets, Linux ends a connection whose peer
+    # keeps its receive window closed for that long: a busy consumer was reset and its
+    # messages went to others, silently. A peer that acknowledges is alive.
+    from pigeon.protocol import ClientCodec, Deliver, Get, Hello
+    from pigeon.protocol.wire import encode_frame
+
+    with BrokerThread(peer_timeout=1.0, heartbeat=0.3) as b:
+        with pigeon.Queue(b.url("slow"), serializer="raw") as q:
+            q.put_many([b"x" * 50_000] * 200)
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", b.port))
+        s.sendall(encode_frame(Hello("PGN", 1, "slow", None)))
+        s.sendall(encode_frame(Get(1, "slow", 200, 0.0, True)))
+        time.sleep(4.0)  # four times peer_timeout without reading: the window stays shut
+        assert b.server is not None
+        assert len(b.server.broker.queues["slow"].in_flight) == 200  # nothing given back
+        codec, buf, got = ClientCodec(), bytearray(), 0
+        s.settimeout(10)
+        while not got:
+            chunk = s.recv(1 << 20)
+            assert chunk, "the broker closed the connection of a consumer that was alive"
+            buf += chunk
+            while len(buf) >= 4 and len(buf) >= 4 + struct.unpack_from(">I", buf)[0]:
+                (n,) = struct.unpack_from(">I", buf)
+                m = codec.decode(bytes(buf[4 : 4 + n]))
+                del buf[: 4 + n]
+                if isinstance(m, Deliver):
+                    got = len(m.messages)
+        s.close()
+    assert got == 200

@@ -39,7 +39,7 @@ class Code(StrEnum):
     VALUE = "value"  # TASK_DONE beyond the unfinished count
     LIMIT = "limit"  # a broker limit was reached (connections, parked bytes, queues)
     UNACKED = "unacked"  # GET: this connection holds max_unacked_bytes; settle some first
-    TOO_LARGE = "too_large"  # GET: the next item does not fit in one reply
+    TOO_LARGE = "too_large"  # a message no reply could carry: PUT refused, or GET of one
     UNAVAILABLE = "unavailable"  # the store cannot commit now, or the broker is stopping
     IDLE = "idle"  # nothing received for idle_timeout (connection-level, then closed)
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pigeon._net import is_loopback, tcp_state
+from pigeon._net import is_loopback, peer_silence, tcp_state
 from pigeon.options import DEFAULT_PORT
 from pigeon.protocol import Ping
 from pigeon.protocol.codes import Code
@@ -147,6 +147,8 @@ class BrokerServer:
             factory, cfg.host, cfg.port, reuse_address=True, backlog=1024
         )
         self._tasks = [loop.create_task(self._heartbeats()), loop.create_task(self._watch_store())]
+        if cfg.peer_timeout > 0:
+            self._tasks.append(loop.create_task(self._watch_peers()))
         self._arm()  # what came due while the broker was down (delays, ttls) is due now
         if cfg.http:
             from pigeon.server.http import HttpSideDoor, parse_address
@@ -333,6 +335,21 @@ class BrokerServer:
                     c.refuse(Code.IDLE, f"no request for more than {idle:.0f} s")
                 elif c.welcomed and c.mode == "binary":
                     c.send(Ping(nonce))
+
+    async def _watch_peers(self) -> None:
+        """Drop a connection whose peer's TCP stack has stopped acknowledging anything for
+        ``peer_timeout`` (a pulled cable, a frozen host): what it held goes back at once.
+        A peer that only keeps its window closed - a consumer busy elsewhere - still
+        acknowledges, and keeps its connection (see ``pigeon._net``)."""
+        limit = self.config.peer_timeout
+        while True:
+            await asyncio.sleep(min(self.config.heartbeat, limit / 4))
+            for c in list(self._live):
+                silent = peer_silence(c.sock)
+                if silent > limit and c.transport is not None:
+                    log.warning("dropping %s: its TCP stack has acknowledged nothing for %.1f s "
+                                "(peer_timeout=%.1f s)", c.peer, silent, limit)  # fmt: skip
+                    c.transport.abort()
 
     def _trim(self) -> None:
         """Hand freed memory back to the system after connections closed: a burst of

@@ -12,7 +12,7 @@ from pigeon.server.model import Store
 
 __all__ = ["ServerConfig"]
 
-_REPLY_OVERHEAD = 64 * 1024  # what a DELIVER needs beyond its payloads, with room to spare
+_REPLY_OVERHEAD = 64 * 1024  # output kept free beside one reply (PINGs, other replies)
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ServerConfig:
     heartbeat: float = 5.0
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0  # seconds without a byte from a client before closing it
-    peer_timeout: float = DEFAULT_PEER_TIMEOUT  # TCP_USER_TIMEOUT: unacked data, then gone
+    peer_timeout: float = DEFAULT_PEER_TIMEOUT  # a peer acknowledging nothing this long: gone
     max_pending_output: int = 64 * 2**20  # bytes of replies waiting for a slow client
     max_unacked_bytes: int = 64 * 2**20  # per connection: unacked deliveries it may hold
     max_connections: int = 10_000
@@ -45,9 +45,12 @@ class ServerConfig:
 
     @property
     def max_reply_bytes(self) -> int:
-        """Payload bytes one DELIVER may carry: it must fit in a frame the broker would
-        accept, and in the output a slow client may leave waiting."""
-        limits = [self.max_frame_size]
+        """Bytes one DELIVER may carry - payloads, headers and per-message framing: no more
+        than a frame the broker would accept, and no more than the output a slow client
+        may leave waiting, less room for what else is on its way to it. A put of a message
+        larger than this is refused (``too_large``): no reply could carry it."""
+        limit = self.max_frame_size
         if self.max_pending_output:
-            limits.append(self.max_pending_output)
-        return max(1, min(limits) - _REPLY_OVERHEAD)
+            room = max(self.max_pending_output - _REPLY_OVERHEAD, self.max_pending_output // 2)
+            limit = min(limit, room)
+        return limit

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -63,6 +64,7 @@ class Connection(asyncio.BufferedProtocol):
         self.server = server
         self.id = conn_id
         self.transport: asyncio.Transport | None = None
+        self.sock: socket.socket | None = None  # the TCP socket, for the kernel's view
         self.buf = bytearray(4096)
         self.view = memoryview(self.buf)
         self.last_rx = time.monotonic()
@@ -97,9 +99,9 @@ class Connection(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "-")
         self.host = peer[0] if isinstance(peer, tuple) else self.peer
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            tune_tcp(sock, self.server.config.peer_timeout)
+        sock = self.sock = transport.get_extra_info("socket")
+        if sock is not None:  # no TCP_USER_TIMEOUT: the server checks peer_silence itself
+            tune_tcp(sock, 0)
         self.server.connection_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
