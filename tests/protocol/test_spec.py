@@ -598,18 +598,20 @@ def test_a_ttl_put_straight_into_a_dead_letter_queue_drops_the_message(wire: Wir
 
 
 def test_the_reply_bound_refuses_a_put_no_reply_could_carry_and_bounds_peek() -> None:
-    with BrokerThread(max_frame_size=200_000) as broker:  # max_reply_bytes 134,464
-        w = Wire(broker.port)
+    # max_reply_bytes: min(max_frame_size, max(max_pending_output - 64 KiB, half of it))
+    with BrokerThread(max_frame_size=200_000, max_pending_output=150_000) as broker:
+        w = Wire(broker.port)  # max_reply_bytes 84,464
         try:
             q = "s-bound"
-            refused = w.call(PUT, 1, q, b"x" * 140_000)
+            refused = w.call(PUT, 1, q, b"x" * 90_000)
             assert refused[:3] == [ERROR, 1, "too_large"] and "nothing was stored" in refused[3]
+            assert "max_reply_bytes=84464" in refused[3]
             headers = {f"h{i}": "v" * 250 for i in range(60)}  # 15 KiB of headers
             for req in (2, 3, 4):
-                assert w.call(PUT, req, q, b"y" * 50_000, 0, {"headers": headers}) == [OK, req, 1]
+                assert w.call(PUT, req, q, b"y" * 25_000, 0, {"headers": headers}) == [OK, req, 1]
             assert w.call(INFO, 5, q)[2]["depth"] == 3
-            assert len(w.call(PEEK, 6, q, 10)[2]) == 2  # 2 x 65 KB fit, 3 would not
+            assert len(w.call(PEEK, 6, q, 10)[2]) == 2  # 2 x 40 KB fit, 3 would not
             got = w.call(GET, 7, q, 10, 0)
-            assert len(got[2]) == 2 and len(msgspec.msgpack.encode(got)) < 200_000 + 65_536
+            assert len(got[2]) == 2 and len(msgspec.msgpack.encode(got)) <= 84_464
         finally:
             w.close()
