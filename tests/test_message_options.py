@@ -69,7 +69,7 @@ def test_text_mode_put_takes_options_at_the_end_of_the_line(broker: BrokerThread
         assert [f.readline() for _ in range(4)] == [
             b"+OK\r\n",
             b"+OK\r\n",
-            b"-BAD_REQUEST delay must be a number, not 'x'\r\n",
+            b"-BAD_REQUEST delay must be a number of seconds, not 'x'\r\n",
             b"+OK\r\n",
         ]
         time.sleep(0.5)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,11 +20,29 @@ names = st.text(min_size=1, max_size=20)
 ints = st.integers(min_value=0, max_value=2**53)
 waits = st.none() | st.floats(min_value=0, max_value=1e6, allow_nan=False)
 blobs = st.binary(max_size=64)
+options = st.builds(
+    m.PutOptions,
+    st.floats(0, 1e6),
+    st.floats(0, 1e6),
+    st.text(max_size=10),
+    st.integers(0, 9),
+    st.dictionaries(names, st.text(max_size=10), max_size=3),
+)
 
 client_messages = st.one_of(
     st.builds(m.Hello, st.just(m.MAGIC), st.integers(0, 9), names, st.none() | names),
     st.builds(m.Put, ints, names, blobs, waits),
+    st.builds(m.Put, ints, names, blobs, waits, st.none() | options),
     st.builds(m.PutBatch, ints, names, st.lists(blobs, max_size=5), waits),
+    st.builds(
+        m.PutBatch,
+        ints,
+        names,
+        st.lists(blobs, max_size=5),
+        waits,
+        st.none() | options,
+        st.none() | st.lists(names, max_size=5),
+    ),
     st.builds(m.Get, ints, names, st.integers(1, 1000), waits, st.booleans(), waits),
     st.builds(m.Cancel, ints),
     st.builds(m.Ack, ints, names, st.lists(ints, max_size=5)),
@@ -102,3 +121,19 @@ def test_protocol_imports_no_io_modules() -> None:
                 )
                 for mod in mods:
                     assert mod.split(".")[0] not in forbidden, f"{path.name} imports {mod}"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x96\x10\x07\xa4jobs\xc4\x02hi\x00\x81\xa1x" + b"\x91" * 5000 + b"\x01",  # in options
+        b"\x96\x10\x07\xa4jobs\xc4\x02hi\x00\x82\x01\x02\xa1x" + b"\x91" * 5000 + b"\x01",
+        b"\x93\xcc\x80\x01" + b"\x91" * 5000 + b"\x01",  # an OK's value
+    ],
+)
+def test_values_nested_too_deeply_are_a_remote_protocol_error(body: bytes) -> None:
+    """msgspec raises RecursionError past ~1000 levels: it must not escape the codecs
+    (the broker closed the connection without an ERROR, a client broke with a traceback)."""
+    for codec in (ServerCodec(), ClientCodec()):
+        with pytest.raises(RemoteProtocolError, match="malformed message"):
+            codec.decode(body)

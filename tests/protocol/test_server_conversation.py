@@ -25,6 +25,7 @@ from pigeon.protocol.server import (
     DrainRequested,
     HelloReceived,
     RequestReceived,
+    RequestRefused,
     ServerConnection,
     State,
     Violation,
@@ -185,3 +186,15 @@ def test_a_half_close_asks_to_drain_and_replies_are_framed_in_two_buffers() -> N
     assert conv.receive_data(b"") == [DrainRequested("the client half-closed")]
     header, body = conv.send(Ok(1, 1))
     assert _LENGTH.unpack(header)[0] == len(body) and msgspec.msgpack.decode(body) == [0x80, 1, 1]
+
+
+def test_an_option_of_the_wrong_type_refuses_that_put_and_the_conversation_goes_on() -> None:
+    """docs/protocol.md section 4.3: an options entry is not a field of the message; a
+    wrong one is a bad request for that PUT, never a violation."""
+    bad = msgspec.msgpack.encode([0x10, 1, "q", b"x", 0.0, {"priority": 5.0}])
+    events, out = run([HELLO, _LENGTH.pack(len(bad)) + bad + frame(Stats(2))])
+    assert events[1:] == [
+        RequestRefused(1, "bad_request", "priority must be an integer from 0 to 9, not 5.0"),
+        RequestReceived(Stats(2)),
+    ]
+    assert msgspec.msgpack.decode(out[4:])[0] == 0x02  # the WELCOME, and no ERROR(0)

@@ -31,7 +31,9 @@ class Code(StrEnum):
     SHUTDOWN = "shutdown"  # the queue was shut down (PUT), and is drained (GET)
     TIMEOUT = "timeout"  # JOIN: unfinished tasks remained when its wait ran out
     AUTH = "auth"  # wrong or missing token (connection-level, then closed)
-    COOLDOWN = "cooldown"  # too many failed logins from this address; try again later
+    # Never sent by this broker (an earlier one locked an address out after failed logins,
+    # which let a stranger lock out a client with the token); kept, as every code is.
+    COOLDOWN = "cooldown"
     PROTOCOL = "protocol"  # malformed bytes or messages (connection-level, then closed)
     BAD_REQUEST = "bad_request"  # a field out of range, a bad queue name, a batch too big
     VALUE = "value"  # TASK_DONE beyond the unfinished count

@@ -83,6 +83,29 @@ class PutBatch(_Msg, tag=0x11):
     dedup_ids: list[str] | None = None  # (added) one per payload
 
 
+class RawPut(_Msg, tag=0x10):
+    """A PUT as the broker reads it when ``Put`` does not decode: ``options`` kept as its
+    MessagePack bytes, read an entry at a time (``option_map``), so an entry of the wrong
+    type is a bad request, not a malformed frame. Its fields are ``Put``'s."""
+
+    req: int
+    queue: str
+    payload: bytes
+    wait: float | None = 0.0
+    options: msgspec.Raw = msgspec.Raw()
+
+
+class RawPutBatch(_Msg, tag=0x11):
+    """``PutBatch`` as ``RawPut`` is ``Put``."""
+
+    req: int
+    queue: str
+    payloads: list[bytes]
+    wait: float | None = 0.0
+    options: msgspec.Raw = msgspec.Raw()
+    dedup_ids: list[str] | None = None
+
+
 class Get(_Msg, tag=0x20):
     req: int
     queue: str

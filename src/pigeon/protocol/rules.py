@@ -48,13 +48,16 @@ HEADERS_BYTES = 16 * 1024  # bytes of names and values in a message's headers
 DEFAULT_DEDUP_WINDOW = 300.0  # seconds a queue remembers a dedup id
 
 
-def seconds_problem(name: str, value: Any, *, nil: bool, positive: bool = False) -> str | None:
-    """Why ``value`` is not a usable number of seconds for field ``name`` (or None)."""
+def seconds_problem(
+    name: str, value: Any, *, nil: bool, positive: bool = False, zero: str = ""
+) -> str | None:
+    """Why ``value`` is not a usable number of seconds for field ``name`` (or None).
+    ``zero``: what 0 means, when it means something else than no time (a ttl's none)."""
     if value is None:
         return None if nil else f"{name} must be a number of seconds, not nil"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"{name} must be a number of seconds, not {value!r}"
-    low = "more than 0" if positive else "from 0"
+    low = "more than 0" if positive else f"from 0 ({zero})" if zero else "from 0"
     ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
     if not ok or value > MAX_SECONDS:
         return (
@@ -108,7 +111,9 @@ def options_problem(o: Any) -> str | None:
     """What is out of range in a PUT's options (or None)."""
     if o.delay and (bad := seconds_problem("delay", o.delay, nil=False)):
         return bad
-    if o.ttl and (bad := seconds_problem("ttl", o.ttl, nil=False, positive=True)):
+    # On the wire a ttl of 0 is none (the default); pigeon's put() takes None for none
+    # and refuses 0 (DESIGN.md: ttl > 0), before anything is sent.
+    if o.ttl and (bad := seconds_problem("ttl", o.ttl, nil=False, zero="none")):
         return bad
     if o.dedup_id and (bad := _dedup_problem("dedup_id", o.dedup_id)):
         return bad
@@ -121,7 +126,7 @@ def options_problem(o: Any) -> str | None:
         for k, v in o.headers.items():
             n = len(k.encode("utf-8", "surrogatepass"))
             if not 0 < n <= HEADER_KEY_BYTES:
-                return f"a header name must be 1 to {HEADER_KEY_BYTES} bytes, not {n}"
+                return f"headers: a name must be 1 to {HEADER_KEY_BYTES} bytes of UTF-8, not {n}"
             total += n + len(v.encode("utf-8", "surrogatepass"))
         if total > HEADERS_BYTES:
             return f"headers must hold at most {HEADERS_BYTES} bytes, not {total}"

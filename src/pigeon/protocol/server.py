@@ -14,10 +14,12 @@
 # magic and version; bytes behind HELLO wait until the server decides (``welcome`` or
 # ``refuse``: the token check may take a second); after WELCOME frames up to
 # ``max_frame_size``; a second HELLO, an undecodable frame or a frame too large is a
-# violation (one ERROR(0, "protocol") queued, then nothing more is read); GOODBYE asks to
-# drain. What to do with a request - the broker, STATS, refused writes - and when to close
-# is the server's (``server/connection.py``, the asyncio shell, which also keeps the text
-# mode and the timers).
+# violation (one ERROR(0, "protocol") queued, then nothing more is read); a request that
+# decodes but holds an options entry of the wrong type is refused on its own
+# (``RequestRefused``: ERROR(req, "bad_request"), the connection stays open, as for a
+# value out of range); GOODBYE asks to drain. What to do with a request - the broker,
+# STATS, refused writes - and when to close is the server's (``server/connection.py``,
+# the asyncio shell, which also keeps the text mode and the timers).
 """
 
 from __future__ import annotations
@@ -40,13 +42,14 @@ from pigeon.protocol.messages import (
     Hello,
     Welcome,
 )
-from pigeon.protocol.wire import ServerCodec, encode_message
+from pigeon.protocol.wire import RequestRefused, ServerCodec, encode_message
 
 __all__ = [
     "DrainRequested",
     "Event",
     "HelloReceived",
     "RequestReceived",
+    "RequestRefused",
     "ServerConnection",
     "State",
     "Violation",
@@ -94,7 +97,9 @@ class Violation:
     reason: str
 
 
-Event = HelloReceived | RequestReceived | DrainRequested | Violation
+# RequestRefused (from ``wire``): a request answered ERROR(req, code, message) at once,
+# without the broker (an options entry of the wrong type); the conversation goes on.
+Event = HelloReceived | RequestReceived | RequestRefused | DrainRequested | Violation
 
 
 class ServerConnection:
@@ -189,7 +194,8 @@ class ServerConnection:
         except RemoteProtocolError as exc:
             return [self._violation(str(exc))]
         if not isinstance(msg, Hello):
-            return [self._violation(f"expected HELLO first, got {type(msg).__name__}")]
+            got = "a PUT" if isinstance(msg, RequestRefused) else type(msg).__name__
+            return [self._violation(f"expected HELLO first, got {got}")]
         if msg.magic != MAGIC or msg.version != VERSION:
             return [self._violation(
                 f"unsupported protocol {msg.magic!r} version {msg.version}; "
@@ -214,6 +220,8 @@ class ServerConnection:
                 events.append(DrainRequested(f"GOODBYE {msg.reason}".strip()))
             elif isinstance(msg, Hello):
                 events.append(self._violation("HELLO sent twice"))
+            elif isinstance(msg, RequestRefused):
+                events.append(msg)
             else:
                 events.append(RequestReceived(msg))
         return events

@@ -46,6 +46,7 @@ from pigeon.protocol.server import (
     Event,
     HelloReceived,
     RequestReceived,
+    RequestRefused,
     ServerConnection,
 )
 from pigeon.protocol.wire import encode_message
@@ -321,6 +322,8 @@ class Connection(asyncio.BufferedProtocol):
                     self.send(Error(msg.req, Code.UNAVAILABLE, why))
                 else:
                     server.apply(functools.partial(self._handle, msg))
+            elif isinstance(ev, RequestRefused):  # e.g. an options entry of the wrong type
+                self.send(Error(ev.req, ev.code, ev.message))
             elif isinstance(ev, HelloReceived):
                 self._hello(ev)
             elif isinstance(ev, DrainRequested):

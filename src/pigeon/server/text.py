@@ -100,7 +100,8 @@ def _options(data: str) -> tuple[str, PutOptions | None]:
             number = int(value) if name == "priority" else float(value)
         except ValueError:
             if name != "dedup_id":
-                raise ValueError(f"{name} must be a number, not {value!r}") from None
+                kind = "an integer from 0 to 9" if name == "priority" else "a number of seconds"
+                raise ValueError(f"{name} must be {kind}, not {value!r}") from None
         if name == "delay":
             opts.delay = number
         elif name == "ttl":
