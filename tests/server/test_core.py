@@ -941,3 +941,15 @@ def test_peek_shows_recovered_messages_in_delivery_order() -> None:
     (peeked,) = replies(b.handle(A, Peek(1, "q", 10)), A)
     (taken,) = replies(b.handle(A, Get(2, "q", 10, 0)), A)
     assert [m["payload"] for m in peeked.value] == payloads(taken) == [b"plain", b"headers"]
+
+
+def test_a_join_without_a_wait_can_be_cancelled() -> None:
+    b = Broker()
+    b.connection_made(A)
+    b.handle(A, Put(1, "q", b"unfinished"))
+    b.handle(A, Join(2, "q"))
+    b.handle(A, Join(3, "q"))
+    b.handle(A, Cancel(2))
+    assert b.parked(A) == 1 and b.parked_bytes == 8
+    b.handle(A, Get(4, "q", 1, 0))
+    assert replies(b.handle(A, TaskDone(5, "q", 1)), A) == [Ok(5, 0), Ok(3, 0)]

@@ -1227,10 +1227,24 @@ class Broker:
 
     def _cancel(self, conn: Conn, m: Cancel) -> list[Out]:
         cs = self._conns.get(conn)
-        w = cs.parked.get(m.req) if cs is not None else None
+        if cs is None:
+            return []
+        w = cs.parked.get(m.req)
         if w is not None:
             self._finish(w)
             self._forget_if_idle(w.queue)
+            return []
+        for q in self._join_queues(cs):  # a JOIN without a wait (rare: a scan is fine)
+            reqs = q.join_reqs[conn]
+            if m.req in reqs:
+                reqs.remove(m.req)
+                cs.parked_bytes -= _JOIN_COST
+                self.parked_bytes -= _JOIN_COST
+                if not reqs:
+                    del q.join_reqs[conn]
+                    cs.joins.discard(q.name)
+                    self._forget_if_idle(q.name)
+                break
         return []
 
     def _ping(self, conn: Conn, m: Ping) -> list[Out]:
