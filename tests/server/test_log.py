@@ -880,3 +880,170 @@ def test_a_read_that_changes_nothing_leaves_later_changes_to_be_written(tmp_path
     reopened = LogStore(tmp_path)
     assert len(_all_payloads(reopened)) == 2
     reopened.close()
+
+
+# --- durability of housekeeping: what a power cut or a failed fsync leaves ------------
+
+
+class _PowerCut:
+    """What a power cut would leave: every fsync or fdatasync of a segment records the
+    size it made durable, and ``cut`` copies each segment as far as that. The syncer's
+    fdatasyncs can be held back (the disk is still busy with them when the power fails)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.durable: dict[str, int] = {}
+        self.hold = threading.Event()
+        self.release = threading.Event()
+        real_fsync, real_fdatasync = os.fsync, os.fdatasync
+
+        def record(fd: int) -> None:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if os.path.isfile(path):
+                self.durable[path] = os.fstat(fd).st_size
+
+        def fsync(fd: int) -> None:
+            real_fsync(fd)
+            record(fd)
+
+        def fdatasync(fd: int) -> None:
+            if self.hold.is_set() and threading.current_thread().name == "pigeon-log-sync":
+                self.release.wait(10)
+                return
+            real_fdatasync(fd)
+            record(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+
+    def cut(self, data: Path, where: Path) -> dict[str, int]:
+        """Open a copy of the log as the cut leaves it; the messages per queue it holds."""
+        (where / LOG_DIR).mkdir(parents=True)
+        for seg in segments(data):
+            kept = seg.read_bytes()[: self.durable.get(str(seg.resolve()), 0)]
+            (where / LOG_DIR / seg.name).write_bytes(kept)
+        store = LogStore(where, "never")
+        found: dict[str, int] = {}
+        for q, _ in store.recover():
+            found[q] = found.get(q, 0) + 1
+        store.close()
+        return found
+
+
+@pytest.mark.parametrize("fsync", ["always", "batch"])
+def test_a_segment_is_deleted_only_once_the_change_that_emptied_it_is_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fsync: str
+) -> None:
+    # A MOVE (remove here, add there: one record) empties the oldest segment, which is
+    # then deleted. If the power fails before the syncer's fdatasync of that record, the
+    # deletion must not be what survives: the moved messages would be nowhere.
+    power = _PowerCut(monkeypatch)
+    broker, store = opened(tmp_path / "data", fsync, segment_bytes=4096)
+    for i in range(10):
+        broker.handle(1, Put(i + 1, "src", b"src-%d " % i + b"." * 90))
+    broker.handle(1, Put(20, "other", b"o" * 3500))  # fills segment 1: a roll
+    [(_, deliver)] = broker.handle(1, Get(21, "other", 1, 0.0, True))
+    broker.handle(1, Ack(22, "other", [deliver.messages[0].id]))  # only src's 10 live in 1
+    time.sleep(0.2)
+    assert power.cut(tmp_path / "data", tmp_path / "before") == {"src": 10}
+    power.hold.set()  # the syncer's next fdatasync does not reach the disk in time
+    assert broker.handle(1, Move(23, "src", "dst"))[0][1].value == 10
+    assert [s.name for s in segments(tmp_path / "data")] == ["0000000000000002.seg"]
+    found = power.cut(tmp_path / "data", tmp_path / "after")  # the power fails now
+    power.release.set()
+    store.close()
+    assert found == {"dst": 10}
+
+
+def test_a_failed_fsync_in_the_loops_thread_is_never_confirmed_by_the_syncers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop's thread fdatasyncs a full segment before it begins the next. If that
+    # fails, the kernel reports the error once: the syncer's fdatasync of the same file
+    # afterwards returns 0 - and must not confirm the batch the failed one covered.
+    store = LogStore(tmp_path, "always", segment_bytes=4096)
+    commits: list[int] = []
+    store.start(commits.append)
+    broker = Broker(store)
+    broker.connection_made(1)
+    broker.handle(1, Put(1, "q", b"first"))
+    deadline = time.monotonic() + 5
+    while not commits and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert commits == [1]
+    loop_thread = threading.get_ident()
+    failed = threading.Event()
+    real_fdatasync, real_fsync_now = os.fdatasync, store._fsync_now
+
+    def fdatasync(fd: int) -> None:
+        if threading.get_ident() == loop_thread and not failed.is_set():
+            failed.set()
+            raise OSError(errno.EIO, "Input/output error")  # reported once ...
+        real_fdatasync(fd)  # ... and the next fdatasync of the file returns 0
+
+    def syncer_after_the_failure() -> None:
+        failed.wait(5)  # the order the threads almost always take: the loop's first
+        real_fsync_now()
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(store, "_fsync_now", syncer_after_the_failure)
+    broker.handle(1, Put(2, "q", b"x" * 5000))  # fills the segment: a roll
+    assert failed.wait(5)
+    time.sleep(0.3)
+    assert store.stalled_for == float("inf") and commits == [1]
+    store.close()
+
+
+def test_housekeeping_scheduled_before_close_does_nothing_after_it(tmp_path: Path) -> None:
+    from pigeon.server.model import Stored
+
+    async def main() -> tuple[list[Any], set[str], set[str]]:
+        loop = asyncio.get_running_loop()
+        errors: list[Any] = []
+        loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+        store = LogStore(tmp_path, "batch", segment_bytes=4096)
+        store.attach(loop)
+        store.start(lambda batch: None)
+        ids = iter(range(1, 1 << 40))
+        store.added_many("q", [Stored(next(ids), b"L" * 40) for _ in range(60)])  # live
+        store.flush()
+        for _ in range(5000):  # puts and acks until a turn leaves housekeeping pending
+            msgs = [Stored(next(ids), b"x" * 200) for _ in range(5)]
+            store.added_many("q", msgs)
+            store.flush()
+            store.removed_many("q", [m.id for m in msgs])
+            store.flush()
+            if store._maintaining:
+                break
+            await asyncio.sleep(0)
+        assert store._maintaining
+        before = set(os.listdir(store.path))
+        store.close()  # what the server does last when it stops
+        await asyncio.sleep(0.05)  # the loop turns again before the process exits
+        return errors, before, set(os.listdir(store.path))
+
+    errors, before, after = asyncio.run(main())
+    assert errors == [] and after == before
+
+
+@pytest.mark.parametrize("torn_after", [False, True])
+def test_a_whole_last_record_that_fails_its_checksum_is_quarantined_not_cut_off(
+    tmp_path: Path, caplog: Any, torn_after: bool
+) -> None:
+    # Its header checks out and its length fits the file: not a write a crash cut short
+    # but a record (confirmed, perhaps) that rotted - kept and reported as damage. Bytes
+    # after it that are no record are still a torn tail.
+    broker, store = opened(tmp_path, "always")
+    for i in range(3):
+        broker.handle(1, Put(i + 1, "q", b"confirmed-%d" % i))
+    store.close()
+    seg = segments(tmp_path)[-1]
+    data = bytearray(seg.read_bytes())
+    data[data.rindex(b"confirmed-2") + 3] ^= 0x01
+    seg.write_bytes(bytes(data) + (b"PgR1\x10\x00" if torn_after else b""))
+    broker, store = opened(tmp_path)
+    assert store.quarantined == 1 and "failed their checksum" in caplog.text
+    assert ("cut off 6 byte(s)" in caplog.text) == torn_after
+    assert payloads(broker) == [b"confirmed-0", b"confirmed-1"]
+    store.close()
+    (kept,) = (tmp_path / LOG_DIR / "quarantine").iterdir()
+    assert kept.read_bytes().endswith(b"congirmed-2") and kept.stat().st_size == 36

@@ -109,7 +109,8 @@ class Durable(Store):
         self.committed = 0  # every batch <= this is durable
         self.last_tag = 0  # the batch the most recent change belongs to
         self.changes = 0  # how many changes were ever made
-        self._closing = False
+        self._closing = False  # the syncer's last pass is due
+        self._closed = False  # close() has run: nothing is written any more
         self._error: BaseException | None = None
         self._failing_since: float | None = None
         self.on_commit: Callable[[int], None] | None = None
@@ -125,6 +126,9 @@ class Durable(Store):
         self._flush_pending = False
         self._retry_delay = 0.01
         self._sync = threading.Condition()  # with the thread that fsyncs
+        # Held around every fsync of what the broker wrote, whichever thread runs it (the
+        # syncer, or the loop's at a segment roll, a compaction, a drop): see _fsync_or_break.
+        self._fsync_lock = threading.Lock()
         self._sync_upto = 0  # --fsync always: the batch the syncer must make durable
         self._dirty_since: float | None = None  # --fsync batch: the oldest unsynced write
 
@@ -152,6 +156,29 @@ class Durable(Store):
         """A damaged store (not a busy or full disk): stop confirming writes."""
         self._error = exc
         log.critical("store %s failed, no more writes are confirmed: %s", self, exc)
+
+    def _fsync_or_break(self, sync: Callable[[], None]) -> None:
+        """Run ``sync``, an fsync of what the broker wrote, under the store's fsync lock.
+
+        A failure breaks the store before the lock is let go, so it poisons every batch
+        the fsync covered - everything written so far - whichever thread ran it: after a
+        failed fsync the kernel may have dropped the dirty pages and marked them clean,
+        and reports the error once per open file, so the next fsync (the syncer's, say)
+        returns 0 and proves nothing ("fsyncgate", PostgreSQL 2018). No fsync runs on a
+        broken store, and the syncer confirms nothing once the store is broken.
+
+        Raises:
+            FsyncFailed: this fsync, or an earlier one, failed.
+        """
+        with self._fsync_lock:
+            if self._error is not None:
+                raise FsyncFailed(f"the store is broken: {self._error}")
+            try:
+                sync()
+            except OSError as exc:
+                self._broken(OSError(f"fsync failed: {exc}; data written since the last "
+                                     "successful fsync may be lost"))  # fmt: skip
+                raise FsyncFailed(str(self._error)) from exc
 
     def _commits_again(self) -> None:
         assert self._failing_since is not None
@@ -188,6 +215,8 @@ class Durable(Store):
         never) or hand it to the syncer to fsync first (always). A retryable failure keeps
         the changes and retries with backoff; anything else stops confirming writes."""
         self._flush_pending = False
+        if self._closed:
+            return  # a callback that outlived close(): the changes stay unwritten
         if self._error is not None:
             self._ops = []  # nothing is written any more (the broker refuses puts)
             return
@@ -271,12 +300,16 @@ class Durable(Store):
                 try:
                     self._fsync_now()
                 except Exception as exc:
-                    # Never retried: after a failed fsync the kernel may have dropped the
-                    # dirty pages and marked them clean, so a retry that succeeds proves
-                    # nothing ("fsyncgate", PostgreSQL 2018). What was waiting for this
-                    # fsync is never confirmed; the store stops taking writes.
-                    self._broken(OSError(f"fsync failed: {exc}; data written since the "
-                                         "last successful fsync may be lost"))  # fmt: skip
+                    # Never retried (see _fsync_or_break): what was waiting for this fsync
+                    # is never confirmed; the store stops taking writes.
+                    if self._error is None:
+                        self._broken(OSError(f"fsync failed: {exc}; data written since "
+                                             "the last successful fsync may be lost"))  # fmt: skip
+                    return
+                if self._error is not None:
+                    # An fsync in another thread failed meanwhile (a segment roll in the
+                    # loop's): it covered these batches too, and this fsync's success
+                    # proves nothing about them.
                     return
             if upto > synced:
                 synced = upto

@@ -53,7 +53,7 @@ import msgspec
 
 from pigeon.errors import StoreCorrupted
 from pigeon.server.model import NO_TRANSACTION, Stored
-from pigeon.server.store.durable import Durable, FsyncMode
+from pigeon.server.store.durable import Durable, FsyncFailed, FsyncMode
 from pigeon.server.store.records import (
     ADDS,
     DECLARE,
@@ -79,6 +79,8 @@ from pigeon.server.store.records import (
     record_header,
     salt_crc,
     scan,
+    truncate,
+    whole_record,
 )
 
 __all__ = ["LOG_DIR", "LogStore"]
@@ -104,6 +106,13 @@ _MAX_RETRY_DELAY = 0.25
 _MAX_RECORD = 256 * 2**20
 
 
+def _cut_torn_tail(path: Path, data: bytes, at: int) -> bytes:
+    log.warning("%s: cut off %d byte(s) of a write a crash left unfinished (never confirmed)",
+                path, len(data) - at)  # fmt: skip
+    truncate(path, at)
+    return data[:at]
+
+
 class LogStore(Durable):
     """A ``Store`` that appends every change to ``DATA_DIR/log/*.seg``."""
 
@@ -123,8 +132,8 @@ class LogStore(Durable):
         self.segment_bytes = segment_bytes
         self._encode = msgspec.msgpack.Encoder().encode
         self._depth = 0  # inside atomic(): write when the outermost block ends
-        self._fd = -1
-        self._fd_lock = threading.Lock()  # the syncer's fsync against a segment switch
+        self._fd = -1  # the active segment's (switched under _fsync_lock: not mid-fsync)
+        self._synced = (0, 0)  # (segment, size) the loop's thread last fdatasynced
         self._thread = threading.Thread(target=self._syncer, name="pigeon-log-sync", daemon=True)
         self.compactions = 0
         self._forwarding: list[int] | None = None  # ids of the oldest segment to move
@@ -185,14 +194,18 @@ class LogStore(Durable):
                             "the segment aside (its messages are lost) or restore a backup"
                         ) from exc
                     continue
-                if last and end == len(data):  # a torn tail: a write a crash cut short
-                    log.warning("%s: cut off %d byte(s) of a write a crash left unfinished "
-                                "(never confirmed)", path, end - off)  # fmt: skip
-                    with open(path, "r+b") as f:
-                        f.truncate(off)
-                        os.fsync(f.fileno())
-                    data = data[:off]
-                    break
+                if last and end == len(data):
+                    rec_end = whole_record(data, off, salt)
+                    if rec_end is None:  # a torn tail: a write a crash cut short
+                        data = _cut_torn_tail(path, data, off)
+                        break
+                    # A whole record (its header checks out, its length fits) whose body
+                    # fails its checksum: a confirmed record may have rotted - kept in
+                    # quarantine and reported like damage anywhere else; what follows it,
+                    # if anything, is a torn tail.
+                    if rec_end < end:
+                        data = _cut_torn_tail(path, data, rec_end)
+                    end = rec_end
                 self._quarantine(path, data, off, end, salt)
                 state.bad_records += 1
                 state.bad_bytes += end - off
@@ -202,9 +215,7 @@ class LogStore(Durable):
                             "cut it short: never confirmed)", path, len(changes.partial),
                             changes.since)  # fmt: skip
                 if last:  # nothing may follow it and join it at the next start
-                    with open(path, "r+b") as f:
-                        f.truncate(changes.since)
-                        os.fsync(f.fileno())
+                    truncate(path, changes.since)
                     data = data[: changes.since]
                     good_end = min(good_end, changes.since)
             self._sizes[seg] = max(good_end, len(data))
@@ -263,11 +274,12 @@ class LogStore(Durable):
             with contextlib.suppress(OSError):
                 path.unlink()
             raise
-        with self._fd_lock:
+        with self._fsync_lock:
             old, self._fd = self._fd, fd
             if old >= 0:
                 os.close(old)
         self._active = seg
+        self._synced = (seg, len(data))
         self._salts[seg] = salt
         self._sizes[seg] = len(data)
         self._seg_live[seg] = 0
@@ -480,10 +492,12 @@ class LogStore(Durable):
         self._write(ops)
 
     def _after_write(self) -> None:
-        if self._error is not None:
+        if self._error is not None or self._closed:
             return
         try:
             more = self._maintain()
+        except FsyncFailed:
+            return  # the store is broken (and said so): nothing more is begun or dropped
         except OSError as exc:
             log.error("store %s: starting a segment or reclaiming space failed (%s); "
                       "will retry", self.path, exc)  # fmt: skip
@@ -494,8 +508,8 @@ class LogStore(Durable):
 
     def _maintain_later(self) -> None:
         self._maintaining = False
-        if self._loop is not None and self._error is None and not self._ops:
-            self._after_write()
+        if self._loop is not None and not self._ops:
+            self._after_write()  # (nothing, if the store was closed or broke meanwhile)
 
     def _maintain(self) -> bool:
         """Begin a new segment when the active one is full; reclaim the oldest segments
@@ -549,14 +563,15 @@ class LogStore(Durable):
         self._new_segment(self._active + 1)
 
     def _sync_or_break(self) -> None:
-        """fdatasync the active segment; a failure breaks the store (never retried: see
-        ``Durable._syncer``), and no segment is dropped or begun after it."""
-        try:
-            with self._fd_lock:
-                os.fdatasync(self._fd)
-        except OSError as exc:
-            self._broken(OSError(f"fsync failed: {exc}; what was written since may be lost"))
-            raise
+        """fdatasync the active segment in the loop's thread; a failure breaks the store
+        and poisons every batch written so far (``Durable._fsync_or_break``): nothing is
+        confirmed, begun or dropped after it."""
+        self._fsync_or_break(self._fdatasync_active)
+        self._synced = (self._active, self._sizes[self._active])
+
+    def _fdatasync_active(self) -> None:
+        if self._fd >= 0:
+            os.fdatasync(self._fd)
 
     def _forward(self, seg: int, ids: list[int]) -> None:
         """Write up to ``_FORWARD_CHUNK`` of the live messages of segment ``seg`` (their ids
@@ -582,10 +597,16 @@ class LogStore(Durable):
                   self.path, len(moving), seg)  # fmt: skip
 
     def _drop(self, segs: list[int]) -> None:
-        """Delete segments with nothing live in them (one directory fsync for all: one
-        that comes back after a crash is replayed harmlessly - it holds nothing live)."""
+        """Delete segments with nothing live in them. The records that emptied them are
+        made durable first (an fdatasync of the active segment, unless this thread just
+        did one: the older segments were fdatasynced when they were closed) - else a
+        power cut could keep the deletion and lose a record that moved their messages.
+        Then one directory fsync for all: a segment that comes back after a crash is
+        replayed harmlessly, as nothing in it is live."""
         if not segs:
             return
+        if self._synced != (self._active, self._sizes[self._active]):
+            self._sync_or_break()
         for seg in segs:
             self._segment_path(seg).unlink()
             del self._sizes[seg], self._salts[seg]
@@ -595,9 +616,7 @@ class LogStore(Durable):
     # --- the syncer thread ----------------------------------------------------------------
 
     def _fsync_now(self) -> None:
-        with self._fd_lock:  # not while a segment is being switched
-            if self._fd >= 0:
-                os.fdatasync(self._fd)
+        self._fsync_or_break(self._fdatasync_active)  # not while a segment is switched
         self.fsyncs += 1
 
     @property
@@ -608,18 +627,23 @@ class LogStore(Durable):
     def close(self) -> None:
         """Write what is pending, fsync, stop the syncer, close the segment."""
         self._closing_flush()
+        self._closed = True  # housekeeping still scheduled on the loop does nothing now
         with self._sync:
             self._closing = True
             self._sync.notify()
         if self._thread.is_alive():
             self._thread.join(30)
-        with self._fd_lock:
+        with contextlib.suppress(FsyncFailed):
+            self._fsync_or_break(self._fsync_active)
+        with self._fsync_lock:
             if self._fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = -1
         self._unlock_dir()
+
+    def _fsync_active(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
 
     def _closing_flush(self) -> None:
         loop, self._loop = self._loop, None

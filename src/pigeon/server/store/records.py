@@ -222,6 +222,19 @@ def scan(data: bytes, start: int, salt: int) -> Iterator[tuple[int, int, bool]]:
         off = nxt
 
 
+def whole_record(data: bytes, off: int, salt: int) -> int | None:
+    """The end of the record at ``off`` if its header checks out and all the length it
+    claims is there (its body's checksum aside), else None: a record that fails its body
+    checksum is then damage, not a write a crash cut short."""
+    if off + RECORD_HEADER.size > len(data):
+        return None
+    magic, length, crc, hcrc = RECORD_HEADER.unpack_from(data, off)
+    end: int = off + RECORD_HEADER.size + length
+    if magic != MAGIC or zlib.crc32(CHECKED.pack(length, crc), salt) != hcrc or end > len(data):
+        return None
+    return end
+
+
 def read_segment(path: Path, data: bytes) -> int:
     """The segment's salt, once its header is checked."""
     if len(data) < FILE_HEADER_SIZE or data[: len(FILE_MAGIC)] != FILE_MAGIC:
@@ -252,6 +265,13 @@ def salt_crc(salt: int) -> int:
 
 
 SALT = struct.Struct("<16sI")
+
+
+def truncate(path: Path, size: int) -> None:
+    """Cut ``path`` to ``size`` bytes, durably."""
+    with open(path, "r+b") as f:
+        f.truncate(size)
+        os.fsync(f.fileno())
 
 
 def fsync_dir(path: Path) -> None:

@@ -268,7 +268,7 @@ class SQLiteStore(Durable):
     _checkpointer: sqlite3.Connection | None = None
 
     def _fsync_now(self) -> None:
-        self._fsync_wal()
+        self._fsync_or_break(self._fsync_wal)
 
     def _between_syncs(self, closing: bool) -> None:
         """Checkpoint the WAL once it passes ``_CHECKPOINT_BYTES``, off the loop."""
@@ -469,6 +469,7 @@ class SQLiteStore(Durable):
 
     def close(self) -> None:
         """Commit what is pending, stop the writer, close the database."""
+        self._closed = True  # a flush still scheduled on the loop does nothing now
         if self._loop is not None:
             if self._ops:
                 self._flush_pending = False
