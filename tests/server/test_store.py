@@ -259,3 +259,29 @@ def test_a_second_store_on_the_same_directory_is_refused(tmp_path: Path, kind: s
         STORES["log" if kind == "sqlite" else "sqlite"](tmp_path)
     first.close()
     STORES[kind](tmp_path).close()  # free again
+
+
+def test_a_delivery_in_flight_at_a_crash_is_counted_after_it(tmp_path: Path, kind: str) -> None:
+    # Each delivery increments delivery_count, also one in flight when the broker dies:
+    # else a message in flight at every crash would never reach max_deliveries.
+    from pigeon.protocol import Declare
+
+    broker, store = open_broker(tmp_path, "batch", kind)
+    broker.connection_made(1)
+    broker.handle(1, Declare(1, "q", max_deliveries=3))
+    broker.handle(1, PutBatch(2, "q", [b"poison", b"fine"]))
+    changes = store.changes
+    (first,) = deliveries(broker.handle(1, Get(3, "q", 1, 0, manual_ack=True)))
+    assert store.changes == changes  # counting it holds no reply (the DELIVER goes at once)
+    counts = [first.delivery_count]
+    for _ in range(3):  # the broker dies (its store written) with "poison" in flight
+        store.close()
+        broker, store = open_broker(tmp_path, "batch", kind)
+        broker.connection_made(1)
+        got = deliveries(broker.handle(1, Get(4, "q", 1, 0, manual_ack=True)))
+        counts += [d.delivery_count for d in got if d.payload == b"poison"]
+    assert counts == [1, 2, 3]  # then, after its third delivery, it went to the dead letters
+    dead = [m for m in broker.queues["q.dead"].ready]
+    assert [(m.payload, m.reason, m.origin) for m in dead] == [(b"poison", "max_deliveries", "q")]
+    assert [d.payload for d in deliveries(broker.handle(1, Get(5, "q", 5, 0)))] == []
+    store.close()

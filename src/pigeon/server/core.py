@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import islice, repeat, starmap
+from operator import attrgetter
 from typing import Any, ClassVar
 
 from pigeon.options import DEFAULT_LEASE, DEFAULT_MAX_DELIVERIES
@@ -81,6 +82,8 @@ Out = tuple[Conn, Any]
 
 _LEASE_HEAP_SLACK = 65_536  # lease entries before the heap may be rebuilt
 _DELIVERY_OVERHEAD = 32  # bytes of framing per message in a DELIVER, rounded up
+_msg_id = attrgetter("id")
+_NO_EXTRA = Extra()
 
 
 class _Refused(Exception):
@@ -178,20 +181,29 @@ class Broker:
                     q.dedup_heap.append((until, dedup_id))
             heapq.heapify(q.dedup_heap)
         last_id = 0
+        spent: list[tuple[QueueState, Stored]] = []
         for name, msg in self.store.recover():
             q = self._queue(name, limit=False)
             msg.enqueued = self.now
-            if msg.extra is not None:
-                if q.is_dead_letters:  # a dead letter keeps no timer
-                    msg.extra = Extra(msg.extra.priority, 0.0, 0.0, msg.extra.headers)
+            q.unfinished += 1
+            last_id = max(last_id, msg.id)
+            if msg.deliveries >= q.max_deliveries and not q.is_dead_letters:
+                spent.append((q, msg))  # in flight at a crash after its last delivery
+            elif msg.extra is not None:
+                if q.is_dead_letters:  # a dead letter keeps no expiry (a NACK's delay: yes)
+                    msg.extra = Extra(msg.extra.priority, msg.extra.due, 0.0, msg.extra.headers)
                 self._wait(q, msg, back=bool(msg.origin))
             elif q.is_dead_letters and msg.origin:
                 q.ready.give_back(msg)
             else:
                 q.ready.append(msg)
-            q.unfinished += 1
-            last_id = max(last_id, msg.id)
         self._ids = itertools.count(last_id + 1)
+        # Deliveries are stored: a message whose last allowed delivery was in flight when
+        # the broker stopped came back after it, and goes to the dead letters - else one in
+        # flight at every crash would be delivered for ever.
+        with self.store.atomic():
+            for q, msg in spent:
+                self._dead_letter(q, msg, "max_deliveries")
 
     @property
     def connections(self) -> set[Conn]:
@@ -277,6 +289,7 @@ class Broker:
         in_flight = q.in_flight
         removed: list[int] = []
         leased: list[int] = []
+        counted: list[int] = []  # ids of the messages leased: their deliveries are stored
         # Only plain priority-0 messages waiting (the common case): take from the deque
         # itself, not through Ready's methods (four calls less per message).
         fresh = ready.plain()
@@ -307,6 +320,7 @@ class Broker:
                 in_flight[did] = InFlight(msg, conn, deadline)
                 held += n
                 leased.append(did)
+                counted.append(msg.id)
                 out.append(
                     Delivery(did, msg.deliveries, msg.payload, headers)
                     if headers
@@ -323,6 +337,7 @@ class Broker:
         if removed:
             self.store.removed_many(name, removed)
         if leased:
+            self.store.delivered(name, counted)
             self._lease(deadline, name, leased)
             cs.holding += len(leased)
             self._handed(cs, name, leased)
@@ -375,6 +390,7 @@ class Broker:
         cs.unacked = held + total
         cs.holding += k
         q.delivered_total += k
+        self.store.delivered(q.name, list(map(_msg_id, msgs)))
         self._lease(deadline, q.name, dids)
         self._handed(cs, q.name, dids)
         return list(map(PlainDelivery, dids, counts, payloads))
@@ -591,6 +607,11 @@ class Broker:
             q.expiring[msg.id] = msg
             heapq.heappush(self._expiring, (msg.extra.expires - self._wall_offset, msg.id, q.name))
         q.redelivered_total += 1
+        if delay > 0:  # kept with the message (wall clock): it outlives a restart
+            e = msg.extra or _NO_EXTRA
+            msg.extra = Extra(
+                e.priority, self.now + delay + self._wall_offset, e.expires, e.headers
+            )
         self.store.requeued(q.name, msg)
         if delay > 0:
             q.delayed[msg.id] = msg

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 
 from pigeon.errors import StoreCorrupted, StoreInUse
@@ -130,8 +132,8 @@ def _import(root: Path, sqlite_file: Path, segment_bytes: int) -> None:
                     store.deduped(name, dedup_id, until)
         for start in range(0, len(messages), _IMPORT_CHUNK):
             with store.atomic():  # one record a chunk: the mark makes the whole atomic
-                for queue, msg in messages[start : start + _IMPORT_CHUNK]:
-                    store.added(queue, msg)
+                for queue, run in groupby(messages[start : start + _IMPORT_CHUNK], itemgetter(0)):
+                    store.added_many(queue, [msg for _, msg in run])  # shared options once
             if (failure := store.unwritten()) is not None:
                 raise StoreCorrupted(
                     f"could not write the imported messages to {store.path} "
