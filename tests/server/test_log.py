@@ -437,6 +437,24 @@ def test_an_import_killed_while_writing_is_done_again(tmp_path: Path) -> None:
     store.close()
 
 
+def test_an_import_discarded_after_its_imported_mark_leaves_no_mark(tmp_path: Path) -> None:
+    # Killed between writing log/IMPORTED and removing log/IMPORTING: the next start
+    # discards the import, mark and all - a stale IMPORTED would later let a log found
+    # beside the SQLite store pass for one made from it (and set the SQLite store aside).
+    _sqlite_with(tmp_path, 30)
+    (tmp_path / LOG_DIR).mkdir()
+    (tmp_path / LOG_DIR / stores.IMPORTING).write_text(DB_NAME)
+    LogStore(tmp_path).close()
+    (tmp_path / LOG_DIR / stores.IMPORTED_MARK).write_text(DB_NAME)
+    store = open_store(tmp_path, "sqlite")
+    assert isinstance(store, SQLiteStore) and len(_all_payloads(store)) == 30
+    store.close()
+    assert not (tmp_path / LOG_DIR / stores.IMPORTED_MARK).exists()
+    LogStore(tmp_path).close()  # a log that has nothing to do with it appears beside it
+    with pytest.raises(StoreCorrupted, match="holds both a log store"):
+        open_store(tmp_path)
+
+
 def test_an_import_killed_before_the_sqlite_file_was_renamed_is_finished(tmp_path: Path) -> None:
     _sqlite_with(tmp_path, 30)
     open_store(tmp_path, "log").close()

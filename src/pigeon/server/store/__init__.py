@@ -103,6 +103,11 @@ def _discard_unfinished_import(log_dir: Path, sqlite_file: Path) -> None:
     logger.warning("an earlier import from %s did not finish; importing again", sqlite_file)
     for _, path in list_segments(log_dir):
         path.unlink()
+    # A crash after the import wrote its IMPORTED mark but before it removed IMPORTING
+    # leaves both: the mark goes too, else it would vouch for whatever log is found here
+    # later as "made from" the SQLite store (which would then be set aside). Removed
+    # before IMPORTING, so a crash in between discards again at the next start.
+    (log_dir / IMPORTED_MARK).unlink(missing_ok=True)
     (log_dir / IMPORTING).unlink()
     fsync_dir(log_dir)
 
