@@ -381,3 +381,33 @@ def test_what_a_request_shares_is_stored_once_not_once_per_message(
         db = sqlite3.connect(tmp_path / "pigeon.sqlite3")
         assert db.execute("SELECT count(*) FROM shared").fetchone() == (0,)
         db.close()
+
+
+def test_dedup_ids_beyond_the_brokers_limit_are_refused_until_older_windows_pass() -> None:
+    # Each id costs memory and a live entry in the store for its whole window: their
+    # number is bounded across all queues, and a put beyond it stores nothing (its id
+    # is never forgotten early: a repeat within the window still stores nothing).
+    clock = Clock()
+    b = Broker(None, clock=lambda: clock.mono, wall_clock=lambda: clock.wall, max_dedup_ids=3)
+    b.connection_made(A)
+    b.handle(A, Declare(1, "short", dedup_window=10.0), clock.mono)
+    b.handle(A, Put(2, "short", b"a", 0.0, opts(dedup_id="a")), clock.mono)
+    b.handle(A, PutBatch(3, "long", [b"b", b"c"], 0.0, None, ["b", "c"]), clock.mono)
+    (refused,) = [
+        m for _, m in b.handle(A, Put(4, "long", b"d", 0.0, opts(dedup_id="d")), clock.mono)
+    ]
+    assert isinstance(refused, Error) and refused.code == "limit"
+    assert refused.message.startswith("this broker remembers 3 dedup ids (max_dedup_ids=3)")
+    (repeat,) = [
+        m for _, m in b.handle(A, Put(5, "long", b"c", 0.0, opts(dedup_id="c")), clock.mono)
+    ]
+    assert isinstance(repeat, Confirmed) and b.queues["long"].depth == 2
+    clock.advance(11)  # "a" is forgotten: room for one
+    (ok, *_) = [
+        m for _, m in b.handle(A, Put(6, "long", b"d", 0.0, opts(dedup_id="d")), clock.mono)
+    ]
+    assert isinstance(ok, Confirmed) and b.queues["long"].depth == 3 and b.dedup_ids == 3
+    from pigeon.protocol import Delete
+
+    b.handle(A, Delete(7, "long"), clock.mono)
+    assert b.dedup_ids == 0

@@ -133,6 +133,7 @@ class Broker:
         max_parked_gets_per_connection: int = 65_536,
         max_parked_gets: int = 262_144,
         wall_clock: Callable[[], float] = time.time,
+        max_dedup_ids: int = 1_000_000,
     ) -> None:
         self.store = store if store is not None else Store()
         # Bytes delivered to one connection and not yet settled: beyond this a consumer
@@ -148,6 +149,12 @@ class Broker:
         self.parked_gets = 0
         self.max_parked_bytes = max_parked_bytes
         self.parked_bytes = 0
+        # Dedup ids remembered, across all queues: each costs memory and a live entry in
+        # the store for its whole window (up to a year): a put with new ones beyond this
+        # is refused, as a full queue is, never stored with its id forgotten early.
+        self.max_dedup_ids = max_dedup_ids
+        self.dedup_ids = 0
+        self._dedup_swept_at = float("-inf")
         self.queues: dict[str, QueueState] = {}
         self._conns: dict[Conn, _ConnState] = {}
         # Delivery ids start at a random 40-bit epoch so that an ack from before a
@@ -179,6 +186,7 @@ class Broker:
                 if until > wall_now:
                     q.dedup[dedup_id] = until
                     q.dedup_heap.append((until, dedup_id))
+                    self.dedup_ids += 1
             heapq.heapify(q.dedup_heap)
         last_id = 0
         spent: list[tuple[QueueState, Stored]] = []
@@ -559,6 +567,21 @@ class Broker:
             until, old = heapq.heappop(heap)
             if seen.get(old) == until:
                 del seen[old]
+                self.dedup_ids -= 1
+
+    def _dedup_full(self, q: QueueState, dedup_ids: list[str]) -> bool:
+        """Would remembering ``dedup_ids`` pass ``max_dedup_ids``? At the limit, the ids
+        whose window passed are first forgotten in every queue (at most once a second:
+        until then a put may be refused a little early)."""
+        if self.dedup_ids + len(dedup_ids) <= self.max_dedup_ids:
+            return False
+        if self.now - self._dedup_swept_at >= 1.0:
+            self._dedup_swept_at = self.now
+            for other in self.queues.values():
+                if other.dedup:
+                    self._forget_dedup(other)
+        new = sum(d not in q.dedup for d in set(dedup_ids)) if q.dedup_window > 0 else 0
+        return self.dedup_ids + new > self.max_dedup_ids
 
     def _first(self, q: QueueState, dedup_id: str) -> bool:
         """True, and remembered for the queue's window, if ``dedup_id`` is not a repeat."""
@@ -569,6 +592,7 @@ class Broker:
         if q.dedup_window > 0:
             until = wall + q.dedup_window
             seen[dedup_id] = until
+            self.dedup_ids += 1
             heapq.heappush(q.dedup_heap, (until, dedup_id))
             self.store.deduped(q.name, dedup_id, until)
         return True
@@ -721,6 +745,17 @@ class Broker:
             self._forget_dedup(q)
             if all(d in q.dedup for d in dedup_ids):
                 return [(conn, Confirmed(m.req, len(payloads)))]  # all repeats: not stored
+        if dedup_ids is not None and self._dedup_full(q, dedup_ids):
+            return [
+                _err(
+                    conn,
+                    m.req,
+                    Code.LIMIT,
+                    f"this broker remembers {self.dedup_ids} dedup ids (max_dedup_ids="
+                    f"{self.max_dedup_ids}); nothing was stored: retry once older ids' "
+                    "windows pass, or shorten dedup_window",
+                )
+            ]
         room = q.room()
         if (room is None or room >= len(payloads)) and not q.putters:
             self._add(q, payloads, opts, dedup_ids)
@@ -1000,6 +1035,7 @@ class Broker:
         for msg in dropped:
             self.store.removed(q.name, msg.id)
         self.store.declared(q.name, None)
+        self.dedup_ids -= len(q.dedup)
         out: list[Out] = [(conn, Ok(m.req, len(dropped)))]
         for w in [*q.getters, *q.putters]:
             if not w.done:
