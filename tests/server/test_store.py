@@ -285,3 +285,41 @@ def test_a_delivery_in_flight_at_a_crash_is_counted_after_it(tmp_path: Path, kin
     assert [(m.payload, m.reason, m.origin) for m in dead] == [(b"poison", "max_deliveries", "q")]
     assert [d.payload for d in deliveries(broker.handle(1, Get(5, "q", 5, 0)))] == []
     store.close()
+
+
+def test_a_get_costs_no_write_of_its_own(tmp_path: Path, kind: str) -> None:
+    # The record of a GET's deliveries goes with the next change's write, or within
+    # fsync_interval when none comes: a consumer's GET is no extra transaction (SQLite)
+    # or write and fsync (the log), and its DELIVER waits for nothing.
+    import asyncio
+
+    async def main() -> None:
+        store = STORES[kind](tmp_path, "batch")
+        store.attach(asyncio.get_running_loop())  # type: ignore[attr-defined]
+        store.start(lambda batch: None)
+        broker = Broker(store)
+        broker.connection_made(1)
+        try:
+            broker.handle(1, PutBatch(1, "q", [b"a", b"b"]))
+            store.flush()
+            written = store.batch
+            store.flush_follows()  # the server reads a GET
+            (d,) = deliveries(broker.handle(1, Get(2, "q", 1, 0, manual_ack=True)))
+            store.flush()
+            assert store.batch == written and store.unwritten() is None
+            broker.handle(1, Ack(3, "q", [d.id]))  # a change: the deliveries go with it
+            store.flush()
+            assert store.batch == written + 1 and not store._ops
+            deliveries(broker.handle(1, Get(4, "q", 1, 0, manual_ack=True)))
+            store.flush()
+            assert store.batch == written + 1
+            await asyncio.sleep(store.fsync_interval * 5)  # no change came: written anyway
+            assert store.batch == written + 2 and not store._ops
+        finally:
+            store.close()
+
+    asyncio.run(main())
+    broker, store = open_broker(tmp_path, "batch", kind)
+    broker.connection_made(1)
+    assert [d.delivery_count for d in deliveries(broker.handle(1, Get(5, "q", 1, 0)))] == [2]
+    store.close()

@@ -124,6 +124,10 @@ class Durable(Store):
         # the server has handled a read (``flush``), or at the end of the loop's turn.
         self._loop: Any = None
         self._flush_pending = False
+        # _ops holds a change a reply may wait for; else only what no reply waits for
+        # (deliveries counted): written with the next change, or within fsync_interval
+        self._pending_change = False
+        self._late: Any = None  # the timer of such a write
         self._retry_delay = 0.01
         self._sync = threading.Condition()  # with the thread that fsyncs
         # Held around every fsync of what the broker wrote, whichever thread runs it (the
@@ -137,7 +141,7 @@ class Durable(Store):
         or the disk refused them and they wait for a retry."""
         if self._error is not None:
             return str(self._error)
-        return "the disk refused them" if self._ops else None
+        return "the disk refused them" if self._pending_change else None
 
     @property
     def holds_replies(self) -> bool:
@@ -205,10 +209,23 @@ class Durable(Store):
 
     def flush(self) -> None:
         if self._loop is not None and self._failing_since is None:
-            if self._ops:
+            if self._pending_change:
                 self._flush()
             else:
                 self._flush_pending = False
+                if self._ops:
+                    self._write_soon()
+
+    def _write_soon(self) -> None:
+        """Write what no reply waits for (deliveries counted) within ``fsync_interval``,
+        unless a change takes it along first: a GET costs no write of its own."""
+        if self._late is None:
+            self._late = self._loop.call_later(self.fsync_interval, self._write_late)
+
+    def _write_late(self) -> None:
+        self._late = None
+        if self._ops and self._failing_since is None:
+            self._flush()
 
     def _flush(self) -> None:
         """Write everything changed since the last flush at once; then confirm it (batch,
@@ -223,6 +240,7 @@ class Durable(Store):
         ops, self._ops = self._ops, []
         if not ops:
             return
+        changed, self._pending_change = self._pending_change, False
         self.batch += 1
         batch = self.batch
         try:
@@ -231,6 +249,7 @@ class Durable(Store):
             self._count_commit(time.perf_counter() - started)
         except self._retryable as exc:
             self._ops = ops + self._ops
+            self._pending_change = self._pending_change or changed
             self.batch -= 1
             if self._failing_since is None:
                 self._failing_since = time.monotonic()
@@ -246,10 +265,15 @@ class Durable(Store):
         if self._failing_since is not None:
             self._commits_again()
             self._retry_delay = 0.01
-        if self.fsync == "always":  # confirmed once the syncer has fsynced it
+        if self.fsync == "always" and changed:  # confirmed once the syncer has fsynced it
             with self._sync:
                 self._sync_upto = batch
                 self._sync.notify()
+        elif self.fsync == "always":  # nothing waits for it: fsynced within the interval
+            with self._sync:
+                if self._dirty_since is None:
+                    self._dirty_since = time.monotonic()
+                    self._sync.notify()
         else:
             if self.fsync == "batch":
                 with self._sync:

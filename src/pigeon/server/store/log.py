@@ -362,8 +362,11 @@ class LogStore(Durable):
         if change:
             self.last_tag = self.batch + 1
             self.changes += 1
+            self._pending_change = True
         if self._loop is not None:
-            if not self._flush_pending:
+            if not change:
+                self._write_soon()  # with the next change, or within the interval
+            elif not self._flush_pending:
                 self._flush_pending = True
                 self._loop.call_soon(self._flush)
         elif not self._depth:

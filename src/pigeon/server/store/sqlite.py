@@ -113,6 +113,9 @@ _decode_shared = msgspec.msgpack.Decoder(tuple[str, str, Extra | None]).decode
 _BUSY_TIMEOUT_MS = 200  # how long one statement waits for another process's lock
 _CHECKPOINT_BYTES = 8 * 2**20  # the syncer checkpoints the WAL beyond this size
 _MAX_RETRY_DELAY = 0.25
+# The writer thread wakes this often when idle: deliveries counted (no reply waits for
+# them, so they wake nobody) are committed at the latest then, if no change came first.
+_WRITER_IDLE = 0.05
 
 
 def _id_ranges(ops: list[tuple[str, tuple[object, ...]]]) -> Iterator[tuple[int, int]]:
@@ -372,19 +375,22 @@ class SQLiteStore(Durable):
             return
         if self._loop is not None:  # inline: the loop's thread alone touches _ops
             self._ops += ops
-            if change:
-                self.last_tag = self.batch + 1
-                self.changes += len(ops)
+            if not change:
+                self._write_soon()  # with the next change, or within the interval
+                return
+            self.last_tag = self.batch + 1
+            self.changes += len(ops)
+            self._pending_change = True
             if not self._flush_pending:
                 self._flush_pending = True
                 self._loop.call_soon(self._flush)
             return
         with self._lock:
             self._ops += ops
-            if change:
+            if change:  # (else committed with the next change, or when the writer wakes)
                 self.last_tag = self.batch + 1
                 self.changes += len(ops)
-            self._lock.notify()
+                self._lock.notify()
 
     def added(self, queue: str, msg: Stored) -> None:
         self.added_many(queue, [msg])
@@ -461,7 +467,7 @@ class SQLiteStore(Durable):
                             break
                         self._lock.wait(wait)
                     else:
-                        self._lock.wait()
+                        self._lock.wait(_WRITER_IDLE)
                 ops, self._ops = self._ops, []
                 if ops:
                     self.batch += 1
@@ -530,7 +536,7 @@ class SQLiteStore(Durable):
         "del": "DELETE FROM messages WHERE id BETWEEN ? AND ?",
         "move": "UPDATE messages SET queue = ?, deliveries = ?, origin = '', reason = '', "
         "extra = NULL, attrs = ? WHERE id = ?",
-        "delivered": "UPDATE messages SET deliveries = deliveries + 1 WHERE id = ?",
+        "delivered": "UPDATE messages SET deliveries = deliveries + 1 WHERE id BETWEEN ? AND ?",
         "dedup": "INSERT OR REPLACE INTO dedup VALUES (?, ?, ?)",
         "undedup": "DELETE FROM dedup WHERE queue = ?",
         "forget": "DELETE FROM dedup WHERE until <= ?",
@@ -552,7 +558,7 @@ class SQLiteStore(Durable):
                 j = i
                 while j < len(ops) and ops[j][0] == kind:
                     j += 1
-                if kind == "del":
+                if kind in ("del", "delivered"):
                     rows: list[tuple[object, ...]] = list(_id_ranges(ops[i:j]))
                 else:
                     rows = [args for _, args in ops[i:j]]
