@@ -506,6 +506,27 @@ def test_a_change_larger_than_a_record_is_split_and_recovered_whole(
     store.close()
 
 
+def test_messages_that_share_their_options_are_still_split_into_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One MSGS op carries a batch's shared options once; it holds a bounded payload, so a
+    # change still splits into records (an op is never split).
+    from pigeon.protocol import PutOptions
+
+    monkeypatch.setattr(logstore, "_MAX_RECORD", 2_000)
+    monkeypatch.setattr(records, "MSGS_BYTES", 500)
+    broker, store = opened(tmp_path)
+    batch = [b"%090d" % i for i in range(200)]
+    broker.handle(1, PutBatch(1, "q", batch, 0.0, PutOptions(headers={"h": "v"})))
+    store.close()
+    bodies = _records(tmp_path)
+    assert len([r for r in bodies if r[0] == [records.PART]]) >= 5
+    assert max(len(op[5]) for r in bodies for op in r if op[0] == records.MSGS) <= 7
+    broker, store = opened(tmp_path)
+    assert payloads(broker) == batch
+    store.close()
+
+
 def test_a_split_change_cut_short_by_a_crash_is_not_applied_at_all(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

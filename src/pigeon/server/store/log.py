@@ -91,6 +91,7 @@ log = logging.getLogger("pigeon.store")
 LOG_DIR = "log"
 SEGMENT_BYTES = 64 * 2**20
 _FORWARD_CHUNK = 4096  # live entries written forward per turn of the loop
+_FORWARD_BYTES = 64 * 2**20  # ... and payload bytes at most (then the next turn)
 _FORGET_PER_TURN = 65_536  # expired dedup ids forgotten per turn of the loop
 _DROPS_PER_TURN = 64  # empty segments deleted per turn of the loop (then one directory fsync)
 # What a live message costs when it is written forward, beyond its payload, queue name,
@@ -620,7 +621,8 @@ class LogStore(Durable):
         One turn does a bounded amount of work, however much a request freed: at most
         one segment begun (one fsync), one chunk of ``_FORWARD_CHUNK`` live entries
         written forward (one fdatasync), ``_DROPS_PER_TURN`` segments deleted (one
-        fdatasync, one directory fsync), ``_FORGET_PER_TURN`` dedup ids forgotten.
+        fdatasync, one directory fsync), ``_FORGET_PER_TURN`` dedup ids forgotten. (A
+        chunk holds at most ``_FORWARD_BYTES`` of payload.)
         Returns True when more is left for the next turn."""
         more = False
         heap = self._dedup_heap
@@ -689,12 +691,16 @@ class LogStore(Durable):
         moving: list[tuple[int, str, Stored]] = []
         settings: list[str] = []
         dedup: list[tuple[str, str, float]] = []
+        size = 0
         while keys and len(moving) + len(settings) + len(dedup) < _FORWARD_CHUNK:
+            if size >= _FORWARD_BYTES:
+                break
             key = keys.pop()
             if isinstance(key, int):
                 entry = live.get(key)
                 if entry is not None and entry[0] == seg:  # not acked since
                     moving.append((key, entry[1], entry[2]))
+                    size += len(entry[2].payload)
             elif len(key) == 1:
                 if self._queue_seg.get(key[0]) == seg:  # not declared again or deleted
                     settings.append(key[0])

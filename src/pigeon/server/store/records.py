@@ -190,21 +190,28 @@ def extra_bytes(msg: Stored) -> int:
     return n
 
 
+MSGS_BYTES = 64 * 2**20  # payload bytes in one MSGS op at most (a change is split by op)
+
+
 def msgs_ops(items: list[tuple[str, Stored]], payloads: bool) -> list[list[Any]]:
     """MSGS ops for ``items`` (queue, message), in order: one op per run of messages that
-    share a queue, an origin and a reason, each op's extras written once however many of
-    its messages share them (the same object, or the same priority, times and headers
+    share a queue, an origin and a reason (and hold at most ``MSGS_BYTES`` of payload, so
+    a change can still be split into records), each op's extras written once however many
+    of its messages share them (the same object, or the same priority, times and headers
     object). ``payloads`` False: the messages are in the log already (a move)."""
     ops: list[list[Any]] = []
     key: tuple[str, str, str] | None = None
     index: dict[tuple[int, float, float, int], int] = {}
     table: list[Extra] = []
     entries: list[list[Any]] = []
+    size = 0
     for queue, m in items:
-        if key != (queue, m.origin, m.reason):
+        if key != (queue, m.origin, m.reason) or size > MSGS_BYTES:
             key = (queue, m.origin, m.reason)
-            index, table, entries = {}, [], []
+            index, table, entries, size = {}, [], [], 0
             ops.append([MSGS, queue, m.origin, m.reason, table, entries])
+        if payloads:
+            size += len(m.payload)
         e = m.extra
         if e is None:
             k = -1
