@@ -695,7 +695,7 @@ def test_a_backup_misses_nothing_while_segments_are_written_forward_and_dropped(
 
 _queue = st.sampled_from(["a", "a", "b", "a.dead"])
 _step = st.one_of(
-    st.tuples(st.just("put"), _queue, st.integers(1, 30), st.integers(0, 300)),
+    st.tuples(st.just("put"), _queue, st.integers(1, 30), st.integers(0, 300), st.integers(0, 3)),
     st.tuples(st.just("get"), _queue, st.integers(1, 20), st.booleans()),
     st.tuples(st.just("ack"), st.integers(0, 20)),
     st.tuples(
@@ -738,10 +738,13 @@ class _Pair:
 
     def step(self, step: tuple[Any, ...], req: int) -> None:
         kind = step[0]
-        if kind == "put":
-            _, q, n, size = step
+        if kind == "put":  # options: none, or a priority and headers the batch shares
+            from pigeon.protocol import PutOptions
+
+            _, q, n, size, p = step
             batch = [b"%d-" % (req * 100 + i) + b"p" * size for i in range(n)]
-            self.handle(PutBatch(req, q, batch))
+            options = PutOptions(priority=p, headers={"h": "v" * size}) if p else None
+            self.handle(PutBatch(req, q, batch, 0.0, options))
         elif kind == "get":
             _, q, n, manual = step
             for held, outs in zip(
@@ -787,6 +790,8 @@ class _Pair:
                             m.reason,
                             m.deliveries,
                             bool(m.extra and m.extra.due),
+                            m.priority,
+                            m.extra.headers if m.extra else None,
                         )
                         for q, m in store.recover()
                     ],
@@ -799,15 +804,17 @@ class _Pair:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_step, min_size=10, max_size=60))
 @example(  # dead letters, a requeue, a restart, a replay: each record kind at least once
-    [("declare", "a", 50), ("put", "a", 5, 3000), ("get", "a", 3, True), ("nack", 1, False, 0.0),
-     ("nack", 1, True, 60.0), ("restart",), ("move", 1), ("get", "a.dead", 1, True), ("ack", 1),
-     ("put", "b", 20, 300), ("delete", "b"), ("restart",)]
+    [("declare", "a", 50), ("put", "a", 5, 3000, 2), ("get", "a", 3, True),
+     ("nack", 1, False, 0.0), ("nack", 1, True, 60.0), ("restart",), ("move", 1),
+     ("get", "a.dead", 1, True), ("ack", 1), ("put", "b", 20, 300, 0), ("delete", "b"),
+     ("restart",)]
 )  # fmt: skip
 def test_the_log_recovers_what_sqlite_recovers(steps: list[tuple[Any, ...]]) -> None:
-    """Any sequence of puts, gets, acks, nacks (with a delay), dead letters, replays,
-    declares, purges, deletes and restarts, through 4 KiB segments that roll and are
-    reclaimed: after a restart the log holds what the SQLite store holds, delivery counts
-    (in flight at a restart included) and nack delays too."""
+    """Any sequence of puts (some with shared options), gets, acks, nacks (some with a
+    delay), dead letters, replays, declares, purges, deletes and restarts, through 4 KiB
+    segments that roll and are reclaimed: after a restart the log holds what the SQLite
+    store holds, delivery counts (in flight at a restart included), nack delays,
+    priorities and headers too."""
     with tempfile.TemporaryDirectory() as d, mock.patch.object(logstore, "_FORWARD_CHUNK", 2):
         pair = _Pair(Path(d))
         for req, step in enumerate(steps, 1):

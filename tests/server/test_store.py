@@ -323,3 +323,39 @@ def test_a_get_costs_no_write_of_its_own(tmp_path: Path, kind: str) -> None:
     broker.connection_made(1)
     assert [d.delivery_count for d in deliveries(broker.handle(1, Get(5, "q", 1, 0)))] == [2]
     store.close()
+
+
+def test_a_sqlite_store_written_before_shared_rows_is_read_and_written_on(tmp_path: Path) -> None:
+    # Rows of an earlier pigeon keep their own origin, reason and options; new rows name
+    # a row of ``shared``; both are read back, and moving an old row re-points it.
+    import msgspec
+
+    from pigeon.protocol import Nack
+    from pigeon.server.model import Extra
+
+    with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME)) as db, db:
+        db.executescript(
+            "CREATE TABLE messages (id INTEGER PRIMARY KEY, queue TEXT NOT NULL, payload BLOB "
+            "NOT NULL, crc INTEGER NOT NULL, deliveries INTEGER NOT NULL DEFAULT 0, origin TEXT "
+            "NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '', extra BLOB);"
+        )
+        extra = msgspec.msgpack.encode(Extra(4, 0.0, 0.0, {"h": "old"}))
+        db.execute("INSERT INTO messages VALUES (1, 'q', x'6f6c64', ?, 1, '', '', ?)",
+                   (zlib_crc(b"old"), extra))  # fmt: skip
+    broker, store = open_broker(tmp_path, "batch", "sqlite")
+    broker.connection_made(1)
+    (d,) = deliveries(broker.handle(1, Get(1, "q", 1, 0, manual_ack=True)))
+    assert (d.payload, d.delivery_count, d.headers) == (b"old", 2, {"h": "old"})
+    broker.handle(1, Nack(2, "q", [d.id], False, 0.0, "by hand"))
+    store.close()
+    broker, store = open_broker(tmp_path, "batch", "sqlite")
+    (m,) = broker.queues["q.dead"].ready
+    assert (m.payload, m.origin, m.reason, m.priority) == (b"old", "q", "by hand", 4)
+    assert m.extra is not None and m.extra.headers == {"h": "old"}
+    store.close()
+
+
+def zlib_crc(data: bytes) -> int:
+    import zlib
+
+    return zlib.crc32(data)
