@@ -52,7 +52,9 @@ FAULTS: dict[str, tuple[float, float]] = {
     "kill-backlog": (2, 5),  # consumers SIGSTOPped for this long, then the broker killed
     "kill-partitioned": (2, 8),  # every client cut off, the broker killed and restarted
     "kill-twice": (0, 0),  # killed, restarted, killed again while it starts
+    "kill-lossy": (2, 8),  # 20 % of the packets lost, the broker killed and restarted
     "term": (0, 0),
+    "term-partitioned": (2, 8),  # some clients cut off, SIGTERM, restart
     "pause": (0, 0),  # SIGSTOP: past the heartbeat (set from the heartbeat in ``plan``)
     "kill-producer": (1, 4),  # how long to wait for it to be inside a call
     "kill-consumer": (1, 4),  # how long to wait for it to hold a message
@@ -245,6 +247,7 @@ class Run:
     hangs: list[str] = field(init=False, default_factory=list)
     started: float = field(init=False, default=0.0)
     faults_done: int = field(init=False, default=0)
+    early_exits: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         o = self.opts
@@ -299,6 +302,8 @@ class Run:
         return c
 
     def respawn(self, c: Client) -> None:
+        if c.proc.poll() is not None:
+            self.early_exits.append(f"{c.role}-{c.incarnation} exited {c.proc.returncode}")
         with contextlib.suppress(ProcessLookupError):
             c.proc.kill()
         c.proc.wait(30)
@@ -374,6 +379,10 @@ class Run:
         return check(history, History().read([back_log]), self.hangs, errors)
 
     def stop_group(self, group: str, roles: tuple[str, ...], timeout: float) -> None:
+        for role in roles:
+            c = self.clients[role]
+            if c.proc.poll() is not None:
+                self.early_exits.append(f"{role}-{c.incarnation} exited {c.proc.returncode}")
         (self.opts.workdir / f"stop-{group}").touch()
         deadline = time.monotonic() + timeout
         for role in roles:
@@ -502,10 +511,23 @@ class Run:
         self.broker.kill()
         self.broker.start()
 
+    def fault_kill_lossy(self, seconds: float) -> None:
+        self.link.loss(20)
+        self.broker.kill()
+        self.broker.start()
+        time.sleep(seconds)
+        self.link.heal()
+
     def fault_term(self, seconds: float) -> None:
         if not self.broker.term(60):
             self.hangs.append("the broker did not stop within 60 s of SIGTERM")
         self.broker.start()
+
+    def fault_term_partitioned(self, seconds: float) -> None:
+        self.link.partition(Partition(self.some_clients()))
+        self.fault_term(0)
+        time.sleep(seconds)
+        self.link.heal()
 
     def fault_pause(self, seconds: float) -> None:
         self.broker.signal(signal.SIGSTOP)

@@ -11,8 +11,9 @@
 - **hangs**: processes that did not stop, a queue that did not drain, a client that did not
   work again after the last heal. Always none.
 - **foreign**: exceptions from a call that are no ``pigeon.PigeonError``. Always none.
-- **broker errors**: unhandled exceptions in the broker's log, a SIGTERM that did not exit 0.
-  Always none.
+- **errors**: unhandled exceptions in the broker's log, anything a client process printed
+  (a traceback, an asyncio complaint, a warning), a client that exited before it was asked
+  to, a SIGTERM after which the broker did not exit 0. Always none.
 - **indeterminate**: attempted, never acknowledged (the call raised, or its process was
   killed); how many of them were delivered anyway is reported beside it.
 - **worst overrun**: the call that exceeded its timeout the most (by more than 2 s).
@@ -83,7 +84,7 @@ class Verdict:
     resurrected: tuple[str, ...]
     hangs: tuple[str, ...]
     foreign: tuple[str, ...]
-    broker_errors: tuple[str, ...]
+    errors: tuple[str, ...]
     acks_refused: int
     worst_overrun: tuple[float, str, float] | None
 
@@ -105,7 +106,7 @@ class Verdict:
             out.append(f"resurrected after the drain: {list(self.resurrected[:5])}")
         out += [f"hang: {h}" for h in self.hangs]
         out += [f"error outside pigeon's hierarchy: {f}" for f in self.foreign[:5]]
-        out += [f"broker: {e}" for e in self.broker_errors[:5]]
+        out += [f"error: {e}" for e in self.errors[:5]]
         return out
 
 
@@ -113,7 +114,7 @@ def check(
     history: History,
     resurrected: History,
     hangs: Iterable[str] = (),
-    broker_errors: Iterable[str] = (),
+    errors: Iterable[str] = (),
 ) -> Verdict:
     delivered = set(history.deliveries)
     indeterminate = history.attempted - history.acked
@@ -133,7 +134,7 @@ def check(
         resurrected=tuple(sorted(resurrected.deliveries)),
         hangs=tuple(hangs),
         foreign=tuple(history.foreign + resurrected.foreign),
-        broker_errors=tuple(broker_errors),
+        errors=tuple(errors),
         acks_refused=history.ack_failures,
         worst_overrun=overruns[-1] if overruns else None,
     )
