@@ -256,14 +256,22 @@ def get_plain(c: Client) -> None:
 
 
 async def aget_message(c: Client) -> None:
-    """An ``AsyncQueue`` with 3 coroutines taking with ``get_message(timeout=2)`` and acking."""
+    """An ``AsyncQueue`` with 3 coroutines taking with ``get_message(timeout=2)`` and acking;
+    the first is cancelled at random (``asyncio.timeout`` of 0.3-3 s around the call), so
+    replies also arrive for calls already given up (the client must hand them back)."""
     async with pigeon.AsyncQueue(c.url) as q:
 
-        async def one() -> None:
+        async def one(cancel: bool) -> None:
             while not c.stopping():
                 t = time.monotonic()
+                limit = asyncio.timeout(c.rng.uniform(0.3, 3) if cancel else None)
                 try:
-                    msg = await q.get_message(timeout=2)
+                    async with limit:
+                        msg = await q.get_message(timeout=2)
+                except TimeoutError as exc:
+                    if not limit.expired():
+                        c.foreign("aget_message", exc)
+                    continue  # cancelled: the call is withdrawn, or its message handed back
                 except pigeon.Empty:
                     c.log("e")
                     continue
@@ -287,7 +295,7 @@ async def aget_message(c: Client) -> None:
                     c.foreign("aack", exc)
                     c.log("f", msg.body, err(exc))
 
-        await asyncio.gather(*(one() for _ in range(3)))
+        await asyncio.gather(one(True), one(False), one(False))
 
 
 ROLES: dict[str, tuple[str, Callable[[Client], Any]]] = {
