@@ -68,7 +68,7 @@ def main() -> int:
     with nemesis(opts) as run:
         verdict = run.go()
         drew = "all" if args.faults == "all" else ", ".join(faults)
-        line = row(verdict, opts.setup, drew, args.seconds, run.faults_done,
+        line = row(verdict, opts.setup, drew, run.planned_seconds, run.faults_done,
                    run.broker.starts, opts.may_lose)  # fmt: skip
     print()
     print(HEADER)

@@ -247,6 +247,7 @@ class Run:
     hangs: list[str] = field(init=False, default_factory=list)
     started: float = field(init=False, default=0.0)
     faults_done: int = field(init=False, default=0)
+    planned_seconds: float = field(init=False, default=0.0)  # of faults and calm
     early_exits: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -340,8 +341,9 @@ class Run:
             self.say("netem: this kernel has no sch_netem; delay and reordering come only from "
                      "the tbf queue and TCP retransmissions")  # fmt: skip
         faults = plan(self.opts, self.rng, have_netem)
+        self.planned_seconds = sum(f.seconds + f.calm for f in faults)
         self.say(f"seed {self.opts.seed}: {len(faults)} faults planned, "
-                 f"{sum(f.seconds + f.calm for f in faults):.0f} s")  # fmt: skip
+                 f"{self.planned_seconds:.0f} s")  # fmt: skip
         for f in faults:
             time.sleep(f.calm)
             self.say(f"{f.kind} for {f.seconds:.1f} s")

@@ -120,7 +120,7 @@ def run_nemesis(tmp_path: Path, **options: object) -> tuple[Options, Verdict, st
     opts = Options(workdir=tmp_path, seed=seed, **options)  # type: ignore[arg-type]
     with nemesis(opts) as run:
         verdict = run.go()
-        line = row(verdict, opts.setup, ", ".join(opts.faults), opts.seconds,
+        line = row(verdict, opts.setup, ", ".join(opts.faults), run.planned_seconds,
                    run.faults_done, run.broker.starts, opts.may_lose)  # fmt: skip
     table = f"{HEADER}\n{line}"
     print(f"\n{table}\nseed {seed} (PIGEON_NEMESIS_SEED={seed} replays the plan)")
