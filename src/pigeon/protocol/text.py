@@ -110,7 +110,8 @@ class TextConnection:
         self.state = State.LOGIN if token_required else State.GREETING
         self.token_required = token_required
         self.failures = 0  # wrong tokens so far
-        self._decoder = Delimited(b"\n", max_length=max_line).decoder()
+        self._lines_codec = Delimited(b"\n", max_length=max_line)
+        self._decoder = self._lines_codec.decoder()
         self._lines: deque[bytes] = deque()  # read, not yet run (behind a pending AUTH)
         self._held = bytearray()  # bytes that came while an AUTH was pending
         self._eof = False  # the client half-closed (behind the held bytes)
@@ -131,6 +132,12 @@ class TextConnection:
     def auth_pending(self) -> bool:
         """An AUTH waits for ``logged_in()`` or ``login_failed()``."""
         return self._auth is not None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read and not yet run: an unterminated line, and what waits behind a
+        pending AUTH (at most ``max_line`` + ``MAX_HELD`` and one read)."""
+        return self._decoder.buffered + len(self._held) + sum(map(len, self._lines))
 
     @property
     def unanswered(self) -> int:
@@ -310,6 +317,7 @@ class TextConnection:
         self.state = State.OPEN
 
     def _drop_input(self) -> None:
+        self._decoder = self._lines_codec.decoder()
         self._lines.clear()
         self._held = bytearray()
         self._broken = None
