@@ -143,6 +143,9 @@ class Connection(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
         self.view.release()
+        for conv in (self.conv, self.text):
+            if conv is not None:
+                conv.closed()
         self._settle_admission()
         self.server.connection_lost(self)
 
@@ -152,6 +155,8 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        if self.text is not None and self.text.auth_pending:
+            return  # reading stays paused until the AUTH is answered
         if self.transport is not None and self.state == "open" and not self.transport.is_closing():
             self.transport.resume_reading()
 
