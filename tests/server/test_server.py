@@ -364,6 +364,17 @@ def test_pipelined_text_auth_lines_are_each_answered_in_order() -> None:
     assert data == b"-ERR auth: wrong token\r\n-ERR auth: wrong token\r\n+OK\r\n+PONG\r\n"
 
 
+@pytest.mark.parametrize("token", [None, "s3cret"])
+def test_quit_is_answered_before_the_broker_closes(token: str | None) -> None:
+    with BrokerThread(token=token) as b:
+        assert text_session(b.port, b"PING\nQUIT\nPING\n", settle=0) == (
+            "+PONG\r\n+BYE\r\n" if token is None else f"{REFUSED}+BYE\r\n"
+        )
+
+
+REFUSED = "-ERR auth: this broker needs a token; send AUTH <token> first\r\n"
+
+
 def test_lines_before_a_byte_that_is_never_text_are_answered_first(broker: BrokerThread) -> None:
     # The whole read was checked before any of its lines ran: a PING in the same read
     # as the garbage went unanswered, and which lines were answered depended on how

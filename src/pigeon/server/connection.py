@@ -189,6 +189,7 @@ class Connection(asyncio.BufferedProtocol):
 
     def finish(self) -> None:
         """Everything is answered: half-close (our FIN after the last reply), then close."""
+        self._write_conv()  # what the conversation answered itself (+BYE) goes first
         self.state = "closed"
         t = self.transport
         if t is None or t.is_closing():
