@@ -192,7 +192,7 @@ class TextConnection:
         to no request of this conversation (a notice) is not for text clients."""
         slot = self._waiting.pop(req, None)
         if slot is None or slot.render is None:
-            return  # a notice, or a reply after the conversation was closed
+            return  # a notice (QUEUE_SHUTDOWN), or no request of this conversation
         if isinstance(message, Error):
             self._fill(slot, f"-{message.code.upper()} {message.message}")
         else:
