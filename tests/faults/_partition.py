@@ -17,26 +17,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout, fo
 
 import pigeon
 from tests._services import free_port, wait_for_port
-
-TABLE = "pigeon_cut"
-
-
-def nft(*args: str) -> None:
-    subprocess.run(["nft", *args], check=True)
+from tests.faults._netns import TABLE, drop_port_script, run
 
 
 def cut(port: int) -> None:
     """Drop every TCP segment to or from ``port``, in both directions."""
-    nft("add", "table", "inet", TABLE)
-    for hook in ("input", "output"):
-        nft("add", "chain", "inet", TABLE, hook,
-            f"{{ type filter hook {hook} priority 0 ; }}")  # fmt: skip
-        nft("add", "rule", "inet", TABLE, hook, "tcp", "sport", str(port), "drop")
-        nft("add", "rule", "inet", TABLE, hook, "tcp", "dport", str(port), "drop")
+    run("nft", "-f", "-", stdin=drop_port_script(port))
 
 
 def heal() -> None:
-    nft("delete", "table", "inet", TABLE)
+    run("nft", "delete", "table", "inet", TABLE)
 
 
 def start_broker(port: int) -> subprocess.Popen[bytes]:

@@ -4,11 +4,8 @@ network namespace the test makes, packets dropped both ways by nftables."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,26 +13,22 @@ from typing import Any
 import pytest
 
 from tests._services import skip_or_fail
+from tests.faults._netns import Netns, require_netns
 
 DRIVER = Path(__file__).with_name("_partition.py")
 
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    missing = [tool for tool in ("ip", "nft") if shutil.which(tool) is None]
-    if missing or os.geteuid() != 0:
-        skip_or_fail(
-            f"a partition test needs root and {', '.join(missing) or 'ip and nft'} "
-            "(Debian: iproute2, nftables); .ci/run installs them"
-        )
-    name = f"pigeon-{uuid.uuid4().hex[:8]}"
-    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
-    if made.returncode != 0:
-        skip_or_fail(f"cannot create a network namespace: {made.stderr.strip()}")
+    require_netns()
     try:
-        yield name
+        ns = Netns()
+    except RuntimeError as exc:
+        skip_or_fail(f"cannot create a network namespace: {exc}")
+    try:
+        yield ns.name
     finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
+        ns.close()
 
 
 def run_in(ns: str, scenario: str) -> dict[str, Any]:

@@ -289,8 +289,8 @@ def test_the_dedup_ids_of_a_deleted_queue_are_forgotten(tmp_path: Path, kind: st
 
 
 def test_the_log_keeps_dedup_ids_when_old_segments_are_dropped(tmp_path: Path) -> None:
-    """A new segment begins with every remembered dedup id: compaction, which drops the
-    segment where an id was written, does not forget it."""
+    """Compaction writes a remembered dedup id forward before it drops the segment where
+    the id was written: it is not forgotten."""
     clock = Clock()
     store = LogStore(tmp_path, "always", segment_bytes=4096)
     b, _ = make(store, clock)
@@ -310,3 +310,108 @@ def test_the_log_keeps_dedup_ids_when_old_segments_are_dropped(tmp_path: Path) -
     b2.handle(A, Put(3, "q", b"again", 0.0, opts(dedup_id="remember-me")))
     assert taken(b2, clock) == []
     store2.close()
+
+
+@pytest.mark.parametrize("kind", list(STORES))
+def test_a_nacks_delay_survives_a_restart(tmp_path: Path, kind: str) -> None:
+    clock = Clock()
+    b, store = open_broker(tmp_path, kind, clock)
+    b.handle(A, Put(1, "q", b"flaky job"), clock.mono)
+    b.handle(A, Put(2, "q", b"with options", 0.0, opts(priority=3, headers={"h": "v"})))
+    for d in taken(b, clock, 2, manual=True):
+        b.handle(B, Nack(3, "q", [d.id], True, 300.0), clock.mono)
+    assert b.queues["q"].info()["delayed"] == 2
+    store.close()
+
+    clock.advance(100)
+    clock.mono = 5.0  # a new process
+    b2, store2 = open_broker(tmp_path, kind, clock)
+    assert b2.queues["q"].info()["delayed"] == 2  # 200 s left, not delivered at once
+    assert taken(b2, clock) == []
+    clock.advance(200)
+    b2.tick(clock.mono)
+    got = taken(b2, clock)
+    assert [(d.payload, d.delivery_count) for d in got] == [
+        (b"with options", 2), (b"flaky job", 2)
+    ]  # fmt: skip
+    assert got[0].headers == {"h": "v"}
+    store2.close()
+
+
+def test_a_nack_reason_longer_than_the_clients_limit_is_refused() -> None:
+    b, clock = make()
+    b.handle(A, Put(1, "q", b"x"))
+    (d,) = taken(b, clock, manual=True)
+    (reply,) = [m for _, m in b.handle(B, Nack(2, "q", [d.id], False, 0.0, "r" * 501))]
+    assert isinstance(reply, Error) and reply.code == "bad_request"
+    assert reply.message == "reason must be at most 500 characters, not 501"
+    (ok, *_) = [m for _, m in b.handle(B, Nack(3, "q", [d.id], False, 0.0, "r" * 500))]
+    assert isinstance(ok, Ok) and ok.value["settled"] == 1
+
+
+@pytest.mark.parametrize("kind", list(STORES))
+def test_what_a_request_shares_is_stored_once_not_once_per_message(
+    tmp_path: Path, kind: str
+) -> None:
+    # One PUT_BATCH's headers (up to 16 KiB) for 2,000 payloads, and one NACK's reason
+    # for 2,000 deliveries: written once, not 2,000 times, and shared again after a
+    # restart (one object, not a copy per message).
+    clock = Clock()
+    b, store = open_broker(tmp_path, kind, clock)
+    headers = {f"h{i:02d}": "v" * 247 for i in range(64)}  # 16,000 bytes
+    before = store.disk_bytes  # type: ignore[attr-defined]
+    b.handle(A, PutBatch(1, "q", [b""] * 2000, 0.0, opts(headers=headers, priority=2)))
+    got: list[Any] = []
+    while len(got) < 2000:  # headers count in a reply's size: about a thousand a GET
+        got += taken(b, clock, 2000, manual=True)
+    b.handle(B, Nack(2, "q", [d.id for d in got], False, 0.0, "why " * 125), clock.mono)
+    store.close()
+    assert store.disk_bytes - before < 400_000  # type: ignore[attr-defined]  # not 32 MB
+
+    b2, store2 = open_broker(tmp_path, kind, clock)
+    dead = list(b2.queues["q.dead"].ready)
+    assert len(dead) == 2000 and dead[0].extra is not None and dead[0].extra.headers == headers
+    assert len({id(m.extra.headers) for m in dead if m.extra is not None}) == 1
+    assert len({id(m.reason) for m in dead}) == 1 and dead[0].reason == "why " * 125
+    assert {(m.origin, m.priority) for m in dead} == {("q", 2)}
+    got = []
+    while len(got) < 2000:
+        got += taken(b2, clock, 2000, manual=True, queue="q.dead")
+    b2.handle(B, Ack(3, "q.dead", [d.id for d in got]), clock.mono)
+    store2.close()
+    if kind == "sqlite":  # what the messages shared went with the last of them
+        import sqlite3
+
+        db = sqlite3.connect(tmp_path / "pigeon.sqlite3")
+        assert db.execute("SELECT count(*) FROM shared").fetchone() == (0,)
+        db.close()
+
+
+def test_dedup_ids_beyond_the_brokers_limit_are_refused_until_older_windows_pass() -> None:
+    # Each id costs memory and a live entry in the store for its whole window: their
+    # number is bounded across all queues, and a put beyond it stores nothing (its id
+    # is never forgotten early: a repeat within the window still stores nothing).
+    clock = Clock()
+    b = Broker(None, clock=lambda: clock.mono, wall_clock=lambda: clock.wall, max_dedup_ids=3)
+    b.connection_made(A)
+    b.handle(A, Declare(1, "short", dedup_window=10.0), clock.mono)
+    b.handle(A, Put(2, "short", b"a", 0.0, opts(dedup_id="a")), clock.mono)
+    b.handle(A, PutBatch(3, "long", [b"b", b"c"], 0.0, None, ["b", "c"]), clock.mono)
+    (refused,) = [
+        m for _, m in b.handle(A, Put(4, "long", b"d", 0.0, opts(dedup_id="d")), clock.mono)
+    ]
+    assert isinstance(refused, Error) and refused.code == "limit"
+    assert refused.message.startswith("this broker remembers 3 dedup ids (max_dedup_ids=3)")
+    (repeat,) = [
+        m for _, m in b.handle(A, Put(5, "long", b"c", 0.0, opts(dedup_id="c")), clock.mono)
+    ]
+    assert isinstance(repeat, Confirmed) and b.queues["long"].depth == 2
+    clock.advance(11)  # "a" is forgotten: room for one
+    (ok, *_) = [
+        m for _, m in b.handle(A, Put(6, "long", b"d", 0.0, opts(dedup_id="d")), clock.mono)
+    ]
+    assert isinstance(ok, Confirmed) and b.queues["long"].depth == 3 and b.dedup_ids == 3
+    from pigeon.protocol import Delete
+
+    b.handle(A, Delete(7, "long"), clock.mono)
+    assert b.dedup_ids == 0

@@ -259,3 +259,103 @@ def test_a_second_store_on_the_same_directory_is_refused(tmp_path: Path, kind: s
         STORES["log" if kind == "sqlite" else "sqlite"](tmp_path)
     first.close()
     STORES[kind](tmp_path).close()  # free again
+
+
+def test_a_delivery_in_flight_at_a_crash_is_counted_after_it(tmp_path: Path, kind: str) -> None:
+    # Each delivery increments delivery_count, also one in flight when the broker dies:
+    # else a message in flight at every crash would never reach max_deliveries.
+    from pigeon.protocol import Declare
+
+    broker, store = open_broker(tmp_path, "batch", kind)
+    broker.connection_made(1)
+    broker.handle(1, Declare(1, "q", max_deliveries=3))
+    broker.handle(1, PutBatch(2, "q", [b"poison", b"fine"]))
+    changes = store.changes
+    (first,) = deliveries(broker.handle(1, Get(3, "q", 1, 0, manual_ack=True)))
+    assert store.changes == changes  # counting it holds no reply (the DELIVER goes at once)
+    counts = [first.delivery_count]
+    for _ in range(3):  # the broker dies (its store written) with "poison" in flight
+        store.close()
+        broker, store = open_broker(tmp_path, "batch", kind)
+        broker.connection_made(1)
+        got = deliveries(broker.handle(1, Get(4, "q", 1, 0, manual_ack=True)))
+        counts += [d.delivery_count for d in got if d.payload == b"poison"]
+    assert counts == [1, 2, 3]  # then, after its third delivery, it went to the dead letters
+    dead = [m for m in broker.queues["q.dead"].ready]
+    assert [(m.payload, m.reason, m.origin) for m in dead] == [(b"poison", "max_deliveries", "q")]
+    assert [d.payload for d in deliveries(broker.handle(1, Get(5, "q", 5, 0)))] == []
+    store.close()
+
+
+def test_a_get_costs_no_write_of_its_own(tmp_path: Path, kind: str) -> None:
+    # The record of a GET's deliveries goes with the next change's write, or within
+    # fsync_interval when none comes: a consumer's GET is no extra transaction (SQLite)
+    # or write and fsync (the log), and its DELIVER waits for nothing.
+    import asyncio
+
+    async def main() -> None:
+        store = STORES[kind](tmp_path, "batch")
+        store.attach(asyncio.get_running_loop())  # type: ignore[attr-defined]
+        store.start(lambda batch: None)
+        broker = Broker(store)
+        broker.connection_made(1)
+        try:
+            broker.handle(1, PutBatch(1, "q", [b"a", b"b"]))
+            store.flush()
+            written = store.batch
+            store.flush_follows()  # the server reads a GET
+            (d,) = deliveries(broker.handle(1, Get(2, "q", 1, 0, manual_ack=True)))
+            store.flush()
+            assert store.batch == written and store.unwritten() is None
+            broker.handle(1, Ack(3, "q", [d.id]))  # a change: the deliveries go with it
+            store.flush()
+            assert store.batch == written + 1 and not store._ops
+            deliveries(broker.handle(1, Get(4, "q", 1, 0, manual_ack=True)))
+            store.flush()
+            assert store.batch == written + 1
+            await asyncio.sleep(store.fsync_interval * 5)  # no change came: written anyway
+            assert store.batch == written + 2 and not store._ops
+        finally:
+            store.close()
+
+    asyncio.run(main())
+    broker, store = open_broker(tmp_path, "batch", kind)
+    broker.connection_made(1)
+    assert [d.delivery_count for d in deliveries(broker.handle(1, Get(5, "q", 1, 0)))] == [2]
+    store.close()
+
+
+def test_a_sqlite_store_written_before_shared_rows_is_read_and_written_on(tmp_path: Path) -> None:
+    # Rows of an earlier pigeon keep their own origin, reason and options; new rows name
+    # a row of ``shared``; both are read back, and moving an old row re-points it.
+    import msgspec
+
+    from pigeon.protocol import Nack
+    from pigeon.server.model import Extra
+
+    with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME)) as db, db:
+        db.executescript(
+            "CREATE TABLE messages (id INTEGER PRIMARY KEY, queue TEXT NOT NULL, payload BLOB "
+            "NOT NULL, crc INTEGER NOT NULL, deliveries INTEGER NOT NULL DEFAULT 0, origin TEXT "
+            "NOT NULL DEFAULT '', reason TEXT NOT NULL DEFAULT '', extra BLOB);"
+        )
+        extra = msgspec.msgpack.encode(Extra(4, 0.0, 0.0, {"h": "old"}))
+        db.execute("INSERT INTO messages VALUES (1, 'q', x'6f6c64', ?, 1, '', '', ?)",
+                   (zlib_crc(b"old"), extra))  # fmt: skip
+    broker, store = open_broker(tmp_path, "batch", "sqlite")
+    broker.connection_made(1)
+    (d,) = deliveries(broker.handle(1, Get(1, "q", 1, 0, manual_ack=True)))
+    assert (d.payload, d.delivery_count, d.headers) == (b"old", 2, {"h": "old"})
+    broker.handle(1, Nack(2, "q", [d.id], False, 0.0, "by hand"))
+    store.close()
+    broker, store = open_broker(tmp_path, "batch", "sqlite")
+    (m,) = broker.queues["q.dead"].ready
+    assert (m.payload, m.origin, m.reason, m.priority) == (b"old", "q", "by hand", 4)
+    assert m.extra is not None and m.extra.headers == {"h": "old"}
+    store.close()
+
+
+def zlib_crc(data: bytes) -> int:
+    import zlib
+
+    return zlib.crc32(data)

@@ -159,6 +159,15 @@ from pigeon.cli.config import print_config as show_config
     "mere reference are forgotten once empty and unwatched, and do not count long)",
 )
 @click.option(
+    "--max-dedup-ids",
+    default=1_000_000,
+    show_default=True,
+    type=click.IntRange(0),
+    help="dedup ids the broker remembers across all queues, each for its queue's "
+    "dedup_window (about 400 bytes of memory each); beyond it a put with new ones is "
+    "refused with 'limit', nothing stored",
+)
+@click.option(
     "--max-parked-bytes-per-connection",
     default=64 * 2**20,
     show_default=True,
@@ -232,7 +241,8 @@ def serve(
     data_dir: Path | None, memory: bool, store: str, segment_bytes: int, fsync: str,
     fsync_interval: float,
     handshake_timeout: float, idle_timeout: float, max_unacked_bytes: int,
-    max_pending_output: int, max_queues: int, max_parked_bytes_per_connection: int,
+    max_pending_output: int, max_queues: int, max_dedup_ids: int,
+    max_parked_bytes_per_connection: int,
     max_parked_bytes: int, max_parked_gets_per_connection: int, max_parked_gets: int,
     peer_timeout: float, store_timeout: float, tls_cert: str | None,
     tls_key: str | None, verbose: int, config: Path | None, print_config: bool,
@@ -304,7 +314,8 @@ def serve(
         default_lease=lease, max_deliveries=max_deliveries, max_connections=max_connections,
         store=kept, handshake_timeout=handshake_timeout, idle_timeout=idle_timeout,
         max_unacked_bytes=max_unacked_bytes, max_pending_output=max_pending_output,
-        max_queues=max_queues, max_parked_bytes_per_connection=max_parked_bytes_per_connection,
+        max_queues=max_queues, max_dedup_ids=max_dedup_ids,
+        max_parked_bytes_per_connection=max_parked_bytes_per_connection,
         max_parked_bytes=max_parked_bytes, max_parked_gets=max_parked_gets,
         max_parked_gets_per_connection=max_parked_gets_per_connection, peer_timeout=peer_timeout,
         store_timeout=store_timeout,

@@ -24,6 +24,7 @@ __all__ = [
     "MAX_ITEMS",
     "MAX_PRIORITY",
     "MAX_QUEUE_NAME",
+    "MAX_REASON",
     "MAX_REQ",
     "MAX_SECONDS",
     "check_count",
@@ -46,6 +47,7 @@ MAX_HEADERS = 64  # entries in a message's headers
 HEADER_KEY_BYTES = 256  # bytes of UTF-8 in a header's name
 HEADERS_BYTES = 16 * 1024  # bytes of names and values in a message's headers
 DEFAULT_DEDUP_WINDOW = 300.0  # seconds a queue remembers a dedup id
+MAX_REASON = 500  # characters in a NACK's reason (kept with each dead letter it makes)
 
 
 def seconds_problem(
@@ -172,7 +174,15 @@ _RULES: dict[str, Callable[[Any], str | None]] = {
     "PutBatch": _put_batch,
     "Get": _get,
     "Ack": lambda m: _ids_problem(m.ids),
-    "Nack": lambda m: _ids_problem(m.ids) or seconds_problem("delay", m.delay, nil=False),
+    "Nack": lambda m: (
+        _ids_problem(m.ids)
+        or seconds_problem("delay", m.delay, nil=False)
+        or (
+            f"reason must be at most {MAX_REASON} characters, not {len(m.reason)}"
+            if len(m.reason) > MAX_REASON
+            else None
+        )
+    ),
     "Extend": lambda m: _ids_problem(m.ids) or seconds_problem("seconds", m.seconds, nil=False),
     "Declare": lambda m: (
         int_problem("maxsize", m.maxsize, 0, 2**63 - 1, nil=True)

@@ -71,6 +71,7 @@ class BrokerServer:
             max_unacked_bytes=cfg.max_unacked_bytes,
             max_reply_bytes=cfg.max_reply_bytes,
             max_queues=cfg.max_queues,
+            max_dedup_ids=cfg.max_dedup_ids,
             max_parked_bytes_per_connection=cfg.max_parked_bytes_per_connection,
             max_parked_gets_per_connection=cfg.max_parked_gets_per_connection,
             max_parked_gets=cfg.max_parked_gets,

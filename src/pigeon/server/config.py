@@ -29,6 +29,7 @@ class ServerConfig:
     max_unacked_bytes: int = 64 * 2**20  # per connection: unacked deliveries it may hold
     max_connections: int = 10_000
     max_queues: int = 10_000
+    max_dedup_ids: int = 1_000_000  # remembered across all queues, each for its window
     max_parked_bytes_per_connection: int = 64 * 2**20
     max_parked_bytes: int = 256 * 2**20
     max_parked_gets_per_connection: int = 65_536

@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice, repeat, starmap
+from operator import attrgetter
 from typing import Any, ClassVar
 
 import msgspec
@@ -106,6 +107,9 @@ def reply_cost(msg: Stored) -> int:
     return n + headers_size(extra.headers) if extra is not None and extra.headers else n
 
 
+_msg_id = attrgetter("id")
+
+
 class _Refused(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -163,6 +167,7 @@ class Broker:
         max_parked_gets_per_connection: int = 65_536,
         max_parked_gets: int = 262_144,
         wall_clock: Callable[[], float] = time.time,
+        max_dedup_ids: int = 1_000_000,
     ) -> None:
         self.store = store if store is not None else Store()
         # Bytes delivered to one connection and not yet settled: beyond this a consumer
@@ -178,6 +183,12 @@ class Broker:
         self.parked_gets = 0
         self.max_parked_bytes = max_parked_bytes
         self.parked_bytes = 0
+        # Dedup ids remembered, across all queues: each costs memory and a live entry in
+        # the store for its whole window (up to a year): a put with new ones beyond this
+        # is refused, as a full queue is, never stored with its id forgotten early.
+        self.max_dedup_ids = max_dedup_ids
+        self.dedup_ids = 0
+        self._dedup_swept_at = float("-inf")
         self.queues: dict[str, QueueState] = {}
         self._conns: dict[Conn, _ConnState] = {}
         # Delivery ids start at a random 40-bit epoch so that an ack from before a
@@ -205,20 +216,30 @@ class Broker:
                 if until > wall_now:
                     q.dedup[dedup_id] = until
                     q.dedup_heap.append((until, dedup_id))
+                    self.dedup_ids += 1
             heapq.heapify(q.dedup_heap)
         last_id = 0
+        spent: list[tuple[QueueState, Stored]] = []
         for name, msg in self.store.recover():
             q = self._queue(name, limit=False)
             msg.enqueued = self.now
-            if msg.extra is not None:  # (a dead letter has no timer, unless put there with one)
+            q.unfinished += 1
+            last_id = max(last_id, msg.id)
+            if msg.deliveries >= q.max_deliveries and not q.is_dead_letters:
+                spent.append((q, msg))  # in flight at a crash after its last delivery
+            elif msg.extra is not None:  # (a dead letter has no timer, unless put there with one)
                 self._wait(q, msg, back=bool(msg.origin))
             elif q.is_dead_letters and msg.origin:
                 q.ready.give_back(msg)
             else:
                 q.ready.append(msg)
-            q.unfinished += 1
-            last_id = max(last_id, msg.id)
         self._ids = itertools.count(last_id + 1)
+        # Deliveries are stored: a message whose last allowed delivery was in flight when
+        # the broker stopped came back after it, and goes to the dead letters - else one in
+        # flight at every crash would be delivered for ever.
+        with self.store.atomic():
+            for q, msg in spent:
+                self._dead_letter(q, msg, "max_deliveries")
 
     @property
     def connections(self) -> set[Conn]:
@@ -375,6 +396,7 @@ class Broker:
         in_flight = q.in_flight
         removed: list[int] = []
         leased: list[int] = []
+        counted: list[int] = []  # ids of the messages leased: their deliveries are stored
         # Only plain priority-0 messages waiting (the common case): take from the deque
         # itself, not through Ready's methods (four calls less per message).
         fresh = ready.plain()
@@ -419,6 +441,7 @@ class Broker:
                 in_flight[did] = InFlight(msg, conn, deadline)
                 held += n
                 leased.append(did)
+                counted.append(msg.id)
                 out.append(
                     Delivery(did, msg.deliveries, msg.payload, headers)
                     if headers
@@ -435,6 +458,7 @@ class Broker:
         if removed:
             self.store.removed_many(name, removed)
         if leased:
+            self.store.delivered(name, counted)
             self._lease(deadline, name, leased)
             cs.holding += len(leased)
             self._handed(cs, name, leased)
@@ -487,6 +511,7 @@ class Broker:
         cs.unacked = held + total
         cs.holding += k
         q.delivered_total += k
+        self.store.delivered(q.name, list(map(_msg_id, msgs)))
         self._lease(deadline, q.name, dids)
         self._handed(cs, q.name, dids)
         return list(map(PlainDelivery, dids, counts, payloads))
@@ -683,6 +708,21 @@ class Broker:
             until, old = heapq.heappop(heap)
             if seen.get(old) == until:
                 del seen[old]
+                self.dedup_ids -= 1
+
+    def _dedup_full(self, q: QueueState, dedup_ids: list[str]) -> bool:
+        """Would remembering ``dedup_ids`` pass ``max_dedup_ids``? At the limit, the ids
+        whose window passed are first forgotten in every queue (at most once a second:
+        until then a put may be refused a little early)."""
+        if self.dedup_ids + len(dedup_ids) <= self.max_dedup_ids:
+            return False
+        if self.now - self._dedup_swept_at >= 1.0:
+            self._dedup_swept_at = self.now
+            for other in self.queues.values():
+                if other.dedup:
+                    self._forget_dedup(other)
+        new = sum(d not in q.dedup for d in set(dedup_ids)) if q.dedup_window > 0 else 0
+        return self.dedup_ids + new > self.max_dedup_ids
 
     def _first(self, q: QueueState, dedup_id: str) -> bool:
         """True, and remembered for the queue's window, if ``dedup_id`` is not a repeat."""
@@ -693,6 +733,7 @@ class Broker:
         if q.dedup_window > 0:
             until = wall + q.dedup_window
             seen[dedup_id] = until
+            self.dedup_ids += 1
             heapq.heappush(q.dedup_heap, (until, dedup_id))
             self.store.deduped(q.name, dedup_id, until)
         return True
@@ -896,6 +937,17 @@ class Broker:
                 )
             ]
         q.compact()
+        if dedup_ids is not None and self._dedup_full(q, dedup_ids):
+            return [
+                _err(
+                    conn,
+                    m.req,
+                    Code.LIMIT,
+                    f"this broker remembers {self.dedup_ids} dedup ids (max_dedup_ids="
+                    f"{self.max_dedup_ids}); nothing was stored: retry once older ids' "
+                    "windows pass, or shorten dedup_window",
+                )
+            ]
         room = q.room()
         if (room is None or room >= new) and not q.putters:
             self._add(q, payloads, opts, dedup_ids)
@@ -1163,6 +1215,7 @@ class Broker:
         for msg in dropped:
             self.store.removed(q.name, msg.id)
         self.store.declared(q.name, None)
+        self.dedup_ids -= len(q.dedup)
         out: list[Out] = [(conn, Ok(m.req, len(dropped)))]
         for w in [*self._all_getters(q), *q.putters]:
             if not w.done:

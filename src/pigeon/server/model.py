@@ -449,7 +449,12 @@ class Store:
         """The message moved to another queue (a dead letter, or one replayed from it)."""
 
     def requeued(self, queue: str, msg: Stored) -> None:
-        """The message goes back to its queue after ``msg.deliveries`` deliveries."""
+        """The message goes back to its queue after ``msg.deliveries`` deliveries; with a
+        delay, ``msg.extra.due`` says until when (wall clock)."""
+
+    def delivered(self, queue: str, msg_ids: list[int]) -> None:
+        """The messages were handed out once more (a GET with manual ack). Counted after a
+        restart once the store has it; no reply waits for it."""
 
     def deduped(self, queue: str, dedup_id: str, until: float) -> None:
         """``queue`` remembers ``dedup_id`` until ``until`` (wall-clock seconds)."""

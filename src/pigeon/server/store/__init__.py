@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 
 from pigeon.errors import StoreCorrupted, StoreInUse
@@ -101,6 +103,11 @@ def _discard_unfinished_import(log_dir: Path, sqlite_file: Path) -> None:
     logger.warning("an earlier import from %s did not finish; importing again", sqlite_file)
     for _, path in list_segments(log_dir):
         path.unlink()
+    # A crash after the import wrote its IMPORTED mark but before it removed IMPORTING
+    # leaves both: the mark goes too, else it would vouch for whatever log is found here
+    # later as "made from" the SQLite store (which would then be set aside). Removed
+    # before IMPORTING, so a crash in between discards again at the next start.
+    (log_dir / IMPORTED_MARK).unlink(missing_ok=True)
     (log_dir / IMPORTING).unlink()
     fsync_dir(log_dir)
 
@@ -130,8 +137,8 @@ def _import(root: Path, sqlite_file: Path, segment_bytes: int) -> None:
                     store.deduped(name, dedup_id, until)
         for start in range(0, len(messages), _IMPORT_CHUNK):
             with store.atomic():  # one record a chunk: the mark makes the whole atomic
-                for queue, msg in messages[start : start + _IMPORT_CHUNK]:
-                    store.added(queue, msg)
+                for queue, run in groupby(messages[start : start + _IMPORT_CHUNK], itemgetter(0)):
+                    store.added_many(queue, [msg for _, msg in run])  # shared options once
             if (failure := store.unwritten()) is not None:
                 raise StoreCorrupted(
                     f"could not write the imported messages to {store.path} "

@@ -25,7 +25,7 @@ from pigeon.server.store.records import (
     read_segment,
     scan,
 )
-from pigeon.server.store.sqlite import DB_NAME, create_schema
+from pigeon.server.store.sqlite import DB_NAME, SharedAttrs, create_schema
 
 __all__ = ["backup_log", "backup_sqlite"]
 
@@ -74,19 +74,24 @@ def backup_log(data_dir: str | os.PathLike[str], target: str | os.PathLike[str])
     try:
         create_schema(db)
         with db:
-            encode = msgspec.msgpack.Encoder().encode
+            shared = SharedAttrs(1)  # what messages share, once (as the broker's store does)
+            rows, shares = [], []
+            for q, m in messages:
+                sid = None
+                if m.origin or m.reason or m.extra is not None:
+                    sid, blob = shared.number(m)
+                    if blob is not None:
+                        shares.append((sid, blob))
+                rows.append((m.id, q, m.payload, zlib.crc32(m.payload), m.deliveries, sid))
+            db.executemany("INSERT INTO shared VALUES (?, ?)", shares)
             db.executemany(
-                "INSERT INTO messages (id, queue, payload, crc, deliveries, origin, reason, "
-                "extra) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (m.id, q, m.payload, zlib.crc32(m.payload), m.deliveries, m.origin, m.reason,
-                     None if m.extra is None else encode(m.extra))
-                    for q, m in messages
-                ],
-            )  # fmt: skip
+                "INSERT INTO messages (id, queue, payload, crc, deliveries, attrs) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
             db.executemany(
                 "INSERT INTO dedup VALUES (?, ?, ?)",
-                [(q, d, until) for q, ids in state.dedup.items() for d, until in ids.items()],
+                [(q, d, until) for q, ids in state.dedup_ids().items() for d, until in ids.items()],
             )
             db.executemany(
                 "INSERT INTO queues VALUES (?, ?)",

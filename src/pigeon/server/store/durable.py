@@ -109,7 +109,8 @@ class Durable(Store):
         self.committed = 0  # every batch <= this is durable
         self.last_tag = 0  # the batch the most recent change belongs to
         self.changes = 0  # how many changes were ever made
-        self._closing = False
+        self._closing = False  # the syncer's last pass is due
+        self._closed = False  # close() has run: nothing is written any more
         self._error: BaseException | None = None
         self._failing_since: float | None = None
         self.on_commit: Callable[[int], None] | None = None
@@ -123,8 +124,15 @@ class Durable(Store):
         # the server has handled a read (``flush``), or at the end of the loop's turn.
         self._loop: Any = None
         self._flush_pending = False
+        # _ops holds a change a reply may wait for; else only what no reply waits for
+        # (deliveries counted): written with the next change, or within fsync_interval
+        self._pending_change = False
+        self._late: Any = None  # the timer of such a write
         self._retry_delay = 0.01
         self._sync = threading.Condition()  # with the thread that fsyncs
+        # Held around every fsync of what the broker wrote, whichever thread runs it (the
+        # syncer, or the loop's at a segment roll, a compaction, a drop): see _fsync_or_break.
+        self._fsync_lock = threading.Lock()
         self._sync_upto = 0  # --fsync always: the batch the syncer must make durable
         self._dirty_since: float | None = None  # --fsync batch: the oldest unsynced write
 
@@ -133,7 +141,7 @@ class Durable(Store):
         or the disk refused them and they wait for a retry."""
         if self._error is not None:
             return str(self._error)
-        return "the disk refused them" if self._ops else None
+        return "the disk refused them" if self._pending_change else None
 
     @property
     def holds_replies(self) -> bool:
@@ -152,6 +160,29 @@ class Durable(Store):
         """A damaged store (not a busy or full disk): stop confirming writes."""
         self._error = exc
         log.critical("store %s failed, no more writes are confirmed: %s", self, exc)
+
+    def _fsync_or_break(self, sync: Callable[[], None]) -> None:
+        """Run ``sync``, an fsync of what the broker wrote, under the store's fsync lock.
+
+        A failure breaks the store before the lock is let go, so it poisons every batch
+        the fsync covered - everything written so far - whichever thread ran it: after a
+        failed fsync the kernel may have dropped the dirty pages and marked them clean,
+        and reports the error once per open file, so the next fsync (the syncer's, say)
+        returns 0 and proves nothing ("fsyncgate", PostgreSQL 2018). No fsync runs on a
+        broken store, and the syncer confirms nothing once the store is broken.
+
+        Raises:
+            FsyncFailed: this fsync, or an earlier one, failed.
+        """
+        with self._fsync_lock:
+            if self._error is not None:
+                raise FsyncFailed(f"the store is broken: {self._error}")
+            try:
+                sync()
+            except OSError as exc:
+                self._broken(OSError(f"fsync failed: {exc}; data written since the last "
+                                     "successful fsync may be lost"))  # fmt: skip
+                raise FsyncFailed(str(self._error)) from exc
 
     def _commits_again(self) -> None:
         assert self._failing_since is not None
@@ -178,22 +209,38 @@ class Durable(Store):
 
     def flush(self) -> None:
         if self._loop is not None and self._failing_since is None:
-            if self._ops:
+            if self._pending_change:
                 self._flush()
             else:
                 self._flush_pending = False
+                if self._ops:
+                    self._write_soon()
+
+    def _write_soon(self) -> None:
+        """Write what no reply waits for (deliveries counted) within ``fsync_interval``,
+        unless a change takes it along first: a GET costs no write of its own."""
+        if self._late is None:
+            self._late = self._loop.call_later(self.fsync_interval, self._write_late)
+
+    def _write_late(self) -> None:
+        self._late = None
+        if self._ops and self._failing_since is None:
+            self._flush()
 
     def _flush(self) -> None:
         """Write everything changed since the last flush at once; then confirm it (batch,
         never) or hand it to the syncer to fsync first (always). A retryable failure keeps
         the changes and retries with backoff; anything else stops confirming writes."""
         self._flush_pending = False
+        if self._closed:
+            return  # a callback that outlived close(): the changes stay unwritten
         if self._error is not None:
             self._ops = []  # nothing is written any more (the broker refuses puts)
             return
         ops, self._ops = self._ops, []
         if not ops:
             return
+        changed, self._pending_change = self._pending_change, False
         self.batch += 1
         batch = self.batch
         try:
@@ -202,6 +249,7 @@ class Durable(Store):
             self._count_commit(time.perf_counter() - started)
         except self._retryable as exc:
             self._ops = ops + self._ops
+            self._pending_change = self._pending_change or changed
             self.batch -= 1
             if self._failing_since is None:
                 self._failing_since = time.monotonic()
@@ -217,10 +265,15 @@ class Durable(Store):
         if self._failing_since is not None:
             self._commits_again()
             self._retry_delay = 0.01
-        if self.fsync == "always":  # confirmed once the syncer has fsynced it
+        if self.fsync == "always" and changed:  # confirmed once the syncer has fsynced it
             with self._sync:
                 self._sync_upto = batch
                 self._sync.notify()
+        elif self.fsync == "always":  # nothing waits for it: fsynced within the interval
+            with self._sync:
+                if self._dirty_since is None:
+                    self._dirty_since = time.monotonic()
+                    self._sync.notify()
         else:
             if self.fsync == "batch":
                 with self._sync:
@@ -271,12 +324,16 @@ class Durable(Store):
                 try:
                     self._fsync_now()
                 except Exception as exc:
-                    # Never retried: after a failed fsync the kernel may have dropped the
-                    # dirty pages and marked them clean, so a retry that succeeds proves
-                    # nothing ("fsyncgate", PostgreSQL 2018). What was waiting for this
-                    # fsync is never confirmed; the store stops taking writes.
-                    self._broken(OSError(f"fsync failed: {exc}; data written since the "
-                                         "last successful fsync may be lost"))  # fmt: skip
+                    # Never retried (see _fsync_or_break): what was waiting for this fsync
+                    # is never confirmed; the store stops taking writes.
+                    if self._error is None:
+                        self._broken(OSError(f"fsync failed: {exc}; data written since "
+                                             "the last successful fsync may be lost"))  # fmt: skip
+                    return
+                if self._error is not None:
+                    # An fsync in another thread failed meanwhile (a segment roll in the
+                    # loop's): it covered these batches too, and this fsync's success
+                    # proves nothing about them.
                     return
             if upto > synced:
                 synced = upto

@@ -39,6 +39,7 @@
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import os
 import threading
@@ -53,32 +54,34 @@ import msgspec
 
 from pigeon.errors import StoreCorrupted
 from pigeon.server.model import NO_TRANSACTION, Stored
-from pigeon.server.store.durable import Durable, FsyncMode
+from pigeon.server.store.durable import Durable, FsyncFailed, FsyncMode
 from pigeon.server.store.records import (
     ADDS,
     DECLARE,
     DEDUP,
     DEL,
+    DELIVERED,
     FILE_HEADER,
     FILE_HEADER_SIZE,
     FILE_MAGIC,
-    MOVE,
+    MSGS,
     PAD,
     PART,
     RECORD_HEADER,
     REQUEUED,
-    SETTINGS,
     Changes,
     Replayed,
-    add_op,
     extra_bytes,
     fsync_dir,
     list_segments,
+    msgs_ops,
     oldest_first,
     read_segment,
     record_header,
     salt_crc,
     scan,
+    truncate,
+    whole_record,
 )
 
 __all__ = ["LOG_DIR", "LogStore"]
@@ -87,7 +90,9 @@ log = logging.getLogger("pigeon.store")
 
 LOG_DIR = "log"
 SEGMENT_BYTES = 64 * 2**20
-_FORWARD_CHUNK = 4096  # live messages written forward per turn of the loop
+_FORWARD_CHUNK = 4096  # live entries written forward per turn of the loop
+_FORWARD_BYTES = 64 * 2**20  # ... and payload bytes at most (then the next turn)
+_FORGET_PER_TURN = 65_536  # expired dedup ids forgotten per turn of the loop
 _DROPS_PER_TURN = 64  # empty segments deleted per turn of the loop (then one directory fsync)
 # What a live message costs when it is written forward, beyond its payload, queue name,
 # origin and reason: the ADD op's msgpack framing (at most 36 bytes) and its share of a
@@ -97,11 +102,29 @@ _ENTRY_OVERHEAD = 40
 # The parts of a live entry (segment, queue, message), and a message's payload: for map.
 _segment, _queue, _message = itemgetter(0), itemgetter(1), itemgetter(2)
 _payload = attrgetter("payload")
+# What writing a queue's settings or a dedup id forward takes beyond their encoding (a
+# DEDUP op's framing and float: 14 bytes; a share of a record header).
+_STATE_OVERHEAD = 24
+# Keys of what is live in a segment: a message id, (queue,) for a queue's settings,
+# (queue, dedup id) for a dedup id.
+_Key = int | tuple[str] | tuple[str, str]
 _BULK = 8  # from this many messages a put or an ack is recorded with map, not one by one
 _MAX_RETRY_DELAY = 0.25
 # A change larger than this is written as several records, applied together at recovery
 # (a record's length field is 32 bits; a change - a move of a large queue - is not bounded).
 _MAX_RECORD = 256 * 2**20
+
+
+def _cut_torn_tail(path: Path, data: bytes, at: int) -> bytes:
+    log.warning("%s: cut off %d byte(s) of a write a crash left unfinished (never confirmed)",
+                path, len(data) - at)  # fmt: skip
+    truncate(path, at)
+    return data[:at]
+
+
+def _dedup_size(queue: str, dedup_id: str) -> int:
+    """What writing a dedup id forward takes."""
+    return len(queue.encode()) + len(dedup_id.encode()) + _STATE_OVERHEAD
 
 
 class LogStore(Durable):
@@ -123,22 +146,28 @@ class LogStore(Durable):
         self.segment_bytes = segment_bytes
         self._encode = msgspec.msgpack.Encoder().encode
         self._depth = 0  # inside atomic(): write when the outermost block ends
-        self._fd = -1
-        self._fd_lock = threading.Lock()  # the syncer's fsync against a segment switch
+        self._fd = -1  # the active segment's (switched under _fsync_lock: not mid-fsync)
+        self._synced = (0, 0)  # (segment, size) the loop's thread last fdatasynced
         self._thread = threading.Thread(target=self._syncer, name="pigeon-log-sync", daemon=True)
         self.compactions = 0
-        self._forwarding: list[int] | None = None  # ids of the oldest segment to move
+        # what is live in the oldest segment and left to write forward: message ids,
+        # (queue,) for a queue's settings, (queue, dedup id) for a dedup id
+        self._forwarding: list[_Key] | None = None
         self._open_holding(self.dir, self._open_log)
 
     def _open_log(self) -> None:
         started = time.perf_counter()
         state = self._recover_files()
         self._live = state.live
-        self._queues = state.queues
-        self._dedup = state.dedup
+        self._queues = state.queues  # name -> settings
+        self._queue_seg = state.queue_seg  # name -> the segment its settings were written to
+        self._dedup = state.dedup  # queue -> dedup id -> (until, segment)
         self.recovery_seconds = time.perf_counter() - started
+        # Live entries per segment (messages, queue settings, dedup ids): a segment with
+        # none is deleted; the oldest one's are written forward once the log is over twice
+        # the size of what is live (``_live_bytes``: what writing all of it forward takes).
         self._seg_live: dict[int, int] = dict.fromkeys(self._sizes, 0)
-        self._live_bytes = 0  # what writing every live message forward would take
+        self._live_bytes = 0
         self._extra: dict[int, int] = {}  # id -> origin + reason bytes, for dead letters
         for seg, queue, msg in self._live.values():
             self._seg_live[seg] += 1
@@ -146,6 +175,24 @@ class LogStore(Durable):
             if msg.origin or msg.reason or msg.extra is not None:
                 self._extra[msg.id] = n = extra_bytes(msg)
                 self._live_bytes += n
+        for name, seg in self._queue_seg.items():
+            self._seg_live[seg] += 1
+            self._live_bytes += self._settings_size(name, self._queues[name])
+        # dedup ids by the time their window ends, to forget them then (lazily deleted:
+        # an entry whose id was deleted or remembered again since is skipped)
+        self._dedup_heap: list[tuple[float, str, str]] = []
+        now = time.time()
+        for queue, ids in list(self._dedup.items()):
+            for dedup_id, (until, seg) in list(ids.items()):
+                if until <= now:
+                    del ids[dedup_id]
+                    continue
+                self._seg_live[seg] += 1
+                self._live_bytes += _dedup_size(queue, dedup_id)
+                self._dedup_heap.append((until, queue, dedup_id))
+            if not ids:
+                del self._dedup[queue]
+        heapq.heapify(self._dedup_heap)
         self._maintaining = False  # a turn of housekeeping is scheduled
         self._open_active()
         log.info("recovered %d message(s) from %s in %.3f s", len(self._live), self.path,
@@ -185,14 +232,18 @@ class LogStore(Durable):
                             "the segment aside (its messages are lost) or restore a backup"
                         ) from exc
                     continue
-                if last and end == len(data):  # a torn tail: a write a crash cut short
-                    log.warning("%s: cut off %d byte(s) of a write a crash left unfinished "
-                                "(never confirmed)", path, end - off)  # fmt: skip
-                    with open(path, "r+b") as f:
-                        f.truncate(off)
-                        os.fsync(f.fileno())
-                    data = data[:off]
-                    break
+                if last and end == len(data):
+                    rec_end = whole_record(data, off, salt)
+                    if rec_end is None:  # a torn tail: a write a crash cut short
+                        data = _cut_torn_tail(path, data, off)
+                        break
+                    # A whole record (its header checks out, its length fits) whose body
+                    # fails its checksum: a confirmed record may have rotted - kept in
+                    # quarantine and reported like damage anywhere else; what follows it,
+                    # if anything, is a torn tail.
+                    if rec_end < end:
+                        data = _cut_torn_tail(path, data, rec_end)
+                    end = rec_end
                 self._quarantine(path, data, off, end, salt)
                 state.bad_records += 1
                 state.bad_bytes += end - off
@@ -202,9 +253,7 @@ class LogStore(Durable):
                             "cut it short: never confirmed)", path, len(changes.partial),
                             changes.since)  # fmt: skip
                 if last:  # nothing may follow it and join it at the next start
-                    with open(path, "r+b") as f:
-                        f.truncate(changes.since)
-                        os.fsync(f.fileno())
+                    truncate(path, changes.since)
                     data = data[: changes.since]
                     good_end = min(good_end, changes.since)
             self._sizes[seg] = max(good_end, len(data))
@@ -237,8 +286,6 @@ class LogStore(Durable):
             path = self._segment_path(seg)
             self._fd = os.open(path, os.O_RDWR)
             self._active = seg
-            if self._sizes[seg] == FILE_HEADER_SIZE:  # a crash cut its first record short
-                self._write([self._settings()])
         else:
             self._new_segment(1)
 
@@ -246,14 +293,13 @@ class LogStore(Durable):
         return self.path / f"{seg:016d}.seg"
 
     def _new_segment(self, seg: int) -> None:
-        """Begin segment ``seg``: its file header and every queue's settings, fsynced with
-        the directory entry before anything is written to it."""
+        """Begin segment ``seg``: its file header, fsynced with the directory entry before
+        anything is written to it. (Nothing else: what is live in older segments - queue
+        settings and dedup ids too - stays where it is until it is written forward.)"""
         path = self._segment_path(seg)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        body = self._encode([self._settings()])
         salt = int.from_bytes(os.urandom(4), "little")
-        data = (FILE_HEADER.pack(FILE_MAGIC, salt, salt_crc(salt))
-                + record_header(body, salt) + body)  # fmt: skip
+        data = FILE_HEADER.pack(FILE_MAGIC, salt, salt_crc(salt))
         try:
             os.pwrite(fd, data, 0)
             os.fsync(fd)
@@ -263,11 +309,12 @@ class LogStore(Durable):
             with contextlib.suppress(OSError):
                 path.unlink()
             raise
-        with self._fd_lock:
+        with self._fsync_lock:
             old, self._fd = self._fd, fd
             if old >= 0:
                 os.close(old)
         self._active = seg
+        self._synced = (seg, len(data))
         self._salts[seg] = salt
         self._sizes[seg] = len(data)
         self._seg_live[seg] = 0
@@ -280,19 +327,11 @@ class LogStore(Durable):
         return dict(self._queues)
 
     def recover_dedup(self) -> dict[str, dict[str, float]]:
-        return {q: dict(ids) for q, ids in self._dedup.items()}
+        return {q: {d: v[0] for d, v in ids.items()} for q, ids in self._dedup.items()}
 
-    def _settings(self) -> list[Any]:
-        """A segment's first op: every queue's settings and the dedup ids still
-        remembered (so dropping older segments forgets neither)."""
-        now = time.time()
-        for name in list(self._dedup):
-            ids = {d: until for d, until in self._dedup[name].items() if until > now}
-            if ids:
-                self._dedup[name] = ids
-            else:
-                del self._dedup[name]
-        return [SETTINGS, self._queues, self._dedup]
+    def _settings_size(self, name: str, settings: dict[str, Any]) -> int:
+        """What writing a queue's settings forward takes."""
+        return len(self._encode([DECLARE, name, settings])) + _STATE_OVERHEAD
 
     def attach(self, loop: Any) -> None:
         """Write in ``loop``'s thread, once per turn of the loop. Call before ``start``.
@@ -317,12 +356,18 @@ class LogStore(Durable):
             if not self._depth and self._loop is None and self._ops:
                 self._flush()
 
-    def _add(self, op: list[Any]) -> None:
+    def _add(self, op: list[Any], change: bool = True) -> None:
+        """Write ``op`` with the next record. ``change`` False: no reply waits for it (a
+        delivery counted)."""
         self._ops.append(op)
-        self.last_tag = self.batch + 1
-        self.changes += 1
+        if change:
+            self.last_tag = self.batch + 1
+            self.changes += 1
+            self._pending_change = True
         if self._loop is not None:
-            if not self._flush_pending:
+            if not change:
+                self._write_soon()  # with the next change, or within the interval
+            elif not self._flush_pending:
                 self._flush_pending = True
                 self._loop.call_soon(self._flush)
         elif not self._depth:
@@ -352,8 +397,8 @@ class LogStore(Durable):
         if fresh:
             self._add([ADDS, queue, first, [m.payload for m in msgs]])
             return
-        for m in msgs:
-            self._add(add_op(m.id, queue, m))
+        for op in msgs_ops([(queue, m) for m in msgs], payloads=True):
+            self._add(op)  # a batch's options once, however many messages share them
 
     def added_plain(self, queue: str, msgs: list[Stored]) -> None:
         # added_many's short form, in bulk: consecutive ids, nothing but payloads
@@ -415,23 +460,92 @@ class LogStore(Durable):
             self._live_bytes += len(queue) - len(entry[1]) + n - self._extra.pop(msg.id, 0)
             if n:
                 self._extra[msg.id] = n
-        op = [MOVE, msg.id, queue, msg.deliveries, msg.origin, msg.reason]
-        self._add(op if msg.extra is None else [*op, msg.extra])
+        # Consecutive moves to one queue with one origin and reason (a NACK's messages to
+        # its dead-letter queue) join one MSGS op while it waits to be written: the reason,
+        # and options the messages share, are written once.
+        e = msg.extra
+        shared = None if e is None else (e.priority, e.due, e.expires, id(e.headers))
+        op: list[Any] = self._ops[-1] if self._ops else []
+        if op and op is self._move_op and op[1:4] == [queue, msg.origin, msg.reason]:
+            self._ops.pop()  # (added again below: counted as a change)
+        else:
+            self._move_op = op = [MSGS, queue, msg.origin, msg.reason, [], []]
+            self._move_extras = {}
+        k = -1
+        if shared is not None:
+            k = self._move_extras.setdefault(shared, len(op[4]))
+            if k == len(op[4]):
+                op[4].append(e)
+        op[5].append([msg.id, None, msg.deliveries, k])
+        self._add(op)
 
-    def deduped(self, queue: str, dedup_id: str, until: float) -> None:
-        self._dedup.setdefault(queue, {})[dedup_id] = until
-        self._add([DEDUP, queue, dedup_id, until])
+    _move_op: list[Any] | None = None  # the MSGS op of moves still waiting to be written
+    _move_extras: dict[tuple[int, float, float, int], int]
+
+    def delivered(self, queue: str, msg_ids: list[int]) -> None:
+        # Counted at recovery once this record is written; the DELIVER does not wait for it.
+        self._add([DELIVERED, msg_ids], change=False)
 
     def requeued(self, queue: str, msg: Stored) -> None:
-        self._add([REQUEUED, msg.id, msg.deliveries])
+        due = msg.extra.due if msg.extra is not None else 0.0
+        if not due:
+            self._add([REQUEUED, msg.id, msg.deliveries])
+            return
+        entry = self._live.get(msg.id)  # a NACK's delay: kept with the message
+        if entry is not None:
+            n = extra_bytes(msg)
+            self._live_bytes += n - self._extra.pop(msg.id, 0)
+            self._extra[msg.id] = n
+        self._add([REQUEUED, msg.id, msg.deliveries, due])
+
+    def deduped(self, queue: str, dedup_id: str, until: float) -> None:
+        ids = self._dedup.setdefault(queue, {})
+        size = _dedup_size(queue, dedup_id)
+        old = ids.get(dedup_id)
+        if old is not None:
+            self._unlive(old[1], size)
+        ids[dedup_id] = (until, self._active)
+        self._seg_live[self._active] += 1
+        self._live_bytes += size
+        heapq.heappush(self._dedup_heap, (until, queue, dedup_id))
+        self._add([DEDUP, queue, dedup_id, until])
 
     def declared(self, queue: str, settings: dict[str, Any] | None) -> None:
-        if settings is None:
-            self._queues.pop(queue, None)
-            self._dedup.pop(queue, None)
+        old = self._queues.pop(queue, None)
+        if old is not None:
+            self._unlive(self._queue_seg.pop(queue), self._settings_size(queue, old))
+        if settings is None:  # deleted: its dedup ids are forgotten with it
+            for dedup_id, (_, seg) in self._dedup.pop(queue, {}).items():
+                self._unlive(seg, _dedup_size(queue, dedup_id))
         else:
             self._queues[queue] = settings
+            self._queue_seg[queue] = self._active
+            self._seg_live[self._active] += 1
+            self._live_bytes += self._settings_size(queue, settings)
         self._add([DECLARE, queue, settings])
+
+    def _unlive(self, seg: int, size: int) -> None:
+        """A live entry of ``seg`` that was not a message is gone (or written again)."""
+        self._seg_live[seg] -= 1
+        self._live_bytes -= size
+
+    def _forget_expired(self, now: float) -> bool:
+        """Forget dedup ids whose window has passed (``_FORGET_PER_TURN`` at most: True
+        when more are left): they no longer keep their segment, nor memory."""
+        heap, dedup = self._dedup_heap, self._dedup
+        for _ in range(_FORGET_PER_TURN):
+            if not heap or heap[0][0] > now:
+                return False
+            until, queue, dedup_id = heapq.heappop(heap)
+            ids = dedup.get(queue)
+            entry = ids.get(dedup_id) if ids else None
+            if ids is None or entry is None or entry[0] != until:
+                continue  # deleted with its queue, or remembered again since
+            del ids[dedup_id]
+            if not ids:
+                del dedup[queue]
+            self._unlive(entry[1], _dedup_size(queue, dedup_id))
+        return bool(heap) and heap[0][0] <= now
 
     # --- writing --------------------------------------------------------------------------
 
@@ -480,10 +594,12 @@ class LogStore(Durable):
         self._write(ops)
 
     def _after_write(self) -> None:
-        if self._error is not None:
+        if self._error is not None or self._closed:
             return
         try:
             more = self._maintain()
+        except FsyncFailed:
+            return  # the store is broken (and said so): nothing more is begun or dropped
         except OSError as exc:
             log.error("store %s: starting a segment or reclaiming space failed (%s); "
                       "will retry", self.path, exc)  # fmt: skip
@@ -494,24 +610,29 @@ class LogStore(Durable):
 
     def _maintain_later(self) -> None:
         self._maintaining = False
-        if self._loop is not None and self._error is None and not self._ops:
-            self._after_write()
+        if self._loop is not None and not self._ops:
+            self._after_write()  # (nothing, if the store was closed or broke meanwhile)
 
     def _maintain(self) -> bool:
-        """Begin a new segment when the active one is full; reclaim the oldest segments
-        while nothing in them is live; once the log is over twice what is live, write the
-        live messages of the oldest forward, then reclaim it.
+        """Forget expired dedup ids; begin a new segment when the active one is full;
+        reclaim the oldest segments while nothing in them is live; once the log is over
+        twice what is live, write what is live in the oldest forward, then reclaim it.
 
         One turn does a bounded amount of work, however much a request freed: at most
-        one segment begun (one fsync), one chunk of ``_FORWARD_CHUNK`` messages written
-        forward (one fdatasync), ``_DROPS_PER_TURN`` segments deleted (one directory
-        fsync). Returns True when more is left for the next turn."""
+        one segment begun (one fsync), one chunk of ``_FORWARD_CHUNK`` live entries
+        written forward (one fdatasync), ``_DROPS_PER_TURN`` segments deleted (one
+        fdatasync, one directory fsync), ``_FORGET_PER_TURN`` dedup ids forgotten. (A
+        chunk holds at most ``_FORWARD_BYTES`` of payload.)
+        Returns True when more is left for the next turn."""
+        more = False
+        heap = self._dedup_heap
+        if heap and heap[0][0] <= (now := time.time()):
+            more = self._forget_expired(now)
         if len(self._sizes) == 1 and self._sizes[self._active] < self.segment_bytes:
-            return False  # one segment, not full: nothing to begin, reclaim or forward
+            return more  # one segment, not full: nothing to begin, reclaim or forward
         if self._sizes[self._active] >= self.segment_bytes:
             self._roll()
         dropped: list[int] = []
-        more = False
         try:
             while (oldest := min(s for s in self._sizes if s not in dropped)) != self._active:
                 if len(dropped) >= _DROPS_PER_TURN:
@@ -519,15 +640,10 @@ class LogStore(Durable):
                 if self._seg_live[oldest]:
                     if self._forwarding is None:
                         if not self._over_threshold(dropped):
-                            return False
-                        self._forwarding = [
-                            mid for mid, e in self._live.items() if e[0] == oldest
-                        ]  # fmt: skip
+                            return more
+                        self._forwarding = self._live_keys(oldest)
                     self._forward(oldest, self._forwarding)
-                    more = True  # whatever happens now, this turn's forwarding is done
                     if self._seg_live[oldest]:
-                        if not self._forwarding:  # cannot be; look again rather than lose one
-                            self._forwarding = None
                         return True
                     self._sync_or_break()  # the copies are on disk before the originals go
                     self.compactions += 1
@@ -549,43 +665,87 @@ class LogStore(Durable):
         self._new_segment(self._active + 1)
 
     def _sync_or_break(self) -> None:
-        """fdatasync the active segment; a failure breaks the store (never retried: see
-        ``Durable._syncer``), and no segment is dropped or begun after it."""
-        try:
-            with self._fd_lock:
-                os.fdatasync(self._fd)
-        except OSError as exc:
-            self._broken(OSError(f"fsync failed: {exc}; what was written since may be lost"))
-            raise
+        """fdatasync the active segment in the loop's thread; a failure breaks the store
+        and poisons every batch written so far (``Durable._fsync_or_break``): nothing is
+        confirmed, begun or dropped after it."""
+        self._fsync_or_break(self._fdatasync_active)
+        self._synced = (self._active, self._sizes[self._active])
 
-    def _forward(self, seg: int, ids: list[int]) -> None:
-        """Write up to ``_FORWARD_CHUNK`` of the live messages of segment ``seg`` (their ids
-        taken from the end of ``ids``) again, as they are now, at the end of the log."""
-        live, active = self._live, self._active
+    def _fdatasync_active(self) -> None:
+        if self._fd >= 0:
+            os.fdatasync(self._fd)
+
+    def _live_keys(self, seg: int) -> list[_Key]:
+        """What is live in segment ``seg``: message ids, then (queue,) for queue settings
+        and (queue, dedup id) for dedup ids (``_forward`` takes from the end)."""
+        keys: list[_Key] = [mid for mid, e in self._live.items() if e[0] == seg]
+        keys += [(name,) for name, s in self._queue_seg.items() if s == seg]
+        keys += [(q, d) for q, ids in self._dedup.items() for d, v in ids.items() if v[1] == seg]
+        return keys
+
+    def _forward(self, seg: int, keys: list[_Key]) -> None:
+        """Write up to ``_FORWARD_CHUNK`` of what is live in segment ``seg`` (taken from
+        the end of ``keys``) again, as it is now, at the end of the log, in one record;
+        a dedup id whose window has passed is forgotten instead."""
+        live, active, now = self._live, self._active, time.time()
         moving: list[tuple[int, str, Stored]] = []
-        while ids and len(moving) < _FORWARD_CHUNK:
-            mid = ids.pop()
-            entry = live.get(mid)
-            if entry is not None and entry[0] == seg:  # not acked since
-                moving.append((mid, entry[1], entry[2]))
-        if not ids and len(moving) < self._seg_live[seg]:  # cannot be; but never lose one
-            ids += [
-                mid for mid, e in live.items() if e[0] == seg and (mid, e[1], e[2]) not in moving
-            ]
-        if moving:
-            self._write([add_op(mid, q, m) for mid, q, m in reversed(moving)])
+        settings: list[str] = []
+        dedup: list[tuple[str, str, float]] = []
+        size = 0
+        while keys and len(moving) + len(settings) + len(dedup) < _FORWARD_CHUNK:
+            if size >= _FORWARD_BYTES:
+                break
+            key = keys.pop()
+            if isinstance(key, int):
+                entry = live.get(key)
+                if entry is not None and entry[0] == seg:  # not acked since
+                    moving.append((key, entry[1], entry[2]))
+                    size += len(entry[2].payload)
+            elif len(key) == 1:
+                if self._queue_seg.get(key[0]) == seg:  # not declared again or deleted
+                    settings.append(key[0])
+            else:
+                queue, dedup_id = key
+                v = self._dedup.get(queue, {}).get(dedup_id)
+                if v is not None and v[1] == seg:
+                    if v[0] > now:
+                        dedup.append((queue, dedup_id, v[0]))
+                    else:  # its window passed: forgotten, not copied
+                        ids = self._dedup[queue]
+                        del ids[dedup_id]
+                        if not ids:
+                            del self._dedup[queue]
+                        self._unlive(seg, _dedup_size(queue, dedup_id))
+        ops = msgs_ops([(q, m) for _, q, m in reversed(moving)], payloads=True)
+        ops += [[DECLARE, name, self._queues[name]] for name in settings]
+        ops += [[DEDUP, q, d, until] for q, d, until in dedup]
+        if ops:
+            self._write(ops)
         for mid, q, m in moving:
             live[mid] = (active, q, m)
-        self._seg_live[active] += len(moving)
-        self._seg_live[seg] -= len(moving)
-        log.debug("store %s: wrote %d live message(s) forward from segment %d",
-                  self.path, len(moving), seg)  # fmt: skip
+        for name in settings:
+            self._queue_seg[name] = active
+        for q, d, until in dedup:
+            self._dedup[q][d] = (until, active)
+        n = len(moving) + len(settings) + len(dedup)
+        self._seg_live[active] += n
+        self._seg_live[seg] -= n
+        if not keys and self._seg_live[seg]:  # cannot be; but never lose one: look again
+            keys += self._live_keys(seg)
+        log.debug("store %s: wrote %d live entries forward from segment %d",
+                  self.path, n, seg)  # fmt: skip
 
     def _drop(self, segs: list[int]) -> None:
-        """Delete segments with nothing live in them (one directory fsync for all: one
-        that comes back after a crash is replayed harmlessly - it holds nothing live)."""
+        """Delete segments with nothing live in them. The records that emptied them are
+        made durable first (an fdatasync of the active segment, unless this thread just
+        did one: the older segments were fdatasynced when they were closed) - else a
+        power cut could keep the deletion and lose a record that moved their messages.
+        Then one directory fsync for all: a segment that comes back after a crash is
+        replayed harmlessly, as nothing in it is live."""
         if not segs:
             return
+        if self._synced != (self._active, self._sizes[self._active]):
+            self._sync_or_break()
         for seg in segs:
             self._segment_path(seg).unlink()
             del self._sizes[seg], self._salts[seg]
@@ -595,9 +755,7 @@ class LogStore(Durable):
     # --- the syncer thread ----------------------------------------------------------------
 
     def _fsync_now(self) -> None:
-        with self._fd_lock:  # not while a segment is being switched
-            if self._fd >= 0:
-                os.fdatasync(self._fd)
+        self._fsync_or_break(self._fdatasync_active)  # not while a segment is switched
         self.fsyncs += 1
 
     @property
@@ -608,18 +766,23 @@ class LogStore(Durable):
     def close(self) -> None:
         """Write what is pending, fsync, stop the syncer, close the segment."""
         self._closing_flush()
+        self._closed = True  # housekeeping still scheduled on the loop does nothing now
         with self._sync:
             self._closing = True
             self._sync.notify()
         if self._thread.is_alive():
             self._thread.join(30)
-        with self._fd_lock:
+        with contextlib.suppress(FsyncFailed):
+            self._fsync_or_break(self._fsync_active)
+        with self._fsync_lock:
             if self._fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.fsync(self._fd)
                 os.close(self._fd)
                 self._fd = -1
         self._unlock_dir()
+
+    def _fsync_active(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
 
     def _closing_flush(self) -> None:
         loop, self._loop = self._loop, None

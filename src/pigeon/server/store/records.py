@@ -49,31 +49,45 @@ PAD = b"\xc0"  # a body starting with msgpack nil is padding: skipped
 
 # Operations (the first item of each msgpack list in a record's body).
 ADDS = 0  # [0, queue, first_id, [payload, ...]]: fresh messages, consecutive ids
-ADD = 1  # [1, id, queue, payload, deliveries, origin, reason, extra?]: any message, as
-# it is; extra (priority, due, expires, headers) only for a message put with options
+ADD = 1  # [1, id, queue, payload, deliveries, origin, reason, extra?]: any message, as it
+# is (read only: MSGS writes these now)
 DEL = 2  # [2, [id, ...]]: gone for good (acked, purged, deleted)
-MOVE = 3  # [3, id, queue, deliveries, origin, reason, extra?]: to another queue (a dead
-# letter; extra: what it keeps of its options)
-REQUEUED = 4  # [4, id, deliveries]: handed back after this many deliveries
+MOVE = 3  # [3, id, queue, deliveries, origin, reason, extra?]: to another queue (read only)
+REQUEUED = 4  # [4, id, deliveries, due?]: handed back after this many deliveries; due: not
+# to be delivered before then (a NACK's delay, wall clock; 0 or absent: at once)
 DECLARE = 5  # [5, queue, settings or None]
 SETTINGS = 6  # [6, {queue: settings}, {queue: {dedup id: until}}?]: every queue's settings
-# and remembered dedup ids (a segment's first record)
+# and dedup ids, once the first record of every segment (read only: a snapshot that grew
+# with the ids and was rewritten at every segment; settings and ids are written forward
+# like messages now)
 PART = 7  # [7]: first op of a record that is not the last of its change (see _write)
 DEDUP = 8  # [8, queue, dedup id, until]: the queue remembers the id until then (wall clock)
+MSGS = 9  # [9, queue, origin, reason, [extra, ...], [[id, payload?, deliveries, k], ...]]:
+# messages in ``queue`` that share an origin and reason, each with extra number k of the
+# op's table (-1: none) - what one request shares (a batch's options, a NACK's reason) is
+# written once, and shared again when it is read. A nil payload: a message already in the
+# log, moved here (a dead letter); else a message added as it is.
+DELIVERED = 10  # [10, [id, ...]]: each handed out once more (a GET with manual ack)
 
 # A live message: (segment number, queue, message).
 Entry = tuple[int, str, Stored]
 
 
 class Replayed:
-    """The state a log describes: what replaying its segments in order gives."""
+    """The state a log describes: what replaying its segments in order gives, and the
+    segment each live part of it was last written to (compaction writes forward what is
+    live in the oldest segment: messages, queue settings, dedup ids)."""
 
     def __init__(self) -> None:
         self.live: dict[int, Entry] = {}
         self.queues: dict[str, dict[str, Any]] = {}
-        self.dedup: dict[str, dict[str, float]] = {}
+        self.queue_seg: dict[str, int] = {}
+        self.dedup: dict[str, dict[str, tuple[float, int]]] = {}  # queue -> id -> (until, seg)
         self.bad_records = 0
         self.bad_bytes = 0
+
+    def dedup_ids(self) -> dict[str, dict[str, float]]:
+        return {q: {d: v[0] for d, v in ids.items()} for q, ids in self.dedup.items()}
 
     def apply(self, seg: int, ops: list[Any]) -> None:
         live = self.live
@@ -83,15 +97,29 @@ class Replayed:
                 _, queue, first, payloads = op
                 for i, payload in enumerate(payloads, first):
                     live[i] = (seg, queue, Stored(i, payload))
+            elif kind == MSGS:
+                self._msgs(seg, op)
+            elif kind == DEL:
+                pop = live.pop
+                for mid in op[1]:
+                    pop(mid, None)
+            elif kind == DELIVERED:
+                for mid in op[1]:
+                    entry = live.get(mid)
+                    if entry is not None:
+                        entry[2].deliveries += 1
+            elif kind == REQUEUED:
+                entry = live.get(op[1])
+                if entry is not None:
+                    msg = entry[2]
+                    msg.deliveries = op[2]
+                    if len(op) > 3:
+                        msg.extra = with_due(msg.extra, op[3])
             elif kind == ADD:
                 _, mid, queue, payload, deliveries, origin, reason, *more = op
                 extra = extra_of(more)
                 msg = Stored(mid, payload, deliveries, 0.0, origin, reason, extra)
                 live[mid] = (seg, queue, msg)
-            elif kind == DEL:
-                pop = live.pop
-                for mid in op[1]:
-                    pop(mid, None)
             elif kind == MOVE:
                 _, mid, queue, deliveries, origin, reason, *more = op
                 entry = live.get(mid)
@@ -100,24 +128,42 @@ class Replayed:
                     msg.deliveries, msg.origin, msg.reason = deliveries, origin, reason
                     msg.extra = extra_of(more)
                     live[mid] = (entry[0], queue, msg)
-            elif kind == REQUEUED:
-                entry = live.get(op[1])
-                if entry is not None:
-                    entry[2].deliveries = op[2]
             elif kind == DECLARE:
                 if op[2] is None:
                     self.queues.pop(op[1], None)
+                    self.queue_seg.pop(op[1], None)
                     self.dedup.pop(op[1], None)
                 else:
                     self.queues[op[1]] = op[2]
+                    self.queue_seg[op[1]] = seg
+            elif kind == DEDUP:
+                self.dedup.setdefault(op[1], {})[op[2]] = (op[3], seg)
             elif kind == SETTINGS:
                 self.queues = dict(op[1])
+                self.queue_seg = dict.fromkeys(self.queues, seg)
                 if len(op) > 2:
-                    self.dedup = {q: dict(ids) for q, ids in op[2].items()}
-            elif kind == DEDUP:
-                self.dedup.setdefault(op[1], {})[op[2]] = op[3]
+                    self.dedup = {
+                        q: {d: (until, seg) for d, until in ids.items()} for q, ids in op[2].items()
+                    }
             else:
                 raise ValueError(f"unknown operation {kind!r}")
+
+    def _msgs(self, seg: int, op: list[Any]) -> None:
+        _, queue, origin, reason, table, entries = op
+        extras = [msgspec.convert(x, Extra) for x in table]
+        live = self.live
+        for mid, payload, deliveries, k in entries:
+            extra = extras[k] if k >= 0 else None
+            if payload is not None:
+                msg = Stored(mid, payload, deliveries, 0.0, origin, reason, extra)
+                live[mid] = (seg, queue, msg)
+                continue
+            entry = live.get(mid)
+            if entry is not None:  # moved here
+                msg = entry[2]
+                msg.deliveries, msg.origin, msg.reason = deliveries, origin, reason
+                msg.extra = extra
+                live[mid] = (entry[0], queue, msg)
 
     def messages(self) -> list[tuple[str, Stored]]:
         return oldest_first(self.live)
@@ -128,18 +174,55 @@ def extra_of(more: list[Any]) -> Extra | None:
     return msgspec.convert(more[0], Extra) if more and more[0] is not None else None
 
 
+def with_due(extra: Extra | None, due: float) -> Extra | None:
+    """``extra`` not to be delivered before ``due`` (a new Extra: they are shared)."""
+    if extra is None:
+        return Extra(0, due) if due else None
+    return Extra(extra.priority, due, extra.expires, extra.headers)
+
+
 def extra_bytes(msg: Stored) -> int:
-    """What a message's origin, reason and options add to a copy of it in the log."""
+    """What a message's origin, reason and options add, at most, to a copy of it in the
+    log (a copy written with others that share them takes less)."""
     n = len(msg.origin) + len(msg.reason)
     if msg.extra is not None:
         n += 32 + sum(len(k) + len(v) + 4 for k, v in (msg.extra.headers or {}).items())
     return n
 
 
-def add_op(mid: int, queue: str, m: Stored) -> list[Any]:
-    if m.extra is None:
-        return [ADD, mid, queue, m.payload, m.deliveries, m.origin, m.reason]
-    return [ADD, mid, queue, m.payload, m.deliveries, m.origin, m.reason, m.extra]
+MSGS_BYTES = 64 * 2**20  # payload bytes in one MSGS op at most (a change is split by op)
+
+
+def msgs_ops(items: list[tuple[str, Stored]], payloads: bool) -> list[list[Any]]:
+    """MSGS ops for ``items`` (queue, message), in order: one op per run of messages that
+    share a queue, an origin and a reason (and hold at most ``MSGS_BYTES`` of payload, so
+    a change can still be split into records), each op's extras written once however many
+    of its messages share them (the same object, or the same priority, times and headers
+    object). ``payloads`` False: the messages are in the log already (a move)."""
+    ops: list[list[Any]] = []
+    key: tuple[str, str, str] | None = None
+    index: dict[tuple[int, float, float, int], int] = {}
+    table: list[Extra] = []
+    entries: list[list[Any]] = []
+    size = 0
+    for queue, m in items:
+        if key != (queue, m.origin, m.reason) or size > MSGS_BYTES:
+            key = (queue, m.origin, m.reason)
+            index, table, entries, size = {}, [], [], 0
+            ops.append([MSGS, queue, m.origin, m.reason, table, entries])
+        if payloads:
+            size += len(m.payload)
+        e = m.extra
+        if e is None:
+            k = -1
+        else:
+            shared = (e.priority, e.due, e.expires, id(e.headers))
+            k = index.get(shared, -1)
+            if k < 0:
+                k = index[shared] = len(table)
+                table.append(e)  # (holds its headers: their id stays theirs meanwhile)
+        entries.append([m.id, m.payload if payloads else None, m.deliveries, k])
+    return ops
 
 
 def oldest_first(live: dict[int, Entry]) -> list[tuple[str, Stored]]:
@@ -222,6 +305,19 @@ def scan(data: bytes, start: int, salt: int) -> Iterator[tuple[int, int, bool]]:
         off = nxt
 
 
+def whole_record(data: bytes, off: int, salt: int) -> int | None:
+    """The end of the record at ``off`` if its header checks out and all the length it
+    claims is there (its body's checksum aside), else None: a record that fails its body
+    checksum is then damage, not a write a crash cut short."""
+    if off + RECORD_HEADER.size > len(data):
+        return None
+    magic, length, crc, hcrc = RECORD_HEADER.unpack_from(data, off)
+    end: int = off + RECORD_HEADER.size + length
+    if magic != MAGIC or zlib.crc32(CHECKED.pack(length, crc), salt) != hcrc or end > len(data):
+        return None
+    return end
+
+
 def read_segment(path: Path, data: bytes) -> int:
     """The segment's salt, once its header is checked."""
     if len(data) < FILE_HEADER_SIZE or data[: len(FILE_MAGIC)] != FILE_MAGIC:
@@ -252,6 +348,13 @@ def salt_crc(salt: int) -> int:
 
 
 SALT = struct.Struct("<16sI")
+
+
+def truncate(path: Path, size: int) -> None:
+    """Cut ``path`` to ``size`` bytes, durably."""
+    with open(path, "r+b") as f:
+        f.truncate(size)
+        os.fsync(f.fileno())
 
 
 def fsync_dir(path: Path) -> None:

@@ -50,8 +50,9 @@ import msgspec
 from pigeon.errors import StoreCorrupted
 from pigeon.server.model import NO_TRANSACTION, Extra, Stored
 from pigeon.server.store.durable import Durable, FsyncFailed, FsyncMode
+from pigeon.server.store.records import with_due
 
-__all__ = ["DB_NAME", "SQLiteStore", "create_schema"]
+__all__ = ["DB_NAME", "SQLiteStore", "SharedAttrs", "create_schema", "read_shared"]
 
 log = logging.getLogger("pigeon.store")
 
@@ -81,18 +82,40 @@ CREATE TABLE IF NOT EXISTS dedup (
     until REAL NOT NULL,
     PRIMARY KEY (queue, id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS shared (
+    id INTEGER PRIMARY KEY,
+    data BLOB NOT NULL  -- MessagePack [origin, reason, Extra or nil]
+);
+"""
+# What messages share - a batch's options, a NACK's reason - is a row of ``shared``, written
+# once and named by each message's ``attrs``; deleted with the last message naming it.
+_SHARED = """
+CREATE INDEX IF NOT EXISTS messages_attrs ON messages (attrs) WHERE attrs IS NOT NULL;
+CREATE TRIGGER IF NOT EXISTS shared_unused_after_delete AFTER DELETE ON messages
+WHEN old.attrs IS NOT NULL AND NOT EXISTS (SELECT 1 FROM messages WHERE attrs = old.attrs)
+BEGIN DELETE FROM shared WHERE id = old.attrs; END;
+CREATE TRIGGER IF NOT EXISTS shared_unused_after_update AFTER UPDATE OF attrs ON messages
+WHEN old.attrs IS NOT NULL AND old.attrs IS NOT new.attrs
+    AND NOT EXISTS (SELECT 1 FROM messages WHERE attrs = old.attrs)
+BEGIN DELETE FROM shared WHERE id = old.attrs; END;
 """
 # Columns added after the first release: added to an older store when it is opened.
 _ADDED_COLUMNS = {
     "origin": "TEXT NOT NULL DEFAULT ''",
     "reason": "TEXT NOT NULL DEFAULT ''",
     "extra": "BLOB",  # a message put with options: its Extra in MessagePack (else NULL)
+    "attrs": "INTEGER",  # a row of shared: its origin, reason and Extra (else the above)
+    "due": "REAL NOT NULL DEFAULT 0",  # a NACK's delay: not delivered before (wall clock)
 }
 _encode_extra = msgspec.msgpack.Encoder().encode
 _decode_extra = msgspec.msgpack.Decoder(Extra).decode
+_decode_shared = msgspec.msgpack.Decoder(tuple[str, str, Extra | None]).decode
 _BUSY_TIMEOUT_MS = 200  # how long one statement waits for another process's lock
 _CHECKPOINT_BYTES = 8 * 2**20  # the syncer checkpoints the WAL beyond this size
 _MAX_RETRY_DELAY = 0.25
+# The writer thread wakes this often when idle: deliveries counted (no reply waits for
+# them, so they wake nobody) are committed at the latest then, if no change came first.
+_WRITER_IDLE = 0.05
 
 
 def _id_ranges(ops: list[tuple[str, tuple[object, ...]]]) -> Iterator[tuple[int, int]]:
@@ -115,12 +138,60 @@ def create_schema(db: sqlite3.Connection) -> None:
     for column, decl in _ADDED_COLUMNS.items():
         if column not in have:
             db.execute(f"ALTER TABLE messages ADD COLUMN {column} {decl}")
+    db.executescript(_SHARED)
 
 
-def _row(queue: str, m: Stored) -> tuple[object, ...]:
-    extra = None if m.extra is None else _encode_extra(m.extra)
-    crc = zlib.crc32(m.payload)
-    return (m.id, queue, m.payload, crc, m.deliveries, m.origin, m.reason, extra)
+class SharedAttrs:
+    """Numbers what messages share (origin, reason, options: the same priority, times and
+    headers object) as rows of ``shared``, so that a batch's options or a NACK's reason is
+    written once, not once per message.
+
+    A number is handed out again only while a row of it surely still exists: any change
+    that may remove or re-point the messages naming one (``forget``, ``keep_only``)
+    drops it from memory first, as the triggers may then delete its row."""
+
+    def __init__(self, next_id: int) -> None:
+        self._next = next_id
+        self._known: dict[tuple[str, str, int, float, float, int], tuple[int, Extra | None]] = {}
+
+    def number(self, m: Stored) -> tuple[int, bytes | None]:
+        """The row for ``m``'s origin, reason and options, and its data if it is new."""
+        e = m.extra
+        key = (m.origin, m.reason, *(
+            (e.priority, e.due, e.expires, id(e.headers)) if e is not None else (0, 0.0, 0.0, 0)
+        ))  # fmt: skip
+        known = self._known.get(key)
+        if known is not None:
+            return known[0], None
+        if len(self._known) >= 256:
+            self._known.clear()
+        sid = self._next
+        self._next += 1
+        self._known[key] = (sid, e)  # (holds the headers: their id stays theirs meanwhile)
+        return sid, _encode_extra([m.origin, m.reason, e])
+
+    def forget(self) -> None:
+        self._known.clear()
+
+    def keep_only(self, m: Stored) -> None:
+        """Messages are re-pointed to ``m``'s row: any other may lose its last one."""
+        if len(self._known) > 1:
+            e = m.extra
+            key = (m.origin, m.reason, *(
+                (e.priority, e.due, e.expires, id(e.headers)) if e is not None
+                else (0, 0.0, 0.0, 0)
+            ))  # fmt: skip
+            kept = self._known.get(key)
+            self._known = {key: kept} if kept is not None else {}
+
+
+def read_shared(db: sqlite3.Connection) -> dict[int, tuple[str, str, Extra | None]]:
+    """Every row of ``shared``, decoded once (its messages then share the objects)."""
+    out = {}
+    for sid, data in db.execute("SELECT id, data FROM shared"):
+        origin, reason, extra = _decode_shared(data)
+        out[sid] = (origin, reason, extra)
+    return out
 
 
 class SQLiteStore(Durable):
@@ -139,6 +210,8 @@ class SQLiteStore(Durable):
         self._lock = threading.Condition()
         self._last_fsync = 0.0
         self._db = self._open_holding(self.dir, self._open)
+        (top,) = self._db.execute("SELECT coalesce(max(id), 0) FROM shared").fetchone()
+        self._shared = SharedAttrs(top + 1)
         # Attached (``attach``), commits run in the event loop's thread and the syncer
         # thread fsyncs and checkpoints; else this writer thread does it all.
         self._thread = threading.Thread(target=self._writer, name="pigeon-store", daemon=True)
@@ -179,18 +252,24 @@ class SQLiteStore(Durable):
         bad: list[tuple[int, str, bytes]] = []
         count = 0
         try:
+            shared = read_shared(self._db)
             rows = self._db.execute(
-                "SELECT id, queue, payload, crc, deliveries, origin, reason, extra FROM messages "
-                "ORDER BY id"
+                "SELECT id, queue, payload, crc, deliveries, origin, reason, extra, attrs, due "
+                "FROM messages ORDER BY id"
             )
-            for mid, queue, payload, crc, deliveries, origin, reason, extra in rows:
+            for mid, queue, payload, crc, deliveries, origin, reason, extra, attrs, due in rows:
                 if zlib.crc32(payload) != crc:
                     bad.append((mid, queue, payload))
                     continue
                 count += 1
-                yield queue, Stored(mid, bytes(payload), deliveries, 0.0, origin, reason,
-                                    _decode_extra(extra) if extra else None)  # fmt: skip
-        except sqlite3.DatabaseError as exc:
+                if attrs is not None:
+                    origin, reason, options = shared.get(attrs, ("", "", None))
+                else:
+                    options = _decode_extra(extra) if extra else None
+                if due:
+                    options = with_due(options, due)
+                yield queue, Stored(mid, bytes(payload), deliveries, 0.0, origin, reason, options)
+        except (sqlite3.DatabaseError, msgspec.DecodeError) as exc:
             raise StoreCorrupted(f"{self.path} is damaged ({exc})") from exc
         if bad:
             now = time.time()
@@ -268,7 +347,7 @@ class SQLiteStore(Durable):
     _checkpointer: sqlite3.Connection | None = None
 
     def _fsync_now(self) -> None:
-        self._fsync_wal()
+        self._fsync_or_break(self._fsync_wal)
 
     def _between_syncs(self, closing: bool) -> None:
         """Checkpoint the WAL once it passes ``_CHECKPOINT_BYTES``, off the loop."""
@@ -289,48 +368,69 @@ class SQLiteStore(Durable):
     def _add(self, op: str, args: tuple[object, ...]) -> None:
         self._add_all([(op, args)])
 
-    def _add_all(self, ops: list[tuple[str, tuple[object, ...]]]) -> None:
+    def _add_all(self, ops: list[tuple[str, tuple[object, ...]]], change: bool = True) -> None:
+        """Commit ``ops`` with the next transaction. ``change`` False: no reply waits for
+        them (deliveries counted)."""
         if not ops:
             return
         if self._loop is not None:  # inline: the loop's thread alone touches _ops
             self._ops += ops
+            if not change:
+                self._write_soon()  # with the next change, or within the interval
+                return
             self.last_tag = self.batch + 1
             self.changes += len(ops)
+            self._pending_change = True
             if not self._flush_pending:
                 self._flush_pending = True
                 self._loop.call_soon(self._flush)
             return
         with self._lock:
             self._ops += ops
-            self.last_tag = self.batch + 1
-            self.changes += len(ops)
-            self._lock.notify()
+            if change:  # (else committed with the next change, or when the writer wakes)
+                self.last_tag = self.batch + 1
+                self.changes += len(ops)
+                self._lock.notify()
 
     def added(self, queue: str, msg: Stored) -> None:
         self.added_many(queue, [msg])
 
     def removed(self, queue: str, msg_id: int) -> None:
-        self._add("del", (msg_id,))
+        self.removed_many(queue, [msg_id])
 
     def added_many(self, queue: str, msgs: list[Stored]) -> None:
         """A fresh put's row binds only the columns it sets (the rest take their defaults:
-        binding fewer values is measurably faster)."""
+        binding fewer values is measurably faster); what messages share (a batch's
+        options) is one row of ``shared``."""
         crc = zlib.crc32
-        self._add_all(
-            [
-                ("add_new", (m.id, queue, m.payload, crc(m.payload)))
-                if not m.deliveries and not m.origin and not m.reason and m.extra is None
-                else ("add", _row(queue, m))
-                for m in msgs
-            ]
-        )
+        ops: list[tuple[str, tuple[object, ...]]] = []
+        for m in msgs:
+            if not m.origin and not m.reason and m.extra is None:
+                if m.deliveries:
+                    ops.append(("add", (m.id, queue, m.payload, crc(m.payload), m.deliveries,
+                                        None)))  # fmt: skip
+                else:
+                    ops.append(("add_new", (m.id, queue, m.payload, crc(m.payload))))
+                continue
+            sid, data = self._shared.number(m)
+            if data is not None:
+                ops.append(("share", (sid, data)))
+            ops.append(("add", (m.id, queue, m.payload, crc(m.payload), m.deliveries, sid)))
+        self._add_all(ops)
 
     def removed_many(self, queue: str, msg_ids: list[int]) -> None:
+        self._shared.forget()  # their rows of shared may go with them
         self._add_all([("del", (i,)) for i in msg_ids])
 
     def moved(self, msg: Stored, queue: str) -> None:
-        extra = None if msg.extra is None else _encode_extra(msg.extra)
-        self._add("move", (queue, msg.deliveries, msg.origin, msg.reason, extra, msg.id))
+        self._shared.keep_only(msg)  # the row it named may go
+        sid, data = self._shared.number(msg)
+        ops: list[tuple[str, tuple[object, ...]]] = [] if data is None else [("share", (sid, data))]
+        ops.append(("move", (queue, msg.deliveries, sid, msg.id)))
+        self._add_all(ops)
+
+    def delivered(self, queue: str, msg_ids: list[int]) -> None:
+        self._add_all([("delivered", (i,)) for i in msg_ids], change=False)
 
     def deduped(self, queue: str, dedup_id: str, until: float) -> None:
         self._deduped += 1
@@ -342,13 +442,15 @@ class SQLiteStore(Durable):
 
     def declared(self, queue: str, settings: dict[str, Any] | None) -> None:
         if settings is None:
+            self._shared.forget()
             self._add("undeclare", (queue,))
             self._add("undedup", (queue,))
         else:
             self._add("declare", (queue, json.dumps(settings, sort_keys=True)))
 
     def requeued(self, queue: str, msg: Stored) -> None:
-        self._add("deliveries", (msg.deliveries, msg.id))
+        due = msg.extra.due if msg.extra is not None else 0.0  # a NACK's delay
+        self._add("deliveries", (msg.deliveries, due, msg.id))
 
     # --- the writer thread ----------------------------------------------------------------
 
@@ -365,7 +467,7 @@ class SQLiteStore(Durable):
                             break
                         self._lock.wait(wait)
                     else:
-                        self._lock.wait()
+                        self._lock.wait(_WRITER_IDLE)
                 ops, self._ops = self._ops, []
                 if ops:
                     self.batch += 1
@@ -426,18 +528,19 @@ class SQLiteStore(Durable):
         self.fsyncs += 1
 
     _SQL: ClassVar[dict[str, str]] = {
-        "add": "INSERT OR REPLACE INTO messages "
-        "(id, queue, payload, crc, deliveries, origin, reason, extra) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "add": "INSERT OR REPLACE INTO messages (id, queue, payload, crc, deliveries, attrs) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        "share": "INSERT OR REPLACE INTO shared VALUES (?, ?)",
         # a fresh put: the other columns take their defaults (binding fewer values is faster)
         "add_new": "INSERT OR REPLACE INTO messages (id, queue, payload, crc) VALUES (?, ?, ?, ?)",
         "del": "DELETE FROM messages WHERE id BETWEEN ? AND ?",
-        "move": "UPDATE messages SET queue = ?, deliveries = ?, origin = ?, reason = ?, "
-        "extra = ? WHERE id = ?",
+        "move": "UPDATE messages SET queue = ?, deliveries = ?, origin = '', reason = '', "
+        "extra = NULL, attrs = ? WHERE id = ?",
+        "delivered": "UPDATE messages SET deliveries = deliveries + 1 WHERE id BETWEEN ? AND ?",
         "dedup": "INSERT OR REPLACE INTO dedup VALUES (?, ?, ?)",
         "undedup": "DELETE FROM dedup WHERE queue = ?",
         "forget": "DELETE FROM dedup WHERE until <= ?",
-        "deliveries": "UPDATE messages SET deliveries = ? WHERE id = ?",
+        "deliveries": "UPDATE messages SET deliveries = ?, due = ? WHERE id = ?",
         "declare": "INSERT OR REPLACE INTO queues VALUES (?, ?)",
         "undeclare": "DELETE FROM queues WHERE name = ?",
     }
@@ -455,7 +558,7 @@ class SQLiteStore(Durable):
                 j = i
                 while j < len(ops) and ops[j][0] == kind:
                     j += 1
-                if kind == "del":
+                if kind in ("del", "delivered"):
                     rows: list[tuple[object, ...]] = list(_id_ranges(ops[i:j]))
                 else:
                     rows = [args for _, args in ops[i:j]]
@@ -469,6 +572,7 @@ class SQLiteStore(Durable):
 
     def close(self) -> None:
         """Commit what is pending, stop the writer, close the database."""
+        self._closed = True  # a flush still scheduled on the loop does nothing now
         if self._loop is not None:
             if self._ops:
                 self._flush_pending = False
