@@ -364,6 +364,42 @@ def test_pipelined_text_auth_lines_are_each_answered_in_order() -> None:
     assert data == b"-ERR auth: wrong token\r\n-ERR auth: wrong token\r\n+OK\r\n+PONG\r\n"
 
 
+@pytest.mark.parametrize("token", [None, "s3cret"])
+def test_quit_is_answered_before_the_broker_closes(token: str | None) -> None:
+    with BrokerThread(token=token) as b:
+        assert text_session(b.port, b"PING\nQUIT\nPING\n", settle=0) == (
+            "+PONG\r\n+BYE\r\n" if token is None else f"{REFUSED}+BYE\r\n"
+        )
+
+
+REFUSED = "-ERR auth: this broker needs a token; send AUTH <token> first\r\n"
+
+
+def test_lines_before_a_byte_that_is_never_text_are_answered_first(broker: BrokerThread) -> None:
+    # The whole read was checked before any of its lines ran: a PING in the same read
+    # as the garbage went unanswered, and which lines were answered depended on how
+    # the bytes happened to be split into reads.
+    out = text_session(broker.port, b"PING\r\nQSIZE jobs\n\x01PING\n")
+    assert out == "+PONG\r\n:0\r\n-ERR protocol: byte 0x01 is not text\r\n"
+
+
+def test_a_wrong_text_auth_is_still_answered_when_the_broker_stops() -> None:
+    # Stopping cancelled the timer that answers a wrong AUTH after its delay: its reply
+    # never came, the broker waited out its grace, and the client got a bare FIN.
+    with (
+        BrokerThread(token="s3cret", auth_failure_delay=0.3) as b,
+        socket.create_connection(("127.0.0.1", b.port)) as s,
+    ):
+        s.settimeout(10)
+        s.sendall(b"AUTH wrong\r\nPING\r\n")
+        time.sleep(0.1)  # the broker has read it and waits out the delay
+        b.stop()
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    assert data == b"-ERR auth: wrong token\r\n-ERR broker stopping\r\n"
+
+
 def test_security_doc_describes_the_login_throttle_the_code_has() -> None:
     from pathlib import Path
 

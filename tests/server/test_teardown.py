@@ -195,7 +195,8 @@ class _TLSClient:
             self._push()
         self.sock.shutdown(socket.SHUT_WR)
 
-    def read_all(self) -> list[Any]:
+    def read_bytes(self) -> bytes:
+        """Everything the broker sends until it closes."""
         import ssl
 
         buf = b""
@@ -213,6 +214,10 @@ class _TLSClient:
             if not data:
                 break
         self.sock.close()
+        return buf
+
+    def read_all(self) -> list[Any]:
+        buf = self.read_bytes()
         out, codec = [], ClientCodec()
         while len(buf) >= 4:
             (n,) = struct.unpack(">I", buf[:4])
@@ -250,3 +255,23 @@ def test_half_close_over_tls_still_gets_every_reply_owed(
     kinds = [type(m).__name__ for m in replies]
     assert kinds == ["Welcome", "Ok", "Deliver"], replies
     assert replies[2].messages[0].payload == b"for the parked GET"
+
+
+def test_lines_behind_a_wrong_text_auth_over_tls_wait_for_its_answer(tmp_path: Path) -> None:
+    # TLS hands the broker up to 64 KiB of plaintext at a time, in pieces the size of the
+    # connection's 4 KiB buffer: pausing reads after a wrong AUTH did not stop the pieces
+    # after the first, which ran at once - before the AUTH was answered, out of order.
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    with BrokerThread(token="s3cret", auth_failure_delay=0.2, extra={"ssl": ctx}) as b:
+        client = _TLSClient(b.port, ca)
+        client.send(b"AUTH wrong\r\n" + b"PING\r\n" * 1000 + b"AUTH s3cret\r\nPING\r\n")
+        client.half_close(close_notify=False)
+        out = client.read_bytes()
+    refused = b"-ERR auth: this broker needs a token; send AUTH <token> first\r\n"
+    assert out == b"-ERR auth: wrong token\r\n" + refused * 1000 + b"+OK\r\n+PONG\r\n"

@@ -19,7 +19,7 @@
 # (``RequestRefused``: ERROR(req, "bad_request"), the connection stays open, as for a
 # value out of range); GOODBYE asks to drain. What to do with a request - the broker,
 # STATS, refused writes - and when to close is the server's (``server/connection.py``,
-# the asyncio shell, which also keeps the text mode and the timers).
+# the asyncio shell, which keeps the timers; the text mode is ``protocol/text.py``).
 """
 
 from __future__ import annotations

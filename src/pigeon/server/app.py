@@ -30,7 +30,6 @@ from pigeon.server.config import ServerConfig
 from pigeon.server.connection import Connection
 from pigeon.server.core import Broker, Out
 from pigeon.server.model import Store
-from pigeon.server.text import reply_line
 
 __all__ = [
     "DEFAULT_PORT", "BrokerServer", "ServerConfig", "is_loopback", "raise_descriptor_limit", "run",
@@ -82,11 +81,9 @@ class BrokerServer:
         self.connections: dict[int, Connection] = {}
         # Every accepted connection until it is lost (TLS: until its handshake fails too).
         self._live: set[Connection] = set()
-        self.text_waiters: dict[tuple[int, int], tuple[Any, Callable[[Any], str]]] = {}
         self.gate = CommitGate(self.broker.store, time.monotonic)
         self._draining: set[Connection] = set()
         self._ids = 0
-        self._req = 1 << 40  # request ids the server makes for text-mode commands
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._server: asyncio.Server | None = None
@@ -98,10 +95,6 @@ class BrokerServer:
 
     def now(self) -> float:
         return self.loop.time()
-
-    def next_req(self) -> int:
-        self._req += 1
-        return self._req
 
     # --- listening --------------------------------------------------------------------------
 
@@ -212,8 +205,6 @@ class BrokerServer:
             self._trim()
         if self.connections.pop(c.id, None) is not None:
             self.apply(lambda: self.broker.connection_lost(c.id))
-        for key in [k for k in self.text_waiters if k[0] == c.id]:
-            del self.text_waiters[key]
 
     def drain(self, c: Connection) -> None:
         """``c`` sends nothing more: answer what it asked, then close it."""
@@ -224,7 +215,7 @@ class BrokerServer:
 
     def _owes(self, c: Connection) -> bool:
         """Does ``c`` still wait for a reply (held for the store, parked, or text)?"""
-        return bool(self.broker.parked(c.id) or len(c.replies) or self.gate.owes(c.id))
+        return bool(self.broker.parked(c.id) or c.unanswered or self.gate.owes(c.id))
 
     def _check_drained(self) -> None:
         for c in [c for c in self._draining if not self._owes(c)]:
@@ -289,15 +280,8 @@ class BrokerServer:
         connections = self.connections
         for conn_id, msg in outs:
             c = connections.get(conn_id)
-            if c is None:
-                continue
-            if c.mode == "text":
-                waiter = self.text_waiters.pop((conn_id, getattr(msg, "req", -1)), None)
-                if waiter is not None:
-                    slot, ok = waiter
-                    c.replies.fill(slot, reply_line(msg, ok))
-            else:
-                c.send(msg)
+            if c is not None:
+                c.send(msg)  # a text connection renders it in its command's turn
         self._arm()
         if self._draining:
             self._check_drained()

@@ -3,10 +3,12 @@
 # Strategy:
 # A ``BufferedProtocol``: the kernel writes into one reusable buffer, 4 KiB until the
 # client has logged in (10,000 silent connections cost 40 MiB, not 640). The first byte
-# picks the mode: 0x00 (the top byte of a binary frame's length) is binary, a byte that
-# may start text is text mode (``server/text.py``), anything else is garbage and closes
-# the connection at once. Before HELLO a binary frame may be at most 64 KiB (checked on
-# its header) and the whole handshake must finish within ``handshake_timeout``.
+# picks the conversation: 0x00 (the top byte of a binary frame's length) is binary
+# (``protocol/server.py``), a byte that may start text is text mode (``protocol/text.py``),
+# anything else is garbage and closes the connection at once. Both conversations are
+# sans-IO and speak in the same events; this shell keeps only what needs I/O: the
+# handshake deadline and the wrong-token delay (timers), pausing reads, writing what a
+# conversation has ready, and handing requests to the server.
 #
 # The connection's life: open -> draining -> closed. It starts draining when the client
 # half-closes (FIN), says GOODBYE or QUIT, or the broker stops: it reads nothing more,
@@ -23,14 +25,11 @@ import asyncio
 import functools
 import logging
 import socket
-import struct
 import time
 from collections.abc import Callable
 from typing import Any, cast
 
 from pigeon._net import tune_tcp
-from pigeon.errors import FrameError
-from pigeon.framing import Delimited
 from pigeon.protocol import (
     FEATURES,
     Error,
@@ -43,18 +42,17 @@ from pigeon.protocol import (
 from pigeon.protocol.codes import Code
 from pigeon.protocol.server import (
     DrainRequested,
-    Event,
     HelloReceived,
     RequestReceived,
     RequestRefused,
     ServerConnection,
 )
-from pigeon.protocol.wire import encode_message
+from pigeon.protocol.server import Event as BinaryEvent
+from pigeon.protocol.text import TEXT_FIRST_BYTES, LoginRequested, TextConnection
+from pigeon.protocol.text import Event as TextEvent
 from pigeon.server.interfaces import Server
-from pigeon.server.text import MAX_LINE, NOT_TEXT, TEXT_FIRST_BYTES, TextReplies, run_command
 
 log = logging.getLogger("pigeon.server")
-_LENGTH = struct.Struct(">I")
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -68,17 +66,11 @@ class Connection(asyncio.BufferedProtocol):
         self.buf = bytearray(4096)
         self.view = memoryview(self.buf)
         self.last_rx = time.monotonic()
-        self.mode = "?"  # "binary", "text", or "?" until the first byte
         self.state = "open"  # open -> draining -> closed
         self.refused = ""  # why this connection is turned away at its first byte
         self.conv: ServerConnection | None = None  # binary mode: the conversation's rules
-        self.decoder: Any = None  # text mode: lines
-        self.welcomed = False
-        self.spoke = False  # a text client sent its first whole line
-        self.replies = TextReplies(self._write_raw)
-        self.text_failures = 0
-        self.login_pending = False  # a wrong AUTH waits for its delayed answer
-        self.backlog: list[Any] = []  # lines read behind it, run after the answer
+        self.text: TextConnection | None = None  # text mode: the conversation's rules
+        self.welcomed = False  # the handshake is done: no deadline, the larger buffer
         self.opened = time.time()
         self.bytes_in = 0
         self.bytes_out = 0
@@ -91,6 +83,17 @@ class Connection(asyncio.BufferedProtocol):
     @property
     def draining(self) -> bool:
         return self.state != "open"
+
+    @property
+    def mode(self) -> str:
+        """``binary``, ``text``, or ``?`` until the first byte."""
+        return "binary" if self.conv is not None else "text" if self.text is not None else "?"
+
+    @property
+    def unanswered(self) -> int:
+        """Text commands read whose reply has not been written yet (binary replies are
+        written as they come)."""
+        return self.text.unanswered if self.text is not None else 0
 
     # --- asyncio callbacks ----------------------------------------------------------------
 
@@ -112,30 +115,23 @@ class Connection(asyncio.BufferedProtocol):
             return  # draining: a client that said goodbye is not read any more
         self.bytes_in += nbytes
         self.last_rx = time.monotonic()
-        data: Any = self.view[:nbytes]
-        if self.mode == "?":
+        data = self.view[:nbytes]
+        if self.conv is None and self.text is None:
             self._pick_mode(data[0])
             if self.state != "open":
                 return
-        if self.conv is not None:
-            self.server.read_begins()
-            try:
-                self._binary(self.conv.receive_data(data))
-            finally:
-                self.server.read_done()  # the store writes what the read changed
-            return
-        if bad := NOT_TEXT.search(data):
-            self.protocol_error(f"byte 0x{bad.group()[0]:02x} is not text")
-            return
+        conv = self.conv or self.text
+        assert conv is not None
+        self._read(lambda: conv.receive_data(data))
+
+    def _read(self, receive: Callable[[], list[BinaryEvent] | list[TextEvent]]) -> None:
+        """Act on what the conversation makes of what was read; the store writes what
+        that changed at the end."""
+        self.server.read_begins()
         try:
-            frames = self.decoder.feed(data)
-        except FrameError as exc:
-            self.protocol_error(str(exc))
-            return
-        self._run_frames(frames)
-        self.server.read_done()
-        if self.decoder.error is not None and self.state == "open":
-            self.protocol_error(str(self.decoder.error))
+            self._act(receive())
+        finally:
+            self.server.read_done()
 
     def eof_received(self) -> bool:
         # The client half-closed: it sends nothing more. Answer what it sent, then close.
@@ -147,6 +143,9 @@ class Connection(asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
         self.view.release()
+        for conv in (self.conv, self.text):
+            if conv is not None:
+                conv.closed()
         self._settle_admission()
         self.server.connection_lost(self)
 
@@ -156,6 +155,8 @@ class Connection(asyncio.BufferedProtocol):
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        if self.text is not None and self.text.auth_pending:
+            return  # reading stays paused until the AUTH is answered
         if self.transport is not None and self.state == "open" and not self.transport.is_closing():
             self.transport.resume_reading()
 
@@ -178,22 +179,27 @@ class Connection(asyncio.BufferedProtocol):
         self.state = "draining"
         if self.conv is not None:
             self.conv.drain()
-        self._cancel_timer()
+        if self.text is not None:
+            self.text.drain()
+        if not (self.text is not None and self.text.auth_pending):
+            self._cancel_timer()  # a wrong AUTH is still answered after its delay
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
         self.server.drain(self)
 
     def finish(self) -> None:
         """Everything is answered: half-close (our FIN after the last reply), then close."""
+        self._write_conv()  # what the conversation answered itself (+BYE) goes first
         self.state = "closed"
         t = self.transport
         if t is None or t.is_closing():
             return
         if self.server.stopping:
-            if self.mode == "binary" and self.welcomed:
+            if self.conv is not None and self.welcomed:
                 self.send(Goodbye("broker stopping"))
-            elif self.mode == "text":
-                self.replies.now("-ERR broker stopping")
+            elif self.text is not None:
+                self.text.goodbye("broker stopping")
+                self._write_conv()
         try:
             if t.can_write_eof():
                 t.write_eof()
@@ -206,60 +212,30 @@ class Connection(asyncio.BufferedProtocol):
         """The peer broke the protocol: say so in its mode, then close (after draining
         what was already asked)."""
         log.warning("closing %s: protocol error: %s", self.peer, message)
-        if self.mode == "text":
-            self.replies.now(f"-ERR protocol: {message}")
-        else:
-            self.send(Error(0, Code.PROTOCOL, message))
-        self.begin_drain()
+        self.refuse(Code.PROTOCOL, message)
 
     def refuse(self, code: str, message: str) -> None:
         """Turn the connection away with one error in its mode (after its first byte)."""
-        if self.mode == "text":
-            self.replies.now(f"-ERR {code}: {message}")
-        elif self.mode == "binary":
-            self.send(Error(0, code, message))
+        if self.conv is not None:
+            self.conv.refuse(code, message)
+        elif self.text is not None:
+            self.text.refuse(code, message)
+        self._write_conv()
         self.begin_drain()
 
     # --- modes ----------------------------------------------------------------------------
 
     def _pick_mode(self, first: int) -> None:
         cfg = self.server.config
-        if first == 0:
-            self.mode = "binary"
-            self.conv = ServerConnection(max_frame_size=cfg.max_frame_size)
-        elif first in TEXT_FIRST_BYTES:
-            self.mode = "text"
-            self.decoder = Delimited(b"\n", max_length=MAX_LINE).decoder()
+        if first in TEXT_FIRST_BYTES:
+            self.text = TextConnection(token_required=self.server.auth.required)
         else:
-            self.mode = "binary"  # neither: answer as binary, which a client expects
-            self.refuse(Code.PROTOCOL, f"first byte 0x{first:02x} is neither a frame nor text")
-            return
+            self.conv = ServerConnection(max_frame_size=cfg.max_frame_size)
+            if first != 0:  # neither: answer as binary, which a client expects
+                self.refuse(Code.PROTOCOL, f"first byte 0x{first:02x} is neither a frame nor text")
+                return
         if self.refused:
             self.refuse(Code.LIMIT, self.refused)
-            return
-        if self.mode == "text" and not self.server.auth.required:
-            self.welcomed = True  # its buffer grows once it sent a whole line
-
-    def _run_frames(self, frames: list[Any]) -> None:
-        """Run the lines of a text client."""
-        for i, frame in enumerate(frames):
-            if self.state != "open":
-                return
-            if not self.spoke:
-                self._first_line()
-            run_command(self, frame.rstrip(b"\r"))
-            if self.login_pending:  # the rest waits for the answer to a wrong AUTH
-                self.backlog = list(frames[i + 1 :])
-                return
-
-    def _first_line(self) -> None:
-        """A text client sent a whole line: the handshake deadline no longer applies
-        (with a token, AUTH ends it instead). Until then, bytes without a newline are
-        not a person typing a command."""
-        self.spoke = True
-        if self.welcomed:
-            self._cancel_timer()
-            self._grow_buffer()
 
     def _grow_buffer(self) -> None:
         """A welcomed client gets a 64 KiB receive buffer (takes effect at the next read)."""
@@ -273,6 +249,8 @@ class Connection(asyncio.BufferedProtocol):
             self.server.auth.settled(self.host)
 
     def logged_in(self) -> None:
+        """The handshake is done (WELCOME, a right AUTH, or a text client's first whole
+        line when no token is needed): no deadline, the larger buffer."""
         self.welcomed = True
         self._cancel_timer()
         self._settle_admission()
@@ -287,17 +265,25 @@ class Connection(asyncio.BufferedProtocol):
         self.bytes_out += len(data)
         t.write(data)
 
+    def _write_conv(self) -> None:
+        """Write what the conversation has ready (WELCOME, ERROR, text reply lines)."""
+        conv = self.conv or self.text
+        if conv is not None and (data := conv.data_to_send()):
+            self._write_raw(data)
+
     def send(self, message: Any) -> None:
+        """A reply, or a message of the broker's own, in this connection's mode."""
+        if self.text is not None:  # a reply takes its command's turn; notices are not for text
+            if (req := getattr(message, "req", None)) is not None:
+                self.text.reply(req, message)
+                self._write_conv()
+            return
         t = self.transport
-        if t is None or t.is_closing():
+        if self.conv is None or t is None or t.is_closing():
             return
         # Header and body go out as two buffers: a large delivery is not copied just to
         # put four bytes in front of it (uvloop writes them with one writev).
-        if self.conv is not None:
-            header, body = self.conv.send(message)
-        else:  # turned away at the first byte, in binary
-            body = encode_message(message)
-            header = _LENGTH.pack(len(body))
+        header, body = self.conv.send(message)
         self.bytes_out += 4 + len(body)
         t.writelines((header, body))
         limit = self.server.config.max_pending_output
@@ -308,37 +294,40 @@ class Connection(asyncio.BufferedProtocol):
                         self.peer, t.get_write_buffer_size(), limit)  # fmt: skip
             t.abort()
 
-    # --- binary ---------------------------------------------------------------------------
+    # --- events -----------------------------------------------------------------------------
 
-    def _binary(self, events: list[Event]) -> None:
-        """Act on what the conversation (``protocol/server.py``) says happened."""
-        server = self.server
+    def _act(self, events: list[BinaryEvent] | list[TextEvent]) -> None:
+        """Act on what the conversation (binary or text) says happened."""
         for ev in events:
             if isinstance(ev, RequestReceived):
-                msg = ev.message
-                if isinstance(msg, Stats):
-                    self.send(Ok(msg.req, server.stats()))
-                elif isinstance(msg, Put | PutBatch) and (why := server.refuse_writes()):
-                    self.send(Error(msg.req, Code.UNAVAILABLE, why))
-                else:
-                    server.apply(functools.partial(self._handle, msg))
+                self._request(ev.message)
             elif isinstance(ev, RequestRefused):  # e.g. an options entry of the wrong type
                 self.send(Error(ev.req, ev.code, ev.message))
             elif isinstance(ev, HelloReceived):
                 self._hello(ev)
+            elif isinstance(ev, LoginRequested):
+                self._login(ev.token)
             elif isinstance(ev, DrainRequested):
                 self.begin_drain()
-            else:  # a Violation: its ERROR is queued
+            else:  # a Violation: its error is queued
                 log.warning("closing %s: protocol error: %s", self.peer, ev.reason)
                 self._write_conv()
                 self.begin_drain()
+        self._write_conv()  # what the text conversation answered itself (PING, HELP, ...)
+        if not self.welcomed and self.text is not None and self.text.handshake_done:
+            self.logged_in()
+
+    def _request(self, msg: Any) -> None:
+        server = self.server
+        if isinstance(msg, Stats):
+            self.send(Ok(msg.req, server.stats()))
+        elif isinstance(msg, Put | PutBatch) and (why := server.refuse_writes()):
+            self.send(Error(msg.req, Code.UNAVAILABLE, why))
+        else:
+            server.apply(functools.partial(self._handle, msg))
 
     def _handle(self, msg: Any) -> list[Any]:
         return self.server.broker.handle(self.id, msg, self.server.now())
-
-    def _write_conv(self) -> None:
-        if self.conv is not None and (data := self.conv.data_to_send()):
-            self._write_raw(data)
 
     def _hello(self, ev: HelloReceived) -> None:
         conv = self.conv
@@ -357,54 +346,42 @@ class Connection(asyncio.BufferedProtocol):
         cfg = self.server.config
         behind = conv.welcome(cfg.name, cfg.heartbeat, FEATURES)
         self._write_conv()
-        self._binary(behind)
+        self._act(behind)
+
+    def _login(self, token: str) -> None:
+        """A text client's AUTH: the right token is answered at once, a wrong one after
+        ``failure_delay``; what it sent behind the AUTH waits in the conversation."""
+        text = self.text
+        assert text is not None
+        if self.server.auth.check(token, self.peer):
+            self._act(text.logged_in())
+            return
+
+        def answer() -> None:
+            self._timer = None
+            if self.state != "open":  # draining: answer, then let the server close it
+                text.login_failed()
+                self._write_conv()
+                self.server.dispatch([])  # which looks again at what it still owes
+                return
+            self._resume_reading()
+            self.start_timer(self.server.config.handshake_timeout, self.handshake_expired)
+            self._read(text.login_failed)
+
+        self._reject_login(answer)
 
     def _reject_login(self, then: Callable[[], None]) -> None:
         """Answer a wrong token only after ``failure_delay``: guessing is slow."""
         self.transport.pause_reading() if self.transport else None
         self.start_timer(self.server.auth.failure_delay, then)
 
-    # --- text -------------------------------------------------------------------------------
-
-    def text_login(self, token: str) -> None:
-        if self.server.auth.check(token, self.peer):
-            self.logged_in()
-            self.replies.now("+OK")
-            return
-        self.text_failures += 1
-        slot = self.replies.reserve()
-        # Lines that came in the same read as this AUTH wait for its answer, in order:
-        # pausing the transport stops only the reads to come.
-        self.login_pending = True
-
-        def answer() -> None:
-            self._timer = None
-            self.login_pending = False
-            self.replies.fill(slot, "-ERR auth: wrong token")
-            backlog, self.backlog = self.backlog, []
-            if self.text_failures >= 3:
-                self.begin_drain()
-            elif self.transport is not None and self.state == "open":
-                self.transport.resume_reading()
-                self.start_timer(self.server.config.handshake_timeout, self.handshake_expired)
-                self._run_frames(backlog)
-                self.server.read_done()
-
-        self._reject_login(answer)
-
-    def text_request(self, msg: Any, ok: Callable[[Any], str]) -> None:
-        """Apply a text command through the broker; its reply takes its turn."""
-        server = self.server
-        msg.req = server.next_req()
-        server.text_waiters[(self.id, msg.req)] = (self.replies.reserve(), ok)
-        if isinstance(msg, Put) and (why := server.refuse_writes()):
-            server.dispatch([(self.id, Error(msg.req, Code.UNAVAILABLE, why))])
-            return
-        server.apply(lambda: server.broker.handle(self.id, msg, server.now()))
+    def _resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def handshake_expired(self) -> None:
         self._timer = None
-        if self.state != "open" or (self.welcomed and (self.mode == "binary" or self.spoke)):
+        if self.state != "open" or self.welcomed:
             return
         log.warning(
             "closing %s: no login within %.0f s", self.peer, self.server.config.handshake_timeout
