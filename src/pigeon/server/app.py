@@ -22,7 +22,7 @@ from typing import Any
 
 from pigeon._net import is_loopback, peer_silence, tcp_state
 from pigeon.options import DEFAULT_PORT
-from pigeon.protocol import Ping
+from pigeon.protocol import ClientMessage, Error, Ok, Ping, Put, PutBatch, Stats
 from pigeon.protocol.codes import Code
 from pigeon.server.auth import Authenticator
 from pigeon.server.commit_gate import CommitGate
@@ -38,6 +38,7 @@ __all__ = [
 
 log = logging.getLogger("pigeon.server")
 
+_PUTS = (Put, PutBatch)
 _TRIM_EVERY = 512  # closed connections between two malloc_trim calls (and every heartbeat)
 
 
@@ -211,13 +212,14 @@ class BrokerServer:
         self._draining.add(c)
         if c.id in self.connections:
             self.apply(lambda: self.broker.drain(c.id))
-        self._check_drained()
+        self.check_drained()
 
     def _owes(self, c: Connection) -> bool:
         """Does ``c`` still wait for a reply (held for the store, parked, or text)?"""
         return bool(self.broker.parked(c.id) or c.unanswered or self.gate.owes(c.id))
 
-    def _check_drained(self) -> None:
+    def check_drained(self) -> None:
+        """Close the draining connections that owe no reply any more."""
         for c in [c for c in self._draining if not self._owes(c)]:
             self._draining.discard(c)
             c.finish()
@@ -244,12 +246,27 @@ class BrokerServer:
         later costs a sequential client ~60 us a put)."""
         self.broker.store.flush()
 
+    def request(self, conn: int, msg: ClientMessage) -> None:
+        """The one way in for a client's request (binary or text): applied by the broker,
+        its replies sent now, or once the store has committed the changes they report (a
+        confirmed put is a durable put)."""
+        if isinstance(msg, Stats):  # the server's, not only the broker's
+            self.dispatch([(conn, Ok(msg.req, self.stats()))])
+        elif isinstance(msg, _PUTS) and (why := self.refuse_writes()):
+            self.dispatch([(conn, Error(msg.req, Code.UNAVAILABLE, why))])
+        else:
+            broker = self.broker
+            before = broker.store.changes
+            self._send_or_hold(before, broker.handle(conn, msg, self.loop.time()))
+
     def apply(self, fn: Callable[[], list[Out]]) -> None:
-        """Run a broker call; send its replies now, or once the store has committed the
-        changes they report (a confirmed put is a durable put)."""
+        """Run a broker call of the server's own (time, a connection lost or draining, a
+        stop) and send its replies as ``request`` does."""
         before = self.broker.store.changes
-        outs = fn()
-        if self.gate.hold(before, outs):
+        self._send_or_hold(before, fn())
+
+    def _send_or_hold(self, changes_before: int, outs: list[Out]) -> None:
+        if self.gate.hold(changes_before, outs):
             self._arm()
             return
         self.dispatch(outs)
@@ -284,7 +301,7 @@ class BrokerServer:
                 c.send(msg)  # a text connection renders it in its command's turn
         self._arm()
         if self._draining:
-            self._check_drained()
+            self.check_drained()
 
     def _arm(self) -> None:
         deadline = self.broker.next_deadline()

@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import socket
 import time
@@ -34,10 +33,6 @@ from pigeon.protocol import (
     FEATURES,
     Error,
     Goodbye,
-    Ok,
-    Put,
-    PutBatch,
-    Stats,
 )
 from pigeon.protocol.codes import Code
 from pigeon.protocol.server import (
@@ -300,7 +295,7 @@ class Connection(asyncio.BufferedProtocol):
         """Act on what the conversation (binary or text) says happened."""
         for ev in events:
             if isinstance(ev, RequestReceived):
-                self._request(ev.message)
+                self.server.request(self.id, ev.message)
             elif isinstance(ev, RequestRefused):  # e.g. an options entry of the wrong type
                 self.send(Error(ev.req, ev.code, ev.message))
             elif isinstance(ev, HelloReceived):
@@ -316,18 +311,6 @@ class Connection(asyncio.BufferedProtocol):
         self._write_conv()  # what the text conversation answered itself (PING, HELP, ...)
         if not self.welcomed and self.text is not None and self.text.handshake_done:
             self.logged_in()
-
-    def _request(self, msg: Any) -> None:
-        server = self.server
-        if isinstance(msg, Stats):
-            self.send(Ok(msg.req, server.stats()))
-        elif isinstance(msg, Put | PutBatch) and (why := server.refuse_writes()):
-            self.send(Error(msg.req, Code.UNAVAILABLE, why))
-        else:
-            server.apply(functools.partial(self._handle, msg))
-
-    def _handle(self, msg: Any) -> list[Any]:
-        return self.server.broker.handle(self.id, msg, self.server.now())
 
     def _hello(self, ev: HelloReceived) -> None:
         conv = self.conv
@@ -362,7 +345,7 @@ class Connection(asyncio.BufferedProtocol):
             if self.state != "open":  # draining: answer, then let the server close it
                 text.login_failed()
                 self._write_conv()
-                self.server.dispatch([])  # which looks again at what it still owes
+                self.server.check_drained()  # it may owe nothing more now
                 return
             self._resume_reading()
             self.start_timer(self.server.config.handshake_timeout, self.handshake_expired)

@@ -41,7 +41,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from pigeon._net import is_loopback
-from pigeon.server.interfaces import Server
+from pigeon.server.interfaces import Observed
 
 __all__ = ["HttpSideDoor", "parse_address"]
 
@@ -72,7 +72,7 @@ def parse_address(text: str) -> tuple[str, int]:
 class _Collector:
     """Prometheus metrics, read from the broker when scraped."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Observed) -> None:
         self.server = server
 
     def describe(self) -> list[Metric]:
@@ -141,7 +141,7 @@ class _Collector:
 class HttpSideDoor:
     """The HTTP listener of one broker."""
 
-    def __init__(self, server: Server, host: str, port: int, token: str | None) -> None:
+    def __init__(self, server: Observed, host: str, port: int, token: str | None) -> None:
         if not is_loopback(host) and not token:
             raise PermissionError(
                 f"refusing to serve HTTP on {host}, which is not a loopback address, without "
