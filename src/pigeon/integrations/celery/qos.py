@@ -1,0 +1,151 @@
+"""Unacked accounting for the pigeon transport: kombu's QoS, settled by pigeon's broker.
+
+# Strategy:
+# kombu's virtual QoS counts what a channel holds (``prefetch_count``) and, on ack or
+# reject, only forgets it; the Redis transport adds its own bookkeeping of unacked
+# messages and a visibility timeout to give them back (kombu/transport/redis.py). Here the
+# broker keeps that state already: each message is taken unacked (``get_message``), so
+# kombu's ack is pigeon's ack, a reject is a nack (requeue, or ``NAME.dead`` with reason
+# ``rejected``), and what a dead worker held returns the moment its connection drops.
+# A lease keeper thread extends every held delivery each third of the lease, so a task
+# that runs for hours, or waits in the worker's prefetch, is never redelivered while its
+# worker lives: only a worker frozen for longer than the lease loses its hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kombu.transport import virtual
+
+from pigeon._queue_base import Message
+from pigeon.errors import PigeonError
+
+__all__ = ["QoS"]
+
+logger = logging.getLogger(__name__)
+
+
+def _requeue(message: Message[bytes]) -> Callable[[], None]:
+    return lambda: message.nack(True)
+
+
+def _dead_letter(message: Message[bytes]) -> Callable[[], None]:
+    # to NAME.dead with reason "rejected", where RabbitMQ would use a dead-letter exchange
+    return lambda: message.nack(False)
+
+
+class QoS(virtual.QoS):
+    """Holds each delivery until kombu settles it; ``restore_unacked`` gives them back."""
+
+    def __init__(self, channel: Any, prefetch_count: int = 0) -> None:
+        super().__init__(channel, prefetch_count)
+        self._held: dict[str, Message[bytes]] = {}
+        self._lock = threading.Lock()
+        self._keeper: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.lease: float = channel.lease
+        # called after every ack or reject: the transport wakes a drain waiting for room
+        self.on_room: Callable[[], None] = lambda: None
+
+    # --- holding --------------------------------------------------------------------------
+
+    def hold(self, delivery_tag: str, message: Message[bytes]) -> None:
+        """Keep ``message`` (taken unacked) until ``delivery_tag`` is settled."""
+        with self._lock:
+            self._held[delivery_tag] = message
+            if self._keeper is None and not self._stop.is_set():
+                self._keeper = threading.Thread(
+                    target=self._keep_leases, name="pigeon-lease-keeper", daemon=True
+                )
+                self._keeper.start()
+
+    def held(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    def _release(self, delivery_tag: str) -> Message[bytes] | None:
+        with self._lock:
+            return self._held.pop(delivery_tag, None)
+
+    # --- settling (kombu's names) -------------------------------------------------------
+
+    def ack(self, delivery_tag: str) -> None:
+        try:
+            message = self._release(delivery_tag)
+            if message is not None:
+                self._settle(message, "ack", message.ack)
+        finally:
+            super().ack(delivery_tag)
+            self.on_room()
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        try:
+            message = self._release(delivery_tag)
+            if message is not None:
+                if requeue:
+                    self._settle(message, "requeue", _requeue(message))
+                else:
+                    self._settle(message, "reject", _dead_letter(message))
+        finally:
+            super().ack(delivery_tag)  # kombu forgets it either way
+            self.on_room()
+
+    @staticmethod
+    def _settle(message: Message[bytes], what: str, settle: Callable[[], None]) -> None:
+        # A settle the broker refuses concerns a delivery it already took back (its lease
+        # ran out, its connection dropped): that message was or will be delivered again,
+        # which is at-least-once, not an error of the task. Say so, and carry on.
+        try:
+            settle()
+        except PigeonError as exc:
+            logger.warning(
+                "pigeon: could not %s a task message (delivery %s of it): %s",
+                what,
+                message.delivery_count,
+                exc,
+            )
+
+    def restore_unacked(self) -> list[tuple[BaseException, Any]]:
+        """Give every held delivery back to its queue at once (a channel closing)."""
+        self._flush()
+        with self._lock:
+            held = list(self._held.values())
+            self._held.clear()
+        for message in held:
+            # the broker gives them back when the connection closes anyway
+            self._settle(message, "give back", _requeue(message))
+        self._delivered.clear()
+        return []
+
+    def restore_visible(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to do: the broker redelivers by itself (kombu calls this for Redis)."""
+
+    # --- the lease keeper -----------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+        keeper = self._keeper
+        if keeper is not None and keeper is not threading.current_thread():
+            keeper.join(timeout=5)
+
+    def _keep_leases(self) -> None:
+        period = self.lease / 3
+        while not self._stop.wait(period):
+            with self._lock:
+                held = list(self._held.items())
+            for tag, message in held:
+                try:
+                    message.extend(self.lease)
+                except PigeonError as exc:
+                    with self._lock:
+                        still_held = tag in self._held
+                    if still_held:  # else: acked meanwhile, nothing to extend
+                        logger.warning(
+                            "pigeon: could not extend the lease of a held task message: %s; "
+                            "if the broker took it back it will be delivered again",
+                            exc,
+                        )
