@@ -28,6 +28,9 @@ app.conf.update(
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
     task_queue_max_priority=int(os.environ.get("PIGEON_CELERY_MAX_PRIORITY", "9")),
+    # how long Celery waits for a result from a pool process that died before it calls
+    # it lost (and, with reject_on_worker_lost, requeues its task); 10 s by default
+    worker_lost_wait=1.0,
 )
 
 
@@ -69,9 +72,11 @@ def stamp(self: Any, tag: str) -> None:
 
 
 @app.task(bind=True, acks_late=True)
-def slow(self: Any, tag: str, seconds: float) -> str:
-    record("start", tag=tag, redelivered=(self.request.delivery_info or {}).get("redelivered"))
-    time.sleep(seconds)
+def slow(self: Any, tag: str, seconds: float, again: float | None = None) -> str:
+    """Sleeps ``seconds`` (``again`` seconds when it is a redelivery, if given)."""
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    record("start", tag=tag, redelivered=redelivered)
+    time.sleep(again if redelivered and again is not None else seconds)
     record("end", tag=tag)
     return tag
 
