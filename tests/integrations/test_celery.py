@@ -24,10 +24,7 @@ import pigeon
 from tests._services import free_port, start_broker
 from tests.integrations._celery import HERE, Setup, require_celery, wait_for
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _celery_installed() -> None:
-    require_celery()
+require_celery()
 
 
 @pytest.fixture(scope="module")

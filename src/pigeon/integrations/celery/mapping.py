@@ -80,7 +80,7 @@ def pigeon_priority(priority: object, top: int | None) -> int | None:
     9 when the queue declares none) as pigeon's 0 … 9, higher first (as on RabbitMQ).
 
     The scale is cut in ten equal bands, so 0 … 9 maps to itself and 0 … 255 maps
-    0-25 to 0, ..., 230-255 to 9. Values outside the scale are clamped to it; None,
+    0-25 to 0, 26-51 to 1, ..., 231-255 to 9. Values outside the scale are clamped to it; None,
     non-numbers and 0 are no priority (pigeon's default, 0).
     """
     if isinstance(priority, bool) or not isinstance(priority, int | float):

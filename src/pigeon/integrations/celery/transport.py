@@ -111,6 +111,14 @@ class Channel(virtual.Channel):
                 self._queues[queue] = handle = opened
             return handle
 
+    def prepare_queue_arguments(self, arguments: Any, **kwargs: Any) -> dict[str, Any]:
+        """kombu's ``Queue(max_priority=N)`` as RabbitMQ's ``x-max-priority``: the top
+        of the queue's priority scale, which ``_put`` maps onto pigeon's 0-9."""
+        args = dict(arguments or {})
+        if kwargs.get("max_priority") is not None:
+            args.setdefault("x-max-priority", kwargs["max_priority"])
+        return args
+
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         top = (kwargs.get("arguments") or {}).get("x-max-priority")
         if isinstance(top, int) and not isinstance(top, bool) and top > 0:
