@@ -248,3 +248,27 @@ def test_a_broker_that_is_not_there_is_a_connection_error() -> None:
     with pytest.raises(OperationalError):
         conn.ensure_connection(max_retries=1)
     conn.release()
+
+
+def test_a_consumer_carries_on_after_its_queue_is_deleted_on_the_broker(
+    broker: BrokerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = fresh()
+    got: list[Any] = []
+    with connect(broker) as conn, caplog.at_level(logging.WARNING):
+
+        def take(body: Any, message: Any) -> None:
+            got.append(body)
+            message.ack()
+
+        def delete() -> None:
+            with pigeon.Queue(broker.url(name)) as q:
+                q.delete()
+
+        with conn.Consumer(Queue(name), callbacks=[take]):
+            # the GET parked by this drain is answered "deleted"; the drain parks again
+            threading.Timer(0.3, delete).start()
+            threading.Timer(1.5, lambda: publish(conn, name, "after")).start()
+            conn.drain_events(timeout=30)
+    assert got == ["after"]
+    assert any("was deleted" in r.getMessage() for r in caplog.records)

@@ -95,6 +95,7 @@ class Channel(virtual.Channel):
         self._no_ack: set[str] = set()
         self._tags = itertools.count(1)
         self._unrouted: set[str] = set()
+        self._shut: set[str] = set()  # queues whose GET said shut down or deleted
         self.qos.on_room = self.connection.room_freed
 
     # --- the queues on the broker ---------------------------------------------------------
@@ -141,6 +142,16 @@ class Channel(virtual.Channel):
             message = self._queue(queue).get_message(timeout=wait, lease=self.lease)
         except pigeon.Empty:
             raise Empty() from None
+        except pigeon.ShutDown as exc:
+            # Deleted on the broker (the name serves again at once, as a new queue) or
+            # shut down (for good): either way nothing to take now. Say so once, and wait
+            # as a parked GET would, so a shut-down queue is not asked in a busy loop.
+            if queue not in self._shut:
+                self._shut.add(queue)
+                logger.warning("pigeon: consuming from queue %r: %s", queue, exc)
+            time.sleep(min(wait, 1.0))
+            raise Empty() from None
+        self._shut.discard(queue)
         payload: dict[str, Any] = loads(message.body)
         props = payload["properties"]
         tag = f"{self.channel_id}.{next(self._tags)}"
