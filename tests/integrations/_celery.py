@@ -28,10 +28,15 @@ HERE = Path(__file__).parent
 SRC = Path(pigeon.__file__).parent.parent
 
 
+def _installed(module: str) -> bool:
+    # kombu swaps its module for a lazy one without __spec__, which find_spec refuses
+    return module in sys.modules or importlib.util.find_spec(module) is not None
+
+
 def require_celery() -> None:
     """Skip the module (fail under CI, which installs the dev extra) when Celery or kombu
     is not installed."""
-    missing = [m for m in ("celery", "kombu") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("celery", "kombu") if not _installed(m)]
     if missing:
         reason = (
             f"{' and '.join(missing)} not installed: pip install 'pigeon-queue[celery]' "
