@@ -1,6 +1,7 @@
 """Celery on pigeon's broker, Redis and RabbitMQ: the same no-op task, one worker process.
 
-Run:  python benchmarks/celery_tasks.py [--tasks 10000] [--rate 200] [--only pigeon,redis]
+Run:  python benchmarks/celery_tasks.py [--tasks 10000] [--rate 200] [--rounds 3]
+                                        [--only pigeon,redis,rabbitmq]
 
 For each broker, in one run: a `pigeon serve` the benchmark starts (its durable store,
 fsync batch), Redis on 127.0.0.1:6379 (db 15) and RabbitMQ on 127.0.0.1:5672
@@ -9,13 +10,14 @@ fsync batch), Redis on 127.0.0.1:6379 (db 15) and RabbitMQ on 127.0.0.1:5672
 acks, prefetch multiplier 4), consumes a queue of its own.
 
 Two phases per broker:
-  throughput  --tasks no-op tasks sent back to back by one producer while the worker runs;
-              tasks/s from the first send to the last task's start, and the producer's
-              sends/s on its own
-  latency     --tasks/20 tasks (at least 100) sent at --rate per second, a pace every
-              broker keeps up with: the delay from apply_async to the task's start,
-              p50 and p99 (the worker idles between tasks, so this is no backlog)
-Prints a table with ratios to pigeon and writes benchmarks/results/celery_tasks.png.
+  throughput  --tasks no-op tasks sent back to back by one producer (sends/s), then the
+              worker started: tasks/s from the first task's start to the last one's
+              (the worker draining a backlog, its start-up left out)
+  latency     then --tasks/20 tasks (at least 100) sent at --rate per second, a pace
+              every broker keeps up with: the delay from apply_async to the task's
+              start, p50 and p99 (the worker idles between tasks: no backlog)
+Each broker is measured --rounds times, the rounds interleaved; the table gives medians
+(and the rounds' range of tasks/s), ratios to pigeon, and benchmarks/results/celery_tasks.png.
 """
 
 from __future__ import annotations
@@ -137,38 +139,36 @@ def measure(broker: str, tasks: int, rate: float, tmp: Path) -> dict[str, float]
     app = Celery("bench-producer", broker=broker, set_as_current=False)
     app.conf.update(task_default_queue=queue, task_ignore_result=True)
     try:
-        with worker(broker, queue, log), app.producer_or_acquire() as producer:
+        with app.producer_or_acquire() as producer:
 
             def send() -> None:
                 app.send_task("bench.noop", (time.time(),), producer=producer)
-
-            send()  # the worker is ready once this first task has run
-            _wait_rows(log, 1, 120)
-            log.write_text("")
 
             first = time.time()
             for _ in range(tasks):
                 send()
             sent = time.time()
-            rows = _wait_rows(log, tasks, 600)
-            last = max(start for _, start in rows)
-            log.write_text("")
+            with worker(broker, queue, log):
+                rows = _wait_rows(log, tasks, 600)
+                starts = sorted(start for _, start in rows)
+                log.write_text("")
 
-            n_lat = max(tasks // 20, 100)
-            gap = 1.0 / rate
-            t0 = time.monotonic()
-            for i in range(n_lat):
-                while time.monotonic() < t0 + i * gap:
-                    time.sleep(gap / 10)
-                send()
-            delays = sorted((start - enq) * 1000 for enq, start in _wait_rows(log, n_lat, 120))
+                n_lat = max(tasks // 20, 100)
+                gap = 1.0 / rate
+                t0 = time.monotonic()
+                for i in range(n_lat):
+                    while time.monotonic() < t0 + i * gap:
+                        time.sleep(gap / 10)
+                    send()
+                lat = _wait_rows(log, n_lat, 120)
+                delays = sorted((start - enq) * 1000 for enq, start in lat)
         with contextlib.suppress(Exception), app.connection_for_write() as conn:
             conn.default_channel.queue_delete(queue)  # the worker has stopped
     finally:
         app.close()
     return {
         "sends/s": tasks / (sent - first),
-        "tasks/s": tasks / (last - first),
+        "tasks/s": (tasks - 1) / (starts[-1] - starts[0]),
         "p50 ms": statistics.median(delays),
         "p99 ms": delays[min(len(delays) - 1, int(len(delays) * 0.99))],
     }
@@ -179,6 +179,7 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=10_000, help="tasks in the throughput phase")
     ap.add_argument("--rate", type=float, default=200.0, help="tasks/s in the latency phase")
     ap.add_argument("--only", default="pigeon,redis,rabbitmq", help="brokers, comma-separated")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median shown)")
     args = ap.parse_args()
 
     brokers: dict[str, Any] = {
@@ -187,27 +188,48 @@ def main() -> None:
         "rabbitmq": lambda: running("amqp://guest:guest@127.0.0.1:5672//"),
     }
     ports = {"redis": 6379, "rabbitmq": 5672}
-    results: dict[str, dict[str, float]] = {}
+    names = []
+    for name in args.only.split(","):
+        if name in ports and not _answers(ports[name]):
+            print(f"{name}: nothing answers on 127.0.0.1:{ports[name]}; left out")
+        else:
+            names.append(name)
+    runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="celery-bench-") as tmp:
-        for name in args.only.split(","):
-            if name in ports and not _answers(ports[name]):
-                print(f"{name}: nothing answers on 127.0.0.1:{ports[name]}; left out")
-                continue
-            with brokers[name]() as url:
-                results[name] = measure(url, args.tasks, args.rate, Path(tmp))
-            print(f"{name}: {results[name]}")
+        # rounds interleaved: this VM's speed drifts over seconds (see broker.py)
+        for r in range(args.rounds):
+            for name in names:
+                with brokers[name]() as url:
+                    runs[name].append(measure(url, args.tasks, args.rate, Path(tmp)))
+                print(f"(round {r + 1}/{args.rounds}) {name}: {runs[name][-1]}")
+    results = {
+        n: {k: statistics.median(run[k] for run in rs) for k in rs[0]} for n, rs in runs.items()
+    }
+    spread = {
+        n: (min(x["tasks/s"] for x in rs), max(x["tasks/s"] for x in rs)) for n, rs in runs.items()
+    }
 
     base = results.get("pigeon")
     rows = []
     for name, r in results.items():
         ratio = f"{r['tasks/s'] / base['tasks/s']:.2f}x" if base else "-"
+        low, high = spread[name]
         rows.append(
-            [name, round(r["sends/s"]), round(r["tasks/s"]), ratio, r["p50 ms"], r["p99 ms"]]
-        )
+            [name, round(r["sends/s"]), round(r["tasks/s"]), f"{low:,.0f}-{high:,.0f}", ratio,
+             r["p50 ms"], r["p99 ms"]]
+        )  # fmt: skip
     table(
-        f"Celery, {args.tasks:,} no-op tasks, one worker process (--pool solo); "
-        f"latency at {args.rate:g} tasks/s",
-        ["broker", "sends/s", "tasks/s", "tasks/s vs pigeon", "enqueue→start p50 ms", "p99 ms"],
+        f"Celery, {args.tasks:,} no-op tasks, one worker process (--pool solo); latency at "
+        f"{args.rate:g} tasks/s; median of {args.rounds} interleaved rounds",
+        [
+            "broker",
+            "sends/s",
+            "tasks/s",
+            "rounds' range",
+            "vs pigeon",
+            "enqueue→start p50 ms",
+            "p99 ms",
+        ],
         rows,
     )
     out = bars(

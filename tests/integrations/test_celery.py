@@ -9,6 +9,7 @@ it also shows that nothing is redelivered while a live worker holds it.
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -21,8 +22,8 @@ from typing import Any
 import pytest
 
 import pigeon
-from tests._services import free_port, start_broker
-from tests.integrations._celery import HERE, Setup, require_celery, wait_for
+from tests._services import free_port, require_service, start_broker
+from tests.integrations._celery import HERE, SRC, Setup, require_celery, wait_for
 
 require_celery()
 
@@ -253,3 +254,22 @@ def test_broker_transport_setting_finds_the_transport_without_the_import(shared:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() == ["pigeon.integrations.celery.transport", "{'ok':", "1}"]
+
+
+@pytest.mark.slow
+def test_benchmark_runs_with_a_small_count() -> None:
+    require_service("Redis", 6379)
+    require_service("RabbitMQ", 5672)
+    bench = HERE.parent.parent / "benchmarks"
+    out = subprocess.run(
+        [sys.executable, "celery_tasks.py", "--tasks", "100", "--rounds", "1"],
+        cwd=bench,
+        env={**os.environ, "PYTHONPATH": str(SRC)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for broker in ("pigeon", "redis", "rabbitmq"):
+        assert f"(round 1/1) {broker}:" in out.stdout
+    assert "plot written" in out.stdout
