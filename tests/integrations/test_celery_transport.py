@@ -272,3 +272,33 @@ def test_a_consumer_carries_on_after_its_queue_is_deleted_on_the_broker(
             conn.drain_events(timeout=30)
     assert got == ["after"]
     assert any("was deleted" in r.getMessage() for r in caplog.records)
+
+
+def test_a_redis_only_transport_option_is_said_to_have_no_effect(
+    broker: BrokerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pigeon.integrations.celery import transport
+
+    transport._noted.discard("visibility_timeout")
+    with caplog.at_level(logging.WARNING), connect(broker, visibility_timeout=3600) as conn:
+        conn.default_channel  # noqa: B018  (opens the channel)
+    (note,) = [r.getMessage() for r in caplog.records if "visibility_timeout" in r.getMessage()]
+    assert "has no effect on pigeon://" in note
+
+
+def test_a_delivery_the_broker_took_back_is_reported_once_and_its_ack_does_not_raise(
+    broker: BrokerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    name = fresh()
+    with caplog.at_level(logging.WARNING), connect(broker, lease=0.3) as conn:
+        publish(conn, name, "held")
+        q = conn.SimpleQueue(name)
+        m = q.get(timeout=5)
+        with pigeon.Queue(broker.url(name)) as admin:
+            admin.delete()  # drops it in flight too: its delivery id is unknown now
+        time.sleep(1.5)  # five keeper rounds
+        m.ack()  # at-least-once: logged, not raised
+        q.close()
+    said = [r.getMessage() for r in caplog.records]
+    assert len([s for s in said if "could not extend" in s]) == 1
+    assert len([s for s in said if "could not ack" in s]) == 1

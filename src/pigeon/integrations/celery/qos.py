@@ -44,6 +44,7 @@ class QoS(virtual.QoS):
     def __init__(self, channel: Any, prefetch_count: int = 0) -> None:
         super().__init__(channel, prefetch_count)
         self._held: dict[str, Message[bytes]] = {}
+        self._lost: set[str] = set()  # held, but the broker took them back: not extended
         self._lock = threading.Lock()
         self._keeper: threading.Thread | None = None
         self._stop = threading.Event()
@@ -69,6 +70,7 @@ class QoS(virtual.QoS):
 
     def _release(self, delivery_tag: str) -> Message[bytes] | None:
         with self._lock:
+            self._lost.discard(delivery_tag)
             return self._held.pop(delivery_tag, None)
 
     # --- settling (kombu's names) -------------------------------------------------------
@@ -115,6 +117,7 @@ class QoS(virtual.QoS):
         with self._lock:
             held = list(self._held.values())
             self._held.clear()
+            self._lost.clear()
         for message in held:
             # the broker gives them back when the connection closes anyway
             self._settle(message, "give back", _requeue(message))
@@ -136,14 +139,16 @@ class QoS(virtual.QoS):
         period = self.lease / 3
         while not self._stop.wait(period):
             with self._lock:
-                held = list(self._held.items())
+                held = [(t, m) for t, m in self._held.items() if t not in self._lost]
             for tag, message in held:
                 try:
                     message.extend(self.lease)
                 except PigeonError as exc:
                     with self._lock:
                         still_held = tag in self._held
-                    if still_held:  # else: acked meanwhile, nothing to extend
+                        if still_held:  # else: acked meanwhile, nothing to extend
+                            self._lost.add(tag)
+                    if still_held:
                         logger.warning(
                             "pigeon: could not extend the lease of a held task message: %s; "
                             "if the broker took it back it will be delivered again",

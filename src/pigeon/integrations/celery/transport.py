@@ -87,6 +87,7 @@ class Channel(virtual.Channel):
     def __init__(self, connection: Any, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
         self.lease = check_lease(self.lease)
+        _note_foreign_options(self.connection.client.transport_options)
         client = self.connection.client
         self._vhost: str | None = client.virtual_host
         self._queues: dict[str, BrokerQueue[bytes]] = {}
@@ -259,6 +260,26 @@ class Channel(virtual.Channel):
                 self._queues.clear()
             for q in queues:
                 q.close()
+
+
+_FOREIGN = {
+    "visibility_timeout": "a dead worker's tasks come back when its connection drops, and "
+    "'lease' bounds how long a frozen one keeps them",
+    "priority_steps": "priorities are the broker's own, 0-9 (docs/integrations/celery.md)",
+}
+_noted: set[str] = set()
+
+
+def _note_foreign_options(options: dict[str, Any]) -> None:
+    """Say once that an option of kombu's Redis or SQS transport means nothing here."""
+    for name in sorted(set(options) & set(_FOREIGN) - _noted):
+        _noted.add(name)
+        logger.warning(
+            "pigeon: the transport option %r (kombu's Redis/SQS transports) has no effect "
+            "on pigeon://: %s",
+            name,
+            _FOREIGN[name],
+        )
 
 
 def _client_name() -> str:
