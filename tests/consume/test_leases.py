@@ -3,6 +3,7 @@ every backend, also while ``mode="auto"`` measures and when the broker comes up 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -39,6 +40,33 @@ def test_auto_mode_keeps_the_lease_of_what_it_measures(broker: BrokerThread) -> 
     t.join()
     assert calls == ["slow"] and stolen == []
     assert report.processed == 1 and report.settle_errors == 0
+
+
+@pytest.mark.parametrize("mode", ["async", "process"])
+def test_the_keeper_extends_the_leases_of_coroutines_and_process_workers(
+    broker: BrokerThread, mode: str
+) -> None:
+    """One keeper for every mode: a coroutine's message is extended on its loop, a process
+    worker's in the parent that holds it."""
+    url = broker.url(f"kept-{mode}", lease=1)
+    with pigeon.Queue(url) as q:
+        q.put("slow")
+    stop = threading.Event()
+    handler = _slow_coroutine if mode == "async" else _slow_function
+    threading.Timer(4.0, stop.set).start()
+    report = pigeon.consume(url, handler, mode=mode, concurrency=2, stop=stop, grace=10)
+    assert report.processed == 1 and report.failed == 0 and report.settle_errors == 0
+    with pigeon.Queue(url) as q:
+        info = q._info()  # type: ignore[attr-defined]
+    assert info["delivered_total"] == 1, info  # never redelivered while it ran
+
+
+async def _slow_coroutine(item: str) -> None:
+    await asyncio.sleep(2.5)  # more than twice the lease
+
+
+def _slow_function(item: str) -> None:
+    time.sleep(2.5)
 
 
 def _runs_once_past_its_lease(url: str, **put_options: Any) -> None:
