@@ -127,11 +127,13 @@ class Child:
             _PARENT_ENDS.discard(self.conn)
             self.conn.close()
 
-    def kill(self) -> None:
+    def kill(self, *, close: bool = True) -> None:
+        """SIGKILL it and reap it; then close the pipe, unless a sender still uses it."""
         with contextlib.suppress(OSError):
             self.proc.kill()
         self.proc.join(5)
-        self._close()
+        if close:
+            self._close()
 
     def retire(self) -> None:
         """Ask it to end (it is idle: it reads the request at once); kill it if it
@@ -164,11 +166,12 @@ def _call_child(run: Run, child: Child, payload: bytes,
     else:  # the child reads it while it comes: a child that does not read must not hang us
         sender = threading.Thread(target=_send, args=(child.conn, payload), daemon=True)
         sender.start()
-    try:
-        return _await_child(run, child, grace)
-    finally:
-        if sender is not None:
-            sender.join(5)
+    outcome = _await_child(run, child, grace)
+    if sender is not None:
+        sender.join(5)  # the child is answered or dead: its write is over
+    if outcome[0] in ("timeout", "stopped"):
+        child.kill()  # killed already; now the pipe can close
+    return outcome
 
 
 def _await_child(run: Run, child: Child, grace: float) -> tuple[str, Any]:
@@ -185,12 +188,12 @@ def _await_child(run: Run, child: Child, grace: float) -> tuple[str, Any]:
             return "died", child.died()
         now = time.monotonic()
         if run.time_limit is not None and now - started > run.time_limit:
-            child.kill()
+            child.kill(close=False)
             return "timeout", None
         if run.stopping():
             stop_by = stop_by or now + grace
             if now > stop_by:
-                child.kill()
+                child.kill(close=False)
                 return "stopped", None
 
 
