@@ -183,6 +183,10 @@ class SyncFace(Queue[T]):
     def qsize(self) -> int:
         return int(self._call("qsize"))
 
+    def _queue_lease(self, timeout: float) -> float:
+        """The queue's lease as the server holds it (``pigeon.consume``'s lease keeper)."""
+        return float(self._call("queue_lease", timeout))
+
     def full(self) -> bool:
         return bool(self._call("full"))
 

@@ -541,6 +541,13 @@ class AsyncNatsQueue(EngineQueue[T]):
         info = await self._do(lambda js: js.consumer_info(self.stream, DURABLE))
         return int(info.num_pending)
 
+    async def queue_lease(self, timeout: float) -> float:
+        """The queue's lease: its durable consumer's AckWait; for ``pigeon.consume``."""
+        info = await self._do(
+            lambda js: js.consumer_info(self.stream, DURABLE), time.monotonic() + timeout
+        )
+        return float(info.config.ack_wait or self.lease)
+
     async def full(self) -> bool:
         if not self.maxsize:
             return False

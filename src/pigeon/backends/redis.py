@@ -729,6 +729,12 @@ class AsyncRedisQueue(EngineQueue[T]):
 
         return int(await self._do(run))
 
+    async def queue_lease(self, timeout: float) -> float:
+        """The queue's lease as Redis holds it (its meta hash: the URL's ``?lease=`` of the
+        client that declared it last), else this handle's; for ``pigeon.consume``."""
+        stored = await self._do(lambda r: r.hget(self.meta, "lease"), time.monotonic() + timeout)
+        return int(stored) / 1000 if stored else self.lease
+
     async def full(self) -> bool:
         if not self.maxsize:
             return False

@@ -108,10 +108,12 @@ def worker(url: str, handler: str, concurrency: int | None, mode: str, attempts:
 
     \b
     Stops when the queue is shut down and drained (or, with --drain, empty),
-    or on SIGTERM/Ctrl-C: work in progress finishes (--grace), then is given
-    back; the rest stays in the queue. Exit code 0 when it stopped as asked
-    (or the queue was shut down); 1 when it failed (bad token, the queue
-    closed, an unsupported call): the summary says why.
+    or on SIGTERM/Ctrl-C, to it or to its whole process group (systemctl
+    stop): work in progress finishes (--grace), then is given back; the rest
+    stays in the queue. Exit code 0 when it stopped as asked (or the queue
+    was shut down); 1 when it failed (bad token, the queue closed, an
+    unsupported call, an async handler run with --mode thread or process):
+    the summary says why.
 
     \b
     Examples:

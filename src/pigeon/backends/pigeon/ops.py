@@ -326,8 +326,8 @@ class Ops:
                 "redelivered"
             )
 
-    def info(self) -> Op[dict[str, Any]]:
-        reply = yield from self.call(lambda _: Info(0, self.queue), None)
+    def info(self, deadline: float | None = None) -> Op[dict[str, Any]]:
+        reply = yield from self.call(lambda _: Info(0, self.queue), deadline)
         value: dict[str, Any] = reply.value
         self.maxsize = int(value.get("maxsize", 0))
         return value

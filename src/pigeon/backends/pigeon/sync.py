@@ -47,6 +47,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
@@ -428,6 +429,12 @@ class BrokerQueue(Queue[T]):
     def _info(self) -> dict[str, Any]:
         info: dict[str, Any] = self._drive(self._ops.info())
         return info
+
+    def _queue_lease(self, timeout: float) -> float:
+        """The queue's lease as the broker holds it (``pigeon.consume``'s lease keeper);
+        raises if the broker does not answer within ``timeout`` seconds."""
+        info = self._drive(self._ops.info(time.monotonic() + timeout))
+        return float(info["lease"])
 
     def stats(self) -> dict[str, Any]:
         """The broker's statistics: every queue's info, the server's, the connections
