@@ -1,0 +1,2 @@
+"""Task frameworks on pigeon's broker: one subpackage per framework, imported only when used
+(``pip install 'pigeon-queue[dramatiq]'`` for ``pigeon.integrations.dramatiq``)."""
