@@ -21,7 +21,7 @@ from pigeon.integrations.dramatiq import PigeonBroker
 broker = PigeonBroker(
     url=os.environ.get("PIGEON_URL", "pigeon://127.0.0.1:7878"),
     namespace=os.environ.get("DRAMATIQ_NAMESPACE", "dramatiq:"),
-    lease=float(os.environ.get("PIGEON_LEASE", "30")),
+    lease=float(os.environ.get("PIGEON_LEASE", "600")),
 )
 broker.add_middleware(CurrentMessage())
 dramatiq.set_broker(broker)
@@ -77,6 +77,13 @@ def routine(n: int) -> None:
 @dramatiq.actor
 def echo(key: str) -> None:
     record("echo", key=key, headers=current().options.get("headers"))
+
+
+@dramatiq.actor
+def sleepy(key: str, seconds: float) -> None:
+    record("sleepy-start", key=key)
+    time.sleep(seconds)
+    record("sleepy-done", key=key)
 
 
 @dramatiq.actor(time_limit=300_000)

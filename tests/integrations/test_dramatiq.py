@@ -82,7 +82,7 @@ class App:
         return pigeon.Queue(f"{self.url}/{self.namespace}{name}", serializer="raw")
 
     def worker(
-        self, *, threads: int = 2, lease: float = 30.0, prefetch: int = 0
+        self, *, threads: int = 2, lease: float = 600.0, prefetch: int = 0
     ) -> subprocess.Popen[bytes]:
         """``dramatiq tests.integrations.dramatiq_app``, one worker process; ``prefetch``
         (Dramatiq's ``dramatiq_queue_prefetch``; 0: its default, twice the threads)."""
@@ -202,6 +202,16 @@ def test_a_delay_longer_than_the_lease_runs_once_and_not_before_it_is_due(app: A
     with app.queue() as q:
         queues = q.stats()["queues"]
     assert not [name for name in queues if name.startswith(app.namespace) and ".DQ" in name]
+    assert app.stop(worker) == 0
+
+
+def test_a_task_longer_than_the_lease_runs_once_while_its_worker_lives(app: App) -> None:
+    t = app.tasks
+    worker = app.worker(lease=1.0, threads=2)  # a free thread would take a redelivery
+    app.send(t.sleepy, "s", 3.5)
+    app.wait_for("the task ends", lambda: bool(app.events("sleepy-done")))
+    time.sleep(1.5)
+    assert len(app.events("sleepy-start")) == 1  # its lease was renewed while it ran
     assert app.stop(worker) == 0
 
 

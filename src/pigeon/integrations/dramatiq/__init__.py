@@ -17,8 +17,8 @@ Connection URL
     ``?max_deliveries=N&dedup_window=S``.
 
 Options
-    ``namespace`` (``"dramatiq:"``), ``lease`` (30 s: how long a taken message stays with
-    a worker process that stopped renewing it), ``middleware``.
+    ``namespace`` (``"dramatiq:"``), ``lease`` (600 s: how long a taken message stays
+    with a worker process that stopped renewing it), ``middleware``.
 
 Delivery guarantees
     At-least-once, with late acks: a worker acks after the task ran. A worker process

@@ -18,7 +18,12 @@ from pigeon.integrations.dramatiq.consumer import PigeonConsumer
 
 __all__ = ["PigeonBroker"]
 
-DEFAULT_LEASE = 30.0  # seconds a message stays with a worker process that stops renewing it
+# Seconds a taken message stays with a worker process that stopped renewing it. A process
+# that dies gives its messages back at once (its connection drops), so the lease only
+# covers one that stops running Python but keeps its connection: SIGSTOP, or a C call
+# holding the GIL. Long, because the second is a task, not a fault (dramatiq#692: Redis
+# requeued CPU-bound tasks whose worker could not send its heartbeat).
+DEFAULT_LEASE = 600.0
 
 
 class PigeonBroker(Broker):
@@ -35,8 +40,8 @@ class PigeonBroker(Broker):
         ``default`` is pigeon queue ``dramatiq:default``, its dead letters
         ``dramatiq:default.dead``); ``""`` for none.
       lease: seconds a taken message stays with a worker process that stopped renewing
-        it (a live worker renews it as long as the task runs; a dead one's connection
-        drops and gives it back at once).
+        it (600; a live worker renews it as long as the task runs; a dead one's
+        connection drops and gives it back at once).
 
     Raises:
       pigeon.InvalidURL: not a pigeon URL, or one that names a queue.
