@@ -285,6 +285,40 @@ def test_a_worker_sigkilled_mid_task_loses_nothing_and_the_task_runs_again(app: 
     assert app.stop(again) == 0
 
 
+def test_the_example_runs_under_the_dramatiq_cli(server: str, tmp_path: Path) -> None:
+    env = {**os.environ, "PIGEON_URL": server}
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "dramatiq", "dramatiq_app", "--path", "examples"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        sent = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "dramatiq_app.py")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(10)
+    out = log_path.read_text()
+    assert sent.returncode == 0, sent.stderr + out
+    assert "all done" in sent.stdout
+    assert out.count("order 7 charged") == 1
+    assert "acme synced" in out and "reminder for ada" in out and "password reset" in out
+
+
 # --- what the broker refuses, and the mapping (no worker) -----------------------------------
 
 
