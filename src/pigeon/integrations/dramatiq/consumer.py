@@ -138,7 +138,8 @@ class PigeonConsumer(Consumer):
             return
         try:
             taken._consumer._queue.task_done()
-        except (BrokenResourceError, ClosedResourceError) as exc:
+        except (BrokenResourceError, ClosedResourceError, ValueError) as exc:
+            # ValueError: the queue was deleted or purged meanwhile (nothing unfinished)
             logger.error(
                 "message %s was acked but not marked done (%s): a join() on %r waits for it",
                 taken.message_id,
