@@ -351,6 +351,40 @@ def test_join_times_out_as_dramatiq_says_when_nothing_processes(app: App) -> Non
         app.broker.join("default", timeout=200)
 
 
+def test_a_body_dramatiq_cannot_decode_is_dead_lettered_as_undecodable(app: App) -> None:
+    with app.queue() as q:
+        q.put(b"not a dramatiq message")
+    consumer = app.broker.consume("default", prefetch=2, timeout=200)
+    try:
+        assert next(consumer) is None
+    finally:
+        consumer.close()
+    with app.queue("default.dead") as dead:
+        (letter,) = dead.peek()
+    assert letter["reason"].startswith("undecodable: ")
+
+
+def test_the_consumer_holds_at_most_prefetch_and_gives_back_what_it_did_not_start(
+    app: App,
+) -> None:
+    t = app.tasks
+    for n in range(3):
+        app.send(t.plain, n)
+    consumer = app.broker.consume("default", prefetch=2, timeout=200)
+    try:
+        held = [next(consumer), next(consumer)]
+        assert next(consumer) is None  # two held: the third stays on the broker
+        assert [m.args for m in held if m is not None] == [(0,), (1,)]
+        consumer.requeue([m for m in held if m is not None])
+        with app.queue() as q:
+            info = q.stats()["queues"][app.namespace + "default"]
+        assert (info["depth"], info["in_flight"]) == (3, 0)
+        again = next(consumer)
+        assert again is not None and again.args == (0,) and again.redelivered
+    finally:
+        consumer.close()
+
+
 def test_no_delay_queue_is_declared_and_flush_drops_waiting_and_dead(app: App) -> None:
     t = app.tasks
     assert app.broker.get_declared_delay_queues() == set()
