@@ -351,6 +351,22 @@ def test_join_times_out_as_dramatiq_says_when_nothing_processes(app: App) -> Non
         app.broker.join("default", timeout=200)
 
 
+def test_options_a_middleware_sets_before_enqueue_reach_the_broker(app: App) -> None:
+    from dramatiq import Middleware
+
+    class Tenant(Middleware):
+        def before_enqueue(self, broker: Any, message: Any, delay: Any) -> None:
+            message.options["headers"] = {"tenant": "acme"}
+            message.options["broker_priority"] = 7
+
+    app.broker.add_middleware(Tenant())
+    sent = app.send(app.tasks.plain, 1)
+    with app.queue() as q:
+        (waiting,) = q.peek()
+    assert (waiting["headers"], waiting["priority"]) == ({"tenant": "acme"}, 7)
+    assert sent.options["headers"] == {"tenant": "acme"}  # the message as sent
+
+
 def test_a_body_dramatiq_cannot_decode_is_dead_lettered_as_undecodable(app: App) -> None:
     with app.queue() as q:
         q.put(b"not a dramatiq message")

@@ -115,16 +115,20 @@ class PigeonBroker(Broker):
           dramatiq.errors.ConnectionClosed: the broker could not be reached.
         """
         queue_name = q_name(message.queue_name)
-        actor = self.actors.get(message.actor_name)
-        args = put_args(message.options, delay, actor.priority if actor else 0)
-        stored: Message[Any] = Message(
-            **{**message.asdict(), "queue_name": queue_name, "options": args.options}
+        fields = message.asdict()
+        sent: Message[Any] = Message(
+            **{**fields, "queue_name": queue_name, "options": dict(message.options)}
         )
-        self.logger.debug("Enqueueing message %r on queue %r.", stored.message_id, queue_name)
-        self.emit_before("enqueue", stored, delay)
+        self.logger.debug("Enqueueing message %r on queue %r.", sent.message_id, queue_name)
+        self.emit_before("enqueue", sent, delay)  # middleware may still change its options
+        actor = self.actors.get(sent.actor_name)
+        args = put_args(sent.options, delay, actor.priority if actor else 0)
+        body: Message[Any] = Message(
+            **{**fields, "queue_name": queue_name, "options": args.options}
+        )
         try:
             self._sender(queue_name).put(
-                stored.encode(),
+                body.encode(),
                 delay=args.delay,
                 priority=args.priority,
                 dedup_id=args.dedup_id,
@@ -132,10 +136,8 @@ class PigeonBroker(Broker):
             )
         except BrokenResourceError as exc:
             raise connection_closed(exc) from exc
-        self.emit_after("enqueue", stored, delay)
-        if args.headers:
-            stored.options["headers"] = dict(args.headers)
-        return stored
+        self.emit_after("enqueue", sent, delay)
+        return sent
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
         """A consumer for a worker: it holds at most ``prefetch`` messages unacked and

@@ -73,7 +73,7 @@ class PigeonConsumer(Consumer):
         self._prefetch = max(1, prefetch)
         self._timeout = max(timeout_ms, 1) / 1000
         self._lease = lease
-        self._held: dict[int, _Held] = {}  # delivery id -> held message
+        self._held: dict[int, _Held] = {}  # id() of each message held -> its lease renewal
         self._room = threading.Condition()
 
     # --- taking --------------------------------------------------------------------------
