@@ -26,7 +26,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pigeon
-from tests._services import free_port, skip_or_fail, start_broker
+from tests._services import free_port, require_service, skip_or_fail, start_broker
 
 try:
     import dramatiq
@@ -317,6 +317,23 @@ def test_the_example_runs_under_the_dramatiq_cli(server: str, tmp_path: Path) ->
     assert "all done" in sent.stdout
     assert out.count("order 7 charged") == 1
     assert "acme synced" in out and "reminder for ada" in out and "password reset" in out
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_on_pigeon_redis_and_rabbitmq_at_a_tiny_size() -> None:
+    require_service("Redis", 6379)
+    require_service("RabbitMQ", 5672)
+    out = subprocess.run(
+        [sys.executable, "dramatiq_tasks.py", "--tasks", "50", "--paced", "10", "--rate", "50"],
+        cwd=ROOT / "benchmarks",
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("pigeon", "pigeon-memory", "redis", "rabbitmq"):
+        assert f"{name}: " in out.stdout
+    assert "plot written" in out.stdout
 
 
 # --- what the broker refuses, and the mapping (no worker) -----------------------------------
