@@ -207,10 +207,10 @@ def test_a_delay_longer_than_the_lease_runs_once_and_not_before_it_is_due(app: A
 
 def test_a_task_longer_than_the_lease_runs_once_while_its_worker_lives(app: App) -> None:
     t = app.tasks
-    worker = app.worker(lease=1.0, threads=2)  # a free thread would take a redelivery
-    app.send(t.sleepy, "s", 3.5)
+    worker = app.worker(lease=2.0, threads=2)  # a free thread would take a redelivery
+    app.send(t.sleepy, "s", 5.0)
     app.wait_for("the task ends", lambda: bool(app.events("sleepy-done")))
-    time.sleep(1.5)
+    time.sleep(2.5)
     assert len(app.events("sleepy-start")) == 1  # its lease was renewed while it ran
     assert app.stop(worker) == 0
 

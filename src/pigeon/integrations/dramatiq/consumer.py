@@ -8,10 +8,11 @@
 # drop. ``__next__`` takes one message at a time while fewer than ``prefetch`` are held
 # (taken, not yet acked or nacked); the worker threads ack and nack directly. A message is
 # taken with a lease, and the consumer thread, which Dramatiq wakes at least every
-# ``worker_timeout`` (1 s), extends the lease of every message it holds when half of it
-# has passed: a task may run as long as it needs while its process lives, and a process
-# that stops (SIGSTOP, a GIL held for longer than the lease) gives its messages back when
-# their lease ends.
+# ``worker_timeout`` (1 s), extends the lease of every message it holds once a third of it
+# has passed (two thirds are left for a late renewal: a busy machine, a long pause). So a
+# task may run as long as it needs while its process lives, and a process that stops
+# (SIGSTOP, a GIL held for longer than the lease) gives its messages back when their
+# lease ends.
 """
 
 from __future__ import annotations
@@ -109,16 +110,16 @@ class PigeonConsumer(Consumer):
         if delivered.headers:
             message.options["headers"] = dict(delivered.headers)
         with self._room:
-            self._held[id(delivered)] = _Held(delivered, time.monotonic() + self._lease / 2)
+            self._held[id(delivered)] = _Held(delivered, time.monotonic() + self._lease / 3)
         return PigeonMessageProxy(message, delivered, self)
 
     def _keep_leases(self) -> float:
-        """Extend the leases that are half over; seconds until the next one will be."""
+        """Extend the leases a third over; seconds until the next one will be."""
         now = time.monotonic()
         with self._room:
             due = [h for h in self._held.values() if h.renew_at <= now]
             for h in due:
-                h.renew_at = now + self._lease / 2
+                h.renew_at = now + self._lease / 3
             soonest = min((h.renew_at for h in self._held.values()), default=now + self._lease)
         for h in due:
             try:
