@@ -285,6 +285,27 @@ def test_a_worker_sigkilled_mid_task_loses_nothing_and_the_task_runs_again(app: 
     assert app.stop(again) == 0
 
 
+@pytest.mark.slow
+def test_a_broker_restart_mid_run_loses_no_task(tmp_path: Path) -> None:
+    port = free_port()
+    broker = start_broker(port)  # durable: its data directory is kept for the restart
+    a = App(f"pigeon://127.0.0.1:{port}", tmp_path)
+    try:
+        a.worker(threads=2)
+        for n in range(10):
+            a.send(a.tasks.sleepy, str(n), 0.3)
+        a.wait_for("tasks start", lambda: bool(a.events("sleepy-start")))
+        broker.terminate()
+        broker.wait(30)
+        broker = start_broker(port)
+        a.wait_for("every task ran", lambda: len({e["key"] for e in a.events("sleepy-done")}) == 10)
+        a.broker.join("default", timeout=60_000)  # nothing is left unfinished
+    finally:
+        a.close()
+        broker.terminate()
+        broker.wait(30)
+
+
 def test_the_example_runs_under_the_dramatiq_cli(server: str, tmp_path: Path) -> None:
     env = {**os.environ, "PIGEON_URL": server}
     log_path = tmp_path / "worker.log"
