@@ -1,1 +1,3 @@
-"""Task frameworks on pigeon's broker: one adapter per framework, each an optional extra."""
+"""Task frameworks on pigeon's broker: one subpackage per framework, imported only when used
+(``pip install 'pigeon-queue[celery]'`` for ``pigeon.integrations.celery``, ``[dramatiq]``
+for ``pigeon.integrations.dramatiq``)."""
