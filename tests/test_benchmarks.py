@@ -29,7 +29,8 @@ def test_local_benchmark_runs() -> None:
 
 def test_consumers_benchmark_runs() -> None:
     out = _run("consumers.py", "--quick")
-    assert "mp.Pool.imap_unordered" in out and "auto chose process" in out and "plot written" in out
+    # which mode auto picks is measured on the spot (a loaded machine may pick threads)
+    assert "mp.Pool.imap_unordered" in out and "auto chose " in out and "plot written" in out
 
 
 def test_store_cost_benchmark_runs() -> None:
