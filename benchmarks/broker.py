@@ -133,6 +133,15 @@ def rstream_produce(n: int, item: bytes, a: dict[str, Any], batch: int) -> None:
             p.execute()
 
 
+def pigeon_produce_single(n: int, item: bytes, a: dict[str, Any], batch: int) -> None:
+    """Put-bound: one confirmed put at a time, whatever the consumer's batch."""
+    pigeon_produce(n, item, a, 1)
+
+
+def rstream_produce_single(n: int, item: bytes, a: dict[str, Any], batch: int) -> None:
+    rstream_produce(n, item, a, 1)
+
+
 def rstream_consume(n: int, a: dict[str, Any], batch: int) -> int:
     r = _redis(a)
     me = uuid.uuid4().hex
@@ -301,6 +310,9 @@ CONTENDERS: dict[str, tuple[Any, Any, Any, Any, int]] = {
     "redis stream x100": (rstream_produce, rstream_consume, rstream_setup, None, BATCH),
     "jetstream": (js_produce, js_consume, js_setup, js_teardown, 1),
     "jetstream x100": (js_produce, js_consume, js_setup, js_teardown, BATCH),
+    # put-bound: one producer putting one at a time, the consumer reading 100 at a time
+    "pigeon put-bound": (pigeon_produce_single, pigeon_consume, None, None, BATCH),
+    "redis stream put-bound": (rstream_produce_single, rstream_consume, rstream_setup, None, BATCH),
 }
 
 
@@ -317,6 +329,8 @@ DURABLE: dict[str, tuple[Any, Any, Any, Any, int, dict[str, Any]]] = {
     "redis aof=always x100": (rstream_produce, rstream_consume, rstream_setup, None, BATCH, {"redis_port": 6391}),
     "redis aof=everysec": (rstream_produce, rstream_consume, rstream_setup, None, 1, {"redis_port": 6390}),
     "redis aof=everysec x100": (rstream_produce, rstream_consume, rstream_setup, None, BATCH, {"redis_port": 6390}),
+    "pigeon fsync=batch put-bound": (pigeon_produce_single, pigeon_consume, None, None, BATCH, {"port": 7893}),
+    "redis aof=everysec put-bound": (rstream_produce_single, rstream_consume, rstream_setup, None, BATCH, {"redis_port": 6390}),
     "jetstream file x100": (js_produce, js_consume, js_setup, js_teardown, BATCH, {"file": True}),
     "rabbitmq classic": (amqp_produce, amqp_consume, amqp_setup, amqp_teardown, 1, {}),
     "rabbitmq classic x100": (amqp_produce, amqp_consume, amqp_setup, amqp_teardown, BATCH, {}),
@@ -577,7 +591,7 @@ def run(args: argparse.Namespace, durable: bool) -> None:
                 continue
             counts = {}
             for name in names:
-                single = not name.endswith("x100")
+                single = not name.endswith("x100")  # (put-bound: as many as singles)
                 count = (
                     (2_000 if single else 20_000) if args.quick else (10_000 if single else 100_000)
                 )
@@ -601,13 +615,19 @@ def run(args: argparse.Namespace, durable: bool) -> None:
             ["workload", "contender", "items/s", "rounds' range", "vs redis stream"],
             rows,
         )
+        key = ("pigeon put-bound", 1, 64), ("redis stream put-bound", 1, 64)
+        if all(k in results for k in key):
+            print(
+                f"put-bound (one confirmed put at a time, read 100 at a time), --memory vs "
+                f"redis stream, 1x1 64 B: {results[key[0]] / results[key[1]]:.2f}× (target ≥ 1.5)"
+            )
     if durable:
         drows: list[list[object]] = []
         dcounts = {}
         for name in DURABLE:
             if name.split()[0] in missing:
                 continue
-            single = not name.endswith("x100")
+            single = not name.endswith("x100")  # (put-bound: as many as singles)
             dcounts[name] = (
                 (1_000 if single else 10_000) if args.quick else (10_000 if single else 100_000)
             )
@@ -630,6 +650,12 @@ def run(args: argparse.Namespace, durable: bool) -> None:
             f"--fsync always vs redis appendfsync always: single "
             f"{dres['pigeon fsync=always'] / dres['redis aof=always']:.2f}×, x100 "
             f"{dres['pigeon fsync=always x100'] / dres['redis aof=always x100']:.2f}× (target ≥ 1)"
+        )
+        print(
+            f"put-bound (one confirmed put at a time, read 100 at a time), --fsync batch vs "
+            f"redis appendfsync everysec: "
+            f"{dres['pigeon fsync=batch put-bound'] / dres['redis aof=everysec put-bound']:.2f}× "
+            "(target ≥ 1.0)"
         )
         print(
             f"--fsync batch single vs redis appendfsync everysec: "
