@@ -334,7 +334,7 @@ def test_a_lost_connection_gives_back_exactly_what_it_holds_in_order(
     # subset, a second queue and leases that run out, when it goes, exactly the
     # deliveries it still holds go back, in the order it was handed them, and the
     # record stays about the size of what it holds.
-    with mock.patch("pigeon.server.core._PRUNE_HANDED", 2):  # prune often
+    with mock.patch("pigeon.server.core.holdings._PRUNE_HANDED", 2):  # prune often
         _lose_a_connection_that_holds_a_mix(steps)
 
 
@@ -927,7 +927,7 @@ def test_a_batch_of_dedup_repeats_fits_a_full_bounded_queue() -> None:
 def test_peek_shows_recovered_messages_in_delivery_order() -> None:
     # Recovered, a plain message that was delivered before waits among the new ones and
     # one with options among those given back: PEEK listed the latter first.
-    from pigeon.server.model import Extra, Store, Stored
+    from pigeon.server.core import Extra, Store, Stored
 
     class Recovered(Store):
         def recover(self) -> list[tuple[str, Stored]]:
