@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-from pigeon.protocol import (
-    Ack,
-    Declare,
-    Error,
-    Get,
-    Put,
-    PutBatch,
-)
+from pigeon.protocol import Ack, Declare, Error, Get, Put, PutBatch
 from pigeon.protocol.messages import Confirmed, PutOptions
 from pigeon.server.core import Broker
 from tests.server.core._broker import A, B, C, replies

@@ -8,16 +8,7 @@ from typing import Any
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from pigeon.protocol import (
-    Ack,
-    Deliver,
-    Error,
-    Get,
-    Nack,
-    Peek,
-    Put,
-    PutBatch,
-)
+from pigeon.protocol import Ack, Deliver, Error, Get, Nack, Peek, Put, PutBatch
 from pigeon.protocol.messages import Confirmed, PutOptions
 from pigeon.server.core import Broker
 from tests.server.core._broker import A, B, C, ids, payloads, replies

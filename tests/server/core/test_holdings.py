@@ -9,16 +9,7 @@ from unittest import mock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pigeon.protocol import (
-    Ack,
-    Cancel,
-    Deliver,
-    Error,
-    Get,
-    Nack,
-    Put,
-    PutBatch,
-)
+from pigeon.protocol import Ack, Cancel, Deliver, Error, Get, Nack, Put, PutBatch
 from pigeon.server.core import Broker
 from tests.server.core._broker import A, B, C, payloads, replies
 

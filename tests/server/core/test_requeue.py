@@ -3,16 +3,7 @@
 
 from __future__ import annotations
 
-from pigeon.protocol import (
-    Ack,
-    Declare,
-    Get,
-    Nack,
-    Ok,
-    Purge,
-    Put,
-    PutBatch,
-)
+from pigeon.protocol import Ack, Declare, Get, Nack, Ok, Purge, Put, PutBatch
 from pigeon.protocol.messages import PutOptions
 from pigeon.server.core import Broker
 from tests.server.core._broker import A, B, C, ids, payloads, replies

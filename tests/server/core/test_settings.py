@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from pigeon.protocol import (
-    Declare,
-    Get,
-    Info,
-    Put,
-    PutBatch,
-)
+from pigeon.options import DEFAULT_DEDUP_WINDOW
+from pigeon.protocol import Declare, Get, Info, Put, PutBatch
 from pigeon.protocol.messages import Confirmed
 from pigeon.server.core import Broker
-from tests.server.core._broker import A, B, C, replies
+from tests.server.core._broker import A, B, C, Recorder, replies
 
 
 def test_info_reports_the_queue(broker: Broker) -> None:
@@ -30,3 +25,23 @@ def test_lowering_maxsize_refuses_a_parked_batch_that_can_never_fit(broker: Brok
     assert refused.code == "bad_request" and "can never fit in maxsize=1" in refused.message
     broker.handle(A, Get(4, "q", 2, 0))  # the queue drains and takes puts again
     assert replies(broker.handle(C, Put(1, "q", b"c")), C) == [Confirmed(1, 1)]
+
+
+def test_declared_settings_are_kept_whole_and_a_declare_without_any_is_a_reference() -> None:
+    store = Recorder()
+    b = Broker(store, default_lease=30.0)
+    b.connection_made(A)
+    b.handle(A, Declare(1, "ref"))
+    assert store.calls == [] and "ref" not in b.queues
+    b.handle(A, Declare(2, "q", lease=5.0))
+    b.handle(A, Declare(3, "q", maxsize=7))  # the lease declared before stays
+    assert store.of("declared")[-1] == (
+        "q",
+        {
+            "maxsize": 7,
+            "lease": 5.0,  # declared before: kept
+            "max_deliveries": b.default_max_deliveries,
+            "dedup_window": DEFAULT_DEDUP_WINDOW,
+            "shutdown": False,
+        },
+    )

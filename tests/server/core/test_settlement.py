@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-from pigeon.protocol import (
-    Ack,
-    Extend,
-    Get,
-    Nack,
-    Put,
-    PutBatch,
-)
+from pigeon.protocol import Ack, Extend, Get, Nack, Put, PutBatch
 from pigeon.server.core import Broker
 from tests.server.core._broker import A, B, C, ids, payloads, replies
 

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from pigeon.protocol import (
-    Ack,
-    Declare,
-    Get,
-    Info,
-    Put,
-)
+from pigeon.protocol import Ack, Declare, Get, Info, Put
 from pigeon.protocol.messages import Confirmed
 from pigeon.server.core import Broker
 from tests.server.core._broker import A, replies

@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-from pigeon.protocol import (
-    Cancel,
-    Error,
-    Get,
-    Join,
-    Ok,
-    Put,
-    PutBatch,
-    TaskDone,
-)
+from pigeon.protocol import Cancel, Error, Get, Join, Ok, Put, PutBatch, TaskDone
 from pigeon.server.core import Broker
 from tests.server.core._broker import A, B, C, replies
 
