@@ -51,39 +51,22 @@ def put(b: BrokerState, conn: Conn, m: Put | PutBatch) -> list[Out]:
         if not new:  # all repeats: confirmed (once what they repeat is), not stored
             return [(conn, Confirmed(m.req, len(payloads)))]
     if q.maxsize and new > q.maxsize:
-        return [
-            err(
-                conn,
-                m.req,
-                Code.BAD_REQUEST,
-                f"batch of {new} new messages can never fit in maxsize={q.maxsize}",
-            )
-        ]
+        why = f"batch of {new} new messages can never fit in maxsize={q.maxsize}"
+        return [err(conn, m.req, Code.BAD_REQUEST, why)]
     q.compact()
     if dedup_ids is not None and dedup_full(b, q, dedup_ids):
-        return [
-            err(
-                conn,
-                m.req,
-                Code.LIMIT,
-                f"this broker remembers {b.dedup_ids} dedup ids (max_dedup_ids="
-                f"{b.max_dedup_ids}); nothing was stored: retry once older ids' "
-                "windows pass, or shorten dedup_window",
-            )
-        ]
+        why = (
+            f"this broker remembers {b.dedup_ids} dedup ids (max_dedup_ids={b.max_dedup_ids}); "
+            "nothing was stored: retry once older ids' windows pass, or shorten dedup_window"
+        )
+        return [err(conn, m.req, Code.LIMIT, why)]
     room = q.room()
     if (room is None or room >= new) and not q.putters:
         add(b, q, payloads, opts, dedup_ids)
         return [(conn, Confirmed(m.req, len(payloads))), *serve(b, q)]
     if m.wait == 0:
-        return [
-            err(
-                conn,
-                m.req,
-                Code.FULL,
-                f"queue {q.name!r} is full ({q.held} of maxsize={q.maxsize})",
-            )
-        ]
+        why = f"queue {q.name!r} is full ({q.held} of maxsize={q.maxsize})"
+        return [err(conn, m.req, Code.FULL, why)]
     # What it holds while it waits: payloads, and headers and framing per message (a
     # batch of 100,000 empty payloads is not free)
     size = sum(map(len, payloads)) + len(payloads) * (hsize + DELIVERY_OVERHEAD)

@@ -211,12 +211,7 @@ class Broker(BrokerState):
                 dead_letter(self, q, msg, "expired")
                 touched.add(name)
                 touched.add(name + DEAD_SUFFIX)
-            for name in touched:
-                q = queues.get(name)
-                if q is not None:
-                    q.compact()
-                    out += serve_with_dead(self, q)
-                self._forget_if_idle(name)
+            out += self._serve_touched(touched)
             if self._unblocked:
                 out += readmit(self)
         return out
@@ -291,11 +286,16 @@ class Broker(BrokerState):
                     del in_flight[did]
                     requeue(self, q, f.msg)
                     touched.add(name)
+        return [(c, m) for c, m in self._serve_touched(touched) if c != conn]
+
+    def _serve_touched(self, names: set[str]) -> list[Out]:
+        """Serve the queues ``names`` (and their dead letters) after messages came back to
+        them or waiters left them; those left idle are forgotten."""
         out: list[Out] = []
-        for name in touched:
+        for name in names:
             q = self.queues.get(name)
             if q is not None:
                 q.compact()
                 out += serve_with_dead(self, q)
             self._forget_if_idle(name)
-        return [(c, m) for c, m in out if c != conn]
+        return out
