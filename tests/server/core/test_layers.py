@@ -98,3 +98,21 @@ def test_no_module_of_the_package_imports_one_that_imports_it_back(module: str) 
         if m not in seen:
             seen.add(m)
             todo += graph.get(m, ())
+
+
+def test_nothing_in_pigeon_imports_the_old_address_of_the_data_types() -> None:
+    old = "pigeon.server.model"
+    users = [
+        str(path.relative_to(SRC))
+        for path in sorted((SRC / "pigeon").rglob("*.py"))
+        if path != SRC.joinpath(*old.split(".")).with_suffix(".py")
+        and any(
+            name == old
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for name in (
+                [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            )
+        )
+    ]
+    assert not users

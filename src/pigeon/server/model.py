@@ -1,0 +1,37 @@
+"""The old address of the broker's data types and of its ``Store`` interface, which are
+now ``pigeon.server.core.model`` and ``pigeon.server.core.storage`` (re-exported by
+``pigeon.server.core``).
+
+Kept for code written against it before the split - the round-4 review scripts, branches
+in flight; nothing in pigeon imports it (tests/server/core/test_layers.py), and new code
+imports ``pigeon.server.core``.
+"""
+
+from __future__ import annotations
+
+from pigeon.server.core.model import (
+    DEAD_SUFFIX,
+    Extra,
+    GetWaiter,
+    InFlight,
+    PutWaiter,
+    QueueState,
+    Ready,
+    Stored,
+    Waiter,
+)
+from pigeon.server.core.storage import NO_TRANSACTION, Store
+
+__all__ = [
+    "DEAD_SUFFIX",
+    "NO_TRANSACTION",
+    "Extra",
+    "GetWaiter",
+    "InFlight",
+    "PutWaiter",
+    "QueueState",
+    "Ready",
+    "Store",
+    "Stored",
+    "Waiter",
+]
