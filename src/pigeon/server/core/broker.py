@@ -71,6 +71,8 @@ from pigeon.server.core.tasks import join, task_done
 
 __all__ = ["Broker"]
 
+Handler = Callable[[BrokerState, Conn, Any], list[Out]]  # a request's rules: its replies
+
 
 def _ping(b: BrokerState, conn: Conn, m: Ping) -> list[Out]:
     return [(conn, Pong(m.nonce))]
@@ -82,6 +84,30 @@ def _pong(b: BrokerState, conn: Conn, m: Pong) -> list[Out]:
 
 def _error(code: str, message: str, req: int) -> Error:
     return Error(req, code, message)
+
+
+# Each request's handler, in the module of its concept.
+_HANDLERS: dict[type, Handler] = {
+    Put: put,
+    PutBatch: put,
+    Get: get,
+    Cancel: cancel,
+    Ack: settle,
+    Nack: settle,
+    Extend: extend,
+    Declare: declare,
+    Info: info,
+    TaskDone: task_done,
+    Join: join,
+    Shutdown: shutdown,
+    Purge: purge,
+    Delete: delete,
+    Peek: peek,
+    Move: move,
+    Stats: stats,
+    Ping: _ping,
+    Pong: _pong,
+}
 
 
 class Broker(BrokerState):
@@ -132,27 +158,7 @@ class Broker(BrokerState):
             self._forget_if_idle(name)
         return out
 
-    _handlers: ClassVar[dict[type, Callable[[BrokerState, Conn, Any], list[Out]]]] = {
-        Put: put,
-        PutBatch: put,
-        Get: get,
-        Cancel: cancel,
-        Ack: settle,
-        Nack: settle,
-        Extend: extend,
-        Declare: declare,
-        Info: info,
-        TaskDone: task_done,
-        Join: join,
-        Shutdown: shutdown,
-        Purge: purge,
-        Delete: delete,
-        Peek: peek,
-        Move: move,
-        Stats: stats,
-        Ping: _ping,
-        Pong: _pong,
-    }
+    _handlers: ClassVar[dict[type, Handler]] = _HANDLERS
 
     def stats(self) -> dict[str, Any]:
         return queue_stats(self)

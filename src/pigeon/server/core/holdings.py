@@ -12,6 +12,7 @@ count, its JOINs without a wait; and what CANCEL withdraws.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ __all__ = [
     "finish",
     "freed",
     "handed",
+    "hold_join",
     "join_queues",
     "park",
     "park_refused",
@@ -167,6 +169,15 @@ def freed(b: BrokerState, cs: ConnState | None, size: int, count: int) -> None:
 def join_queues(b: BrokerState, cs: ConnState) -> list[QueueState]:
     """The queues where ``cs`` has JOINs without a wait."""
     return [q for name in cs.joins if (q := b.queues.get(name)) is not None]
+
+
+def hold_join(b: BrokerState, cs: ConnState, q: QueueState, req: int) -> None:
+    """``cs``'s JOIN ``req`` without a wait waits on ``q``: a req in an array, paid from
+    the parked-bytes budgets (the caller checked them: ``parked_bytes_refused``)."""
+    q.join_reqs.setdefault(cs.conn, array("Q")).append(req)
+    cs.joins.add(q.name)
+    cs.parked_bytes += JOIN_COST
+    b.parked_bytes += JOIN_COST
 
 
 def answer_joins(

@@ -5,14 +5,13 @@ the connection's parked-bytes budget).
 
 from __future__ import annotations
 
-from array import array
-
 from pigeon.protocol import Join, Ok, TaskDone
 from pigeon.protocol.codes import Code
 from pigeon.server.core.holdings import (
     JOIN_COST,
     answer_joins,
     finish,
+    hold_join,
     park,
     park_refused,
     parked_bytes_refused,
@@ -45,15 +44,11 @@ def task_done(b: BrokerState, conn: Conn, m: TaskDone) -> list[Out]:
     """TASK_DONE: ``m.count`` tasks of the queue are done."""
     q = b.queues.get(m.queue)
     if q is None or m.count > q.unfinished:
-        return [
-            err(
-                conn,
-                m.req,
-                Code.VALUE,
-                f"task_done() called more times than there were items "
-                f"({m.count} for {q.unfinished if q else 0} unfinished)",
-            )
-        ]
+        why = (
+            f"task_done() called more times than there were items "
+            f"({m.count} for {q.unfinished if q else 0} unfinished)"
+        )
+        return [err(conn, m.req, Code.VALUE, why)]
     q.unfinished -= m.count
     return [(conn, Ok(m.req, q.unfinished)), *finish_joins(b, q)]
 
@@ -70,10 +65,7 @@ def join(b: BrokerState, conn: Conn, m: Join) -> list[Out]:
         why = parked_bytes_refused(b, cs, JOIN_COST, "JOINs and puts waiting")
         if why is not None:
             return [err(conn, m.req, Code.LIMIT, why)]
-        q.join_reqs.setdefault(conn, array("Q")).append(m.req)
-        cs.joins.add(q.name)
-        cs.parked_bytes += JOIN_COST
-        b.parked_bytes += JOIN_COST
+        hold_join(b, cs, q, m.req)
         return []
     why = park_refused(b, cs, "GETs and JOINs")
     if why is not None:
