@@ -9,29 +9,5 @@ imports ``pigeon.server.core``.
 
 from __future__ import annotations
 
-from pigeon.server.core.model import (
-    DEAD_SUFFIX,
-    Extra,
-    GetWaiter,
-    InFlight,
-    PutWaiter,
-    QueueState,
-    Ready,
-    Stored,
-    Waiter,
-)
-from pigeon.server.core.storage import NO_TRANSACTION, Store
-
-__all__ = [
-    "DEAD_SUFFIX",
-    "NO_TRANSACTION",
-    "Extra",
-    "GetWaiter",
-    "InFlight",
-    "PutWaiter",
-    "QueueState",
-    "Ready",
-    "Store",
-    "Stored",
-    "Waiter",
-]
+from pigeon.server.core.model import *  # noqa: F403
+from pigeon.server.core.storage import *  # noqa: F403
