@@ -28,8 +28,7 @@ from _serve import wait_listening
 from pigeon.backends.pigeon.ops import Ops, Spec, advance
 from pigeon.protocol import Ack, Deliver, Delivery, Get, Ok, Put
 from pigeon.protocol.messages import PutBatch
-from pigeon.server.core import Broker
-from pigeon.server.model import Store
+from pigeon.server.core import Broker, Store
 
 PORT = 7898
 ITEM = b"x" * 64

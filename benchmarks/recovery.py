@@ -14,8 +14,7 @@ import argparse
 import tempfile
 import time
 
-from pigeon.server.core import Broker
-from pigeon.server.model import Stored
+from pigeon.server.core import Broker, Stored
 from pigeon.server.store import LogStore, SQLiteStore
 
 STORES = {"log": LogStore, "sqlite": SQLiteStore}

@@ -68,3 +68,9 @@ def test_broker_cpu_benchmark_runs_and_compares_two_trees() -> None:
                "--trees", tree, tree, "--repeat", "1")  # fmt: skip
     assert "broker's share of a core" in out and "log: ack" in out and "new/old" in out
     assert "plot written" in out
+
+
+def test_instructions_benchmark_workload_runs() -> None:
+    # valgrind counts it; the workload itself must keep running against the broker
+    for kind in ("single", "noack", "batch"):
+        _run("instructions.py", "--workload", "300", kind)

@@ -13,7 +13,7 @@ from pigeon.options import (
     QueueOptions,
 )
 from pigeon.server.app import ServerConfig
-from pigeon.server.model import QueueState
+from pigeon.server.core import QueueState
 from pigeon.testing.broker import BrokerThread
 
 

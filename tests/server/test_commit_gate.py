@@ -7,8 +7,7 @@ from typing import Any
 from pigeon.protocol import Deliver, Error, Get, Ok, Put
 from pigeon.protocol.messages import Confirmed, PutOptions
 from pigeon.server.commit_gate import CommitGate
-from pigeon.server.core import Broker
-from pigeon.server.model import Store
+from pigeon.server.core import Broker, Store
 
 
 class PendingStore(Store):

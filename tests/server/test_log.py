@@ -74,7 +74,7 @@ def test_a_torn_tail_is_cut_off_and_the_log_goes_on(tmp_path: Path, caplog: Any)
 def test_messages_given_out_of_order_keep_their_ids(tmp_path: Path) -> None:
     """The short form of a batch (first id and payloads) is used only for consecutive
     ids in order; any other batch keeps each message's own id."""
-    from pigeon.server.model import Stored
+    from pigeon.server.core import Stored
 
     store = LogStore(tmp_path)
     store.start(lambda batch: None)
@@ -554,7 +554,7 @@ def test_a_split_change_cut_short_by_a_crash_is_not_applied_at_all(
 
 
 def test_compaction_counts_what_a_forwarded_message_really_costs(tmp_path: Path) -> None:
-    from pigeon.server.model import Stored
+    from pigeon.server.core import Stored
 
     store = LogStore(tmp_path, "never", segment_bytes=16 * 1024)
     long_name = "q" * 200
@@ -580,7 +580,7 @@ def test_compaction_counts_what_a_forwarded_message_really_costs(tmp_path: Path)
 def test_one_turn_of_housekeeping_does_a_bounded_amount_of_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pigeon.server.model import Stored
+    from pigeon.server.core import Stored
 
     store = LogStore(tmp_path, "batch", segment_bytes=64 * 1024)
     keep, purge = [], []
@@ -656,7 +656,7 @@ def test_a_damaged_segment_salt_is_mended_or_refused_never_taken_for_a_torn_tail
 def test_a_backup_misses_nothing_while_segments_are_written_forward_and_dropped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pigeon.server.model import Stored
+    from pigeon.server.core import Stored
 
     store = LogStore(tmp_path / "data", "never", segment_bytes=4096)
     for i in range(1, 6):  # live, in the first segment
@@ -917,7 +917,7 @@ def test_a_read_that_changes_nothing_leaves_later_changes_to_be_written(tmp_path
     # flush writes them). A read that changed nothing must not leave the store thinking a
     # write is coming: a change made next by a timer (a lease that ran out) is written
     # within the loop's turn all the same, and so is one made while a read is handled.
-    from pigeon.server.model import Stored
+    from pigeon.server.core import Stored
 
     async def main() -> None:
         store = LogStore(tmp_path, "batch")
@@ -1057,7 +1057,7 @@ def test_a_failed_fsync_in_the_loops_thread_is_never_confirmed_by_the_syncers(
 
 
 def test_housekeeping_scheduled_before_close_does_nothing_after_it(tmp_path: Path) -> None:
-    from pigeon.server.model import Stored
+    from pigeon.server.core import Stored
 
     async def main() -> tuple[list[Any], set[str], set[str]]:
         loop = asyncio.get_running_loop()
@@ -1153,7 +1153,7 @@ def test_expired_dedup_ids_are_forgotten_at_the_next_write(
 ) -> None:
     # Not only when a segment begins: in a quiet log an id whose window passed would stay
     # in memory (and keep its segment) until then.
-    from pigeon.server.model import Stored
+    from pigeon.server.core import Stored
 
     now = [time.time()]
     monkeypatch.setattr(time, "time", lambda: now[0])

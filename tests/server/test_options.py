@@ -27,8 +27,7 @@ from pigeon.protocol import (
     PutOptions,
 )
 from pigeon.protocol.messages import Confirmed, Welcome
-from pigeon.server.core import Broker
-from pigeon.server.model import Store
+from pigeon.server.core import Broker, Store
 from pigeon.server.store import Durable, LogStore, SQLiteStore
 
 A, B = 1, 2

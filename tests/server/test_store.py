@@ -331,7 +331,7 @@ def test_a_sqlite_store_written_before_shared_rows_is_read_and_written_on(tmp_pa
     import msgspec
 
     from pigeon.protocol import Nack
-    from pigeon.server.model import Extra
+    from pigeon.server.core import Extra
 
     with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME)) as db, db:
         db.executescript(

@@ -275,7 +275,7 @@ def serve(
         return
     from pigeon.errors import StoreCorrupted, StoreInUse
     from pigeon.server.app import ServerConfig, run
-    from pigeon.server.model import Store
+    from pigeon.server.core import Store
     from pigeon.server.store import open_store
 
     ssl_ctx = None

@@ -2,7 +2,7 @@
 
 # Strategy:
 # Connections (``server/connection.py``) decode requests and hand them to ``apply``,
-# which runs them through the broker (``server/core.py``) and sends the replies - at
+# which runs them through the broker (``server/core/``) and sends the replies - at
 # once, or, for changes the durable store must keep, once the store has committed them
 # (a confirmed put is a stored put). Time enters the broker through one timer set to its
 # next deadline. A connection that is draining closes when it owes no reply: none held
@@ -28,8 +28,7 @@ from pigeon.server.auth import Authenticator
 from pigeon.server.commit_gate import CommitGate
 from pigeon.server.config import ServerConfig
 from pigeon.server.connection import Connection
-from pigeon.server.core import Broker, Out
-from pigeon.server.model import Store
+from pigeon.server.core import Broker, Out, Store
 
 __all__ = [
     "DEFAULT_PORT", "BrokerServer", "ServerConfig", "is_loopback", "raise_descriptor_limit", "run",

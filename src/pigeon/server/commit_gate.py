@@ -23,7 +23,7 @@ from typing import Any
 from pigeon.protocol import Error
 from pigeon.protocol.codes import Code
 from pigeon.protocol.messages import Confirmed
-from pigeon.server.model import Store
+from pigeon.server.core import Store
 
 __all__ = ["CommitGate", "put_confirmations"]
 

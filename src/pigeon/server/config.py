@@ -8,7 +8,7 @@ from typing import Any
 
 from pigeon._net import DEFAULT_PEER_TIMEOUT
 from pigeon.options import DEFAULT_LEASE, DEFAULT_MAX_DELIVERIES, DEFAULT_PORT
-from pigeon.server.model import Store
+from pigeon.server.core import Store
 
 __all__ = ["ServerConfig"]
 

@@ -2,7 +2,7 @@
 
 ``open_store(data_dir, kind)`` opens the store of a data directory: the log (``log.py``,
 the default) or SQLite (``sqlite.py``); both build on ``durable.py``. ``backup.py`` copies
-either into one SQLite file. The interface the broker calls is ``pigeon.server.model.Store``
+either into one SQLite file. The interface the broker calls is ``pigeon.server.core.Store``
 (the in-memory store, which keeps nothing).
 """
 
@@ -15,7 +15,7 @@ from operator import itemgetter
 from pathlib import Path
 
 from pigeon.errors import StoreCorrupted, StoreInUse
-from pigeon.server.model import Store
+from pigeon.server.core import Store
 from pigeon.server.store.backup import backup_log, backup_sqlite
 from pigeon.server.store.durable import Durable, FsyncMode, holding_dir, lock_dir
 from pigeon.server.store.log import LOG_DIR, SEGMENT_BYTES, LogStore

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 from pigeon.errors import StoreInUse
-from pigeon.server.model import Store
+from pigeon.server.core import Store
 
 __all__ = ["LOCK_NAME", "Durable", "FsyncFailed", "FsyncMode", "holding_dir", "lock_dir"]
 

@@ -53,7 +53,7 @@ from typing import Any
 import msgspec
 
 from pigeon.errors import StoreCorrupted
-from pigeon.server.model import NO_TRANSACTION, Stored
+from pigeon.server.core import NO_TRANSACTION, Stored
 from pigeon.server.store.durable import Durable, FsyncFailed, FsyncMode
 from pigeon.server.store.records import (
     ADDS,

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from pigeon.errors import StoreCorrupted
-from pigeon.server.model import Extra, Stored
+from pigeon.server.core import Extra, Stored
 
 log = logging.getLogger("pigeon.store")
 

@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from pigeon.errors import StoreCorrupted
-from pigeon.server.model import NO_TRANSACTION, Extra, Stored
+from pigeon.server.core import NO_TRANSACTION, Extra, Stored
 from pigeon.server.store.durable import Durable, FsyncFailed, FsyncMode
 from pigeon.server.store.records import with_due
 

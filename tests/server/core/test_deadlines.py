@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pigeon.server.deadlines import DeadlineHeap
+from pigeon.server.core.deadlines import DeadlineHeap
 
 
 @settings(max_examples=200)

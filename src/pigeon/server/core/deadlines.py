@@ -21,7 +21,7 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Generic, TypeVar
 
-from pigeon.server.model import Waiter
+from pigeon.server.core.model import Waiter
 
 __all__ = ["DeadlineHeap", "Deadlines"]
 

@@ -1,0 +1,192 @@
+"""What every rule of the broker reads: its queues, what each connection holds, its
+deadlines, ids, clocks and limits.
+
+``BrokerState`` is the data; the rules are functions over it in the modules beside this
+one (``holdings``, ``placement``, ``requeue``, ``delivery``, ...), and ``Broker``
+(``broker.py``) is this state with its request handlers and its clock. Members with a
+leading underscore are the package's own: the rules use them, the server shell does not.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pigeon.options import DEFAULT_LEASE, DEFAULT_MAX_DELIVERIES
+from pigeon.protocol import Error
+from pigeon.protocol.codes import Code
+from pigeon.server.core.deadlines import Deadlines
+from pigeon.server.core.model import QueueState, Waiter
+from pigeon.server.core.storage import Store
+
+__all__ = ["EPSILON", "BrokerState", "Conn", "ConnState", "Out", "Refused", "err"]
+
+Conn = int
+Out = tuple[Conn, Any]
+
+# A wall-clock time turned into the broker's clock and back may move by a rounding error:
+# a deadline taken from a heap counts as reached within this many seconds of it.
+EPSILON = 1e-3
+_PRUNE_HANDED = 64  # a connection's record of GETs is pruned at this length at least
+
+
+class Refused(Exception):
+    """A request the broker refuses from deep inside a rule (``handle`` answers it)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def err(conn: Conn, req: int, code: str, message: str) -> Out:
+    return conn, Error(req, code, message)
+
+
+@dataclass(slots=True)
+class ConnState:
+    """What one connection holds at the broker."""
+
+    conn: Conn
+    unacked: int = 0  # payload bytes delivered to it and not settled
+    # What it was handed, a GET at a time, oldest first: (queue, delivery ids). An ACK
+    # does not touch this (one entry per GET, not an index entry per delivery made at the
+    # GET and removed at the ACK); the settled ones are pruned now and then, and when the
+    # connection goes, those still in the queue's ``in_flight`` go back.
+    handed: list[tuple[str, Sequence[int]]] = field(default_factory=list)
+    prune_at: int = _PRUNE_HANDED
+    holding: int = 0  # how many deliveries it holds (not settled)
+    parked: dict[int, Waiter] = field(default_factory=dict)  # req -> parked request
+    parked_bytes: int = 0  # bytes of its parked PUTs (payloads, headers, framing)
+    parked_gets: int = 0  # its GETs and JOINs waiting
+    # Queues where its GETs are set aside while it holds max_unacked_bytes (out of the
+    # queues' lines, in QueueState.blocked, so serving a queue never walks them); they go
+    # back to the heads of the lines once it settles some.
+    blocked: set[str] = field(default_factory=set)
+    joins: set[str] = field(default_factory=set)  # queues where it has JOINs without a wait
+
+
+class BrokerState:
+    """All queues of one broker, what its connections hold, and its limits."""
+
+    def __init__(
+        self,
+        store: Store | None = None,
+        clock: Callable[[], float] | None = None,
+        default_lease: float = DEFAULT_LEASE,
+        default_max_deliveries: int = DEFAULT_MAX_DELIVERIES,
+        max_unacked_bytes: int = 64 * 2**20,
+        max_reply_bytes: int = 16 * 2**20,
+        max_queues: int = 10_000,
+        max_parked_bytes_per_connection: int = 64 * 2**20,
+        max_parked_bytes: int = 256 * 2**20,
+        max_parked_gets_per_connection: int = 65_536,
+        max_parked_gets: int = 262_144,
+        wall_clock: Callable[[], float] = time.time,
+        max_dedup_ids: int = 1_000_000,
+    ) -> None:
+        self.store = store if store is not None else Store()
+        # Bytes delivered to one connection and not yet settled: beyond this a consumer
+        # gets no more until it acks (its GETs wait), so one slow consumer cannot hoard
+        # the queue or make the broker hold unbounded unacked payloads for it.
+        self.max_unacked_bytes = max_unacked_bytes
+        self.max_reply_bytes = max_reply_bytes
+        self.max_queues = max_queues
+        self.max_parked_bytes_per_connection = max_parked_bytes_per_connection
+        # GETs waiting for a message: each costs memory and a place in its queue's line
+        self.max_parked_gets_per_connection = max_parked_gets_per_connection
+        self.max_parked_gets = max_parked_gets
+        self.parked_gets = 0
+        self.max_parked_bytes = max_parked_bytes
+        self.parked_bytes = 0
+        # Dedup ids remembered, across all queues: each costs memory and a live entry in
+        # the store for its whole window (up to a year): a put with new ones beyond this
+        # is refused, as a full queue is, never stored with its id forgotten early.
+        self.max_dedup_ids = max_dedup_ids
+        self.dedup_ids = 0
+        self._dedup_swept_at = float("-inf")
+        self.queues: dict[str, QueueState] = {}
+        self._conns: dict[Conn, ConnState] = {}
+        # Delivery ids start at a random 40-bit epoch so that an ack from before a
+        # restart can never settle a different delivery after it.
+        self._next_delivery = (secrets.randbits(40) << 20) + 1
+        self._ids = itertools.count(1)  # message ids (recovery starts them past the store's)
+        # Leases: one entry per batch handed out with one deadline. Entries whose subject
+        # went meanwhile stay until their time or the heap's next rebuild from what is
+        # live (these four functions), so each heap stays proportional to what waits.
+        self.deadlines = Deadlines(
+            self._live_leases, self._live_timeouts, self._live_delays, self._live_expiries
+        )
+        self._unblocked: list[ConnState] = []  # connections that settled with GETs set aside
+        self.default_lease = default_lease
+        self.default_max_deliveries = default_max_deliveries
+        self.now = 0.0 if clock is None else clock()
+        # A message's delay and expiry are kept as wall-clock times (they outlive a
+        # restart); the broker's clock is monotonic: wall = now + _wall_offset.
+        self._wall_offset = wall_clock() - self.now
+        self._start()
+
+    def _start(self) -> None:
+        """What the broker does with its store's contents once its state is made
+        (``Broker``: recovery); nothing for the bare state."""
+
+    def _queue(self, name: str, *, limit: bool = True) -> QueueState:
+        q = self.queues.get(name)
+        if q is None:
+            if limit and len(self.queues) >= self.max_queues:
+                raise Refused(
+                    Code.LIMIT,
+                    f"this broker holds {len(self.queues)} queues (max_queues="
+                    f"{self.max_queues}); delete unused ones (pigeon delete) or raise "
+                    "--max-queues",
+                )
+            q = self.queues[name] = QueueState(
+                name, lease=self.default_lease, max_deliveries=self.default_max_deliveries
+            )
+        return q
+
+    def _forget_if_idle(self, name: str) -> None:
+        q = self.queues.get(name)
+        if q is not None and q.idle:
+            del self.queues[name]
+
+    def _conn(self, conn: Conn) -> ConnState:
+        cs = self._conns.get(conn)
+        if cs is None:
+            cs = self._conns[conn] = ConnState(conn)
+        return cs
+
+    def _deadline(self, wait: float | None) -> float | None:
+        return None if wait is None else self.now + wait
+
+    # --- what the deadline heaps are rebuilt from ------------------------------------------
+
+    def _live_leases(self) -> Iterator[tuple[float, tuple[str, Sequence[int]]]]:
+        groups: dict[tuple[float, str], list[int]] = {}
+        for name, q in self.queues.items():
+            for did, f in q.in_flight.items():
+                groups.setdefault((f.deadline, name), []).append(did)
+        return ((d, (name, dids)) for (d, name), dids in groups.items())
+
+    def _live_timeouts(self) -> Iterator[tuple[float, Waiter]]:
+        for cs in self._conns.values():
+            for w in cs.parked.values():
+                if w.deadline is not None and not w.done:
+                    yield w.deadline, w
+
+    def _live_delays(self) -> Iterator[tuple[float, tuple[str, int]]]:
+        offset = self._wall_offset
+        for name, q in self.queues.items():
+            for mid, msg in q.delayed.items():
+                assert msg.extra is not None  # a delayed message carries its due time
+                yield msg.extra.due - offset, (name, mid)
+
+    def _live_expiries(self) -> Iterator[tuple[float, tuple[str, int]]]:
+        offset = self._wall_offset
+        for name, q in self.queues.items():
+            for mid, msg in q.expiring.items():
+                assert msg.extra is not None
+                yield msg.extra.expires - offset, (name, mid)

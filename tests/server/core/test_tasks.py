@@ -1,0 +1,75 @@
+"""TASK_DONE and JOIN, with a wait and without."""
+
+from __future__ import annotations
+
+from pigeon.protocol import Cancel, Error, Get, Join, Ok, Put, PutBatch, TaskDone
+from pigeon.server.core import Broker
+from tests.server.core._broker import A, B, C, replies
+
+
+def test_task_done_and_join(broker: Broker) -> None:
+    broker.handle(A, PutBatch(1, "q", [b"1", b"2"]))
+    assert broker.handle(C, Join(1, "q", None)) == []
+    broker.handle(B, Get(1, "q", 2, 0))
+    assert replies(broker.handle(B, TaskDone(2, "q", 1)), C) == []
+    outs = broker.handle(B, TaskDone(3, "q", 1))
+    assert (C, Ok(1, 0)) in outs
+    assert replies(broker.handle(B, TaskDone(4, "q", 1)), B)[0].code == "value"
+
+
+def test_task_done_count_zero_is_a_bad_request_not_too_many(broker: Broker) -> None:
+    broker.handle(A, Put(1, "q", b"x"))
+    (reply,) = replies(broker.handle(A, TaskDone(2, "q", 0)), A)
+    assert reply.code == "bad_request" and reply.message.startswith("count")
+
+
+def test_joins_with_a_wait_are_limited_like_gets() -> None:
+    b = Broker(max_parked_gets_per_connection=2, max_parked_gets=3)
+    for conn in (A, B):
+        b.connection_made(conn)
+    b.handle(A, Put(1, "q", b"unfinished"))
+    assert b.handle(A, Join(2, "q", 60.0)) == [] and b.handle(A, Get(3, "other", 1, None)) == []
+    ((_, refused),) = b.handle(A, Join(4, "q", 60.0))
+    assert isinstance(refused, Error) and refused.code == "limit"
+    assert b.handle(B, Join(1, "q", 60.0)) == []
+    ((_, refused),) = b.handle(B, Join(2, "q", 60.0))
+    assert isinstance(refused, Error) and "max_parked_gets=3" in refused.message
+
+
+def test_joins_without_a_wait_cost_eight_bytes_of_the_parked_budget_and_are_all_answered() -> None:
+    # They parked a waiter each with no limit: a million JOINs took 154 MiB.
+    b = Broker(max_parked_bytes_per_connection=8 * 100_000)
+    for conn in (A, B, C):
+        b.connection_made(conn)
+    b.handle(A, Put(1, "q", b"unfinished"))
+    for req in range(1, 100_001):
+        assert b.handle(B, Join(req, "q")) == []
+    ((_, refused),) = b.handle(B, Join(100_001, "q"))
+    assert isinstance(refused, Error) and refused.code == "limit"
+    assert b.parked_bytes == 800_000 and b.parked(B) == 100_000
+    b.handle(C, Join(1, "q"))
+    b.handle(A, Get(2, "q", 1, 0))
+    done = b.handle(A, TaskDone(3, "q", 1))
+    assert len(replies(done, B)) == 100_000 and replies(done, C) == [Ok(1, 0)]
+    assert b.parked_bytes == 0 and b.parked(B) == 0
+    b.handle(A, Put(4, "q", b"again"))
+    b.handle(B, Join(7, "q"))
+    assert b.drain(B) == [(B, Error(7, "timeout", "1 tasks unfinished"))]
+    b.handle(C, Join(8, "q"))
+    ((conn, stopping),) = b.stop()
+    assert conn == C and stopping.req == 8 and stopping.code == "unavailable"
+    b.handle(C, Join(9, "q"))
+    b.connection_lost(C)
+    assert b.parked_bytes == 0
+
+
+def test_a_join_without_a_wait_can_be_cancelled() -> None:
+    b = Broker()
+    b.connection_made(A)
+    b.handle(A, Put(1, "q", b"unfinished"))
+    b.handle(A, Join(2, "q"))
+    b.handle(A, Join(3, "q"))
+    b.handle(A, Cancel(2))
+    assert b.parked(A) == 1 and b.parked_bytes == 8
+    b.handle(A, Get(4, "q", 1, 0))
+    assert replies(b.handle(A, TaskDone(5, "q", 1)), A) == [Ok(5, 0), Ok(3, 0)]
