@@ -55,9 +55,10 @@ class DeadlineHeap(Generic[T]):
     def rebuild(self) -> None:
         """Keep only what ``live()`` says is still waiting."""
         seq = self._seq
-        self._heap = [(when, next(seq), item) for when, item in self._live()]
-        heapq.heapify(self._heap)
-        self._rebuilt_at = len(self._heap)
+        heap = self._heap
+        heap[:] = [(when, next(seq), item) for when, item in self._live()]  # the same list:
+        heapq.heapify(heap)  # Deadlines.next reads it directly
+        self._rebuilt_at = len(heap)
 
     def first(self) -> float | None:
         return self._heap[0][0] if self._heap else None
@@ -81,7 +82,7 @@ class Deadlines:
     - ``expiries``: ``(queue, message id)`` that expire while they wait.
     """
 
-    __slots__ = ("delays", "expiries", "leases", "timeouts")
+    __slots__ = ("_heaps", "delays", "expiries", "leases", "timeouts")
 
     def __init__(
         self,
@@ -96,12 +97,15 @@ class Deadlines:
         self.timeouts = DeadlineHeap(timeouts)
         self.delays = DeadlineHeap(delays)
         self.expiries = DeadlineHeap(expiries)
+        # the four lists themselves (never replaced): next() runs after every request
+        self._heaps = tuple(
+            h._heap for h in (self.leases, self.timeouts, self.delays, self.expiries)
+        )
 
     def next(self) -> float | None:
         """The earliest deadline of any kind (None: nothing is waiting for time)."""
         first: float | None = None
-        for heap in (self.leases, self.timeouts, self.delays, self.expiries):
-            when = heap.first()
-            if when is not None and (first is None or when < first):
-                first = when
+        for heap in self._heaps:
+            if heap and (first is None or heap[0][0] < first):
+                first = heap[0][0]
         return first
