@@ -1,0 +1,1 @@
+"""Task frameworks on pigeon's broker: one adapter per framework, each an optional extra."""
