@@ -67,3 +67,16 @@ def test_broker_cpu_benchmark_runs_and_compares_two_trees() -> None:
                "--trees", tree, tree, "--repeat", "1")  # fmt: skip
     assert "broker's share of a core" in out and "log: ack" in out and "new/old" in out
     assert "plot written" in out
+
+
+def test_taskiq_benchmark_runs() -> None:
+    # pigeon only: Redis and RabbitMQ are the shared services the full run compares with
+    import importlib.util
+
+    from tests._services import skip_or_fail
+
+    if importlib.util.find_spec("taskiq") is None:
+        skip_or_fail("taskiq is not installed (pip install 'pigeon-queue[taskiq]')")
+    out = _run("taskiq_tasks.py", "--brokers", "pigeon,pigeon-memory", "--tasks", "50",
+               "--paced", "10", "--rate", "50")  # fmt: skip
+    assert "pigeon-memory" in out and "kicks/s" in out and "plot written" in out
