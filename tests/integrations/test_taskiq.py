@@ -327,3 +327,31 @@ def test_queue_name_label_routes_to_another_queue_of_the_broker(own: Setup) -> N
     with pigeon.Queue(own.url.replace(own.queue, other)) as q:
         (peeked,) = q.peek(1)
     assert peeked["headers"]["task_name"] == "stamp"
+
+
+def test_the_example_app_runs_under_taskiq_worker(base: str, tmp_path: Path) -> None:
+    examples = HERE.parents[1] / "examples"
+    url = f"{base}/example-{tag()}"
+    env = {**os.environ, "PIGEON_URL": url,
+           "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [*taskiq_command(), "worker", "taskiq_app:broker", "--app-dir", str(examples),
+             "--workers", "1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        sent = subprocess.run([sys.executable, str(examples / "taskiq_app.py")], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        wanted = ("reminder for ada", "report 4 rebuilt", "password reset for grace",
+                  "order 42 charged", "flaky: attempt 1 succeeded")  # fmt: skip
+        wait_for("the example's tasks", lambda: all(w in log_path.read_text() for w in wanted))
+        out = log_path.read_text()
+        assert out.count("order 42 charged") == 1
+        waited = float(out.split("reminder for ada, ")[1].split(" s")[0])
+        assert waited >= 3.0
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
