@@ -294,7 +294,14 @@ def test_worker_sigkilled_mid_task_gives_it_back_and_nothing_is_lost(own: Setup)
     wait_for("the quick tasks", lambda: len(own.events("add")) >= 10)
     starts = own.events("slow-start")
     assert len(starts) == 2 and starts[0]["pid"] != starts[1]["pid"]
-    assert sorted(r["tag"] for r in own.events("add")) == sorted(f"{t}-add{i}" for i in range(10))
+    # nothing lost, and each worker ran each task at most once: a task that ran in the
+    # killed worker just before the kill, its ack not yet at the broker, may run again
+    # in the next one (at least once)
+    runs = own.events("add")
+    killed = [r["tag"] for r in runs if r["pid"] == starts[0]["pid"]]
+    after = [r["tag"] for r in runs if r["pid"] != starts[0]["pid"]]
+    assert set(killed) | set(after) == {f"{t}-add{i}" for i in range(10)}
+    assert len(set(killed)) == len(killed) and len(set(after)) == len(after)
     assert len(own.events("slow-done")) == 1
     wait_for("nothing left", lambda: (i := own.info())["depth"] + i["in_flight"] == 0 or None)
 
