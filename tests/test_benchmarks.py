@@ -74,3 +74,16 @@ def test_instructions_benchmark_workload_runs() -> None:
     # valgrind counts it; the workload itself must keep running against the broker
     for kind in ("single", "noack", "batch"):
         _run("instructions.py", "--workload", "300", kind)
+
+
+def test_taskiq_benchmark_runs() -> None:
+    # pigeon only: Redis and RabbitMQ are the shared services the full run compares with
+    import importlib.util
+
+    from tests._services import skip_or_fail
+
+    if importlib.util.find_spec("taskiq") is None:
+        skip_or_fail("taskiq is not installed (pip install 'pigeon-queue[taskiq]')")
+    out = _run("taskiq_tasks.py", "--brokers", "pigeon,pigeon-memory", "--tasks", "50",
+               "--paced", "10", "--rate", "50")  # fmt: skip
+    assert "pigeon-memory" in out and "kicks/s" in out and "plot written" in out

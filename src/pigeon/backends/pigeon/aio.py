@@ -245,16 +245,28 @@ class AsyncBrokerQueue(Generic[T]):
         conv = ClientConnection(f"pigeon-py-async/{os.getpid()}", ep.token, peer=ep.peer)
         declare = conv.request(spec.declare())  # leaves with HELLO, in one write
         loop = asyncio.get_running_loop()
+        welcomed: asyncio.Future[Any] = loop.create_future()
+
+        def protocol() -> _LinkProtocol:
+            # The DECLARE's reply is awaited from before the first byte can arrive: uvloop
+            # may deliver it before create_connection returns to this coroutine, and a
+            # reply nobody awaits yet would be dropped (then connect_timeout runs out).
+            proto = _LinkProtocol(conv, spec.queue)
+            proto.futures[declare] = welcomed
+            return proto
+
         link: _LinkProtocol | None = None
         try:
-            async with asyncio.timeout(spec.connect_timeout):
-                _, proto = await loop.create_connection(
-                    lambda: _LinkProtocol(conv, spec.queue), ep.host, ep.port, ssl=ssl_ctx
-                )
-                link = proto
-                fut: asyncio.Future[Any] = loop.create_future()
-                link.futures[declare] = fut
-                self._ops.declared(await fut)
+            try:
+                async with asyncio.timeout(spec.connect_timeout):
+                    _, link = await loop.create_connection(protocol, ep.host, ep.port,
+                                                           ssl=ssl_ctx)  # fmt: skip
+                    self._ops.declared(await welcomed)
+            finally:
+                if not welcomed.done():
+                    welcomed.cancel()
+                elif not welcomed.cancelled():
+                    welcomed.exception()  # retrieved: a failure is raised below
         except TimeoutError as exc:
             if link is not None and link.transport is not None:
                 link.transport.abort()
