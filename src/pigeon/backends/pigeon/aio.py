@@ -9,6 +9,11 @@
 # reply is on the way withdraws the request (CANCEL); if the reply comes anyway, its
 # messages are handed back (NACK), whether it arrived before or after the cancellation.
 # The operations themselves are the generators of ``ops``, driven by ``_drive``.
+#
+# A call's deadline (``Call.until``) bounds its wait for the connection and for its reply,
+# never the connection itself: the handshake runs in a task of its own that every waiting
+# call shares (one call's short timeout does not abort another's connection), and a call
+# that stops waiting for its reply withdraws the request as a cancelled one does.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from pigeon._net import tune_tcp
 from pigeon._pid import current_pid
+from pigeon.backends._retry import REPLY_GRACE
 from pigeon.backends.pigeon.ops import (
     Call,
     Lost,
@@ -172,7 +178,9 @@ class _LinkProtocol(asyncio.Protocol):
                     t.write_eof()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
-                    await self.closed
+                    # shielded: a timeout must not cancel ``closed`` itself, which
+                    # connection_lost resolves after the abort below
+                    await asyncio.shield(self.closed)
         t.abort() if not self.closed.done() else t.close()
         await self.closed
 
@@ -199,7 +207,7 @@ class AsyncBrokerQueue(Generic[T]):
         )  # fmt: skip
         self._ops = Ops(self._spec)
         self._link: _LinkProtocol | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._opening: asyncio.Future[_LinkProtocol] | None = None
         self._closed = False
         self._pid = current_pid()
 
@@ -219,20 +227,33 @@ class AsyncBrokerQueue(Generic[T]):
 
     # --- the driver -------------------------------------------------------------------------
 
-    async def _connection(self) -> _LinkProtocol:
+    async def _connection(self, until: float | None = None) -> _LinkProtocol:
+        """This handle's connection, made (or made again) if need be; waits until
+        ``until`` at most for it."""
         if self._closed:
             raise ClosedResourceError("this AsyncQueue was closed")
         link = self._link
         if link is not None and link.error is None and self._pid == current_pid():
             return link
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            link = self._link
-            if link is None or link.error is not None or self._pid != current_pid():
-                self._pid = current_pid()
-                self._link = link = await self._open()
-        return link
+        opening = self._opening
+        if opening is None or opening.done() or self._pid != current_pid():
+            self._pid = current_pid()
+            self._link = None
+            opening = self._opening = asyncio.ensure_future(self._open())
+            opening.add_done_callback(self._opened)
+        if until is None:
+            return await asyncio.shield(opening)
+        try:
+            async with asyncio.timeout(until - time.monotonic()):
+                return await asyncio.shield(opening)
+        except TimeoutError:
+            raise BrokenResourceError(
+                f"no WELCOME from {self._spec.ep.peer} before the call's timeout ran out"
+            ) from None
+
+    def _opened(self, opening: asyncio.Future[_LinkProtocol]) -> None:
+        if not opening.cancelled() and opening.exception() is None:
+            self._link = opening.result()
 
     async def _open(self) -> _LinkProtocol:
         spec = self._spec
@@ -281,11 +302,14 @@ class AsyncBrokerQueue(Generic[T]):
             if isinstance(effect, Call):
                 established = False
                 try:
-                    link = await self._connection()
+                    link = await self._connection(effect.until)
                     established = True
                     req, fut = link.request(effect.msg)
                     try:
-                        value = await fut
+                        if effect.until is None:
+                            value = await fut
+                        else:
+                            value = await _reply_by(link, req, fut, effect.until)
                     except asyncio.CancelledError:
                         link.abandon(req, fut)
                         op.close()
@@ -394,9 +418,28 @@ class AsyncBrokerQueue(Generic[T]):
         if self._closed:
             return
         self._closed = True
+        opening, self._opening = self._opening, None
+        if opening is not None and not opening.done():
+            opening.cancel()  # a handshake under way: abandoned, its transport aborted
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await opening
         if self._link is not None and self._pid == os.getpid():
             await self._link.aclose()
         self._link = None
+
+
+async def _reply_by(link: _LinkProtocol, req: int, fut: asyncio.Future[Any], until: float) -> Any:
+    """The reply to ``req``, waited for until ``until``; then the request is withdrawn
+    (CANCEL, or its messages handed back) and the call fails as on a lost connection."""
+    try:
+        async with asyncio.timeout(until - time.monotonic()):
+            return await asyncio.shield(fut)
+    except TimeoutError:
+        link.abandon(req, fut)
+        raise BrokenResourceError(
+            f"no reply from {link.conv.peer} by the call's deadline (its timeout plus "
+            f"{REPLY_GRACE:g} s): the broker may be stalled or cut off"
+        ) from None
 
 
 class AsyncBrokerMessage(Generic[T]):
