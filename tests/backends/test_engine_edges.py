@@ -3,7 +3,12 @@ reconnects, and the 1 MiB item on NATS."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -139,3 +144,91 @@ def test_the_parent_closes_promptly_after_fork_children_used_the_queue(
     r = subprocess.run([sys.executable, "-c", _FORKED_CHILDREN_THEN_CLOSE, url],
                        capture_output=True, text=True, timeout=30)  # fmt: skip
     assert r.returncode == 0 and "closed in" in r.stdout, r.stderr[-3000:]
+
+
+class PlugProxy:
+    """Forwards 127.0.0.1:port <-> a server; ``pull()`` makes the server unreachable (every
+    connection closed, new ones refused), ``stall()`` makes it silent (connections stay
+    open, nothing is forwarded any more: a stopped or paused server)."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.ls = socket.create_server(("127.0.0.1", 0))
+        self.port = self.ls.getsockname()[1]
+        self.socks: list[socket.socket] = []
+        self.stalled = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                return
+            s = socket.create_connection(("127.0.0.1", self.target))
+            self.socks += [c, s]
+            for a, b in ((c, s), (s, c)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := a.recv(65536):
+                if self.stalled.is_set():
+                    continue  # swallowed: the server "never answers"
+                b.sendall(data)
+        for x in (a, b):
+            with contextlib.suppress(OSError):
+                x.shutdown(socket.SHUT_RDWR)
+
+    def stall(self) -> None:
+        self.stalled.set()
+
+    def pull(self) -> None:
+        with contextlib.suppress(OSError):
+            self.ls.shutdown(socket.SHUT_RDWR)  # wakes the accept: nothing listens now
+        self.ls.close()
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.pull()
+        for s in self.socks:
+            s.close()
+
+
+_CALLS: list[tuple[str, Callable[[Any], Any]]] = [
+    ("get", lambda q: q.get(timeout=0.5)),
+    ("get_message", lambda q: q.get_message(timeout=0.5)),
+    ("put", lambda q: q.put("late", timeout=0.5)),
+]
+
+
+@pytest.fixture(params=["redis", "nats"])
+def engine_server(request: pytest.FixtureRequest) -> Iterator[tuple[str, int]]:
+    name, port = ("Redis", 6379) if request.param == "redis" else ("NATS", 4222)
+    require_service(name, port)
+    yield request.param, port
+
+
+@pytest.mark.parametrize("fault", ["pull", "stall"])
+@pytest.mark.parametrize(("call", "fn"), _CALLS, ids=[c for c, _ in _CALLS])
+def test_a_calls_timeout_bounds_its_retries_when_the_server_is_out_of_reach(
+    engine_server: tuple[str, int], fault: str, call: str, fn: Callable[[Any], Any]
+) -> None:
+    """Unreachable or silent, the server gets the call's timeout (plus the reply's 1 s
+    grace), not the whole reconnect_timeout (10 s here) nor for ever."""
+    scheme, port = engine_server
+    proxy = PlugProxy(port)
+    q = pigeon.Queue(f"{scheme}://127.0.0.1:{proxy.port}/{queue_name()}", reconnect_timeout=10)
+    try:
+        q.put("warm-up")
+        assert q.get(timeout=5) == "warm-up"
+        getattr(proxy, fault)()
+        t = time.monotonic()
+        with pytest.raises((pigeon.BrokenResourceError, pigeon.Empty, pigeon.Full)):
+            fn(q)
+        assert time.monotonic() - t < 0.5 + 1.0 + 2.0
+    finally:
+        proxy.close()
+        q.close()

@@ -1,17 +1,41 @@
 """What the asyncio implementations of the engine backends (Redis, NATS) share: the
-methods defined by the ones each engine provides (``_put``, ``get``, ``qsize``)."""
+methods defined by the ones each engine provides (``_put``, ``get``, ``qsize``), and
+``within``, which cuts an attempt at its call's deadline."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pigeon.errors import DecodeError, Unsupported
+from pigeon.backends._retry import REPLY_GRACE
+from pigeon.errors import BrokenResourceError, DecodeError, Unsupported
 from pigeon.options import check_dedup_ids, put_options
 from pigeon.protocol.messages import PutOptions
 
 T = TypeVar("T")
+
+
+@contextlib.asynccontextmanager
+async def within(until: float | None, engine: str) -> AsyncIterator[None]:
+    """Run the block until ``until`` at most (a call's ``reply_deadline``; None: no
+    bound); past it, ``BrokenResourceError``: the server did not answer in time."""
+    if until is None:
+        yield
+        return
+    cut = asyncio.timeout(until - time.monotonic())
+    try:
+        async with cut:
+            yield
+    except TimeoutError:
+        if not cut.expired():
+            raise
+        raise BrokenResourceError(
+            f"{engine}: no answer by the call's deadline (its timeout plus {REPLY_GRACE:g} s): "
+            "the server may be stalled or out of reach"
+        ) from None
 
 
 class EngineQueue(Generic[T]):

@@ -51,8 +51,8 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pigeon._queue_base import deadline_from
-from pigeon.backends._asyncbase import EngineQueue
-from pigeon.backends._retry import Backoff
+from pigeon.backends._asyncbase import EngineQueue, within
+from pigeon.backends._retry import Backoff, reply_deadline
 from pigeon.backends._syncface import SyncFace
 from pigeon.backends._url import QueueURL, check_maxsize
 from pigeon.errors import (
@@ -162,6 +162,7 @@ class AsyncNatsQueue(EngineQueue[T]):
 
                 options: dict[str, Any] = {
                     "servers": self._servers,
+                    "error_cb": _log_error,  # pigeon raises what matters, translated
                     "connect_timeout": 5,
                     # in a cluster the client moves to another server by itself; pigeon's
                     # own retry (Backoff) covers the rest
@@ -228,16 +229,19 @@ class AsyncNatsQueue(EngineQueue[T]):
                 self.lease = float(current.ack_wait)
 
     async def _do(self, fn: Any, deadline: float | None = None) -> Any:
-        """Run ``fn(jetstream)``; translate nats-py errors; retry until the deadline."""
+        """Run ``fn(jetstream)``; translate nats-py errors; retry until the call's deadline
+        (or ``reconnect_timeout``), each attempt cut at its reply deadline."""
         import nats.js.errors as jerr
 
         _LOST_CONNECTION = _lost_connection()
         _BUSY = _busy()
 
         backoff = Backoff(deadline, self.reconnect_timeout)
+        until = reply_deadline(deadline)
         while True:
             try:
-                return await fn(await self._jetstream())
+                async with within(until, "nats"):
+                    return await fn(await self._jetstream())
             except _LOST_CONNECTION as exc:
                 if (wait := backoff.next_delay()) is None:
                     raise BrokenResourceError(f"nats: {exc or type(exc).__name__}") from exc
@@ -258,8 +262,8 @@ class AsyncNatsQueue(EngineQueue[T]):
         if nc is not None:
             try:
                 await nc.close()
-            except Exception:  # closing a broken connection: nothing more to lose
-                pass
+            except Exception:  # closing a broken connection: nothing more to lose, but
+                _finish_close(nc)  # what nats-py left undone when it stopped at the error
 
     async def _subscription(self, js: Any) -> Any:
         if self._sub is None:
@@ -287,7 +291,7 @@ class AsyncNatsQueue(EngineQueue[T]):
         import nats.js.errors as jerr
 
         deadline = deadline_from(block, timeout)
-        await self._check_sizes(payloads)
+        await self._do(lambda js: self._check_sizes(payloads), deadline)
         # A publish whose ack was lost (a node died, a leader changed) is sent again with
         # the same id: JetStream keeps one copy (its duplicate window is two minutes). A
         # dedup_id is that id: a repeat within the stream's duplicate window is confirmed
@@ -327,19 +331,21 @@ class AsyncNatsQueue(EngineQueue[T]):
                     sent += 1
 
             try:
-                await self._do(lambda js: self._with_room(js, len(payloads) - sent, publish))
+                await self._do(
+                    lambda js: self._with_room(js, len(payloads) - sent, publish), deadline
+                )
                 return
             except _NoRoom:
                 pass
             except (nerr.NoRespondersError, jerr.NoStreamResponseError) as exc:
-                if await self._is_shut_down():
+                if await self._is_shut_down(deadline):
                     raise ShutDown("the queue was shut down; put refused") from None
                 # no stream leader right now (a cluster electing one): try again
                 if (wait := unanswered.next_delay()) is None:
                     raise BrokenResourceError(f"nats: no stream answers {self.subject}") from exc
                 await asyncio.sleep(wait)
                 continue
-            if await self._is_shut_down():
+            if await self._is_shut_down(deadline):
                 raise ShutDown("the queue was shut down; put refused")
             if deadline is not None and time.monotonic() >= deadline:
                 raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
@@ -347,7 +353,6 @@ class AsyncNatsQueue(EngineQueue[T]):
             delay = min(delay * 2, 0.05)
 
     async def _check_sizes(self, payloads: list[bytes]) -> None:
-        await self._jetstream()
         limit = int(getattr(self._nc, "max_payload", 0) or 0)
         big = max(map(len, payloads))
         if limit and big > limit:
@@ -364,9 +369,8 @@ class AsyncNatsQueue(EngineQueue[T]):
         then publish; concurrent batches take turns instead of splitting each other."""
         delay = 0.005
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            async with self._lock_queue(remaining):
-                info = await self._do(lambda js: js.stream_info(self.stream))
+            async with self._lock_queue(deadline):
+                info = await self._do(lambda js: js.stream_info(self.stream), deadline)
                 if info.config.description == SHUTDOWN_MARK:
                     raise ShutDown("the queue was shut down; put refused")
                 if info.state.messages + len(payloads) <= self.maxsize:
@@ -378,7 +382,7 @@ class AsyncNatsQueue(EngineQueue[T]):
                         ]
                         await asyncio.gather(*acks)
 
-                    await self._do(publish)
+                    await self._do(publish, deadline)
                     return
             if deadline is not None and time.monotonic() >= deadline:
                 raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
@@ -386,7 +390,7 @@ class AsyncNatsQueue(EngineQueue[T]):
             delay = min(delay * 2, 0.05)
 
     @contextlib.asynccontextmanager
-    async def _lock_queue(self, timeout: float | None) -> AsyncIterator[None]:
+    async def _lock_queue(self, deadline: float | None) -> AsyncIterator[None]:
         from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
 
         async def bucket(js: Any) -> Any:
@@ -399,8 +403,7 @@ class AsyncNatsQueue(EngineQueue[T]):
                     KeyValueConfig(bucket=LOCKS, ttl=LOCK_TTL, replicas=self.replicas)
                 )
 
-        kv = await self._do(bucket)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        kv = await self._do(bucket, deadline)
         delay = 0.002
         while True:
             try:
@@ -435,8 +438,8 @@ class AsyncNatsQueue(EngineQueue[T]):
                 raise _NoRoom from exc
             raise
 
-    async def _is_shut_down(self) -> bool:
-        info = await self._do(lambda js: js.stream_info(self.stream))
+    async def _is_shut_down(self, deadline: float | None = None) -> bool:
+        info = await self._do(lambda js: js.stream_info(self.stream), deadline)
         return bool(info.config.description == SHUTDOWN_MARK)
 
     async def _fetch(self, n: int, block: bool, timeout: float | None) -> list[Any]:
@@ -456,7 +459,7 @@ class AsyncNatsQueue(EngineQueue[T]):
                 except nerr.TimeoutError:
                     return []
 
-            got = await self._do(fetch)
+            got = await self._do(fetch, deadline)
             live = []
             for msg in got:
                 if msg.metadata.num_delivered > self.max_deliveries:
@@ -467,7 +470,7 @@ class AsyncNatsQueue(EngineQueue[T]):
                 return live
             if got:
                 continue
-            info = await self._do(lambda js: js.stream_info(self.stream))
+            info = await self._do(lambda js: js.stream_info(self.stream), deadline)
             if info.config.description == SHUTDOWN_MARK and info.state.messages == 0:
                 raise ShutDown("the queue was shut down and is drained")
             if deadline is not None and time.monotonic() >= deadline:
@@ -567,6 +570,28 @@ class AsyncNatsQueue(EngineQueue[T]):
         if not self._closed:
             self._closed = True
             await self._reset()
+
+
+async def _log_error(exc: Exception) -> None:
+    """nats-py's errors in the background (a reconnect refused, a reset): by default it
+    logs each with a traceback; pigeon retries and raises what matters itself."""
+    log.debug("nats-py: %s: %s", type(exc).__name__, exc)
+
+
+def _finish_close(nc: Any) -> None:
+    """nats-py's ``close()`` stops at its first error (flushing to a transport already
+    lost raises ConnectionResetError) before it cancels its subscriptions' tasks and
+    closes the transport: those would outlive the client ("Task was destroyed but it is
+    pending"). Do the rest of it."""
+    for sub in list(getattr(nc, "_subs", {}).values()):
+        task = getattr(sub, "_wait_for_msgs_task", None)
+        if task is not None and not task.done():
+            task.cancel()
+    getattr(nc, "_subs", {}).clear()
+    transport = getattr(nc, "_transport", None)
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.close()
 
 
 def _msg_ids(n: int) -> list[str]:

@@ -52,8 +52,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 import msgspec
 
 from pigeon._queue_base import deadline_from
-from pigeon.backends._asyncbase import EngineQueue
-from pigeon.backends._retry import Backoff
+from pigeon.backends._asyncbase import EngineQueue, within
+from pigeon.backends._retry import Backoff, reply_deadline
 from pigeon.backends._syncface import SyncFace
 from pigeon.backends._url import QueueURL, check_maxsize
 from pigeon.errors import (
@@ -89,6 +89,7 @@ SCHEMES = (
 )
 GROUP = "pigeon"
 SLICE = 0.2  # seconds: the longest single XREADGROUP BLOCK
+CLOSE_WAIT = 2.0  # seconds a closing handle waits to hand back what it holds
 
 _PUT = """
 if redis.call('HGET', KEYS[2], 'shutdown') == '1' then return 'SHUTDOWN' end
@@ -433,13 +434,15 @@ class AsyncRedisQueue(EngineQueue[T]):
 
     async def _do(self, fn: Any, deadline: float | None = None) -> Any:
         """Run ``fn(redis)``; translate redis-py errors; retry lost connections until the
-        deadline (or ``reconnect_timeout``)."""
+        call's deadline (or ``reconnect_timeout``), each attempt cut at its reply deadline."""
         import redis.exceptions as rex
 
         backoff = Backoff(deadline, self.reconnect_timeout)
+        until = reply_deadline(deadline)
         while True:
             try:
-                return await fn(await self._redis())
+                async with within(until, "redis"):
+                    return await fn(await self._redis())
             except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
                 if (wait := backoff.next_delay()) is None:
                     raise _client_error(exc) from exc
@@ -473,7 +476,9 @@ class AsyncRedisQueue(EngineQueue[T]):
         headers = _encode_headers(options.headers) if options and options.headers else None
         delay = 0.001
         while True:
-            result = await self._do(lambda r: self._put_now(r, payloads, dedup_ids, headers))
+            result = await self._do(
+                lambda r: self._put_now(r, payloads, dedup_ids, headers), deadline
+            )
             if result == b"OK":
                 return
             if result == b"SHUTDOWN":
@@ -574,29 +579,35 @@ class AsyncRedisQueue(EngineQueue[T]):
             # New entries first, in one round trip (and, with ``take``, acked in the same
             # script); expired ones are claimed when there is nothing new, or once a
             # second, so a busy queue still gives back what a dead consumer held.
-            got = [] if self._claim_due() else await self._do(lambda r: self._read_now(r, n, take))
+            got = (
+                []
+                if self._claim_due()
+                else await self._do(lambda r: self._read_now(r, n, take), deadline)
+            )
             if not got:
-                got = await self._do(lambda r: self._claim(r, n))
+                got = await self._do(lambda r: self._claim(r, n), deadline)
                 self._last_claim = time.monotonic()
                 if got and take:
-                    await self._settle([g[0] for g in got])
+                    await self._settle([g[0] for g in got], deadline)
             if not got:
                 remaining = SLICE if deadline is None else deadline - time.monotonic()
                 wait_ms = int(max(0.0, min(SLICE, remaining)) * 1000)
-                got = await self._do(lambda r, w=wait_ms: self._read_new(r, n, w))
+                got = await self._do(lambda r, w=wait_ms: self._read_new(r, n, w), deadline)
                 if got and take:
-                    await self._settle([g[0] for g in got])
+                    await self._settle([g[0] for g in got], deadline)
             if got:
                 if not take:  # held: its lease ends `lease` (or the queue's) from now
-                    await self._set_lease([g[0] for g in got], lease)
+                    await self._set_lease([g[0] for g in got], lease, deadline)
                 result: list[Entry] = got
                 return result
-            if await self._do(lambda r: self._drained_and_shut(r)):
+            if await self._do(lambda r: self._drained_and_shut(r), deadline):
                 raise ShutDown("the queue was shut down and is drained")
             if deadline is not None and time.monotonic() >= deadline:
                 raise Empty(f"queue {self.name!r} is empty")
 
-    async def _set_lease(self, ids: list[bytes], seconds: float | None) -> None:
+    async def _set_lease(
+        self, ids: list[bytes], seconds: float | None, deadline: float | None = None
+    ) -> None:
         """The leases of ``ids`` end ``seconds`` from now (None: the queue's lease)."""
         ms = "" if seconds is None else str(int(seconds * 1000))
         await self._do(
@@ -604,7 +615,8 @@ class AsyncRedisQueue(EngineQueue[T]):
                 keys=[self.leases, self.meta],
                 args=[ms, "", int(self.lease * 1000), *ids],
                 client=r,
-            )
+            ),
+            deadline,
         )
 
     async def _claim(self, r: Any, n: int) -> list[Entry]:
@@ -650,14 +662,14 @@ class AsyncRedisQueue(EngineQueue[T]):
             return False
         return int(await r.xlen(self.stream)) == 0
 
-    async def _settle(self, ids: list[bytes]) -> int:
+    async def _settle(self, ids: list[bytes], deadline: float | None = None) -> int:
         async def run(r: Any) -> int:
             acked = await self._settle_script(
                 keys=[self.stream, self.leases], args=[GROUP, *ids], client=r
             )
             return int(acked)
 
-        return int(await self._do(run))
+        return int(await self._do(run, deadline))
 
     async def get(self, timeout: float | None = None, *, block: bool = True) -> T:
         return (await self.get_many(1, timeout, block=block))[0]
@@ -746,13 +758,15 @@ class AsyncRedisQueue(EngineQueue[T]):
             await asyncio.gather(*self._settling, return_exceptions=True)
         if not self._closed:
             if self._r is not None and self._ready:
-                # hand back what this consumer holds, then leave the group
+                # hand back what this consumer holds, then leave the group (a server out
+                # of reach is not waited for: the leases bring the entries back)
                 with contextlib.suppress(Exception):
-                    await self._leave_script(
-                        keys=[self.stream, self.leases],
-                        args=[GROUP, self.consumer, ORPHANS],
-                        client=self._r,
-                    )
+                    async with within(time.monotonic() + CLOSE_WAIT, "redis"):
+                        await self._leave_script(
+                            keys=[self.stream, self.leases],
+                            args=[GROUP, self.consumer, ORPHANS],
+                            client=self._r,
+                        )
             self._closed = True
             if self._master is not None:
                 await self._master.aclose()
