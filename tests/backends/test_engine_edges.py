@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pigeon
 from tests._services import queue_name, require_service
@@ -232,3 +234,144 @@ def test_a_calls_timeout_bounds_its_retries_when_the_server_is_out_of_reach(
     finally:
         proxy.close()
         q.close()
+
+
+# --- NATS headers: every header the options accept, exactly --------------------------
+
+_ODD_HEADERS = {
+    "x-note": "  indented text  ",
+    "x-subject": "line one\r\nline two",
+    "x-empty": "",
+    "x-tab": "a\tb",
+    "x weird name": "1",
+    "x:colon": "1",
+    "x-näme": "é",
+    "Nats-Looks-Like-Jetstream": "mine",
+    "Status": "404",
+    "Pigeon-Esc-x": "%41",
+    "pigeon-reason": "mine too",
+    "x-plain": "as it is",
+}
+
+
+def _nats_wire(headers: dict[str, str]) -> dict[str, str]:
+    """What a NATS subscriber gets for ``headers`` published through nats-py: its send
+    side (names checked and trimmed, values trimmed, CR/LF to spaces) and its parser."""
+    from nats.aio.client import _HEADER_KEY_RE, _HEADER_VALUE_NEWLINES, Client
+
+    block = bytearray(b"NATS/1.0\r\n")
+    for k, v in headers.items():
+        key = k.strip()
+        assert _HEADER_KEY_RE.fullmatch(key), f"nats-py refuses the name {key!r}"
+        block += key.encode() + b": " + v.strip().translate(_HEADER_VALUE_NEWLINES).encode()
+        block += b"\r\n"
+    block += b"\r\n"
+    from pigeon.backends._natsheaders import block_size
+
+    assert len(block) == block_size(headers)
+    return Client._parse_header_lines(bytes(block[len(b"NATS/1.0\r\n") :]))
+
+
+def test_headers_round_trip_exactly_through_the_nats_wire() -> None:
+    from pigeon.backends._natsheaders import from_nats, to_nats
+
+    assert from_nats(_nats_wire(to_nats(_ODD_HEADERS))) == _ODD_HEADERS
+    assert to_nats({"x-plain": "as it is"}) == {"x-plain": "as it is"}  # readable as is
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.text(st.characters(codec=None, categories=None), min_size=1, max_size=20),
+        st.text(st.characters(codec=None, categories=None), max_size=40),
+        max_size=8,
+    )
+)
+def test_any_header_the_options_accept_round_trips_through_the_nats_wire(
+    headers: dict[str, str],
+) -> None:
+    from pigeon.backends._natsheaders import from_nats, to_nats
+    from pigeon.options import check_headers
+
+    headers = check_headers(headers)
+    assert from_nats(_nats_wire(to_nats(headers))) == headers
+
+
+def test_nats_keeps_odd_headers_exactly_through_delivery_and_dead_letters(
+    nats_url: str,
+) -> None:
+    with pigeon.Queue(nats_url) as q, pigeon.Queue(nats_url + ".dead") as dead:
+        q.put("odd", headers=_ODD_HEADERS)
+        msg = q.get_message(timeout=10)
+        assert msg.headers == _ODD_HEADERS
+        msg.nack(requeue=False, reason="bad\r\ninput")
+        gone = dead.get_message(timeout=10)
+        assert (gone.body, gone.headers) == ("odd", _ODD_HEADERS)
+        gone.ack()
+
+
+def test_nats_dead_letters_carry_their_origin_and_reason(nats_url: str) -> None:
+    import asyncio
+
+    name = nats_url.rsplit("/", 1)[1]
+    with pigeon.Queue(nats_url) as q:
+        q.put("doomed")
+        q.get_message(timeout=10).nack(requeue=False, reason="worker_died: killed by SIGKILL")
+
+    async def raw_dead_letter() -> dict[str, str]:
+        import nats
+
+        from pigeon.backends.nats import stream_name
+
+        nc = await nats.connect("nats://127.0.0.1:4222")
+        try:
+            js = nc.jetstream()
+            stored = await js.get_last_msg(stream_name(name + ".dead"), f"pigeon.{name}.dead")
+            return dict(stored.headers or {})
+        finally:
+            await nc.close()
+
+    headers = asyncio.run(raw_dead_letter())
+    assert headers["Pigeon-Origin"] == name
+    assert headers["Pigeon-Reason"] == "worker_died: killed by SIGKILL"
+
+
+def _max_payload() -> int:
+    import asyncio
+
+    import nats
+
+    async def ask() -> int:
+        nc = await nats.connect("nats://127.0.0.1:4222")
+        limit = int(nc.max_payload)
+        await nc.close()
+        return limit
+
+    return asyncio.run(ask())
+
+
+def test_nats_refuses_at_once_an_item_that_fits_only_without_its_headers(nats_url: str) -> None:
+    limit = _max_payload()
+    with pigeon.Queue(nats_url, serializer="raw", reconnect_timeout=5) as q:
+        t = time.monotonic()
+        with pytest.raises(pigeon.TooLarge, match=f"max_payload={limit}"):
+            q.put(b"x" * (limit - 20))  # its Nats-Msg-Id alone is longer than 20 bytes
+        with pytest.raises(pigeon.TooLarge, match=f"max_payload={limit}"):
+            q.put(b"x" * (limit - 4096), headers={"x-context": "c" * 8192})
+        assert time.monotonic() - t < 2  # never sent, never retried
+
+
+def test_nats_takes_an_item_whose_headers_and_payload_make_exactly_max_payload(
+    nats_url: str,
+) -> None:
+    from pigeon.backends._natsheaders import block_size
+    from pigeon.backends.nats import stream_name
+
+    limit = _max_payload()
+    with pigeon.Queue(nats_url, serializer="raw", reconnect_timeout=2) as q:
+        stream = stream_name(nats_url.rsplit("/", 1)[1])
+        exact = limit - block_size({"Nats-Msg-Id": "fits", "Nats-Expected-Stream": stream})
+        q.put(b"x" * exact, dedup_id="fits")
+        with pytest.raises(pigeon.TooLarge, match=r"with \d+ bytes of headers"):
+            q.put(b"x" * (exact + 1), dedup_id="fits")
+        assert len(q.get(timeout=10)) == exact

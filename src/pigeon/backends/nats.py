@@ -52,6 +52,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pigeon._queue_base import deadline_from
 from pigeon.backends._asyncbase import EngineQueue, within
+from pigeon.backends._natsheaders import OWN, block_size, from_nats, to_nats
 from pigeon.backends._retry import Backoff, reply_deadline
 from pigeon.backends._syncface import SyncFace
 from pigeon.backends._url import QueueURL, check_maxsize
@@ -286,12 +287,14 @@ class AsyncNatsQueue(EngineQueue[T]):
         timeout: float | None,
         options: PutOptions | None = None,
         dedup_ids: list[str] | None = None,
+        *,
+        own: dict[str, str] | None = None,
     ) -> None:
+        """``own``: pigeon's headers (``Pigeon-*``), sent as they are."""
         import nats.errors as nerr
         import nats.js.errors as jerr
 
         deadline = deadline_from(block, timeout)
-        await self._do(lambda js: self._check_sizes(payloads), deadline)
         # A publish whose ack was lost (a node died, a leader changed) is sent again with
         # the same id: JetStream keeps one copy (its duplicate window is two minutes). A
         # dedup_id is that id: a repeat within the stream's duplicate window is confirmed
@@ -299,14 +302,11 @@ class AsyncNatsQueue(EngineQueue[T]):
         if options is not None and options.dedup_id:
             dedup_ids = [options.dedup_id]
         ids = dedup_ids or _msg_ids(len(payloads))
-        extra = options.headers if options is not None else None
-        if extra:
-            for name in extra:
-                if name.lower().startswith("nats-"):
-                    raise ValueError(
-                        f"header {name!r}: names starting with Nats- are JetStream's own"
-                    )
-        hdrs = [{**extra, "Nats-Msg-Id": i} if extra else {"Nats-Msg-Id": i} for i in ids]
+        extra = to_nats(options.headers) if options is not None and options.headers else {}
+        extra.update(own or {})
+        # every header the server gets is here, so the size check counts them all
+        hdrs = [{**extra, "Nats-Msg-Id": i, "Nats-Expected-Stream": self.stream} for i in ids]
+        await self._do(lambda js: self._check_sizes(payloads, hdrs), deadline)
         if self.maxsize and len(payloads) > 1:
             await self._put_batch_locked(payloads, hdrs, deadline)
             return
@@ -326,8 +326,7 @@ class AsyncNatsQueue(EngineQueue[T]):
                     sent = len(payloads)
                     return
                 while sent < len(payloads):
-                    await js.publish(self.subject, payloads[sent], stream=self.stream,
-                                     headers=hdrs[sent])  # fmt: skip
+                    await js.publish(self.subject, payloads[sent], headers=hdrs[sent])
                     sent += 1
 
             try:
@@ -352,14 +351,23 @@ class AsyncNatsQueue(EngineQueue[T]):
             await asyncio.sleep(min(delay, max(0.0, (deadline or 1e18) - time.monotonic())))
             delay = min(delay * 2, 0.05)
 
-    async def _check_sizes(self, payloads: list[bytes]) -> None:
+    async def _check_sizes(self, payloads: list[bytes], hdrs: list[dict[str, str]]) -> None:
+        """Refuse, before anything is sent, a message the server would refuse: it counts
+        the headers with the payload against ``max_payload`` (and drops the connection)."""
+        await self._jetstream()
         limit = int(getattr(self._nc, "max_payload", 0) or 0)
-        big = max(map(len, payloads))
-        if limit and big > limit:
+        if not limit:
+            return
+        size, item, head = max(
+            (len(p) + block_size(h), len(p), block_size(h))
+            for p, h in zip(payloads, hdrs, strict=True)
+        )
+        if size > limit:
             raise TooLarge(
-                f"an item of {big} bytes is larger than the NATS server's max_payload={limit}; "
-                "raise max_payload in the server's configuration (up to 64 MB), or put "
-                "smaller items; nothing was sent"
+                f"an item of {item} bytes with {head} bytes of headers is larger than the "
+                f"NATS server's max_payload={limit} (it counts both); raise max_payload in "
+                "the server's configuration (up to 64 MB), or put smaller items; nothing "
+                "was sent"
             )
 
     async def _put_batch_locked(
@@ -482,9 +490,14 @@ class AsyncNatsQueue(EngineQueue[T]):
             serializer="raw", reconnect_timeout=self.reconnect_timeout,
         )  # fmt: skip
         dead._user, dead._password = self._user, self._password
+        kept = from_nats(msg.headers)
+        options = PutOptions(headers=kept) if kept else None
+        why = {OWN + "Origin": self.name, OWN + "Reason": _quote_reason(reason)}
         try:
-            kept = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
-            await dead._put([msg.data], True, 10, PutOptions(headers=kept) if kept else None)
+            try:
+                await dead._put([msg.data], True, 10, options, own=why)
+            except TooLarge:  # no room for the reason: the message matters more
+                await dead._put([msg.data], True, 10, options)
         finally:
             await dead.aclose()
         await msg.term()
@@ -594,6 +607,12 @@ def _finish_close(nc: Any) -> None:
             transport.close()
 
 
+def _quote_reason(reason: str) -> str:
+    """A dead letter's reason as one header line (as the broker keeps it: 500 characters)."""
+    text = "".join(c if c.isprintable() else " " for c in str(reason)[:500])
+    return " ".join(text.split()) or "rejected"
+
+
 def _msg_ids(n: int) -> list[str]:
     base = uuid.uuid4().hex
     return [f"{base}-{i}" for i in range(n)]
@@ -633,9 +652,7 @@ class AsyncNatsMessage(Generic[T]):
         self._msg = msg
         self.body = body
         self.delivery_count = int(msg.metadata.num_delivered)
-        self.headers: dict[str, str] = {
-            k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")
-        }
+        self.headers: dict[str, str] = from_nats(msg.headers)
         self._settled = False
         self._keeper: asyncio.Task[None] | None = None
 
