@@ -375,3 +375,26 @@ def test_nats_takes_an_item_whose_headers_and_payload_make_exactly_max_payload(
         with pytest.raises(pigeon.TooLarge, match=r"with \d+ bytes of headers"):
             q.put(b"x" * (exact + 1), dedup_id="fits")
         assert len(q.get(timeout=10)) == exact
+
+
+@pytest.mark.parametrize("delay", [0, 3])
+def test_qsize_counts_a_message_given_back_until_it_is_taken_again(
+    engine_server: tuple[str, int], delay: float
+) -> None:
+    """As on pigeon://: waiting (new, or given back by a nack, delayed or not) counts;
+    held does not. `pigeon worker --drain` stops on qsize() == 0."""
+    scheme, port = engine_server
+    with pigeon.Queue(f"{scheme}://127.0.0.1:{port}/{queue_name()}") as q:
+        q.put_many(["a", "b"])
+        first = q.get_message(timeout=10)
+        assert (first.body, q.qsize()) == ("a", 1)  # held: not waiting
+        first.nack(delay=delay)
+        assert q.qsize() == 2  # given back: waiting, due or not
+        taken = [q.get_message(timeout=10)]
+        assert q.qsize() == 1
+        taken.append(q.get_message(timeout=10))  # "a" once its delay has passed
+        assert sorted((m.body, m.delivery_count) for m in taken) == [("a", 2), ("b", 1)]
+        assert q.qsize() == 0  # both held: taken again, no longer counted
+        for m in taken:
+            m.ack()
+        assert q.qsize() == 0

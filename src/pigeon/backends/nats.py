@@ -70,7 +70,7 @@ from pigeon.errors import (
 )
 from pigeon.options import DEFAULT_LEASE, DEFAULT_MAX_DELIVERIES, DEFAULT_RECONNECT_TIMEOUT
 from pigeon.protocol.messages import PutOptions
-from pigeon.protocol.rules import check_seconds
+from pigeon.protocol.rules import MAX_SECONDS, check_seconds
 from pigeon.serializers import SerializerLike, get_serializer
 
 T = TypeVar("T")
@@ -81,6 +81,11 @@ LOCKS = "PIGEON_LOCKS"  # key-value bucket: one short lock per bounded queue, fo
 LOCK_TTL = 30.0  # seconds: a producer that dies holding the lock holds it no longer
 SLICE = 0.2
 SHUTDOWN_MARK = "pigeon: shut down"
+# Deliveries given back by a nack (delayed or not) are in no count JetStream gives - not
+# pending, only "ack pending" like the ones held - so each leaves a mark here, one subject
+# per message (pigeon-nacked.STREAM.SEQ), until it is fetched again: qsize counts them.
+# No queue's stream is named so (theirs start with "PIGEON_").
+NACKED = "PIGEON-NACKED"
 _SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_\-.]+$")
 
 
@@ -468,6 +473,9 @@ class AsyncNatsQueue(EngineQueue[T]):
                     return []
 
             got = await self._do(fetch, deadline)
+            again = [m for m in got if m.metadata.num_delivered > 1]
+            if again:  # given back earlier, perhaps by a nack: no longer waiting
+                await self._do(lambda js, again=again: self._unmark(js, again), deadline)
             live = []
             for msg in got:
                 if msg.metadata.num_delivered > self.max_deliveries:
@@ -554,8 +562,56 @@ class AsyncNatsQueue(EngineQueue[T]):
         return message
 
     async def qsize(self) -> int:
-        info = await self._do(lambda js: js.consumer_info(self.stream, DURABLE))
-        return int(info.num_pending)
+        """Messages waiting: not yet delivered, or given back by a nack (delayed or not)
+        and not fetched again - not those held (nor, as JetStream does not tell them
+        apart, those whose lease ended)."""
+        return int(await self._do(self._count))
+
+    async def _count(self, js: Any) -> int:
+        from nats.js.errors import NotFoundError
+
+        info = await js.consumer_info(self.stream, DURABLE)
+        try:
+            marks = await js.stream_info(NACKED, subjects_filter=f"{self._nacked}.*")
+        except NotFoundError:  # nothing was ever nacked
+            return int(info.num_pending)
+        first = (await js.stream_info(self.stream)).state.first_seq
+        # a mark below the queue's first message is stale (that message is gone)
+        seqs = [int(subject.rsplit(".", 1)[1]) for subject in marks.state.subjects or {}]
+        return int(info.num_pending) + sum(1 for seq in seqs if seq >= first)
+
+    @property
+    def _nacked(self) -> str:
+        return f"pigeon-nacked.{self.stream}"
+
+    async def _mark(self, js: Any, msg: Any) -> None:
+        """``msg`` is given back: counted as waiting until it is fetched again."""
+        from nats.js.api import StorageType, StreamConfig
+        from nats.js.errors import BadRequestError, NoStreamResponseError
+
+        subject = f"{self._nacked}.{msg.metadata.sequence.stream}"
+        try:
+            await js.publish(subject, b"")
+        except NoStreamResponseError:  # the first nack here: make the stream of marks
+            with contextlib.suppress(BadRequestError):  # made by another client meanwhile
+                await js.add_stream(
+                    StreamConfig(
+                        name=NACKED, subjects=["pigeon-nacked.>"], storage=StorageType.FILE,
+                        max_msgs_per_subject=1, num_replicas=self.replicas,
+                        max_age=MAX_SECONDS,  # no delay is longer: older marks are stale
+                    )
+                )  # fmt: skip
+            await js.publish(subject, b"")
+
+    async def _unmark(self, js: Any, msgs: list[Any]) -> None:
+        from nats.js.errors import NotFoundError
+
+        for m in msgs:
+            try:
+                subject = f"{self._nacked}.{m.metadata.sequence.stream}"
+                await js.purge_stream(NACKED, subject=subject)
+            except NotFoundError:  # nothing was ever nacked
+                return
 
     async def full(self) -> bool:
         if not self.maxsize:
@@ -712,9 +768,12 @@ class AsyncNatsMessage(Generic[T]):
             return self._queue._track(
                 asyncio.ensure_future(self._queue._dead_letter(self._msg, reason or "rejected"))
             )
-        return self._queue._track(
-            asyncio.ensure_future(self._translate(self._msg.nak(delay=delay or None)))
-        )
+        return self._queue._track(asyncio.ensure_future(self._give_back(delay)))
+
+    async def _give_back(self, delay: float) -> None:
+        q = self._queue
+        await q._do(lambda js: q._mark(js, self._msg))  # counted by qsize from now
+        await self._translate(self._msg.nak(delay=delay or None))
 
     def extend(self, seconds: float) -> Awaitable[None]:
         """The lease ends ``seconds`` from now (an in-progress signal restarts AckWait;

@@ -12,7 +12,8 @@ Features
 Connection URL
     ``redis://[[USER]:PASSWORD@]HOST[:PORT]/QUEUE[?db=N&lease=S&max_deliveries=N]``;
     ``rediss://`` for TLS. Keys: ``pigeon:QUEUE`` (the stream), ``pigeon:QUEUE:meta``
-    (maxsize, lease, shutdown), ``pigeon:QUEUE:leases`` (when each delivery's lease ends).
+    (maxsize, lease, shutdown), ``pigeon:QUEUE:leases`` (when each delivery's lease ends),
+    ``pigeon:QUEUE:released`` (deliveries given back by a nack, until taken again).
 
 Options
     ``maxsize``, ``serializer`` (``"msgpack"``), ``lease`` (seconds, 30),
@@ -162,8 +163,8 @@ for i = 4, #ARGV do redis.call('ZADD', KEYS[1], now + ms, ARGV[i]) end
 return now
 """
 
-# Take over deliveries whose lease ended. KEYS: stream, leases, meta; ARGV: group,
-# consumer, count, default lease ms. Returns [id, fields, delivery count, ...].
+# Take over deliveries whose lease ended. KEYS: stream, leases, meta, released; ARGV:
+# group, consumer, count, default lease ms. Returns [id, fields, delivery count, ...].
 _CLAIM = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -172,6 +173,7 @@ local n = tonumber(ARGV[3])
 local out = {}
 local function take(id)
     local got = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
+    redis.call('ZREM', KEYS[4], id)
     if #got == 0 or not got[1] or not got[1][2] then
         redis.call('ZREM', KEYS[2], id)
         redis.call('XACK', KEYS[1], ARGV[1], id)
@@ -213,16 +215,45 @@ return #held
 """
 ORPHANS = "pigeon-orphans"
 
-# Settle: KEYS stream, leases; ARGV group, ids... -> how many were acked.
+# Settle: KEYS stream, leases, released; ARGV group, ids... -> how many were acked.
 _SETTLE = """
 local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
 redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
 redis.call('ZREM', KEYS[2], unpack(ARGV, 2))
+redis.call('ZREM', KEYS[3], unpack(ARGV, 2))
 return n
 """
 
-# Dead-letter one entry: KEYS stream, leases, dead; ARGV group, id, payload, origin, reason,
-# headers ('' for none).
+# A delivery given back (nack with requeue): claimable ``ARGV[1]`` ms from now, and
+# counted as waiting (``qsize``), not held, until it is taken again. KEYS leases,
+# released; ARGV ms, ids...
+_RELEASE = """
+local t = redis.call('TIME')
+local due = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do
+    redis.call('ZADD', KEYS[1], due, ARGV[i])
+    redis.call('ZADD', KEYS[2], due, ARGV[i])
+end
+return #ARGV - 1
+"""
+
+# Where the messages are: in the stream and not held by a consumer - new, given back
+# (due or delayed), or whose lease ended. KEYS stream, leases, released; ARGV group.
+_QSIZE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1])[1]
+local free = redis.call('ZCOUNT', KEYS[2], '-inf', now)
+free = free + redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf')
+local held = pending - free
+if held < 0 then held = 0 end
+local n = redis.call('XLEN', KEYS[1]) - held
+if n < 0 then n = 0 end
+return n
+"""
+
+# Dead-letter one entry: KEYS stream, leases, dead, released; ARGV group, id, payload,
+# origin, reason, headers ('' for none).
 _DEAD = """
 local fields = {'d', ARGV[3], 'origin', ARGV[4], 'reason', ARGV[5]}
 if ARGV[6] and ARGV[6] ~= '' then fields[7] = 'h'; fields[8] = ARGV[6] end
@@ -230,6 +261,7 @@ redis.call('XADD', KEYS[3], '*', unpack(fields))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('ZREM', KEYS[4], ARGV[2])
 return 1
 """
 
@@ -343,6 +375,7 @@ class AsyncRedisQueue(EngineQueue[T]):
         self.stream, self.dead = key_names(self.name, hash_tags=self.kind == "cluster")
         self.meta = f"{self.stream}:meta"
         self.leases = f"{self.stream}:leases"
+        self.released = f"{self.stream}:released"  # given back by nack, not yet taken again
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._r: Any = None
         self._put_script: Any = None
@@ -379,6 +412,8 @@ class AsyncRedisQueue(EngineQueue[T]):
             self._leave_script = self._r.register_script(_LEAVE)
             self._settle_script = self._r.register_script(_SETTLE)
             self._dead_script = self._r.register_script(_DEAD)
+            self._release_script = self._r.register_script(_RELEASE)
+            self._qsize_script = self._r.register_script(_QSIZE)
             self._append_script = self._r.register_script(_APPEND)
             self._shutdown_script = self._r.register_script(_SHUTDOWN)
         if not self._ready:
@@ -622,7 +657,7 @@ class AsyncRedisQueue(EngineQueue[T]):
     async def _claim(self, r: Any, n: int) -> list[Entry]:
         """Take over entries whose lease ended (Redis will not redeliver by itself)."""
         flat = await self._claim_script(
-            keys=[self.stream, self.leases, self.meta],
+            keys=[self.stream, self.leases, self.meta, self.released],
             args=[GROUP, self.consumer, n, int(self.lease * 1000)],
             client=r,
         )
@@ -652,7 +687,7 @@ class AsyncRedisQueue(EngineQueue[T]):
         self, r: Any, eid: bytes, payload: bytes, reason: str, headers: bytes | None = None
     ) -> None:
         await self._dead_script(
-            keys=[self.stream, self.leases, self.dead],
+            keys=[self.stream, self.leases, self.dead, self.released],
             args=[GROUP, eid, payload, self.name, reason, headers or b""],
             client=r,
         )
@@ -665,7 +700,7 @@ class AsyncRedisQueue(EngineQueue[T]):
     async def _settle(self, ids: list[bytes], deadline: float | None = None) -> int:
         async def run(r: Any) -> int:
             acked = await self._settle_script(
-                keys=[self.stream, self.leases], args=[GROUP, *ids], client=r
+                keys=[self.stream, self.leases, self.released], args=[GROUP, *ids], client=r
             )
             return int(acked)
 
@@ -732,14 +767,23 @@ class AsyncRedisQueue(EngineQueue[T]):
         return AsyncRedisMessage(self, eid, count, payload, body, headers)
 
     async def qsize(self) -> int:
-        async def run(r: Any) -> int:
-            pipe = r.pipeline(transaction=False)
-            pipe.xlen(self.stream)
-            pipe.xpending(self.stream, GROUP)
-            length, pending = await pipe.execute()
-            return max(0, int(length) - int(pending["pending"]))
+        """Messages waiting: new ones, and those given back (a nack, delayed or not; a
+        lease that ended) until a consumer takes them again - not those held."""
+        return int(
+            await self._do(
+                lambda r: self._qsize_script(
+                    keys=[self.stream, self.leases, self.released], args=[GROUP], client=r
+                )
+            )
+        )
 
-        return int(await self._do(run))
+    async def _release(self, ids: list[bytes], delay: float) -> None:
+        """Give ``ids`` back: claimable ``delay`` seconds from now, counted by qsize."""
+        await self._do(
+            lambda r: self._release_script(
+                keys=[self.leases, self.released], args=[int(delay * 1000), *ids], client=r
+            )
+        )
 
     async def full(self) -> bool:
         if not self.maxsize:
@@ -883,7 +927,7 @@ class AsyncRedisMessage(Generic[T]):
             why = reason or "rejected"
             await q._do(lambda r: q._dead_letter(r, self.id, self._payload, why, self._headers))
             return
-        await q._set_lease([self.id], delay)  # claimable once `delay` has passed
+        await q._release([self.id], delay)  # claimable once `delay` has passed
 
     async def _extend(self, seconds: float) -> None:
         await self._queue._set_lease([self.id], seconds)
