@@ -398,3 +398,83 @@ def test_qsize_counts_a_message_given_back_until_it_is_taken_again(
         for m in taken:
             m.ack()
         assert q.qsize() == 0
+
+
+def test_closing_a_handle_while_a_thread_waits_in_get_closes_that_threads_client(
+    engine_server: tuple[str, int],
+) -> None:
+    """close() from another thread must not skip the client of a thread inside a call
+    (its private loop running): the call ends, and that client is closed."""
+    scheme, port = engine_server
+    q: pigeon.Queue[Any] = pigeon.Queue(f"{scheme}://127.0.0.1:{port}/{queue_name()}")
+    outcome: list[BaseException | str] = []
+
+    def wait_forever() -> None:
+        try:
+            outcome.append(q.get())  # no timeout: only close() ends it
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait_forever, daemon=True)
+    waiter.start()
+    time.sleep(1.0)  # inside get, its loop running
+    lanes = [h.lane for h in q._lanes]  # type: ignore[attr-defined]
+    q.close()
+    waiter.join(10)
+    assert not waiter.is_alive(), "the get went on after close()"
+    assert len(outcome) == 1 and isinstance(outcome[0], pigeon.ClosedResourceError)
+    assert all(lane.impl.closed for lane in lanes)
+    assert all(lane.loop is None or lane.loop.is_closed() for lane in lanes)
+
+
+_FORK_WHILE_LOCKED = r"""
+import asyncio, os, signal, sys, threading
+from pigeon.backends import _loopthread
+
+_loopthread.run(asyncio.sleep(0))  # the I/O thread runs
+held, release = threading.Event(), threading.Event()
+
+def holder():
+    with _loopthread._lock:  # another thread inside loop() at the moment of the fork
+        held.set()
+        release.wait()
+
+threading.Thread(target=holder, daemon=True).start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    signal.alarm(10)  # a child blocked on the parent's lock dies of SIGALRM
+    os._exit(0 if _loopthread.run(asyncio.sleep(0, result=7)) == 7 else 3)
+release.set()
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_fork_child_gets_the_io_loop_even_if_a_parent_thread_held_its_lock() -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _FORK_WHILE_LOCKED], capture_output=True,
+                       text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+
+
+def test_private_loops_are_selector_loops_under_any_event_loop_policy(redis_url: str) -> None:
+    """A fork child detaches every private loop from its parent's epoll instance, which
+    only a selector loop allows: uvloop's, made by the policy, shares it for good."""
+    import asyncio
+
+    import uvloop
+
+    from pigeon.backends import _loopthread
+
+    old = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        with pigeon.Queue(redis_url) as q:
+            loop = q._local.own.lane.loop  # type: ignore[attr-defined]
+            assert isinstance(loop, asyncio.SelectorEventLoop)
+            assert loop in _loopthread._LOOPS
+    finally:
+        asyncio.set_event_loop_policy(old)
