@@ -33,8 +33,9 @@ Delivery guarantees
     server's ``max_payload`` (1 MiB by default) with their headers are refused before
     anything is sent, with ``pigeon.TooLarge``. Headers travel exactly: those NATS would
     alter go escaped (``_natsheaders``). ``qsize`` counts what waits, a message given back
-    by a nack included (a mark in the ``PIGEON-NACKED`` stream until it is fetched again). Durability is JetStream's: file storage, synced to disk every two
-    minutes by default (``sync_interval`` in the server's configuration; ``always`` for
+    by a nack included (a mark in the ``PIGEON-NACKED`` stream until it is fetched
+    again). Durability is JetStream's: file storage, synced to disk every two minutes by
+    default (``sync_interval`` in the server's configuration; ``always`` for
     every write). A shut-down queue takes no more puts (its stream stops listening on
     the subject) and readers stop once it is drained; waits run in slices of at most 0.2 s
     so a blocked reader sees the shutdown within that. FIFO per queue except redeliveries.
