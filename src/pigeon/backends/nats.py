@@ -478,7 +478,7 @@ class AsyncNatsQueue(EngineQueue[T]):
             got = await self._do(fetch, deadline)
             again = [m for m in got if m.metadata.num_delivered > 1]
             if again:  # given back earlier, perhaps by a nack: no longer waiting
-                await self._do(lambda js, again=again: self._unmark(js, again), deadline)
+                await self._unmark(again, deadline)
             live = []
             for msg in got:
                 if msg.metadata.num_delivered > self.max_deliveries:
@@ -606,15 +606,22 @@ class AsyncNatsQueue(EngineQueue[T]):
                 )  # fmt: skip
             await js.publish(subject, b"")
 
-    async def _unmark(self, js: Any, msgs: list[Any]) -> None:
+    async def _unmark(self, msgs: list[Any], deadline: float | None) -> None:
+        """The marks of ``msgs`` go: they were fetched again. Bookkeeping for qsize only,
+        so it never fails the fetch (a mark left over counts until the queue's first
+        message passes it)."""
         from nats.js.errors import NotFoundError
 
-        for m in msgs:
-            try:
+        async def purge(js: Any) -> None:
+            for m in msgs:
                 subject = f"{self._nacked}.{m.metadata.sequence.stream}"
                 await js.purge_stream(NACKED, subject=subject)
-            except NotFoundError:  # nothing was ever nacked
-                return
+
+        try:
+            await self._do(purge, deadline)
+        except PigeonError as exc:
+            if not isinstance(exc.__cause__, NotFoundError):  # else: nothing ever nacked
+                log.debug("nats: marks of nacked messages left over: %s", exc)
 
     async def full(self) -> bool:
         if not self.maxsize:
