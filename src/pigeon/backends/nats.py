@@ -782,7 +782,10 @@ class AsyncNatsMessage(Generic[T]):
 
     async def _give_back(self, delay: float) -> None:
         q = self._queue
-        await q._do(lambda js: q._mark(js, self._msg))  # counted by qsize from now
+        try:
+            await q._do(lambda js: q._mark(js, self._msg))  # counted by qsize from now
+        except PigeonError as exc:  # qsize's bookkeeping: the nack itself matters more
+            log.debug("nats: a nacked message left unmarked: %s", exc)
         await self._translate(self._msg.nak(delay=delay or None))
 
     def extend(self, seconds: float) -> Awaitable[None]:
