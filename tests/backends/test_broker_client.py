@@ -506,3 +506,21 @@ def test_a_fork_does_not_close_another_threads_connection(broker: BrokerThread) 
     t.join(10)
     assert acked == ["held"]
     q.close()
+
+
+def test_aclose_during_a_handshake_ends_the_calls_waiting_for_it() -> None:
+    async def main() -> tuple[BaseException | None, float]:
+        with SilentBroker(welcome=False) as fake:
+            aq = pigeon.AsyncQueue(fake.url("closing"), connect_timeout=20)
+            getter = asyncio.ensure_future(aq.get())  # waits for a WELCOME that never comes
+            await asyncio.sleep(0.3)
+            t = time.monotonic()
+            await aq.aclose()
+            try:
+                await asyncio.wait_for(getter, 10)
+            except pigeon.ClosedResourceError as exc:
+                return exc, time.monotonic() - t
+            return None, time.monotonic() - t
+
+    error, took = asyncio.run(main())
+    assert isinstance(error, pigeon.ClosedResourceError) and took < 2

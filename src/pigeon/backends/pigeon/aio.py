@@ -241,15 +241,19 @@ class AsyncBrokerQueue(Generic[T]):
             self._link = None
             opening = self._opening = asyncio.ensure_future(self._open())
             opening.add_done_callback(self._opened)
-        if until is None:
-            return await asyncio.shield(opening)
         try:
+            if until is None:
+                return await asyncio.shield(opening)
             async with asyncio.timeout(until - time.monotonic()):
                 return await asyncio.shield(opening)
         except TimeoutError:
             raise BrokenResourceError(
                 f"no WELCOME from {self._spec.ep.peer} before the call's timeout ran out"
             ) from None
+        except asyncio.CancelledError:
+            if opening.cancelled() and self._closed:  # aclose() abandoned the handshake
+                raise ClosedResourceError("this AsyncQueue was closed") from None
+            raise
 
     def _opened(self, opening: asyncio.Future[_LinkProtocol]) -> None:
         if not opening.cancelled() and opening.exception() is None:
@@ -419,12 +423,16 @@ class AsyncBrokerQueue(Generic[T]):
             return
         self._closed = True
         opening, self._opening = self._opening, None
-        if opening is not None and not opening.done():
-            opening.cancel()  # a handshake under way: abandoned, its transport aborted
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await opening
-        if self._link is not None and self._pid == os.getpid():
-            await self._link.aclose()
+        link = self._link
+        if opening is not None:
+            if not opening.done():
+                opening.cancel()  # a handshake under way: abandoned, its transport aborted
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await opening
+            if opening.done() and not opening.cancelled() and opening.exception() is None:
+                link = opening.result()  # made, and ``_opened`` may not have run yet
+        if link is not None and self._pid == os.getpid():
+            await link.aclose()
         self._link = None
 
 
