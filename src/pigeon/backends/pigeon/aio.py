@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -68,6 +69,10 @@ class _LinkProtocol(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.last_rx = time.monotonic()
         self._watchdog: asyncio.TimerHandle | None = None
+        # the calls' deadlines: req -> (until, future); one timer for the nearest
+        self.deadlines: dict[int, tuple[float, asyncio.Future[Any]]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_at = math.inf
 
     # asyncio callbacks
 
@@ -94,6 +99,8 @@ class _LinkProtocol(asyncio.Protocol):
             self._fail(err)
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -155,6 +162,45 @@ class _LinkProtocol(asyncio.Protocol):
         if self.error is None:
             self.conv.post(msg)
             self.flush()
+
+    def expire(self, req: int, fut: asyncio.Future[Any], until: float) -> None:
+        """At ``until`` (monotonic), if the reply to ``req`` has not come: withdraw the
+        request and fail its caller as on a lost connection (the call's deadline).
+
+        One timer for the nearest deadline, not one per call (a timer made and cancelled
+        per call cost a tenth of a call): deadlines mostly come in order, so a new one
+        rarely moves it."""
+        self.deadlines[req] = (until, fut)
+        if until < self._sweep_at:
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+            self._sweep_at = until
+            self._sweeper = self.loop.call_later(until - time.monotonic(), self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper, self._sweep_at = None, math.inf
+        now = time.monotonic()
+        nearest = math.inf
+        for req, (until, fut) in list(self.deadlines.items()):
+            if fut.done():
+                del self.deadlines[req]
+            elif until <= now:
+                del self.deadlines[req]
+                self._expired(req, fut)
+            else:
+                nearest = min(nearest, until)
+        if nearest < math.inf:
+            self._sweep_at = nearest
+            self._sweeper = self.loop.call_later(nearest - now, self._sweep)
+
+    def _expired(self, req: int, fut: asyncio.Future[Any]) -> None:
+        self.abandon(req, fut)
+        fut.set_exception(
+            BrokenResourceError(
+                f"no reply from {self.conv.peer} by the call's deadline (its timeout plus "
+                f"{REPLY_GRACE:g} s): the broker may be stalled or cut off"
+            )
+        )
 
     def abandon(self, req: int, fut: asyncio.Future[Any]) -> None:
         """The caller of ``req`` was cancelled: withdraw it, or give back what came."""
@@ -309,15 +355,17 @@ class AsyncBrokerQueue(Generic[T]):
                     link = await self._connection(effect.until)
                     established = True
                     req, fut = link.request(effect.msg)
+                    if effect.until is not None:
+                        link.expire(req, fut, effect.until)
                     try:
-                        if effect.until is None:
-                            value = await fut
-                        else:
-                            value = await _reply_by(link, req, fut, effect.until)
+                        value = await fut
                     except asyncio.CancelledError:
                         link.abandon(req, fut)
                         op.close()
                         raise
+                    finally:
+                        if effect.until is not None:
+                            link.deadlines.pop(req, None)
                 except BrokenResourceError as exc:
                     error = Lost(exc, established)
             elif isinstance(effect, Post):
@@ -434,20 +482,6 @@ class AsyncBrokerQueue(Generic[T]):
         if link is not None and self._pid == os.getpid():
             await link.aclose()
         self._link = None
-
-
-async def _reply_by(link: _LinkProtocol, req: int, fut: asyncio.Future[Any], until: float) -> Any:
-    """The reply to ``req``, waited for until ``until``; then the request is withdrawn
-    (CANCEL, or its messages handed back) and the call fails as on a lost connection."""
-    try:
-        async with asyncio.timeout(until - time.monotonic()):
-            return await asyncio.shield(fut)
-    except TimeoutError:
-        link.abandon(req, fut)
-        raise BrokenResourceError(
-            f"no reply from {link.conv.peer} by the call's deadline (its timeout plus "
-            f"{REPLY_GRACE:g} s): the broker may be stalled or cut off"
-        ) from None
 
 
 class AsyncBrokerMessage(Generic[T]):
