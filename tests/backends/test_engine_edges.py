@@ -478,3 +478,17 @@ def test_private_loops_are_selector_loops_under_any_event_loop_policy(redis_url:
             assert loop in _loopthread._LOOPS
     finally:
         asyncio.set_event_loop_policy(old)
+
+
+def test_a_timed_get_on_an_empty_queue_is_empty_every_time(
+    engine_server: tuple[str, int],
+) -> None:
+    """Now that a call's timeout bounds its retries, an error an attempt took for a lost
+    connection is no longer retried past the deadline: nats-py's fetch sometimes times
+    out with asyncio's TimeoutError rather than its own (an OSError, like a lost
+    connection), and must still mean "nothing came"."""
+    scheme, port = engine_server
+    with pigeon.Queue(f"{scheme}://127.0.0.1:{port}/{queue_name()}") as q:
+        for _ in range(50):
+            with pytest.raises(pigeon.Empty):
+                q.get_many(5, timeout=0.1)

@@ -5,9 +5,8 @@ methods defined by the ones each engine provides (``_put``, ``get``, ``qsize``),
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pigeon.backends._retry import REPLY_GRACE
@@ -18,24 +17,35 @@ from pigeon.protocol.messages import PutOptions
 T = TypeVar("T")
 
 
-@contextlib.asynccontextmanager
-async def within(until: float | None, engine: str) -> AsyncIterator[None]:
+class within:  # lower case, as contextlib.suppress: ``async with within(until, engine):``
     """Run the block until ``until`` at most (a call's ``reply_deadline``; None: no
     bound); past it, ``BrokenResourceError``: the server did not answer in time."""
-    if until is None:
-        yield
-        return
-    cut = asyncio.timeout(until - time.monotonic())
-    try:
-        async with cut:
-            yield
-    except TimeoutError:
-        if not cut.expired():
-            raise
-        raise BrokenResourceError(
-            f"{engine}: no answer by the call's deadline (its timeout plus {REPLY_GRACE:g} s): "
-            "the server may be stalled or out of reach"
-        ) from None
+
+    __slots__ = ("_cut", "engine", "until")
+
+    def __init__(self, until: float | None, engine: str) -> None:
+        self.until = until
+        self.engine = engine
+        self._cut: asyncio.Timeout | None = None
+
+    async def __aenter__(self) -> None:
+        if self.until is not None:
+            self._cut = asyncio.timeout(self.until - time.monotonic())
+            await self._cut.__aenter__()
+
+    async def __aexit__(self, kind: Any, exc: Any, tb: Any) -> bool | None:
+        if self._cut is None:
+            return None
+        try:
+            await self._cut.__aexit__(kind, exc, tb)
+        except TimeoutError:
+            if not self._cut.expired():
+                raise
+            raise BrokenResourceError(
+                f"{self.engine}: no answer by the call's deadline (its timeout plus "
+                f"{REPLY_GRACE:g} s): the server may be stalled or out of reach"
+            ) from None
+        return None
 
 
 class EngineQueue(Generic[T]):

@@ -246,11 +246,9 @@ class AsyncNatsQueue(EngineQueue[T]):
         _BUSY = _busy()
 
         backoff = Backoff(deadline, self.reconnect_timeout)
-        until = reply_deadline(deadline)
         while True:
             try:
-                async with within(until, "nats"):
-                    return await fn(await self._jetstream())
+                return await fn(await self._jetstream())
             except _LOST_CONNECTION as exc:
                 if (wait := backoff.next_delay()) is None:
                     raise BrokenResourceError(f"nats: {exc or type(exc).__name__}") from exc
@@ -303,61 +301,64 @@ class AsyncNatsQueue(EngineQueue[T]):
         import nats.js.errors as jerr
 
         deadline = deadline_from(block, timeout)
-        # A publish whose ack was lost (a node died, a leader changed) is sent again with
-        # the same id: JetStream keeps one copy (its duplicate window is two minutes). A
-        # dedup_id is that id: a repeat within the stream's duplicate window is confirmed
-        # and not stored again.
-        if options is not None and options.dedup_id:
-            dedup_ids = [options.dedup_id]
-        ids = dedup_ids or _msg_ids(len(payloads))
-        extra = to_nats(options.headers) if options is not None and options.headers else {}
-        extra.update(own or {})
-        # every header the server gets is here, so the size check counts them all
-        hdrs = [{**extra, "Nats-Msg-Id": i, "Nats-Expected-Stream": self.stream} for i in ids]
-        await self._do(lambda js: self._check_sizes(payloads, hdrs), deadline)
-        if self.maxsize and len(payloads) > 1:
-            await self._put_batch_locked(payloads, hdrs, deadline)
-            return
-        delay = 0.001
-        sent = 0
-        unanswered = Backoff(deadline, self.reconnect_timeout)
-        while True:
-
-            async def publish(js: Any) -> None:
-                nonlocal sent
-                if len(payloads) - sent > 1:  # many in flight, then gather the acks
-                    acks = [
-                        await js.publish_async(self.subject, p, headers=h)
-                        for p, h in zip(payloads[sent:], hdrs[sent:], strict=True)
-                    ]
-                    await asyncio.gather(*acks)
-                    sent = len(payloads)
-                    return
-                while sent < len(payloads):
-                    await js.publish(self.subject, payloads[sent], headers=hdrs[sent])
-                    sent += 1
-
-            try:
-                await self._do(
-                    lambda js: self._with_room(js, len(payloads) - sent, publish), deadline
-                )
+        async with within(reply_deadline(deadline), "nats"):
+            # A publish whose ack was lost (a node died, a leader changed) is sent again with
+            # the same id: JetStream keeps one copy (its duplicate window is two minutes). A
+            # dedup_id is that id: a repeat within the stream's duplicate window is confirmed
+            # and not stored again.
+            if options is not None and options.dedup_id:
+                dedup_ids = [options.dedup_id]
+            ids = dedup_ids or _msg_ids(len(payloads))
+            extra = to_nats(options.headers) if options is not None and options.headers else {}
+            extra.update(own or {})
+            # every header the server gets is here, so the size check counts them all
+            hdrs = [{**extra, "Nats-Msg-Id": i, "Nats-Expected-Stream": self.stream} for i in ids]
+            await self._do(lambda js: self._check_sizes(payloads, hdrs), deadline)
+            if self.maxsize and len(payloads) > 1:
+                await self._put_batch_locked(payloads, hdrs, deadline)
                 return
-            except _NoRoom:
-                pass
-            except (nerr.NoRespondersError, jerr.NoStreamResponseError) as exc:
+            delay = 0.001
+            sent = 0
+            unanswered = Backoff(deadline, self.reconnect_timeout)
+            while True:
+
+                async def publish(js: Any) -> None:
+                    nonlocal sent
+                    if len(payloads) - sent > 1:  # many in flight, then gather the acks
+                        acks = [
+                            await js.publish_async(self.subject, p, headers=h)
+                            for p, h in zip(payloads[sent:], hdrs[sent:], strict=True)
+                        ]
+                        await asyncio.gather(*acks)
+                        sent = len(payloads)
+                        return
+                    while sent < len(payloads):
+                        await js.publish(self.subject, payloads[sent], headers=hdrs[sent])
+                        sent += 1
+
+                try:
+                    await self._do(
+                        lambda js: self._with_room(js, len(payloads) - sent, publish), deadline
+                    )
+                    return
+                except _NoRoom:
+                    pass
+                except (nerr.NoRespondersError, jerr.NoStreamResponseError) as exc:
+                    if await self._is_shut_down(deadline):
+                        raise ShutDown("the queue was shut down; put refused") from None
+                    # no stream leader right now (a cluster electing one): try again
+                    if (wait := unanswered.next_delay()) is None:
+                        raise BrokenResourceError(
+                            f"nats: no stream answers {self.subject}"
+                        ) from exc
+                    await asyncio.sleep(wait)
+                    continue
                 if await self._is_shut_down(deadline):
-                    raise ShutDown("the queue was shut down; put refused") from None
-                # no stream leader right now (a cluster electing one): try again
-                if (wait := unanswered.next_delay()) is None:
-                    raise BrokenResourceError(f"nats: no stream answers {self.subject}") from exc
-                await asyncio.sleep(wait)
-                continue
-            if await self._is_shut_down(deadline):
-                raise ShutDown("the queue was shut down; put refused")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
-            await asyncio.sleep(min(delay, max(0.0, (deadline or 1e18) - time.monotonic())))
-            delay = min(delay * 2, 0.05)
+                    raise ShutDown("the queue was shut down; put refused")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
+                await asyncio.sleep(min(delay, max(0.0, (deadline or 1e18) - time.monotonic())))
+                delay = min(delay * 2, 0.05)
 
     async def _check_sizes(self, payloads: list[bytes], hdrs: list[dict[str, str]]) -> None:
         """Refuse, before anything is sent, a message the server would refuse: it counts
@@ -459,41 +460,40 @@ class AsyncNatsQueue(EngineQueue[T]):
         return bool(info.config.description == SHUTDOWN_MARK)
 
     async def _fetch(self, n: int, block: bool, timeout: float | None) -> list[Any]:
-        import nats.errors as nerr
-
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"max_items must be an int >= 1, not {n!r}")
         deadline = deadline_from(block, timeout)
-        while True:
-            remaining = SLICE if deadline is None else deadline - time.monotonic()
-            wait = max(0.01, min(SLICE, remaining))
+        async with within(reply_deadline(deadline), "nats"):
+            while True:
+                remaining = SLICE if deadline is None else deadline - time.monotonic()
+                wait = max(0.01, min(SLICE, remaining))
 
-            async def fetch(js: Any, wait: float = wait) -> list[Any]:
-                sub = await self._subscription(js)
-                try:
-                    return list(await sub.fetch(n, timeout=wait))
-                except nerr.TimeoutError:
-                    return []
+                async def fetch(js: Any, wait: float = wait) -> list[Any]:
+                    sub = await self._subscription(js)
+                    try:
+                        return list(await sub.fetch(n, timeout=wait))
+                    except TimeoutError:  # nats-py's, or asyncio's from inside its fetch
+                        return []
 
-            got = await self._do(fetch, deadline)
-            again = [m for m in got if m.metadata.num_delivered > 1]
-            if again:  # given back earlier, perhaps by a nack: no longer waiting
-                await self._unmark(again, deadline)
-            live = []
-            for msg in got:
-                if msg.metadata.num_delivered > self.max_deliveries:
-                    await self._dead_letter(msg)
-                else:
-                    live.append(msg)
-            if live:
-                return live
-            if got:
-                continue
-            info = await self._do(lambda js: js.stream_info(self.stream), deadline)
-            if info.config.description == SHUTDOWN_MARK and info.state.messages == 0:
-                raise ShutDown("the queue was shut down and is drained")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise Empty(f"queue {self.name!r} is empty")
+                got = await self._do(fetch, deadline)
+                again = [m for m in got if m.metadata.num_delivered > 1]
+                if again:  # given back earlier, perhaps by a nack: no longer waiting
+                    await self._unmark(again, deadline)
+                live = []
+                for msg in got:
+                    if msg.metadata.num_delivered > self.max_deliveries:
+                        await self._dead_letter(msg)
+                    else:
+                        live.append(msg)
+                if live:
+                    return live
+                if got:
+                    continue
+                info = await self._do(lambda js: js.stream_info(self.stream), deadline)
+                if info.config.description == SHUTDOWN_MARK and info.state.messages == 0:
+                    raise ShutDown("the queue was shut down and is drained")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Empty(f"queue {self.name!r} is empty")
 
     async def _dead_letter(self, msg: Any, reason: str = "max_deliveries") -> None:
         dead = AsyncNatsQueue[Any](

@@ -469,15 +469,14 @@ class AsyncRedisQueue(EngineQueue[T]):
 
     async def _do(self, fn: Any, deadline: float | None = None) -> Any:
         """Run ``fn(redis)``; translate redis-py errors; retry lost connections until the
-        call's deadline (or ``reconnect_timeout``), each attempt cut at its reply deadline."""
+        call's deadline (or ``reconnect_timeout``). A call with a deadline runs ``within`` its
+        reply deadline as a whole (``_put``, ``_fetch``): a stalled attempt is cut there."""
         import redis.exceptions as rex
 
         backoff = Backoff(deadline, self.reconnect_timeout)
-        until = reply_deadline(deadline)
         while True:
             try:
-                async with within(until, "redis"):
-                    return await fn(await self._redis())
+                return await fn(await self._redis())
             except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
                 if (wait := backoff.next_delay()) is None:
                     raise _client_error(exc) from exc
@@ -506,22 +505,23 @@ class AsyncRedisQueue(EngineQueue[T]):
         dedup_ids: list[str] | None = None,
     ) -> None:
         deadline = deadline_from(block, timeout)
-        if options is not None and options.dedup_id:
-            dedup_ids = [options.dedup_id]
-        headers = _encode_headers(options.headers) if options and options.headers else None
-        delay = 0.001
-        while True:
-            result = await self._do(
-                lambda r: self._put_now(r, payloads, dedup_ids, headers), deadline
-            )
-            if result == b"OK":
-                return
-            if result == b"SHUTDOWN":
-                raise ShutDown("the queue was shut down; put refused")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
-            await asyncio.sleep(min(delay, max(0.0, (deadline or 1e18) - time.monotonic())))
-            delay = min(delay * 2, 0.05)
+        async with within(reply_deadline(deadline), "redis"):
+            if options is not None and options.dedup_id:
+                dedup_ids = [options.dedup_id]
+            headers = _encode_headers(options.headers) if options and options.headers else None
+            delay = 0.001
+            while True:
+                result = await self._do(
+                    lambda r: self._put_now(r, payloads, dedup_ids, headers), deadline
+                )
+                if result == b"OK":
+                    return
+                if result == b"SHUTDOWN":
+                    raise ShutDown("the queue was shut down; put refused")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
+                await asyncio.sleep(min(delay, max(0.0, (deadline or 1e18) - time.monotonic())))
+                delay = min(delay * 2, 0.05)
 
     async def _put_now(
         self,
@@ -610,35 +610,36 @@ class AsyncRedisQueue(EngineQueue[T]):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"max_items must be an int >= 1, not {n!r}")
         deadline = deadline_from(block, timeout)
-        while True:
-            # New entries first, in one round trip (and, with ``take``, acked in the same
-            # script); expired ones are claimed when there is nothing new, or once a
-            # second, so a busy queue still gives back what a dead consumer held.
-            got = (
-                []
-                if self._claim_due()
-                else await self._do(lambda r: self._read_now(r, n, take), deadline)
-            )
-            if not got:
-                got = await self._do(lambda r: self._claim(r, n), deadline)
-                self._last_claim = time.monotonic()
-                if got and take:
-                    await self._settle([g[0] for g in got], deadline)
-            if not got:
-                remaining = SLICE if deadline is None else deadline - time.monotonic()
-                wait_ms = int(max(0.0, min(SLICE, remaining)) * 1000)
-                got = await self._do(lambda r, w=wait_ms: self._read_new(r, n, w), deadline)
-                if got and take:
-                    await self._settle([g[0] for g in got], deadline)
-            if got:
-                if not take:  # held: its lease ends `lease` (or the queue's) from now
-                    await self._set_lease([g[0] for g in got], lease, deadline)
-                result: list[Entry] = got
-                return result
-            if await self._do(lambda r: self._drained_and_shut(r), deadline):
-                raise ShutDown("the queue was shut down and is drained")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise Empty(f"queue {self.name!r} is empty")
+        async with within(reply_deadline(deadline), "redis"):
+            while True:
+                # New entries first, in one round trip (and, with ``take``, acked in the same
+                # script); expired ones are claimed when there is nothing new, or once a
+                # second, so a busy queue still gives back what a dead consumer held.
+                got = (
+                    []
+                    if self._claim_due()
+                    else await self._do(lambda r: self._read_now(r, n, take), deadline)
+                )
+                if not got:
+                    got = await self._do(lambda r: self._claim(r, n), deadline)
+                    self._last_claim = time.monotonic()
+                    if got and take:
+                        await self._settle([g[0] for g in got], deadline)
+                if not got:
+                    remaining = SLICE if deadline is None else deadline - time.monotonic()
+                    wait_ms = int(max(0.0, min(SLICE, remaining)) * 1000)
+                    got = await self._do(lambda r, w=wait_ms: self._read_new(r, n, w), deadline)
+                    if got and take:
+                        await self._settle([g[0] for g in got], deadline)
+                if got:
+                    if not take:  # held: its lease ends `lease` (or the queue's) from now
+                        await self._set_lease([g[0] for g in got], lease, deadline)
+                    result: list[Entry] = got
+                    return result
+                if await self._do(lambda r: self._drained_and_shut(r), deadline):
+                    raise ShutDown("the queue was shut down and is drained")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Empty(f"queue {self.name!r} is empty")
 
     async def _set_lease(
         self, ids: list[bytes], seconds: float | None, deadline: float | None = None
