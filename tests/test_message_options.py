@@ -199,3 +199,34 @@ def test_engine_headers_travel_to_dead_letters_and_dedup_ids_hold(scheme: str) -
             q.get(timeout=0.5)
         with pytest.raises(pigeon.Unsupported, match="priority"):
             q.put("x", priority=1)
+
+
+@pytest.mark.parametrize("where", ["broker", "local"])
+def test_the_trace_context_never_makes_a_valid_put_fail(
+    broker: BrokerThread, spans: Any, where: str
+) -> None:
+    """The header limits are the caller's: the trace context goes in the room they leave
+    (a header the caller set wins) and is left out when there is none."""
+    from opentelemetry import trace
+
+    q: pigeon.Queue[Any] = (
+        pigeon.Queue(broker.url(f"room-{where}")) if where == "broker" else pigeon.Queue()
+    )
+    full = {f"x-attr-{i}": "1" for i in range(64)}
+    big = {"x-blob": "b" * (16 * 1024 - len("x-blob"))}
+    room = {f"x-attr-{i}": "1" for i in range(63)}
+    own = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    try:
+        with trace.get_tracer("test").start_as_current_span("produce"):
+            for headers in (full, big, room, own):
+                q.put("x", headers=headers)
+        got = []
+        for _ in range(4):
+            msg = q.get_message(timeout=5)
+            got.append(msg.headers)
+            msg.ack()
+    finally:
+        q.close()
+    assert got[0] == full and got[1] == big  # no room: untraced, not refused
+    assert set(got[2]) - set(room) == {"traceparent"}  # room: traced
+    assert got[3] == own  # the caller's own wins

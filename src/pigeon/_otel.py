@@ -1,8 +1,9 @@
 """W3C trace context across the queue, with the optional ``pigeon[otel]`` extra.
 
-``put`` injects ``traceparent``/``tracestate`` from the current span into the message's
-headers; ``pigeon.consume`` and ``pigeon worker`` run each handler inside a consumer span,
-a child of the producer's, with the messaging semantic-convention attributes. Without
+``put`` adds ``traceparent``/``tracestate`` from the current span to the message's
+headers, in the room the caller's own headers leave (``pigeon.options``);
+``pigeon.consume`` and ``pigeon worker`` run each handler inside a consumer span, a child
+of the producer's, with the messaging semantic-convention attributes. Without
 opentelemetry-api installed, the first put tries the import once and every later call is
 one global read.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,12 +43,10 @@ def tracing() -> bool:
     return bool(api[0].get_current_span().get_span_context().is_valid)
 
 
-def inject(headers: Mapping[str, str] | None) -> dict[str, str]:
-    """``headers`` plus the current trace context (a header the caller set wins)."""
+def trace_context() -> dict[str, str]:
+    """The current span's W3C trace context as headers (``traceparent``, ``tracestate``)."""
     out: dict[str, str] = {}
     _load()[1].inject(out)
-    if headers:
-        out.update(headers)  # put_options checks the types after
     return out
 
 

@@ -22,12 +22,16 @@ checked once for every backend, before anything is sent.
 
 A bad value raises ``ValueError`` (out of range) or ``TypeError`` (wrong type) naming the
 option. With the ``otel`` extra installed and a span current, ``put`` adds the W3C trace
-context (``traceparent``, ``tracestate``) to the headers (``pigeon._otel``).
+context (``traceparent``, ``tracestate``) to the headers (``pigeon._otel``): the limits
+are the caller's, checked before it is added; it goes in the room they leave (a header
+the caller set wins), and when there is none the put goes untraced - tracing never makes
+a valid put fail, and the headers never exceed what every backend carries.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -56,6 +60,8 @@ __all__ = [
     "check_dedup_ids",
     "put_options",
 ]
+
+log = logging.getLogger("pigeon.options")
 
 DEFAULT_PORT = 7878  # the broker's
 DEFAULT_LEASE = 30.0  # seconds before an unsettled message is redelivered
@@ -143,8 +149,10 @@ def put_options(
     headers: Any = None,
 ) -> PutOptions | None:
     """The options of one put, checked; None when none is given (the plain put)."""
+    if headers is not None:
+        headers = check_headers(headers)
     if _otel.tracing():
-        headers = _otel.inject(headers)
+        headers = _with_trace_context(headers)
     if delay is None and ttl is None and dedup_id is None and priority is None and not headers:
         return None
     opts = PutOptions()
@@ -162,8 +170,30 @@ def put_options(
             raise ValueError(f"priority must be an int from 0 to {MAX_PRIORITY}, not {priority}")
         opts.priority = priority
     if headers is not None:
-        opts.headers = check_headers(headers)
+        opts.headers = headers
     return opts
+
+
+def _with_trace_context(headers: dict[str, str] | None) -> dict[str, str]:
+    """``headers`` (checked) plus the current trace context, entry by entry while it
+    fits under the limits; a header the caller set wins."""
+    out = dict(headers) if headers else {}
+    entries = len(out)
+    size = sum(_utf8(k) + _utf8(v) for k, v in out.items())
+    for k, v in _otel.trace_context().items():
+        n = _utf8(k) + _utf8(v)
+        if k in out or entries >= MAX_HEADERS or size + n > HEADERS_BYTES:
+            if k not in out:
+                log.debug("no room for %r among the put's headers: that put goes untraced", k)
+            continue
+        out[k] = v
+        entries += 1
+        size += n
+    return out
+
+
+def _utf8(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def check_dedup_ids(dedup_ids: Any, count: int) -> list[str] | None:

@@ -4,6 +4,7 @@ asyncio face: lost replies, cancelled gets, reconnects, undecodable payloads."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -306,43 +307,147 @@ def test_peer_timeout_socket_options_are_set(broker: BrokerThread) -> None:
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
 
 
-def test_a_broker_that_falls_silent_is_given_up_after_the_silence_limit() -> None:
-    # The blocking client leaves its TCP socket blocking and lets the kernel time reads
-    # out (SO_RCVTIMEO, no poll per call): a broker that welcomes, then never answers,
-    # must still count as gone after its heartbeat times HEARTBEAT_MISSES, not hang.
-    from pigeon.protocol import VERSION, Ok, Welcome
-    from pigeon.protocol.client import HEARTBEAT_MISSES
-    from pigeon.protocol.wire import encode_frame
+class SilentBroker:
+    """A fake broker that welcomes every connection (``heartbeat`` seconds), answers the
+    DECLARE, then says nothing more: a broker stopped, paused or cut off while its kernel
+    still accepts and acknowledges. With ``welcome=False`` not even the WELCOME comes."""
 
-    srv = socket.create_server(("127.0.0.1", 0))
-    port = srv.getsockname()[1]
-    conns: list[socket.socket] = []
+    def __init__(self, heartbeat: float = 10.0, *, welcome: bool = True) -> None:
+        self.heartbeat = heartbeat
+        self.welcome = welcome
+        self.srv = socket.create_server(("127.0.0.1", 0))
+        self.port = self.srv.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
 
-    def fake_broker() -> None:
+    def url(self, queue: str) -> str:
+        return f"pigeon://127.0.0.1:{self.port}/{queue}"
+
+    def _serve(self) -> None:
+        from pigeon.protocol import VERSION, Ok, Welcome
+        from pigeon.protocol.wire import encode_frame
+
         while True:
             try:
-                c, _ = srv.accept()
+                c, _ = self.srv.accept()
             except OSError:
                 return
-            conns.append(c)
-            c.recv(65536)  # HELLO and DECLARE (req 1)
-            c.sendall(encode_frame(Welcome(VERSION, "fake", 0.3, 2**20, ["options"])))
-            c.sendall(encode_frame(Ok(1, {"maxsize": 0})))
-            # then nothing: not an answer, not a heartbeat
+            self.conns.append(c)
+            if self.welcome:
+                c.recv(65536)  # HELLO and DECLARE (req 1)
+                hello = Welcome(VERSION, "fake", self.heartbeat, 2**20, ["options"])
+                c.sendall(encode_frame(hello) + encode_frame(Ok(1, {"maxsize": 0})))
+            # then nothing: not an answer, not a heartbeat; only the client's close is
+            # noticed (so that closing does not wait for the broker to answer GOODBYE)
+            threading.Thread(target=self._drain, args=(c,), daemon=True).start()
 
-    threading.Thread(target=fake_broker, daemon=True).start()
-    q = pigeon.Queue(f"pigeon://127.0.0.1:{port}/quiet", reconnect_timeout=0)
-    t = time.monotonic()
-    try:
-        with pytest.raises(BrokenResourceError, match="no word from"):
-            q.put(1)
-        waited = time.monotonic() - t
-        assert 0.3 * HEARTBEAT_MISSES * 0.8 < waited < 5
-    finally:
-        q.close()
-        srv.close()
-        for c in conns:
+    @staticmethod
+    def _drain(c: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while c.recv(65536):
+                pass
+            c.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> SilentBroker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.srv.close()
+        for c in self.conns:
             c.close()
+
+
+def test_a_broker_that_falls_silent_is_given_up_after_the_silence_limit() -> None:
+    # A broker that welcomes, then never answers, must count as gone after its heartbeat
+    # times HEARTBEAT_MISSES, not hang.
+    from pigeon.protocol.client import HEARTBEAT_MISSES
+
+    with SilentBroker(heartbeat=0.3) as fake:
+        q = pigeon.Queue(fake.url("quiet"), reconnect_timeout=0)
+        t = time.monotonic()
+        try:
+            with pytest.raises(BrokenResourceError, match="no word from"):
+                q.put(1)
+            waited = time.monotonic() - t
+            assert 0.3 * HEARTBEAT_MISSES * 0.8 < waited < 5
+        finally:
+            q.close()
+
+
+def _timed_calls() -> list[tuple[str, Callable[[Any, float], Any]]]:
+    return [
+        ("get", lambda q, t: q.get(timeout=t)),
+        ("get_message", lambda q, t: q.get_message(timeout=t)),
+        ("put", lambda q, t: q.put("x", timeout=t)),
+        ("put_many", lambda q, t: q.put_many(["x", "y"], timeout=t)),
+    ]
+
+
+@pytest.mark.parametrize("face", FACES, ids=repr)
+@pytest.mark.parametrize(("call", "fn"), _timed_calls(), ids=[c for c, _ in _timed_calls()])
+@pytest.mark.parametrize("welcome", [True, False], ids=["silent-after-welcome", "no-welcome"])
+def test_a_call_gives_up_by_its_timeout_when_the_broker_falls_silent(
+    face: Face, call: str, fn: Callable[[Any, float], Any], welcome: bool
+) -> None:
+    """The call's timeout bounds the wait for the reply and for a new connection's
+    WELCOME, not the silence limit (30 s here) nor connect_timeout (20 s): the stdlib's
+    "blocks at most timeout seconds", plus the reply's grace (REPLY_GRACE, 1 s)."""
+    took: list[float] = []
+
+    def timed(q: Any) -> Any:  # the call alone, not the handle's close
+        t = time.monotonic()
+        try:
+            result = fn(q, 0.5)
+        finally:
+            took.append(time.monotonic() - t)
+        if not asyncio.iscoroutine(result):
+            return result
+
+        async def awaited() -> Any:
+            t = time.monotonic()
+            try:
+                return await result
+            finally:
+                took.append(time.monotonic() - t)
+
+        return awaited()
+
+    with (
+        SilentBroker(heartbeat=10.0, welcome=welcome) as fake,
+        pytest.raises(BrokenResourceError, match=r"call's (deadline|timeout)"),
+    ):
+        face.run(fake.url("stalled"), timed, connect_timeout=20)
+    assert 0.5 <= max(took) < 0.5 + 1.0 + 2.0
+
+
+def test_a_silent_broker_is_noticed_while_signals_keep_interrupting_the_wait() -> None:
+    """A signal whose handler returns interrupts the blocked read; it must resume with the
+    time that was left, not the whole silence limit again (SO_RCVTIMEO did), or a process
+    with a SIGALRM watchdog never notices a silent broker."""
+
+    class Hung(Exception):
+        pass
+
+    started = time.monotonic()
+
+    def watchdog(signum: int, frame: object) -> None:
+        if time.monotonic() - started > 15:
+            raise Hung  # the read was restarted for good: stop the test here
+
+    old = signal.signal(signal.SIGALRM, watchdog)
+    signal.setitimer(signal.ITIMER_REAL, 0.1, 0.1)  # ten times in every 0.9 s limit
+    try:
+        with SilentBroker(heartbeat=0.3) as fake:
+            q = pigeon.Queue(fake.url("signals"), reconnect_timeout=0)
+            try:
+                with pytest.raises(BrokenResourceError, match="no word from"):
+                    q.put(1)
+            finally:
+                q.close()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert time.monotonic() - started < 10
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -401,3 +506,21 @@ def test_a_fork_does_not_close_another_threads_connection(broker: BrokerThread) 
     t.join(10)
     assert acked == ["held"]
     q.close()
+
+
+def test_aclose_during_a_handshake_ends_the_calls_waiting_for_it() -> None:
+    async def main() -> tuple[BaseException | None, float]:
+        with SilentBroker(welcome=False) as fake:
+            aq = pigeon.AsyncQueue(fake.url("closing"), connect_timeout=20)
+            getter = asyncio.ensure_future(aq.get())  # waits for a WELCOME that never comes
+            await asyncio.sleep(0.3)
+            t = time.monotonic()
+            await aq.aclose()
+            try:
+                await asyncio.wait_for(getter, 10)
+            except pigeon.ClosedResourceError as exc:
+                return exc, time.monotonic() - t
+            return None, time.monotonic() - t
+
+    error, took = asyncio.run(main())
+    assert isinstance(error, pigeon.ClosedResourceError) and took < 2

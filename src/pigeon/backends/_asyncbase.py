@@ -1,17 +1,51 @@
 """What the asyncio implementations of the engine backends (Redis, NATS) share: the
-methods defined by the ones each engine provides (``_put``, ``get``, ``qsize``)."""
+methods defined by the ones each engine provides (``_put``, ``get``, ``qsize``), and
+``within``, which cuts an attempt at its call's deadline."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
-from pigeon.errors import DecodeError, Unsupported
+from pigeon.backends._retry import REPLY_GRACE
+from pigeon.errors import BrokenResourceError, DecodeError, Unsupported
 from pigeon.options import check_dedup_ids, put_options
 from pigeon.protocol.messages import PutOptions
 
 T = TypeVar("T")
+
+
+class within:  # lower case, as contextlib.suppress: ``async with within(until, engine):``
+    """Run the block until ``until`` at most (a call's ``reply_deadline``; None: no
+    bound); past it, ``BrokenResourceError``: the server did not answer in time."""
+
+    __slots__ = ("_cut", "engine", "until")
+
+    def __init__(self, until: float | None, engine: str) -> None:
+        self.until = until
+        self.engine = engine
+        self._cut: asyncio.Timeout | None = None
+
+    async def __aenter__(self) -> None:
+        if self.until is not None:
+            self._cut = asyncio.timeout(self.until - time.monotonic())
+            await self._cut.__aenter__()
+
+    async def __aexit__(self, kind: Any, exc: Any, tb: Any) -> bool | None:
+        if self._cut is None:
+            return None
+        try:
+            await self._cut.__aexit__(kind, exc, tb)
+        except TimeoutError:
+            if not self._cut.expired():
+                raise
+            raise BrokenResourceError(
+                f"{self.engine}: no answer by the call's deadline (its timeout plus "
+                f"{REPLY_GRACE:g} s): the server may be stalled or out of reach"
+            ) from None
+        return None
 
 
 class EngineQueue(Generic[T]):

@@ -4,6 +4,11 @@ clients (redis.asyncio, nats-py).
 The blocking call waits on a ``concurrent.futures.Future``; the coroutine runs on the
 private loop, never on a loop the caller may be running, so a blocking pigeon call made
 from inside asyncio code blocks only its own thread, as any blocking call does.
+
+Private loops are always the stdlib's selector loop (``new_loop``), whatever event loop
+policy the application set (uvloop's, say): pigeon owns them, and a fork child must be
+able to give each one a selector of its own (``_detach_in_child``), which uvloop's loop
+does not allow - its libuv loop would keep sharing the parent's epoll instance.
 """
 
 from __future__ import annotations
@@ -23,8 +28,13 @@ _loop: asyncio.AbstractEventLoop | None = None
 _pid = 0
 
 
+def new_loop() -> asyncio.AbstractEventLoop:
+    """A private event loop, detached from its parent's epoll in fork children."""
+    return track(asyncio.SelectorEventLoop())
+
+
 def _start() -> asyncio.AbstractEventLoop:
-    loop = track(asyncio.new_event_loop())
+    loop = new_loop()
     ready = threading.Event()
 
     def run() -> None:
@@ -49,17 +59,22 @@ def track(loop: asyncio.AbstractEventLoop) -> asyncio.AbstractEventLoop:
 
 
 def _detach_in_child() -> None:
-    """In a fork child, give every inherited loop a selector of its own.
+    """In a fork child, give every inherited loop a selector of its own, and this module
+    a lock and a loop of its own.
 
     A child shares its parent's epoll instance (the descriptor and the kernel object are
     inherited). When an inherited client is garbage-collected in the child - redis-py's
     connection closes its transport in ``__del__`` - the loop unregisters the socket from
     that shared epoll and the parent's loop never hears from it again: the parent's next
     call (say, its ``close()``) waits forever. With a fresh selector, such unregistering
-    touches only the child's own."""
+    touches only the child's own. The lock is made anew: a parent thread may have held it
+    at the fork (inside ``loop()``), and no thread of the child will ever release it."""
+    global _lock, _loop, _pid
+    _lock = threading.Lock()
+    _loop, _pid = None, 0  # the parent's I/O thread does not exist here
     for lp in list(_LOOPS):
         old = getattr(lp, "_selector", None)
-        if old is None:  # not a selector loop (uvloop): nothing shared this way
+        if old is None:  # not a selector loop: not one of ours (new_loop)
             continue
         lp._selector = type(old)()  # type: ignore[attr-defined]
         with contextlib.suppress(OSError):

@@ -13,6 +13,7 @@ fork the child opens its own clients: connections belong to the process that mad
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import threading
 import weakref
@@ -28,23 +29,68 @@ T = TypeVar("T")
 
 
 class _Lane:
-    """One client and the loop it lives on."""
+    """One client and the loop it lives on.
+
+    ``close()`` may come from any thread (``SyncFace.close``, a finalizer) while another
+    is inside a call on this lane, its private loop running. Then the calls running are
+    cancelled (each raises ``ClosedResourceError``) and the thread of the last one closes
+    the client once nothing runs on its loop - never a client closed under a running
+    call, never a client left open because its loop was busy.
+    """
 
     def __init__(self, impl: Any, loop: asyncio.AbstractEventLoop | None) -> None:
         self.impl = impl
         self.loop = loop  # None: the shared I/O thread's loop
         self.pid = os.getpid()
+        self._guard = threading.Lock()
+        self._running: set[Any] = set()  # the calls running now (tasks or futures)
+        self._closing = False  # close() came while calls ran: the last one closes
+        self.closed = False
 
     def run(self, coro: Any) -> Any:
-        if self.loop is None:
-            return _loopthread.run(coro)
-        return self.loop.run_until_complete(coro)
+        with self._guard:
+            if self.closed or self._closing:
+                coro.close()
+                raise ClosedResourceError("this queue handle was closed")
+            if self.loop is None:
+                call: Any = asyncio.run_coroutine_threadsafe(coro, _loopthread.loop())
+            else:
+                call = self.loop.create_task(coro)
+            self._running.add(call)
+        try:
+            return call.result() if self.loop is None else self.loop.run_until_complete(call)
+        except (asyncio.CancelledError, concurrent.futures.CancelledError):
+            if self._closed_under_call():
+                raise ClosedResourceError("this queue handle was closed during the call") from None
+            raise
+        finally:
+            with self._guard:
+                self._running.discard(call)
+                last = self._closed_under_call() and not self._running and not self.closed
+                self.closed = self.closed or last
+            if last:
+                self._close_here()
+
+    def _closed_under_call(self) -> bool:
+        return self._closing  # set by close() from another thread meanwhile
 
     def close(self) -> None:
         """Close the client, then its private loop - never from a thread whose own event
         loop is running (a finalizer may run anywhere): then from a helper thread."""
         if self.pid != os.getpid():
             return  # a fork child: the parent's client is not ours to close
+        with self._guard:
+            if self.closed or self._closing:
+                return
+            if self._running:  # calls under way: see the class
+                self._closing = True
+                for call in self._running:
+                    if self.loop is None:
+                        call.cancel()  # a concurrent future: cancels its task, thread-safe
+                    else:
+                        self.loop.call_soon_threadsafe(call.cancel)
+                return
+            self.closed = True
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -55,15 +101,28 @@ class _Lane:
         helper.join()
 
     def _close_here(self) -> None:
+        loop = self.loop
         try:
-            if self.loop is not None and self.loop.is_running():
-                return
-            self.run(self.impl.aclose())
+            if loop is None:
+                _loopthread.run(self.impl.aclose())
+            else:
+                loop.run_until_complete(self.impl.aclose())
         except Exception:  # closing a client that already broke: nothing more to lose
             pass
         finally:
-            if self.loop is not None and not self.loop.is_running():
-                self.loop.close()
+            if loop is not None:
+                _cancel_leftovers(loop)
+                loop.close()
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    """Tasks a cancelled call left on its private loop (a fetch it shielded): they end
+    now, as ``asyncio.run`` ends its leftovers, instead of dying pending with the loop."""
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
 
 
 class _ThreadLane:
@@ -130,7 +189,7 @@ class SyncFace(Queue[T]):
         key = "shared" if shared else "own"
         holder: _ThreadLane | None = getattr(self._local, key, None)
         if holder is None:
-            loop = None if shared else _loopthread.track(asyncio.new_event_loop())
+            loop = None if shared else _loopthread.new_loop()
             holder = _ThreadLane(_Lane(self.impl_class(self._url, **self._options), loop))
             setattr(self._local, key, holder)
             with self._lock:

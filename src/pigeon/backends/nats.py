@@ -29,10 +29,13 @@ Delivery guarantees
     ``get`` acks on receipt, once the payload decoded (an undecodable one goes to
     ``QUEUE.dead``, reason ``undecodable``; the rest of its batch is redelivered). A
     batch put on a bounded queue is all or none even with concurrent producers (a short
-    lock per queue in the ``PIGEON_LOCKS`` key-value bucket). Items larger than the
-    server's ``max_payload`` (1 MiB by default) are refused before anything is sent, with
-    ``pigeon.TooLarge``. Durability is JetStream's: file storage, synced to disk every two
-    minutes by default (``sync_interval`` in the server's configuration; ``always`` for
+    lock per queue in the ``PIGEON_LOCKS`` key-value bucket). Items that do not fit the
+    server's ``max_payload`` (1 MiB by default) with their headers are refused before
+    anything is sent, with ``pigeon.TooLarge``. Headers travel exactly: those NATS would
+    alter go escaped (``_natsheaders``). ``qsize`` counts what waits, a message given back
+    by a nack included (a mark in the ``PIGEON-NACKED`` stream until it is fetched
+    again). Durability is JetStream's: file storage, synced to disk every two minutes by
+    default (``sync_interval`` in the server's configuration; ``always`` for
     every write). A shut-down queue takes no more puts (its stream stops listening on
     the subject) and readers stop once it is drained; waits run in slices of at most 0.2 s
     so a blocked reader sees the shutdown within that. FIFO per queue except redeliveries.
@@ -51,8 +54,9 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pigeon._queue_base import deadline_from
-from pigeon.backends._asyncbase import EngineQueue
-from pigeon.backends._retry import Backoff
+from pigeon.backends._asyncbase import EngineQueue, within
+from pigeon.backends._natsheaders import OWN, block_size, from_nats, to_nats
+from pigeon.backends._retry import Backoff, reply_deadline
 from pigeon.backends._syncface import SyncFace
 from pigeon.backends._url import QueueURL, check_maxsize
 from pigeon.errors import (
@@ -69,7 +73,7 @@ from pigeon.errors import (
 )
 from pigeon.options import DEFAULT_LEASE, DEFAULT_MAX_DELIVERIES, DEFAULT_RECONNECT_TIMEOUT
 from pigeon.protocol.messages import PutOptions
-from pigeon.protocol.rules import check_seconds
+from pigeon.protocol.rules import MAX_SECONDS, check_seconds
 from pigeon.serializers import SerializerLike, get_serializer
 
 T = TypeVar("T")
@@ -80,6 +84,11 @@ LOCKS = "PIGEON_LOCKS"  # key-value bucket: one short lock per bounded queue, fo
 LOCK_TTL = 30.0  # seconds: a producer that dies holding the lock holds it no longer
 SLICE = 0.2
 SHUTDOWN_MARK = "pigeon: shut down"
+# Deliveries given back by a nack (delayed or not) are in no count JetStream gives - not
+# pending, only "ack pending" like the ones held - so each leaves a mark here, one subject
+# per message (pigeon-nacked.STREAM.SEQ), until it is fetched again: qsize counts them.
+# No queue's stream is named so (theirs start with "PIGEON_").
+NACKED = "PIGEON-NACKED"
 _SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_\-.]+$")
 
 
@@ -162,6 +171,7 @@ class AsyncNatsQueue(EngineQueue[T]):
 
                 options: dict[str, Any] = {
                     "servers": self._servers,
+                    "error_cb": _log_error,  # pigeon raises what matters, translated
                     "connect_timeout": 5,
                     # in a cluster the client moves to another server by itself; pigeon's
                     # own retry (Backoff) covers the rest
@@ -228,7 +238,8 @@ class AsyncNatsQueue(EngineQueue[T]):
                 self.lease = float(current.ack_wait)
 
     async def _do(self, fn: Any, deadline: float | None = None) -> Any:
-        """Run ``fn(jetstream)``; translate nats-py errors; retry until the deadline."""
+        """Run ``fn(jetstream)``; translate nats-py errors; retry until the call's deadline
+        (or ``reconnect_timeout``), each attempt cut at its reply deadline."""
         import nats.js.errors as jerr
 
         _LOST_CONNECTION = _lost_connection()
@@ -258,8 +269,8 @@ class AsyncNatsQueue(EngineQueue[T]):
         if nc is not None:
             try:
                 await nc.close()
-            except Exception:  # closing a broken connection: nothing more to lose
-                pass
+            except Exception:  # closing a broken connection: nothing more to lose, but
+                _finish_close(nc)  # what nats-py left undone when it stopped at the error
 
     async def _subscription(self, js: Any) -> Any:
         if self._sub is None:
@@ -282,79 +293,90 @@ class AsyncNatsQueue(EngineQueue[T]):
         timeout: float | None,
         options: PutOptions | None = None,
         dedup_ids: list[str] | None = None,
+        *,
+        own: dict[str, str] | None = None,
     ) -> None:
+        """``own``: pigeon's headers (``Pigeon-*``), sent as they are."""
         import nats.errors as nerr
         import nats.js.errors as jerr
 
         deadline = deadline_from(block, timeout)
-        await self._check_sizes(payloads)
-        # A publish whose ack was lost (a node died, a leader changed) is sent again with
-        # the same id: JetStream keeps one copy (its duplicate window is two minutes). A
-        # dedup_id is that id: a repeat within the stream's duplicate window is confirmed
-        # and not stored again.
-        if options is not None and options.dedup_id:
-            dedup_ids = [options.dedup_id]
-        ids = dedup_ids or _msg_ids(len(payloads))
-        extra = options.headers if options is not None else None
-        if extra:
-            for name in extra:
-                if name.lower().startswith("nats-"):
-                    raise ValueError(
-                        f"header {name!r}: names starting with Nats- are JetStream's own"
-                    )
-        hdrs = [{**extra, "Nats-Msg-Id": i} if extra else {"Nats-Msg-Id": i} for i in ids]
-        if self.maxsize and len(payloads) > 1:
-            await self._put_batch_locked(payloads, hdrs, deadline)
-            return
-        delay = 0.001
-        sent = 0
-        unanswered = Backoff(deadline, self.reconnect_timeout)
-        while True:
-
-            async def publish(js: Any) -> None:
-                nonlocal sent
-                if len(payloads) - sent > 1:  # many in flight, then gather the acks
-                    acks = [
-                        await js.publish_async(self.subject, p, headers=h)
-                        for p, h in zip(payloads[sent:], hdrs[sent:], strict=True)
-                    ]
-                    await asyncio.gather(*acks)
-                    sent = len(payloads)
-                    return
-                while sent < len(payloads):
-                    await js.publish(self.subject, payloads[sent], stream=self.stream,
-                                     headers=hdrs[sent])  # fmt: skip
-                    sent += 1
-
-            try:
-                await self._do(lambda js: self._with_room(js, len(payloads) - sent, publish))
+        async with within(reply_deadline(deadline), "nats"):
+            # A publish whose ack was lost (a node died, a leader changed) is sent again with
+            # the same id: JetStream keeps one copy (its duplicate window is two minutes). A
+            # dedup_id is that id: a repeat within the stream's duplicate window is confirmed
+            # and not stored again.
+            if options is not None and options.dedup_id:
+                dedup_ids = [options.dedup_id]
+            ids = dedup_ids or _msg_ids(len(payloads))
+            extra = to_nats(options.headers) if options is not None and options.headers else {}
+            extra.update(own or {})
+            # every header the server gets is here, so the size check counts them all
+            hdrs = [{**extra, "Nats-Msg-Id": i, "Nats-Expected-Stream": self.stream} for i in ids]
+            await self._do(lambda js: self._check_sizes(payloads, hdrs), deadline)
+            if self.maxsize and len(payloads) > 1:
+                await self._put_batch_locked(payloads, hdrs, deadline)
                 return
-            except _NoRoom:
-                pass
-            except (nerr.NoRespondersError, jerr.NoStreamResponseError) as exc:
-                if await self._is_shut_down():
-                    raise ShutDown("the queue was shut down; put refused") from None
-                # no stream leader right now (a cluster electing one): try again
-                if (wait := unanswered.next_delay()) is None:
-                    raise BrokenResourceError(f"nats: no stream answers {self.subject}") from exc
-                await asyncio.sleep(wait)
-                continue
-            if await self._is_shut_down():
-                raise ShutDown("the queue was shut down; put refused")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
-            await asyncio.sleep(min(delay, max(0.0, (deadline or 1e18) - time.monotonic())))
-            delay = min(delay * 2, 0.05)
+            delay = 0.001
+            sent = 0
+            unanswered = Backoff(deadline, self.reconnect_timeout)
+            while True:
 
-    async def _check_sizes(self, payloads: list[bytes]) -> None:
+                async def publish(js: Any) -> None:
+                    nonlocal sent
+                    if len(payloads) - sent > 1:  # many in flight, then gather the acks
+                        acks = [
+                            await js.publish_async(self.subject, p, headers=h)
+                            for p, h in zip(payloads[sent:], hdrs[sent:], strict=True)
+                        ]
+                        await asyncio.gather(*acks)
+                        sent = len(payloads)
+                        return
+                    while sent < len(payloads):
+                        await js.publish(self.subject, payloads[sent], headers=hdrs[sent])
+                        sent += 1
+
+                try:
+                    await self._do(
+                        lambda js: self._with_room(js, len(payloads) - sent, publish), deadline
+                    )
+                    return
+                except _NoRoom:
+                    pass
+                except (nerr.NoRespondersError, jerr.NoStreamResponseError) as exc:
+                    if await self._is_shut_down(deadline):
+                        raise ShutDown("the queue was shut down; put refused") from None
+                    # no stream leader right now (a cluster electing one): try again
+                    if (wait := unanswered.next_delay()) is None:
+                        raise BrokenResourceError(
+                            f"nats: no stream answers {self.subject}"
+                        ) from exc
+                    await asyncio.sleep(wait)
+                    continue
+                if await self._is_shut_down(deadline):
+                    raise ShutDown("the queue was shut down; put refused")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
+                await asyncio.sleep(min(delay, max(0.0, (deadline or 1e18) - time.monotonic())))
+                delay = min(delay * 2, 0.05)
+
+    async def _check_sizes(self, payloads: list[bytes], hdrs: list[dict[str, str]]) -> None:
+        """Refuse, before anything is sent, a message the server would refuse: it counts
+        the headers with the payload against ``max_payload`` (and drops the connection)."""
         await self._jetstream()
         limit = int(getattr(self._nc, "max_payload", 0) or 0)
-        big = max(map(len, payloads))
-        if limit and big > limit:
+        if not limit:
+            return
+        size, item, head = max(
+            (len(p) + block_size(h), len(p), block_size(h))
+            for p, h in zip(payloads, hdrs, strict=True)
+        )
+        if size > limit:
             raise TooLarge(
-                f"an item of {big} bytes is larger than the NATS server's max_payload={limit}; "
-                "raise max_payload in the server's configuration (up to 64 MB), or put "
-                "smaller items; nothing was sent"
+                f"an item of {item} bytes with {head} bytes of headers is larger than the "
+                f"NATS server's max_payload={limit} (it counts both); raise max_payload in "
+                "the server's configuration (up to 64 MB), or put smaller items; nothing "
+                "was sent"
             )
 
     async def _put_batch_locked(
@@ -364,9 +386,8 @@ class AsyncNatsQueue(EngineQueue[T]):
         then publish; concurrent batches take turns instead of splitting each other."""
         delay = 0.005
         while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            async with self._lock_queue(remaining):
-                info = await self._do(lambda js: js.stream_info(self.stream))
+            async with self._lock_queue(deadline):
+                info = await self._do(lambda js: js.stream_info(self.stream), deadline)
                 if info.config.description == SHUTDOWN_MARK:
                     raise ShutDown("the queue was shut down; put refused")
                 if info.state.messages + len(payloads) <= self.maxsize:
@@ -378,7 +399,7 @@ class AsyncNatsQueue(EngineQueue[T]):
                         ]
                         await asyncio.gather(*acks)
 
-                    await self._do(publish)
+                    await self._do(publish, deadline)
                     return
             if deadline is not None and time.monotonic() >= deadline:
                 raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
@@ -386,7 +407,7 @@ class AsyncNatsQueue(EngineQueue[T]):
             delay = min(delay * 2, 0.05)
 
     @contextlib.asynccontextmanager
-    async def _lock_queue(self, timeout: float | None) -> AsyncIterator[None]:
+    async def _lock_queue(self, deadline: float | None) -> AsyncIterator[None]:
         from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
 
         async def bucket(js: Any) -> Any:
@@ -399,8 +420,7 @@ class AsyncNatsQueue(EngineQueue[T]):
                     KeyValueConfig(bucket=LOCKS, ttl=LOCK_TTL, replicas=self.replicas)
                 )
 
-        kv = await self._do(bucket)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        kv = await self._do(bucket, deadline)
         delay = 0.002
         while True:
             try:
@@ -435,43 +455,45 @@ class AsyncNatsQueue(EngineQueue[T]):
                 raise _NoRoom from exc
             raise
 
-    async def _is_shut_down(self) -> bool:
-        info = await self._do(lambda js: js.stream_info(self.stream))
+    async def _is_shut_down(self, deadline: float | None = None) -> bool:
+        info = await self._do(lambda js: js.stream_info(self.stream), deadline)
         return bool(info.config.description == SHUTDOWN_MARK)
 
     async def _fetch(self, n: int, block: bool, timeout: float | None) -> list[Any]:
-        import nats.errors as nerr
-
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"max_items must be an int >= 1, not {n!r}")
         deadline = deadline_from(block, timeout)
-        while True:
-            remaining = SLICE if deadline is None else deadline - time.monotonic()
-            wait = max(0.01, min(SLICE, remaining))
+        async with within(reply_deadline(deadline), "nats"):
+            while True:
+                remaining = SLICE if deadline is None else deadline - time.monotonic()
+                wait = max(0.01, min(SLICE, remaining))
 
-            async def fetch(js: Any, wait: float = wait) -> list[Any]:
-                sub = await self._subscription(js)
-                try:
-                    return list(await sub.fetch(n, timeout=wait))
-                except nerr.TimeoutError:
-                    return []
+                async def fetch(js: Any, wait: float = wait) -> list[Any]:
+                    sub = await self._subscription(js)
+                    try:
+                        return list(await sub.fetch(n, timeout=wait))
+                    except TimeoutError:  # nats-py's, or asyncio's from inside its fetch
+                        return []
 
-            got = await self._do(fetch)
-            live = []
-            for msg in got:
-                if msg.metadata.num_delivered > self.max_deliveries:
-                    await self._dead_letter(msg)
-                else:
-                    live.append(msg)
-            if live:
-                return live
-            if got:
-                continue
-            info = await self._do(lambda js: js.stream_info(self.stream))
-            if info.config.description == SHUTDOWN_MARK and info.state.messages == 0:
-                raise ShutDown("the queue was shut down and is drained")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise Empty(f"queue {self.name!r} is empty")
+                got = await self._do(fetch, deadline)
+                again = [m for m in got if m.metadata.num_delivered > 1]
+                if again:  # given back earlier, perhaps by a nack: no longer waiting
+                    await self._unmark(again, deadline)
+                live = []
+                for msg in got:
+                    if msg.metadata.num_delivered > self.max_deliveries:
+                        await self._dead_letter(msg)
+                    else:
+                        live.append(msg)
+                if live:
+                    return live
+                if got:
+                    continue
+                info = await self._do(lambda js: js.stream_info(self.stream), deadline)
+                if info.config.description == SHUTDOWN_MARK and info.state.messages == 0:
+                    raise ShutDown("the queue was shut down and is drained")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Empty(f"queue {self.name!r} is empty")
 
     async def _dead_letter(self, msg: Any, reason: str = "max_deliveries") -> None:
         dead = AsyncNatsQueue[Any](
@@ -479,9 +501,14 @@ class AsyncNatsQueue(EngineQueue[T]):
             serializer="raw", reconnect_timeout=self.reconnect_timeout,
         )  # fmt: skip
         dead._user, dead._password = self._user, self._password
+        kept = from_nats(msg.headers)
+        options = PutOptions(headers=kept) if kept else None
+        why = {OWN + "Origin": self.name, OWN + "Reason": _quote_reason(reason)}
         try:
-            kept = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
-            await dead._put([msg.data], True, 10, PutOptions(headers=kept) if kept else None)
+            try:
+                await dead._put([msg.data], True, 10, options, own=why)
+            except TooLarge:  # no room for the reason: the message matters more
+                await dead._put([msg.data], True, 10, options)
         finally:
             await dead.aclose()
         await msg.term()
@@ -538,8 +565,63 @@ class AsyncNatsQueue(EngineQueue[T]):
         return message
 
     async def qsize(self) -> int:
-        info = await self._do(lambda js: js.consumer_info(self.stream, DURABLE))
-        return int(info.num_pending)
+        """Messages waiting: not yet delivered, or given back by a nack (delayed or not)
+        and not fetched again - not those held (nor, as JetStream does not tell them
+        apart, those whose lease ended)."""
+        return int(await self._do(self._count))
+
+    async def _count(self, js: Any) -> int:
+        from nats.js.errors import NotFoundError
+
+        info = await js.consumer_info(self.stream, DURABLE)
+        try:
+            marks = await js.stream_info(NACKED, subjects_filter=f"{self._nacked}.*")
+        except NotFoundError:  # nothing was ever nacked
+            return int(info.num_pending)
+        first = (await js.stream_info(self.stream)).state.first_seq
+        # a mark below the queue's first message is stale (that message is gone)
+        seqs = [int(subject.rsplit(".", 1)[1]) for subject in marks.state.subjects or {}]
+        return int(info.num_pending) + sum(1 for seq in seqs if seq >= first)
+
+    @property
+    def _nacked(self) -> str:
+        return f"pigeon-nacked.{self.stream}"
+
+    async def _mark(self, js: Any, msg: Any) -> None:
+        """``msg`` is given back: counted as waiting until it is fetched again."""
+        from nats.js.api import StorageType, StreamConfig
+        from nats.js.errors import BadRequestError, NoStreamResponseError
+
+        subject = f"{self._nacked}.{msg.metadata.sequence.stream}"
+        try:
+            await js.publish(subject, b"")
+        except NoStreamResponseError:  # the first nack here: make the stream of marks
+            with contextlib.suppress(BadRequestError):  # made by another client meanwhile
+                await js.add_stream(
+                    StreamConfig(
+                        name=NACKED, subjects=["pigeon-nacked.>"], storage=StorageType.FILE,
+                        max_msgs_per_subject=1, num_replicas=self.replicas,
+                        max_age=MAX_SECONDS,  # no delay is longer: older marks are stale
+                    )
+                )  # fmt: skip
+            await js.publish(subject, b"")
+
+    async def _unmark(self, msgs: list[Any], deadline: float | None) -> None:
+        """The marks of ``msgs`` go: they were fetched again. Bookkeeping for qsize only,
+        so it never fails the fetch (a mark left over counts until the queue's first
+        message passes it)."""
+        from nats.js.errors import NotFoundError
+
+        async def purge(js: Any) -> None:
+            for m in msgs:
+                subject = f"{self._nacked}.{m.metadata.sequence.stream}"
+                await js.purge_stream(NACKED, subject=subject)
+
+        try:
+            await self._do(purge, deadline)
+        except PigeonError as exc:
+            if not isinstance(exc.__cause__, NotFoundError):  # else: nothing ever nacked
+                log.debug("nats: marks of nacked messages left over: %s", exc)
 
     async def queue_lease(self, timeout: float) -> float:
         """The queue's lease: its durable consumer's AckWait; for ``pigeon.consume``."""
@@ -574,6 +656,34 @@ class AsyncNatsQueue(EngineQueue[T]):
         if not self._closed:
             self._closed = True
             await self._reset()
+
+
+async def _log_error(exc: Exception) -> None:
+    """nats-py's errors in the background (a reconnect refused, a reset): by default it
+    logs each with a traceback; pigeon retries and raises what matters itself."""
+    log.debug("nats-py: %s: %s", type(exc).__name__, exc)
+
+
+def _finish_close(nc: Any) -> None:
+    """nats-py's ``close()`` stops at its first error (flushing to a transport already
+    lost raises ConnectionResetError) before it cancels its subscriptions' tasks and
+    closes the transport: those would outlive the client ("Task was destroyed but it is
+    pending"). Do the rest of it."""
+    for sub in list(getattr(nc, "_subs", {}).values()):
+        task = getattr(sub, "_wait_for_msgs_task", None)
+        if task is not None and not task.done():
+            task.cancel()
+    getattr(nc, "_subs", {}).clear()
+    transport = getattr(nc, "_transport", None)
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.close()
+
+
+def _quote_reason(reason: str) -> str:
+    """A dead letter's reason as one header line (as the broker keeps it: 500 characters)."""
+    text = "".join(c if c.isprintable() else " " for c in str(reason)[:500])
+    return " ".join(text.split()) or "rejected"
 
 
 def _msg_ids(n: int) -> list[str]:
@@ -615,9 +725,7 @@ class AsyncNatsMessage(Generic[T]):
         self._msg = msg
         self.body = body
         self.delivery_count = int(msg.metadata.num_delivered)
-        self.headers: dict[str, str] = {
-            k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")
-        }
+        self.headers: dict[str, str] = from_nats(msg.headers)
         self._settled = False
         self._keeper: asyncio.Task[None] | None = None
 
@@ -677,9 +785,15 @@ class AsyncNatsMessage(Generic[T]):
             return self._queue._track(
                 asyncio.ensure_future(self._queue._dead_letter(self._msg, reason or "rejected"))
             )
-        return self._queue._track(
-            asyncio.ensure_future(self._translate(self._msg.nak(delay=delay or None)))
-        )
+        return self._queue._track(asyncio.ensure_future(self._give_back(delay)))
+
+    async def _give_back(self, delay: float) -> None:
+        q = self._queue
+        try:
+            await q._do(lambda js: q._mark(js, self._msg))  # counted by qsize from now
+        except PigeonError as exc:  # qsize's bookkeeping: the nack itself matters more
+            log.debug("nats: a nacked message left unmarked: %s", exc)
+        await self._translate(self._msg.nak(delay=delay or None))
 
     def extend(self, seconds: float) -> Awaitable[None]:
         """The lease ends ``seconds`` from now (an in-progress signal restarts AckWait;

@@ -12,7 +12,8 @@ Features
 Connection URL
     ``redis://[[USER]:PASSWORD@]HOST[:PORT]/QUEUE[?db=N&lease=S&max_deliveries=N]``;
     ``rediss://`` for TLS. Keys: ``pigeon:QUEUE`` (the stream), ``pigeon:QUEUE:meta``
-    (maxsize, lease, shutdown), ``pigeon:QUEUE:leases`` (when each delivery's lease ends).
+    (maxsize, lease, shutdown), ``pigeon:QUEUE:leases`` (when each delivery's lease ends),
+    ``pigeon:QUEUE:released`` (deliveries given back by a nack, until taken again).
 
 Options
     ``maxsize``, ``serializer`` (``"msgpack"``), ``lease`` (seconds, 30),
@@ -52,8 +53,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 import msgspec
 
 from pigeon._queue_base import deadline_from
-from pigeon.backends._asyncbase import EngineQueue
-from pigeon.backends._retry import Backoff
+from pigeon.backends._asyncbase import EngineQueue, within
+from pigeon.backends._retry import Backoff, reply_deadline
 from pigeon.backends._syncface import SyncFace
 from pigeon.backends._url import QueueURL, check_maxsize
 from pigeon.errors import (
@@ -89,6 +90,7 @@ SCHEMES = (
 )
 GROUP = "pigeon"
 SLICE = 0.2  # seconds: the longest single XREADGROUP BLOCK
+CLOSE_WAIT = 2.0  # seconds a closing handle waits to hand back what it holds
 
 _PUT = """
 if redis.call('HGET', KEYS[2], 'shutdown') == '1' then return 'SHUTDOWN' end
@@ -161,8 +163,8 @@ for i = 4, #ARGV do redis.call('ZADD', KEYS[1], now + ms, ARGV[i]) end
 return now
 """
 
-# Take over deliveries whose lease ended. KEYS: stream, leases, meta; ARGV: group,
-# consumer, count, default lease ms. Returns [id, fields, delivery count, ...].
+# Take over deliveries whose lease ended. KEYS: stream, leases, meta, released; ARGV:
+# group, consumer, count, default lease ms. Returns [id, fields, delivery count, ...].
 _CLAIM = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -171,6 +173,7 @@ local n = tonumber(ARGV[3])
 local out = {}
 local function take(id)
     local got = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
+    redis.call('ZREM', KEYS[4], id)
     if #got == 0 or not got[1] or not got[1][2] then
         redis.call('ZREM', KEYS[2], id)
         redis.call('XACK', KEYS[1], ARGV[1], id)
@@ -212,16 +215,45 @@ return #held
 """
 ORPHANS = "pigeon-orphans"
 
-# Settle: KEYS stream, leases; ARGV group, ids... -> how many were acked.
+# Settle: KEYS stream, leases, released; ARGV group, ids... -> how many were acked.
 _SETTLE = """
 local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
 redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
 redis.call('ZREM', KEYS[2], unpack(ARGV, 2))
+redis.call('ZREM', KEYS[3], unpack(ARGV, 2))
 return n
 """
 
-# Dead-letter one entry: KEYS stream, leases, dead; ARGV group, id, payload, origin, reason,
-# headers ('' for none).
+# A delivery given back (nack with requeue): claimable ``ARGV[1]`` ms from now, and
+# counted as waiting (``qsize``), not held, until it is taken again. KEYS leases,
+# released; ARGV ms, ids...
+_RELEASE = """
+local t = redis.call('TIME')
+local due = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do
+    redis.call('ZADD', KEYS[1], due, ARGV[i])
+    redis.call('ZADD', KEYS[2], due, ARGV[i])
+end
+return #ARGV - 1
+"""
+
+# Where the messages are: in the stream and not held by a consumer - new, given back
+# (due or delayed), or whose lease ended. KEYS stream, leases, released; ARGV group.
+_QSIZE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1])[1]
+local free = redis.call('ZCOUNT', KEYS[2], '-inf', now)
+free = free + redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf')
+local held = pending - free
+if held < 0 then held = 0 end
+local n = redis.call('XLEN', KEYS[1]) - held
+if n < 0 then n = 0 end
+return n
+"""
+
+# Dead-letter one entry: KEYS stream, leases, dead, released; ARGV group, id, payload,
+# origin, reason, headers ('' for none).
 _DEAD = """
 local fields = {'d', ARGV[3], 'origin', ARGV[4], 'reason', ARGV[5]}
 if ARGV[6] and ARGV[6] ~= '' then fields[7] = 'h'; fields[8] = ARGV[6] end
@@ -229,6 +261,7 @@ redis.call('XADD', KEYS[3], '*', unpack(fields))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('ZREM', KEYS[4], ARGV[2])
 return 1
 """
 
@@ -342,6 +375,7 @@ class AsyncRedisQueue(EngineQueue[T]):
         self.stream, self.dead = key_names(self.name, hash_tags=self.kind == "cluster")
         self.meta = f"{self.stream}:meta"
         self.leases = f"{self.stream}:leases"
+        self.released = f"{self.stream}:released"  # given back by nack, not yet taken again
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._r: Any = None
         self._put_script: Any = None
@@ -378,6 +412,8 @@ class AsyncRedisQueue(EngineQueue[T]):
             self._leave_script = self._r.register_script(_LEAVE)
             self._settle_script = self._r.register_script(_SETTLE)
             self._dead_script = self._r.register_script(_DEAD)
+            self._release_script = self._r.register_script(_RELEASE)
+            self._qsize_script = self._r.register_script(_QSIZE)
             self._append_script = self._r.register_script(_APPEND)
             self._shutdown_script = self._r.register_script(_SHUTDOWN)
         if not self._ready:
@@ -433,7 +469,8 @@ class AsyncRedisQueue(EngineQueue[T]):
 
     async def _do(self, fn: Any, deadline: float | None = None) -> Any:
         """Run ``fn(redis)``; translate redis-py errors; retry lost connections until the
-        deadline (or ``reconnect_timeout``)."""
+        call's deadline (or ``reconnect_timeout``). A call with a deadline runs ``within`` its
+        reply deadline as a whole (``_put``, ``_fetch``): a stalled attempt is cut there."""
         import redis.exceptions as rex
 
         backoff = Backoff(deadline, self.reconnect_timeout)
@@ -468,20 +505,23 @@ class AsyncRedisQueue(EngineQueue[T]):
         dedup_ids: list[str] | None = None,
     ) -> None:
         deadline = deadline_from(block, timeout)
-        if options is not None and options.dedup_id:
-            dedup_ids = [options.dedup_id]
-        headers = _encode_headers(options.headers) if options and options.headers else None
-        delay = 0.001
-        while True:
-            result = await self._do(lambda r: self._put_now(r, payloads, dedup_ids, headers))
-            if result == b"OK":
-                return
-            if result == b"SHUTDOWN":
-                raise ShutDown("the queue was shut down; put refused")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
-            await asyncio.sleep(min(delay, max(0.0, (deadline or 1e18) - time.monotonic())))
-            delay = min(delay * 2, 0.05)
+        async with within(reply_deadline(deadline), "redis"):
+            if options is not None and options.dedup_id:
+                dedup_ids = [options.dedup_id]
+            headers = _encode_headers(options.headers) if options and options.headers else None
+            delay = 0.001
+            while True:
+                result = await self._do(
+                    lambda r: self._put_now(r, payloads, dedup_ids, headers), deadline
+                )
+                if result == b"OK":
+                    return
+                if result == b"SHUTDOWN":
+                    raise ShutDown("the queue was shut down; put refused")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
+                await asyncio.sleep(min(delay, max(0.0, (deadline or 1e18) - time.monotonic())))
+                delay = min(delay * 2, 0.05)
 
     async def _put_now(
         self,
@@ -570,33 +610,40 @@ class AsyncRedisQueue(EngineQueue[T]):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"max_items must be an int >= 1, not {n!r}")
         deadline = deadline_from(block, timeout)
-        while True:
-            # New entries first, in one round trip (and, with ``take``, acked in the same
-            # script); expired ones are claimed when there is nothing new, or once a
-            # second, so a busy queue still gives back what a dead consumer held.
-            got = [] if self._claim_due() else await self._do(lambda r: self._read_now(r, n, take))
-            if not got:
-                got = await self._do(lambda r: self._claim(r, n))
-                self._last_claim = time.monotonic()
-                if got and take:
-                    await self._settle([g[0] for g in got])
-            if not got:
-                remaining = SLICE if deadline is None else deadline - time.monotonic()
-                wait_ms = int(max(0.0, min(SLICE, remaining)) * 1000)
-                got = await self._do(lambda r, w=wait_ms: self._read_new(r, n, w))
-                if got and take:
-                    await self._settle([g[0] for g in got])
-            if got:
-                if not take:  # held: its lease ends `lease` (or the queue's) from now
-                    await self._set_lease([g[0] for g in got], lease)
-                result: list[Entry] = got
-                return result
-            if await self._do(lambda r: self._drained_and_shut(r)):
-                raise ShutDown("the queue was shut down and is drained")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise Empty(f"queue {self.name!r} is empty")
+        async with within(reply_deadline(deadline), "redis"):
+            while True:
+                # New entries first, in one round trip (and, with ``take``, acked in the same
+                # script); expired ones are claimed when there is nothing new, or once a
+                # second, so a busy queue still gives back what a dead consumer held.
+                got = (
+                    []
+                    if self._claim_due()
+                    else await self._do(lambda r: self._read_now(r, n, take), deadline)
+                )
+                if not got:
+                    got = await self._do(lambda r: self._claim(r, n), deadline)
+                    self._last_claim = time.monotonic()
+                    if got and take:
+                        await self._settle([g[0] for g in got], deadline)
+                if not got:
+                    remaining = SLICE if deadline is None else deadline - time.monotonic()
+                    wait_ms = int(max(0.0, min(SLICE, remaining)) * 1000)
+                    got = await self._do(lambda r, w=wait_ms: self._read_new(r, n, w), deadline)
+                    if got and take:
+                        await self._settle([g[0] for g in got], deadline)
+                if got:
+                    if not take:  # held: its lease ends `lease` (or the queue's) from now
+                        await self._set_lease([g[0] for g in got], lease, deadline)
+                    result: list[Entry] = got
+                    return result
+                if await self._do(lambda r: self._drained_and_shut(r), deadline):
+                    raise ShutDown("the queue was shut down and is drained")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Empty(f"queue {self.name!r} is empty")
 
-    async def _set_lease(self, ids: list[bytes], seconds: float | None) -> None:
+    async def _set_lease(
+        self, ids: list[bytes], seconds: float | None, deadline: float | None = None
+    ) -> None:
         """The leases of ``ids`` end ``seconds`` from now (None: the queue's lease)."""
         ms = "" if seconds is None else str(int(seconds * 1000))
         await self._do(
@@ -604,13 +651,14 @@ class AsyncRedisQueue(EngineQueue[T]):
                 keys=[self.leases, self.meta],
                 args=[ms, "", int(self.lease * 1000), *ids],
                 client=r,
-            )
+            ),
+            deadline,
         )
 
     async def _claim(self, r: Any, n: int) -> list[Entry]:
         """Take over entries whose lease ended (Redis will not redeliver by itself)."""
         flat = await self._claim_script(
-            keys=[self.stream, self.leases, self.meta],
+            keys=[self.stream, self.leases, self.meta, self.released],
             args=[GROUP, self.consumer, n, int(self.lease * 1000)],
             client=r,
         )
@@ -640,7 +688,7 @@ class AsyncRedisQueue(EngineQueue[T]):
         self, r: Any, eid: bytes, payload: bytes, reason: str, headers: bytes | None = None
     ) -> None:
         await self._dead_script(
-            keys=[self.stream, self.leases, self.dead],
+            keys=[self.stream, self.leases, self.dead, self.released],
             args=[GROUP, eid, payload, self.name, reason, headers or b""],
             client=r,
         )
@@ -650,14 +698,14 @@ class AsyncRedisQueue(EngineQueue[T]):
             return False
         return int(await r.xlen(self.stream)) == 0
 
-    async def _settle(self, ids: list[bytes]) -> int:
+    async def _settle(self, ids: list[bytes], deadline: float | None = None) -> int:
         async def run(r: Any) -> int:
             acked = await self._settle_script(
-                keys=[self.stream, self.leases], args=[GROUP, *ids], client=r
+                keys=[self.stream, self.leases, self.released], args=[GROUP, *ids], client=r
             )
             return int(acked)
 
-        return int(await self._do(run))
+        return int(await self._do(run, deadline))
 
     async def get(self, timeout: float | None = None, *, block: bool = True) -> T:
         return (await self.get_many(1, timeout, block=block))[0]
@@ -720,14 +768,23 @@ class AsyncRedisQueue(EngineQueue[T]):
         return AsyncRedisMessage(self, eid, count, payload, body, headers)
 
     async def qsize(self) -> int:
-        async def run(r: Any) -> int:
-            pipe = r.pipeline(transaction=False)
-            pipe.xlen(self.stream)
-            pipe.xpending(self.stream, GROUP)
-            length, pending = await pipe.execute()
-            return max(0, int(length) - int(pending["pending"]))
+        """Messages waiting: new ones, and those given back (a nack, delayed or not; a
+        lease that ended) until a consumer takes them again - not those held."""
+        return int(
+            await self._do(
+                lambda r: self._qsize_script(
+                    keys=[self.stream, self.leases, self.released], args=[GROUP], client=r
+                )
+            )
+        )
 
-        return int(await self._do(run))
+    async def _release(self, ids: list[bytes], delay: float) -> None:
+        """Give ``ids`` back: claimable ``delay`` seconds from now, counted by qsize."""
+        await self._do(
+            lambda r: self._release_script(
+                keys=[self.leases, self.released], args=[int(delay * 1000), *ids], client=r
+            )
+        )
 
     async def queue_lease(self, timeout: float) -> float:
         """The queue's lease as Redis holds it (its meta hash: the URL's ``?lease=`` of the
@@ -752,13 +809,15 @@ class AsyncRedisQueue(EngineQueue[T]):
             await asyncio.gather(*self._settling, return_exceptions=True)
         if not self._closed:
             if self._r is not None and self._ready:
-                # hand back what this consumer holds, then leave the group
+                # hand back what this consumer holds, then leave the group (a server out
+                # of reach is not waited for: the leases bring the entries back)
                 with contextlib.suppress(Exception):
-                    await self._leave_script(
-                        keys=[self.stream, self.leases],
-                        args=[GROUP, self.consumer, ORPHANS],
-                        client=self._r,
-                    )
+                    async with within(time.monotonic() + CLOSE_WAIT, "redis"):
+                        await self._leave_script(
+                            keys=[self.stream, self.leases],
+                            args=[GROUP, self.consumer, ORPHANS],
+                            client=self._r,
+                        )
             self._closed = True
             if self._master is not None:
                 await self._master.aclose()
@@ -875,7 +934,7 @@ class AsyncRedisMessage(Generic[T]):
             why = reason or "rejected"
             await q._do(lambda r: q._dead_letter(r, self.id, self._payload, why, self._headers))
             return
-        await q._set_lease([self.id], delay)  # claimable once `delay` has passed
+        await q._release([self.id], delay)  # claimable once `delay` has passed
 
     async def _extend(self, seconds: float) -> None:
         await self._queue._set_lease([self.id], seconds)

@@ -9,12 +9,18 @@
 # reply is on the way withdraws the request (CANCEL); if the reply comes anyway, its
 # messages are handed back (NACK), whether it arrived before or after the cancellation.
 # The operations themselves are the generators of ``ops``, driven by ``_drive``.
+#
+# A call's deadline (``Call.until``) bounds its wait for the connection and for its reply,
+# never the connection itself: the handshake runs in a task of its own that every waiting
+# call shares (one call's short timeout does not abort another's connection), and a call
+# that stops waiting for its reply withdraws the request as a cancelled one does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -22,6 +28,7 @@ from typing import Any, Generic, TypeVar, cast
 
 from pigeon._net import tune_tcp
 from pigeon._pid import current_pid
+from pigeon.backends._retry import REPLY_GRACE
 from pigeon.backends.pigeon.ops import (
     Call,
     Lost,
@@ -62,6 +69,10 @@ class _LinkProtocol(asyncio.Protocol):
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.last_rx = time.monotonic()
         self._watchdog: asyncio.TimerHandle | None = None
+        # the calls' deadlines: req -> (until, future); one timer for the nearest
+        self.deadlines: dict[int, tuple[float, asyncio.Future[Any]]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_at = math.inf
 
     # asyncio callbacks
 
@@ -88,6 +99,8 @@ class _LinkProtocol(asyncio.Protocol):
             self._fail(err)
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -150,6 +163,45 @@ class _LinkProtocol(asyncio.Protocol):
             self.conv.post(msg)
             self.flush()
 
+    def expire(self, req: int, fut: asyncio.Future[Any], until: float) -> None:
+        """At ``until`` (monotonic), if the reply to ``req`` has not come: withdraw the
+        request and fail its caller as on a lost connection (the call's deadline).
+
+        One timer for the nearest deadline, not one per call (a timer made and cancelled
+        per call cost a tenth of a call): deadlines mostly come in order, so a new one
+        rarely moves it."""
+        self.deadlines[req] = (until, fut)
+        if until < self._sweep_at:
+            if self._sweeper is not None:
+                self._sweeper.cancel()
+            self._sweep_at = until
+            self._sweeper = self.loop.call_later(until - time.monotonic(), self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper, self._sweep_at = None, math.inf
+        now = time.monotonic()
+        nearest = math.inf
+        for req, (until, fut) in list(self.deadlines.items()):
+            if fut.done():
+                del self.deadlines[req]
+            elif until <= now:
+                del self.deadlines[req]
+                self._expired(req, fut)
+            else:
+                nearest = min(nearest, until)
+        if nearest < math.inf:
+            self._sweep_at = nearest
+            self._sweeper = self.loop.call_later(nearest - now, self._sweep)
+
+    def _expired(self, req: int, fut: asyncio.Future[Any]) -> None:
+        self.abandon(req, fut)
+        fut.set_exception(
+            BrokenResourceError(
+                f"no reply from {self.conv.peer} by the call's deadline (its timeout plus "
+                f"{REPLY_GRACE:g} s): the broker may be stalled or cut off"
+            )
+        )
+
     def abandon(self, req: int, fut: asyncio.Future[Any]) -> None:
         """The caller of ``req`` was cancelled: withdraw it, or give back what came."""
         self.futures.pop(req, None)
@@ -172,7 +224,9 @@ class _LinkProtocol(asyncio.Protocol):
                     t.write_eof()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
-                    await self.closed
+                    # shielded: a timeout must not cancel ``closed`` itself, which
+                    # connection_lost resolves after the abort below
+                    await asyncio.shield(self.closed)
         t.abort() if not self.closed.done() else t.close()
         await self.closed
 
@@ -199,7 +253,7 @@ class AsyncBrokerQueue(Generic[T]):
         )  # fmt: skip
         self._ops = Ops(self._spec)
         self._link: _LinkProtocol | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._opening: asyncio.Future[_LinkProtocol] | None = None
         self._closed = False
         self._pid = current_pid()
 
@@ -219,20 +273,37 @@ class AsyncBrokerQueue(Generic[T]):
 
     # --- the driver -------------------------------------------------------------------------
 
-    async def _connection(self) -> _LinkProtocol:
+    async def _connection(self, until: float | None = None) -> _LinkProtocol:
+        """This handle's connection, made (or made again) if need be; waits until
+        ``until`` at most for it."""
         if self._closed:
             raise ClosedResourceError("this AsyncQueue was closed")
         link = self._link
         if link is not None and link.error is None and self._pid == current_pid():
             return link
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            link = self._link
-            if link is None or link.error is not None or self._pid != current_pid():
-                self._pid = current_pid()
-                self._link = link = await self._open()
-        return link
+        opening = self._opening
+        if opening is None or opening.done() or self._pid != current_pid():
+            self._pid = current_pid()
+            self._link = None
+            opening = self._opening = asyncio.ensure_future(self._open())
+            opening.add_done_callback(self._opened)
+        try:
+            if until is None:
+                return await asyncio.shield(opening)
+            async with asyncio.timeout(until - time.monotonic()):
+                return await asyncio.shield(opening)
+        except TimeoutError:
+            raise BrokenResourceError(
+                f"no WELCOME from {self._spec.ep.peer} before the call's timeout ran out"
+            ) from None
+        except asyncio.CancelledError:
+            if opening.cancelled() and self._closed:  # aclose() abandoned the handshake
+                raise ClosedResourceError("this AsyncQueue was closed") from None
+            raise
+
+    def _opened(self, opening: asyncio.Future[_LinkProtocol]) -> None:
+        if not opening.cancelled() and opening.exception() is None:
+            self._link = opening.result()
 
     async def _open(self) -> _LinkProtocol:
         spec = self._spec
@@ -293,15 +364,20 @@ class AsyncBrokerQueue(Generic[T]):
             if isinstance(effect, Call):
                 established = False
                 try:
-                    link = await self._connection()
+                    link = await self._connection(effect.until)
                     established = True
                     req, fut = link.request(effect.msg)
+                    if effect.until is not None:
+                        link.expire(req, fut, effect.until)
                     try:
                         value = await fut
                     except asyncio.CancelledError:
                         link.abandon(req, fut)
                         op.close()
                         raise
+                    finally:
+                        if effect.until is not None:
+                            link.deadlines.pop(req, None)
                 except BrokenResourceError as exc:
                     error = Lost(exc, established)
             elif isinstance(effect, Post):
@@ -406,8 +482,17 @@ class AsyncBrokerQueue(Generic[T]):
         if self._closed:
             return
         self._closed = True
-        if self._link is not None and self._pid == os.getpid():
-            await self._link.aclose()
+        opening, self._opening = self._opening, None
+        link = self._link
+        if opening is not None:
+            if not opening.done():
+                opening.cancel()  # a handshake under way: abandoned, its transport aborted
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await opening
+            if opening.done() and not opening.cancelled() and opening.exception() is None:
+                link = opening.result()  # made, and ``_opened`` may not have run yet
+        if link is not None and self._pid == os.getpid():
+            await link.aclose()
         self._link = None
 
 

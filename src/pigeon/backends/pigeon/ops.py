@@ -4,7 +4,7 @@
 # Each operation (put, take, settle, ...) is a generator that yields *effects* - ``Call``
 # (send this request, resume me with its reply), ``Post`` (send it, nobody waits for the
 # reply), ``Sleep`` - and never touches a socket or an event loop. The blocking client
-# (``broker.py``) drives a generator with blocking reads, the asyncio client
+# (``sync.py``) drives a generator with blocking reads, the asyncio client
 # (``pigeon/aio.py``) with awaits; each driver is a dozen lines. So retrying with backoff
 # after a lost connection, at-least-once gets (taken unacked, acked without waiting once
 # decoded), undecodable payloads (dead-lettered, the rest of the batch given back),
@@ -14,6 +14,13 @@
 # A driver that loses its connection while a ``Call`` is outstanding throws ``Lost`` into
 # the generator; ``established`` says whether that connection had worked (the retry
 # budget then starts afresh).
+#
+# The call's deadline travels with it (``_retry``): each ``Call`` carries ``until``, when
+# its driver stops waiting - for a new connection and its WELCOME, for room to send, for
+# the reply. A driver that reaches ``until`` throws ``Lost`` like a broken connection, and
+# ``Ops.call`` gives up because the deadline has passed. So ``get(timeout=1)`` against a
+# broker that fell silent (stopped, paused, cut off) raises after about a second, not
+# after the silence limit or ``connect_timeout``.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pigeon._queue_base import deadline_from
-from pigeon.backends._retry import Backoff
+from pigeon.backends._retry import Backoff, reply_deadline
 from pigeon.backends._url import QueueURL, check_maxsize
 from pigeon.errors import BrokenResourceError, DecodeError, LocalProtocolError
 from pigeon.options import (
@@ -64,6 +71,7 @@ T = TypeVar("T")
 @dataclass(slots=True)
 class Call:
     msg: Any
+    until: float | None = None  # monotonic: stop waiting for a connection or the reply
 
 
 @dataclass(slots=True)
@@ -185,12 +193,14 @@ class Ops:
 
     def call(self, build: Callable[[float | None], Any], deadline: float | None) -> Op[Any]:
         """Send ``build(remaining wait)``; on a lost connection retry with backoff until
-        ``deadline`` (or ``reconnect_timeout`` after the failure); raise for an ERROR."""
+        ``deadline`` (or ``reconnect_timeout`` after the failure); raise for an ERROR. The
+        driver waits for each reply until ``reply_deadline(deadline)`` at most."""
         backoff: Backoff | None = None  # made at the first failure: most calls have none
+        until = reply_deadline(deadline)
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                reply = yield Call(build(remaining))
+                reply = yield Call(build(remaining), until)
             except Lost as lost:
                 if isinstance(lost.error, NotABroker):
                     raise lost.error from lost.error.__cause__

@@ -43,9 +43,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
-import struct
-import sys
+import ssl
 import threading
 import time
 import weakref
@@ -55,6 +55,7 @@ from typing import Any, TypeVar
 from pigeon._net import tune_tcp
 from pigeon._pid import current_pid
 from pigeon._queue_base import Message, Queue
+from pigeon.backends._retry import REPLY_GRACE
 from pigeon.backends.pigeon.ops import (
     Call,
     Endpoint,
@@ -85,103 +86,150 @@ T = TypeVar("T")
 __all__ = ["BrokerMessage", "BrokerQueue", "Endpoint"]
 
 _RECV = 256 * 1024
-_KERNEL_TIMEOUTS = sys.platform == "linux"
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class _Link:
-    """One blocking connection: a socket and its conversation, one request at a time."""
+    """One blocking connection: a socket and its conversation, one request at a time.
 
-    def __init__(self, spec: Spec, ops: Ops, client: str) -> None:
+    The socket is non-blocking and every wait is a ``poll`` bounded by a monotonic
+    deadline: the call's (``Call.until``), and the silence limit (no byte from the broker
+    for that long: it is gone). ``poll`` is what PEP 475 retries after a signal *with the
+    time left* - a blocking ``recv`` under ``SO_RCVTIMEO`` is retried with the whole
+    timeout again, so a process that takes a signal more often than that (a SIGALRM
+    watchdog, SIGCHLD from its children) never noticed a silent broker. A round trip is
+    ``send``, ``poll``, ``recv``: no system call to set a timeout, none to poll before
+    sending.
+    """
+
+    def __init__(self, spec: Spec, ops: Ops, client: str, until: float | None = None) -> None:
         ep = spec.ep
         self.pid = current_pid()
         self.welcomed = False
+        self.connect_timeout = spec.connect_timeout
+        self.silence = spec.connect_timeout  # until WELCOME tells the heartbeat
+        now = time.monotonic()
+        # the handshake is bounded by connect_timeout, and by the call that needs it
+        handshake = now + spec.connect_timeout
+        self.cut_by_call = until is not None and until < handshake
+        if until is not None and until < handshake:
+            handshake = until
         try:
-            sock = socket.create_connection((ep.host, ep.port), timeout=spec.connect_timeout)
+            sock = socket.create_connection((ep.host, ep.port), timeout=max(handshake - now, 0.001))
         except OSError as exc:
             raise broken(f"cannot connect to {ep.host}:{ep.port}: {exc}", exc) from exc
         if ep.tls:
             from pigeon.backends._tls import client_context
 
             try:
+                sock.settimeout(max(handshake - time.monotonic(), 0.001))
                 sock = client_context(ep).wrap_socket(sock, server_hostname=ep.host)
             except OSError as exc:
                 sock.close()
                 raise broken(f"TLS handshake with {ep.host} failed: {exc}", exc) from exc
         tune_tcp(sock)
+        sock.setblocking(False)
         self.sock = sock
-        self.timeout = spec.connect_timeout
-        # A Python socket with a timeout polls before every send and every receive: two
-        # system calls more per round trip. A plain TCP socket on Linux is left blocking
-        # and the kernel keeps the timeout (SO_RCVTIMEO/SO_SNDTIMEO: an expired wait
-        # fails with EAGAIN); TLS and other systems keep Python's timeout.
-        self.kernel_timeouts = _KERNEL_TIMEOUTS and not ep.tls
-        if self.kernel_timeouts:
-            sock.settimeout(None)
-            self._kernel_timeout(self.timeout)
+        # TLS may hold decrypted bytes that poll cannot see
+        self.pending = sock.pending if isinstance(sock, ssl.SSLSocket) else None
+        self.poller = select.poll()
+        self.poller.register(sock, select.POLLIN)
         self.buf = bytearray(_RECV)
         self.conv = ClientConnection(client, ep.token, peer=ep.peer)
         _LIVE.add(self)
         try:
             # HELLO and DECLARE leave together: the handshake costs one round trip.
             declare = self.conv.request(spec.declare())
-            self.flush()
-            ops.declared(self.wait(declare, spec.connect_timeout))
+            self.flush(handshake)
+            ops.declared(self.wait(declare, handshake))
         except BaseException:
             self.discard()
             raise
-        self.set_timeout(self.conv.silence_limit)
+        self.silence = self.conv.silence_limit
+        self.cut_by_call = False
 
-    def set_timeout(self, seconds: float) -> None:
-        """How long a send or a receive may wait before the link counts as broken."""
-        if seconds == self.timeout:
-            return
-        self.timeout = seconds
-        if self.kernel_timeouts:
-            self._kernel_timeout(seconds)
-        else:
-            self.sock.settimeout(seconds)
+    # --- moving bytes -----------------------------------------------------------------------
 
-    def _kernel_timeout(self, seconds: float) -> None:
-        whole = int(seconds)
-        micro = int((seconds - whole) * 1e6)
-        tv = struct.pack("@ll", whole, micro if whole or micro else 1)  # 0 means forever
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-
-    def flush(self) -> None:
+    def flush(self, until: float | None = None) -> None:
         data = self.conv.data_to_send()
         if data:
             try:
-                self.sock.sendall(data)
-            except BlockingIOError as exc:  # SO_SNDTIMEO: no room to send for that long
-                raise broken(
-                    f"connection to {self.conv.peer} broke: nothing could be sent for "
-                    f"{self.timeout:.0f} s",
-                    exc,
-                ) from exc
+                sent = self.sock.send(data)
+            except _WOULD_BLOCK:
+                sent = 0
+            except OSError as exc:
+                raise broken(f"connection to {self.conv.peer} broke: {exc}", exc) from exc
+            if sent < len(data):
+                self._send_rest(memoryview(data), sent, until)
+
+    def _send_rest(self, data: memoryview, sent: int, until: float | None) -> None:
+        """The socket's buffer is full: send the rest as the broker reads, giving up when
+        nothing could be sent for the silence limit, or at ``until``."""
+        out = select.poll()
+        out.register(self.sock, select.POLLOUT)
+        while sent < len(data):
+            end, why = self._limit(until)
+            while not out.poll(max(end - time.monotonic(), 0.0) * 1000):
+                if time.monotonic() >= end:
+                    raise self._timed_out(why, sending=True)
+            try:
+                sent += self.sock.send(data[sent:])
+            except _WOULD_BLOCK:
+                continue
             except OSError as exc:
                 raise broken(f"connection to {self.conv.peer} broke: {exc}", exc) from exc
 
-    def wait(self, req: int, timeout: float | None = None) -> Any:
-        """Read until the reply to ``req`` arrives; answer pings on the way."""
-        if timeout is not None:
-            self.set_timeout(timeout)
+    def _read(self, until: float | None) -> int:
+        """Receive into ``self.buf``: the number of bytes (0 at end of stream)."""
         while True:
+            if self.pending is None or not self.pending():
+                # poll returns nothing only once its time is up (PEP 475 resumes it after
+                # a signal with the time left)
+                if until is None or (left := until - time.monotonic()) >= self.silence:
+                    if not self.poller.poll(self.silence * 1000):
+                        raise self._timed_out("silence")
+                elif left <= 0 or not self.poller.poll(left * 1000):
+                    raise self._timed_out("call")
             try:
-                n = self.sock.recv_into(self.buf)
-            except (TimeoutError, BlockingIOError) as exc:  # BlockingIOError: SO_RCVTIMEO
-                waited = self.timeout
-                if not self.welcomed:
-                    raise broken(
-                        f"no WELCOME from {self.conv.peer} within connect_timeout={waited:g} s: "
-                        "is a pigeon broker listening there?",
-                        exc,
-                    ) from exc
-                raise broken(f"no word from {self.conv.peer} for {waited:.0f} s", exc) from exc
+                return self.sock.recv_into(self.buf)
+            except _WOULD_BLOCK:  # woken without a whole TLS record
+                continue
             except OSError as exc:
                 raise broken(f"connection to {self.conv.peer} broke: {exc}", exc) from exc
+
+    def _limit(self, until: float | None) -> tuple[float, str]:
+        """Until when the next wait to send may last, and what ends it: the silence limit
+        from now, or the call's ``until`` if that comes first."""
+        quiet = time.monotonic() + self.silence
+        if until is not None and until < quiet:
+            return until, "call"
+        return quiet, "silence"
+
+    def _timed_out(self, why: str, sending: bool = False) -> BrokenResourceError:
+        peer = self.conv.peer
+        if not self.welcomed:
+            if self.cut_by_call:
+                return broken(f"no WELCOME from {peer} before the call's timeout ran out")
+            return broken(
+                f"no WELCOME from {peer} within connect_timeout={self.connect_timeout:g} s: "
+                "is a pigeon broker listening there?"
+            )
+        what = f"nothing could be sent to {peer}" if sending else f"no reply from {peer}"
+        if why == "call":
+            return broken(
+                f"{what} by the call's deadline (its timeout plus {REPLY_GRACE:g} s): "
+                "the broker may be stalled or cut off"
+            )
+        if sending:
+            return broken(f"{what} for {self.silence:.0f} s")
+        return broken(f"no word from {peer} for {self.silence:.0f} s")
+
+    def wait(self, req: int, until: float | None = None) -> Any:
+        """Read until the reply to ``req`` arrives; answer pings on the way."""
+        while True:
+            n = self._read(until)
             events = self.conv.receive_data(memoryview(self.buf)[:n])
-            self.flush()
+            self.flush(until)
             for ev in events:
                 if isinstance(ev, Reply) and ev.req == req:
                     return ev.message
@@ -190,10 +238,10 @@ class _Link:
                 elif isinstance(ev, Closed):
                     raise ev.error or BrokenResourceError(f"{self.conv.peer} closed")
 
-    def call(self, msg: Any) -> Any:
+    def call(self, msg: Any, until: float | None = None) -> Any:
         req = self.conv.request(msg)
-        self.flush()
-        return self.wait(req)
+        self.flush(until)
+        return self.wait(req, until)
 
     def post(self, msg: Any) -> None:
         self.conv.post(msg)
@@ -210,8 +258,8 @@ class _Link:
                 self.conv.close()
                 self.flush()
                 self.sock.shutdown(socket.SHUT_WR)
-                self.set_timeout(1.0)
-                while self.sock.recv_into(self.buf):
+                until = time.monotonic() + 1.0
+                while self._read(until):
                     pass
         self.discard()
 
@@ -310,13 +358,13 @@ class BrokerQueue(Queue[T]):
 
     # --- the driver -------------------------------------------------------------------------
 
-    def _link(self) -> _Link:
+    def _link(self, until: float | None = None) -> _Link:
         if self._closed:
             raise ClosedResourceError("this queue handle was closed")
         holder: _ThreadLink | None = getattr(self._local, "holder", None)
         if holder is not None and holder.link.pid == current_pid():
             return holder.link
-        link = _Link(self._spec, self._ops, self._client)
+        link = _Link(self._spec, self._ops, self._client, until)
         self._known = True
         holder = _ThreadLink(link)
         self._local.holder = holder
@@ -343,9 +391,9 @@ class BrokerQueue(Queue[T]):
             if isinstance(effect, Call):
                 established = False
                 try:
-                    link = self._link()
+                    link = self._link(effect.until)
                     established = True
-                    value = link.call(effect.msg)
+                    value = link.call(effect.msg, effect.until)
                 except BrokenResourceError as exc:
                     self._drop()
                     error = Lost(exc, established)
