@@ -193,10 +193,12 @@ def abandon(store: Durable) -> None:
     store._unlock_dir()
 
 
-def syncer_pass(store: Durable, disk: Disk) -> None:
+def syncer_pass(store: Durable, disk: Disk) -> bool:
     """One pass of the store's syncer thread (``Durable._syncer``), in this thread: it
     fsyncs what was written and confirms what waited for that. (With ``_closing`` set,
-    the thread's loop does one pass and returns.)"""
+    the thread's loop does one pass and returns.) False if its fsync failed: the thread
+    has then ended for good."""
+    failed = len(disk.failures)
     disk.context = "syncer"
     store._closing = True
     try:
@@ -204,6 +206,7 @@ def syncer_pass(store: Durable, disk: Disk) -> None:
     finally:
         store._closing = False
         disk.context = "loop"
+    return len(disk.failures) == failed
 
 
 def writer_pass(store: SQLiteStore, disk: Disk) -> None:
