@@ -55,6 +55,7 @@ class Known:
     # new, found by this model (docs/reliability.md, "The model of the broker")
     join_not_answered: bool = True  # a timer or a lost connection ends the work: no answer
     move_leaves_puts_parked: bool = True  # MOVE frees room but admits no parked put
+    cancelled_put_blocks: bool = True  # a cancelled parked PUT makes puts that fit `full`
 
 
 @dataclass

@@ -199,7 +199,10 @@ class BrokerMachine(RuleBasedStateMachine):
         if isinstance(self.store, Durable):
             self.store.on_commit = self._committed
         self.conns = [self._connect() for _ in range(SLOTS)]
-        self.held: list[list[tuple[str, int]]] = [[] for _ in range(SLOTS)]  # (queue, did)
+        # (queue, delivery id) each client holds; after a crash, the ones from before it
+        # (an ack of those settles nothing: ids start at a random epoch at each start)
+        fresh: list[list[tuple[str, int]]] = [[] for _ in range(SLOTS)]
+        self.held: list[list[tuple[str, int]]] = getattr(self, "held", fresh)
         self.parked: list[list[int]] = [[] for _ in range(SLOTS)]  # reqs that may be parked
         self.in_read = False
         self.syncer_alive = True
@@ -208,7 +211,6 @@ class BrokerMachine(RuleBasedStateMachine):
         self.promised: set[int] = set()  # calls whose changes a reply that went out vouches for
         self.repeats: dict[int, list[int | None]] = {}  # call -> calls of its repeats' originals
         self.confirmed = 0  # the last batch the store confirmed
-        self.broken_at: int | None = None  # the batch count when a failed fsync broke the store
         self.max_handed: dict[bytes, int] = {}
         self.seen = self.store.batch if isinstance(self.store, Durable) else 0
 
@@ -591,11 +593,19 @@ class BrokerMachine(RuleBasedStateMachine):
 
     @rule(slot=_slot, data=st.data())
     def cancel(self, slot: int, data: st.DataObject) -> None:
-        if not self.parked[slot]:
+        """The client gives up a parked request (or one already answered)."""
+        conn = self.conns[slot]
+        waiting = [
+            w.req
+            for q in self.model.queues.values()
+            for w in q.waiters
+            if w.conn == conn and not (KNOWN.cancelled_put_blocks and w.kind == "put")
+        ]
+        if not waiting and not self.parked[slot]:
             return
-        req = data.draw(st.sampled_from(self.parked[slot]))
+        req = data.draw(st.sampled_from(waiting or self.parked[slot]))
         self._next()
-        self._request(slot, Cancel(req), self.model.cancel(self.conns[slot], req))
+        self._request(slot, Cancel(req), self.model.cancel(conn, req))
 
     @rule(slot=_slot)
     def lose_connection(self, slot: int) -> None:
@@ -687,6 +697,7 @@ class BrokerMachine(RuleBasedStateMachine):
             tear = 1.0
         store = self.store
         assert isinstance(store, Durable)
+        self._count(kind, tear, store)
         self.epoch += 1
         path = self.root / f"data{self.epoch}"
         if kind == "stop":
@@ -701,7 +712,6 @@ class BrokerMachine(RuleBasedStateMachine):
         else:
             image_of(store, self.disk, path, kind, tear)
             abandon(store)
-        self._count(kind, tear, store)
         wall = self.model.wall + downtime
         now = 1000.0 * self.epoch  # a new process: its monotonic clock starts anywhere
         self.disk.adopt(path)
@@ -934,6 +944,16 @@ TestSQLiteStoreFsyncAlwaysLongRuns = _long_run("sqlite", "always")
 # flag off.
 
 
+class _Drawn:
+    """Stands for ``st.data()`` in a scenario: every draw gives ``value``."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def draw(self, strategy: Any) -> Any:
+        return self.value
+
+
 @contextlib.contextmanager
 def _scenario(kind: str, fsync: str, *fixed: str) -> Iterator[BrokerMachine]:
     saved = {name: getattr(KNOWN, name) for name in fixed}
@@ -1049,6 +1069,16 @@ def test_a_move_admits_the_puts_waiting_for_room_in_its_source() -> None:
         m.send_put(0, "a", 1, {}, None)
         m.send_put(1, "a", 1, {}, None, wait=1.125)  # full: it waits for room
         m.move(("a", "b"), None)
+
+
+@_open("cancelled_put_blocks", "new: a cancelled parked PUT stays in the line of putters")
+def test_a_cancelled_put_leaves_room_for_the_next_put() -> None:
+    with _scenario("memory", "batch", "cancelled_put_blocks") as m:
+        m.declare("a", 2, None, None, None)
+        m.send_put(0, "a", 1, {}, None)
+        m.send_put(1, "a", 2, {}, None, wait=1.125)  # two do not fit in one place: it waits
+        m.cancel(1, _Drawn(m.req))
+        m.send_put(0, "a", 1, {}, None)  # fits
 
 
 @_open("peek_order", "suspected in FINDINGS-broker.md: PEEK's order within a priority")
