@@ -183,11 +183,10 @@ def image_of(store: Durable, disk: Disk, dst: Path, kind: str, tear: float) -> N
 
 def abandon(store: Durable) -> None:
     """The process died: drop the store without writing anything more."""
-    if isinstance(store, LogStore):
-        with store._fd_lock:
-            if store._fd >= 0:
-                os.close(store._fd)
-                store._fd = -1
+    if isinstance(store, LogStore):  # (no lock to take: the syncer never ran in a thread)
+        if store._fd >= 0:
+            os.close(store._fd)
+            store._fd = -1
     elif isinstance(store, SQLiteStore):
         store._db.close()
     store._unlock_dir()
@@ -222,16 +221,23 @@ def writer_pass(store: SQLiteStore, disk: Disk) -> None:
 
 
 class Gate:
-    """The server's commit gate, run on the broker in this thread: ``BrokerServer.apply``
-    and ``BrokerServer._committed`` themselves (duck-typed onto this object), so a
-    change to the rule that holds replies until the store commits is tested here too.
-    ``released(outs)`` is called when replies go out."""
+    """The server's commit gate, run on the broker in this thread: the server's own code
+    (``pigeon.server.commit_gate.CommitGate`` where it exists, else ``BrokerServer.apply``
+    and ``_committed`` duck-typed onto this object), so a change to the rule that holds
+    replies until the store commits is tested here too. ``released(outs)`` is called
+    with replies as they go out."""
 
     def __init__(self, broker: Broker, released: Callable[[list[Out]], None]) -> None:
         self.broker = broker
         self._held: deque[Any] = deque()
         self._draining: set[Any] = set()
         self.released = released
+        try:
+            from pigeon.server.commit_gate import CommitGate  # type: ignore[import-not-found]
+        except ImportError:
+            self._gate = None
+        else:
+            self._gate = CommitGate(broker.store, lambda: 0.0)
 
     def dispatch(self, outs: list[Out]) -> None:
         self.released(outs)
@@ -240,7 +246,16 @@ class Gate:
         pass
 
     def apply(self, fn: Callable[[], list[Out]]) -> None:
-        BrokerServer.apply(self, fn)  # type: ignore[arg-type]
+        if self._gate is None:
+            BrokerServer.apply(self, fn)  # type: ignore[arg-type]
+            return
+        before = self.broker.store.changes
+        outs = fn()
+        if not self._gate.hold(before, outs):
+            self.released(outs)
 
     def committed(self, batch: int) -> None:
-        BrokerServer._committed(self, batch)  # type: ignore[arg-type]
+        if self._gate is None:
+            BrokerServer._committed(self, batch)  # type: ignore[arg-type]
+        else:
+            self.released(self._gate.committed(batch))

@@ -44,9 +44,9 @@ class Known:
     drop_before_sync: bool = True  # 1: a segment emptied by an unsynced write is dropped
     dedup_repeat_early: bool = True  # 2: a repeat is confirmed before its original commits
     roll_fsync_confirmed: bool = True  # 4: the loop's fsync fails, the syncer's confirms
-    ttl_after_restart: bool = True  # 13: nothing expires until the first tick
+    ttl_after_restart: bool = True  # 13: a GET before the first tick takes an expired message
     nack_delay_lost: bool = True  # 14: a NACK's delay is not stored
-    dead_queue_ttl: bool = True  # 15: a ttl on a put into NAME.dead
+    dead_queue_ttl: bool = True  # 15: a ttl (or delay) on a put into NAME.dead
     # FINDINGS-spec.md
     inflight_not_counted: bool = True  # 5: a delivery in flight at a crash is not counted
     repeats_count_for_maxsize: bool = True  # 20: repeats count against maxsize
@@ -192,7 +192,7 @@ class Model:
         wall = self.wall
         delay, ttl = opts.get("delay", 0.0), opts.get("ttl", 0.0)
         due = wall + delay if delay else 0.0
-        expires = (due or wall) + ttl if ttl and not q.dead else 0.0  # a dead letter keeps no ttl
+        expires = (due or wall) + ttl if ttl else 0.0
         m = Msg(
             key,
             self.seq,
@@ -243,6 +243,10 @@ class Model:
     # --- dead letters and requeues --------------------------------------------------------
 
     def dead_letter(self, q: Queue, m: Msg, reason: str) -> None:
+        if q.dead and reason == "expired":  # put here with a ttl: nowhere further to go
+            self.gone.add(m.key)
+            q.unfinished = max(0, q.unfinished - 1)
+            return
         if q.dead:  # rejected again: it stays where it is
             self.requeue(q, m)
             return
@@ -258,7 +262,7 @@ class Model:
         if not q.dead and m.handed >= q.max_deliveries:
             self.dead_letter(q, m, "max_deliveries")
             return
-        if not q.dead and m.expires and m.expires <= self.wall:
+        if m.expires and m.expires <= self.wall:
             self.dead_letter(q, m, "expired")
             return
         m.recorded = m.handed
@@ -576,8 +580,7 @@ class Model:
             out += [f.deadline for f in q.flights]
             out += [w.deadline for w in q.waiters if w.deadline is not None]
             out += [m.due - self.offset for m in q.waiting if m.due > self.wall]
-            if not q.dead:
-                out += [m.expires - self.offset for m in q.waiting if m.expires]
+            out += [m.expires - self.offset for m in q.waiting if m.expires]
         return sorted(d for d in out if d > self.now)
 
     def tick(self, now: float) -> list[Out]:
@@ -598,8 +601,6 @@ class Model:
                     code = {"get": "empty", "put": "full", "join": "timeout"}[w.kind]
                     out.append((w.conn, ("error", w.req, code)))
         for q in list(self.queues.values()):  # expired while waiting: dead-lettered
-            if q.dead:
-                continue
             for m in sorted(q.waiting, key=lambda m: m.seq):
                 if m.expires and m.expires <= wall:
                     q.waiting.remove(m)
@@ -649,20 +650,13 @@ class Model:
             q = self.q(name)
             if self.known.nack_delay_lost:
                 due = put_due
-            if q.dead:  # a dead letter keeps no timer
-                due = put_due = expires = 0.0
-            m = Msg(
-                key,
-                seq,
-                prio,
-                dict(headers),
-                put_due,
-                due,
-                expires,
-                found[key],
-                found[key],
-                origin,
-                reason,
-            )
+            m = Msg(key, seq, prio, dict(headers), put_due, due, expires, found[key],
+                    found[key], origin, reason)  # fmt: skip
             q.waiting.append(m)
             q.unfinished += 1
+        if not self.known.inflight_not_counted:  # deliveries are stored: one whose last
+            for q in list(self.queues.values()):  # allowed delivery was in flight is dead
+                for m in sorted(q.waiting, key=lambda m: m.seq):
+                    if not q.dead and m.handed >= q.max_deliveries:
+                        q.waiting.remove(m)
+                        self.dead_letter(q, m, "max_deliveries")
