@@ -36,26 +36,27 @@ Out = tuple[int, Reply]
 
 @dataclass
 class Known:
-    """Known findings the model works around while they are open (True: still open).
+    """Known findings the model works around while they are open (True: still open; all
+    of them are fixed now, their flags kept so each scenario still checks its fix).
     Each flag names one; turn it off once its fix is merged (or for one run, set
     ``PIGEON_MODEL_FIXED=name,name`` - see tests/server/test_model.py)."""
 
     # FINDINGS-broker.md (review round 4)
-    drop_before_sync: bool = True  # 1: a segment emptied by an unsynced write is dropped
-    dedup_repeat_early: bool = True  # 2: a repeat is confirmed before its original commits
-    roll_fsync_confirmed: bool = True  # 4: the loop's fsync fails, the syncer's confirms
-    ttl_after_restart: bool = True  # 13: a GET before the first tick takes an expired message
-    nack_delay_lost: bool = True  # 14: a NACK's delay is not stored
-    dead_queue_ttl: bool = True  # 15: a ttl (or delay) on a put into NAME.dead
+    drop_before_sync: bool = False  # 1: a segment emptied by an unsynced write is dropped
+    dedup_repeat_early: bool = False  # 2: a repeat is confirmed before its original commits
+    roll_fsync_confirmed: bool = False  # 4: the loop's fsync fails, the syncer's confirms
+    ttl_after_restart: bool = False  # 13: a GET before the first tick takes an expired message
+    nack_delay_lost: bool = False  # 14: a NACK's delay is not stored
+    dead_queue_ttl: bool = False  # 15: a ttl (or delay) on a put into NAME.dead
     # FINDINGS-spec.md
-    inflight_not_counted: bool = True  # 5: a delivery in flight at a crash is not counted
-    repeats_count_for_maxsize: bool = True  # 20: repeats count against maxsize
+    inflight_not_counted: bool = False  # 5: a delivery in flight at a crash is not counted
+    repeats_count_for_maxsize: bool = False  # 20: repeats count against maxsize
     # suspected in FINDINGS-broker.md, confirmed by this model
-    peek_order: bool = True  # PEEK lists a lane's given-back messages before its new ones
+    peek_order: bool = False  # PEEK lists a lane's given-back messages before its new ones
     # new, found by this model (docs/reliability.md, "The model of the broker")
-    join_not_answered: bool = True  # a timer or a lost connection ends the work: no answer
-    move_leaves_puts_parked: bool = True  # MOVE frees room but admits no parked put
-    cancelled_put_blocks: bool = True  # a cancelled parked PUT makes puts that fit `full`
+    join_not_answered: bool = False  # a timer or a lost connection ends the work: no answer
+    move_leaves_puts_parked: bool = False  # MOVE frees room but admits no parked put
+    cancelled_put_blocks: bool = False  # a cancelled parked PUT makes puts that fit `full`
 
 
 @dataclass

@@ -77,3 +77,17 @@ def test_a_batch_of_dedup_repeats_fits_a_full_bounded_queue() -> None:
     assert outs == [(A, Confirmed(3, 2))]  # two repeats store nothing: maxsize is no bar
     ((_, refused),) = b.handle(A, PutBatch(4, "q", [b"b", b"c"], 0.0, dedup_ids=["b", "c"]))
     assert isinstance(refused, Error) and "batch of 2 new messages" in refused.message
+
+
+def test_a_batch_repeating_an_id_with_no_dedup_window_counts_every_payload() -> None:
+    # With dedup_window 0 nothing is remembered, so every payload is stored: maxsize and
+    # room count them all, not the distinct ids.
+    from pigeon.protocol import Declare, Error, PutBatch
+    from pigeon.server.core import Broker
+
+    b = Broker()
+    b.connection_made(1)
+    b.handle(1, Declare(1, "q", maxsize=1, dedup_window=0.0))
+    ((_, refused),) = b.handle(1, PutBatch(2, "q", [b"one", b"two"], 0.0, dedup_ids=["x", "x"]))
+    assert isinstance(refused, Error) and refused.code == "bad_request"
+    assert b.queues["q"].depth == 0

@@ -151,3 +151,51 @@ def test_deadlines_do_not_scan_every_queue() -> None:
     (got,) = replies(big.handle(B, Get(2, "q6", 1, 0, True), now=0.0), B)
     big.handle(B, Nack(3, "q6", ids(got), True, 2.0), now=0.0)
     assert big.next_deadline() == 2.0
+
+
+def test_a_join_is_answered_when_a_timer_ends_the_last_task(broker: Broker) -> None:
+    # tick and connection_lost never answered JOINs: the last task expiring (or going to
+    # the dead letters with its connection) left them waiting for their own timeout.
+    from pigeon.protocol.messages import PutOptions
+
+    broker.handle(A, Put(1, "q", b"job", 0.0, PutOptions(ttl=1.0)), now=0.0)
+    broker.handle(B, Join(2, "q", 10.0), now=0.0)
+    broker.handle(C, Join(3, "q"), now=0.0)
+    outs = broker.tick(1.0)
+    assert replies(outs, B) == [Ok(2, 0)] and replies(outs, C) == [Ok(3, 0)]
+
+
+def test_a_join_is_answered_when_a_lost_connection_dead_letters_the_last_task() -> None:
+    b = Broker(default_max_deliveries=1)
+    for conn in (A, B, C):
+        b.connection_made(conn)
+    b.handle(A, Put(1, "q", b"job"))
+    b.handle(B, Get(2, "q", 1, 0, True))
+    b.handle(C, Join(3, "q"))
+    assert replies(b.connection_lost(B), C) == [Ok(3, 0)]
+
+
+def test_a_cancelled_parked_put_does_not_block_puts_that_fit(broker: Broker) -> None:
+    broker.handle(A, Declare(1, "q", maxsize=2))
+    broker.handle(A, Put(2, "q", b"a"))
+    assert broker.handle(A, PutBatch(3, "q", [b"b", b"c"], 5.0)) == []  # parked: no room
+    broker.handle(A, Cancel(3))
+    assert broker.handle(A, Put(4, "q", b"d")) == [(A, Confirmed(4, 1))]
+
+
+def test_a_put_parked_behind_a_cancelled_one_is_admitted_once_it_fits(broker: Broker) -> None:
+    broker.handle(A, Declare(1, "q", maxsize=2))
+    broker.handle(A, Put(2, "q", b"a"))
+    broker.handle(A, PutBatch(3, "q", [b"b", b"c"], 5.0))  # parked: no room for two
+    broker.handle(B, Put(4, "q", b"d", 5.0))  # parked behind it, though one would fit
+    assert replies(broker.handle(A, Cancel(3)), B) == [Confirmed(4, 1)]
+
+
+def test_a_move_admits_the_puts_parked_in_its_source(broker: Broker) -> None:
+    from pigeon.protocol import Move
+
+    broker.handle(A, Declare(1, "q", maxsize=1))
+    broker.handle(A, Put(2, "q", b"a"))
+    assert broker.handle(B, Put(3, "q", b"b", 5.0)) == []
+    outs = broker.handle(A, Move(4, "q", "r"))
+    assert replies(outs, B) == [Confirmed(3, 1)] and broker.queues["q"].depth == 1

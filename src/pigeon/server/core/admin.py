@@ -124,7 +124,8 @@ def move(b: BrokerState, conn: Conn, m: Move) -> list[Out]:
     src.unfinished = max(0, src.unfinished - n)
     dst.unfinished += n
     dst.put_total += n
-    return [(conn, Ok(m.req, n)), *serve(b, dst), *finish_joins(b, src)]
+    # the source has room now, for puts parked there too
+    return [(conn, Ok(m.req, n)), *serve(b, dst), *serve(b, src), *finish_joins(b, src)]
 
 
 def queue_stats(b: BrokerState) -> dict[str, Any]:

@@ -47,7 +47,8 @@ def put(b: BrokerState, conn: Conn, m: Put | PutBatch) -> list[Out]:
     new = len(payloads)  # what it would store: repeats of remembered dedup ids do not count
     if dedup_ids is not None:
         forget_dedup(b, q)
-        new = len(set(dedup_ids).difference(q.dedup))
+        if q.dedup_window > 0:  # (with none, nothing is remembered: every payload is new)
+            new = len(set(dedup_ids).difference(q.dedup))
         if not new:  # all repeats: confirmed (once what they repeat is), not stored
             return [(conn, Confirmed(m.req, len(payloads)))]
     if q.maxsize and new > q.maxsize:

@@ -67,7 +67,7 @@ from pigeon.server.core.requeue import dead_letter, expired, requeue
 from pigeon.server.core.settings import declare, info
 from pigeon.server.core.settlement import extend, settle
 from pigeon.server.core.state import EPSILON, BrokerState, Conn, Out, Refused, err
-from pigeon.server.core.tasks import join, task_done
+from pigeon.server.core.tasks import finish_joins, join, task_done
 
 __all__ = ["Broker"]
 
@@ -151,6 +151,8 @@ class Broker(BrokerState):
                 out = handler(self, conn, msg)
                 if self._unblocked:
                     out += readmit(self)
+                if self._lines_freed:
+                    out += self._serve_touched(set())
         except Refused as refused:
             return [err(conn, req, refused.code, str(refused))]
         name = getattr(msg, "queue", None)
@@ -255,6 +257,8 @@ class Broker(BrokerState):
             timed_out = functools.partial(_error, Code.TIMEOUT, f"{q.unfinished} tasks unfinished")
             out += answer_joins(self, q, timed_out, conn)
             self._forget_if_idle(q.name)
+        if self._lines_freed:
+            out += self._serve_touched(set())
         return out
 
     def stop(self) -> list[Out]:
@@ -296,12 +300,18 @@ class Broker(BrokerState):
 
     def _serve_touched(self, names: set[str]) -> list[Out]:
         """Serve the queues ``names`` (and their dead letters) after messages came back to
-        them or waiters left them; those left idle are forgotten."""
+        them, went to the dead letters or expired, or waiters left them (the queues whose
+        line of parked puts was freed too); answer their JOINs if that was the last of
+        their work; forget those left idle."""
+        if self._lines_freed:
+            names = names | self._lines_freed
+            self._lines_freed = set()
         out: list[Out] = []
         for name in names:
             q = self.queues.get(name)
             if q is not None:
                 q.compact()
                 out += serve_with_dead(self, q)
+                out += finish_joins(self, q)
             self._forget_if_idle(name)
         return out

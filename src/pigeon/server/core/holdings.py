@@ -110,6 +110,8 @@ def finish(b: BrokerState, w: Waiter) -> None:
                 q.consumers_waiting -= 1
     if isinstance(w, PutWaiter):
         b.parked_bytes -= w.size
+        if q is not None and q.putters and q.putters[0] is w:
+            b._lines_freed.add(q.name)
 
 
 def refuse_waiting(b: BrokerState, waiters: Iterable[Waiter], code: str, why: str) -> list[Out]:

@@ -121,6 +121,9 @@ class BrokerState:
             self._live_leases, self._live_timeouts, self._live_delays, self._live_expiries
         )
         self._unblocked: list[ConnState] = []  # connections that settled with GETs set aside
+        # queues whose first parked put left its line without being admitted (cancelled,
+        # its connection draining): the puts behind it, and new ones, may fit now
+        self._lines_freed: set[str] = set()
         self.default_lease = default_lease
         self.default_max_deliveries = default_max_deliveries
         self.now = 0.0 if clock is None else clock()
