@@ -91,3 +91,15 @@ def test_a_batch_repeating_an_id_with_no_dedup_window_counts_every_payload() -> 
     ((_, refused),) = b.handle(1, PutBatch(2, "q", [b"one", b"two"], 0.0, dedup_ids=["x", "x"]))
     assert isinstance(refused, Error) and refused.code == "bad_request"
     assert b.queues["q"].depth == 0
+
+
+def test_an_id_remembered_before_the_window_was_set_to_zero_is_still_a_repeat() -> None:
+    from pigeon.protocol import Declare, Put
+    from pigeon.protocol.messages import Confirmed, PutOptions
+    from pigeon.server.core import Broker
+
+    b = Broker()
+    b.connection_made(1)
+    b.handle(1, Put(1, "q", b"x", 0.0, PutOptions(dedup_id="x")))
+    b.handle(1, Declare(2, "q", maxsize=1, dedup_window=0.0))
+    assert b.handle(1, Put(3, "q", b"x", 0.0, PutOptions(dedup_id="x"))) == [(1, Confirmed(3, 1))]

@@ -47,8 +47,10 @@ def put(b: BrokerState, conn: Conn, m: Put | PutBatch) -> list[Out]:
     new = len(payloads)  # what it would store: repeats of remembered dedup ids do not count
     if dedup_ids is not None:
         forget_dedup(b, q)
-        if q.dedup_window > 0:  # (with none, nothing is remembered: every payload is new)
+        if q.dedup_window > 0:  # a repeat within the batch is one, as it is remembered
             new = len(set(dedup_ids).difference(q.dedup))
+        else:  # nothing new is remembered: only the ids remembered before are repeats
+            new = sum(d not in q.dedup for d in dedup_ids)
         if not new:  # all repeats: confirmed (once what they repeat is), not stored
             return [(conn, Confirmed(m.req, len(payloads)))]
     if q.maxsize and new > q.maxsize:
