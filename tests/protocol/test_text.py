@@ -402,3 +402,24 @@ def test_a_refusal_and_the_brokers_goodbye_take_their_turn() -> None:
         b"-ERR broker stopping\r\n"
     )
     assert conv.receive_data(b"PING\n") == [] and conv.unanswered == 0
+
+
+def test_commands_waiting_behind_an_unanswered_one_are_bounded() -> None:
+    # A GET that waits holds every reply behind it in its turn: 10,000 STATS lines behind
+    # it were all run and their replies kept (RSS +150 MiB); now the conversation stops
+    # running lines at MAX_WAITING and the shell stops reading.
+    from pigeon.protocol.text import MAX_WAITING
+
+    conv = TextConnection(token_required=False)
+    (get,) = conv.receive_data(b"GET q 600\r\n")
+    assert isinstance(get, RequestReceived)
+    events = conv.receive_data(b"PING\r\n" * (2 * MAX_WAITING))
+    assert events == [] and conv.backlogged and conv.unanswered == MAX_WAITING
+    assert conv.data_to_send() == b""  # every PONG waits its turn behind the GET
+    conv.reply(get.message.req, Error(get.message.req, Code.EMPTY, "queue 'q' is empty"))
+    assert not conv.backlogged
+    assert conv.resume() == [] and conv.unanswered == 0  # the rest ran: PONGs need no broker
+    out = conv.data_to_send()
+    assert (
+        out.startswith(b"-EMPTY queue 'q' is empty\r\n") and out.count(b"+PONG") == 2 * MAX_WAITING
+    )

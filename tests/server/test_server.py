@@ -482,3 +482,26 @@ def test_a_consumer_that_is_only_slow_to_read_keeps_its_connection_and_messages(
                     got = len(m.messages)
         s.close()
     assert got == 200
+
+
+def test_a_text_client_that_reads_nothing_is_dropped_past_max_pending_output() -> None:
+    # Text replies went around --max-pending-output: a text client held ~11 MB of them
+    # under a 1 MiB limit while a binary client was dropped at 1 MiB.
+    with BrokerThread(max_pending_output=100_000) as b:
+        with pigeon.Queue(b.url("q")) as q:
+            q.put(1)
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", b.port))
+        s.settimeout(10)
+        try:
+            for _ in range(200):  # a reply far larger than each line: output piles up
+                s.sendall(b"STATS\r\n" * 50)
+        except OSError:
+            pass  # dropped while sending: what this test wants
+        assert b.server is not None
+        deadline = time.monotonic() + 10
+        while b.server.connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not b.server.connections  # dropped, not buffered without bound
+        s.close()

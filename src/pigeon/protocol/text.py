@@ -45,6 +45,7 @@ from pigeon.protocol.server import DrainRequested, RequestReceived, Violation
 __all__ = [
     "MAX_HELD",
     "MAX_LINE",
+    "MAX_WAITING",
     "NOT_TEXT",
     "TEXT_FIRST_BYTES",
     "DrainRequested",
@@ -60,6 +61,10 @@ MAX_LINE = 64 * 1024
 # Bytes a conversation holds, unread, while an AUTH waits for its answer. The shell stops
 # reading then; over TLS one decrypted read (64 KiB) may still arrive in pieces.
 MAX_HELD = 2 * MAX_LINE
+# Commands read whose replies are not out yet (a GET that waits holds every reply behind
+# it in its turn): past this the conversation runs no more lines, and the shell stops
+# reading, until the first of them is answered.
+MAX_WAITING = 1024
 # Bytes that never occur in UTF-8 text a person types: C0 controls but tab, LF and CR,
 # DEL, and bytes that are never valid in UTF-8 (0xC0, 0xC1, 0xF5-0xFF).
 NOT_TEXT = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\xc0\xc1\xf5-\xff]")
@@ -143,6 +148,16 @@ class TextConnection:
     def unanswered(self) -> int:
         """Commands read whose reply has not been released yet."""
         return len(self._slots)
+
+    @property
+    def backlogged(self) -> bool:
+        """``MAX_WAITING`` commands wait for their replies: stop reading; ``resume()``
+        runs the lines behind them once some are answered."""
+        return len(self._slots) >= MAX_WAITING
+
+    def resume(self) -> list[Event]:
+        """Run the lines read behind a backlog that has shrunk since."""
+        return self._advance()
 
     # --- what the shell tells -----------------------------------------------------------
 
@@ -243,6 +258,8 @@ class TextConnection:
     def _advance(self) -> list[Event]:
         events: list[Event] = []
         while self.state in (State.GREETING, State.LOGIN, State.OPEN):
+            if self._lines and len(self._slots) >= MAX_WAITING:
+                break  # the rest waits for replies to go out (backlogged)
             if self._lines:
                 events += self._line(self._lines.popleft())
             elif self._broken is not None:

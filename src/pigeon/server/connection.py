@@ -74,6 +74,7 @@ class Connection(asyncio.BufferedProtocol):
         self.client_name = ""
         self._admitted = False  # counted by the authenticator until it logs in
         self._timer: asyncio.TimerHandle | None = None
+        self._output_full = False  # the transport asked us to stop (pause_writing)
 
     @property
     def draining(self) -> bool:
@@ -127,6 +128,8 @@ class Connection(asyncio.BufferedProtocol):
             self._act(receive())
         finally:
             self.server.read_done()
+        if self.text is not None and self.text.backlogged:
+            self._update_reading()
 
     def eof_received(self) -> bool:
         # The client half-closed: it sends nothing more. Answer what it sent, then close.
@@ -146,14 +149,24 @@ class Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         # The client does not read its replies: stop reading its requests (backpressure).
-        if self.transport is not None and self.state == "open":
-            self.transport.pause_reading()
+        self._output_full = True
+        self._update_reading()
 
     def resume_writing(self) -> None:
-        if self.text is not None and self.text.auth_pending:
-            return  # reading stays paused until the AUTH is answered
-        if self.transport is not None and self.state == "open" and not self.transport.is_closing():
-            self.transport.resume_reading()
+        self._output_full = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read while nothing holds reading back: replies the client does not read, an
+        AUTH waiting for its answer, or (text) too many commands waiting for theirs."""
+        t = self.transport
+        if t is None or t.is_closing() or self.state != "open":
+            return
+        text = self.text
+        if self._output_full or (text is not None and (text.auth_pending or text.backlogged)):
+            t.pause_reading()
+        else:
+            t.resume_reading()
 
     # --- life -------------------------------------------------------------------------------
 
@@ -259,6 +272,16 @@ class Connection(asyncio.BufferedProtocol):
             return
         self.bytes_out += len(data)
         t.write(data)
+        self._check_output(t)
+
+    def _check_output(self, t: asyncio.Transport) -> None:
+        limit = self.server.config.max_pending_output
+        if limit and t.get_write_buffer_size() > limit:
+            # A client that does not read: drop it rather than buffer without bound.
+            # Its unacked messages go back to the queue when the connection is lost.
+            log.warning("dropping %s: %d bytes wait to be sent (max_pending_output=%d)",
+                        self.peer, t.get_write_buffer_size(), limit)  # fmt: skip
+            t.abort()
 
     def _write_conv(self) -> None:
         """Write what the conversation has ready (WELCOME, ERROR, text reply lines)."""
@@ -268,10 +291,14 @@ class Connection(asyncio.BufferedProtocol):
 
     def send(self, message: Any) -> None:
         """A reply, or a message of the broker's own, in this connection's mode."""
-        if self.text is not None:  # a reply takes its command's turn; notices are not for text
+        text = self.text
+        if text is not None:  # a reply takes its command's turn; notices are not for text
             if (req := getattr(message, "req", None)) is not None:
-                self.text.reply(req, message)
+                backlogged = text.backlogged
+                text.reply(req, message)
                 self._write_conv()
+                if backlogged and not text.backlogged:  # the lines behind it may run
+                    asyncio.get_running_loop().call_soon(self._resume_text)
             return
         t = self.transport
         if self.conv is None or t is None or t.is_closing():
@@ -281,13 +308,14 @@ class Connection(asyncio.BufferedProtocol):
         header, body = self.conv.send(message)
         self.bytes_out += 4 + len(body)
         t.writelines((header, body))
-        limit = self.server.config.max_pending_output
-        if limit and t.get_write_buffer_size() > limit:
-            # A consumer that does not read: drop it rather than buffer without bound.
-            # Its unacked messages go back to the queue when the connection is lost.
-            log.warning("dropping %s: %d bytes wait to be sent (max_pending_output=%d)",
-                        self.peer, t.get_write_buffer_size(), limit)  # fmt: skip
-            t.abort()
+        self._check_output(t)
+
+    def _resume_text(self) -> None:
+        """Run the text lines read behind a backlog, and read again."""
+        if self.text is None or self.state != "open" or self.text.backlogged:
+            return
+        self._read(self.text.resume)
+        self._update_reading()
 
     # --- events -----------------------------------------------------------------------------
 
@@ -347,9 +375,9 @@ class Connection(asyncio.BufferedProtocol):
                 self._write_conv()
                 self.server.check_drained()  # it may owe nothing more now
                 return
-            self._resume_reading()
             self.start_timer(self.server.config.handshake_timeout, self.handshake_expired)
             self._read(text.login_failed)
+            self._update_reading()
 
         self._reject_login(answer)
 
@@ -357,10 +385,6 @@ class Connection(asyncio.BufferedProtocol):
         """Answer a wrong token only after ``failure_delay``: guessing is slow."""
         self.transport.pause_reading() if self.transport else None
         self.start_timer(self.server.auth.failure_delay, then)
-
-    def _resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
 
     def handshake_expired(self) -> None:
         self._timer = None
