@@ -423,3 +423,10 @@ def test_commands_waiting_behind_an_unanswered_one_are_bounded() -> None:
     assert (
         out.startswith(b"-EMPTY queue 'q' is empty\r\n") and out.count(b"+PONG") == 2 * MAX_WAITING
     )
+
+
+def test_a_text_puts_headers_keep_the_order_of_the_line() -> None:
+    conv = TextConnection(token_required=False)
+    (put,) = conv.receive_data(b"PUT q hello header.first=1 header.second=2 header.third=3\r\n")
+    assert isinstance(put, RequestReceived)
+    assert list(put.message.options.headers) == ["first", "second", "third"]

@@ -1168,3 +1168,32 @@ def test_expired_dedup_ids_are_forgotten_at_the_next_write(
     assert store.recover_dedup() == {"q": {"later": now[0] + 89}}
     assert store._live_bytes == _recount(store)[1]
     store.close()
+
+
+def test_a_slow_fsync_counts_as_a_stalled_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--fsync always: while a write waits for an fsync that does not return, the store
+    reports how long (new puts are then refused rather than held until store_timeout)."""
+    store = LogStore(tmp_path, "always")
+    commits: list[int] = []
+    store.start(commits.append)
+    broker = Broker(store)
+    broker.connection_made(1)
+    release = threading.Event()
+    real = os.fdatasync
+
+    def slow(fd: int) -> None:
+        release.wait(10)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow)
+    broker.handle(1, Put(1, "q", b"waits for its fsync"))
+    time.sleep(0.3)
+    assert not commits and store.stalled_for >= 0.25
+    release.set()
+    deadline = time.monotonic() + 5
+    while not commits and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert commits and store.stalled_for == 0.0
+    store.close()

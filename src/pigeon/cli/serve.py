@@ -202,9 +202,10 @@ from pigeon.cli.config import print_config as show_config
     default=10.0,
     show_default=True,
     type=click.FloatRange(0),
-    help="seconds sent data may go unacknowledged by a peer's TCP stack before the "
-    "connection counts as dead and its messages are requeued (TCP_USER_TIMEOUT; 0: the "
-    "kernel's ~15 min)",
+    help="seconds a peer's TCP stack may leave the broker's data (or its probes) "
+    "unacknowledged before the connection counts as dead and its messages are requeued "
+    "(checked in the kernel's TCP_INFO; a peer that only reads slowly is not dropped; 0: "
+    "never, the kernel's ~15 min of retransmissions)",
 )
 @click.option(
     "--store-timeout",

@@ -467,7 +467,7 @@ def put_options(data: str) -> tuple[str, PutOptions | None]:
         return data, None
     opts = PutOptions()
     headers: dict[str, str] = {}
-    for name, value in found.items():
+    for name, value in reversed(found.items()):  # in line order (read from the end)
         if name.startswith("header."):
             headers[name[7:]] = value
             continue

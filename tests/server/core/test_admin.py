@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pigeon.protocol import (
     Delete,
     Error,
@@ -100,3 +102,35 @@ def test_delete_drops_what_is_in_flight_too_and_answers_who_waits() -> None:
     ]
     assert store.calls == [("removed", "q", 2), ("removed", "q", 1), ("declared", "q", None)]
     assert "q" not in b.queues and b._conns[B].unacked == 0 and b.parked(B) == 0
+
+
+def test_peek_counts_origin_and_reason_in_bytes_of_utf_8() -> None:
+    import msgspec
+
+    from pigeon.protocol import Nack, Peek
+
+    b = Broker(max_reply_bytes=200_000)
+    for conn in (A, B):
+        b.connection_made(conn)
+    b.handle(A, PutBatch(1, "q", [b"x"] * 400))
+    (got,) = replies(b.handle(B, Get(2, "q", 400, 0, True)), B)
+    b.handle(B, Nack(3, "q", [d.id for d in got.messages], False, 0.0, "🔥" * 125))
+    (peeked,) = replies(b.handle(A, Peek(4, "q.dead", 400)), A)
+    assert 0 < len(peeked.value) < 400
+    assert len(msgspec.msgpack.encode(peeked.value)) <= 200_000
+
+
+def test_peek_does_not_list_the_whole_queue(monkeypatch: Any) -> None:
+    from pigeon.protocol import Peek
+    from pigeon.server.core.model import Ready
+
+    b = Broker()
+    b.connection_made(A)
+    b.handle(A, PutBatch(1, "q", [b"%d" % i for i in range(1000)]))
+
+    def listed(self: Ready) -> Any:
+        raise AssertionError("PEEK listed every message of the queue")
+
+    monkeypatch.setattr(Ready, "__iter__", listed)
+    (peeked,) = replies(b.handle(A, Peek(2, "q", 2)), A)
+    assert [m["payload"] for m in peeked.value] == [b"0", b"1"]

@@ -36,9 +36,11 @@ def test_joins_with_a_wait_are_limited_like_gets() -> None:
     assert isinstance(refused, Error) and "max_parked_gets=3" in refused.message
 
 
-def test_joins_without_a_wait_cost_eight_bytes_of_the_parked_budget_and_are_all_answered() -> None:
+def test_joins_without_a_wait_cost_their_bytes_of_the_parked_budget_and_are_all_answered() -> None:
     # They parked a waiter each with no limit: a million JOINs took 154 MiB.
-    b = Broker(max_parked_bytes_per_connection=8 * 100_000)
+    from pigeon.server.core.holdings import JOIN_COST
+
+    b = Broker(max_parked_bytes_per_connection=JOIN_COST * 100_000)
     for conn in (A, B, C):
         b.connection_made(conn)
     b.handle(A, Put(1, "q", b"unfinished"))
@@ -46,7 +48,7 @@ def test_joins_without_a_wait_cost_eight_bytes_of_the_parked_budget_and_are_all_
         assert b.handle(B, Join(req, "q")) == []
     ((_, refused),) = b.handle(B, Join(100_001, "q"))
     assert isinstance(refused, Error) and refused.code == "limit"
-    assert b.parked_bytes == 800_000 and b.parked(B) == 100_000
+    assert b.parked_bytes == JOIN_COST * 100_000 and b.parked(B) == 100_000
     b.handle(C, Join(1, "q"))
     b.handle(A, Get(2, "q", 1, 0))
     done = b.handle(A, TaskDone(3, "q", 1))
@@ -64,12 +66,31 @@ def test_joins_without_a_wait_cost_eight_bytes_of_the_parked_budget_and_are_all_
 
 
 def test_a_join_without_a_wait_can_be_cancelled() -> None:
+    from pigeon.server.core.holdings import JOIN_COST
+
     b = Broker()
     b.connection_made(A)
     b.handle(A, Put(1, "q", b"unfinished"))
     b.handle(A, Join(2, "q"))
     b.handle(A, Join(3, "q"))
     b.handle(A, Cancel(2))
-    assert b.parked(A) == 1 and b.parked_bytes == 8
+    assert b.parked(A) == 1 and b.parked_bytes == JOIN_COST
     b.handle(A, Get(4, "q", 1, 0))
     assert replies(b.handle(A, TaskDone(5, "q", 1)), A) == [Ok(5, 0), Ok(3, 0)]
+
+
+def test_cancelling_among_many_joins_without_a_wait_looks_up_not_scans() -> None:
+    # A CANCEL scanned every bare JOIN of the connection: with a million of them, 500
+    # CANCELs of an unused req stalled every other client for 6.5 s.
+    b = Broker()
+    b.connection_made(A)
+    b.handle(A, Put(1, "q", b"unfinished"))
+    for req in range(2, 200_002):
+        b.handle(A, Join(req, "q"))
+    q = b.queues["q"]
+    assert isinstance(q.join_reqs[A], dict)  # indexed by req
+    b.handle(A, Cancel(150_000))
+    assert 150_000 not in q.join_reqs[A] and b.parked(A) == 199_999
+    b.handle(A, Join(300_000, "q"))
+    b.handle(A, Join(300_000, "q"))  # the same req while it waits: one JOIN
+    assert b.parked(A) == 200_000

@@ -79,8 +79,10 @@ def peek(b: BrokerState, conn: Conn, m: Peek) -> list[Out]:
     q = b.queues.get(m.queue)
     shown: list[dict[str, Any]] = []
     room = b.max_reply_bytes
-    for msg in q.ready if q is not None else ():
-        room -= reply_cost(msg) + len(msg.origin) + len(msg.reason) + 96  # the map's keys
+    for msg in q.ready.lazily() if q is not None else ():
+        # its map in the reply: payload, headers and framing, origin and reason (in bytes
+        # of UTF-8: 500 emoji are 2,000 bytes), the keys and numbers
+        room -= reply_cost(msg) + len(msg.origin.encode()) + len(msg.reason.encode()) + 96
         if len(shown) == m.max_items or (room < 0 and shown):
             break  # within one reply's size, as a DELIVER (at least one)
         shown.append(

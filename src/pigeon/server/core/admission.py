@@ -81,6 +81,9 @@ def put(b: BrokerState, conn: Conn, m: Put | PutBatch) -> list[Out]:
                   options=opts, dedup_ids=dedup_ids, new=new)  # fmt: skip
     cs.parked_bytes += size
     b.parked_bytes += size
+    if dedup_ids is not None:  # its new ids count for max_dedup_ids while it waits
+        w.ids_held = new
+        b.dedup_ids_parked += new
     q.putters.append(w)
     park(b, w)
     return serve(b, q)

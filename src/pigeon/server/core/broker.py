@@ -151,7 +151,7 @@ class Broker(BrokerState):
                 out = handler(self, conn, msg)
                 if self._unblocked:
                     out += readmit(self)
-                if self._lines_freed:
+                if self._to_serve:
                     out += self._serve_touched(set())
         except Refused as refused:
             return [err(conn, req, refused.code, str(refused))]
@@ -257,7 +257,7 @@ class Broker(BrokerState):
             timed_out = functools.partial(_error, Code.TIMEOUT, f"{q.unfinished} tasks unfinished")
             out += answer_joins(self, q, timed_out, conn)
             self._forget_if_idle(q.name)
-        if self._lines_freed:
+        if self._to_serve:
             out += self._serve_touched(set())
         return out
 
@@ -303,9 +303,9 @@ class Broker(BrokerState):
         them, went to the dead letters or expired, or waiters left them (the queues whose
         line of parked puts was freed too); answer their JOINs if that was the last of
         their work; forget those left idle."""
-        if self._lines_freed:
-            names = names | self._lines_freed
-            self._lines_freed = set()
+        if self._to_serve:
+            names = names | self._to_serve
+            self._to_serve = set()
         out: list[Out] = []
         for name in names:
             q = self.queues.get(name)

@@ -13,7 +13,6 @@ that move messages between these are in the modules beside this one.
 from __future__ import annotations
 
 import heapq
-from array import array
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -127,6 +126,7 @@ class PutWaiter(Waiter):
     options: PutOptions | None = None
     dedup_ids: list[str] | None = None
     new: int = 0  # messages it would store (repeats of remembered dedup ids left out)
+    ids_held: int = 0  # new dedup ids it counts for max_dedup_ids while it waits
 
 
 def _msg_id(msg: Stored) -> int:
@@ -304,6 +304,21 @@ class Ready:
                     heads.append(head)
         return min(heads, key=_enqueued) if heads else None
 
+    def lazily(self) -> Iterator[Stored]:
+        """In delivery order, one at a time (PEEK costs what it shows, not the queue): per
+        lane, a copy of the given-back heap popped as it goes, merged with the FIFO."""
+        gone = self._gone
+        for lane in (*self._lanes.values(), self._base):
+            back = lane.back[:]
+
+            def popped(heap: list[tuple[int, Stored]] = back) -> Iterator[Stored]:
+                while heap:
+                    yield heapq.heappop(heap)[1]
+
+            for msg in heapq.merge(popped(), lane.fresh, key=_msg_id):
+                if msg.id not in gone:
+                    yield msg
+
     def __iter__(self) -> Iterator[Stored]:
         """In delivery order (for peek and purge; not on the hot path)."""
         lanes = [*self._lanes.values(), self._base]
@@ -336,9 +351,9 @@ class QueueState:
     consumers_waiting: int = 0  # parked GETs (in the line or blocked) not yet answered
     putters: deque[PutWaiter] = field(default_factory=deque)
     joiners: list[Waiter] = field(default_factory=list)  # JOINs with a wait
-    # JOINs without a wait, the reqs of each connection's: 8 bytes each, not a waiter (a
-    # client may hold one per queue per thread or coroutine; a flood of them costs little)
-    join_reqs: dict[int, array[int]] = field(default_factory=dict)
+    # JOINs without a wait, the reqs of each connection's: a dict entry each, not a waiter
+    # (a client may hold one per queue per thread or coroutine; a flood of them costs little)
+    join_reqs: dict[int, dict[int, None]] = field(default_factory=dict)
     # messages put with a ttl, while they wait (ready or delayed): id -> message
     expiring: dict[int, Stored] = field(default_factory=dict)
     dedup_window: float = DEFAULT_DEDUP_WINDOW  # seconds a dedup id is remembered

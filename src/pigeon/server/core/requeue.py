@@ -51,6 +51,7 @@ def requeue(b: BrokerState, q: QueueState, msg: Stored, delay: float = 0.0) -> N
 def dead_letter(b: BrokerState, q: QueueState, msg: Stored, reason: str) -> None:
     """Move ``msg``, which ``q`` no longer holds anywhere, to ``q``'s dead letters."""
     if q.is_dead_letters:
+        q.expiring.pop(msg.id, None)  # (its expiry is what brought it here, or moot)
         if reason == "expired":  # put here with a ttl, which ran out: it has nowhere
             b.store.removed(q.name, msg.id)  # further to go (no NAME.dead.dead)
             q.unfinished = max(0, q.unfinished - 1)
@@ -72,3 +73,5 @@ def dead_letter(b: BrokerState, q: QueueState, msg: Stored, reason: str) -> None
     dead.unfinished += 1
     dead.put_total += 1
     b.store.moved(msg, dead.name)
+    if dead.getters:
+        b._to_serve.add(dead.name)  # a GET may wait there

@@ -107,6 +107,7 @@ class BrokerState:
         # is refused, as a full queue is, never stored with its id forgotten early.
         self.max_dedup_ids = max_dedup_ids
         self.dedup_ids = 0
+        self.dedup_ids_parked = 0  # new dedup ids of puts parked for room (see dedup_full)
         self._dedup_swept_at = float("-inf")
         self.queues: dict[str, QueueState] = {}
         self._conns: dict[Conn, ConnState] = {}
@@ -121,9 +122,11 @@ class BrokerState:
             self._live_leases, self._live_timeouts, self._live_delays, self._live_expiries
         )
         self._unblocked: list[ConnState] = []  # connections that settled with GETs set aside
-        # queues whose first parked put left its line without being admitted (cancelled,
-        # its connection draining): the puts behind it, and new ones, may fit now
-        self._lines_freed: set[str] = set()
+        # Queues to serve once the request or tick is done with: one whose first parked put
+        # left its line without being admitted (cancelled, its connection draining: the
+        # puts behind it, and new ones, may fit now), a dead-letter queue that received
+        # messages (GETs may wait on it)
+        self._to_serve: set[str] = set()
         self.default_lease = default_lease
         self.default_max_deliveries = default_max_deliveries
         self.now = 0.0 if clock is None else clock()

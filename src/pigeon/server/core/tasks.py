@@ -1,6 +1,6 @@
 """Unfinished tasks: TASK_DONE counts them down, JOIN waits until none is left (with a
-wait: a parked request among the GETs' limits; without one: a req in an array, paid from
-the connection's parked-bytes budget).
+wait: a parked request among the GETs' limits; without one: a bare req, paid from the
+connection's parked-bytes budget).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def join(b: BrokerState, conn: Conn, m: Join) -> list[Out]:
     if m.wait == 0:
         return [err(conn, m.req, Code.TIMEOUT, f"{q.unfinished} tasks unfinished")]
     cs = b._conn(conn)
-    if m.wait is None:  # no timer: a req in an array, paid for like a parked put
+    if m.wait is None:  # no timer: a bare req, paid for like a parked put
         why = parked_bytes_refused(b, cs, JOIN_COST, "JOINs and puts waiting")
         if why is not None:
             return [err(conn, m.req, Code.LIMIT, why)]

@@ -28,6 +28,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -113,6 +114,9 @@ class Durable(Store):
         self._closed = False  # close() has run: nothing is written any more
         self._error: BaseException | None = None
         self._failing_since: float | None = None
+        # (batch, when written) of writes handed to the syncer and not yet confirmed
+        # (``always``): a slow fsync stalls the store as surely as a failing write
+        self._unsynced: deque[tuple[int, float]] = deque()
         self.on_commit: Callable[[int], None] | None = None
         self.recovery_seconds = 0.0
         self.quarantined = 0
@@ -150,11 +154,21 @@ class Durable(Store):
 
     @property
     def stalled_for(self) -> float:
-        """Seconds since commits began failing (0 while they succeed)."""
+        """Seconds since commits began failing, or the oldest write still waiting for its
+        fsync was made (0 while they succeed in time)."""
         if self._error is not None:
             return float("inf")
+        now = time.monotonic()
+        unsynced = self._prune_unsynced()
+        waited = now - unsynced[0][1] if unsynced else 0.0
         since = self._failing_since
-        return 0.0 if since is None else time.monotonic() - since
+        return max(waited, 0.0 if since is None else now - since)
+
+    def _prune_unsynced(self) -> deque[tuple[int, float]]:
+        unsynced, committed = self._unsynced, self.committed
+        while unsynced and unsynced[0][0] <= committed:
+            unsynced.popleft()
+        return unsynced
 
     def _broken(self, exc: BaseException) -> None:
         """A damaged store (not a busy or full disk): stop confirming writes."""
@@ -266,6 +280,7 @@ class Durable(Store):
             self._commits_again()
             self._retry_delay = 0.01
         if self.fsync == "always" and changed:  # confirmed once the syncer has fsynced it
+            self._prune_unsynced().append((batch, time.monotonic()))
             with self._sync:
                 self._sync_upto = batch
                 self._sync.notify()

@@ -535,7 +535,7 @@ class SQLiteStore(Durable):
         "add_new": "INSERT OR REPLACE INTO messages (id, queue, payload, crc) VALUES (?, ?, ?, ?)",
         "del": "DELETE FROM messages WHERE id BETWEEN ? AND ?",
         "move": "UPDATE messages SET queue = ?, deliveries = ?, origin = '', reason = '', "
-        "extra = NULL, attrs = ? WHERE id = ?",
+        "extra = NULL, due = 0, attrs = ? WHERE id = ?",  # a dead letter keeps no delay
         "delivered": "UPDATE messages SET deliveries = deliveries + 1 WHERE id BETWEEN ? AND ?",
         "dedup": "INSERT OR REPLACE INTO dedup VALUES (?, ?, ?)",
         "undedup": "DELETE FROM dedup WHERE queue = ?",
