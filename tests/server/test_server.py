@@ -505,3 +505,18 @@ def test_a_text_client_that_reads_nothing_is_dropped_past_max_pending_output() -
             time.sleep(0.05)
         assert not b.server.connections  # dropped, not buffered without bound
         s.close()
+
+
+def test_a_worker_busy_past_the_idle_timeout_keeps_its_message() -> None:
+    # The blocking client reads only during a call: a job longer than --idle-timeout had
+    # its connection closed as idle and its message handed out again - for ever.
+    with (
+        BrokerThread(idle_timeout=1.0, heartbeat=0.2) as b,
+        pigeon.Queue(b.url("long"), serializer="raw") as q,
+    ):
+        q.put(b"a long job")
+        msg = q.get_message(timeout=5)
+        time.sleep(2.5)  # the job: past the idle timeout, not a byte sent
+        assert b.server is not None and len(b.server.broker.queues["long"].in_flight) == 1
+        msg.ack()
+        assert q.qsize() == 0

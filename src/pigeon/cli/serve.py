@@ -133,7 +133,8 @@ from pigeon.cli.config import print_config as show_config
     default=300.0,
     show_default=True,
     type=click.FloatRange(0),
-    help="close a connection after this many seconds without a byte from it (0: never)",
+    help="close a connection after this many seconds without a byte from it, unless it "
+    "holds deliveries or waits for a reply (a worker busy with a long job) (0: never)",
 )
 @click.option(
     "--max-unacked-bytes",

@@ -331,7 +331,7 @@ class BrokerServer:
             for c in list(self.connections.values()):
                 if c.draining:
                     continue
-                if idle and now - c.last_rx > idle:
+                if idle and now - c.last_rx > idle and not self.broker.busy(c.id):
                     log.info("closing %s: idle for %.0f s", c.peer, now - c.last_rx)
                     c.refuse(Code.IDLE, f"no request for more than {idle:.0f} s")
                 elif c.welcomed and c.mode == "binary":

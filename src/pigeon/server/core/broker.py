@@ -240,6 +240,12 @@ class Broker(BrokerState):
         joins = sum(len(q.join_reqs.get(conn, ())) for q in join_queues(self, cs))
         return len(cs.parked) + joins
 
+    def busy(self, conn: Conn) -> bool:
+        """Does ``conn`` hold deliveries or wait for a reply? (Then it is not idle, however
+        long it has been silent: a worker busy with a long job reads nothing meanwhile.)"""
+        cs = self._conns.get(conn)
+        return cs is not None and bool(cs.holding or cs.parked or cs.joins)
+
     def drain(self, conn: Conn) -> list[Out]:
         """``conn`` sends nothing more (FIN, GOODBYE, QUIT): its parked requests that have
         a deadline wait for it as usual; those without one are answered now, as if their
