@@ -90,6 +90,17 @@ class Pulls:
                 return taken
             return await self._request(durable, n, wait)
 
+    def keep(self, durable: str, msgs: list[Any]) -> None:
+        """Deliveries taken but not handed out now: the next pull of ``durable`` hands
+        them out first."""
+        self._stray[durable] = [*msgs, *self._stray.get(durable, [])]
+
+    def kept(self) -> list[Any]:
+        """Every delivery kept and not handed out (to give back before closing)."""
+        out = [m for msgs in self._stray.values() for m in msgs]
+        self._stray.clear()
+        return out
+
     async def _request(self, durable: str, n: int, wait: float) -> list[Any]:
         self._count += 1
         inbox = f"{self._prefix}.{self._count}"

@@ -647,27 +647,44 @@ class AsyncNatsQueue(EngineQueue[T]):
     async def _pull(self, js: Any, n: int, wait: float) -> tuple[list[tuple[int, Any]], Any]:
         """One round: up to ``n`` messages, from the highest priority holding any down;
         waiting up to ``wait`` seconds on priority 0 when none is there at all (a message
-        of another priority, or a delayed one coming due there, is seen at the next round:
-        within ``SLICE``). Also the stream's state, for the caller."""
+        of another priority put meanwhile, or coming due there, is seen when the wait
+        ends, within ``SLICE``). Also the stream's state, for the caller."""
         info = await js.stream_info(self.stream, subjects_filter=">")
+        got = await self._pull_levels(js, n, info, wait)
+        if wait > 0 and got and got[0][0] == 0:
+            # Waited on priority 0 and something came: if a message of a higher one came
+            # (or came due) meanwhile, it goes first; what came on 0 is kept for the next.
+            info = await js.stream_info(self.stream, subjects_filter=">")
+            higher = await self._pull_levels(js, n, info, 0.0, above=0)
+            if higher:
+                assert self._pulls is not None
+                room = n - len(higher)
+                self._pulls.keep(DURABLE, [m for _, m in got[room:]])
+                got = higher + got[:room]
+        return got, info
+
+    async def _pull_levels(
+        self, js: Any, n: int, info: Any, wait: float, above: int = -1
+    ) -> list[tuple[int, Any]]:
         held = {level_of(s, self.name): c for s, c in (info.state.subjects or {}).items()}
         assert self._pulls is not None
         got: list[tuple[int, Any]] = []
         for level in LEVELS:
-            if len(got) >= n:
+            if len(got) >= n or level <= above:
                 break
             last = level == 0 and not got
             if not held.get(level) and not (last and wait > 0):
                 continue  # nothing stored at this level: nothing to ask for
-            durable = level_durable(level)
             try:
                 await self._ensure_level(js, level)
-                msgs = await self._pulls.pull(durable, n - len(got), wait if last else 0.0)
+                msgs = await self._pulls.pull(
+                    level_durable(level), n - len(got), wait if last else 0.0
+                )
             except ConsumerMissing:  # deleted behind this handle's back: made again
                 self._consumers.discard(level)
                 continue
             got += [(level, m) for m in msgs]
-        return got, info
+        return got
 
     async def _inspect(self, level: int, msg: Any) -> _Delivery | None:
         """What a message handed to this consumer is for pigeon: one to deliver, or None
@@ -958,6 +975,10 @@ class AsyncNatsQueue(EngineQueue[T]):
         if self._settling:  # acks and nacks sent without waiting: let them land first
             await asyncio.gather(*self._settling, return_exceptions=True)
         if not self._closed:
+            if self._pulls is not None:  # taken, never handed out: back at once
+                for msg in self._pulls.kept():
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
             self._closed = True
             if self._dead is not None:
                 await self._dead.aclose()
