@@ -61,7 +61,8 @@ class Pulls:
         self._waiting: dict[str, asyncio.Queue[Any]] = {}  # inbox -> its answers
         self._reading: dict[str, asyncio.Queue[Any]] = {}  # consumer -> the pull's answers
         self._turns: dict[str, asyncio.Lock] = {}  # consumer -> one pull at a time
-        self._stray: dict[str, list[Any]] = {}  # consumer -> deliveries nobody waited for
+        # consumer -> (when it came, delivery): taken but not handed out yet
+        self._stray: dict[str, list[tuple[float, Any]]] = {}
         self._count = 0
 
     async def start(self) -> None:
@@ -78,26 +79,34 @@ class Pulls:
         if reading is not None:
             reading.put_nowait(msg)
         else:
-            self._stray.setdefault(durable, []).append(msg)
+            self._stray.setdefault(durable, []).append((time.monotonic(), msg))
 
-    async def pull(self, durable: str, n: int, wait: float) -> list[Any]:
+    async def pull(self, durable: str, n: int, wait: float, fresh: float = 10.0) -> list[Any]:
         """Up to ``n`` messages of consumer ``durable``: those there now (``wait`` 0), or
-        waiting up to ``wait`` seconds for the first. Raises ``ConsumerMissing``."""
+        waiting up to ``wait`` seconds for the first. Deliveries kept from earlier come
+        first; one kept longer than ``fresh`` seconds (its lease may have ended and handed
+        it to another consumer) is given back instead. Raises ``ConsumerMissing``."""
         async with self._turns.setdefault(durable, asyncio.Lock()):
-            stray = self._stray.get(durable)
-            if stray:
-                taken, stray[:] = stray[:n], stray[n:]
-                return taken
+            kept = self._stray.pop(durable, [])
+            now = time.monotonic()
+            for _, msg in [(t, m) for t, m in kept if now - t > fresh]:
+                await msg.nak()
+            kept = [(t, m) for t, m in kept if now - t <= fresh]
+            if kept:
+                if kept[n:]:
+                    self._stray[durable] = kept[n:]
+                return [m for _, m in kept[:n]]
             return await self._request(durable, n, wait)
 
     def keep(self, durable: str, msgs: list[Any]) -> None:
         """Deliveries taken but not handed out now: the next pull of ``durable`` hands
         them out first."""
-        self._stray[durable] = [*msgs, *self._stray.get(durable, [])]
+        now = time.monotonic()
+        self._stray[durable] = [*((now, m) for m in msgs), *self._stray.get(durable, [])]
 
     def kept(self) -> list[Any]:
         """Every delivery kept and not handed out (to give back before closing)."""
-        out = [m for msgs in self._stray.values() for m in msgs]
+        out = [m for msgs in self._stray.values() for _, m in msgs]
         self._stray.clear()
         return out
 
@@ -130,7 +139,8 @@ class Pulls:
             if left <= 0:
                 break
             try:
-                msg = await asyncio.wait_for(answers.get(), left)
+                async with asyncio.timeout(left):
+                    msg = await answers.get()
             except TimeoutError:
                 break
             status = _status(msg)

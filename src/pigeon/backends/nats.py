@@ -1,24 +1,31 @@
-"""The nats:// backend: one JetStream work-queue stream per queue, one durable pull consumer.
+"""The nats:// backend: one JetStream work-queue stream per queue, a durable pull
+consumer per priority.
 
 Features
     ``put``/``put_many`` (publish, waiting for JetStream's ack), ``get``/``get_many``
     (fetch and ack), ``get_message`` with ``ack``, ``nack(requeue, delay)`` (NAK with a
     delay), ``extend`` (in-progress: the lease, AckWait, starts again), ``delivery_count``
-    (the consumer's delivery count), dead letters after ``max_deliveries``, ``maxsize``
-    (MaxMsgs with DiscardNew: a full queue refuses puts), ``qsize``/``empty``/``full``,
-    ``shutdown`` for every client, iteration. ``task_done``/``join`` raise
+    (the consumer's delivery count, less hand-outs before a message was due), dead
+    letters after ``max_deliveries``, ``maxsize`` (MaxMsgs with DiscardNew: a full queue
+    refuses puts), ``qsize``/``empty``/``full``, ``shutdown`` for every client,
+    iteration; every message option: ``delay``, ``ttl``, ``priority``, ``dedup_id``,
+    ``headers`` (layout in ``_natsmsg``); items of any size up to ``max_item_size``
+    (those over the server's ``max_payload`` in chunks). ``task_done``/``join`` raise
     ``Unsupported``: JetStream has no server-side wait on a counter. ``pigeon.AsyncQueue``
     runs the same code on asyncio; the blocking face runs it on pigeon's private I/O loop,
     never on a loop the caller is running.
 
 Connection URL
-    ``nats://[USER:PASSWORD@|TOKEN@]HOST[:PORT]/QUEUE[?lease=S&max_deliveries=N]``;
-    ``nats+tls://`` (or ``?tls=1``) for TLS. The queue ``jobs`` is the stream
-    ``PIGEON_jobs`` on the subject ``pigeon.jobs``.
+    ``nats://[USER:PASSWORD@|TOKEN@]HOST[:PORT]/QUEUE[?lease=S&max_deliveries=N&
+    max_item_size=BYTES]``; ``nats+tls://`` (or ``?tls=1``) for TLS. The queue ``jobs``
+    is the stream ``PIGEON_jobs`` on the subjects ``pigeon.jobs`` (priority 0) and
+    ``pigeon-p1.jobs`` ... ``pigeon-p9.jobs``; its large items' chunks are in
+    ``PIGEON-CHUNKS_jobs``.
 
 Options
     ``maxsize``, ``serializer`` (``"msgpack"``), ``lease`` (AckWait, 30 s),
-    ``max_deliveries`` (20), ``reconnect_timeout`` (30 s).
+    ``max_deliveries`` (20), ``reconnect_timeout`` (30 s), ``max_item_size`` (bytes,
+    64 MiB).
 
 Delivery guarantees
     At-least-once for ``get_message``: JetStream redelivers a message that is not acked
@@ -29,16 +36,21 @@ Delivery guarantees
     ``get`` acks on receipt, once the payload decoded (an undecodable one goes to
     ``QUEUE.dead``, reason ``undecodable``; the rest of its batch is redelivered). A
     batch put on a bounded queue is all or none even with concurrent producers (a short
-    lock per queue in the ``PIGEON_LOCKS`` key-value bucket). Items that do not fit the
-    server's ``max_payload`` (1 MiB by default) with their headers are refused before
-    anything is sent, with ``pigeon.TooLarge``. Headers travel exactly: those NATS would
-    alter go escaped (``_natsheaders``). ``qsize`` counts what waits, a message given back
-    by a nack included (a mark in the ``PIGEON-NACKED`` stream until it is fetched
-    again). Durability is JetStream's: file storage, synced to disk every two minutes by
-    default (``sync_interval`` in the server's configuration; ``always`` for
-    every write). A shut-down queue takes no more puts (its stream stops listening on
-    the subject) and readers stop once it is drained; waits run in slices of at most 0.2 s
-    so a blocked reader sees the shutdown within that. FIFO per queue except redeliveries.
+    lock per queue in the ``PIGEON_LOCKS`` key-value bucket). Higher priority first, FIFO
+    within one. A delayed message is never handed to a caller before it is due (a reader
+    handed it early gives it back with a NAK delayed until then); one past its ttl goes
+    to ``QUEUE.dead`` (reason ``expired``) when a reader meets it. An item stored in
+    chunks is delivered whole or not at all: its manifest, published last, is what
+    readers take. Headers travel exactly: those NATS would alter go escaped
+    (``_natsheaders``). ``qsize`` counts what waits, delayed messages and those given
+    back by a nack included (a mark in the ``PIGEON-NACKED`` stream until fetched again).
+    Durability is JetStream's: file storage, synced to disk every two minutes by default
+    (``sync_interval`` in the server's configuration; ``always`` for every write); delays
+    and expiries are in the stored messages and survive a restart. A shut-down queue
+    takes no more puts (its stream stops listening on its subjects) and readers stop once
+    it is drained; waits run in slices of at most 0.2 s so a blocked reader sees the
+    shutdown - and a message of priority above 0 put or come due - within that. FIFO per
+    priority except redeliveries.
 """
 
 from __future__ import annotations
@@ -191,6 +203,7 @@ class AsyncNatsQueue(EngineQueue[T]):
         self._js: Any = None
         self._pulls: Pulls | None = None
         self._consumers: set[int] = set()  # levels whose consumer this handle made sure of
+        self._calm = False  # the last round saw no message above priority 0
         self._chunks_ready = False
         self._dead: AsyncNatsQueue[Any] | None = None  # NAME.dead, opened at its first use
         self._connecting: asyncio.Lock | None = None
@@ -649,6 +662,21 @@ class AsyncNatsQueue(EngineQueue[T]):
         waiting up to ``wait`` seconds on priority 0 when none is there at all (a message
         of another priority put meanwhile, or coming due there, is seen when the wait
         ends, within ``SLICE``). Also the stream's state, for the caller."""
+        assert self._pulls is not None
+        if self._calm:
+            # The last round saw nothing above priority 0: ask which levels hold messages
+            # and take from 0 at once, in one round trip. Should a level above hold some
+            # now, what came from 0 is kept for later and those go first.
+            info, got = await asyncio.gather(
+                js.stream_info(self.stream, subjects_filter=">"),
+                self._pulls.pull(DURABLE, n, 0.0, self.lease / 2),
+            )
+            if not self._above_zero(info):
+                if got or wait <= 0:
+                    return [(0, m) for m in got], info
+            else:
+                self._pulls.keep(DURABLE, got)
+                self._calm = False
         info = await js.stream_info(self.stream, subjects_filter=">")
         got = await self._pull_levels(js, n, info, wait)
         if wait > 0 and got and got[0][0] == 0:
@@ -657,11 +685,18 @@ class AsyncNatsQueue(EngineQueue[T]):
             info = await js.stream_info(self.stream, subjects_filter=">")
             higher = await self._pull_levels(js, n, info, 0.0, above=0)
             if higher:
-                assert self._pulls is not None
                 room = n - len(higher)
                 self._pulls.keep(DURABLE, [m for _, m in got[room:]])
                 got = higher + got[:room]
+        self._calm = not self._above_zero(info)
         return got, info
+
+    def _above_zero(self, info: Any) -> bool:
+        """Does the stream hold messages of a priority above 0 (waiting, held or due)?"""
+        return any(
+            stored and level_of(subject, self.name) != 0
+            for subject, stored in (info.state.subjects or {}).items()
+        )
 
     async def _pull_levels(
         self, js: Any, n: int, info: Any, wait: float, above: int = -1
@@ -678,7 +713,7 @@ class AsyncNatsQueue(EngineQueue[T]):
             try:
                 await self._ensure_level(js, level)
                 msgs = await self._pulls.pull(
-                    level_durable(level), n - len(got), wait if last else 0.0
+                    level_durable(level), n - len(got), wait if last else 0.0, self.lease / 2
                 )
             except ConsumerMissing:  # deleted behind this handle's back: made again
                 self._consumers.discard(level)
