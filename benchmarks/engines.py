@@ -10,12 +10,19 @@ For each engine, the same N items of 64 B are put, then taken and acknowledged:
   pigeon x100 put_many / get_many of 100
 Prints put and get rates with ratios to the raw client, writes benchmarks/results/engines.png.
 Targets: pigeon x100 within 10% of raw best; pigeon single no slower than raw naive.
+
+Then the message options, each next to a plain put on the same engine (pigeon single,
+64 B; put, then get once every item is due):
+  plain, delay (1 s), ttl (60 s), priority 5, priorities 0-9 mixed, a large item (2 MiB:
+  chunks on nats://), and "early": a get handed delayed messages before they are due
+  (each given back until then), in messages given back per second.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Callable
@@ -135,6 +142,54 @@ def nats_raw(n: int, batch: int) -> tuple[float, float]:
     return asyncio.run(main())
 
 
+# --- message options --------------------------------------------------------------------
+
+
+def option_costs(base: str, n: int) -> list[list[object]]:
+    """Rows of ``[option, put/s, vs plain, get/s, vs plain]`` for the queue URLs under
+    ``base`` (one fresh queue each)."""
+    big = b"x" * (2 << 20)
+    cases: list[tuple[str, int, Callable[[int], dict[str, object]], bytes]] = [
+        ("plain", n, lambda i: {}, ITEM),
+        ("delay 1 s", n, lambda i: {"delay": 1.0}, ITEM),
+        ("ttl 60 s", n, lambda i: {"ttl": 60.0}, ITEM),
+        ("priority 5", n, lambda i: {"priority": 5}, ITEM),
+        ("priorities 0-9", n, lambda i: {"priority": i % 10}, ITEM),
+        ("2 MiB item", max(5, n // 50), lambda i: {}, big),
+    ]
+    rates: dict[str, tuple[float, float]] = {}
+    for label, count, options, item in cases:
+        with pigeon.Queue(f"{base}/bench-{uuid.uuid4().hex[:8]}", serializer="raw") as q:
+            t = time.perf_counter()
+            for i in range(count):
+                q.put(item, **options(i))  # type: ignore[arg-type]
+            put = time.perf_counter() - t
+            if label.startswith("delay"):
+                time.sleep(1.0)  # every item due: the get measures the check, not the wait
+            t = time.perf_counter()
+            for _ in range(count):
+                q.get(timeout=10)
+            get = time.perf_counter() - t
+        rates[label] = (count / put, count / get)
+        print(f"  {base.split(':')[0]:5s} {label:16s} put {count / put:10,.0f}/s  "
+              f"get {count / get:10,.0f}/s", flush=True)  # fmt: skip
+    with pigeon.Queue(f"{base}/bench-{uuid.uuid4().hex[:8]}", serializer="raw") as q:
+        q.put_many([ITEM] * n, delay=3600.0)
+        t = time.perf_counter()
+        with contextlib.suppress(pigeon.Empty):
+            q.get_many(n, block=False)  # hands out every delayed message once, early
+        early = n / (time.perf_counter() - t)
+        q.shutdown(immediate=True)
+    print(f"  {base.split(':')[0]:5s} {'early hand-out':16s} {early:10,.0f} given back/s")
+    plain_put, plain_get = rates["plain"]
+    rows: list[list[object]] = [
+        [label, f"{p:,.0f}", f"{p / plain_put:.2f}×", f"{g:,.0f}", f"{g / plain_get:.2f}×"]
+        for label, (p, g) in rates.items()
+    ]
+    rows.append(["delay, handed out early", "", "", f"{early:,.0f} given back", ""])
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -167,6 +222,10 @@ def main() -> None:
     table("engines: pigeon.Queue vs the raw client (items/s)",
           ["engine", "client", "put/s", "vs raw", "get+ack/s", "vs raw"], rows)  # fmt: skip
     print(f"plot written to {bars(RESULTS / 'engines.png', 'put rate (items/s)', plot, 'items/s')}")
+    for engine, scheme in (("nats", "nats://127.0.0.1:4222"),):
+        table(f"{engine}: the cost of each message option (pigeon single, items/s)",
+              ["option", "put/s", "vs plain", "get+ack/s", "vs plain"],
+              option_costs(scheme, n_single))  # fmt: skip
 
 
 if __name__ == "__main__":

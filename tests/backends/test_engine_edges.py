@@ -99,10 +99,10 @@ def test_nats_a_lease_changed_after_the_consumer_was_made_applies(nats_url: str)
             b.get_message(timeout=2.5)  # the 10 s lease now, not the first 1 s
 
 
-def test_nats_an_item_over_max_payload_is_refused_before_sending(nats_url: str) -> None:
-    with pigeon.Queue(nats_url, serializer="raw") as q:
-        with pytest.raises(pigeon.TooLarge, match="max_payload=1048576"):
-            q.put_many([b"small", b"x" * (2 << 20)])
+def test_nats_an_item_over_max_item_size_is_refused_before_sending(nats_url: str) -> None:
+    with pigeon.Queue(nats_url + "?max_item_size=2097152", serializer="raw") as q:
+        with pytest.raises(pigeon.TooLarge, match="max_item_size=2097152"):
+            q.put_many([b"small", b"x" * (2 << 20 | 1)])
         assert q.qsize() == 0  # all or none: the small one was not sent either
 
 
@@ -350,15 +350,40 @@ def _max_payload() -> int:
     return asyncio.run(ask())
 
 
-def test_nats_refuses_at_once_an_item_that_fits_only_without_its_headers(nats_url: str) -> None:
+def test_nats_takes_at_once_an_item_that_fits_only_without_its_headers(nats_url: str) -> None:
+    """The server counts headers with the payload against max_payload (and drops a
+    connection that sends more): such an item goes in chunks, never sent whole and
+    retried until reconnect_timeout."""
     limit = _max_payload()
     with pigeon.Queue(nats_url, serializer="raw", reconnect_timeout=5) as q:
         t = time.monotonic()
-        with pytest.raises(pigeon.TooLarge, match=f"max_payload={limit}"):
-            q.put(b"x" * (limit - 20))  # its Nats-Msg-Id alone is longer than 20 bytes
-        with pytest.raises(pigeon.TooLarge, match=f"max_payload={limit}"):
-            q.put(b"x" * (limit - 4096), headers={"x-context": "c" * 8192})
-        assert time.monotonic() - t < 2  # never sent, never retried
+        q.put(b"x" * (limit - 20))  # its Nats-Msg-Id alone is longer than 20 bytes
+        q.put(b"y" * (limit - 4096), headers={"x-context": "c" * 8192})
+        assert time.monotonic() - t < 4  # never refused by the server, never retried
+        assert q.get(timeout=10) == b"x" * (limit - 20)
+        msg = q.get_message(timeout=10)
+        assert (msg.body, msg.headers) == (b"y" * (limit - 4096), {"x-context": "c" * 8192})
+        msg.ack()
+
+
+def _chunks_stored(queue: str) -> int:
+    import asyncio
+
+    import nats
+    from nats.js.errors import NotFoundError
+
+    from pigeon.backends.nats import chunk_stream_name
+
+    async def ask() -> int:
+        nc = await nats.connect("nats://127.0.0.1:4222")
+        try:
+            return int((await nc.jetstream().stream_info(chunk_stream_name(queue))).state.messages)
+        except NotFoundError:
+            return 0
+        finally:
+            await nc.close()
+
+    return asyncio.run(ask())
 
 
 def test_nats_takes_an_item_whose_headers_and_payload_make_exactly_max_payload(
@@ -368,13 +393,17 @@ def test_nats_takes_an_item_whose_headers_and_payload_make_exactly_max_payload(
     from pigeon.backends.nats import stream_name
 
     limit = _max_payload()
+    name = nats_url.rsplit("/", 1)[1]
     with pigeon.Queue(nats_url, serializer="raw", reconnect_timeout=2) as q:
-        stream = stream_name(nats_url.rsplit("/", 1)[1])
-        exact = limit - block_size({"Nats-Msg-Id": "fits", "Nats-Expected-Stream": stream})
+        exact = limit - block_size(
+            {"Nats-Msg-Id": "fits", "Nats-Expected-Stream": stream_name(name)}
+        )
         q.put(b"x" * exact, dedup_id="fits")
-        with pytest.raises(pigeon.TooLarge, match=r"with \d+ bytes of headers"):
-            q.put(b"x" * (exact + 1), dedup_id="fits")
-        assert len(q.get(timeout=10)) == exact
+        assert _chunks_stored(name) == 0  # one message, whole
+        q.put(b"x" * (exact + 1), dedup_id="fits too")
+        assert _chunks_stored(name) == 2  # one byte more: in chunks
+        assert [len(q.get(timeout=10)) for _ in range(2)] == [exact, exact + 1]
+        assert _chunks_stored(name) == 0  # taken for good: its chunks are gone
 
 
 @pytest.mark.parametrize("delay", [0, 3])

@@ -78,20 +78,15 @@ NO_COUNTER = frozenset({"join", "task_done"})  # engines without a server-side c
 OPTIONS = frozenset({"delay", "ttl", "dedup", "priority", "headers"})
 LOCAL_OPTIONS: frozenset[str] = frozenset()  # the local queue honours every option
 REDIS_OPTIONS = frozenset({"delay", "ttl", "priority"})  # Redis: dedup ids and headers
-NATS_OPTIONS = frozenset({"delay", "ttl", "priority"})  # JetStream: dedup ids and headers
+NATS_OPTIONS: frozenset[str] = frozenset()  # JetStream honours every option
 
 BACKENDS = [
     # a local message never comes back alone
     Backend("local", _local, frozenset({"lease"}) | LOCAL_OPTIONS),
     Backend("pigeon", _pigeon),
     Backend("redis", _redis, NO_COUNTER | REDIS_OPTIONS, lambda: service_missing("Redis", 6379)),
-    # NATS: max_payload (1 MiB by default) refuses the 1 MiB item, with TooLarge
-    Backend(
-        "nats",
-        _nats,
-        NO_COUNTER | NATS_OPTIONS | {"large_items"},
-        lambda: service_missing("NATS", 4222),
-    ),
+    # NATS: an item over max_payload (1 MiB by default) goes in chunks
+    Backend("nats", _nats, NO_COUNTER | NATS_OPTIONS, lambda: service_missing("NATS", 4222)),
     Backend("redis-cluster", _on_redis_cluster, NO_COUNTER | REDIS_OPTIONS, _cluster_tools),
 ]
 

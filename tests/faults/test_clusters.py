@@ -134,6 +134,45 @@ def test_jetstream_cluster_with_three_replicas_survives_the_leader_dying() -> No
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
+def test_jetstream_cluster_keeps_delayed_messages_when_the_leader_dies() -> None:
+    """Delayed messages (with and without a priority), each already handed out early
+    once and given back with a NAK delay, then the stream's leader SIGKILLed: every one
+    comes out once it is due - never before, once each, counted as a first delivery."""
+    cluster = NatsCluster()
+    try:
+        name = queue_name()
+        url = cluster.url(name, replicas=3)
+        items = [f"d{i}" for i in range(20)] + [f"p{i}" for i in range(5)]
+        with pigeon.Queue(url, reconnect_timeout=60) as q:
+            due = time.time() + 6.0
+            q.put_many(items[:20], delay=6.0)
+            q.put_many(items[20:], delay=6.0, priority=5)
+            with pytest.raises(pigeon.Empty):
+                q.get_many(100, timeout=1.0)  # each handed out early, given back
+            from pigeon.backends.nats import stream_name
+
+            cluster.kill(cluster.leader_of(stream_name(name)))
+            got: list[tuple[str, int]] = []
+            while len(got) < len(items) and time.time() < due + 90:
+                try:
+                    msg = q.get_message(timeout=5)
+                except (pigeon.Empty, pigeon.BrokenResourceError):  # an election goes on
+                    continue
+                assert time.time() >= due - 0.05, f"{msg.body} delivered before it was due"
+                got.append((msg.body, msg.delivery_count))
+                msg.ack()
+            with pytest.raises(pigeon.Empty):
+                q.get(timeout=1.0)
+        print(f"\nJetStream, 3 nodes, leader SIGKILLed: {len(got)} of {len(items)} delayed out")
+        assert sorted(body for body, _ in got) == sorted(items)
+        assert {count for _, count in got} == {1}
+        assert_no_leaked_connections()
+    finally:
+        cluster.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_redis_cluster_with_wait_loses_no_confirmed_put_when_a_master_dies() -> None:
     cluster = RedisCluster()
     try:

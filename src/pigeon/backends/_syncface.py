@@ -140,6 +140,8 @@ class SyncFace(Queue[T]):
     # A client that needs its loop running between calls (background reads, pings,
     # reconnects: nats-py) sets this to False and lives on the shared I/O thread.
     own_loops: ClassVar[bool] = True
+    # keywords only this engine takes (nats: max_item_size), handed to its implementation
+    engine_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -150,7 +152,10 @@ class SyncFace(Queue[T]):
         lease: float | None = None,
         max_deliveries: int | None = None,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        **engine: Any,
     ) -> None:
+        for name in set(engine) - self.engine_options:
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}")
         # the engines read dedup_window and connection timeouts from the URL
         self.options = QueueOptions(
             maxsize, serializer, lease, max_deliveries, reconnect_timeout=reconnect_timeout
@@ -159,6 +164,7 @@ class SyncFace(Queue[T]):
             k: v for k, v in self.options.kwargs().items()
             if k not in ("dedup_window", "connect_timeout")
         }  # fmt: skip
+        self._options.update({k: v for k, v in engine.items() if v is not None})
         self._url = url
         self._local = threading.local()
         self._lanes: weakref.WeakSet[_ThreadLane] = weakref.WeakSet()

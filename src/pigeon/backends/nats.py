@@ -1,24 +1,31 @@
-"""The nats:// backend: one JetStream work-queue stream per queue, one durable pull consumer.
+"""The nats:// backend: one JetStream work-queue stream per queue, a durable pull
+consumer per priority.
 
 Features
     ``put``/``put_many`` (publish, waiting for JetStream's ack), ``get``/``get_many``
     (fetch and ack), ``get_message`` with ``ack``, ``nack(requeue, delay)`` (NAK with a
     delay), ``extend`` (in-progress: the lease, AckWait, starts again), ``delivery_count``
-    (the consumer's delivery count), dead letters after ``max_deliveries``, ``maxsize``
-    (MaxMsgs with DiscardNew: a full queue refuses puts), ``qsize``/``empty``/``full``,
-    ``shutdown`` for every client, iteration. ``task_done``/``join`` raise
+    (the consumer's delivery count, less hand-outs before a message was due), dead
+    letters after ``max_deliveries``, ``maxsize`` (MaxMsgs with DiscardNew: a full queue
+    refuses puts), ``qsize``/``empty``/``full``, ``shutdown`` for every client,
+    iteration; every message option: ``delay``, ``ttl``, ``priority``, ``dedup_id``,
+    ``headers`` (layout in ``_natsmsg``); items of any size up to ``max_item_size``
+    (those over the server's ``max_payload`` in chunks). ``task_done``/``join`` raise
     ``Unsupported``: JetStream has no server-side wait on a counter. ``pigeon.AsyncQueue``
     runs the same code on asyncio; the blocking face runs it on pigeon's private I/O loop,
     never on a loop the caller is running.
 
 Connection URL
-    ``nats://[USER:PASSWORD@|TOKEN@]HOST[:PORT]/QUEUE[?lease=S&max_deliveries=N]``;
-    ``nats+tls://`` (or ``?tls=1``) for TLS. The queue ``jobs`` is the stream
-    ``PIGEON_jobs`` on the subject ``pigeon.jobs``.
+    ``nats://[USER:PASSWORD@|TOKEN@]HOST[:PORT]/QUEUE[?lease=S&max_deliveries=N&
+    max_item_size=BYTES]``; ``nats+tls://`` (or ``?tls=1``) for TLS. The queue ``jobs``
+    is the stream ``PIGEON_jobs`` on the subjects ``pigeon.jobs`` (priority 0) and
+    ``pigeon-p1.jobs`` ... ``pigeon-p9.jobs``; its large items' chunks are in
+    ``PIGEON-CHUNKS_jobs``.
 
 Options
     ``maxsize``, ``serializer`` (``"msgpack"``), ``lease`` (AckWait, 30 s),
-    ``max_deliveries`` (20), ``reconnect_timeout`` (30 s).
+    ``max_deliveries`` (20), ``reconnect_timeout`` (30 s), ``max_item_size`` (bytes,
+    64 MiB).
 
 Delivery guarantees
     At-least-once for ``get_message``: JetStream redelivers a message that is not acked
@@ -29,22 +36,28 @@ Delivery guarantees
     ``get`` acks on receipt, once the payload decoded (an undecodable one goes to
     ``QUEUE.dead``, reason ``undecodable``; the rest of its batch is redelivered). A
     batch put on a bounded queue is all or none even with concurrent producers (a short
-    lock per queue in the ``PIGEON_LOCKS`` key-value bucket). Items that do not fit the
-    server's ``max_payload`` (1 MiB by default) with their headers are refused before
-    anything is sent, with ``pigeon.TooLarge``. Headers travel exactly: those NATS would
-    alter go escaped (``_natsheaders``). ``qsize`` counts what waits, a message given back
-    by a nack included (a mark in the ``PIGEON-NACKED`` stream until it is fetched
-    again). Durability is JetStream's: file storage, synced to disk every two minutes by
-    default (``sync_interval`` in the server's configuration; ``always`` for
-    every write). A shut-down queue takes no more puts (its stream stops listening on
-    the subject) and readers stop once it is drained; waits run in slices of at most 0.2 s
-    so a blocked reader sees the shutdown within that. FIFO per queue except redeliveries.
+    lock per queue in the ``PIGEON_LOCKS`` key-value bucket). Higher priority first, FIFO
+    within one. A delayed message is never handed to a caller before it is due (a reader
+    handed it early gives it back with a NAK delayed until then); one past its ttl goes
+    to ``QUEUE.dead`` (reason ``expired``) when a reader meets it. An item stored in
+    chunks is delivered whole or not at all: its manifest, published last, is what
+    readers take. Headers travel exactly: those NATS would alter go escaped
+    (``_natsheaders``). ``qsize`` counts what waits, delayed messages and those given
+    back by a nack included (a mark in the ``PIGEON-NACKED`` stream until fetched again).
+    Durability is JetStream's: file storage, synced to disk every two minutes by default
+    (``sync_interval`` in the server's configuration; ``always`` for every write); delays
+    and expiries are in the stored messages and survive a restart. A shut-down queue
+    takes no more puts (its stream stops listening on its subjects) and readers stop once
+    it is drained; waits run in slices of at most 0.2 s so a blocked reader sees the
+    shutdown - and a message of priority above 0 put or come due - within that. FIFO per
+    priority except redeliveries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import re
@@ -56,6 +69,20 @@ from typing import Any, ClassVar, Generic, TypeVar
 from pigeon._queue_base import deadline_from
 from pigeon.backends._asyncbase import EngineQueue, within
 from pigeon.backends._natsheaders import OWN, block_size, from_nats, to_nats
+from pigeon.backends._natsmsg import (
+    CHUNKED,
+    DUE,
+    EXPIRES,
+    LEVELS,
+    Manifest,
+    chunk_bounds,
+    level_durable,
+    level_of,
+    level_subject,
+    read_time,
+    timing,
+)
+from pigeon.backends._natspull import ConsumerMissing, Pulls
 from pigeon.backends._retry import Backoff, reply_deadline
 from pigeon.backends._syncface import SyncFace
 from pigeon.backends._url import QueueURL, check_maxsize
@@ -79,15 +106,20 @@ from pigeon.serializers import SerializerLike, get_serializer
 T = TypeVar("T")
 log = logging.getLogger("pigeon.nats")
 
-DURABLE = "pigeon"
+DURABLE = level_durable(0)
 LOCKS = "PIGEON_LOCKS"  # key-value bucket: one short lock per bounded queue, for batches
 LOCK_TTL = 30.0  # seconds: a producer that dies holding the lock holds it no longer
 SLICE = 0.2
 SHUTDOWN_MARK = "pigeon: shut down"
+DEFAULT_MAX_ITEM_SIZE = 64 * 2**20  # bytes: items beyond the server's max_payload go in chunks
+CHUNKS_IN_FLIGHT = 8  # chunks published (or read) at once: memory stays a few MiB
 # Deliveries given back by a nack (delayed or not) are in no count JetStream gives - not
 # pending, only "ack pending" like the ones held - so each leaves a mark here, one subject
 # per message (pigeon-nacked.STREAM.SEQ), until it is fetched again: qsize counts them.
-# No queue's stream is named so (theirs start with "PIGEON_").
+# A delayed message handed out before it was due leaves another, pigeon-nacked.STREAM.
+# early.SEQ, holding JetStream's delivery count at that hand-out: those deliveries reached
+# no handler, so Message.delivery_count leaves them out. No queue's stream is named so
+# (theirs start with "PIGEON_").
 NACKED = "PIGEON-NACKED"
 _SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_\-.]+$")
 
@@ -98,6 +130,23 @@ def stream_name(queue: str) -> str:
     if safe != queue:
         safe += "_" + hashlib.sha1(queue.encode()).hexdigest()[:8]
     return f"PIGEON_{safe}"
+
+
+def chunk_stream_name(queue: str) -> str:
+    """The stream that holds the chunks of ``queue``'s large items."""
+    return "PIGEON-CHUNKS" + stream_name(queue).removeprefix("PIGEON")
+
+
+@dataclasses.dataclass
+class _Delivery:
+    """A message as JetStream handed it to this consumer, read for pigeon."""
+
+    msg: Any  # nats-py's Msg
+    level: int  # its priority
+    count: int  # pigeon's delivery count: JetStream's less the hand-outs before it was due
+    early: int  # hand-outs before it was due (their mark goes once it is settled)
+    payload: bytes  # the item (put back together when it was stored in chunks)
+    manifest: Manifest | None = None  # where its chunks are, for one stored so
 
 
 class AsyncNatsQueue(EngineQueue[T]):
@@ -112,6 +161,7 @@ class AsyncNatsQueue(EngineQueue[T]):
         lease: float | None = None,
         max_deliveries: int | None = None,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        max_item_size: int | None = None,
     ) -> None:
         check_maxsize(maxsize)
         try:
@@ -132,6 +182,7 @@ class AsyncNatsQueue(EngineQueue[T]):
         self.max_deliveries = int(
             ep.count("max_deliveries", max_deliveries, DEFAULT_MAX_DELIVERIES) or 0
         )
+        self.max_item_size = _max_item_size(ep, max_item_size)
         tls = ep.scheme == "nats+tls" or ep.flag("tls")
         scheme = "tls" if tls else "nats"
         # every seed server of a cluster; the client follows the cluster from there
@@ -144,11 +195,17 @@ class AsyncNatsQueue(EngineQueue[T]):
         self._ser = get_serializer(self.serializer)
         self.maxsize = maxsize
         self.reconnect_timeout = reconnect_timeout
-        self.subject = f"pigeon.{self.name}"
+        self.subject = level_subject(self.name, 0)
         self.stream = stream_name(self.name)
+        self.chunk_stream = chunk_stream_name(self.name)
+        self.server_version: tuple[int, int, int] = (0, 0, 0)  # of the server connected to
         self._nc: Any = None
         self._js: Any = None
-        self._sub: Any = None
+        self._pulls: Pulls | None = None
+        self._consumers: set[int] = set()  # levels whose consumer this handle made sure of
+        self._calm = False  # the last round saw no message above priority 0
+        self._chunks_ready = False
+        self._dead: AsyncNatsQueue[Any] | None = None  # NAME.dead, opened at its first use
         self._connecting: asyncio.Lock | None = None
         self._closed = False
         self._settling: set[asyncio.Future[None]] = set()  # acks not yet confirmed
@@ -186,56 +243,75 @@ class AsyncNatsQueue(EngineQueue[T]):
                 js = nc.jetstream()
                 try:
                     await self._ensure(js)
+                    pulls = Pulls(nc, self.stream)
+                    await pulls.start()
                 except BaseException:
                     await nc.close()
                     raise
-                self._nc, self._js, self._sub = nc, js, None
+                version = nc.connected_server_version
+                self.server_version = (version.major, version.minor, version.patch)
+                self._nc, self._js, self._pulls = nc, js, pulls
         return self._js
 
     async def _ensure(self, js: Any) -> None:
-        """Create (or adopt) the stream and the durable pull consumer."""
-        from nats.js.api import (
-            AckPolicy,
-            ConsumerConfig,
-            DiscardPolicy,
-            RetentionPolicy,
-            StorageType,
-            StreamConfig,
-        )
+        """Create (or adopt) the stream, with a subject per priority, and the durable pull
+        consumer of priority 0 (those of the others are made when first needed)."""
+        from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
         from nats.js.errors import NotFoundError
 
+        subjects = [level_subject(self.name, level) for level in LEVELS]
         try:
             info = await js.stream_info(self.stream)
             config = info.config
+            changed = False
             if self.maxsize and config.max_msgs != self.maxsize:
                 config.max_msgs = self.maxsize
                 config.discard = DiscardPolicy.NEW
-                await js.update_stream(config)
+                changed = True
             elif not self.maxsize and config.max_msgs and config.max_msgs > 0:
                 self.maxsize = int(config.max_msgs)
+            missing = set(subjects) - set(config.subjects or [])
+            if missing and config.description != SHUTDOWN_MARK:
+                # a stream made before priorities: its level subjects are added (a shut-down
+                # one listens on none and stays so)
+                config.subjects = sorted({*(config.subjects or []), *subjects})
+                changed = True
+            if changed:
+                await js.update_stream(config)
         except NotFoundError:
             await js.add_stream(
                 StreamConfig(
-                    name=self.stream, subjects=[self.subject],
+                    name=self.stream, subjects=subjects,
                     retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
                     max_msgs=self.maxsize or -1, discard=DiscardPolicy.NEW,
                     num_replicas=self.replicas,
                 )
             )  # fmt: skip
-        consumer = ConsumerConfig(
-            durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=self.lease, max_deliver=-1, filter_subject=self.subject,
-            max_ack_pending=-1,
-        )  # fmt: skip
         try:
             current = (await js.consumer_info(self.stream, DURABLE)).config
         except NotFoundError:
-            await js.add_consumer(self.stream, consumer)
+            await js.add_consumer(self.stream, self._consumer_config(0))
         else:
             if self._lease_given is not None and current.ack_wait != self.lease:
-                await js.add_consumer(self.stream, consumer)  # the queue's lease, for all
+                await js.add_consumer(self.stream, self._consumer_config(0))  # for all
             elif self._lease_given is None and current.ack_wait:
                 self.lease = float(current.ack_wait)
+        self._consumers = {0}
+
+    def _consumer_config(self, level: int) -> Any:
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        return ConsumerConfig(
+            durable_name=level_durable(level), ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.lease, max_deliver=-1,
+            filter_subject=level_subject(self.name, level), max_ack_pending=-1,
+        )  # fmt: skip
+
+    async def _ensure_level(self, js: Any, level: int) -> None:
+        """The consumer of ``level``, made (with this queue's lease) when first needed."""
+        if level not in self._consumers:
+            await js.add_consumer(self.stream, self._consumer_config(level))
+            self._consumers.add(level)
 
     async def _do(self, fn: Any, deadline: float | None = None) -> Any:
         """Run ``fn(jetstream)``; translate nats-py errors; retry until the call's deadline
@@ -265,26 +341,16 @@ class AsyncNatsQueue(EngineQueue[T]):
                 raise PigeonError(f"JetStream refused the request: {exc}") from exc
 
     async def _reset(self) -> None:
-        nc, self._nc, self._sub = self._nc, None, None
+        nc, self._nc, self._pulls = self._nc, None, None
         if nc is not None:
             try:
                 await nc.close()
             except Exception:  # closing a broken connection: nothing more to lose, but
                 _finish_close(nc)  # what nats-py left undone when it stopped at the error
 
-    async def _subscription(self, js: Any) -> Any:
-        if self._sub is None:
-            self._sub = await js.pull_subscribe(self.subject, durable=DURABLE, stream=self.stream)
-        return self._sub
-
     # --- the contract ---------------------------------------------------------------------
 
-    supports: ClassVar[frozenset[str]] = frozenset({"dedup", "headers"})
-    _why_not: ClassVar[dict[str, str]] = {
-        "delay": "JetStream has no per-message delay",
-        "ttl": "JetStream's per-message TTL deletes the message; it cannot dead-letter it",
-        "priority": "a JetStream stream is one sequence; it has no priorities",
-    }
+    supports: ClassVar[frozenset[str]] = frozenset({"delay", "ttl", "dedup", "priority", "headers"})
 
     async def _put(
         self,
@@ -297,9 +363,6 @@ class AsyncNatsQueue(EngineQueue[T]):
         own: dict[str, str] | None = None,
     ) -> None:
         """``own``: pigeon's headers (``Pigeon-*``), sent as they are."""
-        import nats.errors as nerr
-        import nats.js.errors as jerr
-
         deadline = deadline_from(block, timeout)
         async with within(reply_deadline(deadline), "nats"):
             # A publish whose ack was lost (a node died, a leader changed) is sent again with
@@ -310,78 +373,192 @@ class AsyncNatsQueue(EngineQueue[T]):
                 dedup_ids = [options.dedup_id]
             ids = dedup_ids or _msg_ids(len(payloads))
             extra = to_nats(options.headers) if options is not None and options.headers else {}
+            extra.update(timing(options, time.time()))
             extra.update(own or {})
+            subject = level_subject(self.name, (options.priority or 0) if options else 0)
             # every header the server gets is here, so the size check counts them all
             hdrs = [{**extra, "Nats-Msg-Id": i, "Nats-Expected-Stream": self.stream} for i in ids]
-            await self._do(lambda js: self._check_sizes(payloads, hdrs), deadline)
-            if self.maxsize and len(payloads) > 1:
-                await self._put_batch_locked(payloads, hdrs, deadline)
-                return
-            delay = 0.001
-            sent = 0
-            unanswered = Backoff(deadline, self.reconnect_timeout)
-            while True:
-
-                async def publish(js: Any) -> None:
-                    nonlocal sent
-                    if len(payloads) - sent > 1:  # many in flight, then gather the acks
-                        acks = [
-                            await js.publish_async(self.subject, p, headers=h)
-                            for p, h in zip(payloads[sent:], hdrs[sent:], strict=True)
-                        ]
-                        await asyncio.gather(*acks)
-                        sent = len(payloads)
-                        return
-                    while sent < len(payloads):
-                        await js.publish(self.subject, payloads[sent], headers=hdrs[sent])
-                        sent += 1
-
-                try:
-                    await self._do(
-                        lambda js: self._with_room(js, len(payloads) - sent, publish), deadline
+            payloads = list(payloads)
+            large = await self._do(lambda js: self._large(payloads, hdrs), deadline)
+            stored: list[tuple[int, Manifest]] = []
+            try:
+                for i in large:  # every chunk stored before its manifest is published
+                    manifest = await self._do(
+                        lambda js, p=payloads[i]: self._store_chunks(js, p), deadline
                     )
-                    return
-                except _NoRoom:
-                    pass
-                except (nerr.NoRespondersError, jerr.NoStreamResponseError) as exc:
-                    if await self._is_shut_down(deadline):
-                        raise ShutDown("the queue was shut down; put refused") from None
-                    # no stream leader right now (a cluster electing one): try again
-                    if (wait := unanswered.next_delay()) is None:
-                        raise BrokenResourceError(
-                            f"nats: no stream answers {self.subject}"
-                        ) from exc
-                    await asyncio.sleep(wait)
-                    continue
-                if await self._is_shut_down(deadline):
-                    raise ShutDown("the queue was shut down; put refused")
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
-                await asyncio.sleep(min(delay, max(0.0, (deadline or 1e18) - time.monotonic())))
-                delay = min(delay * 2, 0.05)
+                    stored.append((i, manifest))
+                    payloads[i] = manifest.encode()
+                    hdrs[i] = {**hdrs[i], CHUNKED: "1"}
+                acks = await self._publish(subject, payloads, hdrs, deadline)
+            except BaseException:
+                if stored:  # nothing refers to them: they go (a crash leaves them unseen)
+                    await self._drop_chunks([m for _, m in stored])
+                raise
+            repeats = [
+                m for i, m in stored if i < len(acks) and getattr(acks[i], "duplicate", False)
+            ]
+            if repeats:  # a dedup_id repeated: the first put's item is the one kept
+                await self._drop_chunks(repeats)
 
-    async def _check_sizes(self, payloads: list[bytes], hdrs: list[dict[str, str]]) -> None:
-        """Refuse, before anything is sent, a message the server would refuse: it counts
-        the headers with the payload against ``max_payload`` (and drops the connection)."""
+    async def _publish(
+        self, subject: str, payloads: list[bytes], hdrs: list[dict[str, str]],
+        deadline: float | None,
+    ) -> list[Any]:  # fmt: skip
+        """Publish, waiting for room on a bounded queue; JetStream's acks, in order."""
+        import nats.errors as nerr
+        import nats.js.errors as jerr
+
+        if self.maxsize and len(payloads) > 1:
+            return await self._put_batch_locked(subject, payloads, hdrs, deadline)
+        delay = 0.001
+        acks: list[Any] = []
+        unanswered = Backoff(deadline, self.reconnect_timeout)
+        while True:
+
+            async def publish(js: Any) -> None:
+                rest = list(zip(payloads[len(acks) :], hdrs[len(acks) :], strict=True))
+                if len(rest) > 1:  # many in flight, then gather the acks
+                    pending = [await js.publish_async(subject, p, headers=h) for p, h in rest]
+                    acks.extend(await asyncio.gather(*pending))
+                    return
+                for p, h in rest:
+                    acks.append(await js.publish(subject, p, headers=h))
+
+            try:
+                await self._do(
+                    lambda js: self._with_room(js, len(payloads) - len(acks), publish), deadline
+                )
+                return acks
+            except _NoRoom:
+                pass
+            except (nerr.NoRespondersError, jerr.NoStreamResponseError) as exc:
+                if await self._is_shut_down(deadline):
+                    raise ShutDown("the queue was shut down; put refused") from None
+                # no stream leader right now (a cluster electing one): try again
+                if (wait := unanswered.next_delay()) is None:
+                    raise BrokenResourceError(f"nats: no stream answers {subject}") from exc
+                await asyncio.sleep(wait)
+                continue
+            if await self._is_shut_down(deadline):
+                raise ShutDown("the queue was shut down; put refused")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
+            await asyncio.sleep(min(delay, max(0.0, (deadline or 1e18) - time.monotonic())))
+            delay = min(delay * 2, 0.05)
+
+    async def _large(self, payloads: list[bytes], hdrs: list[dict[str, str]]) -> list[int]:
+        """Which payloads go in chunks: those that do not fit the server's max_payload with
+        their headers (it counts both, and drops a connection that sends more). Refuses,
+        before anything is sent, an item over ``max_item_size``."""
         await self._jetstream()
         limit = int(getattr(self._nc, "max_payload", 0) or 0)
+        for p in payloads:
+            if len(p) > self.max_item_size:
+                raise TooLarge(
+                    f"an item of {len(p)} bytes is larger than max_item_size="
+                    f"{self.max_item_size} (?max_item_size= in the URL, or the keyword, raises "
+                    "it); nothing was sent"
+                )
         if not limit:
+            return []
+        large = [i for i, (p, h) in enumerate(zip(payloads, hdrs, strict=True))
+                 if len(p) + block_size(h) > limit]  # fmt: skip
+        for i in large:
+            head = block_size({**hdrs[i], CHUNKED: "1"})
+            if head + 4096 > limit:  # room for a manifest, whatever the item's size
+                raise TooLarge(
+                    f"an item's {head} bytes of headers leave no room under the NATS "
+                    f"server's max_payload={limit}; put fewer or smaller headers; nothing "
+                    "was sent"
+                )
+        return large
+
+    async def _ensure_chunks(self, js: Any) -> None:
+        from nats.js.api import StorageType, StreamConfig
+        from nats.js.errors import BadRequestError, NotFoundError
+
+        if self._chunks_ready:
             return
-        size, item, head = max(
-            (len(p) + block_size(h), len(p), block_size(h))
-            for p, h in zip(payloads, hdrs, strict=True)
-        )
-        if size > limit:
-            raise TooLarge(
-                f"an item of {item} bytes with {head} bytes of headers is larger than the "
-                f"NATS server's max_payload={limit} (it counts both); raise max_payload in "
-                "the server's configuration (up to 64 MB), or put smaller items; nothing "
-                "was sent"
-            )
+        try:
+            await js.stream_info(self.chunk_stream)
+        except NotFoundError:
+            with contextlib.suppress(BadRequestError):  # made by another client meanwhile
+                await js.add_stream(
+                    StreamConfig(
+                        name=self.chunk_stream, subjects=[f"pigeon-chunks.{self.name}.*"],
+                        storage=StorageType.FILE, num_replicas=self.replicas,
+                        allow_direct=True,  # chunks read from any replica, raw
+                    )
+                )  # fmt: skip
+        self._chunks_ready = True
+
+    async def _store_chunks(self, js: Any, payload: bytes) -> Manifest:
+        """Store ``payload`` in chunks under a subject of its own; the manifest that names
+        them. Each chunk has an id, so a retried attempt stores none twice."""
+        await self._ensure_chunks(js)
+        item = uuid.uuid4().hex
+        subject = f"pigeon-chunks.{self.name}.{item}"
+
+        def head(i: int) -> dict[str, str]:
+            return {"Nats-Msg-Id": f"{item}-{i}", "Nats-Expected-Stream": self.chunk_stream}
+
+        limit = int(self._nc.max_payload)
+        bounds = chunk_bounds(len(payload), limit - block_size(head(len(payload))))
+        seqs: list[int] = []
+        for start in range(0, len(bounds), CHUNKS_IN_FLIGHT):
+            pending = [
+                await js.publish_async(subject, payload[a:b], headers=head(start + k))
+                for k, (a, b) in enumerate(bounds[start : start + CHUNKS_IN_FLIGHT])
+            ]
+            seqs += [int(ack.seq) for ack in await asyncio.gather(*pending)]
+        return Manifest(self.chunk_stream, subject, len(payload), tuple(seqs))
+
+    async def _drop_chunks(self, manifests: list[Manifest]) -> None:
+        """Delete the chunks of items taken for good (or never published). Housekeeping:
+        it never fails the call (left over, they take room but nothing reads them)."""
+
+        async def purge(js: Any) -> None:
+            for m in manifests:
+                await js.purge_stream(m.stream, subject=m.subject)
+
+        try:
+            await self._do(purge, time.monotonic() + 10)
+        except (PigeonError, asyncio.CancelledError) as exc:
+            log.warning("nats: chunks of %d item(s) left over: %s", len(manifests), exc)
+
+    async def _assemble(self, m: Manifest) -> bytes | None:
+        """The item ``m`` names, put back together; None if a chunk is gone (the item was
+        taken for good by another consumer meanwhile: see ``_inspect``)."""
+        from nats.js.errors import NotFoundError
+
+        async def one(js: Any, seq: int) -> Any:
+            try:  # any replica answers a direct get: one not caught up may not have it
+                return await js.get_msg(m.stream, seq, direct=True)
+            except NotFoundError:
+                try:
+                    return await js.get_msg(m.stream, seq)  # the stream's leader
+                except NotFoundError:
+                    return None
+
+        parts: list[bytes] = []
+        size = 0
+        for start in range(0, len(m.seqs), CHUNKS_IN_FLIGHT):
+            window = m.seqs[start : start + CHUNKS_IN_FLIGHT]
+            got = await self._do(lambda js, w=window: asyncio.gather(*(one(js, s) for s in w)))
+            for raw in got:
+                if raw is None or raw.subject != m.subject:
+                    return None
+                data = raw.data or b""
+                size += len(data)
+                if size > m.size:
+                    return None
+                parts.append(data)
+        return b"".join(parts) if size == m.size else None
 
     async def _put_batch_locked(
-        self, payloads: list[bytes], hdrs: list[dict[str, str]], deadline: float | None
-    ) -> None:
+        self, subject: str, payloads: list[bytes], hdrs: list[dict[str, str]],
+        deadline: float | None,
+    ) -> list[Any]:  # fmt: skip
         """A batch on a bounded queue, all or none: under a per-queue lock, check the room,
         then publish; concurrent batches take turns instead of splitting each other."""
         delay = 0.005
@@ -392,15 +569,15 @@ class AsyncNatsQueue(EngineQueue[T]):
                     raise ShutDown("the queue was shut down; put refused")
                 if info.state.messages + len(payloads) <= self.maxsize:
 
-                    async def publish(js: Any) -> None:
+                    async def publish(js: Any) -> list[Any]:
                         acks = [
-                            await js.publish_async(self.subject, p, headers=h)
+                            await js.publish_async(subject, p, headers=h)
                             for p, h in zip(payloads, hdrs, strict=True)
                         ]
-                        await asyncio.gather(*acks)
+                        return list(await asyncio.gather(*acks))
 
-                    await self._do(publish, deadline)
-                    return
+                    result: list[Any] = await self._do(publish, deadline)
+                    return result
             if deadline is not None and time.monotonic() >= deadline:
                 raise Full(f"queue {self.name!r} is full (maxsize={self.maxsize})")
             await asyncio.sleep(delay)
@@ -459,59 +636,222 @@ class AsyncNatsQueue(EngineQueue[T]):
         info = await self._do(lambda js: js.stream_info(self.stream), deadline)
         return bool(info.config.description == SHUTDOWN_MARK)
 
-    async def _fetch(self, n: int, block: bool, timeout: float | None) -> list[Any]:
+    # --- taking ---------------------------------------------------------------------------
+
+    async def _fetch(self, n: int, block: bool, timeout: float | None) -> list[_Delivery]:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"max_items must be an int >= 1, not {n!r}")
         deadline = deadline_from(block, timeout)
         async with within(reply_deadline(deadline), "nats"):
             while True:
-                remaining = SLICE if deadline is None else deadline - time.monotonic()
-                wait = max(0.01, min(SLICE, remaining))
-
-                async def fetch(js: Any, wait: float = wait) -> list[Any]:
-                    sub = await self._subscription(js)
-                    try:
-                        return list(await sub.fetch(n, timeout=wait))
-                    except TimeoutError:  # nats-py's, or asyncio's from inside its fetch
-                        return []
-
-                got = await self._do(fetch, deadline)
-                again = [m for m in got if m.metadata.num_delivered > 1]
-                if again:  # given back earlier, perhaps by a nack: no longer waiting
-                    await self._unmark(again, deadline)
-                live = []
-                for msg in got:
-                    if msg.metadata.num_delivered > self.max_deliveries:
-                        await self._dead_letter(msg)
-                    else:
-                        live.append(msg)
+                left = SLICE if deadline is None else deadline - time.monotonic()
+                wait = min(SLICE, left) if left > 0.005 else 0.0
+                got, info = await self._do(lambda js, w=wait: self._pull(js, n, w), deadline)
+                live = [d for d in [await self._inspect(lv, m) for lv, m in got] if d is not None]
                 if live:
                     return live
                 if got:
                     continue
-                info = await self._do(lambda js: js.stream_info(self.stream), deadline)
                 if info.config.description == SHUTDOWN_MARK and info.state.messages == 0:
                     raise ShutDown("the queue was shut down and is drained")
                 if deadline is not None and time.monotonic() >= deadline:
                     raise Empty(f"queue {self.name!r} is empty")
 
-    async def _dead_letter(self, msg: Any, reason: str = "max_deliveries") -> None:
-        dead = AsyncNatsQueue[Any](
-            f"nats://{self._hostlist}/{self.name}.dead?replicas={self.replicas}",
-            serializer="raw", reconnect_timeout=self.reconnect_timeout,
-        )  # fmt: skip
-        dead._user, dead._password = self._user, self._password
-        kept = from_nats(msg.headers)
-        options = PutOptions(headers=kept) if kept else None
-        why = {OWN + "Origin": self.name, OWN + "Reason": _quote_reason(reason)}
-        try:
+    async def _pull(self, js: Any, n: int, wait: float) -> tuple[list[tuple[int, Any]], Any]:
+        """One round: up to ``n`` messages, from the highest priority holding any down;
+        waiting up to ``wait`` seconds on priority 0 when none is there at all (a message
+        of another priority put meanwhile, or coming due there, is seen when the wait
+        ends, within ``SLICE``). Also the stream's state, for the caller."""
+        assert self._pulls is not None
+        if self._calm:
+            # The last round saw nothing above priority 0: ask which levels hold messages
+            # and take from 0 at once, in one round trip. Should a level above hold some
+            # now, what came from 0 is kept for later and those go first.
+            info, got = await asyncio.gather(
+                js.stream_info(self.stream, subjects_filter=">"),
+                self._pulls.pull(DURABLE, n, 0.0, self.lease / 2),
+            )
+            if not self._above_zero(info):
+                if got or wait <= 0:
+                    return [(0, m) for m in got], info
+            else:
+                self._pulls.keep(DURABLE, got)
+                self._calm = False
+        info = await js.stream_info(self.stream, subjects_filter=">")
+        got = await self._pull_levels(js, n, info, wait)
+        if wait > 0 and got and got[0][0] == 0:
+            # Waited on priority 0 and something came: if a message of a higher one came
+            # (or came due) meanwhile, it goes first; what came on 0 is kept for the next.
+            info = await js.stream_info(self.stream, subjects_filter=">")
+            higher = await self._pull_levels(js, n, info, 0.0, above=0)
+            if higher:
+                room = n - len(higher)
+                self._pulls.keep(DURABLE, [m for _, m in got[room:]])
+                got = higher + got[:room]
+        self._calm = not self._above_zero(info)
+        return got, info
+
+    def _above_zero(self, info: Any) -> bool:
+        """Does the stream hold messages of a priority above 0 (waiting, held or due)?"""
+        return any(
+            stored and level_of(subject, self.name) != 0
+            for subject, stored in (info.state.subjects or {}).items()
+        )
+
+    async def _pull_levels(
+        self, js: Any, n: int, info: Any, wait: float, above: int = -1
+    ) -> list[tuple[int, Any]]:
+        held = {level_of(s, self.name): c for s, c in (info.state.subjects or {}).items()}
+        assert self._pulls is not None
+        got: list[tuple[int, Any]] = []
+        for level in LEVELS:
+            if len(got) >= n or level <= above:
+                break
+            last = level == 0 and not got
+            if not held.get(level) and not (last and wait > 0):
+                continue  # nothing stored at this level: nothing to ask for
             try:
-                await dead._put([msg.data], True, 10, options, own=why)
-            except TooLarge:  # no room for the reason: the message matters more
-                await dead._put([msg.data], True, 10, options)
-        finally:
-            await dead.aclose()
-        await msg.term()
+                await self._ensure_level(js, level)
+                msgs = await self._pulls.pull(
+                    level_durable(level), n - len(got), wait if last else 0.0, self.lease / 2
+                )
+            except ConsumerMissing:  # deleted behind this handle's back: made again
+                self._consumers.discard(level)
+                continue
+            got += [(level, m) for m in msgs]
+        return got
+
+    async def _inspect(self, level: int, msg: Any) -> _Delivery | None:
+        """What a message handed to this consumer is for pigeon: one to deliver, or None
+        when it went elsewhere - given back until it is due, moved to the dead letters
+        (``max_deliveries``, ``expired``, ``too_large``), or dropped (its chunks are gone:
+        another consumer took the same item for good after its lease here ran out)."""
+        now = time.time()
+        headers = msg.headers or {}
+        delivered = int(msg.metadata.num_delivered)
+        due = read_time(headers, DUE)
+        if due is not None and due > now:
+            await self._hold_back(msg, due - now)
+            return None
+        early = await self._early(msg) if due is not None and delivered > 1 else 0
+        if delivered > 1:  # given back earlier, perhaps by a nack: no longer waiting
+            await self._unmark([msg])
+        d = _Delivery(msg, level, delivered - early, early, msg.data)
+        if headers.get(CHUNKED):
+            try:
+                d.manifest = Manifest.decode(msg.data)
+            except ValueError as exc:
+                log.warning("nats: a message of %r has a broken manifest: %s", self.name, exc)
+                await self._dead_letter(d, "undecodable")
+                return None
+            if d.manifest.size > self.max_item_size:  # checked before any allocation
+                await self._dead_letter(d, "too_large")
+                return None
+        expires = read_time(headers, EXPIRES)
+        reason = (
+            "expired" if expires is not None and expires <= now
+            else "max_deliveries" if d.count > self.max_deliveries
+            else None
+        )  # fmt: skip
+        if d.manifest is not None:
+            whole = await self._assemble(d.manifest)
+            if whole is None:
+                log.info("nats: an item of %r was already taken (its chunks are gone)", self.name)
+                with contextlib.suppress(Exception):
+                    await msg.term()
+                return None
+            d.payload = whole
+        if reason is not None:
+            await self._dead_letter(d, reason)
+            return None
+        return d
+
+    async def _hold_back(self, msg: Any, delay: float) -> None:
+        """A delayed message handed out before it is due: back until then, never to a
+        handler; counted by qsize meanwhile, and its hand-out left out of its count."""
+        seq = msg.metadata.sequence.stream
+        count = str(msg.metadata.num_delivered).encode()
+        marks = [(f"{self._nacked}.{seq}", b""), (f"{self._nacked}.early.{seq}", count)]
+        for subject, payload in marks:
+            try:
+                await self._do(lambda js, s=subject, p=payload: self._mark(js, s, p))
+            except PigeonError as exc:  # bookkeeping: the delay itself matters more
+                log.debug("nats: a delayed message left unmarked: %s", exc)
+        await msg.nak(delay=delay)
+
+    async def _early(self, msg: Any) -> int:
+        """JetStream's delivery count at this message's last hand-out before it was due
+        (every delivery before that one was early too), or 0."""
+        from nats.js.errors import NotFoundError
+
+        subject = f"{self._nacked}.early.{msg.metadata.sequence.stream}"
+
+        async def read(js: Any) -> int:
+            try:
+                raw = await js.get_last_msg(NACKED, subject)
+            except NotFoundError:
+                return 0
+            try:
+                return max(0, int(raw.data or b"0"))
+            except ValueError:
+                return 0
+
+        try:
+            early: int = await self._do(read)
+        except PigeonError as exc:
+            if not isinstance(exc.__cause__, NotFoundError):  # else: no mark stream yet
+                log.debug("nats: early hand-outs of a message unknown: %s", exc)
+            return 0
+        return min(early, int(msg.metadata.num_delivered) - 1)
+
+    async def _settled(self, ds: list[_Delivery]) -> None:
+        """Messages taken for good: their chunks and early marks go."""
+        manifests = [d.manifest for d in ds if d.manifest is not None]
+        if manifests:
+            await self._drop_chunks(manifests)
+        early = [d for d in ds if d.early]
+        if early:
+
+            async def purge(js: Any) -> None:
+                for d in early:
+                    seq = d.msg.metadata.sequence.stream
+                    await js.purge_stream(NACKED, subject=f"{self._nacked}.early.{seq}")
+
+            try:
+                await self._do(purge, time.monotonic() + 10)
+            except PigeonError as exc:
+                log.debug("nats: early marks left over: %s", exc)
+
+    async def _dead_queue(self) -> AsyncNatsQueue[Any]:
+        if self._dead is None:
+            self._dead = AsyncNatsQueue[Any](
+                f"nats://{self._hostlist}/{self.name}.dead?replicas={self.replicas}",
+                serializer="raw", reconnect_timeout=self.reconnect_timeout,
+                max_item_size=max(self.max_item_size, DEFAULT_MAX_ITEM_SIZE),
+            )  # fmt: skip
+            self._dead._user, self._dead._password = self._user, self._password
+        return self._dead
+
+    async def _dead_letter(self, d: _Delivery, reason: str = "max_deliveries") -> None:
+        """Move ``d`` to ``NAME.dead`` (its headers and priority kept), then terminate it
+        here. The dead letter's id is made of the message's place in this stream, so if
+        this process dies between the two and the message comes back, the second copy
+        is dropped by the dead queue's duplicate window (two minutes)."""
+        dead = await self._dead_queue()
+        meta = d.msg.metadata
+        kept = from_nats(d.msg.headers)
+        options = PutOptions(priority=d.level, headers=kept) if kept or d.level else None
+        ids = [f"pigeon-dead.{self.stream}.{meta.sequence.stream}.{meta.timestamp}"]
+        why = {OWN + "Origin": self.name, OWN + "Reason": _quote_reason(reason)}
+        moved = reason == "too_large" and d.manifest is not None
+        if moved:  # not read here: its manifest goes as it is, naming the same chunks
+            why[CHUNKED] = "1"
+        await dead._put([d.payload], True, 10, options, ids, own=why)
+        await d.msg.term()
+        if not moved:
+            await self._settled([d])
+        elif d.early:
+            await self._settled([dataclasses.replace(d, manifest=None)])
         log.info("nats: a message of %r moved to %r (%s)", self.name, dead.name, reason)
 
     async def get(self, timeout: float | None = None, *, block: bool = True) -> T:
@@ -520,31 +860,33 @@ class AsyncNatsQueue(EngineQueue[T]):
     async def _take(self, n: int, block: bool, timeout: float | None) -> list[Any]:
         """Fetch, decode, then ack; an undecodable payload is dead-lettered and the rest
         redelivered (NAK) before ``DecodeError`` is raised."""
-        msgs = await self._cancel_safe(self._fetch(n, block, timeout), self._nak_all)
-        good, bad = self._decode_all([m.data for m in msgs])
+        ds: list[_Delivery] = await self._cancel_safe(self._fetch(n, block, timeout), self._nak_all)
+        good, bad = self._decode_all([d.payload for d in ds])
         if bad:
             broken = {id(raw) for raw, _ in bad}
-            for m in msgs:
-                if id(m.data) in broken:
-                    await self._dead_letter(m, "undecodable")
+            for d in ds:
+                if id(d.payload) in broken:
+                    await self._dead_letter(d, "undecodable")
                 else:
-                    await m.nak()
-            raise self._decode_error(bad, len(msgs), bool(good))
-        await self._ack_all(msgs)
+                    await d.msg.nak()
+            raise self._decode_error(bad, len(ds), bool(good))
+        await self._ack_all(ds)
         return [body for _, body in good]
 
-    async def _nak_all(self, msgs: list[Any]) -> None:
+    async def _nak_all(self, ds: list[_Delivery]) -> None:
         """Messages fetched for a caller that was cancelled: redelivered at once."""
-        for m in msgs:
-            await m.nak()
+        for d in ds:
+            await d.msg.nak()
 
-    async def _ack_all(self, msgs: list[Any]) -> None:
+    async def _ack_all(self, ds: list[_Delivery]) -> None:
         """Ack a batch with one round trip: send every ack, then a flush (PING/PONG), so
         the room they free is there for the next put."""
-        for m in msgs:
-            await m.ack()
+        for d in ds:
+            await d.msg.ack()
         if self._nc is not None:
             await self._nc.flush()
+        if any(d.manifest is not None or d.early for d in ds):
+            await self._settled(ds)
 
     async def get_many(
         self, max_items: int, timeout: float | None = None, *, block: bool = True
@@ -554,47 +896,57 @@ class AsyncNatsQueue(EngineQueue[T]):
     async def get_message(
         self, timeout: float | None = None, lease: float | None = None
     ) -> AsyncNatsMessage[T]:
-        msg = (await self._cancel_safe(self._fetch(1, True, timeout), self._nak_all))[0]
-        good, bad = self._decode_all([msg.data])
+        d: _Delivery = (await self._cancel_safe(self._fetch(1, True, timeout), self._nak_all))[0]
+        good, bad = self._decode_all([d.payload])
         if bad:
-            await self._dead_letter(msg, "undecodable")
+            await self._dead_letter(d, "undecodable")
             raise self._decode_error(bad, 1, False)
-        message = AsyncNatsMessage(self, msg, good[0][1])
+        message = AsyncNatsMessage(self, d, good[0][1])
         if lease is not None:
             message._keep(check_seconds("lease", lease, positive=True) or self.lease)
         return message
 
     async def qsize(self) -> int:
-        """Messages waiting: not yet delivered, or given back by a nack (delayed or not)
-        and not fetched again - not those held (nor, as JetStream does not tell them
-        apart, those whose lease ended)."""
+        """Messages waiting: not yet delivered (delayed ones included), or given back by a
+        nack or before they were due, and not fetched again - not those held (nor, as
+        JetStream does not tell them apart, those whose lease ended)."""
         return int(await self._do(self._count))
 
     async def _count(self, js: Any) -> int:
         from nats.js.errors import NotFoundError
 
-        info = await js.consumer_info(self.stream, DURABLE)
+        info = await js.stream_info(self.stream, subjects_filter=">")
+        pending = 0
+        for subject, stored in (info.state.subjects or {}).items():
+            level = level_of(subject, self.name)
+            if level is None or not stored:
+                continue
+            try:
+                pending += int(
+                    (await js.consumer_info(self.stream, level_durable(level))).num_pending
+                )
+            except NotFoundError:  # nobody took from this priority yet: all of it waits
+                pending += int(stored)
         try:
             marks = await js.stream_info(NACKED, subjects_filter=f"{self._nacked}.*")
         except NotFoundError:  # nothing was ever nacked
-            return int(info.num_pending)
-        first = (await js.stream_info(self.stream)).state.first_seq
+            return pending
+        first = info.state.first_seq
         # a mark below the queue's first message is stale (that message is gone)
         seqs = [int(subject.rsplit(".", 1)[1]) for subject in marks.state.subjects or {}]
-        return int(info.num_pending) + sum(1 for seq in seqs if seq >= first)
+        return pending + sum(1 for seq in seqs if seq >= first)
 
     @property
     def _nacked(self) -> str:
         return f"pigeon-nacked.{self.stream}"
 
-    async def _mark(self, js: Any, msg: Any) -> None:
-        """``msg`` is given back: counted as waiting until it is fetched again."""
+    async def _mark(self, js: Any, subject: str, payload: bytes = b"") -> None:
+        """Publish a mark (the last one per subject is kept)."""
         from nats.js.api import StorageType, StreamConfig
         from nats.js.errors import BadRequestError, NoStreamResponseError
 
-        subject = f"{self._nacked}.{msg.metadata.sequence.stream}"
         try:
-            await js.publish(subject, b"")
+            await js.publish(subject, payload)
         except NoStreamResponseError:  # the first nack here: make the stream of marks
             with contextlib.suppress(BadRequestError):  # made by another client meanwhile
                 await js.add_stream(
@@ -604,9 +956,9 @@ class AsyncNatsQueue(EngineQueue[T]):
                         max_age=MAX_SECONDS,  # no delay is longer: older marks are stale
                     )
                 )  # fmt: skip
-            await js.publish(subject, b"")
+            await js.publish(subject, payload)
 
-    async def _unmark(self, msgs: list[Any], deadline: float | None) -> None:
+    async def _unmark(self, msgs: list[Any], deadline: float | None = None) -> None:
         """The marks of ``msgs`` go: they were fetched again. Bookkeeping for qsize only,
         so it never fails the fetch (a mark left over counts until the queue's first
         message passes it)."""
@@ -637,16 +989,20 @@ class AsyncNatsQueue(EngineQueue[T]):
         return bool(info.state.messages >= self.maxsize)
 
     async def shutdown(self, immediate: bool = False) -> None:
+        from nats.js.errors import NotFoundError
+
         async def run(js: Any) -> None:
             info = await js.stream_info(self.stream)
             config = info.config
-            # Stop listening on the subject: puts find no stream; the stored messages
-            # stay and the consumer keeps delivering them.
+            # Stop listening on the subjects: puts find no stream; the stored messages
+            # stay and the consumers keep delivering them.
             config.subjects = [f"pigeon-shutdown.{self.name}"]
             config.description = SHUTDOWN_MARK
             await js.update_stream(config)
             if immediate:
                 await js.purge_stream(self.stream)
+                with contextlib.suppress(NotFoundError):  # no item was ever large
+                    await js.purge_stream(self.chunk_stream)
 
         await self._do(run)
 
@@ -654,8 +1010,33 @@ class AsyncNatsQueue(EngineQueue[T]):
         if self._settling:  # acks and nacks sent without waiting: let them land first
             await asyncio.gather(*self._settling, return_exceptions=True)
         if not self._closed:
+            if self._pulls is not None:  # taken, never handed out: back at once
+                for msg in self._pulls.kept():
+                    with contextlib.suppress(Exception):
+                        await msg.nak()
             self._closed = True
+            if self._dead is not None:
+                await self._dead.aclose()
             await self._reset()
+
+
+def _max_item_size(ep: QueueURL, given: int | None) -> int:
+    """``max_item_size`` (bytes, >= 1): the keyword (ValueError), else ``?max_item_size=``
+    (InvalidURL), else 64 MiB."""
+    if given is not None:
+        if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+            raise ValueError(f"max_item_size must be an int >= 1 (bytes), not {given!r}")
+        return given
+    raw = ep.params.get("max_item_size")
+    if raw is None:
+        return DEFAULT_MAX_ITEM_SIZE
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InvalidURL(f"max_item_size must be an int >= 1 (bytes), not {raw!r} (in {ep.url!r})")
+    return value
 
 
 async def _log_error(exc: Exception) -> None:
@@ -720,12 +1101,13 @@ def _lost_connection() -> tuple[type[BaseException], ...]:
 class AsyncNatsMessage(Generic[T]):
     """A JetStream message held by this consumer until acked, nacked or AckWait ends."""
 
-    def __init__(self, queue: AsyncNatsQueue[T], msg: Any, body: T) -> None:
+    def __init__(self, queue: AsyncNatsQueue[T], delivery: _Delivery, body: T) -> None:
         self._queue = queue
-        self._msg = msg
+        self._delivery = delivery
+        self._msg = delivery.msg
         self.body = body
-        self.delivery_count = int(msg.metadata.num_delivered)
-        self.headers: dict[str, str] = from_nats(msg.headers)
+        self.delivery_count = delivery.count
+        self.headers: dict[str, str] = from_nats(delivery.msg.headers)
         self._settled = False
         self._keeper: asyncio.Task[None] | None = None
 
@@ -773,7 +1155,12 @@ class AsyncNatsMessage(Generic[T]):
         self._check()
         self._settled = True
         self._stop_keeping()
-        return self._queue._track(asyncio.ensure_future(self._translate(self._msg.ack_sync())))
+        return self._queue._track(asyncio.ensure_future(self._ack()))
+
+    async def _ack(self) -> None:
+        await self._translate(self._msg.ack_sync())
+        if self._delivery.manifest is not None or self._delivery.early:
+            await self._queue._settled([self._delivery])
 
     def nack(self, requeue: bool = True, delay: float = 0, *, reason: str = "") -> Awaitable[None]:
         if delay < 0:
@@ -783,14 +1170,17 @@ class AsyncNatsMessage(Generic[T]):
         self._stop_keeping()
         if not requeue:
             return self._queue._track(
-                asyncio.ensure_future(self._queue._dead_letter(self._msg, reason or "rejected"))
+                asyncio.ensure_future(
+                    self._queue._dead_letter(self._delivery, reason or "rejected")
+                )
             )
         return self._queue._track(asyncio.ensure_future(self._give_back(delay)))
 
     async def _give_back(self, delay: float) -> None:
         q = self._queue
+        subject = f"{q._nacked}.{self._msg.metadata.sequence.stream}"
         try:
-            await q._do(lambda js: q._mark(js, self._msg))  # counted by qsize from now
+            await q._do(lambda js: q._mark(js, subject))  # counted by qsize from now
         except PigeonError as exc:  # qsize's bookkeeping: the nack itself matters more
             log.debug("nats: a nacked message left unmarked: %s", exc)
         await self._translate(self._msg.nak(delay=delay or None))
@@ -809,3 +1199,4 @@ class NatsQueue(SyncFace[T]):
 
     impl_class = AsyncNatsQueue
     own_loops = False
+    engine_options = frozenset({"max_item_size"})

@@ -1,0 +1,502 @@
+"""nats:// on its own: delay, ttl, priority and items larger than the server's max_payload
+(issue 34), on the shared NATS server or on one a test starts and kills."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, TypeVar
+
+import pytest
+
+import pigeon
+from pigeon.backends.nats import AsyncNatsQueue, stream_name
+from tests._clusters import need
+from tests._services import free_port, queue_name, require_service, wait_for_port
+
+R = TypeVar("R")
+MiB = 1 << 20
+
+
+@pytest.fixture
+def url() -> str:
+    require_service("NATS", 4222)
+    return f"nats://127.0.0.1:4222/{queue_name()}"
+
+
+def _raw(fn: Callable[[Any, Any], Awaitable[R]], server: str = "nats://127.0.0.1:4222") -> R:
+    """``fn(nc, js)`` on a plain nats-py connection of its own."""
+
+    async def run() -> R:
+        import nats
+
+        nc = await nats.connect(server)
+        try:
+            return await fn(nc, nc.jetstream())
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+def _stored(stream: str) -> int:
+    from nats.js.errors import NotFoundError
+
+    async def ask(nc: Any, js: Any) -> int:
+        try:
+            return int((await js.stream_info(stream)).state.messages)
+        except NotFoundError:
+            return 0
+
+    return _raw(ask)
+
+
+def _name(url: str) -> str:
+    return url.rsplit("/", 1)[1].split("?")[0]
+
+
+def _chunks(queue: str) -> int:
+    """Chunks stored for ``queue``'s large items."""
+    from pigeon.backends.nats import chunk_stream_name
+
+    return _stored(chunk_stream_name(queue))
+
+
+# --- delay ----------------------------------------------------------------------------------
+
+
+def test_a_delayed_message_handed_out_early_reaches_no_handler_and_counts_no_delivery(
+    url: str,
+) -> None:
+    with pigeon.Queue(url) as q, pigeon.Queue(url) as other:
+        started = time.monotonic()
+        q.put("later", delay=1.5)
+        with pytest.raises(pigeon.Empty):
+            other.get_message(timeout=0.3)  # handed to it early: given back, never delivered
+        assert q.qsize() == 1  # still waiting, counted
+        msg = q.get_message(timeout=10)
+        assert time.monotonic() - started >= 1.4
+        assert (msg.body, msg.delivery_count) == ("later", 1)
+        msg.nack()
+        again = q.get_message(timeout=10)
+        assert again.delivery_count == 2  # the real deliveries, and only those
+        again.ack()
+        assert q.qsize() == 0
+
+
+@pytest.mark.parametrize("priority", [0, 7])
+def test_a_blocked_get_wakes_when_a_delayed_message_comes_due(url: str, priority: int) -> None:
+    with pigeon.Queue(url) as q:
+        t = time.monotonic()
+        q.put("due", delay=1.5, priority=priority)
+        assert q.get(timeout=15) == "due"
+        waited = time.monotonic() - t
+        # never early; late by a slice at most (0.2 s), plus a generous margin for a
+        # loaded machine - a liveness bound, not a speed claim
+        assert 1.45 <= waited < 1.5 + 3.0
+
+
+def test_qsize_counts_delayed_messages_before_and_after_they_are_handed_out_early(
+    url: str,
+) -> None:
+    with pigeon.Queue(url) as q, pigeon.Queue(url) as other:
+        q.put("b", delay=60)
+        q.put("a")
+        assert q.qsize() == 2
+        msg = other.get_message(timeout=10)  # hands "b" out early on the way to "a"
+        assert msg.body == "a"
+        assert q.qsize() == 1  # "b" waits, "a" is held
+        msg.ack()
+        assert q.qsize() == 1
+        with pytest.raises(pigeon.Empty):
+            q.get(timeout=0.3)
+
+
+class _Server:
+    """A nats-server with JetStream on a file store of its own, killed and restarted."""
+
+    def __init__(self) -> None:
+        self.binary = need("nats-server")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="pigeon-nats-")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        wait_for_port(self.port)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def close(self) -> None:
+        import shutil
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def server() -> Iterator[_Server]:
+    s = _Server()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.mark.slow
+def test_delayed_messages_survive_a_server_killed_while_they_wait(server: _Server) -> None:
+    """A delayed message is stored in the stream: kill -9 the server (file storage, and
+    JetStream syncs what a publish ack confirmed... at its sync_interval: here the
+    process dies, not the machine) and it comes back, never early, counted once."""
+    url = f"{server.url}/{queue_name()}"
+    with pigeon.Queue(url, reconnect_timeout=20) as q:
+        due = time.time() + 4.0
+        q.put_many(["d0", "d1"], delay=4.0)
+        q.put("d7", delay=4.0, priority=7)
+        with pytest.raises(pigeon.Empty):
+            q.get(timeout=0.5)  # each handed out early once, given back with a NAK delay
+        server.kill()
+        server.start()
+        time.sleep(max(0.0, due + 0.5 - time.time()))  # all three due: priority decides
+        got = []
+        while len(got) < 3:
+            msg = q.get_message(timeout=20)
+            assert time.time() >= due - 0.05, "delivered before it was due"
+            got.append((msg.body, msg.delivery_count))
+            msg.ack()
+        assert got == [("d7", 1), ("d0", 1), ("d1", 1)]
+        with pytest.raises(pigeon.Empty):
+            q.get(timeout=0.5)
+
+
+# --- ttl ------------------------------------------------------------------------------------
+
+
+def test_an_expired_message_is_dead_lettered_once_if_its_reader_dies_before_ending_it(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader publishes the dead letter, then terminates the message. If it dies in
+    between, the message comes back after its lease and is moved again - under the same
+    message id, so the dead queue keeps one copy (within its duplicate window)."""
+    from nats.aio.msg import Msg
+
+    with pigeon.Queue(url + "?lease=1") as q, pigeon.Queue(url + ".dead") as dead:
+        q.put("stale", ttl=0.2, headers={"k": "v"})
+        q.put("fresh", ttl=60)
+        time.sleep(0.5)
+
+        async def lost(self: Msg) -> None:  # the reader "dies" before its term is sent
+            return None
+
+        with monkeypatch.context() as m:
+            m.setattr(Msg, "term", lost)
+            assert q.get(timeout=10) == "fresh"  # "stale" went to the dead letters first
+        time.sleep(1.5)  # its lease ends: JetStream hands it out again
+        with pytest.raises(pigeon.Empty):
+            q.get(timeout=1.0)  # moved again, terminated this time
+        msg = dead.get_message(timeout=10)
+        assert (msg.body, msg.headers) == ("stale", {"k": "v"})
+        msg.ack()
+        with pytest.raises(pigeon.Empty):
+            dead.get(timeout=0.5)  # the second move was a duplicate
+        assert q.qsize() == 0
+
+
+def test_a_delayed_messages_ttl_counts_from_when_it_is_due(url: str) -> None:
+    with pigeon.Queue(url) as q:
+        q.put("kept", delay=0.5, ttl=5)
+        assert q.get(timeout=10) == "kept"  # due after 0.5 s, expires 5 s after that
+
+
+# --- priority -------------------------------------------------------------------------------
+
+
+def test_a_higher_priority_put_by_another_handle_is_taken_first(url: str) -> None:
+    with pigeon.Queue(url) as consumer, pigeon.Queue(url) as producer:
+        consumer.put("low")  # the consumer's view of the queue: priority 0 only
+        producer.put("high", priority=3)
+        assert consumer.get(timeout=10) == "high"
+        assert consumer.get(timeout=10) == "low"
+
+
+def test_a_higher_priority_come_due_during_a_wait_goes_before_what_ends_the_wait(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blocked get waits on priority 0; when a message arrives there, a message of a
+    higher priority that came due meanwhile (a nack's delay ended) goes first, and the
+    one that ended the wait is the next get's."""
+    import pigeon.backends.nats as nats_backend
+
+    monkeypatch.setattr(nats_backend, "SLICE", 5.0)  # one long wait, no new round
+    with pigeon.Queue(url) as q, pigeon.Queue(url) as producer:
+        producer.put("high", priority=8)
+        q.get_message(timeout=10).nack(delay=0.5)
+        got: list[Any] = []
+
+        def wait_twice() -> None:  # one thread: one client of the handle, kept between
+            for _ in range(2):
+                msg = q.get_message(timeout=10)
+                got.append((msg.body, msg.delivery_count))
+                msg.ack()
+
+        waiter = threading.Thread(target=wait_twice)
+        waiter.start()
+        time.sleep(1.5)  # "high" came due a second ago; the waiter still waits on 0
+        producer.put("low")
+        waiter.join(10)
+        assert got == [("high", 2), ("low", 1)]
+
+
+def test_a_stream_made_before_priorities_gains_its_priority_subjects(url: str) -> None:
+    from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
+
+    name = _name(url)
+
+    async def old_queue(nc: Any, js: Any) -> None:  # as pigeon made it before this change
+        await js.add_stream(
+            StreamConfig(name=stream_name(name), subjects=[f"pigeon.{name}"],
+                         retention=RetentionPolicy.WORK_QUEUE)
+        )  # fmt: skip
+        await js.add_consumer(
+            stream_name(name),
+            ConsumerConfig(durable_name="pigeon", ack_policy=AckPolicy.EXPLICIT,
+                           filter_subject=f"pigeon.{name}", max_deliver=-1),
+        )  # fmt: skip
+        await js.publish(f"pigeon.{name}", b"\xa3old")  # msgpack "old"
+
+    _raw(old_queue)
+    with pigeon.Queue(url) as q:
+        q.put("new", priority=4)
+        assert [q.get(timeout=10), q.get(timeout=10)] == ["new", "old"]
+
+
+_CONSUMER = r"""
+import json, sys, time
+import pigeon
+seen = []
+with pigeon.Queue(sys.argv[1]) as q:
+    idle = time.monotonic()
+    while time.monotonic() - idle < 4:
+        try:
+            msg = q.get_message(timeout=0.5)
+        except pigeon.Empty:
+            continue
+        seen.append([msg.body, time.time(), msg.delivery_count])
+        msg.ack()
+        idle = time.monotonic()
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow
+def test_consumers_in_several_processes_take_each_message_once_and_none_early(url: str) -> None:
+    items = [(f"m{i}", i % 10, 1.5 if i % 3 == 0 else 0.0) for i in range(60)]
+    with pigeon.Queue(url) as q:
+        procs = [
+            subprocess.Popen([sys.executable, "-c", _CONSUMER, url], stdout=subprocess.PIPE)
+            for _ in range(3)
+        ]
+        time.sleep(1.0)  # the consumers are waiting
+        due = {}
+        for body, priority, delay in items:
+            due[body] = time.time() + delay
+            q.put(body, priority=priority, delay=delay)
+    taken: list[Any] = []
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        taken += json.loads(out)
+    assert sorted(body for body, _, _ in taken) == sorted(body for body, _, _ in items)
+    assert all(count == 1 for _, _, count in taken)
+    early = [(body, due[body] - at) for body, at, _ in taken if at < due[body] - 0.05]
+    assert early == []
+
+
+# --- large items ----------------------------------------------------------------------------
+
+
+def test_a_large_item_round_trips_and_its_chunks_go_once_it_is_taken(url: str) -> None:
+    item = os.urandom(5 * MiB + 7)
+    name = _name(url)
+    with pigeon.Queue(url, serializer="raw") as q:
+        q.put(item, headers={"kind": "blob"})
+        assert q.qsize() == 1
+        assert _chunks(name) == 6
+        msg = q.get_message(timeout=30)
+        assert (msg.body, msg.headers) == (item, {"kind": "blob"})
+        msg.nack()  # given back: its chunks stay
+        assert _chunks(name) == 6
+        again = q.get_message(timeout=30)
+        assert again.body == item and again.delivery_count == 2
+        again.ack()
+        assert _chunks(name) == 0
+        assert q.qsize() == 0
+
+
+def test_a_reader_never_sees_part_of_a_large_item_being_put(url: str) -> None:
+    item = os.urandom(12 * MiB)
+    seen: list[Any] = []
+    with pigeon.Queue(url, serializer="raw") as q, pigeon.Queue(url, serializer="raw") as r:
+        stop = threading.Event()
+
+        def read() -> None:
+            while not stop.is_set():
+                try:
+                    seen.append(r.get(timeout=0.2))
+                    return
+                except pigeon.Empty:
+                    seen.append(None)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        q.put(item)
+        reader.join(30)
+        stop.set()
+    assert seen[-1] == item and all(s is None for s in seen[:-1])
+
+
+_DIES_AFTER_ITS_CHUNKS = r"""
+import os, sys
+import pigeon
+from pigeon.backends.nats import AsyncNatsQueue
+
+async def die(*args, **kwargs):
+    os._exit(9)  # every chunk is stored; the manifest never goes
+
+AsyncNatsQueue._publish = die
+with pigeon.Queue(sys.argv[1], serializer="raw") as q:
+    q.put(b"x" * (3 << 20))
+"""
+
+
+def test_a_put_that_dies_after_storing_its_chunks_leaves_nothing_visible(url: str) -> None:
+    done = subprocess.run([sys.executable, "-c", _DIES_AFTER_ITS_CHUNKS, url], timeout=60)
+    assert done.returncode == 9
+    assert _chunks(_name(url)) == 4  # stored, but nothing names them
+    with pigeon.Queue(url, serializer="raw") as q:
+        assert q.qsize() == 0
+        with pytest.raises(pigeon.Empty):
+            q.get(timeout=0.5)
+
+
+def test_a_put_refused_after_storing_its_chunks_takes_them_back(url: str) -> None:
+    with pigeon.Queue(url, serializer="raw", maxsize=1) as q:
+        q.put(b"small")
+        with pytest.raises(pigeon.Full):
+            q.put(b"x" * (3 * MiB), timeout=0.3)  # chunks stored, then no room
+        assert _chunks(_name(url)) == 0
+        q.shutdown()
+        with pytest.raises(pigeon.ShutDown):
+            q.put(b"x" * (3 * MiB))
+        assert _chunks(_name(url)) == 0
+
+
+def test_a_repeated_dedup_id_stores_the_chunks_of_one_item(url: str) -> None:
+    with pigeon.Queue(url, serializer="raw") as q:
+        q.put(b"a" * (3 * MiB), dedup_id="blob-1")
+        q.put(b"b" * (3 * MiB), dedup_id="blob-1")  # confirmed, not stored again
+        assert _chunks(_name(url)) == 4
+        assert q.get(timeout=30) == b"a" * (3 * MiB)
+        with pytest.raises(pigeon.Empty):
+            q.get(timeout=0.3)
+
+
+def test_a_large_item_goes_whole_to_the_dead_letters(url: str) -> None:
+    item = os.urandom(3 * MiB)
+    with (
+        pigeon.Queue(url, serializer="raw") as q,
+        pigeon.Queue(url + ".dead", serializer="raw") as dead,
+    ):
+        q.put(item, priority=6)
+        q.get_message(timeout=30).nack(requeue=False, reason="no thanks")
+        msg = dead.get_message(timeout=30)
+        assert msg.body == item
+        msg.ack()
+    assert _chunks(_name(url)) == 0
+    assert _chunks(_name(url) + ".dead") == 0
+
+
+def test_an_item_over_the_readers_max_item_size_is_dead_lettered_unread(url: str) -> None:
+    item = os.urandom(3 * MiB)
+    with pigeon.Queue(url, serializer="raw") as q:
+        q.put(item)
+    with (
+        pigeon.Queue(url + "?max_item_size=1048576", serializer="raw") as small,
+        pytest.raises(pigeon.Empty),
+    ):
+        small.get(timeout=0.5)  # too large for it: moved, reason too_large
+    with pigeon.Queue(url + ".dead", serializer="raw") as dead:
+        msg = dead.get_message(timeout=30)
+        assert msg.body == item  # its chunks were never read nor copied: the same ones
+        msg.ack()
+    assert _chunks(_name(url)) == 0
+
+
+def test_max_item_size_is_checked_before_anything_is_sent(url: str) -> None:
+    with pytest.raises(ValueError, match="max_item_size"):
+        pigeon.Queue(url, max_item_size=0)
+    with pytest.raises(pigeon.InvalidURL, match="max_item_size"):
+        pigeon.Queue(url + "?max_item_size=lots")
+    with pytest.raises(TypeError, match="max_items_size"):
+        pigeon.Queue(url, max_items_size=10)  # type: ignore[call-arg]
+    with pigeon.Queue(url, serializer="raw", max_item_size=10) as q:
+        q.put(b"x" * 10)
+        with pytest.raises(pigeon.TooLarge, match="max_item_size=10"):
+            q.put(b"x" * 11)
+        assert q.qsize() == 1
+
+    async def on_asyncio() -> None:
+        async with pigeon.AsyncQueue(url, serializer="raw", max_item_size=10) as aq:
+            with pytest.raises(pigeon.TooLarge, match="max_item_size=10"):
+                await aq.put(b"x" * 11)
+
+    asyncio.run(on_asyncio())
+
+
+# --- pulls ----------------------------------------------------------------------------------
+
+
+def test_a_delivery_that_comes_after_its_pull_gave_up_is_handed_out_by_the_next(
+    url: str,
+) -> None:
+    """A pull request's answer that arrives after the client stopped waiting (a stalled
+    connection) is kept: the next pull of that consumer hands it out at once, instead of
+    leaving it leased to nobody until AckWait."""
+
+    async def run() -> None:
+        q = AsyncNatsQueue[Any](url)
+        try:
+            await q.put("late")
+            await q._jetstream()
+            pulls = q._pulls
+            assert pulls is not None
+            # what a request given up leaves: a delivery for a consumer nobody reads now
+            msgs = await pulls.pull("pigeon", 1, 0.0)
+            assert len(msgs) == 1
+            await pulls._route(msgs[0])
+            again = await pulls.pull("pigeon", 1, 0.0)
+            assert again == msgs
+            await again[0].ack()
+        finally:
+            await q.aclose()
+
+    asyncio.run(run())
