@@ -158,6 +158,8 @@ class Durable(Store):
         fsync was made (0 while they succeed in time)."""
         if self._error is not None:
             return float("inf")
+        if self._failing_since is None and not self._unsynced:
+            return 0.0  # the common case, asked before every put
         now = time.monotonic()
         unsynced = self._prune_unsynced()
         waited = now - unsynced[0][1] if unsynced else 0.0
@@ -290,7 +292,10 @@ class Durable(Store):
                     self._dirty_since = time.monotonic()
                     self._sync.notify()
         else:
-            if self.fsync == "batch":
+            # Checked before the lock as well: the syncer clears ``_dirty_since`` (under
+            # the lock) before it fsyncs, so a write that still sees it set is covered by
+            # that fsync; only a write that sees it clear must set it and wake the syncer.
+            if self.fsync == "batch" and self._dirty_since is None:
                 with self._sync:
                     if self._dirty_since is None:
                         self._dirty_since = time.monotonic()

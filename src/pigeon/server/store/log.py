@@ -402,6 +402,14 @@ class LogStore(Durable):
 
     def added_plain(self, queue: str, msgs: list[Stored]) -> None:
         # added_many's short form, in bulk: consecutive ids, nothing but payloads
+        if len(msgs) == 1:  # a single put: the same, without the loops
+            (m,) = msgs
+            seg, mid = self._active, m.id
+            self._live[mid] = (seg, queue, m)
+            self._seg_live[seg] += 1
+            self._live_bytes += len(m.payload) + len(queue) + _ENTRY_OVERHEAD
+            self._add([ADDS, queue, mid, [m.payload]])
+            return
         if len(msgs) < _BULK:
             self.added_many(queue, msgs)
             return
