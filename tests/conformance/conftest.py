@@ -77,7 +77,7 @@ NO_COUNTER = frozenset({"join", "task_done"})  # engines without a server-side c
 # The message options a backend refuses with Unsupported (test_contract checks it does).
 OPTIONS = frozenset({"delay", "ttl", "dedup", "priority", "headers"})
 LOCAL_OPTIONS: frozenset[str] = frozenset()  # the local queue honours every option
-REDIS_OPTIONS = frozenset({"delay", "ttl", "priority"})  # Redis: dedup ids and headers
+REDIS_OPTIONS: frozenset[str] = frozenset()  # Redis (plain, Cluster, Sentinel): every option
 NATS_OPTIONS = frozenset({"delay", "ttl", "priority"})  # JetStream: dedup ids and headers
 
 BACKENDS = [
