@@ -34,6 +34,7 @@ every message put after it.
 from __future__ import annotations
 
 __all__ = [
+    "ADOPT",
     "APPEND",
     "DEAD",
     "FETCH",
@@ -213,12 +214,13 @@ return 'OK'
 # Take up to n messages. KEYS: base, dead. ARGV: consumer, n, take ('1': acked and deleted
 # at once, the plain get; '0': held, with a lease), lease ms ('' for the queue's), the
 # default lease ms, max_deliveries, the queue's name, '1' if it is a dead-letter queue,
-# '1' to look for deliveries without a lease record (read by a client older than these
-# scripts, which died before recording it), and for a dead-letter queue its origin's base
+# '1' to look for deliveries without a lease record (read by a blocked take, or by an
+# older client, that died before recording it), and for a dead-letter queue its origin's base
 # and name ('' otherwise: reading NAME.dead collects NAME's expired messages first).
 # Returns {entries, drained and shut down (0/1), ms until the next message comes due (-1:
-# none known), more (0/1: work left, do not wait), the ids to wait after (XREAD) per
-# priority 0-9}; entries: flat [id, delivery count, payload, headers, expiry, ...].
+# none known), more (0/1: work left, do not wait), the priorities in use (a blocked take
+# waits on their streams)}; entries: flat [id, delivery count, payload, headers, expiry,
+# ...].
 FETCH = (
     _PRELUDE
     + f"""
@@ -285,7 +287,7 @@ for _, p in ipairs(lv) do
                                    'LIMIT', 0, n - got)) do
         claim(L, p, id)
     end
-    if p == 0 and ARGV[9] == '1' and got < n then
+    if ARGV[9] == '1' and got < n then
         for _, e in ipairs(redis.call('XPENDING', L, G, 'IDLE', queue_lease, '-', '+', n - got)) do
             if got >= n then break end
             if not redis.call('ZSCORE', L .. ':leases', e[1]) then claim(L, p, e[1]) end
@@ -302,7 +304,7 @@ for _, p in ipairs(lv) do
     end
 end
 if budget <= 0 then more = true end
-if got > 0 then return {{out, 0, -1, more and 1 or 0, {{}}}} end
+if got > 0 then return {{out, 0, -1, more and 1 or 0, lv}} end
 
 local shut = 0
 if redis.call('HGET', Q.base .. ':meta', 'shutdown') == '1' and total(Q.base) == 0 then
@@ -323,20 +325,57 @@ if ARGV[10] ~= '' then
     sooner(ARGV[10] .. ':expiry')
 end
 if due >= 0 then due = math.max(0, due - now) end
-local s, wake = in_use(Q.base), {{}}
-for p = 0, 9 do
-    local after = '0-0'  -- a stream not made yet: any entry wakes
-    if p == 0 or string.find(s, tostring(p), 1, true) then
-        for _, g in ipairs(redis.call('XINFO', 'GROUPS', lkey(Q.base, p))) do
-            local m = tomap(g)
-            if m['name'] == G then after = m['last-delivered-id'] end
-        end
-    end
-    wake[p + 1] = after
-end
-return {{out, shut, due, more and 1 or 0, wake}}
+return {{out, shut, due, more and 1 or 0, lv}}
 """
 )
+
+# Entries a blocked take read (XREADGROUP BLOCK, outside a script: Redis serves each new
+# entry to one waiting reader) made deliveries like FETCH's: the first n of them (the
+# caller sends them highest priority first) get their lease, or with take are acked and
+# deleted; an expired one goes to the dead letters; the rest are given back unharmed
+# (delivery count 0, claimable at once). A reader that dies before this script leaves
+# its entries without a lease: FETCH's scan for them gives them back after the queue's
+# lease. KEYS: base, dead. ARGV: consumer, n, take, lease ms ('' for the queue's), the
+# default lease ms, the queue's name, '1' for a dead-letter queue, then (id, expiry or '')
+# pairs. Returns one flag per entry: 1 delivered, 0 not.
+ADOPT = (
+    _PRELUDE
+    + """
+local now = now_ms()
+local Q = {base = KEYS[1], dead = KEYS[2], name = ARGV[6], is_dead = ARGV[7] == '1', now = now}
+local n, take = tonumber(ARGV[2]), ARGV[3] == '1'
+local lease = tonumber(ARGV[4])
+if not lease then lease = tonumber(redis.call('HGET', Q.base .. ':meta', 'lease') or ARGV[5]) end
+local out, got = {}, 0
+for i = 8, #ARGV, 2 do
+    local q, x = ARGV[i], tonumber(ARGV[i + 1])
+    local p, id = split(q)
+    local L = lkey(Q.base, p)
+    local ok = 0
+    if x then redis.call('ZREM', Q.base .. ':expiry', q) end
+    if x and x <= now then
+        local e = redis.call('XRANGE', L, id, id)
+        if e[1] then
+            local f = tomap(e[1][2])
+            expire(Q, p, f.d, f.h)
+        end
+        drop(L, id)
+    elseif got >= n then
+        redis.call('XCLAIM', L, G, ARGV[1], 0, id, 'RETRYCOUNT', 0, 'JUSTID')
+        redis.call('ZADD', L .. ':leases', now, id)
+        redis.call('ZADD', L .. ':released', now, id)
+        if x then redis.call('ZADD', Q.base .. ':expiry', x, q) end
+    else
+        if take then drop(L, id) else redis.call('ZADD', L .. ':leases', now + lease, id) end
+        got = got + 1
+        ok = 1
+    end
+    out[#out + 1] = ok
+end
+return out
+"""
+)
+
 
 # When the leases of deliveries end: ARGV[1] ms from now ('' for the queue's lease, ARGV[2]
 # by default) for each id in ARGV[3..]. KEYS: base. Redis's own clock, so clients need not
@@ -345,7 +384,8 @@ LEASE = (
     _PRELUDE
     + """
 local now = now_ms()
-local ms = tonumber(ARGV[1]) or tonumber(redis.call('HGET', KEYS[1] .. ':meta', 'lease') or ARGV[2])
+local ms = tonumber(ARGV[1])
+if not ms then ms = tonumber(redis.call('HGET', KEYS[1] .. ':meta', 'lease') or ARGV[2]) end
 for i = 3, #ARGV do
     local p, id = split(ARGV[i])
     redis.call('ZADD', lkey(KEYS[1], p) .. ':leases', now + ms, id)

@@ -120,7 +120,7 @@ class _Taken(NamedTuple):
     shut: bool  # shut down and drained
     due: int  # ms until the next delayed message, given-back one or lease end; -1: none
     more: bool  # work left over: take again at once
-    wake: list[bytes]  # per priority 0-9, the id a wait (XREAD) starts after
+    levels: list[int]  # the priorities in use, highest first
 
 
 def _ms(seconds: float) -> int:
@@ -421,12 +421,50 @@ class AsyncRedisQueue(EngineQueue[T]):
             ],
             client=r,
         )  # fmt: skip
-        flat, shut, due, more, wake = reply
+        flat, shut, due, more, levels = reply
         got = [
             (flat[i], int(flat[i + 1]), flat[i + 2], flat[i + 3], flat[i + 4])
             for i in range(0, len(flat), 5)
         ]
-        return _Taken(got, bool(shut), int(due), bool(more), list(wake))
+        return _Taken(got, bool(shut), int(due), bool(more), [int(p) for p in levels])
+
+    async def _wait_new(
+        self, n: int, take: bool, lease: float | None, levels: list[int], wait_ms: int,
+        deadline: float | None,
+    ) -> list[Entry]:  # fmt: skip
+        """Block until a new entry comes at one of ``levels`` (``XREADGROUP BLOCK``: Redis
+        hands each new entry to one waiting reader), then make what was read deliveries
+        (the ADOPT script). [] when the wait ran out or nothing read was deliverable."""
+        streams = {self.levels[p]: ">" for p in levels}
+        res = await self._do(
+            lambda r: r.xreadgroup(GROUP, self.consumer, streams, count=n, block=wait_ms),
+            deadline,
+        )
+        if not res:
+            return []
+        read: list[Entry] = []
+        for key, entries in res:  # each stream's entries in put order
+            p = self.levels.index(key.decode() if isinstance(key, bytes) else key)
+            for eid, fields in entries:
+                qid = eid if p == 0 else b"%d:%s" % (p, eid)
+                if fields:
+                    read.append(
+                        (qid, 1, fields[b"d"], fields.get(b"h", b""), fields.get(b"x", b""))
+                    )
+                else:  # deleted since: nothing to deliver, the script forgets it
+                    read.append((qid, 1, b"", b"", b""))
+        read.sort(key=lambda e: -_priority(e[0]))  # stable: put order within a priority
+        args: list[Any] = [
+            self.consumer, n, int(take), "" if lease is None else _ms(lease),
+            int(self.lease * 1000), self.name, int(self.is_dead),
+        ]  # fmt: skip
+        for e in read:
+            args += [e[0], e[4]]
+        flags = await self._do(
+            lambda r: self._scripts["ADOPT"](keys=[self.stream, self.dead], args=args, client=r),
+            deadline,
+        )
+        return [e for e, ok in zip(read, flags, strict=True) if ok and e[2]]
 
     async def _fetch(
         self,
@@ -440,9 +478,10 @@ class AsyncRedisQueue(EngineQueue[T]):
         (None: the queue's), or, with ``take``, already acked and deleted (plain ``get``).
 
         Every take is one script (due delayed messages moved, expired ones dead-lettered,
-        priorities highest first); between two, a blocked call waits with ``XREAD`` (which
-        takes nothing) for a new entry at any priority, at most until the earliest due
-        time the script reported (a delay, a nack's delay, a lease's end) and ``SLICE``."""
+        priorities highest first); when it finds nothing, a blocked call waits in
+        ``XREADGROUP BLOCK`` for a new entry at any priority in use, at most until the
+        earliest due time the script reported (a delay, a nack's delay, a lease's end)
+        and ``SLICE``."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"max_items must be an int >= 1, not {n!r}")
         deadline = deadline_from(block, timeout)
@@ -460,10 +499,9 @@ class AsyncRedisQueue(EngineQueue[T]):
                     continue
                 wait = min(SLICE, remaining) if t.due < 0 else min(SLICE, remaining, t.due / 1000)
                 wait_ms = max(1, int(wait * 1000))  # BLOCK 0 would wait for ever
-                streams = dict(zip(self.levels, t.wake, strict=True))
-                await self._do(
-                    lambda r, s=streams, w=wait_ms: r.xread(s, count=1, block=w), deadline
-                )
+                got = await self._wait_new(n, take, lease, t.levels, wait_ms, deadline)
+                if got:
+                    return got
 
     async def _set_lease(
         self, ids: list[bytes], seconds: float | None, deadline: float | None = None
