@@ -1,4 +1,4 @@
-"""The redis:// backend: one Redis Stream per queue, one consumer group.
+"""The redis:// backend: Redis Streams, one consumer group, a stream per priority.
 
 Features
     ``put``/``put_many`` (XADD inside a Lua script that checks ``maxsize`` and the
@@ -6,36 +6,65 @@ Features
     ``get_message`` with ``ack`` (XACK and XDEL), ``nack(requeue, delay)``, ``extend``,
     ``delivery_count`` from the pending entries list, dead letters after
     ``max_deliveries``, ``qsize``/``empty``/``full``, ``shutdown`` (for every client),
-    iteration. ``task_done``/``join`` raise ``Unsupported``: Redis has no server-side wait
-    on a counter. ``pigeon.AsyncQueue(url)`` runs the same code on asyncio.
+    iteration, and every message option: ``delay``, ``ttl``, ``priority``, ``dedup_id``,
+    ``headers``. ``task_done``/``join`` raise ``Unsupported``: Redis has no server-side
+    wait on a counter. ``pigeon.AsyncQueue(url)`` runs the same code on asyncio.
 
 Connection URL
-    ``redis://[[USER]:PASSWORD@]HOST[:PORT]/QUEUE[?db=N&lease=S&max_deliveries=N]``;
-    ``rediss://`` for TLS. Keys: ``pigeon:QUEUE`` (the stream), ``pigeon:QUEUE:meta``
-    (maxsize, lease, shutdown), ``pigeon:QUEUE:leases`` (when each delivery's lease ends),
-    ``pigeon:QUEUE:released`` (deliveries given back by a nack, until taken again).
+    ``redis://[[USER]:PASSWORD@]HOST[:PORT]/QUEUE[?db=N&lease=S&max_deliveries=N&
+    dedup_window=S&wait=N&wait_timeout=S]``; ``rediss://`` for TLS;
+    ``redis+cluster://H1:P1,H2:P2/QUEUE``, ``redis+sentinel://S1:P1,.../QUEUE?service=NAME``.
+    Keys (all in one hash slot on a Cluster, ``pigeon:{QUEUE}...``; listed in
+    ``_redis_lua``): ``pigeon:QUEUE`` (the stream of priority 0), ``pigeon:QUEUE:pN``
+    (priority N, once used), ``pigeon:QUEUE:meta``, ``...:leases`` and ``...:released``
+    per stream, ``pigeon:QUEUE:delayed``, ``pigeon:QUEUE:expiry``, ``pigeon:QUEUE.dead``.
 
 Options
-    ``maxsize``, ``serializer`` (``"msgpack"``), ``lease`` (seconds, 30),
-    ``max_deliveries`` (20), ``reconnect_timeout`` (30 s).
+    ``maxsize`` (ready + delayed + held), ``serializer`` (``"msgpack"``), ``lease``
+    (seconds, 30), ``max_deliveries`` (20), ``reconnect_timeout`` (30 s).
+
+Message options
+    ``priority`` 0-9: a stream per priority; every take is one script that reads them
+    highest first, so a higher priority wins within one call (``get_many`` too) and a
+    message given back keeps its priority. ``delay``: a sorted set scored by the due time
+    on Redis's clock; the take script moves due messages to their stream (at its tail)
+    before it reads, so a delayed message is never delivered early, never leased while it
+    waits, counted by ``qsize``, and kept by AOF and replication like any key. ``ttl``:
+    the expiry (put + delay + ttl, Redis's clock) is a field of the entry and a sorted-set
+    index; a message still waiting then - new, delayed or given back - goes to
+    ``QUEUE.dead`` (reason ``expired``) in the same script that finds it, never to a
+    handler; one held by a consumer does not expire while it is. Expiries are collected
+    by every take and ``qsize`` on the queue and by every reader of ``QUEUE.dead``. A
+    message put into a dead-letter queue with a ttl is dropped when it ends.
 
 Delivery guarantees
     At-least-once for ``get_message``: Redis does not redeliver by itself, so readers
     claim entries whose lease has ended. Every delivery's lease end is kept in a sorted
     set (``lease`` seconds after delivery, ``get_message(lease=)``, ``extend(seconds)``:
-    exactly "now + seconds", longer or shorter than the queue's lease), and a claim script
-    takes the entries that are due, plus any delivered entry without a deadline that was
-    idle for the queue's lease (its reader died between reading and recording it). A
-    handle that closes hands back what it holds (due at once) and leaves the consumer
-    group. A consumer that dies is covered by its lease. Plain ``get`` acks on receipt, in
-    the same round trip as the read; a payload that does not decode goes to
-    ``QUEUE.dead`` (reason ``undecodable``) and the others of its batch are put back, at
-    the tail. Durability is Redis's own: with ``appendonly yes`` and ``appendfsync
-    always`` a confirmed put survives a crash of Redis; with ``everysec`` up to a second
-    can be lost; without AOF only what the last snapshot held survives. FIFO per queue
-    except redeliveries. Waiting is done in slices of at most 0.2 s (``XREADGROUP
-    BLOCK``), so ``shutdown`` reaches blocked readers within that; a ``put`` on a full
-    queue retries with backoff up to 50 ms.
+    exactly "now + seconds", longer or shorter than the queue's lease), recorded in the
+    script that delivers it; an entry a blocked reader took but could not record (it died
+    between its ``XREADGROUP`` and the script after it) comes back once it was idle for
+    the queue's lease. A handle that closes hands back what it holds (due at once) and
+    leaves the consumer group. A consumer that dies is covered by its lease. Plain
+    ``get`` acks on receipt, in the script that takes it (a blocked one: in the script
+    right after its read, else back after the lease); a payload that does not decode
+    goes to ``QUEUE.dead`` (reason ``undecodable``) and the others of its batch are put
+    back, at the tail of their priority. Durability is Redis's own: with ``appendonly
+    yes`` and ``appendfsync always`` a confirmed put - delayed or not - survives a crash
+    of Redis; with ``everysec`` up to a second can be lost; without AOF only what the
+    last snapshot held survives. Across a failover (Cluster, Sentinel) with ``?wait=N``
+    a confirmed put, its delay, ttl and priority included, was on N replicas; what
+    happened after it (a delayed message moved when due, a delivery, an ack) is
+    replicated asynchronously, so a failover may deliver a message again, never lose it.
+    Order: higher priority first; within one, FIFO except redeliveries, and a delayed
+    message joins the tail of its priority when it comes due. A blocked ``get`` waits
+    in ``XREADGROUP BLOCK`` on the streams of the priorities in use, in slices of at
+    most 0.2 s (``SLICE``), each cut short at the earliest due time the last take saw (a
+    delay, a nack's delay, a lease's end): a delayed message reaches a blocked reader
+    within a round trip of its due time, or within 0.2 s when it was put during that
+    reader's wait with a shorter delay than any it knew of (or at a priority first used
+    then); ``shutdown`` reaches blocked readers within 0.2 s. A ``put`` on a full queue
+    retries with backoff up to 50 ms.
 """
 
 from __future__ import annotations
