@@ -437,3 +437,16 @@ def test_priorities_and_nacks_follow_the_reference_model() -> None:
     run.settings = settings(max_examples=int(os.environ.get("PIGEON_MODEL_EXAMPLES", "25")),
                             stateful_step_count=25, deadline=None)  # fmt: skip
     run().runTest()
+
+
+@pytest.mark.parametrize("how", ["get", "get_message"])
+def test_an_empty_payload_reaches_a_blocked_reader(redis_url: str, how: str) -> None:
+    with pigeon.Queue(redis_url, serializer="raw") as q:
+        threading.Timer(SLICE / 2, lambda: q.put(b"")).start()
+        if how == "get":
+            assert q.get(timeout=LONG) == b""
+        else:
+            msg = q.get_message(timeout=LONG)
+            assert msg.body == b""
+            msg.ack()
+        assert q.qsize() == 0

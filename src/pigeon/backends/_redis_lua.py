@@ -237,7 +237,21 @@ local queue_lease = tonumber(redis.call('HGET', Q.base .. ':meta', 'lease') or A
 local lease = tonumber(ARGV[4]) or queue_lease
 local out, got, budget = {{}}, 0, {FETCH_BUDGET}
 
-local function deliver(L, p, id, count, f)
+-- new entries just read (fresh = true) are settled in bulk per stream (flush)
+local done, leased = {{}}, {{}}
+local function flush(L)
+    for i = 1, #done, 500 do
+        local ids = {{unpack(done, i, math.min(i + 499, #done))}}
+        redis.call('XACK', L, G, unpack(ids))
+        redis.call('XDEL', L, unpack(ids))
+    end
+    for i = 1, #leased, 500 do
+        redis.call('ZADD', L .. ':leases', unpack(leased, i, math.min(i + 499, #leased)))
+    end
+    done, leased = {{}}, {{}}
+end
+
+local function deliver(L, p, id, count, f, fresh)
     local q = qid(p, id)
     if not f.d then drop(L, id); return end
     local x = tonumber(f.x or '')
@@ -252,7 +266,14 @@ local function deliver(L, p, id, count, f)
         drop(L, id)
         return
     end
-    if take then
+    if fresh then  -- no lease record to clear
+        if take then
+            done[#done + 1] = id
+        else
+            leased[#leased + 1] = now + lease
+            leased[#leased + 1] = id
+        end
+    elseif take then
         drop(L, id)
     else
         redis.call('ZADD', L .. ':leases', now + lease, id)
@@ -276,7 +297,7 @@ local function claim(L, p, id)
         return
     end
     local pe = redis.call('XPENDING', L, G, id, id, 1)
-    deliver(L, p, id, pe[1] and pe[1][4] or 1, tomap(c[1][2]))
+    deliver(L, p, id, pe[1] and pe[1][4] or 1, tomap(c[1][2]), false)
 end
 
 local lv = levels(Q.base)
@@ -299,9 +320,10 @@ for _, p in ipairs(lv) do
         if not res then break end
         for _, e in ipairs(res[1][2]) do
             budget = budget - 1
-            if e[2] then deliver(L, p, e[1], 1, tomap(e[2])) else drop(L, e[1]) end
+            if e[2] then deliver(L, p, e[1], 1, tomap(e[2]), true) else drop(L, e[1]) end
         end
     end
+    flush(L)
 end
 if budget <= 0 then more = true end
 if got > 0 then return {{out, 0, -1, more and 1 or 0, lv}} end
@@ -336,8 +358,9 @@ return {{out, shut, due, more and 1 or 0, lv}}
 # (delivery count 0, claimable at once). A reader that dies before this script leaves
 # its entries without a lease: FETCH's scan for them gives them back after the queue's
 # lease. KEYS: base, dead. ARGV: consumer, n, take, lease ms ('' for the queue's), the
-# default lease ms, the queue's name, '1' for a dead-letter queue, then (id, expiry or '')
-# pairs. Returns one flag per entry: 1 delivered, 0 not.
+# default lease ms, the queue's name, '1' for a dead-letter queue, then (id, expiry or '',
+# or 'gone' for an entry deleted before it was read) pairs. Returns one flag per entry:
+# 1 delivered, 0 not.
 ADOPT = (
     _PRELUDE
     + """
@@ -353,7 +376,9 @@ for i = 8, #ARGV, 2 do
     local L = lkey(Q.base, p)
     local ok = 0
     if x then redis.call('ZREM', Q.base .. ':expiry', q) end
-    if x and x <= now then
+    if ARGV[i + 1] == 'gone' then
+        drop(L, id)
+    elseif x and x <= now then
         local e = redis.call('XRANGE', L, id, id)
         if e[1] then
             local f = tomap(e[1][2])

@@ -137,6 +137,7 @@ def key_names(queue: str, *, hash_tags: bool) -> tuple[str, str]:
 
 DEAD_SUFFIX = ".dead"
 ORPHANS = "pigeon-orphans"  # the consumer a closing handle hands what it held to
+GONE = "gone"  # ADOPT: an entry deleted before it was read
 MAX_TAKE = 1000  # entries one take script returns at most (a get_many gets the rest later)
 # (id, delivery count, payload, headers or b"", expiry in ms on Redis's clock or b"")
 Entry = tuple[bytes, int, bytes, bytes, bytes]
@@ -471,29 +472,26 @@ class AsyncRedisQueue(EngineQueue[T]):
         )
         if not res:
             return []
-        read: list[Entry] = []
+        read: list[tuple[Entry, bool]] = []  # (entry, still there when read)
         for key, entries in res:  # each stream's entries in put order
             p = self.levels.index(key.decode() if isinstance(key, bytes) else key)
             for eid, fields in entries:
                 qid = eid if p == 0 else b"%d:%s" % (p, eid)
-                if fields:
-                    read.append(
-                        (qid, 1, fields[b"d"], fields.get(b"h", b""), fields.get(b"x", b""))
-                    )
-                else:  # deleted since: nothing to deliver, the script forgets it
-                    read.append((qid, 1, b"", b"", b""))
-        read.sort(key=lambda e: -_priority(e[0]))  # stable: put order within a priority
+                f = fields or {}
+                d, h, x = f.get(b"d"), f.get(b"h", b""), f.get(b"x", b"")
+                read.append(((qid, 1, d or b"", h, x), d is not None))
+        read.sort(key=lambda e: -_priority(e[0][0]))  # stable: put order within a priority
         args: list[Any] = [
             self.consumer, n, int(take), "" if lease is None else _ms(lease),
             int(self.lease * 1000), self.name, int(self.is_dead),
         ]  # fmt: skip
-        for e in read:
-            args += [e[0], e[4]]
+        for e, there in read:  # one deleted meanwhile: the script forgets it
+            args += [e[0], e[4] if there else GONE]
         flags = await self._do(
             lambda r: self._scripts["ADOPT"](keys=[self.stream, self.dead], args=args, client=r),
             deadline,
         )
-        return [e for e, ok in zip(read, flags, strict=True) if ok and e[2]]
+        return [e for (e, _), ok in zip(read, flags, strict=True) if ok]
 
     async def _fetch(
         self,
