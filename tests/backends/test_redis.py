@@ -119,6 +119,28 @@ def test_entries_a_blocked_read_took_beyond_what_was_asked_are_given_back_unharm
     assert asyncio.run(run()) == [("low", 1)]
 
 
+def test_an_entry_a_reader_read_but_never_recorded_comes_back_after_the_lease(
+    redis_url: str,
+) -> None:
+    """A blocked reader that dies between its XREADGROUP and the script after it leaves
+    an entry without a lease record, at any priority: it comes back after the lease."""
+    with pigeon.Queue(redis_url + "?lease=1") as q:
+        q.put("made", priority=3)
+        assert q.get(timeout=LONG) == "made"
+        q.put("orphan", priority=3)
+        stream = key_names(redis_url.rsplit("/", 1)[1], hash_tags=False)[0] + ":p3"
+        r = raw()
+        try:  # what the dead reader did, and no more
+            assert r.xreadgroup("pigeon", "died", {stream: ">"}, count=1)
+        finally:
+            r.close()
+        with pytest.raises(pigeon.Empty):
+            q.get_message(timeout=0.3)  # held (idle for less than the lease)
+        msg = q.get_message(timeout=LONG)
+        assert (msg.body, msg.delivery_count) == ("orphan", 2)
+        msg.ack()
+
+
 # --- delay --------------------------------------------------------------------------------
 
 
