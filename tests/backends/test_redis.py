@@ -472,3 +472,12 @@ def test_an_empty_payload_reaches_a_blocked_reader(redis_url: str, how: str) -> 
             assert msg.body == b""
             msg.ack()
         assert q.qsize() == 0
+
+
+def test_a_get_many_of_any_size_takes_a_bounded_batch(redis_url: str) -> None:
+    from pigeon.backends.redis import MAX_TAKE
+
+    with pigeon.Queue(redis_url, serializer="raw") as q:
+        q.put_many([b"x"] * (MAX_TAKE + 5))
+        assert len(q.get_many(10**9, timeout=LONG)) == MAX_TAKE
+        assert len(q.get_many(10**9, timeout=LONG)) == 5

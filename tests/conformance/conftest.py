@@ -61,6 +61,22 @@ def _on_redis_cluster(maxsize: int = 0) -> pigeon.Queue[Any]:
     return pigeon.Queue(_redis_cluster.url(queue_name()), maxsize=maxsize)
 
 
+_redis_sentinel: Any = None
+
+
+def _on_redis_sentinel(maxsize: int = 0) -> pigeon.Queue[Any]:
+    """The same contract through Sentinel (a master, a replica, three sentinels)."""
+    global _redis_sentinel
+    if _redis_sentinel is None:
+        from tests._clusters import Sentinels
+
+        _redis_sentinel = Sentinels()
+        import atexit
+
+        atexit.register(_redis_sentinel.close)
+    return pigeon.Queue(_redis_sentinel.url(queue_name()), maxsize=maxsize)
+
+
 def _cluster_tools() -> str | None:
     import shutil
 
@@ -93,6 +109,7 @@ BACKENDS = [
         lambda: service_missing("NATS", 4222),
     ),
     Backend("redis-cluster", _on_redis_cluster, NO_COUNTER | REDIS_OPTIONS, _cluster_tools),
+    Backend("redis-sentinel", _on_redis_sentinel, NO_COUNTER | REDIS_OPTIONS, _cluster_tools),
 ]
 
 

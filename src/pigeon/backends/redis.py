@@ -445,7 +445,7 @@ class AsyncRedisQueue(EngineQueue[T]):
         reply = await self._scripts["FETCH"](
             keys=[self.stream, self.dead],
             args=[
-                self.consumer, min(n, MAX_TAKE), int(take), "" if lease is None else _ms(lease),
+                self.consumer, n, int(take), "" if lease is None else _ms(lease),
                 int(self.lease * 1000), self.max_deliveries, self.name, int(self.is_dead),
                 int(scan), self.origin_base, self.origin,
             ],
@@ -511,6 +511,7 @@ class AsyncRedisQueue(EngineQueue[T]):
         and ``SLICE``."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"max_items must be an int >= 1, not {n!r}")
+        n = min(n, MAX_TAKE)  # a reply's size is bounded before Redis builds it
         deadline = deadline_from(block, timeout)
         async with within(reply_deadline(deadline), "redis"):
             while True:
