@@ -481,3 +481,18 @@ def test_a_get_many_of_any_size_takes_a_bounded_batch(redis_url: str) -> None:
         q.put_many([b"x"] * (MAX_TAKE + 5))
         assert len(q.get_many(10**9, timeout=LONG)) == MAX_TAKE
         assert len(q.get_many(10**9, timeout=LONG)) == 5
+
+
+def test_a_message_whose_lease_ends_past_its_ttl_expires_instead_of_coming_back(
+    redis_url: str,
+) -> None:
+    with pigeon.Queue(redis_url) as q, pigeon.Queue(redis_url + ".dead") as dead:
+        q.put("job", ttl=0.3)
+        q.get_message(timeout=LONG, lease=0.6)  # its consumer dies: never settled
+        time.sleep(0.4)
+        assert q.qsize() == 0  # held: it does not expire while it is
+        time.sleep(0.4)
+        assert dead.get(timeout=LONG) == "job"  # the lease ended past the ttl: expired
+        assert q.qsize() == 0
+        with pytest.raises(pigeon.Empty):
+            q.get(timeout=0.3)

@@ -15,8 +15,8 @@ all in the same slot:
 ``BASE[:pN]:released``     deliveries given back by a nack, until taken again
 ``BASE:delayed``           messages put with a delay: score = due (ms), member =
                            MessagePack ``[seq, priority, expiry, headers, payload]``
-``BASE:expiry``            messages with a ttl that wait in a stream: score = expiry (ms),
-                           member = their id (below); a delivery takes them out
+``BASE:expiry``            messages with a ttl in a stream: score = expiry (ms) - for one
+                           held past it, its lease's end -, member = their id (below)
 ``BASE:dedup:ID``          a dedup id, until the window passes
 
 A message's id is its stream entry's id (``1700000000000-0``) at priority 0 and
@@ -33,6 +33,8 @@ every message put after it.
 
 from __future__ import annotations
 
+from pigeon.options import DEFAULT_LEASE
+
 __all__ = [
     "ADOPT",
     "APPEND",
@@ -48,6 +50,7 @@ __all__ = [
     "SHUTDOWN",
 ]
 
+DEFAULT_LEASE_MS = int(DEFAULT_LEASE * 1000)
 COLLECT_BUDGET = 256  # delayed moves and expiries per script call (more: the next call)
 FETCH_BUDGET = 1000  # entries a take looks at per call, expired or delivered
 
@@ -128,8 +131,9 @@ end
 local function expire(Q, p, d, h)
     if not Q.is_dead then bury(Q.dead, p, d, h, Q.name, 'expired') end
 end
--- due delayed messages to their stream, expired waiting ones to the dead letters;
--- true if there may be more of either
+-- due delayed messages to their stream, expired waiting ones to the dead letters (one
+-- held by a consumer does not expire while it is: it is looked at again when its lease
+-- ends); true if there may be more of either
 local function collect(Q, budget)
     local base, now = Q.base, Q.now
     local due = redis.call('ZRANGEBYSCORE', base .. ':delayed', '-inf', now, 'LIMIT', 0, budget)
@@ -147,12 +151,25 @@ local function collect(Q, budget)
     end
     local gone = redis.call('ZRANGEBYSCORE', base .. ':expiry', '-inf', now, 'LIMIT', 0, budget)
     for _, q in ipairs(gone) do
-        redis.call('ZREM', base .. ':expiry', q)
         local p, id = split(q)
         local L = lkey(base, p)
-        -- waiting: never delivered, or given back; one in flight does not expire
-        local given = redis.call('ZSCORE', L .. ':released', id)
-        if given or #redis.call('XPENDING', L, G, id, id, 1) == 0 then
+        local later = nil  -- held: look again when its lease ends
+        if not redis.call('ZSCORE', L .. ':released', id) then  -- given back: waiting
+            local pe = redis.call('XPENDING', L, G, id, id, 1)
+            if pe[1] then
+                local ends = tonumber(redis.call('ZSCORE', L .. ':leases', id) or '')
+                if not ends then  -- read, never recorded: back after the queue's lease
+                    local ms = redis.call('HGET', base .. ':meta', 'lease') or DEFAULT_LEASE_MS
+                    later = now + tonumber(ms) - pe[1][3]
+                elseif ends > now then
+                    later = ends
+                end
+            end
+        end
+        if later and later > now then
+            redis.call('ZADD', base .. ':expiry', later, q)
+        else  -- waiting (new, given back, or its lease ended) past its ttl
+            redis.call('ZREM', base .. ':expiry', q)
             local e = redis.call('XRANGE', L, id, id)
             if e[1] then
                 local f = tomap(e[1][2])
@@ -164,6 +181,8 @@ local function collect(Q, budget)
     return #due == budget or #gone == budget
 end
 """
+
+_PRELUDE = _PRELUDE.replace("DEFAULT_LEASE_MS", str(DEFAULT_LEASE_MS))
 
 # Put without options. KEYS: base, meta; ARGV: payloads.
 PUT = (
@@ -255,7 +274,8 @@ local function deliver(L, p, id, count, f, fresh)
     local q = qid(p, id)
     if not f.d then drop(L, id); return end
     local x = tonumber(f.x or '')
-    if x then redis.call('ZREM', Q.base .. ':expiry', q) end
+    -- held, it stays in the expiry index (collect looks at it when its lease ends)
+    if x and (take or x <= now or count > maxd) then redis.call('ZREM', Q.base .. ':expiry', q) end
     if x and x <= now then
         expire(Q, p, f.d, f.h)
         drop(L, id)
@@ -375,7 +395,7 @@ for i = 8, #ARGV, 2 do
     local p, id = split(q)
     local L = lkey(Q.base, p)
     local ok = 0
-    if x then redis.call('ZREM', Q.base .. ':expiry', q) end
+    if x and (take or x <= now) then redis.call('ZREM', Q.base .. ':expiry', q) end
     if ARGV[i + 1] == 'gone' then
         drop(L, id)
     elseif x and x <= now then
@@ -389,7 +409,6 @@ for i = 8, #ARGV, 2 do
         redis.call('XCLAIM', L, G, ARGV[1], 0, id, 'RETRYCOUNT', 0, 'JUSTID')
         redis.call('ZADD', L .. ':leases', now, id)
         redis.call('ZADD', L .. ':released', now, id)
-        if x then redis.call('ZADD', Q.base .. ':expiry', x, q) end
     else
         if take then drop(L, id) else redis.call('ZADD', L .. ':leases', now + lease, id) end
         got = got + 1
@@ -453,6 +472,7 @@ for i = 1, #ARGV do
     redis.call('XDEL', L, id)
     redis.call('ZREM', L .. ':leases', id)
     redis.call('ZREM', L .. ':released', id)
+    redis.call('ZREM', KEYS[1] .. ':expiry', ARGV[i])
 end
 return n
 """

@@ -33,9 +33,10 @@ Message options
     the expiry (put + delay + ttl, Redis's clock) is a field of the entry and a sorted-set
     index; a message still waiting then - new, delayed or given back - goes to
     ``QUEUE.dead`` (reason ``expired``) in the same script that finds it, never to a
-    handler; one held by a consumer does not expire while it is. Expiries are collected
-    by every take and ``qsize`` on the queue and by every reader of ``QUEUE.dead``. A
-    message put into a dead-letter queue with a ttl is dropped when it ends.
+    handler; one held by a consumer does not expire while it is (if its lease ends past
+    the ttl, it does). Expiries are collected by every take and ``qsize`` on the queue
+    and by every reader of ``QUEUE.dead``. A message put into a dead-letter queue with a
+    ttl is dropped when it ends.
 
 Delivery guarantees
     At-least-once for ``get_message``: Redis does not redeliver by itself, so readers
