@@ -16,6 +16,10 @@ Then the message options, each next to a plain put on the same engine (pigeon si
   plain, delay (1 s), ttl (60 s), priority 5, priorities 0-9 mixed, a large item (2 MiB:
   chunks on nats://), and "early": a get handed delayed messages before they are due
   (each given back until then), in messages given back per second.
+With --options [--engines redis,nats] [--count N]: the cost of each message option
+(priority, delay, ttl, headers, dedup_id) next to a plain put, single items through the
+blocking face: the same N items put with the option, then taken; rates and ratios to
+the plain put and get of the same run. An option the engine refuses shows as such.
 """
 
 from __future__ import annotations
@@ -190,10 +194,72 @@ def option_costs(base: str, n: int) -> list[list[object]]:
     return rows
 
 
+# --- message options: each one's cost next to a plain put -----------------------------
+
+OPTIONS: dict[str, Callable[[int], dict[str, object]]] = {
+    "plain": lambda i: {},
+    "priority": lambda i: {"priority": i % 10},
+    "delay": lambda i: {"delay": 0.001},  # due at once: the cost of holding it apart
+    "ttl": lambda i: {"ttl": 3600.0},
+    "headers": lambda i: {"headers": {"tenant": "acme", "trace": "t-1"}},
+    "dedup_id": lambda i: {"dedup_id": f"id-{i}"},
+}
+
+
+def option_run(url: str, n: int, option: str) -> tuple[float, float] | None:
+    """(put s, get s) for n single puts with ``option`` then n gets; None if refused."""
+    make = OPTIONS[option]
+    with pigeon.Queue(url, serializer="raw") as q:
+        try:
+            q.put(ITEM, **make(0))  # type: ignore[arg-type]
+        except pigeon.Unsupported:
+            return None
+        q.get(timeout=10)
+
+        def put() -> None:
+            for i in range(n):
+                q.put(ITEM, **make(i + 1))  # type: ignore[arg-type]
+
+        def get() -> None:
+            for _ in range(n):
+                q.get(timeout=10)
+
+        put_s = timed(put)
+        if option == "delay":
+            time.sleep(0.01)  # every delay over before the gets start
+        return put_s, timed(get)
+
+
+def options_main(engines: list[str], n: int) -> None:
+    urls = {"redis": "redis://127.0.0.1:6379", "nats": "nats://127.0.0.1:4222"}
+    rows: list[list[object]] = []
+    for engine in engines:
+        base: tuple[float, float] | None = None
+        option_run(f"{urls[engine]}/bench-opt-{uuid.uuid4().hex[:8]}", min(n, 200), "plain")
+        for option in OPTIONS:
+            took = option_run(f"{urls[engine]}/bench-opt-{uuid.uuid4().hex[:8]}", n, option)
+            if took is None:
+                rows.append([engine, option, "Unsupported", "", "", ""])
+                continue
+            put, get = n / took[0], n / took[1]
+            base = base or (put, get)
+            rows.append([engine, option, f"{put:,.0f}", f"{put / base[0]:.2f}×",
+                         f"{get:,.0f}", f"{get / base[1]:.2f}×"])  # fmt: skip
+            print(f"  {engine:5s} {option:9s} put {put:10,.0f}/s  get {get:10,.0f}/s", flush=True)
+    table(f"message options: single items, {n:,} each (items/s; ratio to the plain put/get)",
+          ["engine", "option", "put/s", "vs plain", "get/s", "vs plain"], rows)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--options", action="store_true", help="the cost of each message option")
+    ap.add_argument("--engines", default="redis,nats", help="with --options: which engines")
+    ap.add_argument("--count", type=int, help="with --options: items per option")
     args = ap.parse_args()
+    if args.options:
+        options_main(args.engines.split(","), args.count or (500 if args.quick else 3_000))
+        return
     n_single, n_batch = (500, 5_000) if args.quick else (3_000, 50_000)
     rows: list[list[object]] = []
     plot: dict[str, dict[str, float]] = {}
@@ -222,7 +288,7 @@ def main() -> None:
     table("engines: pigeon.Queue vs the raw client (items/s)",
           ["engine", "client", "put/s", "vs raw", "get+ack/s", "vs raw"], rows)  # fmt: skip
     print(f"plot written to {bars(RESULTS / 'engines.png', 'put rate (items/s)', plot, 'items/s')}")
-    for engine, scheme in (("nats", "nats://127.0.0.1:4222"),):
+    for engine, scheme in (("redis", "redis://127.0.0.1:6379"), ("nats", "nats://127.0.0.1:4222")):
         table(f"{engine}: the cost of each message option (pigeon single, items/s)",
               ["option", "put/s", "vs plain", "get+ack/s", "vs plain"],
               option_costs(scheme, n_single))  # fmt: skip

@@ -138,16 +138,28 @@ class RedisCluster(Procs):
         super().__init__()
         self.binary = need("redis-server")
         cli = need("redis-cli")
-        self.ports = [cluster_port() for _ in range(6)]
-        for i in range(6):
-            self.start(i)
-        for port in self.ports:
-            wait_for_port(port)
-        subprocess.run(
-            [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-             "--cluster-replicas", "1", "--cluster-yes"],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
+        for attempt in range(3):  # a port taken between its check and the bind: again
+            self.ports = [cluster_port() for _ in range(6)]
+            for i in range(6):
+                self.start(i)
+            for port in self.ports:
+                wait_for_port(port)
+            made = subprocess.run(
+                [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                 "--cluster-replicas", "1", "--cluster-yes"],
+                capture_output=True, timeout=60,
+            )  # fmt: skip
+            if made.returncode == 0:
+                break
+            for i in list(self.procs):
+                self.kill(i)
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir()
+            if attempt == 2:
+                raise RuntimeError(
+                    f"redis-cli --cluster create failed 3 times; last: {made.stdout[-500:]!r} "
+                    f"{made.stderr[-500:]!r}"
+                )
         self.wait_ok()
         self.wait_replicas_synced()
 

@@ -87,3 +87,13 @@ def test_taskiq_benchmark_runs() -> None:
     out = _run("taskiq_tasks.py", "--brokers", "pigeon,pigeon-memory", "--tasks", "50",
                "--paced", "10", "--rate", "50")  # fmt: skip
     assert "pigeon-memory" in out and "kicks/s" in out and "plot written" in out
+
+
+def test_engines_benchmark_measures_each_message_option_on_redis() -> None:
+    from tests._services import require_service
+
+    require_service("Redis", 6379)
+    out = _run("engines.py", "--options", "--engines", "redis", "--count", "30")
+    for option in ("plain", "priority", "delay", "ttl", "headers", "dedup_id"):
+        assert f"redis {option}" in out
+    assert "Unsupported" not in out and "vs plain" in out

@@ -197,9 +197,8 @@ def test_engine_headers_travel_to_dead_letters_and_dedup_ids_hold(scheme: str) -
         gone.ack()
         with pytest.raises(pigeon.Empty):
             q.get(timeout=0.5)
-        if scheme == "redis":  # nats:// honours priorities
-            with pytest.raises(pigeon.Unsupported, match="priority"):
-                q.put("x", priority=1)
+        q.put("urgent", priority=9)  # both engines honour priorities now
+        assert q.get(timeout=10) == "urgent"
 
 
 @pytest.mark.parametrize("where", ["broker", "local"])

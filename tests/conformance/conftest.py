@@ -61,6 +61,22 @@ def _on_redis_cluster(maxsize: int = 0) -> pigeon.Queue[Any]:
     return pigeon.Queue(_redis_cluster.url(queue_name()), maxsize=maxsize)
 
 
+_redis_sentinel: Any = None
+
+
+def _on_redis_sentinel(maxsize: int = 0) -> pigeon.Queue[Any]:
+    """The same contract through Sentinel (a master, a replica, three sentinels)."""
+    global _redis_sentinel
+    if _redis_sentinel is None:
+        from tests._clusters import Sentinels
+
+        _redis_sentinel = Sentinels()
+        import atexit
+
+        atexit.register(_redis_sentinel.close)
+    return pigeon.Queue(_redis_sentinel.url(queue_name()), maxsize=maxsize)
+
+
 def _cluster_tools() -> str | None:
     import shutil
 
@@ -77,7 +93,7 @@ NO_COUNTER = frozenset({"join", "task_done"})  # engines without a server-side c
 # The message options a backend refuses with Unsupported (test_contract checks it does).
 OPTIONS = frozenset({"delay", "ttl", "dedup", "priority", "headers"})
 LOCAL_OPTIONS: frozenset[str] = frozenset()  # the local queue honours every option
-REDIS_OPTIONS = frozenset({"delay", "ttl", "priority"})  # Redis: dedup ids and headers
+REDIS_OPTIONS: frozenset[str] = frozenset()  # Redis (plain, Cluster, Sentinel): every option
 NATS_OPTIONS: frozenset[str] = frozenset()  # JetStream honours every option
 
 BACKENDS = [
@@ -88,6 +104,7 @@ BACKENDS = [
     # NATS: an item over max_payload (1 MiB by default) goes in chunks
     Backend("nats", _nats, NO_COUNTER | NATS_OPTIONS, lambda: service_missing("NATS", 4222)),
     Backend("redis-cluster", _on_redis_cluster, NO_COUNTER | REDIS_OPTIONS, _cluster_tools),
+    Backend("redis-sentinel", _on_redis_sentinel, NO_COUNTER | REDIS_OPTIONS, _cluster_tools),
 ]
 
 

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -212,6 +213,68 @@ def test_redis_sentinel_follows_a_failover_and_loses_no_confirmed_put() -> None:
             report("Sentinel, master + replica, ?wait=1, master SIGKILLed", confirmed, got, outage)
             == 0
         )
+        assert_no_leaked_connections()
+    finally:
+        group.close()
+
+
+def _delayed_across_a_kill(url: str, kill: Callable[[], None]) -> None:
+    """Delayed messages (with a priority, a ttl) put with ``?wait=1``, a node killed
+    before they are due: each comes out after its delay, none lost."""
+    delay = 3.0
+    with pigeon.Queue(url, reconnect_timeout=60) as q:
+        q.put("warm")  # the replica is linked: ?wait=1 can confirm
+        assert q.get(timeout=30) == "warm"
+        put_at = time.monotonic()
+        q.put_many(list(range(100)), delay=delay)
+        q.put("urgent", delay=delay, priority=7)
+        q.put("bounded", delay=delay, ttl=600)
+        if time.monotonic() - put_at < delay - 0.5:
+            with pytest.raises(pigeon.Empty):
+                q.get_nowait()
+        kill()
+        got: collections.Counter[Any] = collections.Counter()
+        deadline = time.monotonic() + 120
+        while len(got) < 102 and time.monotonic() < deadline:
+            try:
+                batch = q.get_many(200, timeout=5)
+            except pigeon.Empty:
+                continue
+            assert time.monotonic() - put_at >= delay - 0.05, "delivered before its delay"
+            got.update(batch)
+        took = time.monotonic() - put_at
+    lost = {*range(100), "urgent", "bounded"} - set(got)
+    print(f"\n{url.split('://')[0]}: 102 delayed {delay:g} s, {sum(got.values())} delivered "
+          f"{took:.1f} s after the put, {len(lost)} lost")  # fmt: skip
+    assert not lost
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_redis_cluster_keeps_delayed_messages_when_their_master_dies() -> None:
+    cluster = RedisCluster()
+    try:
+        name = queue_name()
+        from pigeon.backends.redis import key_names
+
+        master = cluster.master_of(key_names(name, hash_tags=True)[0])
+        _delayed_across_a_kill(cluster.url(name, wait=1), lambda: cluster.kill(master))
+        assert_no_leaked_connections()
+    finally:
+        cluster.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_redis_sentinel_keeps_delayed_messages_when_the_master_dies() -> None:
+    group = Sentinels()
+    try:
+
+        def kill_master() -> None:
+            group.kill(0)
+            threading.Timer(3.0, lambda: group.start_data(0, replica_of=None)).start()
+
+        _delayed_across_a_kill(group.url(queue_name(), wait=1), kill_master)
         assert_no_leaked_connections()
     finally:
         group.close()

@@ -1,4 +1,4 @@
-"""The redis:// backend: one Redis Stream per queue, one consumer group.
+"""The redis:// backend: Redis Streams, one consumer group, a stream per priority.
 
 Features
     ``put``/``put_many`` (XADD inside a Lua script that checks ``maxsize`` and the
@@ -6,36 +6,66 @@ Features
     ``get_message`` with ``ack`` (XACK and XDEL), ``nack(requeue, delay)``, ``extend``,
     ``delivery_count`` from the pending entries list, dead letters after
     ``max_deliveries``, ``qsize``/``empty``/``full``, ``shutdown`` (for every client),
-    iteration. ``task_done``/``join`` raise ``Unsupported``: Redis has no server-side wait
-    on a counter. ``pigeon.AsyncQueue(url)`` runs the same code on asyncio.
+    iteration, and every message option: ``delay``, ``ttl``, ``priority``, ``dedup_id``,
+    ``headers``. ``task_done``/``join`` raise ``Unsupported``: Redis has no server-side
+    wait on a counter. ``pigeon.AsyncQueue(url)`` runs the same code on asyncio.
 
 Connection URL
-    ``redis://[[USER]:PASSWORD@]HOST[:PORT]/QUEUE[?db=N&lease=S&max_deliveries=N]``;
-    ``rediss://`` for TLS. Keys: ``pigeon:QUEUE`` (the stream), ``pigeon:QUEUE:meta``
-    (maxsize, lease, shutdown), ``pigeon:QUEUE:leases`` (when each delivery's lease ends),
-    ``pigeon:QUEUE:released`` (deliveries given back by a nack, until taken again).
+    ``redis://[[USER]:PASSWORD@]HOST[:PORT]/QUEUE[?db=N&lease=S&max_deliveries=N&
+    dedup_window=S&wait=N&wait_timeout=S]``; ``rediss://`` for TLS;
+    ``redis+cluster://H1:P1,H2:P2/QUEUE``, ``redis+sentinel://S1:P1,.../QUEUE?service=NAME``.
+    Keys (all in one hash slot on a Cluster, ``pigeon:{QUEUE}...``; listed in
+    ``_redis_lua``): ``pigeon:QUEUE`` (the stream of priority 0), ``pigeon:QUEUE:pN``
+    (priority N, once used), ``pigeon:QUEUE:meta``, ``...:leases`` and ``...:released``
+    per stream, ``pigeon:QUEUE:delayed``, ``pigeon:QUEUE:expiry``, ``pigeon:QUEUE.dead``.
 
 Options
-    ``maxsize``, ``serializer`` (``"msgpack"``), ``lease`` (seconds, 30),
-    ``max_deliveries`` (20), ``reconnect_timeout`` (30 s).
+    ``maxsize`` (ready + delayed + held), ``serializer`` (``"msgpack"``), ``lease``
+    (seconds, 30), ``max_deliveries`` (20), ``reconnect_timeout`` (30 s).
+
+Message options
+    ``priority`` 0-9: a stream per priority; every take is one script that reads them
+    highest first, so a higher priority wins within one call (``get_many`` too) and a
+    message given back keeps its priority. ``delay``: a sorted set scored by the due time
+    on Redis's clock; the take script moves due messages to their stream (at its tail)
+    before it reads, so a delayed message is never delivered early, never leased while it
+    waits, counted by ``qsize``, and kept by AOF and replication like any key. ``ttl``:
+    the expiry (put + delay + ttl, Redis's clock) is a field of the entry and a sorted-set
+    index; a message still waiting then - new, delayed or given back - goes to
+    ``QUEUE.dead`` (reason ``expired``) in the same script that finds it, never to a
+    handler; one held by a consumer does not expire while it is (if its lease ends past
+    the ttl, it does). Expiries are collected by every take and ``qsize`` on the queue
+    and by every reader of ``QUEUE.dead``. A message put into a dead-letter queue with a
+    ttl is dropped when it ends.
 
 Delivery guarantees
     At-least-once for ``get_message``: Redis does not redeliver by itself, so readers
     claim entries whose lease has ended. Every delivery's lease end is kept in a sorted
     set (``lease`` seconds after delivery, ``get_message(lease=)``, ``extend(seconds)``:
-    exactly "now + seconds", longer or shorter than the queue's lease), and a claim script
-    takes the entries that are due, plus any delivered entry without a deadline that was
-    idle for the queue's lease (its reader died between reading and recording it). A
-    handle that closes hands back what it holds (due at once) and leaves the consumer
-    group. A consumer that dies is covered by its lease. Plain ``get`` acks on receipt, in
-    the same round trip as the read; a payload that does not decode goes to
-    ``QUEUE.dead`` (reason ``undecodable``) and the others of its batch are put back, at
-    the tail. Durability is Redis's own: with ``appendonly yes`` and ``appendfsync
-    always`` a confirmed put survives a crash of Redis; with ``everysec`` up to a second
-    can be lost; without AOF only what the last snapshot held survives. FIFO per queue
-    except redeliveries. Waiting is done in slices of at most 0.2 s (``XREADGROUP
-    BLOCK``), so ``shutdown`` reaches blocked readers within that; a ``put`` on a full
-    queue retries with backoff up to 50 ms.
+    exactly "now + seconds", longer or shorter than the queue's lease), recorded in the
+    script that delivers it; an entry a blocked reader took but could not record (it died
+    between its ``XREADGROUP`` and the script after it) comes back once it was idle for
+    the queue's lease. A handle that closes hands back what it holds (due at once) and
+    leaves the consumer group. A consumer that dies is covered by its lease. Plain
+    ``get`` acks on receipt, in the script that takes it (a blocked one: in the script
+    right after its read, else back after the lease); a payload that does not decode
+    goes to ``QUEUE.dead`` (reason ``undecodable``) and the others of its batch are put
+    back, at the tail of their priority. Durability is Redis's own: with ``appendonly
+    yes`` and ``appendfsync always`` a confirmed put - delayed or not - survives a crash
+    of Redis; with ``everysec`` up to a second can be lost; without AOF only what the
+    last snapshot held survives. Across a failover (Cluster, Sentinel) with ``?wait=N``
+    a confirmed put, its delay, ttl and priority included, was on N replicas; what
+    happened after it (a delayed message moved when due, a delivery, an ack) is
+    replicated asynchronously, so a failover may deliver a message again, never lose it.
+    Order: higher priority first; within one, FIFO except redeliveries, and a delayed
+    message joins the tail of its priority when it comes due. A blocked ``get`` waits
+    in ``XREADGROUP BLOCK`` on the streams of the priorities in use, in slices of at
+    most 0.2 s (``SLICE``), each cut short at the earliest due time the last take saw (a
+    delay, a nack's delay, a lease's end): a delayed message reaches a blocked reader
+    within a round trip of its due time, or within 0.2 s when it was put during that
+    reader's wait with a shorter delay than any it knew of (or at a priority first used
+    then); ``shutdown`` reaches blocked readers within 0.2 s. A ``put`` on a full queue
+    retries with backoff up to 50 ms.
 """
 
 from __future__ import annotations
@@ -43,16 +73,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import math
 import os
 import socket
 import time
 import uuid
 from collections.abc import Awaitable
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import msgspec
 
 from pigeon._queue_base import deadline_from
+from pigeon.backends import _redis_lua as lua
 from pigeon.backends._asyncbase import EngineQueue, within
 from pigeon.backends._retry import Backoff, reply_deadline
 from pigeon.backends._syncface import SyncFace
@@ -92,207 +124,6 @@ GROUP = "pigeon"
 SLICE = 0.2  # seconds: the longest single XREADGROUP BLOCK
 CLOSE_WAIT = 2.0  # seconds a closing handle waits to hand back what it holds
 
-_PUT = """
-if redis.call('HGET', KEYS[2], 'shutdown') == '1' then return 'SHUTDOWN' end
-local maxsize = tonumber(redis.call('HGET', KEYS[2], 'maxsize') or '0')
-if maxsize > 0 and redis.call('XLEN', KEYS[1]) + #ARGV > maxsize then return 'FULL' end
-for i = 1, #ARGV do redis.call('XADD', KEYS[1], '*', 'd', ARGV[i]) end
-return 'OK'
-"""
-
-# A put with options: KEYS stream, meta, then (with dedup ids) one dedup key per payload;
-# ARGV the dedup window in ms ('' without dedup ids), the headers in MessagePack ('' without
-# headers), then the payloads. A payload whose key exists (put within the window, whatever
-# became of it since) is confirmed and not stored; the keys expire on Redis's clock.
-_PUT_OPTIONS = """
-if redis.call('HGET', KEYS[2], 'shutdown') == '1' then return 'SHUTDOWN' end
-local n = #ARGV - 2
-local maxsize = tonumber(redis.call('HGET', KEYS[2], 'maxsize') or '0')
-if maxsize > 0 and redis.call('XLEN', KEYS[1]) + n > maxsize then return 'FULL' end
-for i = 1, n do
-    if ARGV[1] == '' or redis.call('SET', KEYS[i + 2], '1', 'NX', 'PX', ARGV[1]) then
-        if ARGV[2] == '' then
-            redis.call('XADD', KEYS[1], '*', 'd', ARGV[i + 2])
-        else
-            redis.call('XADD', KEYS[1], '*', 'd', ARGV[i + 2], 'h', ARGV[2])
-        end
-    end
-end
-return 'OK'
-"""
-
-
-# Plain get: read new entries and forget them in one round trip (XREADGROUP without
-# BLOCK may run in a script).
-_TAKE = """
-local res = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
-                       'STREAMS', KEYS[1], '>')
-local out, ids = {}, {}
-if not res then return out end
-for _, entry in ipairs(res[1][2]) do
-    local id, fields = entry[1], entry[2]
-    ids[#ids + 1] = id
-    if fields then
-        local d, h = nil, ''
-        for i = 1, #fields, 2 do
-            if fields[i] == 'd' then d = fields[i + 1]
-            elseif fields[i] == 'h' then h = fields[i + 1] end
-        end
-        if d then
-            out[#out + 1] = id
-            out[#out + 1] = d
-            out[#out + 1] = h
-        end
-    end
-end
-if #ids > 0 then
-    redis.call('XACK', KEYS[1], ARGV[1], unpack(ids))
-    redis.call('XDEL', KEYS[1], unpack(ids))
-end
-return out
-"""
-
-
-# When the leases of deliveries end: ``ARGV[1]`` ms from now (or the queue's lease when
-# empty) for each id in ``ARGV[2..]``. Redis's own clock, so clients need not agree.
-_LEASE = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local ms = tonumber(ARGV[1]) or tonumber(redis.call('HGET', KEYS[2], 'lease') or ARGV[3])
-for i = 4, #ARGV do redis.call('ZADD', KEYS[1], now + ms, ARGV[i]) end
-return now
-"""
-
-# Take over deliveries whose lease ended. KEYS: stream, leases, meta, released; ARGV:
-# group, consumer, count, default lease ms. Returns [id, fields, delivery count, ...].
-_CLAIM = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local lease = tonumber(redis.call('HGET', KEYS[3], 'lease') or ARGV[4])
-local n = tonumber(ARGV[3])
-local out = {}
-local function take(id)
-    local got = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id)
-    redis.call('ZREM', KEYS[4], id)
-    if #got == 0 or not got[1] or not got[1][2] then
-        redis.call('ZREM', KEYS[2], id)
-        redis.call('XACK', KEYS[1], ARGV[1], id)
-        return
-    end
-    redis.call('ZADD', KEYS[2], now + lease, id)
-    local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-    out[#out + 1] = got[1][1]
-    out[#out + 1] = got[1][2]
-    out[#out + 1] = p[1] and p[1][4] or 1
-end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, n)) do
-    take(id)
-end
-if #out < 3 * n then
-    for _, e in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], 'IDLE', lease, '-', '+', n)) do
-        if #out >= 3 * n then break end
-        if not redis.call('ZSCORE', KEYS[2], e[1]) then take(e[1]) end
-    end
-end
-return out
-"""
-
-# A handle closes: what its consumer holds is due at once (handed to a shared consumer
-# name, so the entries stay claimable) and the consumer leaves the group.
-# KEYS: stream, leases; ARGV: group, consumer, orphans.
-_LEAVE = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local held = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 10000, ARGV[2])
-for _, e in ipairs(held) do
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, e[1], 'JUSTID')
-    redis.call('ZADD', KEYS[2], now, e[1])
-end
-if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-end
-return #held
-"""
-ORPHANS = "pigeon-orphans"
-
-# Settle: KEYS stream, leases, released; ARGV group, ids... -> how many were acked.
-_SETTLE = """
-local n = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
-redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
-redis.call('ZREM', KEYS[2], unpack(ARGV, 2))
-redis.call('ZREM', KEYS[3], unpack(ARGV, 2))
-return n
-"""
-
-# A delivery given back (nack with requeue): claimable ``ARGV[1]`` ms from now, and
-# counted as waiting (``qsize``), not held, until it is taken again. KEYS leases,
-# released; ARGV ms, ids...
-_RELEASE = """
-local t = redis.call('TIME')
-local due = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
-for i = 2, #ARGV do
-    redis.call('ZADD', KEYS[1], due, ARGV[i])
-    redis.call('ZADD', KEYS[2], due, ARGV[i])
-end
-return #ARGV - 1
-"""
-
-# Where the messages are: in the stream and not held by a consumer - new, given back
-# (due or delayed), or whose lease ended. KEYS stream, leases, released; ARGV group.
-_QSIZE = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1])[1]
-local free = redis.call('ZCOUNT', KEYS[2], '-inf', now)
-free = free + redis.call('ZCOUNT', KEYS[3], '(' .. now, '+inf')
-local held = pending - free
-if held < 0 then held = 0 end
-local n = redis.call('XLEN', KEYS[1]) - held
-if n < 0 then n = 0 end
-return n
-"""
-
-# Dead-letter one entry: KEYS stream, leases, dead, released; ARGV group, id, payload,
-# origin, reason, headers ('' for none).
-_DEAD = """
-local fields = {'d', ARGV[3], 'origin', ARGV[4], 'reason', ARGV[5]}
-if ARGV[6] and ARGV[6] ~= '' then fields[7] = 'h'; fields[8] = ARGV[6] end
-redis.call('XADD', KEYS[3], '*', unpack(fields))
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('ZREM', KEYS[2], ARGV[2])
-redis.call('ZREM', KEYS[4], ARGV[2])
-return 1
-"""
-
-# Add entries at the tail of KEYS[1] (and, with ARGV[1] > 0, the first ARGV[1] of them to
-# the dead-letter stream KEYS[2] with origin ARGV[2] and reason "undecodable"); ARGV[3..]
-# are (payload, headers or '') pairs.
-_APPEND = """
-local dead = tonumber(ARGV[1])
-local n = 0
-for i = 3, #ARGV, 2 do
-    n = n + 1
-    local fields = {'d', ARGV[i]}
-    if ARGV[i + 1] ~= '' then fields[3] = 'h'; fields[4] = ARGV[i + 1] end
-    if n <= dead then
-        fields[#fields + 1] = 'origin'; fields[#fields + 1] = ARGV[2]
-        fields[#fields + 1] = 'reason'; fields[#fields + 1] = 'undecodable'
-        redis.call('XADD', KEYS[2], '*', unpack(fields))
-    else
-        redis.call('XADD', KEYS[1], '*', unpack(fields))
-    end
-end
-return n
-"""
-
-# Shut down: KEYS stream, meta; ARGV immediate.
-_SHUTDOWN = """
-redis.call('HSET', KEYS[2], 'shutdown', 1)
-if ARGV[1] == '1' then redis.call('XTRIM', KEYS[1], 'MAXLEN', 0) end
-return 1
-"""
-
 
 def key_names(queue: str, *, hash_tags: bool) -> tuple[str, str]:
     """The stream of ``queue`` and of its dead-letter queue. On a Redis Cluster every key
@@ -306,7 +137,33 @@ def key_names(queue: str, *, hash_tags: bool) -> tuple[str, str]:
 
 
 DEAD_SUFFIX = ".dead"
-Entry = tuple[bytes, int, bytes, bytes]  # (entry id, delivery count, payload, headers or b"")
+ORPHANS = "pigeon-orphans"  # the consumer a closing handle hands what it held to
+GONE = "gone"  # ADOPT: an entry deleted before it was read
+MAX_TAKE = 1000  # entries one take script returns at most (a get_many gets the rest later)
+# (id, delivery count, payload, headers or b"", expiry in ms on Redis's clock or b"")
+Entry = tuple[bytes, int, bytes, bytes, bytes]
+
+
+class _Taken(NamedTuple):
+    """What one run of the take script says (see ``_redis_lua.FETCH``)."""
+
+    got: list[Entry]
+    shut: bool  # shut down and drained
+    due: int  # ms until the next delayed message, given-back one or lease end; -1: none
+    more: bool  # work left over: take again at once
+    levels: list[int]  # the priorities in use, highest first
+
+
+def _ms(seconds: float) -> int:
+    """Whole milliseconds, rounded up (a delay never ends early)."""
+    return math.ceil(seconds * 1000)
+
+
+def _priority(eid: bytes) -> int:
+    """The priority in a message id (``N:ID`` above 0)."""
+    return int(eid[:1]) if eid[1:2] == b":" else 0
+
+
 _encode_headers = msgspec.msgpack.Encoder().encode
 _decode_headers = msgspec.msgpack.Decoder(dict[str, str]).decode
 _MOVED = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "READONLY")
@@ -374,17 +231,18 @@ class AsyncRedisQueue(EngineQueue[T]):
         self.reconnect_timeout = reconnect_timeout
         self.stream, self.dead = key_names(self.name, hash_tags=self.kind == "cluster")
         self.meta = f"{self.stream}:meta"
-        self.leases = f"{self.stream}:leases"
-        self.released = f"{self.stream}:released"  # given back by nack, not yet taken again
+        self.is_dead = self.name.endswith(DEAD_SUFFIX)
+        # a dead-letter queue collects its origin's expired messages before it is read
+        self.origin = self.name.removesuffix(DEAD_SUFFIX) if self.is_dead else ""
+        self.origin_base = (
+            key_names(self.origin, hash_tags=self.kind == "cluster")[0] if self.is_dead else ""
+        )
+        # the priority streams a blocked take waits on (XREAD), 0 to 9
+        self.levels = [self.stream] + [f"{self.stream}:p{p}" for p in range(1, 10)]
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._r: Any = None
-        self._put_script: Any = None
-        self._put_options_script: Any = None
-        self._take_script: Any = None
-        self._lease_script: Any = None
-        self._claim_script: Any = None
-        self._leave_script: Any = None
-        self._last_claim = 0.0
+        self._scripts: dict[str, Any] = {}
+        self._last_orphan_scan = 0.0
         self._ready = False
         self._closed = False
         self._settling: set[asyncio.Future[None]] = set()  # acks not yet confirmed
@@ -404,18 +262,9 @@ class AsyncRedisQueue(EngineQueue[T]):
             import redis.asyncio as aredis
 
             self._r = self._client(aredis)
-            self._put_script = self._r.register_script(_PUT)
-            self._put_options_script = self._r.register_script(_PUT_OPTIONS)
-            self._take_script = self._r.register_script(_TAKE)
-            self._lease_script = self._r.register_script(_LEASE)
-            self._claim_script = self._r.register_script(_CLAIM)
-            self._leave_script = self._r.register_script(_LEAVE)
-            self._settle_script = self._r.register_script(_SETTLE)
-            self._dead_script = self._r.register_script(_DEAD)
-            self._release_script = self._r.register_script(_RELEASE)
-            self._qsize_script = self._r.register_script(_QSIZE)
-            self._append_script = self._r.register_script(_APPEND)
-            self._shutdown_script = self._r.register_script(_SHUTDOWN)
+            self._scripts = {
+                name: self._r.register_script(getattr(lua, name)) for name in lua.__all__
+            }
         if not self._ready:
             await self._setup(self._r)
         return self._r
@@ -489,12 +338,7 @@ class AsyncRedisQueue(EngineQueue[T]):
 
     # --- the contract ---------------------------------------------------------------------
 
-    supports: ClassVar[frozenset[str]] = frozenset({"dedup", "headers"})
-    _why_not: ClassVar[dict[str, str]] = {
-        "delay": "a stream has no per-entry delay; pigeon:// has",
-        "ttl": "a stream has no per-entry expiry that dead-letters; pigeon:// has",
-        "priority": "a Redis stream is one sequence; it has no priorities",
-    }
+    supports: ClassVar[frozenset[str]] = frozenset({"dedup", "headers", "delay", "ttl", "priority"})
 
     async def _put(
         self,
@@ -508,11 +352,10 @@ class AsyncRedisQueue(EngineQueue[T]):
         async with within(reply_deadline(deadline), "redis"):
             if options is not None and options.dedup_id:
                 dedup_ids = [options.dedup_id]
-            headers = _encode_headers(options.headers) if options and options.headers else None
             delay = 0.001
             while True:
                 result = await self._do(
-                    lambda r: self._put_now(r, payloads, dedup_ids, headers), deadline
+                    lambda r: self._put_now(r, payloads, options, dedup_ids), deadline
                 )
                 if result == b"OK":
                     return
@@ -527,20 +370,23 @@ class AsyncRedisQueue(EngineQueue[T]):
         self,
         r: Any,
         payloads: list[bytes],
+        options: PutOptions | None = None,
         dedup_ids: list[str] | None = None,
-        headers: bytes | None = None,
     ) -> Any:
         """The put script; with ``?wait=N``, on the same connection, ``WAIT N`` for N
         replicas to have it before the put counts as confirmed."""
-        script, keys = self._put_script, [self.stream, self.meta]
+        script, keys = self._scripts["PUT"], [self.stream, self.meta]
         args: list[Any] = payloads
-        if dedup_ids is not None or headers is not None:
-            script = self._put_options_script
+        if dedup_ids is not None or options is not None:
+            script = self._scripts["PUT_OPTIONS"]
             window: Any = ""
             if dedup_ids is not None:  # one key per id, in the queue's hash slot
                 keys = [*keys, *(f"{self.stream}:dedup:{d}" for d in dedup_ids)]
                 window = self.dedup_window_ms
-            args = [window, headers or b"", *payloads]
+            o = options or PutOptions()
+            headers = _encode_headers(o.headers) if o.headers else b""
+            # whole milliseconds, rounded up: never delivered early, never expired early
+            args = [window, headers, _ms(o.delay), _ms(o.ttl), o.priority, *payloads]
         if not self.wait_replicas:
             return await script(keys=keys, args=args, client=r)
         import redis.exceptions as rex
@@ -587,15 +433,66 @@ class AsyncRedisQueue(EngineQueue[T]):
         with contextlib.suppress(Exception):
             await r.nodes_manager.initialize()
 
-    def _claim_due(self) -> bool:
-        return time.monotonic() - self._last_claim > 1.0
+    def _where(self) -> list[Any]:
+        """The ARGV tail that says which queue a script works on: its name, whether it is
+        a dead-letter queue, and (for one) its origin's stream and name."""
+        return [self.name, int(self.is_dead), self.origin_base, self.origin]
 
-    async def _read_now(self, r: Any, n: int, take: bool) -> list[Entry]:
-        """New entries without waiting; with ``take`` they are acked and deleted at once."""
-        if not take:
-            return await self._read_new(r, n, 0)
-        flat = await self._take_script(keys=[self.stream], args=[GROUP, self.consumer, n], client=r)
-        return [(flat[i], 1, flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+    async def _take(self, r: Any, n: int, take: bool, lease: float | None) -> _Taken:
+        """One run of the take script (see ``_redis_lua``)."""
+        scan = time.monotonic() - self._last_orphan_scan > 1.0
+        if scan:
+            self._last_orphan_scan = time.monotonic()
+        reply = await self._scripts["FETCH"](
+            keys=[self.stream, self.dead],
+            args=[
+                self.consumer, n, int(take), "" if lease is None else _ms(lease),
+                int(self.lease * 1000), self.max_deliveries, self.name, int(self.is_dead),
+                int(scan), self.origin_base, self.origin,
+            ],
+            client=r,
+        )  # fmt: skip
+        flat, shut, due, more, levels = reply
+        got = [
+            (flat[i], int(flat[i + 1]), flat[i + 2], flat[i + 3], flat[i + 4])
+            for i in range(0, len(flat), 5)
+        ]
+        return _Taken(got, bool(shut), int(due), bool(more), [int(p) for p in levels])
+
+    async def _wait_new(
+        self, n: int, take: bool, lease: float | None, levels: list[int], wait_ms: int,
+        deadline: float | None,
+    ) -> list[Entry]:  # fmt: skip
+        """Block until a new entry comes at one of ``levels`` (``XREADGROUP BLOCK``: Redis
+        hands each new entry to one waiting reader), then make what was read deliveries
+        (the ADOPT script). [] when the wait ran out or nothing read was deliverable."""
+        streams = {self.levels[p]: ">" for p in levels}
+        res = await self._do(
+            lambda r: r.xreadgroup(GROUP, self.consumer, streams, count=n, block=wait_ms),
+            deadline,
+        )
+        if not res:
+            return []
+        read: list[tuple[Entry, bool]] = []  # (entry, still there when read)
+        for key, entries in res:  # each stream's entries in put order
+            p = self.levels.index(key.decode() if isinstance(key, bytes) else key)
+            for eid, fields in entries:
+                qid = eid if p == 0 else b"%d:%s" % (p, eid)
+                f = fields or {}
+                d, h, x = f.get(b"d"), f.get(b"h", b""), f.get(b"x", b"")
+                read.append(((qid, 1, d or b"", h, x), d is not None))
+        read.sort(key=lambda e: -_priority(e[0][0]))  # stable: put order within a priority
+        args: list[Any] = [
+            self.consumer, n, int(take), "" if lease is None else _ms(lease),
+            int(self.lease * 1000), self.name, int(self.is_dead),
+        ]  # fmt: skip
+        for e, there in read:  # one deleted meanwhile: the script forgets it
+            args += [e[0], e[4] if there else GONE]
+        flags = await self._do(
+            lambda r: self._scripts["ADOPT"](keys=[self.stream, self.dead], args=args, client=r),
+            deadline,
+        )
+        return [e for (e, _), ok in zip(read, flags, strict=True) if ok]
 
     async def _fetch(
         self,
@@ -605,105 +502,60 @@ class AsyncRedisQueue(EngineQueue[T]):
         lease: float | None = None,
         take: bool = False,
     ) -> list[Entry]:
-        """Up to ``n`` entries as (id, delivery_count, payload): held by this consumer, or,
-        with ``take``, already acked and deleted (plain ``get``)."""
+        """Up to ``n`` entries: held by this consumer, with a lease of ``lease`` seconds
+        (None: the queue's), or, with ``take``, already acked and deleted (plain ``get``).
+
+        Every take is one script (due delayed messages moved, expired ones dead-lettered,
+        priorities highest first); when it finds nothing, a blocked call waits in
+        ``XREADGROUP BLOCK`` for a new entry at any priority in use, at most until the
+        earliest due time the script reported (a delay, a nack's delay, a lease's end)
+        and ``SLICE``."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"max_items must be an int >= 1, not {n!r}")
+        n = min(n, MAX_TAKE)  # a reply's size is bounded before Redis builds it
         deadline = deadline_from(block, timeout)
         async with within(reply_deadline(deadline), "redis"):
             while True:
-                # New entries first, in one round trip (and, with ``take``, acked in the same
-                # script); expired ones are claimed when there is nothing new, or once a
-                # second, so a busy queue still gives back what a dead consumer held.
-                got = (
-                    []
-                    if self._claim_due()
-                    else await self._do(lambda r: self._read_now(r, n, take), deadline)
-                )
-                if not got:
-                    got = await self._do(lambda r: self._claim(r, n), deadline)
-                    self._last_claim = time.monotonic()
-                    if got and take:
-                        await self._settle([g[0] for g in got], deadline)
-                if not got:
-                    remaining = SLICE if deadline is None else deadline - time.monotonic()
-                    wait_ms = int(max(0.0, min(SLICE, remaining)) * 1000)
-                    got = await self._do(lambda r, w=wait_ms: self._read_new(r, n, w), deadline)
-                    if got and take:
-                        await self._settle([g[0] for g in got], deadline)
-                if got:
-                    if not take:  # held: its lease ends `lease` (or the queue's) from now
-                        await self._set_lease([g[0] for g in got], lease, deadline)
-                    result: list[Entry] = got
-                    return result
-                if await self._do(lambda r: self._drained_and_shut(r), deadline):
+                t: _Taken = await self._do(lambda r: self._take(r, n, take, lease), deadline)
+                if t.got:
+                    return t.got
+                if t.shut:
                     raise ShutDown("the queue was shut down and is drained")
-                if deadline is not None and time.monotonic() >= deadline:
+                remaining = SLICE if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
                     raise Empty(f"queue {self.name!r} is empty")
+                if t.more:
+                    continue
+                wait = min(SLICE, remaining) if t.due < 0 else min(SLICE, remaining, t.due / 1000)
+                wait_ms = max(1, int(wait * 1000))  # BLOCK 0 would wait for ever
+                got = await self._wait_new(n, take, lease, t.levels, wait_ms, deadline)
+                if got:
+                    return got
 
     async def _set_lease(
         self, ids: list[bytes], seconds: float | None, deadline: float | None = None
     ) -> None:
         """The leases of ``ids`` end ``seconds`` from now (None: the queue's lease)."""
-        ms = "" if seconds is None else str(int(seconds * 1000))
+        ms = "" if seconds is None else _ms(seconds)
         await self._do(
-            lambda r: self._lease_script(
-                keys=[self.leases, self.meta],
-                args=[ms, "", int(self.lease * 1000), *ids],
-                client=r,
+            lambda r: self._scripts["LEASE"](
+                keys=[self.stream], args=[ms, int(self.lease * 1000), *ids], client=r
             ),
             deadline,
         )
 
-    async def _claim(self, r: Any, n: int) -> list[Entry]:
-        """Take over entries whose lease ended (Redis will not redeliver by itself)."""
-        flat = await self._claim_script(
-            keys=[self.stream, self.leases, self.meta, self.released],
-            args=[GROUP, self.consumer, n, int(self.lease * 1000)],
-            client=r,
-        )
-        out = []
-        for i in range(0, len(flat), 3):
-            eid, raw, deliveries = flat[i], flat[i + 1], int(flat[i + 2])
-            fields = dict(zip(raw[::2], raw[1::2], strict=True))
-            if b"d" not in fields:
-                continue
-            if deliveries > self.max_deliveries:
-                await self._dead_letter(r, eid, fields[b"d"], "max_deliveries", fields.get(b"h"))
-                continue
-            out.append((eid, deliveries, fields[b"d"], fields.get(b"h", b"")))
-        return out
-
-    async def _read_new(self, r: Any, n: int, wait_ms: int) -> list[Entry]:
-        res = await r.xreadgroup(
-            GROUP, self.consumer, {self.stream: ">"}, count=n, block=wait_ms if wait_ms else None
-        )
-        if not res:
-            return []
-        return [
-            (eid, 1, fields[b"d"], fields.get(b"h", b"")) for eid, fields in res[0][1] if fields
-        ]
-
     async def _dead_letter(
         self, r: Any, eid: bytes, payload: bytes, reason: str, headers: bytes | None = None
     ) -> None:
-        await self._dead_script(
-            keys=[self.stream, self.leases, self.dead, self.released],
-            args=[GROUP, eid, payload, self.name, reason, headers or b""],
+        await self._scripts["DEAD"](
+            keys=[self.stream, self.dead],
+            args=[eid, payload, self.name, reason, headers or b""],
             client=r,
         )
 
-    async def _drained_and_shut(self, r: Any) -> bool:
-        if await r.hget(self.meta, "shutdown") != b"1":
-            return False
-        return int(await r.xlen(self.stream)) == 0
-
     async def _settle(self, ids: list[bytes], deadline: float | None = None) -> int:
         async def run(r: Any) -> int:
-            acked = await self._settle_script(
-                keys=[self.stream, self.leases, self.released], args=[GROUP, *ids], client=r
-            )
-            return int(acked)
+            return int(await self._scripts["SETTLE"](keys=[self.stream], args=ids, client=r))
 
         return int(await self._do(run, deadline))
 
@@ -725,14 +577,19 @@ class AsyncRedisQueue(EngineQueue[T]):
         """Held entries taken for a caller that was cancelled: their leases end now."""
         await self._set_lease([g[0] for g in got], 0.0)
 
-    async def _put_back(self, got: list[Entry]) -> None:
-        """Items taken (acked and deleted) for a caller that was cancelled: back, at the tail."""
-        pairs = [x for g in got for x in (g[2], g[3])]
+    async def _append(self, got: list[Entry], dead: int) -> None:
+        """Entries taken (acked and deleted) back at the tail of their priority, each with
+        its headers and expiry; the first ``dead`` of them to the dead letters instead."""
+        args: list[Any] = [dead, self.name]
+        for g in got:
+            args += [_priority(g[0]), g[2], g[3], g[4]]
         await self._do(
-            lambda r: self._append_script(
-                keys=[self.stream, self.dead], args=[0, self.name, *pairs], client=r
-            )
+            lambda r: self._scripts["APPEND"](keys=[self.stream, self.dead], args=args, client=r)
         )
+
+    async def _put_back(self, got: list[Entry]) -> None:
+        """Items taken for a caller that was cancelled: back, at the tail."""
+        await self._append(got, 0)
 
     async def _decode_taken(self, got: list[Entry]) -> list[Any]:
         """Bodies of entries already acked; undecodable ones are dead-lettered, and then
@@ -745,13 +602,7 @@ class AsyncRedisQueue(EngineQueue[T]):
             except Exception as exc:
                 bad.append((g, exc))
         if bad:
-            back = [g for g, _ in bad] + [g for g, _ in good]
-            pairs = [x for g in back for x in (g[2], g[3])]  # each with its headers
-            await self._do(
-                lambda r: self._append_script(
-                    keys=[self.stream, self.dead], args=[len(bad), self.name, *pairs], client=r
-                )
-            )
+            await self._append([g for g, _ in bad] + [g for g, _ in good], len(bad))
             raise self._decode_error([(g[2], e) for g, e in bad], len(got), bool(good))
         return [body for _, body in good]
 
@@ -759,32 +610,34 @@ class AsyncRedisQueue(EngineQueue[T]):
         self, timeout: float | None = None, lease: float | None = None
     ) -> AsyncRedisMessage[T]:
         got = await self._cancel_safe(self._fetch(1, True, timeout, lease), self._hand_back)
-        eid, count, payload, headers = got[0]
+        eid, count, payload, headers, expiry = got[0]
         try:
             body = self._ser.loads(payload)
         except Exception as exc:
             await self._do(lambda r: self._dead_letter(r, eid, payload, "undecodable", headers))
             raise self._decode_error([(payload, exc)], 1, False) from exc
-        return AsyncRedisMessage(self, eid, count, payload, body, headers)
+        return AsyncRedisMessage(self, eid, count, payload, body, headers, expiry)
+
+    async def _sizes(self) -> tuple[int, int]:
+        """(waiting, all): see the QSIZE script."""
+        waiting, everything = await self._do(
+            lambda r: self._scripts["QSIZE"](
+                keys=[self.stream, self.dead], args=self._where(), client=r
+            )
+        )
+        return int(waiting), int(everything)
 
     async def qsize(self) -> int:
-        """Messages waiting: new ones, and those given back (a nack, delayed or not; a
-        lease that ended) until a consumer takes them again - not those held."""
-        return int(
-            await self._do(
-                lambda r: self._qsize_script(
-                    keys=[self.stream, self.leases, self.released], args=[GROUP], client=r
-                )
-            )
-        )
+        """Messages waiting: new ones, delayed ones, and those given back (a nack, delayed
+        or not; a lease that ended) until a consumer takes them again - not those held."""
+        return (await self._sizes())[0]
 
-    async def _release(self, ids: list[bytes], delay: float) -> None:
+    async def _release(self, ids: list[bytes], delay: float, expiries: list[bytes]) -> None:
         """Give ``ids`` back: claimable ``delay`` seconds from now, counted by qsize."""
-        await self._do(
-            lambda r: self._release_script(
-                keys=[self.leases, self.released], args=[int(delay * 1000), *ids], client=r
-            )
-        )
+        args: list[Any] = [_ms(delay)]
+        for eid, expiry in zip(ids, expiries, strict=True):
+            args += [eid, expiry]
+        await self._do(lambda r: self._scripts["RELEASE"](keys=[self.stream], args=args, client=r))
 
     async def queue_lease(self, timeout: float) -> float:
         """The queue's lease as Redis holds it (its meta hash: the URL's ``?lease=`` of the
@@ -795,12 +648,12 @@ class AsyncRedisQueue(EngineQueue[T]):
     async def full(self) -> bool:
         if not self.maxsize:
             return False
-        return int(await self._do(lambda r: r.xlen(self.stream))) >= self.maxsize
+        return (await self._sizes())[1] >= self.maxsize
 
     async def shutdown(self, immediate: bool = False) -> None:
         await self._do(
-            lambda r: self._shutdown_script(
-                keys=[self.stream, self.meta], args=[1 if immediate else 0], client=r
+            lambda r: self._scripts["SHUTDOWN"](
+                keys=[self.stream], args=[1 if immediate else 0], client=r
             )
         )
 
@@ -813,10 +666,8 @@ class AsyncRedisQueue(EngineQueue[T]):
                 # of reach is not waited for: the leases bring the entries back)
                 with contextlib.suppress(Exception):
                     async with within(time.monotonic() + CLOSE_WAIT, "redis"):
-                        await self._leave_script(
-                            keys=[self.stream, self.leases],
-                            args=[GROUP, self.consumer, ORPHANS],
-                            client=self._r,
+                        await self._scripts["LEAVE"](
+                            keys=[self.stream], args=[self.consumer, ORPHANS], client=self._r
                         )
             self._closed = True
             if self._master is not None:
@@ -908,10 +759,12 @@ class AsyncRedisMessage(Generic[T]):
         payload: bytes,
         body: T,
         headers: bytes = b"",
+        expiry: bytes = b"",
     ) -> None:
         self._queue = queue
         self._payload = payload  # dead-lettered as received, not encoded again
         self._headers = headers
+        self._expiry = expiry  # a ttl's end: it may expire once given back
         self.id = eid
         self.delivery_count = count
         self.headers: dict[str, str] = _decode_headers(headers) if headers else {}
@@ -934,7 +787,7 @@ class AsyncRedisMessage(Generic[T]):
             why = reason or "rejected"
             await q._do(lambda r: q._dead_letter(r, self.id, self._payload, why, self._headers))
             return
-        await q._release([self.id], delay)  # claimable once `delay` has passed
+        await q._release([self.id], delay, [self._expiry])  # claimable after `delay`
 
     async def _extend(self, seconds: float) -> None:
         await self._queue._set_lease([self.id], seconds)
