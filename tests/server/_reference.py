@@ -655,6 +655,10 @@ class Model:
                     found[key], origin, reason)  # fmt: skip
             q.waiting.append(m)
             q.unfinished += 1
+        # What the store holds as it was recovered: the dead letters made below are the
+        # new broker's first change, which a crash before its write loses (and the next
+        # start makes again).
+        self.recovered = self.image()
         if not self.known.inflight_not_counted:  # deliveries are stored: one whose last
             for q in list(self.queues.values()):  # allowed delivery was in flight is dead
                 for m in sorted(q.waiting, key=lambda m: m.seq):

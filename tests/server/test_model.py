@@ -737,7 +737,7 @@ class BrokerMachine(RuleBasedStateMachine):
         self.store = self._open(path)
         image, found = self._match(wall, kind)
         self.model.restart(image, found, now, wall - now)
-        self.images = {0: self.model.image()}
+        self.images = {0: self.model.recovered}
         self.model.call += 1
         self._start_broker(now, wall)
         # The server arms its timer as it starts: what came due while it was down (delays,
