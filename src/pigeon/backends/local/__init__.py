@@ -17,11 +17,14 @@ Options
 
 Delivery guarantees
     When ``put`` returns, the item is in shared memory: the producer may exit at once.
-    A process SIGKILLed inside ``put`` or ``get`` leaves no lock held (the kernel drops
-    ``flock`` locks with their process) and no torn item (the queue state is committed
-    with one aligned 4-byte store after the bytes are in place). The item a killed
-    process was moving is either still in the queue (killed before the commit) or was
-    taken by it (after): never half-written, never delivered twice to live consumers.
+    A process SIGKILLed inside ``put`` or ``get``, or a call interrupted by Ctrl-C,
+    ``SystemExit`` or ``MemoryError``, leaves no lock held (a robust mutex, or ``flock``,
+    which the kernel drops with their holder) and no torn item (the queue state is
+    committed with one single-byte store after the bytes are in place; the tombstones a
+    take from the middle writes go through an intent area the next lock holder
+    completes). The item such a call was moving is either still in the queue
+    (interrupted before the commit) or was taken by it (after): never half-written, never
+    delivered twice to live consumers.
     ``get`` removes the item: an item taken by a process that then dies is gone, which is
     at-most-once for crashing consumers; use a networked backend for at-least-once.
 
@@ -36,7 +39,8 @@ Delivery guarantees
 # ``fcntl.flock`` between processes (each process re-opens the file after fork, because
 # flock belongs to the open file description and fork shares it). The ring state is
 # double-buffered in the control page: a writer fills the spare slot and flips the slot
-# index. Waiting is a futex on a sequence word bumped by every put (getters wait on it),
+# index; what a commit must write in the ring itself (tombstones) goes through an intent
+# area that the next lock holder completes (``queue._commit``, ``queue._recover``). Waiting is a futex on a sequence word bumped by every put (getters wait on it),
 # every get (putters wait on it) and every finished join; wakers skip the syscall when no
 # one registered as waiting. A waiter re-checks at least every second, so a waker killed
 # between its commit and its wake costs at most a second, never a hang.

@@ -3,14 +3,7 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
-
-from pigeon.backends import _ring
-from pigeon.protocol.messages import PutOptions
-
-if sys.platform != "win32":
-    pass
 
 from pigeon.backends.local.layout import (
     COPY_AS_BYTES,
@@ -20,8 +13,8 @@ from pigeon.backends.local.layout import (
     OPTS,
     decode_headers,
     encode_headers,
-    unpack_header,
 )
+from pigeon.protocol.messages import PutOptions
 
 
 def wrap(record: tuple[int, list[Any]], headers: dict[str, str]) -> tuple[int, list[Any]]:
@@ -32,13 +25,13 @@ def wrap(record: tuple[int, list[Any]], headers: dict[str, str]) -> tuple[int, l
 
 
 def with_options(
-    record: tuple[int, list[Any]], opts: PutOptions, wall: float
+    record: tuple[int, list[Any]], opts: PutOptions, now: float
 ) -> tuple[int, list[Any]]:
     """``record`` with a priority, delay or ttl (and headers), as one part."""
     kind, parts = record
     meta = encode_headers(opts.headers) if opts.headers else b""
-    due = wall + opts.delay if opts.delay else 0.0
-    expires = (due or wall) + opts.ttl if opts.ttl else 0.0
+    due = now + opts.delay if opts.delay else 0.0
+    expires = (due or now) + opts.ttl if opts.ttl else 0.0
     head = OPTS.pack(len(meta), kind, opts.priority, due, expires)
     return K_OPTIONS, [b"".join([head, meta, *parts])]
 
@@ -57,12 +50,3 @@ def unwrap(kind: int, payload: Any) -> tuple[int, Any, dict[str, str], int]:
         start += n
         inner: Any = bytes(view[start:]) if kind in COPY_AS_BYTES else bytearray(view[start:])
     return kind, inner, headers, priority
-
-
-def head_kind(data: Any, st: _ring.RingState) -> int:
-    """The kind of the record at the head of a non-empty ring."""
-    pos = st.head if st.capacity - st.head >= _ring.HEADER_SIZE else 0
-    kind: int = unpack_header(data, pos)[1]
-    if kind == _ring.WRAP:
-        kind = unpack_header(data, 0)[1]
-    return kind

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import functools
+import heapq
 import mmap
 import os
 import pickle
@@ -15,7 +18,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from pigeon import _futex, _otel
@@ -24,7 +27,6 @@ from pigeon.backends import _ring, _shm_tracker
 from pigeon.backends._url import check_maxsize
 from pigeon.backends.local import lock
 from pigeon.backends.local.codec import (
-    head_kind,
     unwrap,
     with_options,
     wrap,
@@ -43,12 +45,16 @@ from pigeon.backends.local.layout import (
     K_PICKLE_OOB,
     K_SERIALIZED,
     K_TAKEN,
+    KIND_AT,
     MAGIC,
     MAGIC_MUTEX,
-    OFF_FLAGS,
+    MAX_MARKS,
     OFF_INDEX,
+    OFF_MARKS,
     OFF_MAXSIZE,
+    OFF_MUTEX,
     OFF_SLOTS,
+    OLD_MAGICS,
     OPTS,
     PAGE,
     PUT_SEQ,
@@ -56,6 +62,7 @@ from pigeon.backends.local.layout import (
     STATE,
     U32,
     WAITERS,
+    host_clock,
     pack_header,
     pack_state,
     unpack_header,
@@ -79,7 +86,7 @@ from pigeon.errors import (
 )
 from pigeon.options import QueueOptions, check_dedup_ids, put_options
 from pigeon.protocol.messages import PutOptions
-from pigeon.protocol.rules import DEFAULT_DEDUP_WINDOW, MAX_PRIORITY, seconds_problem
+from pigeon.protocol.rules import DEFAULT_DEDUP_WINDOW, seconds_problem
 from pigeon.serializers import Pickle, SerializerLike, get_serializer
 
 if sys.platform != "win32":
@@ -98,6 +105,9 @@ _GROWTH_PATIENCE = 0.002  # seconds: the longest a waiter sleeps before re-check
 _OOB_MIN = 64 * 1024  # pickle buffers at least this large go out of band
 
 _DEFAULT_CAPACITY = 1 * 2**20
+K_KIND = struct.Struct("<H")
+# what a take finds a record to be (``_take_special``)
+_LIVE, _TOMB, _TAKEN, _EXPIRED = range(4)
 
 
 class LocalQueue(Queue[T]):
@@ -154,11 +164,11 @@ class LocalQueue(Queue[T]):
             os.ftruncate(fd, PAGE + capacity)
             with mmap.mmap(fd, PAGE) as ctrl:
                 struct.pack_into("<Q", ctrl, OFF_MAXSIZE, maxsize)
-                STATE.pack_into(ctrl, OFF_SLOTS, 0, 0, 0, 0, capacity, 0, 0)
+                STATE.pack_into(ctrl, OFF_SLOTS, 0, 0, 0, 0, capacity, 0, 0, 0, 0)
                 if MUTEX is not None:
                     anchor = ctypes.c_char.from_buffer(ctrl)
                     try:
-                        MUTEX.init(ctypes.addressof(anchor))
+                        MUTEX.init(ctypes.addressof(anchor) + OFF_MUTEX)
                     finally:
                         del anchor
                 # the magic last: it says which lock the file uses
@@ -184,8 +194,14 @@ class LocalQueue(Queue[T]):
         self._ctrl_anchor: Any = ctypes.c_char.from_buffer(self._ctrl)
         self._ctrl_addr = ctypes.addressof(self._ctrl_anchor)
         self._data_anchor: Any = None
+        self._retired: list[tuple[mmap.mmap, Any]] = []  # earlier mappings (see _map_data)
         self._mapped = (0, 0)  # (address, capacity) of the data mapping, for the C path
         magic = self._ctrl[0:8]
+        if magic in OLD_MAGICS:
+            raise ClosedResourceError(
+                f"local queue {self._path} was made by an older pigeon (file layout 1): "
+                "open it with the version that made it"
+            )
         if magic not in (MAGIC, MAGIC_MUTEX):
             raise ClosedResourceError(f"{self._path} is not a pigeon local queue")
         self._mutex = magic == MAGIC_MUTEX
@@ -196,6 +212,14 @@ class LocalQueue(Queue[T]):
                 "here): open it from processes that run alike"
             )
         self._cfd = -1 if self._mutex else fd  # the C path's lock: -1 is the mutex
+        self._mutex_addr = self._ctrl_addr + OFF_MUTEX
+        # One C call drops the lock (see lock.Mutex): a ``finally: self._unlock()`` cannot
+        # be interrupted between deciding to drop it and dropping it.
+        self._unlock: Callable[[], object] = (
+            functools.partial(MUTEX.unlock, self._mutex_addr)  # type: ignore[union-attr]
+            if self._mutex
+            else self._unlock_flock
+        )
         self._maxsize = struct.unpack_from("<Q", self._ctrl, OFF_MAXSIZE)[0]
         self._words = {
             off: ctypes.c_uint32.from_buffer(self._ctrl, off)
@@ -207,14 +231,18 @@ class LocalQueue(Queue[T]):
         self._map_data(self._state().capacity)
 
     def _map_data(self, capacity: int) -> mmap.mmap:
+        data = mmap.mmap(self._fd, capacity, offset=PAGE)
+        anchor = ctypes.c_char.from_buffer(data)
         if self._data is not None:
-            self._data_anchor = None  # the export must go before the mapping can close
-            self._data.close()
-        self._data = data = mmap.mmap(self._fd, capacity, offset=PAGE)
-        self._data_anchor = ctypes.c_char.from_buffer(data)
+            # Kept, not closed: another thread of this process may be on its way into the
+            # C path with the old (address, capacity), and a growth that was interrupted
+            # before its commit leaves the old capacity the committed one. The old mapping
+            # stays valid memory (the file only grows); it goes with the handle.
+            self._retired.append((self._data, self._data_anchor))
+        self._data, self._data_anchor = data, anchor
         # one object: a thread reading it never pairs one mapping's address with another's
         # capacity (the C path checks the capacity against the committed state)
-        self._mapped = (ctypes.addressof(self._data_anchor), capacity)
+        self._mapped = (ctypes.addressof(anchor), capacity)
         self._cap = capacity
         return data
 
@@ -261,14 +289,24 @@ class LocalQueue(Queue[T]):
             self._after_fork()
 
     def _lock(self) -> None:
+        """Take the queue's lock; finish first what a holder that died or was interrupted
+        published but did not complete (``_recover``)."""
         if self._closed or self._gen != fork_generation[0]:
             self._check()
         if self._mutex:  # it excludes this process's threads too
-            MUTEX.lock(self._ctrl_addr)  # type: ignore[union-attr]
-            if self._closed:  # closed while we waited: close() has let go of the file
-                MUTEX.unlock(self._ctrl_addr)  # type: ignore[union-attr]
-                raise ClosedResourceError("this queue handle was closed")
-            return
+            try:
+                MUTEX.lock(self._mutex_addr)  # type: ignore[union-attr]
+                if self._closed:  # closed while we waited: close() has let go of the file
+                    raise ClosedResourceError("this queue handle was closed")
+                self._recover()
+                return
+            except BaseException:
+                # Whatever interrupted us (Ctrl-C lands after any call, the lock's too)
+                # must not leave the lock held by a live thread: a robust mutex refuses
+                # (EPERM) to be unlocked by a thread that does not hold it, so this is
+                # right whether or not we got it.
+                MUTEX.unlock(self._mutex_addr)  # type: ignore[union-attr]
+                raise
         self._tlock.acquire()
         try:
             if self._closed:  # closed while we waited: its descriptor is gone
@@ -278,18 +316,22 @@ class LocalQueue(Queue[T]):
             for _ in range(LOCK_TRIES):
                 try:
                     fcntl.flock(self._fd, _EX_NB)
-                    return
+                    break
                 except BlockingIOError:
                     pass
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            else:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._recover()
         except BaseException:
+            if not self._closed:  # (when closed, the descriptor is gone and not ours)
+                with contextlib.suppress(OSError):
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)  # a no-op if we did not get it
             self._tlock.release()
             raise
 
-    def _unlock(self) -> None:
-        if self._mutex:
-            MUTEX.unlock(self._ctrl_addr)  # type: ignore[union-attr]
-            return
+    def _unlock_flock(self) -> None:
+        # (two calls: an interruption between them leaves this handle's thread lock held;
+        # this path is the one for systems without robust mutexes)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._tlock.release()
 
@@ -297,17 +339,34 @@ class LocalQueue(Queue[T]):
         """The committed state (read it under the lock to change it; it has no side
         effect, so ``qsize`` may read it without the lock)."""
         # The slot index is 0 or 1: its low byte is the whole of it.
-        head, tail, count, unfinished, cap, special, tombs = unpack_state(
+        head, tail, count, unfinished, cap, special, tombs, flags, marks = unpack_state(
             self._ctrl, OFF_SLOTS + 64 * self._ctrl[OFF_INDEX]
         )
-        return _ring.RingState(head, tail, count, cap, unfinished, special, tombs)
+        return _ring.RingState(head, tail, count, cap, unfinished, special, tombs, flags, marks)
 
-    def _commit(self, st: _ring.RingState) -> None:
-        ctrl = self._ctrl
-        idx = ctrl[OFF_INDEX] ^ 1
+    def _commit(self, st: _ring.RingState, marks: Sequence[int] = ()) -> None:
+        """Publish ``st``: one single-byte store makes the whole change visible.
+
+        ``marks`` are the offsets of record headers this change turns into tombstones
+        (``st.tombs`` already counts them). They live in the ring, outside the
+        double-buffered state, so they go through the intent area: written there, published
+        with the state (``st.marks``), applied, then the state is published again without
+        them. Interrupted anywhere, the change is either invisible (before the first
+        publish) or complete: the next lock holder applies published marks first."""
+        if marks:
+            assert len(marks) <= MAX_MARKS and not st.marks
+            struct.pack_into(f"<{len(marks)}Q", self._ctrl, OFF_MARKS, *marks)
+            st.marks = len(marks)
+            self._write_state(st)
+            self._apply_marks(st)
+            st.marks = 0
+        self._write_state(st)
+
+    def _write_state(self, st: _ring.RingState) -> None:
+        idx = self._ctrl[OFF_INDEX] ^ 1
         pack_state(
-            ctrl, OFF_SLOTS + 64 * idx, st.head, st.tail, st.count, st.unfinished, st.capacity,
-            st.special, st.tombs,
+            self._ctrl, OFF_SLOTS + 64 * idx, st.head, st.tail, st.count, st.unfinished,
+            st.capacity, st.special, st.tombs, st.flags, st.marks,
         )  # fmt: skip
         self._publish(idx)
 
@@ -316,8 +375,22 @@ class LocalQueue(Queue[T]):
         invisible; after it, complete."""
         self._ctrl[OFF_INDEX] = idx
 
-    def _flags(self) -> int:
-        return self._ctrl[OFF_FLAGS]
+    def _apply_marks(self, st: _ring.RingState) -> None:
+        """Write the published marks (idempotent: each sets a header's kind to K_TAKEN)."""
+        data = self._data
+        if data is None or st.capacity != self._cap:
+            data = self._map_data(st.capacity)
+        for pos in struct.unpack_from(f"<{st.marks}Q", self._ctrl, OFF_MARKS):
+            K_KIND.pack_into(data, pos + KIND_AT, K_TAKEN)
+
+    def _recover(self) -> None:
+        """Under the lock: complete a commit whose marks were published but maybe not all
+        written (its holder died, or an exception left its section)."""
+        st = self._state()
+        if st.marks:
+            self._apply_marks(st)
+            st.marks = 0
+            self._write_state(st)
 
     def _bump(self, word: int) -> bool:
         """Advance a sequence word; True if someone waits on it (call ``_wake`` after)."""
@@ -422,6 +495,8 @@ class LocalQueue(Queue[T]):
         read it: the item has left the queue, and travels in the exception."""
         try:
             return self._decode_raw(kind, payload)
+        except MemoryError:  # the process's trouble, not the item's
+            raise
         except Exception as exc:
             name = str(getattr(self._ser, "name", type(self._ser).__name__))
             raise DecodeError(
@@ -525,12 +600,12 @@ class LocalQueue(Queue[T]):
         self._lock()
         try:
             ctrl = self._ctrl
-            if ctrl[OFF_FLAGS] & SHUTDOWN:
-                return False
             idx = ctrl[OFF_INDEX]
-            head, tail, count, unfinished, cap, special, tombs = unpack_state(
+            head, tail, count, unfinished, cap, special, tombs, flags, _ = unpack_state(
                 ctrl, OFF_SLOTS + 64 * idx
             )
+            if flags & SHUTDOWN:
+                return False
             data = self._data
             if data is None or cap != self._cap or (self._maxsize and count >= self._maxsize):
                 return False
@@ -546,7 +621,7 @@ class LocalQueue(Queue[T]):
             pack_header(data, tail, n, kind, 1)
             pack_state(
                 ctrl, OFF_SLOTS + 64 * (idx ^ 1), head, tail + size, count + 1, unfinished + 1,
-                cap, special, tombs,
+                cap, special, tombs, flags, 0,
             )  # fmt: skip
             self._publish(idx ^ 1)
             self._words[PUT_SEQ].value += 1
@@ -615,8 +690,8 @@ class LocalQueue(Queue[T]):
         if opts is None:
             return records
         if opts.priority or opts.delay or opts.ttl:
-            wall = time.time()
-            return [with_options(r, opts, wall) for r in records]
+            now = host_clock()
+            return [with_options(r, opts, now) for r in records]
         if opts.headers:
             return [wrap(r, opts.headers) for r in records]
         return records
@@ -664,11 +739,11 @@ class LocalQueue(Queue[T]):
         message stored and its id forgotten (a retry may store it twice: at-least-once),
         never the reverse (an id remembered for a message that was not stored)."""
         db = self._dedup_table()
-        wall = time.time()
+        now = host_clock()
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("DELETE FROM ids WHERE until <= ?", (wall,))
-            until = wall + self._dedup_window
+            db.execute("DELETE FROM ids WHERE until <= ?", (now,))
+            until = now + self._dedup_window
             fresh = [
                 item
                 for item, d in zip(items, dedup_ids, strict=True)
@@ -726,10 +801,9 @@ class LocalQueue(Queue[T]):
                 if waiting:
                     self._register(GET_SEQ, -1)
                     waiting = False
-                flags = self._ctrl[OFF_FLAGS]
-                if flags & SHUTDOWN and not (requeue and not flags & IMMEDIATE):
-                    raise ShutDown("the queue was shut down; put refused")
                 st = self._state()
+                if st.flags & SHUTDOWN and not (requeue and not st.flags & IMMEDIATE):
+                    raise ShutDown("the queue was shut down; put refused")
                 seq = self._seq(GET_SEQ)
                 held = st.count - st.tombs
                 if self._maxsize and held + len(records) > self._maxsize and not requeue:
@@ -761,36 +835,51 @@ class LocalQueue(Queue[T]):
     def _write(
         self, st: _ring.RingState, records: list[tuple[int, list[Any]]], d: int, may_grow: bool
     ) -> bool:
-        """Write ``records`` after ``st.tail``; False (nothing committed) if there is no room
-        and growing is not allowed yet."""
+        """Write ``records`` after ``st.tail`` (all of them, or ``st`` is left as it was);
+        False if there is no room and growing is not allowed yet.
+
+        Only free space is written. Growing moves a wrapped ring's upper part past the old
+        capacity and commits that relocated ring (the same items) before anything is
+        written into the room it made, which held the old upper part: a writer that dies
+        then leaves a consistent ring, never a torn record under a committed state."""
+        base = dataclasses.replace(st)
         data = self._data
         if data is None or st.capacity != self._cap:
             data = self._map_data(st.capacity)
+        while not self._fill(data, st, records, d):
+            _restore(st, base)
+            if not may_grow:
+                return False
+            need = sum(_ring.record_size(_length(parts)) for _, parts in records)
+            data = self._grow(st, need)
+            base = dataclasses.replace(st)
+        return True
+
+    @staticmethod
+    def _fill(
+        data: mmap.mmap, st: _ring.RingState, records: list[tuple[int, list[Any]]], d: int
+    ) -> bool:
+        """Write each record into the free space after ``st.tail``; False at the first
+        that does not fit (what was written stays free space: ``st`` is not committed)."""
         for kind, parts in records:
-            if len(parts) == 1:
-                length = len(parts[0])
-            else:
-                length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
-            pos = _ring.reserve(data, st, length)
+            pos = _ring.reserve(data, st, _length(parts))
             if pos is None:
-                if not may_grow:
-                    return False
-                data = self._grow(st, length)
-                pos = _ring.reserve(data, st, length)
-                assert pos is not None
+                return False
             _ring.write(data, pos, kind, d, parts)
             if kind == K_OPTIONS:
                 st.special += 1
         return True
 
-    def _grow(self, st: _ring.RingState, length: int) -> mmap.mmap:
-        new_cap = _ring.grown_capacity(st, length)
+    def _grow(self, st: _ring.RingState, need: int) -> mmap.mmap:
+        """Grow the ring so that ``need`` more bytes of records fit, and commit it."""
+        new_cap = _ring.grown_capacity(st, need)
         os.ftruncate(self._fd, PAGE + new_cap)
         if hasattr(os, "posix_fallocate"):
             # Reserve the pages now: running out of /dev/shm later would be a SIGBUS.
             os.posix_fallocate(self._fd, PAGE + st.capacity, new_cap - st.capacity)
         data = self._map_data(new_cap)
         _ring.relocate(data, st, new_cap)
+        self._commit(st)
         return data
 
     def get(self, block: bool = True, timeout: float | None = None) -> T:
@@ -824,7 +913,7 @@ class LocalQueue(Queue[T]):
         try:
             ctrl = self._ctrl
             idx = ctrl[OFF_INDEX]
-            head, tail, count, unfinished, cap, special, tombs = unpack_state(
+            head, tail, count, unfinished, cap, special, tombs, flags, _ = unpack_state(
                 ctrl, OFF_SLOTS + 64 * idx
             )
             data = self._data
@@ -842,7 +931,7 @@ class LocalQueue(Queue[T]):
             head = pos + _ring.HEADER_SIZE + ((length + 7) & -8) if count else 0
             pack_state(
                 ctrl, OFF_SLOTS + 64 * (idx ^ 1), head, tail if count else 0, count,
-                unfinished, cap, 0, 0,
+                unfinished, cap, 0, 0, flags, 0,
             )  # fmt: skip
             self._publish(idx ^ 1)
             self._words[GET_SEQ].value += 1
@@ -907,20 +996,24 @@ class LocalQueue(Queue[T]):
                 due: float | None = None  # when a delayed message comes due (monotonic)
                 if st.special or st.tombs:
                     before = (st.count, st.special)
-                    out, due = self._take_special(st, max_items)
-                    if out:
-                        self._commit(st)
+                    out, marks, due, more = self._take_special(st, max_items)
+                    changed = out or marks or (st.count, st.special) != before
+                    if changed:
+                        self._commit(st, marks)
                         wake = self._bump(GET_SEQ)
+                    if out:
                         break
-                    if (st.count, st.special) != before:  # expired ones were dropped
-                        self._commit(st)
-                        self._bump(GET_SEQ)
+                    if changed:  # expired ones were dropped: room for blocked putters
+                        if wake:
+                            self._wake(GET_SEQ)
+                        if more:  # more expired ones than one commit can mark
+                            continue
                 elif st.count:
                     out = self._read(st, max_items)
                     self._commit(st)
                     wake = self._bump(GET_SEQ)
                     break
-                if self._ctrl[OFF_FLAGS] & SHUTDOWN and st.count == st.tombs:
+                if st.flags & SHUTDOWN and st.count == st.tombs:
                     raise ShutDown("the queue was shut down and is drained")
                 self._due = due
                 if not block or (deadline is not None and time.monotonic() >= deadline):
@@ -942,64 +1035,89 @@ class LocalQueue(Queue[T]):
 
     def _take_special(
         self, st: _ring.RingState, max_items: int
-    ) -> tuple[list[tuple[int, int, Any]], float | None]:
-        """Take up to ``max_items`` by priority (higher first; ring order - put order -
-        within one), skipping messages not due yet and dropping expired ones; return
-        them and when the next delayed one comes due (monotonic, or None).
+    ) -> tuple[list[tuple[int, int, Any]], list[int], float | None, bool]:
+        """Plan a take while the ring holds records with options or tombstones, changing
+        only ``st``: up to ``max_items`` records by priority (higher first; ring order -
+        put order - within one), skipping those not due yet and dropping expired ones.
 
-        Used while the ring holds records with options or tombstones. It walks the
-        waiting records (O(n) per call: the price of one shared ring; pigeon:// keeps
-        heaps and lanes). A record taken from the middle becomes a tombstone
-        (``K_TAKEN``), counted in ``st.tombs`` and skipped until the head passes it."""
+        Returns the records taken, the marks the commit must write (the headers of
+        records taken or dropped that the head did not pass: they become tombstones,
+        ``K_TAKEN``, skipped until the head passes them), when the next delayed record
+        comes due (monotonic, or None), and whether expired records were left for
+        another commit (at most ``MAX_MARKS`` marks go in one).
+
+        Nothing in the ring is written here: the change becomes visible with the commit,
+        whole (``_commit``). One walk over the waiting records: O(n) per call, the price
+        of one shared ring (pigeon:// keeps heaps and lanes)."""
         data = self._data
         if data is None or st.capacity != self._cap:
             data = self._map_data(st.capacity)
-        wall = time.time()
-        out: list[tuple[int, int, Any]] = []
+        now = host_clock()
+        max_items = min(max_items, MAX_MARKS)
+        walk = _ring.RingState(st.head, st.tail, st.count, st.capacity)
+        records: list[tuple[int, int, int, int, int]] = []  # at, kind, deliveries, length, fate
+        ready: list[tuple[int, int]] = []  # (-priority, index) of the records due
         next_due: float | None = None
-        while len(out) < max_items and st.count > st.tombs:
-            walk = _ring.RingState(st.head, st.tail, st.count, st.capacity)
-            best: tuple[int, int, int, int, int] | None = None  # prio, at, kind, deliv, len
-            while walk.count:
-                kind, deliveries, at, length = _ring.next_record(data, walk)
-                if kind == K_TAKEN:
-                    continue
-                priority = 0
-                if kind == K_OPTIONS:
-                    _, _, priority, due, expires = OPTS.unpack_from(data, at)
-                    if 0 < expires <= wall:  # not taken in time: dropped (no dead letters)
-                        pack_header(data, at - _ring.HEADER_SIZE, length, K_TAKEN, deliveries)
-                        st.tombs += 1
-                        st.special -= 1
-                        st.unfinished = max(0, st.unfinished - 1)
-                        self.expired += 1
-                        continue
-                    if due > wall:
-                        next_due = due if next_due is None else min(next_due, due)
-                        continue
-                if best is None or priority > best[0]:
-                    best = (priority, at, kind, deliveries, length)
-                    if priority == MAX_PRIORITY:
-                        break
-            if best is None:
-                break
-            _, at, kind, deliveries, length = best
+        while walk.count:
+            kind, deliveries, at, length = _ring.next_record(data, walk)
+            fate = _LIVE
+            if kind == K_TAKEN:
+                fate = _TOMB
+            elif kind == K_OPTIONS:
+                _, _, priority, due, expires = OPTS.unpack_from(data, at)
+                if 0 < expires <= now:  # not taken in time: dropped (no dead letters)
+                    fate = _EXPIRED
+                elif due > now:
+                    next_due = due if next_due is None else min(next_due, due)
+                else:
+                    ready.append((-priority, len(records)))
+            else:
+                ready.append((0, len(records)))
+            records.append((at, kind, deliveries, length, fate))
+        chosen = [i for _, i in heapq.nsmallest(max_items, ready)]
+        out: list[tuple[int, int, Any]] = []
+        for i in chosen:
+            at, kind, deliveries, length, _ = records[i]
             payload: Any = (
                 data[at : at + length]
                 if kind in COPY_AS_BYTES
                 else bytearray(data[at : at + length])
             )
             out.append((kind, deliveries, payload))
-            pack_header(data, at - _ring.HEADER_SIZE, length, K_TAKEN, deliveries)
-            st.tombs += 1
-            if kind == K_OPTIONS:
-                st.special -= 1
-        while st.count and head_kind(data, st) == K_TAKEN:  # the head passes tombstones
+            records[i] = (at, kind, deliveries, length, _TAKEN)
+        # the head passes what leads the ring and is gone: tombstones, taken, expired
+        passed = 0
+        for _, kind, _, _, fate in records:
+            if fate == _LIVE:
+                break
             _ring.next_record(data, st)
-            st.tombs -= 1
+            passed += 1
+            if fate == _TOMB:
+                st.tombs -= 1
+            else:
+                self._gone(st, kind, fate)
+        # the rest of the taken and expired ones become tombstones, the taken ones first
+        behind = records[passed:]
+        taken = [r for r in behind if r[4] == _TAKEN]
+        expired = [r for r in behind if r[4] == _EXPIRED]
+        room = MAX_MARKS - len(taken)
+        marks: list[int] = []
+        for at, kind, _, _, fate in taken + expired[:room]:
+            marks.append(at - _ring.HEADER_SIZE)
+            st.tombs += 1
+            self._gone(st, kind, fate)
+        more = len(expired) > room
         if next_due is None:
-            return out, None
-        return out, time.monotonic() + max(0.0, next_due - time.time())
+            return out, marks, None, more
+        return out, marks, time.monotonic() + max(0.0, next_due - now), more
+
+    def _gone(self, st: _ring.RingState, kind: int, fate: int) -> None:
+        """Count a record taken or dropped out of ``st``."""
+        if kind == K_OPTIONS:
+            st.special -= 1
+        if fate == _EXPIRED:
+            st.unfinished = max(0, st.unfinished - 1)
+            self.expired += 1
 
     def _read(self, st: _ring.RingState, max_items: int) -> list[tuple[int, int, Any]]:
         data = self._data
@@ -1077,12 +1195,12 @@ class LocalQueue(Queue[T]):
     def shutdown(self, immediate: bool = False) -> None:
         self._lock()
         try:
-            self._ctrl[OFF_FLAGS] = self._flags() | SHUTDOWN | (IMMEDIATE if immediate else 0)
-            if immediate:
-                st = self._state()
+            st = self._state()
+            st.flags |= SHUTDOWN | (IMMEDIATE if immediate else 0)
+            if immediate:  # the flags and the dropped items in one commit
                 st.unfinished = max(0, st.unfinished - (st.count - st.tombs))
                 st.count = st.head = st.tail = st.special = st.tombs = 0
-                self._commit(st)
+            self._commit(st)
             for word in (PUT_SEQ, GET_SEQ, JOIN_SEQ):
                 self._bump(word)
         finally:
@@ -1118,7 +1236,7 @@ class LocalQueue(Queue[T]):
         # (one could be about to flock it, or to grow the mapping from it)
         mutex = MUTEX if getattr(self, "_mutex", False) else None
         if mutex is not None:
-            mutex.lock(self._ctrl_addr)
+            mutex.lock(self._mutex_addr)
         else:
             self._tlock.acquire()
         try:
@@ -1129,7 +1247,7 @@ class LocalQueue(Queue[T]):
                 self._finalizer()  # closes the descriptor (and, for its creator, the file)
         finally:
             if mutex is not None:
-                mutex.unlock(self._ctrl_addr)
+                mutex.unlock(self._mutex_addr)
             else:
                 self._tlock.release()
         for word in (PUT_SEQ, GET_SEQ, JOIN_SEQ):  # sleepers wake and see it closed
@@ -1138,6 +1256,17 @@ class LocalQueue(Queue[T]):
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"qsize={self.qsize()}"
         return f"<pigeon.Queue local maxsize={self._maxsize} {state}>"
+
+
+def _length(parts: list[Any]) -> int:
+    if len(parts) == 1:
+        return len(parts[0])
+    return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+
+
+def _restore(st: _ring.RingState, saved: _ring.RingState) -> None:
+    for name in _ring.RingState.__slots__:
+        setattr(st, name, getattr(saved, name))
 
 
 def _attach(
