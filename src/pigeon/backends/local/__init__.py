@@ -35,15 +35,18 @@ Delivery guarantees
 #
 # Strategy:
 # One file in /dev/shm (or the temp dir) holds a control page and a data ring
-# (``_ring.py``). Mutual exclusion is a ``threading.Lock`` inside a process plus
-# ``fcntl.flock`` between processes (each process re-opens the file after fork, because
-# flock belongs to the open file description and fork shares it). The ring state is
-# double-buffered in the control page: a writer fills the spare slot and flips the slot
-# index; what a commit must write in the ring itself (tombstones) goes through an intent
-# area that the next lock holder completes (``queue._commit``, ``queue._recover``). Waiting is a futex on a sequence word bumped by every put (getters wait on it),
-# every get (putters wait on it) and every finished join; wakers skip the syscall when no
-# one registered as waiting. A waiter re-checks at least every second, so a waker killed
-# between its commit and its wake costs at most a second, never a hang.
+# (``_ring.py``). Mutual exclusion is a robust process-shared mutex in the control page
+# (where there is none: a ``threading.Lock`` inside a process plus ``fcntl.flock`` between
+# processes; each process re-opens the file after fork, because flock belongs to the open
+# file description and fork shares it). The ring state is double-buffered in the control
+# page: a writer fills the spare slot and flips the slot index; what a commit must write
+# in the ring itself (tombstones) goes through an intent area that the next lock holder
+# completes (``queue._commit``, ``queue._recover``). Waiting is a futex on a sequence word
+# bumped by every put (getters wait on it), every get (putters wait on it) and every
+# finished join; wakers skip the syscall when no one registered as waiting. A waiter
+# re-checks at least every second, so a waker killed between its commit and its wake costs
+# at most a second, never a hang; a handle counts its own waiters, so that closing it
+# counts out the threads it leaves waiting.
 """
 
 from __future__ import annotations

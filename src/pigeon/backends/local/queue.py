@@ -189,6 +189,7 @@ class LocalQueue(Queue[T]):
         self._hold(fd, self._path if self._creator else None)
         self._gen = fork_generation[0]
         self._tlock = threading.Lock()
+        self._registered = dict.fromkeys(WAITERS, 0)  # this handle's share of the waiters
         self._ctrl = mmap.mmap(fd, PAGE)
         # addresses for the C fast path; the anchors keep the mappings exported (alive)
         self._ctrl_anchor: Any = ctypes.c_char.from_buffer(self._ctrl)
@@ -212,6 +213,7 @@ class LocalQueue(Queue[T]):
                 "here): open it from processes that run alike"
             )
         self._cfd = -1 if self._mutex else fd  # the C path's lock: -1 is the mutex
+        self._mx = MUTEX  # (this handle's, whatever the module's becomes)
         self._mutex_addr = self._ctrl_addr + OFF_MUTEX
         # One C call drops the lock (see lock.Mutex): a ``finally: self._unlock()`` cannot
         # be interrupted between deciding to drop it and dropping it.
@@ -272,6 +274,7 @@ class LocalQueue(Queue[T]):
                 os.close(old)
             self._hold(fd, None)  # a fork child never removes its parent's queue
             self._tlock = threading.Lock()
+            self._registered = dict.fromkeys(WAITERS, 0)  # the parent's waiters stayed there
             self._fd = fd
             self._cfd = -1 if self._mutex else fd
             self._gen = fork_generation[0]  # last: the others go on only after this
@@ -295,7 +298,7 @@ class LocalQueue(Queue[T]):
             self._check()
         if self._mutex:  # it excludes this process's threads too
             try:
-                MUTEX.lock(self._mutex_addr)  # type: ignore[union-attr]
+                self._mx.lock(self._mutex_addr)  # type: ignore[union-attr]
                 if self._closed:  # closed while we waited: close() has let go of the file
                     raise ClosedResourceError("this queue handle was closed")
                 self._recover()
@@ -305,7 +308,7 @@ class LocalQueue(Queue[T]):
                 # must not leave the lock held by a live thread: a robust mutex refuses
                 # (EPERM) to be unlocked by a thread that does not hold it, so this is
                 # right whether or not we got it.
-                MUTEX.unlock(self._mutex_addr)  # type: ignore[union-attr]
+                self._mx.unlock(self._mutex_addr)  # type: ignore[union-attr]
                 raise
         self._tlock.acquire()
         try:
@@ -408,20 +411,25 @@ class LocalQueue(Queue[T]):
         return int(self._words[word].value)
 
     def _register(self, word: int, delta: int) -> None:
+        """Count this thread in or out of the waiters on ``word`` (under the lock): a
+        waker skips its system call while no one is counted. This handle keeps its own
+        share too, so that ``close()`` takes back what its waiting threads cannot."""
         off = WAITERS[word]
         n = U32.unpack_from(self._ctrl, off)[0] + delta
+        self._registered[word] += delta  # (no call between this and the store below)
         U32.pack_into(self._ctrl, off, max(0, n))
 
-    def _seq_moves(self, word: int, seq: int, patience: float) -> bool:
-        """Unlock, wait up to ``patience`` seconds for ``word`` to move, lock again."""
-        self._register(word, +1)
-        self._unlock()
+    def _deregister(self, word: int) -> None:
+        """Count out a waiter whose wait ended by an exception (Ctrl-C in its sleep, the
+        handle closed under it)."""
         try:
-            self._sleep(word, seq, time.monotonic() + patience)
-        finally:
             self._lock()
+        except ClosedResourceError:
+            return  # close() took back this handle's share
+        try:
             self._register(word, -1)
-        return self._seq(word) != seq
+        finally:
+            self._unlock()
 
     def _spin(self, word: int, seq: int) -> int:
         """Watch ``word`` for a few microseconds before paying for a futex sleep and wake.
@@ -461,9 +469,7 @@ class LocalQueue(Queue[T]):
             deadline = None if timeout is None else time.monotonic() + timeout
             self._sleep(word, seq, deadline)
         finally:
-            self._lock()
-            self._register(word, -1)
-            self._unlock()
+            self._deregister(word)
 
     # --- encoding -------------------------------------------------------------------
 
@@ -795,40 +801,52 @@ class LocalQueue(Queue[T]):
         waiting = False
         spins = 0
         may_grow = False
-        while True:
-            self._lock()
-            try:
-                if waiting:
-                    self._register(GET_SEQ, -1)
-                    waiting = False
-                st = self._state()
-                if st.flags & SHUTDOWN and not (requeue and not st.flags & IMMEDIATE):
-                    raise ShutDown("the queue was shut down; put refused")
-                seq = self._seq(GET_SEQ)
-                held = st.count - st.tombs
-                if self._maxsize and held + len(records) > self._maxsize and not requeue:
-                    if not block or (deadline is not None and time.monotonic() >= deadline):
-                        raise Full(f"queue is full ({held} of maxsize={self._maxsize})")
+        patience: int | None = None  # GET_SEQ when this put last let readers make room
+        try:
+            while True:
+                self._lock()
+                try:
+                    if waiting:
+                        self._register(GET_SEQ, -1)
+                        waiting = False
+                    st = self._state()
+                    if st.flags & SHUTDOWN and not (requeue and not st.flags & IMMEDIATE):
+                        raise ShutDown("the queue was shut down; put refused")
+                    seq = self._seq(GET_SEQ)
+                    if patience is not None:  # no reader made room meanwhile: grow
+                        may_grow = may_grow or seq == patience
+                        patience = None
+                    until = deadline
+                    held = st.count - st.tombs
+                    if self._maxsize and held + len(records) > self._maxsize and not requeue:
+                        if not block or (deadline is not None and time.monotonic() >= deadline):
+                            raise Full(f"queue is full ({held} of maxsize={self._maxsize})")
+                    elif self._write(
+                        st, records, deliveries, may_grow or st.capacity < _FREE_GROWTH
+                    ):
+                        if not requeue:
+                            st.unfinished += len(records)
+                        self._commit(st)
+                        wake = self._bump(PUT_SEQ)
+                        break
+                    else:
+                        # The ring is full of unread items. If a reader is draining it, let
+                        # it make room rather than growing the shared memory by the backlog.
+                        patience = seq
+                        until = time.monotonic() + _GROWTH_PATIENCE
+                        spins = 1
                     if spins:
                         self._register(GET_SEQ, +1)
                         waiting = True
-                elif self._write(st, records, deliveries, may_grow or st.capacity < _FREE_GROWTH):
-                    if not requeue:
-                        st.unfinished += len(records)
-                    self._commit(st)
-                    wake = self._bump(PUT_SEQ)
-                    break
+                finally:
+                    self._unlock()
+                if spins:
+                    self._sleep(GET_SEQ, seq, until)
                 else:
-                    # The ring is full of unread items. If a reader is draining it, let it
-                    # make room rather than growing the shared memory by the backlog.
-                    may_grow = not self._seq_moves(GET_SEQ, seq, _GROWTH_PATIENCE)
-                    continue
-            finally:
-                self._unlock()
-            if spins:
-                self._sleep(GET_SEQ, seq, deadline)
-            else:
-                spins = self._spin(GET_SEQ, seq)
+                    spins = self._spin(GET_SEQ, seq)
+        finally:
+            if waiting:
+                self._deregister(GET_SEQ)
         if wake:
             self._wake(PUT_SEQ)
 
@@ -973,65 +991,79 @@ class LocalQueue(Queue[T]):
             deadline = deadline_from(block, timeout)
         waiting = False
         spins = 0
-        while True:
-            if C is not None and not waiting:
-                if self._closed or self._gen != fork_generation[0]:
-                    self._check()
-                if self._cfd < 0:
-                    got = C.take(self._ctrl_addr, self._mapped, -1, max_items)
-                else:
-                    with self._tlock:
-                        self._check()
-                        got = C.take(self._ctrl_addr, self._mapped, self._cfd, max_items)
-                if got is not None:
-                    if got[1]:
-                        self._wake(GET_SEQ)
-                    return got[0]  # type: ignore[no-any-return]
-            self._lock()
-            try:
-                if waiting:
-                    self._register(PUT_SEQ, -1)
-                    waiting = False
-                st = self._state()
-                due: float | None = None  # when a delayed message comes due (monotonic)
-                if st.special or st.tombs:
-                    before = (st.count, st.special)
-                    out, marks, due, more = self._take_special(st, max_items)
-                    changed = out or marks or (st.count, st.special) != before
-                    if changed:
-                        self._commit(st, marks)
+        try:
+            while True:
+                if C is not None and not waiting:
+                    got = self._take_fast(max_items)
+                    if got is not None:
+                        return got
+                self._lock()
+                try:
+                    if waiting:
+                        self._register(PUT_SEQ, -1)
+                        waiting = False
+                    st = self._state()
+                    due: float | None = None  # when a delayed message comes due (monotonic)
+                    if st.special or st.tombs:
+                        before = (st.count, st.special)
+                        out, marks, due, more = self._take_special(st, max_items)
+                        changed = out or marks or (st.count, st.special) != before
+                        if changed:
+                            self._commit(st, marks)
+                            wake = self._bump(GET_SEQ)
+                        if out:
+                            break
+                        if changed:  # expired ones were dropped: room for blocked putters
+                            if wake:
+                                self._wake(GET_SEQ)
+                            if more:  # more expired ones than one commit can mark
+                                continue
+                    elif st.count:
+                        out = self._read(st, max_items)
+                        self._commit(st)
                         wake = self._bump(GET_SEQ)
-                    if out:
                         break
-                    if changed:  # expired ones were dropped: room for blocked putters
-                        if wake:
-                            self._wake(GET_SEQ)
-                        if more:  # more expired ones than one commit can mark
-                            continue
-                elif st.count:
-                    out = self._read(st, max_items)
-                    self._commit(st)
-                    wake = self._bump(GET_SEQ)
-                    break
-                if st.flags & SHUTDOWN and st.count == st.tombs:
-                    raise ShutDown("the queue was shut down and is drained")
-                self._due = due
-                if not block or (deadline is not None and time.monotonic() >= deadline):
-                    raise Empty("queue is empty" if due is None else "nothing is due yet")
-                seq = self._seq(PUT_SEQ)
+                    if st.flags & SHUTDOWN and st.count == st.tombs:
+                        raise ShutDown("the queue was shut down and is drained")
+                    self._due = due
+                    if not block or (deadline is not None and time.monotonic() >= deadline):
+                        raise Empty("queue is empty" if due is None else "nothing is due yet")
+                    seq = self._seq(PUT_SEQ)
+                    if spins:
+                        self._register(PUT_SEQ, +1)
+                        waiting = True
+                finally:
+                    self._unlock()
+                if due is not None and (deadline is None or due < deadline):
+                    until: float | None = due
+                else:
+                    until = deadline
                 if spins:
-                    self._register(PUT_SEQ, +1)
-                    waiting = True
-            finally:
-                self._unlock()
-            until = deadline if due is None or (deadline is not None and deadline < due) else due
-            if spins:
-                self._sleep(PUT_SEQ, seq, until)
-            else:
-                spins = self._spin(PUT_SEQ, seq)
+                    self._sleep(PUT_SEQ, seq, until)
+                else:
+                    spins = self._spin(PUT_SEQ, seq)
+        finally:
+            if waiting:
+                self._deregister(PUT_SEQ)
         if wake:
             self._wake(GET_SEQ)
         return out
+
+    def _take_fast(self, max_items: int) -> list[tuple[int, int, Any]] | None:
+        """The C path's take; None: take the Python path."""
+        if self._closed or self._gen != fork_generation[0]:
+            self._check()
+        if self._cfd < 0:
+            got = C.take(self._ctrl_addr, self._mapped, -1, max_items)
+        else:
+            with self._tlock:
+                self._check()
+                got = C.take(self._ctrl_addr, self._mapped, self._cfd, max_items)
+        if got is None:
+            return None
+        if got[1]:
+            self._wake(GET_SEQ)
+        return got[0]  # type: ignore[no-any-return]
 
     def _take_special(
         self, st: _ring.RingState, max_items: int
@@ -1174,23 +1206,27 @@ class LocalQueue(Queue[T]):
     def join(self, timeout: float | None = None) -> None:
         deadline = deadline_from(True, timeout)
         waiting = False
-        while True:
-            self._lock()
-            try:
-                if waiting:
-                    self._register(JOIN_SEQ, -1)
-                    waiting = False
-                unfinished = self._state().unfinished
-                if unfinished == 0:
-                    return
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"join timed out with {unfinished} tasks unfinished")
-                seq = self._seq(JOIN_SEQ)
-                self._register(JOIN_SEQ, +1)
-                waiting = True
-            finally:
-                self._unlock()
-            self._sleep(JOIN_SEQ, seq, deadline)
+        try:
+            while True:
+                self._lock()
+                try:
+                    if waiting:
+                        self._register(JOIN_SEQ, -1)
+                        waiting = False
+                    unfinished = self._state().unfinished
+                    if unfinished == 0:
+                        return
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError(f"join timed out with {unfinished} tasks unfinished")
+                    seq = self._seq(JOIN_SEQ)
+                    self._register(JOIN_SEQ, +1)
+                    waiting = True
+                finally:
+                    self._unlock()
+                self._sleep(JOIN_SEQ, seq, deadline)
+        finally:
+            if waiting:
+                self._deregister(JOIN_SEQ)
 
     def shutdown(self, immediate: bool = False) -> None:
         self._lock()
@@ -1225,30 +1261,34 @@ class LocalQueue(Queue[T]):
         the lock with the GIL released, or sleeping on a futex word of the control page -
         so the mappings are not unmapped here: they go with the handle object, which
         every such call holds (no thread can touch unmapped memory). Those threads get
-        ``ClosedResourceError`` the next time they take the lock or wake up.
+        ``ClosedResourceError`` the next time they take the lock or wake up; the ones
+        counted as waiters in the shared control page are counted out here, as they will
+        not be able to do it themselves.
         """
         if self._closed:
             return
-        self._closed = True
         if self._gen != fork_generation[0]:
             self._after_fork()
         # no thread of this process is inside a locked section while the descriptor goes
         # (one could be about to flock it, or to grow the mapping from it)
-        mutex = MUTEX if getattr(self, "_mutex", False) else None
-        if mutex is not None:
-            mutex.lock(self._mutex_addr)
-        else:
-            self._tlock.acquire()
         try:
+            self._lock()
+        except ClosedResourceError:
+            return  # another thread closed it meanwhile
+        try:
+            self._closed = True
+            for word, n in self._registered.items():
+                if n > 0:
+                    self._register(word, -n)
             if self._dedup_db is not None and self._dedup_pid == os.getpid():
                 with contextlib.suppress(sqlite3.Error):
                     self._dedup_db.close()
             if self._finalizer is not None:
                 self._finalizer()  # closes the descriptor (and, for its creator, the file)
         finally:
-            if mutex is not None:
-                mutex.unlock(self._mutex_addr)
-            else:
+            if self._mutex:
+                self._mx.unlock(self._mutex_addr)  # type: ignore[union-attr]
+            else:  # (the descriptor went, and its flock with it)
                 self._tlock.release()
         for word in (PUT_SEQ, GET_SEQ, JOIN_SEQ):  # sleepers wake and see it closed
             self._wake(word)
