@@ -248,12 +248,38 @@ def _check_shutdown(q: LocalQueue[Any], returned: list[Any], done: bool) -> None
     assert _drain(q) == ["p2", "p1", "head", "tail", "probe"]
 
 
+def _dedup_queue() -> LocalQueue[Any]:
+    q: LocalQueue[Any] = pigeon.Queue()  # type: ignore[assignment]
+    q.put("made", dedup_id="first")  # the table of ids exists
+    return q
+
+
+def _op_put_dedup(q: LocalQueue[Any]) -> list[Any]:
+    q.put("d", dedup_id="k")
+    return []
+
+
+def _check_dedup(q: LocalQueue[Any], returned: list[Any], done: bool) -> None:
+    """Never an id remembered for an item that was not stored."""
+    stored = _drain(q)
+    assert stored in (["made"], ["made", "d"]), stored
+    assert not done or stored == ["made", "d"]
+    q.put("again", dedup_id="k")
+    again = _drain(q)
+    if "d" in stored:
+        assert again in ([], ["again"])  # its id remembered, or forgotten (at-least-once)
+        assert not done or again == []
+    else:
+        assert again == ["again"], "the id was remembered for an item that was not stored"
+
+
 SCENARIOS: dict[str, tuple[Any, Any, Any]] = {
     "get": (_options_queue, _op_get, _checker({"p2"})),
     "get_many": (_options_queue, _op_get_many, _checker(set(LIVE))),
     "get_message": (_options_queue, _op_get_message, _checker({"p2"})),
     "put_many_growing": (_wrapped_queue, _op_put_many, _check_wrapped),
     "shutdown_immediate": (_options_queue, _op_shutdown, _check_shutdown),
+    "put_dedup": (_dedup_queue, _op_put_dedup, _check_dedup),
 }
 
 
@@ -292,7 +318,9 @@ def _die() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", ["get", "get_many", "put_many_growing", "shutdown_immediate"])
+@pytest.mark.parametrize(
+    "scenario", ["get", "get_many", "put_many_growing", "shutdown_immediate", "put_dedup"]
+)
 def test_a_process_killed_at_any_line_leaves_the_queue_whole(path: str, scenario: str) -> None:
     make, op, check = SCENARIOS[scenario]
     n = 0

@@ -148,6 +148,7 @@ def release(fd: int, path: str | None, owner_pid: int) -> None:
     if path is not None and os.getpid() == owner_pid:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path + DEDUP_SUFFIX)  # the table of dedup ids, if a put made one
+        for extra in (DEDUP_SUFFIX, DEDUP_SUFFIX + "-journal"):  # the table of dedup ids,
+            with contextlib.suppress(FileNotFoundError):  # and its journal if a put died
+                os.unlink(path + extra)
         _shm_tracker.unregister(path)

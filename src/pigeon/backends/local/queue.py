@@ -11,7 +11,6 @@ import heapq
 import mmap
 import os
 import pickle
-import sqlite3
 import struct
 import sys
 import tempfile
@@ -31,6 +30,7 @@ from pigeon.backends.local.codec import (
     with_options,
     wrap,
 )
+from pigeon.backends.local.dedup import DedupBusy, DedupTable
 from pigeon.backends.local.layout import (
     COPY_AS_BYTES,
     DEDUP_SUFFIX,
@@ -138,8 +138,7 @@ class LocalQueue(Queue[T]):
         self.expired = 0  # messages past their ttl this handle found and dropped
         self._due: float | None = None  # when the next delayed message comes due (a hint)
         self._dedup_window = _check_window(dedup_window)
-        self._dedup_db: sqlite3.Connection | None = None  # see _put_deduplicated
-        self._dedup_pid = 0
+        self._dedup: DedupTable | None = None  # made by the first put with an id
         self._finalizer: weakref.finalize[Any, Any] | None = None
         self._creator = _path is None
         if _path is None:
@@ -703,10 +702,15 @@ class LocalQueue(Queue[T]):
         return records
 
     def _put_with_options(
-        self, item: T, block: bool, timeout: float | None, opts: PutOptions | None
+        self,
+        item: T,
+        block: bool,
+        timeout: float | None,
+        opts: PutOptions | None,
+        lock_wait: float | None = None,
     ) -> None:
         if opts is not None and opts.dedup_id:
-            self._put_deduplicated([item], [opts.dedup_id], block, timeout, opts)
+            self._put_deduplicated([item], [opts.dedup_id], block, timeout, opts, lock_wait)
             return
         self._put(self._records([item], opts), block, timeout)
 
@@ -717,6 +721,7 @@ class LocalQueue(Queue[T]):
         timeout: float | None,
         opts: PutOptions | None,
         dedup_ids: list[str] | None,
+        lock_wait: float | None = None,
     ) -> None:
         if self._maxsize and len(items) > self._maxsize:
             raise ValueError(
@@ -724,9 +729,27 @@ class LocalQueue(Queue[T]):
                 "split the batch"
             )
         if dedup_ids is not None:
-            self._put_deduplicated(items, dedup_ids, block, timeout, opts)
+            self._put_deduplicated(items, dedup_ids, block, timeout, opts, lock_wait)
         elif items:
             self._put(self._records(items, opts), block, timeout)
+
+    def _try_put(self, item: T, **options: Any) -> None:
+        """``put(item, block=False, **options)`` that does not wait for the table of
+        dedup ids either (``DedupBusy``): for the asyncio face, which must never block."""
+        if options.get("dedup_id") is None:
+            self.put(item, block=False, **options)
+            return
+        self._put_with_options(item, False, None, put_options(**options), lock_wait=0.0)
+
+    def _try_put_many(self, items: list[T], **options: Any) -> None:
+        """``put_many`` as ``_try_put`` puts one item."""
+        dedup_ids = options.pop("dedup_ids", None)
+        if dedup_ids is None:
+            self.put_many(items, block=False, **options)
+            return
+        opts = put_options(dedup_id=None, **options)
+        ids = check_dedup_ids(dedup_ids, len(items))
+        self._put_many_with_options(items, False, None, opts, ids, lock_wait=0.0)
 
     def _put_deduplicated(
         self,
@@ -735,53 +758,48 @@ class LocalQueue(Queue[T]):
         block: bool,
         timeout: float | None,
         opts: PutOptions | None,
+        lock_wait: float | None = None,
     ) -> None:
-        """Put the items whose dedup id the queue does not remember, and remember them.
+        """Put the items whose dedup id the queue does not remember, and remember them
+        (see ``dedup.py``): one short transaction that puts without waiting, and waits for
+        room outside it. ``lock_wait``: how long to wait for the table's lock (None: the
+        call's deadline, or as long as it takes)."""
+        deadline: float | None = None
+        if timeout is not None and block:
+            deadline = deadline_from(block, timeout)
+        table = self._dedup_table()
+        while True:
+            seq = self._seq(GET_SEQ)  # read before trying: no get can slip between
+            wait = lock_wait
+            if wait is None and deadline is not None:
+                wait = max(0.0, deadline - time.monotonic())
+            try:
+                with table.transaction(wait):
+                    now = host_clock()
+                    new = table.remember(dedup_ids, now, self._dedup_window)
+                    fresh = [item for item, is_new in zip(items, new, strict=True) if is_new]
+                    if fresh:
+                        self._put(self._records(fresh, opts), False, None)
+                return
+            except DedupBusy:
+                if lock_wait is not None:
+                    raise
+                raise Full(
+                    f"put timed out after {timeout} s: the local queue's table of dedup ids "
+                    "stayed locked by another put"
+                ) from None
+            except Full:
+                if not block or (deadline is not None and time.monotonic() >= deadline):
+                    raise
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._wait_change(GET_SEQ, seq, left)
 
-        The ids live in a SQLite table beside the queue's file (``PATH.dedup``, made at the
-        first put with an id, removed with the queue), shared by every process. One
-        transaction holds its write lock across the put: the ids are written, the ring is
-        committed, then the ids are committed. A process killed in between leaves the
-        message stored and its id forgotten (a retry may store it twice: at-least-once),
-        never the reverse (an id remembered for a message that was not stored)."""
-        db = self._dedup_table()
-        now = host_clock()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("DELETE FROM ids WHERE until <= ?", (now,))
-            until = now + self._dedup_window
-            fresh = [
-                item
-                for item, d in zip(items, dedup_ids, strict=True)
-                if db.execute("INSERT OR IGNORE INTO ids VALUES (?, ?)", (d, until)).rowcount
-            ]
-            if fresh:
-                self._put(self._records(fresh, opts), block, timeout)
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
-
-    def _dedup_table(self) -> sqlite3.Connection:
-        """This process's connection to the queue's table of dedup ids."""
-        db = self._dedup_db
-        if db is not None and self._dedup_pid == os.getpid():
-            return db
+    def _dedup_table(self) -> DedupTable:
+        """This handle's table of dedup ids (made at the first put with an id)."""
         self._check()
-        # a connection made before a fork is not used in the child (SQLite forbids it)
-        db = sqlite3.connect(
-            self._path + DEDUP_SUFFIX, timeout=600, isolation_level=None, check_same_thread=False
-        )
-        db.execute("PRAGMA journal_mode=MEMORY")  # tmpfs: nothing to protect from power loss
-        db.execute("PRAGMA synchronous=OFF")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS ids (id TEXT PRIMARY KEY, until REAL NOT NULL) "
-            "WITHOUT ROWID"
-        )
-        db.execute("CREATE INDEX IF NOT EXISTS ids_until ON ids (until)")
-        self._dedup_db, self._dedup_pid = db, os.getpid()
-        return db
+        if self._dedup is None:
+            self._dedup = DedupTable(self._path + DEDUP_SUFFIX)
+        return self._dedup
 
     def _put(
         self,
@@ -1280,9 +1298,8 @@ class LocalQueue(Queue[T]):
             for word, n in self._registered.items():
                 if n > 0:
                     self._register(word, -n)
-            if self._dedup_db is not None and self._dedup_pid == os.getpid():
-                with contextlib.suppress(sqlite3.Error):
-                    self._dedup_db.close()
+            if self._dedup is not None:
+                self._dedup.close()
             if self._finalizer is not None:
                 self._finalizer()  # closes the descriptor (and, for its creator, the file)
         finally:
