@@ -1263,11 +1263,19 @@ class LocalQueue(Queue[T]):
             self._wake(word)
 
     def _requeue(
-        self, item: T, deliveries: int, headers: dict[str, str] | None = None, priority: int = 0
+        self,
+        item: T,
+        deliveries: int,
+        headers: dict[str, str] | None = None,
+        priority: int = 0,
+        delay: float = 0.0,
     ) -> None:
+        """Give a taken item back to the ring: it keeps its priority and headers, not its
+        ttl; ``delay`` makes it due that many seconds from now, in the ring itself."""
         record = self._encode(item)
-        if priority:  # a message given back keeps its priority (and headers), not its timers
-            record = with_options(record, PutOptions(priority=priority, headers=headers or {}), 0)
+        if priority or delay:
+            opts = PutOptions(delay=delay, priority=priority, headers=headers or {})
+            record = with_options(record, opts, host_clock())
         elif headers:
             record = wrap(record, headers)
         self._put([record], True, None, min(deliveries, 0xFFFF), requeue=True)
@@ -1343,9 +1351,10 @@ class LocalMessage(Message[T]):
     """A message taken from a local queue.
 
     The item has left the queue when you get it. ``ack()`` just marks it settled;
-    ``nack(requeue=True, delay=0)`` puts it back at the tail with ``delivery_count + 1``
-    (after ``delay`` seconds, from a timer thread of this process: if the process exits
-    first, the item is lost). ``extend()`` does nothing: local messages have no lease.
+    ``nack(requeue=True, delay=0)`` puts it back at the tail with ``delivery_count + 1``,
+    at once: with a ``delay`` it waits in the shared ring until it comes due, seen by
+    every process (``qsize`` counts it) and kept when this process exits. ``extend()``
+    does nothing: local messages have no lease.
     """
 
     def __init__(
@@ -1372,18 +1381,14 @@ class LocalMessage(Message[T]):
         self._settle()
 
     def nack(self, requeue: bool = True, delay: float = 0, *, reason: str = "") -> None:
-        if delay < 0:
-            raise ValueError(f"delay must be >= 0, not {delay}")
+        bad = seconds_problem("delay", delay, nil=False)
+        if bad:
+            raise ValueError(bad)
         self._settle()
-        if not requeue:
-            return
-        args = (self.body, self.delivery_count + 1, self.headers, self._priority)
-        if delay == 0:
-            self._queue._requeue(*args)
-        else:
-            timer = threading.Timer(delay, self._queue._requeue, args)
-            timer.daemon = True
-            timer.start()
+        if requeue:
+            self._queue._requeue(
+                self.body, self.delivery_count + 1, self.headers, self._priority, float(delay)
+            )
 
     def extend(self, seconds: float) -> None:
         if seconds < 0:
