@@ -287,3 +287,15 @@ def test_a_nack_delay_is_checked_like_a_put_delay() -> None:
             msg.nack(delay=float("nan"))
         msg.nack(delay=0.05)
         assert q.get(timeout=5) == "x"
+
+
+def test_a_repeated_dedup_id_is_refused_after_shutdown_like_any_put() -> None:
+    """Found by the model (test_local_model.py): a put whose every id was a repeat did
+    not reach the ring, so it returned normally on a shut-down queue."""
+    with pigeon.Queue() as q:
+        q.put("x", dedup_id="k")
+        q.shutdown()
+        with pytest.raises(pigeon.ShutDown):
+            q.put("x", dedup_id="k")
+        with pytest.raises(pigeon.ShutDown):
+            q.put_many(["x"], dedup_ids=["k"])

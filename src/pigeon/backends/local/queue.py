@@ -780,6 +780,8 @@ class LocalQueue(Queue[T]):
                     fresh = [item for item, is_new in zip(items, new, strict=True) if is_new]
                     if fresh:
                         self._put(self._records(fresh, opts), False, None)
+                    elif self._state().flags & SHUTDOWN:  # a repeat is refused alike
+                        raise ShutDown("the queue was shut down; put refused")
                 return
             except DedupBusy:
                 if lock_wait is not None:
