@@ -10,109 +10,25 @@ the operation completes uninterrupted. They run on the C path and on the pure-Py
 
 from __future__ import annotations
 
-import ast
-import functools
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from types import FrameType
 from typing import Any
 
 import pytest
 
 import pigeon
-from pigeon.backends import local as local_pkg
 from pigeon.backends.local import LocalQueue
-from pigeon.backends.local import queue as local_queue
-
-# the local queue's own code: its package, and the ring helpers wherever they live
-_HERE = os.path.dirname(local_pkg.__file__ or "")
-_OURS = (_HERE, os.path.join(os.path.dirname(_HERE), "_ring.py"))
-
-
-@functools.cache
-def _quiet_lines(filename: str) -> frozenset[int]:
-    """The lines of ``filename`` at whose start no pending signal can be handled.
-
-    CPython runs signal handlers at a function's entry, after a call returns and at
-    backward jumps (the other interruption points below cover those). A ``try:`` is a NOP
-    ahead of its protected range; a ``return`` without a call in it, a ``break`` or a
-    ``continue`` leaves the range (running a ``finally`` on the way) with no call first;
-    and the first statement of an ``except`` or ``finally`` block starts with no call
-    either. An interruption "there" is one after the call before, which the other points
-    model."""
-    with open(filename) as f:
-        tree = ast.parse(f.read())
-    quiet: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Try):
-            quiet.add(node.lineno)
-            for block in [node.finalbody, *(h.body for h in node.handlers)]:
-                if block:
-                    quiet.add(block[0].lineno)
-        elif isinstance(node, ast.Break | ast.Continue) or (
-            isinstance(node, ast.Return)
-            and not any(isinstance(n, ast.Call) for n in ast.walk(node))
-        ):
-            quiet.add(node.lineno)
-    return frozenset(quiet)
-
-
-class _Fault:
-    """Acts at the n-th point of the local queue's code run in this thread: the start of
-    each line (but the ones above), and the return of each C function it calls (where
-    CPython handles a pending signal, with the call's effect done and its result lost)."""
-
-    def __init__(self, n: int, action: Callable[[], None]) -> None:
-        self.left = n
-        self.action = action
-        self.fired = False
-
-    def __enter__(self) -> _Fault:
-        sys.setprofile(self._profile)
-        sys.settrace(self._call)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        sys.settrace(None)
-        sys.setprofile(None)
-
-    def _point(self) -> None:
-        if not self.fired:
-            self.left -= 1
-            if self.left == 0:
-                self.fired = True
-                self.action()
-
-    def _call(self, frame: FrameType, event: str, arg: Any) -> Any:
-        if event == "call" and frame.f_code.co_filename.startswith(_OURS):
-            return self._line
-        return None
-
-    def _line(self, frame: FrameType, event: str, arg: Any) -> Any:
-        if event == "line" and frame.f_lineno not in _quiet_lines(frame.f_code.co_filename):
-            self._point()
-        return self._line
-
-    def _profile(self, frame: FrameType, event: str, arg: Any) -> None:
-        if event == "c_return" and frame.f_code.co_filename.startswith(_OURS):
-            self._point()
+from tests.backends._local_faults import Fault as _Fault
+from tests.backends._local_faults import use_path
 
 
 @pytest.fixture(params=["c", "pure"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The C fast path (where it is built) and the pure-Python path with the ctypes mutex."""
-    from pigeon.backends.local import lock
-
-    if request.param == "pure":
-        monkeypatch.setattr(local_queue, "C", None)
-        if local_queue.MUTEX is not None:
-            monkeypatch.setattr(local_queue, "MUTEX", lock.ctypes_mutex())
-    elif local_queue.C is None:
-        pytest.skip("the C fast path is not built here (CI builds it and runs this)")
+    use_path(request.param, monkeypatch)
     yield request.param
 
 
