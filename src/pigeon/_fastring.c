@@ -1,11 +1,11 @@
 /* The local queue's hot path in C: put and get, one item or a batch, each in one call.
  *
  * Strategy: the same file layout, the same lock and the same commit as the pure-Python
- * path in backends/local/queue.py (which stays the fallback, and the reference). Each call takes
- * the cross-process lock, copies the records into (or out of) the ring, writes the new state
- * into the spare slot of the control page and publishes it with one single-byte store
- * (release ordering, so the bytes are in place before it), bumps the sequence word and reads
- * whether anyone waits on it, then drops the lock. Anything unusual - no room, growth,
+ * path in backends/local/ (queue.py, shared.py: it stays the fallback, and the reference).
+ * Each call takes the cross-process lock, copies the records into (or out of) the ring,
+ * writes the new state into the spare slot of the control page and publishes it with one
+ * single-byte store (release ordering, so the bytes are in place before it), bumps the
+ * sequence word and reads whether anyone waits on it, then drops the lock. Anything unusual - no room, growth,
  * shutdown, a record this path does not copy - returns -1/None and the Python path takes
  * over, with nothing changed.
  *
@@ -29,7 +29,7 @@
  * mutex; [512] the intent area of a commit with marks, which only the Python path writes
  * and completes (this path leaves any state with marks to it). Records: u32 length, u16
  * kind, u16 deliveries, payload, padded to 8 bytes; kind 0 is a wrap marker
- * (backends/_ring.py).
+ * (backends/local/ring.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -157,7 +157,7 @@ static PyObject *lock_error(int rc) {
     return PyErr_SetFromErrno(PyExc_OSError);
 }
 
-/* ---- the ring (the same rules as backends/_ring.py) ------------------------------------ */
+/* ---- the ring (the same rules as backends/local/ring.py) ------------------------------- */
 
 static inline void read_state(const uint8_t *ctrl, int idx, state_t *st) {
     memcpy(st, ctrl + OFF_SLOTS + 64 * idx, sizeof *st);
@@ -182,7 +182,7 @@ static inline void write_header(uint8_t *at, uint32_t len, uint16_t kind, uint16
     memcpy(at + 6, &deliveries, 2);
 }
 
-/* _ring.reserve: the offset for a record of n payload bytes (the state advanced), or -1. */
+/* ring.reserve: the offset for a record of n payload bytes (the state advanced), or -1. */
 static int64_t reserve(uint8_t *data, state_t *st, uint64_t n) {
     uint64_t rec = record_size(n), pos;
     if (st->count == 0) st->head = st->tail = 0;
@@ -203,7 +203,7 @@ static int64_t reserve(uint8_t *data, state_t *st, uint64_t n) {
     return (int64_t)pos;
 }
 
-/* _ring.next_record: the oldest record's offset (the state advanced), or -1 if damaged. */
+/* ring.next_record: the oldest record's offset (the state advanced), or -1 if damaged. */
 static int64_t next_record(const uint8_t *data, state_t *st, uint32_t *len, uint16_t *kind,
                            uint16_t *deliveries) {
     uint64_t pos = st->capacity - st->head >= HEADER ? st->head : 0;

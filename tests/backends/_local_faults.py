@@ -15,12 +15,11 @@ from typing import Any
 import pytest
 
 from pigeon.backends import local as local_pkg
-from pigeon.backends.local import lock
+from pigeon.backends.local import lock, shared
 from pigeon.backends.local import queue as local_queue
 
-# the local queue's own code: its package, and the ring helpers wherever they live
-_HERE = os.path.dirname(local_pkg.__file__ or "")
-_OURS = (_HERE, os.path.join(os.path.dirname(_HERE), "_ring.py"))
+# the local queue's own code: its package
+_OURS = os.path.dirname(local_pkg.__file__ or "")
 
 
 @functools.cache
@@ -103,7 +102,7 @@ def use_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     (the pure-Python path with the ctypes mutex), for queues made from now on."""
     if path == "pure":
         monkeypatch.setattr(local_queue, "C", None)
-        if local_queue.MUTEX is not None:
-            monkeypatch.setattr(local_queue, "MUTEX", lock.ctypes_mutex())
+        if shared.MUTEX is not None:
+            monkeypatch.setattr(shared, "MUTEX", lock.ctypes_mutex())
     elif local_queue.C is None:
         pytest.skip("the C fast path is not built here (CI builds it and runs this)")

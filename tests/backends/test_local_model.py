@@ -52,8 +52,7 @@ from hypothesis.stateful import (
 )
 
 import pigeon
-from pigeon.backends import _ring
-from pigeon.backends.local import LocalQueue
+from pigeon.backends.local import LocalQueue, ring
 from pigeon.backends.local import queue as local_queue
 from pigeon.backends.local.codec import unwrap
 from pigeon.backends.local.layout import IMMEDIATE, K_HEADERS, K_OPTIONS, K_TAKEN, OPTS, SHUTDOWN
@@ -226,10 +225,10 @@ def observe(q: LocalQueue[Any], now: float) -> tuple[Any, ...]:
         data = q._data
         if data is None or st.capacity != q._cap:
             data = q._map_data(st.capacity)
-        walk = _ring.RingState(st.head, st.tail, st.count, st.capacity)
+        walk = ring.RingState(st.head, st.tail, st.count, st.capacity)
         records = []
         while walk.count:
-            kind, deliveries, at, length = _ring.next_record(data, walk)
+            kind, deliveries, at, length = ring.next_record(data, walk)
             if kind == K_TAKEN:
                 continue
             payload = bytes(data[at : at + length])

@@ -9,7 +9,7 @@ import time
 
 import msgspec
 
-from pigeon.backends import _ring
+from pigeon.backends.local import ring
 
 PAGE = 4096
 # The magic says which lock the file uses, and the layout's version: files of layout 1
@@ -40,8 +40,8 @@ MAX_MARKS = (PAGE - OFF_MARKS) // 8
 U32 = struct.Struct("<I")
 unpack_state = STATE.unpack_from
 pack_state = STATE.pack_into
-pack_header = _ring.HEADER.pack_into
-unpack_header = _ring.HEADER.unpack_from
+pack_header = ring.HEADER.pack_into
+unpack_header = ring.HEADER.unpack_from
 
 SHUTDOWN = 1
 IMMEDIATE = 2

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from pigeon.backends import _shm_tracker
+from pigeon.backends.local import tracker
 from pigeon.backends.local.layout import DEDUP_SUFFIX
 
 LOCK_TRIES = 50  # tries of the ctypes mutex before the robust lock is taken blocking
@@ -142,7 +142,7 @@ def release(fd: int, path: str | None, owner_pid: int) -> None:
     """A handle is closed or garbage-collected: close its descriptor; its creator, in the
     process that created it, removes the file too."""
     if os.getpid() == owner_pid:  # a fork child shares the description until it reopens
-        _shm_tracker.let_go(fd)
+        tracker.let_go(fd)
     with contextlib.suppress(OSError):
         os.close(fd)
     if path is not None and os.getpid() == owner_pid:
@@ -151,4 +151,4 @@ def release(fd: int, path: str | None, owner_pid: int) -> None:
         for extra in (DEDUP_SUFFIX, DEDUP_SUFFIX + "-journal"):  # the table of dedup ids,
             with contextlib.suppress(FileNotFoundError):  # and its journal if a put died
                 os.unlink(path + extra)
-        _shm_tracker.unregister(path)
+        tracker.unregister(path)

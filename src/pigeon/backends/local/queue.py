@@ -1,35 +1,21 @@
-"""The local queue's operations: ``LocalQueue`` and ``LocalMessage`` (see the package's
-docstring for what it offers and how)."""
+"""The local queue's operations: ``LocalQueue`` (see the package's docstring for what it
+offers and how). The shared file, its lock and its commits are ``shared.py``'s; waiting is
+``waits.py``'s; what a take picks is ``pick.py``'s; records are ``codec.py``'s."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import functools
-import heapq
 import mmap
 import os
-import pickle
-import struct
-import sys
-import tempfile
-import threading
 import time
-import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
-from pigeon import _futex, _otel
-from pigeon._queue_base import Message, Queue, deadline_from
-from pigeon.backends import _ring, _shm_tracker
+from pigeon import _otel
+from pigeon._queue_base import Queue, deadline_from
 from pigeon.backends._url import check_maxsize
-from pigeon.backends.local import lock
-from pigeon.backends.local.codec import (
-    unwrap,
-    with_options,
-    wrap,
-)
+from pigeon.backends.local import ring, tracker
+from pigeon.backends.local.codec import decode, encode, unwrap, with_options, wrap
 from pigeon.backends.local.dedup import DedupBusy, DedupTable
 from pigeon.backends.local.layout import (
     COPY_AS_BYTES,
@@ -37,29 +23,14 @@ from pigeon.backends.local.layout import (
     GET_SEQ,
     IMMEDIATE,
     JOIN_SEQ,
-    K_BYTEARRAY,
     K_BYTES,
     K_HEADERS,
     K_OPTIONS,
-    K_PICKLE,
-    K_PICKLE_OOB,
-    K_SERIALIZED,
-    K_TAKEN,
-    KIND_AT,
-    MAGIC,
-    MAGIC_MUTEX,
-    MAX_MARKS,
     OFF_INDEX,
-    OFF_MARKS,
-    OFF_MAXSIZE,
-    OFF_MUTEX,
     OFF_SLOTS,
-    OLD_MAGICS,
-    OPTS,
     PAGE,
     PUT_SEQ,
     SHUTDOWN,
-    STATE,
     U32,
     WAITERS,
     host_clock,
@@ -68,49 +39,29 @@ from pigeon.backends.local.layout import (
     unpack_header,
     unpack_state,
 )
-from pigeon.backends.local.lock import (
-    LOCK_TRIES,
-    MUTEX,
-    C,
-    fork_generation,
-    release,
-    shm_dir,
-)
-from pigeon.errors import (
-    ClosedResourceError,
-    DecodeError,
-    Empty,
-    Full,
-    LocalProtocolError,
-    ShutDown,
-)
+from pigeon.backends.local.lock import C, fork_generation, release
+from pigeon.backends.local.message import LocalMessage
+from pigeon.backends.local.pick import pick, read
+from pigeon.backends.local.waits import Waits
+from pigeon.errors import ClosedResourceError, DecodeError, Empty, Full, ShutDown
 from pigeon.options import QueueOptions, check_dedup_ids, put_options
 from pigeon.protocol.messages import PutOptions
 from pigeon.protocol.rules import DEFAULT_DEDUP_WINDOW, seconds_problem
 from pigeon.serializers import Pickle, SerializerLike, get_serializer
 
-if sys.platform != "win32":
-    import fcntl
-
 T = TypeVar("T")
 
-_EX_NB = (fcntl.LOCK_EX | fcntl.LOCK_NB) if sys.platform != "win32" else 0
-_SPIN = 50e-6  # seconds a waiter watches its word before it sleeps
-_SAFETY_SLICE = 1.0
+__all__ = ["LocalMessage", "LocalQueue"]
+
 # A ring smaller than this grows at once when full; a larger one first gives readers
 # _GROWTH_PATIENCE seconds to make room, so a streaming producer does not grow it by
 # its whole lead over the readers (growing means new zeroed pages of shared memory).
 _FREE_GROWTH = 16 * 2**20
 _GROWTH_PATIENCE = 0.002  # seconds: the longest a waiter sleeps before re-checking
-_OOB_MIN = 64 * 1024  # pickle buffers at least this large go out of band
-
 _DEFAULT_CAPACITY = 1 * 2**20
-K_KIND = struct.Struct("<H")
-# what a take finds a record to be (``_take_special``)
-_LIVE, _TOMB, _TAKEN, _EXPIRED = range(4)
 
 
-class LocalQueue(Queue[T]):
+class LocalQueue(Waits, Queue[T]):
     """A queue in shared memory for the threads and processes of one host."""
 
     def __init__(
@@ -139,11 +90,11 @@ class LocalQueue(Queue[T]):
         self._due: float | None = None  # when the next delayed message comes due (a hint)
         self._dedup_window = _check_window(dedup_window)
         self._dedup: DedupTable | None = None  # made by the first put with an id
-        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._finalizer = None
         self._creator = _path is None
         if _path is None:
             self._path = self._create(maxsize, max(PAGE, capacity))
-            _shm_tracker.register(self._path)
+            tracker.register(self._path)
         else:
             self._path = _path
         try:
@@ -153,353 +104,20 @@ class LocalQueue(Queue[T]):
                 release(-1, self._path, os.getpid())
             raise
 
-    # --- the shared file ------------------------------------------------------------
-
-    @staticmethod
-    def _create(maxsize: int, capacity: int) -> str:
-        capacity = (capacity + PAGE - 1) // PAGE * PAGE
-        fd, path = tempfile.mkstemp(prefix="pigeon-q-", dir=shm_dir())
-        try:
-            os.ftruncate(fd, PAGE + capacity)
-            with mmap.mmap(fd, PAGE) as ctrl:
-                struct.pack_into("<Q", ctrl, OFF_MAXSIZE, maxsize)
-                STATE.pack_into(ctrl, OFF_SLOTS, 0, 0, 0, 0, capacity, 0, 0, 0, 0)
-                if MUTEX is not None:
-                    anchor = ctypes.c_char.from_buffer(ctrl)
-                    try:
-                        MUTEX.init(ctypes.addressof(anchor) + OFF_MUTEX)
-                    finally:
-                        del anchor
-                # the magic last: it says which lock the file uses
-                ctrl[0:8] = MAGIC if MUTEX is None else MAGIC_MUTEX
-        finally:
-            os.close(fd)
-        return path
-
-    def _open(self) -> None:
-        try:
-            fd = os.open(self._path, os.O_RDWR)
-        except FileNotFoundError:
-            raise ClosedResourceError(
-                f"local queue {self._path} no longer exists: the process that created it "
-                "closed it or exited; keep the creator's handle open while others use it"
-            ) from None
-        self._fd = fd
-        self._hold(fd, self._path if self._creator else None)
-        self._gen = fork_generation[0]
-        self._tlock = threading.Lock()
-        self._registered = dict.fromkeys(WAITERS, 0)  # this handle's share of the waiters
-        self._ctrl = mmap.mmap(fd, PAGE)
-        # addresses for the C fast path; the anchors keep the mappings exported (alive)
-        self._ctrl_anchor: Any = ctypes.c_char.from_buffer(self._ctrl)
-        self._ctrl_addr = ctypes.addressof(self._ctrl_anchor)
-        self._data_anchor: Any = None
-        self._retired: list[tuple[mmap.mmap, Any]] = []  # earlier mappings (see _map_data)
-        self._mapped = (0, 0)  # (address, capacity) of the data mapping, for the C path
-        magic = self._ctrl[0:8]
-        if magic in OLD_MAGICS:
-            raise ClosedResourceError(
-                f"local queue {self._path} was made by an older pigeon (file layout 1): "
-                "open it with the version that made it"
-            )
-        if magic not in (MAGIC, MAGIC_MUTEX):
-            raise ClosedResourceError(f"{self._path} is not a pigeon local queue")
-        self._mutex = magic == MAGIC_MUTEX
-        if self._mutex and MUTEX is None:
-            raise ClosedResourceError(
-                f"local queue {self._path} is locked with a robust process-shared mutex, "
-                "which this process cannot use (PIGEON_LOCAL_LOCK=flock, or no such mutex "
-                "here): open it from processes that run alike"
-            )
-        self._cfd = -1 if self._mutex else fd  # the C path's lock: -1 is the mutex
-        self._mx = MUTEX  # (this handle's, whatever the module's becomes)
-        self._mutex_addr = self._ctrl_addr + OFF_MUTEX
-        # One C call drops the lock (see lock.Mutex): a ``finally: self._unlock()`` cannot
-        # be interrupted between deciding to drop it and dropping it.
-        self._unlock: Callable[[], object] = (
-            functools.partial(MUTEX.unlock, self._mutex_addr)  # type: ignore[union-attr]
-            if self._mutex
-            else self._unlock_flock
-        )
-        self._maxsize = struct.unpack_from("<Q", self._ctrl, OFF_MAXSIZE)[0]
-        self._words = {
-            off: ctypes.c_uint32.from_buffer(self._ctrl, off)
-            for off in (PUT_SEQ, GET_SEQ, JOIN_SEQ)
-        }
-        self._addr = {off: ctypes.addressof(w) for off, w in self._words.items()}
-        self._cap = 0
-        self._data: mmap.mmap | None = None
-        self._map_data(self._state().capacity)
-
-    def _map_data(self, capacity: int) -> mmap.mmap:
-        data = mmap.mmap(self._fd, capacity, offset=PAGE)
-        anchor = ctypes.c_char.from_buffer(data)
-        if self._data is not None:
-            # Kept, not closed: another thread of this process may be on its way into the
-            # C path with the old (address, capacity), and a growth that was interrupted
-            # before its commit leaves the old capacity the committed one. The old mapping
-            # stays valid memory (the file only grows); it goes with the handle.
-            self._retired.append((self._data, self._data_anchor))
-        self._data, self._data_anchor = data, anchor
-        # one object: a thread reading it never pairs one mapping's address with another's
-        # capacity (the C path checks the capacity against the committed state)
-        self._mapped = (ctypes.addressof(anchor), capacity)
-        self._cap = capacity
-        return data
-
-    def _hold(self, fd: int, unlink: str | None) -> None:
-        """Own ``fd``: mark the file held (see ``_shm_tracker``) and close ``fd`` when this
-        handle is closed or garbage-collected."""
-        _shm_tracker.hold(fd)
-        if self._finalizer is not None:
-            self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, release, fd, unlink, os.getpid())
-
-    def _after_fork(self) -> None:
-        # flock belongs to the open file description, which fork shares with the
-        # parent: take a description of our own, and let go of the inherited descriptor
-        # (the parent's stays open); the shared-memory mutex needs nothing. The mappings
-        # are inherited as they are. Once per handle and fork, whichever thread comes
-        # first: two threads swapping at once would close each other's descriptor.
-        with lock.fork_lock:
-            if self._gen == fork_generation[0]:
-                return
-            old = self._fd
-            try:
-                fd = os.open(f"/proc/self/fd/{old}", os.O_RDWR)
-            except OSError:
-                fd = os.open(self._path, os.O_RDWR)
-            with contextlib.suppress(OSError):
-                os.close(old)
-            self._hold(fd, None)  # a fork child never removes its parent's queue
-            self._tlock = threading.Lock()
-            self._registered = dict.fromkeys(WAITERS, 0)  # the parent's waiters stayed there
-            self._fd = fd
-            self._cfd = -1 if self._mutex else fd
-            self._gen = fork_generation[0]  # last: the others go on only after this
-
     def __reduce__(self) -> tuple[Any, ...]:
         self._check()
         return (_attach, (self._path, self._serializer_spec, self._dedup_window))
 
-    # --- locking and state ------------------------------------------------------------
-
-    def _check(self) -> None:
-        if self._closed:
-            raise ClosedResourceError("this queue handle was closed")
-        if self._gen != fork_generation[0]:
-            self._after_fork()
-
-    def _lock(self) -> None:
-        """Take the queue's lock; finish first what a holder that died or was interrupted
-        published but did not complete (``_recover``)."""
-        if self._closed or self._gen != fork_generation[0]:
-            self._check()
-        if self._mutex:  # it excludes this process's threads too
-            try:
-                self._mx.lock(self._mutex_addr)  # type: ignore[union-attr]
-                if self._closed:  # closed while we waited: close() has let go of the file
-                    raise ClosedResourceError("this queue handle was closed")
-                self._recover()
-                return
-            except BaseException:
-                # Whatever interrupted us (Ctrl-C lands after any call, the lock's too)
-                # must not leave the lock held by a live thread: a robust mutex refuses
-                # (EPERM) to be unlocked by a thread that does not hold it, so this is
-                # right whether or not we got it.
-                self._mx.unlock(self._mutex_addr)  # type: ignore[union-attr]
-                raise
-        self._tlock.acquire()
-        try:
-            if self._closed:  # closed while we waited: its descriptor is gone
-                raise ClosedResourceError("this queue handle was closed")
-            # Try for a few microseconds before sleeping in the kernel: the holder keeps
-            # the lock for about a microsecond, and a sleep and wake cost far more.
-            for _ in range(LOCK_TRIES):
-                try:
-                    fcntl.flock(self._fd, _EX_NB)
-                    break
-                except BlockingIOError:
-                    pass
-            else:
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-            self._recover()
-        except BaseException:
-            if not self._closed:  # (when closed, the descriptor is gone and not ours)
-                with contextlib.suppress(OSError):
-                    fcntl.flock(self._fd, fcntl.LOCK_UN)  # a no-op if we did not get it
-            self._tlock.release()
-            raise
-
-    def _unlock_flock(self) -> None:
-        # (two calls: an interruption between them leaves this handle's thread lock held;
-        # this path is the one for systems without robust mutexes)
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        self._tlock.release()
-
-    def _state(self) -> _ring.RingState:
-        """The committed state (read it under the lock to change it; it has no side
-        effect, so ``qsize`` may read it without the lock)."""
-        # The slot index is 0 or 1: its low byte is the whole of it.
-        head, tail, count, unfinished, cap, special, tombs, flags, marks = unpack_state(
-            self._ctrl, OFF_SLOTS + 64 * self._ctrl[OFF_INDEX]
-        )
-        return _ring.RingState(head, tail, count, cap, unfinished, special, tombs, flags, marks)
-
-    def _commit(self, st: _ring.RingState, marks: Sequence[int] = ()) -> None:
-        """Publish ``st``: one single-byte store makes the whole change visible.
-
-        ``marks`` are the offsets of record headers this change turns into tombstones
-        (``st.tombs`` already counts them). They live in the ring, outside the
-        double-buffered state, so they go through the intent area: written there, published
-        with the state (``st.marks``), applied, then the state is published again without
-        them. Interrupted anywhere, the change is either invisible (before the first
-        publish) or complete: the next lock holder applies published marks first."""
-        if marks:
-            assert len(marks) <= MAX_MARKS and not st.marks
-            struct.pack_into(f"<{len(marks)}Q", self._ctrl, OFF_MARKS, *marks)
-            st.marks = len(marks)
-            self._write_state(st)
-            self._apply_marks(st)
-            st.marks = 0
-        self._write_state(st)
-
-    def _write_state(self, st: _ring.RingState) -> None:
-        idx = self._ctrl[OFF_INDEX] ^ 1
-        pack_state(
-            self._ctrl, OFF_SLOTS + 64 * idx, st.head, st.tail, st.count, st.unfinished,
-            st.capacity, st.special, st.tombs, st.flags, st.marks,
-        )  # fmt: skip
-        self._publish(idx)
-
-    def _publish(self, idx: int) -> None:
-        """The commit: one single-byte store, atomic by nature. Before it, a change is
-        invisible; after it, complete."""
-        self._ctrl[OFF_INDEX] = idx
-
-    def _apply_marks(self, st: _ring.RingState) -> None:
-        """Write the published marks (idempotent: each sets a header's kind to K_TAKEN)."""
-        data = self._data
-        if data is None or st.capacity != self._cap:
-            data = self._map_data(st.capacity)
-        for pos in struct.unpack_from(f"<{st.marks}Q", self._ctrl, OFF_MARKS):
-            K_KIND.pack_into(data, pos + KIND_AT, K_TAKEN)
-
-    def _recover(self) -> None:
-        """Under the lock: complete a commit whose marks were published but maybe not all
-        written (its holder died, or an exception left its section)."""
-        st = self._state()
-        if st.marks:
-            self._apply_marks(st)
-            st.marks = 0
-            self._write_state(st)
-
-    def _bump(self, word: int) -> bool:
-        """Advance a sequence word; True if someone waits on it (call ``_wake`` after)."""
-        w = self._words[word]
-        w.value += 1  # a c_uint32: wraps at 2**32 by itself
-        return bool(U32.unpack_from(self._ctrl, WAITERS[word])[0])
-
-    def _wake(self, word: int) -> None:
-        if _futex.AVAILABLE:
-            _futex.wake(self._addr[word])
-
-    def _seq(self, word: int) -> int:
-        if self._closed:
-            raise ClosedResourceError("this queue handle was closed")
-        return int(self._words[word].value)
-
-    def _register(self, word: int, delta: int) -> None:
-        """Count this thread in or out of the waiters on ``word`` (under the lock): a
-        waker skips its system call while no one is counted. This handle keeps its own
-        share too, so that ``close()`` takes back what its waiting threads cannot."""
-        off = WAITERS[word]
-        n = U32.unpack_from(self._ctrl, off)[0] + delta
-        self._registered[word] += delta  # (no call between this and the store below)
-        U32.pack_into(self._ctrl, off, max(0, n))
-
-    def _deregister(self, word: int) -> None:
-        """Count out a waiter whose wait ended by an exception (Ctrl-C in its sleep, the
-        handle closed under it)."""
-        try:
-            self._lock()
-        except ClosedResourceError:
-            return  # close() took back this handle's share
-        try:
-            self._register(word, -1)
-        finally:
-            self._unlock()
-
-    def _spin(self, word: int, seq: int) -> int:
-        """Watch ``word`` for a few microseconds before paying for a futex sleep and wake.
-
-        A consumer that is faster than its producer would otherwise sleep after every
-        item and cost the producer a wake syscall per put. Returns a non-zero count so
-        the caller spins once per wait.
-        """
-        w = self._words[word]
-        end = time.perf_counter() + _SPIN
-        while w.value == seq and time.perf_counter() < end:
-            pass
-        return 1
-
-    def _sleep(self, word: int, seq: int, deadline: float | None) -> None:
-        """Sleep until ``word`` moves past ``seq``, the deadline, or the safety slice."""
-        slice_ = _SAFETY_SLICE
-        if deadline is not None:
-            slice_ = min(slice_, deadline - time.monotonic())
-            if slice_ <= 0:
-                return
-        if _futex.AVAILABLE:
-            _futex.wait(self._addr[word], seq, slice_)
-        else:
-            time.sleep(min(slice_, 0.001))
-
-    def _wait_change(self, word: int, seq: int, timeout: float | None) -> None:
-        """Register as a waiter on ``word`` and sleep until it changes (for AsyncQueue)."""
-        self._lock()
-        try:
-            if self._seq(word) != seq:
-                return
-            self._register(word, +1)
-        finally:
-            self._unlock()
-        try:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            self._sleep(word, seq, deadline)
-        finally:
-            self._deregister(word)
-
     # --- encoding -------------------------------------------------------------------
 
     def _encode(self, item: Any) -> tuple[int, list[Any]]:
-        if not self._pickle:
-            return K_SERIALIZED, [self._ser.dumps(item)]
-        cls = type(item)
-        if cls is bytes:
-            return K_BYTES, [item]
-        if cls is bytearray:
-            return K_BYTEARRAY, [item]
-        buffers: list[pickle.PickleBuffer] = []
-
-        def out_of_band(buf: pickle.PickleBuffer) -> bool:
-            if buf.raw().nbytes >= _OOB_MIN:
-                buffers.append(buf)
-                return False
-            return True
-
-        data = pickle.dumps(item, protocol=5, buffer_callback=out_of_band)
-        if not buffers:
-            return K_PICKLE, [data]
-        raws = [b.raw() for b in buffers]
-        head = struct.pack(f"<IQ{len(raws)}Q", len(raws), len(data), *(r.nbytes for r in raws))
-        return K_PICKLE_OOB, [head, data, *raws]
+        return encode(item, self._ser, self._pickle)
 
     def _decode(self, kind: int, payload: Any) -> Any:
         """The item; ``DecodeError`` (holding the raw bytes) if the serializer cannot
         read it: the item has left the queue, and travels in the exception."""
         try:
-            return self._decode_raw(kind, payload)
+            return decode(kind, payload, self._ser)
         except MemoryError:  # the process's trouble, not the item's
             raise
         except Exception as exc:
@@ -514,27 +132,7 @@ class LocalQueue(Queue[T]):
             ) from exc
 
     def _decode_raw(self, kind: int, payload: Any) -> Any:
-        if kind in (K_HEADERS, K_OPTIONS):
-            kind, payload, _, _ = unwrap(kind, payload)
-        if kind == K_BYTES:
-            return bytes(payload)
-        if kind == K_BYTEARRAY:
-            return payload if isinstance(payload, bytearray) else bytearray(payload)
-        if kind == K_PICKLE:
-            return pickle.loads(payload)
-        if kind == K_PICKLE_OOB:
-            view = memoryview(payload)
-            n, plen = struct.unpack_from("<IQ", view, 0)
-            sizes = struct.unpack_from(f"<{n}Q", view, 12)
-            at = 12 + 8 * n
-            data = view[at : at + plen]
-            at += plen
-            bufs = []
-            for size in sizes:
-                bufs.append(view[at : at + size])
-                at += size
-            return pickle.loads(data, buffers=bufs)
-        return self._ser.loads(bytes(payload))
+        return decode(kind, payload, self._ser)
 
     # --- the queue operations ---------------------------------------------------------
 
@@ -600,7 +198,7 @@ class LocalQueue(Queue[T]):
         """The common put in one locked section: room after the tail of an unwrapped ring,
         no wait, no growth. False: nothing done, take the general path."""
         n = len(payload)
-        size = _ring.HEADER_SIZE + ((n + 7) & -8)
+        size = ring.HEADER_SIZE + ((n + 7) & -8)
         wake = 0
         self._lock()
         try:
@@ -871,7 +469,7 @@ class LocalQueue(Queue[T]):
             self._wake(PUT_SEQ)
 
     def _write(
-        self, st: _ring.RingState, records: list[tuple[int, list[Any]]], d: int, may_grow: bool
+        self, st: ring.RingState, records: list[tuple[int, list[Any]]], d: int, may_grow: bool
     ) -> bool:
         """Write ``records`` after ``st.tail`` (all of them, or ``st`` is left as it was);
         False if there is no room and growing is not allowed yet.
@@ -881,42 +479,40 @@ class LocalQueue(Queue[T]):
         written into the room it made, which held the old upper part: a writer that dies
         then leaves a consistent ring, never a torn record under a committed state."""
         base = dataclasses.replace(st)
-        data = self._data
-        if data is None or st.capacity != self._cap:
-            data = self._map_data(st.capacity)
+        data = self._mapping(st)
         while not self._fill(data, st, records, d):
             _restore(st, base)
             if not may_grow:
                 return False
-            need = sum(_ring.record_size(_length(parts)) for _, parts in records)
+            need = sum(ring.record_size(_length(parts)) for _, parts in records)
             data = self._grow(st, need)
             base = dataclasses.replace(st)
         return True
 
     @staticmethod
     def _fill(
-        data: mmap.mmap, st: _ring.RingState, records: list[tuple[int, list[Any]]], d: int
+        data: mmap.mmap, st: ring.RingState, records: list[tuple[int, list[Any]]], d: int
     ) -> bool:
         """Write each record into the free space after ``st.tail``; False at the first
         that does not fit (what was written stays free space: ``st`` is not committed)."""
         for kind, parts in records:
-            pos = _ring.reserve(data, st, _length(parts))
+            pos = ring.reserve(data, st, _length(parts))
             if pos is None:
                 return False
-            _ring.write(data, pos, kind, d, parts)
+            ring.write(data, pos, kind, d, parts)
             if kind == K_OPTIONS:
                 st.special += 1
         return True
 
-    def _grow(self, st: _ring.RingState, need: int) -> mmap.mmap:
+    def _grow(self, st: ring.RingState, need: int) -> mmap.mmap:
         """Grow the ring so that ``need`` more bytes of records fit, and commit it."""
-        new_cap = _ring.grown_capacity(st, need)
+        new_cap = ring.grown_capacity(st, need)
         os.ftruncate(self._fd, PAGE + new_cap)
         if hasattr(os, "posix_fallocate"):
             # Reserve the pages now: running out of /dev/shm later would be a SIGBUS.
             os.posix_fallocate(self._fd, PAGE + st.capacity, new_cap - st.capacity)
         data = self._map_data(new_cap)
-        _ring.relocate(data, st, new_cap)
+        ring.relocate(data, st, new_cap)
         self._commit(st)
         return data
 
@@ -957,16 +553,16 @@ class LocalQueue(Queue[T]):
             data = self._data
             if not count or data is None or cap != self._cap or special or tombs:
                 return None
-            pos = head if cap - head >= _ring.HEADER_SIZE else 0
+            pos = head if cap - head >= ring.HEADER_SIZE else 0
             length, kind, _ = unpack_header(data, pos)
-            if kind == _ring.WRAP:
+            if kind == ring.WRAP:
                 pos = 0
                 length, kind, _ = unpack_header(data, 0)
             if kind not in COPY_AS_BYTES:
                 return None
             payload = data[pos + 8 : pos + 8 + length]
             count -= 1
-            head = pos + _ring.HEADER_SIZE + ((length + 7) & -8) if count else 0
+            head = pos + ring.HEADER_SIZE + ((length + 7) & -8) if count else 0
             pack_state(
                 ctrl, OFF_SLOTS + 64 * (idx ^ 1), head, tail if count else 0, count,
                 unfinished, cap, 0, 0, flags, 0,
@@ -1086,106 +682,20 @@ class LocalQueue(Queue[T]):
         return got[0]  # type: ignore[no-any-return]
 
     def _take_special(
-        self, st: _ring.RingState, max_items: int
+        self, st: ring.RingState, max_items: int
     ) -> tuple[list[tuple[int, int, Any]], list[int], float | None, bool]:
-        """Plan a take while the ring holds records with options or tombstones, changing
-        only ``st``: up to ``max_items`` records by priority (higher first; ring order -
-        put order - within one), skipping those not due yet and dropping expired ones.
-
-        Returns the records taken, the marks the commit must write (the headers of
-        records taken or dropped that the head did not pass: they become tombstones,
-        ``K_TAKEN``, skipped until the head passes them), when the next delayed record
-        comes due (monotonic, or None), and whether expired records were left for
-        another commit (at most ``MAX_MARKS`` marks go in one).
-
-        Nothing in the ring is written here: the change becomes visible with the commit,
-        whole (``_commit``). One walk over the waiting records: O(n) per call, the price
-        of one shared ring (pigeon:// keeps heaps and lanes)."""
-        data = self._data
-        if data is None or st.capacity != self._cap:
-            data = self._map_data(st.capacity)
+        """``pick.pick`` on this handle's mapping: the records taken, the marks to commit,
+        when the next delayed record comes due (monotonic, or None), and whether expired
+        records were left for another commit."""
         now = host_clock()
-        max_items = min(max_items, MAX_MARKS)
-        walk = _ring.RingState(st.head, st.tail, st.count, st.capacity)
-        records: list[tuple[int, int, int, int, int]] = []  # at, kind, deliveries, length, fate
-        ready: list[tuple[int, int]] = []  # (-priority, index) of the records due
-        next_due: float | None = None
-        while walk.count:
-            kind, deliveries, at, length = _ring.next_record(data, walk)
-            fate = _LIVE
-            if kind == K_TAKEN:
-                fate = _TOMB
-            elif kind == K_OPTIONS:
-                _, _, priority, due, expires = OPTS.unpack_from(data, at)
-                if 0 < expires <= now:  # not taken in time: dropped (no dead letters)
-                    fate = _EXPIRED
-                elif due > now:
-                    next_due = due if next_due is None else min(next_due, due)
-                else:
-                    ready.append((-priority, len(records)))
-            else:
-                ready.append((0, len(records)))
-            records.append((at, kind, deliveries, length, fate))
-        chosen = [i for _, i in heapq.nsmallest(max_items, ready)]
-        out: list[tuple[int, int, Any]] = []
-        for i in chosen:
-            at, kind, deliveries, length, _ = records[i]
-            payload: Any = (
-                data[at : at + length]
-                if kind in COPY_AS_BYTES
-                else bytearray(data[at : at + length])
-            )
-            out.append((kind, deliveries, payload))
-            records[i] = (at, kind, deliveries, length, _TAKEN)
-        # the head passes what leads the ring and is gone: tombstones, taken, expired
-        passed = 0
-        for _, kind, _, _, fate in records:
-            if fate == _LIVE:
-                break
-            _ring.next_record(data, st)
-            passed += 1
-            if fate == _TOMB:
-                st.tombs -= 1
-            else:
-                self._gone(st, kind, fate)
-        # the rest of the taken and expired ones become tombstones, the taken ones first
-        behind = records[passed:]
-        taken = [r for r in behind if r[4] == _TAKEN]
-        expired = [r for r in behind if r[4] == _EXPIRED]
-        room = MAX_MARKS - len(taken)
-        marks: list[int] = []
-        for at, kind, _, _, fate in taken + expired[:room]:
-            marks.append(at - _ring.HEADER_SIZE)
-            st.tombs += 1
-            self._gone(st, kind, fate)
-        more = len(expired) > room
-        if next_due is None:
-            return out, marks, None, more
-        return out, marks, time.monotonic() + max(0.0, next_due - now), more
+        got = pick(self._mapping(st), st, max_items, now)
+        self.expired += got.expired
+        if got.next_due is None:
+            return got.records, got.marks, None, got.more
+        return got.records, got.marks, time.monotonic() + max(0.0, got.next_due - now), got.more
 
-    def _gone(self, st: _ring.RingState, kind: int, fate: int) -> None:
-        """Count a record taken or dropped out of ``st``."""
-        if kind == K_OPTIONS:
-            st.special -= 1
-        if fate == _EXPIRED:
-            st.unfinished = max(0, st.unfinished - 1)
-            self.expired += 1
-
-    def _read(self, st: _ring.RingState, max_items: int) -> list[tuple[int, int, Any]]:
-        data = self._data
-        if data is None or st.capacity != self._cap:
-            data = self._map_data(st.capacity)
-        out = []
-        for _ in range(min(max_items, st.count)):
-            kind, deliveries, at, length = _ring.next_record(data, st)
-            if kind in COPY_AS_BYTES:
-                payload: Any = data[at : at + length]  # one copy, into a new bytes
-            else:
-                payload = bytearray(length)
-                with memoryview(data) as view:
-                    payload[:] = view[at : at + length]
-            out.append((kind, deliveries, payload))
-        return out
+    def _read(self, st: ring.RingState, max_items: int) -> list[tuple[int, int, Any]]:
+        return read(self._mapping(st), st, max_items)
 
     def get_message(
         self, timeout: float | None = None, lease: float | None = None
@@ -1331,8 +841,8 @@ def _length(parts: list[Any]) -> int:
     return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
 
 
-def _restore(st: _ring.RingState, saved: _ring.RingState) -> None:
-    for name in _ring.RingState.__slots__:
+def _restore(st: ring.RingState, saved: ring.RingState) -> None:
+    for name in ring.RingState.__slots__:
         setattr(st, name, getattr(saved, name))
 
 
@@ -1347,51 +857,3 @@ def _check_window(value: Any) -> float:
     if bad:
         raise ValueError(bad)
     return float(value)
-
-
-class LocalMessage(Message[T]):
-    """A message taken from a local queue.
-
-    The item has left the queue when you get it. ``ack()`` just marks it settled;
-    ``nack(requeue=True, delay=0)`` puts it back at the tail with ``delivery_count + 1``,
-    at once: with a ``delay`` it waits in the shared ring until it comes due, seen by
-    every process (``qsize`` counts it) and kept when this process exits. ``extend()``
-    does nothing: local messages have no lease.
-    """
-
-    def __init__(
-        self,
-        queue: LocalQueue[T],
-        body: T,
-        delivery_count: int,
-        headers: dict[str, str] | None = None,
-        priority: int = 0,
-    ) -> None:
-        self._queue = queue
-        self.body = body
-        self.delivery_count = delivery_count
-        self.headers: dict[str, str] = headers if headers is not None else {}
-        self._priority = priority
-        self._settled = False
-
-    def _settle(self) -> None:
-        if self._settled:
-            raise LocalProtocolError("this message was already acked or nacked")
-        self._settled = True
-
-    def ack(self) -> None:
-        self._settle()
-
-    def nack(self, requeue: bool = True, delay: float = 0, *, reason: str = "") -> None:
-        bad = seconds_problem("delay", delay, nil=False)
-        if bad:
-            raise ValueError(bad)
-        self._settle()
-        if requeue:
-            self._queue._requeue(
-                self.body, self.delivery_count + 1, self.headers, self._priority, float(delay)
-            )
-
-    def extend(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError(f"seconds must be >= 0, not {seconds}")

@@ -11,9 +11,9 @@
 # [head, old_capacity) to the end of the new buffer, keeping its distance to the end, so
 # the wrap marker (or short gap) it holds still means "continue at 0".
 #
-# The caller (backends/local/queue.py) holds the lock and commits ``RingState`` atomically
-# after writing, so a writer killed mid-record leaves only free space behind. Nothing here
-# writes outside the free space of the state the caller last committed, except
+# The caller (``queue.py``, ``shared.py``) holds the lock and commits ``RingState``
+# atomically after writing, so a writer killed mid-record leaves only free space behind.
+# Nothing here writes outside the free space of the state the caller last committed, except
 # ``relocate``'s target, which lies past the old capacity: the caller commits a relocated
 # ring before it writes into the room growing made (part of it held the old upper part).
 """
