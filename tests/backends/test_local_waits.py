@@ -82,3 +82,26 @@ def test_a_wait_interrupted_by_ctrl_c_counts_itself_out() -> None:
             q.get(timeout=30)
         timer.join()
         assert _waiters(q) == {"getters": 0, "putters": 0, "joiners": 0}
+
+
+def test_closing_a_flock_handle_lets_go_of_its_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() takes the lock like any call; on the flock path it must drop it before the
+    descriptor goes (the mappings hold duplicates of the descriptor, so closing it does not
+    drop the flock), or every other handle waits for it for good."""
+    from pigeon.backends.local import shared
+
+    monkeypatch.setattr(shared, "MUTEX", None)
+    with LocalQueue[str]() as q:
+        assert not q._mutex
+        h: LocalQueue[str] = pickle.loads(pickle.dumps(q))
+        h.put("from h")
+        h.close()
+        done = threading.Event()
+
+        def use() -> None:
+            q.put("after")
+            assert q.get_many(10, timeout=5) == ["from h", "after"]
+            done.set()
+
+        threading.Thread(target=use, daemon=True).start()
+        assert done.wait(10), "the closed handle kept the queue's flock"

@@ -807,8 +807,9 @@ class LocalQueue(Waits, Queue[T]):
             return
         if self._gen != fork_generation[0]:
             self._after_fork()
-        # no thread of this process is inside a locked section while the descriptor goes
-        # (one could be about to flock it, or to grow the mapping from it)
+        # No thread of this process is inside a locked section when it is marked closed
+        # (one could be about to flock the descriptor, or to grow the mapping from it);
+        # the ones that wait for the lock find it closed when they get it.
         try:
             self._lock()
         except ClosedResourceError:
@@ -820,13 +821,12 @@ class LocalQueue(Waits, Queue[T]):
                     self._register(word, -n)
             if self._dedup is not None:
                 self._dedup.close()
-            if self._finalizer is not None:
-                self._finalizer()  # closes the descriptor (and, for its creator, the file)
         finally:
-            if self._mutex:
-                self._mx.unlock(self._mutex_addr)  # type: ignore[union-attr]
-            else:  # (the descriptor went, and its flock with it)
-                self._tlock.release()
+            # Dropped before the descriptor goes: closing it would not drop a flock, as
+            # the mappings hold duplicates of it (the same open file description).
+            self._unlock()
+        if self._finalizer is not None:
+            self._finalizer()  # closes the descriptor (and, for its creator, the file)
         for word in (PUT_SEQ, GET_SEQ, JOIN_SEQ):  # sleepers wake and see it closed
             self._wake(word)
 
