@@ -1,11 +1,11 @@
 /* The local queue's hot path in C: put and get, one item or a batch, each in one call.
  *
  * Strategy: the same file layout, the same lock and the same commit as the pure-Python
- * path in backends/local/queue.py (which stays the fallback, and the reference). Each call takes
- * the cross-process lock, copies the records into (or out of) the ring, writes the new state
- * into the spare slot of the control page and publishes it with one single-byte store
- * (release ordering, so the bytes are in place before it), bumps the sequence word and reads
- * whether anyone waits on it, then drops the lock. Anything unusual - no room, growth,
+ * path in backends/local/ (queue.py, shared.py: it stays the fallback, and the reference).
+ * Each call takes the cross-process lock, copies the records into (or out of) the ring,
+ * writes the new state into the spare slot of the control page and publishes it with one
+ * single-byte store (release ordering, so the bytes are in place before it), bumps the
+ * sequence word and reads whether anyone waits on it, then drops the lock. Anything unusual - no room, growth,
  * shutdown, a record this path does not copy - returns -1/None and the Python path takes
  * over, with nothing changed.
  *
@@ -23,10 +23,13 @@
  * GIL back and tries again. Otherwise a thread of this process doing unrelated work could
  * keep every other process out for a whole GIL switch interval.
  *
- * Control page (little-endian): [16] u8 current slot, [20] u8 flags, [24] u32 PUT_SEQ,
- * [28] u32 GET_SEQ, [36] u32 PUT waiters, [40] u32 GET waiters, [64 + 64*slot] five u64:
- * head, tail, count, unfinished, capacity; [256] the mutex. Records: u32 length, u16 kind,
- * u16 deliveries, payload, padded to 8 bytes; kind 0 is a wrap marker (backends/_ring.py).
+ * Control page (little-endian): [16] u8 current slot, [24] u32 PUT_SEQ, [28] u32 GET_SEQ,
+ * [36] u32 PUT waiters, [40] u32 GET waiters, [64 + 64*slot] the state: five u64 (head,
+ * tail, count, unfinished, capacity) and four u32 (special, tombs, flags, marks); [256] the
+ * mutex; [512] the intent area of a commit with marks, which only the Python path writes
+ * and completes (this path leaves any state with marks to it). Records: u32 length, u16
+ * kind, u16 deliveries, payload, padded to 8 bytes; kind 0 is a wrap marker
+ * (backends/local/ring.py).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -38,7 +41,6 @@
 #include <sys/file.h>
 
 #define OFF_INDEX 16
-#define OFF_FLAGS 20
 #define PUT_SEQ 24
 #define GET_SEQ 28
 #define PUT_WAITERS 36
@@ -69,12 +71,15 @@ _Static_assert(sizeof(pthread_mutex_t) <= MUTEX_ROOM, "the mutex must fit its ro
 
 /* special: records put with a priority, a delay or a ttl; tombs: records taken from the
  * middle of the ring (kind K_TAKEN), still counted in count until the head passes them.
- * While either is non-zero, gets take the Python path (it picks by priority and due time). */
+ * While either is non-zero, gets take the Python path (it picks by priority and due time).
+ * flags: SHUTDOWN | IMMEDIATE. marks: tombstones a commit published but may not have written
+ * yet (the holder died): every call here leaves such a state to the Python path, whose lock
+ * completes it first. */
 typedef struct {
     uint64_t head, tail, count, unfinished, capacity;
-    uint32_t special, tombs;
+    uint32_t special, tombs, flags, marks;
 } state_t;
-_Static_assert(sizeof(state_t) == 48, "a state slot is 5 u64 and 2 u32 (LocalQueue's _STATE)");
+_Static_assert(sizeof(state_t) == 56, "a state slot is 5 u64 and 4 u32 (layout.STATE)");
 
 /* For the kill tests only: SIGKILL this process after the copy, before the publish. */
 static int die_before_publish = 0;
@@ -152,7 +157,7 @@ static PyObject *lock_error(int rc) {
     return PyErr_SetFromErrno(PyExc_OSError);
 }
 
-/* ---- the ring (the same rules as backends/_ring.py) ------------------------------------ */
+/* ---- the ring (the same rules as backends/local/ring.py) ------------------------------- */
 
 static inline void read_state(const uint8_t *ctrl, int idx, state_t *st) {
     memcpy(st, ctrl + OFF_SLOTS + 64 * idx, sizeof *st);
@@ -177,7 +182,7 @@ static inline void write_header(uint8_t *at, uint32_t len, uint16_t kind, uint16
     memcpy(at + 6, &deliveries, 2);
 }
 
-/* _ring.reserve: the offset for a record of n payload bytes (the state advanced), or -1. */
+/* ring.reserve: the offset for a record of n payload bytes (the state advanced), or -1. */
 static int64_t reserve(uint8_t *data, state_t *st, uint64_t n) {
     uint64_t rec = record_size(n), pos;
     if (st->count == 0) st->head = st->tail = 0;
@@ -198,7 +203,7 @@ static int64_t reserve(uint8_t *data, state_t *st, uint64_t n) {
     return (int64_t)pos;
 }
 
-/* _ring.next_record: the oldest record's offset (the state advanced), or -1 if damaged. */
+/* ring.next_record: the oldest record's offset (the state advanced), or -1 if damaged. */
 static int64_t next_record(const uint8_t *data, state_t *st, uint32_t *len, uint16_t *kind,
                            uint16_t *deliveries) {
     uint64_t pos = st->capacity - st->head >= HEADER ? st->head : 0;
@@ -288,8 +293,9 @@ static PyObject *fast_put(PyObject *self, PyObject *const *args, Py_ssize_t narg
     int idx = ctrl[OFF_INDEX];
     state_t st;
     read_state(ctrl, idx, &st);
-    if (!(ctrl[OFF_FLAGS] & SHUTDOWN) && st.capacity == data_cap && !(maxsize && st.tombs) &&
-        !(maxsize && st.count >= maxsize) && (uint64_t)n <= 0xFFFFFFFFu) {
+    if (!(st.flags & SHUTDOWN) && !st.marks && st.capacity == data_cap &&
+        !(maxsize && st.tombs) && !(maxsize && st.count >= maxsize) &&
+        (uint64_t)n <= 0xFFFFFFFFu) {
         int64_t pos = reserve(data, &st, (uint64_t)n);
         if (pos >= 0) {
             memcpy(data + pos + HEADER, buf, (size_t)n);
@@ -337,8 +343,8 @@ static PyObject *fast_put_many(PyObject *self, PyObject *const *args, Py_ssize_t
     int idx = ctrl[OFF_INDEX];
     state_t st;
     read_state(ctrl, idx, &st);
-    if (!(ctrl[OFF_FLAGS] & SHUTDOWN) && st.capacity == data_cap && !(maxsize && st.tombs) &&
-        !(maxsize && st.count + (uint64_t)count > maxsize)) {
+    if (!(st.flags & SHUTDOWN) && !st.marks && st.capacity == data_cap &&
+        !(maxsize && st.tombs) && !(maxsize && st.count + (uint64_t)count > maxsize)) {
         Py_ssize_t i;
         for (i = 0; i < count; i++) {
             PyObject *rec = PyList_GET_ITEM(records, i);
@@ -384,7 +390,7 @@ static PyObject *fast_get(PyObject *self, PyObject *const *args, Py_ssize_t narg
     int idx = ctrl[OFF_INDEX];
     state_t st;
     read_state(ctrl, idx, &st);
-    if (st.count && st.capacity == data_cap && !st.special && !st.tombs) {
+    if (st.count && st.capacity == data_cap && !st.special && !st.tombs && !st.marks) {
         uint32_t len;
         uint16_t kind, deliveries;
         int64_t pos = next_record(data, &st, &len, &kind, &deliveries);
@@ -422,7 +428,8 @@ static PyObject *fast_take(PyObject *self, PyObject *const *args, Py_ssize_t nar
     int idx = ctrl[OFF_INDEX];
     state_t st;
     read_state(ctrl, idx, &st);
-    if (st.count && st.capacity == data_cap && max_items && !st.special && !st.tombs) {
+    if (st.count && st.capacity == data_cap && max_items && !st.special && !st.tombs &&
+        !st.marks) {
         uint64_t n = st.count < max_items ? st.count : max_items;
         list = PyList_New((Py_ssize_t)n);
         if (list == NULL) goto done;
@@ -450,22 +457,26 @@ done:
 
 /* ---- the mutex for the Python path ----------------------------------------------------- */
 
-static int ctrl_arg(PyObject *arg, uint8_t **ctrl) {
+/* These take the mutex's own address (the control page's + MUTEX_OFFSET), as libc's do
+ * through ctypes: a partial of `unlock` and its address is one C call, so a signal handler
+ * (KeyboardInterrupt) can only run after the mutex was dropped, never between the Python
+ * that decides to drop it and the drop. */
+static int mutex_arg(PyObject *arg, pthread_mutex_t **m) {
     uint64_t addr;
     if (!as_u64(arg, &addr)) return 0;
-    *ctrl = (uint8_t *)(uintptr_t)addr;
+    *m = (pthread_mutex_t *)(uintptr_t)addr;
     return 1;
 }
 
 static PyObject *py_init_lock(PyObject *self, PyObject *arg) {
-    uint8_t *ctrl;
-    if (!ctrl_arg(arg, &ctrl)) return NULL;
 #if HAVE_ROBUST
+    pthread_mutex_t *m;
+    if (!mutex_arg(arg, &m)) return NULL;
     pthread_mutexattr_t attr;
     int rc = pthread_mutexattr_init(&attr);
     if (rc == 0) rc = pthread_mutexattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
     if (rc == 0) rc = pthread_mutexattr_setrobust(&attr, PTHREAD_MUTEX_ROBUST);
-    if (rc == 0) rc = pthread_mutex_init(mutex_of(ctrl), &attr);
+    if (rc == 0) rc = pthread_mutex_init(m, &attr);
     pthread_mutexattr_destroy(&attr);
     if (rc != 0) return lock_error(rc);
     Py_RETURN_NONE;
@@ -475,17 +486,25 @@ static PyObject *py_init_lock(PyObject *self, PyObject *arg) {
 }
 
 static PyObject *py_lock(PyObject *self, PyObject *arg) {
-    uint8_t *ctrl;
-    if (!ctrl_arg(arg, &ctrl)) return NULL;
-    int rc = lock_queue(ctrl, -1);
+#if HAVE_ROBUST
+    pthread_mutex_t *m;
+    if (!mutex_arg(arg, &m)) return NULL;
+    int rc = lock_mutex(m);
     if (rc != 0) return lock_error(rc);
     Py_RETURN_NONE;
+#else
+    return lock_error(ENOSYS);
+#endif
 }
 
+/* A robust mutex refuses (EPERM) to be dropped by a thread that does not hold it: the
+ * Python path calls this after an interruption whether or not it got the lock. */
 static PyObject *py_unlock(PyObject *self, PyObject *arg) {
-    uint8_t *ctrl;
-    if (!ctrl_arg(arg, &ctrl)) return NULL;
-    unlock_queue(ctrl, -1);
+#if HAVE_ROBUST
+    pthread_mutex_t *m;
+    if (!mutex_arg(arg, &m)) return NULL;
+    pthread_mutex_unlock(m);
+#endif
     Py_RETURN_NONE;
 }
 
@@ -504,9 +523,9 @@ static PyMethodDef methods[] = {
      "Get one record: (kind, bytes, wake), or None: take the Python path."},
     {"take", (PyCFunction)(void (*)(void))fast_take, METH_FASTCALL,
      "Take up to max_items records: ([(kind, deliveries, payload)], wake), or None."},
-    {"init_lock", py_init_lock, METH_O, "Make the robust process-shared mutex of a new queue."},
-    {"lock", py_lock, METH_O, "Take the queue's mutex (a dead holder's is recovered)."},
-    {"unlock", py_unlock, METH_O, "Drop the queue's mutex."},
+    {"init_lock", py_init_lock, METH_O, "Make the robust process-shared mutex at an address."},
+    {"lock", py_lock, METH_O, "Take the mutex at an address (a dead holder's is recovered)."},
+    {"unlock", py_unlock, METH_O, "Drop the mutex at an address (a no-op if not held)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -284,9 +284,9 @@ def test_any_sequence_of_operations_keeps_fifo_through_wraps_and_growth(
 def test_a_flock_queue_works_across_processes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where robust mutexes do not exist (macOS), a queue is locked with flock: the same
     operations, the C path included, through a fork child."""
-    from pigeon.backends.local import queue as local
+    from pigeon.backends.local import shared
 
-    monkeypatch.setattr(local, "MUTEX", None)
+    monkeypatch.setattr(shared, "MUTEX", None)
     with LocalQueue[bytes]() as q:
         assert q._cfd >= 0 and not q._mutex
         p = mp.get_context("fork").Process(target=_put_and_exit, args=(q, 500))
@@ -302,12 +302,13 @@ def test_a_mutex_queue_is_refused_where_the_mutex_cannot_be_used(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from pigeon.backends.local import queue as local
+    from pigeon.backends.local import shared
 
-    if local.MUTEX is None:
+    if shared.MUTEX is None:
         pytest.skip("PIGEON_LOCAL_LOCK=flock (or not Linux): this process makes no mutex queue")
     with LocalQueue[bytes]() as q:
         assert q._mutex, "on Linux a new queue is locked with the robust mutex"
-        monkeypatch.setattr(local, "MUTEX", None)
+        monkeypatch.setattr(shared, "MUTEX", None)
         with pytest.raises(ClosedResourceError, match="robust process-shared mutex"):
             local._attach(q._path, "pickle")
 
@@ -677,6 +678,7 @@ def test_the_c_path_and_the_mutex_are_in_use_where_they_can_be() -> None:
     """CI builds the extension (a compiler is there): a silent fallback would test the
     pure-Python path twice and measure the wrong thing."""
     from pigeon.backends.local import queue as local
+    from pigeon.backends.local import shared
 
     if os.environ.get("PIGEON_PURE_PYTHON") or not sys.platform.startswith("linux"):
         pytest.skip("the pure-Python path was asked for, or this is not Linux")
@@ -684,7 +686,7 @@ def test_the_c_path_and_the_mutex_are_in_use_where_they_can_be() -> None:
         pytest.skip("outside CI a machine may lack a compiler")
     assert local.C is not None, "pigeon._fastring was not built (see hatch_build.py)"
     if os.environ.get("PIGEON_LOCAL_LOCK") != "flock":
-        assert local.MUTEX is not None
+        assert shared.MUTEX is not None
 
 
 def test_without_the_extension_it_says_so_once_at_debug_level() -> None:
@@ -696,8 +698,8 @@ def test_without_the_extension_it_says_so_once_at_debug_level() -> None:
         "sys.modules['pigeon._fastring'] = None  # as if it was never built\n"
         "import pigeon\n"
         "q = pigeon.Queue(); q.put(b'x'); assert q.get() == b'x'; q.close()\n"
-        "from pigeon.backends.local import queue as local\n"
-        "assert local.C is None and local.MUTEX is not None\n"
+        "from pigeon.backends.local import queue as local, shared\n"
+        "assert local.C is None and shared.MUTEX is not None\n"
     )
     env = {
         k: v for k, v in os.environ.items() if k not in ("PIGEON_PURE_PYTHON", "PIGEON_LOCAL_LOCK")

@@ -107,37 +107,3 @@ def test_a_get_waits_for_a_delayed_message_after_shutdown() -> None:
         assert q.get(timeout=5) == "last"
         with pytest.raises(pigeon.ShutDown):
             q.get(timeout=1)
-
-
-def _put_once(q: LocalQueue[Any], n: int) -> None:
-    for i in range(n):
-        q.put(f"item {i}", dedup_id=f"id-{i}")
-
-
-def test_dedup_ids_are_shared_by_processes_and_go_with_the_queue() -> None:
-    import os
-
-    q: LocalQueue[Any] = pigeon.Queue(dedup_window=60)  # type: ignore[assignment]
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_put_once, args=(q, 50)) for _ in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
-    assert q.qsize() == 50  # three producers, one copy of each id
-    q.put_many(["a", "b", "c"], dedup_ids=["id-1", "new", "new"])
-    assert q.qsize() == 51
-    table = q._path + ".dedup"
-    assert os.path.exists(table)
-    q.close()
-    assert not os.path.exists(table)
-
-
-def test_a_dedup_window_of_zero_remembers_nothing() -> None:
-    with pigeon.Queue(dedup_window=0) as q:
-        q.put("x", dedup_id="k")
-        q.put("x", dedup_id="k")
-        assert q.qsize() == 2
-    with pytest.raises(ValueError, match="dedup_window"):
-        pigeon.Queue(dedup_window=-1)

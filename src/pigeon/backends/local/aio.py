@@ -7,7 +7,9 @@
 # queue's futex word for everyone. A put from any thread or process changes the word, the
 # watcher wakes and resolves every parked future whose snapshot of the word is stale: no
 # polling, and the loop never blocks. A cancelled coroutine just leaves; the watcher
-# takes nothing from the queue, so nothing is lost.
+# takes nothing from the queue, so nothing is lost. A put with dedup ids does not wait for
+# the table of ids either: if another put holds it (for microseconds: it never waits for
+# room while holding it), the coroutine sleeps a moment and tries again.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 from pigeon._queue_base import Message, Queue, deadline_from
+from pigeon.backends.local.dedup import DedupBusy
 from pigeon.backends.local.layout import GET_SEQ, JOIN_SEQ, PUT_SEQ
 from pigeon.backends.local.queue import LocalQueue
 from pigeon.errors import ClosedResourceError, Empty, Full
@@ -28,6 +31,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 __all__ = ["AsyncLocalMessage", "AsyncLocalQueue", "Watcher"]
+
+# seconds a put with dedup ids sleeps while another put holds the table of ids (doubling)
+_BUSY_FIRST = 0.001
+_BUSY_MAX = 0.05
 
 
 class Watcher:
@@ -152,11 +159,19 @@ class AsyncLocalQueue(Generic[T]):
         TimeoutError), park until ``word`` moves, then try again, up to ``timeout``."""
         self._check()
         deadline = deadline_from(True, timeout)
+        busy = _BUSY_FIRST
         while True:
             seq = self._local._seq(word)  # read before trying: no wake-up can slip between
             self._local._due = None
             try:
                 return attempt()
+            except DedupBusy:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                left = _BUSY_MAX if deadline is None else deadline - time.monotonic()
+                await asyncio.sleep(max(0.0, min(busy, left)))
+                busy = min(2 * busy, _BUSY_MAX)
+                continue
             except wait_out:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
@@ -165,7 +180,7 @@ class AsyncLocalQueue(Generic[T]):
             await self._park(word, seq, until)
 
     async def put(self, item: T, timeout: float | None = None, **options: Any) -> None:
-        await self._until(GET_SEQ, Full, lambda: self._q.put(item, block=False, **options), timeout)
+        await self._until(GET_SEQ, Full, lambda: self._local._try_put(item, **options), timeout)
 
     async def get(self, timeout: float | None = None) -> T:
         return await self._until(PUT_SEQ, Empty, lambda: self._q.get(block=False), timeout)
@@ -183,7 +198,7 @@ class AsyncLocalQueue(Generic[T]):
     ) -> None:
         batch = list(items)
         await self._until(
-            GET_SEQ, Full, lambda: self._q.put_many(batch, block=False, **options), timeout
+            GET_SEQ, Full, lambda: self._local._try_put_many(batch, **options), timeout
         )
 
     async def get_many(self, max_items: int, timeout: float | None = None) -> list[T]:

@@ -14,15 +14,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from pigeon.backends import _shm_tracker
-
-if sys.platform != "win32":
-    pass
-
-from pigeon.backends.local.layout import (
-    DEDUP_SUFFIX,
-    OFF_MUTEX,
-)
+from pigeon.backends.local import tracker
+from pigeon.backends.local.layout import DEDUP_SUFFIX
 
 LOCK_TRIES = 50  # tries of the ctypes mutex before the robust lock is taken blocking
 
@@ -47,8 +40,10 @@ C = load_c_path()
 
 class Mutex(NamedTuple):
     """The robust process-shared mutex in a queue's control page: each function takes the
-    control page's address. From the C module where it is built, else from libc through
-    ctypes (the pure-Python path)."""
+    mutex's address (the control page's + ``OFF_MUTEX``). From the C module where it is
+    built, else from libc through ctypes (the pure-Python path). ``unlock`` is a C
+    function in both (no Python frame, so no signal handler runs before the mutex is
+    dropped), and a no-op (EPERM) in a thread that does not hold it."""
 
     init: Callable[[int], None]
     lock: Callable[[int], None]
@@ -76,20 +71,19 @@ def ctypes_mutex() -> Mutex:
     unlock_ = fn("pthread_mutex_unlock")
     consistent = fn("pthread_mutex_consistent")
 
-    def init(ctrl_addr: int) -> None:
+    def init(m: int) -> None:
         attr = ctypes.create_string_buffer(64)
         rc = (
             attr_init(attr)
             or attr_pshared(attr, 1)  # PTHREAD_PROCESS_SHARED
             or attr_robust(attr, 1)  # PTHREAD_MUTEX_ROBUST
-            or mutex_init(ctrl_addr + OFF_MUTEX, attr)
+            or mutex_init(m, attr)
         )
         attr_destroy(attr)
         if rc:
             raise OSError(rc, f"cannot make the local queue's mutex: {os.strerror(rc)}")
 
-    def lock(ctrl_addr: int) -> None:
-        m = ctrl_addr + OFF_MUTEX
+    def lock(m: int) -> None:
         rc = errno.EBUSY
         for _ in range(LOCK_TRIES):
             rc = trylock(m)
@@ -103,10 +97,7 @@ def ctypes_mutex() -> Mutex:
         if rc:
             raise OSError(rc, f"cannot lock the local queue: {os.strerror(rc)}")
 
-    def unlock(ctrl_addr: int) -> None:
-        unlock_(ctrl_addr + OFF_MUTEX)
-
-    return Mutex(init, lock, unlock)
+    return Mutex(init, lock, unlock_)
 
 
 def load_mutex() -> Mutex | None:
@@ -151,12 +142,13 @@ def release(fd: int, path: str | None, owner_pid: int) -> None:
     """A handle is closed or garbage-collected: close its descriptor; its creator, in the
     process that created it, removes the file too."""
     if os.getpid() == owner_pid:  # a fork child shares the description until it reopens
-        _shm_tracker.let_go(fd)
+        tracker.let_go(fd)
     with contextlib.suppress(OSError):
         os.close(fd)
     if path is not None and os.getpid() == owner_pid:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path + DEDUP_SUFFIX)  # the table of dedup ids, if a put made one
-        _shm_tracker.unregister(path)
+        for extra in (DEDUP_SUFFIX, DEDUP_SUFFIX + "-journal"):  # the table of dedup ids,
+            with contextlib.suppress(FileNotFoundError):  # and its journal if a put died
+                os.unlink(path + extra)
+        tracker.unregister(path)

@@ -1,106 +1,67 @@
-"""The local queue's operations: ``LocalQueue`` and ``LocalMessage`` (see the package's
-docstring for what it offers and how)."""
+"""The local queue's operations: ``LocalQueue`` (see the package's docstring for what it
+offers and how). The shared file, its lock and its commits are ``shared.py``'s; waiting is
+``waits.py``'s; what a take picks is ``pick.py``'s; records are ``codec.py``'s."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
+import dataclasses
 import mmap
 import os
-import pickle
-import sqlite3
-import struct
-import sys
-import tempfile
-import threading
 import time
-import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 
-from pigeon import _futex, _otel
-from pigeon._queue_base import Message, Queue, deadline_from
-from pigeon.backends import _ring, _shm_tracker
+from pigeon import _otel
+from pigeon._queue_base import Queue, deadline_from
 from pigeon.backends._url import check_maxsize
-from pigeon.backends.local import lock
-from pigeon.backends.local.codec import (
-    head_kind,
-    unwrap,
-    with_options,
-    wrap,
-)
+from pigeon.backends.local import ring, tracker
+from pigeon.backends.local.codec import decode, encode, unwrap, with_options, wrap
+from pigeon.backends.local.dedup import DedupBusy, DedupTable
 from pigeon.backends.local.layout import (
     COPY_AS_BYTES,
     DEDUP_SUFFIX,
     GET_SEQ,
     IMMEDIATE,
     JOIN_SEQ,
-    K_BYTEARRAY,
     K_BYTES,
     K_HEADERS,
     K_OPTIONS,
-    K_PICKLE,
-    K_PICKLE_OOB,
-    K_SERIALIZED,
-    K_TAKEN,
-    MAGIC,
-    MAGIC_MUTEX,
-    OFF_FLAGS,
     OFF_INDEX,
-    OFF_MAXSIZE,
     OFF_SLOTS,
-    OPTS,
     PAGE,
     PUT_SEQ,
     SHUTDOWN,
-    STATE,
     U32,
     WAITERS,
+    host_clock,
     pack_header,
     pack_state,
     unpack_header,
     unpack_state,
 )
-from pigeon.backends.local.lock import (
-    LOCK_TRIES,
-    MUTEX,
-    C,
-    fork_generation,
-    release,
-    shm_dir,
-)
-from pigeon.errors import (
-    ClosedResourceError,
-    DecodeError,
-    Empty,
-    Full,
-    LocalProtocolError,
-    ShutDown,
-)
+from pigeon.backends.local.lock import C, fork_generation, release
+from pigeon.backends.local.message import LocalMessage
+from pigeon.backends.local.pick import pick, read
+from pigeon.backends.local.waits import Waits
+from pigeon.errors import ClosedResourceError, DecodeError, Empty, Full, ShutDown
 from pigeon.options import QueueOptions, check_dedup_ids, put_options
 from pigeon.protocol.messages import PutOptions
-from pigeon.protocol.rules import DEFAULT_DEDUP_WINDOW, MAX_PRIORITY, seconds_problem
+from pigeon.protocol.rules import DEFAULT_DEDUP_WINDOW, seconds_problem
 from pigeon.serializers import Pickle, SerializerLike, get_serializer
-
-if sys.platform != "win32":
-    import fcntl
 
 T = TypeVar("T")
 
-_EX_NB = (fcntl.LOCK_EX | fcntl.LOCK_NB) if sys.platform != "win32" else 0
-_SPIN = 50e-6  # seconds a waiter watches its word before it sleeps
-_SAFETY_SLICE = 1.0
+__all__ = ["LocalMessage", "LocalQueue"]
+
 # A ring smaller than this grows at once when full; a larger one first gives readers
 # _GROWTH_PATIENCE seconds to make room, so a streaming producer does not grow it by
 # its whole lead over the readers (growing means new zeroed pages of shared memory).
 _FREE_GROWTH = 16 * 2**20
 _GROWTH_PATIENCE = 0.002  # seconds: the longest a waiter sleeps before re-checking
-_OOB_MIN = 64 * 1024  # pickle buffers at least this large go out of band
-
 _DEFAULT_CAPACITY = 1 * 2**20
 
 
-class LocalQueue(Queue[T]):
+class LocalQueue(Waits, Queue[T]):
     """A queue in shared memory for the threads and processes of one host."""
 
     def __init__(
@@ -128,13 +89,12 @@ class LocalQueue(Queue[T]):
         self.expired = 0  # messages past their ttl this handle found and dropped
         self._due: float | None = None  # when the next delayed message comes due (a hint)
         self._dedup_window = _check_window(dedup_window)
-        self._dedup_db: sqlite3.Connection | None = None  # see _put_deduplicated
-        self._dedup_pid = 0
-        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._dedup: DedupTable | None = None  # made by the first put with an id
+        self._finalizer = None
         self._creator = _path is None
         if _path is None:
             self._path = self._create(maxsize, max(PAGE, capacity))
-            _shm_tracker.register(self._path)
+            tracker.register(self._path)
         else:
             self._path = _path
         try:
@@ -144,284 +104,22 @@ class LocalQueue(Queue[T]):
                 release(-1, self._path, os.getpid())
             raise
 
-    # --- the shared file ------------------------------------------------------------
-
-    @staticmethod
-    def _create(maxsize: int, capacity: int) -> str:
-        capacity = (capacity + PAGE - 1) // PAGE * PAGE
-        fd, path = tempfile.mkstemp(prefix="pigeon-q-", dir=shm_dir())
-        try:
-            os.ftruncate(fd, PAGE + capacity)
-            with mmap.mmap(fd, PAGE) as ctrl:
-                struct.pack_into("<Q", ctrl, OFF_MAXSIZE, maxsize)
-                STATE.pack_into(ctrl, OFF_SLOTS, 0, 0, 0, 0, capacity, 0, 0)
-                if MUTEX is not None:
-                    anchor = ctypes.c_char.from_buffer(ctrl)
-                    try:
-                        MUTEX.init(ctypes.addressof(anchor))
-                    finally:
-                        del anchor
-                # the magic last: it says which lock the file uses
-                ctrl[0:8] = MAGIC if MUTEX is None else MAGIC_MUTEX
-        finally:
-            os.close(fd)
-        return path
-
-    def _open(self) -> None:
-        try:
-            fd = os.open(self._path, os.O_RDWR)
-        except FileNotFoundError:
-            raise ClosedResourceError(
-                f"local queue {self._path} no longer exists: the process that created it "
-                "closed it or exited; keep the creator's handle open while others use it"
-            ) from None
-        self._fd = fd
-        self._hold(fd, self._path if self._creator else None)
-        self._gen = fork_generation[0]
-        self._tlock = threading.Lock()
-        self._ctrl = mmap.mmap(fd, PAGE)
-        # addresses for the C fast path; the anchors keep the mappings exported (alive)
-        self._ctrl_anchor: Any = ctypes.c_char.from_buffer(self._ctrl)
-        self._ctrl_addr = ctypes.addressof(self._ctrl_anchor)
-        self._data_anchor: Any = None
-        self._mapped = (0, 0)  # (address, capacity) of the data mapping, for the C path
-        magic = self._ctrl[0:8]
-        if magic not in (MAGIC, MAGIC_MUTEX):
-            raise ClosedResourceError(f"{self._path} is not a pigeon local queue")
-        self._mutex = magic == MAGIC_MUTEX
-        if self._mutex and MUTEX is None:
-            raise ClosedResourceError(
-                f"local queue {self._path} is locked with a robust process-shared mutex, "
-                "which this process cannot use (PIGEON_LOCAL_LOCK=flock, or no such mutex "
-                "here): open it from processes that run alike"
-            )
-        self._cfd = -1 if self._mutex else fd  # the C path's lock: -1 is the mutex
-        self._maxsize = struct.unpack_from("<Q", self._ctrl, OFF_MAXSIZE)[0]
-        self._words = {
-            off: ctypes.c_uint32.from_buffer(self._ctrl, off)
-            for off in (PUT_SEQ, GET_SEQ, JOIN_SEQ)
-        }
-        self._addr = {off: ctypes.addressof(w) for off, w in self._words.items()}
-        self._cap = 0
-        self._data: mmap.mmap | None = None
-        self._map_data(self._state().capacity)
-
-    def _map_data(self, capacity: int) -> mmap.mmap:
-        if self._data is not None:
-            self._data_anchor = None  # the export must go before the mapping can close
-            self._data.close()
-        self._data = data = mmap.mmap(self._fd, capacity, offset=PAGE)
-        self._data_anchor = ctypes.c_char.from_buffer(data)
-        # one object: a thread reading it never pairs one mapping's address with another's
-        # capacity (the C path checks the capacity against the committed state)
-        self._mapped = (ctypes.addressof(self._data_anchor), capacity)
-        self._cap = capacity
-        return data
-
-    def _hold(self, fd: int, unlink: str | None) -> None:
-        """Own ``fd``: mark the file held (see ``_shm_tracker``) and close ``fd`` when this
-        handle is closed or garbage-collected."""
-        _shm_tracker.hold(fd)
-        if self._finalizer is not None:
-            self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, release, fd, unlink, os.getpid())
-
-    def _after_fork(self) -> None:
-        # flock belongs to the open file description, which fork shares with the
-        # parent: take a description of our own, and let go of the inherited descriptor
-        # (the parent's stays open); the shared-memory mutex needs nothing. The mappings
-        # are inherited as they are. Once per handle and fork, whichever thread comes
-        # first: two threads swapping at once would close each other's descriptor.
-        with lock.fork_lock:
-            if self._gen == fork_generation[0]:
-                return
-            old = self._fd
-            try:
-                fd = os.open(f"/proc/self/fd/{old}", os.O_RDWR)
-            except OSError:
-                fd = os.open(self._path, os.O_RDWR)
-            with contextlib.suppress(OSError):
-                os.close(old)
-            self._hold(fd, None)  # a fork child never removes its parent's queue
-            self._tlock = threading.Lock()
-            self._fd = fd
-            self._cfd = -1 if self._mutex else fd
-            self._gen = fork_generation[0]  # last: the others go on only after this
-
     def __reduce__(self) -> tuple[Any, ...]:
         self._check()
         return (_attach, (self._path, self._serializer_spec, self._dedup_window))
 
-    # --- locking and state ------------------------------------------------------------
-
-    def _check(self) -> None:
-        if self._closed:
-            raise ClosedResourceError("this queue handle was closed")
-        if self._gen != fork_generation[0]:
-            self._after_fork()
-
-    def _lock(self) -> None:
-        if self._closed or self._gen != fork_generation[0]:
-            self._check()
-        if self._mutex:  # it excludes this process's threads too
-            MUTEX.lock(self._ctrl_addr)  # type: ignore[union-attr]
-            if self._closed:  # closed while we waited: close() has let go of the file
-                MUTEX.unlock(self._ctrl_addr)  # type: ignore[union-attr]
-                raise ClosedResourceError("this queue handle was closed")
-            return
-        self._tlock.acquire()
-        try:
-            if self._closed:  # closed while we waited: its descriptor is gone
-                raise ClosedResourceError("this queue handle was closed")
-            # Try for a few microseconds before sleeping in the kernel: the holder keeps
-            # the lock for about a microsecond, and a sleep and wake cost far more.
-            for _ in range(LOCK_TRIES):
-                try:
-                    fcntl.flock(self._fd, _EX_NB)
-                    return
-                except BlockingIOError:
-                    pass
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._tlock.release()
-            raise
-
-    def _unlock(self) -> None:
-        if self._mutex:
-            MUTEX.unlock(self._ctrl_addr)  # type: ignore[union-attr]
-            return
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-        self._tlock.release()
-
-    def _state(self) -> _ring.RingState:
-        """The committed state (read it under the lock to change it; it has no side
-        effect, so ``qsize`` may read it without the lock)."""
-        # The slot index is 0 or 1: its low byte is the whole of it.
-        head, tail, count, unfinished, cap, special, tombs = unpack_state(
-            self._ctrl, OFF_SLOTS + 64 * self._ctrl[OFF_INDEX]
-        )
-        return _ring.RingState(head, tail, count, cap, unfinished, special, tombs)
-
-    def _commit(self, st: _ring.RingState) -> None:
-        ctrl = self._ctrl
-        idx = ctrl[OFF_INDEX] ^ 1
-        pack_state(
-            ctrl, OFF_SLOTS + 64 * idx, st.head, st.tail, st.count, st.unfinished, st.capacity,
-            st.special, st.tombs,
-        )  # fmt: skip
-        self._publish(idx)
-
-    def _publish(self, idx: int) -> None:
-        """The commit: one single-byte store, atomic by nature. Before it, a change is
-        invisible; after it, complete."""
-        self._ctrl[OFF_INDEX] = idx
-
-    def _flags(self) -> int:
-        return self._ctrl[OFF_FLAGS]
-
-    def _bump(self, word: int) -> bool:
-        """Advance a sequence word; True if someone waits on it (call ``_wake`` after)."""
-        w = self._words[word]
-        w.value += 1  # a c_uint32: wraps at 2**32 by itself
-        return bool(U32.unpack_from(self._ctrl, WAITERS[word])[0])
-
-    def _wake(self, word: int) -> None:
-        if _futex.AVAILABLE:
-            _futex.wake(self._addr[word])
-
-    def _seq(self, word: int) -> int:
-        if self._closed:
-            raise ClosedResourceError("this queue handle was closed")
-        return int(self._words[word].value)
-
-    def _register(self, word: int, delta: int) -> None:
-        off = WAITERS[word]
-        n = U32.unpack_from(self._ctrl, off)[0] + delta
-        U32.pack_into(self._ctrl, off, max(0, n))
-
-    def _seq_moves(self, word: int, seq: int, patience: float) -> bool:
-        """Unlock, wait up to ``patience`` seconds for ``word`` to move, lock again."""
-        self._register(word, +1)
-        self._unlock()
-        try:
-            self._sleep(word, seq, time.monotonic() + patience)
-        finally:
-            self._lock()
-            self._register(word, -1)
-        return self._seq(word) != seq
-
-    def _spin(self, word: int, seq: int) -> int:
-        """Watch ``word`` for a few microseconds before paying for a futex sleep and wake.
-
-        A consumer that is faster than its producer would otherwise sleep after every
-        item and cost the producer a wake syscall per put. Returns a non-zero count so
-        the caller spins once per wait.
-        """
-        w = self._words[word]
-        end = time.perf_counter() + _SPIN
-        while w.value == seq and time.perf_counter() < end:
-            pass
-        return 1
-
-    def _sleep(self, word: int, seq: int, deadline: float | None) -> None:
-        """Sleep until ``word`` moves past ``seq``, the deadline, or the safety slice."""
-        slice_ = _SAFETY_SLICE
-        if deadline is not None:
-            slice_ = min(slice_, deadline - time.monotonic())
-            if slice_ <= 0:
-                return
-        if _futex.AVAILABLE:
-            _futex.wait(self._addr[word], seq, slice_)
-        else:
-            time.sleep(min(slice_, 0.001))
-
-    def _wait_change(self, word: int, seq: int, timeout: float | None) -> None:
-        """Register as a waiter on ``word`` and sleep until it changes (for AsyncQueue)."""
-        self._lock()
-        try:
-            if self._seq(word) != seq:
-                return
-            self._register(word, +1)
-        finally:
-            self._unlock()
-        try:
-            deadline = None if timeout is None else time.monotonic() + timeout
-            self._sleep(word, seq, deadline)
-        finally:
-            self._lock()
-            self._register(word, -1)
-            self._unlock()
-
     # --- encoding -------------------------------------------------------------------
 
     def _encode(self, item: Any) -> tuple[int, list[Any]]:
-        if not self._pickle:
-            return K_SERIALIZED, [self._ser.dumps(item)]
-        cls = type(item)
-        if cls is bytes:
-            return K_BYTES, [item]
-        if cls is bytearray:
-            return K_BYTEARRAY, [item]
-        buffers: list[pickle.PickleBuffer] = []
-
-        def out_of_band(buf: pickle.PickleBuffer) -> bool:
-            if buf.raw().nbytes >= _OOB_MIN:
-                buffers.append(buf)
-                return False
-            return True
-
-        data = pickle.dumps(item, protocol=5, buffer_callback=out_of_band)
-        if not buffers:
-            return K_PICKLE, [data]
-        raws = [b.raw() for b in buffers]
-        head = struct.pack(f"<IQ{len(raws)}Q", len(raws), len(data), *(r.nbytes for r in raws))
-        return K_PICKLE_OOB, [head, data, *raws]
+        return encode(item, self._ser, self._pickle)
 
     def _decode(self, kind: int, payload: Any) -> Any:
         """The item; ``DecodeError`` (holding the raw bytes) if the serializer cannot
         read it: the item has left the queue, and travels in the exception."""
         try:
-            return self._decode_raw(kind, payload)
+            return decode(kind, payload, self._ser)
+        except MemoryError:  # the process's trouble, not the item's
+            raise
         except Exception as exc:
             name = str(getattr(self._ser, "name", type(self._ser).__name__))
             raise DecodeError(
@@ -434,27 +132,7 @@ class LocalQueue(Queue[T]):
             ) from exc
 
     def _decode_raw(self, kind: int, payload: Any) -> Any:
-        if kind in (K_HEADERS, K_OPTIONS):
-            kind, payload, _, _ = unwrap(kind, payload)
-        if kind == K_BYTES:
-            return bytes(payload)
-        if kind == K_BYTEARRAY:
-            return payload if isinstance(payload, bytearray) else bytearray(payload)
-        if kind == K_PICKLE:
-            return pickle.loads(payload)
-        if kind == K_PICKLE_OOB:
-            view = memoryview(payload)
-            n, plen = struct.unpack_from("<IQ", view, 0)
-            sizes = struct.unpack_from(f"<{n}Q", view, 12)
-            at = 12 + 8 * n
-            data = view[at : at + plen]
-            at += plen
-            bufs = []
-            for size in sizes:
-                bufs.append(view[at : at + size])
-                at += size
-            return pickle.loads(data, buffers=bufs)
-        return self._ser.loads(bytes(payload))
+        return decode(kind, payload, self._ser)
 
     # --- the queue operations ---------------------------------------------------------
 
@@ -520,17 +198,17 @@ class LocalQueue(Queue[T]):
         """The common put in one locked section: room after the tail of an unwrapped ring,
         no wait, no growth. False: nothing done, take the general path."""
         n = len(payload)
-        size = _ring.HEADER_SIZE + ((n + 7) & -8)
+        size = ring.HEADER_SIZE + ((n + 7) & -8)
         wake = 0
         self._lock()
         try:
             ctrl = self._ctrl
-            if ctrl[OFF_FLAGS] & SHUTDOWN:
-                return False
             idx = ctrl[OFF_INDEX]
-            head, tail, count, unfinished, cap, special, tombs = unpack_state(
+            head, tail, count, unfinished, cap, special, tombs, flags, _ = unpack_state(
                 ctrl, OFF_SLOTS + 64 * idx
             )
+            if flags & SHUTDOWN:
+                return False
             data = self._data
             if data is None or cap != self._cap or (self._maxsize and count >= self._maxsize):
                 return False
@@ -546,7 +224,7 @@ class LocalQueue(Queue[T]):
             pack_header(data, tail, n, kind, 1)
             pack_state(
                 ctrl, OFF_SLOTS + 64 * (idx ^ 1), head, tail + size, count + 1, unfinished + 1,
-                cap, special, tombs,
+                cap, special, tombs, flags, 0,
             )  # fmt: skip
             self._publish(idx ^ 1)
             self._words[PUT_SEQ].value += 1
@@ -615,17 +293,22 @@ class LocalQueue(Queue[T]):
         if opts is None:
             return records
         if opts.priority or opts.delay or opts.ttl:
-            wall = time.time()
-            return [with_options(r, opts, wall) for r in records]
+            now = host_clock()
+            return [with_options(r, opts, now) for r in records]
         if opts.headers:
             return [wrap(r, opts.headers) for r in records]
         return records
 
     def _put_with_options(
-        self, item: T, block: bool, timeout: float | None, opts: PutOptions | None
+        self,
+        item: T,
+        block: bool,
+        timeout: float | None,
+        opts: PutOptions | None,
+        lock_wait: float | None = None,
     ) -> None:
         if opts is not None and opts.dedup_id:
-            self._put_deduplicated([item], [opts.dedup_id], block, timeout, opts)
+            self._put_deduplicated([item], [opts.dedup_id], block, timeout, opts, lock_wait)
             return
         self._put(self._records([item], opts), block, timeout)
 
@@ -636,6 +319,7 @@ class LocalQueue(Queue[T]):
         timeout: float | None,
         opts: PutOptions | None,
         dedup_ids: list[str] | None,
+        lock_wait: float | None = None,
     ) -> None:
         if self._maxsize and len(items) > self._maxsize:
             raise ValueError(
@@ -643,9 +327,27 @@ class LocalQueue(Queue[T]):
                 "split the batch"
             )
         if dedup_ids is not None:
-            self._put_deduplicated(items, dedup_ids, block, timeout, opts)
+            self._put_deduplicated(items, dedup_ids, block, timeout, opts, lock_wait)
         elif items:
             self._put(self._records(items, opts), block, timeout)
+
+    def _try_put(self, item: T, **options: Any) -> None:
+        """``put(item, block=False, **options)`` that does not wait for the table of
+        dedup ids either (``DedupBusy``): for the asyncio face, which must never block."""
+        if options.get("dedup_id") is None:
+            self.put(item, block=False, **options)
+            return
+        self._put_with_options(item, False, None, put_options(**options), lock_wait=0.0)
+
+    def _try_put_many(self, items: list[T], **options: Any) -> None:
+        """``put_many`` as ``_try_put`` puts one item."""
+        dedup_ids = options.pop("dedup_ids", None)
+        if dedup_ids is None:
+            self.put_many(items, block=False, **options)
+            return
+        opts = put_options(dedup_id=None, **options)
+        ids = check_dedup_ids(dedup_ids, len(items))
+        self._put_many_with_options(items, False, None, opts, ids, lock_wait=0.0)
 
     def _put_deduplicated(
         self,
@@ -654,53 +356,50 @@ class LocalQueue(Queue[T]):
         block: bool,
         timeout: float | None,
         opts: PutOptions | None,
+        lock_wait: float | None = None,
     ) -> None:
-        """Put the items whose dedup id the queue does not remember, and remember them.
+        """Put the items whose dedup id the queue does not remember, and remember them
+        (see ``dedup.py``): one short transaction that puts without waiting, and waits for
+        room outside it. ``lock_wait``: how long to wait for the table's lock (None: the
+        call's deadline, or as long as it takes)."""
+        deadline: float | None = None
+        if timeout is not None and block:
+            deadline = deadline_from(block, timeout)
+        table = self._dedup_table()
+        while True:
+            seq = self._seq(GET_SEQ)  # read before trying: no get can slip between
+            wait = lock_wait
+            if wait is None and deadline is not None:
+                wait = max(0.0, deadline - time.monotonic())
+            try:
+                with table.transaction(wait):
+                    now = host_clock()
+                    new = table.remember(dedup_ids, now, self._dedup_window)
+                    fresh = [item for item, is_new in zip(items, new, strict=True) if is_new]
+                    if fresh:
+                        self._put(self._records(fresh, opts), False, None)
+                    elif self._state().flags & SHUTDOWN:  # a repeat is refused alike
+                        raise ShutDown("the queue was shut down; put refused")
+                return
+            except DedupBusy:
+                if lock_wait is not None:
+                    raise
+                raise Full(
+                    f"put timed out after {timeout} s: the local queue's table of dedup ids "
+                    "stayed locked by another put"
+                ) from None
+            except Full:
+                if not block or (deadline is not None and time.monotonic() >= deadline):
+                    raise
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._wait_change(GET_SEQ, seq, left)
 
-        The ids live in a SQLite table beside the queue's file (``PATH.dedup``, made at the
-        first put with an id, removed with the queue), shared by every process. One
-        transaction holds its write lock across the put: the ids are written, the ring is
-        committed, then the ids are committed. A process killed in between leaves the
-        message stored and its id forgotten (a retry may store it twice: at-least-once),
-        never the reverse (an id remembered for a message that was not stored)."""
-        db = self._dedup_table()
-        wall = time.time()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("DELETE FROM ids WHERE until <= ?", (wall,))
-            until = wall + self._dedup_window
-            fresh = [
-                item
-                for item, d in zip(items, dedup_ids, strict=True)
-                if db.execute("INSERT OR IGNORE INTO ids VALUES (?, ?)", (d, until)).rowcount
-            ]
-            if fresh:
-                self._put(self._records(fresh, opts), block, timeout)
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
-
-    def _dedup_table(self) -> sqlite3.Connection:
-        """This process's connection to the queue's table of dedup ids."""
-        db = self._dedup_db
-        if db is not None and self._dedup_pid == os.getpid():
-            return db
+    def _dedup_table(self) -> DedupTable:
+        """This handle's table of dedup ids (made at the first put with an id)."""
         self._check()
-        # a connection made before a fork is not used in the child (SQLite forbids it)
-        db = sqlite3.connect(
-            self._path + DEDUP_SUFFIX, timeout=600, isolation_level=None, check_same_thread=False
-        )
-        db.execute("PRAGMA journal_mode=MEMORY")  # tmpfs: nothing to protect from power loss
-        db.execute("PRAGMA synchronous=OFF")
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS ids (id TEXT PRIMARY KEY, until REAL NOT NULL) "
-            "WITHOUT ROWID"
-        )
-        db.execute("CREATE INDEX IF NOT EXISTS ids_until ON ids (until)")
-        self._dedup_db, self._dedup_pid = db, os.getpid()
-        return db
+        if self._dedup is None:
+            self._dedup = DedupTable(self._path + DEDUP_SUFFIX)
+        return self._dedup
 
     def _put(
         self,
@@ -720,77 +419,101 @@ class LocalQueue(Queue[T]):
         waiting = False
         spins = 0
         may_grow = False
-        while True:
-            self._lock()
-            try:
-                if waiting:
-                    self._register(GET_SEQ, -1)
-                    waiting = False
-                flags = self._ctrl[OFF_FLAGS]
-                if flags & SHUTDOWN and not (requeue and not flags & IMMEDIATE):
-                    raise ShutDown("the queue was shut down; put refused")
-                st = self._state()
-                seq = self._seq(GET_SEQ)
-                held = st.count - st.tombs
-                if self._maxsize and held + len(records) > self._maxsize and not requeue:
-                    if not block or (deadline is not None and time.monotonic() >= deadline):
-                        raise Full(f"queue is full ({held} of maxsize={self._maxsize})")
+        patience: int | None = None  # GET_SEQ when this put last let readers make room
+        try:
+            while True:
+                self._lock()
+                try:
+                    if waiting:
+                        self._register(GET_SEQ, -1)
+                        waiting = False
+                    st = self._state()
+                    if st.flags & SHUTDOWN and not (requeue and not st.flags & IMMEDIATE):
+                        raise ShutDown("the queue was shut down; put refused")
+                    seq = self._seq(GET_SEQ)
+                    if patience is not None:  # no reader made room meanwhile: grow
+                        may_grow = may_grow or seq == patience
+                        patience = None
+                    until = deadline
+                    held = st.count - st.tombs
+                    if self._maxsize and held + len(records) > self._maxsize and not requeue:
+                        if not block or (deadline is not None and time.monotonic() >= deadline):
+                            raise Full(f"queue is full ({held} of maxsize={self._maxsize})")
+                    elif self._write(
+                        st, records, deliveries, may_grow or st.capacity < _FREE_GROWTH
+                    ):
+                        if not requeue:
+                            st.unfinished += len(records)
+                        self._commit(st)
+                        wake = self._bump(PUT_SEQ)
+                        break
+                    else:
+                        # The ring is full of unread items. If a reader is draining it, let
+                        # it make room rather than growing the shared memory by the backlog.
+                        patience = seq
+                        until = time.monotonic() + _GROWTH_PATIENCE
+                        spins = 1
                     if spins:
                         self._register(GET_SEQ, +1)
                         waiting = True
-                elif self._write(st, records, deliveries, may_grow or st.capacity < _FREE_GROWTH):
-                    if not requeue:
-                        st.unfinished += len(records)
-                    self._commit(st)
-                    wake = self._bump(PUT_SEQ)
-                    break
+                finally:
+                    self._unlock()
+                if spins:
+                    self._sleep(GET_SEQ, seq, until)
                 else:
-                    # The ring is full of unread items. If a reader is draining it, let it
-                    # make room rather than growing the shared memory by the backlog.
-                    may_grow = not self._seq_moves(GET_SEQ, seq, _GROWTH_PATIENCE)
-                    continue
-            finally:
-                self._unlock()
-            if spins:
-                self._sleep(GET_SEQ, seq, deadline)
-            else:
-                spins = self._spin(GET_SEQ, seq)
+                    spins = self._spin(GET_SEQ, seq)
+        finally:
+            if waiting:
+                self._deregister(GET_SEQ)
         if wake:
             self._wake(PUT_SEQ)
 
     def _write(
-        self, st: _ring.RingState, records: list[tuple[int, list[Any]]], d: int, may_grow: bool
+        self, st: ring.RingState, records: list[tuple[int, list[Any]]], d: int, may_grow: bool
     ) -> bool:
-        """Write ``records`` after ``st.tail``; False (nothing committed) if there is no room
-        and growing is not allowed yet."""
-        data = self._data
-        if data is None or st.capacity != self._cap:
-            data = self._map_data(st.capacity)
+        """Write ``records`` after ``st.tail`` (all of them, or ``st`` is left as it was);
+        False if there is no room and growing is not allowed yet.
+
+        Only free space is written. Growing moves a wrapped ring's upper part past the old
+        capacity and commits that relocated ring (the same items) before anything is
+        written into the room it made, which held the old upper part: a writer that dies
+        then leaves a consistent ring, never a torn record under a committed state."""
+        base = dataclasses.replace(st)
+        data = self._mapping(st)
+        while not self._fill(data, st, records, d):
+            _restore(st, base)
+            if not may_grow:
+                return False
+            need = sum(ring.record_size(_length(parts)) for _, parts in records)
+            data = self._grow(st, need)
+            base = dataclasses.replace(st)
+        return True
+
+    @staticmethod
+    def _fill(
+        data: mmap.mmap, st: ring.RingState, records: list[tuple[int, list[Any]]], d: int
+    ) -> bool:
+        """Write each record into the free space after ``st.tail``; False at the first
+        that does not fit (what was written stays free space: ``st`` is not committed)."""
         for kind, parts in records:
-            if len(parts) == 1:
-                length = len(parts[0])
-            else:
-                length = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
-            pos = _ring.reserve(data, st, length)
+            pos = ring.reserve(data, st, _length(parts))
             if pos is None:
-                if not may_grow:
-                    return False
-                data = self._grow(st, length)
-                pos = _ring.reserve(data, st, length)
-                assert pos is not None
-            _ring.write(data, pos, kind, d, parts)
+                return False
+            ring.write(data, pos, kind, d, parts)
             if kind == K_OPTIONS:
                 st.special += 1
         return True
 
-    def _grow(self, st: _ring.RingState, length: int) -> mmap.mmap:
-        new_cap = _ring.grown_capacity(st, length)
+    def _grow(self, st: ring.RingState, need: int) -> mmap.mmap:
+        """Grow the ring so that ``need`` more bytes of records fit, and commit it."""
+        new_cap = ring.grown_capacity(st, need)
         os.ftruncate(self._fd, PAGE + new_cap)
         if hasattr(os, "posix_fallocate"):
             # Reserve the pages now: running out of /dev/shm later would be a SIGBUS.
             os.posix_fallocate(self._fd, PAGE + st.capacity, new_cap - st.capacity)
         data = self._map_data(new_cap)
-        _ring.relocate(data, st, new_cap)
+        ring.relocate(data, st, new_cap)
+        self._commit(st)
         return data
 
     def get(self, block: bool = True, timeout: float | None = None) -> T:
@@ -824,25 +547,25 @@ class LocalQueue(Queue[T]):
         try:
             ctrl = self._ctrl
             idx = ctrl[OFF_INDEX]
-            head, tail, count, unfinished, cap, special, tombs = unpack_state(
+            head, tail, count, unfinished, cap, special, tombs, flags, _ = unpack_state(
                 ctrl, OFF_SLOTS + 64 * idx
             )
             data = self._data
             if not count or data is None or cap != self._cap or special or tombs:
                 return None
-            pos = head if cap - head >= _ring.HEADER_SIZE else 0
+            pos = head if cap - head >= ring.HEADER_SIZE else 0
             length, kind, _ = unpack_header(data, pos)
-            if kind == _ring.WRAP:
+            if kind == ring.WRAP:
                 pos = 0
                 length, kind, _ = unpack_header(data, 0)
             if kind not in COPY_AS_BYTES:
                 return None
             payload = data[pos + 8 : pos + 8 + length]
             count -= 1
-            head = pos + _ring.HEADER_SIZE + ((length + 7) & -8) if count else 0
+            head = pos + ring.HEADER_SIZE + ((length + 7) & -8) if count else 0
             pack_state(
                 ctrl, OFF_SLOTS + 64 * (idx ^ 1), head, tail if count else 0, count,
-                unfinished, cap, 0, 0,
+                unfinished, cap, 0, 0, flags, 0,
             )  # fmt: skip
             self._publish(idx ^ 1)
             self._words[GET_SEQ].value += 1
@@ -884,138 +607,95 @@ class LocalQueue(Queue[T]):
             deadline = deadline_from(block, timeout)
         waiting = False
         spins = 0
-        while True:
-            if C is not None and not waiting:
-                if self._closed or self._gen != fork_generation[0]:
-                    self._check()
-                if self._cfd < 0:
-                    got = C.take(self._ctrl_addr, self._mapped, -1, max_items)
-                else:
-                    with self._tlock:
-                        self._check()
-                        got = C.take(self._ctrl_addr, self._mapped, self._cfd, max_items)
-                if got is not None:
-                    if got[1]:
-                        self._wake(GET_SEQ)
-                    return got[0]  # type: ignore[no-any-return]
-            self._lock()
-            try:
-                if waiting:
-                    self._register(PUT_SEQ, -1)
-                    waiting = False
-                st = self._state()
-                due: float | None = None  # when a delayed message comes due (monotonic)
-                if st.special or st.tombs:
-                    before = (st.count, st.special)
-                    out, due = self._take_special(st, max_items)
-                    if out:
+        try:
+            while True:
+                if C is not None and not waiting:
+                    got = self._take_fast(max_items)
+                    if got is not None:
+                        return got
+                self._lock()
+                try:
+                    if waiting:
+                        self._register(PUT_SEQ, -1)
+                        waiting = False
+                    st = self._state()
+                    due: float | None = None  # when a delayed message comes due (monotonic)
+                    if st.special or st.tombs:
+                        before = (st.count, st.special)
+                        out, marks, due, more = self._take_special(st, max_items)
+                        changed = out or marks or (st.count, st.special) != before
+                        if changed:
+                            self._commit(st, marks)
+                            wake = self._bump(GET_SEQ)
+                        if out:
+                            break
+                        if changed:  # expired ones were dropped: room for blocked putters
+                            if wake:
+                                self._wake(GET_SEQ)
+                            if more:  # more expired ones than one commit can mark
+                                continue
+                    elif st.count:
+                        out = self._read(st, max_items)
                         self._commit(st)
                         wake = self._bump(GET_SEQ)
                         break
-                    if (st.count, st.special) != before:  # expired ones were dropped
-                        self._commit(st)
-                        self._bump(GET_SEQ)
-                elif st.count:
-                    out = self._read(st, max_items)
-                    self._commit(st)
-                    wake = self._bump(GET_SEQ)
-                    break
-                if self._ctrl[OFF_FLAGS] & SHUTDOWN and st.count == st.tombs:
-                    raise ShutDown("the queue was shut down and is drained")
-                self._due = due
-                if not block or (deadline is not None and time.monotonic() >= deadline):
-                    raise Empty("queue is empty" if due is None else "nothing is due yet")
-                seq = self._seq(PUT_SEQ)
+                    if st.flags & SHUTDOWN and st.count == st.tombs:
+                        raise ShutDown("the queue was shut down and is drained")
+                    self._due = due
+                    if not block or (deadline is not None and time.monotonic() >= deadline):
+                        raise Empty("queue is empty" if due is None else "nothing is due yet")
+                    seq = self._seq(PUT_SEQ)
+                    if spins:
+                        self._register(PUT_SEQ, +1)
+                        waiting = True
+                finally:
+                    self._unlock()
+                if due is not None and (deadline is None or due < deadline):
+                    until: float | None = due
+                else:
+                    until = deadline
                 if spins:
-                    self._register(PUT_SEQ, +1)
-                    waiting = True
-            finally:
-                self._unlock()
-            until = deadline if due is None or (deadline is not None and deadline < due) else due
-            if spins:
-                self._sleep(PUT_SEQ, seq, until)
-            else:
-                spins = self._spin(PUT_SEQ, seq)
+                    self._sleep(PUT_SEQ, seq, until)
+                else:
+                    spins = self._spin(PUT_SEQ, seq)
+        finally:
+            if waiting:
+                self._deregister(PUT_SEQ)
         if wake:
             self._wake(GET_SEQ)
         return out
 
+    def _take_fast(self, max_items: int) -> list[tuple[int, int, Any]] | None:
+        """The C path's take; None: take the Python path."""
+        if self._closed or self._gen != fork_generation[0]:
+            self._check()
+        if self._cfd < 0:
+            got = C.take(self._ctrl_addr, self._mapped, -1, max_items)
+        else:
+            with self._tlock:
+                self._check()
+                got = C.take(self._ctrl_addr, self._mapped, self._cfd, max_items)
+        if got is None:
+            return None
+        if got[1]:
+            self._wake(GET_SEQ)
+        return got[0]  # type: ignore[no-any-return]
+
     def _take_special(
-        self, st: _ring.RingState, max_items: int
-    ) -> tuple[list[tuple[int, int, Any]], float | None]:
-        """Take up to ``max_items`` by priority (higher first; ring order - put order -
-        within one), skipping messages not due yet and dropping expired ones; return
-        them and when the next delayed one comes due (monotonic, or None).
+        self, st: ring.RingState, max_items: int
+    ) -> tuple[list[tuple[int, int, Any]], list[int], float | None, bool]:
+        """``pick.pick`` on this handle's mapping: the records taken, the marks to commit,
+        when the next delayed record comes due (monotonic, or None), and whether expired
+        records were left for another commit."""
+        now = host_clock()
+        got = pick(self._mapping(st), st, max_items, now)
+        self.expired += got.expired
+        if got.next_due is None:
+            return got.records, got.marks, None, got.more
+        return got.records, got.marks, time.monotonic() + max(0.0, got.next_due - now), got.more
 
-        Used while the ring holds records with options or tombstones. It walks the
-        waiting records (O(n) per call: the price of one shared ring; pigeon:// keeps
-        heaps and lanes). A record taken from the middle becomes a tombstone
-        (``K_TAKEN``), counted in ``st.tombs`` and skipped until the head passes it."""
-        data = self._data
-        if data is None or st.capacity != self._cap:
-            data = self._map_data(st.capacity)
-        wall = time.time()
-        out: list[tuple[int, int, Any]] = []
-        next_due: float | None = None
-        while len(out) < max_items and st.count > st.tombs:
-            walk = _ring.RingState(st.head, st.tail, st.count, st.capacity)
-            best: tuple[int, int, int, int, int] | None = None  # prio, at, kind, deliv, len
-            while walk.count:
-                kind, deliveries, at, length = _ring.next_record(data, walk)
-                if kind == K_TAKEN:
-                    continue
-                priority = 0
-                if kind == K_OPTIONS:
-                    _, _, priority, due, expires = OPTS.unpack_from(data, at)
-                    if 0 < expires <= wall:  # not taken in time: dropped (no dead letters)
-                        pack_header(data, at - _ring.HEADER_SIZE, length, K_TAKEN, deliveries)
-                        st.tombs += 1
-                        st.special -= 1
-                        st.unfinished = max(0, st.unfinished - 1)
-                        self.expired += 1
-                        continue
-                    if due > wall:
-                        next_due = due if next_due is None else min(next_due, due)
-                        continue
-                if best is None or priority > best[0]:
-                    best = (priority, at, kind, deliveries, length)
-                    if priority == MAX_PRIORITY:
-                        break
-            if best is None:
-                break
-            _, at, kind, deliveries, length = best
-            payload: Any = (
-                data[at : at + length]
-                if kind in COPY_AS_BYTES
-                else bytearray(data[at : at + length])
-            )
-            out.append((kind, deliveries, payload))
-            pack_header(data, at - _ring.HEADER_SIZE, length, K_TAKEN, deliveries)
-            st.tombs += 1
-            if kind == K_OPTIONS:
-                st.special -= 1
-        while st.count and head_kind(data, st) == K_TAKEN:  # the head passes tombstones
-            _ring.next_record(data, st)
-            st.tombs -= 1
-        if next_due is None:
-            return out, None
-        return out, time.monotonic() + max(0.0, next_due - time.time())
-
-    def _read(self, st: _ring.RingState, max_items: int) -> list[tuple[int, int, Any]]:
-        data = self._data
-        if data is None or st.capacity != self._cap:
-            data = self._map_data(st.capacity)
-        out = []
-        for _ in range(min(max_items, st.count)):
-            kind, deliveries, at, length = _ring.next_record(data, st)
-            if kind in COPY_AS_BYTES:
-                payload: Any = data[at : at + length]  # one copy, into a new bytes
-            else:
-                payload = bytearray(length)
-                with memoryview(data) as view:
-                    payload[:] = view[at : at + length]
-            out.append((kind, deliveries, payload))
-        return out
+    def _read(self, st: ring.RingState, max_items: int) -> list[tuple[int, int, Any]]:
+        return read(self._mapping(st), st, max_items)
 
     def get_message(
         self, timeout: float | None = None, lease: float | None = None
@@ -1056,33 +736,37 @@ class LocalQueue(Queue[T]):
     def join(self, timeout: float | None = None) -> None:
         deadline = deadline_from(True, timeout)
         waiting = False
-        while True:
-            self._lock()
-            try:
-                if waiting:
-                    self._register(JOIN_SEQ, -1)
-                    waiting = False
-                unfinished = self._state().unfinished
-                if unfinished == 0:
-                    return
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"join timed out with {unfinished} tasks unfinished")
-                seq = self._seq(JOIN_SEQ)
-                self._register(JOIN_SEQ, +1)
-                waiting = True
-            finally:
-                self._unlock()
-            self._sleep(JOIN_SEQ, seq, deadline)
+        try:
+            while True:
+                self._lock()
+                try:
+                    if waiting:
+                        self._register(JOIN_SEQ, -1)
+                        waiting = False
+                    unfinished = self._state().unfinished
+                    if unfinished == 0:
+                        return
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError(f"join timed out with {unfinished} tasks unfinished")
+                    seq = self._seq(JOIN_SEQ)
+                    self._register(JOIN_SEQ, +1)
+                    waiting = True
+                finally:
+                    self._unlock()
+                self._sleep(JOIN_SEQ, seq, deadline)
+        finally:
+            if waiting:
+                self._deregister(JOIN_SEQ)
 
     def shutdown(self, immediate: bool = False) -> None:
         self._lock()
         try:
-            self._ctrl[OFF_FLAGS] = self._flags() | SHUTDOWN | (IMMEDIATE if immediate else 0)
-            if immediate:
-                st = self._state()
+            st = self._state()
+            st.flags |= SHUTDOWN | (IMMEDIATE if immediate else 0)
+            if immediate:  # the flags and the dropped items in one commit
                 st.unfinished = max(0, st.unfinished - (st.count - st.tombs))
                 st.count = st.head = st.tail = st.special = st.tombs = 0
-                self._commit(st)
+            self._commit(st)
             for word in (PUT_SEQ, GET_SEQ, JOIN_SEQ):
                 self._bump(word)
         finally:
@@ -1091,11 +775,19 @@ class LocalQueue(Queue[T]):
             self._wake(word)
 
     def _requeue(
-        self, item: T, deliveries: int, headers: dict[str, str] | None = None, priority: int = 0
+        self,
+        item: T,
+        deliveries: int,
+        headers: dict[str, str] | None = None,
+        priority: int = 0,
+        delay: float = 0.0,
     ) -> None:
+        """Give a taken item back to the ring: it keeps its priority and headers, not its
+        ttl; ``delay`` makes it due that many seconds from now, in the ring itself."""
         record = self._encode(item)
-        if priority:  # a message given back keeps its priority (and headers), not its timers
-            record = with_options(record, PutOptions(priority=priority, headers=headers or {}), 0)
+        if priority or delay:
+            opts = PutOptions(delay=delay, priority=priority, headers=headers or {})
+            record = with_options(record, opts, host_clock())
         elif headers:
             record = wrap(record, headers)
         self._put([record], True, None, min(deliveries, 0xFFFF), requeue=True)
@@ -1107,37 +799,51 @@ class LocalQueue(Queue[T]):
         the lock with the GIL released, or sleeping on a futex word of the control page -
         so the mappings are not unmapped here: they go with the handle object, which
         every such call holds (no thread can touch unmapped memory). Those threads get
-        ``ClosedResourceError`` the next time they take the lock or wake up.
+        ``ClosedResourceError`` the next time they take the lock or wake up; the ones
+        counted as waiters in the shared control page are counted out here, as they will
+        not be able to do it themselves.
         """
         if self._closed:
             return
-        self._closed = True
         if self._gen != fork_generation[0]:
             self._after_fork()
-        # no thread of this process is inside a locked section while the descriptor goes
-        # (one could be about to flock it, or to grow the mapping from it)
-        mutex = MUTEX if getattr(self, "_mutex", False) else None
-        if mutex is not None:
-            mutex.lock(self._ctrl_addr)
-        else:
-            self._tlock.acquire()
+        # No thread of this process is inside a locked section when it is marked closed
+        # (one could be about to flock the descriptor, or to grow the mapping from it);
+        # the ones that wait for the lock find it closed when they get it.
         try:
-            if self._dedup_db is not None and self._dedup_pid == os.getpid():
-                with contextlib.suppress(sqlite3.Error):
-                    self._dedup_db.close()
-            if self._finalizer is not None:
-                self._finalizer()  # closes the descriptor (and, for its creator, the file)
+            self._lock()
+        except ClosedResourceError:
+            return  # another thread closed it meanwhile
+        try:
+            self._closed = True
+            for word, n in self._registered.items():
+                if n > 0:
+                    self._register(word, -n)
+            if self._dedup is not None:
+                self._dedup.close()
         finally:
-            if mutex is not None:
-                mutex.unlock(self._ctrl_addr)
-            else:
-                self._tlock.release()
+            # Dropped before the descriptor goes: closing it would not drop a flock, as
+            # the mappings hold duplicates of it (the same open file description).
+            self._unlock()
+        if self._finalizer is not None:
+            self._finalizer()  # closes the descriptor (and, for its creator, the file)
         for word in (PUT_SEQ, GET_SEQ, JOIN_SEQ):  # sleepers wake and see it closed
             self._wake(word)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"qsize={self.qsize()}"
         return f"<pigeon.Queue local maxsize={self._maxsize} {state}>"
+
+
+def _length(parts: list[Any]) -> int:
+    if len(parts) == 1:
+        return len(parts[0])
+    return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+
+
+def _restore(st: ring.RingState, saved: ring.RingState) -> None:
+    for name in ring.RingState.__slots__:
+        setattr(st, name, getattr(saved, name))
 
 
 def _attach(
@@ -1151,54 +857,3 @@ def _check_window(value: Any) -> float:
     if bad:
         raise ValueError(bad)
     return float(value)
-
-
-class LocalMessage(Message[T]):
-    """A message taken from a local queue.
-
-    The item has left the queue when you get it. ``ack()`` just marks it settled;
-    ``nack(requeue=True, delay=0)`` puts it back at the tail with ``delivery_count + 1``
-    (after ``delay`` seconds, from a timer thread of this process: if the process exits
-    first, the item is lost). ``extend()`` does nothing: local messages have no lease.
-    """
-
-    def __init__(
-        self,
-        queue: LocalQueue[T],
-        body: T,
-        delivery_count: int,
-        headers: dict[str, str] | None = None,
-        priority: int = 0,
-    ) -> None:
-        self._queue = queue
-        self.body = body
-        self.delivery_count = delivery_count
-        self.headers: dict[str, str] = headers if headers is not None else {}
-        self._priority = priority
-        self._settled = False
-
-    def _settle(self) -> None:
-        if self._settled:
-            raise LocalProtocolError("this message was already acked or nacked")
-        self._settled = True
-
-    def ack(self) -> None:
-        self._settle()
-
-    def nack(self, requeue: bool = True, delay: float = 0, *, reason: str = "") -> None:
-        if delay < 0:
-            raise ValueError(f"delay must be >= 0, not {delay}")
-        self._settle()
-        if not requeue:
-            return
-        args = (self.body, self.delivery_count + 1, self.headers, self._priority)
-        if delay == 0:
-            self._queue._requeue(*args)
-        else:
-            timer = threading.Timer(delay, self._queue._requeue, args)
-            timer.daemon = True
-            timer.start()
-
-    def extend(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError(f"seconds must be >= 0, not {seconds}")

@@ -11,8 +11,11 @@
 # [head, old_capacity) to the end of the new buffer, keeping its distance to the end, so
 # the wrap marker (or short gap) it holds still means "continue at 0".
 #
-# The caller (backends/local/queue.py) holds the lock and commits ``RingState`` atomically
-# after writing, so a writer killed mid-record leaves only free space behind.
+# The caller (``queue.py``, ``shared.py``) holds the lock and commits ``RingState``
+# atomically after writing, so a writer killed mid-record leaves only free space behind.
+# Nothing here writes outside the free space of the state the caller last committed, except
+# ``relocate``'s target, which lies past the old capacity: the caller commits a relocated
+# ring before it writes into the room growing made (part of it held the old upper part).
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class RingState:
     unfinished: int = 0  # the queue's task_done counter, committed with the ring
     special: int = 0  # records with a priority, delay or ttl (the local queue's options)
     tombs: int = 0  # records taken from the middle, still in the ring until the head passes
+    flags: int = 0  # the local queue's SHUTDOWN | IMMEDIATE, committed with the ring
+    marks: int = 0  # tombstones published but maybe not yet written (the intent area)
 
     @property
     def wrapped(self) -> bool:
@@ -117,9 +122,10 @@ def next_record(buf: Ring, st: RingState) -> tuple[int, int, int, int]:
     return kind, deliveries, pos + HEADER_SIZE, length
 
 
-def grown_capacity(st: RingState, length: int, page: int = 4096) -> int:
-    """The capacity to grow to so that a payload of ``length`` surely fits."""
-    need = st.capacity + record_size(length) + HEADER_SIZE
+def grown_capacity(st: RingState, need: int, page: int = 4096) -> int:
+    """The capacity to grow to so that records of ``need`` bytes in all (``record_size``
+    each) surely fit after what the ring holds."""
+    need = st.capacity + need + HEADER_SIZE
     new = max(2 * st.capacity, need)
     return (new + page - 1) // page * page
 

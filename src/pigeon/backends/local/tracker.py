@@ -81,7 +81,8 @@ while paths and time.monotonic() < deadline:
             continue  # still held by a live process
         finally:
             os.close(fd)
-        for victim in (path, path + ".dedup"):  # the queue, and its table of dedup ids
+        # the queue, its table of dedup ids, and that table's journal if a put died
+        for victim in (path, path + ".dedup", path + ".dedup-journal"):
             try:
                 os.unlink(victim)
             except OSError:
