@@ -34,7 +34,8 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest
 	# the local queue again on its pure-Python path (the fallback where nothing compiles)
-	PIGEON_PURE_PYTHON=1 $(BIN)/pytest -q tests/backends/test_local.py tests/conformance -k local
+	PIGEON_PURE_PYTHON=1 $(BIN)/pytest -q tests/backends/test_local.py tests/backends/test_local_waits.py \
+		tests/backends/test_local_dedup.py tests/backends/test_local_message.py tests/conformance -k local
 
 # the suite but the slow fault tests on Python 3.12 and 3.13 (scripts/test-pythons)
 pythons:
