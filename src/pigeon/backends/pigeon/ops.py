@@ -12,8 +12,11 @@
 # its sync code with unasync; pigeon gets it without generated code.
 #
 # A driver that loses its connection while a ``Call`` is outstanding throws ``Lost`` into
-# the generator; ``established`` says whether that connection had worked (the retry
-# budget then starts afresh).
+# the generator; ``established`` says whether that connection had worked (one new
+# connection is then tried at once, and the retry budget starts afresh). A loss that a
+# new connection would meet again (``Unretryable``: not a pigeon broker, or the broker
+# refused our bytes) ends the call. A request the conversation refuses before sending
+# (``TooLarge`` over the broker's ``max_frame_size``) is raised by the driver as it is.
 #
 # The call's deadline travels with it (``_retry``): each ``Call`` carries ``until``, when
 # its driver stops waiting - for a new connection and its WELCOME, for room to send, for
@@ -59,7 +62,7 @@ from pigeon.protocol import (
     Stats,
     TaskDone,
 )
-from pigeon.protocol.client import NotABroker
+from pigeon.protocol.client import Unretryable
 from pigeon.protocol.codes import Code, exception_for
 from pigeon.protocol.messages import PlainPut
 from pigeon.protocol.rules import MAX_ITEMS, check_seconds
@@ -194,16 +197,26 @@ class Ops:
     def call(self, build: Callable[[float | None], Any], deadline: float | None) -> Op[Any]:
         """Send ``build(remaining wait)``; on a lost connection retry with backoff until
         ``deadline`` (or ``reconnect_timeout`` after the failure); raise for an ERROR. The
-        driver waits for each reply until ``reply_deadline(deadline)`` at most."""
+        driver waits for each reply until ``reply_deadline(deadline)`` at most.
+
+        A connection that had worked and broke is followed by one new connection at once,
+        before any backoff and whatever is left of ``deadline`` (within the reply grace):
+        the broker may have closed a connection while it was not in use (its idle timeout,
+        a restart), and a call with no time to wait - ``put_nowait`` - still deserves one
+        fresh connection before it gives up."""
         backoff: Backoff | None = None  # made at the first failure: most calls have none
         until = reply_deadline(deadline)
+        fresh = True  # the one new connection at once is still to be tried
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 reply = yield Call(build(remaining), until)
             except Lost as lost:
-                if isinstance(lost.error, NotABroker):
+                if isinstance(lost.error, Unretryable):
                     raise lost.error from lost.error.__cause__
+                if lost.established and fresh and (until is None or time.monotonic() < until):
+                    fresh = False
+                    continue
                 if backoff is None:
                     backoff = Backoff(deadline, self.spec.reconnect_timeout)
                 elif lost.established:

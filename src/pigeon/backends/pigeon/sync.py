@@ -27,9 +27,12 @@ Delivery guarantees
     comes back (at once, when the broker notices the connection is gone) instead of
     vanishing. A payload the serializer cannot decode raises ``pigeon.DecodeError`` and
     goes to ``QUEUE.dead``. A ``put`` whose confirmation was lost to a broken connection
-    is retried after reconnecting, so it may be stored twice: duplicates are possible,
-    losses of confirmed puts are not (with a durable broker). FIFO per queue; redelivered
-    messages go back in their original order, ahead of newer ones.
+    is retried after reconnecting, so it may be stored twice (once, with a ``dedup_id``):
+    duplicates are possible, losses of confirmed puts are not (with a durable broker). A
+    call with no time to wait (``put_nowait``) still gets one new connection when the
+    broker had closed the thread's one (its idle timeout, a restart). A put larger than
+    the broker's ``max_frame_size`` raises ``pigeon.TooLarge``, nothing sent. FIFO per
+    queue; redelivered messages go back in their original order, ahead of newer ones.
 
 # Strategy:
 # Each thread has its own blocking connection (a socket plus a sans-IO
@@ -238,11 +241,6 @@ class _Link:
                 elif isinstance(ev, Closed):
                     raise ev.error or BrokenResourceError(f"{self.conv.peer} closed")
 
-    def call(self, msg: Any, until: float | None = None) -> Any:
-        req = self.conv.request(msg)
-        self.flush(until)
-        return self.wait(req, until)
-
     def post(self, msg: Any) -> None:
         self.conv.post(msg)
         self.flush()
@@ -389,14 +387,25 @@ class BrokerQueue(Queue[T]):
                 return result
             value = error = None
             if isinstance(effect, Call):
-                established = False
                 try:
                     link = self._link(effect.until)
-                    established = True
-                    value = link.call(effect.msg, effect.until)
+                except BrokenResourceError as exc:
+                    error = Lost(exc, False)
+                    continue
+                try:
+                    # a refusal here (too large, an option the broker lacks) sends nothing
+                    # and leaves the connection as it was: it propagates, nothing dropped
+                    req = link.conv.request(effect.msg)
+                except BrokenResourceError as exc:  # the conversation had ended
+                    self._drop()
+                    error = Lost(exc, True)
+                    continue
+                try:
+                    link.flush(effect.until)
+                    value = link.wait(req, effect.until)
                 except BrokenResourceError as exc:
                     self._drop()
-                    error = Lost(exc, established)
+                    error = Lost(exc, True)
                 except BaseException:
                     # Interrupted mid-request (KeyboardInterrupt, a signal handler's
                     # exception): the reply may still come. Drop the connection; the
