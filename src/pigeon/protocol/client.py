@@ -19,8 +19,9 @@
 # broker would close the connection on their header; connection-level errors turned into
 # exceptions (``protocol.codes``), those a new connection would meet again marked
 # ``Unretryable``; and the graceful close (GOODBYE, then the shell half-closes and reads
-# until EOF: every reply still arrives). The blocking and asyncio clients (``backends/pigeon/sync.py``, ``pigeon/aio.py``) only move
-# bytes between a socket and this object.
+# until EOF: every reply still arrives). The blocking and asyncio clients
+# (``backends/pigeon/sync.py``, ``pigeon/aio.py``) only move bytes between a socket and
+# this object.
 """
 
 from __future__ import annotations
