@@ -725,6 +725,7 @@ class AsyncNatsMessage(Generic[T]):
         self._msg = msg
         self.body = body
         self.delivery_count = int(msg.metadata.num_delivered)
+        self._identity = int(msg.metadata.sequence.stream)  # the same on every redelivery
         self.headers: dict[str, str] = from_nats(msg.headers)
         self._settled = False
         self._keeper: asyncio.Task[None] | None = None

@@ -913,6 +913,7 @@ class AsyncRedisMessage(Generic[T]):
         self._payload = payload  # dead-lettered as received, not encoded again
         self._headers = headers
         self.id = eid
+        self._identity = eid  # a redelivery is the same stream entry
         self.delivery_count = count
         self.headers: dict[str, str] = _decode_headers(headers) if headers else {}
         self.body = body

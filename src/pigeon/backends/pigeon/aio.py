@@ -507,6 +507,7 @@ class AsyncBrokerMessage(Generic[T]):
         self.headers: dict[str, str] = delivery.headers or {}
         self.body = body
         self._settled = False
+        self._identity = delivery.message_id or None  # 0: an older broker does not tell
 
     def _settle(self, what: str, *args: Any) -> asyncio.Future[None]:
         if self._settled:

@@ -288,8 +288,10 @@ class Ops:
             lease = check_seconds("lease", lease, positive=True)
         deadline = deadline_from(block, timeout)
         q = self.queue
+        # a message held to be settled later learns its id: what names it across
+        # deliveries (pigeon.consume counts the worker processes it killed by it)
         reply = yield from self.call(
-            lambda w: Get(0, q, n, w if block else 0.0, True, lease), deadline
+            lambda w: Get(0, q, n, w if block else 0.0, True, lease, not settle), deadline
         )
         assert isinstance(reply, Deliver)
         out, bad = self._decode(reply.messages)

@@ -567,6 +567,7 @@ class BrokerMessage(Message[T]):
         self.headers: dict[str, str] = delivery.headers or {}
         self.body = body
         self._settled = False
+        self._identity = delivery.message_id or None  # 0: an older broker does not tell
 
     def _settle(self, what: str, *args: Any) -> None:
         if self._settled:
