@@ -1,10 +1,12 @@
-"""A pigeon:// call at the broker's limits and on a connection the broker closed: refused
-before anything is sent, not retried when the broker refuses our bytes, and one fresh
-connection for a call with no time to wait - through the blocking and the asyncio face."""
+"""A pigeon:// call at the broker's limits, on a connection the broker closed, and on a
+handle another thread closes: refused before anything is sent, not retried when the
+broker refuses our bytes, one fresh connection for a call with no time to wait, and
+ended as the broker answers it when the handle is closed under it."""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import socket
@@ -16,7 +18,7 @@ from typing import Any
 import pytest
 
 import pigeon
-from pigeon.errors import BrokenResourceError, TooLarge
+from pigeon.errors import BrokenResourceError, ClosedResourceError, TooLarge
 from pigeon.protocol import ClientCodec, Ok
 from pigeon.testing.broker import BrokerThread
 from tests._proxy import CuttingProxy
@@ -179,6 +181,12 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 15.0) -
 
 
 @pytest.fixture
+def broker_any() -> Iterator[BrokerThread]:
+    with BrokerThread() as b:
+        yield b
+
+
+@pytest.fixture
 def idle_broker() -> Iterator[BrokerThread]:
     with BrokerThread(idle_timeout=1.0, heartbeat=0.2) as b:
         yield b
@@ -265,3 +273,66 @@ def test_a_zero_wait_put_whose_confirmation_was_lost_is_stored_once_by_its_dedup
         assert proxy.cuts == 1
         with pigeon.Queue(b.url("lost-ok")) as q:
             assert q.get_many(10, timeout=0.5) == ["job"]
+
+
+# --- the handle closed by another thread while a call runs -------------------------------
+
+
+def test_closing_the_handle_ends_a_get_blocked_in_another_thread(broker_any: BrokerThread) -> None:
+    """The closing thread does not touch the link in use (it raised "concurrent poll()
+    invocation"); the blocked thread wakes, says GOODBYE, and ends with
+    ClosedResourceError. Nothing it might have taken is kept from the queue."""
+    q = pigeon.Queue(broker_any.url("close-get"))
+    q.qsize()  # the main thread's own link, idle: closed by close() itself
+    out: dict[str, Any] = {}
+
+    def blocked() -> None:
+        try:
+            out["got"] = q.get()
+        except Exception as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=blocked)
+    t.start()
+    _wait_for(lambda: _parked(broker_any, "close-get") == 1, "the get parking")
+    q.close()
+    t.join(10)
+    assert not t.is_alive()
+    assert isinstance(out.get("error"), ClosedResourceError), out
+    with pigeon.Queue(broker_any.url("close-get")) as other:
+        other.put("after")
+        assert other.get(timeout=5) == "after"
+
+
+def _parked(b: BrokerThread, queue: str) -> int:
+    with pigeon.Queue(b.url(queue)) as q:
+        return int(q._info()["consumers_waiting"])  # type: ignore[attr-defined]
+
+
+def _put_until_closed(q: pigeon.Queue[int], outcomes: list[tuple[int, str]]) -> None:
+    for i in itertools.count():
+        try:
+            q.put(i)
+        except ClosedResourceError:
+            outcomes.append((i, "closed"))
+            return
+        outcomes.append((i, "ok"))
+
+
+def test_closing_the_handle_under_running_puts_loses_no_confirmed_put(
+    broker_any: BrokerThread,
+) -> None:
+    for trial in range(10):
+        name = f"close-puts-{trial}"
+        q: pigeon.Queue[int] = pigeon.Queue(broker_any.url(name))
+        outcomes: list[tuple[int, str]] = []
+        t = threading.Thread(target=_put_until_closed, args=(q, outcomes))
+        t.start()
+        _wait_for(lambda out=outcomes: len(out) > 20, "some puts")
+        q.close()  # never raises, whatever the other thread is doing
+        t.join(10)
+        assert not t.is_alive() and outcomes[-1][1] == "closed"
+        confirmed = {i for i, how in outcomes if how == "ok"}
+        with pigeon.Queue(broker_any.url(name)) as check:
+            stored = set(check.get_many(10_000, timeout=1))
+        assert stored == confirmed  # the call that ended closed stored nothing
