@@ -121,11 +121,13 @@ def test_a_put_no_reply_could_carry_is_too_large(face: Face) -> None:
 class RefusingBroker:
     """A fake broker that welcomes (announcing a large ``max_frame_size``), answers the
     DECLARE, then closes at the first request with ``ERROR(0, "protocol", ...)``, as the
-    broker does when a frame passes its limit."""
+    broker does when a frame passes its limit - or, with ``word=False``, without a word
+    (a broker that crashes on the request, a proxy that resets it)."""
 
     TEXT = "frame of 2097169 bytes exceeds max_frame_size=1048576"
 
-    def __init__(self) -> None:
+    def __init__(self, *, word: bool = True) -> None:
+        self.word = word
         self.srv = socket.create_server(("127.0.0.1", 0))
         self.port = self.srv.getsockname()[1]
         self.connections = 0
@@ -146,7 +148,8 @@ class RefusingBroker:
                 welcome = Welcome(VERSION, "fake", 10.0, 2**30, ["options"])
                 c.sendall(encode_frame(welcome) + encode_frame(Ok(1, {"maxsize": 0})))
                 c.recv(65536)  # the request
-                c.sendall(encode_frame(Error(0, "protocol", self.TEXT)))
+                if self.word:
+                    c.sendall(encode_frame(Error(0, "protocol", self.TEXT)))
 
     def __enter__(self) -> RefusingBroker:
         return self
@@ -167,6 +170,33 @@ def test_a_broker_that_refuses_our_bytes_is_not_asked_again(face: Face) -> None:
             )
         assert time.monotonic() - t < 4
         assert fake.connections == 1
+
+
+@pytest.mark.parametrize("face", FACES, ids=repr)
+def test_a_request_that_ends_every_connection_is_not_sent_for_ever(face: Face) -> None:
+    """Each new connection was welcomed, so each loss started the retry budget afresh: the
+    call resent its request every 50 ms for ever. A connection that broke at once does not
+    renew the budget (reconnect_timeout, 1 s here)."""
+    out: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            face.run(
+                f"pigeon://127.0.0.1:{fake.port}/dropped",
+                lambda q: q.put(b"x"),
+                serializer="raw",
+                reconnect_timeout=1,
+            )
+        except Exception as exc:
+            out["error"] = exc
+
+    with RefusingBroker(word=False) as fake:
+        t = threading.Thread(target=call, daemon=True)
+        t.start()
+        t.join(15)
+        assert not t.is_alive(), f"still resending after 15 s ({fake.connections} connections)"
+    assert isinstance(out["error"], BrokenResourceError)
+    assert fake.connections < 40
 
 
 # --- a connection the broker closed while it was not in use ------------------------------

@@ -13,10 +13,11 @@
 #
 # A driver that loses its connection while a ``Call`` is outstanding throws ``Lost`` into
 # the generator; ``established`` says whether that connection had worked (one new
-# connection is then tried at once, and the retry budget starts afresh). A loss that a
-# new connection would meet again (``Unretryable``: not a pigeon broker, or the broker
-# refused our bytes) ends the call. A request the conversation refuses before sending
-# (``TooLarge`` over the broker's ``max_frame_size``) is raised by the driver as it is.
+# connection is then tried at once; the retry budget starts afresh if it had lived a
+# while, ``WORKED``). A loss that a new connection would meet again (``Unretryable``: not
+# a pigeon broker, or the broker refused our bytes) ends the call. A request the
+# conversation refuses before sending (``TooLarge`` over the broker's ``max_frame_size``)
+# is raised by the driver as it is.
 #
 # The call's deadline travels with it (``_retry``): each ``Call`` carries ``until``, when
 # its driver stops waiting - for a new connection and its WELCOME, for room to send, for
@@ -100,13 +101,20 @@ def advance(op: Op[Any], value: Any, error: BaseException | None) -> tuple[Effec
         return None, stop.value
 
 
+# Seconds a connection must have lived for its loss to start the retry budget afresh: a
+# connection that broke at the first request may have been broken *by* it, and a
+# request that ends every connection must not be sent again for ever.
+WORKED = 1.0
+
+
 class Lost(Exception):
     """The connection broke (or could not be made) while a call was outstanding."""
 
-    def __init__(self, error: BaseException, established: bool) -> None:
+    def __init__(self, error: BaseException, established: bool, lived: float = 0.0) -> None:
         super().__init__(str(error))
         self.error = error
-        self.established = established
+        self.established = established  # it had been welcomed
+        self.lived = lived  # seconds since then
 
 
 class Endpoint(QueueURL):
@@ -219,7 +227,7 @@ class Ops:
                     continue
                 if backoff is None:
                     backoff = Backoff(deadline, self.spec.reconnect_timeout)
-                elif lost.established:
+                elif lost.established and lost.lived >= WORKED:
                     backoff.restart()
                 if (wait := backoff.next_delay()) is None:
                     raise lost.error from lost.error.__cause__

@@ -162,6 +162,7 @@ class _Link:
             raise
         self.silence = self.conv.silence_limit
         self.cut_by_call = False
+        self.opened = time.monotonic()  # welcomed
 
     # --- moving bytes -----------------------------------------------------------------------
 
@@ -471,13 +472,13 @@ class BrokerQueue(Queue[T]):
             req = link.conv.request(call.msg)
         except BrokenResourceError as exc:  # the conversation had ended
             self._drop()
-            return None, Lost(exc, True)
+            return None, Lost(exc, True, time.monotonic() - link.opened)
         try:
             link.flush(call.until)
             reply = link.wait(req, call.until)
         except BrokenResourceError as exc:
             self._drop()
-            return None, Lost(exc, True)
+            return None, Lost(exc, True, time.monotonic() - link.opened)
         except BaseException:
             # Interrupted mid-request (KeyboardInterrupt, a signal handler's exception):
             # the reply may still come. Drop the connection; the broker gives back
