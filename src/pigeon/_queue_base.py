@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
@@ -256,6 +256,10 @@ class Message(Generic[T]):
     body: T
     delivery_count: int
     headers: dict[str, str]  # the headers it was put with ({} when none)
+    # What names this message across its deliveries, where the backend tells it (the
+    # broker's message id, a stream entry's id or sequence); None where it does not.
+    # pigeon.consume counts the worker processes a message killed by it.
+    _identity: Hashable | None = None
 
     def ack(self) -> None:
         """Settle: the item is done and will not come back."""

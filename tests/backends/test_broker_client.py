@@ -524,3 +524,37 @@ def test_aclose_during_a_handshake_ends_the_calls_waiting_for_it() -> None:
 
     error, took = asyncio.run(main())
     assert isinstance(error, pigeon.ClosedResourceError) and took < 2
+
+
+@pytest.mark.parametrize("face", FACES, ids=repr)
+def test_a_held_message_has_one_identity_on_every_delivery_and_twins_their_own(
+    broker: BrokerThread, face: Face
+) -> None:
+    """``get_message`` asks the broker for message ids: what ``pigeon.consume`` counts a
+    message's worker deaths by (its bytes would merge twins)."""
+    with pigeon.Queue(broker.url("ids")) as q:
+        q.put_many(["same", "same"])
+
+    def held(q: Any) -> Any:
+        if face.name == "sync":
+            a, b = q.get_message(timeout=5), q.get_message(timeout=5)
+            a.nack()
+            again = q.get_message(timeout=5)
+            again.ack()
+            b.ack()
+            return a, b, again
+
+        async def run() -> Any:
+            a, b = await q.get_message(timeout=5), await q.get_message(timeout=5)
+            await a.nack()
+            again = await q.get_message(timeout=5)
+            await again.ack()
+            await b.ack()
+            return a, b, again
+
+        return run()
+
+    a, b, again = face.run(broker.url("ids"), held)
+    assert a.body == b.body == again.body == "same"
+    assert isinstance(a._identity, int) and a._identity != b._identity
+    assert (again._identity, again.delivery_count) == (a._identity, 2)

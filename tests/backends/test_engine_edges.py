@@ -521,3 +521,22 @@ def test_a_timed_get_on_an_empty_queue_is_empty_every_time(
         for _ in range(50):
             with pytest.raises(pigeon.Empty):
                 q.get_many(5, timeout=0.1)
+
+
+@pytest.mark.parametrize("engine", ["redis_url", "nats_url"])
+def test_a_held_message_has_one_identity_on_every_delivery_and_twins_their_own(
+    engine: str, request: pytest.FixtureRequest
+) -> None:
+    """The stream entry (Redis) or stream sequence (NATS): what ``pigeon.consume`` counts
+    a message's worker deaths by."""
+    url = request.getfixturevalue(engine)
+    with pigeon.Queue(url) as q:
+        q.put_many(["same", "same"])
+        a, b = q.get_message(timeout=5), q.get_message(timeout=5)
+        a.nack()
+        again = q.get_message(timeout=5)
+        again.ack()
+        b.ack()
+    assert a.body == b.body == again.body == "same"
+    assert a._identity is not None and a._identity != b._identity
+    assert (again._identity, again.delivery_count) == (a._identity, 2)

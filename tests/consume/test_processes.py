@@ -138,6 +138,36 @@ def test_a_body_dead_lettered_for_killing_workers_is_tried_afresh_when_it_comes_
     q.close()
 
 
+def _killed_on_the_first_calls(calls: str, n: int, item: Any) -> None:
+    """SIGKILLs its own worker process on the first ``n`` calls of the run, whatever the
+    item (the OOM killer picking workers), then handles."""
+    with open(calls, "a+") as f:  # the calls of the whole run, across worker processes
+        f.seek(0)
+        made = len(f.read())
+        f.write("x")
+    if made < n:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_identical_messages_that_each_killed_one_worker_are_not_poison(
+    broker: BrokerThread, tmp_path: Path
+) -> None:
+    """Three messages with the same bytes, each of which killed one worker: no message
+    killed three, so none is dead-lettered (the count was per body: the third went to the
+    dead letters on its first delivery)."""
+    with pigeon.Queue(broker.url("twins")) as q:
+        q.put_many([{"job": "refresh-cache"}] * 3)
+        q.shutdown()
+    handler = functools.partial(_killed_on_the_first_calls, str(tmp_path / "calls"), 3)
+    report = pigeon.consume(
+        broker.url("twins"), handler, mode="process", concurrency=1, poison_after=3, grace=5,
+        retry=pigeon.Retry(attempts=5, backoff=2.0, jitter=False),  # the twins come first
+    )  # fmt: skip
+    assert (report.worker_deaths, report.dead, report.processed) == (3, 0, 3)
+    with pigeon.Queue(broker.url("twins.dead")) as dead:
+        assert dead.qsize() == 0
+
+
 def _killed(where: Path) -> int:
     p = where / "killed"
     return len(p.read_text().splitlines()) if p.exists() else 0

@@ -5,10 +5,11 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pigeon.errors import AuthError, BrokenResourceError, IncompleteFrame
+from pigeon.errors import AuthError, BrokenResourceError, IncompleteFrame, TooLarge
 from pigeon.framing import LengthPrefixed
 from pigeon.protocol import (
     Ack,
@@ -25,12 +26,14 @@ from pigeon.protocol import (
     Ping,
     Pong,
     Put,
+    PutBatch,
     QueueShutdown,
     ServerCodec,
     Welcome,
+    client,
 )
 from pigeon.protocol.client import ClientConnection, Closed, Notice, Reply, State, Welcomed
-from pigeon.protocol.wire import encode_frame
+from pigeon.protocol.wire import encode_frame, encode_message
 
 WELCOME = encode_frame(Welcome(1, "pigeon", 5.0, 16 * 2**20))
 
@@ -126,6 +129,57 @@ def test_connection_error_from_the_broker_is_broken_resource_with_the_cause() ->
     (ev,) = conn.receive_data(encode_frame(Error(0, "idle", "no request for more than 300 s")))
     assert isinstance(ev, Closed) and isinstance(ev.error, BrokenResourceError)
     assert "no request for more than 300 s" in str(ev.error)
+
+
+def test_a_protocol_error_from_the_broker_is_refused_and_not_retryable() -> None:
+    # The broker closes over the bytes we sent (here a frame over its limit): the same
+    # request on a new connection would end the same way.
+    conn = open_conn()
+    text = "frame of 2097169 bytes exceeds max_frame_size=1048576"
+    (ev,) = conn.receive_data(encode_frame(Error(0, "protocol", text)))
+    assert isinstance(ev, Closed) and isinstance(ev.error, client.Refused)
+    assert isinstance(ev.error, client.Unretryable) and isinstance(ev.error, BrokenResourceError)
+    assert text in str(ev.error)
+
+
+def test_an_idle_close_from_the_broker_may_be_retried() -> None:
+    conn = open_conn()
+    (ev,) = conn.receive_data(encode_frame(Error(0, "idle", "no request for more than 2 s")))
+    assert isinstance(ev, Closed) and not isinstance(ev.error, client.Unretryable)
+
+
+def _welcomed_with_limit(limit: int) -> ClientConnection:
+    conn = ClientConnection("test", peer="the broker at test:1")
+    sent(conn)
+    conn.receive_data(encode_frame(Welcome(1, "pigeon", 5.0, limit, ["options"])))
+    return conn
+
+
+def test_a_request_over_the_brokers_max_frame_size_is_too_large_and_nothing_is_sent() -> None:
+    conn = _welcomed_with_limit(1000)
+    with pytest.raises(
+        TooLarge,
+        match=r"^frame of 1\d{3} bytes exceeds max_frame_size=1000 of the broker at test:1 "
+        r"\(a put of a 1500-byte item\); nothing was sent: put a smaller item",
+    ):
+        conn.request(Put(0, "q", b"x" * 1500, None))
+    with pytest.raises(TooLarge, match=r"\(a put_many of 3 items\); nothing was sent: put fewer"):
+        conn.request(PutBatch(0, "q", [b"x" * 400] * 3, None))
+    assert conn.data_to_send() == b"" and conn.pending == 0
+    # the conversation goes on, its request ids unspent
+    assert conn.request(Put(0, "q", b"small", None)) == 1
+    assert sent(conn) == [Put(1, "q", b"small", None)]
+
+
+def test_a_request_of_exactly_max_frame_size_is_sent() -> None:
+    conn = _welcomed_with_limit(1000)
+    n = 1000 - len(encode_message(Put(1, "q", b"x" * 900, 0.0))) + 900
+    fits = Put(0, "q", b"x" * n, 0.0)
+    assert len(encode_message(Put(1, "q", fits.payload, 0.0))) == 1000
+    req = conn.request(fits)
+    assert sent(conn) == [Put(req, "q", fits.payload, 0.0)]
+    with pytest.raises(TooLarge, match="frame of 1001 bytes exceeds max_frame_size=1000"):
+        conn.request(Put(0, "q", fits.payload + b"x", 0.0))
 
 
 def test_goodbye_closes_after_the_replies_before_it() -> None:

@@ -199,7 +199,7 @@ def test_put_and_get_and_their_errors(wire: Wire) -> None:
     # a GET with an extra trailing element (a newer client's field) is served the same
     wire.send(PUT, 5, "s-put", b"c")
     assert wire.recv() == [OK, 5, 1]
-    assert wire.call(GET, 6, "s-put", 1, 0, False, None, "from the future") == [
+    assert wire.call(GET, 6, "s-put", 1, 0, False, None, False, "from the future") == [
         DELIVER, 6, [[0, 1, b"c"]],
     ]  # fmt: skip
 
@@ -359,6 +359,27 @@ def test_deliver_leaves_headers_out_when_a_message_has_none(wire: Wire) -> None:
     wire.call(PUT, 11, q, b"h", 0, {"headers": {"Case": "1", "case": "\x00\r\n "}})
     got = wire.call(GET, 12, q, 10, 0)[2]
     assert got == [[0, 1, b"a"]] * 4 + [[0, 1, b"h", {"Case": "1", "case": "\x00\r\n "}]]
+
+
+def test_a_get_asking_for_message_ids_gets_the_same_id_on_every_delivery(wire: Wire) -> None:
+    q = "s-ids"
+    wire.call(PUT_BATCH, 1, q, [b"same"] * 5)
+    plain = wire.call(GET, 2, q, 10, 0, True, None, True)[2]  # plain ones: taken in bulk
+    wire.call(PUT, 3, q, b"h", 0, {"headers": {"k": "v"}})
+    headed = wire.call(GET, 4, q, 10, 0, True, None, True)[2]
+    first = plain + headed
+    assert [(len(e), e[1:4]) for e in first] == [(5, [1, b"same", None])] * 5 + [
+        (5, [1, b"h", {"k": "v"}])
+    ]
+    ids = [e[4] for e in first]
+    assert len(set(ids)) == 6 and all(isinstance(i, int) and i > 0 for i in ids)
+    wire.call(NACK, 5, q, [e[0] for e in first])
+    again = wire.call(GET, 6, q, 10, 0, True, None, True)[2]
+    assert [(e[1], e[4]) for e in again] == [(2, i) for i in ids]  # a new delivery, one id
+    assert not {e[0] for e in again} & {e[0] for e in first}
+    wire.call(NACK, 7, q, [e[0] for e in again])
+    asked_not = wire.call(GET, 8, q, 10, 0, True)[2]  # the entries as before: 3 or 4 long
+    assert [len(e) for e in asked_not] == [3] * 5 + [4]
 
 
 # --- errors: which close the connection, which do not -----------------------------------

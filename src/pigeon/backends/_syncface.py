@@ -303,6 +303,7 @@ class SyncMessage(Message[T]):
         self.body = inner.body
         self.delivery_count = inner.delivery_count
         self.headers: dict[str, str] = inner.headers
+        self._identity = getattr(inner, "_identity", None)
 
     def _wait(self, make: Callable[[], Any]) -> None:
         async def go() -> None:

@@ -1107,6 +1107,8 @@ class AsyncNatsMessage(Generic[T]):
         self._msg = delivery.msg
         self.body = body
         self.delivery_count = delivery.count
+        # the same on every redelivery: the manifest's or the message's stream sequence
+        self._identity = int(delivery.msg.metadata.sequence.stream)
         self.headers: dict[str, str] = from_nats(delivery.msg.headers)
         self._settled = False
         self._keeper: asyncio.Task[None] | None = None

@@ -766,6 +766,7 @@ class AsyncRedisMessage(Generic[T]):
         self._headers = headers
         self._expiry = expiry  # a ttl's end: it may expire once given back
         self.id = eid
+        self._identity = eid  # a redelivery is the same stream entry
         self.delivery_count = count
         self.headers: dict[str, str] = _decode_headers(headers) if headers else {}
         self.body = body

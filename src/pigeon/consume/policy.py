@@ -17,6 +17,7 @@ from typing import Any
 
 from pigeon import _otel
 from pigeon._queue_base import Message, Queue
+from pigeon.consume.crashes import Crashes
 from pigeon.consume.report import ConsumeProgress, DeadLetter, Task
 from pigeon.errors import (
     AuthError,
@@ -146,7 +147,7 @@ class Run:
         self.local = q.url is None
         self.traced = _otel.tracer_for(q.url)  # a consumer span per message (pigeon[otel])
         self.end: Ended | None = None
-        self.crashes: dict[bytes, int] = {}  # item digest -> workers it killed
+        self.crashes = Crashes()  # the worker processes each message killed
         self.measuring = False  # auto: the first items run in one thread to be measured
         self.async_seen = False  # the measurement met an async handler
         self._fetch_failures = 0

@@ -10,13 +10,12 @@ reason ``worker_died``.
 # parent's ends of its siblings' pipes, so a child sees the end of file when the parent
 # goes; the parent retires one by asking (an empty frame). A child found dead before an
 # item is sent died idle (the OOM killer): replaced, the item not charged. The crash count
-# of a body lives as long as its message: an ack or a dead letter ends it.
+# belongs to the message (``crashes``), not to its bytes; an ack or a dead letter ends it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import multiprocessing as mp
 import os
@@ -264,12 +263,12 @@ def _process_one(run: Run, msg: Message[Any], child: Child | None, ctx: Any, slo
         run.fail(msg, f"{type(exc).__name__}: the item cannot be sent to a worker process: "
                       f"{describe(exc)}"[:500])  # fmt: skip
         return child
-    key = hashlib.blake2b(payload, digest_size=16).digest()
-    with run.progress.lock:
-        kills = run.crashes.get(key, 0)
+    crashes = run.crashes
+    key = crashes.key(msg, payload)
+    kills = crashes.of(key, msg)
     if kills >= run.poison_after:  # its dead-lettering failed: it came back
         if run.fail(msg, f"worker_died: the item killed {kills} worker processes", dead=True):
-            _forget_crashes(run, key)
+            crashes.forget(key)
         return child
     child = _ready_child(run, child, ctx, slot)
     task = run.begin(msg, slot)
@@ -280,12 +279,12 @@ def _process_one(run: Run, msg: Message[Any], child: Child | None, ctx: Any, slo
     if outcome == "ok":
         child.rss = detail[1]
         if run.ack(msg):
-            _forget_crashes(run, key)
+            crashes.forget(key)
         return child
     if outcome == "error":
         child.rss = detail[1]
         if run.fail(msg, detail[0]):
-            _forget_crashes(run, key)
+            crashes.forget(key)
         return child
     if outcome == "async":
         run.nack(msg, requeue=True)  # not handled: back, not counted as a failure
@@ -299,11 +298,10 @@ def _process_one(run: Run, msg: Message[Any], child: Child | None, ctx: Any, slo
         log.warning("a handler ran past time_limit=%s s: its worker process was killed and "
                     "replaced", run.time_limit)  # fmt: skip
         if run.fail(msg, time_limit_error(run.time_limit or 0)):
-            _forget_crashes(run, key)
+            crashes.forget(key)
         return None
     child.kill()  # died: reap it and close its pipe
-    with run.progress.lock:
-        kills = run.crashes[key] = run.crashes.get(key, 0) + 1
+    kills = crashes.killed(key, msg)
     run.progress.add(worker_deaths=1)
     log.error("%s while handling an item (%d time(s) for this item); started another",
               detail, kills)  # fmt: skip
@@ -311,11 +309,5 @@ def _process_one(run: Run, msg: Message[Any], child: Child | None, ctx: Any, slo
     poisoned = kills >= run.poison_after
     if run.fail(msg, f"worker_died: the item killed {kills} worker processes (last: {detail})"
                 if poisoned else error, dead=poisoned):  # fmt: skip
-        _forget_crashes(run, key)
+        crashes.forget(key)
     return None
-
-
-def _forget_crashes(run: Run, key: bytes) -> None:
-    """The message is settled for good: a later one with the same bytes starts afresh."""
-    with run.progress.lock:
-        run.crashes.pop(key, None)

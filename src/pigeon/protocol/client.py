@@ -14,11 +14,14 @@
 # instead of being read as a 760 MB frame); PING answered with PONG; request ids and
 # matching replies to them; requests whose caller stopped waiting (CANCEL sent; if the
 # reply still comes, delivered messages are handed back with NACK, so nothing is
-# stranded until its lease ends); settles whose reply nobody waits for; connection-level
-# errors turned into exceptions (``protocol.codes``); and the graceful close (GOODBYE,
-# then the shell half-closes and reads until EOF: every reply still arrives). The
-# blocking and asyncio clients (``backends/pigeon/sync.py``, ``pigeon/aio.py``) only move
-# bytes between a socket and this object.
+# stranded until its lease ends); settles whose reply nobody waits for; requests larger
+# than the broker's ``max_frame_size`` (WELCOME) refused before they are sent, since the
+# broker would close the connection on their header; connection-level errors turned into
+# exceptions (``protocol.codes``), those a new connection would meet again marked
+# ``Unretryable``; and the graceful close (GOODBYE, then the shell half-closes and reads
+# until EOF: every reply still arrives). The blocking and asyncio clients
+# (``backends/pigeon/sync.py``, ``pigeon/aio.py``) only move bytes between a socket and
+# this object.
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from pigeon.errors import AuthError, BrokenResourceError, FrameError, PigeonError, Unsupported
+from pigeon.errors import (
+    AuthError,
+    BrokenResourceError,
+    FrameError,
+    PigeonError,
+    TooLarge,
+    Unsupported,
+)
 from pigeon.framing import LengthPrefixed
 from pigeon.protocol.codes import Code, exception_for
 from pigeon.protocol.messages import (
@@ -41,6 +51,7 @@ from pigeon.protocol.messages import (
     Nack,
     Ok,
     Ping,
+    PlainPut,
     Pong,
     Put,
     PutBatch,
@@ -59,13 +70,16 @@ __all__ = [
     "Event",
     "NotABroker",
     "Notice",
+    "Refused",
     "Reply",
     "State",
+    "Unretryable",
     "Welcomed",
 ]
 
 HANDSHAKE_MAX_FRAME = 64 * 1024  # the largest frame before WELCOME, either way
 HEARTBEAT_MISSES = 3  # heartbeats without a byte from the broker before it counts as gone
+_HEADER_SIZE = 4  # a frame's length header; max_frame_size counts the body after it
 CLIENT_MAX_FRAME = 2**31 - 1
 
 
@@ -110,8 +124,18 @@ class Closed:
 Event = Welcomed | Reply | Notice | Closed
 
 
-class NotABroker(BrokenResourceError):
-    """The peer answered the handshake, but not as a pigeon broker: retrying cannot help."""
+class Unretryable(BrokenResourceError):
+    """The connection ended for a reason a new connection would meet again: the call that
+    met it is not retried."""
+
+
+class NotABroker(Unretryable):
+    """The peer answered the handshake, but not as a pigeon broker."""
+
+
+class Refused(Unretryable):
+    """The broker closed the connection over what we sent (``ERROR(0, "protocol")``): the
+    same request on a new connection would be refused the same way."""
 
 
 class ClientConnection:
@@ -161,6 +185,8 @@ class ClientConnection:
         Raises:
             Unsupported: a PUT with options to a broker that did not announce them (an
                 older broker would store the message and ignore them).
+            TooLarge: its frame is larger than the broker's ``max_frame_size`` (WELCOME):
+                the broker would close the connection on its header. Nothing is sent.
         """
         if (
             type(msg) in _WITH_OPTIONS
@@ -178,7 +204,7 @@ class ClientConnection:
     def post(self, msg: Any) -> int:
         """Queue a request whose reply nobody will wait for (an ACK after a get). ACK and
         NACK go ``quiet``: the broker sends no OK for them (an older broker that does is
-        ignored)."""
+        ignored). Raises ``TooLarge`` as ``request`` does."""
         if hasattr(msg, "quiet"):
             msg.quiet = True
             return self._send(msg)
@@ -239,10 +265,13 @@ class ClientConnection:
     def _send(self, msg: Any) -> int:
         if self.state is State.CLOSED or self.state is State.CLOSING:
             raise BrokenResourceError(f"the connection to {self.peer} is closed")
-        self._req += 1
-        msg.req = self._req
-        self._out.append(encode_frame(msg))
-        return self._req
+        msg.req = req = self._req + 1
+        frame = encode_frame(msg)
+        if len(frame) - _HEADER_SIZE > self.max_frame_size:
+            raise _too_large(msg, len(frame) - _HEADER_SIZE, self.max_frame_size, self.peer)
+        self._req = req
+        self._out.append(frame)
+        return req
 
     def _give_back(self, deliver: Deliver, queue: str) -> None:
         ids = [d.id for d in deliver.messages if d.id]
@@ -325,9 +354,28 @@ class ClientConnection:
         return Closed(error)
 
 
+def _too_large(msg: Any, size: int, limit: int, peer: str) -> TooLarge:
+    if isinstance(msg, PutBatch):
+        what = f"a put_many of {len(msg.payloads)} items"
+        advice = "put fewer items per call"
+    elif isinstance(msg, Put | PlainPut):
+        what = f"a put of a {len(msg.payload)}-byte item"
+        advice = "put a smaller item (or a reference to where it is stored)"
+    else:
+        what = f"a {type(msg).__name__} request"
+        advice = "send less per request"
+    return TooLarge(
+        f"frame of {size} bytes exceeds max_frame_size={limit} of {peer} ({what}); "
+        f"nothing was sent: {advice}, or raise the broker's --max-frame-size"
+    )
+
+
 def _connection_error(msg: Error, peer: str) -> BaseException:
     if msg.code in (Code.AUTH, Code.COOLDOWN):
         return AuthError(msg.message)
-    err = BrokenResourceError(f"{peer} closed the connection: {msg.message} ({msg.code})")
+    # A protocol error is about the bytes we sent (a frame over max_frame_size, a malformed
+    # request): sending them again on a new connection would end the same way.
+    kind = Refused if msg.code == Code.PROTOCOL else BrokenResourceError
+    err = kind(f"{peer} closed the connection: {msg.message} ({msg.code})")
     err.__cause__ = exception_for(msg.code, msg.message)
     return err

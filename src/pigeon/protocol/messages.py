@@ -113,6 +113,7 @@ class Get(_Msg, tag=0x20):
     wait: float | None  # seconds to wait for a first item; None: until one comes
     manual_ack: bool = False  # False: the broker forgets the items as it sends them
     lease: float | None = None  # seconds before an unacked item is redelivered
+    message_ids: bool = False  # (added) each DELIVER entry carries its message's id
 
 
 class Cancel(_Msg, tag=0x21):
@@ -240,8 +241,21 @@ class PlainDelivery(msgspec.Struct, array_like=True, frozen=True, gc=False):
     payload: bytes
 
 
-class Delivery(PlainDelivery, frozen=True, gc=False):
+class HeadedDelivery(PlainDelivery, frozen=True, gc=False):
+    """A delivery with headers, without its message's id (sent by the broker; decoded as
+    ``Delivery``)."""
+
     headers: dict[str, str] | None = None  # (added) absent when there are none
+
+
+class Delivery(HeadedDelivery, frozen=True, gc=False):
+    """A DELIVER entry as clients read it: absent elements take their defaults. The
+    broker sends the message id only to a GET that asked (``message_ids``), with nil
+    headers when there are none."""
+
+    # (added) the message's number in the broker: the same on every delivery of one
+    # message, unlike ``id``; 0 when not sent
+    message_id: int = 0
 
 
 class Ok(_Msg, tag=0x80):

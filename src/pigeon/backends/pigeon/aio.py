@@ -66,6 +66,7 @@ class _LinkProtocol(asyncio.Protocol):
         self.futures: dict[int, asyncio.Future[Any]] = {}
         self.error: BaseException | None = None
         self.established = False
+        self.opened = 0.0  # monotonic: when the WELCOME came
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self.last_rx = time.monotonic()
         self._watchdog: asyncio.TimerHandle | None = None
@@ -120,6 +121,7 @@ class _LinkProtocol(asyncio.Protocol):
                     self.transport.close()
             elif isinstance(ev, Welcomed) and not self.established:
                 self.established = True
+                self.opened = time.monotonic()
                 self._watch()
         self.flush()
 
@@ -362,10 +364,9 @@ class AsyncBrokerQueue(Generic[T]):
                 return result
             value = error = None
             if isinstance(effect, Call):
-                established = False
+                link: _LinkProtocol | None = None
                 try:
                     link = await self._connection(effect.until)
-                    established = True
                     req, fut = link.request(effect.msg)
                     if effect.until is not None:
                         link.expire(req, fut, effect.until)
@@ -379,7 +380,8 @@ class AsyncBrokerQueue(Generic[T]):
                         if effect.until is not None:
                             link.deadlines.pop(req, None)
                 except BrokenResourceError as exc:
-                    error = Lost(exc, established)
+                    lived = time.monotonic() - link.opened if link is not None else 0.0
+                    error = Lost(exc, link is not None, lived)
             elif isinstance(effect, Post):
                 if self._link is not None:  # no connection: the broker gave them back
                     self._link.post(effect.msg)
@@ -507,6 +509,7 @@ class AsyncBrokerMessage(Generic[T]):
         self.headers: dict[str, str] = delivery.headers or {}
         self.body = body
         self._settled = False
+        self._identity = delivery.message_id or None  # 0: an older broker does not tell
 
     def _settle(self, what: str, *args: Any) -> asyncio.Future[None]:
         if self._settled:

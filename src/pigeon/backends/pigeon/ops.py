@@ -12,8 +12,12 @@
 # its sync code with unasync; pigeon gets it without generated code.
 #
 # A driver that loses its connection while a ``Call`` is outstanding throws ``Lost`` into
-# the generator; ``established`` says whether that connection had worked (the retry
-# budget then starts afresh).
+# the generator; ``established`` says whether that connection had worked (one new
+# connection is then tried at once; the retry budget starts afresh if it had lived a
+# while, ``WORKED``). A loss that a new connection would meet again (``Unretryable``: not
+# a pigeon broker, or the broker refused our bytes) ends the call. A request the
+# conversation refuses before sending (``TooLarge`` over the broker's ``max_frame_size``)
+# is raised by the driver as it is.
 #
 # The call's deadline travels with it (``_retry``): each ``Call`` carries ``until``, when
 # its driver stops waiting - for a new connection and its WELCOME, for room to send, for
@@ -59,7 +63,7 @@ from pigeon.protocol import (
     Stats,
     TaskDone,
 )
-from pigeon.protocol.client import NotABroker
+from pigeon.protocol.client import Unretryable
 from pigeon.protocol.codes import Code, exception_for
 from pigeon.protocol.messages import PlainPut
 from pigeon.protocol.rules import MAX_ITEMS, check_seconds
@@ -97,13 +101,20 @@ def advance(op: Op[Any], value: Any, error: BaseException | None) -> tuple[Effec
         return None, stop.value
 
 
+# Seconds a connection must have lived for its loss to start the retry budget afresh: a
+# connection that broke at the first request may have been broken *by* it, and a
+# request that ends every connection must not be sent again for ever.
+WORKED = 1.0
+
+
 class Lost(Exception):
     """The connection broke (or could not be made) while a call was outstanding."""
 
-    def __init__(self, error: BaseException, established: bool) -> None:
+    def __init__(self, error: BaseException, established: bool, lived: float = 0.0) -> None:
         super().__init__(str(error))
         self.error = error
-        self.established = established
+        self.established = established  # it had been welcomed
+        self.lived = lived  # seconds since then
 
 
 class Endpoint(QueueURL):
@@ -194,19 +205,29 @@ class Ops:
     def call(self, build: Callable[[float | None], Any], deadline: float | None) -> Op[Any]:
         """Send ``build(remaining wait)``; on a lost connection retry with backoff until
         ``deadline`` (or ``reconnect_timeout`` after the failure); raise for an ERROR. The
-        driver waits for each reply until ``reply_deadline(deadline)`` at most."""
+        driver waits for each reply until ``reply_deadline(deadline)`` at most.
+
+        A connection that had worked and broke is followed by one new connection at once,
+        before any backoff and whatever is left of ``deadline`` (within the reply grace):
+        the broker may have closed a connection while it was not in use (its idle timeout,
+        a restart), and a call with no time to wait - ``put_nowait`` - still deserves one
+        fresh connection before it gives up."""
         backoff: Backoff | None = None  # made at the first failure: most calls have none
         until = reply_deadline(deadline)
+        fresh = True  # the one new connection at once is still to be tried
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 reply = yield Call(build(remaining), until)
             except Lost as lost:
-                if isinstance(lost.error, NotABroker):
+                if isinstance(lost.error, Unretryable):
                     raise lost.error from lost.error.__cause__
+                if lost.established and fresh and (until is None or time.monotonic() < until):
+                    fresh = False
+                    continue
                 if backoff is None:
                     backoff = Backoff(deadline, self.spec.reconnect_timeout)
-                elif lost.established:
+                elif lost.established and lost.lived >= WORKED:
                     backoff.restart()
                 if (wait := backoff.next_delay()) is None:
                     raise lost.error from lost.error.__cause__
@@ -275,8 +296,10 @@ class Ops:
             lease = check_seconds("lease", lease, positive=True)
         deadline = deadline_from(block, timeout)
         q = self.queue
+        # a message held to be settled later learns its id: what names it across
+        # deliveries (pigeon.consume counts the worker processes it killed by it)
         reply = yield from self.call(
-            lambda w: Get(0, q, n, w if block else 0.0, True, lease), deadline
+            lambda w: Get(0, q, n, w if block else 0.0, True, lease, not settle), deadline
         )
         assert isinstance(reply, Deliver)
         out, bad = self._decode(reply.messages)

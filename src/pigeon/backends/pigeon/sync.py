@@ -27,9 +27,12 @@ Delivery guarantees
     comes back (at once, when the broker notices the connection is gone) instead of
     vanishing. A payload the serializer cannot decode raises ``pigeon.DecodeError`` and
     goes to ``QUEUE.dead``. A ``put`` whose confirmation was lost to a broken connection
-    is retried after reconnecting, so it may be stored twice: duplicates are possible,
-    losses of confirmed puts are not (with a durable broker). FIFO per queue; redelivered
-    messages go back in their original order, ahead of newer ones.
+    is retried after reconnecting, so it may be stored twice (once, with a ``dedup_id``):
+    duplicates are possible, losses of confirmed puts are not (with a durable broker). A
+    call with no time to wait (``put_nowait``) still gets one new connection when the
+    broker had closed the thread's one (its idle timeout, a restart). A put larger than
+    the broker's ``max_frame_size`` raises ``pigeon.TooLarge``, nothing sent. FIFO per
+    queue; redelivered messages go back in their original order, ahead of newer ones.
 
 # Strategy:
 # Each thread has its own blocking connection (a socket plus a sans-IO
@@ -78,7 +81,7 @@ from pigeon.options import (
     put_options,
 )
 from pigeon.protocol.client import ClientConnection, Closed, Reply, Welcomed
-from pigeon.protocol.messages import Delete, Delivery, Move, Peek, Purge
+from pigeon.protocol.messages import Delete, Delivery, Move, Ok, Peek, Purge
 from pigeon.serializers import SerializerLike
 
 T = TypeVar("T")
@@ -100,11 +103,20 @@ class _Link:
     watchdog, SIGCHLD from its children) never noticed a silent broker. A round trip is
     ``send``, ``poll``, ``recv``: no system call to set a timeout, none to poll before
     sending.
+
+    One thread uses a link at a time (``lock``): the thread whose link it is, or
+    ``BrokerQueue.close`` once that thread is not in a call. A thread in a call when
+    another closes the handle is woken by ``wake`` (polled beside the socket) and closes
+    its link itself: GOODBYE, and the broker answers the request as it drains.
     """
 
-    def __init__(self, spec: Spec, ops: Ops, client: str, until: float | None = None) -> None:
+    def __init__(
+        self, spec: Spec, ops: Ops, client: str, wake: _Wake, until: float | None = None
+    ) -> None:
         ep = spec.ep
         self.pid = current_pid()
+        self.lock = threading.Lock()
+        self.closing = False  # the handle was closed while this link was in a call
         self.welcomed = False
         self.connect_timeout = spec.connect_timeout
         self.silence = spec.connect_timeout  # until WELCOME tells the heartbeat
@@ -134,6 +146,9 @@ class _Link:
         self.pending = sock.pending if isinstance(sock, ssl.SSLSocket) else None
         self.poller = select.poll()
         self.poller.register(sock, select.POLLIN)
+        self._wake = wake  # its pipe lives as long as a link polls it
+        self.wake = wake.fd
+        self.poller.register(self.wake, select.POLLIN)
         self.buf = bytearray(_RECV)
         self.conv = ClientConnection(client, ep.token, peer=ep.peer)
         _LIVE.add(self)
@@ -147,6 +162,7 @@ class _Link:
             raise
         self.silence = self.conv.silence_limit
         self.cut_by_call = False
+        self.opened = time.monotonic()  # welcomed
 
     # --- moving bytes -----------------------------------------------------------------------
 
@@ -167,11 +183,15 @@ class _Link:
         nothing could be sent for the silence limit, or at ``until``."""
         out = select.poll()
         out.register(self.sock, select.POLLOUT)
+        out.register(self.wake, select.POLLIN)
         while sent < len(data):
             end, why = self._limit(until)
-            while not out.poll(max(end - time.monotonic(), 0.0) * 1000):
+            while not (ready := out.poll(max(end - time.monotonic(), 0.0) * 1000)):
                 if time.monotonic() >= end:
                     raise self._timed_out(why, sending=True)
+            if any(fd == self.wake for fd, _ in ready):  # closed mid-frame: no GOODBYE
+                self.closing = True
+                raise broken(f"this queue handle was closed while sending to {self.conv.peer}")
             try:
                 sent += self.sock.send(data[sent:])
             except _WOULD_BLOCK:
@@ -186,10 +206,12 @@ class _Link:
                 # poll returns nothing only once its time is up (PEP 475 resumes it after
                 # a signal with the time left)
                 if until is None or (left := until - time.monotonic()) >= self.silence:
-                    if not self.poller.poll(self.silence * 1000):
+                    if not (ready := self.poller.poll(self.silence * 1000)):
                         raise self._timed_out("silence")
-                elif left <= 0 or not self.poller.poll(left * 1000):
+                elif left <= 0 or not (ready := self.poller.poll(left * 1000)):
                     raise self._timed_out("call")
+                if any(fd == self.wake for fd, _ in ready):
+                    self._say_goodbye()
             try:
                 return self.sock.recv_into(self.buf)
             except _WOULD_BLOCK:  # woken without a whole TLS record
@@ -238,11 +260,6 @@ class _Link:
                 elif isinstance(ev, Closed):
                     raise ev.error or BrokenResourceError(f"{self.conv.peer} closed")
 
-    def call(self, msg: Any, until: float | None = None) -> Any:
-        req = self.conv.request(msg)
-        self.flush(until)
-        return self.wait(req, until)
-
     def post(self, msg: Any) -> None:
         self.conv.post(msg)
         self.flush()
@@ -255,13 +272,21 @@ class _Link:
         # knows it is a child.
         if self.pid == os.getpid():
             with contextlib.suppress(OSError, BrokenResourceError):
-                self.conv.close()
-                self.flush()
-                self.sock.shutdown(socket.SHUT_WR)
+                self._say_goodbye()
                 until = time.monotonic() + 1.0
                 while self._read(until):
                     pass
         self.discard()
+
+    def _say_goodbye(self) -> None:
+        """GOODBYE and half-close (once); the wake no longer matters."""
+        if self.wake >= 0:
+            self.poller.unregister(self.wake)
+            self.wake = -1
+            self.closing = True
+            self.conv.close()
+            self.flush()
+            self.sock.shutdown(socket.SHUT_WR)
 
     def discard(self) -> None:
         _LIVE.discard(self)
@@ -288,6 +313,29 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Wake:
+    """A pipe whose read end every link of a handle polls beside its socket (one per
+    process: a fork child's handle gets its own). ``ring`` once the handle is closed: the
+    end stays readable, so a thread in a call wakes, and so does one that made a link just
+    as the handle closed."""
+
+    def __init__(self) -> None:
+        self.pid = current_pid()
+        self.fd, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        weakref.finalize(self, _close_fds, self.fd, self._w)
+
+    def ring(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._w, b"!")
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class _ThreadLink:
@@ -324,6 +372,7 @@ class BrokerQueue(Queue[T]):
         self._local = threading.local()
         self._holders: weakref.WeakSet[_ThreadLink] = weakref.WeakSet()
         self._lock = threading.Lock()
+        self._wake: _Wake | None = None
         self._closed = False
         self._known = False  # the broker told us maxsize on some connection
         if (
@@ -364,7 +413,11 @@ class BrokerQueue(Queue[T]):
         holder: _ThreadLink | None = getattr(self._local, "holder", None)
         if holder is not None and holder.link.pid == current_pid():
             return holder.link
-        link = _Link(self._spec, self._ops, self._client, until)
+        with self._lock:
+            wake = self._wake
+            if wake is None or wake.pid != current_pid():
+                wake = self._wake = _Wake()
+        link = _Link(self._spec, self._ops, self._client, wake, until)
         self._known = True
         holder = _ThreadLink(link)
         self._local.holder = holder
@@ -372,12 +425,15 @@ class BrokerQueue(Queue[T]):
             self._holders.add(holder)
         return link
 
-    def _drop(self) -> None:
+    def _drop(self, *, graceful: bool = False) -> None:
         holder: _ThreadLink | None = getattr(self._local, "holder", None)
         self._local.holder = None
         if holder is not None:
             holder._finalizer.detach()
-            holder.link.discard()
+            if graceful:
+                holder.link.close()
+            else:
+                holder.link.discard()
 
     def _drive(self, op: Op[Any]) -> Any:
         """Run an operation: its requests on this thread's connection, blocking."""
@@ -389,29 +445,57 @@ class BrokerQueue(Queue[T]):
                 return result
             value = error = None
             if isinstance(effect, Call):
-                established = False
                 try:
                     link = self._link(effect.until)
-                    established = True
-                    value = link.call(effect.msg, effect.until)
                 except BrokenResourceError as exc:
-                    self._drop()
-                    error = Lost(exc, established)
-                except BaseException:
-                    # Interrupted mid-request (KeyboardInterrupt, a signal handler's
-                    # exception): the reply may still come. Drop the connection; the
-                    # broker gives back whatever it was about to hand us.
-                    self._drop()
-                    raise
+                    error = Lost(exc, False)
+                    continue
+                with link.lock:
+                    value, error = self._exchange(link, effect)
             elif isinstance(effect, Post):
                 holder = getattr(self._local, "holder", None)
                 if holder is not None:  # no connection: the broker gave them back anyway
-                    try:
-                        holder.link.post(effect.msg)
-                    except BrokenResourceError:
-                        self._drop()
+                    with holder.link.lock:
+                        try:
+                            holder.link.post(effect.msg)
+                        except BrokenResourceError:
+                            self._drop()
             elif isinstance(effect, Sleep):
                 threading.Event().wait(effect.seconds)
+
+    def _exchange(self, link: _Link, call: Call) -> tuple[Any, BaseException | None]:
+        """Send ``call``'s request on ``link`` and wait for its reply: ``(reply, None)``,
+        or ``(None, what to throw into the operation)``."""
+        try:
+            # a refusal here (too large, an option the broker lacks) sends nothing and
+            # leaves the connection as it was: it propagates, nothing dropped
+            req = link.conv.request(call.msg)
+        except BrokenResourceError as exc:  # the conversation had ended
+            self._drop()
+            return None, Lost(exc, True, time.monotonic() - link.opened)
+        try:
+            link.flush(call.until)
+            reply = link.wait(req, call.until)
+        except BrokenResourceError as exc:
+            self._drop()
+            return None, Lost(exc, True, time.monotonic() - link.opened)
+        except BaseException:
+            # Interrupted mid-request (KeyboardInterrupt, a signal handler's exception):
+            # the reply may still come. Drop the connection; the broker gives back
+            # whatever it was about to hand us.
+            self._drop()
+            raise
+        if not link.closing:
+            return reply, None
+        # Another thread closed the handle while this call waited: the link said GOODBYE
+        # and the broker answered the request as it drains. A confirmation stands (a put
+        # that was on its way is stored); anything else - a delivery that can no longer
+        # be acked (it goes back to the queue with the connection), a parked request
+        # ended by the drain - ends the call.
+        self._drop(graceful=True)
+        if isinstance(reply, Ok):
+            return reply, None
+        return None, ClosedResourceError("this queue handle was closed while the call waited")
 
     # --- the contract ---------------------------------------------------------------------
 
@@ -530,15 +614,28 @@ class BrokerQueue(Queue[T]):
         self._drive(self._ops.shutdown(immediate))
 
     def close(self) -> None:
-        """Close every connection this handle opened, in any thread, gracefully."""
+        """Close every connection this handle opened, in any thread, gracefully. A call
+        running in another thread meanwhile ends as the broker answers its request: a
+        put on its way is confirmed; a get or a wait raises ``ClosedResourceError``, what
+        it took going back to the queue."""
         if self._closed:
             return
         self._closed = True
         with self._lock:
             holders = list(self._holders)
             self._holders.clear()
+            wake = self._wake
+        if wake is not None and wake.pid != current_pid():
+            wake = None  # the parent's: its links are not this process's
         for h in holders:
-            h._finalizer()
+            if h.link.lock.acquire(blocking=False):
+                try:
+                    h._finalizer()
+                finally:
+                    h.link.lock.release()
+            # else: in a call in another thread, which the wake makes close it
+        if wake is not None:
+            wake.ring()
 
     def __repr__(self) -> str:
         return f"<pigeon.Queue {self._spec.ep.url}>"
@@ -558,6 +655,7 @@ class BrokerMessage(Message[T]):
         self.headers: dict[str, str] = delivery.headers or {}
         self.body = body
         self._settled = False
+        self._identity = delivery.message_id or None  # 0: an older broker does not tell
 
     def _settle(self, what: str, *args: Any) -> None:
         if self._settled:

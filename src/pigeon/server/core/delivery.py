@@ -22,7 +22,7 @@ from typing import Any
 
 from pigeon.protocol import Deliver, Delivery, Get
 from pigeon.protocol.codes import Code
-from pigeon.protocol.messages import Confirmed, PlainDelivery
+from pigeon.protocol.messages import Confirmed, HeadedDelivery, PlainDelivery
 from pigeon.server.core.holdings import finish, handed, park, park_refused, refuse_waiting
 from pigeon.server.core.model import (
     DEAD_SUFFIX,
@@ -66,7 +66,9 @@ def take(b: BrokerState, q: QueueState, w: GetWaiter) -> list[Delivery]:
     headers and framing: at least one). A message that expired while it waited goes
     to the dead letters instead; one too large for any reply too (the limits shrank
     across a restart), unless it is already a dead letter: then nothing is taken."""
-    out: list[Any] = []  # Delivery, or PlainDelivery (no headers: the bytes as before)
+    # PlainDelivery (no headers: the bytes as before), HeadedDelivery, or Delivery (with
+    # the message's id, for a GET that asked)
+    out: list[Any] = []
     cs = b._conn(w.conn)
     held = cs.unacked
     budget = b.max_reply_bytes
@@ -74,6 +76,7 @@ def take(b: BrokerState, q: QueueState, w: GetWaiter) -> list[Delivery]:
     size = 0
     deadline = b.now + (w.lease if w.lease is not None else q.lease)
     ready, name, conn, manual, want = q.ready, q.name, w.conn, w.manual_ack, w.max_items
+    ids = w.message_ids
     in_flight = q.in_flight
     removed: list[int] = []
     leased: list[int] = []
@@ -82,7 +85,7 @@ def take(b: BrokerState, q: QueueState, w: GetWaiter) -> list[Delivery]:
     # itself, not through Ready's methods (four calls less per message).
     fresh = ready.plain()
     if fresh is not None and manual and want > 4:  # in bulk: for batches
-        bulk = take_plain(b, q, fresh, want, conn, cs, deadline)
+        bulk = take_plain(b, q, fresh, want, conn, cs, deadline, ids)
         if bulk is not None:
             return bulk
     wall = b.now + b._wall_offset
@@ -124,14 +127,18 @@ def take(b: BrokerState, q: QueueState, w: GetWaiter) -> list[Delivery]:
             leased.append(did)
             counted.append(msg.id)
             out.append(
-                Delivery(did, msg.deliveries, msg.payload, headers)
+                Delivery(did, msg.deliveries, msg.payload, headers or None, msg.id)
+                if ids
+                else HeadedDelivery(did, msg.deliveries, msg.payload, headers)
                 if headers
                 else PlainDelivery(did, msg.deliveries, msg.payload)
             )
         else:
             removed.append(msg.id)
             out.append(
-                Delivery(0, msg.deliveries, msg.payload, headers)
+                Delivery(0, msg.deliveries, msg.payload, headers or None, msg.id)
+                if ids
+                else HeadedDelivery(0, msg.deliveries, msg.payload, headers)
                 if headers
                 else PlainDelivery(0, msg.deliveries, msg.payload)
             )
@@ -155,11 +162,13 @@ def take_plain(
     conn: Conn,
     cs: ConnState,
     deadline: float,
+    ids: bool = False,
 ) -> list[Any] | None:
     """``take`` for manual ack from a queue that holds only plain new messages, in
     bulk: the first ``want`` of them if they are all plain and all fit the reply and
     the connection's unacked budget (then every per-message test of ``take`` would
-    pass); None otherwise, for ``take`` to go message by message."""
+    pass); None otherwise, for ``take`` to go message by message. ``ids``: the entries
+    carry the messages' ids."""
     msgs = list(islice(fresh, want))
     total = 0
     for m in msgs:
@@ -193,9 +202,12 @@ def take_plain(
     cs.unacked = held + total
     cs.holding += k
     q.delivered_total += k
-    b.store.delivered(q.name, list(map(_msg_id, msgs)))
+    mids = list(map(_msg_id, msgs))
+    b.store.delivered(q.name, mids)
     lease(b, deadline, q.name, dids)
     handed(b, cs, q.name, dids)
+    if ids:
+        return list(map(Delivery, dids, counts, payloads, repeat(None), mids))
     return list(map(PlainDelivery, dids, counts, payloads))
 
 
@@ -324,6 +336,7 @@ def get(b: BrokerState, conn: Conn, m: Get) -> list[Out]:
     w = GetWaiter(
         conn, m.req, b._deadline(m.wait), q.name,
         max_items=m.max_items, manual_ack=m.manual_ack, lease=m.lease,
+        message_ids=m.message_ids,
     )  # fmt: skip
     q.getters.append(w)
     out = serve(b, q)

@@ -72,7 +72,9 @@ class Stored(msgspec.Struct, gc=False):
 
 
 # Bytes of framing per message in a DELIVER, rounded up: the entry's array header, its
-# id and delivery count (up to 9 bytes each) and its payload's bin header (5).
+# delivery id (up to 9 bytes), delivery count (5 while under 2**32 deliveries) and its
+# payload's bin header (5); for a GET that asked for message ids, a nil for no headers
+# and the message id (up to 9): 30 in all.
 DELIVERY_OVERHEAD = 32
 _encode = msgspec.msgpack.Encoder().encode
 
@@ -117,6 +119,7 @@ class GetWaiter(Waiter):
     max_items: int = 1
     manual_ack: bool = False
     lease: float | None = None
+    message_ids: bool = False  # its DELIVER's entries carry the messages' ids
 
 
 @dataclass(slots=True, eq=False)
