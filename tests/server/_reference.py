@@ -560,7 +560,8 @@ class Model:
             for w in q.waiters:
                 if w.conn == conn and w.req == req:
                     q.waiters.remove(w)
-                    return []
+                    # a put that waited ahead of others leaves room for them to be admitted
+                    return [] if self.known.cancelled_put_blocks else self.serve()
         return []
 
     def connection_lost(self, conn: int) -> list[Out]:
