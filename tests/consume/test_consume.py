@@ -1,6 +1,6 @@
-"""``pigeon.consume`` end to end (the package's entry, ``consume``/``run_consumer``): every
-item handled once, stopping, arguments, a run that does not end by accident, and what every
-mode shares (time limits, handlers raising anything)."""
+"""``pigeon.consume`` end to end (the package's entry, ``consume``): every item handled
+once, stopping, arguments, a run that does not end by accident, and what every mode shares
+(time limits, handlers raising anything)."""
 
 from __future__ import annotations
 
