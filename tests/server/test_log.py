@@ -48,6 +48,13 @@ def payloads(broker: Broker, queue: str = "q") -> list[bytes]:
     return [d.payload for _, m in outs if isinstance(m, Deliver) for d in m.messages]
 
 
+def wait_commits(commits: list[int], timeout: float = 5.0) -> None:
+    """Until the store's own thread has confirmed something (or ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not commits and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def segments(path: Path) -> list[Path]:
     return sorted((path / LOG_DIR).glob("*.seg"))
 
@@ -196,9 +203,7 @@ def test_a_failed_fsync_is_never_confirmed_later(
     broker = Broker(store)
     broker.connection_made(1)
     broker.handle(1, Put(1, "q", b"synced"))
-    deadline = time.monotonic() + 5
-    while not commits and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_commits(commits)
     assert commits == [1]
     calls = [0]
 
@@ -1029,9 +1034,7 @@ def test_a_failed_fsync_in_the_loops_thread_is_never_confirmed_by_the_syncers(
     broker = Broker(store)
     broker.connection_made(1)
     broker.handle(1, Put(1, "q", b"first"))
-    deadline = time.monotonic() + 5
-    while not commits and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_commits(commits)
     assert commits == [1]
     loop_thread = threading.get_ident()
     failed = threading.Event()
@@ -1192,8 +1195,6 @@ def test_a_slow_fsync_counts_as_a_stalled_store(
     time.sleep(0.3)
     assert not commits and store.stalled_for >= 0.25
     release.set()
-    deadline = time.monotonic() + 5
-    while not commits and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_commits(commits)
     assert commits and store.stalled_for == 0.0
     store.close()
