@@ -13,6 +13,7 @@ which this process reads:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -21,7 +22,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -86,6 +88,40 @@ def pace(n: int, rate: float) -> Iterator[float]:
     start = time.monotonic()
     for i in range(n):
         yield max(0.0, start + i / rate - time.monotonic())
+
+
+def phases(send: Callable[[], object], tasks: int, paced: int, rate: float,
+           started: AbstractContextManager[object], events: Path) -> Result:  # fmt: skip
+    """The two phases: ``tasks`` sends, then, once ``started`` (the worker) is entered, the
+    backlog drained and ``paced`` sends at ``rate`` per second."""
+    t0 = time.perf_counter()
+    for _ in range(tasks):  # before the worker starts: it drains a full queue
+        send()
+    sends_per_s = tasks / (time.perf_counter() - t0)
+    with started:
+        drained = wait_stamps(events, tasks, 600)
+        for wait in pace(paced, rate):
+            time.sleep(wait)
+            send()
+        steady = wait_stamps(events, tasks + paced, 120)[tasks:]
+    return measured(sends_per_s, drained, steady)
+
+
+async def aphases(send: Callable[[], Awaitable[object]], tasks: int, paced: int, rate: float,
+                  started: AbstractContextManager[object], events: Path) -> Result:  # fmt: skip
+    """``phases`` for a sender on this event loop (the stamps are waited for in a thread:
+    the loop keeps serving the sender's connection meanwhile)."""
+    t0 = time.perf_counter()
+    for _ in range(tasks):
+        await send()
+    sends_per_s = tasks / (time.perf_counter() - t0)
+    with started:
+        drained = await asyncio.to_thread(wait_stamps, events, tasks, 600)
+        for wait in pace(paced, rate):
+            await asyncio.sleep(wait)
+            await send()
+        steady = (await asyncio.to_thread(wait_stamps, events, tasks + paced, 120))[tasks:]
+    return measured(sends_per_s, drained, steady)
 
 
 def command(name: str) -> list[str]:

@@ -30,18 +30,7 @@ import time
 import uuid
 from pathlib import Path
 
-from _tasks import (
-    Result,
-    available,
-    broker_url,
-    command,
-    measured,
-    pace,
-    report,
-    rounds,
-    wait_stamps,
-    worker,
-)
+from _tasks import Result, available, broker_url, command, phases, report, rounds, worker
 
 
 def measure(broker: str, tasks: int, rate: float, tmp: Path) -> Result:
@@ -56,29 +45,20 @@ def measure(broker: str, tasks: int, rate: float, tmp: Path) -> Result:
     argv = [*command("celery"), "-A", "_celery_bench_app", "worker", "--pool", "solo",
             "--queues", queue, "--loglevel", "WARNING", "--without-heartbeat",
             "--without-gossip", "--without-mingle", "--hostname", f"bench-{queue}@%h"]  # fmt: skip
+    started = worker(argv, events.with_suffix(".worker.log"), BENCH_BROKER=broker,
+                     BENCH_LOG=str(events))  # fmt: skip
     try:
         with app.producer_or_acquire() as producer:
 
             def send() -> None:
                 app.send_task("bench.noop", (time.time(),), producer=producer)
 
-            first = time.time()
-            for _ in range(tasks):
-                send()
-            sends_per_s = tasks / (time.time() - first)
-            log = events.with_suffix(".worker.log")
-            with worker(argv, log, BENCH_BROKER=broker, BENCH_LOG=str(events)):
-                drained = wait_stamps(events, tasks, 600)
-                n_lat = max(tasks // 20, 100)
-                for wait in pace(n_lat, rate):
-                    time.sleep(wait)
-                    send()
-                paced = wait_stamps(events, tasks + n_lat, 120)[tasks:]
+            result = phases(send, tasks, max(tasks // 20, 100), rate, started, events)
         with contextlib.suppress(Exception), app.connection_for_write() as conn:
             conn.default_channel.queue_delete(queue)  # the worker has stopped
     finally:
         app.close()
-    return measured(sends_per_s, drained, paced)
+    return result
 
 
 def main() -> None:

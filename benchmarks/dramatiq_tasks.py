@@ -28,18 +28,7 @@ import uuid
 from pathlib import Path
 
 from _dramatiq_app import RABBITMQ_URL, REDIS_URL, declare, make_broker
-from _tasks import (
-    Result,
-    available,
-    broker_url,
-    command,
-    measured,
-    pace,
-    report,
-    rounds,
-    wait_stamps,
-    worker,
-)
+from _tasks import Result, available, broker_url, command, phases, report, rounds, worker
 
 
 def cleanup(kind: str, queue: str) -> None:
@@ -71,22 +60,16 @@ def run(kind: str, url: str | None, args: argparse.Namespace) -> Result:
     argv = [*command("dramatiq"), "_dramatiq_app", "--processes", "1", "--threads",
             str(args.threads)]  # fmt: skip
     env = {"BENCH_BROKER": kind, "BENCH_QUEUE": queue, "BENCH_EVENTS": str(events)}
+    if url:
+        env["BENCH_URL"] = url
+    started = worker(argv, tmp / "worker.log", **env)
     try:
-        t0 = time.perf_counter()
-        for _ in range(args.tasks):  # before the worker starts: it drains a full queue
-            noop.send(time.time())
-        sends_per_s = args.tasks / (time.perf_counter() - t0)
-        with worker(argv, tmp / "worker.log", **env, **({"BENCH_URL": url} if url else {})):
-            drained = wait_stamps(events, args.tasks, 600)
-            for wait in pace(args.paced, args.rate):
-                time.sleep(wait)
-                noop.send(time.time())
-            paced = wait_stamps(events, args.tasks + args.paced, 120)[args.tasks :]
+        return phases(lambda: noop.send(time.time()), args.tasks, args.paced, args.rate, started,
+                      events)  # fmt: skip
     finally:
         sender.close()
         cleanup(kind, queue)
         shutil.rmtree(tmp, ignore_errors=True)
-    return measured(sends_per_s, drained, paced)
 
 
 def main() -> None:

@@ -31,18 +31,7 @@ import uuid
 from pathlib import Path
 
 from _taskiq_app import RABBITMQ_URL, REDIS_URL, make_broker, noop
-from _tasks import (
-    Result,
-    available,
-    broker_url,
-    command,
-    measured,
-    pace,
-    report,
-    rounds,
-    wait_stamps,
-    worker,
-)
+from _tasks import Result, aphases, available, broker_url, command, report, rounds, worker
 
 
 async def cleanup(kind: str, queue: str) -> None:
@@ -75,25 +64,17 @@ async def run(kind: str, url: str | None, args: argparse.Namespace) -> Result:
     argv = [*command("taskiq"), "worker", "_taskiq_app:broker", "--workers", "1",
             "--log-level", "WARNING"]  # fmt: skip
     env = {"BENCH_BROKER": kind, "BENCH_QUEUE": queue, "BENCH_EVENTS": str(events)}
+    if url:
+        env["BENCH_URL"] = url
     await sender.startup()
+    started = worker(argv, tmp / "worker.log", **env)
     try:
-        t0 = time.perf_counter()
-        for _ in range(args.tasks):  # before the worker starts: it drains a full queue
-            await task.kiq(time.time())
-        kicks_per_s = args.tasks / (time.perf_counter() - t0)
-        with worker(argv, tmp / "worker.log", **env, **({"BENCH_URL": url} if url else {})):
-            # waited for in a thread: the sender's connection keeps being served meanwhile
-            drained = await asyncio.to_thread(wait_stamps, events, args.tasks, 600)
-            for wait in pace(args.paced, args.rate):
-                await asyncio.sleep(wait)
-                await task.kiq(time.time())
-            n = args.tasks + args.paced
-            paced = (await asyncio.to_thread(wait_stamps, events, n, 120))[args.tasks :]
+        return await aphases(lambda: task.kiq(time.time()), args.tasks, args.paced, args.rate,
+                             started, events)  # fmt: skip
     finally:
         await sender.shutdown()
         await cleanup(kind, queue)
         shutil.rmtree(tmp, ignore_errors=True)
-    return measured(kicks_per_s, drained, paced)
 
 
 def main() -> None:
