@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 
-from _serve import wait_listening
+from _serve import free_port, wait_listening
 
 CLIENT = """
 import json, time, pigeon
@@ -50,12 +49,6 @@ lget = 200000 / (time.perf_counter() - t)
 print(json.dumps(dict(broker_put=put, broker_get=get, broker_put_x100=many,
                       local_put=lput, local_get=lget)))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(tree: str) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """taskiq on pigeon, Redis and RabbitMQ: the same no-op task, one worker process, one run.
 
-Run:  python benchmarks/taskiq_tasks.py [--tasks 10000] [--paced 500 --rate 100]
+Run:  python benchmarks/taskiq_tasks.py [--tasks 10000] [--paced 500 --rate 100] [--rounds 1]
       [--brokers pigeon,pigeon-memory,redis-list,redis-stream,rabbitmq]
 
 Services: Redis on 127.0.0.1:6379, RabbitMQ on 127.0.0.1:5672 (guest/guest); pigeon's
@@ -14,107 +14,24 @@ its defaults: 100 async tasks, ack when saved), and this process sends:
   latency     --paced tasks at --rate per second, so no backlog forms: the delay from
               kiq() to the task's start, p50 and p99 (both stamps from time.time() on
               this host)
-Prints a table (ratios to redis-stream, taskiq-redis's broker with acks: tasks/s and p99
-delay) and writes benchmarks/results/taskiq_tasks.png.
+Prints a table (medians of --rounds interleaved rounds; ratios to redis-stream,
+taskiq-redis's broker with acks: tasks/s and p99 delay) and writes
+benchmarks/results/taskiq_tasks.png (benchmarks/_tasks.py holds what the three
+task-framework benchmarks share). A service that does not answer is left out.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
 import shutil
-import signal
-import socket
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-from _report import RESULTS, bars, table
-from _serve import wait_listening
 from _taskiq_app import RABBITMQ_URL, REDIS_URL, make_broker, noop
-
-HERE = Path(__file__).resolve().parent
-
-
-@dataclass
-class Result:
-    name: str
-    tasks_per_s: float
-    kicks_per_s: float
-    p50_ms: float
-    p99_ms: float
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def pigeon_serve(memory: bool) -> Iterator[str]:
-    port = free_port()
-    data = tempfile.mkdtemp(prefix="pigeon-bench-")
-    store = ["--memory"] if memory else ["--data-dir", data]
-    cmd = [sys.executable, "-m", "pigeon", "serve", "--port", str(port), *store]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_listening(port)
-        yield f"pigeon://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        shutil.rmtree(data, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def worker(kind: str, url: str | None, queue: str, events: Path) -> Iterator[None]:
-    found = shutil.which("taskiq", path=str(Path(sys.executable).parent))
-    cli = [found] if found else [sys.executable, "-m", "taskiq"]
-    env = {**os.environ, "BENCH_BROKER": kind, "BENCH_QUEUE": queue, "BENCH_EVENTS": str(events)}
-    if url:
-        env["BENCH_URL"] = url
-    args = ["worker", "_taskiq_app:broker", "--workers", "1", "--log-level", "WARNING"]
-    proc = subprocess.Popen([*cli, *args], cwd=HERE, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        yield
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def started(events: Path) -> list[tuple[float, float]]:
-    if not events.exists():
-        return []
-    out = []
-    for line in events.read_text().splitlines():
-        sent, start = line.split()
-        out.append((float(sent), float(start)))
-    return out
-
-
-async def wait_count(events: Path, n: int, timeout: float) -> list[tuple[float, float]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = started(events)
-        if len(rows) >= n:
-            return rows
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(rows)} of {n} tasks started within {timeout:g} s")
-        await asyncio.sleep(0.05)
+from _tasks import Result, aphases, available, broker_url, command, report, rounds, worker
 
 
 async def cleanup(kind: str, queue: str) -> None:
@@ -138,36 +55,26 @@ async def cleanup(kind: str, queue: str) -> None:
         await conn.close()
 
 
-async def run(name: str, kind: str, url: str | None, args: argparse.Namespace) -> Result:
+async def run(kind: str, url: str | None, args: argparse.Namespace) -> Result:
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     tmp = Path(tempfile.mkdtemp(prefix="taskiq-bench-"))
     events = tmp / "events"
     sender = make_broker(kind, queue, url)
     task = sender.register_task(noop, task_name="noop")
+    argv = [*command("taskiq"), "worker", "_taskiq_app:broker", "--workers", "1",
+            "--log-level", "WARNING"]  # fmt: skip
+    env = {"BENCH_BROKER": kind, "BENCH_QUEUE": queue, "BENCH_EVENTS": str(events)}
+    if url:
+        env["BENCH_URL"] = url
     await sender.startup()
+    started = worker(argv, tmp / "worker.log", **env)
     try:
-        t0 = time.perf_counter()
-        for _ in range(args.tasks):  # before the worker starts: it drains a full queue
-            await task.kiq(time.time())
-        kicks_per_s = args.tasks / (time.perf_counter() - t0)
-        with worker(kind, url, queue, events):
-            starts = sorted(s for _, s in await wait_count(events, args.tasks, 600))
-            tasks_per_s = (args.tasks - 1) / (starts[-1] - starts[0])
-
-            gap = 1 / args.rate
-            next_at = time.monotonic()
-            for _ in range(args.paced):
-                next_at += gap
-                await task.kiq(time.time())
-                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-            paced = (await wait_count(events, args.tasks + args.paced, 120))[args.tasks :]
-            delays = sorted((s - t) * 1000 for t, s in paced)
+        return await aphases(lambda: task.kiq(time.time()), args.tasks, args.paced, args.rate,
+                             started, events)  # fmt: skip
     finally:
         await sender.shutdown()
         await cleanup(kind, queue)
         shutil.rmtree(tmp, ignore_errors=True)
-    q = statistics.quantiles(delays, n=100, method="inclusive")
-    return Result(name, tasks_per_s, kicks_per_s, q[49], q[98])
 
 
 def main() -> None:
@@ -175,40 +82,23 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=10_000)
     ap.add_argument("--paced", type=int, default=500)
     ap.add_argument("--rate", type=float, default=100.0)
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (median shown)")
     ap.add_argument("--brokers", default="pigeon,pigeon-memory,redis-list,redis-stream,rabbitmq")
     args = ap.parse_args()
 
-    results = []
-    for name in args.brokers.split(","):
-        if name in ("pigeon", "pigeon-memory"):
-            with pigeon_serve(memory=name == "pigeon-memory") as url:
-                results.append(asyncio.run(run(name, "pigeon", url, args)))
-        else:
-            results.append(asyncio.run(run(name, name, None, args)))
-        r = results[-1]
-        print(f"{r.name}: {r.tasks_per_s:,.0f} tasks/s, p50 {r.p50_ms:.2f} ms", flush=True)
+    def one(name: str) -> Result:
+        with broker_url(name) as url:
+            return asyncio.run(run("pigeon" if url else name, url, args))
 
-    base = next((r for r in results if r.name == "redis-stream"), results[0])
-    title = (
-        f"taskiq, 1 worker process, {args.tasks:,} no-op tasks; delays of {args.paced:,} "
-        f"kicked at {args.rate:g}/s (ratios to {base.name})"
+    report(
+        rounds(available(args.brokers), args.rounds, one),
+        title=f"taskiq, 1 worker process, {args.tasks:,} no-op tasks; delays of "
+        f"{args.paced:,} kicked at {args.rate:g}/s",
+        base="redis-stream",
+        send="kicks",
+        delay="kiq-to-start",
+        plot="taskiq_tasks.png",
     )
-    table(
-        title,
-        ["broker", "tasks/s", "ratio", "kicks/s", "p50 ms", "p99 ms", "p99 ratio"],
-        [
-            [r.name, round(r.tasks_per_s), f"{r.tasks_per_s / base.tasks_per_s:.2f}x",
-             round(r.kicks_per_s), r.p50_ms, r.p99_ms, f"{r.p99_ms / base.p99_ms:.2f}x"]
-            for r in results
-        ],
-    )  # fmt: skip
-    groups = {
-        "tasks/s (higher is better)": {r.name: r.tasks_per_s for r in results},
-        "p50 kiq-to-start, ms": {r.name: r.p50_ms for r in results},
-        "p99 kiq-to-start, ms": {r.name: r.p99_ms for r in results},
-    }
-    path = bars(RESULTS / "taskiq_tasks.png", title, groups, "")
-    print(f"plot written to {path}")
 
 
 if __name__ == "__main__":

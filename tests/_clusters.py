@@ -1,5 +1,6 @@
-"""Real clusters on loopback, started and stopped by the tests: a 3-node NATS JetStream
-cluster, a Redis Cluster of 3 masters and 3 replicas, a Redis Sentinel group."""
+"""Real servers on loopback, started and stopped by the tests: a redis-server or nats-server
+of a test's own (crashed and started again), a 3-node NATS JetStream cluster, a Redis
+Cluster of 3 masters and 3 replicas, a Redis Sentinel group."""
 
 from __future__ import annotations
 
@@ -22,6 +23,82 @@ def need(binary: str) -> str:
         skip_or_fail(f"{binary} is not installed (Debian: nats-server, redis-server)")
     assert path is not None
     return path
+
+
+def redis_aof(port: int, directory: Path) -> list[str]:
+    """redis-server's arguments for loopback and an append-only file fsynced on every
+    write (``appendfsync always``): what it confirmed survives a crash of it."""
+    return ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", "",
+            "--appendonly", "yes", "--appendfsync", "always"]  # fmt: skip
+
+
+class Scratch:
+    """A server of the test's own on a free loopback port, its data in ``directory``;
+    ``restart()`` ends it and starts it again on the same port and data."""
+
+    binary = ""
+    scheme = ""
+
+    def __init__(self, directory: Path) -> None:
+        self.exe = need(self.binary)
+        self.port = free_port()
+        self.dir = directory
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for_port(self.port)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, not a clean shutdown."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+
+
+class ScratchRedis(Scratch):
+    """A redis-server with ``redis_aof``: ``restart()`` crashes it (SIGKILL)."""
+
+    binary = "redis-server"
+    scheme = "redis"
+
+    def argv(self) -> list[str]:
+        return [self.exe, *redis_aof(self.port, self.dir)]
+
+
+class ScratchNats(Scratch):
+    """A nats-server with JetStream on a file store: ``restart()`` stops it cleanly
+    (SIGTERM: JetStream syncs its files on a clean stop); ``kill()`` crashes it."""
+
+    binary = "nats-server"
+    scheme = "nats"
+
+    def argv(self) -> list[str]:
+        return [self.exe, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.dir)]
+
+    def restart(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(20)
+        self.start()
 
 
 class Procs:
@@ -260,8 +337,7 @@ class Sentinels(Procs):
     def start_data(self, i: int, replica_of: int | None) -> None:
         d = self.dir / f"d{i}"
         d.mkdir(exist_ok=True)
-        args = [self.binary, "--port", str(self.data[i]), "--bind", "127.0.0.1", "--dir", str(d),
-                "--save", "", "--appendonly", "yes", "--appendfsync", "always"]  # fmt: skip
+        args = [self.binary, *redis_aof(self.data[i], d)]
         if replica_of is not None:
             args += ["--replicaof", "127.0.0.1", str(replica_of)]
         self.procs[i] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -71,10 +71,11 @@ def service_missing(name: str, port: int) -> str | None:
 
 
 def skip_or_fail(reason: str) -> None:
-    """Skip locally; fail in CI, which has every service and tool the tests use."""
+    """Skip locally; fail in CI, which has every service and tool the tests use. Called
+    at the top of a test module, it skips (or fails) the whole module."""
     if os.environ.get("CI"):
-        pytest.fail(f"{reason}; CI must provide it (see .ci/run)")
-    pytest.skip(reason)
+        pytest.fail(f"{reason}; CI must provide it (see .ci/run)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def require_service(name: str, port: int) -> None:

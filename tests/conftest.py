@@ -4,6 +4,7 @@
   never speed).
 - At the end of the session, the queues the tests made on the shared Redis and NATS
   services are deleted, so repeated runs do not pile up streams there.
+- ``scratch_redis`` and ``scratch_nats``: a server of the test's own, to crash and restart.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
+from tests._clusters import ScratchNats, ScratchRedis
 from tests._services import SESSION_PREFIX
 
 settings.register_profile("pigeon", deadline=None)
@@ -65,3 +68,19 @@ def _clean_shared_services() -> Iterator[None]:
     for clean in (_clean_redis, _clean_nats):
         with contextlib.suppress(Exception):  # a service that is down has nothing to clean
             clean()
+
+
+@pytest.fixture
+def scratch_redis(tmp_path: Path) -> Iterator[ScratchRedis]:
+    """A redis-server of the test's own with AOF (appendfsync always); ``restart()`` is a
+    crash (SIGKILL) and a start on the same port and data."""
+    with contextlib.closing(ScratchRedis(tmp_path)) as server:
+        yield server
+
+
+@pytest.fixture
+def scratch_nats(tmp_path: Path) -> Iterator[ScratchNats]:
+    """A nats-server of the test's own with JetStream on a file store; ``restart()`` is a
+    clean stop and a start on the same port and data, ``kill()`` a crash."""
+    with contextlib.closing(ScratchNats(tmp_path)) as server:
+        yield server

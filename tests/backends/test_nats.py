@@ -6,21 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pytest
 
 import pigeon
 from pigeon.backends.nats import AsyncNatsQueue, stream_name
-from tests._clusters import need
-from tests._services import free_port, queue_name, require_service, wait_for_port
+from tests._clusters import ScratchNats
+from tests._services import queue_name, require_service
 
 R = TypeVar("R")
 MiB = 1 << 20
@@ -120,54 +118,14 @@ def test_qsize_counts_delayed_messages_before_and_after_they_are_handed_out_earl
             q.get(timeout=0.3)
 
 
-class _Server:
-    """A nats-server with JetStream on a file store of its own, killed and restarted."""
-
-    def __init__(self) -> None:
-        self.binary = need("nats-server")
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="pigeon-nats-")
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_for_port(self.port)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def close(self) -> None:
-        import shutil
-
-        if self.proc is not None and self.proc.poll() is None:
-            self.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@pytest.fixture
-def server() -> Iterator[_Server]:
-    s = _Server()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 @pytest.mark.slow
-def test_delayed_messages_survive_a_server_killed_while_they_wait(server: _Server) -> None:
+def test_delayed_messages_survive_a_server_killed_while_they_wait(
+    scratch_nats: ScratchNats,
+) -> None:
     """A delayed message is stored in the stream: kill -9 the server (file storage, and
     JetStream syncs what a publish ack confirmed... at its sync_interval: here the
     process dies, not the machine) and it comes back, never early, counted once."""
+    server = scratch_nats
     url = f"{server.url}/{queue_name()}"
     with pigeon.Queue(url, reconnect_timeout=20) as q:
         due = time.time() + 4.0

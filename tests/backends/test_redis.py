@@ -5,13 +5,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import shutil
-import signal
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +16,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import pigeon
 from pigeon.backends.redis import SLICE, key_names
-from tests._services import free_port, queue_name, require_service, skip_or_fail, wait_for_port
+from tests._clusters import ScratchRedis
+from tests._services import queue_name, require_service
 
 LONG = 10.0
 
@@ -313,34 +309,10 @@ def test_consumers_in_several_processes_take_each_message_once_never_early(
     assert all(at >= due[b] - 0.05 for b, _, at in got)  # a clock read, not a race
 
 
-@pytest.fixture
-def scratch_redis(tmp_path: Path) -> Iterator[tuple[int, Any]]:
-    """A redis-server of this test's own with AOF (appendfsync always) and a crash."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        skip_or_fail("redis-server is not installed")
-    port = free_port()
-    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-            "yes", "--appendfsync", "always", "--dir", str(tmp_path)]  # fmt: skip
-    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    wait_for_port(port)
-
-    def crash_and_restart() -> None:
-        procs[-1].send_signal(signal.SIGKILL)
-        procs[-1].wait(10)
-        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_for_port(port)
-
-    yield port, crash_and_restart
-    for p in procs:
-        p.kill()
-        p.wait(10)
-
-
 def test_delays_ttls_and_priorities_survive_a_crash_of_redis_with_aof(
-    scratch_redis: tuple[int, Any],
+    scratch_redis: ScratchRedis,
 ) -> None:
-    port, crash_and_restart = scratch_redis
+    port, crash_and_restart = scratch_redis.port, scratch_redis.restart
     url = f"redis://127.0.0.1:{port}/options"
     with pigeon.Queue(url, reconnect_timeout=30) as q:
         started = time.monotonic()
@@ -365,13 +337,13 @@ def test_delays_ttls_and_priorities_survive_a_crash_of_redis_with_aof(
 
 
 def test_a_blocked_get_costs_a_bounded_number_of_commands_while_idle(
-    scratch_redis: tuple[int, Any],
+    scratch_redis: ScratchRedis,
 ) -> None:
     """No busy polling: waiting 2 s on an empty queue (with a delayed message far
     ahead) costs a take and a blocked read per slice, not a loop."""
     import redis
 
-    port, _ = scratch_redis
+    port = scratch_redis.port
 
     def scripts_run(r: Any) -> int:
         return int(r.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))

@@ -6,17 +6,22 @@ where a missing service is a failure: CI has every service.
 
 from __future__ import annotations
 
-import uuid
+import atexit
+import functools
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 import pigeon
 from pigeon.testing import MakeQueue
 from pigeon.testing.broker import BrokerThread
+from tests._clusters import RedisCluster, Sentinels
 from tests._services import queue_name, service_missing, skip_or_fail
+
+S = TypeVar("S")
 
 
 @dataclass
@@ -31,62 +36,39 @@ def _local(maxsize: int = 0) -> pigeon.Queue[Any]:
     return pigeon.Queue(maxsize=maxsize)
 
 
-_broker: BrokerThread | None = None
+def _queues_at(url: Callable[[str], str]) -> MakeQueue:
+    """Fresh queues, each named by the session (cleaned up at its end) at ``url(name)``."""
+
+    def make(maxsize: int = 0) -> pigeon.Queue[Any]:
+        return pigeon.Queue(url(queue_name()), maxsize=maxsize)
+
+    return make
 
 
-def _pigeon(maxsize: int = 0) -> pigeon.Queue[Any]:
-    global _broker
-    if _broker is None:
-        _broker = BrokerThread().start()
-    return pigeon.Queue(_broker.url(f"q-{uuid.uuid4().hex[:12]}"), maxsize=maxsize)
+def _for_the_session(start: Callable[[], S], close: Callable[[S], None]) -> Callable[[], S]:
+    """The server ``start()`` makes on the first call, the same one after; closed when the
+    session ends."""
+
+    @functools.cache
+    def server() -> S:
+        started = start()
+        atexit.register(close, started)
+        return started
+
+    return server
 
 
-def _redis(maxsize: int = 0) -> pigeon.Queue[Any]:
-    return pigeon.Queue(f"redis://127.0.0.1:6379/{queue_name()}", maxsize=maxsize)
-
-
-_redis_cluster: Any = None
-
-
-def _on_redis_cluster(maxsize: int = 0) -> pigeon.Queue[Any]:
-    """The same contract on a Redis Cluster (3 masters, 3 replicas) the suite starts."""
-    global _redis_cluster
-    if _redis_cluster is None:
-        from tests._clusters import RedisCluster
-
-        _redis_cluster = RedisCluster()
-        import atexit
-
-        atexit.register(_redis_cluster.close)
-    return pigeon.Queue(_redis_cluster.url(queue_name()), maxsize=maxsize)
-
-
-_redis_sentinel: Any = None
-
-
-def _on_redis_sentinel(maxsize: int = 0) -> pigeon.Queue[Any]:
-    """The same contract through Sentinel (a master, a replica, three sentinels)."""
-    global _redis_sentinel
-    if _redis_sentinel is None:
-        from tests._clusters import Sentinels
-
-        _redis_sentinel = Sentinels()
-        import atexit
-
-        atexit.register(_redis_sentinel.close)
-    return pigeon.Queue(_redis_sentinel.url(queue_name()), maxsize=maxsize)
+_broker = _for_the_session(lambda: BrokerThread().start(), BrokerThread.stop)
+# The same contract on a Redis Cluster (3 masters, 3 replicas) the suite starts, and
+# through Sentinel (a master, a replica, three sentinels).
+_redis_cluster = _for_the_session(RedisCluster, RedisCluster.close)
+_redis_sentinel = _for_the_session(Sentinels, Sentinels.close)
 
 
 def _cluster_tools() -> str | None:
-    import shutil
-
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         return "redis-server and redis-cli are needed to start a Redis Cluster"
     return None
-
-
-def _nats(maxsize: int = 0) -> pigeon.Queue[Any]:
-    return pigeon.Queue(f"nats://127.0.0.1:4222/{queue_name()}", maxsize=maxsize)
 
 
 NO_COUNTER = frozenset({"join", "task_done"})  # engines without a server-side counter wait
@@ -99,13 +81,17 @@ NATS_OPTIONS: frozenset[str] = frozenset()  # JetStream honours every option
 BACKENDS = [
     # a local message never comes back alone
     Backend("local", _local, frozenset({"lease"}) | LOCAL_OPTIONS),
-    Backend("pigeon", _pigeon),
-    Backend("redis", _redis, NO_COUNTER | REDIS_OPTIONS, lambda: service_missing("Redis", 6379)),
+    Backend("pigeon", _queues_at(lambda name: _broker().url(name))),
+    Backend("redis", _queues_at("redis://127.0.0.1:6379/{}".format),
+            NO_COUNTER | REDIS_OPTIONS, lambda: service_missing("Redis", 6379)),
     # NATS: an item over max_payload (1 MiB by default) goes in chunks
-    Backend("nats", _nats, NO_COUNTER | NATS_OPTIONS, lambda: service_missing("NATS", 4222)),
-    Backend("redis-cluster", _on_redis_cluster, NO_COUNTER | REDIS_OPTIONS, _cluster_tools),
-    Backend("redis-sentinel", _on_redis_sentinel, NO_COUNTER | REDIS_OPTIONS, _cluster_tools),
-]
+    Backend("nats", _queues_at("nats://127.0.0.1:4222/{}".format),
+            NO_COUNTER | NATS_OPTIONS, lambda: service_missing("NATS", 4222)),
+    Backend("redis-cluster", _queues_at(lambda name: _redis_cluster().url(name)),
+            NO_COUNTER | REDIS_OPTIONS, _cluster_tools),
+    Backend("redis-sentinel", _queues_at(lambda name: _redis_sentinel().url(name)),
+            NO_COUNTER | REDIS_OPTIONS, _cluster_tools),
+]  # fmt: skip
 
 
 @pytest.fixture(params=BACKENDS, ids=lambda b: b.name)

@@ -1,6 +1,6 @@
-"""``pigeon.consume`` end to end (the package's entry, ``consume``/``run_consumer``): every
-item handled once, stopping, arguments, a run that does not end by accident, and what every
-mode shares (time limits, handlers raising anything)."""
+"""``pigeon.consume`` end to end (the package's entry, ``consume``): every item handled
+once, stopping, arguments, a run that does not end by accident, and what every mode shares
+(time limits, handlers raising anything)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import pigeon
+from pigeon.consume import ConsumeProgress
 from pigeon.server.store import open_store
 from pigeon.testing.broker import BrokerThread
 from tests.consume._support import SEEN, async_exits_then_works, coroutine, record, sleeps
@@ -26,6 +27,22 @@ def test_two_hundred_items_through_four_threads_are_each_handled_once() -> None:
     assert report.processed == 200 and report.failed == 0 and report.mode == "thread"
     assert collections.Counter(range(200)) == SEEN
     assert q.qsize() == 0
+    q.close()
+
+
+def test_a_supervisor_hears_the_chosen_mode_and_reads_the_counters_of_the_public_call() -> None:
+    # what pigeon worker's live view uses, through pigeon.consume itself: on_start once the
+    # mode is chosen, the counters in the ConsumeProgress it passed
+    q = pigeon.Queue()
+    q.put_many(range(20))
+    q.shutdown()
+    started: list[tuple[str, str, int]] = []
+    progress = ConsumeProgress()
+    report = pigeon.consume(q, record, mode="thread", concurrency=2,
+                            on_start=lambda *a: started.append(a), progress=progress)  # fmt: skip
+    assert started == [("thread", "mode='thread' was asked for", 2)]
+    with progress.lock:
+        assert progress.processed == report.processed == 20
     q.close()
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import pigeon
-from pigeon.consume import ConsumeProgress, run_consumer
+from pigeon.consume import ConsumeProgress
 from pigeon.testing.broker import BrokerThread
 from tests.consume._support import cpu_bound, record, wait_for, worker_processes
 
@@ -70,7 +70,7 @@ def test_a_worker_process_that_died_idle_is_replaced_without_blaming_the_next_it
     stop = threading.Event()
     progress = ConsumeProgress()
     out: dict[str, pigeon.ConsumeReport] = {}
-    runner = threading.Thread(target=lambda: out.update(r=run_consumer(
+    runner = threading.Thread(target=lambda: out.update(r=pigeon.consume(
         q, record, mode="process", concurrency=1, stop=stop, grace=5, progress=progress,
         retry=pigeon.Retry(attempts=1))), daemon=True)  # fmt: skip
     runner.start()
@@ -120,7 +120,7 @@ def test_a_body_dead_lettered_for_killing_workers_is_tried_afresh_when_it_comes_
     progress = ConsumeProgress()
     out: dict[str, pigeon.ConsumeReport] = {}
     handler = functools.partial(_killed_under_pressure, str(pressure))
-    runner = threading.Thread(target=lambda: out.update(r=run_consumer(
+    runner = threading.Thread(target=lambda: out.update(r=pigeon.consume(
         q, handler, mode="process", concurrency=1, stop=stop, grace=5, progress=progress,
         retry=pigeon.Retry(attempts=10, backoff=0.0))), daemon=True)  # fmt: skip
     runner.start()

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import shutil
 import signal
-import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 import pigeon
-from tests._services import free_port, require_service, skip_or_fail, wait_for_port
+from tests._clusters import Scratch
+from tests._services import free_port, require_service
 
 
 def _hold_and_hang(url: str, got: Any) -> None:
@@ -48,61 +45,16 @@ def test_consumer_killed_before_ack_is_redelivered(service: str, port: int, url:
         msg.ack()
 
 
-@pytest.fixture
-def scratch_redis(tmp_path: Path) -> Iterator[tuple[int, Any]]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        skip_or_fail("redis-server is not installed")
-    port = free_port()
-    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-            "yes", "--appendfsync", "always", "--dir", str(tmp_path)]  # fmt: skip
-    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    wait_for_port(port)
-
-    def restart() -> None:
-        procs[-1].send_signal(signal.SIGKILL)  # a crash, not a clean shutdown
-        procs[-1].wait(10)
-        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_for_port(port)
-
-    yield port, restart
-    for p in procs:
-        p.kill()
-        p.wait(10)
-
-
-@pytest.fixture
-def scratch_nats(tmp_path: Path) -> Iterator[tuple[int, Any]]:
-    exe = shutil.which("nats-server")
-    if exe is None:
-        skip_or_fail("nats-server is not installed")
-    port = free_port()
-    argv = [exe, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path)]
-    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    wait_for_port(port)
-
-    def restart() -> None:
-        procs[-1].send_signal(signal.SIGTERM)  # JetStream syncs its files on a clean stop
-        procs[-1].wait(20)
-        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_for_port(port)
-
-    yield port, restart
-    for p in procs:
-        p.kill()
-        p.wait(10)
-
-
 @pytest.mark.parametrize("engine", ["redis", "nats"])
 def test_confirmed_messages_are_delivered_after_a_server_restart(
     engine: str, request: pytest.FixtureRequest
 ) -> None:
-    port, restart = request.getfixturevalue(f"scratch_{engine}")
-    url = f"{engine}://127.0.0.1:{port}/restart"
+    server: Scratch = request.getfixturevalue(f"scratch_{engine}")
+    url = f"{server.url}/restart"
     with pigeon.Queue(url, reconnect_timeout=30) as q:
         q.put_many([f"before-{i}" for i in range(100)])
         first = q.get_many(10, timeout=10)
-        restart()
+        server.restart()  # Redis crashes (its AOF fsyncs every write); NATS stops cleanly
         q.put_many([f"after-{i}" for i in range(50)], timeout=30)
         rest: list[str] = []
         while len(first) + len(rest) < 150:

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pigeon.framing import Codec, Delimited, FixedLength, FrameError, LengthPrefixed
-
-
-def _split(wire: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(wire) + 1) for c in cuts})
-    edges = [0, *points, len(wire)]
-    return [wire[a:b] for a, b in itertools.pairwise(edges)]
+from tests._chunks import split
 
 
 def _decode(codec: Codec, chunks: list[bytes]) -> list[bytes]:
@@ -35,7 +28,7 @@ def test_length_prefixed_any_chunking(
 ) -> None:
     codec = LengthPrefixed(header_size=hs, byteorder=order)  # type: ignore[arg-type]
     frames = [f[: codec.max_frame_size] for f in frames]
-    assert _decode(codec, _split(codec.encode_many(frames), cut)) == frames
+    assert _decode(codec, split(codec.encode_many(frames), cut, keep_empty=True)) == frames
 
 
 @given(
@@ -50,14 +43,15 @@ def test_delimited_any_chunking(frames: list[bytes], cut: list[int], delim: byte
     codec = Delimited(delim)
     wire = codec.encode_many(frames)
     expected = wire.split(delim)[:-1]
-    assert _decode(codec, _split(wire, cut)) == expected
+    assert _decode(codec, split(wire, cut, keep_empty=True)) == expected
 
 
 @given(st.integers(min_value=1, max_value=64), st.data())
 def test_fixed_length_any_chunking(size: int, data: st.DataObject) -> None:
     frames = data.draw(st.lists(st.binary(min_size=size, max_size=size), max_size=30))
     codec = FixedLength(size)
-    assert _decode(codec, _split(codec.encode_many(frames), data.draw(cuts))) == frames
+    chunks = split(codec.encode_many(frames), data.draw(cuts), keep_empty=True)
+    assert _decode(codec, chunks) == frames
 
 
 @settings(max_examples=300)

@@ -14,63 +14,20 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import Any
 
 import pytest
 
 import pigeon
-from tests._services import free_port, require_service, start_broker
-from tests.integrations._celery import HERE, SRC, Setup, require_celery, wait_for
+from tests._services import require_service
+from tests.integrations._celery import Setup
+from tests.integrations._support import HERE, SRC, require, setup_fixtures, tag, wait_for
 
-require_celery()
+require("celery", "celery", "kombu")
 
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[str]:
-    port = free_port()
-    proc = start_broker(port)
-    try:
-        yield f"pigeon://127.0.0.1:{port}//"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def shared(broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    """One prefork worker (2 processes) with a 1 s lease, for the tests that need no
-    worker of their own."""
-    setup = Setup(broker, tmp_path_factory.mktemp("celery"), lease=1.0)
-    setup.worker("--pool", "prefork", "--concurrency", "2")
-    try:
-        yield setup
-    finally:
-        setup.close()
-
-
-@pytest.fixture
-def own(broker: str, tmp_path: Path) -> Iterator[Setup]:
-    """A queue of the test's own; the test starts its workers when it needs them."""
-    setup = Setup(broker, tmp_path, lease=1.0)
-    try:
-        yield setup
-    finally:
-        setup.close()
-
-
-def queue_info(setup: Setup, queue: str | None = None) -> dict[str, Any]:
-    name = queue or setup.queue
-    url = setup.broker_url.rstrip("/") + "/" + name
-    with pigeon.Queue(url) as q:
-        info: dict[str, Any] = q.stats()["queues"].get(name, {})
-    return info
-
-
-def tag() -> str:
-    return f"t{random.getrandbits(40):x}"
+# the shared worker: prefork, 2 processes, with a 1 s lease
+shared, own = setup_fixtures(lambda url, d: Setup(url, d, lease=1.0),
+                             "--pool", "prefork", "--concurrency", "2")  # fmt: skip
 
 
 def test_plain_task_runs_on_the_celery_worker(shared: Setup) -> None:
@@ -101,7 +58,7 @@ def test_countdown_past_the_lease_is_held_by_the_broker_and_runs_once_when_due(
         app.send_task("celery_app.stamp", (t_countdown,), countdown=4)
         app.send_task("celery_app.stamp", (t_eta,), eta=datetime.now(UTC) + timedelta(seconds=3))
     time.sleep(1.5)  # past the 1 s lease
-    info = queue_info(shared)
+    info = shared.info()
     # in the broker, delayed: not delivered, so not leased, so never redelivered
     assert (info["delayed"], info["in_flight"]) == (2, 0), info
     wait_for("the countdown task", lambda: shared.events("stamp", tag=t_countdown), timeout=20)
@@ -121,7 +78,7 @@ def test_task_running_longer_than_the_lease_runs_once(shared: Setup) -> None:
     wait_for("the slow task's end", lambda: shared.events("end", tag=t), timeout=30)
     time.sleep(1.5)
     assert len(shared.events("start", tag=t)) == 1
-    assert queue_info(shared)["redelivered_total"] == 0
+    assert shared.info()["redelivered_total"] == 0
 
 
 def test_headers_round_trip_to_the_task(shared: Setup) -> None:
@@ -174,7 +131,7 @@ def test_priorities_are_honoured(own: Setup) -> None:
     with own.producer() as app:
         for i, p in order:
             app.send_task("celery_app.stamp", (f"p{p}-{i}",), priority=p)
-    assert queue_info(own)["depth"] == len(order)
+    assert own.info()["depth"] == len(order)
     own.worker("--pool", "solo")
     runs = wait_for("all ten", lambda: len(own.events("stamp")) == len(order) and 1)
     runs = own.events("stamp")
@@ -194,11 +151,11 @@ def test_worker_sigkilled_mid_task_gives_its_tasks_back_at_once(own: Setup) -> N
         for t in quick:
             app.send_task("celery_app.slow", (t, 0.1))
     wait_for("the slow task's start", lambda: own.events("start", tag=slow_tag))
-    held = wait_for("two held by the worker", lambda: queue_info(own)["in_flight"] == 2 and 1)
+    held = wait_for("two held by the worker", lambda: own.info()["in_flight"] == 2 and 1)
     assert held
     first.kill()
     # its connection is gone: the broker has both back, before any lease could run out
-    info = wait_for("both back", lambda: (i := queue_info(own))["in_flight"] == 0 and i, timeout=5)
+    info = wait_for("both back", lambda: (i := own.info())["in_flight"] == 0 and i, timeout=5)
     assert info["depth"] == 3
     own.worker("--pool", "prefork", "--concurrency", "1")
     done = [slow_tag, *quick]

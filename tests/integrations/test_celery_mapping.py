@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from tests.integrations._celery import require_celery
+from tests.integrations._support import require
 
-require_celery()
+require("celery", "celery", "kombu")
 
 from pigeon.integrations.celery.mapping import (  # noqa: E402
     MAX_SECONDS,

@@ -21,9 +21,9 @@ import pytest
 
 from pigeon.testing.broker import BrokerThread
 from tests._services import free_port
-from tests.integrations._celery import require_celery
+from tests.integrations._support import require
 
-require_celery()
+require("celery", "celery", "kombu")
 
 from kombu import Connection, Exchange, Queue  # noqa: E402
 from kombu.exceptions import OperationalError  # noqa: E402

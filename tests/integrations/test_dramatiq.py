@@ -8,10 +8,8 @@ mapping of options.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,33 +24,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import pigeon
-from tests._services import free_port, require_service, skip_or_fail, start_broker
+from tests._services import free_port, require_service, start_broker
+from tests.integrations import _support
+from tests.integrations._support import ROOT, Worker, cli, read_events, require
 
-try:
-    import dramatiq
-except ImportError:  # pragma: no cover - the dev extra installs it
-    dramatiq = None  # type: ignore[assignment]
+require("dramatiq", "dramatiq")
 
-ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.integrations.dramatiq_app"
-
-
-@pytest.fixture(autouse=True)
-def _needs_dramatiq() -> None:
-    if dramatiq is None:
-        skip_or_fail("dramatiq is not installed: pip install 'pigeon-queue[dramatiq]'")
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    """A `pigeon serve` subprocess, as a user runs it; its broker URL."""
-    port = free_port()
-    proc = start_broker(port)
-    try:
-        yield f"pigeon://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 class App:
@@ -72,7 +50,7 @@ class App:
         self.broker = PigeonBroker(url=url, namespace=self.namespace)
         for actor in dramatiq_app.broker.actors.values():
             self.broker.declare_actor(actor)
-        self.workers: list[subprocess.Popen[bytes]] = []
+        self.workers: list[Worker] = []
 
     def send(self, actor: Any, *args: Any, delay: int | None = None, **options: Any) -> Any:
         return self.broker.enqueue(actor.message_with_options(args=args, **options), delay=delay)
@@ -81,77 +59,59 @@ class App:
         """A plain pigeon handle on one of this test's queues."""
         return pigeon.Queue(f"{self.url}/{self.namespace}{name}", serializer="raw")
 
-    def worker(
-        self, *, threads: int = 2, lease: float = 600.0, prefetch: int = 0
-    ) -> subprocess.Popen[bytes]:
+    def worker(self, *, threads: int = 2, lease: float = 600.0, prefetch: int = 0) -> Worker:
         """``dramatiq tests.integrations.dramatiq_app``, one worker process; ``prefetch``
         (Dramatiq's ``dramatiq_queue_prefetch``; 0: its default, twice the threads)."""
-        found = shutil.which("dramatiq", path=str(Path(sys.executable).parent))
-        cli = [found] if found else [sys.executable, "-m", "dramatiq"]
-        env = {
-            **os.environ,
-            "PIGEON_URL": self.url,
-            "DRAMATIQ_NAMESPACE": self.namespace,
-            "PIGEON_LEASE": str(lease),
-            "EVENTS": str(self.events_file),
-            "dramatiq_queue_prefetch": str(prefetch),
-        }
-        with open(self.tmp / f"worker-{len(self.workers)}.log", "wb") as log:
-            proc = subprocess.Popen(
-                [*cli, APP, "--processes", "1", "--threads", str(threads)],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own group: the test can end all of it
-            )
-        self.workers.append(proc)
-        return proc
+        env = _support.worker_env(
+            PIGEON_URL=self.url,
+            DRAMATIQ_NAMESPACE=self.namespace,
+            PIGEON_LEASE=str(lease),
+            EVENTS=str(self.events_file),
+            dramatiq_queue_prefetch=str(prefetch),
+        )
+        argv = [*cli("dramatiq"), APP, "--processes", "1", "--threads", str(threads)]
+        log = self.tmp / f"worker-{len(self.workers)}.log"
+        self.workers.append(w := Worker(argv, env=env, log=log, cwd=ROOT))
+        return w
 
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
-        if not self.events_file.exists():
-            return []
-        lines = self.events_file.read_text().splitlines()
-        found = [json.loads(line) for line in lines if line]
-        return [e for e in found if kind is None or e["event"] == kind]
+        return read_events(self.events_file, "event", kind)
 
-    def wait_for(
-        self, what: str, ready: Callable[[], bool], timeout: float = 60.0
-    ) -> None:  # fmt: skip
-        deadline = time.monotonic() + timeout
-        while not ready():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: not within {timeout} s\n{self.logs()}")
-            if any(p.poll() is not None for p in self.workers[-1:]):
-                raise AssertionError(f"{what}: the worker exited\n{self.logs()}")
-            time.sleep(0.05)
+    def wait_for(self, what: str, ready: Callable[[], bool], timeout: float = 60.0) -> None:
+        """Until ``ready()``; a failure, with the workers' output, if the latest worker
+        exits first."""
+
+        def check() -> bool:
+            if ready():
+                return True
+            if any(w.proc.poll() is not None for w in self.workers[-1:]):
+                raise AssertionError(f"{what}: the worker exited")
+            return False
+
+        try:
+            _support.wait_for(what, check, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()}") from None
 
     def logs(self) -> str:
-        return "\n".join(p.read_text()[-3000:] for p in sorted(self.tmp.glob("worker-*.log")))
+        return "\n".join(w.output()[-3000:] for w in self.workers)
 
-    def stop(self, proc: subprocess.Popen[bytes]) -> int:
+    def stop(self, worker: Worker) -> int:
         """SIGTERM, as a supervisor stops Dramatiq: it finishes its tasks and exits."""
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-            raise AssertionError(f"the worker did not stop on SIGTERM\n{self.logs()}") from None
+        code = worker.stop(60)
+        if code is None:
+            raise AssertionError(f"the worker did not stop on SIGTERM\n{self.logs()}")
+        return code
 
     def close(self) -> None:
-        for proc in self.workers:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        for w in self.workers:
+            w.kill()
         self.broker.close()
 
 
 @pytest.fixture
-def app(server: str, tmp_path: Path) -> Iterator[App]:
-    a = App(server, tmp_path)
+def app(pigeon_url: str, tmp_path: Path) -> Iterator[App]:
+    a = App(pigeon_url, tmp_path)
     try:
         yield a
     finally:
@@ -306,18 +266,10 @@ def test_a_broker_restart_mid_run_loses_no_task(tmp_path: Path) -> None:
         broker.wait(30)
 
 
-def test_the_example_runs_under_the_dramatiq_cli(server: str, tmp_path: Path) -> None:
-    env = {**os.environ, "PIGEON_URL": server}
-    log_path = tmp_path / "worker.log"
-    with open(log_path, "wb") as log:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "dramatiq", "dramatiq_app", "--path", "examples"],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+def test_the_example_runs_under_the_dramatiq_cli(pigeon_url: str, tmp_path: Path) -> None:
+    env = {**os.environ, "PIGEON_URL": pigeon_url}
+    worker = Worker([sys.executable, "-m", "dramatiq", "dramatiq_app", "--path", "examples"],
+                    env=env, log=tmp_path / "worker.log", cwd=ROOT)  # fmt: skip
     try:
         sent = subprocess.run(
             [sys.executable, str(ROOT / "examples" / "dramatiq_app.py")],
@@ -327,13 +279,8 @@ def test_the_example_runs_under_the_dramatiq_cli(server: str, tmp_path: Path) ->
             timeout=90,
         )
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(10)
-    out = log_path.read_text()
+        worker.stop(60)
+    out = worker.output()
     assert sent.returncode == 0, sent.stderr + out
     assert "all done" in sent.stdout
     assert out.count("order 7 charged") == 1

@@ -11,125 +11,61 @@ nothing is given to a second run while a live worker holds it.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 import pigeon
-from tests._services import free_port, start_broker
-from tests.integrations._taskiq import require_taskiq_module
+from tests.integrations import _support
+from tests.integrations._support import HERE, cli, require, setup_fixtures, tag, wait_for
 
-require_taskiq_module()
+require("taskiq", "taskiq")
 
 from taskiq.exceptions import SendTaskError  # noqa: E402
 
 from pigeon.integrations.taskiq import PigeonBroker  # noqa: E402
 from tests.integrations import taskiq_app  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-SRC = Path(pigeon.__file__).resolve().parents[1]
-T = TypeVar("T")
 
-
-def taskiq_command() -> list[str]:
-    """``taskiq`` as a user runs it: the console script beside this Python."""
-    script = Path(sys.executable).with_name("taskiq")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "taskiq"]
-
-
-def wait_for(what: str, check: Callable[[], T], timeout: float = 30.0) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-class Worker:
-    """``taskiq worker taskiq_app:broker --workers 1`` on one queue, in its own session."""
-
-    def __init__(self, setup: Setup, *args: str) -> None:
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
-            "TASKIQ_PIGEON_URL": setup.url,
-            "TASKIQ_PIGEON_LEASE": str(setup.lease),
-            "TASKIQ_EVENTS": str(setup.events_path),
-        }
-        self.log_path = setup.dir / f"worker-{uuid.uuid4().hex[:6]}.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [*taskiq_command(), "worker", "taskiq_app:broker", "--app-dir", str(HERE),
-                 "--workers", "1", "--log-level", "DEBUG", *args],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-
-    def kill(self) -> None:
-        """SIGKILL to the supervisor and its worker process at once."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        """SIGTERM, as a user's Ctrl-C or a container stop; SIGKILL if it hangs."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-class Setup:
+class Setup(_support.Setup):
     """One queue on the test broker, its events file and the workers started on it."""
 
+    field = "kind"
+
     def __init__(self, base: str, directory: Path, lease: float = 1.0) -> None:
-        self.queue = f"taskiq-{uuid.uuid4().hex[:8]}"
+        super().__init__(base, directory, "taskiq")
         self.url = f"{base}/{self.queue}"
         self.lease = lease
-        self.dir = directory
-        self.events_path = directory / "events.jsonl"
-        self.workers: list[Worker] = []
 
-    def worker(self, *args: str) -> Worker:
-        w = Worker(self, *args)
+    def worker(self, *args: str) -> _support.Worker:
+        """``taskiq worker taskiq_app:broker --workers 1`` on this queue: its supervisor
+        and one worker process."""
+        env = _support.worker_env(
+            TASKIQ_PIGEON_URL=self.url,
+            TASKIQ_PIGEON_LEASE=str(self.lease),
+            TASKIQ_EVENTS=str(self.events_path),
+        )
+        argv = [*cli("taskiq"), "worker", "taskiq_app:broker", "--app-dir", str(HERE),
+                "--workers", "1", "--log-level", "DEBUG", *args]  # fmt: skip
+        log = self.dir / f"{self.queue}.worker{len(self.workers)}.log"
+        w = Worker(argv, env=env, log=log)
         self.workers.append(w)
         return w
-
-    def events(self, kind: str, **match: Any) -> list[dict[str, Any]]:
-        if not self.events_path.exists():
-            return []
-        rows = [json.loads(line) for line in self.events_path.read_text().splitlines() if line]
-        return [
-            r for r in rows if r["kind"] == kind and all(r.get(k) == v for k, v in match.items())
-        ]
 
     def kick(self, task: Any, *args: Any, **labels: Any) -> None:
         asyncio.run(kick(self.url, task, *args, **labels))
 
-    def info(self) -> dict[str, Any]:
-        with pigeon.Queue(self.url) as q:
-            info: dict[str, Any] = q.stats()["queues"].get(self.queue, {})
-        return info
 
-    def close(self) -> None:
-        for w in self.workers:
-            w.stop()
+class Worker(_support.Worker):
+    def stop(self, timeout: float = 30.0, *, group: bool = True) -> int | None:
+        """SIGTERM to the supervisor and its worker process, as a user's Ctrl-C or a
+        container stop; SIGKILL if it hangs."""
+        return super().stop(timeout, group=group)
 
 
 async def kick(url: str, task: Any, *args: Any, **labels: Any) -> None:
@@ -146,40 +82,8 @@ async def kick(url: str, task: Any, *args: Any, **labels: Any) -> None:
         await client.shutdown()
 
 
-def tag() -> str:
-    return uuid.uuid4().hex[:10]
-
-
-@pytest.fixture(scope="module")
-def base() -> Iterator[str]:
-    port = free_port()
-    proc = start_broker(port)
-    try:
-        yield f"pigeon://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-@pytest.fixture(scope="module")
-def shared(base: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    """One worker with a 1 s lease, for the tests that need no worker of their own."""
-    setup = Setup(base, tmp_path_factory.mktemp("taskiq"), lease=1.0)
-    setup.worker()
-    try:
-        yield setup
-    finally:
-        setup.close()
-
-
-@pytest.fixture
-def own(base: str, tmp_path: Path) -> Iterator[Setup]:
-    """A queue of the test's own; the test starts its workers when it needs them."""
-    setup = Setup(base, tmp_path, lease=1.0)
-    try:
-        yield setup
-    finally:
-        setup.close()
+# the shared worker holds each task with a 1 s lease
+shared, own = setup_fixtures(lambda url, d: Setup(url, d, lease=1.0))
 
 
 def test_plain_task_runs_on_the_taskiq_worker(shared: Setup) -> None:
@@ -336,29 +240,22 @@ def test_queue_name_label_routes_to_another_queue_of_the_broker(own: Setup) -> N
     assert peeked["headers"]["task_name"] == "stamp"
 
 
-def test_the_example_app_runs_under_taskiq_worker(base: str, tmp_path: Path) -> None:
+def test_the_example_app_runs_under_taskiq_worker(pigeon_url: str, tmp_path: Path) -> None:
     examples = HERE.parents[1] / "examples"
-    url = f"{base}/example-{tag()}"
-    env = {**os.environ, "PIGEON_URL": url,
-           "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
-    log_path = tmp_path / "worker.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [*taskiq_command(), "worker", "taskiq_app:broker", "--app-dir", str(examples),
-             "--workers", "1"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    url = f"{pigeon_url}/example-{tag()}"
+    env = _support.worker_env(PIGEON_URL=url)
+    worker = Worker([*cli("taskiq"), "worker", "taskiq_app:broker", "--app-dir", str(examples),
+                     "--workers", "1"], env=env, log=tmp_path / "worker.log")  # fmt: skip
     try:
         sent = subprocess.run([sys.executable, str(examples / "taskiq_app.py")], env=env,
                               capture_output=True, text=True, timeout=60)  # fmt: skip
         assert sent.returncode == 0, sent.stderr
         wanted = ("reminder for ada", "report 4 rebuilt", "password reset for grace",
                   "order 42 charged", "flaky: attempt 1 succeeded")  # fmt: skip
-        wait_for("the example's tasks", lambda: all(w in log_path.read_text() for w in wanted))
-        out = log_path.read_text()
+        wait_for("the example's tasks", lambda: all(w in worker.output() for w in wanted))
+        out = worker.output()
         assert out.count("order 42 charged") == 1
         waited = float(out.split("reminder for ada, ")[1].split(" s")[0])
         assert waited >= 3.0
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
+        worker.stop()

@@ -12,9 +12,9 @@ import pytest
 import pigeon
 from pigeon.testing.broker import BrokerThread
 from tests._services import free_port, queue_name
-from tests.integrations._taskiq import require_taskiq_module
+from tests.integrations._support import require
 
-require_taskiq_module()
+require("taskiq", "taskiq")
 
 from taskiq import AckableMessage, BrokerMessage  # noqa: E402
 

@@ -31,6 +31,7 @@ from pigeon.protocol.server import (
     Violation,
 )
 from pigeon.protocol.wire import encode_message
+from tests._chunks import split
 
 _LENGTH = struct.Struct(">I")
 
@@ -64,16 +65,6 @@ def run(chunks: list[bytes], *, max_frame_size: int = 1 << 20) -> tuple[list[Any
                 events += conv.welcome("pigeon", 5.0)
         out += conv.data_to_send()
     return events, out
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    pieces, last = [], 0
-    for p in points:
-        pieces.append(data[last:p])
-        last = p
-    pieces.append(data[last:])
-    return [p for p in pieces if p]
 
 
 EXPECTED = [

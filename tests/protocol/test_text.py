@@ -36,6 +36,7 @@ from pigeon.protocol.text import (
     TextConnection,
     Violation,
 )
+from tests._chunks import split
 
 REFUSED = b"-ERR auth: this broker needs a token; send AUTH <token> first\r\n"
 
@@ -94,16 +95,6 @@ class Shell:
             msg = self.held[i]
             self.conv.reply(msg.req, answer(msg))
             self.out += self.conv.data_to_send()
-
-
-def split(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    pieces, last = [], 0
-    for p in points:
-        pieces.append(data[last:p])
-        last = p
-    pieces.append(data[last:])
-    return [p for p in pieces if p]
 
 
 SESSION = (

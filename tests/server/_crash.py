@@ -192,32 +192,31 @@ def abandon(store: Durable) -> None:
     store._unlock_dir()
 
 
-def syncer_pass(store: Durable, disk: Disk) -> bool:
-    """One pass of the store's syncer thread (``Durable._syncer``), in this thread: it
-    fsyncs what was written and confirms what waited for that. (With ``_closing`` set,
-    the thread's loop does one pass and returns.) False if its fsync failed: the thread
-    has then ended for good."""
-    failed = len(disk.failures)
+def _one_pass(store: Durable, disk: Disk, loop: Callable[[], None]) -> None:
+    """One pass of a store thread's ``loop``, in this thread, its disk calls counted as
+    that thread's. (With ``_closing`` set, the loop does one pass and returns.)"""
     disk.context = "syncer"
     store._closing = True
     try:
-        store._syncer()
+        loop()
     finally:
         store._closing = False
         disk.context = "loop"
+
+
+def syncer_pass(store: Durable, disk: Disk) -> bool:
+    """One pass of the store's syncer thread (``Durable._syncer``): it fsyncs what was
+    written and confirms what waited for that. False if its fsync failed: the thread has
+    then ended for good."""
+    failed = len(disk.failures)
+    _one_pass(store, disk, store._syncer)
     return len(disk.failures) == failed
 
 
 def writer_pass(store: SQLiteStore, disk: Disk) -> None:
     """One pass of SQLite's writer thread (``--fsync always``, not attached to a loop):
     it commits what is pending (synchronous=FULL: the commit is the fsync) and confirms."""
-    disk.context = "syncer"
-    store._closing = True
-    try:
-        store._writer()
-    finally:
-        store._closing = False
-        disk.context = "loop"
+    _one_pass(store, disk, store._writer)
 
 
 class Gate:

@@ -22,6 +22,7 @@ today, the test gates the rule on a flag (``Known`` below) that names it.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -409,19 +410,27 @@ class Model:
             return None
         return next((f for f in q.flights if f.did == did), None)
 
-    def ack(self, conn: int, req: int, queue: str, dids: list[int], quiet: bool) -> list[Out]:
+    def _settle(
+        self, conn: int, req: int, queue: str, dids: list[int], settle: Callable[[Flight], None]
+    ) -> Out:
+        """``settle`` each of ``dids`` in flight on ``queue``, in order (a repeat is no
+        longer in flight); the reply: how many were, and which were not."""
         unknown = []
         for did in dids:
             f = self._flight(queue, did)
             if f is None:
                 unknown.append(did)
-                continue
+            else:
+                settle(f)
+        return (conn, ("ok", req, ("settled", len(dids) - len(unknown), tuple(unknown))))
+
+    def ack(self, conn: int, req: int, queue: str, dids: list[int], quiet: bool) -> list[Out]:
+        def acked(f: Flight) -> None:
             self.q(queue).flights.remove(f)
             self.gone.add(f.msg.key)
-        out: list[Out] = []
-        if not quiet:
-            out.append((conn, ("ok", req, ("settled", len(dids) - len(unknown), tuple(unknown)))))
-        return out + self.serve(queue)
+
+        reply = self._settle(conn, req, queue, dids, acked)
+        return ([] if quiet else [reply]) + self.serve(queue)
 
     def nack(
         self,
@@ -434,32 +443,22 @@ class Model:
         reason: str,
         quiet: bool,
     ) -> list[Out]:
-        unknown = []
-        for did in dids:
-            f = self._flight(queue, did)
-            if f is None:
-                unknown.append(did)
-                continue
+        def nacked(f: Flight) -> None:
             q = self.q(queue)
             q.flights.remove(f)
             if requeue:
                 self.requeue(q, f.msg, delay)
             else:
                 self.dead_letter(q, f.msg, reason or "rejected")
-        out: list[Out] = []
-        if not quiet:
-            out.append((conn, ("ok", req, ("settled", len(dids) - len(unknown), tuple(unknown)))))
-        return out + self.serve(queue)
+
+        reply = self._settle(conn, req, queue, dids, nacked)
+        return ([] if quiet else [reply]) + self.serve(queue)
 
     def extend(self, conn: int, req: int, queue: str, dids: list[int], seconds: float) -> list[Out]:
-        unknown = []
-        for did in dids:
-            f = self._flight(queue, did)
-            if f is None:
-                unknown.append(did)
-            else:
-                f.deadline = self.now + seconds
-        return [(conn, ("ok", req, ("settled", len(dids) - len(unknown), tuple(unknown))))]
+        def extended(f: Flight) -> None:
+            f.deadline = self.now + seconds
+
+        return [self._settle(conn, req, queue, dids, extended)]
 
     def declare(self, conn: int, req: int, queue: str, settings: dict[str, Any]) -> list[Out]:
         q = self.q(queue)

@@ -48,6 +48,26 @@ def payloads(broker: Broker, queue: str = "q") -> list[bytes]:
     return [d.payload for _, m in outs if isinstance(m, Deliver) for d in m.messages]
 
 
+def confirmed_put(store: Any, payload: bytes) -> tuple[Broker, list[int]]:
+    """``store`` started, a broker on it, and a put of ``payload`` to "q" the store's own
+    thread has confirmed; the list its confirmations go to."""
+    commits: list[int] = []
+    store.start(commits.append)
+    broker = Broker(store)
+    broker.connection_made(1)
+    broker.handle(1, Put(1, "q", payload))
+    wait_commits(commits)
+    assert commits == [1]
+    return broker, commits
+
+
+def wait_commits(commits: list[int], timeout: float = 5.0) -> None:
+    """Until the store's own thread has confirmed something (or ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not commits and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def segments(path: Path) -> list[Path]:
     return sorted((path / LOG_DIR).glob("*.seg"))
 
@@ -191,15 +211,7 @@ def test_a_failed_fsync_is_never_confirmed_later(
     writes (the log with --fsync always; SQLite's own commits fsync there, so its syncer
     is tried with batch)."""
     store: Any = LogStore(tmp_path, "always") if kind == "log" else SQLiteStore(tmp_path, "batch")
-    commits: list[int] = []
-    store.start(commits.append)
-    broker = Broker(store)
-    broker.connection_made(1)
-    broker.handle(1, Put(1, "q", b"synced"))
-    deadline = time.monotonic() + 5
-    while not commits and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert commits == [1]
+    broker, commits = confirmed_put(store, b"synced")
     calls = [0]
 
     def eio(fd: int) -> None:
@@ -1024,15 +1036,7 @@ def test_a_failed_fsync_in_the_loops_thread_is_never_confirmed_by_the_syncers(
     # fails, the kernel reports the error once: the syncer's fdatasync of the same file
     # afterwards returns 0 - and must not confirm the batch the failed one covered.
     store = LogStore(tmp_path, "always", segment_bytes=4096)
-    commits: list[int] = []
-    store.start(commits.append)
-    broker = Broker(store)
-    broker.connection_made(1)
-    broker.handle(1, Put(1, "q", b"first"))
-    deadline = time.monotonic() + 5
-    while not commits and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert commits == [1]
+    broker, commits = confirmed_put(store, b"first")
     loop_thread = threading.get_ident()
     failed = threading.Event()
     real_fdatasync, real_fsync_now = os.fdatasync, store._fsync_now
@@ -1192,8 +1196,6 @@ def test_a_slow_fsync_counts_as_a_stalled_store(
     time.sleep(0.3)
     assert not commits and store.stalled_for >= 0.25
     release.set()
-    deadline = time.monotonic() + 5
-    while not commits and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_commits(commits)
     assert commits and store.stalled_for == 0.0
     store.close()

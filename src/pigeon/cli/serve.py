@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
 from pigeon.cli.config import load_config_file, reloaded, setup_logging
 from pigeon.cli.config import print_config as show_config
+from pigeon.server.config import ServerConfig
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# The broker's settings are ServerConfig's fields: an option for one takes its default
+# from there (defined once), and its value goes to ServerConfig under the field's name.
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+_FIELD = {"lease": "default_lease"}  # option -> field, where the names differ
+
+
+def _setting(flag: str, **kwargs: Any) -> Callable[[F], F]:
+    """``click.option(flag, ...)`` for a ServerConfig field, with the field's default."""
+    name = flag.removeprefix("--").replace("-", "_")
+    return click.option(flag, default=_DEFAULTS[_FIELD.get(name, name)], **kwargs)
 
 
 @click.command(context_settings={"auto_envvar_prefix": "PIGEON", "show_default": True})
@@ -33,13 +49,11 @@ from pigeon.cli.config import print_config as show_config
     help="serve /metrics (Prometheus), /healthz, /readyz, /api/stats and a live dashboard "
     "at / there; a non-loopback address needs --token (sent as 'Authorization: Bearer')",
 )
-@click.option(
+@_setting(
     "--host",
-    default="127.0.0.1",
-    show_default=True,
     help="address to listen on; a non-loopback one requires --token",
 )
-@click.option("--port", default=7878, show_default=True, type=click.IntRange(0, 65535))
+@_setting("--port", type=click.IntRange(0, 65535))
 @click.option(
     "--token",
     envvar="PIGEON_TOKEN",
@@ -50,35 +64,27 @@ from pigeon.cli.config import print_config as show_config
     is_flag=True,
     help="allow a non-loopback --host without a token (trusted networks only)",
 )
-@click.option(
+@_setting(
     "--max-frame-size",
-    default=16 * 2**20,
-    show_default=True,
     type=click.IntRange(1024, 2**31),
     help="largest frame accepted, in bytes",
 )
-@click.option(
+@_setting(
     "--heartbeat",
-    default=5.0,
-    show_default=True,
     type=click.FloatRange(0.1),
     help="seconds between heartbeats to each client",
 )
-@click.option(
+@_setting(
     "--lease",
-    default=30.0,
-    show_default=True,
     type=click.FloatRange(0, 366 * 86400, min_open=True),
     help="default seconds before an unacked message is redelivered",
 )
-@click.option(
+@_setting(
     "--max-deliveries",
-    default=20,
-    show_default=True,
     type=click.IntRange(1),
     help="deliveries before a message moves to QUEUE.dead",
 )
-@click.option("--max-connections", default=10_000, show_default=True, type=click.IntRange(1))
+@_setting("--max-connections", type=click.IntRange(1))
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -121,97 +127,73 @@ from pigeon.cli.config import print_config as show_config
     type=click.FloatRange(0, 1),
     help="seconds --fsync batch waits to gather a batch",
 )
-@click.option(
+@_setting(
     "--handshake-timeout",
-    default=10.0,
-    show_default=True,
     type=click.FloatRange(0.01),
     help="seconds a new connection has to complete HELLO",
 )
-@click.option(
+@_setting(
     "--idle-timeout",
-    default=300.0,
-    show_default=True,
     type=click.FloatRange(0),
     help="close a connection after this many seconds without a byte from it, unless it "
     "holds deliveries or waits for a reply (a worker busy with a long job) (0: never)",
 )
-@click.option(
+@_setting(
     "--max-unacked-bytes",
-    default=64 * 2**20,
-    show_default=True,
     type=click.IntRange(1),
     help="unacked bytes one connection may hold before it gets no more deliveries",
 )
-@click.option(
+@_setting(
     "--max-pending-output",
-    default=64 * 2**20,
-    show_default=True,
     type=click.IntRange(0),
     help="bytes of replies a client that does not read may leave waiting before it is "
     "dropped (0: no limit)",
 )
-@click.option(
+@_setting(
     "--max-queues",
-    default=10_000,
-    show_default=True,
     type=click.IntRange(1),
     help="queues the broker keeps; beyond it new names are refused (queues made by a "
     "mere reference are forgotten once empty and unwatched, and do not count long)",
 )
-@click.option(
+@_setting(
     "--max-dedup-ids",
-    default=1_000_000,
-    show_default=True,
     type=click.IntRange(0),
     help="dedup ids the broker remembers across all queues, each for its queue's "
     "dedup_window (about 400 bytes of memory each); beyond it a put with new ones is "
     "refused with 'limit', nothing stored",
 )
-@click.option(
+@_setting(
     "--max-parked-bytes-per-connection",
-    default=64 * 2**20,
-    show_default=True,
     type=click.IntRange(0),
     help="payload bytes one connection's puts may hold while they wait for room in a full "
     "queue; beyond it a put is refused with 'limit'",
 )
-@click.option(
+@_setting(
     "--max-parked-gets-per-connection",
-    default=65_536,
-    show_default=True,
     type=click.IntRange(1),
     help="GETs one connection may have waiting for a message; beyond it a GET is refused "
     "with 'limit' (a client needs one per consumer thread or task)",
 )
-@click.option(
+@_setting(
     "--max-parked-gets",
-    default=262_144,
-    show_default=True,
     type=click.IntRange(1),
     help="GETs all connections together may have waiting",
 )
-@click.option(
+@_setting(
     "--max-parked-bytes",
-    default=256 * 2**20,
-    show_default=True,
     type=click.IntRange(0),
     help="payload bytes all waiting puts may hold together",
 )
-@click.option(
+@_setting(
     "--peer-timeout",
-    default=10.0,
-    show_default=True,
     type=click.FloatRange(0),
     help="seconds a peer's TCP stack may leave the broker's data (or its probes) "
     "unacknowledged before the connection counts as dead and its messages are requeued "
     "(checked in the kernel's TCP_INFO; a peer that only reads slowly is not dropped; 0: "
     "never, the kernel's ~15 min of retransmissions)",
 )
-@click.option(
+@_setting(
     "--store-timeout",
-    default=5.0,
-    show_default=True,
     type=click.FloatRange(0.1),
     help="seconds a reply may wait for a store that cannot commit (busy or failing disk) "
     "before it is answered 'unavailable'",
@@ -238,17 +220,10 @@ from pigeon.cli.config import print_config as show_config
 )
 @click.option("-v", "--verbose", count=True, help="log more: -v is --log-level debug")
 def serve(
-    host: str, port: int, token: str | None, insecure_no_auth: bool, max_frame_size: int,
-    heartbeat: float, lease: float, max_deliveries: int, max_connections: int,
-    data_dir: Path | None, memory: bool, store: str, segment_bytes: int, fsync: str,
-    fsync_interval: float,
-    handshake_timeout: float, idle_timeout: float, max_unacked_bytes: int,
-    max_pending_output: int, max_queues: int, max_dedup_ids: int,
-    max_parked_bytes_per_connection: int,
-    max_parked_bytes: int, max_parked_gets_per_connection: int, max_parked_gets: int,
-    peer_timeout: float, store_timeout: float, tls_cert: str | None,
-    tls_key: str | None, verbose: int, config: Path | None, print_config: bool,
-    http: str | None, log_level: str, log_format: str,
+    host: str, port: int, token: str | None, insecure_no_auth: bool, data_dir: Path | None,
+    memory: bool, store: str, segment_bytes: int, fsync: str, fsync_interval: float,
+    tls_cert: str | None, tls_key: str | None, verbose: int, config: Path | None,
+    print_config: bool, http: str | None, log_level: str, log_format: str, **settings: Any,
 ) -> None:  # fmt: skip
     """Run a pigeon broker until SIGINT/SIGTERM (then it closes gracefully, exit 0).
 
@@ -276,7 +251,7 @@ def serve(
         show_config(ctx, ctx.params)
         return
     from pigeon.errors import StoreCorrupted, StoreInUse
-    from pigeon.server.app import ServerConfig, run
+    from pigeon.server.app import run
     from pigeon.server.core import Store
     from pigeon.server.store import open_store
 
@@ -311,17 +286,11 @@ def serve(
             parse_address(http)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--http") from None
+    for option, field in _FIELD.items():
+        settings[field] = settings.pop(option)
     server_config = ServerConfig(
-        host=host, port=port, token=token, max_frame_size=max_frame_size, heartbeat=heartbeat,
-        default_lease=lease, max_deliveries=max_deliveries, max_connections=max_connections,
-        store=kept, handshake_timeout=handshake_timeout, idle_timeout=idle_timeout,
-        max_unacked_bytes=max_unacked_bytes, max_pending_output=max_pending_output,
-        max_queues=max_queues, max_dedup_ids=max_dedup_ids,
-        max_parked_bytes_per_connection=max_parked_bytes_per_connection,
-        max_parked_bytes=max_parked_bytes, max_parked_gets=max_parked_gets,
-        max_parked_gets_per_connection=max_parked_gets_per_connection, peer_timeout=peer_timeout,
-        store_timeout=store_timeout,
-        http=http, extra={"insecure_no_auth": insecure_no_auth, "ssl": ssl_ctx},
+        host=host, port=port, token=token, store=kept, http=http,
+        extra={"insecure_no_auth": insecure_no_auth, "ssl": ssl_ctx}, **settings,
     )  # fmt: skip
 
     def ready(server: Any) -> None:

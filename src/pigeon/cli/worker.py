@@ -14,7 +14,7 @@ from rich.live import Live
 from rich.table import Table
 
 import pigeon
-from pigeon.consume import MODES, ConsumeProgress, run_consumer
+from pigeon.consume import MODES, ConsumeProgress, consume
 
 __all__ = ["worker"]
 
@@ -160,18 +160,18 @@ def worker(url: str, handler: str, concurrency: int | None, mode: str, attempts:
 
     console = Console(stderr=True)
     retry = pigeon.Retry(attempts=attempts, backoff=backoff)
-    limits: dict[str, Any] = {
-        "time_limit": time_limit,
-        "max_tasks_per_child": max_tasks_per_child,
-        "max_memory_per_child": max_memory_per_child and max_memory_per_child * 2**20,
-        "poison_after": poison_after,
-    }
+
+    def run() -> pigeon.ConsumeReport:
+        return consume(
+            q, fn, concurrency=concurrency, mode=mode, retry=retry, stop=stop, grace=grace,
+            time_limit=time_limit, max_tasks_per_child=max_tasks_per_child,
+            max_memory_per_child=max_memory_per_child and max_memory_per_child * 2**20,
+            poison_after=poison_after, on_start=on_start, progress=counts,
+        )  # fmt: skip
+
     try:
         if quiet or not console.is_terminal:
-            report = run_consumer(
-                q, fn, concurrency=concurrency, mode=mode, retry=retry, stop=stop, grace=grace,
-                on_start=on_start, progress=counts, **limits,
-            )  # fmt: skip
+            report = run()
         else:
             with Live(console=console, refresh_per_second=4) as live:
                 done = threading.Event()
@@ -185,9 +185,7 @@ def worker(url: str, handler: str, concurrency: int | None, mode: str, attempts:
                 painter = threading.Thread(target=paint, daemon=True)
                 painter.start()
                 try:
-                    report = run_consumer(q, fn, concurrency=concurrency, mode=mode, retry=retry,
-                                          stop=stop, grace=grace, on_start=on_start,
-                                          progress=counts, **limits)  # fmt: skip
+                    report = run()
                 finally:
                     done.set()
                     painter.join()

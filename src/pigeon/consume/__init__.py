@@ -93,6 +93,8 @@ def consume(
     max_tasks_per_child: int | None = None,
     max_memory_per_child: int | None = None,
     poison_after: int = 3,
+    on_start: Callable[[str, str, int], None] | None = None,
+    progress: ConsumeProgress | None = None,
 ) -> ConsumeReport:
     """Handle every item of ``source`` with ``handler`` until the queue is shut down and
     drained, ``stop`` is set, or (called from the main thread) SIGTERM/SIGINT arrives.
@@ -126,35 +128,14 @@ def consume(
     process is replaced; an item that killed ``poison_after`` worker processes goes to the
     dead letters with reason ``worker_died: ...``.
 
+    For a supervisor (``pigeon worker`` is one): ``on_start(mode, reason, workers)`` is
+    called once the mode is chosen, and ``progress`` is the ``ConsumeProgress`` the run
+    counts in, to read while it runs (under its ``lock``).
+
     Raises:
         ValueError: an unknown mode, a bad concurrency or limit, an async handler for
             threads or processes, a process-only limit for threads or coroutines.
     """
-    return run_consumer(source, handler, concurrency=concurrency, mode=mode, retry=retry,
-                        stop=stop, grace=grace, time_limit=time_limit,
-                        max_tasks_per_child=max_tasks_per_child,
-                        max_memory_per_child=max_memory_per_child,
-                        poison_after=poison_after)  # fmt: skip
-
-
-def run_consumer(
-    source: Queue[Any] | str,
-    handler: Callable[[Any], Any],
-    *,
-    concurrency: int | None = None,
-    mode: str = "auto",
-    retry: Retry | None = None,
-    stop: threading.Event | None = None,
-    grace: float = 30.0,
-    time_limit: float | None = None,
-    max_tasks_per_child: int | None = None,
-    max_memory_per_child: int | None = None,
-    poison_after: int = 3,
-    on_start: Callable[[str, str, int], None] | None = None,
-    progress: ConsumeProgress | None = None,
-) -> ConsumeReport:
-    """``consume`` with hooks for ``pigeon worker``: ``on_start(mode, reason, workers)``
-    once the mode is chosen, and ``progress`` to read the counters from while it runs."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     c = concurrency

@@ -1,14 +1,15 @@
-"""The settings of a broker (``pigeon serve``'s options, checked against these defaults
-by tests/test_cli.py)."""
+"""The settings of a broker; ``pigeon serve``'s options take their defaults from here."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pigeon._net import DEFAULT_PEER_TIMEOUT
 from pigeon.options import DEFAULT_LEASE, DEFAULT_MAX_DELIVERIES, DEFAULT_PORT
-from pigeon.server.core import Store
+
+if TYPE_CHECKING:  # `pigeon serve`'s options read the defaults without loading the broker
+    from pigeon.server.core import Store
 
 __all__ = ["ServerConfig"]
 
