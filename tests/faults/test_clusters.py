@@ -230,8 +230,13 @@ def _delayed_across_a_kill(url: str, kill: Callable[[], None]) -> None:
         q.put("urgent", delay=delay, priority=7)
         q.put("bounded", delay=delay, ttl=600)
         if time.monotonic() - put_at < delay - 0.5:
-            with pytest.raises(pigeon.Empty):
-                q.get_nowait()
+            try:  # a "warm" put retried when ?wait=1 timed out may be stored twice
+                while (early := q.get_nowait()) == "warm":
+                    pass
+            except pigeon.Empty:
+                pass
+            else:
+                pytest.fail(f"{early!r} was delivered before its delay")
         kill()
         got: collections.Counter[Any] = collections.Counter()
         deadline = time.monotonic() + 120
