@@ -290,10 +290,11 @@ def _report(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> 
     if len(names) == 2:
         old, new = (runs[n] for n in names)
         rate = _best(new, "1 -> 1", "items/s", True) / _best(old, "1 -> 1", "items/s", True)
-        cpu = _best(new, "1 -> 1", "broker µs/item", False) / _best(
-            old, "1 -> 1", "broker µs/item", False
-        )
-        print(f"new/old: items/s {rate:.2f}×, the broker's CPU per item {cpu:.2f}×")
+        # /proc counts CPU in clock ticks (10 ms): a short run can read 0 for a tree
+        new_cpu = _best(new, "1 -> 1", "broker µs/item", False)
+        old_cpu = _best(old, "1 -> 1", "broker µs/item", False)
+        cpu = f"{new_cpu / old_cpu:.2f}×" if old_cpu > 0 else "n/a (run too short to measure)"
+        print(f"new/old: items/s {rate:.2f}×, the broker's CPU per item {cpu}")
     out = bars(
         RESULTS / "broker_cpu.png",
         f"the broker's Python per read, x{args.batch} (µs)",
