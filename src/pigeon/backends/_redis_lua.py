@@ -197,10 +197,11 @@ return 'OK'
 )
 
 # A put with options. KEYS: base, meta, then (with dedup ids) one dedup key per payload.
-# ARGV: the dedup window in ms ('' without dedup ids), the headers in MessagePack ('' for
-# none), delay ms, ttl ms (0: none), priority, then the payloads. A payload whose dedup
-# key exists (put within the window, whatever became of it since) is confirmed and not
-# stored; the keys expire on Redis's clock, and so do delays and ttls.
+# ARGV: the dedup window in ms ('' without dedup ids; '0': no new id is remembered), the
+# headers in MessagePack ('' for none), delay ms, ttl ms (0: none), priority, then the
+# payloads. A payload whose dedup key exists (put within the window, whatever became of
+# it since) is confirmed and not stored; the keys expire on Redis's clock, and so do
+# delays and ttls.
 PUT_OPTIONS = (
     _PRELUDE
     + """
@@ -213,8 +214,13 @@ local now, x = 0, 0
 if delay > 0 or ttl > 0 then now = now_ms() end
 if ttl > 0 then x = now + delay + ttl end  -- a ttl counts after the delay
 ensure(base, p)
+local function first(i)  -- not a repeat of an id remembered within its window
+    if ARGV[1] == '' then return true end
+    if ARGV[1] == '0' then return redis.call('EXISTS', KEYS[i + 2]) == 0 end
+    return redis.call('SET', KEYS[i + 2], '1', 'NX', 'PX', ARGV[1])
+end
 for i = 1, n do
-    if ARGV[1] == '' or redis.call('SET', KEYS[i + 2], '1', 'NX', 'PX', ARGV[1]) then
+    if first(i) then
         local d = ARGV[i + 5]
         if delay > 0 then
             local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)

@@ -151,18 +151,19 @@ class SyncFace(Queue[T]):
         *,
         lease: float | None = None,
         max_deliveries: int | None = None,
+        dedup_window: float | None = None,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         **engine: Any,
     ) -> None:
         for name in set(engine) - self.engine_options:
             raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}")
-        # the engines read dedup_window and connection timeouts from the URL
+        # the engines read connection timeouts from the URL
         self.options = QueueOptions(
-            maxsize, serializer, lease, max_deliveries, reconnect_timeout=reconnect_timeout
-        )
+            maxsize, serializer, lease, max_deliveries, dedup_window,
+            reconnect_timeout=reconnect_timeout,
+        )  # fmt: skip
         self._options = {
-            k: v for k, v in self.options.kwargs().items()
-            if k not in ("dedup_window", "connect_timeout")
+            k: v for k, v in self.options.kwargs().items() if k != "connect_timeout"
         }  # fmt: skip
         self._options.update({k: v for k, v in engine.items() if v is not None})
         self._url = url

@@ -60,11 +60,13 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import math
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, ClassVar, Generic, TypeVar
+from urllib.parse import quote
 
 from pigeon._queue_base import deadline_from
 from pigeon.backends._asyncbase import EngineQueue, within
@@ -98,7 +100,12 @@ from pigeon.errors import (
     TooLarge,
     Unsupported,
 )
-from pigeon.options import DEFAULT_LEASE, DEFAULT_MAX_DELIVERIES, DEFAULT_RECONNECT_TIMEOUT
+from pigeon.options import (
+    DEFAULT_DEDUP_WINDOW,
+    DEFAULT_LEASE,
+    DEFAULT_MAX_DELIVERIES,
+    DEFAULT_RECONNECT_TIMEOUT,
+)
 from pigeon.protocol.messages import PutOptions
 from pigeon.protocol.rules import MAX_SECONDS, check_seconds
 from pigeon.serializers import SerializerLike, get_serializer
@@ -160,6 +167,7 @@ class AsyncNatsQueue(EngineQueue[T]):
         *,
         lease: float | None = None,
         max_deliveries: int | None = None,
+        dedup_window: float | None = None,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         max_item_size: int | None = None,
     ) -> None:
@@ -177,8 +185,16 @@ class AsyncNatsQueue(EngineQueue[T]):
                 f"{url!r} names no usable queue: write nats://HOST:4222/QUEUE, QUEUE made of "
                 "letters, digits, '_', '-' and '.'"
             )
-        self._lease_given = ep.seconds("lease", lease)
+        # JetStream keeps durations in whole nanoseconds and reads 0 as "the default" (30 s
+        # for AckWait, 2 min for the duplicate window): pigeon rounds them up to whole
+        # milliseconds, as on redis://, so a short one never becomes a long one
+        self._lease_given = _whole_ms(ep.seconds("lease", lease))
         self.lease = self._lease_given or DEFAULT_LEASE
+        # the stream's duplicate window; 0: this handle's dedup ids are not sent (no dedup)
+        self._window_given = _whole_ms(
+            ep.seconds("dedup_window", dedup_window, positive=False), zero=True
+        )
+        self.dedup_window = self._window_given or DEFAULT_DEDUP_WINDOW
         self.max_deliveries = int(
             ep.count("max_deliveries", max_deliveries, DEFAULT_MAX_DELIVERIES) or 0
         )
@@ -270,6 +286,12 @@ class AsyncNatsQueue(EngineQueue[T]):
                 changed = True
             elif not self.maxsize and config.max_msgs and config.max_msgs > 0:
                 self.maxsize = int(config.max_msgs)
+            window = float(config.duplicate_window or 0)
+            if self._window_given and abs(window - self._window_given) > 1e-6:
+                config.duplicate_window = self._window_given  # for every client from now on
+                changed = True
+            elif self._window_given is None and window > 0:
+                self.dedup_window = window
             missing = set(subjects) - set(config.subjects or [])
             if missing and config.description != SHUTDOWN_MARK:
                 # a stream made before priorities: its level subjects are added (a shut-down
@@ -284,7 +306,7 @@ class AsyncNatsQueue(EngineQueue[T]):
                     name=self.stream, subjects=subjects,
                     retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
                     max_msgs=self.maxsize or -1, discard=DiscardPolicy.NEW,
-                    num_replicas=self.replicas,
+                    num_replicas=self.replicas, duplicate_window=self.dedup_window,
                 )
             )  # fmt: skip
         try:
@@ -366,12 +388,14 @@ class AsyncNatsQueue(EngineQueue[T]):
         deadline = deadline_from(block, timeout)
         async with within(reply_deadline(deadline), "nats"):
             # A publish whose ack was lost (a node died, a leader changed) is sent again with
-            # the same id: JetStream keeps one copy (its duplicate window is two minutes). A
-            # dedup_id is that id: a repeat within the stream's duplicate window is confirmed
-            # and not stored again.
+            # the same id: JetStream keeps one copy (within the stream's duplicate window,
+            # the queue's dedup_window). A dedup_id is that id: a repeat within the window is
+            # confirmed and not stored again. With dedup_window=0 it is not sent.
             if options is not None and options.dedup_id:
                 dedup_ids = [options.dedup_id]
-            ids = dedup_ids or _msg_ids(len(payloads))
+            if self._window_given == 0:
+                dedup_ids = None
+            ids = [_msg_id(i) for i in dedup_ids] if dedup_ids else _msg_ids(len(payloads))
             extra = to_nats(options.headers) if options is not None and options.headers else {}
             extra.update(timing(options, time.time()))
             extra.update(own or {})
@@ -1065,6 +1089,27 @@ def _quote_reason(reason: str) -> str:
     """A dead letter's reason as one header line (as the broker keeps it: 500 characters)."""
     text = "".join(c if c.isprintable() else " " for c in str(reason)[:500])
     return " ".join(text.split()) or "rejected"
+
+
+def _whole_ms(seconds: float | None, *, zero: bool = False) -> float | None:
+    """``seconds`` rounded up to whole milliseconds (0 stays 0 with ``zero``)."""
+    if seconds is None or (zero and seconds == 0):
+        return seconds
+    ms = math.ceil(round(seconds * 1000, 6))  # 0.7 s is 700 ms, not 701
+    return max(ms, 1) / 1000  # and 1e-10 s is 1 ms, not 0
+
+
+_ESCAPED_ID = "pigeon-id:"
+
+
+def _msg_id(dedup_id: str) -> str:
+    """A dedup id as a ``Nats-Msg-Id`` header value: as it is when NATS carries it
+    unchanged (nats-py trims a value; CR/LF would end the header), else escaped - so ``a``
+    and `` a`` stay two ids."""
+    plain = dedup_id.isprintable() and dedup_id == dedup_id.strip()
+    if plain and not dedup_id.startswith(_ESCAPED_ID):
+        return dedup_id
+    return _ESCAPED_ID + quote(dedup_id, safe="", errors="surrogatepass")
 
 
 def _msg_ids(n: int) -> list[str]:

@@ -155,8 +155,10 @@ class _Taken(NamedTuple):
 
 
 def _ms(seconds: float) -> int:
-    """Whole milliseconds, rounded up (a delay never ends early)."""
-    return math.ceil(seconds * 1000)
+    """Whole milliseconds, rounded up (a delay never ends early; 0.7 s is 700 ms, not
+    701 as 0.7 * 1000 would round up; any time above 0 is at least 1 ms)."""
+    ms = math.ceil(round(seconds * 1000, 6))
+    return 1 if ms == 0 and seconds > 0 else ms
 
 
 def _priority(eid: bytes) -> int:
@@ -186,6 +188,7 @@ class AsyncRedisQueue(EngineQueue[T]):
         *,
         lease: float | None = None,
         max_deliveries: int | None = None,
+        dedup_window: float | None = None,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
     ) -> None:
         check_maxsize(maxsize)
@@ -210,8 +213,10 @@ class AsyncRedisQueue(EngineQueue[T]):
                 f"wait={ep.params.get('wait')!r} in {url!r}: a number of replicas >= 0"
             )
         self.wait_timeout_ms = int((ep.seconds("wait_timeout", None, 5.0) or 5.0) * 1000)
-        window = ep.seconds("dedup_window", None, DEFAULT_DEDUP_WINDOW, positive=False)
-        self.dedup_window_ms = int((window if window is not None else 300.0) * 1000)
+        window = ep.seconds("dedup_window", dedup_window, DEFAULT_DEDUP_WINDOW, positive=False)
+        # whole ms, rounded up (a window of 0.4 ms is 1 ms, not 0); 0: no dedup - an id
+        # remembered earlier is still a repeat, no new one is remembered (as pigeon://)
+        self.dedup_window_ms = _ms(window if window is not None else DEFAULT_DEDUP_WINDOW)
         self.url = url
         self.engine = "redis"
         self.name = ep.queue
@@ -247,6 +252,7 @@ class AsyncRedisQueue(EngineQueue[T]):
         self._closed = False
         self._settling: set[asyncio.Future[None]] = set()  # acks not yet confirmed
         self._master: Any = None  # cluster with ?wait=: a client of the slot's master
+        self._evicting = ""  # the server's maxmemory-policy if it may evict keys
         self._sentinel: Any = None  # sentinel: the clients of the sentinels themselves
 
     # --- plumbing -------------------------------------------------------------------------
@@ -314,6 +320,7 @@ class AsyncRedisQueue(EngineQueue[T]):
             stored = await r.hget(self.meta, "lease")
             if stored:
                 self.lease = int(stored) / 1000
+        self._evicting = await _evicting(r)
         self._ready = True
 
     async def _do(self, fn: Any, deadline: float | None = None) -> Any:
@@ -334,6 +341,11 @@ class AsyncRedisQueue(EngineQueue[T]):
                     await self._forget_master(self._r)
                 await asyncio.sleep(wait)
             except rex.RedisError as exc:
+                if str(exc).startswith("OOM"):
+                    raise Unavailable(
+                        "redis is out of memory (used memory > maxmemory, maxmemory-policy "
+                        f"noeviction) and refused the command; nothing was changed: {exc}"
+                    ) from exc
                 raise PigeonError(f"redis refused the command: {exc}") from exc
 
     # --- the contract ---------------------------------------------------------------------
@@ -377,6 +389,12 @@ class AsyncRedisQueue(EngineQueue[T]):
         replicas to have it before the put counts as confirmed."""
         script, keys = self._scripts["PUT"], [self.stream, self.meta]
         args: list[Any] = payloads
+        if dedup_ids is not None and self._evicting and self.dedup_window_ms:
+            raise Unsupported(
+                f"redis:// cannot honour dedup_id= on this server: its maxmemory-policy "
+                f"{self._evicting} may evict the dedup keys (they have a ttl) before their "
+                "window ends, and a repeat would be stored; set maxmemory-policy noeviction"
+            )
         if dedup_ids is not None or options is not None:
             script = self._scripts["PUT_OPTIONS"]
             window: Any = ""
@@ -688,6 +706,22 @@ class AsyncRedisQueue(EngineQueue[T]):
             if self._sentinel is not None:
                 for client in self._sentinel.sentinels:
                     await client.aclose()
+
+
+async def _evicting(r: Any) -> str:
+    """The server's ``maxmemory-policy`` if it may evict keys (a ``maxmemory`` is set and
+    the policy is not ``noeviction``), else ''. A server that does not say (INFO refused
+    by an ACL) is taken at its word of nothing."""
+    try:
+        info = await r.info("memory")
+    except Exception:
+        return ""
+    nodes = info.values() if info and all(isinstance(v, dict) for v in info.values()) else [info]
+    for node in nodes:  # a cluster client may answer per node
+        policy = str(node.get("maxmemory_policy", "noeviction"))
+        if int(node.get("maxmemory", 0) or 0) > 0 and policy != "noeviction":
+            return policy
+    return ""
 
 
 @functools.cache
