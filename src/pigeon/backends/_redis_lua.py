@@ -14,7 +14,8 @@ all in the same slot:
 ``BASE[:pN]:leases``       when each delivery's lease ends (ms, Redis's clock)
 ``BASE[:pN]:released``     deliveries given back by a nack, until taken again
 ``BASE:delayed``           messages put with a delay: score = due (ms), member =
-                           MessagePack ``[seq, priority, expiry, headers, payload]``
+                           MessagePack ``[seq, priority, expiry, headers, payload, put]``
+                           (``put``: ms, Redis's clock; absent in older members)
 ``BASE:expiry``            messages with a ttl in a stream: score = expiry (ms) - for one
                            held past it, its lease's end -, member = their id (below)
 ``BASE:dedup:ID``          a dedup id, until the window passes
@@ -42,12 +43,16 @@ __all__ = [
     "FETCH",
     "LEASE",
     "LEAVE",
+    "MOVE",
+    "PEEK",
+    "PURGE",
     "PUT",
     "PUT_OPTIONS",
     "QSIZE",
     "RELEASE",
     "SETTLE",
     "SHUTDOWN",
+    "WIPE",
 ]
 
 DEFAULT_LEASE_MS = int(DEFAULT_LEASE * 1000)
@@ -224,7 +229,7 @@ for i = 1, n do
         local d = ARGV[i + 5]
         if delay > 0 then
             local seq = redis.call('HINCRBY', KEYS[2], 'seq', 1)
-            local m = cmsgpack.pack({seq, p, x, ARGV[2], d})
+            local m = cmsgpack.pack({seq, p, x, ARGV[2], d, now})  -- now: its age (peek)
             redis.call('ZADD', base .. ':delayed', now + delay, m)
         else
             local id = redis.call('XADD', lkey(base, p), '*', unpack(fields(d, ARGV[2], x)))
@@ -575,5 +580,178 @@ if ARGV[1] == '1' then
     redis.call('DEL', KEYS[1] .. ':delayed', KEYS[1] .. ':expiry')
 end
 return 1
+"""
+)
+
+
+# Administration (``pigeon peek | purge | delete | move``). A message *waits* when a take
+# would deliver it now: new (after the group's last delivered id), given back or whose
+# lease ended; delayed ones (``BASE:delayed``, and given back with a delay: released, due
+# later) wait too, with a due time. Held ones (a lease running) do not.
+_WAITING = """
+local function idms(id) return tonumber(string.match(id, '^(%d+)')) end
+-- the id after which entries of stream L are new (never delivered to the group)
+local function last_delivered(L)
+    for _, g in ipairs(redis.call('XINFO', 'GROUPS', L)) do
+        local m = tomap(g)
+        if m.name == G then return m['last-delivered-id'] end
+    end
+    return '0-0'
+end
+-- visit(L, p, id, fields, deliveries, pending): the waiting entries of base's streams
+-- that a take would deliver now, priority 9 down to 0 (given back first, then new, as a
+-- take reads them); stops when visit returns false or after budget entries
+local function each_waiting(base, now, budget, visit)
+    for _, p in ipairs(levels(base)) do
+        local L = lkey(base, p)
+        if redis.call('EXISTS', L) == 1 then
+            for _, id in ipairs(redis.call('ZRANGEBYSCORE', L .. ':leases', '-inf', now,
+                                           'LIMIT', 0, budget)) do
+                local e = redis.call('XRANGE', L, id, id)
+                if e[1] then
+                    local pe = redis.call('XPENDING', L, G, id, id, 1)
+                    local n = pe[1] and pe[1][4] or 0
+                    if not visit(L, p, id, tomap(e[1][2]), n, true) then return false end
+                end
+            end
+            local after = last_delivered(L)
+            for _, e in ipairs(redis.call('XRANGE', L, '(' .. after, '+', 'COUNT', budget)) do
+                if not visit(L, p, e[1], tomap(e[2]), 0, false) then return false end
+            end
+        end
+    end
+    return true
+end
+"""
+
+# Up to ARGV[1] waiting messages as they are, taking nothing (read only): KEYS base;
+# ARGV n, reply budget in bytes (at least one message is shown). Returns flat [id,
+# deliveries, payload, headers, origin, reason, age ms, due ms (-1: due now)] per message:
+# those a take would deliver now in that order, then the delayed ones by due time.
+PEEK = (
+    _PRELUDE
+    + _WAITING
+    + """
+local now, base = now_ms(), KEYS[1]
+local n, room = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out, shown = {}, 0
+local function show(q, count, f, put, due)
+    if shown >= n or (room < 0 and shown > 0) then return false end
+    shown = shown + 1
+    room = room - #f.d - #(f.h or '') - #(f.origin or '') - #(f.reason or '') - 64
+    local age = put and math.max(0, now - put) or 0
+    for _, v in ipairs({q, count, f.d, f.h or '', f.origin or '', f.reason or '', age, due}) do
+        out[#out + 1] = v
+    end
+    return true
+end
+each_waiting(base, now, n, function(L, p, id, f, count)
+    if not f.d then return true end
+    return show(qid(p, id), count, f, idms(id), -1)
+end)
+-- delayed: put with a delay, or given back with one
+local later = {}
+for _, m in ipairs(redis.call('ZRANGE', base .. ':delayed', 0, n - 1, 'WITHSCORES')) do
+    later[#later + 1] = m
+end
+local rows = {}
+for i = 1, #later, 2 do
+    local t = cmsgpack.unpack(later[i])
+    rows[#rows + 1] = {tonumber(later[i + 1]), 'delayed-' .. t[1], 0,
+                       {d = t[5], h = t[4]}, t[6]}
+end
+for _, p in ipairs(levels(base)) do
+    local L = lkey(base, p)
+    local r = redis.call('ZRANGEBYSCORE', L .. ':released', '(' .. now, '+inf', 'WITHSCORES',
+                         'LIMIT', 0, n)
+    for i = 1, #r, 2 do
+        local e = redis.call('XRANGE', L, r[i], r[i])
+        if e[1] then
+            local pe = redis.call('XPENDING', L, G, r[i], r[i], 1)
+            rows[#rows + 1] = {tonumber(r[i + 1]), qid(p, r[i]), pe[1] and pe[1][4] or 0,
+                               tomap(e[1][2]), idms(r[i])}
+        end
+    end
+end
+table.sort(rows, function(a, b) return a[1] < b[1] end)
+for _, r in ipairs(rows) do
+    if not r[4].d or not show(r[2], r[3], r[4], r[5], r[1] - now) then break end
+end
+return out
+"""
+)
+
+# Drop up to ARGV[1] waiting messages (held ones stay), delayed ones included. KEYS base.
+# Returns {dropped, more (0/1)}.
+PURGE = (
+    _PRELUDE
+    + _WAITING
+    + """
+local now, base, budget = now_ms(), KEYS[1], tonumber(ARGV[1])
+local n = 0
+local done = each_waiting(base, now, budget, function(L, p, id)
+    drop(L, id)
+    redis.call('ZREM', base .. ':expiry', qid(p, id))
+    n = n + 1
+    return n < budget
+end)
+for _, p in ipairs(levels(base)) do  -- given back with a delay
+    local L = lkey(base, p)
+    for _, id in ipairs(redis.call('ZRANGEBYSCORE', L .. ':released', '(' .. now, '+inf',
+                                   'LIMIT', 0, budget)) do
+        drop(L, id)
+        redis.call('ZREM', base .. ':expiry', qid(p, id))
+        n = n + 1
+    end
+end
+local delayed = redis.call('ZCARD', base .. ':delayed')
+redis.call('DEL', base .. ':delayed')
+n = n + delayed
+return {n, (done and 0) or 1}
+"""
+)
+
+# Delete the queue at base: every key of it but its dedup ids (the caller scans for
+# those), messages held by consumers too. KEYS base. Returns how many messages it held.
+WIPE = (
+    _PRELUDE
+    + """
+local base = KEYS[1]
+local n = total(base)
+for _, p in ipairs(levels(base)) do
+    local L = lkey(base, p)
+    redis.call('DEL', L, L .. ':leases', L .. ':released')
+end
+redis.call('DEL', base .. ':meta', base .. ':delayed', base .. ':expiry')
+return n
+"""
+)
+
+# Move up to ARGV[1] messages a take would deliver now from the queue at KEYS[1] to the
+# tail of the one at KEYS[2] (same server; on a Cluster, same hash slot), each with its
+# priority and headers and a fresh delivery count (no ttl, origin or reason), as many as
+# the target has room for. Returns {moved, more (0/1)}, or 'SHUTDOWN' (target shut down).
+MOVE = (
+    _PRELUDE
+    + _WAITING
+    + """
+local now, src, dst, budget = now_ms(), KEYS[1], KEYS[2], tonumber(ARGV[1])
+if redis.call('HGET', dst .. ':meta', 'shutdown') == '1' then return 'SHUTDOWN' end
+local maxsize = tonumber(redis.call('HGET', dst .. ':meta', 'maxsize') or '0')
+local room = maxsize > 0 and math.max(0, maxsize - total(dst)) or -1
+local n = 0
+local done = each_waiting(src, now, budget, function(L, p, id, f)
+    if n >= budget or room == 0 then return false end
+    if f.d then
+        ensure(dst, p)
+        redis.call('XADD', lkey(dst, p), '*', unpack(fields(f.d, f.h)))
+        n = n + 1
+        if room > 0 then room = room - 1 end
+    end
+    drop(L, id)
+    redis.call('ZREM', src .. ':expiry', qid(p, id))
+    return true
+end)
+return {n, (done and room ~= 0) and 0 or 1}
 """
 )

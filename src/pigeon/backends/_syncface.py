@@ -256,6 +256,31 @@ class SyncFace(Queue[T]):
     def full(self) -> bool:
         return bool(self._call("full"))
 
+    # --- administration (``pigeon peek | purge | delete | move``) -----------------------
+
+    def peek(self, max_items: int = 10) -> list[dict[str, Any]]:
+        """Up to ``max_items`` waiting messages, taking nothing (their delivery counts do
+        not change): dicts with ``id``, ``delivery_count``, ``payload`` (bytes), ``body``
+        (decoded, or None), ``age`` (seconds), ``origin`` and ``reason`` (a dead letter's),
+        ``priority``, ``headers``, and for a delayed message ``due`` (seconds from now).
+        Those a get would take now come first, in that order, then the delayed ones."""
+        return self._call("peek", max_items)  # type: ignore[no-any-return]
+
+    def purge(self) -> int:
+        """Drop every waiting message, delayed ones too (not those held); how many."""
+        return int(self._call("purge"))
+
+    def delete(self) -> int:
+        """Delete the queue: its messages (held ones too) and settings; how many
+        messages went."""
+        return int(self._call("delete"))
+
+    def move_to(self, queue: str, limit: int | None = None) -> int:
+        """Move up to ``limit`` waiting messages (all by default) to the tail of
+        ``queue`` on the same server, delivery counts afresh, priority and headers kept:
+        replays dead letters. How many moved (no more than ``queue`` has room for)."""
+        return int(self._call("move_to", queue, limit))
+
     def task_done(self) -> None:
         self._call("task_done")
 

@@ -85,6 +85,13 @@ import msgspec
 
 from pigeon._queue_base import deadline_from
 from pigeon.backends import _redis_lua as lua
+from pigeon.backends._admin import (
+    ADMIN_BATCH,
+    PEEK_BYTES,
+    check_move,
+    check_peek,
+    shown_message,
+)
 from pigeon.backends._asyncbase import EngineQueue, within
 from pigeon.backends._retry import Backoff, reply_deadline
 from pigeon.backends._syncface import SyncFace
@@ -330,6 +337,7 @@ class AsyncRedisQueue(EngineQueue[T]):
         import redis.exceptions as rex
 
         backoff = Backoff(deadline, self.reconnect_timeout)
+        regrouped = False
         while True:
             try:
                 return await fn(await self._redis())
@@ -340,13 +348,24 @@ class AsyncRedisQueue(EngineQueue[T]):
                 if self._master is not None and self._r is not None:
                     await self._forget_master(self._r)
                 await asyncio.sleep(wait)
+            except rex.ResponseError as exc:
+                if "NOGROUP" in str(exc) and not regrouped:
+                    # the queue was deleted (``delete``) under this handle: set it up again
+                    self._ready, regrouped = False, True
+                    continue
+                raise self._refused(exc) from exc
             except rex.RedisError as exc:
-                if str(exc).startswith("OOM"):
-                    raise Unavailable(
-                        "redis is out of memory (used memory > maxmemory, maxmemory-policy "
-                        f"noeviction) and refused the command; nothing was changed: {exc}"
-                    ) from exc
-                raise PigeonError(f"redis refused the command: {exc}") from exc
+                raise self._refused(exc) from exc
+
+    @staticmethod
+    def _refused(exc: Exception) -> PigeonError:
+        """A command Redis refused, as pigeon says it."""
+        if str(exc).startswith("OOM"):
+            return Unavailable(
+                "redis is out of memory (used memory > maxmemory, maxmemory-policy "
+                f"noeviction) and refused the command; nothing was changed: {exc}"
+            )
+        return PigeonError(f"redis refused the command: {exc}")
 
     # --- the contract ---------------------------------------------------------------------
 
@@ -675,6 +694,90 @@ class AsyncRedisQueue(EngineQueue[T]):
             )
         )
 
+    # --- administration (``pigeon peek | purge | delete | move``) -----------------------
+
+    async def peek(self, max_items: int = 10) -> list[dict[str, Any]]:
+        """Up to ``max_items`` waiting messages as they are, taking nothing (no delivery
+        count changes): those a take would deliver now, in that order, then the delayed
+        ones (a ``due`` key: seconds from now) by due time. See ``pigeon.Queue.peek``."""
+        n = check_peek(max_items)
+        flat = await self._do(
+            lambda r: self._scripts["PEEK"](keys=[self.stream], args=[n, PEEK_BYTES], client=r)
+        )
+        shown = []
+        for i in range(0, len(flat), 8):
+            eid, count, payload, headers, origin, reason, age, due = flat[i : i + 8]
+            m = shown_message(
+                self._ser, eid.decode(), int(count), payload, int(age) / 1000,
+                origin.decode(), reason.decode(), _priority(eid),
+                _decode_headers(headers) if headers else {},
+            )  # fmt: skip
+            if int(due) >= 0:
+                m["due"] = int(due) / 1000
+            shown.append(m)
+        return shown
+
+    async def purge(self) -> int:
+        """Drop every waiting message, delayed ones too (not those held); how many."""
+        dropped = 0
+        while True:
+            n, more = await self._do(
+                lambda r: self._scripts["PURGE"](keys=[self.stream], args=[ADMIN_BATCH], client=r)
+            )
+            dropped += int(n)
+            if not int(more):
+                return dropped
+
+    async def delete(self) -> int:
+        """Delete the queue: its messages (held ones too), settings and dedup ids; how
+        many messages it held. Handles still open on it set it up again when next used."""
+
+        async def wipe(r: Any) -> int:
+            n = int(await self._scripts["WIPE"](keys=[self.stream], client=r))
+            batch = []
+            async for key in r.scan_iter(match=f"{_glob(self.stream)}:dedup:*", count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    await r.delete(*batch)
+                    batch.clear()
+            if batch:
+                await r.delete(*batch)
+            return n
+
+        n = int(await self._do(wipe))
+        self._ready = False  # the consumer group went with it
+        return n
+
+    async def move_to(self, queue: str, limit: int | None = None) -> int:
+        """Move up to ``limit`` waiting messages (all by default; not delayed ones) to the
+        tail of ``queue`` on the same Redis, each with its priority and headers and its
+        delivery count afresh, as many as ``queue`` has room for; how many. Each batch is
+        one script: a message is in one queue or the other, never both or neither."""
+        limit = check_move(self.name, queue, limit)
+        same_slot = queue.removesuffix(DEAD_SUFFIX) == self.name.removesuffix(DEAD_SUFFIX)
+        if self.kind == "cluster" and not same_slot:
+            raise Unsupported(
+                f"redis+cluster:// moves messages only between a queue and its dead-letter "
+                f"queue (one hash slot, so one script); {self.name!r} and {queue!r} may be "
+                "on two nodes"
+            )
+        target = key_names(queue, hash_tags=self.kind == "cluster")[0]
+        moved = 0
+        while limit is None or moved < limit:
+            batch = ADMIN_BATCH if limit is None else min(ADMIN_BATCH, limit - moved)
+            reply = await self._do(
+                lambda r, b=batch: self._scripts["MOVE"](
+                    keys=[self.stream, target], args=[b], client=r
+                )
+            )
+            if reply == b"SHUTDOWN":
+                raise ShutDown(f"queue {queue!r} was shut down; nothing more was moved")
+            n, more = int(reply[0]), int(reply[1])
+            moved += n
+            if not more or not n:
+                break
+        return moved
+
     async def aclose(self) -> None:
         if self._settling:  # acks and nacks sent without waiting: let them land first
             await asyncio.gather(*self._settling, return_exceptions=True)
@@ -722,6 +825,11 @@ async def _evicting(r: Any) -> str:
         if int(node.get("maxmemory", 0) or 0) > 0 and policy != "noeviction":
             return policy
     return ""
+
+
+def _glob(key: str) -> str:
+    """``key`` as a literal in a SCAN pattern (a Cluster's ``{NAME}`` has brackets)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in key)
 
 
 @functools.cache
