@@ -69,6 +69,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import quote
 
 from pigeon._queue_base import deadline_from
+from pigeon.backends._admin import PEEK_BYTES, check_move, check_peek, shown_message
 from pigeon.backends._asyncbase import EngineQueue, within
 from pigeon.backends._natsheaders import OWN, block_size, from_nats, to_nats
 from pigeon.backends._natsmsg import (
@@ -154,6 +155,29 @@ class _Delivery:
     early: int  # hand-outs before it was due (their mark goes once it is settled)
     payload: bytes  # the item (put back together when it was stored in chunks)
     manifest: Manifest | None = None  # where its chunks are, for one stored so
+
+
+@dataclasses.dataclass
+class _Stored:
+    """A message read from the queue's stream by sequence, for administration."""
+
+    raw: Any  # nats-py's RawStreamMsg
+    level: int
+    count: int  # deliveries to a handler so far (a given-back message's mark says)
+    due: float | None  # wall-clock time it is due, if later than now
+    back: bool  # given back (nacked, or handed out before it was due)
+
+
+def _stored_at(raw: Any) -> float:
+    """When JetStream stored ``raw`` (epoch seconds; now if it does not say)."""
+    import datetime
+
+    text = str(getattr(raw, "time", "") or "")
+    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d{1,6})?\d*(Z|[+-]\d\d:\d\d)?$", text)
+    if m is None:
+        return time.time()
+    iso = m.group(1) + (m.group(2) or "") + ("+00:00" if m.group(3) in (None, "Z") else m.group(3))
+    return datetime.datetime.fromisoformat(iso).timestamp()
 
 
 class AsyncNatsQueue(EngineQueue[T]):
@@ -344,6 +368,7 @@ class AsyncNatsQueue(EngineQueue[T]):
         _BUSY = _busy()
 
         backoff = Backoff(deadline, self.reconnect_timeout)
+        remade = False
         while True:
             try:
                 return await fn(await self._jetstream())
@@ -359,8 +384,29 @@ class AsyncNatsQueue(EngineQueue[T]):
                         f"nats: JetStream did not answer ({exc or type(exc).__name__})"
                     ) from exc
                 await asyncio.sleep(wait)
+            except jerr.NotFoundError as exc:
+                if not remade and await self._stream_gone():
+                    # the queue was deleted (``delete``) under this handle: made again
+                    remade = True
+                    await self._reset()
+                    continue
+                raise PigeonError(f"JetStream refused the request: {exc}") from exc
             except jerr.APIError as exc:
                 raise PigeonError(f"JetStream refused the request: {exc}") from exc
+
+    async def _stream_gone(self) -> bool:
+        """Is the queue's stream missing (deleted while this handle was open)?"""
+        from nats.js.errors import NotFoundError
+
+        if self._js is None:
+            return False
+        try:
+            await self._js.stream_info(self.stream)
+        except NotFoundError:
+            return True
+        except Exception:
+            return False
+        return False
 
     async def _reset(self) -> None:
         nc, self._nc, self._pulls = self._nc, None, None
@@ -1030,6 +1076,209 @@ class AsyncNatsQueue(EngineQueue[T]):
 
         await self._do(run)
 
+    # --- administration (``pigeon peek | purge | delete | move``) -----------------------
+
+    async def _waiting(self, limit: int | None) -> list[_Stored]:
+        """The stored messages that wait, read by sequence (nothing delivered, no count
+        changed): those no consumer was handed yet, and those given back (a mark in
+        ``PIGEON-NACKED``); not those held, nor - JetStream does not tell them apart - those
+        whose lease ended. Priority 9 down to 0, given back first, then by sequence; then
+        the delayed ones by due time. At most ``limit`` (None: all)."""
+        from nats.js.errors import NotFoundError
+
+        async def scan(js: Any) -> list[_Stored]:
+            info = await js.stream_info(self.stream)
+            delivered: dict[int, int] = {}
+            for level in LEVELS:
+                try:
+                    c = await js.consumer_info(self.stream, level_durable(level))
+                    delivered[level] = int(c.delivered.stream_seq or 0)
+                except NotFoundError:
+                    delivered[level] = 0
+            marks = await self._marks(js)
+            now, found = time.time(), []
+            seq, last = int(info.state.first_seq or 0), int(info.state.last_seq or 0)
+            while seq and seq <= last:
+                try:
+                    raw = await js.get_msg(self.stream, seq, subject=">", next=True)
+                except NotFoundError:
+                    break
+                seq = int(raw.seq) + 1
+                at = level_of(raw.subject, self.name)
+                if at is None:
+                    continue
+                back = marks.get(int(raw.seq))
+                if int(raw.seq) <= delivered[at] and back is None:
+                    continue  # held by a consumer
+                due = read_time(raw.headers, DUE)
+                if back is not None and back[1] is not None:
+                    due = max(due or 0.0, back[1])
+                waits = due is not None and due > now
+                found.append(
+                    _Stored(raw, at, back[0] if back else 0, due if waits else None,
+                            back is not None)
+                )  # fmt: skip
+                ready = sum(1 for f in found if f.due is None)
+                if limit is not None and ready >= limit and len(found) >= limit:
+                    break
+            return found
+
+        found: list[_Stored] = await self._do(scan)
+        ready = sorted(
+            (f for f in found if f.due is None), key=lambda f: (-f.level, not f.back, f.raw.seq)
+        )
+        later = sorted((f for f in found if f.due is not None), key=lambda f: f.due or 0.0)
+        out = ready + later
+        return out if limit is None else out[:limit]
+
+    async def _marks(self, js: Any) -> dict[int, tuple[int, float | None]]:
+        """The messages given back (seq -> their delivery count, when due again)."""
+        from nats.js.errors import NotFoundError
+
+        try:
+            info = await js.stream_info(NACKED, subjects_filter=f"{self._nacked}.*")
+        except NotFoundError:
+            return {}
+        out: dict[int, tuple[int, float | None]] = {}
+        for subject in info.state.subjects or {}:
+            seq = int(subject.rsplit(".", 1)[1])
+            try:
+                raw = await js.get_last_msg(NACKED, subject)
+                count, _, due = (raw.data or b"").decode().partition(" ")
+                out[seq] = (int(count or 0), float(due) if due else None)
+            except (NotFoundError, ValueError):
+                out[seq] = (0, None)
+        return out
+
+    async def _whole(self, raw: Any) -> bytes | None:
+        """A stored message's item (put back together from its chunks), or None."""
+        data = raw.data or b""
+        if not (raw.headers or {}).get(CHUNKED):
+            return data
+        try:
+            return await self._assemble(Manifest.decode(data))
+        except ValueError:
+            return None
+
+    async def peek(self, max_items: int = 10) -> list[dict[str, Any]]:
+        """Up to ``max_items`` waiting messages as they are, delayed ones last with a
+        ``due`` key (seconds from now); nothing is delivered, no delivery count changes.
+        See ``pigeon.Queue.peek``."""
+        n = check_peek(max_items)
+        shown: list[dict[str, Any]] = []
+        room = PEEK_BYTES
+        now = time.time()
+        for f in await self._waiting(n):
+            payload = await self._whole(f.raw)
+            if payload is None:
+                continue  # its chunks are gone: taken meanwhile
+            room -= len(payload)
+            if room < 0 and shown:
+                break
+            headers = f.raw.headers or {}
+            m = shown_message(
+                self._ser, int(f.raw.seq), f.count, payload, max(0.0, now - _stored_at(f.raw)),
+                headers.get(OWN + "Origin", ""), headers.get(OWN + "Reason", ""), f.level,
+                from_nats(headers),
+            )  # fmt: skip
+            if f.due is not None:
+                m["due"] = round(f.due - now, 3)
+            shown.append(m)
+        return shown
+
+    async def _forget(self, found: list[_Stored], chunks: bool = True) -> int:
+        """Delete stored messages by sequence, with their marks (and chunks); how many
+        were still there."""
+        from nats.js.errors import NotFoundError
+
+        gone = 0
+        manifests = []
+        for f in found:
+            try:
+                await self._do(lambda js, seq=f.raw.seq: js.delete_msg(self.stream, seq))
+            except PigeonError as exc:
+                if not isinstance(exc.__cause__, NotFoundError):
+                    raise
+                continue  # taken meanwhile
+            gone += 1
+            if chunks and (f.raw.headers or {}).get(CHUNKED):
+                with contextlib.suppress(ValueError):
+                    manifests.append(Manifest.decode(f.raw.data or b""))
+        back = [f for f in found if f.back or (f.raw.headers or {}).get(DUE)]
+
+        async def unmark(js: Any) -> None:
+            for f in back:
+                for subject in (f"{self._nacked}.{f.raw.seq}", f"{self._nacked}.early.{f.raw.seq}"):
+                    with contextlib.suppress(NotFoundError):
+                        await js.purge_stream(NACKED, subject=subject)
+
+        if back:
+            with contextlib.suppress(PigeonError):
+                await self._do(unmark)
+        if manifests:
+            await self._drop_chunks(manifests)
+        return gone
+
+    async def purge(self) -> int:
+        """Drop every waiting message, delayed ones too (not those held); how many."""
+        return await self._forget(await self._waiting(None))
+
+    async def delete(self) -> int:
+        """Delete the queue (its stream, with held messages, its chunks and marks); how
+        many messages it held. Handles still open on it make it again when next used."""
+        from nats.js.errors import NotFoundError
+
+        async def wipe(js: Any) -> int:
+            try:
+                n = int((await js.stream_info(self.stream)).state.messages)
+                await js.delete_stream(self.stream)
+            except NotFoundError:
+                return 0
+            with contextlib.suppress(NotFoundError):
+                await js.delete_stream(self.chunk_stream)
+            with contextlib.suppress(NotFoundError):
+                await js.purge_stream(NACKED, subject=f"{self._nacked}.>")
+            return n
+
+        n = int(await self._do(wipe))
+        self._chunks_ready = False
+        await self._reset()  # its consumers went with it: made again at the next call
+        return n
+
+    async def move_to(self, queue: str, limit: int | None = None) -> int:
+        """Move up to ``limit`` waiting messages (all by default; not delayed ones) to the
+        tail of ``queue`` on the same server, each with its priority and headers and its
+        delivery count afresh, as many as ``queue`` has room for; how many. Each message
+        is published to ``queue`` before it is deleted here, with an id made of its place
+        here: moved again after a crash between the two, it is kept once (within
+        ``queue``'s dedup window)."""
+        limit = check_move(self.name, queue, limit)
+        target = AsyncNatsQueue[Any](
+            f"nats://{self._hostlist}/{queue}?replicas={self.replicas}", serializer="raw",
+            reconnect_timeout=self.reconnect_timeout,
+            max_item_size=max(self.max_item_size, DEFAULT_MAX_ITEM_SIZE),
+        )  # fmt: skip
+        target._user, target._password = self._user, self._password
+        moved = 0
+        try:
+            for f in await self._waiting(limit):
+                if f.due is not None:
+                    break  # delayed: they stay (as on pigeon://)
+                payload = await self._whole(f.raw)
+                if payload is None:
+                    continue
+                headers = from_nats(f.raw.headers)
+                options = PutOptions(priority=f.level, headers=headers)
+                ids = [f"pigeon-move.{self.stream}.{f.raw.seq}"]
+                try:
+                    await target._put([payload], False, 0, options, ids)
+                except Full:
+                    break
+                moved += await self._forget([f])
+        finally:
+            await target.aclose()
+        return moved
+
     async def aclose(self) -> None:
         if self._settling:  # acks and nacks sent without waiting: let them land first
             await asyncio.gather(*self._settling, return_exceptions=True)
@@ -1226,8 +1475,10 @@ class AsyncNatsMessage(Generic[T]):
     async def _give_back(self, delay: float) -> None:
         q = self._queue
         subject = f"{q._nacked}.{self._msg.metadata.sequence.stream}"
+        # the mark says the delivery count and when it is due again (for peek)
+        mark = f"{self.delivery_count} {time.time() + delay:.3f}".encode()
         try:
-            await q._do(lambda js: q._mark(js, subject))  # counted by qsize from now
+            await q._do(lambda js: q._mark(js, subject, mark))  # counted by qsize from now
         except PigeonError as exc:  # qsize's bookkeeping: the nack itself matters more
             log.debug("nats: a nacked message left unmarked: %s", exc)
         await self._translate(self._msg.nak(delay=delay or None))
