@@ -170,14 +170,8 @@ class _Stored:
 
 def _stored_at(raw: Any) -> float:
     """When JetStream stored ``raw`` (epoch seconds; now if it does not say)."""
-    import datetime
-
-    text = str(getattr(raw, "time", "") or "")
-    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d{1,6})?\d*(Z|[+-]\d\d:\d\d)?$", text)
-    if m is None:
-        return time.time()
-    iso = m.group(1) + (m.group(2) or "") + ("+00:00" if m.group(3) in (None, "Z") else m.group(3))
-    return datetime.datetime.fromisoformat(iso).timestamp()
+    when = getattr(raw, "time", None)
+    return when.timestamp() if hasattr(when, "timestamp") else time.time()
 
 
 class AsyncNatsQueue(EngineQueue[T]):

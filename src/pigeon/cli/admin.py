@@ -22,9 +22,38 @@ __all__ = ["backup", "delete", "move", "peek", "purge", "queues"]
 
 @contextlib.contextmanager
 def _broker(url: str, serializer: str = "raw") -> Iterator[BrokerQueue[Any]]:
+    """The queue at a ``pigeon://`` URL (``pigeon queues`` asks the broker for STATS)."""
     q = open_broker_queue(url, serializer)
-    try:
+    with _commanding(q):
         yield q
+
+
+ADMIN_SCHEMES = ("pigeon", "redis", "nats")  # the backends peek/purge/delete/move work on
+
+
+@contextlib.contextmanager
+def _admin(url: str, serializer: str = "raw") -> Iterator[Any]:
+    """The queue at a pigeon://, redis:// (plain, Cluster, Sentinel) or nats:// URL."""
+    scheme = url.partition("://")[0].split("+")[0]
+    if "://" not in url or {"rediss": "redis"}.get(scheme, scheme) not in ADMIN_SCHEMES:
+        raise click.BadParameter(
+            "pigeon peek/purge/delete/move speak to a pigeon://, redis:// or nats:// queue",
+            param_hint="QUEUE_URL",
+        )
+    try:
+        q: Any = pigeon.Queue(url, serializer=serializer)
+    except pigeon.InvalidURL as exc:
+        raise click.BadParameter(str(exc), param_hint="QUEUE_URL") from None
+    except pigeon.PigeonError as exc:
+        raise click.ClickException(str(exc)) from None
+    with _commanding(q):
+        yield q
+
+
+@contextlib.contextmanager
+def _commanding(q: Any) -> Iterator[None]:
+    try:
+        yield
     except pigeon.PigeonError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -90,16 +119,20 @@ def peek(queue_url: str, count: int, as_json: bool) -> None:
     """Show the next messages of QUEUE_URL without delivering them.
 
     \b
-    Delivery counts do not change and nothing is taken. For a dead letter it
-    shows the queue it came from and why it died (max_deliveries, rejected,
-    undecodable).
+    Works on pigeon://, redis:// (Cluster and Sentinel too) and nats://.
+    Delivery counts do not change and nothing is taken: first what a get
+    would take now, in that order, then delayed messages ("due": seconds
+    until they can be taken). For a dead letter it shows the queue it came
+    from and why it died (max_deliveries, rejected, undecodable, expired).
 
     \b
     Examples:
       pigeon peek pigeon://127.0.0.1:7878/jobs -n 5
       pigeon peek pigeon://127.0.0.1:7878/jobs.dead
+      pigeon peek redis://127.0.0.1:6379/jobs --json
+      pigeon peek nats://127.0.0.1:4222/jobs.dead
     """
-    with _broker(queue_url, "msgpack") as q:
+    with _admin(queue_url, "msgpack") as q:
         shown = q.peek(count)
     if as_json:
         for m in shown:
@@ -108,11 +141,12 @@ def peek(queue_url: str, count: int, as_json: bool) -> None:
         return
     # priority and headers only when some message has them: the table stays narrow
     extra = any(m.get("priority") or m.get("headers") for m in shown)
-    columns = ["id", "deliveries", "age (s)", "from", "why", "body"]
-    table = Table(*columns[:5], *(["priority", "headers"] if extra else []), "body",
+    columns = ["id", "deliveries", "age (s)", "due (s)", "from", "why", "body"]
+    table = Table(*columns[:6], *(["priority", "headers"] if extra else []), "body",
                   title=queue_url)  # fmt: skip
     for m in shown:
-        row = [str(m["id"]), str(m["delivery_count"]), f"{m['age']:.1f}", m["origin"],
+        due = f"{m['due']:.1f}" if m.get("due") is not None else ""
+        row = [str(m["id"]), str(m["delivery_count"]), f"{m['age']:.1f}", due, m["origin"],
                m["reason"]]  # fmt: skip
         if extra:
             headers = " ".join(f"{k}={v}" for k, v in (m.get("headers") or {}).items())
@@ -125,15 +159,17 @@ def peek(queue_url: str, count: int, as_json: bool) -> None:
 @click.argument("queue_url")
 @click.option("-y", "--yes", is_flag=True, help="do not ask for confirmation")
 def purge(queue_url: str, yes: bool) -> None:
-    """Drop every message waiting in QUEUE_URL (messages in flight stay).
+    """Drop every message waiting in QUEUE_URL, delayed ones too (messages in
+    flight stay). Works on pigeon://, redis:// and nats://.
 
     \b
     Example:
       pigeon purge pigeon://127.0.0.1:7878/jobs.dead --yes
+      pigeon purge redis://127.0.0.1:6379/jobs.dead --yes
     """
     if not yes:
         click.confirm(f"drop every waiting message of {queue_url}?", abort=True)
-    with _broker(queue_url) as q:
+    with _admin(queue_url) as q:
         n = q.purge()
     click.echo(f"purged {n} message(s)")
 
@@ -143,14 +179,16 @@ def purge(queue_url: str, yes: bool) -> None:
 @click.option("-y", "--yes", is_flag=True, help="do not ask for confirmation")
 def delete(queue_url: str, yes: bool) -> None:
     """Delete QUEUE_URL: its messages (in flight too), settings and waiters.
+    Works on pigeon://, redis:// (its keys) and nats:// (its stream).
 
     \b
     Example:
       pigeon delete pigeon://127.0.0.1:7878/old-jobs --yes
+      pigeon delete nats://127.0.0.1:4222/old-jobs --yes
     """
     if not yes:
         click.confirm(f"delete {queue_url} and every message in it?", abort=True)
-    with _broker(queue_url) as q:
+    with _admin(queue_url) as q:
         n = q.delete()
     click.echo(f"deleted the queue and {n} message(s)")
 
@@ -163,16 +201,21 @@ def move(queue_url: str, to: str, limit: int | None) -> None:
     """Move waiting messages of QUEUE_URL to another queue: replay dead letters.
 
     \b
-    The messages go to the tail of the target with their delivery counts
-    starting afresh, in one transaction of the broker's store.
+    The messages go to the tail of the target, on the same server, with
+    their priority and headers and their delivery counts starting afresh;
+    delayed ones stay. Works on pigeon:// (one transaction of the broker's
+    store), redis:// (one Lua script per batch; on a Cluster between a queue
+    and its .dead queue only) and nats:// (each message published to the
+    target, then deleted: a crash between the two keeps it once).
 
     \b
     Example:
       pigeon move pigeon://127.0.0.1:7878/jobs.dead --to pigeon://127.0.0.1:7878/jobs
       pigeon move pigeon://127.0.0.1:7878/jobs.dead --to jobs --limit 10
+      pigeon move redis://127.0.0.1:6379/jobs.dead --to jobs
     """
-    target = to.rsplit("/", 1)[-1] if "://" in to else to
-    with _broker(queue_url) as q:
+    target = to.rsplit("/", 1)[-1].split("?")[0] if "://" in to else to
+    with _admin(queue_url) as q:
         try:
             n = q.move_to(target, limit)
         except ValueError as exc:
