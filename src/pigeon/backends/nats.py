@@ -170,8 +170,8 @@ class _Stored:
 
 def _stored_at(raw: Any) -> float:
     """When JetStream stored ``raw`` (epoch seconds; now if it does not say)."""
-    when = getattr(raw, "time", None)
-    return when.timestamp() if hasattr(when, "timestamp") else time.time()
+    when: Any = getattr(raw, "time", None)
+    return float(when.timestamp()) if when is not None else time.time()
 
 
 class AsyncNatsQueue(EngineQueue[T]):
