@@ -897,6 +897,7 @@ class BrokerMachine(RuleBasedStateMachine):
                     p["reason"],
                 )
                 for p in peek
+                if "due" not in p  # delayed ones come last, with their due time
             ]
             ready = [
                 (x.key, x.handed, x.priority, x.headers, x.origin, x.reason) for x in m.ready(q)

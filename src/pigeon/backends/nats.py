@@ -1081,40 +1081,37 @@ class AsyncNatsQueue(EngineQueue[T]):
         from nats.js.errors import NotFoundError
 
         async def scan(js: Any) -> list[_Stored]:
-            info = await js.stream_info(self.stream)
-            delivered: dict[int, int] = {}
-            for level in LEVELS:
+            info = await js.stream_info(self.stream, subjects_filter=">")
+            stored = {level_of(s, self.name): n for s, n in (info.state.subjects or {}).items()}
+            marks = await self._marks(js)
+            now, found, ready = time.time(), [], 0
+            for level in LEVELS:  # highest first: a limit is reached in delivery order
+                if not stored.get(level) or (limit is not None and ready >= limit):
+                    continue
                 try:
                     c = await js.consumer_info(self.stream, level_durable(level))
-                    delivered[level] = int(c.delivered.stream_seq or 0)
+                    delivered = int(c.delivered.stream_seq or 0)
                 except NotFoundError:
-                    delivered[level] = 0
-            marks = await self._marks(js)
-            now, found = time.time(), []
-            seq, last = int(info.state.first_seq or 0), int(info.state.last_seq or 0)
-            while seq and seq <= last:
-                try:
-                    raw = await js.get_msg(self.stream, seq, subject=">", next=True)
-                except NotFoundError:
-                    break
-                seq = int(raw.seq) + 1
-                at = level_of(raw.subject, self.name)
-                if at is None:
-                    continue
-                back = marks.get(int(raw.seq))
-                if int(raw.seq) <= delivered[at] and back is None:
-                    continue  # held by a consumer
-                due = read_time(raw.headers, DUE)
-                if back is not None and back[1] is not None:
-                    due = max(due or 0.0, back[1])
-                waits = due is not None and due > now
-                found.append(
-                    _Stored(raw, at, back[0] if back else 0, due if waits else None,
-                            back is not None)
-                )  # fmt: skip
-                ready = sum(1 for f in found if f.due is None)
-                if limit is not None and ready >= limit and len(found) >= limit:
-                    break
+                    delivered = 0
+                seq, subject = int(info.state.first_seq or 1), level_subject(self.name, level)
+                while limit is None or ready < limit:
+                    try:
+                        raw = await js.get_msg(self.stream, seq, subject=subject, next=True)
+                    except NotFoundError:
+                        break
+                    seq = int(raw.seq) + 1
+                    back = marks.get(int(raw.seq))
+                    if int(raw.seq) <= delivered and back is None:
+                        continue  # held by a consumer
+                    due = read_time(raw.headers, DUE)
+                    if back is not None and back[1] is not None:
+                        due = max(due or 0.0, back[1])
+                    waits = due is not None and due > now
+                    ready += not waits
+                    count = back[0] if back else 0
+                    found.append(
+                        _Stored(raw, level, count, due if waits else None, back is not None)
+                    )
             return found
 
         found: list[_Stored] = await self._do(scan)

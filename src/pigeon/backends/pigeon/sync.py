@@ -58,6 +58,7 @@ from typing import Any, TypeVar
 from pigeon._net import tune_tcp
 from pigeon._pid import current_pid
 from pigeon._queue_base import Message, Queue
+from pigeon.backends._admin import check_move
 from pigeon.backends._retry import REPLY_GRACE
 from pigeon.backends.pigeon.ops import (
     Call,
@@ -574,13 +575,14 @@ class BrokerQueue(Queue[T]):
         stats: dict[str, Any] = self._drive(self._ops.stats())
         return stats
 
-    # --- administration: pigeon:// only -------------------------------------------------
+    # --- administration (redis:// and nats:// have the same: SyncFace) -----------------
 
     def peek(self, max_items: int = 10) -> list[dict[str, Any]]:
         """Up to ``max_items`` waiting messages, without delivering them (their delivery
         counts do not change): dicts with ``id``, ``delivery_count``, ``payload`` (bytes),
-        ``body`` (decoded, or None if it does not decode), ``age`` (seconds), and for a
-        dead letter ``origin`` and ``reason``."""
+        ``body`` (decoded, or None if it does not decode), ``age`` (seconds), ``origin``
+        and ``reason`` (a dead letter's), ``priority``, ``headers``; those a get would take
+        now first, then the delayed ones, each with ``due`` (seconds from now)."""
         shown: list[dict[str, Any]] = self._drive(
             self._ops.admin(Peek(0, self._spec.queue, max_items))
         )
@@ -602,6 +604,7 @@ class BrokerQueue(Queue[T]):
     def move_to(self, queue: str, limit: int | None = None) -> int:
         """Move up to ``limit`` waiting messages (all by default) to the tail of ``queue``
         on the same broker, delivery counts starting afresh: replays dead letters."""
+        limit = check_move(self._spec.queue, queue, limit)
         return int(self._drive(self._ops.admin(Move(0, self._spec.queue, queue, limit))))
 
     def task_done(self) -> None:

@@ -4,6 +4,7 @@ what the queue holds, with ONE ``drop``), and PEEK and STATS, which only look.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 from pigeon.protocol import Delete, Move, Ok, Peek, Purge, QueueShutdown, Shutdown, Stats
@@ -75,11 +76,15 @@ def delete(b: BrokerState, conn: Conn, m: Delete) -> list[Out]:
 
 
 def peek(b: BrokerState, conn: Conn, m: Peek) -> list[Out]:
-    """PEEK: the first messages in delivery order, as they are, within one reply."""
+    """PEEK: the first messages in delivery order, as they are, then the delayed ones by
+    due time (with ``due``: seconds from now), within one reply."""
     q = b.queues.get(m.queue)
     shown: list[dict[str, Any]] = []
     room = b.max_reply_bytes
-    for msg in q.ready.lazily() if q is not None else ():
+    wall = b.now + b._wall_offset
+    delayed = q.delayed if q is not None else {}
+    later = sorted(delayed.values(), key=_due)
+    for msg in itertools.chain(q.ready.lazily() if q is not None else (), later):
         # its map in the reply: payload, headers and framing, origin and reason (in bytes
         # of UTF-8: 500 emoji are 2,000 bytes), the keys and numbers
         room -= reply_cost(msg) + len(msg.origin.encode()) + len(msg.reason.encode()) + 96
@@ -97,7 +102,13 @@ def peek(b: BrokerState, conn: Conn, m: Peek) -> list[Out]:
                 "headers": (msg.extra.headers if msg.extra is not None else None) or {},
             }
         )
+        if msg.id in delayed:  # a key appended: a delayed message's
+            shown[-1]["due"] = round(max(0.0, _due(msg) - wall), 3)
     return [(conn, Ok(m.req, shown))]
+
+
+def _due(msg: Stored) -> float:
+    return msg.extra.due if msg.extra is not None else 0.0
 
 
 def move(b: BrokerState, conn: Conn, m: Move) -> list[Out]:
