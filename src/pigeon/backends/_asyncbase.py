@@ -5,16 +5,20 @@ methods defined by the ones each engine provides (``_put``, ``get``, ``qsize``),
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Generic, TypeVar
 
+import msgspec
+
 from pigeon.backends._retry import REPLY_GRACE
-from pigeon.errors import BrokenResourceError, DecodeError, Unsupported
+from pigeon.errors import BrokenResourceError, DecodeError, TooLarge, Unsupported
 from pigeon.options import check_dedup_ids, put_options
 from pigeon.protocol.messages import PutOptions
 
 T = TypeVar("T")
+log = logging.getLogger("pigeon.options")
 
 
 class within:  # lower case, as contextlib.suppress: ``async with within(until, engine):``
@@ -178,7 +182,7 @@ class EngineQueue(Generic[T]):
     ) -> None:
         opts = put_options(delay, ttl, dedup_id, priority, headers)
         self._check_options(opts)
-        await self._put([self._ser.dumps(item)], block, timeout, opts)
+        await self._put_traced([self._ser.dumps(item)], block, timeout, opts, None, headers)
 
     async def put_nowait(self, item: T) -> None:
         await self.put(item, block=False)
@@ -204,7 +208,31 @@ class EngineQueue(Generic[T]):
                 raise ValueError(
                     f"put_many of {len(payloads)} items can never fit in maxsize={self.maxsize}"
                 )
-            await self._put(payloads, block, timeout, opts, ids)
+            await self._put_traced(payloads, block, timeout, opts, ids, headers)
+
+    async def _put_traced(
+        self,
+        payloads: list[bytes],
+        block: bool,
+        timeout: float | None,
+        options: PutOptions | None,
+        dedup_ids: list[str] | None,
+        given: dict[str, str] | None,
+    ) -> None:
+        """``_put``; if the trace context ``put_options`` added to the caller's headers
+        (``given``) makes the message too large for the engine (``TooLarge``, raised
+        before anything is sent: a NATS server's max_payload counts headers), the put
+        goes again untraced - tracing never makes a valid put fail."""
+        try:
+            await self._put(payloads, block, timeout, options, dedup_ids)
+        except TooLarge:
+            added = [k for k in (options.headers if options else {}) if k not in (given or {})]
+            if options is None or not added:
+                raise
+            log.debug("no room for the trace context (%s) in this put: it goes untraced", added)
+            kept = {k: v for k, v in options.headers.items() if k not in added}
+            untraced = msgspec.structs.replace(options, headers=kept)
+            await self._put(payloads, block, timeout, untraced, dedup_ids)
 
     async def get_nowait(self) -> T:
         return await self.get(block=False)

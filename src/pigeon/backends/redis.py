@@ -360,8 +360,8 @@ class AsyncRedisQueue(EngineQueue[T]):
     @staticmethod
     def _refused(exc: Exception) -> PigeonError:
         """A command Redis refused, as pigeon says it."""
-        if str(exc).startswith("OOM"):
-            return Unavailable(
+        if "OutOfMemory" in type(exc).__name__ or "> 'maxmemory'" in str(exc):
+            return Unavailable(  # a script refused whole: no write of it is kept
                 "redis is out of memory (used memory > maxmemory, maxmemory-policy "
                 f"noeviction) and refused the command; nothing was changed: {exc}"
             )
