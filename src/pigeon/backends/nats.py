@@ -17,14 +17,15 @@ Features
 
 Connection URL
     ``nats://[USER:PASSWORD@|TOKEN@]HOST[:PORT]/QUEUE[?lease=S&max_deliveries=N&
-    max_item_size=BYTES]``; ``nats+tls://`` (or ``?tls=1``) for TLS. The queue ``jobs``
-    is the stream ``PIGEON_jobs`` on the subjects ``pigeon.jobs`` (priority 0) and
+    dedup_window=S&max_item_size=BYTES]``; ``nats+tls://`` (or ``?tls=1``) for TLS. The
+    queue ``jobs`` is the stream ``PIGEON_jobs`` on the subjects ``pigeon.jobs`` (priority 0) and
     ``pigeon-p1.jobs`` ... ``pigeon-p9.jobs``; its large items' chunks are in
     ``PIGEON-CHUNKS_jobs``.
 
 Options
     ``maxsize``, ``serializer`` (``"msgpack"``), ``lease`` (AckWait, 30 s),
-    ``max_deliveries`` (20), ``reconnect_timeout`` (30 s), ``max_item_size`` (bytes,
+    ``max_deliveries`` (20), ``dedup_window`` (the stream's duplicate window, 300 s for a
+    new stream; 0: no dedup ids sent), ``reconnect_timeout`` (30 s), ``max_item_size`` (bytes,
     64 MiB).
 
 Delivery guarantees
