@@ -192,11 +192,11 @@ def test_nats_the_trace_context_never_makes_a_chunked_put_too_large(tmp_path: Pa
     """An item stored in chunks whose headers leave just room for its manifest: with
     traceparent added it was refused (TooLarge); now it goes untraced."""
     pytest.importorskip("opentelemetry.sdk.trace", reason="the otel test extra")
-    from opentelemetry import trace
     from opentelemetry.sdk.trace import TracerProvider
 
-    if not isinstance(trace.get_tracer_provider(), TracerProvider):
-        trace.set_tracer_provider(TracerProvider())
+    # a provider of its own: the global one can be set once, and test_message_options
+    # sets it with its exporter
+    tracer = TracerProvider().get_tracer("test")
     server = _SmallNats(tmp_path)
     try:
         item = b"x" * 20_000
@@ -209,7 +209,7 @@ def test_nats_the_trace_context_never_makes_a_chunked_put_too_large(tmp_path: Pa
                 except pigeon.TooLarge:
                     break  # too large untraced too: tracing's doing no longer
                 tight = pad
-                with trace.get_tracer("test").start_as_current_span("produce"):
+                with tracer.start_as_current_span("produce"):
                     q.put(item, headers=headers)  # TooLarge before the fix, near the edge
             assert tight  # the loop reached the edge
             got = q.get_many(1000, timeout=5)
