@@ -60,7 +60,8 @@ def stamps(events: Path) -> list[tuple[float, float]]:
     if not events.exists():
         return []
     out = []
-    for line in events.read_text().splitlines():
+    # whole lines only: a worker may be half way through writing the last one
+    for line in events.read_text().split("\n")[:-1]:
         sent, start = line.split()
         out.append((float(sent), float(start)))
     return out
