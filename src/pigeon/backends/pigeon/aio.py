@@ -266,7 +266,7 @@ class AsyncBrokerQueue(Generic[T]):
     @property
     def options(self) -> QueueOptions:
         """The options this handle was opened with (URL parameters included)."""
-        return self._spec.queue_options
+        return self._spec.options
 
     @property
     def maxsize(self) -> int:

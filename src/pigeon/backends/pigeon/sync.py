@@ -376,17 +376,17 @@ class BrokerQueue(Queue[T]):
         self._closed = False
         self._known = False  # the broker told us maxsize on some connection
         if (
-            self._spec.maxsize
-            or self._spec.lease
-            or self._spec.max_deliveries
-            or self._spec.dedup_window is not None
+            self._spec.options.maxsize
+            or self._spec.options.lease
+            or self._spec.options.max_deliveries
+            or self._spec.options.dedup_window is not None
         ):
             # Options given: apply them now, so a refused one is an error here.
             self._drive(self._ops.call(lambda _: self._spec.declare(), None))
             self._known = True
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_reopen, (self._spec.ep.url, self._spec.options()))
+        return (_reopen, (self._spec.ep.url, self._spec.options.kwargs()))
 
     @property
     def url(self) -> str:
@@ -395,7 +395,7 @@ class BrokerQueue(Queue[T]):
     @property
     def options(self) -> QueueOptions:
         """The options this handle was opened with (URL parameters included)."""
-        return self._spec.queue_options
+        return self._spec.options
 
     @property
     def name(self) -> str:
@@ -403,7 +403,7 @@ class BrokerQueue(Queue[T]):
 
     def async_options(self) -> dict[str, Any]:
         """How ``pigeon.AsyncQueue(q)`` opens the same queue on asyncio."""
-        return self._spec.options()
+        return self._spec.options.kwargs()
 
     # --- the driver -------------------------------------------------------------------------
 
