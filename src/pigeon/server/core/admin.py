@@ -78,7 +78,7 @@ def peek(b: BrokerState, conn: Conn, m: Peek) -> list[Out]:
     """PEEK: the first messages in delivery order, as they are, within one reply."""
     q = b.queues.get(m.queue)
     shown: list[dict[str, Any]] = []
-    room = b.max_reply_bytes
+    room = b.limits.max_reply_bytes
     for msg in q.ready.lazily() if q is not None else ():
         # its map in the reply: payload, headers and framing, origin and reason (in bytes
         # of UTF-8: 500 emoji are 2,000 bytes), the keys and numbers
