@@ -38,7 +38,7 @@ class QueueURL:
             raise InvalidURL(
                 f"{url!r} names no queue: write {self.scheme}://{self.host}:{self.port}/QUEUE"
             )
-        self.params = url_query(url)  # the queue's options: QueueOptions.from_url
+        self.params = url_query(url)  # all of them; the queue options are from_url's
 
     @staticmethod
     def _host(text: str, default_port: int, url: str) -> tuple[str, int]:

@@ -153,9 +153,6 @@ class Spec:
         self.ep = Endpoint(url)
         self.queue = self.ep.queue
         self.ser: Serializer = get_serializer(self.options.serializer)
-        self.maxsize = self.options.maxsize
-        self.reconnect_timeout = self.options.reconnect_timeout
-        self.connect_timeout = self.options.connect_timeout
 
     @property
     def serializer_name(self) -> str:
@@ -174,7 +171,7 @@ class Ops:
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
         self.queue = spec.queue
-        self.maxsize = spec.maxsize  # as the broker last told it
+        self.maxsize = spec.options.maxsize  # as the broker last told it
 
     # --- connection setup -------------------------------------------------------------------
 
@@ -211,7 +208,7 @@ class Ops:
                     fresh = False
                     continue
                 if backoff is None:
-                    backoff = Backoff(deadline, self.spec.reconnect_timeout)
+                    backoff = Backoff(deadline, self.spec.options.reconnect_timeout)
                 elif lost.established and lost.lived >= WORKED:
                     backoff.restart()
                 if (wait := backoff.next_delay()) is None:
@@ -220,7 +217,7 @@ class Ops:
                 continue
             if isinstance(reply, Error):
                 if reply.code == Code.UNAVAILABLE:  # the broker's store is busy, or it stops
-                    backoff = backoff or Backoff(deadline, self.spec.reconnect_timeout)
+                    backoff = backoff or Backoff(deadline, self.spec.options.reconnect_timeout)
                     if (wait := backoff.next_delay()) is not None:
                         yield Sleep(wait)
                         continue

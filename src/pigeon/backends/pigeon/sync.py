@@ -118,11 +118,11 @@ class _Link:
         self.lock = threading.Lock()
         self.closing = False  # the handle was closed while this link was in a call
         self.welcomed = False
-        self.connect_timeout = spec.connect_timeout
-        self.silence = spec.connect_timeout  # until WELCOME tells the heartbeat
+        self.connect_timeout = spec.options.connect_timeout
+        self.silence = spec.options.connect_timeout  # until WELCOME tells the heartbeat
         now = time.monotonic()
         # the handshake is bounded by connect_timeout, and by the call that needs it
-        handshake = now + spec.connect_timeout
+        handshake = now + spec.options.connect_timeout
         self.cut_by_call = until is not None and until < handshake
         if until is not None and until < handshake:
             handshake = until
