@@ -3,7 +3,9 @@ and every default, defined once for every backend.
 
 Queue options: ``pigeon.Queue(url, maxsize=0, serializer=None, *, lease=None,
 max_deliveries=None, dedup_window=None, reconnect_timeout=30, connect_timeout=10)``;
-each backend keeps them as one ``QueueOptions`` (``q.options``).
+every backend builds them with ``QueueOptions.from_url`` - the one place that reads
+``?lease=``, ``?max_deliveries=`` and ``?dedup_window=`` from the URL (a keyword given
+wins over the URL) and checks every value - and keeps them as ``q.options``.
 
 Per-message options - ``delay``, ``ttl``, ``dedup_id``, ``priority``, ``headers`` -
 checked once for every backend, before anything is sent.
@@ -32,21 +34,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from pigeon import _otel
+from pigeon.errors import InvalidURL
 from pigeon.protocol.messages import PutOptions
 from pigeon.protocol.rules import (
     DEDUP_ID_BYTES,
     DEFAULT_DEDUP_WINDOW,
     HEADER_KEY_BYTES,
     HEADERS_BYTES,
+    MAX_COUNT,
     MAX_HEADERS,
     MAX_PRIORITY,
-    MAX_SECONDS,
+    check_seconds,
+    int_problem,
+    seconds_problem,
 )
+from pigeon.serializers import get_serializer
 
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
@@ -55,10 +62,17 @@ __all__ = [
     "DEFAULT_MAX_DELIVERIES",
     "DEFAULT_PORT",
     "DEFAULT_RECONNECT_TIMEOUT",
+    "DEFAULT_SERIALIZER",
+    "LOCAL_SERIALIZER",
     "PutOptions",
     "QueueOptions",
     "check_dedup_ids",
+    "check_maxsize",
+    "count_option",
+    "number_option",
     "put_options",
+    "seconds_option",
+    "url_query",
 ]
 
 log = logging.getLogger("pigeon.options")
@@ -68,6 +82,8 @@ DEFAULT_LEASE = 30.0  # seconds before an unsettled message is redelivered
 DEFAULT_MAX_DELIVERIES = 20  # deliveries before a message goes to NAME.dead
 DEFAULT_RECONNECT_TIMEOUT = 30.0  # seconds a networked handle retries a lost connection
 DEFAULT_CONNECT_TIMEOUT = 10.0  # seconds to connect and be welcomed
+DEFAULT_SERIALIZER = "msgpack"  # of a networked queue: any language can read it
+LOCAL_SERIALIZER = "pickle"  # of a local queue: Python on both sides
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -87,16 +103,126 @@ class QueueOptions:
         """The keyword arguments that open the same queue again (pickling, AsyncQueue(q))."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
+    @classmethod
+    def from_url(
+        cls,
+        url: str | None,
+        maxsize: int = 0,
+        serializer: Any = None,
+        *,
+        lease: float | None = None,
+        max_deliveries: int | None = None,
+        dedup_window: float | None = None,
+        reconnect_timeout: float | None = DEFAULT_RECONNECT_TIMEOUT,
+        connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
+    ) -> QueueOptions:
+        """The options of a handle on ``url`` (None: a local queue), as ``pigeon.Queue``
+        takes them, checked. ``lease``, ``max_deliveries`` and ``dedup_window`` come from
+        the keyword, else from the URL's ``?lease=``, ``?max_deliveries=``,
+        ``?dedup_window=``, else None (the queue's own setting); other URL options are
+        the backend's (``?db=``, ``?wait=``, ...) and left to it. ``serializer`` None is
+        ``"msgpack"`` (``"pickle"`` for a local queue). ``reconnect_timeout`` None is 0
+        (no retry), ``connect_timeout`` None its default.
+
+        Raises:
+            ValueError: a keyword out of range or of the wrong type (naming it and its
+                range); ``TypeError`` for a serializer that is neither a name nor an
+                object with ``dumps`` and ``loads``.
+            InvalidURL: a URL option that is not a number or out of range.
+        """
+        query = url_query(url)
+        if serializer is None:
+            serializer = LOCAL_SERIALIZER if url is None else DEFAULT_SERIALIZER
+        get_serializer(serializer)  # a name it knows, or an object with dumps and loads
+        return cls(
+            check_maxsize(maxsize),
+            serializer,
+            seconds_option("lease", lease, query, url),
+            count_option("max_deliveries", max_deliveries, query, url),
+            seconds_option("dedup_window", dedup_window, query, url, positive=False),
+            check_seconds("reconnect_timeout", reconnect_timeout) or 0.0,
+            check_seconds("connect_timeout", connect_timeout, positive=True)
+            or DEFAULT_CONNECT_TIMEOUT,
+        )
+
+
+def check_maxsize(maxsize: object) -> int:
+    """``maxsize`` as every backend takes it: an int >= 0 (0: unbounded)."""
+    if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 0:
+        raise ValueError(f"maxsize must be an int >= 0 (0 for no limit), not {maxsize!r}")
+    return maxsize
+
+
+# --- one option, from a keyword or a URL ---------------------------------------------------
+# A keyword given wins; a bad one is a ValueError. A URL's is text: a bad one is
+# InvalidURL, naming the URL. Backends read their own URL options (``?db=``,
+# ``?wait_timeout=``, ``?replicas=``) through the same functions (``QueueURL``).
+
+
+def url_query(url: str | None) -> dict[str, str]:
+    """A URL's ``?NAME=VALUE`` options, the last of each name ({} for no URL)."""
+    return {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()} if url else {}
+
+
+def number_option(
+    name: str, query: Mapping[str, str], url: str | None, default: float | None = None
+) -> float | None:
+    """The URL's ``?name=`` as a number, else ``default``."""
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise InvalidURL(f"{name}={raw!r} in {url!r} is not a number") from None
+
+
+def seconds_option(
+    name: str, given: Any, query: Mapping[str, str], url: str | None,
+    default: float | None = None, *, positive: bool = True,
+) -> float | None:  # fmt: skip
+    """A duration: ``given``, else ``?name=``, else ``default``; finite, from 0 (above 0
+    if ``positive``) to a year."""
+    if given is not None:
+        if bad := seconds_problem(name, given, nil=False, positive=positive):
+            raise ValueError(bad)
+        return float(given)
+    value = number_option(name, query, url)
+    if value is None:
+        return default
+    if bad := seconds_problem(name, value, nil=False, positive=positive):
+        raise InvalidURL(f"{bad} (in {url!r})")
+    return value
+
+
+def count_option(
+    name: str, given: Any, query: Mapping[str, str], url: str | None, default: int | None = None
+) -> int | None:
+    """A count (1 to 2**31 - 1): ``given``, else ``?name=``, else ``default``."""
+    if given is not None:
+        if bad := int_problem(name, given, 1, MAX_COUNT):
+            raise ValueError(bad)
+        return int(given)
+    raw = query.get(name)
+    if raw is None:
+        return default
+    try:
+        value: int | None = int(raw)
+    except ValueError:
+        value = None
+    if value is None or int_problem(name, value, 1, MAX_COUNT):
+        raise InvalidURL(
+            f"{name} must be an integer from 1 to {MAX_COUNT}, not {raw!r} (in {url!r})"
+        )
+    return value
+
 
 def _seconds(name: str, value: Any, *, positive: bool) -> float:
+    """A put's duration: TypeError for a wrong type, ValueError out of range."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
-    if not ok or value > MAX_SECONDS:
-        low = "more than 0" if positive else "from 0"
-        raise ValueError(
-            f"{name} must be a finite number of seconds {low} to {MAX_SECONDS:.0f}, not {value!r}"
-        )
+    if bad := seconds_problem(name, value, nil=False, positive=positive):
+        raise ValueError(bad)
     return float(value)
 
 

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+
+from pigeon.server.app import BrokerServer
 from pigeon.server.config import ServerConfig
+from pigeon.server.core import Broker
+from pigeon.server.limits import Limits
 
 
 def test_max_reply_bytes_is_sane_for_small_frames() -> None:
@@ -13,3 +19,29 @@ def test_max_reply_bytes_is_sane_for_small_frames() -> None:
     small_output = ServerConfig(max_pending_output=100_000)
     assert small_output.max_reply_bytes == 50_000  # half of it stays free for the rest
     assert ServerConfig(max_pending_output=0).max_reply_bytes == 16 * 2**20
+
+
+def test_every_limit_of_the_server_config_reaches_the_broker() -> None:
+    # The limits are defined once (Limits, which ServerConfig extends) and the broker
+    # reads them from the config it was given, not from a copy of each as a keyword.
+    changed = {
+        f.name: f.default * 2 + 1
+        for f in dataclasses.fields(Limits)
+        if isinstance(f.default, int | float)
+    }
+    assert len(changed) == len(dataclasses.fields(Limits))  # every one is a number
+
+    async def main() -> Broker:
+        return BrokerServer(ServerConfig(**changed)).broker  # never started
+
+    broker = asyncio.run(main())
+    assert {name: getattr(broker.limits, name) for name in changed} == changed
+    assert broker._queue("q").lease == changed["default_lease"]
+    assert broker._queue("q").max_deliveries == changed["max_deliveries"]
+
+
+def test_a_bare_broker_has_the_limits_a_server_has_by_default() -> None:
+    server_defaults = ServerConfig()
+    assert Broker().limits == Limits()
+    for f in dataclasses.fields(Limits):
+        assert getattr(server_defaults, f.name) == getattr(Limits(), f.name), f.name

@@ -21,6 +21,7 @@ import pigeon.server.store as stores
 from pigeon.protocol import Ack, Declare, Delete, Deliver, Get, Move, Nack, Purge, Put, PutBatch
 from pigeon.protocol.messages import Confirmed
 from pigeon.server.core import Broker
+from pigeon.server.limits import Limits
 from pigeon.server.store import (
     DB_NAME,
     LOG_DIR,
@@ -734,7 +735,7 @@ class _Pair:
         self.brokers = []
         for store in (self.log, self.sql):
             store.start(lambda batch: None)
-            broker = Broker(store, default_max_deliveries=3)
+            broker = Broker(store, limits=Limits(max_deliveries=3))
             broker.connection_made(1)
             self.brokers.append(broker)
         # per broker: (queue, delivery id) handed out with manual ack (delivery ids are

@@ -28,6 +28,7 @@ from pigeon.protocol import (
 )
 from pigeon.protocol.messages import Confirmed, Welcome
 from pigeon.server.core import Broker, Store
+from pigeon.server.limits import Limits
 from pigeon.server.store import Durable, LogStore, SQLiteStore
 
 A, B = 1, 2
@@ -391,7 +392,10 @@ def test_dedup_ids_beyond_the_brokers_limit_are_refused_until_older_windows_pass
     # number is bounded across all queues, and a put beyond it stores nothing (its id
     # is never forgotten early: a repeat within the window still stores nothing).
     clock = Clock()
-    b = Broker(None, clock=lambda: clock.mono, wall_clock=lambda: clock.wall, max_dedup_ids=3)
+    b = Broker(
+        None, clock=lambda: clock.mono, wall_clock=lambda: clock.wall,
+        limits=Limits(max_dedup_ids=3),
+    )  # fmt: skip
     b.connection_made(A)
     b.handle(A, Declare(1, "short", dedup_window=10.0), clock.mono)
     b.handle(A, Put(2, "short", b"a", 0.0, opts(dedup_id="a")), clock.mono)
@@ -464,7 +468,7 @@ def test_a_get_that_dead_letters_an_expired_message_serves_the_gets_waiting_ther
 def test_the_new_dedup_ids_of_parked_puts_count_for_max_dedup_ids() -> None:
     from pigeon.protocol import Declare
 
-    b = Broker(max_dedup_ids=10)
+    b = Broker(limits=Limits(max_dedup_ids=10))
     b.connection_made(A)
     b.handle(A, Declare(1, "q", maxsize=4))
     b.handle(A, Put(2, "q", b"fills it"))

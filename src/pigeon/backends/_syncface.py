@@ -23,7 +23,7 @@ from typing import Any, ClassVar, TypeVar
 from pigeon._queue_base import Message, Queue
 from pigeon.backends import _loopthread
 from pigeon.errors import ClosedResourceError
-from pigeon.options import DEFAULT_RECONNECT_TIMEOUT, QueueOptions
+from pigeon.options import DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECONNECT_TIMEOUT, QueueOptions
 
 T = TypeVar("T")
 
@@ -153,18 +153,18 @@ class SyncFace(Queue[T]):
         max_deliveries: int | None = None,
         dedup_window: float | None = None,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         **engine: Any,
     ) -> None:
         for name in set(engine) - self.engine_options:
             raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}")
-        # the engines read connection timeouts from the URL
-        self.options = QueueOptions(
-            maxsize, serializer, lease, max_deliveries, dedup_window,
-            reconnect_timeout=reconnect_timeout,
+        self.options = QueueOptions.from_url(
+            url, maxsize, serializer, lease=lease, max_deliveries=max_deliveries,
+            dedup_window=dedup_window, reconnect_timeout=reconnect_timeout,
+            connect_timeout=connect_timeout,
         )  # fmt: skip
-        self._options = {
-            k: v for k, v in self.options.kwargs().items() if k != "connect_timeout"
-        }  # fmt: skip
+        # what each lane's implementation is opened with: the options as read, checked
+        self._options = self.options.kwargs()
         self._options.update({k: v for k, v in engine.items() if v is not None})
         self._url = url
         self._local = threading.local()
@@ -172,7 +172,7 @@ class SyncFace(Queue[T]):
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._closed = False
-        self._maxsize = maxsize
+        self._maxsize = self.options.maxsize
         try:
             self._call("connect")
         except BaseException:

@@ -5,19 +5,12 @@ One parser for every networked backend, so each says what is wrong the same way.
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pigeon.errors import InvalidURL
-from pigeon.protocol.rules import MAX_COUNT, int_problem, seconds_problem
+from pigeon.options import count_option, number_option, seconds_option, url_query
 
-__all__ = ["QueueURL", "check_maxsize"]
-
-
-def check_maxsize(maxsize: object) -> int:
-    """``maxsize`` as every backend takes it: an int >= 0 (0: unbounded)."""
-    if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 0:
-        raise ValueError(f"maxsize must be an int >= 0 (0 for no limit), not {maxsize!r}")
-    return maxsize
+__all__ = ["QueueURL"]
 
 
 class QueueURL:
@@ -45,7 +38,7 @@ class QueueURL:
             raise InvalidURL(
                 f"{url!r} names no queue: write {self.scheme}://{self.host}:{self.port}/QUEUE"
             )
-        self.params = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        self.params = url_query(url)  # all of them; the queue options are from_url's
 
     @staticmethod
     def _host(text: str, default_port: int, url: str) -> tuple[str, int]:
@@ -55,55 +48,19 @@ class QueueURL:
         except ValueError as exc:
             raise InvalidURL(f"bad host or port {text!r} in {url!r}: {exc}") from None
 
-    def number(
-        self, name: str, given: float | None = None, default: float | None = None
-    ) -> float | None:
-        """``given`` if set, else the URL's ``?name=`` as a number, else ``default``."""
-        if given is not None:
-            return given
-        value = self.params.get(name)
-        if value is None:
-            return default
-        try:
-            return float(value)
-        except ValueError:
-            raise InvalidURL(f"{name}={value!r} in {self.url!r} is not a number") from None
+    # The backend's own options (``?db=``, ``?wait_timeout=``, ``?replicas=``), read and
+    # checked as the queue's are (``pigeon.options``).
+
+    def number(self, name: str, default: float | None = None) -> float | None:
+        return number_option(name, self.params, self.url, default)
 
     def seconds(
-        self, name: str, given: float | None = None, default: float | None = None,
-        *, positive: bool = True,
-    ) -> float | None:  # fmt: skip
-        """A duration option: ``given`` (checked: ValueError) or ``?name=`` (checked:
-        InvalidURL), finite and in range, else ``default``."""
-        if given is not None:
-            if bad := seconds_problem(name, given, nil=False, positive=positive):
-                raise ValueError(bad)
-            return float(given)
-        value = self.number(name)
-        if value is None:
-            return default
-        if bad := seconds_problem(name, value, nil=False, positive=positive):
-            raise InvalidURL(f"{bad} (in {self.url!r})")
-        return value
+        self, name: str, default: float | None = None, *, positive: bool = True
+    ) -> float | None:
+        return seconds_option(name, None, self.params, self.url, default, positive=positive)
 
-    def count(self, name: str, given: int | None = None, default: int | None = None) -> int | None:
-        """A count option (>= 1): ``given`` (ValueError) or ``?name=`` (InvalidURL)."""
-        if given is not None:
-            if bad := int_problem(name, given, 1, MAX_COUNT):
-                raise ValueError(bad)
-            return given
-        raw = self.params.get(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            value = None
-        if value is None or (bad := int_problem(name, value, 1, MAX_COUNT)):
-            raise InvalidURL(
-                f"{name} must be an integer from 1 to {MAX_COUNT}, not {raw!r} (in {self.url!r})"
-            )
-        return value
+    def count(self, name: str, default: int | None = None) -> int | None:
+        return count_option(name, None, self.params, self.url, default)
 
     def flag(self, name: str) -> bool:
         return self.params.get(name, "").lower() in ("1", "true", "yes")

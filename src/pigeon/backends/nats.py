@@ -25,8 +25,10 @@ Connection URL
 Options
     ``maxsize``, ``serializer`` (``"msgpack"``), ``lease`` (AckWait, 30 s),
     ``max_deliveries`` (20), ``dedup_window`` (the stream's duplicate window, 300 s for a
-    new stream; 0: no dedup ids sent), ``reconnect_timeout`` (30 s), ``max_item_size`` (bytes,
-    64 MiB).
+    new stream; 0: no dedup ids sent), ``reconnect_timeout`` (30 s), ``connect_timeout`` (10 s,
+    each attempt at a server), ``max_item_size`` (bytes, 64 MiB); ``lease``,
+    ``max_deliveries`` and ``dedup_window`` also in the URL, the keyword winning
+    (``QueueOptions.from_url``).
 
 Delivery guarantees
     At-least-once for ``get_message``: JetStream redelivers a message that is not acked
@@ -89,7 +91,7 @@ from pigeon.backends._natsmsg import (
 from pigeon.backends._natspull import ConsumerMissing, Pulls
 from pigeon.backends._retry import Backoff, reply_deadline
 from pigeon.backends._syncface import SyncFace
-from pigeon.backends._url import QueueURL, check_maxsize
+from pigeon.backends._url import QueueURL
 from pigeon.errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -103,10 +105,12 @@ from pigeon.errors import (
     Unsupported,
 )
 from pigeon.options import (
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_DEDUP_WINDOW,
     DEFAULT_LEASE,
     DEFAULT_MAX_DELIVERIES,
     DEFAULT_RECONNECT_TIMEOUT,
+    QueueOptions,
 )
 from pigeon.protocol.messages import PutOptions
 from pigeon.protocol.rules import MAX_SECONDS, check_seconds
@@ -188,9 +192,14 @@ class AsyncNatsQueue(EngineQueue[T]):
         max_deliveries: int | None = None,
         dedup_window: float | None = None,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         max_item_size: int | None = None,
     ) -> None:
-        check_maxsize(maxsize)
+        self.options = opts = QueueOptions.from_url(
+            url, maxsize, serializer, lease=lease, max_deliveries=max_deliveries,
+            dedup_window=dedup_window, reconnect_timeout=reconnect_timeout,
+            connect_timeout=connect_timeout,
+        )  # fmt: skip
         try:
             import nats  # noqa: F401
         except ImportError as exc:
@@ -207,29 +216,24 @@ class AsyncNatsQueue(EngineQueue[T]):
         # JetStream keeps durations in whole nanoseconds and reads 0 as "the default" (30 s
         # for AckWait, 2 min for the duplicate window): pigeon rounds them up to whole
         # milliseconds, as on redis://, so a short one never becomes a long one
-        self._lease_given = _whole_ms(ep.seconds("lease", lease))
+        self._lease_given = _whole_ms(opts.lease)
         self.lease = self._lease_given or DEFAULT_LEASE
         # the stream's duplicate window; 0: this handle's dedup ids are not sent (no dedup)
-        self._window_given = _whole_ms(
-            ep.seconds("dedup_window", dedup_window, positive=False), zero=True
-        )
+        self._window_given = _whole_ms(opts.dedup_window, zero=True)
         self.dedup_window = self._window_given or DEFAULT_DEDUP_WINDOW
-        self.max_deliveries = int(
-            ep.count("max_deliveries", max_deliveries, DEFAULT_MAX_DELIVERIES) or 0
-        )
+        self.max_deliveries = opts.max_deliveries or DEFAULT_MAX_DELIVERIES
         self.max_item_size = _max_item_size(ep, max_item_size)
         tls = ep.scheme == "nats+tls" or ep.flag("tls")
         scheme = "tls" if tls else "nats"
         # every seed server of a cluster; the client follows the cluster from there
         self._servers = [f"{scheme}://{h}:{p}" for h, p in ep.hosts]
         self._hostlist = ",".join(f"{h}:{p}" for h, p in ep.hosts)
-        self.replicas = int(ep.count("replicas", None, 1) or 1)
+        self.replicas = int(ep.count("replicas", 1) or 1)
         self._user = ep.username
         self._password = ep.password
-        self.serializer = serializer if serializer is not None else "msgpack"
-        self._ser = get_serializer(self.serializer)
-        self.maxsize = maxsize
-        self.reconnect_timeout = reconnect_timeout
+        self._ser = get_serializer(opts.serializer)
+        self.maxsize = opts.maxsize
+        self.reconnect_timeout = opts.reconnect_timeout
         self.subject = level_subject(self.name, 0)
         self.stream = stream_name(self.name)
         self.chunk_stream = chunk_stream_name(self.name)
@@ -264,7 +268,7 @@ class AsyncNatsQueue(EngineQueue[T]):
                 options: dict[str, Any] = {
                     "servers": self._servers,
                     "error_cb": _log_error,  # pigeon raises what matters, translated
-                    "connect_timeout": 5,
+                    "connect_timeout": self.options.connect_timeout,
                     # in a cluster the client moves to another server by itself; pigeon's
                     # own retry (Backoff) covers the rest
                     "max_reconnect_attempts": 2 * len(self._servers),
@@ -892,6 +896,7 @@ class AsyncNatsQueue(EngineQueue[T]):
             self._dead = AsyncNatsQueue[Any](
                 f"nats://{self._hostlist}/{self.name}.dead?replicas={self.replicas}",
                 serializer="raw", reconnect_timeout=self.reconnect_timeout,
+                connect_timeout=self.options.connect_timeout,
                 max_item_size=max(self.max_item_size, DEFAULT_MAX_ITEM_SIZE),
             )  # fmt: skip
             self._dead._user, self._dead._password = self._user, self._password

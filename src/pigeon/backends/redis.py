@@ -21,7 +21,10 @@ Connection URL
 
 Options
     ``maxsize`` (ready + delayed + held), ``serializer`` (``"msgpack"``), ``lease``
-    (seconds, 30), ``max_deliveries`` (20), ``reconnect_timeout`` (30 s).
+    (seconds, 30), ``max_deliveries`` (20), ``dedup_window`` (seconds, 300),
+    ``reconnect_timeout`` (30 s), ``connect_timeout`` (10 s, each connection to a
+    server); ``lease``, ``max_deliveries`` and ``dedup_window`` also in the URL, the
+    keyword winning (``QueueOptions.from_url``).
 
 Message options
     ``priority`` 0-9: a stream per priority; every take is one script that reads them
@@ -95,7 +98,7 @@ from pigeon.backends._admin import (
 from pigeon.backends._asyncbase import EngineQueue, within
 from pigeon.backends._retry import Backoff, reply_deadline
 from pigeon.backends._syncface import SyncFace
-from pigeon.backends._url import QueueURL, check_maxsize
+from pigeon.backends._url import QueueURL
 from pigeon.errors import (
     BrokenResourceError,
     ClosedResourceError,
@@ -109,10 +112,12 @@ from pigeon.errors import (
     Unsupported,
 )
 from pigeon.options import (
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_DEDUP_WINDOW,
     DEFAULT_LEASE,
     DEFAULT_MAX_DELIVERIES,
     DEFAULT_RECONNECT_TIMEOUT,
+    QueueOptions,
 )
 from pigeon.protocol.messages import PutOptions
 from pigeon.serializers import SerializerLike, get_serializer
@@ -197,8 +202,13 @@ class AsyncRedisQueue(EngineQueue[T]):
         max_deliveries: int | None = None,
         dedup_window: float | None = None,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
-        check_maxsize(maxsize)
+        self.options = opts = QueueOptions.from_url(
+            url, maxsize, serializer, lease=lease, max_deliveries=max_deliveries,
+            dedup_window=dedup_window, reconnect_timeout=reconnect_timeout,
+            connect_timeout=connect_timeout,
+        )  # fmt: skip
         try:
             import redis.asyncio  # noqa: F401
         except ImportError as exc:
@@ -219,28 +229,25 @@ class AsyncRedisQueue(EngineQueue[T]):
             raise InvalidURL(
                 f"wait={ep.params.get('wait')!r} in {url!r}: a number of replicas >= 0"
             )
-        self.wait_timeout_ms = int((ep.seconds("wait_timeout", None, 5.0) or 5.0) * 1000)
-        window = ep.seconds("dedup_window", dedup_window, DEFAULT_DEDUP_WINDOW, positive=False)
+        self.wait_timeout_ms = int((ep.seconds("wait_timeout", 5.0) or 5.0) * 1000)
+        window = DEFAULT_DEDUP_WINDOW if opts.dedup_window is None else opts.dedup_window
         # whole ms, rounded up (a window of 0.4 ms is 1 ms, not 0); 0: no dedup - an id
         # remembered earlier is still a repeat, no new one is remembered (as pigeon://)
-        self.dedup_window_ms = _ms(window if window is not None else DEFAULT_DEDUP_WINDOW)
+        self.dedup_window_ms = _ms(window)
         self.url = url
         self.engine = "redis"
         self.name = ep.queue
         self.host, self.port = ep.host, ep.port
-        self.db = int(ep.number("db", None, 0) or 0)
-        self._lease_given = ep.seconds("lease", lease)
-        self.lease = self._lease_given or DEFAULT_LEASE
-        self.max_deliveries = int(
-            ep.count("max_deliveries", max_deliveries, DEFAULT_MAX_DELIVERIES) or 0
-        )
+        self.db = int(ep.number("db", 0) or 0)
+        self._lease_given = opts.lease
+        self.lease = opts.lease or DEFAULT_LEASE
+        self.max_deliveries = opts.max_deliveries or DEFAULT_MAX_DELIVERIES
         self._password = ep.password
         self._username = ep.username
         self._tls = ep.scheme.startswith("rediss")
-        self.serializer = serializer if serializer is not None else "msgpack"
-        self._ser = get_serializer(self.serializer)
-        self.maxsize = maxsize
-        self.reconnect_timeout = reconnect_timeout
+        self._ser = get_serializer(opts.serializer)
+        self.maxsize = opts.maxsize
+        self.reconnect_timeout = opts.reconnect_timeout
         self.stream, self.dead = key_names(self.name, hash_tags=self.kind == "cluster")
         self.meta = f"{self.stream}:meta"
         self.is_dead = self.name.endswith(DEAD_SUFFIX)
@@ -283,7 +290,10 @@ class AsyncRedisQueue(EngineQueue[T]):
         return self._r
 
     def _client(self, aredis: Any) -> Any:
-        auth: dict[str, Any] = {"password": self._password, "username": self._username}
+        auth: dict[str, Any] = {
+            "password": self._password, "username": self._username,
+            "socket_connect_timeout": self.options.connect_timeout,
+        }  # fmt: skip
         if self.kind == "cluster":
             from redis.asyncio.cluster import ClusterNode, RedisCluster
 

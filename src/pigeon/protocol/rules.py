@@ -27,7 +27,6 @@ __all__ = [
     "MAX_REASON",
     "MAX_REQ",
     "MAX_SECONDS",
-    "check_count",
     "check_seconds",
     "options_problem",
     "problem",
@@ -220,10 +219,3 @@ def check_seconds(name: str, value: float | None, *, positive: bool = False) -> 
     if bad:
         raise ValueError(bad)
     return None if value is None else float(value)
-
-
-def check_count(name: str, value: int | None) -> int | None:
-    bad = int_problem(name, value, 1, MAX_COUNT, nil=True)
-    if bad:
-        raise ValueError(bad)
-    return value

@@ -63,20 +63,7 @@ class BrokerServer:
         self.config = cfg = config or ServerConfig()
         loop = asyncio.get_running_loop()
         self.loop = loop
-        self.broker = Broker(
-            cfg.store,
-            clock=loop.time,
-            default_lease=cfg.default_lease,
-            default_max_deliveries=cfg.max_deliveries,
-            max_unacked_bytes=cfg.max_unacked_bytes,
-            max_reply_bytes=cfg.max_reply_bytes,
-            max_queues=cfg.max_queues,
-            max_dedup_ids=cfg.max_dedup_ids,
-            max_parked_bytes_per_connection=cfg.max_parked_bytes_per_connection,
-            max_parked_gets_per_connection=cfg.max_parked_gets_per_connection,
-            max_parked_gets=cfg.max_parked_gets,
-            max_parked_bytes=cfg.max_parked_bytes,
-        )
+        self.broker = Broker(cfg.store, clock=loop.time, limits=cfg)
         self.auth = Authenticator(cfg.token, cfg.auth_failure_delay, cfg.max_unauthenticated)
         self.connections: dict[int, Connection] = {}
         # Every accepted connection until it is lost (TLS: until its handshake fails too).

@@ -19,6 +19,7 @@ from pigeon.protocol import (
     Shutdown,
 )
 from pigeon.server.core import Broker
+from pigeon.server.limits import Limits
 from tests.server.core._broker import A, B, C, Recorder, payloads, replies
 
 
@@ -86,7 +87,7 @@ def test_purge_and_an_immediate_shutdown_drop_what_waits_not_what_is_in_flight()
 
 def test_delete_drops_what_is_in_flight_too_and_answers_who_waits() -> None:
     store = Recorder()
-    b = Broker(store, max_unacked_bytes=1)
+    b = Broker(store, limits=Limits(max_unacked_bytes=1))
     for conn in (A, B, C):
         b.connection_made(conn)
     b.handle(A, PutBatch(1, "q", [b"out", b"ready"]))
@@ -109,7 +110,7 @@ def test_peek_counts_origin_and_reason_in_bytes_of_utf_8() -> None:
 
     from pigeon.protocol import Nack, Peek
 
-    b = Broker(max_reply_bytes=200_000)
+    b = Broker(limits=Limits(max_frame_size=200_000))
     for conn in (A, B):
         b.connection_made(conn)
     b.handle(A, PutBatch(1, "q", [b"x"] * 400))

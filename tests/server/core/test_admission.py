@@ -5,6 +5,7 @@ from __future__ import annotations
 from pigeon.protocol import Ack, Declare, Error, Get, Put, PutBatch
 from pigeon.protocol.messages import Confirmed, PutOptions
 from pigeon.server.core import Broker
+from pigeon.server.limits import Limits
 from tests.server.core._broker import A, B, C, replies
 
 
@@ -30,7 +31,7 @@ def test_in_flight_messages_count_against_maxsize(broker: Broker) -> None:
 
 
 def test_a_put_that_no_reply_could_carry_is_refused_and_nothing_is_stored() -> None:
-    small = Broker(max_reply_bytes=100)
+    small = Broker(limits=Limits(max_frame_size=100))
     (reply,) = replies(small.handle(A, Put(1, "q", b"x" * 500)), A)
     assert reply.code == "too_large" and "500 bytes" in reply.message
     assert "nothing was stored" in reply.message
@@ -41,7 +42,7 @@ def test_a_put_that_no_reply_could_carry_is_refused_and_nothing_is_stored() -> N
 
 
 def test_parked_put_payloads_are_limited_per_connection_and_in_total() -> None:
-    small = Broker(max_parked_bytes_per_connection=2500, max_parked_bytes=3500)
+    small = Broker(limits=Limits(max_parked_bytes_per_connection=2500, max_parked_bytes=3500))
     small.handle(A, Declare(1, "q", maxsize=1))
     small.handle(A, Put(2, "q", b"fills it"))
     assert small.handle(A, Put(3, "q", b"x" * 1000, None)) == []
@@ -57,7 +58,7 @@ def test_parked_put_payloads_are_limited_per_connection_and_in_total() -> None:
 
 def test_a_parked_put_counts_framing_and_headers_per_message() -> None:
     # 100,000 empty payloads are not free to hold: each counts its framing and headers.
-    b = Broker(max_parked_bytes_per_connection=1_000_000)
+    b = Broker(limits=Limits(max_parked_bytes_per_connection=1_000_000))
     b.connection_made(A)
     b.handle(A, Declare(1, "q", maxsize=100_000))
     b.handle(A, PutBatch(2, "q", [b""] * 100_000))

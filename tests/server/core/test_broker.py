@@ -24,6 +24,7 @@ from pigeon.protocol import (
 )
 from pigeon.protocol.messages import Confirmed
 from pigeon.server.core import Broker
+from pigeon.server.limits import Limits
 from tests.server.core._broker import A, B, C, ids, payloads, replies
 
 
@@ -166,7 +167,7 @@ def test_a_join_is_answered_when_a_timer_ends_the_last_task(broker: Broker) -> N
 
 
 def test_a_join_is_answered_when_a_lost_connection_dead_letters_the_last_task() -> None:
-    b = Broker(default_max_deliveries=1)
+    b = Broker(limits=Limits(max_deliveries=1))
     for conn in (A, B, C):
         b.connection_made(conn)
     b.handle(A, Put(1, "q", b"job"))

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from pigeon.protocol import Ack, Deliver, Error, Get, Nack, Peek, Put, PutBatch
 from pigeon.protocol.messages import Confirmed, PutOptions
 from pigeon.server.core import Broker
+from pigeon.server.limits import Limits
 from tests.server.core._broker import A, B, C, ids, payloads, replies
 
 
@@ -71,7 +72,7 @@ def test_a_get_takes_what_the_reply_and_unacked_budgets_allow_in_order(
     from pigeon.server.core import _DELIVERY_OVERHEAD as over
 
     assume(held + over <= reply_budget)  # it was taken first, alone
-    b = Broker(max_reply_bytes=reply_budget, max_unacked_bytes=unacked_budget)
+    b = Broker(limits=Limits(max_frame_size=reply_budget, max_unacked_bytes=unacked_budget))
     if held:
         b.handle(A, Put(1, "held", b"h" * held))
         b.handle(B, Get(1, "held", 1, 0, True))
@@ -103,7 +104,7 @@ def test_a_get_takes_what_the_reply_and_unacked_budgets_allow_in_order(
 
 
 def test_a_consumer_holding_max_unacked_bytes_gets_no_more_until_it_acks() -> None:
-    broker = Broker(max_unacked_bytes=10)
+    broker = Broker(limits=Limits(max_unacked_bytes=10))
     broker.handle(A, PutBatch(1, "q", [b"x" * 6, b"y" * 6, b"z" * 6]))
     (first,) = replies(broker.handle(B, Get(1, "q", 3, 0, True)), B)
     assert payloads(first) == [b"x" * 6]  # a second would pass 10 bytes
@@ -117,7 +118,7 @@ def test_a_consumer_holding_max_unacked_bytes_gets_no_more_until_it_acks() -> No
 
 
 def test_get_nowait_is_served_while_another_consumer_is_held_back(broker: Broker) -> None:
-    small = Broker(max_unacked_bytes=1000)
+    small = Broker(limits=Limits(max_unacked_bytes=1000))
     small.handle(A, Put(1, "q", b"x" * 900))
     small.handle(A, Get(2, "q", 1, 0, True))  # A holds 900 unacked bytes
     small.handle(A, Get(3, "q", 1, 30, True))  # and waits for more: parked
@@ -127,7 +128,7 @@ def test_get_nowait_is_served_while_another_consumer_is_held_back(broker: Broker
 
 
 def test_a_get_parked_behind_the_unacked_cap_says_so_when_it_times_out() -> None:
-    small = Broker(max_unacked_bytes=1000)
+    small = Broker(limits=Limits(max_unacked_bytes=1000))
     small.handle(A, PutBatch(1, "q", [b"x" * 900, b"y" * 900]), now=0.0)
     small.handle(A, Get(2, "q", 1, 0, True), now=0.0)
     assert small.handle(A, Get(3, "q", 1, 1.0, True), now=0.0) == []
@@ -138,7 +139,7 @@ def test_a_get_parked_behind_the_unacked_cap_says_so_when_it_times_out() -> None
 def test_gets_held_back_by_the_unacked_budget_are_limited_and_set_aside() -> None:
     # A connection at its max_unacked_bytes has its GETs passed over while the queue has
     # messages: they used to park with no limit check, and every serve walked them all.
-    b = Broker(max_unacked_bytes=10, max_parked_gets_per_connection=3)
+    b = Broker(limits=Limits(max_unacked_bytes=10, max_parked_gets_per_connection=3))
     for conn in (A, B):
         b.connection_made(conn)
     b.handle(A, PutBatch(1, "q", [b"x" * 10] * 5))
@@ -156,7 +157,7 @@ def test_gets_held_back_by_the_unacked_budget_are_limited_and_set_aside() -> Non
 
 
 def test_a_reply_takes_only_as_many_items_as_fit() -> None:
-    small = Broker(max_reply_bytes=3000)
+    small = Broker(limits=Limits(max_frame_size=3000))
     small.handle(A, PutBatch(1, "q", [b"x" * 1000] * 5))
     (got,) = replies(small.handle(B, Get(1, "q", 10, 0)), B)
     assert len(got.messages) == 2  # 2 x (1000 + overhead) fit in 3000, 3 do not
@@ -168,7 +169,7 @@ def test_a_reply_counts_headers_within_max_reply_bytes() -> None:
     from pigeon.server.core import headers_size
 
     headers = {"k": "v" * 500}
-    b = Broker(max_reply_bytes=5_000)
+    b = Broker(limits=Limits(max_frame_size=5_000))
     for conn in (A, B):
         b.connection_made(conn)
     b.handle(A, PutBatch(1, "q", [b"p"] * 100, None, PutOptions(headers=headers)))
@@ -182,9 +183,9 @@ def test_a_reply_counts_headers_within_max_reply_bytes() -> None:
 def test_a_message_too_large_for_shrunken_limits_is_dead_lettered_not_a_block() -> None:
     # The limits shrank across a restart: the message can never be delivered; it goes to
     # the dead letters (reason too_large) instead of blocking every message behind it.
-    b = Broker(max_reply_bytes=10_000)
+    b = Broker(limits=Limits(max_frame_size=10_000))
     b.handle(A, PutBatch(1, "q", [b"x" * 500, b"small"]))
-    b.max_reply_bytes = 100
+    b.limits.max_frame_size = 100
     (reply,) = replies(b.handle(B, Get(1, "q", 10, 0)), B)
     assert payloads(reply) == [b"small"]
     assert b.queues["q.dead"].depth == 1 and b.queues["q.dead"].ready.peek().reason == "too_large"

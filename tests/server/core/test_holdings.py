@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from pigeon.protocol import Ack, Cancel, Deliver, Error, Get, Nack, Put, PutBatch
 from pigeon.server.core import Broker
+from pigeon.server.limits import Limits
 from tests.server.core._broker import A, B, C, payloads, replies
 
 
@@ -22,7 +23,7 @@ def test_cancelled_get_takes_nothing(broker: Broker) -> None:
 
 
 def test_parked_gets_are_limited_per_connection_and_in_all() -> None:
-    b = Broker(max_parked_gets_per_connection=3, max_parked_gets=5)
+    b = Broker(limits=Limits(max_parked_gets_per_connection=3, max_parked_gets=5))
     for conn in (A, B):
         b.connection_made(conn)
     for req in range(1, 4):
@@ -64,7 +65,7 @@ def test_a_lost_connection_gives_back_exactly_what_it_holds_in_order(
 
 
 def _lose_a_connection_that_holds_a_mix(steps: list[tuple[str, int, Any]]) -> None:
-    b = Broker(default_lease=5.0)
+    b = Broker(limits=Limits(default_lease=5.0))
     b.connection_made(A)
     b.connection_made(B)
     b._conns[B].prune_at = 2

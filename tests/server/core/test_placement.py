@@ -7,6 +7,7 @@ from __future__ import annotations
 from pigeon.protocol import PutOptions
 from pigeon.server.core import BrokerState, Store
 from pigeon.server.core.placement import add, dedup_full, forget_dedup
+from pigeon.server.limits import Limits
 from tests.server.core._broker import Recorder
 
 WALL = 1_800_000_000.0
@@ -17,7 +18,9 @@ def state(
 ) -> BrokerState:
     """A broker's state whose clock reads 0 when the wall clock reads ``wall[0]``."""
     clock = wall if wall is not None else [WALL]
-    return BrokerState(store, clock=lambda: 0.0, wall_clock=lambda: clock[0], **limits)
+    return BrokerState(
+        store, clock=lambda: 0.0, wall_clock=lambda: clock[0], limits=Limits(**limits)
+    )
 
 
 def test_a_plain_put_is_stored_in_bulk_in_order_with_consecutive_ids() -> None:

@@ -20,7 +20,7 @@ def test_recovered_settings_apply_and_their_queue_stays_while_empty() -> None:
     b = broker(Recorder(queues={"q": {"maxsize": 3, "lease": 2.5, "shutdown": True}}))
     q = b.queues["q"]
     assert (q.maxsize, q.lease, q.shutdown, q.declared) == (3, 2.5, True, True)
-    assert q.max_deliveries == b.default_max_deliveries  # what was not kept keeps its default
+    assert q.max_deliveries == b.limits.max_deliveries  # what was not kept keeps its default
 
 
 def test_only_dedup_ids_still_within_their_window_are_remembered() -> None:

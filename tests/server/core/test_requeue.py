@@ -6,6 +6,7 @@ from __future__ import annotations
 from pigeon.protocol import Ack, Declare, Get, Nack, Ok, Purge, Put, PutBatch
 from pigeon.protocol.messages import PutOptions
 from pigeon.server.core import Broker
+from pigeon.server.limits import Limits
 from tests.server.core._broker import A, B, C, ids, payloads, replies
 
 
@@ -101,7 +102,7 @@ def test_a_ttl_put_into_a_dead_letter_queue_drops_it_when_it_runs_out() -> None:
 def test_answered_waits_and_requeued_expiries_leave_the_deadline_heaps() -> None:
     # Lazy deletion kept an entry (and the waiter) until its deadline: an hour for a GET
     # with wait=3600 answered at once, an hour per NACK of a message with a ttl.
-    b = Broker(default_max_deliveries=10**9)
+    b = Broker(limits=Limits(max_deliveries=10**9))
     for conn in (A, B):
         b.connection_made(conn)
     for _ in range(20_000):

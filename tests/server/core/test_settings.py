@@ -6,6 +6,7 @@ from pigeon.options import DEFAULT_DEDUP_WINDOW
 from pigeon.protocol import Declare, Get, Info, Put, PutBatch
 from pigeon.protocol.messages import Confirmed
 from pigeon.server.core import Broker
+from pigeon.server.limits import Limits
 from tests.server.core._broker import A, B, C, Recorder, replies
 
 
@@ -29,7 +30,7 @@ def test_lowering_maxsize_refuses_a_parked_batch_that_can_never_fit(broker: Brok
 
 def test_declared_settings_are_kept_whole_and_a_declare_without_any_is_a_reference() -> None:
     store = Recorder()
-    b = Broker(store, default_lease=30.0)
+    b = Broker(store, limits=Limits(default_lease=30.0))
     b.connection_made(A)
     b.handle(A, Declare(1, "ref"))
     assert store.calls == [] and "ref" not in b.queues
@@ -40,7 +41,7 @@ def test_declared_settings_are_kept_whole_and_a_declare_without_any_is_a_referen
         {
             "maxsize": 7,
             "lease": 5.0,  # declared before: kept
-            "max_deliveries": b.default_max_deliveries,
+            "max_deliveries": b.limits.max_deliveries,
             "dedup_window": DEFAULT_DEDUP_WINDOW,
             "shutdown": False,
         },

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pigeon.protocol import Ack, Extend, Get, Nack, Put, PutBatch
 from pigeon.server.core import Broker
+from pigeon.server.limits import Limits
 from tests.server.core._broker import A, B, C, ids, payloads, replies
 
 
@@ -92,7 +93,7 @@ def test_a_lease_extended_to_its_batchs_own_deadline_still_runs_out_in_order() -
     # range with a list raised TypeError), and both run out as they should.
     from pigeon.protocol import Extend
 
-    b = Broker(default_lease=30.0)
+    b = Broker(limits=Limits(default_lease=30.0))
     b.connection_made(A)
     b.connection_made(B)
     sent = [b"%d" % i for i in range(10)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pigeon.protocol import Ack, Declare, Get, Info, Put
 from pigeon.protocol.messages import Confirmed
 from pigeon.server.core import Broker
+from pigeon.server.limits import Limits
 from tests.server.core._broker import A, replies
 
 
@@ -29,7 +30,7 @@ def test_declared_and_used_queues_stay(broker: Broker) -> None:
 
 
 def test_max_queues_refuses_new_names_with_limit() -> None:
-    small = Broker(max_queues=3)
+    small = Broker(limits=Limits(max_queues=3))
     for i in range(3):
         small.handle(A, Put(i + 1, f"q{i}", b"x"))
     (reply,) = replies(small.handle(A, Put(9, "one-more", b"x")), A)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pigeon.protocol import Cancel, Error, Get, Join, Ok, Put, PutBatch, TaskDone
 from pigeon.server.core import Broker
+from pigeon.server.limits import Limits
 from tests.server.core._broker import A, B, C, replies
 
 
@@ -24,7 +25,7 @@ def test_task_done_count_zero_is_a_bad_request_not_too_many(broker: Broker) -> N
 
 
 def test_joins_with_a_wait_are_limited_like_gets() -> None:
-    b = Broker(max_parked_gets_per_connection=2, max_parked_gets=3)
+    b = Broker(limits=Limits(max_parked_gets_per_connection=2, max_parked_gets=3))
     for conn in (A, B):
         b.connection_made(conn)
     b.handle(A, Put(1, "q", b"unfinished"))
@@ -40,7 +41,7 @@ def test_joins_without_a_wait_cost_their_bytes_of_the_parked_budget_and_are_all_
     # They parked a waiter each with no limit: a million JOINs took 154 MiB.
     from pigeon.server.core.holdings import JOIN_COST
 
-    b = Broker(max_parked_bytes_per_connection=JOIN_COST * 100_000)
+    b = Broker(limits=Limits(max_parked_bytes_per_connection=JOIN_COST * 100_000))
     for conn in (A, B, C):
         b.connection_made(conn)
     b.handle(A, Put(1, "q", b"unfinished"))

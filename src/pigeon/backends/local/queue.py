@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 from pigeon import _otel
 from pigeon._queue_base import Queue, deadline_from
-from pigeon.backends._url import check_maxsize
 from pigeon.backends.local import ring, tracker
 from pigeon.backends.local.codec import decode, encode, unwrap, with_options, wrap
 from pigeon.backends.local.dedup import DedupBusy, DedupTable
@@ -46,7 +45,7 @@ from pigeon.backends.local.waits import Waits
 from pigeon.errors import ClosedResourceError, DecodeError, Empty, Full, ShutDown
 from pigeon.options import QueueOptions, check_dedup_ids, put_options
 from pigeon.protocol.messages import PutOptions
-from pigeon.protocol.rules import DEFAULT_DEDUP_WINDOW, seconds_problem
+from pigeon.protocol.rules import DEFAULT_DEDUP_WINDOW
 from pigeon.serializers import Pickle, SerializerLike, get_serializer
 
 T = TypeVar("T")
@@ -71,7 +70,7 @@ class LocalQueue(Waits, Queue[T]):
         serializer: SerializerLike | None = None,
         *,
         capacity: int = _DEFAULT_CAPACITY,
-        dedup_window: float = DEFAULT_DEDUP_WINDOW,
+        dedup_window: float | None = None,
         _path: str | None = None,
     ) -> None:
         if url is not None:
@@ -79,21 +78,22 @@ class LocalQueue(Waits, Queue[T]):
                 f"the first argument of pigeon.Queue is a URL, not {url!r}; "
                 f"for a local queue with a capacity write pigeon.Queue(maxsize={url!r})"
             )
-        if serializer is None:
-            serializer = "pickle"
-        check_maxsize(maxsize)
-        self._serializer_spec = serializer
-        self._ser = get_serializer(serializer)
+        opts = QueueOptions.from_url(None, maxsize, serializer, dedup_window=dedup_window)
+        self._serializer_spec = opts.serializer
+        self._ser = get_serializer(opts.serializer)
         self._pickle = isinstance(self._ser, Pickle)
         self._closed = False
         self.expired = 0  # messages past their ttl this handle found and dropped
         self._due: float | None = None  # when the next delayed message comes due (a hint)
-        self._dedup_window = _check_window(dedup_window)
+        # a handle's own (kept when it is pickled): the default when none is given
+        self._dedup_window = (
+            DEFAULT_DEDUP_WINDOW if opts.dedup_window is None else opts.dedup_window
+        )
         self._dedup: DedupTable | None = None  # made by the first put with an id
         self._finalizer = None
         self._creator = _path is None
         if _path is None:
-            self._path = self._create(maxsize, max(PAGE, capacity))
+            self._path = self._create(opts.maxsize, max(PAGE, capacity))
             tracker.register(self._path)
         else:
             self._path = _path
@@ -850,10 +850,3 @@ def _attach(
     path: str, serializer: SerializerLike, dedup_window: float = DEFAULT_DEDUP_WINDOW
 ) -> LocalQueue[Any]:
     return LocalQueue(serializer=serializer, dedup_window=dedup_window, _path=path)
-
-
-def _check_window(value: Any) -> float:
-    bad = seconds_problem("dedup_window", value, nil=False)
-    if bad:
-        raise ValueError(bad)
-    return float(value)

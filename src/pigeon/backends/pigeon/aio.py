@@ -266,7 +266,7 @@ class AsyncBrokerQueue(Generic[T]):
     @property
     def options(self) -> QueueOptions:
         """The options this handle was opened with (URL parameters included)."""
-        return self._spec.queue_options
+        return self._spec.options
 
     @property
     def maxsize(self) -> int:
@@ -329,9 +329,10 @@ class AsyncBrokerQueue(Generic[T]):
             return proto
 
         link: _LinkProtocol | None = None
+        limit = spec.options.connect_timeout
         try:
             try:
-                async with asyncio.timeout(spec.connect_timeout):
+                async with asyncio.timeout(limit):
                     _, link = await loop.create_connection(protocol, ep.host, ep.port,
                                                            ssl=ssl_ctx)  # fmt: skip
                     self._ops.declared(await welcomed)
@@ -344,7 +345,7 @@ class AsyncBrokerQueue(Generic[T]):
             if link is not None and link.transport is not None:
                 link.transport.abort()
             raise BrokenResourceError(
-                f"no WELCOME from {ep.peer} within connect_timeout={spec.connect_timeout:g} s: "
+                f"no WELCOME from {ep.peer} within connect_timeout={limit:g} s: "
                 "is a pigeon broker listening there?"
             ) from exc
         except OSError as exc:

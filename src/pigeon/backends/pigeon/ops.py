@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 from pigeon._queue_base import deadline_from
 from pigeon.backends._retry import Backoff, reply_deadline
-from pigeon.backends._url import QueueURL, check_maxsize
+from pigeon.backends._url import QueueURL
 from pigeon.errors import BrokenResourceError, DecodeError, LocalProtocolError
 from pigeon.options import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -145,31 +145,14 @@ class Spec:
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     ) -> None:
-        check_maxsize(maxsize)
+        self.options = QueueOptions.from_url(
+            url, maxsize, serializer, lease=lease, max_deliveries=max_deliveries,
+            dedup_window=dedup_window, reconnect_timeout=reconnect_timeout,
+            connect_timeout=connect_timeout,
+        )  # fmt: skip
         self.ep = Endpoint(url)
         self.queue = self.ep.queue
-        self.serializer_spec: SerializerLike = serializer if serializer is not None else "msgpack"
-        self.ser: Serializer = get_serializer(self.serializer_spec)
-        self.lease = self.ep.seconds("lease", lease)
-        self.max_deliveries = self.ep.count("max_deliveries", max_deliveries)
-        self.dedup_window = self.ep.seconds("dedup_window", dedup_window, positive=False)
-        self.maxsize = maxsize
-        self.reconnect_timeout = float(check_seconds("reconnect_timeout", reconnect_timeout) or 0)
-        self.connect_timeout = float(
-            check_seconds("connect_timeout", connect_timeout, positive=True) or 10.0
-        )
-
-    @property
-    def queue_options(self) -> QueueOptions:
-        """The options as given and read from the URL, checked."""
-        return QueueOptions(
-            self.maxsize, self.serializer_spec, self.lease, self.max_deliveries,
-            self.dedup_window, self.reconnect_timeout, self.connect_timeout,
-        )  # fmt: skip
-
-    def options(self) -> dict[str, Any]:
-        """The keyword arguments that open the same queue again (pickling, AsyncQueue(q))."""
-        return self.queue_options.kwargs()
+        self.ser: Serializer = get_serializer(self.options.serializer)
 
     @property
     def serializer_name(self) -> str:
@@ -178,9 +161,8 @@ class Spec:
     def declare(self) -> Declare:
         """Sent on every new connection right after HELLO: applies the options given (a
         DECLARE with none changes nothing) and tells the queue's maxsize."""
-        return Declare(
-            0, self.queue, self.maxsize or None, self.lease, self.max_deliveries, self.dedup_window
-        )
+        o = self.options
+        return Declare(0, self.queue, o.maxsize or None, o.lease, o.max_deliveries, o.dedup_window)
 
 
 class Ops:
@@ -189,7 +171,7 @@ class Ops:
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
         self.queue = spec.queue
-        self.maxsize = spec.maxsize  # as the broker last told it
+        self.maxsize = spec.options.maxsize  # as the broker last told it
 
     # --- connection setup -------------------------------------------------------------------
 
@@ -226,7 +208,7 @@ class Ops:
                     fresh = False
                     continue
                 if backoff is None:
-                    backoff = Backoff(deadline, self.spec.reconnect_timeout)
+                    backoff = Backoff(deadline, self.spec.options.reconnect_timeout)
                 elif lost.established and lost.lived >= WORKED:
                     backoff.restart()
                 if (wait := backoff.next_delay()) is None:
@@ -235,7 +217,7 @@ class Ops:
                 continue
             if isinstance(reply, Error):
                 if reply.code == Code.UNAVAILABLE:  # the broker's store is busy, or it stops
-                    backoff = backoff or Backoff(deadline, self.spec.reconnect_timeout)
+                    backoff = backoff or Backoff(deadline, self.spec.options.reconnect_timeout)
                     if (wait := backoff.next_delay()) is not None:
                         yield Sleep(wait)
                         continue

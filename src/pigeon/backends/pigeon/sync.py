@@ -119,11 +119,11 @@ class _Link:
         self.lock = threading.Lock()
         self.closing = False  # the handle was closed while this link was in a call
         self.welcomed = False
-        self.connect_timeout = spec.connect_timeout
-        self.silence = spec.connect_timeout  # until WELCOME tells the heartbeat
+        self.connect_timeout = spec.options.connect_timeout
+        self.silence = spec.options.connect_timeout  # until WELCOME tells the heartbeat
         now = time.monotonic()
         # the handshake is bounded by connect_timeout, and by the call that needs it
-        handshake = now + spec.connect_timeout
+        handshake = now + spec.options.connect_timeout
         self.cut_by_call = until is not None and until < handshake
         if until is not None and until < handshake:
             handshake = until
@@ -377,17 +377,17 @@ class BrokerQueue(Queue[T]):
         self._closed = False
         self._known = False  # the broker told us maxsize on some connection
         if (
-            self._spec.maxsize
-            or self._spec.lease
-            or self._spec.max_deliveries
-            or self._spec.dedup_window is not None
+            self._spec.options.maxsize
+            or self._spec.options.lease
+            or self._spec.options.max_deliveries
+            or self._spec.options.dedup_window is not None
         ):
             # Options given: apply them now, so a refused one is an error here.
             self._drive(self._ops.call(lambda _: self._spec.declare(), None))
             self._known = True
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_reopen, (self._spec.ep.url, self._spec.options()))
+        return (_reopen, (self._spec.ep.url, self._spec.options.kwargs()))
 
     @property
     def url(self) -> str:
@@ -396,7 +396,7 @@ class BrokerQueue(Queue[T]):
     @property
     def options(self) -> QueueOptions:
         """The options this handle was opened with (URL parameters included)."""
-        return self._spec.queue_options
+        return self._spec.options
 
     @property
     def name(self) -> str:
@@ -404,7 +404,7 @@ class BrokerQueue(Queue[T]):
 
     def async_options(self) -> dict[str, Any]:
         """How ``pigeon.AsyncQueue(q)`` opens the same queue on asyncio."""
-        return self._spec.options()
+        return self._spec.options.kwargs()
 
     # --- the driver -------------------------------------------------------------------------
 

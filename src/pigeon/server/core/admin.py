@@ -80,7 +80,7 @@ def peek(b: BrokerState, conn: Conn, m: Peek) -> list[Out]:
     due time (with ``due``: seconds from now), within one reply."""
     q = b.queues.get(m.queue)
     shown: list[dict[str, Any]] = []
-    room = b.max_reply_bytes
+    room = b.limits.max_reply_bytes
     wall = b.now + b._wall_offset
     delayed = q.delayed if q is not None else {}
     later = sorted(delayed.values(), key=_due)

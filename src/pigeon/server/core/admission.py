@@ -37,10 +37,10 @@ def put(b: BrokerState, conn: Conn, m: Put | PutBatch) -> list[Out]:
         if opts.dedup_id:
             dedup_ids = [opts.dedup_id]
         hsize = headers_size(opts.headers)
-    if largest + hsize + DELIVERY_OVERHEAD > b.max_reply_bytes:
+    if largest + hsize + DELIVERY_OVERHEAD > b.limits.max_reply_bytes:
         why = (
             f"a message of {largest} bytes with {hsize} bytes of headers is more than one "
-            f"reply may carry (max_reply_bytes={b.max_reply_bytes}, from --max-frame-size "
+            f"reply may carry (max_reply_bytes={b.limits.max_reply_bytes}, from --max-frame-size "
             "and --max-pending-output); nothing was stored: send less, or raise those limits"
         )
         return [err(conn, m.req, Code.TOO_LARGE, why)]
@@ -59,7 +59,8 @@ def put(b: BrokerState, conn: Conn, m: Put | PutBatch) -> list[Out]:
     q.compact()
     if dedup_ids is not None and dedup_full(b, q, dedup_ids):
         why = (
-            f"this broker remembers {b.dedup_ids} dedup ids (max_dedup_ids={b.max_dedup_ids}); "
+            f"this broker remembers {b.dedup_ids} dedup ids "
+            f"(max_dedup_ids={b.limits.max_dedup_ids}); "
             "nothing was stored: retry once older ids' windows pass, or shorten dedup_window"
         )
         return [err(conn, m.req, Code.LIMIT, why)]

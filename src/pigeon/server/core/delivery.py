@@ -58,7 +58,7 @@ def can_take(b: BrokerState, q: QueueState, conn: Conn, manual: bool) -> bool:
     if not q.ready:
         return False
     held = b._conn(conn).unacked if manual else 0
-    return not held or held + len(q.ready.peek().payload) <= b.max_unacked_bytes
+    return not held or held + len(q.ready.peek().payload) <= b.limits.max_unacked_bytes
 
 
 def take(b: BrokerState, q: QueueState, w: GetWaiter) -> list[Delivery]:
@@ -71,8 +71,8 @@ def take(b: BrokerState, q: QueueState, w: GetWaiter) -> list[Delivery]:
     out: list[Any] = []
     cs = b._conn(w.conn)
     held = cs.unacked
-    budget = b.max_reply_bytes
-    limit = b.max_unacked_bytes
+    budget = b.limits.max_reply_bytes
+    limit = b.limits.max_unacked_bytes
     size = 0
     deadline = b.now + (w.lease if w.lease is not None else q.lease)
     ready, name, conn, manual, want = q.ready, q.name, w.conn, w.manual_ack, w.max_items
@@ -176,10 +176,10 @@ def take_plain(
             return None
         total += len(m.payload)
     k = len(msgs)
-    if total + k * DELIVERY_OVERHEAD > b.max_reply_bytes:
+    if total + k * DELIVERY_OVERHEAD > b.limits.max_reply_bytes:
         return None
     held = cs.unacked
-    if held + total > b.max_unacked_bytes:
+    if held + total > b.limits.max_unacked_bytes:
         return None
     if k == len(fresh):
         fresh.clear()
@@ -224,7 +224,7 @@ def too_large(b: BrokerState, q: QueueState, w: Waiter) -> Out:
         w.req,
         Code.TOO_LARGE,
         f"the next message in {q.name!r} takes {n} bytes with its headers, more than one "
-        f"reply may carry (max_reply_bytes={b.max_reply_bytes}, from --max-frame-size "
+        f"reply may carry (max_reply_bytes={b.limits.max_reply_bytes}, from --max-frame-size "
         "and --max-pending-output); raise those limits to take it",
     )
 
@@ -359,13 +359,13 @@ def nothing_for(b: BrokerState, q: QueueState, w: Waiter) -> Out:
     """The reply to a GET whose wait ran out with nothing for it."""
     if isinstance(w, GetWaiter) and w.manual_ack and q.ready:
         held = b._conn(w.conn).unacked
-        if held and held + len(q.ready.peek().payload) > b.max_unacked_bytes:
+        if held and held + len(q.ready.peek().payload) > b.limits.max_unacked_bytes:
             return err(
                 w.conn,
                 w.req,
                 Code.UNACKED,
                 f"queue {q.name!r} has messages, but this connection holds {held} unacked "
-                f"bytes (max_unacked_bytes={b.max_unacked_bytes}); ack or nack some "
+                f"bytes (max_unacked_bytes={b.limits.max_unacked_bytes}); ack or nack some "
                 "to get more",
             )
     return err(w.conn, w.req, Code.EMPTY, f"queue {q.name!r} is empty")

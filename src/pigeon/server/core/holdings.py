@@ -53,32 +53,32 @@ def park(b: BrokerState, w: Waiter) -> None:
 
 def park_refused(b: BrokerState, cs: ConnState, what: str) -> str | None:
     """Why ``cs`` may not park one more GET or JOIN (the limits), or None."""
-    if cs.parked_gets >= b.max_parked_gets_per_connection:
+    if cs.parked_gets >= b.limits.max_parked_gets_per_connection:
         return (
             f"this connection already has {cs.parked_gets} {what} waiting "
-            f"(max_parked_gets_per_connection={b.max_parked_gets_per_connection}); "
+            f"(max_parked_gets_per_connection={b.limits.max_parked_gets_per_connection}); "
             "wait for them first"
         )
-    if b.parked_gets >= b.max_parked_gets:
+    if b.parked_gets >= b.limits.max_parked_gets:
         return (
             f"{b.parked_gets} GETs and JOINs are waiting on this broker "
-            f"(max_parked_gets={b.max_parked_gets}); try again later"
+            f"(max_parked_gets={b.limits.max_parked_gets}); try again later"
         )
     return None
 
 
 def parked_bytes_refused(b: BrokerState, cs: ConnState, size: int, what: str) -> str | None:
     """Why ``cs`` may not park ``size`` more bytes of puts or JOINs, or None."""
-    if cs.parked_bytes + size > b.max_parked_bytes_per_connection:
+    if cs.parked_bytes + size > b.limits.max_parked_bytes_per_connection:
         return (
             f"this connection's {what} already hold {cs.parked_bytes} bytes "
-            f"(max_parked_bytes_per_connection={b.max_parked_bytes_per_connection}); "
+            f"(max_parked_bytes_per_connection={b.limits.max_parked_bytes_per_connection}); "
             "wait for them first"
         )
-    if b.parked_bytes + size > b.max_parked_bytes:
+    if b.parked_bytes + size > b.limits.max_parked_bytes:
         return (
             f"{what} hold {b.parked_bytes} bytes on this broker "
-            f"(max_parked_bytes={b.max_parked_bytes}); try again later"
+            f"(max_parked_bytes={b.limits.max_parked_bytes}); try again later"
         )
     return None
 

@@ -105,7 +105,7 @@ def dedup_full(b: BrokerState, q: QueueState, dedup_ids: list[str]) -> bool:
     """Would remembering ``dedup_ids`` pass ``max_dedup_ids``? At the limit, the ids
     whose window passed are first forgotten in every queue (at most once a second:
     until then a put may be refused a little early)."""
-    if b.dedup_ids + b.dedup_ids_parked + len(dedup_ids) <= b.max_dedup_ids:
+    if b.dedup_ids + b.dedup_ids_parked + len(dedup_ids) <= b.limits.max_dedup_ids:
         return False
     if b.now - b._dedup_swept_at >= 1.0:
         b._dedup_swept_at = b.now
@@ -113,7 +113,7 @@ def dedup_full(b: BrokerState, q: QueueState, dedup_ids: list[str]) -> bool:
             if other.dedup:
                 forget_dedup(b, other)
     new = sum(d not in q.dedup for d in set(dedup_ids)) if q.dedup_window > 0 else 0
-    return b.dedup_ids + b.dedup_ids_parked + new > b.max_dedup_ids
+    return b.dedup_ids + b.dedup_ids_parked + new > b.limits.max_dedup_ids
 
 
 def _first(b: BrokerState, q: QueueState, dedup_id: str) -> bool:

@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pigeon.options import DEFAULT_LEASE, DEFAULT_MAX_DELIVERIES
 from pigeon.protocol import Error
 from pigeon.protocol.codes import Code
 from pigeon.server.core.deadlines import Deadlines
 from pigeon.server.core.model import QueueState, Waiter
 from pigeon.server.core.storage import Store
+from pigeon.server.limits import Limits
 
 __all__ = ["EPSILON", "BrokerState", "Conn", "ConnState", "Out", "Refused", "err"]
 
@@ -76,36 +76,16 @@ class BrokerState:
         self,
         store: Store | None = None,
         clock: Callable[[], float] | None = None,
-        default_lease: float = DEFAULT_LEASE,
-        default_max_deliveries: int = DEFAULT_MAX_DELIVERIES,
-        max_unacked_bytes: int = 64 * 2**20,
-        max_reply_bytes: int = 16 * 2**20,
-        max_queues: int = 10_000,
-        max_parked_bytes_per_connection: int = 64 * 2**20,
-        max_parked_bytes: int = 256 * 2**20,
-        max_parked_gets_per_connection: int = 65_536,
-        max_parked_gets: int = 262_144,
+        *,
+        limits: Limits | None = None,
         wall_clock: Callable[[], float] = time.time,
-        max_dedup_ids: int = 1_000_000,
     ) -> None:
         self.store = store if store is not None else Store()
-        # Bytes delivered to one connection and not yet settled: beyond this a consumer
-        # gets no more until it acks (its GETs wait), so one slow consumer cannot hoard
-        # the queue or make the broker hold unbounded unacked payloads for it.
-        self.max_unacked_bytes = max_unacked_bytes
-        self.max_reply_bytes = max_reply_bytes
-        self.max_queues = max_queues
-        self.max_parked_bytes_per_connection = max_parked_bytes_per_connection
-        # GETs waiting for a message: each costs memory and a place in its queue's line
-        self.max_parked_gets_per_connection = max_parked_gets_per_connection
-        self.max_parked_gets = max_parked_gets
+        # what a queue gets when it declares nothing, what one connection and the whole
+        # broker may hold (the server passes its ServerConfig, which extends Limits)
+        self.limits = limits if limits is not None else Limits()
         self.parked_gets = 0
-        self.max_parked_bytes = max_parked_bytes
         self.parked_bytes = 0
-        # Dedup ids remembered, across all queues: each costs memory and a live entry in
-        # the store for its whole window (up to a year): a put with new ones beyond this
-        # is refused, as a full queue is, never stored with its id forgotten early.
-        self.max_dedup_ids = max_dedup_ids
         self.dedup_ids = 0
         self.dedup_ids_parked = 0  # new dedup ids of puts parked for room (see dedup_full)
         self._dedup_swept_at = float("-inf")
@@ -127,8 +107,6 @@ class BrokerState:
         # puts behind it, and new ones, may fit now), a dead-letter queue that received
         # messages (GETs may wait on it)
         self._to_serve: set[str] = set()
-        self.default_lease = default_lease
-        self.default_max_deliveries = default_max_deliveries
         self.now = 0.0 if clock is None else clock()
         # A message's delay and expiry are kept as wall-clock times (they outlive a
         # restart); the broker's clock is monotonic: wall = now + _wall_offset.
@@ -142,15 +120,15 @@ class BrokerState:
     def _queue(self, name: str, *, limit: bool = True) -> QueueState:
         q = self.queues.get(name)
         if q is None:
-            if limit and len(self.queues) >= self.max_queues:
+            if limit and len(self.queues) >= self.limits.max_queues:
                 raise Refused(
                     Code.LIMIT,
                     f"this broker holds {len(self.queues)} queues (max_queues="
-                    f"{self.max_queues}); delete unused ones (pigeon delete) or raise "
+                    f"{self.limits.max_queues}); delete unused ones (pigeon delete) or raise "
                     "--max-queues",
                 )
             q = self.queues[name] = QueueState(
-                name, lease=self.default_lease, max_deliveries=self.default_max_deliveries
+                name, lease=self.limits.default_lease, max_deliveries=self.limits.max_deliveries
             )
         return q
 
