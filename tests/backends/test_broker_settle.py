@@ -12,9 +12,9 @@ import pytest
 import pigeon
 from pigeon.backends.pigeon.ops import Call, Lost, Ops, Spec, advance, settle_message
 from pigeon.errors import BrokenResourceError, Indeterminate, LocalProtocolError
-from pigeon.protocol import ClientCodec, Ok
+from pigeon.protocol import Ok
 from pigeon.testing.broker import BrokerThread
-from tests._proxy import CuttingProxy
+from tests._proxy import CuttingProxy, settle_ok
 from tests.backends.test_broker_client import FACES, Face
 
 # --- the operation, driven by hand -----------------------------------------------------
@@ -82,15 +82,6 @@ def test_a_resent_settle_the_broker_applies_is_fine() -> None:
 # --- over the wire: the broker's reply to the settle is lost -----------------------------
 
 
-def _settle_ok(frame: bytes) -> bool:
-    """The broker's OK to an ACK or NACK (``settled``/``unknown``), not the DECLARE's."""
-    try:
-        msg = ClientCodec().decode(frame)
-    except Exception:
-        return False
-    return isinstance(msg, Ok) and isinstance(msg.value, dict) and "settled" in msg.value
-
-
 def _take_and_settle(what: str) -> Any:
     def run(q: Any) -> Any:
         def settle(m: Any) -> Any:
@@ -120,7 +111,7 @@ def test_a_settle_whose_reply_was_lost_is_indeterminate_and_the_message_stays_se
     with BrokerThread() as b:
         with pigeon.Queue(b.url(queue)) as direct:
             direct.put("only")
-        proxy = CuttingProxy(b.port, cut=_settle_ok)
+        proxy = CuttingProxy(b.port, cut=settle_ok)
         try:
             with pytest.raises(Indeterminate, match="the connection broke after the"):
                 face.run(f"pigeon://127.0.0.1:{proxy.port}/{queue}", _take_and_settle(what))
@@ -141,11 +132,15 @@ def test_the_message_context_manager_lets_an_indeterminate_ack_through() -> None
     with BrokerThread() as b:
         with pigeon.Queue(b.url("lost-settle-with")) as direct:
             direct.put("only")
-        proxy = CuttingProxy(b.port, cut=_settle_ok)
+        proxy = CuttingProxy(b.port, cut=settle_ok)
         try:
-            with pigeon.Queue(f"pigeon://127.0.0.1:{proxy.port}/lost-settle-with") as q:
-                with pytest.raises(Indeterminate), q.get_message(timeout=5) as m:
-                    assert m.body == "only"
+            url = f"pigeon://127.0.0.1:{proxy.port}/lost-settle-with"
+            with (
+                pigeon.Queue(url) as q,
+                pytest.raises(Indeterminate),
+                q.get_message(timeout=5) as m,
+            ):
+                assert m.body == "only"
         finally:
             proxy.close()
         with pigeon.Queue(b.url("lost-settle-with")) as q:
