@@ -162,9 +162,10 @@ class Indeterminate(BrokenResourceError):
     request did cannot be known.
 
     Raised by an ack, or a nack that dead-letters, re-sent on a new connection after the
-    first one's reply was lost, when the broker answers the repeat that it no longer holds
-    the delivery: either the first send settled it (the usual case: only its reply was
-    lost) or the broker had taken it back and it will be redelivered. Nothing needs
+    first one's reply was lost, when the broker (or Redis) answers the repeat that it no
+    longer holds the delivery: either the first send settled it (the usual case: only its
+    reply was lost) or the delivery had ended otherwise (on pigeon://, taken back to be
+    delivered again; on redis://, settled by a later delivery of it). Nothing needs
     settling again; handlers must be idempotent (at-least-once delivery).
     """
 
