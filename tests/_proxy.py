@@ -9,7 +9,7 @@ import threading
 from collections.abc import Callable
 
 from pigeon.framing import LengthPrefixed
-from pigeon.protocol import ClientCodec, Deliver
+from pigeon.protocol import ClientCodec, Deliver, Ok
 
 
 def is_deliver(body: bytes) -> bool:
@@ -17,6 +17,16 @@ def is_deliver(body: bytes) -> bool:
         return isinstance(ClientCodec().decode(body), Deliver)
     except Exception:
         return False
+
+
+def settle_ok(body: bytes) -> bool:
+    """The broker's OK to an ACK, NACK or EXTEND (``settled``/``unknown``), not the
+    DECLARE's or a PUT's."""
+    try:
+        msg = ClientCodec().decode(body)
+    except Exception:
+        return False
+    return isinstance(msg, Ok) and isinstance(msg.value, dict) and "settled" in msg.value
 
 
 class CuttingProxy:

@@ -13,7 +13,8 @@ PigeonError
 ├── ShutDown                   put/get on a shut-down queue (Python 3.13 semantics)
 ├── ClosedResourceError        your code closed it
 ├── BrokenResourceError        the peer or backend went away (see __cause__)
-│   └── Unavailable            the broker cannot take the request now (its store, a limit)
+│   ├── Unavailable            the broker cannot take the request now (its store, a limit)
+│   └── Indeterminate          sent, then the connection broke: it may or may not have taken
 ├── AuthError
 ├── Unsupported                this backend cannot offer the call; the message says why
 ├── InvalidURL
@@ -42,6 +43,7 @@ __all__ = [
     "FrameTooLarge",
     "Full",
     "IncompleteFrame",
+    "Indeterminate",
     "InvalidURL",
     "LocalProtocolError",
     "PigeonError",
@@ -153,6 +155,19 @@ class TooLarge(PigeonError):
 class Unavailable(BrokenResourceError):
     """The broker refused the request for now (its store cannot commit, or a limit is
     reached); retrying later may succeed."""
+
+
+class Indeterminate(BrokenResourceError):
+    """A request was sent, the connection broke before its reply came, and what the
+    request did cannot be known.
+
+    Raised by an ack, or a nack that dead-letters, re-sent on a new connection after the
+    first one's reply was lost, when the broker (or Redis) answers the repeat that it no
+    longer holds the delivery: either the first send settled it (the usual case: only its
+    reply was lost) or the delivery had ended otherwise (on pigeon://, taken back to be
+    delivered again; on redis://, settled by a later delivery of it). Nothing needs
+    settling again; handlers must be idempotent (at-least-once delivery).
+    """
 
 
 class StoreCorrupted(PigeonError):

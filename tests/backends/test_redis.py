@@ -468,3 +468,41 @@ def test_a_message_whose_lease_ends_past_its_ttl_expires_instead_of_coming_back(
         assert q.qsize() == 0
         with pytest.raises(pigeon.Empty):
             q.get(timeout=0.3)
+
+
+def test_an_ack_whose_reply_was_lost_is_indeterminate_not_claimed_by_another(
+    redis_url: str,
+) -> None:
+    """The SETTLE script ran and the connection broke before its reply: the ack is sent
+    again and finds the entry no longer pending. It was this ack that settled it, so the
+    call says the outcome is unknown, not that another consumer took the entry."""
+    import asyncio
+
+    import redis.exceptions as rex
+
+    from pigeon.backends.redis import AsyncRedisQueue
+
+    async def run() -> None:
+        q: AsyncRedisQueue[Any] = AsyncRedisQueue(redis_url)
+        try:
+            await q.put("once")
+            msg = await q.get_message(timeout=LONG)
+            real, calls = q._scripts["SETTLE"], []
+
+            async def reply_lost(*args: Any, **kwargs: Any) -> Any:
+                result = await real(*args, **kwargs)  # applied ...
+                calls.append(result)
+                if len(calls) == 1:  # ... and its reply lost
+                    raise rex.ConnectionError("connection reset by peer (test)")
+                return result
+
+            q._scripts["SETTLE"] = reply_lost
+            with pytest.raises(pigeon.Indeterminate, match="the first ack settled it"):
+                await msg.ack()
+            assert calls == [1, 0]
+            with pytest.raises(pigeon.Empty):
+                await q.get(timeout=0.3)
+        finally:
+            await q.aclose()
+
+    asyncio.run(run())

@@ -16,6 +16,7 @@ import pigeon
 from pigeon.consume import ConsumeProgress
 from pigeon.server.store import open_store
 from pigeon.testing.broker import BrokerThread
+from tests._proxy import CuttingProxy, settle_ok
 from tests.consume._support import SEEN, async_exits_then_works, coroutine, record, sleeps
 
 
@@ -211,3 +212,28 @@ def test_process_only_limits_are_refused_for_threads_and_noted_under_auto() -> N
     report = pigeon.consume(q, sleeps, max_tasks_per_child=10)
     assert report.mode == "thread" and "max_tasks_per_child: process workers only" in report.reason
     q.close()
+
+
+@pytest.mark.parametrize("mode", ["thread", "async"])
+def test_an_ack_whose_outcome_is_unknown_is_logged_and_the_item_not_handled_twice(
+    broker: BrokerThread, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reply to the first ack is lost (the connection is cut as the broker's OK
+    comes); the client sends the ack again and the broker, which applied the first one,
+    no longer holds the delivery: ``Indeterminate``. The runner logs it, counts it as a
+    settle error and the item as processed, and goes on: nothing crashes, nothing is
+    handled twice."""
+    with pigeon.Queue(broker.url(f"unknown-ack-{mode}")) as q:
+        q.put_many(range(5))
+        q.shutdown()
+    proxy = CuttingProxy(broker.port, cut=settle_ok)
+    try:
+        with pigeon.Queue(f"pigeon://127.0.0.1:{proxy.port}/unknown-ack-{mode}") as q:
+            handler = coroutine if mode == "async" else record
+            report = pigeon.consume(q, handler, mode=mode, concurrency=1, grace=5)
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1
+    assert dict(SEEN) == dict.fromkeys(range(5), 1)
+    assert report.ended == "shutdown" and report.processed == 5 and report.settle_errors == 1
+    assert "ack may or may not have taken effect (Indeterminate: " in caplog.text

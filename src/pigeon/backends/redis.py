@@ -104,6 +104,7 @@ from pigeon.errors import (
     ClosedResourceError,
     Empty,
     Full,
+    Indeterminate,
     InvalidURL,
     LocalProtocolError,
     PigeonError,
@@ -340,10 +341,14 @@ class AsyncRedisQueue(EngineQueue[T]):
         self._evicting = await _evicting(r)
         self._ready = True
 
-    async def _do(self, fn: Any, deadline: float | None = None) -> Any:
+    async def _do(
+        self, fn: Any, deadline: float | None = None, lost: list[BaseException] | None = None
+    ) -> Any:
         """Run ``fn(redis)``; translate redis-py errors; retry lost connections until the
         call's deadline (or ``reconnect_timeout``). A call with a deadline runs ``within`` its
-        reply deadline as a whole (``_put``, ``_fetch``): a stalled attempt is cut there."""
+        reply deadline as a whole (``_put``, ``_fetch``): a stalled attempt is cut there.
+        ``lost`` collects the connection errors retried: an attempt they ended may have
+        run on the server."""
         import redis.exceptions as rex
 
         backoff = Backoff(deadline, self.reconnect_timeout)
@@ -352,6 +357,8 @@ class AsyncRedisQueue(EngineQueue[T]):
             try:
                 return await fn(await self._redis())
             except (rex.ConnectionError, rex.TimeoutError, OSError) as exc:
+                if lost is not None:
+                    lost.append(exc)
                 if (wait := backoff.next_delay()) is None:
                     raise _client_error(exc) from exc
                 self._ready = False
@@ -600,11 +607,16 @@ class AsyncRedisQueue(EngineQueue[T]):
             client=r,
         )
 
-    async def _settle(self, ids: list[bytes], deadline: float | None = None) -> int:
+    async def _settle(
+        self,
+        ids: list[bytes],
+        deadline: float | None = None,
+        lost: list[BaseException] | None = None,
+    ) -> int:
         async def run(r: Any) -> int:
             return int(await self._scripts["SETTLE"](keys=[self.stream], args=ids, client=r))
 
-        return int(await self._do(run, deadline))
+        return int(await self._do(run, deadline, lost))
 
     async def get(self, timeout: float | None = None, *, block: bool = True) -> T:
         return (await self.get_many(1, timeout, block=block))[0]
@@ -929,9 +941,21 @@ class AsyncRedisMessage(Generic[T]):
             raise LocalProtocolError("this message was already acked or nacked")
 
     async def _ack(self) -> None:
-        if await self._queue._settle([self.id]) == 0:
+        lost: list[BaseException] = []
+        if await self._queue._settle([self.id], lost=lost) == 0:
+            eid = self.id.decode()
+            if lost:  # sent again after a lost connection: the first may have acked it
+                raise Indeterminate(
+                    f"cannot tell whether the ack of {eid} took effect: the connection broke "
+                    "after the ack was sent, and on a new connection the entry is no longer "
+                    "pending: the first ack settled it, or a consumer that claimed it after "
+                    "its lease ran out did; handlers must be idempotent (at-least-once)"
+                )
+            # (redis-py may have sent it again itself, after a connection error it retried)
             raise LocalProtocolError(
-                f"cannot ack {self.id.decode()}: its lease ran out and another consumer claimed it"
+                f"cannot ack {eid}: it is no longer pending: another delivery of it (after a "
+                "lease ran out) was settled, or an earlier send of this ack, whose reply was "
+                "lost, settled it"
             )
 
     async def _nack(self, requeue: bool, delay: float, reason: str = "") -> None:

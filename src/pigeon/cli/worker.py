@@ -53,7 +53,11 @@ def _view(counts: ConsumeProgress, started: float, mode: str, reason: str, worke
             f"{snap['workers_recycled']:,} recycled",
         )
     if snap["settle_errors"]:
-        t.add_row("settle errors", f"{snap['settle_errors']:,} (those messages come back)")
+        t.add_row(
+            "settle errors",
+            f"{snap['settle_errors']:,} (logged; those messages come back, an Indeterminate "
+            "one perhaps not)",
+        )
     t.add_row("elapsed", f"{elapsed:,.1f} s")
     return t
 

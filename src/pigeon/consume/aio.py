@@ -100,11 +100,11 @@ class _AsyncRun:
         return msg
 
     async def settle(self, what: str, make: Callable[[], Awaitable[Any]]) -> bool:
+        """True when settled, or perhaps settled (``Indeterminate``)."""
         try:
             await make()
         except Exception as exc:
-            self.run.settle_error(what, exc)
-            return False
+            return self.run.settle_error(what, exc)
         return True
 
     async def fail(self, msg: Any, error: str) -> None:

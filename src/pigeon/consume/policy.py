@@ -24,6 +24,7 @@ from pigeon.errors import (
     ClosedResourceError,
     DecodeError,
     Empty,
+    Indeterminate,
     InvalidURL,
     ShutDown,
     Unsupported,
@@ -274,17 +275,25 @@ class Run:
         self.progress.add(failed=1, retried=1)
         return False, delay
 
-    def settle_error(self, what: str, exc: BaseException) -> None:
+    def settle_error(self, what: str, exc: BaseException) -> bool:
+        """Log and count a settle that raised; True when it may have taken effect
+        (``Indeterminate``: sent, its reply lost), so it is not handled as undone."""
         self.progress.add(settle_errors=1)
+        if isinstance(exc, Indeterminate):
+            log.warning("%s may or may not have taken effect (%s); if it did not, the "
+                        "message comes back", what, describe(exc))  # fmt: skip
+            return True
         log.warning("%s failed (%s); the message comes back when its lease ends or its "
                     "connection drops", what, describe(exc))  # fmt: skip
+        return False
 
     def ack(self, msg: Message[Any]) -> bool:
+        """True when acked (or perhaps acked: ``Indeterminate``), counted as processed."""
         try:
             msg.ack()
         except Exception as exc:
-            self.settle_error("ack", exc)
-            return False
+            if not self.settle_error("ack", exc):
+                return False
         self.progress.add(processed=1)
         return True
 
@@ -293,8 +302,7 @@ class Run:
         try:
             msg.nack(requeue=requeue, delay=delay, reason=reason)
         except Exception as exc:
-            self.settle_error("nack", exc)
-            return False
+            return self.settle_error("nack", exc)
         return True
 
     def fail(self, msg: Message[Any], error: str, *, dead: bool = False) -> bool:

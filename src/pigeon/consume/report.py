@@ -44,7 +44,9 @@ class ConsumeReport:
     timed_out: int = 0  # handler calls stopped at time_limit (counted in failed)
     worker_deaths: int = 0  # workers that died (and were replaced)
     workers_recycled: int = 0  # process workers replaced at max_tasks/max_memory_per_child
-    settle_errors: int = 0  # acks/nacks/extends that failed (those messages come back)
+    # acks/nacks/extends that raised: those messages come back, except that one which
+    # raised Indeterminate (its reply lost) may have taken effect (an ack: still processed)
+    settle_errors: int = 0
 
 
 @dataclass(eq=False)

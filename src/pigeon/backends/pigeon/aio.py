@@ -366,9 +366,11 @@ class AsyncBrokerQueue(Generic[T]):
             value = error = None
             if isinstance(effect, Call):
                 link: _LinkProtocol | None = None
+                sent = False  # written: the broker may act on it even if no reply comes
                 try:
                     link = await self._connection(effect.until)
                     req, fut = link.request(effect.msg)
+                    sent = True
                     if effect.until is not None:
                         link.expire(req, fut, effect.until)
                     try:
@@ -382,7 +384,7 @@ class AsyncBrokerQueue(Generic[T]):
                             link.deadlines.pop(req, None)
                 except BrokenResourceError as exc:
                     lived = time.monotonic() - link.opened if link is not None else 0.0
-                    error = Lost(exc, link is not None, lived)
+                    error = Lost(exc, link is not None, lived, sent)
             elif isinstance(effect, Post):
                 if self._link is not None:  # no connection: the broker gave them back
                     self._link.post(effect.msg)
@@ -474,9 +476,9 @@ class AsyncBrokerQueue(Generic[T]):
                 try:
                     reply = await fut
                 except BrokenResourceError:  # that connection is gone: try on a new one
-                    await self._drive(self._ops.settle(msg, what))
+                    await self._drive(self._ops.settle(msg, what, resent=True))
                 else:
-                    self._ops.settled(reply, what)
+                    self._ops.settled(reply, what, msg)
 
             return asyncio.ensure_future(finish())
         return asyncio.ensure_future(self._drive(self._ops.settle(msg, what)))

@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 from pigeon._queue_base import deadline_from
 from pigeon.backends._retry import Backoff, reply_deadline
 from pigeon.backends._url import QueueURL
-from pigeon.errors import BrokenResourceError, DecodeError, LocalProtocolError
+from pigeon.errors import BrokenResourceError, DecodeError, Indeterminate, LocalProtocolError
 from pigeon.options import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_PORT,
@@ -110,11 +110,14 @@ WORKED = 1.0
 class Lost(Exception):
     """The connection broke (or could not be made) while a call was outstanding."""
 
-    def __init__(self, error: BaseException, established: bool, lived: float = 0.0) -> None:
+    def __init__(
+        self, error: BaseException, established: bool, lived: float = 0.0, sent: bool = False
+    ) -> None:
         super().__init__(str(error))
         self.error = error
         self.established = established  # it had been welcomed
         self.lived = lived  # seconds since then
+        self.sent = sent  # the request was written: the broker may have acted on it
 
 
 class Endpoint(QueueURL):
@@ -185,6 +188,13 @@ class Ops:
     # --- the retrying call ------------------------------------------------------------------
 
     def call(self, build: Callable[[float | None], Any], deadline: float | None) -> Op[Any]:
+        """Send ``build(remaining wait)`` and return the reply (see ``call_tracked``)."""
+        reply, _ = yield from self.call_tracked(build, deadline)
+        return reply
+
+    def call_tracked(
+        self, build: Callable[[float | None], Any], deadline: float | None
+    ) -> Op[tuple[Any, bool]]:
         """Send ``build(remaining wait)``; on a lost connection retry with backoff until
         ``deadline`` (or ``reconnect_timeout`` after the failure); raise for an ERROR. The
         driver waits for each reply until ``reply_deadline(deadline)`` at most.
@@ -193,15 +203,21 @@ class Ops:
         before any backoff and whatever is left of ``deadline`` (within the reply grace):
         the broker may have closed a connection while it was not in use (its idle timeout,
         a restart), and a call with no time to wait - ``put_nowait`` - still deserves one
-        fresh connection before it gives up."""
+        fresh connection before it gives up.
+
+        Returns ``(reply, resent)``: ``resent`` when an earlier send of the request was
+        written before its connection broke, so the broker may have acted on it before
+        it answered this one (a settle reads ``unknown`` differently then)."""
         backoff: Backoff | None = None  # made at the first failure: most calls have none
         until = reply_deadline(deadline)
         fresh = True  # the one new connection at once is still to be tried
+        resent = False
         while True:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 reply = yield Call(build(remaining), until)
             except Lost as lost:
+                resent = resent or lost.sent
                 if isinstance(lost.error, Unretryable):
                     raise lost.error from lost.error.__cause__
                 if lost.established and fresh and (until is None or time.monotonic() < until):
@@ -222,7 +238,7 @@ class Ops:
                         yield Sleep(wait)
                         continue
                 raise exception_for(reply.code, reply.message)
-            return reply
+            return reply, resent
 
     # --- the contract -----------------------------------------------------------------------
 
@@ -320,13 +336,24 @@ class Ops:
             except Exception as exc:
                 bad.append((d, exc))
 
-    def settle(self, msg: Ack | Nack | Extend, what: str) -> Op[None]:
-        reply = yield from self.call(lambda _: msg, None)
-        self.settled(reply, what)
+    def settle(self, msg: Ack | Nack | Extend, what: str, resent: bool = False) -> Op[None]:
+        """ACK, NACK or EXTEND one delivery, re-sent on a new connection if its connection
+        breaks. ``resent``: the caller had already written it on a connection that broke."""
+        reply, again = yield from self.call_tracked(lambda _: msg, None)
+        self.settled(reply, what, msg, resent or again)
 
     @staticmethod
-    def settled(reply: Ok | Deliver | Error, what: str) -> None:
-        """Raise if the reply to an ACK, NACK or EXTEND says it did not take."""
+    def settled(
+        reply: Ok | Deliver | Error, what: str, msg: Ack | Nack | Extend, resent: bool = False
+    ) -> None:
+        """Raise if the reply to ``msg`` (an ACK, NACK or EXTEND) says it did not take.
+
+        A delivery the broker does not hold (``unknown``) has ended: its lease ran out or
+        its connection dropped, so it was or will be redelivered. Unless ``msg`` was sent
+        before on a connection that broke (``resent``) and would itself have ended the
+        delivery (an ACK, a NACK to the dead letters): then the first send may be what
+        ended it, and ``Indeterminate`` says the outcome cannot be known. (An EXTEND or a
+        requeueing NACK leaves the message to come back either way.)"""
         if isinstance(reply, Error):
             raise exception_for(reply.code, reply.message)
         unknown = (
@@ -334,12 +361,23 @@ class Ops:
             if isinstance(reply, Ok) and isinstance(reply.value, dict)
             else None
         )
-        if unknown:
-            raise LocalProtocolError(
-                f"cannot {what} delivery {unknown[0]}: the broker no longer holds it for this "
-                "client (its lease ran out or its connection dropped), so it was or will be "
-                "redelivered"
+        if not unknown:
+            return
+        ends = isinstance(msg, Ack) or (isinstance(msg, Nack) and not msg.requeue)
+        if resent and ends:
+            done = "settled it" if isinstance(msg, Ack) else "moved it to the dead letters"
+            raise Indeterminate(
+                f"cannot tell whether the {what} of delivery {unknown[0]} took effect: the "
+                f"connection broke after the {what} was sent, and on a new connection the "
+                f"broker no longer holds the delivery: the first {what} {done}, or the "
+                "broker had already taken it back and will deliver it again; handlers must "
+                "be idempotent (at-least-once)"
             )
+        raise LocalProtocolError(
+            f"cannot {what} delivery {unknown[0]}: the broker no longer holds it for this "
+            "client (its lease ran out or its connection dropped), so it was or will be "
+            "redelivered"
+        )
 
     def info(self, deadline: float | None = None) -> Op[dict[str, Any]]:
         reply = yield from self.call(lambda _: Info(0, self.queue), deadline)

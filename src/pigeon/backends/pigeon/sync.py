@@ -477,9 +477,9 @@ class BrokerQueue(Queue[T]):
         try:
             link.flush(call.until)
             reply = link.wait(req, call.until)
-        except BrokenResourceError as exc:
+        except BrokenResourceError as exc:  # the request may have reached the broker
             self._drop()
-            return None, Lost(exc, True, time.monotonic() - link.opened)
+            return None, Lost(exc, True, time.monotonic() - link.opened, sent=True)
         except BaseException:
             # Interrupted mid-request (KeyboardInterrupt, a signal handler's exception):
             # the reply may still come. Drop the connection; the broker gives back

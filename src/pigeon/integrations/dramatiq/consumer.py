@@ -27,7 +27,13 @@ from dramatiq import Consumer, Message, MessageProxy
 from dramatiq.errors import DecodeError as DramatiqDecodeError
 
 from pigeon._queue_base import Message as PigeonMessage
-from pigeon.errors import BrokenResourceError, ClosedResourceError, Empty, LocalProtocolError
+from pigeon.errors import (
+    BrokenResourceError,
+    ClosedResourceError,
+    Empty,
+    Indeterminate,
+    LocalProtocolError,
+)
 from pigeon.integrations.dramatiq._errors import connection_closed
 from pigeon.integrations.dramatiq._mapping import dead_reason
 
@@ -172,13 +178,19 @@ class PigeonConsumer(Consumer):
 
     def _settle(self, delivered: PigeonMessage[bytes], what: str, *args: Any) -> bool:
         """Ack or nack; False if the broker no longer held it for us (it was given back,
-        so it runs again); ``ConnectionClosed`` if the broker cannot be reached."""
+        so it runs again); ``ConnectionClosed`` if the broker cannot be reached. A settle
+        whose outcome is unknown (``Indeterminate``: its reply was lost, the broker has
+        the delivery no more) counts as done: most likely it took; if not, it runs again."""
         try:
             if what == "ack":
                 delivered.ack()
             else:
                 requeue, reason = args
                 delivered.nack(requeue=requeue, reason=reason)
+        except Indeterminate as exc:
+            logger.warning("a %s of a message of %r may not have taken effect (if it did "
+                           "not, it runs again): %s", what, self._name, exc)  # fmt: skip
+            return True
         except (LocalProtocolError, ClosedResourceError) as exc:
             logger.warning("could not %s a message of %r, it runs again: %s", what, self._name, exc)
             return False
