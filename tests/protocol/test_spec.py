@@ -432,7 +432,7 @@ def test_options_that_are_not_a_map_are_a_protocol_error(wire: Wire) -> None:
 
 
 def test_a_value_nested_too_deeply_is_a_protocol_error_with_its_error(wire: Wire) -> None:
-    body = b"\x96\x10\x01\xa6s-deep\xc4\x01x\x00\x81\xa1x" + b"\x91" * 5000 + b"\x01"
+    body = b"\x96\x10\x01\xa6s-deep\xc4\x01x\x00\x81\xa1x" + b"\x91" * 100_000 + b"\x01"
     wire.sock.sendall(struct.pack(">I", len(body)) + body)
     error = wire.recv()
     assert error[:3] == [ERROR, 0, "protocol"] and "nested too deeply" in error[3]

@@ -62,7 +62,8 @@ def read_options(raw: bytes) -> PutOptions | str | None:
 
     Raises:
         RemoteProtocolError: the field is neither a map nor nil.
-        RecursionError: a value nested about a thousand deep (the codec's to report).
+        RecursionError: a value nested too deeply (about a thousand levels; more on
+            3.13): the codec's to report.
     """
     if not raw or raw == b"\xc0":
         return None
