@@ -133,7 +133,8 @@ def test_protocol_imports_no_io_modules() -> None:
 )
 def test_values_nested_too_deeply_are_a_remote_protocol_error(body: bytes) -> None:
     """msgspec raises RecursionError past ~1,000 levels (~10,000 on 3.13): it must not
-    escape the codecs (the broker closed the connection without an ERROR, a client broke with a traceback)."""
+    escape the codecs (the broker closed the connection without an ERROR, a client broke
+    with a traceback)."""
     for codec in (ServerCodec(), ClientCodec()):
         with pytest.raises(RemoteProtocolError, match="malformed message"):
             codec.decode(body)
