@@ -140,6 +140,9 @@ class Image:
     messages: dict[bytes, Durable]
     settings: dict[str, dict[str, Any]]
     dedup: dict[tuple[str, str], float]  # (queue, id) -> until (wall)
+    # queue -> its unfinished count beyond the messages it holds (tasks taken - acked, or
+    # auto-acked by a GET - and not yet marked done), where not 0: it survives a restart
+    taken: dict[str, int] = field(default_factory=dict)
 
 
 class Model:
@@ -630,11 +633,18 @@ class Model:
         dedup = {
             (q.name, d): until for q in self.queues.values() for d, (until, _) in q.dedup.items()
         }
-        return Image(messages, copy.deepcopy(self.settings), dedup)
+        taken = {
+            q.name: q.unfinished - self.held(q)
+            for q in self.queues.values()
+            if q.unfinished != self.held(q)
+        }
+        return Image(messages, copy.deepcopy(self.settings), dedup, taken)
 
     def restart(self, image: Image, found: dict[bytes, int], now: float, offset: float) -> None:
         """The broker restarted on a store holding ``image`` (``found``: the delivery
-        count each message was recovered with): nothing in flight, nothing parked."""
+        count each message was recovered with): nothing in flight, nothing parked. A
+        queue's unfinished count is what it holds plus its tasks taken and not yet done
+        (README: task_done/join across clients; nothing resets them)."""
         self.now, self.offset = now, offset
         wall = self.wall
         self.queues = {}
@@ -655,6 +665,9 @@ class Model:
                     found[key], origin, reason)  # fmt: skip
             q.waiting.append(m)
             q.unfinished += 1
+        for name, taken in image.taken.items():
+            q = self.q(name)
+            q.unfinished = max(0, q.unfinished + taken)
         # What the store holds as it was recovered: the dead letters made below are the
         # new broker's first change, which a crash before its write loses (and the next
         # start makes again).

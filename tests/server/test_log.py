@@ -869,6 +869,9 @@ def _recount(store: LogStore) -> tuple[dict[int, int], int]:
         for dedup_id, (_, seg) in ids.items():
             per_seg[seg] += 1
             size += logstore._dedup_size(queue, dedup_id)
+    for queue, (_, seg) in store._tasks.items():  # tasks taken and not yet done
+        per_seg[seg] += 1
+        size += logstore._tasks_size(queue)
     return per_seg, size
 
 

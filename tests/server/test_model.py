@@ -793,6 +793,7 @@ class BrokerMachine(RuleBasedStateMachine):
             for d, until in ids.items()
             if until > wall
         }
+        taken = store.recover_taken()
         lowest = self.confirmed
         unwritten = []
         for call in self.promised:
@@ -805,7 +806,7 @@ class BrokerMachine(RuleBasedStateMachine):
         for k in sorted(self.images, reverse=True):
             if k < lowest:
                 break
-            problems[k] = self._differences(self.images[k], found, queues, dedup, wall)
+            problems[k] = self._differences(self.images[k], found, queues, dedup, taken, wall)
             if not problems[k] and not unwritten:
                 if k < max(self.images):  # an unconfirmed batch was lost: allowed
                     COUNTS[f"{self.KIND}/{self.FSYNC}: recovered an earlier batch"] += 1
@@ -823,6 +824,7 @@ class BrokerMachine(RuleBasedStateMachine):
         found: dict[bytes, tuple[Any, ...]],
         queues: dict[str, Any],
         dedup: dict[tuple[str, str], float],
+        taken: dict[str, int],
         wall: float,
     ) -> list[str]:
         out = []
@@ -862,6 +864,8 @@ class BrokerMachine(RuleBasedStateMachine):
         want_dedup = {k: u for k, u in image.dedup.items() if u > wall}
         if dedup != want_dedup:
             out.append(f"dedup ids {sorted(dedup)}, not {sorted(want_dedup)}")
+        if taken != image.taken:
+            out.append(f"tasks taken and not done {taken}, not {image.taken}")
         return out
 
     # --- after every step: the broker says what the model says ------------------------------
