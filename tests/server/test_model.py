@@ -757,6 +757,7 @@ class BrokerMachine(RuleBasedStateMachine):
             "a segment dropped before the write that emptied it was synced": (
                 self.disk.removed_before_sync
             ),
+            "a queue with tasks taken and not yet done": bool(self.model.image().taken),
         }
         if isinstance(store, LogStore):
             conditions["two or more log segments"] = len(store._sizes) > 1
@@ -1125,6 +1126,30 @@ def test_peek_lists_a_queue_in_the_order_get_takes_it() -> None:
         m.send_put(0, "a", 1, {}, None)
         m.send_put(0, "a", 1, {"delay": 0.25}, None)
         m.advance(0.25)  # the second is given back: PEEK showed it first
+
+
+@pytest.mark.parametrize("crash", ["kill", "power", "stop"])
+@pytest.mark.parametrize(
+    ("kind", "fsync"),
+    [("log", "batch"), ("log", "always"), ("sqlite", "batch"), ("sqlite", "always")],
+)
+def test_tasks_taken_and_not_yet_done_survive_a_crash(kind: str, fsync: str, crash: str) -> None:
+    # Round 6, FINDINGS-nemesis.md #2: a restart kept only the messages, so unfinished
+    # became what the store held - join() returned at once, the next task_done() raised.
+    with _scenario(kind, fsync) as m:
+        m.send_put(0, "a", 4, {}, None)
+        m.get(1, "a", 2, 0.0, False, None)  # two taken, auto-acked
+        m.get(1, "a", 1, 0.0, True, None)
+        m.send_ack(1, "a", [m.held[1][0][1]])  # a third, acked
+        m.task_done("a", 1)  # 3 unfinished: 1 held, 2 taken and not yet done
+        m.send_put(0, "b", 2, {}, None)
+        m.task_done("b", 1)  # done before it was taken: 1 unfinished, 2 held
+        m.disk_catches_up()
+        m.crash(crash, 0.0, 0.25)  # (power: --fsync batch promises kill -9 only)
+        m.same_queues()
+        m.join(2, "a", 0.0)  # 3 unfinished: timeout
+        m.task_done("a", 3)
+        m.crash(crash, 0.0, 0.25)
 
 
 @pytest.fixture(scope="module", autouse=True)
