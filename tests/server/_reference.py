@@ -604,11 +604,19 @@ class Model:
                     q.waiters.remove(w)
                     code = {"get": "empty", "put": "full", "join": "timeout"}[w.kind]
                     out.append((w.conn, ("error", w.req, code)))
-        for q in list(self.queues.values()):  # expired while waiting: dead-lettered
-            for m in sorted(q.waiting, key=lambda m: m.seq):
-                if m.expires and m.expires <= wall:
-                    q.waiting.remove(m)
-                    self.dead_letter(q, m, "expired")
+        # Expired while waiting: dead-lettered, in the order their ttls ran out (then put
+        # order), across queues - after a restart many at once. The order is seen: a
+        # queue's unfinished count below what it holds (task_done() before the take, kept
+        # across a restart) is clamped at 0 when a message leaves it, not when one enters.
+        expired = [
+            (m.expires, m.seq, q, m)
+            for q in self.queues.values()
+            for m in q.waiting
+            if m.expires and m.expires <= wall
+        ]
+        for _, _, q, m in sorted(expired, key=lambda e: (e[0], e[1])):
+            q.waiting.remove(m)
+            self.dead_letter(q, m, "expired")
         return out + self.serve()
 
     # --- what a store keeps -------------------------------------------------------------------
