@@ -140,6 +140,9 @@ class Image:
     messages: dict[bytes, Durable]
     settings: dict[str, dict[str, Any]]
     dedup: dict[tuple[str, str], float]  # (queue, id) -> until (wall)
+    # queue -> its unfinished count beyond the messages it holds (tasks taken - acked, or
+    # auto-acked by a GET - and not yet marked done), where not 0: it survives a restart
+    taken: dict[str, int] = field(default_factory=dict)
 
 
 class Model:
@@ -601,11 +604,19 @@ class Model:
                     q.waiters.remove(w)
                     code = {"get": "empty", "put": "full", "join": "timeout"}[w.kind]
                     out.append((w.conn, ("error", w.req, code)))
-        for q in list(self.queues.values()):  # expired while waiting: dead-lettered
-            for m in sorted(q.waiting, key=lambda m: m.seq):
-                if m.expires and m.expires <= wall:
-                    q.waiting.remove(m)
-                    self.dead_letter(q, m, "expired")
+        # Expired while waiting: dead-lettered, in the order their ttls ran out (then put
+        # order), across queues - after a restart many at once. The order is seen: a
+        # queue's unfinished count below what it holds (task_done() before the take, kept
+        # across a restart) is clamped at 0 when a message leaves it, not when one enters.
+        expired = [
+            (m.expires, m.seq, q, m)
+            for q in self.queues.values()
+            for m in q.waiting
+            if m.expires and m.expires <= wall
+        ]
+        for _, _, q, m in sorted(expired, key=lambda e: (e[0], e[1])):
+            q.waiting.remove(m)
+            self.dead_letter(q, m, "expired")
         return out + self.serve()
 
     # --- what a store keeps -------------------------------------------------------------------
@@ -630,11 +641,18 @@ class Model:
         dedup = {
             (q.name, d): until for q in self.queues.values() for d, (until, _) in q.dedup.items()
         }
-        return Image(messages, copy.deepcopy(self.settings), dedup)
+        taken = {
+            q.name: q.unfinished - self.held(q)
+            for q in self.queues.values()
+            if q.unfinished != self.held(q)
+        }
+        return Image(messages, copy.deepcopy(self.settings), dedup, taken)
 
     def restart(self, image: Image, found: dict[bytes, int], now: float, offset: float) -> None:
         """The broker restarted on a store holding ``image`` (``found``: the delivery
-        count each message was recovered with): nothing in flight, nothing parked."""
+        count each message was recovered with): nothing in flight, nothing parked. A
+        queue's unfinished count is what it holds plus its tasks taken and not yet done
+        (README: task_done/join across clients; nothing resets them)."""
         self.now, self.offset = now, offset
         wall = self.wall
         self.queues = {}
@@ -655,6 +673,9 @@ class Model:
                     found[key], origin, reason)  # fmt: skip
             q.waiting.append(m)
             q.unfinished += 1
+        for name, taken in image.taken.items():
+            q = self.q(name)
+            q.unfinished = max(0, q.unfinished + taken)
         # What the store holds as it was recovered: the dead letters made below are the
         # new broker's first change, which a crash before its write loses (and the next
         # start makes again).

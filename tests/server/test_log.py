@@ -18,7 +18,19 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import pigeon.server.store as stores
-from pigeon.protocol import Ack, Declare, Delete, Deliver, Get, Move, Nack, Purge, Put, PutBatch
+from pigeon.protocol import (
+    Ack,
+    Declare,
+    Delete,
+    Deliver,
+    Get,
+    Move,
+    Nack,
+    Purge,
+    Put,
+    PutBatch,
+    TaskDone,
+)
 from pigeon.protocol.messages import Confirmed
 from pigeon.server.core import Broker
 from pigeon.server.limits import Limits
@@ -503,6 +515,73 @@ def _records(path: Path) -> list[list[Any]]:
     return out
 
 
+def test_tasks_taken_and_not_yet_done_are_written_forward_with_what_is_live(
+    tmp_path: Path,
+) -> None:
+    # A queue's count of tasks taken and not yet done (a TASKS op) is live like its
+    # settings: compaction writes it forward before it drops the segment holding it.
+    broker, store = opened(tmp_path, segment_bytes=4096)
+    broker.handle(1, PutBatch(1, "t", [b"1", b"2"]))
+    assert payloads(broker, "t") == [b"1", b"2"]  # taken (auto-acked), neither done
+    first = segments(tmp_path)[0]
+    for i in range(60):  # acked traffic elsewhere: the log outgrows what is live
+        broker.handle(1, Put(10 + i, "x", b"." * 500))
+        payloads(broker, "x")
+    assert first not in segments(tmp_path) and store.compactions
+    assert store._tasks["t"][0] == 2
+    assert (store._seg_live, store._live_bytes) == _recount(store)
+    store.close()
+    broker, store = opened(tmp_path, segment_bytes=4096)
+    assert broker.queues["t"].unfinished == 2 and broker.queues["x"].unfinished == 60
+    store.close()
+
+
+def test_counts_of_tasks_in_one_change_are_one_op_and_a_delete_between_them_holds(
+    tmp_path: Path,
+) -> None:
+    # Acks pipelined in one read make one record: one TASKS op of the queue, with its last
+    # count. A DELETE of the queue in the same change comes after the count before it and
+    # before any count after it (the queue made again), as it happened.
+    broker, store = opened(tmp_path)
+    broker.handle(1, PutBatch(1, "q", [b"a", b"b", b"c"]))
+    outs = broker.handle(1, Get(2, "q", 3, 0, manual_ack=True))
+    dids = [d.id for _, m in outs if isinstance(m, Deliver) for d in m.messages]
+    with store.atomic():  # one read's requests: one change
+        for i, did in enumerate(dids):
+            broker.handle(1, Ack(3 + i, "q", [did]))
+    (last,) = _records(tmp_path)[-1:]
+    assert [op for op in last if op[0] == records.TASKS] == [[records.TASKS, "q", 3]]
+    broker.handle(1, TaskDone(9, "q", 1))
+    assert _records(tmp_path)[-1] == [[records.TASKS, "q", 2]]
+    with store.atomic():
+        broker.handle(1, TaskDone(10, "q", 1))  # 1 left ...
+        broker.handle(1, Delete(11, "q"))  # ... and forgotten with the queue
+        broker.handle(1, Put(12, "q", b"d"))
+        assert payloads(broker) == [b"d"]  # taken: 1 unfinished in the new queue
+    assert [op[0] for op in _records(tmp_path)[-1]].count(records.TASKS) == 2
+    store.close()
+    broker, store = opened(tmp_path)
+    assert broker.queues["q"].unfinished == 1 and store.recover_taken() == {"q": 1}
+    store.close()
+
+
+def test_a_backup_and_an_import_keep_tasks_taken_and_not_yet_done(tmp_path: Path) -> None:
+    broker, store = opened(tmp_path / "data")
+    broker.handle(1, PutBatch(1, "q", [b"a", b"b"]))
+    assert payloads(broker) == [b"a", b"b"]
+    broker.handle(1, TaskDone(2, "q", 1))
+    backup_log(tmp_path / "data", tmp_path / "copy.sqlite3")
+    store.close()
+    (tmp_path / "restored").mkdir()
+    (tmp_path / "copy.sqlite3").rename(tmp_path / "restored" / DB_NAME)
+    restored = open_store(tmp_path / "restored")  # auto: a SQLite-only directory
+    assert isinstance(restored, SQLiteStore) and restored.recover_taken() == {"q": 1}
+    restored.close()
+    imported = open_store(tmp_path / "restored", "log")  # imports the SQLite store
+    assert isinstance(imported, LogStore) and imported.recover_taken() == {"q": 1}
+    imported.close()
+
+
 def test_a_change_larger_than_a_record_is_split_and_recovered_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -870,6 +949,9 @@ def _recount(store: LogStore) -> tuple[dict[int, int], int]:
         for dedup_id, (_, seg) in ids.items():
             per_seg[seg] += 1
             size += logstore._dedup_size(queue, dedup_id)
+    for queue, (_, seg) in store._tasks.items():  # tasks taken and not yet done
+        per_seg[seg] += 1
+        size += logstore._tasks_size(queue)
     return per_seg, size
 
 

@@ -211,6 +211,37 @@ def test_broker_restart_clients_reconnect_and_go_on() -> None:
         proc.wait(10)
 
 
+@pytest.mark.parametrize("store", ["log", "sqlite"])
+def test_tasks_taken_and_not_yet_done_survive_kill_9_and_sigterm(store: str, tmp_path: Any) -> None:
+    # Round 6, FINDINGS-nemesis.md #2: a restart (kill -9 or SIGTERM) set a queue's
+    # unfinished count to the messages it held: the producer's join() returned at once,
+    # the consumer's next task_done() raised ValueError.
+    port = free_port()
+    args = ("--data-dir", str(tmp_path), "--store", store, "--fsync", "always")
+    proc = start_broker(port, *args)
+    try:
+        for how in (signal.SIGKILL, signal.SIGTERM):
+            url = f"pigeon://127.0.0.1:{port}/jobs-{how.name}"
+            with pigeon.Queue(url) as producer, pigeon.Queue(url) as consumer:
+                producer.put_many([1, 2, 3])
+                assert [consumer.get(timeout=5) for _ in range(3)] == [1, 2, 3]
+                consumer.task_done()  # one of three done; two taken and not done
+                proc.send_signal(how)
+                proc.wait(15)
+                proc = start_broker(port, *args)
+                assert producer._info()["unfinished"] == 2  # type: ignore[attr-defined]
+                with pytest.raises(TimeoutError):
+                    producer.join(timeout=0.5)
+                consumer.task_done()
+                consumer.task_done()
+                producer.join(timeout=5)
+                with pytest.raises(ValueError, match="more times than there were items"):
+                    consumer.task_done()
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 def test_client_gives_up_with_broken_resource_when_its_timeout_runs_out() -> None:
     port = free_port()
     with pytest.raises(BrokenResourceError, match=f"cannot connect to 127.0.0.1:{port}"):

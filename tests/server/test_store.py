@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pigeon.protocol import Ack, Deliver, Get, Put, PutBatch
+from pigeon.protocol import Ack, Delete, Deliver, Error, Get, Join, Ok, Put, PutBatch, TaskDone
 from pigeon.server.core import Broker
 from pigeon.server.store import DB_NAME, Durable, LogStore, SQLiteStore, StoreCorrupted
 
@@ -322,6 +322,63 @@ def test_a_get_costs_no_write_of_its_own(tmp_path: Path, kind: str) -> None:
     broker, store = open_broker(tmp_path, "batch", kind)
     broker.connection_made(1)
     assert [d.delivery_count for d in deliveries(broker.handle(1, Get(5, "q", 1, 0)))] == [2]
+    store.close()
+
+
+@pytest.mark.parametrize("fsync", ["always", "batch"])
+def test_tasks_taken_and_not_yet_done_survive_a_restart(
+    tmp_path: Path, fsync: str, kind: str
+) -> None:
+    # A queue's unfinished count (task_done/join) is what it holds plus the tasks taken
+    # (acked, or auto-acked by a GET) and not yet marked done; a restart kept only the
+    # first (round 6, FINDINGS-nemesis.md #2): join() returned at once after it, and the
+    # next task_done() raised ValueError.
+    broker, store = open_broker(tmp_path, fsync, kind)
+    broker.connection_made(1)
+    broker.handle(1, PutBatch(1, "q", [b"a", b"b", b"c", b"d"]))
+    deliveries(broker.handle(1, Get(2, "q", 2, 0)))  # auto-acked: gone from the store
+    (held,) = deliveries(broker.handle(1, Get(3, "q", 1, 0, manual_ack=True)))
+    broker.handle(1, Ack(4, "q", [held.id]))
+    changes = store.changes
+    assert broker.handle(1, TaskDone(5, "q", 1)) == [(1, Ok(5, 3))]
+    assert store.changes > changes  # a change: the server holds its reply for the commit
+    broker.handle(1, PutBatch(6, "early", [b"x", b"y"]))
+    broker.handle(1, TaskDone(7, "early", 1))  # marked done before it was taken
+    broker.handle(1, PutBatch(8, "gone", [b"z"]))
+    deliveries(broker.handle(1, Get(9, "gone", 1, 0)))
+    broker.handle(1, Delete(10, "gone"))  # its count goes with it
+    store.close()
+
+    broker, store = open_broker(tmp_path, fsync, kind)
+    broker.connection_made(1)
+    assert [broker.queues[n].unfinished for n in ("q", "early")] == [3, 1]
+    assert "gone" not in broker.queues
+    ((_, join),) = broker.handle(1, Join(1, "q", 0))
+    assert isinstance(join, Error) and join.code == "timeout"
+    assert broker.handle(1, TaskDone(2, "q", 2)) == [(1, Ok(2, 1))]  # 1: "d", still held
+    store.close()
+
+    broker, store = open_broker(tmp_path, fsync, kind)
+    assert broker.queues["q"].unfinished == 1
+    assert store.recover_taken() == {"early": -1}  # "q": taken 0, kept as no entry
+    store.close()
+
+
+def test_a_sqlite_store_written_before_the_tasks_table_counts_none_taken(tmp_path: Path) -> None:
+    with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME)) as db, db:
+        db.executescript(
+            "CREATE TABLE messages (id INTEGER PRIMARY KEY, queue TEXT NOT NULL, payload BLOB "
+            "NOT NULL, crc INTEGER NOT NULL, deliveries INTEGER NOT NULL DEFAULT 0);"
+            "CREATE TABLE queues (name TEXT PRIMARY KEY, settings TEXT NOT NULL);"
+        )
+        db.execute("INSERT INTO messages VALUES (1, 'q', x'6f6c64', ?, 0)", (zlib_crc(b"old"),))
+    broker, store = open_broker(tmp_path, "batch", "sqlite")
+    assert store.recover_taken() == {} and broker.queues["q"].unfinished == 1
+    broker.connection_made(1)
+    deliveries(broker.handle(1, Get(1, "q", 1, 0)))
+    store.close()
+    broker, store = open_broker(tmp_path, "batch", "sqlite")
+    assert broker.queues["q"].unfinished == 1 and store.recover_taken() == {"q": 1}
     store.close()
 
 

@@ -33,11 +33,13 @@ class Recorder(Store):
         messages: list[tuple[str, Stored]] | None = None,
         queues: dict[str, dict[str, Any]] | None = None,
         dedup: dict[str, dict[str, float]] | None = None,
+        taken: dict[str, int] | None = None,
     ) -> None:
         self.calls: list[tuple[Any, ...]] = []
         self._messages = messages or []
         self._queues = queues or {}
         self._dedup = dedup or {}
+        self._taken = taken or {}
 
     def added(self, queue: str, msg: Stored) -> None:
         self.calls.append(("added", queue, msg.id))
@@ -57,6 +59,9 @@ class Recorder(Store):
     def declared(self, queue: str, settings: dict[str, Any] | None) -> None:
         self.calls.append(("declared", queue, settings))
 
+    def taken(self, queue: str, n: int) -> None:
+        self.calls.append(("taken", queue, n))
+
     def recover(self) -> list[tuple[str, Stored]]:
         return self._messages
 
@@ -65,6 +70,9 @@ class Recorder(Store):
 
     def recover_dedup(self) -> dict[str, dict[str, float]]:
         return self._dedup
+
+    def recover_taken(self) -> dict[str, int]:
+        return self._taken
 
     def of(self, kind: str) -> list[tuple[Any, ...]]:
         return [c[1:] for c in self.calls if c[0] == kind]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pigeon.protocol import Get, Put
+from pigeon.protocol import Error, Get, Join, Put, TaskDone
 from pigeon.protocol.messages import Confirmed
 from pigeon.server.core import Broker, BrokerState, Extra, Stored
 from tests.server.core._broker import A, Recorder, payloads, replies
@@ -81,3 +81,19 @@ def test_the_bare_state_leaves_its_store_unread() -> None:
     store = Recorder(messages=[("q", Stored(1, b"x"))], queues={"q": {"maxsize": 1}})
     assert BrokerState(store).queues == {}
     assert set(Broker(store).queues) == {"q"}
+
+
+def test_tasks_taken_and_not_yet_done_are_unfinished_after_a_restart() -> None:
+    # unfinished = what the store holds + the tasks it kept as taken and not yet done;
+    # a count that would go below 0 (a message of it quarantined since) is 0, and told.
+    store = Recorder(
+        messages=[("q", Stored(1, b"held"))],
+        taken={"q": 2, "gone": 5, "less": -3},
+    )
+    b = broker(store)
+    assert [b.queues[n].unfinished for n in ("q", "gone", "less")] == [3, 5, 0]
+    assert store.of("taken") == [("less", 0)]
+    (late,) = replies(b.handle(A, Join(1, "gone", 0)), A)
+    assert isinstance(late, Error) and late.code == "timeout"
+    b.handle(A, TaskDone(2, "gone", 5))
+    assert store.of("taken")[-1] == ("gone", 0)

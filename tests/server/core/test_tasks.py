@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from pigeon.protocol import Cancel, Error, Get, Join, Ok, Put, PutBatch, TaskDone
+from pigeon.protocol import Ack, Cancel, Error, Get, Join, Ok, Purge, Put, PutBatch, TaskDone
 from pigeon.server.core import Broker
 from pigeon.server.limits import Limits
-from tests.server.core._broker import A, B, C, replies
+from tests.server.core._broker import A, B, C, Recorder, ids, replies
 
 
 def test_task_done_and_join(broker: Broker) -> None:
@@ -95,3 +95,26 @@ def test_cancelling_among_many_joins_without_a_wait_looks_up_not_scans() -> None
     b.handle(A, Join(300_000, "q"))
     b.handle(A, Join(300_000, "q"))  # the same req while it waits: one JOIN
     assert b.parked(A) == 200_000
+
+
+def test_the_store_keeps_each_queues_tasks_taken_and_not_yet_done() -> None:
+    # unfinished - held: what a restart cannot rebuild from the messages the store holds
+    # (round 6, FINDINGS-nemesis.md #2). An ACK or a GET's auto-ack adds to it, TASK_DONE
+    # takes off, a purge's max(0, ...) may clamp it; the store is told only of changes.
+    store = Recorder()
+    b = Broker(store)
+    b.connection_made(A)
+    b.handle(A, PutBatch(1, "q", [b"1", b"2", b"3", b"4"]))
+    b.handle(A, Get(2, "q", 1, 0))  # auto-acked
+    (got,) = replies(b.handle(A, Get(3, "q", 2, 0, manual_ack=True)), A)
+    b.handle(A, Ack(4, "q", ids(got)))
+    assert store.of("taken") == [("q", 1), ("q", 3)]
+    assert replies(b.handle(A, TaskDone(5, "q", 2)), A) == [Ok(5, 2)]
+    assert store.of("taken")[-1] == ("q", 1)  # 2 unfinished: 1 held, 1 taken
+    b.handle(A, TaskDone(6, "q", 2))  # done before the last was taken: 0 unfinished
+    assert store.of("taken")[-1] == ("q", -1) and b.queues["q"].unfinished == 0
+    store.calls.clear()
+    b.handle(A, Purge(7, "q"))  # 0 unfinished, nothing held: the clamp made it 0
+    assert store.of("taken") == [("q", 0)]
+    b.handle(A, Put(8, "q", b"5"))
+    assert store.of("taken") == [("q", 0)]  # a put changes nothing taken

@@ -32,6 +32,7 @@ def drop(b: BrokerState, q: QueueState, *, in_flight: bool = False) -> int:
     for msg in dropped:
         b.store.removed(q.name, msg.id)
     q.unfinished = max(0, q.unfinished - len(dropped))
+    b._tasks_changed(q)  # (only if the max(0, ...) clamped it)
     return len(dropped)
 
 
@@ -136,6 +137,7 @@ def move(b: BrokerState, conn: Conn, m: Move) -> list[Out]:
         dst.ready.append(moved)
     src.unfinished = max(0, src.unfinished - n)
     dst.unfinished += n
+    b._tasks_changed(src)  # (only if the max(0, ...) clamped it)
     dst.put_total += n
     # the source has room now, for puts parked there too
     return [(conn, Ok(m.req, n)), *serve(b, dst), *serve(b, src), *finish_joins(b, src)]

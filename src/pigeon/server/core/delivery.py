@@ -145,6 +145,7 @@ def take(b: BrokerState, q: QueueState, w: GetWaiter) -> list[Delivery]:
     q.delivered_total += len(out)
     if removed:
         b.store.removed_many(name, removed)
+        b._tasks_changed(q)  # auto-acked: out of the store, still unfinished
     if leased:
         b.store.delivered(name, counted)
         lease(b, deadline, name, leased)

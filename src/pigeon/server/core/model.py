@@ -364,6 +364,10 @@ class QueueState:
     dedup_heap: list[tuple[float, str]] = field(default_factory=list)  # (until, id)
     stale: int = 0  # finished waiters still in the three lines above (an estimate >= 0)
     unfinished: int = 0
+    # What the store was last told of unfinished - held: tasks taken (acked) and not yet
+    # marked done (negative after task_done() for items still held). Kept across a restart
+    # (``BrokerState._tasks_changed``), so unfinished is too.
+    taken: int = 0
     shutdown: bool = False
     # counters for stats and metrics
     put_total: int = 0

@@ -7,6 +7,9 @@ is watched for its expiry (one whose ttl passed while the broker was down expire
 first tick, or when a GET meets it). Deliveries are stored: a message whose last allowed
 delivery was in flight when the broker stopped comes back after it, and goes to the dead
 letters - else one in flight at every crash would be delivered for ever.
+
+A queue's unfinished count (TASK_DONE, JOIN) is what it holds plus the tasks taken and
+not yet marked done, which the store keeps (``Store.taken``): a restart forgets neither.
 """
 
 from __future__ import annotations
@@ -51,7 +54,13 @@ def recover(b: BrokerState) -> None:
             q.ready.give_back(msg)
         else:
             q.ready.append(msg)
+    for name, taken in store.recover_taken().items():
+        q = b._queue(name, limit=False)
+        q.taken = taken
+        q.unfinished = max(0, q.unfinished + taken)  # (0: a message quarantined since)
     b._ids = itertools.count(last_id + 1)
     with store.atomic():
         for q, msg in spent:
             dead_letter(b, q, msg, "max_deliveries")
+        for q in b.queues.values():
+            b._tasks_changed(q)  # (nothing, unless the max(0, ...) above clamped it)

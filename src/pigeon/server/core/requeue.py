@@ -56,11 +56,13 @@ def dead_letter(b: BrokerState, q: QueueState, msg: Stored, reason: str) -> None
             b.store.removed(q.name, msg.id)  # further to go (no NAME.dead.dead)
             q.unfinished = max(0, q.unfinished - 1)
             q.dead_total += 1
+            b._tasks_changed(q)  # (only if the max(0, ...) clamped it)
             return
         requeue(b, q, msg)  # rejected again: it stays where it is
         return
     q.dead_total += 1
     q.unfinished = max(0, q.unfinished - 1)
+    b._tasks_changed(q)  # (only if the max(0, ...) clamped it)
     dead = b._queue(q.name + DEAD_SUFFIX, limit=False)
     if msg.extra is not None:  # a dead letter keeps its headers and priority, no timer
         q.expiring.pop(msg.id, None)

@@ -31,6 +31,7 @@ def settle(b: BrokerState, conn: Conn, m: Ack | Nack) -> list[Out]:
         if removed:
             q.acked_total += len(removed)
             b.store.removed_many(q.name, removed)
+            b._tasks_changed(q)  # out of the store, unfinished until TASK_DONE
     else:
         in_flight = q.in_flight
         for did in m.ids:

@@ -132,6 +132,16 @@ class BrokerState:
             )
         return q
 
+    def _tasks_changed(self, q: QueueState) -> None:
+        """Tell the store if ``q``'s tasks taken and not yet done changed: an ACK (or a
+        GET's auto-ack) takes a message out of the store but leaves it unfinished until
+        TASK_DONE, and a drop's ``max(0, ...)`` may clamp it. The store keeps this count
+        (``Store.taken``), so recovery gives back unfinished = what it holds + taken."""
+        taken = q.unfinished - q.held
+        if taken != q.taken:
+            q.taken = taken
+            self.store.taken(q.name, taken)
+
     def _forget_if_idle(self, name: str) -> None:
         q = self.queues.get(name)
         if q is not None and q.idle:

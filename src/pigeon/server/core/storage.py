@@ -68,6 +68,14 @@ class Store:
         """A queue's settings (maxsize, lease, max_deliveries, shutdown) changed, or
         the queue was deleted (``None``)."""
 
+    def taken(self, queue: str, n: int) -> None:
+        """``queue``'s tasks taken and not yet marked done are now ``n``: its unfinished
+        count beyond the messages it holds. An ACK (or a GET's auto-ack) adds to it,
+        TASK_DONE takes off; negative after task_done() for items still held; 0 is the
+        default (a store keeps nothing for it). A change like any other: a TASK_DONE's
+        reply waits for its commit. A deleted queue (``declared(queue, None)``) has
+        none."""
+
     def atomic(self) -> contextlib.AbstractContextManager[None]:
         """Changes made inside go to the store in one transaction."""
         return NO_TRANSACTION
@@ -115,4 +123,8 @@ class Store:
 
     def recover_dedup(self) -> dict[str, dict[str, float]]:
         """Dedup ids remembered at start: queue -> {id: wall-clock until}."""
+        return {}
+
+    def recover_taken(self) -> dict[str, int]:
+        """Each queue's tasks taken and not yet done at start (``taken``), if not 0."""
         return {}

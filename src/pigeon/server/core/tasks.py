@@ -50,6 +50,7 @@ def task_done(b: BrokerState, conn: Conn, m: TaskDone) -> list[Out]:
         )
         return [err(conn, m.req, Code.VALUE, why)]
     q.unfinished -= m.count
+    b._tasks_changed(q)  # a change: the reply waits for its commit
     return [(conn, Ok(m.req, q.unfinished)), *finish_joins(b, q)]
 
 

@@ -122,6 +122,7 @@ def _import(root: Path, sqlite_file: Path, segment_bytes: int) -> None:
     try:
         queues = old.recover_queues()
         dedup = old.recover_dedup()
+        taken = old.recover_taken()
         messages = list(old.recover())
     finally:
         old.close()
@@ -135,6 +136,8 @@ def _import(root: Path, sqlite_file: Path, segment_bytes: int) -> None:
             for name, ids in dedup.items():
                 for dedup_id, until in ids.items():
                     store.deduped(name, dedup_id, until)
+            for name, n in taken.items():
+                store.taken(name, n)
         for start in range(0, len(messages), _IMPORT_CHUNK):
             with store.atomic():  # one record a chunk: the mark makes the whole atomic
                 for queue, run in groupby(messages[start : start + _IMPORT_CHUNK], itemgetter(0)):

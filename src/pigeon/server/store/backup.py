@@ -97,6 +97,7 @@ def backup_log(data_dir: str | os.PathLike[str], target: str | os.PathLike[str])
                 "INSERT INTO queues VALUES (?, ?)",
                 [(name, json.dumps(s, sort_keys=True)) for name, s in state.queues.items()],
             )
+            db.executemany("INSERT INTO tasks VALUES (?, ?)", list(state.taken().items()))
     finally:
         db.close()
     return len(messages)

@@ -69,6 +69,7 @@ from pigeon.server.store.records import (
     PART,
     RECORD_HEADER,
     REQUEUED,
+    TASKS,
     Changes,
     Replayed,
     extra_bytes,
@@ -106,8 +107,8 @@ _payload = attrgetter("payload")
 # DEDUP op's framing and float: 14 bytes; a share of a record header).
 _STATE_OVERHEAD = 24
 # Keys of what is live in a segment: a message id, (queue,) for a queue's settings,
-# (queue, dedup id) for a dedup id.
-_Key = int | tuple[str] | tuple[str, str]
+# (queue, dedup id) for a dedup id, (queue, None) for its tasks taken and not yet done.
+_Key = int | tuple[str] | tuple[str, str] | tuple[str, None]
 _BULK = 8  # from this many messages a put or an ack is recorded with map, not one by one
 _MAX_RETRY_DELAY = 0.25
 # A change larger than this is written as several records, applied together at recovery
@@ -125,6 +126,11 @@ def _cut_torn_tail(path: Path, data: bytes, at: int) -> bytes:
 def _dedup_size(queue: str, dedup_id: str) -> int:
     """What writing a dedup id forward takes."""
     return len(queue.encode()) + len(dedup_id.encode()) + _STATE_OVERHEAD
+
+
+def _tasks_size(queue: str) -> int:
+    """What writing a queue's tasks taken and not yet done forward takes."""
+    return len(queue.encode()) + _STATE_OVERHEAD
 
 
 class LogStore(Durable):
@@ -162,6 +168,11 @@ class LogStore(Durable):
         self._queues = state.queues  # name -> settings
         self._queue_seg = state.queue_seg  # name -> the segment its settings were written to
         self._dedup = state.dedup  # queue -> dedup id -> (until, segment)
+        self._tasks = state.tasks  # queue -> (tasks taken and not yet done, segment)
+        # the TASKS op of each queue waiting to be written with batch _tasks_batch + 1: a
+        # later count for the queue in that batch updates it (the last value is what counts)
+        self._tasks_ops: dict[str, list[Any]] = {}
+        self._tasks_batch = -1
         self.recovery_seconds = time.perf_counter() - started
         # Live entries per segment (messages, queue settings, dedup ids): a segment with
         # none is deleted; the oldest one's are written forward once the log is over twice
@@ -178,6 +189,9 @@ class LogStore(Durable):
         for name, seg in self._queue_seg.items():
             self._seg_live[seg] += 1
             self._live_bytes += self._settings_size(name, self._queues[name])
+        for name, (_, seg) in self._tasks.items():
+            self._seg_live[seg] += 1
+            self._live_bytes += _tasks_size(name)
         # dedup ids by the time their window ends, to forget them then (lazily deleted:
         # an entry whose id was deleted or remembered again since is skipped)
         self._dedup_heap: list[tuple[float, str, str]] = []
@@ -329,6 +343,9 @@ class LogStore(Durable):
     def recover_dedup(self) -> dict[str, dict[str, float]]:
         return {q: {d: v[0] for d, v in ids.items()} for q, ids in self._dedup.items()}
 
+    def recover_taken(self) -> dict[str, int]:
+        return {q: v[0] for q, v in self._tasks.items()}
+
     def _settings_size(self, name: str, settings: dict[str, Any]) -> int:
         """What writing a queue's settings forward takes."""
         return len(self._encode([DECLARE, name, settings])) + _STATE_OVERHEAD
@@ -360,6 +377,10 @@ class LogStore(Durable):
         """Write ``op`` with the next record. ``change`` False: no reply waits for it (a
         delivery counted)."""
         self._ops.append(op)
+        self._changed(change)
+
+    def _changed(self, change: bool = True) -> None:
+        """Count what was just added to ``_ops`` and see that it is written."""
         if change:
             self.last_tag = self.batch + 1
             self.changes += 1
@@ -518,13 +539,36 @@ class LogStore(Durable):
         heapq.heappush(self._dedup_heap, (until, queue, dedup_id))
         self._add([DEDUP, queue, dedup_id, until])
 
+    def taken(self, queue: str, n: int) -> None:
+        old = self._tasks.pop(queue, None)
+        size = _tasks_size(queue)
+        if old is not None:
+            self._unlive(old[1], size)
+        if n:  # (0 is what a queue without an entry has: nothing live to keep)
+            self._tasks[queue] = (n, self._active)
+            self._seg_live[self._active] += 1
+            self._live_bytes += size
+        if self._tasks_batch != self.batch:  # a batch was written since: start afresh
+            self._tasks_batch, self._tasks_ops = self.batch, {}
+        op = self._tasks_ops.get(queue)
+        if op is None:  # the first count of this queue in the change being made
+            self._tasks_ops[queue] = op = [TASKS, queue, n]
+            self._add(op)
+        else:  # acks pipelined in one read: one op, with the last count
+            op[2] = n
+            self._changed()
+
     def declared(self, queue: str, settings: dict[str, Any] | None) -> None:
         old = self._queues.pop(queue, None)
         if old is not None:
             self._unlive(self._queue_seg.pop(queue), self._settings_size(queue, old))
-        if settings is None:  # deleted: its dedup ids are forgotten with it
+        if settings is None:  # deleted: its dedup ids and tasks are forgotten with it
             for dedup_id, (_, seg) in self._dedup.pop(queue, {}).items():
                 self._unlive(seg, _dedup_size(queue, dedup_id))
+            tasks = self._tasks.pop(queue, None)
+            if tasks is not None:
+                self._unlive(tasks[1], _tasks_size(queue))
+            self._tasks_ops.pop(queue, None)  # a later count comes after the deletion
         else:
             self._queues[queue] = settings
             self._queue_seg[queue] = self._active
@@ -689,6 +733,7 @@ class LogStore(Durable):
         keys: list[_Key] = [mid for mid, e in self._live.items() if e[0] == seg]
         keys += [(name,) for name, s in self._queue_seg.items() if s == seg]
         keys += [(q, d) for q, ids in self._dedup.items() for d, v in ids.items() if v[1] == seg]
+        keys += [(q, None) for q, v in self._tasks.items() if v[1] == seg]
         return keys
 
     def _forward(self, seg: int, keys: list[_Key]) -> None:
@@ -699,8 +744,9 @@ class LogStore(Durable):
         moving: list[tuple[int, str, Stored]] = []
         settings: list[str] = []
         dedup: list[tuple[str, str, float]] = []
+        tasks: list[str] = []
         size = 0
-        while keys and len(moving) + len(settings) + len(dedup) < _FORWARD_CHUNK:
+        while keys and len(moving) + len(settings) + len(dedup) + len(tasks) < _FORWARD_CHUNK:
             if size >= _FORWARD_BYTES:
                 break
             key = keys.pop()
@@ -712,6 +758,10 @@ class LogStore(Durable):
             elif len(key) == 1:
                 if self._queue_seg.get(key[0]) == seg:  # not declared again or deleted
                     settings.append(key[0])
+            elif key[1] is None:
+                entry_t = self._tasks.get(key[0])
+                if entry_t is not None and entry_t[1] == seg:  # not counted again since
+                    tasks.append(key[0])
             else:
                 queue, dedup_id = key
                 v = self._dedup.get(queue, {}).get(dedup_id)
@@ -727,6 +777,7 @@ class LogStore(Durable):
         ops = msgs_ops([(q, m) for _, q, m in reversed(moving)], payloads=True)
         ops += [[DECLARE, name, self._queues[name]] for name in settings]
         ops += [[DEDUP, q, d, until] for q, d, until in dedup]
+        ops += [[TASKS, name, self._tasks[name][0]] for name in tasks]
         if ops:
             self._write(ops)
         for mid, q, m in moving:
@@ -735,7 +786,9 @@ class LogStore(Durable):
             self._queue_seg[name] = active
         for q, d, until in dedup:
             self._dedup[q][d] = (until, active)
-        n = len(moving) + len(settings) + len(dedup)
+        for name in tasks:
+            self._tasks[name] = (self._tasks[name][0], active)
+        n = len(moving) + len(settings) + len(dedup) + len(tasks)
         self._seg_live[active] += n
         self._seg_live[seg] -= n
         if not keys and self._seg_live[seg]:  # cannot be; but never lose one: look again

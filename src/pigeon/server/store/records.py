@@ -68,6 +68,9 @@ MSGS = 9  # [9, queue, origin, reason, [extra, ...], [[id, payload?, deliveries,
 # written once, and shared again when it is read. A nil payload: a message already in the
 # log, moved here (a dead letter); else a message added as it is.
 DELIVERED = 10  # [10, [id, ...]]: each handed out once more (a GET with manual ack)
+TASKS = 11  # [11, queue, n]: the queue's tasks taken (acked) and not yet marked done are
+# now n - its unfinished count beyond the messages it holds (absolute: the last one wins;
+# 0 or none, as in logs written before it: none)
 
 # A live message: (segment number, queue, message).
 Entry = tuple[int, str, Stored]
@@ -83,11 +86,15 @@ class Replayed:
         self.queues: dict[str, dict[str, Any]] = {}
         self.queue_seg: dict[str, int] = {}
         self.dedup: dict[str, dict[str, tuple[float, int]]] = {}  # queue -> id -> (until, seg)
+        self.tasks: dict[str, tuple[int, int]] = {}  # queue -> (tasks taken, not done; seg)
         self.bad_records = 0
         self.bad_bytes = 0
 
     def dedup_ids(self) -> dict[str, dict[str, float]]:
         return {q: {d: v[0] for d, v in ids.items()} for q, ids in self.dedup.items()}
+
+    def taken(self) -> dict[str, int]:
+        return {q: v[0] for q, v in self.tasks.items()}
 
     def apply(self, seg: int, ops: list[Any]) -> None:
         live = self.live
@@ -133,11 +140,17 @@ class Replayed:
                     self.queues.pop(op[1], None)
                     self.queue_seg.pop(op[1], None)
                     self.dedup.pop(op[1], None)
+                    self.tasks.pop(op[1], None)
                 else:
                     self.queues[op[1]] = op[2]
                     self.queue_seg[op[1]] = seg
             elif kind == DEDUP:
                 self.dedup.setdefault(op[1], {})[op[2]] = (op[3], seg)
+            elif kind == TASKS:
+                if op[2]:
+                    self.tasks[op[1]] = (op[2], seg)
+                else:
+                    self.tasks.pop(op[1], None)
             elif kind == SETTINGS:
                 self.queues = dict(op[1])
                 self.queue_seg = dict.fromkeys(self.queues, seg)

@@ -86,6 +86,13 @@ CREATE TABLE IF NOT EXISTS shared (
     id INTEGER PRIMARY KEY,
     data BLOB NOT NULL  -- MessagePack [origin, reason, Extra or nil]
 );
+-- A queue's tasks taken (acked) and not yet marked done: its unfinished count beyond the
+-- messages it holds. No row (a store written before this table, too): 0. Not a column of
+-- queues: a queue that was never declared has no row there, and a row there declares it.
+CREATE TABLE IF NOT EXISTS tasks (
+    queue TEXT PRIMARY KEY,
+    taken INTEGER NOT NULL
+) WITHOUT ROWID;
 """
 # What messages share - a batch's options, a NACK's reason - is a row of ``shared``, written
 # once and named by each message's ``attrs``; deleted with the last message naming it.
@@ -304,6 +311,14 @@ class SQLiteStore(Durable):
             out.setdefault(queue, {})[dedup_id] = until
         return out
 
+    def recover_taken(self) -> dict[str, int]:
+        """Each queue's tasks taken and not yet done (those with a row)."""
+        try:
+            rows = self._db.execute("SELECT queue, taken FROM tasks").fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise StoreCorrupted(f"{self.path} is damaged ({exc})") from exc
+        return {queue: int(taken) for queue, taken in rows if taken}
+
     def attach(self, loop: Any) -> None:
         """Commit in ``loop``'s thread once per turn of the loop - no thread hop per commit
         - and leave fsyncs and checkpoints to a background thread. Call before ``start``."""
@@ -445,8 +460,15 @@ class SQLiteStore(Durable):
             self._shared.forget()
             self._add("undeclare", (queue,))
             self._add("undedup", (queue,))
+            self._add("untaken", (queue,))
         else:
             self._add("declare", (queue, json.dumps(settings, sort_keys=True)))
+
+    def taken(self, queue: str, n: int) -> None:
+        if n:
+            self._add("taken", (queue, n))
+        else:
+            self._add("untaken", (queue,))
 
     def requeued(self, queue: str, msg: Stored) -> None:
         due = msg.extra.due if msg.extra is not None else 0.0  # a NACK's delay
@@ -543,6 +565,8 @@ class SQLiteStore(Durable):
         "deliveries": "UPDATE messages SET deliveries = ?, due = ? WHERE id = ?",
         "declare": "INSERT OR REPLACE INTO queues VALUES (?, ?)",
         "undeclare": "DELETE FROM queues WHERE name = ?",
+        "taken": "INSERT OR REPLACE INTO tasks VALUES (?, ?)",
+        "untaken": "DELETE FROM tasks WHERE queue = ?",
     }
 
     @classmethod
