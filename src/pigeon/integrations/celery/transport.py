@@ -19,7 +19,11 @@ Connection URL
 Options (``broker_transport_options``)
     ``lease``: seconds each delivery is taken for, extended every third of it while the
     worker holds it (60). ``polling_interval``: how long a consumer of several queues
-    parks on one of them before looking at the others (0.1 s; one queue is never polled).
+    parks on one of them before looking at the others (0.1 s, at least 0.05 s: 0 would
+    spin; one queue is never polled). ``reconnect_timeout``: seconds a put, ack or other
+    call retries a lost connection before it raises to kombu (0: one new connection at
+    once), so Celery's own retry policies decide (``task_publish_retry_policy``,
+    ``broker_connection_retry``), as on kombu's other transports.
 
 Delivery guarantees
     At-least-once. A message stays the broker's until the worker acks it; a worker that
@@ -71,6 +75,9 @@ from pigeon.integrations.celery.qos import QoS
 __all__ = ["Channel", "Transport"]
 
 logger = logging.getLogger(__name__)
+
+# The least time a consumer of several queues parks on one of them (``polling_interval``)
+MIN_POLLING_INTERVAL = 0.05
 
 _NO_FANOUT = (
     "pigeon:// has no {type} exchange (exchange {exchange!r}): pigeon's broker delivers each "
@@ -449,7 +456,9 @@ class Transport(virtual.Transport):
                 for ch, q in ready:
                     if ch.deliver_from(q, 0.0):
                         return
-                park = min(remaining, self.polling_interval)
+                # 0 (kombu's Redis/SQS meaning: no sleep between long polls) would make
+                # this a busy loop of GETs that do not wait: parked GETs are the long poll
+                park = min(remaining, max(self.polling_interval or 0.0, MIN_POLLING_INTERVAL))
             else:
                 park = min(remaining, 5.0)
             ch, q = ready[0]
