@@ -269,8 +269,8 @@ def test_a_message_the_worker_would_skip_is_not_held_by_it(own: Setup) -> None:
 
     async def put() -> None:
         client = PigeonBroker(own.url)
-        await client.kick(BrokerMessage(task_id="x", task_name="newtask",
-                                        message=unknown.model_dump_json().encode(), labels={}))  # fmt: skip
+        body = unknown.model_dump_json().encode()
+        await client.kick(BrokerMessage(task_id="x", task_name="newtask", message=body, labels={}))
         await client.shutdown()
 
     with pigeon.Queue(own.url, serializer="raw") as q:
