@@ -344,3 +344,19 @@ def test_a_slash_in_a_url_path_is_refused_naming_the_escape() -> None:
         pigeon.Queue("pigeon://127.0.0.1:7878/reports/daily")
     with pigeon.Queue("pigeon://127.0.0.1:7878/reports%2Fdaily") as q:
         assert q.name == "reports/daily"
+
+
+def test_a_dedup_id_without_the_same_task_id_is_warned_about_once(
+    broker: BrokerThread, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pigeon.integrations.celery import transport
+
+    monkeypatch.setattr(transport, "_dedup_noted", [])
+    name = fresh()
+    with caplog.at_level(logging.WARNING), connect(broker) as conn:
+        publish(conn, name, 1, headers={"id": "same"}, dedup_id="same")  # as advised: quiet
+        for n in range(2):
+            publish(conn, name, n, headers={"id": f"task-{n}"}, dedup_id="other")
+    noted = [r for r in caplog.records if "its AsyncResult never resolves" in r.getMessage()]
+    assert len(noted) == 1
+    assert "pass task_id=dedup_id too" in noted[0].getMessage()

@@ -154,6 +154,8 @@ class Channel(virtual.Channel):
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         opts = put_options(message, time.time(), self._top_priority.get(queue))
+        if "dedup_id" in opts:
+            _note_dedup_task_id(message, str(opts["dedup_id"]))
         self._queue(queue).put(dumps(message).encode(), **opts)  # type: ignore[arg-type]
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
@@ -334,6 +336,29 @@ def _note_foreign_options(options: dict[str, Any]) -> None:
             name,
             _FOREIGN[name],
         )
+
+
+_dedup_noted: list[bool] = []
+
+
+def _note_dedup_task_id(message: dict[str, Any], dedup_id: str) -> None:
+    """Say once that a dedup id without the same task id hands a repeat's caller an
+    ``AsyncResult`` that never resolves: the broker confirms the repeat and stores
+    nothing, but Celery made the task id before the put, and the task that runs is the
+    first one, under its own id."""
+    headers = message.get("headers") or {}
+    task_id = headers.get("id") if isinstance(headers, dict) else None
+    if task_id is None or task_id == dedup_id or _dedup_noted:
+        return
+    _dedup_noted.append(True)
+    logger.warning(
+        "pigeon: apply_async(dedup_id=%r) with another task_id (%r): if the broker drops "
+        "this send as a repeat, its AsyncResult never resolves (the first send's task is "
+        "the one that runs); pass task_id=dedup_id too, so a repeat's result is the "
+        "first one's (docs/integrations/celery.md). Said once per process",
+        dedup_id,
+        task_id,
+    )
 
 
 def _worker_stopping() -> bool:
