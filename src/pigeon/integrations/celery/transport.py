@@ -355,7 +355,8 @@ def _note_dedup_task_id(message: dict[str, Any], dedup_id: str) -> None:
         "pigeon: apply_async(dedup_id=%r) with another task_id (%r): if the broker drops "
         "this send as a repeat, its AsyncResult never resolves (the first send's task is "
         "the one that runs); pass task_id=dedup_id too, so a repeat's result is the "
-        "first one's (docs/integrations/celery.md). Said once per process",
+        "first one's on a result backend that stores results (docs/integrations/"
+        "celery.md). Said once per process",
         dedup_id,
         task_id,
     )
