@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -43,7 +44,7 @@ def connect(broker: BrokerThread, **transport_options: Any) -> Connection:
 
 
 def info(broker: BrokerThread, queue: str) -> dict[str, Any]:
-    with pigeon.Queue(broker.url(queue)) as q:
+    with pigeon.Queue(broker.url(quote(queue, safe=""))) as q:
         value: dict[str, Any] = q.stats()["queues"].get(queue, {})
     return value
 
@@ -302,3 +303,60 @@ def test_a_delivery_the_broker_took_back_is_reported_once_and_its_ack_does_not_r
     said = [r.getMessage() for r in caplog.records]
     assert len([s for s in said if "could not extend" in s]) == 1
     assert len([s for s in said if "could not ack" in s]) == 1
+
+
+def test_polling_interval_zero_does_not_make_a_consumer_of_two_queues_spin(
+    broker: BrokerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pigeon.integrations.celery.transport import Channel
+
+    takes = 0
+    take = Channel._take
+
+    def counted(self: Channel, queue: str, wait: float, no_ack: bool) -> dict[str, Any]:
+        nonlocal takes
+        takes += 1
+        return take(self, queue, wait, no_ack)
+
+    monkeypatch.setattr(Channel, "_take", counted)
+    with connect(broker, polling_interval=0) as conn:
+        queues = [Queue(fresh()), Queue(fresh())]
+        with conn.Consumer(queues, callbacks=[lambda body, m: None]), pytest.raises(TimeoutError):
+            conn.drain_events(timeout=1.0)
+    # three GETs (two looks, one park of at least 0.05 s) a round: not thousands
+    assert takes <= 3 * 1.0 / 0.05 + 3
+
+
+def test_a_queue_named_with_a_slash_round_trips(broker: BrokerThread) -> None:
+    name = f"reports/{fresh()}"
+    with connect(broker) as conn:
+        publish(conn, name, {"n": 1})
+        q = conn.SimpleQueue(name)
+        m = q.get(timeout=5)
+        assert m.payload == {"n": 1}
+        m.ack()
+        q.close()
+    assert info(broker, name)["acked_total"] == 1
+
+
+def test_a_slash_in_a_url_path_is_refused_naming_the_escape() -> None:
+    with pytest.raises(pigeon.InvalidURL, match=r"a queue name with '/' is written %2F"):
+        pigeon.Queue("pigeon://127.0.0.1:7878/reports/daily")
+    with pigeon.Queue("pigeon://127.0.0.1:7878/reports%2Fdaily") as q:
+        assert q.name == "reports/daily"
+
+
+def test_a_dedup_id_without_the_same_task_id_is_warned_about_once(
+    broker: BrokerThread, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pigeon.integrations.celery import transport
+
+    monkeypatch.setattr(transport, "_dedup_noted", [])
+    name = fresh()
+    with caplog.at_level(logging.WARNING), connect(broker) as conn:
+        publish(conn, name, 1, headers={"id": "same"}, dedup_id="same")  # as advised: quiet
+        for n in range(2):
+            publish(conn, name, n, headers={"id": f"task-{n}"}, dedup_id="other")
+    noted = [r for r in caplog.records if "its AsyncResult never resolves" in r.getMessage()]
+    assert len(noted) == 1
+    assert "pass task_id=dedup_id too" in noted[0].getMessage()

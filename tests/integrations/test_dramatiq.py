@@ -413,3 +413,28 @@ def test_a_lower_dramatiq_priority_is_never_delivered_after_a_higher_one(a: int,
     if a <= b:  # a comes first in Dramatiq, so never later in pigeon
         assert pigeon_priority(a) >= pigeon_priority(b)
     assert 0 <= pigeon_priority(a) <= 9
+
+
+def test_a_send_while_the_broker_is_down_fails_within_reconnect_timeout() -> None:
+    import dramatiq
+    from dramatiq.errors import ConnectionClosed
+
+    from pigeon.integrations.dramatiq import PigeonBroker
+
+    port = free_port()
+    proc = start_broker(port)
+    broker = PigeonBroker(url=f"pigeon://127.0.0.1:{port}", reconnect_timeout=0)
+    try:
+        actor = dramatiq.actor(lambda: None, actor_name="noop", broker=broker)
+        actor.send()  # connected
+        proc.kill()
+        proc.wait(30)
+        started = time.monotonic()
+        with pytest.raises(ConnectionClosed):
+            actor.send()
+        assert time.monotonic() - started < 5  # the default, 30 s, rides out a restart
+    finally:
+        broker.close()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)

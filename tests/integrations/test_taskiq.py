@@ -259,3 +259,29 @@ def test_the_example_app_runs_under_taskiq_worker(pigeon_url: str, tmp_path: Pat
         assert waited >= 3.0
     finally:
         worker.stop()
+
+
+def test_a_message_the_worker_would_skip_is_not_held_by_it(own: Setup) -> None:
+    from taskiq import BrokerMessage, TaskiqMessage
+
+    own.worker()
+    unknown = TaskiqMessage(task_id="x", task_name="newtask", labels={}, args=[], kwargs={})
+
+    async def put() -> None:
+        client = PigeonBroker(own.url)
+        body = unknown.model_dump_json().encode()
+        await client.kick(BrokerMessage(task_id="x", task_name="newtask", message=body, labels={}))
+        await client.shutdown()
+
+    with pigeon.Queue(own.url, serializer="raw") as q:
+        q.put(b"garbage")
+    asyncio.run(put())
+    t = tag()
+    own.kick(taskiq_app.add, t, 1, 2)
+    wait_for("add", lambda: own.events("add", tag=t))
+    with pigeon.Queue(f"{own.url}.dead", serializer="raw") as dead:
+        (shown,) = wait_for("the dead letter", lambda: dead.peek(10))
+    assert (shown["payload"], shown["reason"][:13]) == (b"garbage", "undecodable: ")
+    # the unknown task waits in the queue for a worker that knows it, held by none
+    info = wait_for("newtask given back", lambda: (i := own.info())["in_flight"] == 0 and i)
+    assert info["depth"] == 1

@@ -16,7 +16,7 @@ from tests.integrations._support import require
 
 require("taskiq", "taskiq")
 
-from taskiq import AckableMessage, BrokerMessage  # noqa: E402
+from taskiq import AckableMessage, BrokerMessage, TaskiqMessage  # noqa: E402
 
 from pigeon.integrations.taskiq import PigeonBroker  # noqa: E402
 
@@ -27,8 +27,21 @@ def server() -> Iterator[BrokerThread]:
         yield b
 
 
+def body(n: int) -> bytes:
+    """The bytes taskiq's formatter makes of task ``t`` called with ``n``."""
+    msg = TaskiqMessage(task_id=f"id{n}", task_name="t", labels={}, args=[n], kwargs={})
+    return msg.model_dump_json().encode()
+
+
 def message(n: int, **labels: Any) -> BrokerMessage:
-    return BrokerMessage(task_id=f"id{n}", task_name="t", message=b"m%d" % n, labels=labels)
+    return BrokerMessage(task_id=f"id{n}", task_name="t", message=body(n), labels=labels)
+
+
+def worker_broker(url: str, **kwargs: Any) -> PigeonBroker:
+    """A broker as a worker has it: task ``t`` registered."""
+    broker = PigeonBroker(url, **kwargs)
+    broker.register_task(lambda n: n, task_name="t")
+    return broker
 
 
 async def take(gen: AsyncIterator[AckableMessage], timeout: float = 10.0) -> AckableMessage:
@@ -48,12 +61,12 @@ def test_listen_yields_the_kicked_bytes_and_its_ack_is_the_pigeon_ack(
     url = server.url(queue_name())
 
     async def run() -> None:
-        broker = PigeonBroker(url)
+        broker = worker_broker(url)
         await broker.startup()
         await broker.kick(message(1))
         gen = broker.listen()
         m = await take(gen)
-        assert m.data == b"m1"
+        assert m.data == body(1)
         assert info(url)["in_flight"] == 1
         await m.ack()
         assert info(url)["in_flight"] == 0
@@ -68,7 +81,7 @@ def test_a_task_not_acked_goes_back_when_the_worker_closes(server: BrokerThread)
     url = server.url(queue_name())
 
     async def run() -> None:
-        worker = PigeonBroker(url)
+        worker = worker_broker(url)
         await worker.kick(message(1))  # before startup: the handle opens on first use
         gen = worker.listen()
         await take(gen)
@@ -77,14 +90,14 @@ def test_a_task_not_acked_goes_back_when_the_worker_closes(server: BrokerThread)
 
     asyncio.run(run())
     with pigeon.Queue(url, serializer="raw") as q, q.get_message(timeout=5) as msg:
-        assert (msg.body, msg.delivery_count) == (b"m1", 2)
+        assert (msg.body, msg.delivery_count) == (body(1), 2)
 
 
 def test_the_keeper_holds_a_task_past_many_leases(server: BrokerThread) -> None:
     url = server.url(queue_name())
 
     async def run() -> None:
-        worker = PigeonBroker(url, lease=0.4)
+        worker = worker_broker(url, lease=0.4)
         other = pigeon.AsyncQueue(url, serializer="raw")
         await worker.kick(message(1))
         gen = worker.listen()
@@ -122,7 +135,7 @@ def test_listen_ends_when_the_queue_is_shut_down_and_drained(server: BrokerThrea
     url = server.url(queue_name())
 
     async def run() -> list[bytes]:
-        worker = PigeonBroker(url)
+        worker = worker_broker(url)
         await worker.kick(message(1))
         await worker.kick(message(2))
         with pigeon.Queue(url) as q:
@@ -134,7 +147,7 @@ def test_listen_ends_when_the_queue_is_shut_down_and_drained(server: BrokerThrea
         await worker.shutdown()
         return got
 
-    assert asyncio.run(asyncio.wait_for(run(), 20)) == [b"m1", b"m2"]
+    assert asyncio.run(asyncio.wait_for(run(), 20)) == [body(1), body(2)]
 
 
 def test_startup_fails_when_no_broker_listens() -> None:
@@ -159,3 +172,78 @@ def test_bad_arguments_are_refused() -> None:
         PigeonBroker("jobs")
     with pytest.raises(ValueError, match="lease must be a number of seconds more than 0"):
         PigeonBroker("pigeon://127.0.0.1:7878/q", lease=0)
+
+
+def test_a_message_that_does_not_parse_is_dead_lettered_not_yielded(
+    server: BrokerThread,
+) -> None:
+    url = server.url(queue_name())
+
+    async def run() -> bytes:
+        worker = worker_broker(url)
+        async with pigeon.AsyncQueue(url, serializer="raw") as q:
+            await q.put(b"garbage")
+        await worker.kick(message(1))
+        gen = worker.listen()
+        m = await take(gen)
+        await m.ack()
+        await gen.aclose()
+        await worker.shutdown()
+        return m.data
+
+    assert asyncio.run(run()) == body(1)
+    with pigeon.Queue(url + ".dead", serializer="raw") as dead:
+        (shown,) = dead.peek(10)
+    assert shown["payload"] == b"garbage"
+    assert shown["reason"].startswith("undecodable: ")
+    assert info(url)["in_flight"] == 0
+
+
+def test_a_task_this_worker_does_not_know_goes_back_for_a_worker_that_does(
+    server: BrokerThread,
+) -> None:
+    url = server.url(queue_name())
+    unknown = BrokerMessage(task_id="x", task_name="newtask", message=TaskiqMessage(
+        task_id="x", task_name="newtask", labels={}, args=[], kwargs={}
+    ).model_dump_json().encode(), labels={})  # fmt: skip
+
+    async def run() -> int:
+        old = worker_broker(url, unknown_task_delay=0.5)
+        new = PigeonBroker(url)
+        new.register_task(lambda: None, task_name="newtask")
+        await old.kick(unknown)
+        old_gen = old.listen()
+        with pytest.raises(TimeoutError):  # skipped, not yielded
+            await take(old_gen, timeout=1.0)
+        assert len(old._keeper) == 0  # nothing held for it
+        new_gen = new.listen()
+        m = await take(new_gen)
+        await m.ack()
+        for gen in (old_gen, new_gen):
+            await gen.aclose()
+        await old.shutdown()
+        await new.shutdown()
+        return info(url)["in_flight"]
+
+    assert asyncio.run(run()) == 0
+
+
+def test_a_message_taskiq_drops_without_an_ack_is_no_longer_held(server: BrokerThread) -> None:
+    url = server.url(queue_name())
+
+    async def run() -> int:
+        worker = worker_broker(url, lease=0.4)
+        await worker.kick(message(1))
+        gen = worker.listen()
+        m = await take(gen)
+        assert len(worker._keeper) == 1
+        del m  # what taskiq's receiver does with a message it will not run
+        await asyncio.sleep(0.2)
+        assert len(worker._keeper) == 0  # not extended for ever
+        again = await take(gen)  # given back at once, not after its lease
+        await again.ack()
+        await gen.aclose()
+        await worker.shutdown()
+        return info(url)["redelivered_total"]
+
+    assert asyncio.run(run()) == 1

@@ -1,5 +1,8 @@
 """Queue URLs: ``SCHEME://[USER[:PASSWORD]@]HOST[:PORT]/QUEUE[?OPTION=VALUE&...]``.
 
+QUEUE is percent-decoded: a name with ``/`` (``reports/daily``) is written ``reports%2Fdaily``,
+one with ``%`` ``%25``.
+
 One parser for every networked backend, so each says what is wrong the same way.
 """
 
@@ -33,11 +36,18 @@ class QueueURL:
         user, sep, password = userinfo.partition(":")
         self.username = unquote(user) if user else None
         self.password = unquote(password) if sep and password else None
-        self.queue = unquote(parts.path.lstrip("/"))
-        if not self.queue or "/" in self.queue:
+        path = parts.path.lstrip("/")
+        if not path:
             raise InvalidURL(
                 f"{url!r} names no queue: write {self.scheme}://{self.host}:{self.port}/QUEUE"
             )
+        if "/" in path:
+            raise InvalidURL(
+                f"{url!r} has a '/' in its path: a queue name with '/' is written %2F "
+                f"({self.scheme}://{self.host}:{self.port}/{path.replace('/', '%2F')})"
+            )
+        # percent-decoded once: %2F is a '/' in the name, %25 a '%'
+        self.queue = unquote(path)
         self.params = url_query(url)  # all of them; the queue options are from_url's
 
     @staticmethod

@@ -20,8 +20,10 @@ from pigeon.protocol.rules import MAX_PRIORITY, MAX_SECONDS
 
 __all__ = [
     "DEFAULT_LEASE",
+    "DEFAULT_RECONNECT_TIMEOUT",
     "MAX_SECONDS",
     "check_lease",
+    "check_reconnect_timeout",
     "eta_delay",
     "pigeon_priority",
     "put_options",
@@ -33,6 +35,11 @@ __all__ = [
 # while the worker holds the message, so it bounds only how long a frozen worker (its
 # process stopped, its TCP connection still answered by the kernel) keeps a task.
 DEFAULT_LEASE = 60.0
+
+# How long the transport's own calls retry a lost connection: not at all (one new
+# connection at once), so kombu's and Celery's retry policies decide, as on kombu's
+# other transports (a put: task_publish_retry_policy; a worker: broker_connection_retry).
+DEFAULT_RECONNECT_TIMEOUT = 0.0
 
 
 def check_lease(value: object) -> float:
@@ -46,6 +53,21 @@ def check_lease(value: object) -> float:
         raise ValueError(
             f"the pigeon transport's lease must be a number of seconds from more than 0 to "
             f"{MAX_SECONDS:.0f}, not {value!r}"
+        )
+    return float(value)
+
+
+def check_reconnect_timeout(value: object) -> float:
+    """The ``reconnect_timeout`` transport option, checked: seconds, >= 0."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 <= value <= MAX_SECONDS
+    ):
+        raise ValueError(
+            f"the pigeon transport's reconnect_timeout must be a number of seconds from 0 "
+            f"to {MAX_SECONDS:.0f}, not {value!r}"
         )
     return float(value)
 

@@ -22,7 +22,7 @@ from typing import Any
 from kombu.transport import virtual
 
 from pigeon._queue_base import Message
-from pigeon.errors import PigeonError
+from pigeon.errors import BrokenResourceError, ClosedResourceError, PigeonError
 
 __all__ = ["QoS"]
 
@@ -79,7 +79,7 @@ class QoS(virtual.QoS):
         try:
             message = self._release(delivery_tag)
             if message is not None:
-                self._settle(message, "ack", message.ack)
+                self.settle(message, "ack", message.ack)
         finally:
             super().ack(delivery_tag)
             self.on_room()
@@ -89,15 +89,16 @@ class QoS(virtual.QoS):
             message = self._release(delivery_tag)
             if message is not None:
                 if requeue:
-                    self._settle(message, "requeue", _requeue(message))
+                    self.settle(message, "requeue", _requeue(message))
                 else:
-                    self._settle(message, "reject", _dead_letter(message))
+                    self.settle(message, "reject", _dead_letter(message))
         finally:
             super().ack(delivery_tag)  # kombu forgets it either way
             self.on_room()
 
     @staticmethod
-    def _settle(message: Message[bytes], what: str, settle: Callable[[], None]) -> None:
+    def settle(message: Message[bytes], what: str, settle: Callable[[], None]) -> bool:
+        """``settle()`` ``message``; False (and a warning) if the broker refused it."""
         # A settle the broker refuses concerns a delivery it already took back (its lease
         # ran out, its connection dropped): that message was or will be delivered again,
         # which is at-least-once, not an error of the task. Say so, and carry on.
@@ -110,6 +111,15 @@ class QoS(virtual.QoS):
                 message.delivery_count,
                 exc,
             )
+            return False
+        return True
+
+    def give_back(self, delivery_tag: str) -> None:
+        """Requeue a delivery taken but never handed to kombu (the worker is stopping)."""
+        message = self._release(delivery_tag)
+        if message is not None:
+            self.settle(message, "give back", _requeue(message))
+        self.on_room()
 
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
         """Give every held delivery back to its queue at once (a channel closing)."""
@@ -118,9 +128,23 @@ class QoS(virtual.QoS):
             held = list(self._held.values())
             self._held.clear()
             self._lost.clear()
-        for message in held:
-            # the broker gives them back when the connection closes anyway
-            self._settle(message, "give back", _requeue(message))
+        for n, message in enumerate(held):
+            try:
+                message.nack(True)
+            except (BrokenResourceError, ClosedResourceError) as exc:
+                # The broker is out of reach (or the handle closed): it gives them back
+                # itself when their connection drops - now, or already. Trying the others
+                # would wait out a reconnect each: a warm shutdown in a broker outage
+                # would outlive its grace period.
+                logger.warning(
+                    "pigeon: could not give back %d held task message(s): %s; the broker "
+                    "gives them back when this worker's connection drops",
+                    len(held) - n,
+                    exc,
+                )
+                break
+            except PigeonError as exc:
+                logger.warning("pigeon: could not give back a task message: %s", exc)
         self._delivered.clear()
         return []
 

@@ -19,7 +19,11 @@ Connection URL
 Options (``broker_transport_options``)
     ``lease``: seconds each delivery is taken for, extended every third of it while the
     worker holds it (60). ``polling_interval``: how long a consumer of several queues
-    parks on one of them before looking at the others (0.1 s; one queue is never polled).
+    parks on one of them before looking at the others (0.1 s, at least 0.05 s: 0 would
+    spin; one queue is never polled). ``reconnect_timeout``: seconds a put, ack or other
+    call retries a lost connection before it raises to kombu (0: one new connection at
+    once), so Celery's own retry policies decide (``task_publish_retry_policy``,
+    ``broker_connection_retry``), as on kombu's other transports.
 
 Delivery guarantees
     At-least-once. A message stays the broker's until the worker acks it; a worker that
@@ -46,6 +50,7 @@ import logging
 import os
 import socket
 import ssl
+import sys
 import threading
 import time
 from queue import Empty
@@ -58,7 +63,9 @@ import pigeon
 from pigeon.backends.pigeon import BrokerQueue
 from pigeon.integrations.celery.mapping import (
     DEFAULT_LEASE,
+    DEFAULT_RECONNECT_TIMEOUT,
     check_lease,
+    check_reconnect_timeout,
     put_options,
     queue_name,
     queue_url,
@@ -68,6 +75,9 @@ from pigeon.integrations.celery.qos import QoS
 __all__ = ["Channel", "Transport"]
 
 logger = logging.getLogger(__name__)
+
+# The least time a consumer of several queues parks on one of them (``polling_interval``)
+MIN_POLLING_INTERVAL = 0.05
 
 _NO_FANOUT = (
     "pigeon:// has no {type} exchange (exchange {exchange!r}): pigeon's broker delivers each "
@@ -81,12 +91,22 @@ class Channel(virtual.Channel):
 
     QoS = QoS
     supports_fanout = False
-    from_transport_options = (*virtual.Channel.from_transport_options, "lease")  # type: ignore[assignment]
+    from_transport_options = (  # type: ignore[assignment]
+        *virtual.Channel.from_transport_options,
+        "lease",
+        "reconnect_timeout",
+    )
     lease = DEFAULT_LEASE
+    # Seconds a call without a deadline of its own (a put, an ack) retries a lost
+    # connection before it raises to kombu, whose retry policy (Celery's
+    # task_publish_retry_policy, broker_connection_retry) decides what comes next, as
+    # for kombu's other transports; 0: one new connection at once, then raise.
+    reconnect_timeout = DEFAULT_RECONNECT_TIMEOUT
 
     def __init__(self, connection: Any, **kwargs: Any) -> None:
         super().__init__(connection, **kwargs)
         self.lease = check_lease(self.lease)
+        self.reconnect_timeout = check_reconnect_timeout(self.reconnect_timeout)
         _note_foreign_options(self.connection.client.transport_options)
         client = self.connection.client
         self._vhost: str | None = client.virtual_host
@@ -107,7 +127,10 @@ class Channel(virtual.Channel):
             if handle is None:
                 url = self.connection.queue_url(queue_name(queue, self._vhost))
                 opened: pigeon.Queue[bytes] = pigeon.Queue(
-                    url, serializer="raw", client_name=_client_name()
+                    url,
+                    serializer="raw",
+                    reconnect_timeout=self.reconnect_timeout,
+                    client_name=_client_name(),
                 )
                 assert isinstance(opened, BrokerQueue)
                 self._queues[queue] = handle = opened
@@ -131,6 +154,8 @@ class Channel(virtual.Channel):
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         opts = put_options(message, time.time(), self._top_priority.get(queue))
+        if "dedup_id" in opts:
+            _note_dedup_task_id(message, str(opts["dedup_id"]))
         self._queue(queue).put(dumps(message).encode(), **opts)  # type: ignore[arg-type]
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
@@ -153,7 +178,18 @@ class Channel(virtual.Channel):
             time.sleep(min(wait, 1.0))
             raise Empty() from None
         self._shut.discard(queue)
-        payload: dict[str, Any] = loads(message.body)
+        try:
+            payload = self._envelope(message.body)
+        except Exception as exc:  # any bytes at all may be on the queue
+            # Not kombu's envelope (another client's bytes, a truncated body, a `pigeon
+            # move` from the wrong queue): raised from here it would end the worker, and
+            # the message, given back unacked, the next one too. Dead-letter it instead,
+            # as the Dramatiq adapter does, and carry on.
+            why = f"undecodable: not a kombu message envelope ({type(exc).__name__}: {exc})"
+            logger.error("pigeon: a message on queue %r moved to %r: %s", queue,
+                         f"{queue_name(queue, self._vhost)}.dead", why)  # fmt: skip
+            QoS.settle(message, "dead-letter", lambda: message.nack(False, reason=why[:500]))
+            raise Empty() from None
         props = payload["properties"]
         tag = f"{self.channel_id}.{next(self._tags)}"
         props["delivery_tag"] = tag
@@ -162,6 +198,19 @@ class Channel(virtual.Channel):
             message.ack()
         else:
             self.qos.hold(tag, message)
+        return payload
+
+    def _envelope(self, body: bytes) -> dict[str, Any]:
+        """kombu's message envelope in ``body``, checked as far as kombu's ``Message``
+        reads it; raises for anything else."""
+        payload = loads(body)
+        if not isinstance(payload, dict) or not isinstance(payload.get("properties"), dict):
+            raise ValueError("no 'properties' object")
+        headers = payload.get("headers")
+        if headers is not None and not isinstance(headers, dict):
+            raise ValueError("'headers' is not an object")
+        if payload.get("body"):
+            self.decode_body(payload["body"], payload["properties"].get("body_encoding"))
         return payload
 
     def _size(self, queue: str) -> int:
@@ -204,17 +253,24 @@ class Channel(virtual.Channel):
         return message
 
     def consumable(self) -> list[str]:
-        """The queues this channel consumes, if its prefetch window has room."""
+        """The queues this channel consumes, if its prefetch window has room (once the
+        Celery worker is stopping, only those whose messages need no ack)."""
         if self.closed or not self._consumers or not self.qos.can_consume():
             return []
+        if _worker_stopping():  # no more tasks; an rpc:// reply (no_ack) still comes
+            return [q for q in self._active_queues if q in self._no_ack]
         return list(self._active_queues)
 
     def deliver_from(self, queue: str, wait: float) -> bool:
         """Take one message from ``queue`` (parked up to ``wait`` s) and hand it to its
-        consumer; False if none came."""
+        consumer; False if none came, or if the worker began to stop meanwhile (the
+        message goes back to the queue)."""
         try:
             payload = self._take(queue, wait, queue in self._no_ack)
         except Empty:
+            return False
+        if _worker_stopping() and queue not in self._no_ack:
+            self.qos.give_back(payload["properties"]["delivery_tag"])
             return False
         self.connection._deliver(payload, queue)
         return True
@@ -280,6 +336,48 @@ def _note_foreign_options(options: dict[str, Any]) -> None:
             name,
             _FOREIGN[name],
         )
+
+
+_dedup_noted: list[bool] = []
+
+
+def _note_dedup_task_id(message: dict[str, Any], dedup_id: str) -> None:
+    """Say once that a dedup id without the same task id hands a repeat's caller an
+    ``AsyncResult`` that never resolves: the broker confirms the repeat and stores
+    nothing, but Celery made the task id before the put, and the task that runs is the
+    first one, under its own id."""
+    headers = message.get("headers") or {}
+    task_id = headers.get("id") if isinstance(headers, dict) else None
+    if task_id is None or task_id == dedup_id or _dedup_noted:
+        return
+    _dedup_noted.append(True)
+    logger.warning(
+        "pigeon: apply_async(dedup_id=%r) with another task_id (%r): if the broker drops "
+        "this send as a repeat, its AsyncResult never resolves (the first send's task is "
+        "the one that runs); pass task_id=dedup_id too, so a repeat's result is the "
+        "first one's on a result backend that stores results (docs/integrations/"
+        "celery.md). Said once per process",
+        dedup_id,
+        task_id,
+    )
+
+
+def _worker_stopping() -> bool:
+    """Has Celery's worker been asked to stop (SIGTERM, SIGQUIT)?
+
+    Celery runs a synchronous transport (this one) in its fallback ``synloop``, which
+    calls ``drain_events`` once more after a stop was asked (``try: maybe_shutdown()
+    finally: drain``): a message taken then would run - with ``-P solo`` to its end -
+    before the worker exits. The flags are those ``state.maybe_shutdown`` reads; kombu
+    without Celery never sets them."""
+    state = sys.modules.get("celery.worker.state")
+    if state is None:
+        return False
+    stop = getattr(state, "should_stop", None)
+    terminate = getattr(state, "should_terminate", None)
+    return (stop is not None and stop is not False) or (
+        terminate is not None and terminate is not False
+    )
 
 
 def _client_name() -> str:
@@ -374,7 +472,7 @@ class Transport(virtual.Transport):
             ready = [(ch, q) for ch in list(self.channels) for q in ch.consumable()]
             remaining = 5.0 if deadline is None else deadline - time.monotonic()
             if not ready:
-                if remaining <= 0:
+                if remaining <= 0 or _worker_stopping():
                     raise TimeoutError()
                 self._room.wait(min(remaining, 5.0))
                 continue
@@ -384,7 +482,9 @@ class Transport(virtual.Transport):
                 for ch, q in ready:
                     if ch.deliver_from(q, 0.0):
                         return
-                park = min(remaining, self.polling_interval)
+                # 0 (kombu's Redis/SQS meaning: no sleep between long polls) would make
+                # this a busy loop of GETs that do not wait: parked GETs are the long poll
+                park = min(remaining, max(self.polling_interval or 0.0, MIN_POLLING_INTERVAL))
             else:
                 park = min(remaining, 5.0)
             ch, q = ready[0]

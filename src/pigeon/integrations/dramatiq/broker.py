@@ -42,6 +42,9 @@ class PigeonBroker(Broker):
       lease: seconds a taken message stays with a worker process that stopped renewing
         it (600; a live worker renews it as long as the task runs; a dead one's
         connection drops and gives it back at once).
+      reconnect_timeout: seconds a call (a ``send``, an ack) retries while the broker
+        is down before it raises ``ConnectionClosed`` (30; 0: one new connection at once,
+        then raise - a send from a web request fails fast during a broker restart).
 
     Raises:
       pigeon.InvalidURL: not a pigeon URL, or one that names a queue.
@@ -54,12 +57,14 @@ class PigeonBroker(Broker):
         middleware: list[Middleware] | None = None,
         namespace: str = "dramatiq:",
         lease: float = DEFAULT_LEASE,
+        reconnect_timeout: float = 30.0,
     ) -> None:
         super().__init__(middleware=middleware)
         self._scheme, self._netloc, self._query = broker_url(url)
         self.url = url
         self.namespace = namespace
         self.lease = float(lease)
+        self.reconnect_timeout = float(reconnect_timeout)
         self.queues: set[str] = set()
         self._senders: dict[str, BrokerQueue[bytes]] = {}
         self._lock = threading.Lock()
@@ -74,7 +79,9 @@ class PigeonBroker(Broker):
         """A new handle on the queue (its own connections, one per thread that uses it)."""
         name = self.pigeon_queue_name(queue_name)
         url = queue_url(self._scheme, self._netloc, self._query, name)
-        q: pigeon.Queue[bytes] = pigeon.Queue(url, serializer="raw")
+        q: pigeon.Queue[bytes] = pigeon.Queue(
+            url, serializer="raw", reconnect_timeout=self.reconnect_timeout
+        )
         assert isinstance(q, BrokerQueue)
         return q
 

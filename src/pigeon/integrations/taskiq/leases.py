@@ -41,8 +41,9 @@ class LeaseKeeper:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._keep())
 
-    def release(self, message: Any) -> None:
-        self._held.pop(id(message), None)
+    def release(self, message: Any) -> bool:
+        """Stop extending ``message``; False if it was not held."""
+        return self._held.pop(id(message), None) is not None
 
     async def _keep(self) -> None:
         tick = self.lease / 4
