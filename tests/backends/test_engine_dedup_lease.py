@@ -16,19 +16,7 @@ import pytest
 import pigeon
 from pigeon.backends.nats import stream_name
 from tests._clusters import ScratchNats, need
-from tests._services import free_port, queue_name, require_service, wait_for_port
-
-
-@pytest.fixture
-def redis_url() -> str:
-    require_service("Redis", 6379)
-    return f"redis://127.0.0.1:6379/{queue_name()}"
-
-
-@pytest.fixture
-def nats_url() -> str:
-    require_service("NATS", 4222)
-    return f"nats://127.0.0.1:4222/{queue_name()}"
+from tests._services import free_port, queue_name, wait_for_port
 
 
 def _twice(q: pigeon.Queue[Any]) -> int:

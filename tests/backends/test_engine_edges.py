@@ -18,18 +18,6 @@ import pigeon
 from tests._services import queue_name, require_service
 
 
-@pytest.fixture
-def redis_url() -> str:
-    require_service("Redis", 6379)
-    return f"redis://127.0.0.1:6379/{queue_name()}"
-
-
-@pytest.fixture
-def nats_url() -> str:
-    require_service("NATS", 4222)
-    return f"nats://127.0.0.1:4222/{queue_name()}"
-
-
 def test_redis_consumers_leave_the_group_when_their_handles_close(redis_url: str) -> None:
     import redis
 

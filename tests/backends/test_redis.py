@@ -22,12 +22,6 @@ from tests._services import queue_name, require_service
 LONG = 10.0
 
 
-@pytest.fixture
-def redis_url() -> str:
-    require_service("Redis", 6379)
-    return f"redis://127.0.0.1:6379/{queue_name()}"
-
-
 def raw() -> Any:
     import redis
 
