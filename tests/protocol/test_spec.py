@@ -305,8 +305,10 @@ def test_purge_delete_peek_and_move(wire: Wire) -> None:
     wire.call(PUT, 3, q, b"later", 0, {"delay": 3600})
     held = wire.call(GET, 4, q, 1, 0, True)[2][0]  # a, the highest priority: in flight
     shown = wire.call(PEEK, 5, q)[2]  # max_items left out: 10
-    assert [m["payload"] for m in shown] == [b"b", b"c", b"d"]  # not in flight, not delayed
-    assert all(set(m) == PEEK_KEYS for m in shown)
+    # not in flight; the delayed one last, with its due
+    assert [m["payload"] for m in shown] == [b"b", b"c", b"d", b"later"]
+    assert all(set(m) == PEEK_KEYS for m in shown[:-1])
+    assert set(shown[-1]) == PEEK_KEYS | {"due"} and 3590 < shown[-1]["due"] <= 3600
     assert shown[0]["headers"] == {} and shown[0]["origin"] == "" and shown[0]["reason"] == ""
     assert [m["payload"] for m in wire.call(PEEK, 6, q, 1)[2]] == [b"b"]
     assert wire.call(MOVE, 7, q, to, 1) == [OK, 7, 1]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pigeon.protocol import Deliver, Error, Get, Ok, Put
-from pigeon.protocol.messages import Confirmed, PutOptions
+from pigeon.protocol import Deliver, Error, Get, Join, Ok, Put, TaskDone
+from pigeon.protocol.messages import Confirmed, Joined, PutOptions
 from pigeon.server.commit_gate import CommitGate
 from pigeon.server.core import Broker, Store
 
@@ -79,3 +79,40 @@ def test_overdue_confirmations_become_unavailable_and_the_rest_go_as_they_are() 
     ((c, err), other) = gate.overdue(5.0)
     assert c == 1 and isinstance(err, Error) and err.code == "unavailable" and err.req == 5
     assert other == (2, Ok(6, 0)) and len(gate) == 0 and not gate.owes(1)
+
+
+class TaskStore(PendingStore):
+    """PendingStore that also counts the tasks taken and not yet done as a change."""
+
+    def taken(self, queue: str, n: int) -> None:
+        self.changes += 1
+        self.last_tag = self.committed + 1
+
+
+def test_a_join_is_not_answered_before_the_task_done_that_ended_the_count_commits() -> None:
+    # A JOIN answered at once (no task left) changes nothing in the store, so it used to go
+    # out while the TASK_DONE that brought the count to 0 still waited for the disk: a
+    # crash then lost the TASK_DONE after join() had returned.
+    store = TaskStore()
+    broker = Broker(store)
+    broker.connection_made(1)
+    gate, now = gate_for(store)
+    applied(gate, broker, Put(1, "q", b"x"))
+    store.committed = store.last_tag
+    gate.committed(store.committed)
+    applied(gate, broker, Get(2, "q", 1, 0, False))  # auto-acked: taken (a change, held)
+    store.committed = store.last_tag
+    ((_, delivered),) = gate.committed(store.committed)
+    assert isinstance(delivered, Deliver)
+    assert applied(gate, broker, TaskDone(3, "q", 1)) == []  # held for its batch
+    assert applied(gate, broker, Join(4, "q", 0.0)) == []  # held behind it
+    store.committed = store.last_tag
+    assert [m for _, m in gate.committed(store.committed)] == [Ok(3, 0), Joined(4, 0)]
+    # once everything is committed, a JOIN is answered at once
+    assert applied(gate, broker, Join(5, "q", 0.0)) == [(1, Joined(5, 0))]
+    # and one held past store_timeout goes out as unavailable, not as "all done"
+    store.last_tag, store.changes = store.committed + 1, store.changes + 1
+    assert gate.hold(store.changes, [(1, Joined(6, 0))])
+    now[0] = 10.0
+    ((_, late),) = gate.overdue(5.0)
+    assert isinstance(late, Error) and late.code == "unavailable" and "join again" in late.message

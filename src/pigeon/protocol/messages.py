@@ -270,6 +270,14 @@ class Confirmed(Ok, tag=0x80):
     shape of a reply)."""
 
 
+class Joined(Ok, tag=0x80):
+    """The OK that answers a JOIN (no task of the queue is left): on the wire exactly an
+    OK (value 0); in the broker, held like a put's confirmation while a change is not yet
+    committed - the TASK_DONE that emptied the count may be among them, and "all done"
+    must not go out before it is durable - and turned into ``unavailable`` when the store
+    cannot commit."""
+
+
 class Deliver(_Msg, tag=0x81):
     req: int
     messages: list[Delivery]  # the broker sends PlainDelivery for those without headers

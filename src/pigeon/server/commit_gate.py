@@ -6,7 +6,8 @@
 # ``--fsync`` policy promises). A reply that reports a change - any reply to a request
 # that changed the store - waits behind the latest batch; so does a put confirmation
 # that changed nothing (a repeat of a remembered dedup id: what it repeats may not be
-# committed yet, and "stored" must not go out before it is). Replies leave in the order
+# committed yet, and "stored" must not go out before it is), and so does a JOIN's
+# answer (the TASK_DONE that emptied the count may not be committed yet). Replies leave in the order
 # they were made, once their batch commits, or - past ``store_timeout`` - as
 # ``unavailable`` for the confirmations (stored or not, nobody can say) and as they are
 # for the rest (they lose nothing if the store never keeps them). Sans-IO: the clock
@@ -22,7 +23,7 @@ from typing import Any
 
 from pigeon.protocol import Error
 from pigeon.protocol.codes import Code
-from pigeon.protocol.messages import Confirmed
+from pigeon.protocol.messages import Confirmed, Joined
 from pigeon.server.core import Store
 
 __all__ = ["CommitGate", "put_confirmations"]
@@ -58,7 +59,9 @@ class CommitGate:
             return False  # nothing is waiting to be committed
         # Compare change counts, not batch tags: changes that join a batch already
         # pending leave the tag as it was, and their replies must wait all the same.
-        if store.changes == changes_before and not any(type(m) is Confirmed for _, m in outs):
+        if store.changes == changes_before and not any(
+            type(m) is Confirmed or type(m) is Joined for _, m in outs
+        ):
             return False
         self._held.append(_Held(store.last_tag, outs, self._clock()))
         return True
@@ -72,19 +75,19 @@ class CommitGate:
         return out
 
     def overdue(self, limit: float) -> list[Out]:
-        """Replies held longer than ``limit`` seconds, with each put confirmation among
-        them turned into ``unavailable``."""
+        """Replies held longer than ``limit`` seconds, with each put confirmation and
+        JOIN answer among them turned into ``unavailable``."""
         held, now = self._held, self._clock()
         out: list[Out] = []
         while held and now - held[0].since > limit:
             outs = held.popleft().outs
             puts = put_confirmations(outs)
-            why = (
-                f"the broker's store did not commit within {limit:.0f} s; this put may or may "
-                "not be stored"
-            )
+            late = f"the broker's store did not commit within {limit:.0f} s"
+            why = f"{late}; this put may or may not be stored"
+            joined = f"{late}; the tasks done may not be recorded: join again"
             out += [
                 (c, Error(m.req, Code.UNAVAILABLE, why)) if (c, getattr(m, "req", -1)) in puts
+                else (c, Error(m.req, Code.UNAVAILABLE, joined)) if type(m) is Joined
                 else (c, m)
                 for c, m in outs
             ]  # fmt: skip

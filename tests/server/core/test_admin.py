@@ -18,6 +18,7 @@ from pigeon.protocol import (
     QueueShutdown,
     Shutdown,
 )
+from pigeon.protocol.messages import Joined
 from pigeon.server.core import Broker
 from pigeon.server.limits import Limits
 from tests.server.core._broker import A, B, C, Recorder, payloads, replies
@@ -42,7 +43,7 @@ def test_immediate_shutdown_drops_items_and_releases_join(broker: Broker) -> Non
     broker.handle(A, PutBatch(1, "q", [b"1", b"2"]))
     broker.handle(C, Join(1, "q", None))
     outs = broker.handle(A, Shutdown(2, "q", immediate=True))
-    assert (C, Ok(1, 0)) in outs
+    assert (C, Joined(1, 0)) in outs
     assert broker.queues["q"].depth == 0
 
 
@@ -99,7 +100,7 @@ def test_delete_drops_what_is_in_flight_too_and_answers_who_waits() -> None:
     assert outs == [
         (A, Ok(5, 2)),
         (B, Error(3, "shutdown", "queue 'q' was deleted")),
-        (C, Ok(4, 0)),
+        (C, Joined(4, 0)),
     ]
     assert store.calls == [("removed", "q", 2), ("removed", "q", 1), ("declared", "q", None)]
     assert "q" not in b.queues and b._conns[B].unacked == 0 and b.parked(B) == 0

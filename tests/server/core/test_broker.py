@@ -22,7 +22,7 @@ from pigeon.protocol import (
     PutBatch,
     TaskDone,
 )
-from pigeon.protocol.messages import Confirmed
+from pigeon.protocol.messages import Confirmed, Joined
 from pigeon.server.core import Broker
 from pigeon.server.limits import Limits
 from tests.server.core._broker import A, B, C, ids, payloads, replies
@@ -138,7 +138,7 @@ def test_the_broker_marks_putput_confirmations_and_nothing_else(broker: Broker) 
     outs += broker.handle(A, Purge(4, "q"))
     outs += broker.handle(A, Delete(5, "r"))
     outs += broker.handle(A, Join(6, "r", 0))
-    assert [type(m) for _, m in outs] == [Confirmed, Confirmed, Ok, Ok, Ok, Ok]
+    assert [type(m) for _, m in outs] == [Confirmed, Confirmed, Ok, Ok, Ok, Joined]
     assert all(isinstance(m.value, int) for _, m in outs)
     assert put_confirmations(outs) == {(A, 1), (A, 2)}
 
@@ -163,7 +163,7 @@ def test_a_join_is_answered_when_a_timer_ends_the_last_task(broker: Broker) -> N
     broker.handle(B, Join(2, "q", 10.0), now=0.0)
     broker.handle(C, Join(3, "q"), now=0.0)
     outs = broker.tick(1.0)
-    assert replies(outs, B) == [Ok(2, 0)] and replies(outs, C) == [Ok(3, 0)]
+    assert replies(outs, B) == [Joined(2, 0)] and replies(outs, C) == [Joined(3, 0)]
 
 
 def test_a_join_is_answered_when_a_lost_connection_dead_letters_the_last_task() -> None:
@@ -173,7 +173,7 @@ def test_a_join_is_answered_when_a_lost_connection_dead_letters_the_last_task() 
     b.handle(A, Put(1, "q", b"job"))
     b.handle(B, Get(2, "q", 1, 0, True))
     b.handle(C, Join(3, "q"))
-    assert replies(b.connection_lost(B), C) == [Ok(3, 0)]
+    assert replies(b.connection_lost(B), C) == [Joined(3, 0)]
 
 
 def test_a_cancelled_parked_put_does_not_block_puts_that_fit(broker: Broker) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pigeon.protocol import Ack, Cancel, Error, Get, Join, Ok, Purge, Put, PutBatch, TaskDone
+from pigeon.protocol.messages import Joined
 from pigeon.server.core import Broker
 from pigeon.server.limits import Limits
 from tests.server.core._broker import A, B, C, Recorder, ids, replies
@@ -14,7 +15,7 @@ def test_task_done_and_join(broker: Broker) -> None:
     broker.handle(B, Get(1, "q", 2, 0))
     assert replies(broker.handle(B, TaskDone(2, "q", 1)), C) == []
     outs = broker.handle(B, TaskDone(3, "q", 1))
-    assert (C, Ok(1, 0)) in outs
+    assert (C, Joined(1, 0)) in outs
     assert replies(broker.handle(B, TaskDone(4, "q", 1)), B)[0].code == "value"
 
 
@@ -53,7 +54,7 @@ def test_joins_without_a_wait_cost_their_bytes_of_the_parked_budget_and_are_all_
     b.handle(C, Join(1, "q"))
     b.handle(A, Get(2, "q", 1, 0))
     done = b.handle(A, TaskDone(3, "q", 1))
-    assert len(replies(done, B)) == 100_000 and replies(done, C) == [Ok(1, 0)]
+    assert len(replies(done, B)) == 100_000 and replies(done, C) == [Joined(1, 0)]
     assert b.parked_bytes == 0 and b.parked(B) == 0
     b.handle(A, Put(4, "q", b"again"))
     b.handle(B, Join(7, "q"))
@@ -77,7 +78,7 @@ def test_a_join_without_a_wait_can_be_cancelled() -> None:
     b.handle(A, Cancel(2))
     assert b.parked(A) == 1 and b.parked_bytes == JOIN_COST
     b.handle(A, Get(4, "q", 1, 0))
-    assert replies(b.handle(A, TaskDone(5, "q", 1)), A) == [Ok(5, 0), Ok(3, 0)]
+    assert replies(b.handle(A, TaskDone(5, "q", 1)), A) == [Ok(5, 0), Joined(3, 0)]
 
 
 def test_cancelling_among_many_joins_without_a_wait_looks_up_not_scans() -> None:

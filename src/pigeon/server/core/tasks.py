@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pigeon.protocol import Join, Ok, TaskDone
 from pigeon.protocol.codes import Code
+from pigeon.protocol.messages import Joined
 from pigeon.server.core.holdings import (
     JOIN_COST,
     answer_joins,
@@ -29,7 +30,7 @@ def finish_joins(b: BrokerState, q: QueueState) -> list[Out]:
 
 def joins_done(b: BrokerState, q: QueueState) -> list[Out]:
     """Answer every JOIN on ``q``: none of its tasks is left (or the queue is gone)."""
-    out = [(j.conn, Ok(j.req, 0)) for j in q.joiners if not j.done]
+    out: list[Out] = [(j.conn, Joined(j.req, 0)) for j in q.joiners if not j.done]
     for j in q.joiners:
         finish(b, j)
     q.joiners.clear()
@@ -37,7 +38,7 @@ def joins_done(b: BrokerState, q: QueueState) -> list[Out]:
 
 
 def _none_left(req: int) -> Ok:
-    return Ok(req, 0)
+    return Joined(req, 0)
 
 
 def task_done(b: BrokerState, conn: Conn, m: TaskDone) -> list[Out]:
@@ -58,7 +59,7 @@ def join(b: BrokerState, conn: Conn, m: Join) -> list[Out]:
     """JOIN: answered once no task of the queue is left (or its wait runs out)."""
     q = b.queues.get(m.queue)
     if q is None or q.unfinished == 0:
-        return [(conn, Ok(m.req, 0))]
+        return [(conn, Joined(m.req, 0))]
     if m.wait == 0:
         return [err(conn, m.req, Code.TIMEOUT, f"{q.unfinished} tasks unfinished")]
     cs = b._conn(conn)
