@@ -500,3 +500,83 @@ def test_an_ack_whose_reply_was_lost_is_indeterminate_not_claimed_by_another(
             await q.aclose()
 
     asyncio.run(run())
+
+
+# --- a settle only counts for the delivery that holds the message -------------------------
+
+
+def _redelivered(a: Any, b: Any) -> tuple[Any, Any]:
+    """``a`` takes the message with a short lease and lets it run out; ``b`` then gets
+    the redelivery. (first delivery, second delivery)"""
+    first = a.get_message(timeout=LONG, lease=0.3)
+    assert first.delivery_count == 1
+    time.sleep(0.5)  # the lease ran out
+    second = b.get_message(timeout=LONG)
+    assert (second.body, second.delivery_count) == (first.body, 2)
+    return first, second
+
+
+def test_an_ack_after_the_lease_ran_out_and_another_consumer_got_it_is_refused(
+    redis_url: str,
+) -> None:
+    with pigeon.Queue(redis_url) as a, pigeon.Queue(redis_url) as b:
+        a.put("job")
+        first, second = _redelivered(a, b)
+        with pytest.raises(pigeon.LocalProtocolError, match="lease ran out"):
+            first.ack()  # stale: it must not settle b's delivery
+        second.ack()  # the holder's ack settles it
+        assert a.qsize() == 0
+        with pytest.raises(pigeon.Empty):
+            b.get_message(timeout=0.5)  # gone, once
+        assert dead_letters(redis_url) == []
+
+
+@pytest.mark.parametrize("what", ["extend", "nack", "reject"])
+def test_a_stale_nack_or_extend_is_refused_and_leaves_the_new_delivery_alone(
+    redis_url: str, what: str
+) -> None:
+    stale = {
+        "extend": lambda m: m.extend(0.0),  # would make b's delivery claimable at once
+        "nack": lambda m: m.nack(requeue=True),  # the same
+        "reject": lambda m: m.nack(requeue=False),  # would dead-letter b's delivery
+    }[what]
+    with pigeon.Queue(redis_url) as a, pigeon.Queue(redis_url) as b:
+        a.put("job")
+        first, second = _redelivered(a, b)
+        call = "nack" if what == "reject" else what
+        with pytest.raises(pigeon.LocalProtocolError, match=f"cannot {call} .*lease ran out"):
+            stale(first)
+        with pytest.raises(pigeon.Empty):
+            a.get_message(timeout=0.5)  # still held by b
+        assert dead_letters(redis_url) == []
+        second.ack()
+        assert a.qsize() == 0
+
+
+def test_the_same_handle_cannot_settle_its_earlier_delivery_of_a_message(
+    redis_url: str,
+) -> None:
+    """The holder is the delivery, not the handle: one handle that got the message again
+    after the lease of its first delivery ran out can settle only the second one."""
+    with pigeon.Queue(redis_url) as q:
+        q.put("job")
+        first, second = _redelivered(q, q)
+        with pytest.raises(pigeon.LocalProtocolError, match="lease ran out"):
+            first.ack()
+        second.ack()
+        with pytest.raises(pigeon.Empty):
+            q.get_message(timeout=0.3)
+
+
+def test_an_ack_after_the_lease_ran_out_before_anyone_took_it_again_settles_it(
+    redis_url: str,
+) -> None:
+    """No other delivery happened: the late holder is still the only one, and its ack
+    settles the message (nothing is done twice)."""
+    with pigeon.Queue(redis_url) as q:
+        q.put("job")
+        msg = q.get_message(timeout=LONG, lease=0.2)
+        time.sleep(0.4)
+        msg.ack()
+        with pytest.raises(pigeon.Empty):
+            q.get_message(timeout=0.3)

@@ -124,6 +124,17 @@ local function bury(dead, p, d, h, origin, reason)
     if h and h ~= '' then f[7] = 'h'; f[8] = h end
     redis.call('XADD', lkey(dead, p), '*', unpack(f))
 end
+-- whether consumer c still holds entry id of stream L as the delivery it got as its
+-- n-th (XACK, XCLAIM and the lease sets look at no owner, so every settle asks here
+-- first): 1 it does, 0 the entry is no longer pending (settled, dead-lettered, expired,
+-- deleted), -1 it is pending as another delivery (its lease ran out and a consumer, maybe
+-- the same one, took it again)
+local function holds(L, id, c, n)
+    local pe = redis.call('XPENDING', L, G, id, id, 1)
+    if not pe[1] then return 0 end
+    if pe[1][2] == c and tonumber(pe[1][4]) == tonumber(n) then return 1 end
+    return -1
+end
 -- forget entry id of stream L: acked, deleted, no lease
 local function drop(L, id)
     redis.call('XACK', L, G, id)
@@ -433,19 +444,24 @@ return out
 
 
 # When the leases of deliveries end: ARGV[1] ms from now ('' for the queue's lease, ARGV[2]
-# by default) for each id in ARGV[3..]. KEYS: base. Redis's own clock, so clients need not
-# agree.
+# by default), ARGV[3] the consumer that holds them, then (id, delivery count) pairs, each
+# changed only if that delivery still holds it (``holds``). KEYS: base. Redis's own clock,
+# so clients need not agree. Returns ``holds``'s answer per pair.
 LEASE = (
     _PRELUDE
     + """
 local now = now_ms()
 local ms = tonumber(ARGV[1])
 if not ms then ms = tonumber(redis.call('HGET', KEYS[1] .. ':meta', 'lease') or ARGV[2]) end
-for i = 3, #ARGV do
+local out = {}
+for i = 4, #ARGV, 2 do
     local p, id = split(ARGV[i])
-    redis.call('ZADD', lkey(KEYS[1], p) .. ':leases', now + ms, id)
+    local L = lkey(KEYS[1], p)
+    local held = holds(L, id, ARGV[3], ARGV[i + 1])
+    if held == 1 then redis.call('ZADD', L .. ':leases', now + ms, id) end
+    out[#out + 1] = held
 end
-return now
+return out
 """
 )
 
@@ -471,39 +487,40 @@ return n
 """
 )
 
-# Settle (ack): KEYS base; ARGV ids -> how many were acked.
+# Settle (ack) one delivery. KEYS base; ARGV id, the consumer that holds it, its delivery
+# count. Acked only if that delivery still holds it: returns ``holds``'s answer.
 SETTLE = (
     _PRELUDE
     + """
-local n = 0
-for i = 1, #ARGV do
-    local p, id = split(ARGV[i])
-    local L = lkey(KEYS[1], p)
-    n = n + redis.call('XACK', L, G, id)
-    redis.call('XDEL', L, id)
-    redis.call('ZREM', L .. ':leases', id)
-    redis.call('ZREM', L .. ':released', id)
-    redis.call('ZREM', KEYS[1] .. ':expiry', ARGV[i])
+local p, id = split(ARGV[1])
+local L = lkey(KEYS[1], p)
+local held = holds(L, id, ARGV[2], ARGV[3])
+if held == 1 then
+    drop(L, id)
+    redis.call('ZREM', KEYS[1] .. ':expiry', ARGV[1])
 end
-return n
+return held
 """
 )
 
 # A delivery given back (nack with requeue): claimable ARGV[1] ms from now, and counted as
-# waiting (qsize), not held, until it is taken again; with a ttl (its expiry in ms) it may
-# expire while it waits. KEYS base; ARGV ms, then (id, expiry or '') pairs.
+# waiting (qsize), not held, until it is taken again; with a ttl (ARGV[5], its expiry in
+# ms, or '') it may expire while it waits. KEYS base; ARGV ms, id, the consumer that holds
+# it, its delivery count, expiry. Given back only if that delivery still holds it: returns
+# ``holds``'s answer.
 RELEASE = (
     _PRELUDE
     + """
 local due = now_ms() + tonumber(ARGV[1])
-for i = 2, #ARGV, 2 do
-    local p, id = split(ARGV[i])
-    local L = lkey(KEYS[1], p)
+local p, id = split(ARGV[2])
+local L = lkey(KEYS[1], p)
+local held = holds(L, id, ARGV[3], ARGV[4])
+if held == 1 then
     redis.call('ZADD', L .. ':leases', due, id)
     redis.call('ZADD', L .. ':released', due, id)
-    if ARGV[i + 1] ~= '' then redis.call('ZADD', KEYS[1] .. ':expiry', ARGV[i + 1], ARGV[i]) end
+    if ARGV[5] ~= '' then redis.call('ZADD', KEYS[1] .. ':expiry', ARGV[5], ARGV[2]) end
 end
-return (#ARGV - 1) / 2
+return held
 """
 )
 
@@ -536,15 +553,21 @@ return {{waiting, all}}
 """
 )
 
-# Dead-letter one delivery: KEYS base, dead; ARGV id, payload, origin, reason, headers ('').
+# Dead-letter one delivery: KEYS base, dead; ARGV id, payload, origin, reason, headers
+# (''), the consumer that holds it, its delivery count. Only if that delivery still holds
+# it: returns ``holds``'s answer.
 DEAD = (
     _PRELUDE
     + """
 local p, id = split(ARGV[1])
-bury(KEYS[2], p, ARGV[2], ARGV[5], ARGV[3], ARGV[4])
-drop(lkey(KEYS[1], p), id)
-redis.call('ZREM', KEYS[1] .. ':expiry', ARGV[1])
-return 1
+local L = lkey(KEYS[1], p)
+local held = holds(L, id, ARGV[6], ARGV[7])
+if held == 1 then
+    bury(KEYS[2], p, ARGV[2], ARGV[5], ARGV[3], ARGV[4])
+    drop(L, id)
+    redis.call('ZREM', KEYS[1] .. ':expiry', ARGV[1])
+end
+return held
 """
 )
 

@@ -48,10 +48,15 @@ Delivery guarantees
     exactly "now + seconds", longer or shorter than the queue's lease), recorded in the
     script that delivers it; an entry a blocked reader took but could not record (it died
     between its ``XREADGROUP`` and the script after it) comes back once it was idle for
-    the queue's lease. A handle that closes hands back what it holds (due at once) and
-    leaves the consumer group. A consumer that dies is covered by its lease. Plain
-    ``get`` acks on receipt, in the script that takes it (a blocked one: in the script
-    right after its read, else back after the lease); a payload that does not decode
+    the queue's lease. An ack, nack or extend is for one delivery (the consumer that got it
+    and its delivery count, checked against the pending entry in the same script): once
+    the lease ran out and the message was taken again - by another consumer or the same
+    one - the old delivery's call changes nothing and raises ``LocalProtocolError``, as
+    on pigeon://; a late call before anyone took it again still counts. A handle that
+    closes hands back what it holds (due at once) and leaves the consumer group. A
+    consumer that dies is covered by its lease. Plain ``get`` acks on receipt, in the
+    script that takes it (a blocked one: in the script right after its read, else back
+    after the lease); a payload that does not decode
     goes to ``QUEUE.dead`` (reason ``undecodable``) and the others of its batch are put
     back, at the tail of their priority. Durability is Redis's own: with ``appendonly
     yes`` and ``appendfsync always`` a confirmed put - delayed or not - survives a crash
@@ -586,37 +591,67 @@ class AsyncRedisQueue(EngineQueue[T]):
                 if got:
                     return got
 
+    # A settle (ack, nack, extend) names the delivery it is for: the message's id, the
+    # consumer that got it and its delivery count. The scripts change nothing unless that
+    # delivery still holds the message, and answer HELD, GONE (no longer pending) or
+    # STALE (pending as another delivery: its lease ran out and it was taken again).
+
     async def _set_lease(
-        self, ids: list[bytes], seconds: float | None, deadline: float | None = None
-    ) -> None:
-        """The leases of ``ids`` end ``seconds`` from now (None: the queue's lease)."""
+        self,
+        held: list[tuple[bytes, int]],
+        seconds: float | None,
+        consumer: str | None = None,
+        deadline: float | None = None,
+    ) -> list[int]:
+        """The leases of the deliveries ``held`` ((id, delivery count) of ``consumer``,
+        this handle's by default) end ``seconds`` from now (None: the queue's lease);
+        what each delivery is (HELD, GONE or STALE: only a held one is changed)."""
         ms = "" if seconds is None else _ms(seconds)
-        await self._do(
-            lambda r: self._scripts["LEASE"](
-                keys=[self.stream], args=[ms, int(self.lease * 1000), *ids], client=r
-            ),
-            deadline,
+        args: list[Any] = [ms, int(self.lease * 1000), consumer or self.consumer]
+        for eid, count in held:
+            args += [eid, count]
+        reply = await self._do(
+            lambda r: self._scripts["LEASE"](keys=[self.stream], args=args, client=r), deadline
         )
+        return [int(x) for x in reply]
 
     async def _dead_letter(
-        self, r: Any, eid: bytes, payload: bytes, reason: str, headers: bytes | None = None
-    ) -> None:
-        await self._scripts["DEAD"](
-            keys=[self.stream, self.dead],
-            args=[eid, payload, self.name, reason, headers or b""],
-            client=r,
+        self,
+        r: Any,
+        eid: bytes,
+        payload: bytes,
+        reason: str,
+        headers: bytes | None,
+        consumer: str,
+        count: int,
+    ) -> int:
+        """Dead-letter the delivery (``eid``, ``count``) of ``consumer``: HELD, GONE or STALE."""
+        return int(
+            await self._scripts["DEAD"](
+                keys=[self.stream, self.dead],
+                args=[eid, payload, self.name, reason, headers or b"", consumer, count],
+                client=r,
+            )
         )
 
     async def _settle(
         self,
-        ids: list[bytes],
-        deadline: float | None = None,
+        eid: bytes,
+        consumer: str,
+        count: int,
         lost: list[BaseException] | None = None,
     ) -> int:
-        async def run(r: Any) -> int:
-            return int(await self._scripts["SETTLE"](keys=[self.stream], args=ids, client=r))
+        """Ack the delivery (``eid``, ``count``) of ``consumer``: HELD (acked now), GONE
+        or STALE."""
 
-        return int(await self._do(run, deadline, lost))
+        async def run(r: Any) -> int:
+            return int(
+                await self._scripts["SETTLE"](
+                    keys=[self.stream], args=[eid, consumer, count], client=r
+                )
+            )
+
+        return int(await self._do(run, None, lost))
 
     async def get(self, timeout: float | None = None, *, block: bool = True) -> T:
         return (await self.get_many(1, timeout, block=block))[0]
@@ -630,11 +665,15 @@ class AsyncRedisQueue(EngineQueue[T]):
         return await self._decode_taken(got)
 
     async def extend_held(self, message: Any, seconds: float) -> None:
-        await self._set_lease([message.id], seconds)
+        """Extend a message another handle of this queue took (its delivery, not ours)."""
+        (held,) = await self._set_lease(
+            [(message.id, message.delivery_count)], seconds, message._queue.consumer
+        )
+        _settled_or_raise("extend", message.id, message.delivery_count, held)
 
     async def _hand_back(self, got: list[Entry]) -> None:
         """Held entries taken for a caller that was cancelled: their leases end now."""
-        await self._set_lease([g[0] for g in got], 0.0)
+        await self._set_lease([(g[0], g[1]) for g in got], 0.0)
 
     async def _append(self, got: list[Entry], dead: int) -> None:
         """Entries taken (acked and deleted) back at the tail of their priority, each with
@@ -673,7 +712,11 @@ class AsyncRedisQueue(EngineQueue[T]):
         try:
             body = self._ser.loads(payload)
         except Exception as exc:
-            await self._do(lambda r: self._dead_letter(r, eid, payload, "undecodable", headers))
+            await self._do(
+                lambda r: self._dead_letter(
+                    r, eid, payload, "undecodable", headers, self.consumer, count
+                )
+            )
             raise self._decode_error([(payload, exc)], 1, False) from exc
         return AsyncRedisMessage(self, eid, count, payload, body, headers, expiry)
 
@@ -691,12 +734,17 @@ class AsyncRedisQueue(EngineQueue[T]):
         or not; a lease that ended) until a consumer takes them again - not those held."""
         return (await self._sizes())[0]
 
-    async def _release(self, ids: list[bytes], delay: float, expiries: list[bytes]) -> None:
-        """Give ``ids`` back: claimable ``delay`` seconds from now, counted by qsize."""
-        args: list[Any] = [_ms(delay)]
-        for eid, expiry in zip(ids, expiries, strict=True):
-            args += [eid, expiry]
-        await self._do(lambda r: self._scripts["RELEASE"](keys=[self.stream], args=args, client=r))
+    async def _release(
+        self, eid: bytes, consumer: str, count: int, delay: float, expiry: bytes
+    ) -> int:
+        """Give the delivery (``eid``, ``count``) of ``consumer`` back: claimable ``delay``
+        seconds from now, counted by qsize. HELD (given back now), GONE or STALE."""
+        args: list[Any] = [_ms(delay), eid, consumer, count, expiry]
+        return int(
+            await self._do(
+                lambda r: self._scripts["RELEASE"](keys=[self.stream], args=args, client=r)
+            )
+        )
 
     async def queue_lease(self, timeout: float) -> float:
         """The queue's lease as Redis holds it (its meta hash: the URL's ``?lease=`` of the
@@ -912,6 +960,43 @@ async def _retire(node: Any) -> None:
             await node.disconnect()
 
 
+HELD, GONE_ENTRY, STALE = 1, 0, -1  # what a settle script found (``holds`` in _redis_lua)
+
+
+def _settled_or_raise(
+    what: str, eid: bytes, count: int, held: int, lost: list[BaseException] | None = None
+) -> None:
+    """Raise unless ``held`` says the settle script found delivery ``count`` of ``eid``
+    still holding it (and so did ``what``: ack, nack, extend). ``lost``: the connection
+    broke after an earlier send of a settle that ends the delivery (an ack, a nack to the
+    dead letters), which may have been what ended it."""
+    if held == HELD:
+        return
+    name = eid.decode()
+    if held == STALE:  # pending as another delivery: no send of ours settled it
+        raise LocalProtocolError(
+            f"cannot {what} {name}: delivery {count} of it no longer holds it: its lease ran "
+            "out and it was delivered again (to this or another consumer), which holds it "
+            f"now; the {what} changed nothing. Work that may outlast the lease needs a "
+            "longer one (get_message(lease=), ?lease=) or extend() in time; handlers must "
+            "be idempotent (at-least-once)"
+        )
+    if lost:
+        done = "settled it" if what == "ack" else "moved it to the dead letters"
+        raise Indeterminate(
+            f"cannot tell whether the {what} of {name} took effect: the connection broke "
+            f"after the {what} was sent, and on a new connection the entry is no longer "
+            f"pending: the first {what} {done}, or another delivery of it (after its lease "
+            "ran out) was settled; handlers must be idempotent (at-least-once)"
+        )
+    # (redis-py may have sent it again itself, after a connection error it retried)
+    raise LocalProtocolError(
+        f"cannot {what} {name}: it is no longer pending: its lease ran out and another "
+        "delivery of it was settled, it was dead-lettered or expired, the queue was "
+        "deleted, or an earlier send of this call, whose reply was lost, settled it"
+    )
+
+
 class AsyncRedisMessage(Generic[T]):
     """A Redis stream entry held by this consumer until acked, nacked or its lease ends."""
 
@@ -941,33 +1026,31 @@ class AsyncRedisMessage(Generic[T]):
             raise LocalProtocolError("this message was already acked or nacked")
 
     async def _ack(self) -> None:
-        lost: list[BaseException] = []
-        if await self._queue._settle([self.id], lost=lost) == 0:
-            eid = self.id.decode()
-            if lost:  # sent again after a lost connection: the first may have acked it
-                raise Indeterminate(
-                    f"cannot tell whether the ack of {eid} took effect: the connection broke "
-                    "after the ack was sent, and on a new connection the entry is no longer "
-                    "pending: the first ack settled it, or a consumer that claimed it after "
-                    "its lease ran out did; handlers must be idempotent (at-least-once)"
-                )
-            # (redis-py may have sent it again itself, after a connection error it retried)
-            raise LocalProtocolError(
-                f"cannot ack {eid}: it is no longer pending: another delivery of it (after a "
-                "lease ran out) was settled, or an earlier send of this ack, whose reply was "
-                "lost, settled it"
-            )
+        q, lost = self._queue, list[BaseException]()
+        held = await q._settle(self.id, q.consumer, self.delivery_count, lost)
+        _settled_or_raise("ack", self.id, self.delivery_count, held, lost)
 
     async def _nack(self, requeue: bool, delay: float, reason: str = "") -> None:
-        q = self._queue
+        q, count = self._queue, self.delivery_count
         if not requeue:
-            why = reason or "rejected"
-            await q._do(lambda r: q._dead_letter(r, self.id, self._payload, why, self._headers))
+            why, lost = reason or "rejected", list[BaseException]()
+            held = await q._do(
+                lambda r: q._dead_letter(
+                    r, self.id, self._payload, why, self._headers, q.consumer, count
+                ),
+                None,
+                lost,
+            )
+            _settled_or_raise("nack", self.id, count, held, lost)
             return
-        await q._release([self.id], delay, [self._expiry])  # claimable after `delay`
+        # claimable after `delay`
+        held = await q._release(self.id, q.consumer, count, delay, self._expiry)
+        _settled_or_raise("nack", self.id, count, held)
 
     async def _extend(self, seconds: float) -> None:
-        await self._queue._set_lease([self.id], seconds)
+        q = self._queue
+        (held,) = await q._set_lease([(self.id, self.delivery_count)], seconds, q.consumer)
+        _settled_or_raise("extend", self.id, self.delivery_count, held)
 
     def ack(self) -> Awaitable[None]:
         self._check()
