@@ -198,6 +198,24 @@ class Queue(Generic[T]):
         """Release this handle (other handles and the queue itself live on)."""
         raise NotImplementedError
 
+    # --- administration (``pigeon peek | purge | delete | move``): networked backends ---
+
+    def peek(self, max_items: int = 10) -> list[dict[str, Any]]:
+        """Up to ``max_items`` waiting messages, taking nothing (see the backend's)."""
+        raise Unsupported(f"{type(self).__name__} does not offer peek")
+
+    def purge(self) -> int:
+        """Drop every waiting message, delayed ones too (not those held); how many."""
+        raise Unsupported(f"{type(self).__name__} does not offer purge")
+
+    def delete(self) -> int:
+        """Delete the queue: its messages (held ones too) and settings; how many."""
+        raise Unsupported(f"{type(self).__name__} does not offer delete")
+
+    def move_to(self, queue: str, limit: int | None = None) -> int:
+        """Move up to ``limit`` waiting messages to the tail of ``queue``; how many."""
+        raise Unsupported(f"{type(self).__name__} does not offer move_to")
+
     @property
     def maxsize(self) -> int:
         """The capacity in items (0: unbounded)."""

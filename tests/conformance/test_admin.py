@@ -1,22 +1,31 @@
 """Administration - ``peek``, ``purge``, ``delete``, ``move_to`` (``pigeon peek | purge |
 delete | move``) - the same on every networked backend: pigeon://, redis:// (plain,
-Cluster, Sentinel) and nats://."""
+Cluster, Sentinel) and nats://. A local queue refuses each with ``Unsupported``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 import pigeon
-from tests.conformance.conftest import Backend
+from tests._services import skip_or_fail
+from tests.conformance.conftest import BACKENDS, Backend
+
+
+@pytest.fixture(params=[b for b in BACKENDS if b.name != "local"], ids=lambda b: b.name)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """The networked backends (a local queue refuses administration: the last test)."""
+    b: Backend = request.param
+    missing = b.available()
+    if missing:
+        skip_or_fail(f"{b.name}: {missing}")
+    return b
 
 
 @pytest.fixture
 def q(backend: Backend) -> Iterator[Any]:
-    if backend.name == "local":
-        pytest.skip("a local queue has no administration (no server holds it)")
     queue = backend.make_queue()
     try:
         yield queue
@@ -103,3 +112,27 @@ def test_delete_drops_everything_and_the_queue_works_again(q: Any) -> None:
     q.put("new")
     assert q.get(timeout=10) == "new"
     assert q.qsize() == 0
+
+
+_CALLS: dict[str, Callable[[Any], object]] = {
+    "peek": lambda q: q.peek(10),
+    "purge": lambda q: q.purge(),
+    "delete": lambda q: q.delete(),
+    "move_to": lambda q: q.move_to("other"),
+}
+
+
+@pytest.mark.parametrize("call", sorted(_CALLS))
+def test_a_local_queue_refuses_administration_with_unsupported_and_changes_nothing(
+    call: str,
+) -> None:
+    """No server holds a local queue (and it has no name): each call says so and what to
+    do instead, and the queue is as it was."""
+    with pigeon.Queue() as q:
+        q.put_many(["a", "b"])
+        q.put("later", delay=60)
+        with pytest.raises(pigeon.Unsupported, match=f"a local queue has no {call}") as err:
+            _CALLS[call](q)
+        assert "pigeon://" in str(err.value)  # where it is offered
+        assert q.qsize() == 3
+        assert q.get_many(10, timeout=10) == ["a", "b"]

@@ -42,7 +42,7 @@ from pigeon.backends.local.lock import C, fork_generation, release
 from pigeon.backends.local.message import LocalMessage
 from pigeon.backends.local.pick import pick, read
 from pigeon.backends.local.waits import Waits
-from pigeon.errors import ClosedResourceError, DecodeError, Empty, Full, ShutDown
+from pigeon.errors import ClosedResourceError, DecodeError, Empty, Full, ShutDown, Unsupported
 from pigeon.options import QueueOptions, check_dedup_ids, put_options
 from pigeon.protocol.messages import PutOptions
 from pigeon.protocol.rules import DEFAULT_DEDUP_WINDOW
@@ -792,6 +792,23 @@ class LocalQueue(Waits, Queue[T]):
             record = wrap(record, headers)
         self._put([record], True, None, min(deliveries, 0xFFFF), requeue=True)
 
+    # --- administration: none (see _no_admin) ------------------------------------------
+
+    def peek(self, max_items: int = 10) -> list[dict[str, Any]]:
+        raise _no_admin("peek", "there is no look without taking: get_many() takes what waits")
+
+    def purge(self) -> int:
+        raise _no_admin(
+            "purge",
+            "shutdown(immediate=True) drops what waits (and ends the queue for every handle)",
+        )
+
+    def delete(self) -> int:
+        raise _no_admin("delete", "close its handles: its shared memory goes with them")
+
+    def move_to(self, queue: str, limit: int | None = None) -> int:
+        raise _no_admin("move_to", "take with get_many() and put_many() into the other queue")
+
     def close(self) -> None:
         """Release this handle: its descriptor at once (and, for the creator, the file).
 
@@ -833,6 +850,18 @@ class LocalQueue(Waits, Queue[T]):
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"qsize={self.qsize()}"
         return f"<pigeon.Queue local maxsize={self._maxsize} {state}>"
+
+
+def _no_admin(call: str, instead: str) -> Unsupported:
+    """A local queue has no administration: no server holds it and it has no name to
+    reach it by, and a call that changes it for every process would need its own
+    crash-safe steps in the shared ring (a held message is not even in the ring: only its
+    taker has it)."""
+    return Unsupported(
+        f"a local queue has no {call}: peek, purge, delete and move_to (pigeon peek/purge/"
+        "delete/move) are for a queue a server holds - pigeon://, redis://, nats://; on a "
+        f"local queue, {instead}"
+    )
 
 
 def _length(parts: list[Any]) -> int:
