@@ -20,7 +20,8 @@ Connection URL
     dedup_window=S&max_item_size=BYTES]``; ``nats+tls://`` (or ``?tls=1``) for TLS. The
     queue ``jobs`` is the stream ``PIGEON_jobs`` on the subjects ``pigeon.jobs`` (priority 0) and
     ``pigeon-p1.jobs`` ... ``pigeon-p9.jobs``; its large items' chunks are in
-    ``PIGEON-CHUNKS_jobs``.
+    ``PIGEON-CHUNKS_jobs``, its dedup ids (for their window, across a server restart) in
+    the key-value bucket ``PIGEON-IDS_jobs``.
 
 Options
     ``maxsize``, ``serializer`` (``"msgpack"``), ``lease`` (AckWait, 30 s),
