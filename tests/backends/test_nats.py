@@ -517,12 +517,15 @@ def test_a_repeat_stored_by_a_put_that_looked_before_the_first_recorded_is_taken
                 return set()
 
             q._recall = looked_earlier  # type: ignore[method-assign]
-            await q.put("second", dedup_id="X")
-            assert await q.qsize() == 0
+            # after a repeat in the batch, so its chunks are found by the ack's place
+            await q.put_many(["y", "y again", b"L" * (3 * MiB)], dedup_ids=["Y", "Y", "X"])
+            assert await q.qsize() == 1
+            assert await q.get(timeout=10) == "y"
         finally:
             await q.aclose()
 
     asyncio.run(run())
+    assert _raw(lambda nc, js: _chunk_count(js, url), scratch_nats.url) == 0
 
 
 def test_delete_forgets_the_queues_dedup_ids_and_a_plain_put_makes_no_bucket(url: str) -> None:
@@ -535,6 +538,14 @@ def test_delete_forgets_the_queues_dedup_ids_and_a_plain_put_makes_no_bucket(url
         assert _bucket_age(_name(url)) is None
         q.put("a again", dedup_id="X")  # as on redis:// and pigeon://: the ids went too
         assert q.get(timeout=10) == "a again"
+    with pigeon.Queue(url) as q, pigeon.Queue(url) as other:
+        q.put("b", dedup_id="Y")
+        other.delete()  # under q, which holds the bucket it opened: made again
+        other.put("z")  # the queue made again, its bucket not yet
+        q.put("b again", dedup_id="Y")
+        q.put("b once more", dedup_id="Y")
+        assert [q.get(timeout=10), q.get(timeout=10)] == ["z", "b again"]
+        assert q.qsize() == 0
     with pigeon.Queue(url, dedup_window=0) as q:
         q.delete()
         q.put("a", dedup_id="X")

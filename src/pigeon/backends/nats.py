@@ -497,9 +497,10 @@ class AsyncNatsQueue(EngineQueue[T]):
                 raise
             repeated = {i for i, ack in enumerate(acks) if getattr(ack, "duplicate", False)}
             if remember:
-                fresh = [(ids[i], int(acks[i].seq)) for i in range(len(acks)) if i not in repeated]
-                late = await self._do(lambda js: self._record(js, fresh), deadline)
-                repeated |= {i for i, (_, seq) in enumerate(fresh) if seq in late}
+                fresh = [i for i in range(len(acks)) if i not in repeated]
+                pairs = [(ids[i], int(acks[i].seq)) for i in fresh]
+                late = await self._do(lambda js: self._record(js, pairs), deadline)
+                repeated |= {i for i in fresh if int(acks[i].seq) in late}
             repeats = [m for i, m in stored if i in repeated]
             if repeats:  # a dedup_id repeated: the first put's item is the one kept
                 await self._drop_chunks(repeats)
