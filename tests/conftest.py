@@ -47,8 +47,12 @@ def _clean_nats() -> None:
         nc = await nats.connect("nats://127.0.0.1:4222", connect_timeout=5)
         try:
             js = nc.jetstream()
-            # queues' streams, and the streams of their large items' chunks
-            prefixes = tuple(f"PIGEON{k}_{p}" for p in TEST_PREFIXES for k in ("", "-CHUNKS"))
+            # queues' streams, the streams of their large items' chunks, their id buckets
+            prefixes = tuple(
+                f"{k}_{p}"
+                for p in TEST_PREFIXES
+                for k in ("PIGEON", "PIGEON-CHUNKS", "KV_PIGEON-IDS")
+            )
             for _ in range(100):  # streams_info answers 256 streams at a time
                 names = [i.config.name for i in await js.streams_info()]
                 victims = [n for n in names if n.startswith(prefixes)]

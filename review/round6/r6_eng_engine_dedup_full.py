@@ -11,9 +11,10 @@ window, a clear error when a bound is hit.
   (Unavailable "redis is out of memory ... nothing was changed") instead of a generic
   PigeonError.
 - nats:// keeps ids in JetStream's duplicate map, pruned after the window: bounded by it.
-  Found and NOT fixed: after a server restart JetStream rebuilds the map from the stored
-  messages only, so the id of a message already acked (deleted from the work queue) is
-  forgotten early and a repeat is stored. This script still exits 1 for it.
+  Found: after a server restart JetStream rebuilds the map from the stored messages only,
+  so the id of a message already acked (deleted from the work queue) was forgotten early
+  and a repeat stored. Fixed: the ids are also kept in a per-queue key-value bucket (file
+  storage, max age = the window), looked up before the publish and recorded after it.
 
 Starts servers of its own (redis-server, nats-server). Exit 1 while a defect is there."""
 

@@ -430,6 +430,139 @@ def test_max_item_size_is_checked_before_anything_is_sent(url: str) -> None:
     asyncio.run(on_asyncio())
 
 
+# --- dedup across a restart ------------------------------------------------------------------
+
+
+def _bucket_age(queue: str, server: str = "nats://127.0.0.1:4222") -> float | None:
+    """The max age of ``queue``'s id bucket (None: it has none)."""
+    from nats.js.errors import NotFoundError
+
+    from pigeon.backends.nats import ids_bucket_name
+
+    async def ask(nc: Any, js: Any) -> float | None:
+        try:
+            info = await js.stream_info("KV_" + ids_bucket_name(queue))
+        except NotFoundError:
+            return None
+        return float(info.config.max_age or 0)
+
+    return _raw(ask, server)
+
+
+def test_the_dedup_id_of_an_acked_message_is_kept_across_a_server_restart(
+    scratch_nats: ScratchNats,
+) -> None:
+    """JetStream rebuilds its duplicate map after a restart from the messages still
+    stored: the id of one acked (gone from the work queue) is kept in the queue's id
+    bucket, so a repeat within the window is still confirmed and not stored - put and
+    put_many alike, a large item's chunks not stored either."""
+    url = f"{scratch_nats.url}/{queue_name()}"
+    with pigeon.Queue(url, reconnect_timeout=20) as q:
+        q.put("a", dedup_id="X")
+        q.put_many(["b", "c"], dedup_ids=["Y", " z\n"])  # one escaped as a Nats-Msg-Id
+        q.put(b"L" * (3 * MiB), dedup_id="large")
+        got = [q.get(timeout=30) for _ in range(4)]
+        assert got == ["a", "b", "c", b"L" * (3 * MiB)]
+    scratch_nats.restart()
+    with pigeon.Queue(url, reconnect_timeout=20) as q:
+        q.put("a again", dedup_id="X")
+        q.put_many(["b again", "c again", "new"], dedup_ids=["Y", " z\n", "W"])
+        q.put(b"M" * (3 * MiB), dedup_id="large")
+        assert q.qsize() == 1
+        assert q.get(timeout=10) == "new"
+        with pytest.raises(pigeon.Empty):
+            q.get(timeout=0.3)
+    assert _raw(lambda nc, js: _chunk_count(js, url), scratch_nats.url) == 0
+
+
+async def _chunk_count(js: Any, url: str) -> int:
+    from pigeon.backends.nats import chunk_stream_name
+
+    return int((await js.stream_info(chunk_stream_name(_name(url)))).state.messages)
+
+
+def test_a_dedup_window_still_ends_after_a_server_restart(scratch_nats: ScratchNats) -> None:
+    url = f"{scratch_nats.url}/{queue_name()}?dedup_window=1"
+    with pigeon.Queue(url, reconnect_timeout=20) as q:
+        q.put("a", dedup_id="X")
+        assert q.get(timeout=10) == "a"
+        assert _bucket_age(_name(url), scratch_nats.url) == 1.0
+    scratch_nats.restart()
+    with pigeon.Queue(url, reconnect_timeout=20) as q:
+        q.put("within", dedup_id="X")
+        assert q.qsize() == 0
+        time.sleep(1.5)
+        q.put("after", dedup_id="X")
+        assert q.get(timeout=10) == "after"
+
+
+def test_a_repeat_stored_by_a_put_that_looked_before_the_first_recorded_is_taken_back(
+    scratch_nats: ScratchNats,
+) -> None:
+    """Two puts of one id across a restart, the second looking its id up before the
+    first recorded it: JetStream forgot the id, so both are stored; the record is made
+    only if absent (kv.create), and the put that finds another message's record deletes
+    its own."""
+    url = f"{scratch_nats.url}/{queue_name()}"
+    with pigeon.Queue(url, reconnect_timeout=20) as q:
+        q.put("first", dedup_id="X")
+        assert q.get(timeout=10) == "first"
+    scratch_nats.restart()
+
+    async def run() -> None:
+        q = AsyncNatsQueue[Any](url, reconnect_timeout=20)
+        try:
+
+            async def looked_earlier(js: Any, ids: list[str]) -> set[int]:
+                return set()
+
+            q._recall = looked_earlier  # type: ignore[method-assign]
+            # after a repeat in the batch, so its chunks are found by the ack's place
+            await q.put_many(["y", "y again", b"L" * (3 * MiB)], dedup_ids=["Y", "Y", "X"])
+            assert await q.qsize() == 1
+            assert await q.get(timeout=10) == "y"
+        finally:
+            await q.aclose()
+
+    asyncio.run(run())
+    assert _raw(lambda nc, js: _chunk_count(js, url), scratch_nats.url) == 0
+
+
+def test_delete_forgets_the_queues_dedup_ids_and_a_plain_put_makes_no_bucket(url: str) -> None:
+    with pigeon.Queue(url) as q:
+        q.put("plain")
+        assert _bucket_age(_name(url)) is None  # a put without a dedup_id pays nothing
+        q.put("a", dedup_id="X")
+        assert _bucket_age(_name(url)) == 300.0
+        q.delete()
+        assert _bucket_age(_name(url)) is None
+        q.put("a again", dedup_id="X")  # as on redis:// and pigeon://: the ids went too
+        assert q.get(timeout=10) == "a again"
+    with pigeon.Queue(url) as q, pigeon.Queue(url) as other:
+        q.put("b", dedup_id="Y")
+        other.delete()  # under q, which holds the bucket it opened: made again
+        other.put("z")  # the queue made again, its bucket not yet
+        q.put("b again", dedup_id="Y")
+        q.put("b once more", dedup_id="Y")
+        assert [q.get(timeout=10), q.get(timeout=10)] == ["z", "b again"]
+        assert q.qsize() == 0
+    with pigeon.Queue(url, dedup_window=0) as q:
+        q.delete()
+        q.put("a", dedup_id="X")
+        q.put("a", dedup_id="X")
+        assert q.qsize() == 2
+        assert _bucket_age(_name(url)) is None  # dedup_window=0: no dedup, no bucket
+
+
+def test_a_window_given_by_a_handle_becomes_the_id_buckets_ttl(url: str) -> None:
+    with pigeon.Queue(url, dedup_window=5) as q:
+        q.put("a", dedup_id="X")
+        assert _bucket_age(_name(url)) == 5.0
+    with pigeon.Queue(url, dedup_window=2.5) as q:
+        q.qsize()
+        assert _bucket_age(_name(url)) == 2.5
+
+
 # --- pulls ----------------------------------------------------------------------------------
 
 

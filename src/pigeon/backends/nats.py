@@ -20,7 +20,8 @@ Connection URL
     dedup_window=S&max_item_size=BYTES]``; ``nats+tls://`` (or ``?tls=1``) for TLS. The
     queue ``jobs`` is the stream ``PIGEON_jobs`` on the subjects ``pigeon.jobs`` (priority 0) and
     ``pigeon-p1.jobs`` ... ``pigeon-p9.jobs``; its large items' chunks are in
-    ``PIGEON-CHUNKS_jobs``.
+    ``PIGEON-CHUNKS_jobs``, its dedup ids (for their window, across a server restart) in
+    the key-value bucket ``PIGEON-IDS_jobs``.
 
 Options
     ``maxsize``, ``serializer`` (``"msgpack"``), ``lease`` (AckWait, 30 s),
@@ -150,6 +151,18 @@ def chunk_stream_name(queue: str) -> str:
     return "PIGEON-CHUNKS" + stream_name(queue).removeprefix("PIGEON")
 
 
+def ids_bucket_name(queue: str) -> str:
+    """The key-value bucket that remembers ``queue``'s dedup ids for its window (its
+    stream is ``KV_`` and this name)."""
+    return "PIGEON-IDS" + stream_name(queue).removeprefix("PIGEON")
+
+
+def _id_key(msg_id: str) -> str:
+    """The key of a dedup id (as its ``Nats-Msg-Id``) in the id bucket: a key may hold
+    only ``[-/_=.A-Za-z0-9]``, so the id's SHA-256, in hex."""
+    return hashlib.sha256(msg_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 @dataclasses.dataclass
 class _Delivery:
     """A message as JetStream handed it to this consumer, read for pigeon."""
@@ -237,6 +250,7 @@ class AsyncNatsQueue(EngineQueue[T]):
         self.subject = level_subject(self.name, 0)
         self.stream = stream_name(self.name)
         self.chunk_stream = chunk_stream_name(self.name)
+        self.ids_bucket = ids_bucket_name(self.name)
         self.server_version: tuple[int, int, int] = (0, 0, 0)  # of the server connected to
         self._nc: Any = None
         self._js: Any = None
@@ -244,6 +258,7 @@ class AsyncNatsQueue(EngineQueue[T]):
         self._consumers: set[int] = set()  # levels whose consumer this handle made sure of
         self._calm = False  # the last round saw no message above priority 0
         self._chunks_ready = False
+        self._ids: Any = None  # the id bucket (nats-py's KeyValue), on this connection
         self._dead: AsyncNatsQueue[Any] | None = None  # NAME.dead, opened at its first use
         self._connecting: asyncio.Lock | None = None
         self._closed = False
@@ -323,6 +338,9 @@ class AsyncNatsQueue(EngineQueue[T]):
                 changed = True
             if changed:
                 await js.update_stream(config)
+            if self._window_given and abs(window - self._window_given) > 1e-6:
+                with contextlib.suppress(NotFoundError):  # no dedup put yet: no bucket
+                    await self._fit_ids(js, await js.stream_info("KV_" + self.ids_bucket))
         except NotFoundError:
             await js.add_stream(
                 StreamConfig(
@@ -408,7 +426,7 @@ class AsyncNatsQueue(EngineQueue[T]):
         return False
 
     async def _reset(self) -> None:
-        nc, self._nc, self._pulls = self._nc, None, None
+        nc, self._nc, self._pulls, self._ids = self._nc, None, None, None
         if nc is not None:
             try:
                 await nc.close()
@@ -428,26 +446,40 @@ class AsyncNatsQueue(EngineQueue[T]):
         dedup_ids: list[str] | None = None,
         *,
         own: dict[str, str] | None = None,
+        remember: bool = True,
     ) -> None:
-        """``own``: pigeon's headers (``Pigeon-*``), sent as they are."""
+        """``own``: pigeon's headers (``Pigeon-*``), sent as they are. ``remember``: the
+        ``dedup_ids`` are a caller's, kept in the id bucket too (pigeon's own ids, for a
+        move or a dead letter sent again, need JetStream's window only)."""
         deadline = deadline_from(block, timeout)
         async with within(reply_deadline(deadline), "nats"):
             # A publish whose ack was lost (a node died, a leader changed) is sent again with
             # the same id: JetStream keeps one copy (within the stream's duplicate window,
             # the queue's dedup_window). A dedup_id is that id: a repeat within the window is
-            # confirmed and not stored again. With dedup_window=0 it is not sent.
+            # confirmed and not stored again. With dedup_window=0 it is not sent. JetStream
+            # rebuilds its duplicate map after a restart from the messages still stored only,
+            # so a dedup_id is also kept in the queue's id bucket (file storage, ttl = the
+            # window): looked up before the publish, recorded after it (see _recall).
             if options is not None and options.dedup_id:
                 dedup_ids = [options.dedup_id]
             if self._window_given == 0:
                 dedup_ids = None
             ids = [_msg_id(i) for i in dedup_ids] if dedup_ids else _msg_ids(len(payloads))
+            remember = remember and bool(dedup_ids)
+            payloads = list(payloads)
+            if remember:
+                known = await self._do(lambda js: self._recall(js, ids), deadline)
+                if known:  # repeats within the window: confirmed, not stored again
+                    keep = [i for i in range(len(ids)) if i not in known]
+                    payloads, ids = [payloads[i] for i in keep], [ids[i] for i in keep]
+                    if not ids:
+                        return
             extra = to_nats(options.headers) if options is not None and options.headers else {}
             extra.update(timing(options, time.time()))
             extra.update(own or {})
             subject = level_subject(self.name, (options.priority or 0) if options else 0)
             # every header the server gets is here, so the size check counts them all
             hdrs = [{**extra, "Nats-Msg-Id": i, "Nats-Expected-Stream": self.stream} for i in ids]
-            payloads = list(payloads)
             large = await self._do(lambda js: self._large(payloads, hdrs), deadline)
             stored: list[tuple[int, Manifest]] = []
             try:
@@ -463,11 +495,104 @@ class AsyncNatsQueue(EngineQueue[T]):
                 if stored:  # nothing refers to them: they go (a crash leaves them unseen)
                     await self._drop_chunks([m for _, m in stored])
                 raise
-            repeats = [
-                m for i, m in stored if i < len(acks) and getattr(acks[i], "duplicate", False)
-            ]
+            repeated = {i for i, ack in enumerate(acks) if getattr(ack, "duplicate", False)}
+            if remember:
+                fresh = [i for i in range(len(acks)) if i not in repeated]
+                pairs = [(ids[i], int(acks[i].seq)) for i in fresh]
+                late = await self._do(lambda js: self._record(js, pairs), deadline)
+                repeated |= {i for i in fresh if int(acks[i].seq) in late}
+            repeats = [m for i, m in stored if i in repeated]
             if repeats:  # a dedup_id repeated: the first put's item is the one kept
                 await self._drop_chunks(repeats)
+
+    async def _id_bucket(self, js: Any) -> Any:
+        """The queue's id bucket (made at its first dedup put), its ttl the window."""
+        from nats.js.api import KeyValueConfig, StorageType
+        from nats.js.errors import BadRequestError, NotFoundError
+
+        if self._ids is None:
+            try:
+                await self._fit_ids(js, await js.stream_info("KV_" + self.ids_bucket))
+            except NotFoundError:
+                with contextlib.suppress(BadRequestError):  # made by another client meanwhile
+                    await js.create_key_value(
+                        KeyValueConfig(
+                            bucket=self.ids_bucket, history=1, ttl=_ids_ttl(self.dedup_window),
+                            storage=StorageType.FILE, replicas=self.replicas,
+                        )
+                    )  # fmt: skip
+            self._ids = await js.key_value(self.ids_bucket)
+        return self._ids
+
+    async def _fit_ids(self, js: Any, info: Any) -> None:
+        """Give the id bucket (``info``: its stream's) the queue's window as its ttl."""
+        config = info.config
+        ttl = _ids_ttl(self.dedup_window)
+        if abs(float(config.max_age or 0) - ttl) > 1e-6:
+            config.max_age = ttl
+            config.duplicate_window = min(float(config.duplicate_window or ttl), ttl)
+            await js.update_stream(config)
+
+    async def _recall(self, js: Any, ids: list[str]) -> set[int]:
+        """Which of ``ids`` (``Nats-Msg-Id`` values) the id bucket holds: put within the
+        window, whatever the server forgot in a restart since."""
+        from nats.js.errors import KeyNotFoundError
+
+        kv = await self._id_bucket(js)
+
+        async def held(msg_id: str) -> bool:
+            try:
+                await kv.get(_id_key(msg_id))
+            except KeyNotFoundError:
+                return False
+            return True
+
+        found = await asyncio.gather(*(held(i) for i in ids))
+        return {i for i, yes in enumerate(found) if yes}
+
+    async def _record(self, js: Any, stored: list[tuple[str, int]]) -> set[int]:
+        """Keep the ids of messages just stored (id, stream sequence) in the id bucket,
+        each created only if absent (an atomic test-and-set). One already there for
+        another message - a put of the same id between this put's look-up and now, across
+        a restart - makes this message the repeat: deleted (unless a reader took it
+        already); the sequences of those deleted. Recorded after the publish, so a crash
+        between the two loses no message: it leaves the id to JetStream's window only."""
+        import nats.errors as nerr
+        from nats.js.errors import (
+            KeyNotFoundError,
+            KeyWrongLastSequenceError,
+            NoStreamResponseError,
+            NotFoundError,
+        )
+
+        kv = await self._id_bucket(js)
+
+        async def one(msg_id: str, seq: int) -> int | None:
+            key, mine = _id_key(msg_id), str(seq).encode()
+            try:
+                await kv.create(key, mine)
+                return None
+            except KeyWrongLastSequenceError:
+                try:
+                    if (await kv.get(key)).value == mine:
+                        return None  # this put's own record (an attempt whose reply was lost)
+                except KeyNotFoundError:
+                    return None  # that record's window ended just now: this message stays
+            with contextlib.suppress(NotFoundError):  # taken meanwhile: a repeat delivered
+                await js.delete_msg(self.stream, seq)
+            return seq
+
+        done = await asyncio.gather(*(one(i, seq) for i, seq in stored), return_exceptions=True)
+        if any(isinstance(d, nerr.NoRespondersError | NoStreamResponseError) for d in done):
+            # the bucket went (the queue was deleted) since this handle opened it: made
+            # again, and every id recorded anew
+            self._ids = None
+            kv = await self._id_bucket(js)
+            done = await asyncio.gather(*(one(i, seq) for i, seq in stored))
+        for d in done:
+            if isinstance(d, BaseException):
+                raise d
+        return {d for d in done if isinstance(d, int)}
 
     async def _publish(
         self, subject: str, payloads: list[bytes], hdrs: list[dict[str, str]],
@@ -916,7 +1041,7 @@ class AsyncNatsQueue(EngineQueue[T]):
         moved = reason == "too_large" and d.manifest is not None
         if moved:  # not read here: its manifest goes as it is, naming the same chunks
             why[CHUNKED] = "1"
-        await dead._put([d.payload], True, 10, options, ids, own=why)
+        await dead._put([d.payload], True, 10, options, ids, own=why, remember=False)
         await d.msg.term()
         if not moved:
             await self._settled([d])
@@ -1233,6 +1358,8 @@ class AsyncNatsQueue(EngineQueue[T]):
                 return 0
             with contextlib.suppress(NotFoundError):
                 await js.delete_stream(self.chunk_stream)
+            with contextlib.suppress(NotFoundError):  # its dedup ids, as on the other engines
+                await js.delete_stream("KV_" + self.ids_bucket)
             with contextlib.suppress(NotFoundError):
                 await js.purge_stream(NACKED, subject=f"{self._nacked}.>")
             return n
@@ -1268,7 +1395,7 @@ class AsyncNatsQueue(EngineQueue[T]):
                 options = PutOptions(priority=f.level, headers=headers)
                 ids = [f"pigeon-move.{self.stream}.{f.raw.seq}"]
                 try:
-                    await target._put([payload], False, 0, options, ids)
+                    await target._put([payload], False, 0, options, ids, remember=False)
                 except Full:
                     break
                 moved += await self._forget([f])
@@ -1356,6 +1483,11 @@ def _msg_id(dedup_id: str) -> str:
     if plain and not dedup_id.startswith(_ESCAPED_ID):
         return dedup_id
     return _ESCAPED_ID + quote(dedup_id, safe="", errors="surrogatepass")
+
+
+def _ids_ttl(window: float) -> float:
+    """The id bucket's max age for a dedup window (JetStream takes no less than 0.1 s)."""
+    return max(window, 0.1)
 
 
 def _msg_ids(n: int) -> list[str]:
