@@ -1,4 +1,5 @@
-/* The local queue's hot path in C: put and get, one item or a batch, each in one call.
+/* pigeon's C fast paths: the local queue's put and get, one item or a batch, each in one
+ * call; and, at the end, the log store's syncer thread (see there).
  *
  * Strategy: the same file layout, the same lock and the same commit as the pure-Python
  * path in backends/local/ (queue.py, shared.py: it stays the fallback, and the reference).
@@ -513,6 +514,246 @@ static PyObject *fast_fault(PyObject *self, PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* --- the log store's syncer (store/log.py, --fsync batch) -------------------------------
+ *
+ * A thread that never takes the GIL: it waits until the store marks the log dirty, lets
+ * fsync_interval pass from that first unsynced write, and fdatasyncs the active segment.
+ * A Python thread doing the same wakes the interpreter at each step and takes the GIL from
+ * the event loop's thread (GIL hand-offs: futex calls and stalls in the loop's thread per
+ * put); this one costs the loop's thread one uncontended mutex per interval.
+ *
+ * Two mutexes: `state` (the dirty flag, never held across I/O: `dirty()` never waits for a
+ * disk) and `io` (held around every fsync of the log, this thread's and the loop thread's
+ * - the store's fsync lock - and while the store switches the active segment's descriptor,
+ * so no fsync runs on a descriptor being closed). A failed fdatasync sets `error` (errno)
+ * under `io` and ends the thread: the store reads it under `io` before any fsync of its own
+ * and before it confirms a write, and breaks ("fsyncgate": the kernel reports a writeback
+ * error once). The store calls one syncer pass's worth of this in Python when the module is
+ * missing (Durable._syncer), and that Python pass is what the crash model runs.
+ */
+typedef struct {
+    pthread_mutex_t state, io;
+    pthread_cond_t wake;
+    pthread_t thread;
+    int started, closing, dirty, fd, error;
+    long long fsyncs;
+    double interval;
+    struct timespec first;
+} Syncer;
+
+static void syncer_free(PyObject *capsule);
+
+static Syncer *syncer_arg(PyObject *arg) {
+    return (Syncer *)PyCapsule_GetPointer(arg, "pigeon.syncer");
+}
+
+/* One pass: fdatasync the active segment under `io`, unless an earlier one failed; a
+ * failure is kept in `error`. With `call` (the crash model's: Python, under the GIL) that
+ * callable does the fdatasync instead, an OSError its failure. Returns 1 if failed. */
+static int syncer_once(Syncer *s, PyObject *call) {
+    pthread_mutex_lock(&s->io);
+    if (s->error == 0 && s->fd >= 0) {
+        int err = 0;
+        if (call == NULL) {
+            if (fdatasync(s->fd) != 0) err = errno ? errno : EIO;
+        } else {
+            PyObject *r = PyObject_CallFunction(call, "i", s->fd);
+            if (r == NULL) {
+                err = EIO;
+                if (PyErr_ExceptionMatches(PyExc_OSError)) {
+                    PyObject *type, *value, *tb;
+                    PyErr_Fetch(&type, &value, &tb);
+                    PyObject *no = value ? PyObject_GetAttrString(value, "errno") : NULL;
+                    if (no != NULL && PyLong_Check(no)) err = (int)PyLong_AsLong(no);
+                    Py_XDECREF(no);
+                    Py_XDECREF(type); Py_XDECREF(value); Py_XDECREF(tb);
+                }
+                PyErr_Clear();
+            }
+            Py_XDECREF(r);
+        }
+        if (err) __atomic_store_n(&s->error, err, __ATOMIC_RELEASE);
+        else __atomic_add_fetch(&s->fsyncs, 1, __ATOMIC_RELAXED);
+    }
+    int failed = s->error != 0;
+    pthread_mutex_unlock(&s->io);
+    return failed;
+}
+
+static void *syncer_run(void *arg) {
+    Syncer *s = (Syncer *)arg;
+    pthread_mutex_lock(&s->state);
+    for (;;) {
+        while (!s->closing && !s->dirty) pthread_cond_wait(&s->wake, &s->state);
+        if (s->closing) break;
+        struct timespec until = s->first;
+        long long ns = (long long)(s->interval * 1e9);
+        until.tv_sec += ns / 1000000000LL;
+        until.tv_nsec += ns % 1000000000LL;
+        if (until.tv_nsec >= 1000000000L) { until.tv_sec += 1; until.tv_nsec -= 1000000000L; }
+        while (!s->closing && pthread_cond_timedwait(&s->wake, &s->state, &until) != ETIMEDOUT) {}
+        if (s->closing) break;  /* the store's close() fsyncs what is left itself */
+        s->dirty = 0;  /* a write from now on is covered by this fdatasync or marks again */
+        pthread_mutex_unlock(&s->state);
+        int failed = syncer_once(s, NULL);
+        pthread_mutex_lock(&s->state);
+        if (failed) break;
+    }
+    pthread_mutex_unlock(&s->state);
+    return NULL;
+}
+
+static PyObject *py_syncer_new(PyObject *self, PyObject *arg) {
+    double interval = PyFloat_AsDouble(arg);
+    if (interval == -1.0 && PyErr_Occurred()) return NULL;
+    if (!(interval >= 0.0) || interval > 3600.0) {
+        PyErr_SetString(PyExc_ValueError, "the fsync interval must be 0 to 3600 seconds");
+        return NULL;
+    }
+    Syncer *s = PyMem_RawCalloc(1, sizeof(Syncer));
+    if (s == NULL) return PyErr_NoMemory();
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&s->wake, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_init(&s->state, NULL);
+    pthread_mutex_init(&s->io, NULL);
+    s->fd = -1;
+    s->interval = interval;
+    PyObject *c = PyCapsule_New(s, "pigeon.syncer", syncer_free);
+    if (c == NULL) PyMem_RawFree(s);
+    return c;
+}
+
+static PyObject *py_syncer_start(PyObject *self, PyObject *arg) {
+    Syncer *s = syncer_arg(arg);
+    if (s == NULL) return NULL;
+    if (s->started) Py_RETURN_NONE;
+    /* No signal for this thread: the broker's signal handlers run in the main thread. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&s->thread, NULL, syncer_run, s);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    s->started = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_syncer_dirty(PyObject *self, PyObject *arg) {
+    /* A write reached the OS: fdatasync within the interval. Returns the errno of a failed
+     * fdatasync (0: none) - read without `io`: the store reads it again under `io`. */
+    Syncer *s = syncer_arg(arg);
+    if (s == NULL) return NULL;
+    if (!s->dirty) {  /* only this thread sets it; the syncer clears it under `state` */
+        pthread_mutex_lock(&s->state);
+        if (!s->dirty) {
+            s->dirty = 1;
+            clock_gettime(CLOCK_MONOTONIC, &s->first);
+            pthread_cond_signal(&s->wake);
+        }
+        pthread_mutex_unlock(&s->state);
+    }
+    return PyLong_FromLong(__atomic_load_n(&s->error, __ATOMIC_ACQUIRE));
+}
+
+static PyObject *py_syncer_lock(PyObject *self, PyObject *arg) {
+    /* Take `io` (the store's fsync lock); waits with the GIL released. Returns the errno
+     * of a failed fdatasync of the syncer's (0: none), read under the lock. */
+    Syncer *s = syncer_arg(arg);
+    if (s == NULL) return NULL;
+    if (pthread_mutex_trylock(&s->io) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&s->io);
+        Py_END_ALLOW_THREADS
+    }
+    return PyLong_FromLong(s->error);
+}
+
+static PyObject *py_syncer_unlock(PyObject *self, PyObject *arg) {
+    Syncer *s = syncer_arg(arg);
+    if (s == NULL) return NULL;
+    pthread_mutex_unlock(&s->io);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_syncer_set_fd(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    /* The descriptor to fdatasync from now on; the caller holds `io` (syncer_lock). */
+    if (n != 2) {
+        PyErr_SetString(PyExc_TypeError, "syncer_set_fd(syncer, fd)");
+        return NULL;
+    }
+    Syncer *s = syncer_arg(args[0]);
+    if (s == NULL) return NULL;
+    long fd = PyLong_AsLong(args[1]);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    s->fd = (int)fd;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_syncer_fsyncs(PyObject *self, PyObject *arg) {
+    Syncer *s = syncer_arg(arg);
+    if (s == NULL) return NULL;
+    return PyLong_FromLongLong(__atomic_load_n(&s->fsyncs, __ATOMIC_RELAXED));
+}
+
+static PyObject *py_syncer_pass(PyObject *self, PyObject *const *args, Py_ssize_t n) {
+    /* The crash model's pass of the thread (never started there): `fsync(fd)` in the
+     * thread's place, under its lock. Returns True if it (or an earlier pass) failed. */
+    if (n != 2 || !PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "syncer_pass(syncer, fsync)");
+        return NULL;
+    }
+    Syncer *s = syncer_arg(args[0]);
+    if (s == NULL) return NULL;
+    if (s->started) {
+        PyErr_SetString(PyExc_RuntimeError, "the syncer's thread runs: no pass by hand");
+        return NULL;
+    }
+    return PyBool_FromLong(syncer_once(s, args[1]));
+}
+
+static PyObject *py_syncer_error(PyObject *self, PyObject *arg) {
+    Syncer *s = syncer_arg(arg);
+    if (s == NULL) return NULL;
+    return PyLong_FromLong(__atomic_load_n(&s->error, __ATOMIC_ACQUIRE));
+}
+
+static void syncer_stop(Syncer *s) {
+    pthread_mutex_lock(&s->state);
+    s->closing = 1;
+    pthread_cond_signal(&s->wake);
+    pthread_mutex_unlock(&s->state);
+    if (s->started) {
+        pthread_join(s->thread, NULL);
+        s->started = 0;
+    }
+}
+
+static PyObject *py_syncer_close(PyObject *self, PyObject *arg) {
+    /* Stop the thread (an fdatasync under way ends first); the GIL is released meanwhile. */
+    Syncer *s = syncer_arg(arg);
+    if (s == NULL) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    syncer_stop(s);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static void syncer_free(PyObject *capsule) {
+    Syncer *s = (Syncer *)PyCapsule_GetPointer(capsule, "pigeon.syncer");
+    if (s == NULL) return;
+    syncer_stop(s);  /* never takes the GIL: joining it cannot deadlock */
+    pthread_cond_destroy(&s->wake);
+    pthread_mutex_destroy(&s->state);
+    pthread_mutex_destroy(&s->io);
+    PyMem_RawFree(s);
+}
+
 static PyMethodDef methods[] = {
     {"_die_before_publish", fast_fault, METH_O, "Kill tests: SIGKILL before the next publish."},
     {"put", (PyCFunction)(void (*)(void))fast_put, METH_FASTCALL,
@@ -526,6 +767,18 @@ static PyMethodDef methods[] = {
     {"init_lock", py_init_lock, METH_O, "Make the robust process-shared mutex at an address."},
     {"lock", py_lock, METH_O, "Take the mutex at an address (a dead holder's is recovered)."},
     {"unlock", py_unlock, METH_O, "Drop the mutex at an address (a no-op if not held)."},
+    {"syncer_new", py_syncer_new, METH_O, "A log syncer with this fsync interval (s)."},
+    {"syncer_start", py_syncer_start, METH_O, "Start the syncer's thread."},
+    {"syncer_dirty", py_syncer_dirty, METH_O, "A write reached the OS; returns errno or 0."},
+    {"syncer_lock", py_syncer_lock, METH_O, "Take the fsync lock; returns errno or 0."},
+    {"syncer_unlock", py_syncer_unlock, METH_O, "Drop the fsync lock."},
+    {"syncer_set_fd", (PyCFunction)(void (*)(void))py_syncer_set_fd, METH_FASTCALL,
+     "The descriptor to fdatasync (with the fsync lock held)."},
+    {"syncer_pass", (PyCFunction)(void (*)(void))py_syncer_pass, METH_FASTCALL,
+     "One pass of the thread, by hand, with this fsync (the crash model's)."},
+    {"syncer_error", py_syncer_error, METH_O, "The errno of a failed fdatasync, or 0."},
+    {"syncer_fsyncs", py_syncer_fsyncs, METH_O, "fdatasyncs the thread has made."},
+    {"syncer_close", py_syncer_close, METH_O, "Stop the syncer's thread."},
     {NULL, NULL, 0, NULL},
 };
 

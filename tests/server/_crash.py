@@ -205,11 +205,20 @@ def _one_pass(store: Durable, disk: Disk, loop: Callable[[], None]) -> None:
 
 
 def syncer_pass(store: Durable, disk: Disk) -> bool:
-    """One pass of the store's syncer thread (``Durable._syncer``): it fsyncs what was
-    written and confirms what waited for that. False if its fsync failed: the thread has
-    then ended for good."""
+    """One pass of the store's syncer thread (``Durable._syncer``, or the log's C syncer,
+    ``NativeSyncer``, where ``_use_native`` put it in place): it fsyncs what was written
+    and confirms what waited for that. False if its fsync failed: the thread has then
+    ended for good."""
     failed = len(disk.failures)
-    _one_pass(store, disk, store._syncer)
+    native = getattr(store, "_native", None)
+    if native is not None:  # the C pass, its fdatasync the disk's (os.fdatasync, patched)
+        disk.context = "syncer"
+        try:
+            native.pass_by_hand(os.fdatasync)
+        finally:
+            disk.context = "loop"
+    else:
+        _one_pass(store, disk, store._syncer)
     return len(disk.failures) == failed
 
 

@@ -46,6 +46,7 @@ from pigeon.server.store import (
 )
 from pigeon.server.store import backup as backups
 from pigeon.server.store import log as logstore
+from pigeon.server.store.durable import FsyncFailed
 
 
 def opened(path: Path, fsync: str = "batch", **kw: Any) -> tuple[Broker, LogStore]:
@@ -1094,6 +1095,9 @@ def test_a_segment_is_deleted_only_once_the_change_that_emptied_it_is_durable(
     # A MOVE (remove here, add there: one record) empties the oldest segment, which is
     # then deleted. If the power fails before the syncer's fdatasync of that record, the
     # deletion must not be what survives: the moved messages would be nowhere.
+    # (The syncer held back is the Python one, whose fdatasyncs _PowerCut sees; the C one
+    # fdatasyncs unseen, which only makes the cut keep less: tested below.)
+    monkeypatch.setenv("PIGEON_PURE_PYTHON", "1")
     power = _PowerCut(monkeypatch)
     broker, store = opened(tmp_path / "data", fsync, segment_bytes=4096)
     for i in range(10):
@@ -1282,3 +1286,70 @@ def test_a_slow_fsync_counts_as_a_stalled_store(
     wait_commits(commits)
     assert commits and store.stalled_for == 0.0
     store.close()
+
+
+# --- the C syncer (--fsync batch where pigeon._fastring is built) ---------------------------
+
+
+def _native_or_skip(store: LogStore) -> Any:
+    native = store._native
+    if native is None:
+        if os.environ.get("CI"):
+            pytest.fail("the log store's C syncer is not built (CI builds pigeon._fastring)")
+        pytest.skip("the log store's C syncer is not built here (pigeon._fastring)")
+    return native
+
+
+def test_batch_fsyncs_in_the_c_syncer_within_the_interval_and_follows_segment_rolls(
+    tmp_path: Path,
+) -> None:
+    broker, store = opened(tmp_path, "batch", segment_bytes=4096)
+    native = _native_or_skip(store)
+    assert not store._thread.is_alive()  # no Python syncer beside it
+    for i in range(200):  # ~40 segments: the descriptor it fsyncs is switched under it
+        broker.handle(1, Put(i + 1, "q", b"x" * 600))
+        if i % 50 == 0:
+            time.sleep(0.03)  # the interval passes: an fdatasync of the active segment
+    deadline = time.monotonic() + 5
+    while native.fsyncs < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert native.fsyncs >= 4 and store.fsyncs >= native.fsyncs
+    assert native.error == 0 and store.unwritten() is None  # never a closed descriptor
+    store.close()
+    reopened = LogStore(tmp_path, "never")
+    assert sum(1 for _ in reopened.recover()) == 200
+    reopened.close()
+
+
+def test_a_failed_fdatasync_of_the_c_syncer_breaks_the_store_and_confirms_nothing_after(
+    tmp_path: Path,
+) -> None:
+    confirmed: list[int] = []
+    store = LogStore(tmp_path, "batch")
+    store.start(confirmed.append)
+    native = _native_or_skip(store)
+    broker = Broker(store)
+    broker.connection_made(1)
+    r, w = os.pipe()  # fdatasync of a pipe fails (EINVAL): a disk that failed a writeback
+    try:
+        with native:
+            native.set_fd(r)
+        broker.handle(1, Put(1, "q", b"a"))
+        assert confirmed == [store.batch]  # written before the failure: confirmed
+        deadline = time.monotonic() + 5
+        while native.error == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert native.error == errno.EINVAL
+        before = list(confirmed)
+        broker.handle(1, Put(2, "q", b"b"))  # written after it: never confirmed
+        assert confirmed == before and store.committed < store.last_tag
+        why = store.unwritten()
+        assert why is not None and "fsync failed" in why
+        with pytest.raises(FsyncFailed):
+            store._fsync_or_break(lambda: None)  # nor does any later fsync count
+    finally:
+        with native:
+            native.set_fd(store._fd)
+        store.close()
+        os.close(r)
+        os.close(w)

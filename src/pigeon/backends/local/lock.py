@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import logging
 import os
 import sys
 import tempfile
@@ -14,28 +13,15 @@ import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from pigeon._native import load_c_path
 from pigeon.backends.local import tracker
 from pigeon.backends.local.layout import DEDUP_SUFFIX
 
 LOCK_TRIES = 50  # tries of the ctypes mutex before the robust lock is taken blocking
 
 
-def load_c_path() -> Any:
-    """The compiled fast path (``pigeon._fastring``), or None: pure Python. Set
-    ``PIGEON_PURE_PYTHON=1`` to force the pure-Python path (the tests run both)."""
-    if os.environ.get("PIGEON_PURE_PYTHON"):
-        return None
-    try:
-        from pigeon import _fastring  # type: ignore[attr-defined]
-    except ImportError:
-        logging.getLogger("pigeon.local").debug(
-            "the local queue's C fast path is not built here; using the pure-Python path"
-        )
-        return None
-    return _fastring
-
-
-C = load_c_path()
+# the local queue's put and get in C, or None: pure Python
+C = load_c_path("pigeon.local", "the local queue's C fast path")
 
 
 class Mutex(NamedTuple):

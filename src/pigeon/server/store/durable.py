@@ -143,6 +143,7 @@ class Durable(Store):
     def unwritten(self) -> str | None:
         """Why changes made so far are not all written (None: they are): the store broke,
         or the disk refused them and they wait for a retry."""
+        self._native_failed()
         if self._error is not None:
             return str(self._error)
         return "the disk refused them" if self._pending_change else None
@@ -191,6 +192,7 @@ class Durable(Store):
             FsyncFailed: this fsync, or an earlier one, failed.
         """
         with self._fsync_lock:
+            self._native_failed()
             if self._error is not None:
                 raise FsyncFailed(f"the store is broken: {self._error}")
             try:
@@ -199,6 +201,20 @@ class Durable(Store):
                 self._broken(OSError(f"fsync failed: {exc}; data written since the last "
                                      "successful fsync may be lost"))  # fmt: skip
                 raise FsyncFailed(str(self._error)) from exc
+
+    # A syncer thread in C (the log store's, ``--fsync batch``), or None: the Python one.
+    _native: NativeSyncer | None = None
+
+    def _native_failed(self) -> bool:
+        """Has the C syncer's fdatasync failed? Then the store breaks, as when the Python
+        syncer's does (read under the fsync lock, or before a write is confirmed)."""
+        native = self._native
+        if native is None or not (code := native.error):
+            return False
+        if self._error is None:
+            self._broken(OSError(code, f"fsync failed: {os.strerror(code)}; data written since "
+                                       "the last successful fsync may be lost"))  # fmt: skip
+        return True
 
     def _commits_again(self) -> None:
         assert self._failing_since is not None
@@ -250,7 +266,7 @@ class Durable(Store):
         self._flush_pending = False
         if self._closed:
             return  # a callback that outlived close(): the changes stay unwritten
-        if self._error is not None:
+        if self._error is not None or self._native_failed():
             self._ops = []  # nothing is written any more (the broker refuses puts)
             return
         ops, self._ops = self._ops, []
@@ -295,11 +311,16 @@ class Durable(Store):
             # Checked before the lock as well: the syncer clears ``_dirty_since`` (under
             # the lock) before it fsyncs, so a write that still sees it set is covered by
             # that fsync; only a write that sees it clear must set it and wake the syncer.
-            if self.fsync == "batch" and self._dirty_since is None:
-                with self._sync:
-                    if self._dirty_since is None:
-                        self._dirty_since = time.monotonic()
-                        self._sync.notify()
+            if self.fsync == "batch":
+                native = self._native
+                if native is not None:
+                    if native.dirty() and self._native_failed():
+                        return  # its fdatasync failed: nothing written since is confirmed
+                elif self._dirty_since is None:
+                    with self._sync:
+                        if self._dirty_since is None:
+                            self._dirty_since = time.monotonic()
+                            self._sync.notify()
             self.committed = batch
             if self.on_commit is not None:
                 self.on_commit(batch)
@@ -410,3 +431,58 @@ class Durable(Store):
 
     def __str__(self) -> str:
         return str(getattr(self, "path", type(self).__name__))
+
+
+class NativeSyncer:
+    """The syncer thread of ``--fsync batch`` in C (``pigeon._fastring``): it never takes
+    the GIL, so it costs the event loop's thread nothing between fsyncs (a Python thread
+    that wakes to fsync takes the GIL from the loop's thread at each step). It does what
+    one pass of ``Durable._syncer`` does for ``batch`` - fdatasync the active segment once
+    ``fsync_interval`` has passed since the first unsynced write, under the store's fsync
+    lock, a failure kept for the store to break on - and that Python pass stays the
+    reference: it runs where the module is not built, under ``PIGEON_PURE_PYTHON``, and in
+    the crash model (tests/server/_crash.py).
+
+    Used as the store's fsync lock (``with syncer:``); ``set_fd`` only with it held."""
+
+    __slots__ = ("_c", "_h")
+
+    def __init__(self, c: Any, interval: float) -> None:
+        self._c = c
+        self._h = c.syncer_new(interval)
+
+    def start(self) -> None:
+        self._c.syncer_start(self._h)
+
+    def dirty(self) -> int:
+        """A write reached the OS: fdatasync it within the interval. Non-zero: an earlier
+        fdatasync failed (its errno)."""
+        return int(self._c.syncer_dirty(self._h))
+
+    @property
+    def error(self) -> int:
+        """The errno of a failed fdatasync (the thread has then ended), or 0."""
+        return int(self._c.syncer_error(self._h))
+
+    @property
+    def fsyncs(self) -> int:
+        return int(self._c.syncer_fsyncs(self._h))
+
+    def set_fd(self, fd: int) -> None:
+        self._c.syncer_set_fd(self._h, fd)
+
+    def pass_by_hand(self, fsync: Callable[[int], None]) -> bool:
+        """One pass of the thread, which is not started, with ``fsync`` doing its
+        fdatasync (the crash model's disk). True if it, or an earlier one, failed."""
+        return bool(self._c.syncer_pass(self._h, fsync))
+
+    def close(self) -> None:
+        """Stop the thread (after the fdatasync it may be in)."""
+        self._c.syncer_close(self._h)
+
+    def __enter__(self) -> NativeSyncer:
+        self._c.syncer_lock(self._h)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._c.syncer_unlock(self._h)

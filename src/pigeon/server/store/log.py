@@ -44,7 +44,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import repeat
 from operator import attrgetter, itemgetter
 from pathlib import Path
@@ -52,9 +52,10 @@ from typing import Any
 
 import msgspec
 
+from pigeon._native import load_c_path
 from pigeon.errors import StoreCorrupted
 from pigeon.server.core import NO_TRANSACTION, Stored
-from pigeon.server.store.durable import Durable, FsyncFailed, FsyncMode
+from pigeon.server.store.durable import Durable, FsyncFailed, FsyncMode, NativeSyncer
 from pigeon.server.store.records import (
     ADDS,
     DECLARE,
@@ -323,8 +324,10 @@ class LogStore(Durable):
             with contextlib.suppress(OSError):
                 path.unlink()
             raise
-        with self._fsync_lock:
+        with self._fsync_lock:  # not while the syncer fsyncs
             old, self._fd = self._fd, fd
+            if self._native is not None:
+                self._native.set_fd(fd)
             if old >= 0:
                 os.close(old)
         self._active = seg
@@ -819,6 +822,38 @@ class LogStore(Durable):
         self._fsync_or_break(self._fdatasync_active)  # not while a segment is switched
         self.fsyncs += 1
 
+    def start(self, on_commit: Callable[[int], None]) -> None:
+        """Begin writing: ``--fsync batch`` fsyncs in a C thread where ``pigeon._fastring``
+        is built (``NativeSyncer``), else, and for ``always``, in the Python one."""
+        native = self._use_native()
+        if native is None:
+            super().start(on_commit)
+            return
+        self.on_commit = on_commit
+        native.start()
+
+    def _use_native(self) -> NativeSyncer | None:
+        """For ``--fsync batch``, the C syncer in place of the Python one (its thread not
+        started yet), or None where ``pigeon._fastring`` is not built."""
+        if self._native is None and self.fsync == "batch":
+            c = load_c_path("pigeon.store", "the log store's C syncer")
+            if c is not None:
+                native = NativeSyncer(c, self.fsync_interval)
+                with native:
+                    native.set_fd(self._fd)
+                self._fsync_lock = native  # type: ignore[assignment]  # both threads' fsyncs
+                self._native = native
+        return self._native
+
+    @property
+    def fsyncs(self) -> int:
+        """fsyncs of the log made so far (both threads')."""
+        return self._fsyncs + (self._native.fsyncs if self._native is not None else 0)
+
+    @fsyncs.setter
+    def fsyncs(self, n: int) -> None:
+        self._fsyncs = n
+
     @property
     def disk_bytes(self) -> int:
         """Bytes the log takes on disk now."""
@@ -833,9 +868,13 @@ class LogStore(Durable):
             self._sync.notify()
         if self._thread.is_alive():
             self._thread.join(30)
+        if self._native is not None:
+            self._native.close()
         with contextlib.suppress(FsyncFailed):
             self._fsync_or_break(self._fsync_active)
         with self._fsync_lock:
+            if self._native is not None:
+                self._native.set_fd(-1)
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
