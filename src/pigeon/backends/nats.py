@@ -36,7 +36,13 @@ Delivery guarantees
     within the lease (AckWait), whether its consumer died or is only slow. A lease asked
     for one message (``get_message(lease=)``, ``extend(seconds)``) means exactly "now +
     seconds": a longer one is kept by in-progress signals sent on pigeon's I/O loop, a
-    shorter one ends with a NAK (if the holder dies first, AckWait applies). Plain
+    shorter one ends with a NAK (if the holder dies first, AckWait applies). An ack, nack
+    or extend is for one delivery: JetStream would act on a late one sent on an old
+    delivery's reply subject, so once this delivery's AckWait may have run out pigeon
+    first asks (one round trip; none within the lease) whether the message was delivered
+    again - each redelivery records its delivery count (``_claim``) - and then refuses
+    it with ``LocalProtocolError``, changing nothing, as on pigeon:// and redis://; a
+    late call before anyone took it again still counts. Plain
     ``get`` acks on receipt, once the payload decoded (an undecodable one goes to
     ``QUEUE.dead``, reason ``undecodable``; the rest of its batch is redelivered). A
     batch put on a bounded queue is all or none even with concurrent producers (a short
