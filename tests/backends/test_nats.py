@@ -591,3 +591,115 @@ def test_a_delivery_that_comes_after_its_pull_gave_up_is_handed_out_by_the_next(
             await q.aclose()
 
     asyncio.run(run())
+
+
+# --- a settle only counts for the delivery that holds the message ---------------------------
+# JetStream acts on an ack, NAK, TERM or in-progress sent on any delivery's reply subject:
+# after a redelivery, the old delivery's would settle the new one's copy.
+
+
+def _lease_url(url: str, lease: float) -> str:
+    return f"{url}?lease={lease:g}"
+
+
+def test_an_ack_after_the_lease_equal_to_ack_wait_ran_out_and_another_got_it_is_refused(
+    url: str,
+) -> None:
+    """The queue's lease is the consumer's AckWait (``?lease=1``, no ``lease=`` asked for):
+    JetStream redelivers to ``b`` by itself, and ``a``'s late ack must not settle ``b``'s
+    copy."""
+    with pigeon.Queue(_lease_url(url, 1)) as a, pigeon.Queue(_lease_url(url, 1)) as b:
+        a.put("job")
+        first = a.get_message(timeout=10)
+        time.sleep(1.5)  # AckWait runs out
+        second = b.get_message(timeout=10)
+        assert (second.body, second.delivery_count) == ("job", 2)
+        with pytest.raises(pigeon.LocalProtocolError, match="lease ran out and it was deliv"):
+            first.ack()
+        with pytest.raises(pigeon.Empty):
+            a.get_message(timeout=0.5)  # b still holds it
+        second.ack()
+        assert b.qsize() == 0
+        with pytest.raises(pigeon.Empty):
+            b.get_message(timeout=1.5)  # settled once, and for good
+
+
+def test_an_ack_after_a_shorter_lease_gave_the_message_back_and_another_got_it_is_refused(
+    url: str,
+) -> None:
+    """A lease shorter than AckWait ends with pigeon's own NAK; the late ack says the lease
+    ran out (not "already acked or nacked") and leaves ``b``'s copy alone."""
+    with pigeon.Queue(_lease_url(url, 30)) as a, pigeon.Queue(_lease_url(url, 30)) as b:
+        a.put("job")
+        first = a.get_message(timeout=10, lease=0.3)
+        time.sleep(0.6)
+        second = b.get_message(timeout=10)
+        assert (second.body, second.delivery_count) == ("job", 2)
+        with pytest.raises(pigeon.LocalProtocolError, match="lease ran out"):
+            first.extend(30)  # would keep b's copy
+        with pytest.raises(pigeon.LocalProtocolError, match="lease ran out"):
+            first.ack()
+        second.ack()
+        with pytest.raises(pigeon.Empty):
+            b.get_message(timeout=0.5)
+
+
+def test_the_same_handle_cannot_settle_its_earlier_delivery_of_a_message(url: str) -> None:
+    with pigeon.Queue(_lease_url(url, 1)) as q:
+        q.put("job")
+        first = q.get_message(timeout=10)
+        time.sleep(1.5)
+        second = q.get_message(timeout=10)
+        assert second.delivery_count == 2
+        with pytest.raises(pigeon.LocalProtocolError, match="lease ran out"):
+            first.nack(requeue=False)  # would dead-letter the second delivery
+        second.ack()
+        with pytest.raises(pigeon.Empty):
+            q.get_message(timeout=0.5)
+        with pigeon.Queue(f"{url}.dead") as dead:
+            assert dead.qsize() == 0
+
+
+@pytest.mark.parametrize("lease", [None, 0.3])
+def test_a_late_ack_before_anyone_took_the_message_again_settles_it(
+    url: str, lease: float | None
+) -> None:
+    """Nobody holds another delivery: the late holder's ack still counts."""
+    with pigeon.Queue(_lease_url(url, 1)) as q:
+        q.put("job")
+        msg = q.get_message(timeout=10, lease=lease)
+        time.sleep(1.5)
+        msg.ack()
+        with pytest.raises(pigeon.Empty):
+            q.get_message(timeout=1.5)
+
+
+def test_an_ack_of_a_message_another_delivery_settled_is_refused(url: str) -> None:
+    with pigeon.Queue(_lease_url(url, 1)) as q:
+        q.put("job")
+        first = q.get_message(timeout=10)
+        time.sleep(1.5)
+        q.get_message(timeout=10).ack()
+        with pytest.raises(pigeon.LocalProtocolError, match="no longer in the queue"):
+            first.ack()
+
+
+def test_a_settle_well_within_the_lease_asks_nothing_first(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path: while AckWait surely runs, no delivery can have come after this one,
+    so an ack, nack or extend is sent without asking whether it still holds the message."""
+
+    async def asked(self: Any, d: Any) -> int:
+        raise AssertionError("asked whether a fresh delivery still holds its message")
+
+    monkeypatch.setattr(AsyncNatsQueue, "_holds", asked)
+    with pigeon.Queue(_lease_url(url, 30)) as q:
+        q.put_many(["a", "b"])
+        m = q.get_message(timeout=10)
+        m.extend(60)
+        m.ack()
+        n = q.get_message(timeout=10)
+        n.nack()
+        q.get_message(timeout=10).ack()
+        assert q.qsize() == 0

@@ -1,7 +1,9 @@
 """A settle counts only for the delivery that holds the message. After its lease ran out
 and another consumer got the message again, the first delivery's ack, nack or extend is
 refused with ``LocalProtocolError`` and changes nothing; the new holder's ack settles it,
-once. The same on pigeon:// and redis:// (plain, Cluster, Sentinel: one set of scripts)."""
+once. The same on pigeon://, redis:// (plain, Cluster, Sentinel: one set of scripts) and
+nats:// (JetStream acts on any delivery's ack: pigeon asks first once the lease may have
+run out)."""
 
 from __future__ import annotations
 
@@ -26,15 +28,9 @@ _STALE: dict[str, Callable[[Any], None]] = {
 
 
 @pytest.fixture
-def url(backend: Backend, request: pytest.FixtureRequest) -> Iterator[str]:
+def url(backend: Backend) -> Iterator[str]:
     if backend.name == "local":
         pytest.skip("a local message has no lease: it never comes back alone")
-    if backend.name == "nats":
-        # JetStream settles by stream sequence, whatever delivery the ack, nak or
-        # in-progress came from: a late one acts on the redelivery another consumer
-        # holds. Known gap; strict, so a fix shows here.
-        reason = "nats://: a stale settle acts on the current delivery"
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     q = backend.make_queue()
     try:
         yield str(q.url)

@@ -22,7 +22,7 @@ from typing import Any
 
 from pigeon.errors import PigeonError
 
-__all__ = ["ANSWER_GRACE", "ConsumerMissing", "Pulls"]
+__all__ = ["ANSWER_GRACE", "ConsumerMissing", "Pulls", "asked_at"]
 
 ANSWER_GRACE = 1.0  # seconds past a request's expiry its last answer may still be on the way
 _ENDS = ("404", "408")  # nothing (more) now; the request expired or its batch ran out
@@ -44,6 +44,12 @@ def _status(msg: Any) -> tuple[str, str] | None:
     return str(code), str(headers.get("Description", ""))
 
 
+def asked_at(msg: Any) -> float:
+    """When (``time.monotonic()``) the pull that brought ``msg`` was sent: JetStream
+    delivered it later, so its AckWait ends no sooner than this plus AckWait."""
+    return float(getattr(msg, "_pigeon_asked", time.monotonic()))
+
+
 def _durable_of(reply: str) -> str:
     """The consumer a delivery came from: ``$JS.ACK.<stream>.<consumer>.<...>``."""
     parts = reply.split(".")
@@ -63,6 +69,7 @@ class Pulls:
         self._turns: dict[str, asyncio.Lock] = {}  # consumer -> one pull at a time
         # consumer -> (when it came, delivery): taken but not handed out yet
         self._stray: dict[str, list[tuple[float, Any]]] = {}
+        self._asked: dict[str, float] = {}  # consumer -> when its last pull was sent
         self._count = 0
 
     async def start(self) -> None:
@@ -75,6 +82,8 @@ class Pulls:
                 waiting.put_nowait(msg)
             return
         durable = _durable_of(msg.reply or "")
+        if not hasattr(msg, "_pigeon_asked"):  # (routed again: stamped the first time)
+            msg._pigeon_asked = self._asked.get(durable, time.monotonic())
         reading = self._reading.get(durable)
         if reading is not None:
             reading.put_nowait(msg)
@@ -120,6 +129,7 @@ class Pulls:
             request["expires"] = int(wait * 1e9)
         else:
             request["no_wait"] = True
+        self._asked[durable] = time.monotonic()  # before the server can deliver anything
         try:
             await self._nc.publish(
                 f"$JS.API.CONSUMER.MSG.NEXT.{self._stream}.{durable}",

@@ -36,7 +36,13 @@ Delivery guarantees
     within the lease (AckWait), whether its consumer died or is only slow. A lease asked
     for one message (``get_message(lease=)``, ``extend(seconds)``) means exactly "now +
     seconds": a longer one is kept by in-progress signals sent on pigeon's I/O loop, a
-    shorter one ends with a NAK (if the holder dies first, AckWait applies). Plain
+    shorter one ends with a NAK (if the holder dies first, AckWait applies). An ack, nack
+    or extend is for one delivery: JetStream would act on a late one sent on an old
+    delivery's reply subject, so once this delivery's AckWait may have run out pigeon
+    first asks (one round trip; none within the lease) whether the message was delivered
+    again - each redelivery records its delivery count (``_claim``) - and then refuses
+    it with ``LocalProtocolError``, changing nothing, as on pigeon:// and redis://; a
+    late call before anyone took it again still counts. Plain
     ``get`` acks on receipt, once the payload decoded (an undecodable one goes to
     ``QUEUE.dead``, reason ``undecodable``; the rest of its batch is redelivered). A
     batch put on a bounded queue is all or none even with concurrent producers (a short
@@ -89,7 +95,7 @@ from pigeon.backends._natsmsg import (
     read_time,
     timing,
 )
-from pigeon.backends._natspull import ConsumerMissing, Pulls
+from pigeon.backends._natspull import ConsumerMissing, Pulls, asked_at
 from pigeon.backends._retry import Backoff, reply_deadline
 from pigeon.backends._syncface import SyncFace
 from pigeon.backends._url import QueueURL
@@ -132,7 +138,10 @@ CHUNKS_IN_FLIGHT = 8  # chunks published (or read) at once: memory stays a few M
 # per message (pigeon-nacked.STREAM.SEQ), until it is fetched again: qsize counts them.
 # A delayed message handed out before it was due leaves another, pigeon-nacked.STREAM.
 # early.SEQ, holding JetStream's delivery count at that hand-out: those deliveries reached
-# no handler, so Message.delivery_count leaves them out. No queue's stream is named so
+# no handler, so Message.delivery_count leaves them out. A message delivered again leaves
+# a third, pigeon-nacked.STREAM.held.SEQ, holding JetStream's delivery count of the
+# delivery that holds it now: a settle from an earlier delivery, whose lease ran out, is
+# refused (JetStream itself acts on any delivery's ack). No queue's stream is named so
 # (theirs start with "PIGEON_").
 NACKED = "PIGEON-NACKED"
 _SUBJECT_TOKEN = re.compile(r"^[A-Za-z0-9_\-.]+$")
@@ -173,6 +182,12 @@ class _Delivery:
     early: int  # hand-outs before it was due (their mark goes once it is settled)
     payload: bytes  # the item (put back together when it was stored in chunks)
     manifest: Manifest | None = None  # where its chunks are, for one stored so
+    asked: float = 0.0  # time.monotonic() when the pull that brought it was sent
+
+    @property
+    def delivered(self) -> int:
+        """JetStream's delivery count (the hand-outs before it was due included)."""
+        return self.count + self.early
 
 
 @dataclasses.dataclass
@@ -928,9 +943,10 @@ class AsyncNatsQueue(EngineQueue[T]):
             await self._hold_back(msg, due - now)
             return None
         early = await self._early(msg) if due is not None and delivered > 1 else 0
-        if delivered > 1:  # given back earlier, perhaps by a nack: no longer waiting
-            await self._unmark([msg])
-        d = _Delivery(msg, level, delivered - early, early, msg.data)
+        if delivered > 1:  # given back earlier, perhaps by a nack: no longer waiting; and
+            # this delivery holds it now, not the one whose lease ran out
+            await asyncio.gather(self._unmark([msg]), self._claim(msg))
+        d = _Delivery(msg, level, delivered - early, early, msg.data, asked=asked_at(msg))
         if headers.get(CHUNKED):
             try:
                 d.manifest = Manifest.decode(msg.data)
@@ -998,23 +1014,73 @@ class AsyncNatsQueue(EngineQueue[T]):
             return 0
         return min(early, int(msg.metadata.num_delivered) - 1)
 
+    async def _claim(self, msg: Any) -> None:
+        """``msg``, a message delivered again, is held by this delivery now: its record
+        says so, and a settle from an earlier delivery is refused (``_holds``)."""
+        seq, delivered = msg.metadata.sequence.stream, int(msg.metadata.num_delivered)
+        subject = f"{self._nacked}.held.{seq}"
+        try:
+            await self._do(lambda js: self._mark(js, subject, str(delivered).encode()))
+        except PigeonError as exc:  # the fetch goes on: a stale settle may then act on it
+            log.warning("nats: a redelivered message left unrecorded: %s", exc)
+
+    async def _holds(self, d: _Delivery) -> int:
+        """Whether delivery ``d``, whose lease may have run out, still holds its message:
+        HELD (nobody took it again: a settle still counts), GONE (no longer stored:
+        settled, dead-lettered or expired by another delivery, or purged) or STALE (taken
+        again: a later delivery holds it, see ``_claim``). JetStream settles by stream
+        sequence whatever delivery an ack came from, so this is asked before one is sent."""
+        from nats.js.errors import NotFoundError
+
+        seq = int(d.msg.metadata.sequence.stream)
+
+        async def stored(js: Any) -> bool:
+            try:
+                await js.get_msg(self.stream, seq)
+            except NotFoundError:
+                return False
+            return True
+
+        async def holder(js: Any) -> int:
+            try:
+                raw = await js.get_last_msg(NACKED, f"{self._nacked}.held.{seq}")
+            except NotFoundError:  # never delivered again (or no record stream yet)
+                return 0
+            try:
+                return int(raw.data or b"0")
+            except ValueError:
+                return 0
+
+        async def look(js: Any) -> tuple[bool, int]:
+            there, latest = await asyncio.gather(stored(js), holder(js))
+            return there, latest
+
+        there, latest = await self._do(look)
+        if latest > d.delivered:
+            return STALE
+        return HELD if there else GONE
+
     async def _settled(self, ds: list[_Delivery]) -> None:
-        """Messages taken for good: their chunks and early marks go."""
+        """Messages taken for good: their chunks, early marks and holder records go."""
         manifests = [d.manifest for d in ds if d.manifest is not None]
         if manifests:
             await self._drop_chunks(manifests)
-        early = [d for d in ds if d.early]
-        if early:
+        marks = [
+            f"{self._nacked}.{kind}.{d.msg.metadata.sequence.stream}"
+            for d in ds
+            for kind, there in (("early", d.early), ("held", d.delivered > 1))
+            if there
+        ]
+        if marks:
 
             async def purge(js: Any) -> None:
-                for d in early:
-                    seq = d.msg.metadata.sequence.stream
-                    await js.purge_stream(NACKED, subject=f"{self._nacked}.early.{seq}")
+                for subject in marks:
+                    await js.purge_stream(NACKED, subject=subject)
 
             try:
                 await self._do(purge, time.monotonic() + 10)
             except PigeonError as exc:
-                log.debug("nats: early marks left over: %s", exc)
+                log.debug("nats: early marks or holder records left over: %s", exc)
 
     async def _dead_queue(self) -> AsyncNatsQueue[Any]:
         if self._dead is None:
@@ -1045,7 +1111,7 @@ class AsyncNatsQueue(EngineQueue[T]):
         await d.msg.term()
         if not moved:
             await self._settled([d])
-        elif d.early:
+        elif d.early or d.delivered > 1:
             await self._settled([dataclasses.replace(d, manifest=None)])
         log.info("nats: a message of %r moved to %r (%s)", self.name, dead.name, reason)
 
@@ -1080,7 +1146,7 @@ class AsyncNatsQueue(EngineQueue[T]):
             await d.msg.ack()
         if self._nc is not None:
             await self._nc.flush()
-        if any(d.manifest is not None or d.early for d in ds):
+        if any(_leaves_marks(d) for d in ds):
             await self._settled(ds)
 
     async def get_many(
@@ -1330,7 +1396,8 @@ class AsyncNatsQueue(EngineQueue[T]):
 
         async def unmark(js: Any) -> None:
             for f in back:
-                for subject in (f"{self._nacked}.{f.raw.seq}", f"{self._nacked}.early.{f.raw.seq}"):
+                for kind in ("", "early.", "held."):
+                    subject = f"{self._nacked}.{kind}{f.raw.seq}"
                     with contextlib.suppress(NotFoundError):
                         await js.purge_stream(NACKED, subject=subject)
 
@@ -1521,8 +1588,53 @@ def _lost_connection() -> tuple[type[BaseException], ...]:
     )
 
 
+HELD, GONE, STALE = 1, 0, -1  # what ``_holds`` found of a delivery whose lease may have run out
+
+
+def _leaves_marks(d: _Delivery) -> bool:
+    """Does settling ``d`` leave anything for ``_settled`` to clear?"""
+    return d.manifest is not None or bool(d.early) or d.delivered > 1
+
+
+def _margin(ack_wait: float) -> float:
+    """How long before its AckWait runs out (counted from the pull's send) a delivery is
+    asked whether it still holds its message, not trusted to: clock drift, and a
+    delivery routed to a later pull after its own was given up."""
+    return min(1.0, ack_wait / 10)
+
+
+def _held_or_raise(what: str, queue: str, seq: int, count: int, held: int) -> None:
+    """Raise unless ``held`` (``_holds``) says delivery ``count`` of message ``seq`` still
+    holds it, so that ``what`` (ack, nack, extend) may be sent."""
+    if held == HELD:
+        return
+    name = f"message {seq} of {queue!r}"
+    if held == STALE:
+        raise LocalProtocolError(
+            f"cannot {what} {name}: delivery {count} of it no longer holds it: its lease ran "
+            "out and it was delivered again (to this or another consumer), which holds it "
+            f"now; the {what} changed nothing. Work that may outlast the lease needs a "
+            "longer one (get_message(lease=), ?lease=) or extend() in time; handlers must "
+            "be idempotent (at-least-once)"
+        )
+    raise LocalProtocolError(
+        f"cannot {what} {name}: it is no longer in the queue: its lease ran out and another "
+        "delivery of it was settled, it was dead-lettered or expired, or the queue was "
+        f"purged or deleted; the {what} changed nothing"
+    )
+
+
 class AsyncNatsMessage(Generic[T]):
-    """A JetStream message held by this consumer until acked, nacked or AckWait ends."""
+    """A JetStream message held by this consumer until acked, nacked or AckWait ends.
+
+    JetStream settles by stream sequence whatever delivery an ack, NAK, TERM or
+    in-progress came from (nats-server 2.9 checked): a late one from a delivery whose
+    AckWait ran out would act on the redelivery another consumer holds. So a settle is
+    sent without asking only while this delivery's AckWait surely runs (``_fresh``:
+    counted from when its pull was sent, or from this delivery's last in-progress sent in
+    time); after that, ``_holds`` is asked first (one round trip) and a delivery taken
+    again is refused with ``LocalProtocolError``. (The check and the send are two steps:
+    a redelivery in the few milliseconds between them is not seen.)"""
 
     def __init__(self, queue: AsyncNatsQueue[T], delivery: _Delivery, body: T) -> None:
         self._queue = queue
@@ -1535,14 +1647,39 @@ class AsyncNatsMessage(Generic[T]):
         self.headers: dict[str, str] = from_nats(delivery.msg.headers)
         self._settled = False
         self._keeper: asyncio.Task[None] | None = None
+        self._fresh_until = delivery.asked + queue.lease - _margin(queue.lease)
 
     def _check(self) -> None:
         if self._settled:
             raise LocalProtocolError("this message was already acked or nacked")
 
+    def _fresh(self) -> bool:
+        """Does this delivery surely still hold the message (its AckWait has not run out,
+        so JetStream cannot have delivered it again)?"""
+        return time.monotonic() < self._fresh_until
+
+    async def _in_progress(self) -> None:
+        """An in-progress signal: AckWait counts again from when the server reads it - if
+        this delivery still held the message when it was sent (else it is not trusted)."""
+        sent, fresh, before = time.monotonic(), self._fresh(), self._fresh_until
+        await self._msg.in_progress()
+        if fresh and self._fresh_until == before:  # (not ended by the keeper meanwhile)
+            self._fresh_until = sent + self._queue.lease - _margin(self._queue.lease)
+
+    async def _still_held(self, what: str) -> None:
+        """Raise unless this delivery still holds the message (asked only once its
+        AckWait may have run out)."""
+        if self._fresh():
+            return
+        q = self._queue
+        held = await q._holds(self._delivery)
+        _held_or_raise(what, q.name, self._identity, self.delivery_count, held)
+
     def _keep(self, seconds: float) -> None:
         """Make the lease end ``seconds`` from now: in-progress signals while more than
-        the consumer's AckWait is left, a NAK when it ends sooner than AckWait would."""
+        the consumer's AckWait is left, a NAK when it ends sooner than AckWait would.
+        Neither is sent once AckWait may have run out: another delivery may hold the
+        message then."""
         self._stop_keeping()
         deadline = time.monotonic() + seconds
         ack_wait = self._queue.lease
@@ -1554,13 +1691,20 @@ class AsyncNatsMessage(Generic[T]):
                     left = deadline - time.monotonic()
                     if left > ack_wait:
                         await asyncio.sleep(min(left - ack_wait, ack_wait / 2))
-                        await msg.in_progress()  # AckWait counts again from now
+                        if not self._fresh():  # (the loop stalled): not ours to extend
+                            return
+                        await self._in_progress()  # AckWait counts again from now
                         continue
                     if left > 0:
                         await asyncio.sleep(left)
                     if not self._settled and left < ack_wait:
-                        await msg.nak()  # the lease is over before AckWait: release it
-                        self._settled = True
+                        if self._fresh():
+                            await msg.nak()  # the lease is over before AckWait: release it
+                            # nats-py then refuses any other settle of it; pigeon asks
+                            # first whether this delivery still holds it (``_still_held``)
+                            msg._ackd = False
+                        # over: a settle from now on asks whether it was taken again
+                        self._fresh_until = -math.inf
                     return
 
         self._keeper = asyncio.get_running_loop().create_task(keep())
@@ -1583,8 +1727,9 @@ class AsyncNatsMessage(Generic[T]):
         return self._queue._track(asyncio.ensure_future(self._ack()))
 
     async def _ack(self) -> None:
+        await self._still_held("ack")
         await self._translate(self._msg.ack_sync())
-        if self._delivery.manifest is not None or self._delivery.early:
+        if _leaves_marks(self._delivery):
             await self._queue._settled([self._delivery])
 
     def nack(self, requeue: bool = True, delay: float = 0, *, reason: str = "") -> Awaitable[None]:
@@ -1594,14 +1739,15 @@ class AsyncNatsMessage(Generic[T]):
         self._settled = True
         self._stop_keeping()
         if not requeue:
-            return self._queue._track(
-                asyncio.ensure_future(
-                    self._queue._dead_letter(self._delivery, reason or "rejected")
-                )
-            )
+            return self._queue._track(asyncio.ensure_future(self._reject(reason or "rejected")))
         return self._queue._track(asyncio.ensure_future(self._give_back(delay)))
 
+    async def _reject(self, reason: str) -> None:
+        await self._still_held("nack")
+        await self._queue._dead_letter(self._delivery, reason)
+
     async def _give_back(self, delay: float) -> None:
+        await self._still_held("nack")
         q = self._queue
         subject = f"{q._nacked}.{self._msg.metadata.sequence.stream}"
         # the mark says the delivery count and when it is due again (for peek)
@@ -1617,8 +1763,12 @@ class AsyncNatsMessage(Generic[T]):
         a keeper task does the rest, see ``_keep``)."""
         seconds = check_seconds("seconds", seconds) or 0.0
         self._check()
+        return self._queue._track(asyncio.ensure_future(self._extend(seconds)))
+
+    async def _extend(self, seconds: float) -> None:
+        await self._still_held("extend")
+        await self._translate(self._in_progress())
         self._keep(seconds)
-        return self._queue._track(asyncio.ensure_future(self._translate(self._msg.in_progress())))
 
 
 class NatsQueue(SyncFace[T]):
