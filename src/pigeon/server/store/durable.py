@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -266,7 +267,7 @@ class Durable(Store):
         self._flush_pending = False
         if self._closed:
             return  # a callback that outlived close(): the changes stay unwritten
-        if self._error is not None or self._native_failed():
+        if self._error is not None or (self._native is not None and self._native_failed()):
             self._ops = []  # nothing is written any more (the broker refuses puts)
             return
         ops, self._ops = self._ops, []
@@ -314,7 +315,7 @@ class Durable(Store):
             if self.fsync == "batch":
                 native = self._native
                 if native is not None:
-                    if native.dirty() and self._native_failed():
+                    if native.dirty() and self._native_failed():  # (one C call: no error)
                         return  # its fdatasync failed: nothing written since is confirmed
                 elif self._dirty_since is None:
                     with self._sync:
@@ -445,19 +446,17 @@ class NativeSyncer:
 
     Used as the store's fsync lock (``with syncer:``); ``set_fd`` only with it held."""
 
-    __slots__ = ("_c", "_h")
+    __slots__ = ("_c", "_h", "dirty")
 
     def __init__(self, c: Any, interval: float) -> None:
         self._c = c
         self._h = c.syncer_new(interval)
+        # A write reached the OS: fdatasync it within the interval. Non-zero: an earlier
+        # fdatasync failed (its errno). Called at every write: a C partial, no Python frame.
+        self.dirty: Callable[[], int] = functools.partial(c.syncer_dirty, self._h)
 
     def start(self) -> None:
         self._c.syncer_start(self._h)
-
-    def dirty(self) -> int:
-        """A write reached the OS: fdatasync it within the interval. Non-zero: an earlier
-        fdatasync failed (its errno)."""
-        return int(self._c.syncer_dirty(self._h))
 
     @property
     def error(self) -> int:
