@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -159,7 +161,8 @@ class BrokerMachine(RuleBasedStateMachine):
         super().__init__()
         self.root = Path(tempfile.mkdtemp(prefix="pigeon-model-", dir=SHM))
         self.disk = Disk(self.root)
-        self.patches = [*self.disk.patches()]
+        self.patches = [*self.disk.patches(), mock.patch.object(os, "pwritev", self._pwritev)]
+        self.no_space: str | None = None  # the disk is full: see _pwritev
         for p in self.patches:
             p.start()
         self.segment_patch = None
@@ -693,6 +696,30 @@ class BrokerMachine(RuleBasedStateMachine):
         elif self.syncer_alive:
             self.syncer_alive = syncer_pass(self.store, self.disk)  # type: ignore[arg-type]
         self._written()
+
+    _real_pwritev = staticmethod(os.pwritev)
+
+    def _pwritev(self, fd: int, buffers: Any, offset: int) -> int:
+        """The log's writes. While the disk is full ("reserve": the store still holds its
+        reserve) they fail with ENOSPC until the store lets the reserve go, whose room the
+        write it makes again then uses; with no reserve left ("retry"), one write fails
+        and the store retries it later (the disk made room meanwhile)."""
+        if self.no_space == "reserve" and self._reserve().exists():
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+        if self.no_space == "retry":
+            self.no_space = None
+            raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+        self.no_space = None
+        return self._real_pwritev(fd, buffers, offset)
+
+    def _reserve(self) -> Path:
+        return self.store.path / logstore.RESERVE_NAME  # type: ignore[attr-defined, no-any-return]
+
+    @precondition(lambda self: self.KIND == "log")
+    @rule()
+    def disk_fills(self) -> None:
+        """The disk is full: the log's next write fails with ENOSPC."""
+        self.no_space = "reserve" if self._reserve().exists() else "retry"
 
     @precondition(lambda self: self.durable)
     @rule(where=st.sampled_from(["syncer", "loop"]))

@@ -213,8 +213,12 @@ class BrokerServer:
     # --- applying requests ------------------------------------------------------------------
 
     def refuse_writes(self) -> str | None:
-        """Why new puts are refused now (the store has not committed for a while), or None."""
-        stalled = self.broker.store.stalled_for
+        """Why new puts are refused now (the store has not committed for a while, or its
+        disk is full and what room is left is for settles), or None."""
+        store = self.broker.store
+        if store.disk_full is not None:
+            return store.disk_full
+        stalled = store.stalled_for
         if stalled > 1.0:
             return (
                 f"the broker's store has not been able to commit for {stalled:.0f} s (a busy or "

@@ -84,6 +84,10 @@ class Store:
     committed = 0
     changes = 0
 
+    # Why new puts are refused while the store can still write settles (the log's disk is
+    # full: it let go of its reserve so acks can drain the queues), or None.
+    disk_full: str | None = None
+
     @property
     def holds_replies(self) -> bool:
         return False

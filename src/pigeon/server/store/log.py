@@ -34,11 +34,20 @@
 # delivered. A busy or failing disk (ENOSPC, EIO) does not stop the broker: a write that
 # fails is retried with backoff at the same offset, the changes kept, and ``stalled_for``
 # tells the broker to refuse new puts meanwhile.
+#
+# A full disk that the broker filled itself would keep it stuck: acks are changes too, so
+# consumers could not drain the queues to make room. The store therefore holds a reserve
+# (``log/reserve``, ``reserve_bytes``, allocated at open). A write refused with ENOSPC
+# lets go of the reserve and is made again at once; from then on the store says
+# ``disk_full`` and the broker refuses new puts while gets, acks and compaction go on. Once
+# the disk has room for twice the reserve again (checked every second), the reserve is
+# taken back and puts are accepted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import heapq
 import logging
 import os
@@ -92,6 +101,11 @@ log = logging.getLogger("pigeon.store")
 
 LOG_DIR = "log"
 SEGMENT_BYTES = 64 * 2**20
+# Of the disk, held for settles once it is full (at most a segment): an ACK's record is
+# ~30 bytes, so this is room for some 100,000 settles, and for segments to be begun.
+RESERVE_BYTES = 4 * 2**20
+RESERVE_NAME = "reserve"
+_SPACE_CHECK = 1.0  # seconds between looks at the disk's free space while it is full
 _FORWARD_CHUNK = 4096  # live entries written forward per turn of the loop
 _FORWARD_BYTES = 64 * 2**20  # ... and payload bytes at most (then the next turn)
 _FORGET_PER_TURN = 65_536  # expired dedup ids forgotten per turn of the loop
@@ -143,8 +157,13 @@ class LogStore(Durable):
         fsync: FsyncMode = "batch",
         fsync_interval: float = 0.010,
         segment_bytes: int = SEGMENT_BYTES,
+        reserve_bytes: int = RESERVE_BYTES,
     ) -> None:
         super().__init__(fsync, fsync_interval)
+        if reserve_bytes < 0:
+            raise ValueError(f"reserve_bytes must be 0 (none) or more, not {reserve_bytes}")
+        self.reserve_bytes = min(reserve_bytes, segment_bytes)
+        self._space_timer: Any = None
         if segment_bytes < 4096:
             raise ValueError(f"segment_bytes must be at least 4096, not {segment_bytes}")
         self.dir = Path(data_dir)
@@ -210,6 +229,9 @@ class LogStore(Durable):
         heapq.heapify(self._dedup_heap)
         self._maintaining = False  # a turn of housekeeping is scheduled
         self._open_active()
+        if not self._take_reserve():
+            self.disk_full = self._full_why()
+            log.error("store %s: %s", self.path, self.disk_full)
         log.info("recovered %d message(s) from %s in %.3f s", len(self._live), self.path,
                  self.recovery_seconds)  # fmt: skip
 
@@ -358,6 +380,8 @@ class LogStore(Durable):
         Unattached, changes are written by the thread that makes them, at the end of
         each ``atomic`` block (or at once, outside one)."""
         self._loop = loop
+        if self.disk_full is not None:
+            self._watch_space()
 
     # --- the broker's notifications -------------------------------------------------------
 
@@ -621,11 +645,82 @@ class LogStore(Durable):
             done = os.pwritev(self._fd, parts, offset)
             while done < total:  # a short write (a disk filling up): the rest, or an error
                 done += os.pwrite(self._fd, b"".join(parts)[done:], offset + done)
-        except OSError:
+        except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, offset)  # leave no half record behind, if we can
+            if exc.errno == errno.ENOSPC and self._let_go_of_reserve():
+                self._write(ops)  # again, in the room the reserve held
+                return
             raise
         self._sizes[self._active] = offset + total
+
+    # --- the disk's reserve -------------------------------------------------------------
+
+    def _full_why(self) -> str:
+        return (
+            f"the broker's disk is full ({self.path}); nothing was stored: gets and acks go "
+            "on, so consumers can make room; retry the put once space is freed"
+        )
+
+    def _take_reserve(self) -> bool:
+        """Hold ``reserve_bytes`` of the disk in ``log/reserve`` (kept if it is already
+        there); False if the disk has not the room."""
+        if not self.reserve_bytes:
+            return True
+        path = self.path / RESERVE_NAME
+        with contextlib.suppress(OSError):
+            if path.stat().st_blocks * 512 >= self.reserve_bytes:
+                return True
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.posix_fallocate(fd, 0, self.reserve_bytes)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            log.warning("store %s: no room for the %d-byte reserve (%s)", self.path,
+                        self.reserve_bytes, exc)  # fmt: skip
+            return False
+        return True
+
+    def _let_go_of_reserve(self) -> bool:
+        """The disk is full: free the reserve for the write that failed and the settles
+        that follow, and refuse new puts until there is room again. False if there was
+        no reserve left to let go of."""
+        path = self.path / RESERVE_NAME
+        try:
+            path.unlink()
+        except OSError:
+            return False
+        self.disk_full = self._full_why()
+        log.error("store %s: the disk is full; the %d-byte reserve is let go for acks and "
+                  "new puts are refused until there is room", self.path,
+                  self.reserve_bytes)  # fmt: skip
+        self._watch_space()
+        return True
+
+    def _watch_space(self) -> None:
+        if self._loop is not None and self._space_timer is None and not self._closed:
+            self._space_timer = self._loop.call_later(_SPACE_CHECK, self._space_back)
+
+    def _space_back(self) -> None:
+        """While the disk is full: once it has room for twice the reserve, take the
+        reserve back and accept puts again."""
+        self._space_timer = None
+        if self.disk_full is None or self._closed:
+            return
+        try:
+            st = os.statvfs(self.path)
+            room = st.f_bavail * st.f_frsize >= 2 * self.reserve_bytes
+        except OSError:
+            room = False
+        if room and self._take_reserve():
+            self.disk_full = None
+            log.warning("store %s: the disk has room again; puts are accepted", self.path)
+            return
+        self._watch_space()
 
     def _split(self, ops: list[list[Any]]) -> list[bytes]:
         """The bodies of a change too large for one record, each up to ``_MAX_RECORD``

@@ -1,0 +1,78 @@
+"""A disk the broker filled itself: the store lets go of its reserve, so gets and acks go
+on (consumers make room) while new puts are refused with a clear error; once there is
+room again, puts are accepted. Run on a small tmpfs (root and mount needed: CI has both)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pigeon
+from pigeon.server.store import LOG_DIR
+from tests._services import free_port, skip_or_fail, start_broker
+
+
+@contextlib.contextmanager
+def tmpfs(size: str) -> Iterator[Path]:
+    where = Path(tempfile.mkdtemp(prefix="pigeon-full-"))
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        skip_or_fail("a small tmpfs needs root and mount")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        skip_or_fail(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def test_a_full_disk_refuses_puts_but_lets_consumers_drain_and_then_takes_puts_again() -> None:
+    with tmpfs("6m") as disk:
+        port = free_port()
+        seg = str(256 * 1024)
+        broker = start_broker(port, "--data-dir", str(disk), "--segment-bytes", seg)
+        url = f"pigeon://127.0.0.1:{port}/full"
+        item = os.urandom(16 * 1024)
+        stored = 0
+        refused: pigeon.PigeonError | None = None
+        try:
+            with pigeon.Queue(url, serializer="raw", reconnect_timeout=0) as q:
+                for _ in range(2000):  # ~32 MiB offered to a 6 MiB disk
+                    try:
+                        q.put(item, timeout=5)
+                    except pigeon.PigeonError as exc:
+                        refused = exc
+                        break
+                    stored += 1
+                assert refused is not None, "the disk never filled"
+                assert "disk is full" in str(refused), refused
+                assert stored > 100
+                # The consumers drain it: every get confirmed and acked on the full disk.
+                for _ in range(stored):
+                    m = q.get_message(timeout=10)
+                    assert m.body == item
+                    m.ack()
+                assert q.qsize() == 0
+                # Room again (acked segments deleted): puts are accepted within seconds.
+                deadline = time.monotonic() + 20
+                while True:
+                    try:
+                        q.put(b"after", timeout=5)
+                        break
+                    except pigeon.PigeonError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.2)
+                assert q.get(timeout=5) == b"after"
+        finally:
+            broker.terminate()
+            broker.wait(10)
+        assert (disk / LOG_DIR / "reserve").exists()  # taken back
