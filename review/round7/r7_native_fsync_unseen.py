@@ -15,7 +15,15 @@ with EIO once a flag file exists - what a failed writeback looks like to the bro
 
 Run: PYTHONPATH=src python r7_native_fsync_unseen.py   (exit 1: the defect is present)
 """
-import os, shutil, socket, subprocess, sys, tempfile, time, urllib.error, urllib.request
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 
 SHIM = r"""
 #define _GNU_SOURCE

@@ -15,7 +15,9 @@ holds it) and removes the message B holds; B's handler then fails and nacks it
 Needs the shared NATS at 127.0.0.1:4222 (queue r7-lease-<random>, deleted after).
 Run: PYTHONPATH=src python r7_nats_lease_mismatch.py   (exit 1: the defect is present)
 """
-import os, sys, time
+import os
+import sys
+import time
 
 import pigeon
 
@@ -54,7 +56,7 @@ def main():
         finally:
             try:
                 a.delete()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 print("cleanup:", exc)
     print(f"A's stale ack accepted: {stale_accepted}; B's {b_ack}; job after B's nack: {back!r}")
     if stale_accepted:
