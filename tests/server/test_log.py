@@ -1340,11 +1340,15 @@ def test_a_failed_fdatasync_of_the_c_syncer_breaks_the_store_and_confirms_nothin
         while native.error == 0 and time.monotonic() < deadline:
             time.sleep(0.005)
         assert native.error == errno.EINVAL
+        # Seen at once, before any write (round 7 #2): the server asks before each put,
+        # /readyz and the metrics too; the store broke as the Python syncer's does.
+        assert store.stalled_for == float("inf") and store._error is not None
         before = list(confirmed)
         broker.handle(1, Put(2, "q", b"b"))  # written after it: never confirmed
         assert confirmed == before and store.committed < store.last_tag
         why = store.unwritten()
         assert why is not None and "fsync failed" in why
+        assert store.stalled_for == float("inf")
         with pytest.raises(FsyncFailed):
             store._fsync_or_break(lambda: None)  # nor does any later fsync count
     finally:

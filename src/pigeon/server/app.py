@@ -219,6 +219,12 @@ class BrokerServer:
         if store.disk_full is not None:
             return store.disk_full
         stalled = store.stalled_for
+        if stalled == float("inf"):  # broken: nothing is written any more
+            why = getattr(store, "unwritten", lambda: None)() or "it broke"
+            return (
+                f"the broker's store failed ({why}); nothing was stored; the broker must be "
+                "restarted once its disk is checked"
+            )
         if stalled > 1.0:
             return (
                 f"the broker's store has not been able to commit for {stalled:.0f} s (a busy or "

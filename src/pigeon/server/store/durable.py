@@ -158,8 +158,8 @@ class Durable(Store):
     def stalled_for(self) -> float:
         """Seconds since commits began failing, or the oldest write still waiting for its
         fsync was made (0 while they succeed in time)."""
-        if self._error is not None:
-            return float("inf")
+        if self._error is not None or (self._native is not None and self._native_failed()):
+            return float("inf")  # (the C syncer's failure: one atomic load, read here too)
         if self._failing_since is None and not self._unsynced:
             return 0.0  # the common case, asked before every put
         now = time.monotonic()
