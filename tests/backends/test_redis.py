@@ -306,23 +306,27 @@ def test_consumers_in_several_processes_take_each_message_once_never_early(
 def test_delays_ttls_and_priorities_survive_a_crash_of_redis_with_aof(
     scratch_redis: ScratchRedis,
 ) -> None:
+    DELAY = 4.0  # the delayed ones are not due before the first get
     port, crash_and_restart = scratch_redis.port, scratch_redis.restart
     url = f"redis://127.0.0.1:{port}/options"
     with pigeon.Queue(url, reconnect_timeout=30) as q:
         started = time.monotonic()
         q.put("low")
         q.put("high", priority=9)
-        q.put("delayed", delay=3.0)
+        q.put("delayed", delay=DELAY)
         q.put("stale", ttl=1.0)
         q.put("fresh", ttl=60)
         msg = q.get_message(timeout=LONG)
         assert msg.body == "high"
-        msg.nack(delay=3.0)
+        msg.nack(delay=DELAY)
         crash_and_restart()
         time.sleep(max(0.0, 1.2 - (time.monotonic() - started)))
         assert q.qsize() == 4  # "stale" went to the dead letters
-        assert q.get_many(10, timeout=LONG) == ["low", "fresh"]
-        rest: list[str] = []
+        early = q.get_many(10, timeout=LONG)
+        if time.monotonic() - started < DELAY - 0.5:  # (a loaded machine can take longer)
+            assert early == ["low", "fresh"]
+        assert {"low", "fresh"} <= set(early)
+        rest = [b for b in early if b not in ("low", "fresh")]
         while len(rest) < 2:
             rest += q.get_many(10, timeout=LONG)
         assert sorted(rest) == ["delayed", "high"]
