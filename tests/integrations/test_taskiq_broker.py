@@ -247,3 +247,34 @@ def test_a_message_taskiq_drops_without_an_ack_is_no_longer_held(server: BrokerT
         return info(url)["redelivered_total"]
 
     assert asyncio.run(run()) == 1
+
+
+def test_an_ack_the_broker_refuses_is_logged_not_raised_into_taskiq(
+    server: BrokerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The lease ran out (the keeper stopped, a paused worker) and another worker holds the
+    # task now: the broker refuses the late ack. taskiq's receiver awaits the ack after
+    # the task ran; an exception there escaped as an unhandled error of the worker.
+    url = server.url(queue_name())
+
+    async def run() -> None:
+        broker = worker_broker(url, lease=0.5)
+        await broker.startup()
+        await broker.kick(message(1))
+        gen = broker.listen()
+        m = await take(gen)
+        for h, _ in list(broker._keeper._held.values()):
+            broker._keeper.release(h)  # as a worker paused past its lease
+        other = pigeon.AsyncQueue(url, serializer="raw")
+        again = await other.get_message(timeout=5.0)  # the lease ran out: delivered again
+        assert again.delivery_count == 2
+        await m.ack()  # refused by the broker: logged, the task runs again elsewhere
+        await again.ack()
+        await other.aclose()
+        await gen.aclose()
+        await broker.shutdown()
+
+    with caplog.at_level("WARNING", logger="pigeon.integrations.taskiq"):
+        asyncio.run(run())
+    assert any("could not ack" in r.getMessage() for r in caplog.records), caplog.text
+    assert (info(url)["depth"], info(url)["in_flight"]) == (0, 0)

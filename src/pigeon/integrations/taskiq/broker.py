@@ -22,7 +22,14 @@ from urllib.parse import quote, unquote, urlsplit
 from taskiq import AckableMessage, AsyncBroker, BrokerMessage
 
 from pigeon.aio import AsyncQueue
-from pigeon.errors import InvalidURL, PigeonError, ShutDown
+from pigeon.errors import (
+    ClosedResourceError,
+    Indeterminate,
+    InvalidURL,
+    LocalProtocolError,
+    PigeonError,
+    ShutDown,
+)
 from pigeon.integrations.taskiq.labels import LabelNames, placement
 from pigeon.integrations.taskiq.leases import LeaseKeeper
 from pigeon.options import DEFAULT_LEASE
@@ -180,7 +187,16 @@ class PigeonBroker(AsyncBroker):
         async def ack() -> None:
             acked[0] = True
             self._keeper.release(msg)
-            await msg.ack()
+            try:
+                await msg.ack()
+            except Indeterminate as exc:  # sent, its reply lost: most likely it took
+                log.warning("an ack of a message of %r may not have taken effect (if it did "
+                            "not, the task runs again): %s", self.queue_name, exc)  # fmt: skip
+            except (LocalProtocolError, ClosedResourceError) as exc:
+                # The broker holds it for this worker no more (its lease ran out and it
+                # went to another): taskiq's receiver cannot do anything with the error.
+                log.warning("could not ack a message of %r; the task runs again: %s",
+                            self.queue_name, exc)  # fmt: skip
 
         # taskiq drops a message it will not run without a word (its receiver returns
         # early, or the run fails before the ack): when the ack function is gone, so is
