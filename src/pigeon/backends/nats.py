@@ -97,6 +97,7 @@ from pigeon.backends._natsmsg import (
 )
 from pigeon.backends._natspull import ConsumerMissing, Pulls, asked_at
 from pigeon.backends._retry import Backoff, reply_deadline
+from pigeon.backends._settle import stale_delivery
 from pigeon.backends._syncface import SyncFace
 from pigeon.backends._url import QueueURL
 from pigeon.errors import (
@@ -1610,13 +1611,7 @@ def _held_or_raise(what: str, queue: str, seq: int, count: int, held: int) -> No
         return
     name = f"message {seq} of {queue!r}"
     if held == STALE:
-        raise LocalProtocolError(
-            f"cannot {what} {name}: delivery {count} of it no longer holds it: its lease ran "
-            "out and it was delivered again (to this or another consumer), which holds it "
-            f"now; the {what} changed nothing. Work that may outlast the lease needs a "
-            "longer one (get_message(lease=), ?lease=) or extend() in time; handlers must "
-            "be idempotent (at-least-once)"
-        )
+        raise stale_delivery(what, name, count)
     raise LocalProtocolError(
         f"cannot {what} {name}: it is no longer in the queue: its lease ran out and another "
         "delivery of it was settled, it was dead-lettered or expired, or the queue was "

@@ -102,6 +102,7 @@ from pigeon.backends._admin import (
 )
 from pigeon.backends._asyncbase import EngineQueue, within
 from pigeon.backends._retry import Backoff, reply_deadline
+from pigeon.backends._settle import stale_delivery
 from pigeon.backends._syncface import SyncFace
 from pigeon.backends._url import QueueURL
 from pigeon.errors import (
@@ -974,13 +975,7 @@ def _settled_or_raise(
         return
     name = eid.decode()
     if held == STALE:  # pending as another delivery: no send of ours settled it
-        raise LocalProtocolError(
-            f"cannot {what} {name}: delivery {count} of it no longer holds it: its lease ran "
-            "out and it was delivered again (to this or another consumer), which holds it "
-            f"now; the {what} changed nothing. Work that may outlast the lease needs a "
-            "longer one (get_message(lease=), ?lease=) or extend() in time; handlers must "
-            "be idempotent (at-least-once)"
-        )
+        raise stale_delivery(what, name, count)
     if lost:
         done = "settled it" if what == "ack" else "moved it to the dead letters"
         raise Indeterminate(
