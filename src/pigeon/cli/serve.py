@@ -238,7 +238,9 @@ def serve(
     in DATA_DIR/log, and a put is confirmed only once it is written (--fsync
     batch: in the OS, fsynced within 10 ms; always: on disk), so it survives
     kill -9 (and power loss with --fsync always); unacked messages come back
-    after a restart.
+    after a restart. If the disk fills up, new puts are refused ("the broker's
+    disk is full") while gets and acks go on, in a 4 MiB reserve the log holds
+    for that; puts are taken again once there is room.
 
     \b
     Examples:
