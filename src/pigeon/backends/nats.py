@@ -24,7 +24,9 @@ Connection URL
     the key-value bucket ``PIGEON-IDS_jobs``.
 
 Options
-    ``maxsize``, ``serializer`` (``"msgpack"``), ``lease`` (AckWait, 30 s),
+    ``maxsize``, ``serializer`` (``"msgpack"``), ``lease`` (30 s; the consumer's AckWait
+    is the longest lease a handle opened with - raised, never lowered - and a shorter one
+    is kept on its handle by a NAK: docs/backends.md),
     ``max_deliveries`` (20), ``dedup_window`` (the stream's duplicate window, 300 s for a
     new stream; 0: no dedup ids sent), ``reconnect_timeout`` (30 s), ``connect_timeout`` (10 s,
     each attempt at a server), ``max_item_size`` (bytes, 64 MiB); ``lease``,
@@ -33,7 +35,7 @@ Options
 
 Delivery guarantees
     At-least-once for ``get_message``: JetStream redelivers a message that is not acked
-    within the lease (AckWait), whether its consumer died or is only slow. A lease asked
+    within the lease, whether its consumer died (then after AckWait) or is only slow. A lease asked
     for one message (``get_message(lease=)``, ``extend(seconds)``) means exactly "now +
     seconds": a longer one is kept by in-progress signals sent on pigeon's I/O loop, a
     shorter one ends with a NAK (if the holder dies first, AckWait applies). An ack, nack
