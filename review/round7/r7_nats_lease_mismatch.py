@@ -12,6 +12,10 @@ Seen: A (lease=30) gets the message; B opens with lease=2; 3 s later B gets it a
 holds it) and removes the message B holds; B's handler then fails and nacks it
 (requeue=True), and the job never comes back: lost.
 
+Once fixed (wt-natslease: an open never lowers the consumer's AckWait; a shorter lease is
+kept on its own handle), B is not handed the job while A's 30 s lease runs: that outcome
+is checked too - A's ack must then count and the job be gone - and also exits 0.
+
 Needs the shared NATS at 127.0.0.1:4222 (queue r7-lease-<random>, deleted after).
 Run: PYTHONPATH=src python r7_nats_lease_mismatch.py   (exit 1: the defect is present)
 """
@@ -24,17 +28,31 @@ import pigeon
 URL = f"nats://127.0.0.1:4222/r7-lease-{os.getpid()}"
 
 
+class _Kept(Exception):
+    pass
+
+
 def main():
     stale_accepted = None
     b_ack = None
     back = "?"
+    kept = None
     with pigeon.Queue(URL, lease=30) as a:
         try:
             a.put("job")
             first = a.get_message(timeout=10)  # delivery 1; A believes it holds it 29 s
             with pigeon.Queue(URL, lease=2) as b:  # the consumer's AckWait becomes 2 s
                 time.sleep(3)
-                second = b.get_message(timeout=10)
+                try:
+                    second = b.get_message(timeout=3)
+                except pigeon.Empty:  # the fix: B's lease did not end A's delivery
+                    first.ack()  # A still holds the job: its ack counts
+                    try:
+                        b.get_message(timeout=3)
+                        kept = False
+                    except pigeon.Empty:
+                        kept = True
+                    raise _Kept from None
                 print(f"B got {second.body!r}, delivery {second.delivery_count}")
                 try:
                     first.ack()  # A's delivery no longer holds the message
@@ -53,11 +71,20 @@ def main():
                     again.ack()
                 except pigeon.Empty:
                     back = None
+        except _Kept:
+            pass
         finally:
             try:
                 a.delete()
             except Exception as exc:
                 print("cleanup:", exc)
+    if kept is not None:
+        print(f"B was not handed the job while A's lease ran; A's ack settled it: {kept}")
+        if not kept:
+            print("DEFECT: the job came back after A acked it")
+            sys.exit(1)
+        print("ok: B's shorter lease left A's delivery A's")
+        return
     print(f"A's stale ack accepted: {stale_accepted}; B's {b_ack}; job after B's nack: {back!r}")
     if stale_accepted:
         print("DEFECT: a delivery whose AckWait had run out (changed by another handle) "

@@ -703,3 +703,133 @@ def test_a_settle_well_within_the_lease_asks_nothing_first(
         n.nack()
         q.get_message(timeout=10).ack()
         assert q.qsize() == 0
+
+
+# --- handles with different leases share one consumer ---------------------------------------
+# The consumer (and its AckWait) is the queue's, shared by every handle: a handle opened
+# with a shorter lease must not end the deliveries other handles hold sooner than they
+# count on; its own lease is kept on the handle (a NAK when it ends).
+
+
+def _natslease_url() -> str:
+    require_service("NATS", 4222)
+    return f"nats://127.0.0.1:4222/natslease-{queue_name()}"
+
+
+def _ack_wait(url: str) -> float:
+    async def ask(nc: Any, js: Any) -> float:
+        info = await js.consumer_info(stream_name(_name(url)), "pigeon")
+        return float(info.config.ack_wait)
+
+    return _raw(ask)
+
+
+def _set_ack_wait(url: str, seconds: float) -> None:
+    """What an older pigeon (or an administrator) does: the consumer's AckWait set, lower
+    than what the handles already open counted on."""
+
+    async def change(nc: Any, js: Any) -> None:
+        stream = stream_name(_name(url))
+        config = (await js.consumer_info(stream, "pigeon")).config
+        config.ack_wait = seconds
+        await js.add_consumer(stream, config)
+
+    _raw(change)
+
+
+def test_a_handle_opened_with_a_shorter_lease_leaves_the_held_deliveries_theirs() -> None:
+    """Round 7 #1: ``a`` (lease 30) holds the job; ``b`` opening with lease 2 rewrote the
+    consumer's AckWait for all, the job went to ``b`` after 2 s and ``a``'s ack, believed
+    fresh, settled ``b``'s copy. Now the AckWait stays 30 s: ``a`` holds the job until it
+    settles it, and ``b`` is not handed it meanwhile."""
+    url = _natslease_url()
+    with pigeon.Queue(url, lease=30) as a:
+        try:
+            a.put("job")
+            first = a.get_message(timeout=10)
+            with pigeon.Queue(url, lease=2) as b:
+                assert _ack_wait(url) == 30
+                time.sleep(2.5)
+                with pytest.raises(pigeon.Empty):
+                    b.get_message(timeout=1)  # a's lease runs: not redelivered
+                first.ack()  # a still holds it: its ack counts
+                with pytest.raises(pigeon.Empty):
+                    b.get_message(timeout=2.5)
+                assert b.qsize() == 0
+                assert _ack_wait(url) == 30
+        finally:
+            a.delete()
+
+
+def test_a_late_ack_is_refused_after_the_ack_wait_was_lowered_behind_the_handle() -> None:
+    """The review's scenario where something other than a pigeon handle opening lowers
+    the AckWait (an older pigeon, an administrator): ``a`` (lease 30) reads the AckWait
+    again when it fetches, learns it is 2 s, and no longer trusts its held delivery past
+    that: the late ack is refused (``b`` holds the job), and ``b``'s nack brings it back."""
+    url = _natslease_url()
+    with pigeon.Queue(url, lease=30) as a:
+        try:
+            a.put("job")
+            first = a.get_message(timeout=10)
+            _set_ack_wait(url, 2)
+            time.sleep(1.2)  # the next fetch reads the AckWait again
+            with pytest.raises(pigeon.Empty):
+                a.get_message(timeout=0.3)
+            with pigeon.Queue(url, lease=2) as b:
+                time.sleep(1.5)
+                second = b.get_message(timeout=10)  # the server redelivered it after 2 s
+                assert (second.body, second.delivery_count) == ("job", 2)
+                with pytest.raises(pigeon.LocalProtocolError, match="lease ran out"):
+                    first.ack()
+                second.nack(requeue=True)  # b's handler failed: the job comes back
+                again = b.get_message(timeout=5)
+                assert (again.body, again.delivery_count) == ("job", 3)
+                again.ack()
+                assert b.qsize() == 0
+        finally:
+            a.delete()
+
+
+@pytest.mark.parametrize("short_first", [False, True])
+def test_a_message_taken_with_a_short_lease_comes_back_after_it_while_another_holds_a_long_one(
+    short_first: bool,
+) -> None:
+    """``b``'s lease (1 s) is its own although the consumer's AckWait is ``a``'s 30 s -
+    whether ``a`` opened first or raised it after ``b`` opened: a message ``b`` takes and
+    does not settle goes back (``b``'s NAK) after about 1 s, to ``a``; ``b``'s late ack
+    is refused."""
+    url = _natslease_url()
+    first, second = (1, 30) if short_first else (30, 1)
+    with pigeon.Queue(url, lease=first) as one, pigeon.Queue(url, lease=second) as two:
+        a, b = (two, one) if short_first else (one, two)
+        try:
+            assert _ack_wait(url) == 30
+            b.put("job")
+            time.sleep(1.2)  # b reads the AckWait again at its next fetch
+            taken = b.get_message(timeout=10)
+            assert taken.body == "job"
+            back = a.get_message(timeout=10)  # after ~1 s, not 30
+            assert (back.body, back.delivery_count) == ("job", 2)
+            with pytest.raises(pigeon.LocalProtocolError, match="lease ran out"):
+                taken.ack()
+            back.ack()
+            assert a.qsize() == 0
+        finally:
+            a.delete()
+
+
+def test_the_consumers_ack_wait_is_raised_by_a_longer_lease_never_lowered() -> None:
+    url = _natslease_url()
+    try:
+        with pigeon.Queue(url, lease=5):
+            assert _ack_wait(url) == 5
+        with pigeon.Queue(url, lease=2) as q:
+            assert _ack_wait(url) == 5
+            assert q._queue_lease(5) == 2  # what pigeon.consume extends by: this handle's
+        with pigeon.Queue(url, lease=8):
+            assert _ack_wait(url) == 8
+        with pigeon.Queue(url) as q:  # no lease asked for: the queue's
+            assert q._queue_lease(5) == 8
+    finally:
+        with pigeon.Queue(url) as q:
+            q.delete()

@@ -24,7 +24,9 @@ Connection URL
     the key-value bucket ``PIGEON-IDS_jobs``.
 
 Options
-    ``maxsize``, ``serializer`` (``"msgpack"``), ``lease`` (AckWait, 30 s),
+    ``maxsize``, ``serializer`` (``"msgpack"``), ``lease`` (30 s; the consumer's AckWait
+    is the longest lease a handle opened with - raised, never lowered - and a shorter one
+    is kept on its handle by a NAK: docs/backends.md),
     ``max_deliveries`` (20), ``dedup_window`` (the stream's duplicate window, 300 s for a
     new stream; 0: no dedup ids sent), ``reconnect_timeout`` (30 s), ``connect_timeout`` (10 s,
     each attempt at a server), ``max_item_size`` (bytes, 64 MiB); ``lease``,
@@ -33,7 +35,7 @@ Options
 
 Delivery guarantees
     At-least-once for ``get_message``: JetStream redelivers a message that is not acked
-    within the lease (AckWait), whether its consumer died or is only slow. A lease asked
+    within the lease, whether its consumer died (then after AckWait) or is only slow. A lease asked
     for one message (``get_message(lease=)``, ``extend(seconds)``) means exactly "now +
     seconds": a longer one is kept by in-progress signals sent on pigeon's I/O loop, a
     shorter one ends with a NAK (if the holder dies first, AckWait applies). An ack, nack
@@ -74,6 +76,7 @@ import math
 import re
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import quote
@@ -131,6 +134,7 @@ DURABLE = level_durable(0)
 LOCKS = "PIGEON_LOCKS"  # key-value bucket: one short lock per bounded queue, for batches
 LOCK_TTL = 30.0  # seconds: a producer that dies holding the lock holds it no longer
 SLICE = 0.2
+ACK_WAIT_REREAD = 1.0  # seconds: a handle reads its consumers' AckWait again this often
 SHUTDOWN_MARK = "pigeon: shut down"
 DEFAULT_MAX_ITEM_SIZE = 64 * 2**20  # bytes: items beyond the server's max_payload go in chunks
 CHUNKS_IN_FLIGHT = 8  # chunks published (or read) at once: memory stays a few MiB
@@ -272,6 +276,12 @@ class AsyncNatsQueue(EngineQueue[T]):
         self._js: Any = None
         self._pulls: Pulls | None = None
         self._consumers: set[int] = set()  # levels whose consumer this handle made sure of
+        # level -> its consumer's AckWait as last read (or set) here: a delivery is trusted
+        # to hold its message no longer than that (``AsyncNatsMessage._fresh``)
+        self._ack_waits: dict[int, float] = {}
+        self._ack_waits_read = 0.0  # time.monotonic() of the last reading (``_reread``)
+        # messages handed out and not settled: a shorter AckWait read lowers their trust
+        self._held: weakref.WeakSet[AsyncNatsMessage[T]] = weakref.WeakSet()
         self._calm = False  # the last round saw no message above priority 0
         self._chunks_ready = False
         self._ids: Any = None  # the id bucket (nats-py's KeyValue), on this connection
@@ -366,16 +376,9 @@ class AsyncNatsQueue(EngineQueue[T]):
                     num_replicas=self.replicas, duplicate_window=self.dedup_window,
                 )
             )  # fmt: skip
-        try:
-            current = (await js.consumer_info(self.stream, DURABLE)).config
-        except NotFoundError:
-            await js.add_consumer(self.stream, self._consumer_config(0))
-        else:
-            if self._lease_given is not None and current.ack_wait != self.lease:
-                await js.add_consumer(self.stream, self._consumer_config(0))  # for all
-            elif self._lease_given is None and current.ack_wait:
-                self.lease = float(current.ack_wait)
-        self._consumers = {0}
+        self._consumers = set()
+        await self._fit_consumer(js, 0)
+        self._ack_waits_read = time.monotonic()
 
     def _consumer_config(self, level: int) -> Any:
         from nats.js.api import AckPolicy, ConsumerConfig
@@ -386,11 +389,85 @@ class AsyncNatsQueue(EngineQueue[T]):
             filter_subject=level_subject(self.name, level), max_ack_pending=-1,
         )  # fmt: skip
 
-    async def _ensure_level(self, js: Any, level: int) -> None:
-        """The consumer of ``level``, made (with this queue's lease) when first needed."""
-        if level not in self._consumers:
+    async def _fit_consumer(self, js: Any, level: int) -> None:
+        """Make sure of the consumer of ``level``: made with this handle's lease as its
+        AckWait if missing; an existing one's AckWait is raised to this handle's lease,
+        never lowered. The consumer is shared by every handle on the queue: lowering it
+        would end the deliveries other handles hold sooner than they count on (they would
+        settle what another consumer holds by then). A lease shorter than the AckWait is
+        kept on this handle, by a NAK when it ends (``AsyncNatsMessage._keep``)."""
+        from nats.js.errors import NotFoundError
+
+        try:
+            current = (await js.consumer_info(self.stream, level_durable(level))).config
+        except NotFoundError:
             await js.add_consumer(self.stream, self._consumer_config(level))
-            self._consumers.add(level)
+            ack_wait = self.lease
+        else:
+            ack_wait = float(current.ack_wait or DEFAULT_LEASE)
+            if self._lease_given is not None and ack_wait < self.lease - 1e-6:
+                await js.add_consumer(self.stream, self._consumer_config(level))  # raised
+                ack_wait = self.lease
+            elif self._lease_given is None and level == 0:
+                self.lease = ack_wait  # no lease asked for: the queue's
+        self._learn(level, ack_wait)
+        self._consumers.add(level)
+
+    async def _ensure_level(self, js: Any, level: int) -> None:
+        """The consumer of ``level``, made (with this handle's lease) when first needed."""
+        if level not in self._consumers:
+            await self._fit_consumer(js, level)
+
+    def _ack_wait(self, level: int) -> float:
+        """The AckWait of ``level``'s consumer as last read here."""
+        return self._ack_waits.get(level, self.lease)
+
+    def _learn(self, level: int, ack_wait: float) -> None:
+        """``level``'s consumer has AckWait ``ack_wait`` now. Shorter than read before
+        (set so by something other than a pigeon handle opening: an older pigeon, an
+        administrator): the messages held here trust their delivery no longer than it."""
+        before = self._ack_waits.get(level)
+        self._ack_waits[level] = ack_wait
+        if before is not None and ack_wait < before:
+            for m in list(self._held):
+                if m._delivery.level == level:
+                    m._distrust(ack_wait)
+
+    async def _reread(self, js: Any) -> None:
+        """Read the AckWait of the consumers this handle uses again (at most once every
+        ``ACK_WAIT_REREAD`` seconds, alongside a fetch): another client may have changed
+        it - raised it (a handle opened with a longer lease), or, outside pigeon's own
+        open path, lowered it."""
+        from nats.js.errors import NotFoundError
+
+        self._ack_waits_read = time.monotonic()
+        levels = sorted(self._consumers)
+
+        async def one(level: int) -> float | None:
+            try:
+                info = await js.consumer_info(self.stream, level_durable(level))
+            except NotFoundError:
+                return None
+            return float(info.config.ack_wait or DEFAULT_LEASE)
+
+        try:
+            found = await asyncio.gather(*(one(lv) for lv in levels))
+        except Exception as exc:  # the fetch goes on; read again at the next round
+            log.debug("nats: the consumers' AckWait not read again: %s", exc)
+            self._ack_waits_read = 0.0
+            return
+        for level, ack_wait in zip(levels, found, strict=True):
+            if ack_wait is not None:
+                self._learn(level, ack_wait)
+                if self._lease_given is None and level == 0:
+                    self.lease = ack_wait
+
+    def _reread_due(self) -> bool:
+        return time.monotonic() - self._ack_waits_read >= ACK_WAIT_REREAD
+
+    def _kept_fresh(self, level: int) -> float:
+        """How long a delivery taken but not handed out yet is kept (``Pulls.pull``)."""
+        return min(self.lease, self._ack_wait(level)) / 2
 
     async def _do(self, fn: Any, deadline: float | None = None) -> Any:
         """Run ``fn(jetstream)``; translate nats-py errors; retry until the call's deadline
@@ -873,13 +950,28 @@ class AsyncNatsQueue(EngineQueue[T]):
         of another priority put meanwhile, or coming due there, is seen when the wait
         ends, within ``SLICE``). Also the stream's state, for the caller."""
         assert self._pulls is not None
+        if self._reread_due():  # alongside this round's first round trip: no wait added
+            reread = asyncio.ensure_future(self._reread(js))
+            try:
+                got = await self._pull_round(js, n, wait)
+            except BaseException:
+                reread.cancel()
+                with contextlib.suppress(BaseException):
+                    await reread
+                raise
+            await reread  # before the deliveries are handed out: they trust what it read
+            return got
+        return await self._pull_round(js, n, wait)
+
+    async def _pull_round(self, js: Any, n: int, wait: float) -> tuple[list[tuple[int, Any]], Any]:
+        assert self._pulls is not None
         if self._calm:
             # The last round saw nothing above priority 0: ask which levels hold messages
             # and take from 0 at once, in one round trip. Should a level above hold some
             # now, what came from 0 is kept for later and those go first.
             info, got = await asyncio.gather(
                 js.stream_info(self.stream, subjects_filter=">"),
-                self._pulls.pull(DURABLE, n, 0.0, self.lease / 2),
+                self._pulls.pull(DURABLE, n, 0.0, self._kept_fresh(0)),
             )
             if not self._above_zero(info):
                 if got or wait <= 0:
@@ -923,7 +1015,10 @@ class AsyncNatsQueue(EngineQueue[T]):
             try:
                 await self._ensure_level(js, level)
                 msgs = await self._pulls.pull(
-                    level_durable(level), n - len(got), wait if last else 0.0, self.lease / 2
+                    level_durable(level),
+                    n - len(got),
+                    wait if last else 0.0,
+                    self._kept_fresh(level),
                 )
             except ConsumerMissing:  # deleted behind this handle's back: made again
                 self._consumers.discard(level)
@@ -1166,6 +1261,10 @@ class AsyncNatsQueue(EngineQueue[T]):
         message = AsyncNatsMessage(self, d, good[0][1])
         if lease is not None:
             message._keep(check_seconds("lease", lease, positive=True) or self.lease)
+        elif abs(self.lease - self._ack_wait(d.level)) > 1e-6:
+            # the consumer's AckWait is another handle's (longer) lease, or was set
+            # shorter behind this handle: this handle's lease is kept here
+            message._keep(self.lease)
         return message
 
     async def qsize(self) -> int:
@@ -1238,11 +1337,11 @@ class AsyncNatsQueue(EngineQueue[T]):
                 log.debug("nats: marks of nacked messages left over: %s", exc)
 
     async def queue_lease(self, timeout: float) -> float:
-        """The queue's lease: its durable consumer's AckWait; for ``pigeon.consume``."""
-        info = await self._do(
-            lambda js: js.consumer_info(self.stream, DURABLE), time.monotonic() + timeout
-        )
-        return float(info.config.ack_wait or self.lease)
+        """The lease a message taken here holds, for ``pigeon.consume``: this handle's
+        (kept here when the consumer's AckWait differs), or, when it asked for none, its
+        durable consumer's AckWait, read again."""
+        await self._do(self._reread, time.monotonic() + timeout)
+        return self.lease
 
     async def full(self) -> bool:
         if not self.maxsize:
@@ -1642,7 +1741,14 @@ class AsyncNatsMessage(Generic[T]):
         self.headers: dict[str, str] = from_nats(delivery.msg.headers)
         self._settled = False
         self._keeper: asyncio.Task[None] | None = None
-        self._fresh_until = delivery.asked + queue.lease - _margin(queue.lease)
+        # counted from the pull's send (or this delivery's last in-progress) against the
+        # consumer's AckWait as this handle last read it - not this handle's lease: the
+        # server redelivers after its AckWait whatever lease the holder asked for (a
+        # shorter lease ends sooner, by the keeper's NAK, which ends this too)
+        self._since = delivery.asked
+        ack_wait = queue._ack_wait(delivery.level)
+        self._fresh_until = self._since + ack_wait - _margin(ack_wait)
+        queue._held.add(self)
 
     def _check(self) -> None:
         if self._settled:
@@ -1653,13 +1759,19 @@ class AsyncNatsMessage(Generic[T]):
         so JetStream cannot have delivered it again)?"""
         return time.monotonic() < self._fresh_until
 
+    def _distrust(self, ack_wait: float) -> None:
+        """The consumer's AckWait was read shorter (``ack_wait``) than this delivery
+        counted on: it holds the message no longer than that."""
+        self._fresh_until = min(self._fresh_until, self._since + ack_wait - _margin(ack_wait))
+
     async def _in_progress(self) -> None:
         """An in-progress signal: AckWait counts again from when the server reads it - if
         this delivery still held the message when it was sent (else it is not trusted)."""
         sent, fresh, before = time.monotonic(), self._fresh(), self._fresh_until
         await self._msg.in_progress()
         if fresh and self._fresh_until == before:  # (not ended by the keeper meanwhile)
-            self._fresh_until = sent + self._queue.lease - _margin(self._queue.lease)
+            ack_wait = self._queue._ack_wait(self._delivery.level)
+            self._since, self._fresh_until = sent, sent + ack_wait - _margin(ack_wait)
 
     async def _still_held(self, what: str) -> None:
         """Raise unless this delivery still holds the message (asked only once its
@@ -1674,15 +1786,17 @@ class AsyncNatsMessage(Generic[T]):
         """Make the lease end ``seconds`` from now: in-progress signals while more than
         the consumer's AckWait is left, a NAK when it ends sooner than AckWait would.
         Neither is sent once AckWait may have run out: another delivery may hold the
-        message then."""
+        message then. (AckWait as this handle last read it: see ``AsyncNatsQueue._reread``.)
+        """
         self._stop_keeping()
         deadline = time.monotonic() + seconds
-        ack_wait = self._queue.lease
+        q, level = self._queue, self._delivery.level
         msg = self._msg
 
         async def keep() -> None:
             with contextlib.suppress(Exception):  # the message was settled meanwhile
                 while True:
+                    ack_wait = q._ack_wait(level)
                     left = deadline - time.monotonic()
                     if left > ack_wait:
                         await asyncio.sleep(min(left - ack_wait, ack_wait / 2))
@@ -1718,6 +1832,7 @@ class AsyncNatsMessage(Generic[T]):
     def ack(self) -> Awaitable[None]:
         self._check()
         self._settled = True
+        self._queue._held.discard(self)
         self._stop_keeping()
         return self._queue._track(asyncio.ensure_future(self._ack()))
 
@@ -1732,6 +1847,7 @@ class AsyncNatsMessage(Generic[T]):
             raise ValueError(f"delay must be >= 0, not {delay}")
         self._check()
         self._settled = True
+        self._queue._held.discard(self)
         self._stop_keeping()
         if not requeue:
             return self._queue._track(asyncio.ensure_future(self._reject(reason or "rejected")))
