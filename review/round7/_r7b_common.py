@@ -49,7 +49,8 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15) -> 
 
 
 class Broker:
-    def __init__(self, port: int, data: Path, *args: str) -> None:
+    def __init__(self, port: int, data: Path, *args: str, seg: int = SEG) -> None:
+        self.seg = seg
         self.port, self.data, self.args = port, data, args
         self.logf = Path(tempfile.mkstemp(prefix=f"r7b-broker-{port}-", suffix=".log")[1])
         self.proc: subprocess.Popen[bytes] | None = None
@@ -58,7 +59,7 @@ class Broker:
         out = open(self.logf, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pigeon", "serve", "--port", str(self.port),
-             "--data-dir", str(self.data), "--segment-bytes", str(SEG), *self.args],
+             "--data-dir", str(self.data), "--segment-bytes", str(self.seg), *self.args],
             stdout=out, stderr=out,
         )  # fmt: skip
         out.close()
