@@ -14,8 +14,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pigeon  # noqa: E402
-from _r7b_common import Broker, free_bytes, tmpfs  # noqa: E402
+from _r7b_common import Broker, free_bytes, tmpfs
+
+import pigeon
 
 PORT = 7950
 DEFAULT = "--default" in sys.argv
@@ -36,7 +37,9 @@ def main() -> int:
                 while free_bytes(disk) > stop_at:  # stop short of ENOSPC (reserve held)
                     q.put(item, timeout=5)
                     n += 1
-                print(f"{n} puts of {len(item) // 1024} KiB confirmed; {free_bytes(disk)} bytes free")
+                print(
+                    f"{n} puts of {len(item) // 1024} KiB confirmed; {free_bytes(disk)} bytes free"
+                )
                 big = os.urandom((6 if DEFAULT else 1) * 2**20)  # > free room + the reserve
                 try:
                     q.put(big, timeout=5)
@@ -57,9 +60,11 @@ def main() -> int:
             print("broker log:", *tail[:4], sep="\n  ")
             print(f"ack round trips (s): {slow}; store stuck: {stuck}")
             if stuck or max(slow) > 2:
-                print("DEFECT: a write larger than free room + the reserve fails again after "
-                      "the reserve is let go and is retried for ever: no ack is written, the "
-                      "disk never frees, puts stay refused")
+                print(
+                    "DEFECT: a write larger than free room + the reserve fails again after "
+                    "the reserve is let go and is retried for ever: no ack is written, the "
+                    "disk never frees, puts stay refused"
+                )
                 return 1
             print("held: acks written on the full disk")
             return 0

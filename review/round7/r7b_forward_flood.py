@@ -16,8 +16,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pigeon  # noqa: E402
-from _r7b_common import Broker, free_bytes, tmpfs  # noqa: E402
+from _r7b_common import Broker, free_bytes, tmpfs
+
+import pigeon
 
 PORT = 7956
 LINE = "starting a segment or reclaiming space failed"
@@ -54,13 +55,17 @@ def main() -> int:
                         break
                 secs = time.monotonic() - t0
             lines = [ln for ln in b.log().splitlines() if LINE in ln]
-            print(f"{acks} acks in {secs:.1f} s, {len(held)} held; {free_bytes(disk)} bytes "
-                  f"free; {len(lines)} x '{LINE} ... will retry'")
+            print(
+                f"{acks} acks in {secs:.1f} s, {len(held)} held; {free_bytes(disk)} bytes "
+                f"free; {len(lines)} x '{LINE} ... will retry'"
+            )
             if lines:
                 print("  first: " + lines[0])
             if len(lines) > 100:
-                print("DEFECT: failed housekeeping on the full disk is retried and logged as "
-                      "an ERROR after every write, and never progresses")
+                print(
+                    "DEFECT: failed housekeeping on the full disk is retried and logged as "
+                    "an ERROR after every write, and never progresses"
+                )
                 return 1
             print("held: no flood")
             return 0

@@ -92,15 +92,17 @@ async def trial(k: int) -> tuple[float, bool | None, str]:
 
 async def main() -> int:
     bad = 0
-    for k in range(4):
-        aw, taken, how = await trial(k)
+    for k in range(10):  # the race is won in most trials, not all
+        aw, _taken, how = await trial(k)
         print(f"trial {k}: AckWait after A(lease 8) and B(lease 4) opened at once: {aw:g} s; {how}")
         if aw < 8 - 1e-6:
             bad += 1
             break
     if bad:
-        print("DEFECT: concurrent opens lowered the shared consumer's AckWait below an open "
-              "handle's lease (read-then-raise is not atomic)")
+        print(
+            "DEFECT: concurrent opens lowered the shared consumer's AckWait below an open "
+            "handle's lease (read-then-raise is not atomic)"
+        )
         return 1
     print("held: AckWait never ended below the longest lease")
     return 0

@@ -19,8 +19,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pigeon  # noqa: E402
-from _r7b_common import Broker, free_bytes, tmpfs  # noqa: E402
+from _r7b_common import Broker, free_bytes, tmpfs
+
+import pigeon
 
 PORT = 7955
 DEFAULT = "--default" in sys.argv
@@ -37,8 +38,11 @@ def main() -> int:
             n = 0
             with pigeon.Queue(url, serializer="raw", reconnect_timeout=0) as q:
                 while True:
-                    batch = [b"%08d" % i for i in range(n, n + 1000)] if DEFAULT else \
-                        [os.urandom(1024)] * 50
+                    batch = (
+                        [b"%08d" % i for i in range(n, n + 1000)]
+                        if DEFAULT
+                        else [os.urandom(1024)] * 50
+                    )
                     try:
                         q.put_many(batch, timeout=5)
                     except pigeon.PigeonError as exc:
@@ -70,9 +74,11 @@ def main() -> int:
                     if "not committed" in ln:
                         break
             if stuck or slow > 2:
-                print("DEFECT: the reserve was spent by settles that free no segment; the "
-                      "store then retries an ENOSPC write for ever: acks are no longer "
-                      "written, nothing can drain, puts stay refused")
+                print(
+                    "DEFECT: the reserve was spent by settles that free no segment; the "
+                    "store then retries an ENOSPC write for ever: acks are no longer "
+                    "written, nothing can drain, puts stay refused"
+                )
                 return 1
             print("held: settles on the full disk kept being written")
             return 0
