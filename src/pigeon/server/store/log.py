@@ -164,6 +164,7 @@ class LogStore(Durable):
             raise ValueError(f"reserve_bytes must be 0 (none) or more, not {reserve_bytes}")
         self.reserve_bytes = min(reserve_bytes, segment_bytes)
         self._space_timer: Any = None
+        self._maintain_said = -60.0  # when a housekeeping failure was last logged
         if segment_bytes < 4096:
             raise ValueError(f"segment_bytes must be at least 4096, not {segment_bytes}")
         self.dir = Path(data_dir)
@@ -540,7 +541,10 @@ class LogStore(Durable):
 
     def delivered(self, queue: str, msg_ids: list[int]) -> None:
         # Counted at recovery once this record is written; the DELIVER does not wait for it.
-        self._add([DELIVERED, msg_ids], change=False)
+        # On a full disk the reserve's room is kept for settles: a delivery counted only in
+        # memory is counted again after a restart only if the broker stops cleanly.
+        if self.disk_full is None:
+            self._add([DELIVERED, msg_ids], change=False)
 
     def requeued(self, queue: str, msg: Stored) -> None:
         due = msg.extra.due if msg.extra is not None else 0.0
@@ -751,8 +755,14 @@ class LogStore(Durable):
         except FsyncFailed:
             return  # the store is broken (and said so): nothing more is begun or dropped
         except OSError as exc:
-            log.error("store %s: starting a segment or reclaiming space failed (%s); "
-                      "will retry", self.path, exc)  # fmt: skip
+            # Said once a minute at most, not after every write (a full disk fails the
+            # same way each time until there is room).
+            now = time.monotonic()
+            if now - self._maintain_said >= 60.0:
+                self._maintain_said = now
+                log.error("store %s: starting a segment or reclaiming space failed (%s); "
+                          "will retry after each write (said once a minute)", self.path,
+                          exc)  # fmt: skip
             return
         if more and self._loop is not None and not self._maintaining:
             self._maintaining = True  # the rest in the next turns, between requests
