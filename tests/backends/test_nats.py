@@ -833,3 +833,39 @@ def test_the_consumers_ack_wait_is_raised_by_a_longer_lease_never_lowered() -> N
     finally:
         with pigeon.Queue(url) as q:
             q.delete()
+
+
+def test_two_handles_opening_at_once_leave_the_longer_lease_as_ack_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review 7b #3: each open read the AckWait and then wrote its own, so of two handles
+    opening at once (leases 8 and 4) the last write could leave 4 s while the first
+    handle trusted its deliveries for 8 s (5 of 7 trials; a job was lost). Here a
+    shorter write lands right after each of the longer one's first two."""
+    import copy
+
+    from nats.js.manager import JetStreamManager
+
+    url = _natslease_url()
+    real = JetStreamManager.add_consumer
+    raced: list[float] = []
+
+    async def racing(self: Any, stream: str, config: Any = None, **kw: Any) -> Any:
+        made = await real(self, stream, config, **kw)
+        if len(raced) < 2 and config is not None and config.ack_wait == 8:
+            low = copy.copy(config)
+            low.ack_wait = 4
+            raced.append(4)
+            await real(self, stream, low)  # another handle's write, just after (twice)
+        return made
+
+    monkeypatch.setattr(JetStreamManager, "add_consumer", racing)
+    try:
+        with pigeon.Queue(url, lease=8) as a:
+            assert raced == [4, 4]
+            assert _ack_wait(url) == 8  # read again, and raised again
+            assert a._queue_lease(5) == 8
+    finally:
+        monkeypatch.undo()
+        with pigeon.Queue(url) as q:
+            q.delete()

@@ -113,6 +113,7 @@ from pigeon.errors import (
     PigeonError,
     ShutDown,
     TooLarge,
+    Unavailable,
     Unsupported,
 )
 from pigeon.options import (
@@ -134,6 +135,7 @@ DURABLE = level_durable(0)
 LOCKS = "PIGEON_LOCKS"  # key-value bucket: one short lock per bounded queue, for batches
 LOCK_TTL = 30.0  # seconds: a producer that dies holding the lock holds it no longer
 SLICE = 0.2
+_FIT_TRIES = 8  # reads of a consumer's AckWait at open, each after a raise
 ACK_WAIT_REREAD = 1.0  # seconds: a handle reads its consumers' AckWait again this often
 SHUTDOWN_MARK = "pigeon: shut down"
 DEFAULT_MAX_ITEM_SIZE = 64 * 2**20  # bytes: items beyond the server's max_payload go in chunks
@@ -398,18 +400,29 @@ class AsyncNatsQueue(EngineQueue[T]):
         kept on this handle, by a NAK when it ends (``AsyncNatsMessage._keep``)."""
         from nats.js.errors import NotFoundError
 
-        try:
-            current = (await js.consumer_info(self.stream, level_durable(level))).config
-        except NotFoundError:
-            await js.add_consumer(self.stream, self._consumer_config(level))
-            ack_wait = self.lease
-        else:
+        # Read, raise if lower, read again: two handles that open at once each write what
+        # they read, so the last write may be the shorter lease (review 7b #3); the one
+        # whose lease is longer reads that and raises it again, until what is read holds.
+        for _ in range(_FIT_TRIES):
+            try:
+                current = (await js.consumer_info(self.stream, level_durable(level))).config
+            except NotFoundError:
+                await js.add_consumer(self.stream, self._consumer_config(level))
+                continue  # read what was made (another handle may have made it at once)
             ack_wait = float(current.ack_wait or DEFAULT_LEASE)
             if self._lease_given is not None and ack_wait < self.lease - 1e-6:
                 await js.add_consumer(self.stream, self._consumer_config(level))  # raised
-                ack_wait = self.lease
-            elif self._lease_given is None and level == 0:
+                continue
+            if self._lease_given is None and level == 0:
                 self.lease = ack_wait  # no lease asked for: the queue's
+            break
+        else:
+            raise Unavailable(
+                f"nats: the consumer of {self.name!r} kept an AckWait shorter than this "
+                f"handle's lease ({self.lease:g} s) after {_FIT_TRIES} raises: another "
+                "program lowers it (an older pigeon, `nats consumer edit`); give every "
+                "handle on the queue the same lease"
+            )
         self._learn(level, ack_wait)
         self._consumers.add(level)
 
