@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 import pigeon
 from pigeon.server.store import LOG_DIR
 from tests._services import free_port, skip_or_fail, start_broker
@@ -76,3 +78,30 @@ def test_a_full_disk_refuses_puts_but_lets_consumers_drain_and_then_takes_puts_a
             broker.terminate()
             broker.wait(10)
         assert (disk / LOG_DIR / "reserve").exists()  # taken back
+
+
+def test_a_put_larger_than_the_room_left_is_refused_and_acks_still_go_through() -> None:
+    # Review 7b #1: a write larger than the room left plus the reserve failed again once
+    # the reserve was let go, was retried for ever, and every ack behind it waited: no
+    # ack was written, the disk never freed. Now such a put is refused before it is
+    # applied, once the disk's room is low.
+    with tmpfs("6m") as disk:
+        port = free_port()
+        broker = start_broker(port, "--data-dir", str(disk), "--segment-bytes", str(256 * 1024))
+        url = f"pigeon://127.0.0.1:{port}/big"
+        item = os.urandom(16 * 1024)
+        try:
+            with pigeon.Queue(url, serializer="raw", reconnect_timeout=0) as q:
+                while shutil.disk_usage(disk).free > 200 * 1024:  # short of ENOSPC
+                    q.put(item, timeout=5)
+                with pytest.raises(pigeon.PigeonError, match="disk is full"):
+                    q.put(os.urandom(2**20), timeout=5)  # more than the room and reserve
+                for _ in range(3):
+                    m = q.get_message(timeout=10)
+                    started = time.monotonic()
+                    m.ack()  # written on the full disk, not held to the store's timeout
+                    assert time.monotonic() - started < 2.0
+                q.put(b"small", timeout=5)  # what fits is taken
+        finally:
+            broker.terminate()
+            broker.wait(10)

@@ -232,6 +232,16 @@ class BrokerServer:
             )
         return None
 
+    def _no_room(self, msg: Put | PutBatch) -> str | None:
+        """Why the disk has no room for this put (asked only while room is low): a write
+        larger than the disk's room would fail even in the reserve's, and every ack behind
+        it would wait (review 7b #1)."""
+        store = self.broker.store
+        if not store.room_low:
+            return None
+        size = len(msg.payload) if isinstance(msg, Put) else sum(map(len, msg.payloads))
+        return store.no_room_for(size)
+
     def read_begins(self) -> None:
         """A connection is about to handle what one read brought; ``read_done`` follows."""
         self.broker.store.flush_follows()
@@ -248,7 +258,7 @@ class BrokerServer:
         confirmed put is a durable put)."""
         if isinstance(msg, Stats):  # the server's, not only the broker's
             self.dispatch([(conn, Ok(msg.req, self.stats()))])
-        elif isinstance(msg, _PUTS) and (why := self.refuse_writes()):
+        elif isinstance(msg, _PUTS) and (why := self.refuse_writes() or self._no_room(msg)):
             self.dispatch([(conn, Error(msg.req, Code.UNAVAILABLE, why))])
         else:
             broker = self.broker

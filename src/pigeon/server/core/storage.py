@@ -87,6 +87,13 @@ class Store:
     # Why new puts are refused while the store can still write settles (the log's disk is
     # full: it let go of its reserve so acks can drain the queues), or None.
     disk_full: str | None = None
+    # True while the disk may have too little room for a large put (the log store looks at
+    # its free space then): the server asks ``no_room_for`` about each put's bytes.
+    room_low = False
+
+    def no_room_for(self, nbytes: int) -> str | None:
+        """Why a put of ``nbytes`` of payload would not fit on the disk now, or None."""
+        return None
 
     @property
     def holds_replies(self) -> bool:

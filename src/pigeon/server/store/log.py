@@ -106,6 +106,10 @@ SEGMENT_BYTES = 64 * 2**20
 RESERVE_BYTES = 4 * 2**20
 RESERVE_NAME = "reserve"
 _SPACE_CHECK = 1.0  # seconds between looks at the disk's free space while it is full
+# Below this much free space (or 4 segments, if more) the store looks at the disk's room
+# before each large put; above it, never.
+_ROOM_LOW = 64 * 2**20
+_PUT_OVERHEAD = 64  # bytes of record per message, beside its payload (an estimate)
 _FORWARD_CHUNK = 4096  # live entries written forward per turn of the loop
 _FORWARD_BYTES = 64 * 2**20  # ... and payload bytes at most (then the next turn)
 _FORGET_PER_TURN = 65_536  # expired dedup ids forgotten per turn of the loop
@@ -164,6 +168,8 @@ class LogStore(Durable):
             raise ValueError(f"reserve_bytes must be 0 (none) or more, not {reserve_bytes}")
         self.reserve_bytes = min(reserve_bytes, segment_bytes)
         self._space_timer: Any = None
+        self._room = 0  # bytes free on the disk at the last look, less what was written since
+        self._room_at = -1.0  # time.monotonic() of that look
         self._maintain_said = -60.0  # when a housekeeping failure was last logged
         if segment_bytes < 4096:
             raise ValueError(f"segment_bytes must be at least 4096, not {segment_bytes}")
@@ -233,6 +239,7 @@ class LogStore(Durable):
         if not self._take_reserve():
             self.disk_full = self._full_why()
             log.error("store %s: %s", self.path, self.disk_full)
+        self._look_at_room()
         log.info("recovered %d message(s) from %s in %.3f s", len(self._live), self.path,
                  self.recovery_seconds)  # fmt: skip
 
@@ -657,6 +664,9 @@ class LogStore(Durable):
                 return
             raise
         self._sizes[self._active] = offset + total
+        self._room -= total
+        if self._room < self._room_low_mark() and not self.room_low:
+            self._look_at_room()
 
     # --- the disk's reserve -------------------------------------------------------------
 
@@ -688,6 +698,31 @@ class LogStore(Durable):
                         self.reserve_bytes, exc)  # fmt: skip
             return False
         return True
+
+    def _room_low_mark(self) -> int:
+        return max(_ROOM_LOW, 4 * self.segment_bytes)
+
+    def _look_at_room(self) -> None:
+        """Read the disk's free space; below the low mark, each put asks ``no_room_for``."""
+        try:
+            st = os.statvfs(self.path)
+            self._room = st.f_bavail * st.f_frsize
+        except OSError:
+            self._room = 1 << 62  # cannot tell: as if plenty (ENOSPC still lets go)
+        self._room_at = time.monotonic()
+        self.room_low = self._room < self._room_low_mark()
+
+    def no_room_for(self, nbytes: int) -> str | None:
+        if time.monotonic() - self._room_at > 0.1:
+            self._look_at_room()  # (room freed, or taken by others, meanwhile)
+        need = nbytes + _PUT_OVERHEAD + len(self._ops) * _PUT_OVERHEAD
+        if need <= self._room - _PUT_OVERHEAD * 1024:  # room left beside it for settles
+            return None
+        return (
+            f"the broker's disk is full: no room for this put ({nbytes} bytes; {self._room} "
+            f"free in {self.path}); nothing was stored: gets and acks go on, so consumers "
+            "can make room; retry once space is freed, or put less at once"
+        )
 
     def _let_go_of_reserve(self) -> bool:
         """The disk is full: free the reserve for the write that failed and the settles
