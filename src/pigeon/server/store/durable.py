@@ -158,8 +158,11 @@ class Durable(Store):
     def stalled_for(self) -> float:
         """Seconds since commits began failing, or the oldest write still waiting for its
         fsync was made (0 while they succeed in time)."""
-        if self._error is not None or (self._native is not None and self._native_failed()):
-            return float("inf")  # (the C syncer's failure: one atomic load, read here too)
+        native = self._native  # the C syncer's failure: one atomic load, read here too
+        if native is not None and native.failed():
+            self._native_failed()
+        if self._error is not None:
+            return float("inf")
         if self._failing_since is None and not self._unsynced:
             return 0.0  # the common case, asked before every put
         now = time.monotonic()
@@ -210,7 +213,7 @@ class Durable(Store):
         """Has the C syncer's fdatasync failed? Then the store breaks, as when the Python
         syncer's does (read under the fsync lock, or before a write is confirmed)."""
         native = self._native
-        if native is None or not (code := native.error):
+        if native is None or not (code := native.failed()):
             return False
         if self._error is None:
             self._broken(OSError(code, f"fsync failed: {os.strerror(code)}; data written since "
@@ -446,7 +449,7 @@ class NativeSyncer:
 
     Used as the store's fsync lock (``with syncer:``); ``set_fd`` only with it held."""
 
-    __slots__ = ("_c", "_h", "dirty")
+    __slots__ = ("_c", "_h", "dirty", "failed")
 
     def __init__(self, c: Any, interval: float) -> None:
         self._c = c
@@ -454,6 +457,8 @@ class NativeSyncer:
         # A write reached the OS: fdatasync it within the interval. Non-zero: an earlier
         # fdatasync failed (its errno). Called at every write: a C partial, no Python frame.
         self.dirty: Callable[[], int] = functools.partial(c.syncer_dirty, self._h)
+        # The errno of a failed fdatasync, or 0: asked before every put, a C partial too.
+        self.failed: Callable[[], int] = functools.partial(c.syncer_error, self._h)
 
     def start(self) -> None:
         self._c.syncer_start(self._h)
