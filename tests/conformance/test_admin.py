@@ -10,18 +10,13 @@ from typing import Any
 import pytest
 
 import pigeon
-from tests._services import skip_or_fail
-from tests.conformance.conftest import BACKENDS, Backend
+from tests.conformance.conftest import BACKENDS, Backend, usable
 
 
 @pytest.fixture(params=[b for b in BACKENDS if b.name != "local"], ids=lambda b: b.name)
 def backend(request: pytest.FixtureRequest) -> Backend:
     """The networked backends (a local queue refuses administration: the last test)."""
-    b: Backend = request.param
-    missing = b.available()
-    if missing:
-        skip_or_fail(f"{b.name}: {missing}")
-    return b
+    return usable(request.param)
 
 
 @pytest.fixture

@@ -233,12 +233,10 @@ class BrokerServer:
         return None
 
     def _no_room(self, msg: Put | PutBatch) -> str | None:
-        """Why the disk has no room for this put (asked only while room is low): a write
+        """Why the disk has no room for this put (asked only while its room is low): a write
         larger than the disk's room would fail even in the reserve's, and every ack behind
         it would wait (review 7b #1)."""
         store = self.broker.store
-        if not store.room_low:
-            return None
         size = len(msg.payload) if isinstance(msg, Put) else sum(map(len, msg.payloads))
         return store.no_room_for(size)
 
@@ -258,7 +256,9 @@ class BrokerServer:
         confirmed put is a durable put)."""
         if isinstance(msg, Stats):  # the server's, not only the broker's
             self.dispatch([(conn, Ok(msg.req, self.stats()))])
-        elif isinstance(msg, _PUTS) and (why := self.refuse_writes() or self._no_room(msg)):
+        elif isinstance(msg, _PUTS) and (
+            why := self.refuse_writes() or (self.broker.store.room_low and self._no_room(msg))
+        ):
             self.dispatch([(conn, Error(msg.req, Code.UNAVAILABLE, why))])
         else:
             broker = self.broker
