@@ -9,7 +9,11 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: run test lint typecheck pytest pythons bench clean
 
-$(STAMP): pyproject.toml hatch_build.py src/pigeon/_fastring.c
+# (the build compiles src/pigeon/_fastring.c and, with mypyc, the modules src/pigeon/_compiled.py
+# lists: an edited one makes pigeon run all of them as Python until this installs again)
+$(STAMP): pyproject.toml hatch_build.py src/pigeon/_fastring.c src/pigeon/_compiled.py \
+		$(wildcard src/pigeon/server/*.py src/pigeon/server/core/*.py src/pigeon/protocol/*.py \
+		src/pigeon/framing/*.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench,uvloop]'
@@ -31,8 +35,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The whole suite on the compiled path (tests/test_compiled.py checks that it is); the
+# Python 3.12 run in `make pythons` is the pure-Python path.
 pytest: $(STAMP)
-	$(BIN)/pytest
+	PIGEON_EXPECT_COMPILED=1 $(BIN)/pytest
 	# the local queue again on its pure-Python path (the fallback where nothing compiles)
 	PIGEON_PURE_PYTHON=1 $(BIN)/pytest -q tests/backends/test_local.py tests/backends/test_local_waits.py \
 		tests/backends/test_local_dedup.py tests/backends/test_local_message.py tests/conformance -k local

@@ -1,13 +1,20 @@
-"""Build hook: compile the local queue's C fast path (src/pigeon/_fastring.c).
+"""Build hook: compile pigeon's optional native code, in place, next to the sources.
 
-It is optional: where no C compiler (or no Python headers) is available, the build goes on
-without it and pigeon uses its pure-Python path, which is the same code and the reference
-(``PIGEON_PURE_PYTHON=1`` forces it). The module is built in place, next to the sources,
-so an editable install (``pip install -e .``) finds it too.
+1. The local queue's C fast path (src/pigeon/_fastring.c).
+2. The broker's per-request modules with mypyc (the list is ``MODULES`` in
+   src/pigeon/_compiled.py): the same annotated Python, run as C. The build records the hash
+   of each source it compiled (``_compiled.<abi>.json``); at import, pigeon uses the compiled
+   modules only while every source still matches, so an edited checkout runs its source.
+
+Both are optional: where no C compiler, no Python headers or no mypyc is available, the build
+goes on without them and pigeon runs its pure-Python path, which is the same code and the
+reference. ``PIGEON_PURE_PYTHON=1`` at build time skips both (at run time it makes pigeon
+ignore them). Built in place, so an editable install (``pip install -e .``) finds them too.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -16,7 +23,8 @@ from typing import Any
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 HERE = Path(__file__).parent
-SOURCE = HERE / "src" / "pigeon" / "_fastring.c"
+SRC = HERE / "src"
+SOURCE = SRC / "pigeon" / "_fastring.c"
 
 
 class FastRingHook(BuildHookInterface):  # type: ignore[type-arg]
@@ -25,15 +33,25 @@ class FastRingHook(BuildHookInterface):  # type: ignore[type-arg]
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
         if os.environ.get("PIGEON_PURE_PYTHON") or sys.platform == "win32":
             return
+        built: list[Path] = []
         try:
-            built = compile_extension()
+            built.append(compile_extension())
         except Exception as exc:  # no compiler, no headers: the pure-Python path it is
             print(f"pigeon: the C fast path was not built ({exc}); using pure Python", file=sys.stderr)
+        try:
+            built.extend(compile_modules())
+        except BaseException as exc:  # noqa: BLE001 (mypyc exits on errors: SystemExit)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            print(f"pigeon: the broker's modules were not compiled ({exc!r}); they run as Python",
+                  file=sys.stderr)  # fmt: skip
+        if not built:
             return
         build_data["pure_python"] = False
         build_data["infer_tag"] = True
         if self.target_name == "wheel" and version != "editable":
-            build_data["force_include"][str(built)] = f"pigeon/{built.name}"
+            for path in built:
+                build_data["force_include"][str(path)] = str(path.relative_to(SRC))
 
 
 def compile_extension() -> Path:
@@ -47,3 +65,41 @@ def compile_extension() -> Path:
     cmd.ensure_finalized()
     cmd.run()
     return Path(cmd.get_ext_fullpath("pigeon._fastring"))
+
+
+def _compiled_module() -> Any:
+    """src/pigeon/_compiled.py, loaded by path (pigeon itself is not importable here)."""
+    spec = importlib.util.spec_from_file_location("_pigeon_compiled", SRC / "pigeon" / "_compiled.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compile_modules() -> list[Path]:
+    """Compile ``MODULES`` with mypyc into src/ and write the manifest; the files built."""
+    from mypyc.build import mypycify
+    from setuptools import Distribution
+    from setuptools.command.build_ext import build_ext
+
+    compiled = _compiled_module()
+    root = SRC / "pigeon"
+    manifest = compiled.manifest_path(root)
+    manifest.unlink(missing_ok=True)  # (a failed build leaves no claim to be current)
+    paths = [str(compiled.source(m, root).relative_to(SRC)) for m in compiled.MODULES]
+    here = os.getcwd()
+    os.chdir(SRC)  # mypyc names modules by their path from here
+    try:
+        exts = mypycify(paths, opt_level="3", group_name="pigeon",
+                        target_dir=str(HERE / "build" / "mypyc"))  # fmt: skip
+        dist = Distribution({"name": "pigeon-queue", "ext_modules": exts})
+        cmd = build_ext(dist)
+        cmd.inplace = True
+        cmd.build_temp = str(HERE / "build" / "mypyc-temp")
+        cmd.ensure_finalized()
+        cmd.run()
+        built = [Path(cmd.get_ext_fullpath(ext.name)).resolve() for ext in exts]
+    finally:
+        os.chdir(here)
+    built.append(compiled.write_manifest(root))
+    return built

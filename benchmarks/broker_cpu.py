@@ -160,7 +160,7 @@ def _feed(c: Any, data: bytes) -> None:
         data = data[n:]
 
 
-async def _layer(rounds: int, batch: int, store: str) -> dict[str, float]:
+async def _layer(rounds: int, batch: int, store: str, warm: int = 200) -> dict[str, float]:
     from pigeon.protocol import Ack, Get
     from pigeon.protocol.client import ClientConnection
     from pigeon.protocol.messages import PutBatch
@@ -185,7 +185,7 @@ async def _layer(rounds: int, batch: int, store: str) -> dict[str, float]:
         ends.append((c, t, client))
     (pc, pt, producer), (cc, ct, consumer) = ends
     took: dict[str, list[float]] = {"put": [], "get": [], "ack": []}
-    for i in range(rounds + 200):  # the first 200 warm up
+    for i in range(rounds + warm):  # the first `warm` rounds warm up
         producer.request(PutBatch(0, "q", [ITEM] * batch, 0.0))
         frames = producer.data_to_send()
         t0 = time.perf_counter()
@@ -203,13 +203,13 @@ async def _layer(rounds: int, batch: int, store: str) -> dict[str, float]:
         t4 = time.perf_counter()
         _feed(cc, frames)
         t5 = time.perf_counter()
-        if i >= 200:
+        if i >= warm:
             took["put"].append(t1 - t0)
             took["get"].append(t3 - t2)
             took["ack"].append(t5 - t4)
     if kept is not None:
         kept.close()
-    med = {k: statistics.median(v) * 1e6 for k, v in took.items()}
+    med = {k: statistics.median(v) * 1e6 if v else 0.0 for k, v in took.items()}
     return {**med, "total": sum(med.values())}
 
 

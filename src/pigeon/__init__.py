@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pigeon import _compiled  # noqa: F401  (first: compiled modules or their source)
 from pigeon._queue_base import Message, Queue
 from pigeon.aio import AsyncQueue
 from pigeon.consume import ConsumeReport, DeadLetter, Retry, consume

@@ -1294,7 +1294,7 @@ def test_a_slow_fsync_counts_as_a_stalled_store(
 def _native_or_skip(store: LogStore) -> Any:
     native = store._native
     if native is None:
-        if os.environ.get("CI"):
+        if os.environ.get("CI") and not os.environ.get("PIGEON_PURE_PYTHON"):
             pytest.fail("the log store's C syncer is not built (CI builds pigeon._fastring)")
         pytest.skip("the log store's C syncer is not built here (pigeon._fastring)")
     return native

@@ -193,7 +193,7 @@ class BrokerMachine(RuleBasedStateMachine):
             store = LogStore(path, self.FSYNC, segment_bytes=SEGMENT)  # type: ignore[arg-type]
             if self.NATIVE and store._use_native() is None:
                 store.close()
-                if os.environ.get("CI"):
+                if os.environ.get("CI") and not os.environ.get("PIGEON_PURE_PYTHON"):
                     pytest.fail("the log store's C syncer is not built (CI builds it)")
                 pytest.skip("the log store's C syncer is not built here (pigeon._fastring)")
         else:

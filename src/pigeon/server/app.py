@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from pigeon import _compiled
 from pigeon._net import is_loopback, peer_silence, tcp_state
 from pigeon.options import DEFAULT_PORT
 from pigeon.protocol import ClientMessage, Error, Ok, Ping, Put, PutBatch, Stats
@@ -136,7 +138,9 @@ class BrokerServer:
 
             self.http = HttpSideDoor(self, *parse_address(cfg.http), cfg.token)
             await self.http.start()
-        log.info("pigeon broker listening on %s", ", ".join(self.addresses))
+        log.info(
+            "pigeon broker listening on %s (%s)", ", ".join(self.addresses), _compiled.describe()
+        )
 
     def _accept(self) -> Connection:
         """Made at accept, before any TLS handshake: the handshake timeout and the
@@ -156,7 +160,9 @@ class BrokerServer:
     def addresses(self) -> list[str]:
         assert self._server is not None
         out = []
-        for s in self._server.sockets:
+        # (typeshed says a tuple; uvloop gives a list, which a compiled build would refuse)
+        sockets: Iterable[socket.socket] = getattr(self._server, "sockets")  # noqa: B009
+        for s in sockets:
             host, port = s.getsockname()[:2]
             out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         return out
