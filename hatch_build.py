@@ -96,6 +96,7 @@ def compile_modules() -> list[Path]:
         cmd = build_ext(dist)
         cmd.inplace = True
         cmd.build_temp = str(HERE / "build" / "mypyc-temp")
+        cmd.build_lib = str(HERE / "build" / "mypyc-lib")
         cmd.ensure_finalized()
         cmd.run()
         built = [Path(cmd.get_ext_fullpath(ext.name)).resolve() for ext in exts]

@@ -169,6 +169,34 @@ def test_json_logs_and_sighup_reload_the_token(tmp_path: Path) -> None:
     assert any("reloaded the token" in r["message"] for r in records)
 
 
+def test_sighup_after_the_token_is_taken_out_of_the_config_file_runs_without_one(
+    tmp_path: Path,
+) -> None:
+    # The settings the file no longer names fall back to their defaults: no token, no TLS
+    # files (click >= 8.2 reports "no default" as a truthy sentinel, which was taken for
+    # a token and for a certificate pair)
+    config = tmp_path / "pigeon.toml"
+    config.write_text('token = "first"\n')
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pigeon", "serve", "--memory", "--port", str(port), "--config",
+         str(config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for_port(port)
+        config.write_text("# no token now\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        with pigeon.Queue(f"pigeon://127.0.0.1:{port}/open") as q:
+            q.put(1)
+            assert q.get(timeout=5) == 1
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert "reload failed" not in err, err
+
+
 def _chrome() -> Any:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

@@ -84,7 +84,12 @@ def reloaded(ctx: click.Context, current: dict[str, Any]) -> dict[str, Any]:
         elif name in file:
             out[name] = file[name]
         else:
-            out[name] = params[name].get_default(ctx)
+            # the option's own default: not ``get_default(ctx)``, which answers from the
+            # context's default map, i.e. the config file as it was read at the start; and
+            # click >= 8.2 marks "no default" with a truthy sentinel: no value is None
+            default = params[name].default
+            default = default() if callable(default) else default
+            out[name] = default if isinstance(default, str) else None
     return out
 
 
