@@ -37,10 +37,12 @@ class FastRingHook(BuildHookInterface):  # type: ignore[type-arg]
         try:
             built.append(compile_extension())
         except Exception as exc:  # no compiler, no headers: the pure-Python path it is
-            print(f"pigeon: the C fast path was not built ({exc}); using pure Python", file=sys.stderr)
+            print(
+                f"pigeon: the C fast path was not built ({exc}); using pure Python", file=sys.stderr
+            )
         try:
             built.extend(compile_modules())
-        except BaseException as exc:  # noqa: BLE001 (mypyc exits on errors: SystemExit)
+        except BaseException as exc:  # (mypyc exits on errors: SystemExit)
             if isinstance(exc, KeyboardInterrupt):
                 raise
             print(f"pigeon: the broker's modules were not compiled ({exc!r}); they run as Python",
@@ -69,7 +71,9 @@ def compile_extension() -> Path:
 
 def _compiled_module() -> Any:
     """src/pigeon/_compiled.py, loaded by path (pigeon itself is not importable here)."""
-    spec = importlib.util.spec_from_file_location("_pigeon_compiled", SRC / "pigeon" / "_compiled.py")
+    spec = importlib.util.spec_from_file_location(
+        "_pigeon_compiled", SRC / "pigeon" / "_compiled.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
