@@ -47,7 +47,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import heapq
 import logging
 import os
@@ -66,6 +68,7 @@ from pigeon.errors import StoreCorrupted
 from pigeon.server.core import NO_TRANSACTION, Stored
 from pigeon.server.store.durable import Durable, FsyncFailed, FsyncMode, NativeSyncer
 from pigeon.server.store.records import (
+    ADD,
     ADDS,
     DECLARE,
     DEDUP,
@@ -74,6 +77,8 @@ from pigeon.server.store.records import (
     FILE_HEADER,
     FILE_HEADER_SIZE,
     FILE_MAGIC,
+    HOLE_AT,
+    MOVE,
     MSGS,
     PAD,
     PART,
@@ -83,7 +88,9 @@ from pigeon.server.store.records import (
     Changes,
     Replayed,
     extra_bytes,
+    first_record,
     fsync_dir,
+    hole_mark,
     list_segments,
     msgs_ops,
     oldest_first,
@@ -106,6 +113,16 @@ SEGMENT_BYTES = 64 * 2**20
 RESERVE_BYTES = 4 * 2**20
 RESERVE_NAME = "reserve"
 _SPACE_CHECK = 1.0  # seconds between looks at the disk's free space while it is full
+# While the disk is full: a delivery to be acked (a GET with manual ack) is refused once
+# the room left is under a quarter of the reserve plus this much per message out (what
+# settling each takes: an ACK, a NACK, a dead letter), so what is out can always be settled.
+_SETTLE_BYTES = 64
+# While the disk is full, every this many batches, the dead prefix of the oldest segment
+# is punched out of the file (``_punch``), once it is at least _PUNCH_MIN bytes; a turn
+# reads at most _PUNCH_SCAN bytes of it.
+_PUNCH_EVERY = 256
+_PUNCH_MIN = 64 * 1024
+_PUNCH_SCAN = 16 * 2**20
 # Below this much free space (or 4 segments, if more) the store looks at the disk's room
 # before each large put; above it, never.
 _ROOM_LOW = 64 * 2**20
@@ -127,7 +144,8 @@ _payload = attrgetter("payload")
 _STATE_OVERHEAD = 24
 # Keys of what is live in a segment: a message id, (queue,) for a queue's settings,
 # (queue, dedup id) for a dedup id, (queue, None) for its tasks taken and not yet done.
-_Key = int | tuple[str] | tuple[str, str] | tuple[str, None]
+_State = tuple[str] | tuple[str, str] | tuple[str, None]
+_Key = int | _State
 _BULK = 8  # from this many messages a put or an ack is recorded with map, not one by one
 _MAX_RETRY_DELAY = 0.25
 # A change larger than this is written as several records, applied together at recovery
@@ -140,6 +158,28 @@ def _cut_torn_tail(path: Path, data: bytes, at: int) -> bytes:
                 path, len(data) - at)  # fmt: skip
     truncate(path, at)
     return data[:at]
+
+
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
+_fallocate: Any = None
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """fallocate(2) PUNCH_HOLE | KEEP_SIZE: the bytes read back as zeros and the blocks
+    wholly inside are freed; the file keeps its size."""
+    global _fallocate
+    if _fallocate is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+        if fn is None:
+            raise OSError(errno.ENOSYS, "fallocate is not available")
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
+        _fallocate = fn
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def _dedup_size(queue: str, dedup_id: str) -> int:
@@ -171,6 +211,11 @@ class LogStore(Durable):
         self._room = 0  # bytes free on the disk at the last look, less what was written since
         self._room_at = -1.0  # time.monotonic() of that look
         self._maintain_said = -60.0  # when a housekeeping failure was last logged
+        self._punch_at = 0  # the batch from which a full disk punches dead prefixes again
+        self._can_punch = True  # False once the filesystem said it cannot punch holes
+        # (segment, offset): a queue's settings, dedup id or tasks were written again at
+        # that offset of that segment by ``_punch`` (what is before it there is stale)
+        self._restated: dict[_State, tuple[int, int]] = {}
         if segment_bytes < 4096:
             raise ValueError(f"segment_bytes must be at least 4096, not {segment_bytes}")
         self.dir = Path(data_dir)
@@ -249,6 +294,7 @@ class LogStore(Durable):
         state = Replayed()
         self._sizes: dict[int, int] = {}
         self._salts: dict[int, int] = {}
+        self._holes: dict[int, int] = {}  # where each segment's records begin (see _punch)
         segments = list_segments(self.path)
         decode = msgspec.msgpack.Decoder().decode
         for k, (seg, path) in enumerate(segments):
@@ -258,9 +304,9 @@ class LogStore(Durable):
                 path.unlink()  # created, its header never written: nothing in it
                 continue
             salt = self._salts[seg] = read_segment(path, data)
-            good_end = FILE_HEADER_SIZE
+            good_end = self._holes[seg] = first_record(data, salt)
             changes = Changes()
-            for off, end, valid in scan(data, FILE_HEADER_SIZE, salt):
+            for off, end, valid in scan(data, good_end, salt):
                 body = data[off + RECORD_HEADER.size : end]
                 if valid:
                     good_end = end
@@ -364,6 +410,7 @@ class LogStore(Durable):
         self._synced = (seg, len(data))
         self._salts[seg] = salt
         self._sizes[seg] = len(data)
+        self._holes[seg] = FILE_HEADER_SIZE
         self._seg_live[seg] = 0
 
     def recover(self) -> Iterator[tuple[str, Stored]]:
@@ -822,6 +869,9 @@ class LogStore(Durable):
         heap = self._dedup_heap
         if heap and heap[0][0] <= (now := time.time()):
             more = self._forget_expired(now)
+        if self.disk_full is not None and self.batch >= self._punch_at and self._can_punch:
+            self._punch_at = self.batch + _PUNCH_EVERY
+            self._punch()
         if len(self._sizes) == 1 and self._sizes[self._active] < self.segment_bytes:
             return more  # one segment, not full: nothing to begin, reclaim or forward
         if self._sizes[self._active] >= self.segment_bytes:
@@ -851,8 +901,12 @@ class LogStore(Durable):
             self._drop(dropped)
 
     def _over_threshold(self, dropped: list[int]) -> bool:
-        total = sum(size for seg, size in self._sizes.items() if seg not in dropped)
+        total = sum(self._kept(seg) for seg in self._sizes if seg not in dropped)
         return total > 2 * self._live_bytes + self.segment_bytes
+
+    def _kept(self, seg: int) -> int:
+        """Bytes of segment ``seg`` not punched out (see ``_punch``)."""
+        return self._sizes[seg] - self._holes[seg] + FILE_HEADER_SIZE
 
     def _roll(self) -> None:
         self._sync_or_break()  # a closed segment is on disk before the next one begins
@@ -951,9 +1005,166 @@ class LogStore(Durable):
             self._sync_or_break()
         for seg in segs:
             self._segment_path(seg).unlink()
-            del self._sizes[seg], self._salts[seg]
+            del self._sizes[seg], self._salts[seg], self._holes[seg]
             del self._seg_live[seg]
+        if self._restated:
+            self._restated = {k: v for k, v in self._restated.items() if v[0] in self._sizes}
         fsync_dir(self.path)
+
+    # --- a full disk: freeing what settles made dead --------------------------------------
+
+    def _punch(self) -> None:
+        """While the disk is full: free the blocks of the oldest segment's dead prefix - the
+        records before the first that still holds something live - so settles give room
+        back as they go (a FIFO drain), not only once a whole segment is dead.
+
+        The same rule as deleting the oldest segment, applied to a prefix of it: every
+        record left on disk stays newer than the add it refers to. The records that made
+        the prefix dead are fdatasynced first; then the segment's header notes where its
+        records now begin (``HOLE``), fdatasynced, and only then are the bytes punched out
+        (fallocate PUNCH_HOLE, the file's size kept): a crash at any point leaves either
+        the dead records or zeros, and recovery reads from the noted offset either way."""
+        seg = min(self._sizes)
+        start = self._holes[seg]
+        end = self._dead_until(seg, start)
+        if end - start < max(_PUNCH_MIN, 1):
+            return
+        if self._synced != (self._active, self._sizes[self._active]):
+            self._sync_or_break()  # what made the prefix dead is on disk first
+        fd = self._fd if seg == self._active else os.open(self._segment_path(seg), os.O_RDWR)
+        try:
+            os.pwrite(fd, hole_mark(end, self._salts[seg]), HOLE_AT)
+            self._fsync_or_break(functools.partial(os.fdatasync, fd))
+            self._holes[seg] = end  # (recovery reads from here, punched or not)
+            try:
+                _punch_hole(fd, start, end - start)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._can_punch = False
+                log.warning("store %s: the filesystem cannot punch holes (%s); a full disk "
+                            "gets room back only as whole segments empty", self.path,
+                            exc)  # fmt: skip
+                return
+            self._fsync_or_break(functools.partial(os.fdatasync, fd))
+        finally:
+            if fd != self._fd:
+                os.close(fd)
+        if seg == self._active:
+            self._synced = (seg, self._sizes[seg])
+        log.info("store %s: the disk is full; punched out %d dead byte(s) of segment %d",
+                 self.path, end - start, seg)  # fmt: skip
+
+    def _dead_until(self, seg: int, start: int) -> int:
+        """The offset of the first record from ``start`` in segment ``seg`` that may still
+        matter at recovery (it adds a message still live there, or may be the last write of
+        a queue's settings, dedup id or tasks kept there), within ``_PUNCH_SCAN`` bytes.
+        Settings, dedup ids and tasks in the way are written again at the end first (a
+        few bytes), so only a live message stops the prefix."""
+        size = self._sizes[seg]
+        fd = self._fd if seg == self._active else os.open(self._segment_path(seg), os.O_RDONLY)
+        try:
+            data = os.pread(fd, min(size - start, _PUNCH_SCAN), start)
+        finally:
+            if fd != self._fd:
+                os.close(fd)
+        salt, decode, off = self._salts[seg], msgspec.msgpack.Decoder().decode, 0
+        for rec, end, valid in scan(data, 0, salt):
+            if not valid:
+                break  # damage, or a record the window cuts: stop (the rest waits)
+            body = data[rec + RECORD_HEADER.size : end]
+            if body[:1] != PAD:
+                try:
+                    ops = decode(body)
+                except msgspec.DecodeError:
+                    break
+                if not self._dead_ops(seg, start + rec, ops):
+                    break
+            off = end
+        return start + off
+
+    def _dead_ops(self, seg: int, at: int, ops: list[Any]) -> bool:
+        """Can the record at ``at`` in segment ``seg``, holding ``ops``, be left out of the
+        log? Not while it adds a message still live in ``seg``; a queue's settings, dedup
+        id or tasks still kept in ``seg`` are written again at the end (``_restate``) so
+        the record is no longer their last write."""
+        live, restate = self._live, list[_State]()
+        for op in ops:
+            kind = op[0]
+            if kind == ADDS:
+                first = op[2]
+                for mid in range(first, first + len(op[3])):
+                    e = live.get(mid)
+                    if e is not None and e[0] == seg:
+                        return False
+            elif kind == MSGS:
+                for entry in op[5]:
+                    e = live.get(entry[0])
+                    if entry[1] is not None and e is not None and e[0] == seg:
+                        return False
+            elif kind == ADD:
+                e = live.get(op[1])
+                if e is not None and e[0] == seg:
+                    return False
+            elif kind == DECLARE:
+                if op[2] is not None and self._queue_seg.get(op[1]) == seg:
+                    restate.append((op[1],))
+            elif kind == DEDUP:
+                v = self._dedup.get(op[1], {}).get(op[2])
+                if v is not None and v[1] == seg:
+                    restate.append((op[1], op[2]))
+            elif kind == TASKS:
+                t = self._tasks.get(op[1])
+                if op[2] and t is not None and t[1] == seg:
+                    restate.append((op[1], None))
+            elif kind not in (DEL, DELIVERED, REQUEUED, MOVE, PART):
+                return False  # (SETTINGS: a snapshot of older logs; kept)
+        stale = [k for k in restate if self._restated.get(k, (0, 0)) <= (seg, at)]
+        if stale:
+            self._restate(stale)
+        return True
+
+    def _restate(self, keys: list[_State]) -> None:
+        """Write queue settings, dedup ids and tasks (``keys``) again, as they are now, at
+        the end of the log: their earlier writes are then stale."""
+        ops: list[Any] = []
+        for key in keys:
+            if len(key) == 1:
+                ops.append([DECLARE, key[0], self._queues[key[0]]])
+            elif key[1] is None:
+                ops.append([TASKS, key[0], self._tasks[key[0]][0]])
+            else:
+                ops.append([DEDUP, key[0], key[1], self._dedup[key[0]][key[1]][0]])
+        active, at = self._active, self._sizes[self._active]
+        self._write(ops)
+        for key in keys:
+            if len(key) == 1:
+                seg = self._queue_seg[key[0]]
+                self._queue_seg[key[0]] = active
+            elif key[1] is None:
+                n, seg = self._tasks[key[0]]
+                self._tasks[key[0]] = (n, active)
+            else:
+                until, seg = self._dedup[key[0]][key[1]]
+                self._dedup[key[0]][key[1]] = (until, active)
+            self._seg_live[seg] -= 1
+            self._seg_live[active] += 1
+            self._restated[key] = (active, at)
+
+    def no_room_to_deliver(self, out: int) -> str | None:
+        if self.disk_full is None:
+            return None
+        if time.monotonic() - self._room_at > 0.1:
+            self._look_at_room()
+        floor = self.reserve_bytes // 4 + out * _SETTLE_BYTES
+        if self._room > floor:
+            return None
+        return (
+            f"the broker's disk is full ({self._room} bytes free in {self.path}): what room "
+            f"is left is kept to settle the {out} message(s) out, so no message is "
+            "delivered to be acked; ack or nack what you hold, get with auto-ack (it frees "
+            "room), or free space on the disk; retry later"
+        )
 
     # --- the syncer thread ----------------------------------------------------------------
 
@@ -995,8 +1206,8 @@ class LogStore(Durable):
 
     @property
     def disk_bytes(self) -> int:
-        """Bytes the log takes on disk now."""
-        return sum(self._sizes.values())
+        """Bytes the log takes on disk now (less what was punched out of it)."""
+        return sum(map(self._kept, self._sizes))
 
     def close(self) -> None:
         """Write what is pending, fsync, stop the syncer, close the segment."""
