@@ -5,6 +5,7 @@ room again, puts are accepted. Run on a small tmpfs (root and mount needed: CI h
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 
 import pigeon
-from pigeon.server.store import LOG_DIR
+from pigeon.server.core import Stored
+from pigeon.server.store import LOG_DIR, LogStore
 from tests._services import free_port, skip_or_fail, start_broker
 
 
@@ -105,3 +107,36 @@ def test_a_put_larger_than_the_room_left_is_refused_and_acks_still_go_through() 
         finally:
             broker.terminate()
             broker.wait(10)
+
+
+def test_a_fifo_drain_on_a_full_disk_gets_room_back_before_its_segment_empties() -> None:
+    # Review 7b #2 (b): settles were written into the reserve's room, and room came back
+    # only once a whole segment had nothing live - a drain of a segment larger than the
+    # reserve spent it first, and the next write met ENOSPC for good. Now a full disk
+    # punches the dead prefix of the oldest segment out of the file as the drain goes.
+    with tmpfs("2m") as disk:
+        store = LogStore(disk, segment_bytes=64 * 2**20, reserve_bytes=256 * 1024)
+        try:
+            ids = itertools.count(1)
+            stored: list[Stored] = []
+            while store.disk_full is None:  # the last batch met ENOSPC: the reserve let go
+                batch = [Stored(next(ids), os.urandom(200)) for _ in range(100)]
+                store.added_plain("q", batch)
+                stored += batch
+            assert len(store._sizes) == 1  # all in one segment, never emptied by the drain
+            low = shutil.disk_usage(disk).free
+            for m in stored:  # FIFO: each delivered, then acked (a record each)
+                store.delivered("q", [m.id])
+                store.removed("q", m.id)
+                assert store.unwritten() is None, f"a settle was not written (id {m.id})"
+                low = min(low, shutil.disk_usage(disk).free)
+            assert low > 0
+            assert shutil.disk_usage(disk).free > 1024 * 1024  # the drained part is free
+        finally:
+            store.close()
+        again = LogStore(disk, segment_bytes=64 * 2**20, reserve_bytes=256 * 1024)
+        try:
+            assert list(again.recover()) == []  # the hole is skipped: nothing comes back
+            assert again.quarantined == 0
+        finally:
+            again.close()

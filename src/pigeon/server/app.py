@@ -241,9 +241,10 @@ class BrokerServer:
         return store.no_room_for(size)
 
     def _no_room_to_deliver(self) -> str | None:
-        """Why a GET with manual ack is refused on a full disk (review 7b #2): deliveries
-        and their NACKs free nothing, so a loop of them would spend the room left, and the
-        next write would then find none; the room is kept for settling what is out."""
+        """Why a GET is refused on a full disk (review 7b #2): a delivery and its NACK
+        free nothing, and the ack of a message smaller than its record frees less than it
+        takes, so a loop of them would spend the room left and the next write would find
+        none (a store retrying for ever); the room is kept for settling what is out."""
         out = sum(len(q.in_flight) for q in self.broker.queues.values())
         return self.broker.store.no_room_to_deliver(out)
 
@@ -269,7 +270,6 @@ class BrokerServer:
         ) or (
             self.broker.store.disk_full is not None
             and isinstance(msg, Get)
-            and msg.manual_ack
             and (why := self._no_room_to_deliver())
         ):
             self.dispatch([(conn, Error(msg.req, Code.UNAVAILABLE, why))])

@@ -96,9 +96,9 @@ class Store:
         return None
 
     def no_room_to_deliver(self, out: int) -> str | None:
-        """While ``disk_full``: why a delivery to be acked is refused now (what room is
-        left is kept for settling the ``out`` messages delivered and not yet settled), or
-        None. A delivery and its NACK free nothing: a loop of them would spend the room."""
+        """While ``disk_full``: why a GET is refused now (what room is left is kept for
+        settling the ``out`` messages delivered and not yet settled), or None. A delivery
+        and its NACK free nothing: a loop of them would spend the room."""
         return None
 
     @property

@@ -113,16 +113,17 @@ SEGMENT_BYTES = 64 * 2**20
 RESERVE_BYTES = 4 * 2**20
 RESERVE_NAME = "reserve"
 _SPACE_CHECK = 1.0  # seconds between looks at the disk's free space while it is full
-# While the disk is full: a delivery to be acked (a GET with manual ack) is refused once
-# the room left is under a quarter of the reserve plus this much per message out (what
-# settling each takes: an ACK, a NACK, a dead letter), so what is out can always be settled.
+# While the disk is full: a GET is refused once the room left is under a quarter of the
+# reserve plus this much per message out (what settling each takes: an ACK, a NACK, a dead
+# letter), so what is out can always be settled and the store never meets ENOSPC with no
+# reserve left (a write retried for ever, every ack behind it).
 _SETTLE_BYTES = 64
 # While the disk is full, every this many batches, the dead prefix of the oldest segment
 # is punched out of the file (``_punch``), once it is at least _PUNCH_MIN bytes; a turn
 # reads at most _PUNCH_SCAN bytes of it.
 _PUNCH_EVERY = 256
 _PUNCH_MIN = 64 * 1024
-_PUNCH_SCAN = 16 * 2**20
+_PUNCH_SCAN = 4 * 2**20
 # Below this much free space (or 4 segments, if more) the store looks at the disk's room
 # before each large put; above it, never.
 _ROOM_LOW = 64 * 2**20
@@ -1161,9 +1162,9 @@ class LogStore(Durable):
             return None
         return (
             f"the broker's disk is full ({self._room} bytes free in {self.path}): what room "
-            f"is left is kept to settle the {out} message(s) out, so no message is "
-            "delivered to be acked; ack or nack what you hold, get with auto-ack (it frees "
-            "room), or free space on the disk; retry later"
+            f"is left is kept to settle the {out} message(s) out, so nothing is delivered "
+            "until acks free room (as they empty whole blocks of the log) or space is freed "
+            "on the disk; ack or nack what you hold, and retry the get later"
         )
 
     # --- the syncer thread ----------------------------------------------------------------
