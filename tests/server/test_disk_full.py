@@ -140,3 +140,40 @@ def test_a_fifo_drain_on_a_full_disk_gets_room_back_before_its_segment_empties()
             assert again.quarantined == 0
         finally:
             again.close()
+
+
+def test_a_full_disk_refuses_gets_before_settles_that_free_nothing_spend_its_room() -> None:
+    # Review 7b #2 (a): a job nacked (requeue) and got again, over and over, writes records
+    # and frees nothing; the reserve's room was spent, the next write met ENOSPC with none
+    # left and was retried for ever: no ack written again. Now GETs are refused, with a
+    # clear error, while the room left is what settling the messages out needs.
+    with tmpfs("2m") as disk:
+        port = free_port()
+        broker = start_broker(port, "--data-dir", str(disk), "--segment-bytes", str(16 * 1024))
+        url = f"pigeon://127.0.0.1:{port}/spend"
+        try:
+            with pigeon.Queue(url, serializer="raw", reconnect_timeout=0) as q:
+                while True:
+                    try:
+                        q.put_many([os.urandom(1024)] * 8, timeout=1)  # (refused: retried 1 s)
+                    except pigeon.PigeonError as exc:
+                        assert "disk is full" in str(exc), exc
+                        break
+                held = q.get_message(timeout=5)  # a message out while the room runs low
+                refused = None
+                for _ in range(100_000):
+                    try:
+                        m = q.get_message(timeout=1)
+                    except pigeon.Unavailable as exc:
+                        refused = exc
+                        break
+                    started = time.monotonic()
+                    m.nack(requeue=True)  # a failing job, retried: frees nothing
+                    assert time.monotonic() - started < 2.0, "a nack waited on the store"
+                assert refused is not None and "disk is full" in str(refused), refused
+                started = time.monotonic()
+                held.ack()  # what is out is still settled, at once
+                assert time.monotonic() - started < 2.0
+        finally:
+            broker.terminate()
+            broker.wait(10)
