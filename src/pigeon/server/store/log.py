@@ -42,6 +42,14 @@
 # ``disk_full`` and the broker refuses new puts while gets, acks and compaction go on. Once
 # the disk has room for twice the reserve again (checked every second), the reserve is
 # taken back and puts are accepted.
+#
+# Settles write records too, and a whole segment may take more of them to empty than the
+# reserve holds (review 7b #2). So while the disk is full the store punches the oldest
+# segment's dead prefix out of the file as acks make it dead (``_punch``: the header notes
+# where records begin, fdatasynced, then fallocate PUNCH_HOLE), and the broker refuses
+# GETs once the room left is what settling the messages out needs (``no_room_to_deliver``):
+# a delivery and its NACK free nothing, and an ack of a message smaller than its record
+# frees less than it takes, so the store never meets ENOSPC with no reserve left.
 """
 
 from __future__ import annotations
@@ -1053,8 +1061,8 @@ class LogStore(Durable):
                 os.close(fd)
         if seg == self._active:
             self._synced = (seg, self._sizes[seg])
-        log.info("store %s: the disk is full; punched out %d dead byte(s) of segment %d",
-                 self.path, end - start, seg)  # fmt: skip
+        log.debug("store %s: the disk is full; punched out %d dead byte(s) of segment %d",
+                  self.path, end - start, seg)  # fmt: skip
 
     def _dead_until(self, seg: int, start: int) -> int:
         """The offset of the first record from ``start`` in segment ``seg`` that may still
