@@ -19,6 +19,7 @@ import pytest
 import pigeon
 from pigeon.server.core import Stored
 from pigeon.server.store import LOG_DIR, LogStore
+from pigeon.server.store.backup import backup_log
 from tests._services import free_port, skip_or_fail, start_broker
 
 
@@ -109,7 +110,9 @@ def test_a_put_larger_than_the_room_left_is_refused_and_acks_still_go_through() 
             broker.wait(10)
 
 
-def test_a_fifo_drain_on_a_full_disk_gets_room_back_before_its_segment_empties() -> None:
+def test_a_fifo_drain_on_a_full_disk_gets_room_back_before_its_segment_empties(
+    tmp_path: Path,
+) -> None:
     # Review 7b #2 (b): settles were written into the reserve's room, and room came back
     # only once a whole segment had nothing live - a drain of a segment larger than the
     # reserve spent it first, and the next write met ENOSPC for good. Now a full disk
@@ -132,8 +135,11 @@ def test_a_fifo_drain_on_a_full_disk_gets_room_back_before_its_segment_empties()
                 low = min(low, shutil.disk_usage(disk).free)
             assert low > 0
             assert shutil.disk_usage(disk).free > 1024 * 1024  # the drained part is free
+            (seg,) = (disk / LOG_DIR).glob("*.seg")
+            assert seg.stat().st_blocks * 512 < seg.stat().st_size // 2  # punched out
         finally:
             store.close()
+        assert backup_log(disk, tmp_path / "copy.db") == 0  # a backup skips the hole too
         again = LogStore(disk, segment_bytes=64 * 2**20, reserve_bytes=256 * 1024)
         try:
             assert list(again.recover()) == []  # the hole is skipped: nothing comes back

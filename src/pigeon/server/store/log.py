@@ -1036,7 +1036,7 @@ class LogStore(Durable):
         seg = min(self._sizes)
         start = self._holes[seg]
         end = self._dead_until(seg, start)
-        if end - start < max(_PUNCH_MIN, 1):
+        if end - start < max(_PUNCH_MIN, 1) or end >= 2**32:  # (the note holds 32 bits)
             return
         if self._synced != (self._active, self._sizes[self._active]):
             self._sync_or_break()  # what made the prefix dead is on disk first
@@ -1073,7 +1073,11 @@ class LogStore(Durable):
         size = self._sizes[seg]
         fd = self._fd if seg == self._active else os.open(self._segment_path(seg), os.O_RDONLY)
         try:
-            data = os.pread(fd, min(size - start, _PUNCH_SCAN), start)
+            head = os.pread(fd, RECORD_HEADER.size, start)
+            window = _PUNCH_SCAN
+            if len(head) == RECORD_HEADER.size:  # a record larger than the window: all of it
+                window = max(window, RECORD_HEADER.size + RECORD_HEADER.unpack(head)[1])
+            data = os.pread(fd, min(size - start, window), start)
         finally:
             if fd != self._fd:
                 os.close(fd)
