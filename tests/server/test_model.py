@@ -179,6 +179,7 @@ class BrokerMachine(RuleBasedStateMachine):
             # out after every write, however short
             self.segment_patch.setattr(logstore, "_PUNCH_EVERY", 1)
             self.segment_patch.setattr(logstore, "_PUNCH_MIN", 0)
+            self.segment_patch.setattr(logstore, "_FORWARD_MIN", 1)
         self.epoch = 0
         self.next_conn = 0
         self.req = 0
@@ -725,13 +726,15 @@ class BrokerMachine(RuleBasedStateMachine):
     _real_statvfs = staticmethod(os.statvfs)
 
     def _statvfs(self, path: Any) -> os.statvfs_result:
-        """The disk's free space: none while it stays full (the store then keeps its
-        reserve let go, and punches what settles freed out of the log)."""
+        """The disk's free space: while it stays full, 1.5 reserves (the store then keeps
+        its reserve let go, writes forward and again only what fits beside what settles
+        need, and punches what settles freed out of the log)."""
         st = self._real_statvfs(path)
         if not self.stays_full:
             return st
+        free = 3 * min(logstore.RESERVE_BYTES, SEGMENT) // 2 // st.f_frsize
         return os.statvfs_result(
-            (st.f_bsize, st.f_frsize, st.f_blocks, 0, 0, st.f_files, 0, 0, st.f_flag,
+            (st.f_bsize, st.f_frsize, st.f_blocks, free, free, st.f_files, 0, 0, st.f_flag,
              st.f_namemax)
         )  # fmt: skip
 

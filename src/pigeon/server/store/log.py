@@ -137,7 +137,8 @@ _PUNCH_SCAN = 4 * 2**20
 _ROOM_LOW = 64 * 2**20
 _PUT_OVERHEAD = 64  # bytes of record per message, beside its payload (an estimate)
 _FORWARD_CHUNK = 4096  # live entries written forward per turn of the loop
-_FORWARD_BYTES = 64 * 2**20  # ... and payload bytes at most (then the next turn)
+_FORWARD_BYTES = 64 * 2**20  # ... and bytes at most (then the next turn)
+_FORWARD_MIN = 4096  # a full disk: no chunk forward while less than this fits (see _forward)
 _FORGET_PER_TURN = 65_536  # expired dedup ids forgotten per turn of the loop
 _DROPS_PER_TURN = 64  # empty segments deleted per turn of the loop (then one directory fsync)
 # What a live message costs when it is written forward, beyond its payload, queue name,
@@ -872,7 +873,7 @@ class LogStore(Durable):
         one segment begun (one fsync), one chunk of ``_FORWARD_CHUNK`` live entries
         written forward (one fdatasync), ``_DROPS_PER_TURN`` segments deleted (one
         fdatasync, one directory fsync), ``_FORGET_PER_TURN`` dedup ids forgotten. (A
-        chunk holds at most ``_FORWARD_BYTES`` of payload.)
+        chunk holds at most ``_FORWARD_BYTES``; on a full disk, what fits beside settles.)
         Returns True when more is left for the next turn."""
         more = False
         heap = self._dedup_heap
@@ -895,6 +896,8 @@ class LogStore(Durable):
                         if not self._over_threshold(dropped):
                             return more
                         self._forwarding = self._live_keys(oldest)
+                    if not self._forward_limit():
+                        return more  # a full disk: forward once acks or punches give room
                     self._forward(oldest, self._forwarding)
                     if self._seg_live[oldest]:
                         return True
@@ -941,25 +944,40 @@ class LogStore(Durable):
         keys += [(q, None) for q, v in self._tasks.items() if v[1] == seg]
         return keys
 
+    def _forward_limit(self) -> int:
+        """Bytes one chunk written forward may hold: while the disk is full, half the room
+        beyond half the reserve (kept for settles), or 0 (none) below ``_FORWARD_MIN``."""
+        if self.disk_full is None:
+            return _FORWARD_BYTES
+        limit = self._room_beside_settles() // 2
+        return min(limit, _FORWARD_BYTES) if limit >= _FORWARD_MIN else 0
+
+    def _room_beside_settles(self) -> int:
+        """While the disk is full: the room left beyond half the reserve, which is kept
+        for settles (housekeeping writes only into what is beyond it)."""
+        self._look_at_room()
+        return max(0, self._room - self.reserve_bytes // 2)
+
     def _forward(self, seg: int, keys: list[_Key]) -> None:
         """Write up to ``_FORWARD_CHUNK`` of what is live in segment ``seg`` (taken from
         the end of ``keys``) again, as it is now, at the end of the log, in one record;
         a dedup id whose window has passed is forgotten instead."""
         live, active, now = self._live, self._active, time.time()
+        limit = self._forward_limit()
         moving: list[tuple[int, str, Stored]] = []
         settings: list[str] = []
         dedup: list[tuple[str, str, float]] = []
         tasks: list[str] = []
         size = 0
         while keys and len(moving) + len(settings) + len(dedup) + len(tasks) < _FORWARD_CHUNK:
-            if size >= _FORWARD_BYTES:
+            if size >= limit:
                 break
             key = keys.pop()
             if isinstance(key, int):
                 entry = live.get(key)
                 if entry is not None and entry[0] == seg:  # not acked since
                     moving.append((key, entry[1], entry[2]))
-                    size += len(entry[2].payload)
+                    size += len(entry[2].payload) + _ENTRY_OVERHEAD
             elif len(key) == 1:
                 if self._queue_seg.get(key[0]) == seg:  # not declared again or deleted
                     settings.append(key[0])
@@ -1061,6 +1079,7 @@ class LogStore(Durable):
                 os.close(fd)
         if seg == self._active:
             self._synced = (seg, self._sizes[seg])
+        self._look_at_room()
         log.debug("store %s: the disk is full; punched out %d dead byte(s) of segment %d",
                   self.path, end - start, seg)  # fmt: skip
 
@@ -1134,6 +1153,8 @@ class LogStore(Durable):
                 return False  # (SETTINGS: a snapshot of older logs; kept)
         stale = [k for k in restate if self._restated.get(k, (0, 0)) <= (seg, at)]
         if stale:
+            if len(stale) * (_STATE_OVERHEAD + 64) > self._room_beside_settles():
+                return False  # no room to write them again now (settles come first)
             self._restate(stale)
         return True
 
