@@ -130,7 +130,7 @@ _SETTLE_BYTES = 64
 # is punched out of the file (``_punch``), once it is at least _PUNCH_MIN bytes; a turn
 # reads at most _PUNCH_SCAN bytes of it.
 _PUNCH_EVERY = 256
-_PUNCH_MIN = 64 * 1024
+_PUNCH_MIN = 16 * 1024
 _PUNCH_SCAN = 4 * 2**20
 # Below this much free space (or 4 segments, if more) the store looks at the disk's room
 # before each large put; above it, never.
@@ -895,11 +895,15 @@ class LogStore(Durable):
                     if self._forwarding is None:
                         if not self._over_threshold(dropped):
                             return more
-                        self._forwarding = self._live_keys(oldest)
+                        # oldest first (``_forward`` takes from the end): on a full disk
+                        # the prefix written forward is then dead, and punched out
+                        self._forwarding = self._live_keys(oldest)[::-1]
                     if not self._forward_limit():
                         return more  # a full disk: forward once acks or punches give room
                     self._forward(oldest, self._forwarding)
                     if self._seg_live[oldest]:
+                        if self.disk_full is not None and self._can_punch:
+                            self._punch()  # what was written forward gives its room back
                         return True
                     self._sync_or_break()  # the copies are on disk before the originals go
                     self.compactions += 1
