@@ -75,6 +75,7 @@ from pigeon.server.core import Broker, Out
 from pigeon.server.model import Store
 from pigeon.server.store import Durable, LogStore, SQLiteStore
 from pigeon.server.store import log as logstore
+from pigeon.server.store.records import FILE_HEADER_SIZE
 from tests.server._crash import (
     Disk,
     FakeLoop,
@@ -161,14 +162,24 @@ class BrokerMachine(RuleBasedStateMachine):
         super().__init__()
         self.root = Path(tempfile.mkdtemp(prefix="pigeon-model-", dir=SHM))
         self.disk = Disk(self.root)
-        self.patches = [*self.disk.patches(), mock.patch.object(os, "pwritev", self._pwritev)]
+        self.patches = [
+            *self.disk.patches(),
+            mock.patch.object(os, "pwritev", self._pwritev),
+            mock.patch.object(os, "statvfs", self._statvfs),
+        ]
         self.no_space: str | None = None  # the disk is full: see _pwritev
+        self.stays_full = False  # the disk has no room beyond what the store frees
         for p in self.patches:
             p.start()
         self.segment_patch = None
         if self.KIND == "log":  # forward a few messages a turn: compaction spans turns
             self.segment_patch = pytest.MonkeyPatch()
             self.segment_patch.setattr(logstore, "_FORWARD_CHUNK", 2)
+            # while the disk is full, the dead prefix of the oldest segment is punched
+            # out after every write, however short
+            self.segment_patch.setattr(logstore, "_PUNCH_EVERY", 1)
+            self.segment_patch.setattr(logstore, "_PUNCH_MIN", 0)
+            self.segment_patch.setattr(logstore, "_FORWARD_MIN", 1)
         self.epoch = 0
         self.next_conn = 0
         self.req = 0
@@ -712,6 +723,21 @@ class BrokerMachine(RuleBasedStateMachine):
         self.no_space = None
         return self._real_pwritev(fd, buffers, offset)
 
+    _real_statvfs = staticmethod(os.statvfs)
+
+    def _statvfs(self, path: Any) -> os.statvfs_result:
+        """The disk's free space: while it stays full, 1.5 reserves (the store then keeps
+        its reserve let go, writes forward and again only what fits beside what settles
+        need, and punches what settles freed out of the log)."""
+        st = self._real_statvfs(path)
+        if not self.stays_full:
+            return st
+        free = 3 * min(logstore.RESERVE_BYTES, SEGMENT) // 2 // st.f_frsize
+        return os.statvfs_result(
+            (st.f_bsize, st.f_frsize, st.f_blocks, free, free, st.f_files, 0, 0, st.f_flag,
+             st.f_namemax)
+        )  # fmt: skip
+
     def _reserve(self) -> Path:
         return self.store.path / logstore.RESERVE_NAME  # type: ignore[attr-defined, no-any-return]
 
@@ -720,6 +746,15 @@ class BrokerMachine(RuleBasedStateMachine):
     def disk_fills(self) -> None:
         """The disk is full: the log's next write fails with ENOSPC."""
         self.no_space = "reserve" if self._reserve().exists() else "retry"
+
+    @precondition(lambda self: self.KIND == "log")
+    @rule(full=st.sampled_from([True, False, False]))  # (short spells: compaction runs too)
+    def disk_stays_full(self, full: bool) -> None:
+        """The disk has no room left beyond what the broker frees (or has room again):
+        once the reserve is let go (``disk_fills``), the store stays full - puts are
+        still applied here, as the model sends them past the server - and punches the
+        dead prefix of its oldest segment out of the file after each write."""
+        self.stays_full = full
 
     @precondition(lambda self: self.durable)
     @rule(where=st.sampled_from(["syncer", "loop"]))
@@ -796,6 +831,9 @@ class BrokerMachine(RuleBasedStateMachine):
             conditions["two or more log segments"] = len(store._sizes) > 1
             conditions["compaction under way"] = bool(store._forwarding)
             conditions["after a compaction"] = store.compactions > 0
+            conditions["a dead prefix punched out of a segment"] = any(
+                at > FILE_HEADER_SIZE for at in store._holes.values()
+            )
         what += [label for label, met in conditions.items() if met]
         for label in what:
             COUNTS[f"{self.KIND}/{self.FSYNC}: {label}"] += 1
@@ -1200,6 +1238,35 @@ def test_what_expired_while_the_broker_was_down_goes_in_the_order_its_ttls_ran_o
         m.task_done("a.dead", 1)  # done before it was taken: 0 unfinished, 1 held
         m.send_put(0, "a", 1, {"ttl": 2.0}, None)  # runs out first: to a.dead
         m.crash("kill", 0.0, 600.0)  # both ran out while the broker was down
+
+
+@pytest.mark.parametrize("crash", ["kill", "power", "stop"])
+@pytest.mark.parametrize("fsync", ["batch", "always"])
+def test_a_full_disk_punches_out_what_acks_freed_and_a_crash_keeps_the_rest(
+    fsync: str, crash: str
+) -> None:
+    # Review 7b #2: on a full disk the dead prefix of the oldest segment is punched out of
+    # the file (its header notes where records begin); a crash after it must find every
+    # message still live, once, and none of those acked.
+    with _scenario("log", fsync) as m:
+        for _ in range(3):  # segment 1: a's first three, a record each
+            m.send_put(0, "a", 1, {}, None, size=1500)
+        m.send_put(0, "a", 2, {}, None, size=300)  # segment 2
+        m.disk_catches_up()
+        m.disk_fills()
+        m.disk_stays_full(True)
+        m.get(1, "a", 2, 0.0, True, None)  # the reserve let go for the DELIVERED
+        m.send_ack(1, "a", [did for _, did in m.held[1]])  # the first two acked
+        m.loop_turn()
+        assert isinstance(m.store, LogStore)
+        assert m.store.disk_full is not None
+        assert m.store._holes[min(m.store._sizes)] > FILE_HEADER_SIZE  # punched
+        m.get(1, "a", 1, 0.0, True, None)
+        m.crash(crash, 0.5, 0.25)
+        m.same_queues()
+        m.get(2, "a", 3, 0.0, False, None)  # the three left, in order
+        m.disk_stays_full(False)
+        m.crash(crash, 0.5, 0.25)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -240,7 +240,9 @@ def serve(
     kill -9 (and power loss with --fsync always); unacked messages come back
     after a restart. If the disk fills up, new puts are refused ("the broker's
     disk is full") while gets and acks go on, in a 4 MiB reserve the log holds
-    for that; puts are taken again once there is room.
+    for that, and what acks free is punched out of the log as they go; once
+    the room left is what settling the messages out needs, gets are refused
+    too; puts are taken again once there is room.
 
     \b
     Examples:

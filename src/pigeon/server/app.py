@@ -24,7 +24,7 @@ from typing import Any
 from pigeon import _compiled
 from pigeon._net import is_loopback, peer_silence, tcp_state
 from pigeon.options import DEFAULT_PORT
-from pigeon.protocol import ClientMessage, Error, Ok, Ping, Put, PutBatch, Stats
+from pigeon.protocol import ClientMessage, Error, Get, Ok, Ping, Put, PutBatch, Stats
 from pigeon.protocol.codes import Code
 from pigeon.server.auth import Authenticator
 from pigeon.server.commit_gate import CommitGate
@@ -246,6 +246,14 @@ class BrokerServer:
         size = len(msg.payload) if isinstance(msg, Put) else sum(map(len, msg.payloads))
         return store.no_room_for(size)
 
+    def _no_room_to_deliver(self) -> str | None:
+        """Why a GET is refused on a full disk (review 7b #2): a delivery and its NACK
+        free nothing, and the ack of a message smaller than its record frees less than it
+        takes, so a loop of them would spend the room left and the next write would find
+        none (a store retrying for ever); the room is kept for settling what is out."""
+        out = sum(len(q.in_flight) for q in self.broker.queues.values())
+        return self.broker.store.no_room_to_deliver(out)
+
     def read_begins(self) -> None:
         """A connection is about to handle what one read brought; ``read_done`` follows."""
         self.broker.store.flush_follows()
@@ -262,8 +270,13 @@ class BrokerServer:
         confirmed put is a durable put)."""
         if isinstance(msg, Stats):  # the server's, not only the broker's
             self.dispatch([(conn, Ok(msg.req, self.stats()))])
-        elif isinstance(msg, _PUTS) and (
-            why := self.refuse_writes() or (self.broker.store.room_low and self._no_room(msg))
+        elif (
+            isinstance(msg, _PUTS)
+            and (why := self.refuse_writes() or (self.broker.store.room_low and self._no_room(msg)))
+        ) or (
+            self.broker.store.disk_full is not None
+            and isinstance(msg, Get)
+            and (why := self._no_room_to_deliver())
         ):
             self.dispatch([(conn, Error(msg.req, Code.UNAVAILABLE, why))])
         else:

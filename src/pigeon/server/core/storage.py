@@ -95,6 +95,12 @@ class Store:
         """Why a put of ``nbytes`` of payload would not fit on the disk now, or None."""
         return None
 
+    def no_room_to_deliver(self, out: int) -> str | None:
+        """While ``disk_full``: why a GET is refused now (what room is left is kept for
+        settling the ``out`` messages delivered and not yet settled), or None. A delivery
+        and its NACK free nothing: a loop of them would spend the room."""
+        return None
+
     @property
     def holds_replies(self) -> bool:
         return False

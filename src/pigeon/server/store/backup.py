@@ -21,6 +21,7 @@ from pigeon.server.store.records import (
     RECORD_HEADER,
     Changes,
     Replayed,
+    first_record,
     list_segments,
     read_segment,
     scan,
@@ -59,7 +60,7 @@ def backup_log(data_dir: str | os.PathLike[str], target: str | os.PathLike[str])
                 break  # a segment being begun as the copy is made: nothing in it yet
             salt = read_segment(path, data)
             changes = Changes()
-            for off, end, valid in scan(data, FILE_HEADER_SIZE, salt):
+            for off, end, valid in scan(data, first_record(data, salt), salt):
                 body = data[off + RECORD_HEADER.size : end]
                 if valid and body[:1] != PAD:
                     whole = changes.feed(decode(body), off)

@@ -42,12 +42,22 @@
 # ``disk_full`` and the broker refuses new puts while gets, acks and compaction go on. Once
 # the disk has room for twice the reserve again (checked every second), the reserve is
 # taken back and puts are accepted.
+#
+# Settles write records too, and a whole segment may take more of them to empty than the
+# reserve holds (review 7b #2). So while the disk is full the store punches the oldest
+# segment's dead prefix out of the file as acks make it dead (``_punch``: the header notes
+# where records begin, fdatasynced, then fallocate PUNCH_HOLE), and the broker refuses
+# GETs once the room left is what settling the messages out needs (``no_room_to_deliver``):
+# a delivery and its NACK free nothing, and an ack of a message smaller than its record
+# frees less than it takes, so the store never meets ENOSPC with no reserve left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import heapq
 import logging
 import os
@@ -66,6 +76,7 @@ from pigeon.errors import StoreCorrupted
 from pigeon.server.core import NO_TRANSACTION, Stored
 from pigeon.server.store.durable import Durable, FsyncFailed, FsyncMode, NativeSyncer
 from pigeon.server.store.records import (
+    ADD,
     ADDS,
     DECLARE,
     DEDUP,
@@ -74,6 +85,8 @@ from pigeon.server.store.records import (
     FILE_HEADER,
     FILE_HEADER_SIZE,
     FILE_MAGIC,
+    HOLE_AT,
+    MOVE,
     MSGS,
     PAD,
     PART,
@@ -83,7 +96,9 @@ from pigeon.server.store.records import (
     Changes,
     Replayed,
     extra_bytes,
+    first_record,
     fsync_dir,
+    hole_mark,
     list_segments,
     msgs_ops,
     oldest_first,
@@ -106,12 +121,24 @@ SEGMENT_BYTES = 64 * 2**20
 RESERVE_BYTES = 4 * 2**20
 RESERVE_NAME = "reserve"
 _SPACE_CHECK = 1.0  # seconds between looks at the disk's free space while it is full
+# While the disk is full: a GET is refused once the room left is under a quarter of the
+# reserve plus this much per message out (what settling each takes: an ACK, a NACK, a dead
+# letter), so what is out can always be settled and the store never meets ENOSPC with no
+# reserve left (a write retried for ever, every ack behind it).
+_SETTLE_BYTES = 64
+# While the disk is full, every this many batches, the dead prefix of the oldest segment
+# is punched out of the file (``_punch``), once it is at least _PUNCH_MIN bytes; a turn
+# reads at most _PUNCH_SCAN bytes of it.
+_PUNCH_EVERY = 256
+_PUNCH_MIN = 16 * 1024
+_PUNCH_SCAN = 4 * 2**20
 # Below this much free space (or 4 segments, if more) the store looks at the disk's room
 # before each large put; above it, never.
 _ROOM_LOW = 64 * 2**20
 _PUT_OVERHEAD = 64  # bytes of record per message, beside its payload (an estimate)
 _FORWARD_CHUNK = 4096  # live entries written forward per turn of the loop
-_FORWARD_BYTES = 64 * 2**20  # ... and payload bytes at most (then the next turn)
+_FORWARD_BYTES = 64 * 2**20  # ... and bytes at most (then the next turn)
+_FORWARD_MIN = 4096  # a full disk: no chunk forward while less than this fits (see _forward)
 _FORGET_PER_TURN = 65_536  # expired dedup ids forgotten per turn of the loop
 _DROPS_PER_TURN = 64  # empty segments deleted per turn of the loop (then one directory fsync)
 # What a live message costs when it is written forward, beyond its payload, queue name,
@@ -127,7 +154,8 @@ _payload = attrgetter("payload")
 _STATE_OVERHEAD = 24
 # Keys of what is live in a segment: a message id, (queue,) for a queue's settings,
 # (queue, dedup id) for a dedup id, (queue, None) for its tasks taken and not yet done.
-_Key = int | tuple[str] | tuple[str, str] | tuple[str, None]
+_State = tuple[str] | tuple[str, str] | tuple[str, None]
+_Key = int | _State
 _BULK = 8  # from this many messages a put or an ack is recorded with map, not one by one
 _MAX_RETRY_DELAY = 0.25
 # A change larger than this is written as several records, applied together at recovery
@@ -140,6 +168,28 @@ def _cut_torn_tail(path: Path, data: bytes, at: int) -> bytes:
                 path, len(data) - at)  # fmt: skip
     truncate(path, at)
     return data[:at]
+
+
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
+_fallocate: Any = None
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """fallocate(2) PUNCH_HOLE | KEEP_SIZE: the bytes read back as zeros and the blocks
+    wholly inside are freed; the file keeps its size."""
+    global _fallocate
+    if _fallocate is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)
+        if fn is None:
+            raise OSError(errno.ENOSYS, "fallocate is not available")
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fn.restype = ctypes.c_int
+        _fallocate = fn
+    if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
 
 
 def _dedup_size(queue: str, dedup_id: str) -> int:
@@ -171,6 +221,11 @@ class LogStore(Durable):
         self._room = 0  # bytes free on the disk at the last look, less what was written since
         self._room_at = -1.0  # time.monotonic() of that look
         self._maintain_said = -60.0  # when a housekeeping failure was last logged
+        self._punch_at = 0  # the batch from which a full disk punches dead prefixes again
+        self._can_punch = True  # False once the filesystem said it cannot punch holes
+        # (segment, offset): a queue's settings, dedup id or tasks were written again at
+        # that offset of that segment by ``_punch`` (what is before it there is stale)
+        self._restated: dict[_State, tuple[int, int]] = {}
         if segment_bytes < 4096:
             raise ValueError(f"segment_bytes must be at least 4096, not {segment_bytes}")
         self.dir = Path(data_dir)
@@ -249,6 +304,7 @@ class LogStore(Durable):
         state = Replayed()
         self._sizes: dict[int, int] = {}
         self._salts: dict[int, int] = {}
+        self._holes: dict[int, int] = {}  # where each segment's records begin (see _punch)
         segments = list_segments(self.path)
         decode = msgspec.msgpack.Decoder().decode
         for k, (seg, path) in enumerate(segments):
@@ -258,9 +314,9 @@ class LogStore(Durable):
                 path.unlink()  # created, its header never written: nothing in it
                 continue
             salt = self._salts[seg] = read_segment(path, data)
-            good_end = FILE_HEADER_SIZE
+            good_end = self._holes[seg] = first_record(data, salt)
             changes = Changes()
-            for off, end, valid in scan(data, FILE_HEADER_SIZE, salt):
+            for off, end, valid in scan(data, good_end, salt):
                 body = data[off + RECORD_HEADER.size : end]
                 if valid:
                     good_end = end
@@ -364,6 +420,7 @@ class LogStore(Durable):
         self._synced = (seg, len(data))
         self._salts[seg] = salt
         self._sizes[seg] = len(data)
+        self._holes[seg] = FILE_HEADER_SIZE
         self._seg_live[seg] = 0
 
     def recover(self) -> Iterator[tuple[str, Stored]]:
@@ -816,12 +873,15 @@ class LogStore(Durable):
         one segment begun (one fsync), one chunk of ``_FORWARD_CHUNK`` live entries
         written forward (one fdatasync), ``_DROPS_PER_TURN`` segments deleted (one
         fdatasync, one directory fsync), ``_FORGET_PER_TURN`` dedup ids forgotten. (A
-        chunk holds at most ``_FORWARD_BYTES`` of payload.)
+        chunk holds at most ``_FORWARD_BYTES``; on a full disk, what fits beside settles.)
         Returns True when more is left for the next turn."""
         more = False
         heap = self._dedup_heap
         if heap and heap[0][0] <= (now := time.time()):
             more = self._forget_expired(now)
+        if self.disk_full is not None and self.batch >= self._punch_at and self._can_punch:
+            self._punch_at = self.batch + _PUNCH_EVERY
+            self._punch()
         if len(self._sizes) == 1 and self._sizes[self._active] < self.segment_bytes:
             return more  # one segment, not full: nothing to begin, reclaim or forward
         if self._sizes[self._active] >= self.segment_bytes:
@@ -835,9 +895,15 @@ class LogStore(Durable):
                     if self._forwarding is None:
                         if not self._over_threshold(dropped):
                             return more
-                        self._forwarding = self._live_keys(oldest)
+                        # oldest first (``_forward`` takes from the end): on a full disk
+                        # the prefix written forward is then dead, and punched out
+                        self._forwarding = self._live_keys(oldest)[::-1]
+                    if not self._forward_limit():
+                        return more  # a full disk: forward once acks or punches give room
                     self._forward(oldest, self._forwarding)
                     if self._seg_live[oldest]:
+                        if self.disk_full is not None and self._can_punch:
+                            self._punch()  # what was written forward gives its room back
                         return True
                     self._sync_or_break()  # the copies are on disk before the originals go
                     self.compactions += 1
@@ -851,8 +917,12 @@ class LogStore(Durable):
             self._drop(dropped)
 
     def _over_threshold(self, dropped: list[int]) -> bool:
-        total = sum(size for seg, size in self._sizes.items() if seg not in dropped)
+        total = sum(self._kept(seg) for seg in self._sizes if seg not in dropped)
         return total > 2 * self._live_bytes + self.segment_bytes
+
+    def _kept(self, seg: int) -> int:
+        """Bytes of segment ``seg`` not punched out (see ``_punch``)."""
+        return self._sizes[seg] - self._holes[seg] + FILE_HEADER_SIZE
 
     def _roll(self) -> None:
         self._sync_or_break()  # a closed segment is on disk before the next one begins
@@ -878,25 +948,40 @@ class LogStore(Durable):
         keys += [(q, None) for q, v in self._tasks.items() if v[1] == seg]
         return keys
 
+    def _forward_limit(self) -> int:
+        """Bytes one chunk written forward may hold: while the disk is full, half the room
+        beyond half the reserve (kept for settles), or 0 (none) below ``_FORWARD_MIN``."""
+        if self.disk_full is None:
+            return _FORWARD_BYTES
+        limit = self._room_beside_settles() // 2
+        return min(limit, _FORWARD_BYTES) if limit >= _FORWARD_MIN else 0
+
+    def _room_beside_settles(self) -> int:
+        """While the disk is full: the room left beyond half the reserve, which is kept
+        for settles (housekeeping writes only into what is beyond it)."""
+        self._look_at_room()
+        return max(0, self._room - self.reserve_bytes // 2)
+
     def _forward(self, seg: int, keys: list[_Key]) -> None:
         """Write up to ``_FORWARD_CHUNK`` of what is live in segment ``seg`` (taken from
         the end of ``keys``) again, as it is now, at the end of the log, in one record;
         a dedup id whose window has passed is forgotten instead."""
         live, active, now = self._live, self._active, time.time()
+        limit = self._forward_limit()
         moving: list[tuple[int, str, Stored]] = []
         settings: list[str] = []
         dedup: list[tuple[str, str, float]] = []
         tasks: list[str] = []
         size = 0
         while keys and len(moving) + len(settings) + len(dedup) + len(tasks) < _FORWARD_CHUNK:
-            if size >= _FORWARD_BYTES:
+            if size >= limit:
                 break
             key = keys.pop()
             if isinstance(key, int):
                 entry = live.get(key)
                 if entry is not None and entry[0] == seg:  # not acked since
                     moving.append((key, entry[1], entry[2]))
-                    size += len(entry[2].payload)
+                    size += len(entry[2].payload) + _ENTRY_OVERHEAD
             elif len(key) == 1:
                 if self._queue_seg.get(key[0]) == seg:  # not declared again or deleted
                     settings.append(key[0])
@@ -951,9 +1036,173 @@ class LogStore(Durable):
             self._sync_or_break()
         for seg in segs:
             self._segment_path(seg).unlink()
-            del self._sizes[seg], self._salts[seg]
+            del self._sizes[seg], self._salts[seg], self._holes[seg]
             del self._seg_live[seg]
+        if self._restated:
+            self._restated = {k: v for k, v in self._restated.items() if v[0] in self._sizes}
         fsync_dir(self.path)
+
+    # --- a full disk: freeing what settles made dead --------------------------------------
+
+    def _punch(self) -> None:
+        """While the disk is full: free the blocks of the oldest segment's dead prefix - the
+        records before the first that still holds something live - so settles give room
+        back as they go (a FIFO drain), not only once a whole segment is dead.
+
+        The same rule as deleting the oldest segment, applied to a prefix of it: every
+        record left on disk stays newer than the add it refers to. The records that made
+        the prefix dead are fdatasynced first; then the segment's header notes where its
+        records now begin (``HOLE``), fdatasynced, and only then are the bytes punched out
+        (fallocate PUNCH_HOLE, the file's size kept): a crash at any point leaves either
+        the dead records or zeros, and recovery reads from the noted offset either way."""
+        seg = min(self._sizes)
+        start = self._holes[seg]
+        end = self._dead_until(seg, start)
+        if end - start < max(_PUNCH_MIN, 1) or end >= 2**32:  # (the note holds 32 bits)
+            return
+        if self._synced != (self._active, self._sizes[self._active]):
+            self._sync_or_break()  # what made the prefix dead is on disk first
+        fd = self._fd if seg == self._active else os.open(self._segment_path(seg), os.O_RDWR)
+        try:
+            os.pwrite(fd, hole_mark(end, self._salts[seg]), HOLE_AT)
+            self._fsync_or_break(functools.partial(os.fdatasync, fd))
+            self._holes[seg] = end  # (recovery reads from here, punched or not)
+            try:
+                _punch_hole(fd, start, end - start)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                self._can_punch = False
+                log.warning("store %s: the filesystem cannot punch holes (%s); a full disk "
+                            "gets room back only as whole segments empty", self.path,
+                            exc)  # fmt: skip
+                return
+            self._fsync_or_break(functools.partial(os.fdatasync, fd))
+        finally:
+            if fd != self._fd:
+                os.close(fd)
+        if seg == self._active:
+            self._synced = (seg, self._sizes[seg])
+        self._look_at_room()
+        log.debug("store %s: the disk is full; punched out %d dead byte(s) of segment %d",
+                  self.path, end - start, seg)  # fmt: skip
+
+    def _dead_until(self, seg: int, start: int) -> int:
+        """The offset of the first record from ``start`` in segment ``seg`` that may still
+        matter at recovery (it adds a message still live there, or may be the last write of
+        a queue's settings, dedup id or tasks kept there), within ``_PUNCH_SCAN`` bytes.
+        Settings, dedup ids and tasks in the way are written again at the end first (a
+        few bytes), so only a live message stops the prefix."""
+        size = self._sizes[seg]
+        fd = self._fd if seg == self._active else os.open(self._segment_path(seg), os.O_RDONLY)
+        try:
+            head = os.pread(fd, RECORD_HEADER.size, start)
+            window = _PUNCH_SCAN
+            if len(head) == RECORD_HEADER.size:  # a record larger than the window: all of it
+                window = max(window, RECORD_HEADER.size + RECORD_HEADER.unpack(head)[1])
+            data = os.pread(fd, min(size - start, window), start)
+        finally:
+            if fd != self._fd:
+                os.close(fd)
+        salt, decode, off = self._salts[seg], msgspec.msgpack.Decoder().decode, 0
+        for rec, end, valid in scan(data, 0, salt):
+            if not valid:
+                break  # damage, or a record the window cuts: stop (the rest waits)
+            body = data[rec + RECORD_HEADER.size : end]
+            if body[:1] != PAD:
+                try:
+                    ops = decode(body)
+                except msgspec.DecodeError:
+                    break
+                if not self._dead_ops(seg, start + rec, ops):
+                    break
+            off = end
+        return start + off
+
+    def _dead_ops(self, seg: int, at: int, ops: list[Any]) -> bool:
+        """Can the record at ``at`` in segment ``seg``, holding ``ops``, be left out of the
+        log? Not while it adds a message still live in ``seg``; a queue's settings, dedup
+        id or tasks still kept in ``seg`` are written again at the end (``_restate``) so
+        the record is no longer their last write."""
+        live, restate = self._live, list[_State]()
+        for op in ops:
+            kind = op[0]
+            if kind == ADDS:
+                first = op[2]
+                for mid in range(first, first + len(op[3])):
+                    e = live.get(mid)
+                    if e is not None and e[0] == seg:
+                        return False
+            elif kind == MSGS:
+                for entry in op[5]:
+                    e = live.get(entry[0])
+                    if entry[1] is not None and e is not None and e[0] == seg:
+                        return False
+            elif kind == ADD:
+                e = live.get(op[1])
+                if e is not None and e[0] == seg:
+                    return False
+            elif kind == DECLARE:
+                if op[2] is not None and self._queue_seg.get(op[1]) == seg:
+                    restate.append((op[1],))
+            elif kind == DEDUP:
+                v = self._dedup.get(op[1], {}).get(op[2])
+                if v is not None and v[1] == seg:
+                    restate.append((op[1], op[2]))
+            elif kind == TASKS:
+                t = self._tasks.get(op[1])
+                if op[2] and t is not None and t[1] == seg:
+                    restate.append((op[1], None))
+            elif kind not in (DEL, DELIVERED, REQUEUED, MOVE, PART):
+                return False  # (SETTINGS: a snapshot of older logs; kept)
+        stale = [k for k in restate if self._restated.get(k, (0, 0)) <= (seg, at)]
+        if stale:
+            if len(stale) * (_STATE_OVERHEAD + 64) > self._room_beside_settles():
+                return False  # no room to write them again now (settles come first)
+            self._restate(stale)
+        return True
+
+    def _restate(self, keys: list[_State]) -> None:
+        """Write queue settings, dedup ids and tasks (``keys``) again, as they are now, at
+        the end of the log: their earlier writes are then stale."""
+        ops: list[Any] = []
+        for key in keys:
+            if len(key) == 1:
+                ops.append([DECLARE, key[0], self._queues[key[0]]])
+            elif key[1] is None:
+                ops.append([TASKS, key[0], self._tasks[key[0]][0]])
+            else:
+                ops.append([DEDUP, key[0], key[1], self._dedup[key[0]][key[1]][0]])
+        active, at = self._active, self._sizes[self._active]
+        self._write(ops)
+        for key in keys:
+            if len(key) == 1:
+                seg = self._queue_seg[key[0]]
+                self._queue_seg[key[0]] = active
+            elif key[1] is None:
+                n, seg = self._tasks[key[0]]
+                self._tasks[key[0]] = (n, active)
+            else:
+                until, seg = self._dedup[key[0]][key[1]]
+                self._dedup[key[0]][key[1]] = (until, active)
+            self._seg_live[seg] -= 1
+            self._seg_live[active] += 1
+            self._restated[key] = (active, at)
+
+    def no_room_to_deliver(self, out: int) -> str | None:
+        if self.disk_full is None:
+            return None
+        if time.monotonic() - self._room_at > 0.1:
+            self._look_at_room()
+        floor = self.reserve_bytes // 4 + out * _SETTLE_BYTES
+        if self._room > floor:
+            return None
+        return (
+            f"the broker's disk is full ({self._room} bytes free in {self.path}): what room "
+            f"is left is kept to settle the {out} message(s) out, so nothing is delivered "
+            "until acks free room (as they empty whole blocks of the log) or space is freed "
+            "on the disk; ack or nack what you hold, and retry the get later"
+        )
 
     # --- the syncer thread ----------------------------------------------------------------
 
@@ -995,8 +1244,8 @@ class LogStore(Durable):
 
     @property
     def disk_bytes(self) -> int:
-        """Bytes the log takes on disk now."""
-        return sum(self._sizes.values())
+        """Bytes the log takes on disk now (less what was punched out of it)."""
+        return sum(map(self._kept, self._sizes))
 
     def close(self) -> None:
         """Write what is pending, fsync, stop the syncer, close the segment."""

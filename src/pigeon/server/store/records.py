@@ -32,6 +32,11 @@ FILE_MAGIC = b"PIGEON LOG v1\n\0\0"  # a segment's first 16 bytes
 # torn tail - so it is checked, and a single flipped bit is mended from the CRC.
 FILE_HEADER = struct.Struct("<16sII8x")
 FILE_HEADER_SIZE = FILE_HEADER.size  # 32
+# In the header's last 8 bytes (zeros: none): where the segment's records begin once the
+# dead ones before were punched out of the file on a full disk (they read back as zeros),
+# and the crc32 of that offset, salted. Written and fdatasynced before the punch.
+HOLE = struct.Struct("<II")
+HOLE_AT = 24
 MAGIC = b"PgR1"
 # A record's header: magic, body length, crc32(body, salt), and crc32 of the two before it
 # (salted too): a stretch of bytes that merely starts with the magic is told from a record
@@ -329,6 +334,21 @@ def whole_record(data: bytes, off: int, salt: int) -> int | None:
     if magic != MAGIC or zlib.crc32(CHECKED.pack(length, crc), salt) != hcrc or end > len(data):
         return None
     return end
+
+
+def hole_mark(end: int, salt: int) -> bytes:
+    """The header's note that the records of a segment begin at ``end`` (see ``HOLE``)."""
+    return HOLE.pack(end, zlib.crc32(end.to_bytes(4, "little"), salt))
+
+
+def first_record(data: bytes, salt: int) -> int:
+    """Where a segment's records begin: after its header, or after the hole its header
+    notes (``HOLE``). A note that fails its checksum is ignored: what follows is read as
+    damage, never skipped unchecked."""
+    end, crc = HOLE.unpack_from(data, HOLE_AT)
+    if FILE_HEADER_SIZE < end <= len(data) and crc == zlib.crc32(end.to_bytes(4, "little"), salt):
+        return int(end)
+    return FILE_HEADER_SIZE
 
 
 def read_segment(path: Path, data: bytes) -> int:
