@@ -29,6 +29,7 @@ from pigeon.server.commit_gate import CommitGate
 from pigeon.server.config import ServerConfig
 from pigeon.server.connection import Connection
 from pigeon.server.core import Broker, Out, Store
+from pigeon.server.listener import close_listener
 
 __all__ = [
     "DEFAULT_PORT", "BrokerServer", "ServerConfig", "is_loopback", "raise_descriptor_limit", "run",
@@ -432,7 +433,7 @@ class BrokerServer:
         ``unavailable``, held confirmations wait for the store), says GOODBYE, closes."""
         self.stopping = True
         if self._server is not None:
-            self._server.close()
+            await close_listener(self._server)
         if self.http is not None:
             await self.http.stop()
         for task in self._tasks:
