@@ -31,6 +31,7 @@ from pigeon.server.commit_gate import CommitGate
 from pigeon.server.config import ServerConfig
 from pigeon.server.connection import Connection
 from pigeon.server.core import Broker, Out, Store
+from pigeon.server.listener import close_listener
 
 __all__ = [
     "DEFAULT_PORT", "BrokerServer", "ServerConfig", "is_loopback", "raise_descriptor_limit", "run",
@@ -124,7 +125,9 @@ class BrokerServer:
             from pigeon.server.tls import TLSProtocol
 
             def factory() -> asyncio.BaseProtocol:
-                return TLSProtocol(ssl, self._accept(), cfg.handshake_timeout)
+                c = self._accept()
+                c.tls = TLSProtocol(ssl, c, cfg.handshake_timeout)
+                return c.tls
 
         self._server = await loop.create_server(
             factory, cfg.host, cfg.port, reuse_address=True, backlog=1024
@@ -451,7 +454,7 @@ class BrokerServer:
         ``unavailable``, held confirmations wait for the store), says GOODBYE, closes."""
         self.stopping = True
         if self._server is not None:
-            self._server.close()
+            await close_listener(self._server)
         if self.http is not None:
             await self.http.stop()
         for task in self._tasks:
@@ -463,7 +466,13 @@ class BrokerServer:
         while self._draining and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         for c in list(self._live):
-            c.finish()  # what did not drain in time, and connections turned away
+            if c.transport is None and c.tls is not None:
+                # still in its TLS handshake: its connection was never made (it owes no
+                # connection_lost either), so nothing else would ever close its socket
+                c.tls.abort()
+                self._live.discard(c)
+            else:
+                c.finish()  # what did not drain in time, and connections turned away
         while self._live and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for c in list(self._live):

@@ -26,7 +26,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pigeon._net import tune_tcp
 from pigeon.protocol import (
@@ -47,6 +47,9 @@ from pigeon.protocol.text import TEXT_FIRST_BYTES, LoginRequested, TextConnectio
 from pigeon.protocol.text import Event as TextEvent
 from pigeon.server.interfaces import Server
 
+if TYPE_CHECKING:
+    from pigeon.server.tls import TLSProtocol
+
 log = logging.getLogger("pigeon.server")
 
 
@@ -57,6 +60,7 @@ class Connection(asyncio.BufferedProtocol):
         self.server = server
         self.id = conn_id
         self.transport: asyncio.Transport | None = None
+        self.tls: TLSProtocol | None = None  # the TLS layer under it (its handshake first)
         self.sock: socket.socket | None = None  # the TCP socket, for the kernel's view
         self.buf = bytearray(4096)
         self.view = memoryview(self.buf)

@@ -42,6 +42,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from pigeon._net import is_loopback
 from pigeon.server.interfaces import Observed
+from pigeon.server.listener import close_listener
 
 __all__ = ["HttpSideDoor", "parse_address"]
 
@@ -173,7 +174,7 @@ class HttpSideDoor:
         if self._sampler is not None:
             self._sampler.cancel()
         if self._server is not None:
-            self._server.close()
+            await close_listener(self._server)
             await self._server.wait_closed()
 
     @property

@@ -108,6 +108,7 @@ class TLSProtocol(asyncio.Protocol):
         self.peer_done = False  # the peer sent all it will (close_notify or FIN)
         self.told_eof = False
         self.sent_eof = False
+        self.ended = False  # abort() came: the connection is ended as soon as it is made
         self._timer: asyncio.TimerHandle | None = None
         self._transport = _Transport(self)
 
@@ -115,6 +116,9 @@ class TLSProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.tcp = transport  # type: ignore[assignment]
+        if self.ended:
+            self._abort()
+            return
         self._timer = asyncio.get_running_loop().call_later(
             self.handshake_timeout, self._handshake_expired
         )
@@ -251,6 +255,12 @@ class TLSProtocol(asyncio.Protocol):
             self.tcp.write(data)
 
     # --- helpers ---------------------------------------------------------------------------
+
+    def abort(self) -> None:
+        """End the connection now, or as soon as it is made (the broker stops while its
+        handshake runs: it has asked nothing, it is owed nothing)."""
+        self.ended = True
+        self._abort()
 
     def _abort(self) -> None:
         self._cancel_timer()
