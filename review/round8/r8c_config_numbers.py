@@ -51,7 +51,7 @@ def main() -> int:
             return 2
         compiled = child(CODE, pure=False, timeout=300)
         pure = child(CODE, pure=True, timeout=300)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         print(f"cannot set up: {exc}")
         return 2
     broken = [k for k in pure if pure[k] == "ok" and compiled[k] != "ok"]

@@ -57,7 +57,7 @@ def main() -> int:
             return 2
         compiled = child(CODE, pure=False)
         pure = child(CODE, pure=True)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         print(f"cannot set up: {exc}")
         return 2
     differ = 0

@@ -31,13 +31,18 @@ from _r8c_common import ROOT
 
 def main() -> int:
     try:
-        import mypyc.build  # noqa: F401  (the stand-in replaces its mypycify)
+        import mypyc.build
     except ImportError:
         print("mypyc is not installed here")
         return 2
     # hatch_build imports hatchling's hook base class (not needed to run compile_modules)
-    for name in ("hatchling", "hatchling.builders", "hatchling.builders.hooks",
-                 "hatchling.builders.hooks.plugin", "hatchling.builders.hooks.plugin.interface"):
+    for name in (
+        "hatchling",
+        "hatchling.builders",
+        "hatchling.builders.hooks",
+        "hatchling.builders.hooks.plugin",
+        "hatchling.builders.hooks.plugin.interface",
+    ):
         mod = sys.modules.setdefault(name, types.ModuleType(name))
     mod.BuildHookInterface = type("BuildHookInterface", (), {})  # type: ignore[attr-defined]
     seen: dict[str, str] = {}

@@ -43,7 +43,11 @@ def main() -> int:
             Path(tmp, "pigeon", name).write_text(content)
             run = subprocess.run(
                 [sys.executable, "-c", "import pigeon, pigeon._compiled as c; print(c.reason)"],
-                capture_output=True, text=True, env=env, timeout=60, cwd=tmp,
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+                cwd=tmp,
             )
             said = (run.stdout or run.stderr).strip().splitlines()[-1]
             print(f"{'  ' if run.returncode == 0 else '!!'} manifest {content!r}: {said}")

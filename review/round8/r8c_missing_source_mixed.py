@@ -35,8 +35,9 @@ CODE = r"""
 import importlib, json, logging
 logging.basicConfig(level=logging.WARNING, format="%(message)s")
 import pigeon, pigeon._compiled as c
-out = {"reason": c.reason,
-       "compiled": sorted(m for m in c.MODULES if not importlib.import_module(m).__file__.endswith(".py"))}
+mods = [importlib.import_module(m) for m in c.MODULES]
+out = {"reason": c.reason, "compiled": sorted(m.__name__ for m in mods
+                                              if not m.__file__.endswith(".py"))}
 try:
     from pigeon.testing.broker import BrokerThread
     with BrokerThread() as b:

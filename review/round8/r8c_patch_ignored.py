@@ -60,7 +60,7 @@ def main() -> int:
             return 2
         compiled = child(CODE, pure=False, timeout=120)
         pure = child(CODE, pure=True, timeout=120)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         print(f"cannot set up: {exc}")
         return 2
     ignored = [k for k in pure if compiled[k] != pure[k]]

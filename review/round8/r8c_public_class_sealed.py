@@ -47,7 +47,7 @@ def main() -> int:
             return 2
         compiled = child(CODE, pure=False)
         pure = child(CODE, pure=True)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         print(f"cannot set up: {exc}")
         return 2
     sealed = [c for c, v in compiled.items() if v != pure[c]]
