@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -90,21 +91,26 @@ def compile_modules() -> list[Path]:
     root = SRC / "pigeon"
     manifest = compiled.manifest_path(root)
     manifest.unlink(missing_ok=True)  # (a failed build leaves no claim to be current)
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    for old in root.rglob(f"*{suffix}"):  # an earlier build's, e.g. of a module since dropped
+        if old.name != f"_fastring{suffix}":  # from MODULES: it would shadow its source
+            old.unlink()
     paths = [str(compiled.source(m, root).relative_to(SRC)) for m in compiled.MODULES]
+    sources = compiled.digests(root)  # before compiling: an edit made meanwhile is not current
+    build = HERE / "build" / f"mypyc-{sys.implementation.cache_tag}"  # one per interpreter
     here = os.getcwd()
     os.chdir(SRC)  # mypyc names modules by their path from here
     try:
-        exts = mypycify(paths, opt_level="3", group_name="pigeon",
-                        target_dir=str(HERE / "build" / "mypyc"))  # fmt: skip
+        exts = mypycify(paths, opt_level="3", group_name="pigeon", target_dir=str(build / "c"))
         dist = Distribution({"name": "pigeon-queue", "ext_modules": exts})
         cmd = build_ext(dist)
         cmd.inplace = True
-        cmd.build_temp = str(HERE / "build" / "mypyc-temp")
-        cmd.build_lib = str(HERE / "build" / "mypyc-lib")
+        cmd.build_temp = str(build / "temp")
+        cmd.build_lib = str(build / "lib")
         cmd.ensure_finalized()
         cmd.run()
         built = [Path(cmd.get_ext_fullpath(ext.name)).resolve() for ext in exts]
     finally:
         os.chdir(here)
-    built.append(compiled.write_manifest(root))
+    built.append(compiled.write_manifest(sources, root))
     return built

@@ -69,6 +69,7 @@ def main() -> int:
         finally:
             mypyc.build.mypycify = real
         manifest = json.loads(built[-1].read_text())
+        manifest = manifest.get("sources", manifest)  # (the format the fix writes)
         compiled = hatch_build._compiled_module()
         wrong = []
         for module, digest in manifest.items():

@@ -37,7 +37,8 @@ logging.basicConfig(level=logging.WARNING, format="%(message)s")
 import pigeon, pigeon._compiled as c
 mods = [importlib.import_module(m) for m in c.MODULES]
 out = {"reason": c.reason, "compiled": sorted(m.__name__ for m in mods
-                                              if not m.__file__.endswith(".py"))}
+                                              if not m.__file__.endswith(".py")),
+       "total": len(c.MODULES)}
 try:
     from pigeon.testing.broker import BrokerThread
     with BrokerThread() as b:
@@ -68,6 +69,11 @@ def main() -> int:
                 env["PIGEON_PURE_PYTHON"] = "1"
             run = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True,
                                  env=env, timeout=120, cwd=tmp)  # fmt: skip
+            if run.returncode != 0 and pure and "has no Python source here" in run.stderr:
+                # (the fix: PIGEON_PURE_PYTHON cannot be honoured for a module with no
+                # source; an ImportError that says so, not a mix that fails later)
+                print(f"PIGEON_PURE_PYTHON=1, {GONE} removed: ImportError, says why: held")
+                continue
             if run.returncode != 0:
                 print(run.stderr[-2000:])
                 return 2
@@ -76,9 +82,9 @@ def main() -> int:
             what = "PIGEON_PURE_PYTHON=1" if pure else "default"
             print(f"{what}, {GONE} removed:")
             print(f"  log: {said[0] if said else '(nothing)'}")
-            print(f"  compiled anyway: {len(out['compiled'])} of 20 {out['compiled']}")
+            print(f"  compiled: {len(out['compiled'])} of {out['total']} {out['compiled']}")
             print(f"  put + get through a BrokerThread: {out['serve']}")
-            mixed = 0 < len(out["compiled"]) < 20
+            mixed = 0 < len(out["compiled"]) < out["total"]
             refused = "delivery.py" in out["serve"]  # a clear refusal naming it is a fix too
             if mixed or ("hi" not in out["serve"] and not refused):
                 bad += 1

@@ -33,11 +33,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-# The modules the build compiles (each plain Python, annotated, with no class that an
-# interpreted module subclasses and no msgspec Struct: a compiled module keeps annotations
-# only as plain types, so the broker's Structs live in pigeon.server.core.message).
+# The modules the build compiles: the broker's, none of pigeon's public API. Each is plain
+# annotated Python with no msgspec Struct (a compiled module keeps annotations only as
+# plain types: the broker's Structs live in pigeon.server.core.message), and no class of
+# theirs is subclassed (a compiled class cannot be, by Python code: they are ``@final``).
+# Compiled code checks a value against its annotation where pure Python would not look
+# (``ServerConfig`` makes its numbers the types it declares), and calls the methods of a
+# compiled class directly: a test must not patch them (patch what they call instead).
 MODULES = (
-    "pigeon.framing.length_prefixed",
     "pigeon.protocol.rules",
     "pigeon.protocol.server",
     "pigeon.server.app",
@@ -60,6 +63,7 @@ MODULES = (
 )
 
 HERE = Path(__file__).resolve().parent
+SHARED = "pigeon__mypyc"  # the compiled modules' shared library, beside the package
 
 
 def source(module: str, root: Path = HERE) -> Path:
@@ -77,15 +81,29 @@ def manifest_path(root: Path = HERE) -> Path:
     return root / f"_compiled{suffix.removesuffix('.so').removesuffix('.pyd')}.json"
 
 
-def write_manifest(root: Path = HERE) -> Path:
-    """Record the hash of each compiled source (called by the build once it compiled them)."""
+def digests(root: Path = HERE) -> dict[str, str]:
+    """The hash of each source to compile (taken before compiling: a file saved while the
+    build runs must not be recorded as what was compiled)."""
+    return {m: digest(source(m, root)) for m in MODULES}
+
+
+def shared_library(root: Path = HERE) -> Path:
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    return root.parent / f"{SHARED}{suffix}"
+
+
+def write_manifest(sources: dict[str, str], root: Path = HERE) -> Path:
+    """Record what was compiled (called by the build once it compiled ``sources``): each
+    source's hash and the shared library's size."""
     path = manifest_path(root)
-    path.write_text(json.dumps({m: digest(source(m, root)) for m in MODULES}, indent=1) + "\n")
+    lib = shared_library(root)
+    built = {"sources": sources, "shared": lib.stat().st_size if lib.exists() else None}
+    path.write_text(json.dumps(built, indent=1) + "\n")
     return path
 
 
 def _why_not() -> str | None:
-    """None when the compiled modules can be used; else why not (None-or-reason)."""
+    """None when the compiled modules can be used; else why not."""
     if os.environ.get("PIGEON_PURE_PYTHON"):
         return "PIGEON_PURE_PYTHON is set"
     try:
@@ -94,12 +112,25 @@ def _why_not() -> str | None:
         return "nothing was compiled for this interpreter"
     except (OSError, ValueError) as exc:
         return f"its manifest is unreadable ({exc})"
+    if not isinstance(built, dict) or not isinstance(built.get("sources"), dict):
+        return "its manifest is not one this version writes"
+    lib = shared_library()
+    spec = importlib.util.find_spec(SHARED)  # what the compiled modules would load
+    if spec is None or spec.origin is None or Path(spec.origin).resolve() != lib.resolve():
+        where = spec.origin if spec is not None else "nowhere"
+        return f"their shared library {lib.name} is not beside the package (found: {where})"
+    if lib.stat().st_size != built.get("shared"):
+        return f"their shared library {lib} is not the one built with them"
     for module in MODULES:
+        path = source(module)
         try:
-            if built.get(module) != digest(source(module)):
-                return f"{source(module)} changed since it was compiled"
-        except OSError:
-            return f"{source(module)} is missing"
+            if built["sources"].get(module) != digest(path):
+                return f"{path} changed since it was compiled"
+        except FileNotFoundError:  # a compiled-only install: the compiled module is all
+            if not any(path.parent.glob(f"{path.stem}.*.so")):  # there is (not stale)
+                return f"{path} is missing, and not compiled either"
+        except OSError as exc:
+            return f"{path} cannot be read ({exc})"
     return None
 
 
@@ -117,7 +148,12 @@ class _SourceFirst:
             candidate = os.path.join(entry, name)
             if os.path.isfile(candidate):
                 return importlib.util.spec_from_file_location(fullname, candidate)
-        return None
+        # not its compiled module alone: the others run as Python and cannot be mixed with it
+        raise ImportError(
+            f"{fullname} has no Python source here, so it cannot run as Python ({reason}); "
+            "reinstall pigeon",
+            name=fullname,
+        )
 
 
 _NAMES = frozenset(MODULES)
@@ -134,7 +170,7 @@ def choose() -> bool:
         return True
     if not any(isinstance(f, _SourceFirst) for f in sys.meta_path):
         sys.meta_path.insert(0, _SourceFirst())
-    if "changed since" in reason or "missing" in reason or "unreadable" in reason:
+    if not reason.startswith(("PIGEON_PURE_PYTHON", "nothing was compiled")):
         logging.getLogger("pigeon").warning(
             "pigeon's compiled modules are not used: %s; the Python source runs instead "
             "(rebuild with `pip install -e .` or `make` to compile them again)",

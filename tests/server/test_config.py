@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+import pytest
+
+import pigeon
 from pigeon.server.app import BrokerServer
 from pigeon.server.config import ServerConfig
 from pigeon.server.core import Broker
 from pigeon.server.limits import Limits
+from pigeon.testing.broker import BrokerThread
 
 
 def test_max_reply_bytes_is_sane_for_small_frames() -> None:
@@ -45,3 +49,25 @@ def test_a_bare_broker_has_the_limits_a_server_has_by_default() -> None:
     assert Broker().limits == Limits()
     for f in dataclasses.fields(Limits):
         assert getattr(server_defaults, f.name) == getattr(Limits(), f.name), f.name
+
+
+def test_numbers_given_from_python_are_made_the_type_the_broker_reads() -> None:
+    # review round 8 (compiled) #7: BrokerThread(max_pending_output=64e6) served on the
+    # source and closed every connection once compiled (compiled code refuses a float
+    # where it reads an int)
+    config = ServerConfig(max_pending_output=64e6, max_queues=1e4, heartbeat=5, port=0.0)
+    assert type(config.max_pending_output) is int and config.max_pending_output == 64_000_000
+    assert type(config.max_queues) is int and type(config.port) is int
+    assert type(config.heartbeat) is float
+    with pytest.raises(ValueError, match="max_queues must be a whole number"):
+        ServerConfig(max_queues=1.5)
+    with pytest.raises(TypeError, match="max_deliveries must be a number"):
+        ServerConfig(max_deliveries="5")  # type: ignore[arg-type]
+
+
+def test_a_broker_configured_with_float_counts_serves() -> None:
+    with BrokerThread(max_pending_output=64e6, max_unacked_bytes=64e6, max_deliveries=20.0) as b:
+        q = pigeon.Queue(b.url("floats"), serializer="raw")
+        q.put(b"x")
+        assert q.get(timeout=5) == b"x"
+        q.close()

@@ -27,7 +27,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, final
 
 from pigeon.errors import FrameError, FrameTooLarge, RemoteProtocolError
 from pigeon.framing import LengthPrefixed
@@ -102,6 +102,7 @@ class Violation:
 Event = HelloReceived | RequestReceived | RequestRefused | DrainRequested | Violation
 
 
+@final  # compiled (pigeon/_compiled.py): Python code cannot subclass it
 class ServerConnection:
     """The state of one binary connection at the broker; bytes in, events out."""
 

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, final
 
 from pigeon import _compiled
 from pigeon._net import is_loopback, peer_silence, tcp_state
@@ -59,6 +59,7 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
 _malloc_trim = _find_malloc_trim()
 
 
+@final  # compiled (pigeon/_compiled.py): Python code cannot subclass it
 class BrokerServer:
     """``pigeon serve``: accept connections and run the broker on this event loop."""
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, final
 
 from pigeon.protocol import Error
 from pigeon.protocol.codes import Code
@@ -38,6 +38,7 @@ class _Held:
     since: float
 
 
+@final  # compiled (pigeon/_compiled.py): Python code cannot subclass it
 class CommitGate:
     """Holds replies until the store has committed what they report."""
 

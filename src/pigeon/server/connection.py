@@ -26,7 +26,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, cast, final
 
 from pigeon._net import tune_tcp
 from pigeon.protocol import (
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pigeon.server")
 
 
+@final  # compiled (pigeon/_compiled.py): Python code cannot subclass it
 class Connection(asyncio.BufferedProtocol):
     """One client connection, binary or text."""
 

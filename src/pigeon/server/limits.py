@@ -5,7 +5,8 @@ not in ``server/core``: the CLI reads the defaults without loading the broker.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from pigeon.options import DEFAULT_LEASE, DEFAULT_MAX_DELIVERIES
 
@@ -35,6 +36,15 @@ class Limits:
     max_parked_gets_per_connection: int = 65_536
     max_parked_gets: int = 262_144
 
+    def __post_init__(self) -> None:
+        """Each number made the type it is declared (the settings of ``ServerConfig`` too),
+        so a broker configured from Python with ``64e6`` or ``20.0`` gets what ``pigeon
+        serve`` would: the broker's modules may be compiled, and compiled code refuses a
+        float where it reads an int. A count that is not whole is an error, said here."""
+        for f in fields(self):
+            if f.type in ("int", "float"):
+                setattr(self, f.name, _number(f.name, getattr(self, f.name), f.type == "int"))
+
     @property
     def max_reply_bytes(self) -> int:
         """Bytes one DELIVER may carry - payloads, headers and per-message framing: no more
@@ -46,3 +56,15 @@ class Limits:
             room = max(self.max_pending_output - _REPLY_OVERHEAD, self.max_pending_output // 2)
             limit = min(limit, room)
         return limit
+
+
+def _number(name: str, value: Any, whole: bool) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"the broker setting {name} must be a number, not {value!r}")
+    if not whole:
+        return float(value)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"the broker setting {name} must be a whole number, not {value!r}")
+        return int(value)
+    return value

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, final
 
 from pigeon.protocol import (
     Ack,
@@ -110,6 +110,7 @@ _HANDLERS: dict[type, Handler] = {
 }
 
 
+@final  # compiled (pigeon/_compiled.py): Python code cannot subclass it
 class Broker(BrokerState):
     """All queues of one broker and the rules that move messages between them. Made over
     a store, it first recovers what the store kept (``recovery``)."""
