@@ -109,6 +109,11 @@ def _why_not() -> str | None:
     try:
         built = json.loads(manifest_path().read_text())
     except FileNotFoundError:
+        # (an in-tree build that tried and failed leaves its error beside its files)
+        tag = sys.implementation.cache_tag
+        failed = HERE.parent.parent / "build" / f"mypyc-{tag}" / "failed.txt"
+        if failed.is_file():
+            return f"nothing was compiled for this interpreter: {failed.read_text().strip()}"
         return "nothing was compiled for this interpreter"
     except (OSError, ValueError) as exc:
         return f"its manifest is unreadable ({exc})"
