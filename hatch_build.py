@@ -46,7 +46,7 @@ class FastRingHook(BuildHookInterface):  # type: ignore[type-arg]
         except BaseException as exc:  # (mypyc exits on errors: SystemExit)
             if isinstance(exc, KeyboardInterrupt):
                 raise
-            failed = HERE / "build" / f"mypyc-{sys.implementation.cache_tag}" / "failed.txt"
+            failed = _compiled_module().failure_note(SRC / "pigeon")
             failed.parent.mkdir(parents=True, exist_ok=True)
             failed.write_text(f"{exc!r} (the whole error: pip install -v -e .)\n")
             print(f"pigeon: the broker's modules were not compiled ({exc!r}); they run as Python",
@@ -92,9 +92,7 @@ def compile_modules() -> list[Path]:
 
     compiled = _compiled_module()
     root = SRC / "pigeon"
-    (HERE / "build" / f"mypyc-{sys.implementation.cache_tag}" / "failed.txt").unlink(
-        missing_ok=True
-    )
+    compiled.failure_note(root).unlink(missing_ok=True)
     manifest = compiled.manifest_path(root)
     manifest.unlink(missing_ok=True)  # (a failed build leaves no claim to be current)
     suffix = sysconfig.get_config_var("EXT_SUFFIX")

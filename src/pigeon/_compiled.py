@@ -75,10 +75,14 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _suffix() -> str:
+    """This interpreter's extension-module suffix (``.cpython-311-x86_64-linux-gnu.so``)."""
+    return str(sysconfig.get_config_var("EXT_SUFFIX") or ".so")
+
+
 def manifest_path(root: Path = HERE) -> Path:
     """Where the build records what it compiled for this interpreter's ABI."""
-    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    return root / f"_compiled{suffix.removesuffix('.so').removesuffix('.pyd')}.json"
+    return root / f"_compiled{_suffix().removesuffix('.so').removesuffix('.pyd')}.json"
 
 
 def digests(root: Path = HERE) -> dict[str, str]:
@@ -87,9 +91,13 @@ def digests(root: Path = HERE) -> dict[str, str]:
     return {m: digest(source(m, root)) for m in MODULES}
 
 
+def failure_note(root: Path = HERE) -> Path:
+    """Where an in-tree build that tried to compile and failed leaves its error."""
+    return root.parent.parent / "build" / f"mypyc-{sys.implementation.cache_tag}" / "failed.txt"
+
+
 def shared_library(root: Path = HERE) -> Path:
-    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    return root.parent / f"{SHARED}{suffix}"
+    return root.parent / f"{SHARED}{_suffix()}"
 
 
 def write_manifest(sources: dict[str, str], root: Path = HERE) -> Path:
@@ -109,9 +117,7 @@ def _why_not() -> str | None:
     try:
         built = json.loads(manifest_path().read_text())
     except FileNotFoundError:
-        # (an in-tree build that tried and failed leaves its error beside its files)
-        tag = sys.implementation.cache_tag
-        failed = HERE.parent.parent / "build" / f"mypyc-{tag}" / "failed.txt"
+        failed = failure_note()
         if failed.is_file():
             return f"nothing was compiled for this interpreter: {failed.read_text().strip()}"
         return "nothing was compiled for this interpreter"
@@ -132,7 +138,7 @@ def _why_not() -> str | None:
             if built["sources"].get(module) != digest(path):
                 return f"{path} changed since it was compiled"
         except FileNotFoundError:  # a compiled-only install: the compiled module is all
-            if not any(path.parent.glob(f"{path.stem}.*.so")):  # there is (not stale)
+            if not path.with_name(path.stem + _suffix()).exists():  # (this ABI's)
                 return f"{path} is missing, and not compiled either"
         except OSError as exc:
             return f"{path} cannot be read ({exc})"
